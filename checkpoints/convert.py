@@ -1,0 +1,99 @@
+"""Hugging Face checkpoint directory -> nanoflow-jax (orbax) checkpoint directory.
+
+  python checkpoints/convert.py --hf_dir=SRC --out_dir=DST [--dtype=bfloat16] [--overwrite]
+
+DST holds `params/` (orbax), the source's config.json, generation_config.json and tokenizer files, and
+`nanoflow.json` (format version, dtype). The whole checkpoint is validated before anything is written;
+DST is built in a temporary directory beside it and renamed into place only when complete, so a
+failure leaves no DST behind. The weight layout changes are listed in nanoflow_jax/checkpoint.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from nanoflow_jax import checkpoint, config as config_lib, tokenizer as tokenizer_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, *.safetensors, tokenizer).")
+flags.DEFINE_string("out_dir", None, "Destination checkpoint directory.")
+flags.DEFINE_string("dtype", "bfloat16", "Parameter dtype stored: bfloat16, float16 or float32.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing out_dir.")
+
+
+class ConvertError(Exception):
+  pass
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool = False,
+            progress: bool = True) -> None:
+  out_dir = os.path.abspath(out_dir)
+  if not os.path.isdir(hf_dir):
+    raise ConvertError(f"{hf_dir} is not a directory")
+  if os.path.exists(out_dir) and not overwrite:
+    raise ConvertError(f"{out_dir} exists; pass --overwrite to replace it")
+  try:
+    cfg = config_lib.load_hf_config(hf_dir)
+    np_dtype = checkpoint.parse_dtype(dtype)
+    tokenizer_lib.load_tokenizer(hf_dir)  # a checkpoint whose tokenizer we cannot read is not servable
+  except (config_lib.ConfigError, tokenizer_lib.TokenizerError, ValueError) as e:
+    raise ConvertError(str(e)) from None
+
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+  try:
+    params: dict = {}
+    items = checkpoint.iter_hf_params(hf_dir, cfg, np_dtype)
+    if progress:
+      from tqdm import tqdm
+      items = tqdm(items, total=sum(1 for _ in checkpoint.hf_layout(cfg)), desc="converting", unit="tensor")
+    for path, arr in items:
+      checkpoint._set(params, path, arr)
+    checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), params)
+    for name in ("config.json", *tokenizer_lib.TOKENIZER_FILES):
+      src = os.path.join(hf_dir, name)
+      if os.path.exists(src):
+        shutil.copy2(src, os.path.join(tmp, name))
+    with open(os.path.join(tmp, checkpoint.META_FILE), "w") as f:
+      json.dump({"format_version": checkpoint.FORMAT_VERSION, "dtype": np_dtype.name,
+                 "model_type": cfg.model_type, "source": os.path.abspath(hf_dir)}, f, indent=2)
+    if os.path.exists(out_dir):  # --overwrite: swap only once the new one is complete
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      os.rename(out_dir, os.path.join(old, "x"))
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out_dir)
+  except checkpoint.CheckpointError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise ConvertError(str(e)) from None
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def main(argv):
+  del argv
+  if not FLAGS.hf_dir or not FLAGS.out_dir:
+    print("error: --hf_dir and --out_dir are required", file=sys.stderr)
+    return 2
+  try:
+    convert(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.dtype, FLAGS.overwrite)
+  except ConvertError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {os.path.abspath(FLAGS.out_dir)}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,227 @@
+"""Weights: Hugging Face safetensors -> our parameter tree, orbax checkpoints, and `load_model`.
+
+Layout changes made to Hugging Face weights (torch Linear stores [out, in]; we multiply x @ W[in, out]):
+  q/k/v_proj [heads*hd, hidden] -> transposed and grouped per KV head: qkv [hidden, kv, q_per_kv+2, hd]
+      (query heads h = kv*q_per_kv + j, the GQA mapping transformers uses; one GEMM for all three)
+  q/k/v biases (Qwen2)        -> qkv_bias [kv, q_per_kv+2, hd], the same grouping
+  o_proj [hidden, heads*hd]   -> o [heads, hd, hidden]
+  gate_proj, up_proj [I, hidden] -> gate_up [hidden, 2, I] (one GEMM; TP shards the last axis)
+  down_proj [hidden, I]       -> down [I, hidden]
+  Mixtral gate [E, hidden] -> router [hidden, E]; experts.e.w1/w3 -> experts_gate_up [E, hidden, 2, I];
+      experts.e.w2 -> experts_down [E, I, hidden]
+  lm_head [vocab, hidden]     -> lm_head [hidden, vocab]; absent when tie_word_embeddings
+Norm weights and the embedding keep their layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax import config as config_lib
+from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.safetensors_reader import SafetensorsError, open_checkpoint_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "nanoflow.json"
+PARAMS_DIR = "params"
+FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16)}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; we recompute them
+
+Params = dict[str, Any]
+ShardingFn = Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint we cannot load; the message names the tensor or file."""
+
+
+def parse_dtype(dtype) -> jnp.dtype:
+  names = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32,
+           "float16": jnp.float16, "fp16": jnp.float16}
+  if isinstance(dtype, str):
+    if dtype not in names:
+      raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return jnp.dtype(names[dtype])
+  return jnp.dtype(dtype)
+
+
+# --- Hugging Face name map ------------------------------------------------------------------------
+def _t(x):
+  return np.ascontiguousarray(x.T)
+
+
+def hf_layout(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]], Callable]]:
+  """For each of our parameters: its path, the HF tensors (name, expected shape) it is built from, and
+  the function that builds it from those tensors (numpy in, numpy out)."""
+  h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  nq, nkv, g = cfg.num_heads, cfg.num_kv_heads, cfg.q_per_kv
+
+  def qkv(q, k, v):
+    return np.concatenate([_t(q).reshape(h, nkv, g, hd), _t(k).reshape(h, nkv, 1, hd),
+                           _t(v).reshape(h, nkv, 1, hd)], axis=2)
+
+  def qkv_bias(q, k, v):
+    return np.concatenate([q.reshape(nkv, g, hd), k.reshape(nkv, 1, hd), v.reshape(nkv, 1, hd)], axis=1)
+
+  yield ("embedding",), [("model.embed_tokens.weight", (cfg.vocab_size, h))], lambda x: x
+  for layer in range(cfg.num_layers):
+    p = f"model.layers.{layer}."
+    name = f"layers_{layer}"
+    yield (name, "input_norm"), [(p + "input_layernorm.weight", (h,))], lambda x: x
+    yield (name, "post_attention_norm"), [(p + "post_attention_layernorm.weight", (h,))], lambda x: x
+    a = p + "self_attn."
+    yield (name, "qkv"), [(a + "q_proj.weight", (nq * hd, h)), (a + "k_proj.weight", (nkv * hd, h)),
+                          (a + "v_proj.weight", (nkv * hd, h))], qkv
+    if cfg.qkv_bias:
+      yield (name, "qkv_bias"), [(a + "q_proj.bias", (nq * hd,)), (a + "k_proj.bias", (nkv * hd,)),
+                                 (a + "v_proj.bias", (nkv * hd,))], qkv_bias
+    yield (name, "o"), [(a + "o_proj.weight", (h, nq * hd))], lambda x: _t(x).reshape(nq, hd, h)
+    if cfg.is_moe:
+      m = p + "block_sparse_moe."
+      e_range = range(cfg.num_experts)
+      yield (name, "router"), [(m + "gate.weight", (cfg.num_experts, h))], _t
+      yield (name, "experts_gate_up"), [
+          (m + f"experts.{e}.{w}.weight", (i, h)) for e in e_range for w in ("w1", "w3")
+      ], lambda *ws: np.stack([np.stack([_t(ws[2 * e]), _t(ws[2 * e + 1])], axis=1) for e in e_range])
+      yield (name, "experts_down"), [(m + f"experts.{e}.w2.weight", (h, i)) for e in e_range
+                                     ], lambda *ws: np.stack([_t(w) for w in ws])
+    else:
+      m = p + "mlp."
+      yield (name, "gate_up"), [(m + "gate_proj.weight", (i, h)), (m + "up_proj.weight", (i, h))
+                                ], lambda gt, up: np.stack([_t(gt), _t(up)], axis=1)
+      yield (name, "down"), [(m + "down_proj.weight", (h, i))], _t
+  yield ("final_norm",), [("model.norm.weight", (h,))], lambda x: x
+  if not cfg.tie_word_embeddings:
+    yield ("lm_head",), [("lm_head.weight", (cfg.vocab_size, h))], _t
+
+
+def iter_hf_params(hf_dir: str, cfg: ModelConfig, dtype) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """Yields (path, host array in `dtype`) for every parameter, after checking the whole checkpoint:
+  every expected tensor present with its shape and a floating dtype, and no unexpected tensor."""
+  try:
+    where = open_checkpoint_dir(hf_dir)
+  except SafetensorsError as e:
+    raise CheckpointError(str(e)) from None
+  layout = list(hf_layout(cfg))
+  expected = {}
+  for _, sources, _ in layout:
+    expected.update(sources)
+  missing = [n for n in expected if n not in where]
+  if missing:
+    raise CheckpointError(f"missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                              else ""))
+  unexpected = [n for n in where if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+                and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+  if unexpected:
+    raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in {where[unexpected[0]].path}"
+                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+  for name, shape in expected.items():
+    f = where[name]
+    if f.shape(name) != shape:
+      raise CheckpointError(f"tensor {name!r} in {f.path} has shape {f.shape(name)}, expected {shape}")
+    if f.dtype(name) not in FLOAT_DTYPES:
+      raise CheckpointError(f"tensor {name!r} in {f.path} has dtype {f.dtype(name)}, expected a float type")
+  for path, sources, build in layout:
+    arrays = [where[n].get(n) for n, _ in sources]
+    yield path, np.asarray(build(*arrays)).astype(dtype)
+
+
+def _set(tree: Params, path: tuple[str, ...], value) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _place(path, arr, sharding_fn: ShardingFn | None):
+  if sharding_fn is None:
+    return jnp.asarray(arr)
+  sharding = sharding_fn(path, arr.shape)
+  # Each device receives only its own slice of the host array: nothing is gathered on one device.
+  return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn | None = None,
+                   progress: bool = False) -> Params:
+  params: Params = {}
+  items = iter_hf_params(hf_dir, cfg, parse_dtype(dtype))
+  if progress:
+    from tqdm import tqdm
+    items = tqdm(items, total=sum(1 for _ in hf_layout(cfg)), desc="loading", unit="tensor")
+  for path, arr in items:
+    _set(params, path, _place(path, arr, sharding_fn))
+  return params
+
+
+# --- orbax ----------------------------------------------------------------------------------------
+def save_params(path: str, params: Params) -> None:
+  import orbax.checkpoint as ocp
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), params)
+  ckptr.wait_until_finished()
+
+
+def _abstract_params(cfg: ModelConfig, dtype) -> Params:
+  from nanoflow_jax.models.transformer import Transformer
+  shapes = jax.eval_shape(lambda: Transformer(cfg, dtype).init(jax.random.PRNGKey(0),
+                                                               jnp.zeros((1, 1), jnp.int32))["params"])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+
+
+def _with_shardings(abstract: Params, sharding_fn: ShardingFn | None) -> Params:
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def leaf(path, s):
+    names = tuple(p.key for p in path)
+    sharding = sharding_fn(names, s.shape) if sharding_fn else device
+    return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def load_orbax_params(ckpt_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn | None = None) -> Params:
+  """Restores straight into device arrays laid out by `sharding_fn` (default: the first device)."""
+  import orbax.checkpoint as ocp
+  target = _with_shardings(_abstract_params(cfg, parse_dtype(dtype)), sharding_fn)
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    return ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR)), target)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    raise CheckpointError(f"cannot restore {ckpt_dir}: {e}") from None
+
+
+def random_params(cfg: ModelConfig, dtype, seed: int = 0, sharding_fn: ShardingFn | None = None) -> Params:
+  from nanoflow_jax.models.transformer import Transformer
+  dtype = parse_dtype(dtype)
+  init = lambda: Transformer(cfg, dtype).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+  shardings = jax.tree.map(lambda s: s.sharding, _with_shardings(_abstract_params(cfg, dtype), sharding_fn))
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def is_converted(path: str) -> bool:
+  return os.path.exists(os.path.join(path, META_FILE))
+
+
+def read_meta(path: str) -> dict[str, Any]:
+  with open(os.path.join(path, META_FILE)) as f:
+    meta = json.load(f)
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')}, this build reads "
+                          f"{FORMAT_VERSION}")
+  return meta
+
+
+def resolve_config(path_or_name: str) -> ModelConfig:
+  cfg = config_lib.named_shape(path_or_name)
+  if cfg is not None:
+    return cfg
+  if os.path.isdir(path_or_name):
+    return config_lib.load_hf_config(path_or_name)
+  raise CheckpointError(f"{path_or_name!r} is neither a model directory nor a named shape "
+                        f"({', '.join(config_lib.known_names())})")

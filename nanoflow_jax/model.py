@@ -1,0 +1,71 @@
+"""`load_model`: a model (config + parameters + tokenizer) from a checkpoint directory or a named shape."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from nanoflow_jax import checkpoint, tokenizer as tokenizer_lib
+from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.models.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+
+class Model:
+  """Parameters on device plus the Flax module that gives them meaning.
+
+  `forward` is the plain reference pass; the runtime calls the per-layer ops through `bind()`.
+  """
+
+  def __init__(self, cfg: ModelConfig, params, dtype, tokenizer: tokenizer_lib.Tokenizer | None = None):
+    self.config = cfg
+    self.params = params
+    self.dtype = jnp.dtype(dtype)
+    self.tokenizer = tokenizer
+    self.module = Transformer(cfg, self.dtype)
+    self._forward = jax.jit(lambda p, t, n: self.module.apply({"params": p}, t, n))
+
+  def forward(self, token_ids, lengths=None) -> jax.Array:
+    """token_ids int32[B, T] (right-padded when `lengths` [B] is given) -> fp32 logits [B, T, vocab]."""
+    token_ids = jnp.asarray(token_ids, jnp.int32)
+    if token_ids.ndim != 2:
+      raise ValueError(f"token_ids must be [batch, length], got shape {token_ids.shape}")
+    if token_ids.size and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size):
+      raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+    if lengths is None:
+      lengths = jnp.full((token_ids.shape[0],), token_ids.shape[1], jnp.int32)
+    return self._forward(self.params, token_ids, jnp.asarray(lengths, jnp.int32))
+
+  def bind(self, params=None) -> Transformer:
+    return self.module.bind({"params": self.params if params is None else params})
+
+
+def load_model(path_or_name: str, dtype="bfloat16", random_weights: bool = False, seed: int = 0,
+               sharding_fn: checkpoint.ShardingFn | None = None, progress: bool = False) -> Model:
+  """Loads a converted (orbax) checkpoint, a Hugging Face directory, or a named shape.
+
+  Named shapes (`tiny`, `llama-3-8b`, ...) have no weights: they need `random_weights=True`, except
+  `tiny`, which is always random (seeded) and carries the built-in tokenizer. `sharding_fn(path, shape)`
+  places each parameter (tensor parallelism); the default is the first device.
+  """
+  dtype = checkpoint.parse_dtype(dtype)
+  cfg = checkpoint.resolve_config(path_or_name)
+  if cfg.name == path_or_name and path_or_name in ("tiny", *checkpoint.config_lib.NAMED_SHAPES):
+    if path_or_name != "tiny" and not random_weights:
+      raise checkpoint.CheckpointError(f"{path_or_name!r} is a named shape without weights: pass "
+                                       "random_weights=True (or a checkpoint directory)")
+    tok = tokenizer_lib.tiny_tokenizer()
+    if path_or_name != "tiny":
+      log.info("%s: random weights with the built-in byte-level tokenizer", path_or_name)
+    return Model(cfg, checkpoint.random_params(cfg, dtype, seed, sharding_fn), dtype, tok)
+  tok = tokenizer_lib.load_tokenizer(path_or_name)
+  if random_weights:
+    params = checkpoint.random_params(cfg, dtype, seed, sharding_fn)
+  elif checkpoint.is_converted(path_or_name):
+    checkpoint.read_meta(path_or_name)
+    params = checkpoint.load_orbax_params(path_or_name, cfg, dtype, sharding_fn)
+  else:
+    params = checkpoint.load_hf_params(path_or_name, cfg, dtype, sharding_fn, progress)
+  return Model(cfg, params, dtype, tok)

@@ -1,0 +1,86 @@
+"""Stateless building blocks shared by every model: matmul, RMSNorm, RoPE, causal attention reference.
+
+Precision policy: weights and activations in the model dtype (bf16 by default), matmuls accumulate in
+fp32, norms, RoPE tables and softmax compute in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.config import RopeConfig
+
+
+def linear(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+  """einsum with fp32 accumulation, result in x's dtype."""
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  # As transformers computes it: normalize in fp32, cast back, then scale in the activation dtype.
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def silu_and_mul(gate_up: jax.Array) -> jax.Array:
+  """[..., 2, I] -> [..., I]: silu(gate) * up, computed in fp32."""
+  g = gate_up[..., 0, :].astype(jnp.float32)
+  u = gate_up[..., 1, :].astype(jnp.float32)
+  return (jax.nn.silu(g) * u).astype(gate_up.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+  """Inverse frequencies [head_dim // 2] in fp32, with linear or llama3 scaling applied."""
+  inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if rope.type == "linear":
+    inv = inv / rope.factor
+  elif rope.type == "llama3":
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotate-half RoPE (the Hugging Face layout). x: [..., heads, head_dim], positions: x.shape[:-2]."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., hd/2]
+  cos = jnp.cos(freqs)[..., None, :]
+  sin = jnp.sin(freqs)[..., None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None = None,
+                     lengths: jax.Array | None = None) -> jax.Array:
+  """Reference attention over whole sequences. q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] -> [B, T, Hq, D].
+
+  GQA: query head h reads KV head h // (Hq // Hkv). `lengths` [B] masks right padding.
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, hq // hkv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+  qpos = jnp.arange(t)[:, None]
+  kpos = jnp.arange(t)[None, :]
+  mask = kpos <= qpos
+  if sliding_window is not None:
+    mask &= qpos - kpos < sliding_window
+  mask = mask[None, None, None]
+  if lengths is not None:
+    mask &= (kpos < lengths[:, None, None])[:, None, None]
+  scores = jnp.where(mask, scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, hq, d).astype(q.dtype)

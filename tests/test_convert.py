@@ -1,0 +1,157 @@
+"""checkpoints/convert.py: the round trip, and every bad-checkpoint case fails cleanly, leaving nothing."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import hf_models
+import nanoflow_jax
+from checkpoints.convert import ConvertError, convert
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("src") / "hf"
+  hf_models.make_hf_model("llama3", str(d))
+  return str(d)
+
+
+@pytest.fixture
+def broken(hf_dir, tmp_path):
+  """A fresh copy of the good checkpoint to damage."""
+  d = tmp_path / "broken"
+  shutil.copytree(hf_dir, d)
+  return str(d)
+
+
+def _index(d):
+  with open(os.path.join(d, "model.safetensors.index.json")) as f:
+    return json.load(f)
+
+
+def _file_of(d, tensor):
+  return os.path.join(d, _index(d)["weight_map"][tensor])
+
+
+def _rewrite(d, tensor, fn):
+  """Rewrites the shard holding `tensor` with fn(dict of tensors) applied."""
+  from safetensors.torch import load_file, save_file
+  path = _file_of(d, tensor)
+  tensors = load_file(path)
+  fn(tensors)
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _assert_fails(src, out, match):
+  with pytest.raises(ConvertError, match=match):
+    convert(src, out, progress=False)
+  assert not os.path.exists(out)
+  assert not [f for f in os.listdir(os.path.dirname(out)) if ".partial-" in f]
+
+
+def test_cli_converts_and_refuses_to_overwrite(hf_dir, tmp_path):
+  out = tmp_path / "ckpt"
+  cmd = [sys.executable, os.path.join(ROOT, "checkpoints", "convert.py"), f"--hf_dir={hf_dir}", f"--out_dir={out}"]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert {"config.json", "nanoflow.json", "params", "tokenizer.json", "generation_config.json"} <= set(os.listdir(out))
+  with open(out / "nanoflow.json") as f:
+    assert json.load(f)["dtype"] == "bfloat16"
+  before = os.path.getmtime(out / "nanoflow.json")
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+  assert r.returncode != 0 and "--overwrite" in r.stderr
+  assert os.path.getmtime(out / "nanoflow.json") == before
+  r = subprocess.run(cmd + ["--overwrite", "--dtype=float32"], capture_output=True, text=True, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  model = nanoflow_jax.load_model(str(out), dtype="float32")
+  assert model.forward(np.array([[1, 2, 3]])).shape == (1, 3, hf_models.VOCAB)
+
+
+def test_unsharded_checkpoint_without_index(tmp_path):
+  d = tmp_path / "single"
+  hf_models.make_hf_model("qwen2", str(d), shard_size="100MB")
+  assert not os.path.exists(d / "model.safetensors.index.json")
+  convert(str(d), str(tmp_path / "out"), progress=False)
+  assert os.path.exists(tmp_path / "out" / "params")
+
+
+def test_unknown_architecture(broken, tmp_path):
+  with open(os.path.join(broken, "config.json")) as f:
+    cfg = json.load(f)
+  cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+  with open(os.path.join(broken, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  _assert_fails(broken, str(tmp_path / "out"), "unknown architecture 'GPT2LMHeadModel'")
+
+
+def test_missing_tensor(broken, tmp_path):
+  name = "model.layers.1.mlp.up_proj.weight"
+  _rewrite(broken, name, lambda t: t.pop(name))
+  _assert_fails(broken, str(tmp_path / "out"), f"lacks it|missing tensor '{name}'")
+
+
+def test_unexpected_tensor(broken, tmp_path):
+  import torch
+  name = "model.norm.weight"
+  _rewrite(broken, name, lambda t: t.__setitem__("model.extra.weight", torch.zeros(3)))
+  os.remove(os.path.join(broken, "model.safetensors.index.json"))  # so the file's own keys are read
+  _assert_fails(broken, str(tmp_path / "out"), "unexpected tensor 'model.extra.weight'")
+
+
+def test_wrong_shape(broken, tmp_path):
+  import torch
+  name = "model.layers.0.self_attn.k_proj.weight"
+  _rewrite(broken, name, lambda t: t.__setitem__(name, torch.zeros(5, 64)))
+  _assert_fails(broken, str(tmp_path / "out"), f"'{name}'.*shape \\(5, 64\\)")
+
+
+def test_wrong_dtype(broken, tmp_path):
+  import torch
+  name = "model.norm.weight"
+  _rewrite(broken, name, lambda t: t.__setitem__(name, torch.zeros(64, dtype=torch.int32)))
+  _assert_fails(broken, str(tmp_path / "out"), f"'{name}'.*dtype int32")
+
+
+def test_truncated_file(broken, tmp_path):
+  path = _file_of(broken, "model.embed_tokens.weight")
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size - 100)
+  _assert_fails(broken, str(tmp_path / "out"), f"{os.path.basename(path)}.*truncated")
+
+
+def test_corrupt_header(broken, tmp_path):
+  path = _file_of(broken, "model.norm.weight")
+  with open(path, "r+b") as f:
+    f.seek(8)
+    f.write(b"\x00garbage")
+  _assert_fails(broken, str(tmp_path / "out"), f"{os.path.basename(path)}.*corrupt")
+
+
+def test_missing_shard_file(broken, tmp_path):
+  path = _file_of(broken, "model.norm.weight")
+  os.remove(path)
+  _assert_fails(broken, str(tmp_path / "out"), f"{os.path.basename(path)}.*missing")
+
+
+def test_failure_does_not_touch_existing_output(broken, tmp_path):
+  out = tmp_path / "out"
+  convert(broken, str(out), progress=False)
+  os.remove(_file_of(broken, "model.norm.weight"))
+  with pytest.raises(ConvertError):
+    convert(broken, str(out), overwrite=True, progress=False)
+  model = nanoflow_jax.load_model(str(out), dtype="float32")  # the old one is intact
+  assert model.forward(np.array([[4, 5]])).shape == (1, 2, hf_models.VOCAB)
+
+
+def test_named_shapes_need_random_weights():
+  with pytest.raises(ValueError, match="random_weights"):
+    nanoflow_jax.load_model("llama-3-8b")
+  with pytest.raises(ValueError, match="neither a model directory nor a named shape"):
+    nanoflow_jax.load_model("no-such-model")
