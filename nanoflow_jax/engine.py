@@ -1,0 +1,348 @@
+"""The host loop: schedule, dispatch, and read results one step late.
+
+`step()` forms and dispatches step i, then reads the tokens of step i-1 (which the device finished
+while step i was being formed), appends them, detokenizes, applies stop rules and frees what finished.
+A decode whose input token is still on the device takes it from the device-side state directly.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import os
+import random
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from nanoflow_jax import kv_cache, sampler
+from nanoflow_jax.model import Model
+from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
+from nanoflow_jax.runtime.executor import KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
+from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
+from nanoflow_jax.scheduler import Batch, Scheduler
+from nanoflow_jax.sequence import Sequence, Status
+from nanoflow_jax.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+MODES = ("sequential", "nanoflow")
+
+
+@dataclasses.dataclass
+class EngineConfig:
+  dense_batch: int = 512
+  page_size: int = 16
+  num_pages: int | None = None            # None: from kv_memory_fraction of free memory
+  kv_memory_fraction: float = 0.9
+  max_num_seqs: int = 64
+  max_model_len: int | None = None        # None: the model's max_position_embeddings
+  mode: str = "sequential"
+  compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
+
+  def validate(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if self.dense_batch < 1 or self.page_size < 1 or self.max_num_seqs < 1:
+      raise ValueError("dense_batch, page_size and max_num_seqs must be >= 1")
+    if not 0 < self.kv_memory_fraction <= 1:
+      raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+
+class RequestError(ValueError):
+  """A request the engine cannot take (too long, bad ids); nothing else is affected."""
+
+
+@dataclasses.dataclass
+class _Request:
+  request_id: str
+  prompt: str | None
+  prompt_ids: list[int]
+  seqs: list[Sequence]
+  on_delta: Callable[[Delta], None] | None
+
+
+@dataclasses.dataclass
+class EngineStats:
+  steps: int = 0
+  tokens: int = 0
+  host_seconds: float = 0.0       # scheduling, input building, dispatch, output processing
+  wait_seconds: float = 0.0       # blocked on the device's results
+  prompt_tokens: int = 0
+  generated_tokens: int = 0
+
+  @property
+  def host_ms_per_step(self) -> float:
+    return 1e3 * self.host_seconds / max(self.steps, 1)
+
+
+class Engine:
+  def __init__(self, model: Model, config: EngineConfig | None = None):
+    self.config = c = config or EngineConfig()
+    c.validate()
+    if c.compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir", c.compilation_cache_dir)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if c.mode == "nanoflow":
+      log.info("mode=nanoflow: no nano-batch pipeline is available for this model/device yet; "
+               "running the sequential step")
+    self.model = model
+    self.tokenizer = model.tokenizer
+    cfg = model.config
+    self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    num_pages = c.num_pages or kv_cache.pages_from_memory(cfg, c.page_size, model.dtype, c.kv_memory_fraction)
+    self.pool = kv_cache.PagePool(num_pages, c.page_size)
+    tokens_fit = num_pages * c.page_size
+    log.info("KV cache: %d pages of %d tokens = %d tokens; concurrency at max_model_len %d: %.2f",
+             num_pages, c.page_size, tokens_fit, self.max_model_len, tokens_fit / self.max_model_len)
+    self.scheduler = Scheduler(self.pool, c.dense_batch, c.max_num_seqs, self.max_model_len)
+    self.executor = Executor(model, num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch)
+    self.page_table = np.zeros((c.max_num_seqs, self.executor.max_pages_per_seq), np.int32)
+    self.sp = sampler.SamplingArrays.empty(c.max_num_seqs)
+    self.eos_ids = tuple(self.tokenizer.eos_ids if self.tokenizer else cfg.eos_token_ids)
+    self.requests: dict[str, _Request] = {}
+    self.stats = EngineStats()
+    self._pending = None           # (device outputs, [(seq, slot)]) of the step in flight
+    self._seq_ids = itertools.count()
+    self._rng = random.Random()
+
+  # --- requests ---------------------------------------------------------------------------------
+  def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                  on_delta: Callable[[Delta], None] | None = None) -> None:
+    if request_id in self.requests:
+      raise RequestError(f"request id {request_id!r} is already in use")
+    params.validate()
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+      raise RequestError("the prompt is empty")
+    vocab = self.model.config.vocab_size
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+      raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+    if len(prompt_ids) >= self.max_model_len:
+      raise RequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
+                         "which must leave room for at least one generated token")
+    if self.pool.pages_for(len(prompt_ids) + 1) > self.pool.num_pages:
+      raise RequestError(f"the prompt needs more KV pages than the cache holds ({self.pool.num_pages})")
+    seqs = []
+    for i in range(params.n):
+      seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+      seq = Sequence(next(self._seq_ids), request_id, i, prompt_ids, params, seed=(seed * 1000003 + i) % (1 << 32))
+      if self.tokenizer is not None:
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+      seqs.append(seq)
+      self.scheduler.add(seq)
+    self.requests[request_id] = _Request(request_id, prompt, prompt_ids, seqs, on_delta)
+    self.stats.prompt_tokens += len(prompt_ids) * params.n
+
+  def abort(self, request_id: str) -> None:
+    req = self.requests.get(request_id)
+    if req is None:
+      return
+    for seq in req.seqs:
+      if not seq.finished:
+        self._finish(seq, "abort")
+        self._emit(req, seq, [], [])
+
+  def has_work(self) -> bool:
+    return self.scheduler.has_work() or self._pending is not None
+
+  def pop_output(self, request_id: str) -> RequestOutput:
+    """The request's output; a finished request is forgotten by the engine."""
+    req = self.requests[request_id]
+    out = RequestOutput(
+        request_id, req.prompt, req.prompt_ids,
+        [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason, s.stop_reason,
+                          list(s.output_logprobs) if s.params.logprobs is not None else None) for s in req.seqs],
+        finished=all(s.finished for s in req.seqs),
+        metrics=[RequestMetrics(s.arrival_time, s.first_token_time, s.finish_time, s.num_preemptions)
+                 for s in req.seqs])
+    if out.finished:
+      del self.requests[request_id]
+    return out
+
+  # --- the loop ---------------------------------------------------------------------------------
+  def step(self) -> None:
+    t0 = time.perf_counter()
+    compile0 = sum(self.executor.compile_seconds.values())
+    batch = self.scheduler.schedule()
+    dispatched = None
+    if batch is not None:
+      inp, sampled = self._build_inputs(batch)
+      # Copies: on the CPU a numpy argument may be aliased, and the host rows change next step.
+      dispatched = (self.executor.run(inp, jax.tree.map(np.copy, self.sp)), sampled)
+      self.stats.steps += 1
+      self.stats.tokens += batch.num_tokens
+    wait = 0.0
+    if self._pending is not None:
+      outs, sampled = self._pending
+      tw = time.perf_counter()
+      tokens, lp, top_lp, top_ids = jax.device_get(outs)
+      wait = time.perf_counter() - tw
+      self._process(sampled, tokens, lp, top_lp, top_ids)
+    self._pending = dispatched
+    self.stats.wait_seconds += wait
+    compiling = sum(self.executor.compile_seconds.values()) - compile0
+    self.stats.host_seconds += time.perf_counter() - t0 - wait - compiling
+
+  def _build_inputs(self, batch: Batch) -> tuple[StepInputs, list[tuple[Sequence, int]]]:
+    ex, c = self.executor, self.config
+    n = ex.bucket(batch.num_tokens)
+    r = c.max_num_seqs
+    tokens = np.zeros(n, np.int32)
+    from_device = np.zeros(n, np.bool_)
+    positions = np.zeros(n, np.int32)
+    slots = np.zeros(n, np.int32)
+    kv_pages = np.full(n, self.pool.num_pages, np.int32)
+    kv_offsets = np.zeros(n, np.int32)
+    kinds = np.zeros(n, np.int32)
+    sample_index = np.zeros(r, np.int32)
+    sample_mask = np.zeros(r, np.bool_)
+    reset = np.zeros(r, np.bool_)
+    reset[batch.reset_slots] = True
+    sampled: list[tuple[Sequence, int]] = []
+    cur = 0
+    for ch in batch.chunks:
+      seq, length = ch.seq, ch.length
+      s = slice(cur, cur + length)
+      pos = np.arange(ch.start, ch.start + length, dtype=np.int32)
+      positions[s] = pos
+      slots[s] = seq.slot
+      pages = np.asarray(seq.pages, np.int32)
+      kv_pages[s] = pages[pos // c.page_size]
+      kv_offsets[s] = pos % c.page_size
+      self.page_table[seq.slot, :len(pages)] = pages
+      if ch.from_device:
+        from_device[cur] = True
+      else:
+        all_ids = seq.prompt_ids if ch.start + length <= len(seq.prompt_ids) else seq.prompt_ids + seq.output_ids
+        tokens[s] = all_ids[ch.start:ch.start + length]
+        if not ch.decode:  # prompt tokens feed the repetition mask; re-fed outputs (after preemption) the counts
+          kinds[s] = np.where(pos < len(seq.prompt_ids), KIND_PROMPT, KIND_REFED_OUTPUT)
+      if seq.slot in batch.reset_slots:
+        self._set_static_row(seq, seq.slot)
+      if ch.sample:
+        sample_index[seq.slot] = cur + length - 1
+        sample_mask[seq.slot] = True
+        sampled.append((seq, seq.slot))
+        self._set_step_row(seq, seq.slot)
+      cur += length
+    inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
+                     sample_index, sample_mask, reset)
+    return inp, sampled
+
+  def _set_static_row(self, seq: Sequence, row: int) -> None:
+    p, sp = seq.params, self.sp
+    sp.temperature[row] = p.temperature
+    sp.top_k[row] = max(p.top_k, 0)
+    sp.top_p[row] = p.top_p
+    sp.min_p[row] = p.min_p
+    sp.repetition_penalty[row] = p.repetition_penalty
+    sp.presence_penalty[row] = p.presence_penalty
+    sp.frequency_penalty[row] = p.frequency_penalty
+    sp.seed[row] = seq.seed
+
+  def _set_step_row(self, seq: Sequence, row: int) -> None:
+    p, sp = seq.params, self.sp
+    index = len(seq.output_ids) + seq.inflight - 1   # which output token this sample is
+    sp.step[row] = index
+    sp.banned[row] = -1
+    if index < p.min_tokens:
+      ban = (() if p.ignore_eos else self.eos_ids) + tuple(p.stop_token_ids)
+      sp.banned[row, :len(ban)] = ban[:MAX_BANNED_IDS]
+
+  def _process(self, sampled, tokens, lp, top_lp, top_ids) -> None:
+    now = time.monotonic()
+    deltas: dict[str, list] = collections.defaultdict(list)
+    for seq, slot in sampled:
+      if seq.finished:
+        continue  # a request that stopped while this step was in flight
+      seq.inflight -= 1
+      tok = int(tokens[slot])
+      seq.output_ids.append(tok)
+      self.stats.generated_tokens += 1
+      if seq.first_token_time is None:
+        seq.first_token_time = now
+      logprob = None
+      if seq.params.logprobs is not None:
+        k = seq.params.logprobs
+        logprob = Logprob(tok, float(lp[slot]), {int(i): float(v) for i, v in zip(top_ids[slot, :k], top_lp[slot, :k])})
+        seq.output_logprobs.append(logprob)
+      self._advance_text(seq, tok)
+      self._check_stop(seq, tok)
+      deltas[seq.request_id].append((seq, tok, logprob))
+    for rid, items in deltas.items():
+      req = self.requests.get(rid)
+      if req is None:
+        continue
+      by_seq = collections.defaultdict(lambda: ([], []))
+      for seq, tok, logprob in items:
+        by_seq[seq][0].append(tok)
+        if logprob is not None:
+          by_seq[seq][1].append(logprob)
+      for seq, (toks, lps) in by_seq.items():
+        self._emit(req, seq, toks, lps)
+
+  def _advance_text(self, seq: Sequence, tok: int) -> None:
+    if seq.detokenizer is not None:
+      seq.new_text = seq.detokenizer.push(tok)
+      seq.text += seq.new_text
+
+  def _check_stop(self, seq: Sequence, tok: int) -> None:
+    p = seq.params
+    n_out = len(seq.output_ids)
+    if n_out >= p.min_tokens:
+      if not p.ignore_eos and tok in self.eos_ids:
+        return self._finish(seq, "stop")
+      if tok in p.stop_token_ids:
+        seq.stop_reason = tok
+        return self._finish(seq, "stop")
+      if p.stop and seq.new_text:
+        longest = max(len(s) for s in p.stop)
+        start = max(0, len(seq.text) - len(seq.new_text) - longest + 1)
+        hits = [(seq.text.find(s, start), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+          i, s = min(hits)
+          seq.text = seq.text[:i + (len(s) if p.include_stop_str_in_output else 0)]
+          seq.stop_reason = s
+          return self._finish(seq, "stop")
+    if p.max_tokens is not None and n_out >= p.max_tokens:
+      return self._finish(seq, "length")
+    if seq.num_tokens >= self.max_model_len:
+      return self._finish(seq, "length")
+
+  def _finish(self, seq: Sequence, reason: str) -> None:
+    seq.finish_time = time.monotonic()
+    self.scheduler.finish(seq, reason)
+
+  def _emit(self, req: _Request, seq: Sequence, toks: list[int], lps: list[Logprob]) -> None:
+    if seq.finished:
+      upto = len(seq.text)
+    else:  # hold back a tail that may be the start of a stop string
+      upto = len(seq.text) - _stop_prefix_len(seq.text, seq.params.stop)
+    text = seq.text[seq.emitted:upto] if upto > seq.emitted else ""
+    seq.emitted = max(seq.emitted, upto)
+    if req.on_delta is not None:
+      req.on_delta(Delta(req.request_id, seq.index, text, toks, lps if seq.params.logprobs is not None else None,
+                         seq.finish_reason, seq.stop_reason, len(req.prompt_ids), len(seq.output_ids)))
+
+  # --- offline driving ----------------------------------------------------------------------------
+  def run_until_done(self, progress=None) -> None:
+    while self.has_work():
+      self.step()
+      if progress is not None:
+        progress()
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+  """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+  best = 0
+  for s in stops:
+    for k in range(min(len(s) - 1, len(text)), best, -1):
+      if text.endswith(s[:k]):
+        best = k
+        break
+  return best

@@ -1,0 +1,78 @@
+"""Paged KV cache: the host-side page pool and the device arrays.
+
+Device layout, one array per layer: [2 (K, V), num_pages, page_size, kv_heads, head_dim]. A token at
+position p of a sequence lives in page `page_table[p // page_size]` at offset `p % page_size`.
+Page `num_pages` does not exist: writes aimed there (padding tokens) are dropped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+from nanoflow_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CAP_BYTES = 1 << 30  # without a GPU, keep the cache modest
+
+
+class PagePool:
+  """Free-list of page ids. Every page is either free or owned by exactly one sequence."""
+
+  def __init__(self, num_pages: int, page_size: int):
+    if num_pages < 1 or page_size < 1:
+      raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
+    self.num_pages = num_pages
+    self.page_size = page_size
+    self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+
+  @property
+  def num_free(self) -> int:
+    return len(self._free)
+
+  @property
+  def num_used(self) -> int:
+    return self.num_pages - len(self._free)
+
+  def pages_for(self, num_tokens: int) -> int:
+    return -(-num_tokens // self.page_size)
+
+  def allocate(self, n: int) -> list[int]:
+    if n > len(self._free):
+      raise MemoryError(f"asked for {n} pages, {len(self._free)} free")
+    return [self._free.pop() for _ in range(n)]
+
+  def free(self, pages: list[int]) -> None:
+    self._free.extend(reversed(pages))
+    if len(self._free) > self.num_pages:
+      raise AssertionError("page freed twice")
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:
+  return cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize) * page_size
+
+
+def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fraction: float) -> int:
+  """How many pages fit in `kv_memory_fraction` of the memory still free on the first device."""
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform == "gpu" else None
+  if stats and "bytes_limit" in stats:
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    budget = int(free * kv_memory_fraction)
+  else:
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    budget = min(int(avail * kv_memory_fraction), CPU_KV_CAP_BYTES)
+  n = budget // page_bytes(cfg, page_size, dtype)
+  if n < 1:
+    raise MemoryError(f"no room for a KV page: {budget} bytes available for the cache")
+  return int(n)
+
+
+def allocate_kv(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> list[jax.Array]:
+  shape = (2, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+  make = jax.jit(lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+                 out_shardings=None if sharding is None else [sharding] * cfg.num_layers)
+  return make()

@@ -1,0 +1,97 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(messages)`."""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Sequence, Union
+
+import jax
+
+from nanoflow_jax.engine import Engine, EngineConfig
+from nanoflow_jax.model import load_model
+from nanoflow_jax.outputs import RequestOutput
+from nanoflow_jax.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Prompt = Union[str, Sequence[int]]
+
+
+def default_dtype() -> str:
+  return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
+def default_dense_batch() -> int:
+  return 2048 if jax.default_backend() == "gpu" else 256
+
+
+def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: bool = False,
+                 dense_batch: int | None = None, page_size: int = 16, num_pages: int | None = None,
+                 kv_memory_fraction: float = 0.9, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 mode: str = "sequential", seed: int = 0) -> Engine:
+  m = load_model(model, dtype=dtype or default_dtype(), random_weights=random_weights, seed=seed)
+  cfg = EngineConfig(dense_batch=dense_batch or default_dense_batch(), page_size=page_size, num_pages=num_pages,
+                     kv_memory_fraction=kv_memory_fraction, max_num_seqs=max_num_seqs,
+                     max_model_len=max_model_len, mode=mode)
+  return Engine(m, cfg)
+
+
+class LLM:
+  """Offline batch generation. Arguments as `build_engine`; `model` is a checkpoint directory (ours or
+  Hugging Face's) or a named shape (`tiny`, `llama-3-8b`, ... with random_weights=True)."""
+
+  def __init__(self, model: str = "tiny", **engine_args):
+    self.engine = build_engine(model, **engine_args)
+    self.tokenizer = self.engine.tokenizer
+    self._ids = itertools.count()
+
+  def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass token ids")
+      return prompt, self.tokenizer.encode(prompt)
+    return None, [int(t) for t in prompt]
+
+  def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
+               | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+      prompts = [prompts]
+    params = sampling_params or SamplingParams()
+    params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(params) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    ids = []
+    try:
+      for prompt, p in zip(prompts, params):
+        text, token_ids = self._encode(prompt)
+        rid = f"offline-{next(self._ids)}"
+        self.engine.add_request(rid, token_ids, p, prompt=text)
+        ids.append(rid)
+    except Exception:
+      for rid in ids:  # a bad prompt rejects the call; the ones added before it go too
+        self.engine.abort(rid)
+        self.engine.pop_output(rid)
+      raise
+    bar = None
+    if use_tqdm:
+      from tqdm import tqdm
+      bar = tqdm(total=len(ids), desc="generating", unit="req")
+    done: set[str] = set()
+
+    def progress():
+      if bar is not None:
+        newly = [r for r in ids if r not in done and all(s.finished for s in self.engine.requests[r].seqs)]
+        done.update(newly)
+        bar.update(len(newly))
+    self.engine.run_until_done(progress)
+    if bar is not None:
+      bar.close()
+    return [self.engine.pop_output(rid) for rid in ids]
+
+  def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+           add_generation_prompt: bool = True) -> list[RequestOutput]:
+    """`messages` is one conversation (a list of {"role", "content"}) or a list of conversations."""
+    convs = [messages] if messages and isinstance(messages[0], dict) else messages
+    prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True)
+               for c in convs]
+    return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -1,0 +1,83 @@
+"""Sampling on the device, one row per sequence slot, every parameter per row.
+
+Order as vLLM applies it: penalties (repetition over prompt+output, presence and frequency over the
+output), min_tokens (EOS/stop ids banned), temperature, then top_k, top_p and min_p on the sorted
+probabilities, then a draw with the row's own key: fold_in(PRNGKey(seed), tokens generated so far), so
+a seeded request gives the same tokens whatever else is in the batch. Logprobs are of the raw model
+distribution.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.sampling_params import MAX_BANNED_IDS, MAX_LOGPROBS
+
+
+@dataclasses.dataclass
+class SamplingArrays:
+  """Host-built per-slot parameters for one step (numpy; all [R] unless noted)."""
+  temperature: np.ndarray
+  top_k: np.ndarray
+  top_p: np.ndarray
+  min_p: np.ndarray
+  repetition_penalty: np.ndarray
+  presence_penalty: np.ndarray
+  frequency_penalty: np.ndarray
+  seed: np.ndarray          # uint32
+  step: np.ndarray          # int32: tokens generated so far
+  banned: np.ndarray        # [R, MAX_BANNED_IDS] ids masked out (min_tokens), -1 = none
+
+  @classmethod
+  def empty(cls, rows: int) -> "SamplingArrays":
+    f = lambda v: np.full((rows,), v, np.float32)
+    return cls(temperature=f(1.0), top_k=np.zeros(rows, np.int32), top_p=f(1.0), min_p=f(0.0),
+               repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
+               seed=np.zeros(rows, np.uint32), step=np.zeros(rows, np.int32),
+               banned=np.full((rows, MAX_BANNED_IDS), -1, np.int32))
+
+
+jax.tree_util.register_dataclass(SamplingArrays, data_fields=[f.name for f in dataclasses.fields(SamplingArrays)],
+                                 meta_fields=[])
+
+
+def apply_penalties(logits, counts, prompt_mask, p: SamplingArrays):
+  seen = (counts > 0) | prompt_mask
+  rep = p.repetition_penalty[:, None]
+  logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+  logits = logits - p.presence_penalty[:, None] * (counts > 0) - p.frequency_penalty[:, None] * counts
+  rows = jnp.arange(logits.shape[0])[:, None]
+  banned = jnp.where(p.banned >= 0, p.banned, logits.shape[1])  # -1 -> out of range -> dropped
+  return logits.at[rows, banned].set(-jnp.inf, mode="drop")
+
+
+def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: SamplingArrays):
+  """logits [R, V] fp32 -> (tokens [R], sampled logprob [R], top logprobs [R, K], top ids [R, K])."""
+  raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+  logits = apply_penalties(logits, counts, prompt_mask, p)
+  greedy_tok = jnp.argmax(logits, axis=-1)
+
+  scaled = logits / jnp.maximum(p.temperature, 1e-5)[:, None]
+  vocab = logits.shape[-1]
+  order = jnp.argsort(-scaled, axis=-1)
+  sorted_l = jnp.take_along_axis(scaled, order, axis=-1)
+  probs = jax.nn.softmax(sorted_l, axis=-1)
+  rank = jnp.arange(vocab)[None, :]
+  drop = (p.top_k[:, None] > 0) & (rank >= p.top_k[:, None])
+  drop |= (jnp.cumsum(probs, axis=-1) - probs) > p.top_p[:, None]
+  drop |= probs < p.min_p[:, None] * probs[:, :1]
+  drop = drop.at[:, 0].set(False)  # the most likely token always survives
+  masked = jnp.where(drop, -jnp.inf, sorted_l)
+
+  def draw(seed, step, row):
+    return jax.random.categorical(jax.random.fold_in(jax.random.PRNGKey(seed), step), row)
+  choice = jax.vmap(draw)(p.seed, p.step, masked)
+  sampled_tok = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+  tokens = jnp.where(p.temperature < 1e-5, greedy_tok, sampled_tok).astype(jnp.int32)
+
+  token_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+  top_lp, top_ids = jax.lax.top_k(raw_logprobs, min(MAX_LOGPROBS, vocab))
+  return tokens, token_lp, top_lp, top_ids.astype(jnp.int32)

@@ -1,0 +1,63 @@
+"""Per-request sampling parameters, validated the way vLLM users expect (clear ValueError messages)."""
+from __future__ import annotations
+
+import dataclasses
+
+MAX_LOGPROBS = 20      # top-N logprobs are computed on the device for every sampled row
+MAX_BANNED_IDS = 32    # EOS + stop_token_ids that min_tokens must suppress
+
+
+@dataclasses.dataclass
+class SamplingParams:
+  n: int = 1
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = -1               # -1 or 0: off
+  min_p: float = 0.0
+  repetition_penalty: float = 1.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  seed: int | None = None
+  max_tokens: int | None = 16   # None: up to max_model_len
+  min_tokens: int = 0
+  stop: list[str] | str | None = None
+  stop_token_ids: list[int] | None = None
+  ignore_eos: bool = False
+  logprobs: int | None = None   # top-N logprobs of each generated token (0: only the sampled one)
+  skip_special_tokens: bool = True
+  include_stop_str_in_output: bool = False
+
+  def __post_init__(self):
+    if isinstance(self.stop, str):
+      self.stop = [self.stop]
+    self.stop = list(self.stop or [])
+    self.stop_token_ids = list(self.stop_token_ids or [])
+    self.validate()
+
+  def validate(self) -> None:
+    def check(ok, msg):
+      if not ok:
+        raise ValueError(msg)
+    check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+    check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+    check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+    check(isinstance(self.top_k, int) and self.top_k >= -1, f"top_k must be -1 (off) or >= 1, got {self.top_k!r}")
+    check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+    check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    check(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+    check(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+    check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+          f"max_tokens must be >= 1, got {self.max_tokens!r}")
+    check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens!r}")
+    check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+          f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+    check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+    check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
+    check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ids >= 0")
+    check(len(self.stop_token_ids) <= MAX_BANNED_IDS - 4, f"at most {MAX_BANNED_IDS - 4} stop_token_ids")
+    check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+          f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature < 1e-5

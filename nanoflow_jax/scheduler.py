@@ -1,0 +1,182 @@
+"""NanoFlow's batching policy: a fixed dense token budget per step, filled with every running decode
+first and then prefill chunks (at most one partial prompt per step).
+
+Admission looks ahead: a sequence enters only if the pages it will need at its peak (prompt + expected
+output: max_tokens when given, else the running average of finished outputs), summed with those of the
+running sequences, fit in the pool. When a decode still finds no free page, the most recently admitted
+sequence is preempted (its pages freed; it is recomputed later) and the preemption is counted.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+from nanoflow_jax.kv_cache import PagePool
+from nanoflow_jax.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Chunk:
+  """`length` tokens of `seq` starting at position `start`. `sample`: the chunk reaches the end of the
+  known tokens, so its last position's logits are sampled."""
+  seq: Sequence
+  start: int
+  length: int
+  sample: bool
+  decode: bool = False       # one already-counted output token fed back (not a prompt chunk)
+  from_device: bool = False  # a decode whose input token is still on the device (sampled last step)
+
+
+@dataclasses.dataclass
+class Batch:
+  chunks: list[Chunk]
+  num_tokens: int
+  reset_slots: list[int]     # slots that got a new sequence: clear their sampling state
+
+
+class Scheduler:
+  def __init__(self, pool: PagePool, dense_batch: int, max_num_seqs: int, max_model_len: int,
+               default_expected_output: int = 256):
+    self.pool = pool
+    self.dense_batch = dense_batch
+    self.max_num_seqs = max_num_seqs
+    self.max_model_len = max_model_len
+    self.waiting: collections.deque[Sequence] = collections.deque()
+    self.running: list[Sequence] = []          # in admission order
+    self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+    self.num_preemptions = 0
+    self._finished_outputs = 0
+    self._finished_count = 0
+    self._default_expected = default_expected_output
+
+  # --- bookkeeping ------------------------------------------------------------------------------
+  def add(self, seq: Sequence) -> None:
+    self.waiting.append(seq)
+
+  def has_work(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  def expected_output(self, seq: Sequence) -> int:
+    if seq.params.max_tokens is not None:
+      return seq.params.max_tokens
+    if self._finished_count:
+      return max(1, self._finished_outputs // self._finished_count)
+    return self._default_expected
+
+  def peak_pages(self, seq: Sequence) -> int:
+    peak = min(len(seq.prompt_ids) + self.expected_output(seq), self.max_model_len)
+    return max(self.pool.pages_for(peak), len(seq.pages))
+
+  def release(self, seq: Sequence) -> None:
+    """Frees the sequence's pages and slot (on finish, abort, error or preemption)."""
+    if seq.pages:
+      self.pool.free(seq.pages)
+      seq.pages = []
+    if seq.slot is not None:
+      self.free_slots.append(seq.slot)
+      seq.slot = None
+    if seq in self.running:
+      self.running.remove(seq)
+
+  def finish(self, seq: Sequence, reason: str) -> None:
+    if seq.finished:
+      return
+    seq.status, seq.finish_reason = Status.FINISHED, reason
+    self.release(seq)
+    if seq in self.waiting:
+      self.waiting.remove(seq)
+    self._finished_outputs += len(seq.output_ids)
+    self._finished_count += 1
+
+  def _preempt(self, seq: Sequence) -> None:
+    log.info("preempting %s (recompute): KV pool exhausted", seq.request_id)
+    self.release(seq)
+    seq.status = Status.WAITING
+    seq.num_computed = 0
+    seq.num_preemptions += 1
+    self.num_preemptions += 1
+    self.waiting.appendleft(seq)
+
+  def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    """Makes seq's pages cover `num_tokens` positions; False if the pool is short."""
+    need = self.pool.pages_for(num_tokens) - len(seq.pages)
+    if need <= 0:
+      return True
+    if need > self.pool.num_free:
+      return False
+    seq.pages.extend(self.pool.allocate(need))
+    return True
+
+  def wants_token(self, seq: Sequence) -> bool:
+    """Whether another output token may be scheduled (max_tokens and max_model_len, pending included)."""
+    produced = len(seq.output_ids) + seq.inflight
+    if seq.params.max_tokens is not None and produced >= seq.params.max_tokens:
+      return False
+    return len(seq.prompt_ids) + produced < self.max_model_len
+
+  # --- one step ---------------------------------------------------------------------------------
+  def schedule(self) -> Batch | None:
+    budget = self.dense_batch
+    chunks: list[Chunk] = []
+    reset: list[int] = []
+
+    # 1. Every running decode, oldest first; on a full pool, preempt the newest.
+    for seq in list(self.running):
+      if (seq not in self.running or seq.num_uncomputed != 1 or not self.wants_token(seq)
+          or budget == 0):
+        continue
+      pos = seq.num_computed
+      while not self._grow(seq, pos + 1):
+        victim = self.running[-1]
+        self._preempt(victim)
+        if victim is seq:
+          break
+      if seq not in self.running:
+        continue
+      chunks.append(Chunk(seq, pos, 1, sample=True, decode=True, from_device=pos >= seq.num_tokens))
+      seq.num_computed += 1
+      seq.inflight += 1
+      budget -= 1
+
+    # 2. Prefill chunks: running prompts first, then admissions in FIFO order.
+    for seq in self.running:
+      if budget and seq.is_prefilling:
+        budget -= self._prefill_chunk(seq, budget, chunks)
+    reserved = sum(self.peak_pages(s) for s in self.running)
+    while budget and self.waiting and self.free_slots and len(self.running) < self.max_num_seqs:
+      seq = self.waiting[0]
+      if seq.inflight:  # preempted while a token was on its way: wait for it
+        break
+      peak = self.peak_pages(seq)
+      if reserved + peak > self.pool.num_pages and self.running:
+        break
+      if self.pool.num_free == 0:
+        break
+      self.waiting.popleft()
+      seq.status = Status.RUNNING
+      seq.slot = self.free_slots.pop()
+      reset.append(seq.slot)
+      self.running.append(seq)
+      reserved += peak
+      budget -= self._prefill_chunk(seq, budget, chunks)
+
+    if not chunks:
+      return None
+    return Batch(chunks, self.dense_batch - budget, reset)
+
+  def _prefill_chunk(self, seq: Sequence, budget: int, chunks: list[Chunk]) -> int:
+    start = seq.num_computed
+    length = min(seq.num_uncomputed, budget)
+    # Shrink to the pages we can get (the pool may be short when predictions were wrong).
+    while length > 0 and not self._grow(seq, start + length):
+      length = (len(seq.pages) + self.pool.num_free) * self.pool.page_size - start
+    if length <= 0:
+      return 0
+    sample = start + length == seq.num_tokens
+    chunks.append(Chunk(seq, start, length, sample=sample))
+    seq.num_computed += length
+    seq.inflight += sample
+    return length
