@@ -1,0 +1,72 @@
+"""The engine's greedy output equals transformers' request by request, through chunked prefill,
+arrivals mid-run, sliding windows, MoE and preemption."""
+import numpy as np
+import pytest
+
+import engine_fixtures as fx
+from nanoflow_jax.engine import Engine, EngineConfig
+from nanoflow_jax.model import load_model
+from nanoflow_jax.sampling_params import SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["llama3", "mistral", "mixtral", "qwen2"])
+def arch_model(request, tmp_path_factory):
+  hf, ckpt = fx.make_converted(request.param, tmp_path_factory.mktemp(request.param))
+  return request.param, hf, load_model(ckpt, dtype="float32")
+
+
+def _run(engine, requests, arrivals=None):
+  """requests: {rid: (prompt, max_tokens)}; arrivals: {step: [rid, ...]} added mid-run."""
+  arrivals = arrivals or {}
+  later = {rid for rids in arrivals.values() for rid in rids}
+  for rid, (prompt, n) in requests.items():
+    if rid not in later:
+      engine.add_request(rid, prompt, SamplingParams(max_tokens=n, **GREEDY))
+  step = 0
+  while engine.has_work() or any(s > step for s in arrivals):
+    for rid in arrivals.get(step, []):
+      prompt, n = requests[rid]
+      engine.add_request(rid, prompt, SamplingParams(max_tokens=n, **GREEDY))
+    engine.step()
+    step += 1
+  return {rid: engine.pop_output(rid).outputs[0] for rid in requests}
+
+
+def test_mixed_batch_with_chunking_and_arrivals(arch_model):
+  arch, hf, model = arch_model
+  rng = np.random.default_rng(0)
+  lengths = [3, 17, 40, 9, 1, 26]
+  prompts = fx.random_prompts(rng, lengths)
+  requests = {f"r{i}": (p, 6 + i) for i, p in enumerate(prompts)}
+  # dense_batch 32: the 40-token prompt is chunked; page size 4: many partial pages.
+  engine = Engine(model, EngineConfig(dense_batch=32, page_size=4, num_pages=200, max_num_seqs=4,
+                                      compilation_cache_dir=None))
+  outs = _run(engine, requests, arrivals={2: ["r4"], 5: ["r5"]})
+  for rid, (prompt, n) in requests.items():
+    assert outs[rid].token_ids == fx.hf_greedy(hf, prompt, n), (arch, rid)
+    assert outs[rid].finish_reason == "length"
+  assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_preemption_recomputes_exactly(arch_model):
+  arch, hf, model = arch_model
+  if arch != "llama3":
+    pytest.skip("one architecture suffices for the preemption path")
+  rng = np.random.default_rng(1)
+  prompts = fx.random_prompts(rng, [10, 14, 6, 12, 9])
+  # Sequences run to max_model_len (no max_tokens); the scheduler expects 1 output token, so it admits
+  # more than the 24 pages can hold and must preempt.
+  engine = Engine(model, EngineConfig(dense_batch=64, page_size=4, num_pages=24, max_num_seqs=5,
+                                      max_model_len=40, compilation_cache_dir=None))
+  engine.scheduler._default_expected = 1
+  for i, p in enumerate(prompts):
+    engine.add_request(f"r{i}", p, SamplingParams(max_tokens=None, **GREEDY))
+  engine.run_until_done()
+  assert engine.scheduler.num_preemptions > 0
+  for i, p in enumerate(prompts):
+    out = engine.pop_output(f"r{i}").outputs[0]
+    assert out.finish_reason == "length"
+    assert out.token_ids == fx.hf_greedy(hf, p, 40 - len(p)), i
+  assert engine.pool.num_free == engine.pool.num_pages

@@ -1,0 +1,106 @@
+"""The device sampler against a numpy reference of each transformation, on fresh random logits."""
+import jax
+import numpy as np
+import pytest
+
+from nanoflow_jax import sampler
+from nanoflow_jax.sampling_params import MAX_BANNED_IDS
+
+R, V = 6, 50
+
+
+def _arrays(**rows):
+  sp = sampler.SamplingArrays.empty(R)
+  for k, v in rows.items():
+    getattr(sp, k)[:] = v
+  return sp
+
+
+def _ref_penalize(logits, counts, prompt_mask, rep, pres, freq):
+  out = logits.copy()
+  seen = (counts > 0) | prompt_mask
+  out = np.where(seen, np.where(out > 0, out / rep, out * rep), out)
+  return out - pres * (counts > 0) - freq * counts
+
+
+@pytest.fixture
+def inputs():
+  rng = np.random.default_rng()
+  logits = rng.normal(size=(R, V)).astype(np.float32) * 3
+  counts = rng.integers(0, 3, size=(R, V)).astype(np.int32) * (rng.random((R, V)) < 0.2)
+  prompt_mask = rng.random((R, V)) < 0.1
+  return logits, counts.astype(np.int32), prompt_mask
+
+
+def test_penalties_match_reference(inputs):
+  logits, counts, pm = inputs
+  sp = _arrays(repetition_penalty=1.7, presence_penalty=0.6, frequency_penalty=0.3)
+  got = np.asarray(sampler.apply_penalties(logits, counts, pm, sp))
+  np.testing.assert_allclose(got, _ref_penalize(logits, counts, pm, 1.7, 0.6, 0.3), rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_is_argmax_of_penalized(inputs):
+  logits, counts, pm = inputs
+  sp = _arrays(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5)
+  tok, lp, top_lp, top_ids = map(np.asarray, sampler.sample(logits, counts, pm, sp))
+  np.testing.assert_array_equal(tok, np.argmax(_ref_penalize(logits, counts, pm, 2.0, 0, 0.5), axis=-1))
+  ref_lp = jax.nn.log_softmax(logits, axis=-1)  # logprobs are of the raw distribution
+  np.testing.assert_allclose(lp, np.take_along_axis(np.asarray(ref_lp), tok[:, None], 1)[:, 0], rtol=1e-5)
+  np.testing.assert_array_equal(top_ids[:, 0], np.argmax(logits, axis=-1))
+
+
+def _empirical(logits, sp, draws=400):
+  zeros = np.zeros((R, V), np.int32)
+  seen = np.zeros((R, V), bool)
+  for step in range(draws):
+    sp.step[:] = step
+    tok = np.asarray(sampler.sample(logits, zeros, np.zeros((R, V), bool), sp)[0])
+    seen[np.arange(R), tok] = True
+  return seen
+
+
+def test_top_k_top_p_min_p_restrict_support(inputs):
+  logits, _, _ = inputs
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  order = np.argsort(-probs, axis=-1)
+  # top_k = 3: only the 3 most likely ever appear
+  seen = _empirical(logits, _arrays(top_k=3, seed=np.arange(R)))
+  for r in range(R):
+    assert set(np.nonzero(seen[r])[0]) <= set(order[r, :3])
+  # top_p = 0.5: the smallest prefix reaching 0.5
+  seen = _empirical(logits, _arrays(top_p=0.5, seed=np.arange(R)))
+  for r in range(R):
+    sp_ = probs[r, order[r]]
+    keep = order[r, :int(np.searchsorted(np.cumsum(sp_), 0.5) + 1)]
+    assert set(np.nonzero(seen[r])[0]) <= set(keep)
+  # min_p = 0.3: tokens at least 0.3 x the top probability
+  seen = _empirical(logits, _arrays(min_p=0.3, seed=np.arange(R)))
+  for r in range(R):
+    assert set(np.nonzero(seen[r])[0]) <= set(np.nonzero(probs[r] >= 0.3 * probs[r].max())[0])
+
+
+def test_temperature_sharpens(inputs):
+  logits, _, _ = inputs
+  hot = _empirical(logits, _arrays(temperature=5.0, seed=np.arange(R)), draws=200).sum()
+  cold = _empirical(logits, _arrays(temperature=0.2, seed=np.arange(R)), draws=200).sum()
+  assert hot > cold
+
+
+def test_banned_ids_never_sampled(inputs):
+  logits, counts, pm = inputs
+  sp = _arrays(temperature=0.0)
+  best = np.argmax(logits, axis=-1)
+  sp.banned[:, 0] = best
+  tok = np.asarray(sampler.sample(logits, counts * 0, pm & False, sp)[0])
+  assert not np.any(tok == best)
+  assert sp.banned.shape[1] == MAX_BANNED_IDS
+
+
+def test_seed_and_step_determine_the_draw(inputs):
+  logits, counts, pm = inputs
+  a = _arrays(seed=7, step=3)
+  t1 = np.asarray(sampler.sample(logits, counts, pm, a)[0])
+  t2 = np.asarray(sampler.sample(logits, counts, pm, a)[0])
+  np.testing.assert_array_equal(t1, t2)
+  draws = {tuple(np.asarray(sampler.sample(logits, counts, pm, _arrays(seed=s, step=3))[0])) for s in range(8)}
+  assert len(draws) > 1

@@ -1,0 +1,77 @@
+"""Page-pool and batching invariants of the scheduler under random workloads (hypothesis), with the
+device simulated one step late as the engine drives it."""
+from hypothesis import given, settings, strategies as st
+
+from nanoflow_jax.kv_cache import PagePool
+from nanoflow_jax.sampling_params import SamplingParams
+from nanoflow_jax.scheduler import Scheduler
+from nanoflow_jax.sequence import Sequence
+
+MAX_LEN = 64
+
+request = st.tuples(st.integers(0, 30),                  # arrival step
+                    st.integers(1, 40),                  # prompt length
+                    st.one_of(st.none(), st.integers(1, 30)),  # max_tokens
+                    st.one_of(st.none(), st.integers(1, 60)))  # abort at step
+
+
+def _check(sched: Scheduler, pool: PagePool, batch, max_num_seqs, dense_batch):
+  owned = [p for s in list(sched.running) + list(sched.waiting) for p in s.pages]
+  assert len(owned) == len(set(owned)), "a page owned twice"
+  assert len(owned) + pool.num_free == pool.num_pages
+  assert all(not s.pages for s in sched.waiting), "a waiting sequence holds pages"
+  assert len(sched.running) <= max_num_seqs
+  for s in sched.running:
+    assert len(s.pages) * pool.page_size >= s.num_computed
+  slots = [s.slot for s in sched.running]
+  assert len(slots) == len(set(slots)) and None not in slots
+  if batch is not None:
+    assert batch.num_tokens <= dense_batch
+    partial = [c for c in batch.chunks if not c.sample]
+    assert len(partial) <= 1, "more than one partial prompt in a step"
+    seqs = [c.seq for c in batch.chunks]
+    assert len(seqs) == len(set(seqs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(reqs=st.lists(request, min_size=1, max_size=12), num_pages=st.integers(16, 60),
+       page_size=st.sampled_from([1, 4, 16]), dense_batch=st.integers(8, 96), max_num_seqs=st.integers(1, 6))
+def test_pool_invariants_under_random_workloads(reqs, num_pages, page_size, dense_batch, max_num_seqs):
+  num_pages = max(num_pages, -(-MAX_LEN // page_size))  # a request must always fit alone
+  pool = PagePool(num_pages, page_size)
+  sched = Scheduler(pool, dense_batch, max_num_seqs, MAX_LEN, default_expected_output=4)
+  seqs = []
+  pending = []
+  step = 0
+  while step < 2000:
+    for i, (at, plen, max_tokens, _) in enumerate(reqs):
+      if at == step:
+        seq = Sequence(i, f"r{i}", 0, list(range(plen)), SamplingParams(max_tokens=max_tokens), seed=0)
+        seqs.append(seq)
+        sched.add(seq)
+    for seq in seqs:
+      abort_at = reqs[seq.seq_id][3]
+      if abort_at == step:
+        sched.finish(seq, "abort")
+    batch = sched.schedule()
+    _check(sched, pool, batch, max_num_seqs, dense_batch)
+    for seq in pending:  # the previous step's tokens arrive now
+      if seq.finished:
+        continue
+      seq.inflight -= 1
+      seq.output_ids.append(7)
+      mt = seq.params.max_tokens
+      if (mt is not None and len(seq.output_ids) >= mt) or seq.num_tokens >= MAX_LEN:
+        sched.finish(seq, "length")
+    pending = [c.seq for c in batch.chunks if c.sample] if batch else []
+    _check(sched, pool, None, max_num_seqs, dense_batch)
+    step += 1
+    if not sched.has_work() and not pending and step > 31:
+      break
+  assert not sched.has_work(), "the workload did not drain"
+  assert pool.num_free == pool.num_pages
+  for seq in seqs:
+    assert seq.finished
+    mt = seq.params.max_tokens
+    if seq.finish_reason == "length" and mt is not None and len(seq.prompt_ids) + mt <= MAX_LEN:
+      assert len(seq.output_ids) == mt
