@@ -137,14 +137,20 @@ class Engine:
     self.requests[request_id] = _Request(request_id, prompt, prompt_ids, seqs, on_delta)
     self.stats.prompt_tokens += len(prompt_ids) * params.n
 
-  def abort(self, request_id: str) -> None:
+  def abort(self, request_id: str, reason: str = "abort") -> None:
+    """Stops a request (its pages and slot are freed at once); the caller gets a final delta."""
     req = self.requests.get(request_id)
     if req is None:
       return
     for seq in req.seqs:
       if not seq.finished:
-        self._finish(seq, "abort")
+        self._finish(seq, reason)
         self._emit(req, seq, [], [])
+
+  def abort_all(self, reason: str = "abort") -> None:
+    for rid in list(self.requests):
+      self.abort(rid, reason)
+    self._pending = None
 
   def has_work(self) -> bool:
     return self.scheduler.has_work() or self._pending is not None

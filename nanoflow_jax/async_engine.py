@@ -1,0 +1,136 @@
+"""The engine on its own thread, with an asyncio streaming interface (add, iterate, abort).
+
+The HTTP side never blocks on the engine: requests and aborts go through a thread-safe inbox that the
+engine thread drains between steps; deltas come back through each request's asyncio queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator, Callable
+
+from nanoflow_jax.engine import Engine, RequestError
+from nanoflow_jax.outputs import Delta
+from nanoflow_jax.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+  """Too many requests waiting: the caller should retry later (HTTP 503)."""
+
+
+class EngineStoppedError(RuntimeError):
+  """The engine is shutting down and takes no new requests."""
+
+
+class AsyncEngine:
+  def __init__(self, engine: Engine, max_waiting: int = 1024,
+               on_step: Callable[[float], None] | None = None):
+    self.engine = engine
+    self.max_waiting = max_waiting
+    self.on_step = on_step            # called with each step's wall time (metrics)
+    self._inbox: queue.Queue = queue.Queue()
+    self._accepting = True
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._loop, name="nanoflow-engine", daemon=True)
+    self._idle = threading.Event()
+    self._idle.set()
+    self.error: BaseException | None = None
+
+  def start(self) -> "AsyncEngine":
+    self._thread.start()
+    return self
+
+  # --- called from the event loop -------------------------------------------------------------------
+  async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     prompt: str | None = None) -> AsyncIterator[Delta]:
+    """Yields the deltas of all n samples until each has finished. Closing the iterator early (client gone)
+    aborts the request and frees its pages."""
+    if not self._accepting:
+      raise EngineStoppedError("the server is shutting down")
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue[Delta] = asyncio.Queue()
+    added: concurrent.futures.Future = concurrent.futures.Future()
+    on_delta = lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
+    self._inbox.put(("add", (request_id, prompt_ids, params, prompt, on_delta), added))
+    await asyncio.wrap_future(added)
+    done: set[int] = set()
+    try:
+      while len(done) < params.n:
+        d = await deltas.get()
+        if d.finish_reason is not None:
+          done.add(d.index)
+        yield d
+    finally:
+      if len(done) < params.n:
+        self.abort(request_id)
+
+  def abort(self, request_id: str) -> None:
+    self._inbox.put(("abort", request_id, None))
+
+  def stop_accepting(self) -> None:
+    self._accepting = False
+
+  async def drain(self, timeout: float | None = None) -> None:
+    """Waits until every request in flight has finished."""
+    t0 = time.monotonic()
+    while not self._idle.is_set() or not self._inbox.empty():
+      if timeout is not None and time.monotonic() - t0 > timeout:
+        break
+      await asyncio.sleep(0.05)
+
+  def shutdown(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=30)
+
+  # --- the engine thread ----------------------------------------------------------------------------
+  def _handle(self, item) -> None:
+    kind, payload, fut = item
+    eng = self.engine
+    if kind == "abort":
+      eng.abort(payload)
+      if payload in eng.requests:
+        eng.pop_output(payload)
+      return
+    rid, prompt_ids, params, prompt, on_delta = payload
+    try:
+      if len(eng.scheduler.waiting) >= self.max_waiting:
+        raise QueueFullError(f"{len(eng.scheduler.waiting)} requests are waiting; retry later")
+      eng.add_request(rid, prompt_ids, params, prompt=prompt, on_delta=on_delta)
+      fut.set_result(None)
+    except (RequestError, ValueError, QueueFullError) as e:
+      fut.set_exception(e)
+
+  def _loop(self) -> None:
+    eng = self.engine
+    while not self._stop.is_set():
+      try:
+        item = self._inbox.get(timeout=0.05) if not eng.has_work() else self._inbox.get_nowait()
+      except queue.Empty:
+        item = None
+      while item is not None:
+        self._handle(item)
+        try:
+          item = self._inbox.get_nowait()
+        except queue.Empty:
+          item = None
+      if not eng.has_work():
+        self._idle.set()
+        continue
+      self._idle.clear()
+      t0 = time.perf_counter()
+      try:
+        eng.step()
+      except Exception as e:  # a failed step must not leave requests hanging or pages held
+        log.exception("engine step failed; aborting the requests in flight")
+        self.error = e
+        eng.abort_all("error")
+      if self.on_step is not None:
+        self.on_step(time.perf_counter() - t0)
+      for rid in [r for r, req in eng.requests.items() if all(s.finished for s in req.seqs)]:
+        eng.pop_output(rid)

@@ -1,0 +1,189 @@
+"""OpenAI request parsing (with the errors OpenAI and vLLM users expect) and response bodies."""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+from nanoflow_jax.outputs import Logprob
+from nanoflow_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+class ApiError(Exception):
+  def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None, headers: dict[str, str] | None = None):
+    super().__init__(message)
+    self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+    self.headers = headers or {}
+
+  def body(self) -> dict[str, Any]:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                      "code": self.code or str(self.status)}}
+
+
+def _num(body, name, default, lo=None, hi=None, integer=False, nullable=True):
+  v = body.get(name, default)
+  if v is None:
+    if nullable:
+      return default
+    raise ApiError(400, f"'{name}' must not be null", param=name)
+  ok_types = (int,) if integer else (int, float)
+  if isinstance(v, bool) or not isinstance(v, ok_types):
+    raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {type(v).__name__}",
+                   param=name)
+  if (lo is not None and v < lo) or (hi is not None and v > hi):
+    rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+    raise ApiError(400, f"'{name}' must be in {rng}, got {v}", param=name)
+  return v
+
+
+def _bool(body, name, default=False):
+  v = body.get(name, default)
+  if v is None:
+    return default
+  if not isinstance(v, bool):
+    raise ApiError(400, f"'{name}' must be a boolean", param=name)
+  return v
+
+
+def _stop(body):
+  v = body.get("stop")
+  if v is None:
+    return []
+  if isinstance(v, str):
+    v = [v]
+  if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v) or len(v) > 16:
+    raise ApiError(400, "'stop' must be a non-empty string or a list of at most 16 of them", param="stop")
+  return v
+
+
+def _int_list(body, name):
+  v = body.get(name)
+  if v is None:
+    return []
+  if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+    raise ApiError(400, f"'{name}' must be a list of token ids", param=name)
+  return v
+
+
+def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
+  """Builds SamplingParams from an OpenAI/vLLM request body."""
+  max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
+      else body.get("max_tokens")
+  name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+  max_tokens = _num({name: max_tokens}, name, None if chat else 16, lo=1, integer=True)
+  if chat:
+    want = _bool(body, "logprobs")
+    top = _num(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS, integer=True)
+    if top and not want:
+      raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    logprobs = top if want else None
+  else:
+    logprobs = _num(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+  temperature = _num(body, "temperature", 1.0, lo=0, hi=2)
+  top_k = _num(body, "top_k", -1, lo=-1, integer=True)
+  try:
+    return SamplingParams(
+        n=_num(body, "n", 1, lo=1, hi=64, integer=True),
+        temperature=temperature,
+        top_p=_num(body, "top_p", 1.0, lo=0, hi=1),
+        top_k=top_k,
+        min_p=_num(body, "min_p", 0.0, lo=0, hi=1),
+        repetition_penalty=_num(body, "repetition_penalty", 1.0, lo=0),
+        presence_penalty=_num(body, "presence_penalty", 0.0, lo=-2, hi=2),
+        frequency_penalty=_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
+        seed=_num(body, "seed", None, integer=True),
+        max_tokens=max_tokens,
+        min_tokens=_num(body, "min_tokens", 0, lo=0, integer=True),
+        stop=_stop(body),
+        stop_token_ids=_int_list(body, "stop_token_ids"),
+        ignore_eos=_bool(body, "ignore_eos"),
+        logprobs=logprobs,
+        skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        include_stop_str_in_output=_bool(body, "include_stop_str_in_output"),
+    )
+  except ValueError as e:  # cross-field checks (e.g. min_tokens > max_tokens, top_p = 0)
+    raise ApiError(400, str(e)) from None
+
+
+def prompts_of(body: dict[str, Any]) -> list[str | list[int]]:
+  """`prompt` as a string, a list of strings, a list of token ids or a list of lists of ids."""
+  p = body.get("prompt")
+  is_ids = lambda x: isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+  if isinstance(p, str):
+    return [p]
+  if is_ids(p):
+    return [p]
+  if isinstance(p, list) and p and all(isinstance(x, str) or is_ids(x) for x in p):
+    return p
+  raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
+                 param="prompt")
+
+
+def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+  msgs = body.get("messages")
+  if not isinstance(msgs, list) or not msgs:
+    raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+  out = []
+  for i, m in enumerate(msgs):
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+      raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: keep the text ones
+      if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content):
+        raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+      content = "".join(c["text"] for c in content)
+    if content is not None and not isinstance(content, str):
+      raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
+    out.append({**m, "content": content or ""})
+  return out
+
+
+def stream_options(body) -> bool:
+  so = body.get("stream_options")
+  if so is None:
+    return False
+  if not isinstance(so, dict):
+    raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+  return bool(so.get("include_usage", False))
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+  return int(time.time())
+
+
+# --- logprobs formats -----------------------------------------------------------------------------
+def completion_logprobs(tokenizer, lps: list[Logprob], text_offset: int = 0) -> dict[str, Any]:
+  tokens, token_lps, tops, offsets = [], [], [], []
+  off = text_offset
+  for lp in lps:
+    tok = tokenizer.decode([lp.token_id], skip_special_tokens=False)
+    tokens.append(tok)
+    token_lps.append(lp.logprob)
+    tops.append({tokenizer.decode([i], skip_special_tokens=False): v for i, v in lp.top.items()} or None)
+    offsets.append(off)
+    off += len(tok)
+  return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, lps: list[Logprob]) -> dict[str, Any]:
+  def entry(tid, v):
+    tok = tokenizer.decode([tid], skip_special_tokens=False)
+    return {"token": tok, "logprob": v, "bytes": list(tok.encode("utf-8"))}
+  return {"content": [{**entry(lp.token_id, lp.logprob),
+                       "top_logprobs": [entry(i, v) for i, v in lp.top.items()]} for lp in lps]}
+
+
+@dataclasses.dataclass
+class Usage:
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+
+  def body(self):
+    return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens}

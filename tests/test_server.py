@@ -1,0 +1,256 @@
+"""The OpenAI-compatible server, live on 127.0.0.1 with the tiny model, driven by the `openai` client."""
+import asyncio
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from server_process import ServerProcess
+
+KEY = "test-key"
+GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def server():
+  s = ServerProcess("--api_key=" + KEY, "--max_num_seqs=16", "--dense_batch=128", "--num_pages=2048",
+                    "--served_model_name=tiny-test")
+  yield s
+  assert s.stop() == 0, s.output()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """The same tiny model offline: the server's greedy output must equal it."""
+  from nanoflow_jax.llm import LLM
+  return LLM("tiny", dense_batch=64, num_pages=256, max_num_seqs=4)
+
+
+def _post(server, path, data: bytes, key=KEY, headers=None):
+  req = urllib.request.Request(server.url + path, data=data, method="POST",
+                               headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"}
+                                                                              if key else {}), **(headers or {})})
+  try:
+    with urllib.request.urlopen(req, timeout=60) as r:
+      return r.status, json.loads(r.read()), dict(r.headers)
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def _get(server, path):
+  with urllib.request.urlopen(server.url + path, timeout=30) as r:
+    return r.status, r.read().decode()
+
+
+def _metric(server, name):
+  _, text = _get(server, "/metrics")
+  m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+  return float(m.group(1))
+
+
+def test_completion_equals_offline_greedy(client, reference):
+  from nanoflow_jax.sampling_params import SamplingParams
+  r = client.completions.create(model="tiny-test", prompt="Hello world", max_tokens=12, **GREEDY)
+  ref = reference.generate("Hello world", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+  assert r.choices[0].text == ref.text
+  assert r.choices[0].finish_reason == "length"
+  assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(reference.tokenizer.encode("Hello world"))
+
+
+def test_prompt_forms(client):
+  r = client.completions.create(model="tiny-test", prompt=["a", "bb"], max_tokens=3, n=2, **GREEDY)
+  assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+  ids = client.completions.create(model="tiny-test", prompt=[256, 104, 105], max_tokens=3, **GREEDY)
+  text = client.completions.create(model="tiny-test", prompt="hi", max_tokens=3, **GREEDY)
+  assert ids.choices[0].text == text.choices[0].text  # [BOS, 'h', 'i'] is "hi" tokenized
+
+
+def test_streaming_equals_non_streaming(client):
+  full = client.completions.create(model="tiny-test", prompt="Stream me", max_tokens=20, **GREEDY)
+  chunks = list(client.completions.create(model="tiny-test", prompt="Stream me", max_tokens=20, stream=True,
+                                          stream_options={"include_usage": True}, **GREEDY))
+  assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+  assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_and_chat_streaming(client):
+  msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+  full = client.chat.completions.create(model="tiny-test", messages=msgs, max_completion_tokens=10, **GREEDY)
+  assert full.choices[0].message.role == "assistant" and full.usage.completion_tokens == 10
+  chunks = list(client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=10, stream=True,
+                                               **GREEDY))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+
+
+def test_n_and_seed(client):
+  kw = dict(model="tiny-test", prompt="seed", max_tokens=10, temperature=1.0, extra_body={"ignore_eos": True})
+  a = client.completions.create(seed=7, n=3, **kw)
+  b = client.completions.create(seed=7, n=3, **kw)
+  c = client.completions.create(seed=8, n=3, **kw)
+  texts = lambda r: [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)]
+  assert texts(a) == texts(b) and texts(a) != texts(c)
+  assert len(set(texts(a))) == 3
+
+
+def test_stop(client):
+  full = client.completions.create(model="tiny-test", prompt="stop test", max_tokens=30, temperature=1.0, seed=3,
+                                   extra_body={"ignore_eos": True}).choices[0].text
+  stop = full[6:8]
+  r = client.completions.create(model="tiny-test", prompt="stop test", max_tokens=30, temperature=1.0, seed=3,
+                                stop=[stop], extra_body={"ignore_eos": True})
+  assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+  s = client.completions.create(model="tiny-test", prompt="stop test", max_tokens=30, temperature=1.0, seed=3,
+                                stop=[stop], stream=True, extra_body={"ignore_eos": True})
+  assert "".join(c.choices[0].text for c in s) == full[:full.find(stop)]
+
+
+def test_logprobs(client):
+  r = client.completions.create(model="tiny-test", prompt="lp", max_tokens=4, logprobs=3, **GREEDY)
+  lp = r.choices[0].logprobs
+  assert len(lp.token_logprobs) == 4 and all(len(t) <= 3 and t for t in lp.top_logprobs)
+  assert all(v <= 0 for v in lp.token_logprobs)
+  c = client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                     logprobs=True, top_logprobs=2, **GREEDY)
+  content = c.choices[0].logprobs.content
+  assert len(content) == 3 and all(len(e.top_logprobs) == 2 for e in content)
+  # greedy: the sampled token is the most likely one
+  assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in content)
+
+
+def test_models_tokenize_detokenize_metrics(server, client):
+  assert [m.id for m in client.models.list().data] == ["tiny-test"]
+  st, body, _ = _post(server, "/tokenize", json.dumps({"prompt": "hé"}).encode())
+  assert st == 200 and body["tokens"] == [256, 104, 195, 169] and body["count"] == 4
+  st, body, _ = _post(server, "/detokenize", json.dumps({"tokens": [104, 195, 169]}).encode())
+  assert st == 200 and body["prompt"] == "hé"
+  _, text = _get(server, "/metrics")
+  for name in ("nanoflow_kv_pages_used", "nanoflow_kv_pages_free", "nanoflow_requests_running",
+               "nanoflow_requests_waiting", "nanoflow_preemptions_total", "nanoflow_time_to_first_token_seconds_bucket",
+               "nanoflow_time_per_output_token_seconds_bucket", "nanoflow_e2e_request_latency_seconds_bucket",
+               "nanoflow_step_seconds_bucket", "nanoflow_requests_total", "nanoflow_prompt_tokens_total",
+               "nanoflow_generation_tokens_total"):
+    assert name in text, name
+
+
+BAD = [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "x", "top_p": 2}).encode(), 400, "top_p"),
+    (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "x", "n": "two"}).encode(), 400, "n"),
+    (json.dumps({"prompt": "x", "logprobs": 99}).encode(), 400, "logprobs"),
+    (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "x", "stop": [""]}).encode(), 400, "stop"),
+    (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
+    (json.dumps({"prompt": "x" * 9000}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": [1, 2, 99999]}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "x", "min_tokens": 5, "max_tokens": 2}).encode(), 400, None),
+]
+
+
+@pytest.mark.parametrize("data,status,param", BAD)
+def test_bad_input_gets_openai_error(server, data, status, param):
+  st, body, _ = _post(server, "/v1/completions", data)
+  assert st == status, body
+  assert set(body["error"]) >= {"message", "type", "code"} and body["error"]["message"]
+  if param:
+    assert body["error"]["param"] == param
+
+
+def test_bad_chat_input(server):
+  for bad in ({"messages": []}, {"messages": [{"content": "no role"}]}, {"messages": "hi"},
+              {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}):
+    st, body, _ = _post(server, "/v1/chat/completions", json.dumps(bad).encode())
+    assert st == 400 and "error" in body
+
+
+def test_auth(server, client):
+  for key in (None, "wrong"):
+    st, body, _ = _post(server, "/v1/completions", json.dumps({"prompt": "x"}).encode(), key=key)
+    assert st == 401 and body["error"]["type"] == "authentication_error"
+  bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+  with pytest.raises(openai.AuthenticationError):
+    bad.models.list()
+  assert _get(server, "/health")[0] == 200  # /health needs no key
+
+
+def test_bad_requests_do_not_disturb_requests_in_flight(server, client):
+  expected = client.completions.create(model="tiny-test", prompt="steady", max_tokens=40, **GREEDY).choices[0].text
+  got = []
+  stream = client.completions.create(model="tiny-test", prompt="steady", max_tokens=40, stream=True, **GREEDY)
+  for i, chunk in enumerate(stream):
+    got.append(chunk.choices[0].text)
+    if i % 5 == 0:
+      for data, _, _ in BAD[:6]:
+        _post(server, "/v1/completions", data)
+  assert "".join(got) == expected
+
+
+def test_64_streaming_clients_with_disconnects(server):
+  async def run():
+    aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+    async def one(i):
+      stream = await aclient.completions.create(model="tiny-test", prompt=f"client {i}", max_tokens=48,
+                                                stream=True, temperature=1.0, seed=i,
+                                                extra_body={"ignore_eos": True})
+      n = 0
+      async for chunk in stream:
+        n += 1
+        if i % 4 == 0 and n == 3:
+          await stream.close()  # a quarter leave mid-stream
+          return "left"
+      return "done"
+    results = await asyncio.gather(*[one(i) for i in range(64)])
+    await aclient.close()
+    return results
+  results = asyncio.run(run())
+  assert results.count("left") == 16 and results.count("done") == 48
+  deadline = time.time() + 30
+  while time.time() < deadline and _metric(server, "nanoflow_kv_pages_used") != 0:
+    time.sleep(0.2)
+  assert _metric(server, "nanoflow_kv_pages_used") == 0
+  assert _metric(server, "nanoflow_requests_running") == 0
+  assert _get(server, "/health")[0] == 200
+
+
+def test_full_queue_503_and_sigterm_drains():
+  s = ServerProcess("--max_num_seqs=1", "--max_waiting=1", "--dense_batch=64", "--num_pages=256")
+  try:
+    body = json.dumps({"prompt": "busy", "max_tokens": 200, "ignore_eos": True}).encode()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_post(s, "/v1/completions", body, key=None)))
+               for _ in range(6)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    statuses = sorted(r[0] for r in results)
+    assert 200 in statuses and 503 in statuses, statuses
+    busy = [r for r in results if r[0] == 503][0]
+    assert busy[2].get("Retry-After") and busy[1]["error"]["type"] == "server_overloaded"
+    # SIGTERM while a request is in flight: it completes, then the process exits 0.
+    done = []
+    t = threading.Thread(target=lambda: done.append(_post(s, "/v1/completions", body, key=None)))
+    t.start()
+    time.sleep(1.0)
+    code = s.stop()
+    t.join()
+    assert code == 0, s.output()
+    assert done and done[0][0] == 200 and done[0][1]["usage"]["completion_tokens"] == 200
+  finally:
+    s.stop()
