@@ -1,44 +1,57 @@
 """Paged attention over a ragged batch (decodes and prefill chunks mixed), and the KV append.
 
-Every token attends to the positions [0, position] of its own sequence (and, with a sliding window,
-only to the last `sliding_window` of them), reading K/V through its sequence's page table. Tokens of a
-prefill chunk see each other causally because the chunk's K/V is appended before attention runs.
+Every token attends to the positions [0, position] of its own sequence (with a sliding window, only the
+last `sliding_window` of them), reading K/V through its sequence's page table. Tokens of a prefill chunk
+see each other causally because the chunk's K/V is appended before attention runs.
 
-This file holds the jnp reference, used on the CPU and as the baseline every kernel is tested against.
+Cache layout: [2 (K, V), kv_heads, num_pages, page_size, head_dim], so one (head, page) block is
+contiguous (page_size * head_dim elements: 4 KiB for 16 x 128 bf16).
+
+Three pieces:
+- `append_kv`: scatter of the step's K/V into their pages (padding rows aim at page `num_pages`: dropped).
+- `paged_attention_reference`: jnp, one page at a time with online softmax; the CPU path and the
+  baseline every kernel is checked against.
+- `paged_attention`: the Pallas kernel. Work items are (query block, KV head): a query block is up to
+  `block_q` consecutive tokens of one chunk (a decode is a block of one), so a prefill chunk reads each
+  K/V page once per block instead of once per token. The grid is `num_sms` programs, each looping over
+  work items (persistent), which bounds the SMs it occupies: the SM share the nano-batch pipeline gives
+  it. All GQA query heads of a KV head share one tile (rows = block_q x q_per_kv).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+NEG = -1e30
 
 
 def append_kv(cache: jax.Array, k: jax.Array, v: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:
-  """cache [2, P, S, Hkv, D]; k, v [N, Hkv, D]; pages/offsets [N]. Page index P (out of range) drops the
-  write: that is how padding tokens are expressed."""
-  return cache.at[:, pages, offsets].set(jnp.stack([k, v]).astype(cache.dtype), mode="drop")
+  """cache [2, Hkv, P, S, D]; k, v [N, Hkv, D]; pages/offsets [N]."""
+  kv = jnp.stack([k, v]).astype(cache.dtype)             # [2, N, Hkv, D]
+  return cache.at[:, :, pages, offsets].set(kv.transpose(0, 2, 1, 3), mode="drop")
 
 
 def paged_attention_reference(q: jax.Array, cache: jax.Array, page_table: jax.Array, slots: jax.Array,
                               positions: jax.Array, sliding_window: int | None = None) -> jax.Array:
-  """q [N, Hq, D]; cache [2, P, S, Hkv, D]; page_table [R, max_pages]; slots, positions [N] -> [N, Hq, D].
-
-  Online softmax over one page at a time (fp32), so memory stays O(N * page_size) whatever the context.
-  """
+  """q [N, Hq, D]; cache [2, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions [N] -> [N, Hq, D]."""
   n, hq, d = q.shape
-  page_size, hkv = cache.shape[2], cache.shape[3]
+  hkv, page_size = cache.shape[1], cache.shape[3]
   g = hq // hkv
   qg = q.reshape(n, hkv, g, d).astype(jnp.float32) / math.sqrt(d)
-  table = page_table[slots]                               # [N, max_pages]
+  positions = jnp.asarray(positions)
+  table = jnp.asarray(page_table)[jnp.asarray(slots)]     # [N, max_pages]
   num_pages = jnp.max(positions) // page_size + 1
 
   def body(j, carry):
     m, l, acc = carry
     page = table[:, j]
-    k = cache[0, page].astype(jnp.float32)                # [N, S, Hkv, D]
-    v = cache[1, page].astype(jnp.float32)
-    s = jnp.einsum("nkgd,nskd->nkgs", qg, k)
+    k = cache[0][:, page].astype(jnp.float32)             # [Hkv, N, S, D]
+    v = cache[1][:, page].astype(jnp.float32)
+    s = jnp.einsum("nkgd,knsd->nkgs", qg, k)
     kpos = j * page_size + jnp.arange(page_size)
     mask = kpos[None, :] <= positions[:, None]
     if sliding_window is not None:
@@ -49,7 +62,7 @@ def paged_attention_reference(q: jax.Array, cache: jax.Array, page_table: jax.Ar
     p = jnp.exp(s - m_safe[..., None])
     corr = jnp.exp(m - m_safe)
     l = l * corr + jnp.sum(p, axis=-1)
-    acc = acc * corr[..., None] + jnp.einsum("nkgs,nskd->nkgd", p, v)
+    acc = acc * corr[..., None] + jnp.einsum("nkgs,knsd->nkgd", p, v)
     return m_new, l, acc
 
   init = (jnp.full((n, hkv, g), -jnp.inf, jnp.float32), jnp.zeros((n, hkv, g), jnp.float32),
@@ -57,3 +70,111 @@ def paged_attention_reference(q: jax.Array, cache: jax.Array, page_table: jax.Ar
   _, l, acc = jax.lax.fori_loop(0, num_pages, body, init)
   out = acc / jnp.maximum(l, 1e-30)[..., None]
   return out.reshape(n, hq, d).astype(q.dtype)
+
+
+def query_blocks(chunk_lengths: list[int], num_tokens: int, block_q: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Host side: splits the batch's chunks (laid out back to back) into query blocks of <= block_q tokens.
+  Returns (block_start [num_tokens], block_len [num_tokens], num_blocks); unused entries are 0."""
+  start = np.zeros(num_tokens, np.int32)
+  length = np.zeros(num_tokens, np.int32)
+  b = cur = 0
+  for n in chunk_lengths:
+    for off in range(0, n, block_q):
+      start[b], length[b] = cur + off, min(block_q, n - off)
+      b += 1
+    cur += n
+  return start, length, b
+
+
+def _kernel(nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *,
+            num_programs, num_kv_heads, num_pages, pages_per_block, block_q, sliding_window, scale):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  pid = pl.program_id(0)
+  g, d = q_ref.shape[2], q_ref.shape[3]
+  page_size = k_ref.shape[1]
+  rows = block_q * g
+  bk = pages_per_block * page_size
+  total = nblk_ref[0] * num_kv_heads
+  ds = pl.ds
+
+  def item(i, carry):
+    w = pid + i * num_programs
+    b, h = w // num_kv_heads, w % num_kv_heads
+    t0, nt = blk_start_ref[b], blk_len_ref[b]
+    slot = slots_ref[t0]
+    q = q_ref[ds(t0, block_q), h].reshape(rows, d)
+    qpos = pos_ref[ds(t0, block_q)]
+    row_pos = jnp.broadcast_to(qpos[:, None], (block_q, g)).reshape(rows)
+    first, last = pos_ref[t0], pos_ref[t0 + nt - 1]
+    lo = 0 if sliding_window is None else jnp.maximum(first - sliding_window + 1, 0) // bk
+    hi = last // bk + 1
+
+    def body(j, c):
+      acc, m, l = c
+      pages = pt_ref[slot, ds(j * pages_per_block, pages_per_block)]
+      flat = h * num_pages + pages
+      k = k_ref[flat].reshape(bk, d)
+      v = v_ref[flat].reshape(bk, d)
+      s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+      kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+      mask = kpos[None, :] <= row_pos[:, None]
+      if sliding_window is not None:
+        mask &= row_pos[:, None] - kpos[None, :] < sliding_window
+      s = jnp.where(mask, s, NEG)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      l = l * corr + jnp.sum(p, axis=1)
+      acc = acc * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+      return acc, m_new, l
+
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    acc, _, l = jax.lax.fori_loop(lo, hi, body, init)
+    out = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype).reshape(block_q, g, d)
+    valid = jnp.broadcast_to((jnp.arange(block_q) < nt)[:, None, None], (block_q, g, d))
+    plt.store(o_ref.at[ds(t0, block_q), h], out, mask=valid)
+    return carry
+
+  n_items = jnp.maximum(total - pid + num_programs - 1, 0) // num_programs
+  jax.lax.fori_loop(0, n_items, item, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("num_sms", "block_q", "pages_per_block", "sliding_window",
+                                             "interpret", "num_warps"))
+def paged_attention(q, cache, page_table, slots, positions, block_start, block_len, num_blocks, *, num_sms: int,
+                    block_q: int = 16, pages_per_block: int = 4, sliding_window: int | None = None,
+                    interpret: bool = False, num_warps: int = 4):
+  """The Pallas kernel; arguments as the reference plus the query blocks of `query_blocks`.
+
+  q [N, Hq, D]; cache [2, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions, block_start,
+  block_len [N]; num_blocks int32 [1]. Runs on `num_sms` programs.
+  """
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  n, hq, d = q.shape
+  _, hkv, num_pages, page_size, _ = cache.shape
+  g = hq // hkv
+  g_pad = max(g, 16 // block_q if block_q < 16 else 1)    # tensor-core dots need >= 16 rows
+  # Pad (with lax.pad: no nested jit, so this stays legal under stream annotation): block_q rows past the
+  # end so a block's loads stay in bounds, query heads up to g_pad, page-table columns up to a whole block.
+  qg = q.reshape(n, hkv, g, d)
+  qg = jax.lax.pad(qg, jnp.array(0, q.dtype), [(0, block_q, 0), (0, 0, 0), (0, g_pad - g, 0), (0, 0, 0)])
+  pos = jax.lax.pad(positions.astype(jnp.int32), jnp.int32(0), [(0, block_q, 0)])
+  cols = page_table.shape[1]
+  pt = jax.lax.pad(page_table.astype(jnp.int32), jnp.int32(0),
+                   [(0, 0, 0), (0, -cols % pages_per_block + pages_per_block, 0)])
+  k = cache[0].reshape(hkv * num_pages, page_size, d)
+  v = cache[1].reshape(hkv * num_pages, page_size, d)
+  kernel = functools.partial(_kernel, num_programs=num_sms, num_kv_heads=hkv, num_pages=num_pages,
+                             pages_per_block=pages_per_block, block_q=block_q, sliding_window=sliding_window,
+                             scale=1.0 / math.sqrt(d))
+  out = pl.pallas_call(
+      kernel, grid=(num_sms,),
+      out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+      interpret=interpret,
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+      name="paged_attention",
+  )(num_blocks.astype(jnp.int32).reshape(1), block_start.astype(jnp.int32), block_len.astype(jnp.int32),
+    slots.astype(jnp.int32), pos, pt, qg, k, v)
+  return out[:n, :, :g].reshape(n, hq, d)

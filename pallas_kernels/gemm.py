@@ -1,0 +1,70 @@
+"""GEMM on a chosen number of SMs (Mosaic GPU: persistent, warp-specialized wgmma + TMA pipeline).
+
+The kernel body is jax's Hopper matmul (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu.kernel`),
+used as a library: a persistent loop over output tiles, two consumer warpgroups issuing wgmma, one
+producer warpgroup issuing TMA loads, and an optional residual add in the epilogue (out = a @ b + c).
+What we add is the grid: that op always launches one CTA per SM of the device, while overlapping
+kernels need each one limited to its SM share, so we launch `num_sms` CTAs and the persistent loop
+spreads the tiles over them. Tile configurations per shape come from gemm_configs.json (written by
+`launch/kernel_bench.py --tune_gemm`), else DEFAULT.
+
+bf16 in, fp32 accumulation, bf16 out. Shapes: M % 128, N % 256, K % 64 (callers pad M; all model N/K
+of the shapes we serve qualify).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+CONFIG_FILE = os.path.join(os.path.dirname(__file__), "gemm_configs.json")
+DEFAULT = dict(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, epi_tile_n=64, epi_tile_m=64,
+               grid_tile_width=8)
+M_ALIGN, N_ALIGN, K_ALIGN = 128, 256, 64
+
+
+def gemm_reference(a: jax.Array, b: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+  out = jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+  return out if residual is None else out + residual
+
+
+@functools.cache
+def _tuned() -> dict[str, dict]:
+  if os.path.exists(CONFIG_FILE):
+    with open(CONFIG_FILE) as f:
+      return json.load(f)
+  return {}
+
+
+def config_for(m: int, n: int, k: int, num_sms: int) -> dict:
+  return {**DEFAULT, **_tuned().get(f"{m}x{n}x{k}@{num_sms}", _tuned().get(f"{m}x{n}x{k}", {}))}
+
+
+def supported(m: int, n: int, k: int) -> bool:
+  return m % M_ALIGN == 0 and n % N_ALIGN == 0 and k % K_ALIGN == 0
+
+
+def gemm(a: jax.Array, b: jax.Array, residual: jax.Array | None = None, *, num_sms: int,
+         config: dict | None = None) -> jax.Array:
+  """a [M, K] @ b [K, N] (+ residual [M, N]) on `num_sms` CTAs."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+  m, k = a.shape
+  k2, n = b.shape
+  if k != k2 or a.dtype != b.dtype:
+    raise ValueError(f"gemm: incompatible operands {a.shape} {a.dtype} x {b.shape} {b.dtype}")
+  if not supported(m, n, k):
+    raise ValueError(f"gemm: M={m} N={n} K={k} must be multiples of {M_ALIGN}, {N_ALIGN}, {K_ALIGN}")
+  cfg = hm.TuningConfig(**(config or config_for(m, n, k, num_sms)), grid_minor_dim=hm.MatmulDimension.N,
+                        wg_dimension=hm.MatmulDimension.N)
+  f = plgpu.kernel(
+      functools.partial(hm.kernel, config=cfg),
+      out_type=jax.ShapeDtypeStruct((m, n), a.dtype if residual is None else residual.dtype),
+      grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
+      num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return f(a, b, residual)

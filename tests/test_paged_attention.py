@@ -1,0 +1,77 @@
+"""The paged attention kernel (Pallas, interpret mode on the CPU) against the jnp reference, and the
+reference against plain causal attention: ragged lengths, partial pages, chunked prefill continuing from
+cached pages, GQA, sliding windows, every SM-share path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanoflow_jax.models.layers import causal_attention
+from pallas_kernels.paged_attention import (append_kv, paged_attention, paged_attention_reference,
+                                            query_blocks)
+
+
+def _batch(rng, hkv=2, g=2, d=32, page_size=4, num_pages=64, ctx=(5, 17, 1, 9), chunk=(1, 6, 1, 9), rows=6):
+  """Sequences with `ctx` tokens cached, of which the last `chunk` are this step's tokens."""
+  hq = hkv * g
+  pages = rng.permutation(num_pages)
+  table = np.zeros((rows, -(-max(ctx) // page_size) + 1), np.int32)
+  kvs, slots, positions, lengths = [], [], [], []
+  used = 0
+  for i, (c, n) in enumerate(zip(ctx, chunk)):
+    need = -(-c // page_size)
+    table[i, :need] = pages[used:used + need]
+    used += need
+    slots += [i] * n
+    positions += list(range(c - n, c))
+    lengths.append(n)
+  cache = jnp.zeros((2, hkv, num_pages, page_size, d), jnp.float32)
+  # write every cached token's K/V (earlier steps' and this chunk's)
+  all_pos = np.concatenate([np.arange(c) for c in ctx])
+  all_slot = np.concatenate([[i] * c for i, c in enumerate(ctx)])
+  k = jnp.asarray(rng.normal(size=(len(all_pos), hkv, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(len(all_pos), hkv, d)), jnp.float32)
+  cache = append_kv(cache, k, v, jnp.asarray(table[all_slot, all_pos // page_size]), jnp.asarray(all_pos % page_size))
+  q = jnp.asarray(rng.normal(size=(len(slots), hq, d)), jnp.float32)
+  return q, cache, table, np.array(slots, np.int32), np.array(positions, np.int32), lengths, (k, v, all_slot, all_pos)
+
+
+def test_reference_equals_causal_attention():
+  rng = np.random.default_rng(0)
+  ctx = (7, 13)
+  q, cache, table, slots, positions, _, (k, v, all_slot, all_pos) = _batch(rng, ctx=ctx, chunk=ctx)
+  out = paged_attention_reference(q, cache, table, slots, positions)
+  for i, c in enumerate(ctx):
+    sel = slots == i
+    ref = causal_attention(q[sel][None], k[all_slot == i][None], v[all_slot == i][None])[0]
+    np.testing.assert_allclose(out[sel], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_sms", [1, 3, 8])
+@pytest.mark.parametrize("block_q", [1, 4, 16])
+@pytest.mark.parametrize("window", [None, 6])
+def test_kernel_matches_reference(num_sms, block_q, window):
+  rng = np.random.default_rng()
+  q, cache, table, slots, positions, lengths, _ = _batch(rng)
+  ref = paged_attention_reference(q, cache, table, slots, positions, window)
+  start, length, nb = query_blocks(lengths, len(slots), block_q)
+  out = paged_attention(q, cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=num_sms,
+                        block_q=block_q, pages_per_block=2, sliding_window=window, interpret=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
+def test_kernel_gqa_group_of_one_and_bf16():
+  rng = np.random.default_rng()
+  q, cache, table, slots, positions, lengths, _ = _batch(rng, hkv=4, g=1, d=16, ctx=(3, 30), chunk=(3, 12))
+  q, cache = q.astype(jnp.bfloat16), cache.astype(jnp.bfloat16)
+  ref = paged_attention_reference(q, cache, table, slots, positions)
+  start, length, nb = query_blocks(lengths, len(slots), 16)
+  out = paged_attention(q, cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=2,
+                        interpret=True)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+
+
+def test_query_blocks_cover_chunks():
+  start, length, nb = query_blocks([1, 20, 3], 32, 8)
+  assert nb == 5
+  assert list(start[:nb]) == [0, 1, 9, 17, 21] and list(length[:nb]) == [1, 8, 8, 4, 3]
