@@ -21,11 +21,12 @@ import numpy as np
 from nanoflow_jax import kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
-from nanoflow_jax.runtime.executor import KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
+from nanoflow_jax.runtime.executor import BLOCK_Q, KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
 from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
 from nanoflow_jax.scheduler import Batch, Scheduler
 from nanoflow_jax.sequence import Sequence, Status
 from nanoflow_jax.tokenizer import IncrementalDetokenizer
+from pallas_kernels.paged_attention import query_blocks
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class EngineConfig:
   max_num_seqs: int = 64
   max_model_len: int | None = None        # None: the model's max_position_embeddings
   mode: str = "sequential"
+  kernels: str = "auto"                   # auto: Pallas kernels on GPU, jnp references elsewhere
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
 
   def validate(self):
@@ -99,7 +101,8 @@ class Engine:
     log.info("KV cache: %d pages of %d tokens = %d tokens; concurrency at max_model_len %d: %.2f",
              num_pages, c.page_size, tokens_fit, self.max_model_len, tokens_fit / self.max_model_len)
     self.scheduler = Scheduler(self.pool, c.dense_batch, c.max_num_seqs, self.max_model_len)
-    self.executor = Executor(model, num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch)
+    self.executor = Executor(model, num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
+                             kernels=c.kernels)
     self.page_table = np.zeros((c.max_num_seqs, self.executor.max_pages_per_seq), np.int32)
     self.sp = sampler.SamplingArrays.empty(c.max_num_seqs)
     self.eos_ids = tuple(self.tokenizer.eos_ids if self.tokenizer else cfg.eos_token_ids)
@@ -235,8 +238,9 @@ class Engine:
         sampled.append((seq, seq.slot))
         self._set_step_row(seq, seq.slot)
       cur += length
+    block_start, block_len, num_blocks = query_blocks([ch.length for ch in batch.chunks], n, BLOCK_Q)
     inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
-                     sample_index, sample_mask, reset)
+                     sample_index, sample_mask, reset, block_start, block_len, np.array([num_blocks], np.int32))
     return inp, sampled
 
   def _set_static_row(self, seq: Sequence, row: int) -> None:

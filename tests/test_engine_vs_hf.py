@@ -70,3 +70,17 @@ def test_preemption_recomputes_exactly(arch_model):
     assert out.finish_reason == "length"
     assert out.token_ids == fx.hf_greedy(hf, p, 40 - len(p)), i
   assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_kernel_path_in_interpret_mode_equals_reference(tmp_path_factory):
+  """The executor wired to the Pallas kernels (interpret mode) gives the reference path's tokens."""
+  hf, ckpt = fx.make_converted("llama3", tmp_path_factory.mktemp("kern"))
+  model = load_model(ckpt, dtype="float32")
+  prompts = fx.random_prompts(np.random.default_rng(5), [3, 21, 9])
+  outs = {}
+  for kernels in ("reference", "interpret"):
+    engine = Engine(model, EngineConfig(dense_batch=32, page_size=4, num_pages=64, max_num_seqs=4,
+                                        kernels=kernels, compilation_cache_dir=None))
+    outs[kernels] = _run(engine, {f"r{i}": (p, 5) for i, p in enumerate(prompts)})
+  for rid in outs["reference"]:
+    assert outs["interpret"][rid].token_ids == outs["reference"][rid].token_ids

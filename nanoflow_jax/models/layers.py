@@ -5,7 +5,10 @@ fp32, norms, RoPE tables and softmax compute in fp32.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +17,37 @@ import numpy as np
 from nanoflow_jax.config import RopeConfig
 
 
-def linear(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
-  """einsum with fp32 accumulation, result in x's dtype."""
-  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+# A GEMM kernel the runtime installs while it traces a step: fn(a [M, K], b [K, N], residual [M, N] | None)
+# returns the product, or None where the kernel does not take that shape (then XLA's dot runs).
+GemmFn = Callable[[jax.Array, jax.Array, "jax.Array | None"], "jax.Array | None"]
+_GEMM: contextvars.ContextVar[GemmFn | None] = contextvars.ContextVar("gemm", default=None)
+
+
+@contextlib.contextmanager
+def use_gemm(fn: GemmFn | None):
+  token = _GEMM.set(fn)
+  try:
+    yield
+  finally:
+    _GEMM.reset(token)
+
+
+def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = None) -> jax.Array:
+  """einsum whose contraction is x's trailing dims against w's leading dims (every weight here), with
+  fp32 accumulation, result in x's dtype, plus an optional residual (fused into the GEMM's epilogue
+  when a kernel is installed)."""
+  gemm = _GEMM.get()
+  if gemm is not None:
+    lhs, rest = spec.split(",")
+    rhs, out_spec = rest.split("->")
+    nk = len(set(lhs.replace("...", "")) - set(out_spec))
+    k = math.prod(x.shape[x.ndim - nk:])
+    a = x.reshape(-1, k)
+    out = gemm(a, w.reshape(k, -1), None if residual is None else residual.reshape(a.shape[0], -1))
+    if out is not None:
+      return out.reshape(*x.shape[:x.ndim - nk], *w.shape[nk:])
+  y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  return y if residual is None else y + residual
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -69,8 +69,8 @@ class DecoderLayer(nn.Module):
     q = y[..., :g, :].reshape(*y.shape[:-3], c.num_heads, c.head_dim)
     return q, y[..., g, :], y[..., g + 1, :]
 
-  def o(self, attn):
-    return layers.linear(attn, self.o_w, "...nd,ndh->...h")
+  def o(self, attn, residual=None):
+    return layers.linear(attn, self.o_w, "...nd,ndh->...h", residual)
 
   # --- MLP block --------------------------------------------------------------------------------
   def mlp_norm(self, x):
@@ -83,8 +83,8 @@ class DecoderLayer(nn.Module):
   def act(gate_up):
     return layers.silu_and_mul(gate_up)
 
-  def down(self, a):
-    return layers.linear(a, self.down_w, "...i,ih->...h")
+  def down(self, a, residual=None):
+    return layers.linear(a, self.down_w, "...i,ih->...h", residual)
 
   def router(self, h):
     """Top-k routing as Mixtral does it: softmax over all experts in fp32, top k, renormalize."""
@@ -113,10 +113,11 @@ class DecoderLayer(nn.Module):
     out = jnp.zeros_like(x).at[token_of].add(y)
     return out.reshape(*lead, c.hidden_size)
 
-  def mlp(self, h):
+  def mlp(self, h, residual=None):
     if self.cfg.is_moe:
-      return self.experts(h, *self.router(h))
-    return self.down(self.act(self.gate_up(h)))
+      out = self.experts(h, *self.router(h))
+      return out if residual is None else out + residual
+    return self.down(self.act(self.gate_up(h)), residual)
 
 
 class Transformer(nn.Module):

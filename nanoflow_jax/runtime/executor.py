@@ -18,11 +18,15 @@ import numpy as np
 
 from nanoflow_jax import kv_cache, sampler
 from nanoflow_jax.model import Model
-from pallas_kernels.paged_attention import append_kv, paged_attention_reference
+from nanoflow_jax.models import layers
+from pallas_kernels import gemm as gemm_kernel
+from pallas_kernels.paged_attention import append_kv, paged_attention, paged_attention_reference
 
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
+KERNEL_CHOICES = ("auto", "reference", "pallas", "interpret")
+BLOCK_Q = 16  # query block of the attention kernel
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -40,14 +44,17 @@ class StepInputs:
   sample_index: np.ndarray   # int32 [R]: which token's logits each slot samples from
   sample_mask: np.ndarray    # bool [R]
   reset: np.ndarray          # bool [R]: a new sequence took the slot
+  block_start: np.ndarray    # int32 [N]: query blocks of the attention kernel (query_blocks)
+  block_len: np.ndarray      # int32 [N]
+  num_blocks: np.ndarray     # int32 [1]
 
 
 jax.tree_util.register_dataclass(StepInputs, data_fields=[f.name for f in dataclasses.fields(StepInputs)],
                                  meta_fields=[])
 
 
-def buckets_for(dense_batch: int) -> list[int]:
-  out, b = [], MIN_BUCKET
+def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
+  out, b = [], min_bucket
   while b < dense_batch:
     out.append(b)
     b *= 2
@@ -56,13 +63,20 @@ def buckets_for(dense_batch: int) -> list[int]:
 
 class Executor:
   def __init__(self, model: Model, num_pages: int, page_size: int, max_num_seqs: int, max_model_len: int,
-               dense_batch: int, kv_dtype=None):
+               dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None):
     cfg = model.config
     self.model = model
     self.num_pages, self.page_size = num_pages, page_size
     self.max_num_seqs = max_num_seqs
     self.max_pages_per_seq = -(-max_model_len // page_size)
-    self.buckets = buckets_for(dense_batch)
+    if kernels not in KERNEL_CHOICES:
+      raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    on_gpu = jax.default_backend() == "gpu"
+    self.kernels = ("pallas" if on_gpu else "reference") if kernels == "auto" else kernels
+    self.num_sms = num_sms or (jax.devices()[0].core_count if on_gpu else 4)
+    # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
+    self.buckets = buckets_for(dense_batch, 128 if self.kernels == "pallas" and dense_batch >= 128 else MIN_BUCKET)
+    log.info("step kernels: %s (%d SMs)", self.kernels, self.num_sms)
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.kv = kv_cache.allocate_kv(cfg, num_pages, page_size, self.kv_dtype)
     r, v = max_num_seqs, cfg.vocab_size
@@ -80,18 +94,34 @@ class Executor:
     raise ValueError(f"{num_tokens} tokens exceed the dense batch {self.buckets[-1]}")
 
   # --- the step itself (traced once per bucket) ---------------------------------------------------
+  def _attention(self, q, cache, inp: StepInputs):
+    window = self.model.config.sliding_window
+    if self.kernels == "reference":
+      return paged_attention_reference(q, cache, inp.page_table, inp.slots, inp.positions, window)
+    return paged_attention(q, cache, inp.page_table, inp.slots, inp.positions, inp.block_start, inp.block_len,
+                           inp.num_blocks, num_sms=self.num_sms, block_q=BLOCK_Q, sliding_window=window,
+                           interpret=self.kernels == "interpret")
+
+  def _gemm(self, a, b, residual):
+    m, k = a.shape
+    if a.dtype != b.dtype or not gemm_kernel.supported(m, b.shape[1], k):
+      return None
+    if self.kernels == "interpret":
+      from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
+      with force_gpu_interpret_mode(InterpretGPUParams()):
+        return gemm_kernel.gemm(a, b, residual, num_sms=self.num_sms)
+    return gemm_kernel.gemm(a, b, residual, num_sms=self.num_sms)
+
   def _forward(self, params, kv, tokens, inp: StepInputs):
     m = self.model.bind(params)
-    cfg = self.model.config
     x = m.embed(tokens)
     new_kv = []
     for layer, cache in zip(m.layers, kv):
       q, k, v = layer.qkv(layer.attn_norm(x))
       q, k = m.rope(q, k, inp.positions)
       cache = append_kv(cache, k, v, inp.kv_pages, inp.kv_offsets)
-      attn = paged_attention_reference(q, cache, inp.page_table, inp.slots, inp.positions, cfg.sliding_window)
-      x = x + layer.o(attn)
-      x = x + layer.mlp(layer.mlp_norm(x))
+      x = layer.o(self._attention(q, cache, inp), residual=x)
+      x = layer.mlp(layer.mlp_norm(x), residual=x)
       new_kv.append(cache)
     return m.logits(x[inp.sample_index]), new_kv
 
@@ -112,8 +142,9 @@ class Executor:
   def _compiled_for(self, n: int, inp: StepInputs, sp: sampler.SamplingArrays):
     if n not in self._compiled:
       t = time.perf_counter()
-      lowered = self._jitted.lower(self.model.params, self.kv, self.last_tokens, self.counts, self.prompt_mask,
-                                   inp, sp)
+      with layers.use_gemm(None if self.kernels == "reference" else self._gemm):
+        lowered = self._jitted.lower(self.model.params, self.kv, self.last_tokens, self.counts, self.prompt_mask,
+                                     inp, sp)
       self._compiled[n] = lowered.compile()
       self.compile_seconds[n] = time.perf_counter() - t
       log.info("compiled the step for %d tokens in %.1f s", n, self.compile_seconds[n])
