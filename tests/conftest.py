@@ -3,4 +3,5 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not os.environ.get("NANOFLOW_GPU_TESTS"):  # tests/gpu run with NANOFLOW_GPU_TESTS=1
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -104,7 +104,8 @@ class Executor:
 
   def _gemm(self, a, b, residual):
     m, k = a.shape
-    if a.dtype != b.dtype or not gemm_kernel.supported(m, b.shape[1], k):
+    if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not gemm_kernel.supported(
+        m, b.shape[1], k):
       return None
     if self.kernels == "interpret":
       from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode

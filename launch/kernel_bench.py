@@ -1,0 +1,164 @@
+"""Kernel figures on the GPU, each against a ceiling measured in the same run.
+
+  PYTHONPATH=. python3 launch/kernel_bench.py --out_dir=/tmp/kb [--quick]
+
+- GEMM (bf16, fp32 accumulation) for LLaMA-3-8B and LLaMA-2-70B per-TP-shard shapes at each SM share,
+  against XLA's GEMM on the same shape (TFLOP/s and the ratio).
+- Paged decode attention (LLaMA-3-8B heads, 512 sequences at context 1024) at each SM share, against a
+  device-to-device copy (TB/s counting bytes read; the copy counts read + write).
+- Prefill attention over a 4096-token prompt, against the XLA GEMM peak (8192^3) of this run.
+Writes kernel_bench.json and kernel_bench.md (the table) into --out_dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out_dir", "/tmp/kernel_bench", "Where the JSON and the markdown table go.")
+flags.DEFINE_list("shares", ["132", "112", "96", "64", "48", "32"], "SM shares to measure.")
+flags.DEFINE_bool("quick", False, "Fewer shapes (a smoke run).")
+flags.DEFINE_integer("iters", 20, "Calls per timing sample.")
+
+LLAMA3_8B_M2048 = {"qkv": (2048, 6144, 4096), "o": (2048, 4096, 4096), "gate_up": (2048, 28672, 4096),
+                   "down": (2048, 4096, 14336)}
+
+
+def llama2_70b_shard(tp: int) -> dict[str, tuple[int, int, int]]:
+  m = 2048
+  return {f"70b-tp{tp}-qkv": (m, 10240 // tp, 8192), f"70b-tp{tp}-o": (m, 8192, 8192 // tp),
+          f"70b-tp{tp}-gate_up": (m, 57344 // tp, 8192), f"70b-tp{tp}-down": (m, 8192, 28672 // tp)}
+
+
+def timeit(fn, *args, iters: int) -> float:
+  """Median seconds per call: queue `iters` calls, block once, 5 samples."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(5):
+    t = time.perf_counter()
+    for _ in range(iters):
+      r = fn(*args)
+    jax.block_until_ready(r)
+    samples.append((time.perf_counter() - t) / iters)
+  return statistics.median(samples)
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels import gemm
+  from pallas_kernels.paged_attention import paged_attention, query_blocks
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  shares = [int(s) for s in FLAGS.shares]
+  dev = jax.devices()[0]
+  rows, res = [], {"device": dev.device_kind, "jax": jax.__version__, "sms": dev.core_count}
+
+  # Ceilings of this run.
+  x = jnp.ones((1 << 30,), jnp.bfloat16)
+  t = timeit(jax.jit(lambda x: x + 1), x, iters=FLAGS.iters)
+  copy_tbs = 2 * x.nbytes / t / 1e12
+  a = jnp.ones((8192, 8192), jnp.bfloat16)
+  t = timeit(jax.jit(lambda a, b: a @ b), a, a, iters=FLAGS.iters)
+  peak = 2 * 8192 ** 3 / t / 1e12
+  res.update(copy_tb_s=copy_tbs, gemm_peak_tflops=peak)
+  rows.append(("copy (read+write)", "-", f"{copy_tbs:.2f} TB/s", "1.00"))
+  rows.append(("XLA GEMM 8192^3", "-", f"{peak:.0f} TFLOP/s", "1.00"))
+  del x, a
+
+  # GEMM
+  shapes = dict(LLAMA3_8B_M2048)
+  if not FLAGS.quick:
+    for tp in (1, 2, 4, 8):
+      shapes.update(llama2_70b_shard(tp))
+  res["gemm"] = {}
+  for name, (m, n, k) in shapes.items():
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (m, k), jnp.bfloat16)
+    b = jax.random.normal(kb, (k, n), jnp.bfloat16) * 0.02
+    flops = 2 * m * n * k
+    t_xla = timeit(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)),
+                   a, b, iters=FLAGS.iters)
+    xla = flops / t_xla / 1e12
+    entry = {"xla_tflops": xla}
+    rows.append((f"gemm {name} {m}x{n}x{k}", "XLA", f"{xla:.0f} TFLOP/s", "1.00"))
+    for s in shares:
+      try:
+        t_ours = timeit(jax.jit(lambda a, b, s=s: gemm.gemm(a, b, num_sms=s)), a, b, iters=FLAGS.iters)
+        ours = flops / t_ours / 1e12
+        entry[str(s)] = ours
+        rows.append((f"gemm {name}", str(s), f"{ours:.0f} TFLOP/s", f"{ours / xla:.2f}"))
+      except Exception as e:  # keep measuring the rest; the table says what failed
+        rows.append((f"gemm {name}", str(s), f"FAILED: {type(e).__name__}", "-"))
+    res["gemm"][name] = entry
+    print(rows[-1], flush=True)
+
+  # Paged decode attention: 512 decodes at context 1024, 8 KV heads x 4, head_dim 128, pages of 16.
+  b_, ctx, hkv, g, d, ps = 512, 1024, 8, 4, 128, 16
+  pages = b_ * ctx // ps
+  cache = jax.random.normal(jax.random.PRNGKey(3), (2, hkv, pages, ps, d), jnp.bfloat16)
+  table = np.random.default_rng(0).permutation(pages).reshape(b_, ctx // ps).astype(np.int32)
+  q = jax.random.normal(jax.random.PRNGKey(4), (b_, hkv * g, d), jnp.bfloat16)
+  slots = np.arange(b_, dtype=np.int32)
+  positions = np.full(b_, ctx - 1, np.int32)
+  start, length, nb = query_blocks([1] * b_, b_, 16)
+  kv_bytes = 2 * b_ * ctx * hkv * d * 2
+  res["decode_attention"] = {}
+  for s in shares:
+    f = jax.jit(lambda q, c, s=s: paged_attention(q, c, table, slots, positions, start, length, jnp.int32(nb),
+                                                  num_sms=s))
+    try:
+      t = timeit(f, q, cache, iters=FLAGS.iters)
+      tbs = kv_bytes / t / 1e12
+      res["decode_attention"][str(s)] = tbs
+      rows.append(("decode attention B=512 ctx=1024", str(s), f"{tbs:.2f} TB/s", f"{tbs / copy_tbs:.2f}"))
+    except Exception as e:
+      rows.append(("decode attention", str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+    print(rows[-1], flush=True)
+  del cache
+
+  # Prefill attention: one 4096-token prompt, causal.
+  t_len = 4096
+  pages = t_len // ps
+  cache = jax.random.normal(jax.random.PRNGKey(5), (2, hkv, pages, ps, d), jnp.bfloat16)
+  table = np.arange(pages, dtype=np.int32)[None]
+  q = jax.random.normal(jax.random.PRNGKey(6), (t_len, hkv * g, d), jnp.bfloat16)
+  slots = np.zeros(t_len, np.int32)
+  positions = np.arange(t_len, dtype=np.int32)
+  start, length, nb = query_blocks([t_len], t_len, 16)
+  flops = 2 * t_len * t_len * hkv * g * d  # causal: half of 4 * T^2 * Hq * D
+  res["prefill_attention"] = {}
+  for s in shares[:1] + shares[3:4]:
+    f = jax.jit(lambda q, c, s=s: paged_attention(q, c, table, slots, positions, start, length, jnp.int32(nb),
+                                                  num_sms=s))
+    try:
+      t = timeit(f, q, cache, iters=max(FLAGS.iters // 4, 2))
+      tf = flops / t / 1e12
+      res["prefill_attention"][str(s)] = tf
+      rows.append(("prefill attention T=4096", str(s), f"{tf:.0f} TFLOP/s", f"{tf / peak:.2f}"))
+    except Exception as e:
+      rows.append(("prefill attention", str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+    print(rows[-1], flush=True)
+
+  table_md = ["| kernel | SMs | achieved | ratio to ceiling |", "|---|---|---|---|"]
+  table_md += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+  text = "\n".join(table_md)
+  with open(os.path.join(FLAGS.out_dir, "kernel_bench.md"), "w") as f:
+    f.write(text + "\n")
+  with open(os.path.join(FLAGS.out_dir, "kernel_bench.json"), "w") as f:
+    json.dump(res, f, indent=2)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)

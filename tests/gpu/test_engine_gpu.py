@@ -1,0 +1,36 @@
+"""The engine on the GPU: the Pallas kernel path against the jnp reference path, LLaMA-3-8B shape."""
+import time
+
+import numpy as np
+import pytest
+
+from nanoflow_jax.engine import Engine, EngineConfig
+from nanoflow_jax.model import load_model
+from nanoflow_jax.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
+  model = load_model("llama-3-8b", dtype="bfloat16", random_weights=True)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(50, 600, size=24)]
+  firsts, timing = {}, {}
+  for kernels in ("reference", "pallas"):
+    eng = Engine(model, EngineConfig(dense_batch=1024, num_pages=4096, max_num_seqs=32, kernels=kernels,
+                                     compilation_cache_dir=None))
+    for i, p in enumerate(prompts):
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1))
+    eng.run_until_done()
+    t = time.perf_counter()
+    for i, p in enumerate(prompts):
+      eng.add_request(f"t{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    eng.run_until_done()
+    timing[kernels] = time.perf_counter() - t
+    firsts[kernels] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
+    del eng
+  same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(firsts["reference"], firsts["pallas"]))
+  lp_diff = max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob)
+                for a, b in zip(firsts["reference"], firsts["pallas"]))
+  print(f"first tokens equal: {same}/{len(prompts)}; max logprob diff {lp_diff:.3f}; times {timing}")
+  assert same >= len(prompts) - 2 and lp_diff < 0.25
