@@ -27,6 +27,7 @@ flags.DEFINE_string("out_dir", "/tmp/kernel_bench", "Where the JSON and the mark
 flags.DEFINE_list("shares", ["132", "112", "96", "64", "48", "32"], "SM shares to measure.")
 flags.DEFINE_bool("quick", False, "Fewer shapes (a smoke run).")
 flags.DEFINE_integer("iters", 20, "Calls per timing sample.")
+flags.DEFINE_bool("sweep_attention", False, "Only sweep the attention kernel's tunables (decode and prefill).")
 
 LLAMA3_8B_M2048 = {"qkv": (2048, 6144, 4096), "o": (2048, 4096, 4096), "gate_up": (2048, 28672, 4096),
                    "down": (2048, 4096, 14336)}
@@ -52,6 +53,48 @@ def timeit(fn, *args, iters: int) -> float:
   return statistics.median(samples)
 
 
+def sweep_attention(copy_tbs: float, peak: float, iters: int) -> list[tuple]:
+  """Times the attention kernel's variants on the decode and prefill shapes of the table; best first."""
+  import itertools
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels.paged_attention import paged_attention, query_blocks
+  out = []
+  hkv, g, d, ps = 8, 4, 128, 16
+  for kind, b_, ctx in (("decode", 512, 1024), ("prefill", 1, 4096)):
+    pages = b_ * ctx // ps
+    cache = jax.random.normal(jax.random.PRNGKey(3), (2, hkv, pages, ps, d), jnp.bfloat16)
+    n = b_ if kind == "decode" else ctx
+    q = jax.random.normal(jax.random.PRNGKey(4), (n, hkv * g, d), jnp.bfloat16)
+    if kind == "decode":
+      table = np.random.default_rng(0).permutation(pages).reshape(b_, ctx // ps).astype(np.int32)
+      slots, positions, chunks = np.arange(b_, dtype=np.int32), np.full(b_, ctx - 1, np.int32), [1] * b_
+      grid = itertools.product([1, 4], [4, 8, 16], [4, 8], [2, 3], [1, 2])
+      work = 2 * b_ * ctx * hkv * d * 2 / 1e12
+    else:
+      table = np.arange(pages, dtype=np.int32)[None]
+      slots, positions, chunks = np.zeros(ctx, np.int32), np.arange(ctx, dtype=np.int32), [ctx]
+      grid = itertools.product([16, 32, 64], [2, 4, 8], [4, 8], [2, 3], [1])
+      work = 2 * ctx * ctx * hkv * g * d / 1e12
+    for bq, ppb, warps, stages, ppsm in grid:
+      start, length, nb = query_blocks(chunks, n, bq)
+      f = jax.jit(lambda q, c, bq=bq, ppb=ppb, w=warps, st=stages, pp=ppsm: paged_attention(
+          q, c, table, slots, positions, start, length, jnp.int32(nb), num_sms=132, block_q=bq,
+          pages_per_block=ppb, num_warps=w, num_stages=st, programs_per_sm=pp))
+      cfg = f"block_q={bq} pages_per_block={ppb} warps={warps} stages={stages} programs_per_sm={ppsm}"
+      try:
+        t = timeit(f, q, cache, iters=iters)
+        fig = work / t
+        ratio = fig / (copy_tbs if kind == "decode" else peak)
+        out.append((kind, cfg, f"{fig:.2f} {'TB/s' if kind == 'decode' else 'TFLOP/s'}", f"{ratio:.2f}"))
+      except Exception as e:
+        out.append((kind, cfg, f"FAILED {type(e).__name__}", "-"))
+      print(out[-1], flush=True)
+    del cache
+  return sorted(out, key=lambda r: (r[0], -float(r[3]) if r[3] != "-" else 0))
+
+
 def main(argv):
   del argv
   import jax
@@ -75,10 +118,13 @@ def main(argv):
   rows.append(("copy (read+write)", "-", f"{copy_tbs:.2f} TB/s", "1.00"))
   rows.append(("XLA GEMM 8192^3", "-", f"{peak:.0f} TFLOP/s", "1.00"))
   del x, a
+  if FLAGS.sweep_attention:
+    rows += sweep_attention(copy_tbs, peak, FLAGS.iters)
+    shares = []
 
   # GEMM
-  shapes = dict(LLAMA3_8B_M2048)
-  if not FLAGS.quick:
+  shapes = dict(LLAMA3_8B_M2048) if shares else {}
+  if not FLAGS.quick and shares:
     for tp in (1, 2, 4, 8):
       shapes.update(llama2_70b_shard(tp))
   res["gemm"] = {}

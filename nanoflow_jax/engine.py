@@ -133,7 +133,7 @@ class Engine:
     for i in range(params.n):
       seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
       seq = Sequence(next(self._seq_ids), request_id, i, prompt_ids, params, seed=(seed * 1000003 + i) % (1 << 32))
-      if self.tokenizer is not None:
+      if self.tokenizer is not None and params.detokenize:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
       seqs.append(seq)
       self.scheduler.add(seq)
@@ -253,6 +253,7 @@ class Engine:
     sp.presence_penalty[row] = p.presence_penalty
     sp.frequency_penalty[row] = p.frequency_penalty
     sp.seed[row] = seq.seed
+    sp.want_logprobs[row] = p.logprobs is not None
 
   def _set_step_row(self, seq: Sequence, row: int) -> None:
     p, sp = seq.params, self.sp

@@ -30,6 +30,7 @@ class SamplingArrays:
   seed: np.ndarray          # uint32
   step: np.ndarray          # int32: tokens generated so far
   banned: np.ndarray        # [R, MAX_BANNED_IDS] ids masked out (min_tokens), -1 = none
+  want_logprobs: np.ndarray  # bool
 
   @classmethod
   def empty(cls, rows: int) -> "SamplingArrays":
@@ -37,7 +38,7 @@ class SamplingArrays:
     return cls(temperature=f(1.0), top_k=np.zeros(rows, np.int32), top_p=f(1.0), min_p=f(0.0),
                repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
                seed=np.zeros(rows, np.uint32), step=np.zeros(rows, np.int32),
-               banned=np.full((rows, MAX_BANNED_IDS), -1, np.int32))
+               banned=np.full((rows, MAX_BANNED_IDS), -1, np.int32), want_logprobs=np.zeros(rows, np.bool_))
 
 
 jax.tree_util.register_dataclass(SamplingArrays, data_fields=[f.name for f in dataclasses.fields(SamplingArrays)],
@@ -54,14 +55,9 @@ def apply_penalties(logits, counts, prompt_mask, p: SamplingArrays):
   return logits.at[rows, banned].set(-jnp.inf, mode="drop")
 
 
-def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: SamplingArrays):
-  """logits [R, V] fp32 -> (tokens [R], sampled logprob [R], top logprobs [R, K], top ids [R, K])."""
-  raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-  logits = apply_penalties(logits, counts, prompt_mask, p)
-  greedy_tok = jnp.argmax(logits, axis=-1)
-
-  scaled = logits / jnp.maximum(p.temperature, 1e-5)[:, None]
-  vocab = logits.shape[-1]
+def truncate(scaled, p: SamplingArrays):
+  """top_k, top_p and min_p: -inf outside each row's kept set (one sort over the vocabulary)."""
+  vocab = scaled.shape[-1]
   order = jnp.argsort(-scaled, axis=-1)
   sorted_l = jnp.take_along_axis(scaled, order, axis=-1)
   probs = jax.nn.softmax(sorted_l, axis=-1)
@@ -70,14 +66,39 @@ def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: Samp
   drop |= (jnp.cumsum(probs, axis=-1) - probs) > p.top_p[:, None]
   drop |= probs < p.min_p[:, None] * probs[:, :1]
   drop = drop.at[:, 0].set(False)  # the most likely token always survives
-  masked = jnp.where(drop, -jnp.inf, sorted_l)
+  rows = jnp.arange(scaled.shape[0])[:, None]
+  drop = jnp.zeros_like(drop).at[rows, order].set(drop)
+  return jnp.where(drop, -jnp.inf, scaled)
 
-  def draw(seed, step, row):
-    return jax.random.categorical(jax.random.fold_in(jax.random.PRNGKey(seed), step), row)
-  choice = jax.vmap(draw)(p.seed, p.step, masked)
-  sampled_tok = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-  tokens = jnp.where(p.temperature < 1e-5, greedy_tok, sampled_tok).astype(jnp.int32)
+
+def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: SamplingArrays):
+  """logits [R, V] fp32 -> (tokens [R], sampled logprob [R], top logprobs [R, K], top ids [R, K]).
+
+  The costly parts (penalties over [R, V], the vocabulary sort, the draw, the top-K logprobs) run only
+  when some row in the batch asks for them (lax.cond): a greedy batch pays for an argmax.
+  """
+  raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+  penalized = jnp.any((p.repetition_penalty != 1) | (p.presence_penalty != 0) | (p.frequency_penalty != 0))
+  logits = jax.lax.cond(penalized, lambda l: apply_penalties(l, counts, prompt_mask, p),
+                        lambda l: apply_penalties(l, counts * 0, prompt_mask & False, p), logits)
+  greedy_tok = jnp.argmax(logits, axis=-1)
+  greedy = p.temperature < 1e-5
+
+  def sampled(logits):
+    scaled = logits / jnp.maximum(p.temperature, 1e-5)[:, None]
+    needs_truncation = jnp.any(~greedy & ((p.top_k > 0) | (p.top_p < 1) | (p.min_p > 0)))
+    masked = jax.lax.cond(needs_truncation, lambda s: truncate(s, p), lambda s: s, scaled)
+
+    def draw(seed, step, row):
+      return jax.random.categorical(jax.random.fold_in(jax.random.PRNGKey(seed), step), row)
+    return jax.vmap(draw)(p.seed, p.step, masked).astype(jnp.int32)
+
+  drawn = jax.lax.cond(jnp.all(greedy), lambda l: greedy_tok.astype(jnp.int32), sampled, logits)
+  tokens = jnp.where(greedy, greedy_tok, drawn).astype(jnp.int32)
 
   token_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-  top_lp, top_ids = jax.lax.top_k(raw_logprobs, min(MAX_LOGPROBS, vocab))
+  k = min(MAX_LOGPROBS, logits.shape[-1])
+  top_lp, top_ids = jax.lax.cond(
+      jnp.any(p.want_logprobs), lambda l: tuple(jax.lax.top_k(l, k)),
+      lambda l: (jnp.zeros((l.shape[0], k), l.dtype), jnp.zeros((l.shape[0], k), jnp.int32)), raw_logprobs)
   return tokens, token_lp, top_lp, top_ids.astype(jnp.int32)

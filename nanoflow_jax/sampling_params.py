@@ -26,6 +26,7 @@ class SamplingParams:
   logprobs: int | None = None   # top-N logprobs of each generated token (0: only the sampled one)
   skip_special_tokens: bool = True
   include_stop_str_in_output: bool = False
+  detokenize: bool = True       # False: token ids only (benchmarks), no text and no stop strings
 
   def __post_init__(self):
     if isinstance(self.stop, str):
@@ -55,6 +56,7 @@ class SamplingParams:
     check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
     check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ids >= 0")
     check(len(self.stop_token_ids) <= MAX_BANNED_IDS - 4, f"at most {MAX_BANNED_IDS - 4} stop_token_ids")
+    check(self.detokenize or not self.stop, "stop strings need detokenize=True")
     check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
           f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 

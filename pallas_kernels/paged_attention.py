@@ -141,10 +141,11 @@ def _kernel(nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_
 
 
 @functools.partial(jax.jit, static_argnames=("num_sms", "block_q", "pages_per_block", "sliding_window",
-                                             "interpret", "num_warps"))
+                                             "interpret", "num_warps", "num_stages", "programs_per_sm"))
 def paged_attention(q, cache, page_table, slots, positions, block_start, block_len, num_blocks, *, num_sms: int,
                     block_q: int = 16, pages_per_block: int = 4, sliding_window: int | None = None,
-                    interpret: bool = False, num_warps: int = 4):
+                    interpret: bool = False, num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 1,
+                    out=None):
   """The Pallas kernel; arguments as the reference plus the query blocks of `query_blocks`.
 
   q [N, Hq, D]; cache [2, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions, block_start,
@@ -166,15 +167,22 @@ def paged_attention(q, cache, page_table, slots, positions, block_start, block_l
                    [(0, 0, 0), (0, -cols % pages_per_block + pages_per_block, 0)])
   k = cache[0].reshape(hkv * num_pages, page_size, d)
   v = cache[1].reshape(hkv * num_pages, page_size, d)
-  kernel = functools.partial(_kernel, num_programs=num_sms, num_kv_heads=hkv, num_pages=num_pages,
+  programs = num_sms * programs_per_sm
+  kernel = functools.partial(_kernel, num_programs=programs, num_kv_heads=hkv, num_pages=num_pages,
                              pages_per_block=pages_per_block, block_q=block_q, sliding_window=sliding_window,
                              scale=1.0 / math.sqrt(d))
-  out = pl.pallas_call(
-      kernel, grid=(num_sms,),
+  if out is None:
+    out = jnp.zeros(qg.shape, q.dtype)
+  else:
+    out = jax.lax.pad(out.reshape(n, hkv, g, d), jnp.array(0, q.dtype),
+                      [(0, block_q, 0), (0, 0, 0), (0, g_pad - g, 0), (0, 0, 0)])
+  res = pl.pallas_call(
+      lambda *refs: kernel(*refs[:-2], refs[-1]), grid=(programs,),
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+      input_output_aliases={9: 0},
       interpret=interpret,
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="paged_attention",
   )(num_blocks.astype(jnp.int32).reshape(1), block_start.astype(jnp.int32), block_len.astype(jnp.int32),
-    slots.astype(jnp.int32), pos, pt, qg, k, v)
-  return out[:n, :, :g].reshape(n, hq, d)
+    slots.astype(jnp.int32), pos, pt, qg, k, v, out)
+  return res[:n, :, :g].reshape(n, hq, d)

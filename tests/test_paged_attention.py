@@ -75,3 +75,19 @@ def test_query_blocks_cover_chunks():
   start, length, nb = query_blocks([1, 20, 3], 32, 8)
   assert nb == 5
   assert list(start[:nb]) == [0, 1, 9, 17, 21] and list(length[:nb]) == [1, 8, 8, 4, 3]
+
+
+def test_two_calls_fill_one_output():
+  """Decode blocks with a small block_q, prefill blocks with a large one, written into one output."""
+  rng = np.random.default_rng()
+  q, cache, table, slots, positions, lengths, _ = _batch(rng, ctx=(5, 9, 30, 21), chunk=(1, 1, 20, 7))
+  ref = paged_attention_reference(q, cache, table, slots, positions)
+  n = len(slots)
+  d_start, d_len, d_nb = query_blocks(lengths[:2], n, 1)
+  p_start, p_len, p_nb = query_blocks(lengths[2:], n, 8)
+  p_start[:p_nb] += 2
+  out = paged_attention(q, cache, table, slots, positions, d_start, d_len, jnp.int32(d_nb), num_sms=2, block_q=1,
+                        interpret=True)
+  out = paged_attention(q, cache, table, slots, positions, p_start, p_len, jnp.int32(p_nb), num_sms=3, block_q=8,
+                        interpret=True, out=out, programs_per_sm=2)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)

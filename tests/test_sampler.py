@@ -7,6 +7,7 @@ from nanoflow_jax import sampler
 from nanoflow_jax.sampling_params import MAX_BANNED_IDS
 
 R, V = 6, 50
+sample = jax.jit(sampler.sample)  # as the engine runs it: inside a compiled step
 
 
 def _arrays(**rows):
@@ -41,8 +42,8 @@ def test_penalties_match_reference(inputs):
 
 def test_greedy_is_argmax_of_penalized(inputs):
   logits, counts, pm = inputs
-  sp = _arrays(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5)
-  tok, lp, top_lp, top_ids = map(np.asarray, sampler.sample(logits, counts, pm, sp))
+  sp = _arrays(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, want_logprobs=True)
+  tok, lp, top_lp, top_ids = map(np.asarray, sample(logits, counts, pm, sp))
   np.testing.assert_array_equal(tok, np.argmax(_ref_penalize(logits, counts, pm, 2.0, 0, 0.5), axis=-1))
   ref_lp = jax.nn.log_softmax(logits, axis=-1)  # logprobs are of the raw distribution
   np.testing.assert_allclose(lp, np.take_along_axis(np.asarray(ref_lp), tok[:, None], 1)[:, 0], rtol=1e-5)
@@ -54,7 +55,7 @@ def _empirical(logits, sp, draws=400):
   seen = np.zeros((R, V), bool)
   for step in range(draws):
     sp.step[:] = step
-    tok = np.asarray(sampler.sample(logits, zeros, np.zeros((R, V), bool), sp)[0])
+    tok = np.asarray(sample(logits, zeros, np.zeros((R, V), bool), sp)[0])
     seen[np.arange(R), tok] = True
   return seen
 
@@ -91,7 +92,7 @@ def test_banned_ids_never_sampled(inputs):
   sp = _arrays(temperature=0.0)
   best = np.argmax(logits, axis=-1)
   sp.banned[:, 0] = best
-  tok = np.asarray(sampler.sample(logits, counts * 0, pm & False, sp)[0])
+  tok = np.asarray(sample(logits, counts * 0, pm & False, sp)[0])
   assert not np.any(tok == best)
   assert sp.banned.shape[1] == MAX_BANNED_IDS
 
@@ -99,8 +100,8 @@ def test_banned_ids_never_sampled(inputs):
 def test_seed_and_step_determine_the_draw(inputs):
   logits, counts, pm = inputs
   a = _arrays(seed=7, step=3)
-  t1 = np.asarray(sampler.sample(logits, counts, pm, a)[0])
-  t2 = np.asarray(sampler.sample(logits, counts, pm, a)[0])
+  t1 = np.asarray(sample(logits, counts, pm, a)[0])
+  t2 = np.asarray(sample(logits, counts, pm, a)[0])
   np.testing.assert_array_equal(t1, t2)
-  draws = {tuple(np.asarray(sampler.sample(logits, counts, pm, _arrays(seed=s, step=3))[0])) for s in range(8)}
+  draws = {tuple(np.asarray(sample(logits, counts, pm, _arrays(seed=s, step=3))[0])) for s in range(8)}
   assert len(draws) > 1
