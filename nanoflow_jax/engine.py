@@ -340,6 +340,13 @@ class Engine:
       req.on_delta(Delta(req.request_id, seq.index, text, toks, lps if seq.params.logprobs is not None else None,
                          seq.finish_reason, seq.stop_reason, len(req.prompt_ids), len(seq.output_ids)))
 
+  def shutdown(self) -> None:
+    """Drops the device state (KV cache, sampling state) so another engine can take the memory."""
+    self.abort_all()
+    ex = self.executor
+    ex.kv = ex.last_tokens = ex.counts = ex.prompt_mask = None
+    ex._compiled.clear()
+
   # --- offline driving ----------------------------------------------------------------------------
   def run_until_done(self, progress=None) -> None:
     while self.has_work():

@@ -1,0 +1,272 @@
+"""Throughput and latency on the paper's workloads.
+
+  # offline: all requests at once; --compare=sequential also runs the sequential baseline in this process
+  PYTHONPATH=. python3 launch/benchmark.py --model=llama-3-8b --random_weights --workload=1024-512 \
+      --num_requests=1000 --mode=nanoflow --compare=sequential --json_out=/tmp/b.json --plot_out=/tmp/b.png
+  # online: Poisson arrivals at each rate (requests/s), through the engine's async API
+  PYTHONPATH=. python3 launch/benchmark.py --model=tiny --random_weights --workload=splitwise --rates=2,4,8
+
+percent_of_optimal = total tokens/s / (GEMM peak measured in this run / (2 x parameters)): the paper's
+optimum, where every token costs 2 x parameters FLOPs at the GEMM peak.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from launch import workloads
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "tiny", "Checkpoint directory or named shape.")
+flags.DEFINE_bool("random_weights", False, "Random weights of the model's shape.")
+flags.DEFINE_string("dtype", None, "bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU).")
+flags.DEFINE_string("workload", "1024-512", f"One of {workloads.NAMES}.")
+flags.DEFINE_string("workload_file", None, "CSV with ContextTokens,GeneratedTokens columns.")
+flags.DEFINE_integer("num_requests", 200, "Requests (first rows of a file, unless --sample).")
+flags.DEFINE_bool("sample", False, "Seeded random sample of the file's rows.")
+flags.DEFINE_integer("seed", 0, "Seed for lengths, prompts and arrivals.")
+flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
+flags.DEFINE_enum("compare", None, ["sequential"], "Also run this mode on the same workload and print the ratio.")
+flags.DEFINE_integer("dense_batch", None, "Tokens per step.")
+flags.DEFINE_integer("num_pages", None, "KV pages (default: from free memory).")
+flags.DEFINE_float("kv_memory_fraction", 0.9, "Share of free memory for the KV cache.")
+flags.DEFINE_integer("max_num_seqs", 512, "Sequences running at once.")
+flags.DEFINE_integer("max_model_len", None, "Longest prompt + output.")
+flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; empty: offline mode.")
+flags.DEFINE_float("slo_ms", 200.0, "Online: p99 normalized latency bound (ms per output token).")
+flags.DEFINE_string("json_out", None, "Write every figure and the environment here.")
+flags.DEFINE_string("plot_out", None, "Write a PNG of the results here.")
+
+
+def gemm_peak_tflops() -> float:
+  """XLA's bf16 GEMM rate on this device, measured now (8192^3 on a GPU, 1024^3 on a CPU)."""
+  import jax
+  import jax.numpy as jnp
+  n = 8192 if jax.default_backend() == "gpu" else 1024
+  a = jnp.ones((n, n), jnp.bfloat16)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  reps = 20 if n == 8192 else 3
+  t = time.perf_counter()
+  for _ in range(reps):
+    r = f(a)
+  jax.block_until_ready(r)
+  return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def environment(mode: str) -> dict:
+  import jax
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except OSError:
+    commit = ""
+  dev = jax.devices()[0]
+  return {"device": dev.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
+          "python": platform.python_version(), "model": FLAGS.model, "mode": mode, "git_commit": commit,
+          "workload": FLAGS.workload_file or FLAGS.workload, "dense_batch": FLAGS.dense_batch,
+          "max_num_seqs": FLAGS.max_num_seqs}
+
+
+def make_requests(max_model_len: int, vocab: int):
+  import numpy as np
+  lens = workloads.lengths(FLAGS.workload, FLAGS.num_requests, FLAGS.seed, FLAGS.workload_file, FLAGS.sample,
+                           max_model_len)
+  rng = np.random.default_rng(FLAGS.seed)
+  return [(rng.integers(0, vocab, size=i).tolist(), o) for i, o in lens]
+
+
+def params(out_len: int):
+  from nanoflow_jax.sampling_params import SamplingParams
+  return SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.0, detokenize=False)
+
+
+def warm_up(engine) -> None:
+  """Compiles every bucket before timing: one request per bucket size, prefilled in one step each."""
+  for i, b in enumerate(engine.executor.buckets):
+    n = min(b, engine.max_model_len - 2)
+    engine.add_request(f"warm-{i}", [1] * n, params(2))
+  engine.run_until_done()
+  for rid in list(engine.requests):
+    engine.pop_output(rid)
+
+
+def run_offline(engine, requests, peak: float) -> dict:
+  from tqdm import tqdm
+  warm_up(engine)
+  stats0 = dict(vars(engine.stats))
+  t0 = time.perf_counter()
+  for i, (prompt, out_len) in enumerate(requests):
+    engine.add_request(f"b{i}", prompt, params(out_len))
+  bar = tqdm(total=sum(o for _, o in requests), desc="output tokens", unit="tok", file=sys.stderr)
+  last = 0
+  while engine.has_work():
+    engine.step()
+    gen = engine.stats.generated_tokens - stats0["generated_tokens"]
+    bar.update(gen - last)
+    last = gen
+  bar.close()
+  wall = time.perf_counter() - t0
+  outs = [engine.pop_output(f"b{i}") for i in range(len(requests))]
+  n_in = sum(len(p) for p, _ in requests)
+  n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+  cfg = engine.model.config
+  optimal = peak * 1e12 / (2 * cfg.num_params())
+  steps = engine.stats.steps - stats0["steps"]
+  return {
+      "num_requests": len(requests), "total_input_tokens": n_in, "total_output_tokens": n_out,
+      "wall_seconds": wall, "total_tokens_per_s": (n_in + n_out) / wall,
+      "tokens_per_s_per_gpu": (n_in + n_out) / wall / engine.num_devices,
+      "output_tokens_per_s": n_out / wall, "requests_per_s": len(requests) / wall,
+      "gemm_peak_tflops": peak, "optimal_tokens_per_s": optimal,
+      "percent_of_optimal": 100 * (n_in + n_out) / wall / optimal / engine.num_devices,
+      "steps": steps, "mean_step_ms": 1e3 * wall / max(steps, 1),
+      "host_ms_per_step": 1e3 * (engine.stats.host_seconds - stats0["host_seconds"]) / max(steps, 1),
+      "preemptions": engine.scheduler.num_preemptions, "params": cfg.num_params(),
+  }
+
+
+def _pcts(xs):
+  if not xs:
+    return {}
+  xs = sorted(xs)
+  q = lambda p: xs[min(len(xs) - 1, int(p * len(xs)))]
+  return {"mean": statistics.fmean(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+async def _online(async_engine, requests, rate: float, seed: int) -> dict:
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  gaps = rng.exponential(1.0 / rate, size=len(requests))
+  ttft, tpot, itl, norm = [], [], [], []
+
+  async def one(i, prompt, out_len, delay):
+    await asyncio.sleep(delay)
+    t0 = time.perf_counter()
+    last, first, n = None, None, 0
+    async for d in async_engine.generate(f"o{seed}-{i}", prompt, params(out_len)):
+      now = time.perf_counter()
+      if d.token_ids:
+        if first is None:
+          first = now
+        elif last is not None:
+          itl.append((now - last) / len(d.token_ids))
+        last = now
+        n += len(d.token_ids)
+    end = time.perf_counter()
+    ttft.append(first - t0)
+    if n > 1:
+      tpot.append((end - first) / (n - 1))
+    norm.append((end - t0) / max(n, 1))
+  t0 = time.perf_counter()
+  await asyncio.gather(*[one(i, p, o, float(np.sum(gaps[:i + 1]))) for i, (p, o) in enumerate(requests)])
+  wall = time.perf_counter() - t0
+  ms = lambda xs: {k: 1e3 * v for k, v in _pcts(xs).items()}
+  return {"rate": rate, "wall_seconds": wall, "ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(itl),
+          "normalized_latency_ms": ms(norm),
+          "output_tokens_per_s": sum(o for _, o in requests) / wall}
+
+
+def run_online(engine, requests) -> dict:
+  from nanoflow_jax.async_engine import AsyncEngine
+  warm_up(engine)
+  ae = AsyncEngine(engine, max_waiting=len(requests) + 1).start()
+  try:
+    sweep = [asyncio.run(_online(ae, requests, float(r), FLAGS.seed + k)) for k, r in enumerate(FLAGS.rates)]
+  finally:
+    ae.shutdown()
+  ok = [s["rate"] for s in sweep if s["normalized_latency_ms"].get("p99", 1e9) <= FLAGS.slo_ms]
+  return {"sweep": sweep, "slo_ms": FLAGS.slo_ms, "max_rate_within_slo": max(ok) if ok else None}
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  if "online" in next(iter(results.values())):
+    for mode, r in results.items():
+      sw = r["online"]["sweep"]
+      ax.plot([s["rate"] for s in sw], [s["normalized_latency_ms"]["p99"] for s in sw], "o-", label=mode)
+    ax.axhline(FLAGS.slo_ms, color="gray", ls="--", label="SLO")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("p99 normalized latency (ms/token)")
+  else:
+    modes = list(results)
+    vals = [results[m]["offline"]["total_tokens_per_s"] for m in modes]
+    ax.bar(modes, vals, color=["tab:blue", "tab:orange"][:len(modes)])
+    for i, m in enumerate(modes):
+      ax.text(i, vals[i], f"{results[m]['offline']['percent_of_optimal']:.1f}% of optimal", ha="center",
+              va="bottom")
+    ax.set_ylabel("total tokens/s")
+  ax.set_title(f"{FLAGS.model}, {FLAGS.workload_file or FLAGS.workload}")
+  ax.legend() if ax.get_legend_handles_labels()[0] else None
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  import logging
+  logging.basicConfig(level=logging.WARNING)
+  from nanoflow_jax import compat
+  compat.configure_gpu_memory()
+  import jax
+  from nanoflow_jax.llm import build_engine
+  modes = [FLAGS.mode] + ([FLAGS.compare] if FLAGS.compare and FLAGS.compare != FLAGS.mode else [])
+  peak = gemm_peak_tflops()
+  results, model = {}, None
+  for mode in modes:
+    engine = build_engine(FLAGS.model, dtype=FLAGS.dtype, random_weights=FLAGS.random_weights,
+                          dense_batch=FLAGS.dense_batch, num_pages=FLAGS.num_pages,
+                          kv_memory_fraction=FLAGS.kv_memory_fraction, max_num_seqs=FLAGS.max_num_seqs,
+                          max_model_len=FLAGS.max_model_len, mode=mode, model_obj=model)
+    model = engine.model
+    engine.num_devices = jax.device_count()
+    requests = make_requests(engine.max_model_len, engine.model.config.vocab_size)
+    r = {"environment": environment(mode)}
+    r["online" if FLAGS.rates else "offline"] = run_online(engine, requests) if FLAGS.rates else \
+        run_offline(engine, requests, peak)
+    results[mode] = r
+    engine.shutdown()
+    del engine
+  print(f"\n{FLAGS.model} on {results[modes[0]]['environment']['device']}, workload "
+        f"{FLAGS.workload_file or FLAGS.workload}, {FLAGS.num_requests} requests, GEMM peak {peak:.0f} TFLOP/s")
+  for mode, r in results.items():
+    if "offline" in r:
+      o = r["offline"]
+      print(f"{mode:>10}: total {o['total_tokens_per_s']:10.1f} tok/s | output {o['output_tokens_per_s']:9.1f} "
+            f"tok/s | {o['requests_per_s']:7.2f} req/s | {o['percent_of_optimal']:5.1f}% of optimal | "
+            f"step {o['mean_step_ms']:.1f} ms (host {o['host_ms_per_step']:.1f} ms) | preemptions {o['preemptions']}")
+    else:
+      for s in r["online"]["sweep"]:
+        print(f"{mode:>10} @ {s['rate']:g} req/s: TTFT p50 {s['ttft_ms'].get('p50', 0):.0f} ms p99 "
+              f"{s['ttft_ms'].get('p99', 0):.0f} | TPOT p50 {s['tpot_ms'].get('p50', 0):.1f} ms | normalized p99 "
+              f"{s['normalized_latency_ms'].get('p99', 0):.1f} ms/token")
+      print(f"{mode:>10}: highest rate within the {FLAGS.slo_ms:g} ms/token SLO: {r['online']['max_rate_within_slo']}")
+  if len(results) == 2 and all("offline" in r for r in results.values()):
+    a, b = (results[m]["offline"]["total_tokens_per_s"] for m in modes)
+    print(f"{modes[0]} / {modes[1]} throughput: {a / b:.3f}x")
+  flat = dict(results[modes[0]].get("offline", {}))
+  out = {**flat, "results": results}
+  if FLAGS.json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(out, f, indent=2)
+  if FLAGS.plot_out:
+    plot(results, FLAGS.plot_out)
+
+
+if __name__ == "__main__":
+  app.run(main)

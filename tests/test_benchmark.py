@@ -1,0 +1,59 @@
+"""launch/benchmark.py end to end on the CPU with the tiny model (offline, compare, online, outputs)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch import workloads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"total_tokens_per_s", "output_tokens_per_s", "requests_per_s", "percent_of_optimal", "gemm_peak_tflops",
+        "total_input_tokens", "total_output_tokens", "num_requests"}
+
+
+def _run(tmp_path, *flags):
+  out = tmp_path / "b.json"
+  png = tmp_path / "b.png"
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "benchmark.py"), "--model=tiny", "--random_weights",
+         "--dense_batch=128", "--num_pages=1024", "--max_num_seqs=32", f"--json_out={out}", f"--plot_out={png}",
+         *flags]
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert os.path.getsize(png) > 1000
+  with open(out) as f:
+    return json.load(f), r.stdout
+
+
+def test_offline_compare_on_cpu(tmp_path):
+  res, stdout = _run(tmp_path, "--workload=512-512", "--num_requests=4", "--max_model_len=1024",
+                     "--mode=nanoflow", "--compare=sequential")
+  assert KEYS <= set(res)
+  assert res["num_requests"] == 4 and res["total_input_tokens"] == 4 * 512 and res["total_output_tokens"] == 4 * 512
+  assert res["total_tokens_per_s"] > 0 and 0 < res["percent_of_optimal"]
+  assert set(res["results"]) == {"nanoflow", "sequential"}
+  assert "throughput:" in stdout and res["results"]["sequential"]["environment"]["git_commit"]
+
+
+def test_online_sweep_and_workload_file(tmp_path):
+  csv = tmp_path / "w.csv"
+  csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nx,30,5\nx,12,9\nx,50,3\nx,7,4\n")
+  res, stdout = _run(tmp_path, f"--workload_file={csv}", "--num_requests=3", "--rates=5,50")
+  online = res["results"]["sequential"]["online"]
+  assert [s["rate"] for s in online["sweep"]] == [5.0, 50.0]
+  assert {"p50", "p90", "p99", "mean"} <= set(online["sweep"][0]["normalized_latency_ms"])
+  assert "highest rate within" in stdout
+
+
+def test_workload_lengths():
+  split = workloads.lengths("splitwise", 100)
+  assert len(split) == 100 and split[0] == (374, 44)
+  for name in ("lmsys", "sharegpt"):
+    lens = workloads.lengths(name, 4000, seed=1)
+    mean_in = sum(i for i, _ in lens) / len(lens)
+    (mi, _), _ = workloads.SYNTHETIC[name]
+    assert abs(mean_in - mi) / mi < 0.15, (name, mean_in)
+  assert workloads.lengths("1024-512", 2, max_model_len=1000) == [(999, 1)] * 2
+  with pytest.raises(ValueError, match="unknown workload"):
+    workloads.lengths("nope", 1)
