@@ -43,6 +43,7 @@ flags.DEFINE_integer("num_pages", None, "KV pages (default: from free memory).")
 flags.DEFINE_float("kv_memory_fraction", 0.9, "Share of free memory for the KV cache.")
 flags.DEFINE_integer("max_num_seqs", 512, "Sequences running at once.")
 flags.DEFINE_integer("max_model_len", None, "Longest prompt + output.")
+flags.DEFINE_enum("kernels", "auto", ["auto", "reference", "pallas"], "Step kernels (auto: Pallas on GPU).")
 flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; empty: offline mode.")
 flags.DEFINE_float("slo_ms", 200.0, "Online: p99 normalized latency bound (ms per output token).")
 flags.DEFINE_string("json_out", None, "Write every figure and the environment here.")
@@ -76,7 +77,7 @@ def environment(mode: str) -> dict:
   return {"device": dev.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
           "python": platform.python_version(), "model": FLAGS.model, "mode": mode, "git_commit": commit,
           "workload": FLAGS.workload_file or FLAGS.workload, "dense_batch": FLAGS.dense_batch,
-          "max_num_seqs": FLAGS.max_num_seqs}
+          "max_num_seqs": FLAGS.max_num_seqs, "kernels": FLAGS.kernels}
 
 
 def make_requests(max_model_len: int, vocab: int):
@@ -231,7 +232,7 @@ def main(argv):
     engine = build_engine(FLAGS.model, dtype=FLAGS.dtype, random_weights=FLAGS.random_weights,
                           dense_batch=FLAGS.dense_batch, num_pages=FLAGS.num_pages,
                           kv_memory_fraction=FLAGS.kv_memory_fraction, max_num_seqs=FLAGS.max_num_seqs,
-                          max_model_len=FLAGS.max_model_len, mode=mode, model_obj=model)
+                          max_model_len=FLAGS.max_model_len, mode=mode, model_obj=model, kernels=FLAGS.kernels)
     model = engine.model
     engine.num_devices = jax.device_count()
     requests = make_requests(engine.max_model_len, engine.model.config.vocab_size)

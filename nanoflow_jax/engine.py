@@ -21,12 +21,12 @@ import numpy as np
 from nanoflow_jax import kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
-from nanoflow_jax.runtime.executor import BLOCK_Q, KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
+from nanoflow_jax.runtime.executor import KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
 from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
 from nanoflow_jax.scheduler import Batch, Scheduler
 from nanoflow_jax.sequence import Sequence, Status
 from nanoflow_jax.tokenizer import IncrementalDetokenizer
-from pallas_kernels.paged_attention import query_blocks
+from pallas_kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG, query_blocks
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +238,8 @@ class Engine:
         sampled.append((seq, seq.slot))
         self._set_step_row(seq, seq.slot)
       cur += length
-    block_start, block_len, num_blocks = query_blocks([ch.length for ch in batch.chunks], n, BLOCK_Q)
     inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
-                     sample_index, sample_mask, reset, block_start, block_len, np.array([num_blocks], np.int32))
+                     sample_index, sample_mask, reset, *_attention_blocks(batch, n))
     return inp, sampled
 
   def _set_static_row(self, seq: Sequence, row: int) -> None:
@@ -353,6 +352,17 @@ class Engine:
       self.step()
       if progress is not None:
         progress()
+
+
+def _attention_blocks(batch: Batch, n: int):
+  """Query blocks for the attention kernel: the decodes (laid out first) and the prefill chunks."""
+  num_decodes = sum(1 for ch in batch.chunks if ch.decode)
+  dec = query_blocks([1] * num_decodes, n, DECODE_CONFIG["block_q"])
+  start, length, count = query_blocks([ch.length for ch in batch.chunks if not ch.decode], n,
+                                      PREFILL_CONFIG["block_q"])
+  start[:count] += num_decodes
+  as_arrays = lambda s, l, c: (s, l, np.array([c], np.int32))
+  return as_arrays(*dec), as_arrays(start, length, count)
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:

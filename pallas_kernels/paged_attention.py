@@ -27,6 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 NEG = -1e30
+# Best variants of the sweep on one H200 (launch/kernel_bench.py --sweep_attention, docs/perf-notes.md):
+# decodes as blocks of one token, prefill chunks as blocks of 32.
+DECODE_CONFIG = dict(block_q=1, pages_per_block=8, num_warps=4, num_stages=2, programs_per_sm=2)
+PREFILL_CONFIG = dict(block_q=32, pages_per_block=8, num_warps=8, num_stages=3, programs_per_sm=1)
 
 
 def append_kv(cache: jax.Array, k: jax.Array, v: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:

@@ -20,13 +20,13 @@ from nanoflow_jax import kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.models import layers
 from pallas_kernels import gemm as gemm_kernel
-from pallas_kernels.paged_attention import append_kv, paged_attention, paged_attention_reference
+from pallas_kernels.paged_attention import (DECODE_CONFIG, PREFILL_CONFIG, append_kv, paged_attention,
+                                            paged_attention_reference)
 
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
 KERNEL_CHOICES = ("auto", "reference", "pallas", "interpret")
-BLOCK_Q = 16  # query block of the attention kernel
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -44,9 +44,8 @@ class StepInputs:
   sample_index: np.ndarray   # int32 [R]: which token's logits each slot samples from
   sample_mask: np.ndarray    # bool [R]
   reset: np.ndarray          # bool [R]: a new sequence took the slot
-  block_start: np.ndarray    # int32 [N]: query blocks of the attention kernel (query_blocks)
-  block_len: np.ndarray      # int32 [N]
-  num_blocks: np.ndarray     # int32 [1]
+  decode_blocks: tuple       # (start [N], len [N], count [1]) int32: query blocks of the decodes (rows first)
+  prefill_blocks: tuple      # the same for the prefill chunks (query_blocks with PREFILL_CONFIG's block_q)
 
 
 jax.tree_util.register_dataclass(StepInputs, data_fields=[f.name for f in dataclasses.fields(StepInputs)],
@@ -98,9 +97,12 @@ class Executor:
     window = self.model.config.sliding_window
     if self.kernels == "reference":
       return paged_attention_reference(q, cache, inp.page_table, inp.slots, inp.positions, window)
-    return paged_attention(q, cache, inp.page_table, inp.slots, inp.positions, inp.block_start, inp.block_len,
-                           inp.num_blocks, num_sms=self.num_sms, block_q=BLOCK_Q, sliding_window=window,
-                           interpret=self.kernels == "interpret")
+    # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
+    out = None
+    for blocks, cfg in ((inp.decode_blocks, DECODE_CONFIG), (inp.prefill_blocks, PREFILL_CONFIG)):
+      out = paged_attention(q, cache, inp.page_table, inp.slots, inp.positions, *blocks, num_sms=self.num_sms,
+                            sliding_window=window, interpret=self.kernels == "interpret", out=out, **cfg)
+    return out
 
   def _gemm(self, a, b, residual):
     m, k = a.shape
