@@ -94,13 +94,13 @@ def params(out_len: int):
 
 
 def warm_up(engine) -> None:
-  """Compiles every bucket before timing: one request per bucket size, prefilled in one step each."""
+  """Compiles every bucket before timing: a request of each bucket's size, alone, so its prompt fills
+  exactly that bucket (its decode steps use the smallest)."""
   for i, b in enumerate(engine.executor.buckets):
     n = min(b, engine.max_model_len - 2)
     engine.add_request(f"warm-{i}", [1] * n, params(2))
-  engine.run_until_done()
-  for rid in list(engine.requests):
-    engine.pop_output(rid)
+    engine.run_until_done()
+    engine.pop_output(f"warm-{i}")
 
 
 def run_offline(engine, requests, peak: float) -> dict:
@@ -135,6 +135,8 @@ def run_offline(engine, requests, peak: float) -> dict:
       "steps": steps, "mean_step_ms": 1e3 * wall / max(steps, 1),
       "host_ms_per_step": 1e3 * (engine.stats.host_seconds - stats0["host_seconds"]) / max(steps, 1),
       "preemptions": engine.scheduler.num_preemptions, "params": cfg.num_params(),
+      "host_breakdown_ms_per_step": {k: 1e3 * (getattr(engine.stats, k) - stats0[k]) / max(steps, 1) for k in (
+          "schedule_seconds", "build_seconds", "dispatch_seconds", "process_seconds", "wait_seconds")},
   }
 
 
@@ -250,6 +252,8 @@ def main(argv):
       print(f"{mode:>10}: total {o['total_tokens_per_s']:10.1f} tok/s | output {o['output_tokens_per_s']:9.1f} "
             f"tok/s | {o['requests_per_s']:7.2f} req/s | {o['percent_of_optimal']:5.1f}% of optimal | "
             f"step {o['mean_step_ms']:.1f} ms (host {o['host_ms_per_step']:.1f} ms) | preemptions {o['preemptions']}")
+      print(f"{'':>10}  host per step (ms): " + ", ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in
+                                                       o["host_breakdown_ms_per_step"].items()))
     else:
       for s in r["online"]["sweep"]:
         print(f"{mode:>10} @ {s['rate']:g} req/s: TTFT p50 {s['ttft_ms'].get('p50', 0):.0f} ms p99 "

@@ -64,7 +64,8 @@ def sweep_attention(copy_tbs: float, peak: float, iters: int) -> list[tuple]:
   hkv, g, d, ps = 8, 4, 128, 16
   for kind, b_, ctx in (("decode", 512, 1024), ("prefill", 1, 4096)):
     pages = b_ * ctx // ps
-    cache = jax.random.normal(jax.random.PRNGKey(3), (2, hkv, pages, ps, d), jnp.bfloat16)
+    cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16),
+             jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16))
     n = b_ if kind == "decode" else ctx
     q = jax.random.normal(jax.random.PRNGKey(4), (n, hkv * g, d), jnp.bfloat16)
     if kind == "decode":
@@ -80,7 +81,7 @@ def sweep_attention(copy_tbs: float, peak: float, iters: int) -> list[tuple]:
     for bq, ppb, warps, stages, ppsm in grid:
       start, length, nb = query_blocks(chunks, n, bq)
       f = jax.jit(lambda q, c, bq=bq, ppb=ppb, w=warps, st=stages, pp=ppsm: paged_attention(
-          q, c, table, slots, positions, start, length, jnp.int32(nb), num_sms=132, block_q=bq,
+          q, c[0], c[1], 0, table, slots, positions, start, length, jnp.int32(nb), num_sms=132, block_q=bq,
           pages_per_block=ppb, num_warps=w, num_stages=st, programs_per_sm=pp))
       cfg = f"block_q={bq} pages_per_block={ppb} warps={warps} stages={stages} programs_per_sm={ppsm}"
       try:
@@ -152,7 +153,8 @@ def main(argv):
   # Paged decode attention: 512 decodes at context 1024, 8 KV heads x 4, head_dim 128, pages of 16.
   b_, ctx, hkv, g, d, ps = 512, 1024, 8, 4, 128, 16
   pages = b_ * ctx // ps
-  cache = jax.random.normal(jax.random.PRNGKey(3), (2, hkv, pages, ps, d), jnp.bfloat16)
+  cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16),
+           jax.random.normal(jax.random.PRNGKey(9), (1, hkv, pages, ps, d), jnp.bfloat16))
   table = np.random.default_rng(0).permutation(pages).reshape(b_, ctx // ps).astype(np.int32)
   q = jax.random.normal(jax.random.PRNGKey(4), (b_, hkv * g, d), jnp.bfloat16)
   slots = np.arange(b_, dtype=np.int32)
@@ -161,8 +163,8 @@ def main(argv):
   kv_bytes = 2 * b_ * ctx * hkv * d * 2
   res["decode_attention"] = {}
   for s in shares:
-    f = jax.jit(lambda q, c, s=s: paged_attention(q, c, table, slots, positions, start, length, jnp.int32(nb),
-                                                  num_sms=s))
+    f = jax.jit(lambda q, c, s=s: paged_attention(q, c[0], c[1], 0, table, slots, positions, start, length,
+                                                  jnp.int32(nb), num_sms=s))
     try:
       t = timeit(f, q, cache, iters=FLAGS.iters)
       tbs = kv_bytes / t / 1e12
@@ -176,7 +178,8 @@ def main(argv):
   # Prefill attention: one 4096-token prompt, causal.
   t_len = 4096
   pages = t_len // ps
-  cache = jax.random.normal(jax.random.PRNGKey(5), (2, hkv, pages, ps, d), jnp.bfloat16)
+  cache = (jax.random.normal(jax.random.PRNGKey(5), (1, hkv, pages, ps, d), jnp.bfloat16),
+           jax.random.normal(jax.random.PRNGKey(9), (1, hkv, pages, ps, d), jnp.bfloat16))
   table = np.arange(pages, dtype=np.int32)[None]
   q = jax.random.normal(jax.random.PRNGKey(6), (t_len, hkv * g, d), jnp.bfloat16)
   slots = np.zeros(t_len, np.int32)
@@ -185,8 +188,8 @@ def main(argv):
   flops = 2 * t_len * t_len * hkv * g * d  # causal: half of 4 * T^2 * Hq * D
   res["prefill_attention"] = {}
   for s in shares[:1] + shares[3:4]:
-    f = jax.jit(lambda q, c, s=s: paged_attention(q, c, table, slots, positions, start, length, jnp.int32(nb),
-                                                  num_sms=s))
+    f = jax.jit(lambda q, c, s=s: paged_attention(q, c[0], c[1], 0, table, slots, positions, start, length,
+                                                  jnp.int32(nb), num_sms=s))
     try:
       t = timeit(f, q, cache, iters=max(FLAGS.iters // 4, 2))
       tf = flops / t / 1e12

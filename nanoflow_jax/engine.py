@@ -73,6 +73,10 @@ class EngineStats:
   tokens: int = 0
   host_seconds: float = 0.0       # scheduling, input building, dispatch, output processing
   wait_seconds: float = 0.0       # blocked on the device's results
+  schedule_seconds: float = 0.0   # parts of host_seconds
+  build_seconds: float = 0.0
+  dispatch_seconds: float = 0.0
+  process_seconds: float = 0.0
   prompt_tokens: int = 0
   generated_tokens: int = 0
 
@@ -176,14 +180,20 @@ class Engine:
   def step(self) -> None:
     t0 = time.perf_counter()
     compile0 = sum(self.executor.compile_seconds.values())
+    st = self.stats
     batch = self.scheduler.schedule()
+    t1 = time.perf_counter()
+    st.schedule_seconds += t1 - t0
     dispatched = None
     if batch is not None:
       inp, sampled = self._build_inputs(batch)
+      t2 = time.perf_counter()
+      st.build_seconds += t2 - t1
       # Copies: on the CPU a numpy argument may be aliased, and the host rows change next step.
       dispatched = (self.executor.run(inp, jax.tree.map(np.copy, self.sp)), sampled)
-      self.stats.steps += 1
-      self.stats.tokens += batch.num_tokens
+      st.dispatch_seconds += time.perf_counter() - t2
+      st.steps += 1
+      st.tokens += batch.num_tokens
     wait = 0.0
     if self._pending is not None:
       outs, sampled = self._pending
@@ -191,6 +201,7 @@ class Engine:
       tokens, lp, top_lp, top_ids = jax.device_get(outs)
       wait = time.perf_counter() - tw
       self._process(sampled, tokens, lp, top_lp, top_ids)
+      st.process_seconds += time.perf_counter() - tw - wait
     self._pending = dispatched
     self.stats.wait_seconds += wait
     compiling = sum(self.executor.compile_seconds.values()) - compile0

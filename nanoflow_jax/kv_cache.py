@@ -1,7 +1,7 @@
 """Paged KV cache: the host-side page pool and the device arrays.
 
-Device layout, one array per layer: [2 (K, V), kv_heads, num_pages, page_size, head_dim] (a head's page is
-contiguous, for the attention kernels). A token at position p of a sequence lives in page
+Device layout: K and V, each one array [layers, kv_heads, num_pages, page_size, head_dim] (a head's page
+is contiguous, for the attention kernels; one array for all layers so the layer scan never copies one out). A token at position p of a sequence lives in page
 `page_table[p // page_size]` at offset `p % page_size`.
 Page `num_pages` does not exist: writes aimed there (padding tokens) are dropped.
 """
@@ -72,8 +72,8 @@ def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fractio
   return int(n)
 
 
-def allocate_kv(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> list[jax.Array]:
-  shape = (2, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-  make = jax.jit(lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-                 out_shardings=None if sharding is None else [sharding] * cfg.num_layers)
+def allocate_kv(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> tuple[jax.Array, jax.Array]:
+  shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+  make = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
+                 out_shardings=None if sharding is None else (sharding, sharding))
   return make()

@@ -4,8 +4,9 @@ Every token attends to the positions [0, position] of its own sequence (with a s
 last `sliding_window` of them), reading K/V through its sequence's page table. Tokens of a prefill chunk
 see each other causally because the chunk's K/V is appended before attention runs.
 
-Cache layout: [2 (K, V), kv_heads, num_pages, page_size, head_dim], so one (head, page) block is
-contiguous (page_size * head_dim elements: 4 KiB for 16 x 128 bf16).
+Cache layout: K and V each [layers, kv_heads, num_pages, page_size, head_dim], one array for all layers
+(the step scans over layers and must not slice a layer out: that would copy it), so one (layer, head,
+page) block is contiguous (page_size * head_dim elements: 4 KiB for 16 x 128 bf16).
 
 Three pieces:
 - `append_kv`: scatter of the step's K/V into their pages (padding rows aim at page `num_pages`: dropped).
@@ -33,17 +34,19 @@ DECODE_CONFIG = dict(block_q=1, pages_per_block=8, num_warps=4, num_stages=2, pr
 PREFILL_CONFIG = dict(block_q=32, pages_per_block=8, num_warps=8, num_stages=3, programs_per_sm=1)
 
 
-def append_kv(cache: jax.Array, k: jax.Array, v: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:
-  """cache [2, Hkv, P, S, D]; k, v [N, Hkv, D]; pages/offsets [N]."""
-  kv = jnp.stack([k, v]).astype(cache.dtype)             # [2, N, Hkv, D]
-  return cache.at[:, :, pages, offsets].set(kv.transpose(0, 2, 1, 3), mode="drop")
+def append_kv(k_cache: jax.Array, v_cache: jax.Array, layer, k: jax.Array, v: jax.Array, pages: jax.Array,
+              offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """k_cache, v_cache [L, Hkv, P, S, D]; layer: int32 scalar; k, v [N, Hkv, D]; pages/offsets [N]."""
+  def put(cache, x):
+    return cache.at[layer, :, pages, offsets].set(x.astype(cache.dtype), mode="drop")
+  return put(k_cache, k), put(v_cache, v)
 
 
-def paged_attention_reference(q: jax.Array, cache: jax.Array, page_table: jax.Array, slots: jax.Array,
-                              positions: jax.Array, sliding_window: int | None = None) -> jax.Array:
-  """q [N, Hq, D]; cache [2, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions [N] -> [N, Hq, D]."""
+def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer, page_table: jax.Array,
+                              slots: jax.Array, positions: jax.Array, sliding_window: int | None = None) -> jax.Array:
+  """q [N, Hq, D]; k/v_cache [L, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions [N] -> [N, Hq, D]."""
   n, hq, d = q.shape
-  hkv, page_size = cache.shape[1], cache.shape[3]
+  hkv, page_size = k_cache.shape[1], k_cache.shape[3]
   g = hq // hkv
   qg = q.reshape(n, hkv, g, d).astype(jnp.float32) / math.sqrt(d)
   positions = jnp.asarray(positions)
@@ -53,8 +56,8 @@ def paged_attention_reference(q: jax.Array, cache: jax.Array, page_table: jax.Ar
   def body(j, carry):
     m, l, acc = carry
     page = table[:, j]
-    k = cache[0][:, page].astype(jnp.float32)             # [Hkv, N, S, D]
-    v = cache[1][:, page].astype(jnp.float32)
+    k = k_cache[layer][:, page].astype(jnp.float32)       # [Hkv, N, S, D]
+    v = v_cache[layer][:, page].astype(jnp.float32)
     s = jnp.einsum("nkgd,knsd->nkgs", qg, k)
     kpos = j * page_size + jnp.arange(page_size)
     mask = kpos[None, :] <= positions[:, None]
@@ -90,7 +93,7 @@ def query_blocks(chunk_lengths: list[int], num_tokens: int, block_q: int) -> tup
   return start, length, b
 
 
-def _kernel(nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *,
+def _kernel(layer_ref, nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *,
             num_programs, num_kv_heads, num_pages, pages_per_block, block_q, sliding_window, scale):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plt
@@ -100,6 +103,7 @@ def _kernel(nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_
   rows = block_q * g
   bk = pages_per_block * page_size
   total = nblk_ref[0] * num_kv_heads
+  base = layer_ref[0] * num_kv_heads
   ds = pl.ds
 
   def item(i, carry):
@@ -117,7 +121,7 @@ def _kernel(nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_
     def body(j, c):
       acc, m, l = c
       pages = pt_ref[slot, ds(j * pages_per_block, pages_per_block)]
-      flat = h * num_pages + pages
+      flat = (base + h) * num_pages + pages
       k = k_ref[flat].reshape(bk, d)
       v = v_ref[flat].reshape(bk, d)
       s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
@@ -146,19 +150,20 @@ def _kernel(nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_
 
 @functools.partial(jax.jit, static_argnames=("num_sms", "block_q", "pages_per_block", "sliding_window",
                                              "interpret", "num_warps", "num_stages", "programs_per_sm"))
-def paged_attention(q, cache, page_table, slots, positions, block_start, block_len, num_blocks, *, num_sms: int,
+def paged_attention(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
+                    num_sms: int,
                     block_q: int = 16, pages_per_block: int = 4, sliding_window: int | None = None,
                     interpret: bool = False, num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 1,
                     out=None):
   """The Pallas kernel; arguments as the reference plus the query blocks of `query_blocks`.
 
-  q [N, Hq, D]; cache [2, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions, block_start,
-  block_len [N]; num_blocks int32 [1]. Runs on `num_sms` programs.
+  q [N, Hq, D]; k/v_cache [L, Hkv, P, S, D]; layer int32 scalar; page_table [R, max_pages]; slots, positions,
+  block_start, block_len [N]; num_blocks int32 [1]. Runs on `num_sms` programs.
   """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plt
   n, hq, d = q.shape
-  _, hkv, num_pages, page_size, _ = cache.shape
+  num_layers, hkv, num_pages, page_size, _ = k_cache.shape
   g = hq // hkv
   g_pad = max(g, 16 // block_q if block_q < 16 else 1)    # tensor-core dots need >= 16 rows
   # Pad (with lax.pad: no nested jit, so this stays legal under stream annotation): block_q rows past the
@@ -169,8 +174,8 @@ def paged_attention(q, cache, page_table, slots, positions, block_start, block_l
   cols = page_table.shape[1]
   pt = jax.lax.pad(page_table.astype(jnp.int32), jnp.int32(0),
                    [(0, 0, 0), (0, -cols % pages_per_block + pages_per_block, 0)])
-  k = cache[0].reshape(hkv * num_pages, page_size, d)
-  v = cache[1].reshape(hkv * num_pages, page_size, d)
+  k = k_cache.reshape(num_layers * hkv * num_pages, page_size, d)  # a bitcast: no copy
+  v = v_cache.reshape(num_layers * hkv * num_pages, page_size, d)
   programs = num_sms * programs_per_sm
   kernel = functools.partial(_kernel, num_programs=programs, num_kv_heads=hkv, num_pages=num_pages,
                              pages_per_block=pages_per_block, block_q=block_q, sliding_window=sliding_window,
@@ -183,10 +188,10 @@ def paged_attention(q, cache, page_table, slots, positions, block_start, block_l
   res = pl.pallas_call(
       lambda *refs: kernel(*refs[:-2], refs[-1]), grid=(programs,),
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-      input_output_aliases={9: 0},
+      input_output_aliases={10: 0},
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="paged_attention",
-  )(num_blocks.astype(jnp.int32).reshape(1), block_start.astype(jnp.int32), block_len.astype(jnp.int32),
+  )(jnp.asarray(layer, jnp.int32).reshape(1), num_blocks.astype(jnp.int32).reshape(1), block_start.astype(jnp.int32), block_len.astype(jnp.int32),
     slots.astype(jnp.int32), pos, pt, qg, k, v, out)
   return res[:n, :, :g].reshape(n, hq, d)

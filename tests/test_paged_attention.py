@@ -25,22 +25,25 @@ def _batch(rng, hkv=2, g=2, d=32, page_size=4, num_pages=64, ctx=(5, 17, 1, 9), 
     slots += [i] * n
     positions += list(range(c - n, c))
     lengths.append(n)
-  cache = jnp.zeros((2, hkv, num_pages, page_size, d), jnp.float32)
+  layers = 3  # the batch lives in layer 1 of a 3-layer cache
+  kc = jnp.zeros((layers, hkv, num_pages, page_size, d), jnp.float32)
+  vc = jnp.asarray(rng.normal(size=(layers, hkv, num_pages, page_size, d)), jnp.float32)  # other layers: noise
   # write every cached token's K/V (earlier steps' and this chunk's)
   all_pos = np.concatenate([np.arange(c) for c in ctx])
   all_slot = np.concatenate([[i] * c for i, c in enumerate(ctx)])
   k = jnp.asarray(rng.normal(size=(len(all_pos), hkv, d)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(len(all_pos), hkv, d)), jnp.float32)
-  cache = append_kv(cache, k, v, jnp.asarray(table[all_slot, all_pos // page_size]), jnp.asarray(all_pos % page_size))
+  kc, vc = append_kv(kc, vc, 1, k, v, jnp.asarray(table[all_slot, all_pos // page_size]),
+                     jnp.asarray(all_pos % page_size))
   q = jnp.asarray(rng.normal(size=(len(slots), hq, d)), jnp.float32)
-  return q, cache, table, np.array(slots, np.int32), np.array(positions, np.int32), lengths, (k, v, all_slot, all_pos)
+  return q, (kc, vc, 1), table, np.array(slots, np.int32), np.array(positions, np.int32), lengths, (k, v, all_slot, all_pos)
 
 
 def test_reference_equals_causal_attention():
   rng = np.random.default_rng(0)
   ctx = (7, 13)
   q, cache, table, slots, positions, _, (k, v, all_slot, all_pos) = _batch(rng, ctx=ctx, chunk=ctx)
-  out = paged_attention_reference(q, cache, table, slots, positions)
+  out = paged_attention_reference(q, *cache, table, slots, positions)
   for i, c in enumerate(ctx):
     sel = slots == i
     ref = causal_attention(q[sel][None], k[all_slot == i][None], v[all_slot == i][None])[0]
@@ -53,9 +56,9 @@ def test_reference_equals_causal_attention():
 def test_kernel_matches_reference(num_sms, block_q, window):
   rng = np.random.default_rng()
   q, cache, table, slots, positions, lengths, _ = _batch(rng)
-  ref = paged_attention_reference(q, cache, table, slots, positions, window)
+  ref = paged_attention_reference(q, *cache, table, slots, positions, window)
   start, length, nb = query_blocks(lengths, len(slots), block_q)
-  out = paged_attention(q, cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=num_sms,
+  out = paged_attention(q, *cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=num_sms,
                         block_q=block_q, pages_per_block=2, sliding_window=window, interpret=True)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
 
@@ -63,10 +66,10 @@ def test_kernel_matches_reference(num_sms, block_q, window):
 def test_kernel_gqa_group_of_one_and_bf16():
   rng = np.random.default_rng()
   q, cache, table, slots, positions, lengths, _ = _batch(rng, hkv=4, g=1, d=16, ctx=(3, 30), chunk=(3, 12))
-  q, cache = q.astype(jnp.bfloat16), cache.astype(jnp.bfloat16)
-  ref = paged_attention_reference(q, cache, table, slots, positions)
+  q, cache = q.astype(jnp.bfloat16), (cache[0].astype(jnp.bfloat16), cache[1].astype(jnp.bfloat16), cache[2])
+  ref = paged_attention_reference(q, *cache, table, slots, positions)
   start, length, nb = query_blocks(lengths, len(slots), 16)
-  out = paged_attention(q, cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=2,
+  out = paged_attention(q, *cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=2,
                         interpret=True)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
 
@@ -81,13 +84,13 @@ def test_two_calls_fill_one_output():
   """Decode blocks with a small block_q, prefill blocks with a large one, written into one output."""
   rng = np.random.default_rng()
   q, cache, table, slots, positions, lengths, _ = _batch(rng, ctx=(5, 9, 30, 21), chunk=(1, 1, 20, 7))
-  ref = paged_attention_reference(q, cache, table, slots, positions)
+  ref = paged_attention_reference(q, *cache, table, slots, positions)
   n = len(slots)
   d_start, d_len, d_nb = query_blocks(lengths[:2], n, 1)
   p_start, p_len, p_nb = query_blocks(lengths[2:], n, 8)
   p_start[:p_nb] += 2
-  out = paged_attention(q, cache, table, slots, positions, d_start, d_len, jnp.int32(d_nb), num_sms=2, block_q=1,
+  out = paged_attention(q, *cache, table, slots, positions, d_start, d_len, jnp.int32(d_nb), num_sms=2, block_q=1,
                         interpret=True)
-  out = paged_attention(q, cache, table, slots, positions, p_start, p_len, jnp.int32(p_nb), num_sms=3, block_q=8,
+  out = paged_attention(q, *cache, table, slots, positions, p_start, p_len, jnp.int32(p_nb), num_sms=3, block_q=8,
                         interpret=True, out=out, programs_per_sm=2)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)

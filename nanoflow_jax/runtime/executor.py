@@ -19,6 +19,7 @@ import numpy as np
 from nanoflow_jax import kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.models import layers
+from nanoflow_jax.models.transformer import DecoderLayer
 from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels.paged_attention import (DECODE_CONFIG, PREFILL_CONFIG, append_kv, paged_attention,
                                             paged_attention_reference)
@@ -78,6 +79,12 @@ class Executor:
     log.info("step kernels: %s (%d SMs)", self.kernels, self.num_sms)
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.kv = kv_cache.allocate_kv(cfg, num_pages, page_size, self.kv_dtype)
+    # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer.
+    params = model.params
+    self.params = {
+        "top": {k: v for k, v in params.items() if not k.startswith("layers_")},
+        "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)]),
+    }
     r, v = max_num_seqs, cfg.vocab_size
     self.last_tokens = jnp.zeros((r,), jnp.int32)
     self.counts = jnp.zeros((r, v), jnp.int32)
@@ -93,14 +100,15 @@ class Executor:
     raise ValueError(f"{num_tokens} tokens exceed the dense batch {self.buckets[-1]}")
 
   # --- the step itself (traced once per bucket) ---------------------------------------------------
-  def _attention(self, q, cache, inp: StepInputs):
+  def _attention(self, q, k_cache, v_cache, layer, inp: StepInputs):
     window = self.model.config.sliding_window
     if self.kernels == "reference":
-      return paged_attention_reference(q, cache, inp.page_table, inp.slots, inp.positions, window)
+      return paged_attention_reference(q, k_cache, v_cache, layer, inp.page_table, inp.slots, inp.positions, window)
     # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
     out = None
     for blocks, cfg in ((inp.decode_blocks, DECODE_CONFIG), (inp.prefill_blocks, PREFILL_CONFIG)):
-      out = paged_attention(q, cache, inp.page_table, inp.slots, inp.positions, *blocks, num_sms=self.num_sms,
+      out = paged_attention(q, k_cache, v_cache, layer, inp.page_table, inp.slots, inp.positions, *blocks,
+                            num_sms=self.num_sms,
                             sliding_window=window, interpret=self.kernels == "interpret", out=out, **cfg)
     return out
 
@@ -116,17 +124,24 @@ class Executor:
     return gemm_kernel.gemm(a, b, residual, num_sms=self.num_sms)
 
   def _forward(self, params, kv, tokens, inp: StepInputs):
-    m = self.model.bind(params)
+    cfg = self.model.config
+    m = self.model.module.bind({"params": params["top"]})
     x = m.embed(tokens)
-    new_kv = []
-    for layer, cache in zip(m.layers, kv):
+
+    def layer_step(carry, xs):
+      x, k_cache, v_cache = carry
+      i, layer_params = xs
+      layer = DecoderLayer(cfg, self.model.dtype).bind({"params": layer_params})
       q, k, v = layer.qkv(layer.attn_norm(x))
       q, k = m.rope(q, k, inp.positions)
-      cache = append_kv(cache, k, v, inp.kv_pages, inp.kv_offsets)
-      x = layer.o(self._attention(q, cache, inp), residual=x)
+      k_cache, v_cache = append_kv(k_cache, v_cache, i, k, v, inp.kv_pages, inp.kv_offsets)
+      x = layer.o(self._attention(q, k_cache, v_cache, i, inp), residual=x)
       x = layer.mlp(layer.mlp_norm(x), residual=x)
-      new_kv.append(cache)
-    return m.logits(x[inp.sample_index]), new_kv
+      return (x, k_cache, v_cache), None
+
+    (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, *kv),
+                                            (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]))
+    return m.logits(x[inp.sample_index]), (k_cache, v_cache)
 
   def _step(self, params, kv, last_tokens, counts, prompt_mask, inp: StepInputs, sp: sampler.SamplingArrays):
     tokens = jnp.where(inp.from_device, last_tokens[inp.slots], inp.tokens)
@@ -146,7 +161,7 @@ class Executor:
     if n not in self._compiled:
       t = time.perf_counter()
       with layers.use_gemm(None if self.kernels == "reference" else self._gemm):
-        lowered = self._jitted.lower(self.model.params, self.kv, self.last_tokens, self.counts, self.prompt_mask,
+        lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask,
                                      inp, sp)
       self._compiled[n] = lowered.compile()
       self.compile_seconds[n] = time.perf_counter() - t
@@ -157,5 +172,5 @@ class Executor:
     """Dispatches the step; returns device arrays (tokens, logprob, top logprobs, top ids) not yet read."""
     fn = self._compiled_for(len(inp.tokens), inp, sp)
     self.kv, self.last_tokens, self.counts, self.prompt_mask, out = fn(
-        self.model.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp, sp)
+        self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp, sp)
     return out

@@ -43,10 +43,11 @@ def test_paged_attention_mixed_batch(num_sms):
     used += need
     slots += [i] * n
     positions += list(range(c - n, c))
-  cache = jax.random.normal(jax.random.PRNGKey(1), (2, hkv, pages, s, d), jnp.bfloat16)
+  kc = jax.random.normal(jax.random.PRNGKey(1), (2, hkv, pages, s, d), jnp.bfloat16)
+  vc = jax.random.normal(jax.random.PRNGKey(7), (2, hkv, pages, s, d), jnp.bfloat16)
   q = jax.random.normal(jax.random.PRNGKey(2), (len(slots), hkv * g, d), jnp.bfloat16)
   slots, positions = np.array(slots, np.int32), np.array(positions, np.int32)
-  ref = paged_attention_reference(q, cache, table, slots, positions)
+  ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions)
   start, length, nb = query_blocks(chunk, len(slots), 16)
-  out = paged_attention(q, cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=num_sms)
+  out = paged_attention(q, kc, vc, 1, table, slots, positions, start, length, jnp.int32(nb), num_sms=num_sms)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
