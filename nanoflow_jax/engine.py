@@ -99,14 +99,14 @@ class Engine:
     self.tokenizer = model.tokenizer
     cfg = model.config
     self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    num_pages = c.num_pages or kv_cache.pages_from_memory(cfg, c.page_size, model.dtype, c.kv_memory_fraction)
+    self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
+                             kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction)
+    num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size
     log.info("KV cache: %d pages of %d tokens = %d tokens; concurrency at max_model_len %d: %.2f",
              num_pages, c.page_size, tokens_fit, self.max_model_len, tokens_fit / self.max_model_len)
     self.scheduler = Scheduler(self.pool, c.dense_batch, c.max_num_seqs, self.max_model_len)
-    self.executor = Executor(model, num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
-                             kernels=c.kernels)
     self.page_table = np.zeros((c.max_num_seqs, self.executor.max_pages_per_seq), np.int32)
     self.sp = sampler.SamplingArrays.empty(c.max_num_seqs)
     self.eos_ids = tuple(self.tokenizer.eos_ids if self.tokenizer else cfg.eos_token_ids)

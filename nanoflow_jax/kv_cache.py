@@ -18,6 +18,7 @@ from nanoflow_jax.config import ModelConfig
 log = logging.getLogger(__name__)
 
 CPU_KV_CAP_BYTES = 1 << 30  # without a GPU, keep the cache modest
+GPU_RESERVE_BYTES = 6 << 30  # left free for activations, XLA's autotuning and the sampler's [R, vocab] arrays
 
 
 class PagePool:
@@ -61,8 +62,8 @@ def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fractio
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform == "gpu" else None
   if stats and "bytes_limit" in stats:
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    budget = int(free * kv_memory_fraction)
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - GPU_RESERVE_BYTES
+    budget = int(max(free, 0) * kv_memory_fraction)
   else:
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     budget = min(int(avail * kv_memory_fraction), CPU_KV_CAP_BYTES)

@@ -62,11 +62,13 @@ def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
 
 
 class Executor:
-  def __init__(self, model: Model, num_pages: int, page_size: int, max_num_seqs: int, max_model_len: int,
-               dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None):
+  def __init__(self, model: Model, num_pages: int | None, page_size: int, max_num_seqs: int, max_model_len: int,
+               dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
+               kv_memory_fraction: float = 0.9):
+    """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights."""
     cfg = model.config
     self.model = model
-    self.num_pages, self.page_size = num_pages, page_size
+    self.page_size = page_size
     self.max_num_seqs = max_num_seqs
     self.max_pages_per_seq = -(-max_model_len // page_size)
     if kernels not in KERNEL_CHOICES:
@@ -78,13 +80,15 @@ class Executor:
     self.buckets = buckets_for(dense_batch, 128 if self.kernels == "pallas" and dense_batch >= 128 else MIN_BUCKET)
     log.info("step kernels: %s (%d SMs)", self.kernels, self.num_sms)
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
-    self.kv = kv_cache.allocate_kv(cfg, num_pages, page_size, self.kv_dtype)
-    # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer.
+    # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
+    # before the KV cache is sized, so the cache takes only what is left.
     params = model.params
     self.params = {
         "top": {k: v for k, v in params.items() if not k.startswith("layers_")},
         "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)]),
     }
+    self.num_pages = num_pages or kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction)
+    self.kv = kv_cache.allocate_kv(cfg, self.num_pages, page_size, self.kv_dtype)
     r, v = max_num_seqs, cfg.vocab_size
     self.last_tokens = jnp.zeros((r,), jnp.int32)
     self.counts = jnp.zeros((r, v), jnp.int32)
