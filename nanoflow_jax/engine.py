@@ -354,7 +354,7 @@ class Engine:
     """Drops the device state (KV cache, sampling state) so another engine can take the memory."""
     self.abort_all()
     ex = self.executor
-    ex.kv = ex.last_tokens = ex.counts = ex.prompt_mask = None
+    ex.kv = ex.params = ex.last_tokens = ex.counts = ex.prompt_mask = None
     ex._compiled.clear()
 
   # --- offline driving ----------------------------------------------------------------------------
