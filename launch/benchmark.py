@@ -37,6 +37,7 @@ flags.DEFINE_integer("num_requests", 200, "Requests (first rows of a file, unles
 flags.DEFINE_bool("sample", False, "Seeded random sample of the file's rows.")
 flags.DEFINE_integer("seed", 0, "Seed for lengths, prompts and arrivals.")
 flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
+flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for nanoflow mode (default: generic).")
 flags.DEFINE_enum("compare", None, ["sequential"], "Also run this mode on the same workload and print the ratio.")
 flags.DEFINE_integer("dense_batch", None, "Tokens per step.")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: from free memory).")
@@ -225,6 +226,8 @@ def main(argv):
   logging.basicConfig(level=logging.WARNING)
   from nanoflow_jax import compat
   compat.configure_gpu_memory()
+  if "nanoflow" in (FLAGS.mode, FLAGS.compare):
+    compat.enable_concurrent_command_buffers()  # both modes then run under the same XLA flags
   import jax
   from nanoflow_jax.llm import build_engine
   modes = [FLAGS.mode] + ([FLAGS.compare] if FLAGS.compare and FLAGS.compare != FLAGS.mode else [])
@@ -234,7 +237,8 @@ def main(argv):
     engine = build_engine(FLAGS.model, dtype=FLAGS.dtype, random_weights=FLAGS.random_weights,
                           dense_batch=FLAGS.dense_batch, num_pages=FLAGS.num_pages,
                           kv_memory_fraction=FLAGS.kv_memory_fraction, max_num_seqs=FLAGS.max_num_seqs,
-                          max_model_len=FLAGS.max_model_len, mode=mode, model_obj=model, kernels=FLAGS.kernels)
+                          max_model_len=FLAGS.max_model_len, mode=mode, model_obj=model, kernels=FLAGS.kernels,
+                          pipeline_config=FLAGS.pipeline_config)
     model = engine.model
     engine.num_devices = jax.device_count()
     requests = make_requests(engine.max_model_len, engine.model.config.vocab_size)

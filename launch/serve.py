@@ -41,6 +41,8 @@ def main(argv):
   logging.basicConfig(level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from nanoflow_jax import compat
   compat.configure_gpu_memory()
+  if FLAGS.mode == "nanoflow":
+    compat.enable_concurrent_command_buffers()
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.llm import build_engine
   from nanoflow_jax.server.app import serve
@@ -49,7 +51,7 @@ def main(argv):
   engine = build_engine(FLAGS.model, dtype=FLAGS.dtype, random_weights=FLAGS.random_weights,
                         dense_batch=FLAGS.dense_batch, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
                         kv_memory_fraction=FLAGS.kv_memory_fraction, max_num_seqs=FLAGS.max_num_seqs,
-                        max_model_len=FLAGS.max_model_len, mode=FLAGS.mode)
+                        max_model_len=FLAGS.max_model_len, mode=FLAGS.mode, pipeline_config=FLAGS.pipeline_config)
   name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
   api_key = FLAGS.api_key or os.environ.get("NANOFLOW_API_KEY")
   asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting).start(), name, FLAGS.host, FLAGS.port,

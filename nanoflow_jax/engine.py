@@ -43,6 +43,7 @@ class EngineConfig:
   max_model_len: int | None = None        # None: the model's max_position_embeddings
   mode: str = "sequential"
   kernels: str = "auto"                   # auto: Pallas kernels on GPU, jnp references elsewhere
+  pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow (default: generic)
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
 
   def validate(self):
@@ -92,15 +93,23 @@ class Engine:
     if c.compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", c.compilation_cache_dir)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    plan = None
     if c.mode == "nanoflow":
-      log.info("mode=nanoflow: no nano-batch pipeline is available for this model/device yet; "
-               "running the sequential step")
+      from nanoflow_jax.runtime import plan as plan_lib
+      on_gpu = jax.default_backend() == "gpu"
+      num_sms = jax.devices()[0].core_count if on_gpu else 132
+      if c.pipeline_config:
+        plan = plan_lib.PipelineConfig.load(c.pipeline_config)
+      else:
+        plan = plan_lib.generic_default(c.dense_batch, num_sms)
+        log.info("mode=nanoflow: no pipeline config given; using the generic default (%s: nano-batches %s)",
+                 plan.name, plan.nano_batches)
     self.model = model
     self.tokenizer = model.tokenizer
     cfg = model.config
     self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
-                             kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction)
+                             kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size
@@ -250,7 +259,7 @@ class Engine:
         self._set_step_row(seq, seq.slot)
       cur += length
     inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
-                     sample_index, sample_mask, reset, *_attention_blocks(batch, n))
+                     sample_index, sample_mask, reset, _attention_blocks(batch, ex.nano_sizes(n)))
     return inp, sampled
 
   def _set_static_row(self, seq: Sequence, row: int) -> None:
@@ -365,15 +374,26 @@ class Engine:
         progress()
 
 
-def _attention_blocks(batch: Batch, n: int):
-  """Query blocks for the attention kernel: the decodes (laid out first) and the prefill chunks."""
-  num_decodes = sum(1 for ch in batch.chunks if ch.decode)
-  dec = query_blocks([1] * num_decodes, n, DECODE_CONFIG["block_q"])
-  start, length, count = query_blocks([ch.length for ch in batch.chunks if not ch.decode], n,
-                                      PREFILL_CONFIG["block_q"])
-  start[:count] += num_decodes
-  as_arrays = lambda s, l, c: (s, l, np.array([c], np.int32))
-  return as_arrays(*dec), as_arrays(start, length, count)
+def _attention_blocks(batch: Batch, sizes: list[int]) -> tuple:
+  """Query blocks for the attention kernel, per nano-batch (rows relative to it): decodes (laid out
+  first) as blocks of one, prefill chunks in blocks of PREFILL_CONFIG's block_q. A chunk that straddles a
+  nano-batch boundary is cut there."""
+  out, chunks = [], [(ch.length, ch.decode) for ch in batch.chunks]
+  ci, off = 0, 0   # the chunk being cut and how much of it was taken
+  for size in sizes:
+    dec, pre, cur = [], [], 0
+    while ci < len(chunks) and cur < size:
+      length, is_decode = chunks[ci]
+      take = min(length - off, size - cur)
+      (dec if is_decode else pre).append((cur, take))
+      cur, off = cur + take, off + take
+      if off == length:
+        ci, off = ci + 1, 0
+    d = query_blocks([1] * len(dec), size, DECODE_CONFIG["block_q"])
+    p_start, p_len, p_count = query_blocks([t for _, t in pre], size, PREFILL_CONFIG["block_q"])
+    p_start[:p_count] += len(dec)  # decodes come first within the nano-batch
+    out.append(((d[0], d[1], np.array([d[2]], np.int32)), (p_start, p_len, np.array([p_count], np.int32))))
+  return tuple(out)
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:

@@ -84,3 +84,21 @@ def test_kernel_path_in_interpret_mode_equals_reference(tmp_path_factory):
     outs[kernels] = _run(engine, {f"r{i}": (p, 5) for i, p in enumerate(prompts)})
   for rid in outs["reference"]:
     assert outs["interpret"][rid].token_ids == outs["reference"][rid].token_ids
+
+
+@pytest.mark.parametrize("kernels", ["reference", "interpret"])
+def test_nanoflow_mode_equals_sequential(tmp_path_factory, kernels):
+  """The nano-batch split (generic two-nano-batch pipeline, chunks cut at the boundary) changes nothing."""
+  hf, ckpt = fx.make_converted("llama3", tmp_path_factory.mktemp(f"nano-{kernels}"))
+  model = load_model(ckpt, dtype="float32")
+  prompts = fx.random_prompts(np.random.default_rng(6), [3, 40, 9, 17, 2])
+  requests = {f"r{i}": (p, 6) for i, p in enumerate(prompts)}
+  outs = {}
+  for mode in ("sequential", "nanoflow"):
+    engine = Engine(model, EngineConfig(dense_batch=32, page_size=4, num_pages=128, max_num_seqs=5, mode=mode,
+                                        kernels=kernels, compilation_cache_dir=None))
+    if mode == "nanoflow":
+      assert engine.executor.nano_sizes(32) == [16, 16]
+    outs[mode] = _run(engine, requests, arrivals={3: ["r4"]})
+  for rid, (prompt, n) in requests.items():
+    assert outs["nanoflow"][rid].token_ids == outs["sequential"][rid].token_ids == fx.hf_greedy(hf, prompt, n)

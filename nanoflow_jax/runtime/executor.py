@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanoflow_jax import kv_cache, sampler
+import contextlib
+
+from nanoflow_jax import compat, kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
+from nanoflow_jax.runtime.plan import PipelineConfig
 from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels.paged_attention import (DECODE_CONFIG, PREFILL_CONFIG, append_kv, paged_attention,
                                             paged_attention_reference)
@@ -45,12 +48,17 @@ class StepInputs:
   sample_index: np.ndarray   # int32 [R]: which token's logits each slot samples from
   sample_mask: np.ndarray    # bool [R]
   reset: np.ndarray          # bool [R]: a new sequence took the slot
-  decode_blocks: tuple       # (start [N], len [N], count [1]) int32: query blocks of the decodes (rows first)
-  prefill_blocks: tuple      # the same for the prefill chunks (query_blocks with PREFILL_CONFIG's block_q)
+  blocks: tuple              # per nano-batch: (decode blocks, prefill blocks), each (start, len, count [1])
+                             # int32 with rows relative to the nano-batch (query_blocks)
 
 
 jax.tree_util.register_dataclass(StepInputs, data_fields=[f.name for f in dataclasses.fields(StepInputs)],
                                  meta_fields=[])
+
+
+def _sequential_ops(num_nano_batches: int):
+  from nanoflow_jax.runtime.plan import OPS, NanoOp
+  return [NanoOp(op, nb) for nb in range(num_nano_batches) for op in OPS]
 
 
 def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
@@ -64,8 +72,9 @@ def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
 class Executor:
   def __init__(self, model: Model, num_pages: int | None, page_size: int, max_num_seqs: int, max_model_len: int,
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
-               kv_memory_fraction: float = 0.9):
-    """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights."""
+               kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None):
+    """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
+    plan: run each layer as this PipelineConfig's nano-ops (mode nanoflow); None: sequential."""
     cfg = model.config
     self.model = model
     self.page_size = page_size
@@ -79,6 +88,10 @@ class Executor:
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
     self.buckets = buckets_for(dense_batch, 128 if self.kernels == "pallas" and dense_batch >= 128 else MIN_BUCKET)
     log.info("step kernels: %s (%d SMs)", self.kernels, self.num_sms)
+    self.plan = plan
+    # Stream annotation needs the kernels (SM-limited grids) and a GPU; elsewhere the same split and order.
+    self.annotate = plan is not None and self.kernels == "pallas"
+    self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
     # before the KV cache is sized, so the cache takes only what is left.
@@ -104,43 +117,90 @@ class Executor:
     raise ValueError(f"{num_tokens} tokens exceed the dense batch {self.buckets[-1]}")
 
   # --- the step itself (traced once per bucket) ---------------------------------------------------
-  def _attention(self, q, k_cache, v_cache, layer, inp: StepInputs):
+  def nano_sizes(self, num_tokens: int) -> list[int]:
+    if self.plan is None:
+      return [num_tokens]
+    return self.plan.sizes_for(num_tokens, 128 if self.kernels == "pallas" else 8)
+
+  @contextlib.contextmanager
+  def _nano_op(self, op):
+    prev, self._op = self._op, op
+    try:
+      yield
+    finally:
+      self._op = prev
+
+  def _sms(self) -> int:
+    return (self._op.sm_share or self.num_sms) if self._op is not None else self.num_sms
+
+  def _on_stream(self, f):
+    if self.annotate and self._op is not None and self._op.stream:
+      return compat.compute_on(f, f"gpu_stream:{self._op.stream}")
+    return f
+
+  def _attention(self, q, k_cache, v_cache, layer, inp: StepInputs, rows: slice, blocks):
     window = self.model.config.sliding_window
+    slots, positions = inp.slots[rows], inp.positions[rows]
     if self.kernels == "reference":
-      return paged_attention_reference(q, k_cache, v_cache, layer, inp.page_table, inp.slots, inp.positions, window)
-    # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
-    out = None
-    for blocks, cfg in ((inp.decode_blocks, DECODE_CONFIG), (inp.prefill_blocks, PREFILL_CONFIG)):
-      out = paged_attention(q, k_cache, v_cache, layer, inp.page_table, inp.slots, inp.positions, *blocks,
-                            num_sms=self.num_sms,
-                            sliding_window=window, interpret=self.kernels == "interpret", out=out, **cfg)
-    return out
+      return paged_attention_reference(q, k_cache, v_cache, layer, inp.page_table, slots, positions, window)
+    num_sms, interpret = self._sms(), self.kernels == "interpret"
+
+    def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
+      # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
+      out = None
+      for bl, cfg in zip(blocks, (DECODE_CONFIG, PREFILL_CONFIG)):
+        out = paged_attention(q, k_cache, v_cache, layer, page_table, slots, positions, *bl, num_sms=num_sms,
+                              sliding_window=window, interpret=interpret, out=out, **cfg)
+      return out
+    return self._on_stream(kernels)(q, k_cache, v_cache, layer, inp.page_table, slots, positions, blocks)
 
   def _gemm(self, a, b, residual):
     m, k = a.shape
     if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not gemm_kernel.supported(
         m, b.shape[1], k):
       return None
+    num_sms = self._sms()
     if self.kernels == "interpret":
       from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
       with force_gpu_interpret_mode(InterpretGPUParams()):
-        return gemm_kernel.gemm(a, b, residual, num_sms=self.num_sms)
-    return gemm_kernel.gemm(a, b, residual, num_sms=self.num_sms)
+        return gemm_kernel.gemm(a, b, residual, num_sms=num_sms)
+    if residual is None:
+      return self._on_stream(lambda a, b: gemm_kernel.gemm(a, b, None, num_sms=num_sms))(a, b)
+    return self._on_stream(lambda a, b, r: gemm_kernel.gemm(a, b, r, num_sms=num_sms))(a, b, residual)
 
   def _forward(self, params, kv, tokens, inp: StepInputs):
     cfg = self.model.config
     m = self.model.module.bind({"params": params["top"]})
     x = m.embed(tokens)
 
+    sizes = self.nano_sizes(tokens.shape[0])
+    bounds = np.cumsum([0] + sizes)
+    rows = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    ops = self.plan.ops if self.plan is not None and len(sizes) > 1 else _sequential_ops(len(sizes))
+
     def layer_step(carry, xs):
       x, k_cache, v_cache = carry
       i, layer_params = xs
       layer = DecoderLayer(cfg, self.model.dtype).bind({"params": layer_params})
-      q, k, v = layer.qkv(layer.attn_norm(x))
-      q, k = m.rope(q, k, inp.positions)
-      k_cache, v_cache = append_kv(k_cache, v_cache, i, k, v, inp.kv_pages, inp.kv_offsets)
-      x = layer.o(self._attention(q, k_cache, v_cache, i, inp), residual=x)
-      x = layer.mlp(layer.mlp_norm(x), residual=x)
+      st = [{"x": x[r]} for r in rows]   # per nano-batch values
+      for op in ops:
+        s, r = st[op.nano_batch], rows[op.nano_batch]
+        with self._nano_op(op):
+          if op.op == "qkv":
+            s["q"], s["k"], s["v"] = layer.qkv(layer.attn_norm(s["x"]))
+          elif op.op == "rope_append":
+            s["q"], k = m.rope(s["q"], s["k"], inp.positions[r])
+            k_cache, v_cache = append_kv(k_cache, v_cache, i, k, s["v"], inp.kv_pages[r], inp.kv_offsets[r])
+          elif op.op == "attention":
+            s["attn"] = self._attention(s["q"], k_cache, v_cache, i, inp, r, inp.blocks[op.nano_batch])
+          elif op.op == "o":
+            s["x"] = layer.o(s["attn"], residual=s["x"])
+          elif op.op == "gate_up":
+            h = layer.mlp_norm(s["x"])
+            s["mlp"] = layer.mlp(h, residual=s["x"]) if cfg.is_moe else layer.gate_up(h)
+          elif op.op == "down":
+            s["x"] = s["mlp"] if cfg.is_moe else layer.down(layer.act(s["mlp"]), residual=s["x"])
+      x = st[0]["x"] if len(st) == 1 else jnp.concatenate([s["x"] for s in st])
       return (x, k_cache, v_cache), None
 
     (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, *kv),
@@ -167,7 +227,7 @@ class Executor:
       with layers.use_gemm(None if self.kernels == "reference" else self._gemm):
         lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask,
                                      inp, sp)
-      self._compiled[n] = lowered.compile()
+      self._compiled[n] = lowered.compile(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else None)
       self.compile_seconds[n] = time.perf_counter() - t
       log.info("compiled the step for %d tokens in %.1f s", n, self.compile_seconds[n])
     return self._compiled[n]

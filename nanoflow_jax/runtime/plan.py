@@ -1,0 +1,166 @@
+"""PipelineConfig: how one decoder layer of a dense batch runs as nano-ops.
+
+A config names the nano-batches (token counts, decode rows first, then prefill rows), and the ordered
+list of nano-ops of one layer: each an op of OPS applied to one nano-batch, on a stream, with an SM
+share, and its dependencies (other nano-ops of the same layer, or of the previous layer with "prev:").
+The executor runs the list in order; on the GPU each nano-op's kernel goes to its stream.
+
+JSON (version 1):
+  {"version": 1, "name": "...", "dense_batch": 2048, "num_sms": 132, "nano_batches": [1024, 1024],
+   "ops": [{"op": "qkv", "nano_batch": 0, "stream": 1, "sm_share": 132, "deps": ["prev:down@0"]}, ...]}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+# One layer's ops, in data order: norm + qkv GEMM; RoPE + KV append; attention; o GEMM (+ residual);
+# norm + gate_up GEMM; activation + down GEMM (+ residual).
+OPS = ("qkv", "rope_append", "attention", "o", "gate_up", "down")
+RESOURCE = {"qkv": "compute", "rope_append": "memory", "attention": "memory", "o": "compute",
+            "gate_up": "compute", "down": "compute"}
+
+
+class PipelineConfigError(ValueError):
+  pass
+
+
+@dataclasses.dataclass
+class NanoOp:
+  op: str
+  nano_batch: int
+  stream: int = 0
+  sm_share: int = 0          # 0: the whole GPU
+  deps: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def id(self) -> str:
+    return f"{self.op}@{self.nano_batch}"
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+  dense_batch: int
+  num_sms: int
+  nano_batches: list[int]
+  ops: list[NanoOp]
+  name: str = ""
+  version: int = VERSION
+
+  # --- (de)serialization ------------------------------------------------------------------------------
+  def to_json(self) -> str:
+    d = dataclasses.asdict(self)
+    return json.dumps(d, indent=1)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "PipelineConfig":
+    if d.get("version") != VERSION:
+      raise PipelineConfigError(f"pipeline config version {d.get('version')!r}; this build reads {VERSION}")
+    try:
+      ops = [NanoOp(**o) for o in d["ops"]]
+      cfg = cls(dense_batch=int(d["dense_batch"]), num_sms=int(d["num_sms"]),
+                nano_batches=[int(n) for n in d["nano_batches"]], ops=ops, name=d.get("name", ""))
+    except (KeyError, TypeError) as e:
+      raise PipelineConfigError(f"malformed pipeline config: {e}") from None
+    cfg.validate()
+    return cfg
+
+  @classmethod
+  def load(cls, path: str) -> "PipelineConfig":
+    try:
+      with open(path) as f:
+        return cls.from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise PipelineConfigError(f"{path}: not valid JSON: {e}") from None
+
+  # --- checks -----------------------------------------------------------------------------------------
+  def validate(self) -> None:
+    def fail(msg):
+      raise PipelineConfigError(msg)
+    if sum(self.nano_batches) != self.dense_batch or any(n <= 0 for n in self.nano_batches):
+      fail(f"nano-batches {self.nano_batches} do not cover the dense batch {self.dense_batch}")
+    ids = [o.id for o in self.ops]
+    want = {f"{op}@{nb}" for op in OPS for nb in range(len(self.nano_batches))}
+    if len(ids) != len(set(ids)):
+      fail(f"a nano-op appears twice: {sorted(i for i in ids if ids.count(i) > 1)[0]}")
+    if set(ids) != want:
+      missing, extra = sorted(want - set(ids)), sorted(set(ids) - want)
+      fail(f"nano-ops missing {missing} or unknown {extra}")
+    for o in self.ops:
+      if not 0 <= o.sm_share <= self.num_sms:
+        fail(f"{o.id}: SM share {o.sm_share} outside [0, {self.num_sms}]")
+      for dep in o.deps:
+        if dep.removeprefix("prev:") not in want:
+          fail(f"{o.id}: unknown dependency {dep!r}")
+    # The data order inside a nano-batch must be among the dependencies (directly or transitively).
+    order = {i: k for k, i in enumerate(ids)}
+    for o in self.ops:
+      for d in o.deps:
+        if not d.startswith("prev:") and order[d] > order[o.id]:
+          fail(f"{o.id} depends on {d}, which comes later in the list (a cycle)")
+    anc = self._ancestors()
+    for nb in range(len(self.nano_batches)):
+      for a, b in zip(OPS, OPS[1:]):
+        if f"{a}@{nb}" not in anc[f"{b}@{nb}"]:
+          fail(f"{b}@{nb} must depend on {a}@{nb}")
+    # Concurrent nano-ops (neither an ancestor of the other) on different streams share the SMs.
+    for i, x in enumerate(self.ops):
+      for y in self.ops[i + 1:]:
+        if x.stream != y.stream and x.id not in anc[y.id] and y.id not in anc[x.id]:
+          share = (x.sm_share or self.num_sms) + (y.sm_share or self.num_sms)
+          if share > self.num_sms:
+            fail(f"{x.id} and {y.id} may run at once with {share} SMs > {self.num_sms}")
+
+  def _ancestors(self) -> dict[str, set[str]]:
+    anc: dict[str, set[str]] = {}
+    for o in self.ops:
+      s: set[str] = set()
+      for d in o.deps:
+        if not d.startswith("prev:"):
+          s |= {d} | anc[d]
+      anc[o.id] = s
+    return anc
+
+  def sizes_for(self, num_tokens: int, align: int) -> list[int]:
+    """Nano-batch sizes for a bucket of num_tokens: the config's proportions, in multiples of `align`;
+    one nano-batch when the bucket is too small to split."""
+    if num_tokens == self.dense_batch:
+      return list(self.nano_batches)
+    sizes, used = [], 0
+    for n in self.nano_batches[:-1]:
+      s = max(align, round(n * num_tokens / self.dense_batch / align) * align)
+      sizes.append(s)
+      used += s
+    if used >= num_tokens:
+      return [num_tokens]
+    return sizes + [num_tokens - used]
+
+
+def generic_default(dense_batch: int, num_sms: int) -> PipelineConfig:
+  """Two nano-batches, NanoFlow's basic overlap: nano-batch 1's qkv GEMM runs beside nano-batch 0's
+  attention, and nano-batch 0's o/gate_up/down GEMMs beside nano-batch 1's attention. GEMMs (and the
+  small fused ops) on stream 1, attention on stream 2; the SMs split between them."""
+  half = (dense_batch // 2 // 128) * 128 or dense_batch // 2
+  attn, gemm = max(num_sms // 4, 1), num_sms - max(num_sms // 4, 1)
+  ops = [
+      NanoOp("qkv", 0, 1, gemm, ["prev:down@0"]),
+      NanoOp("rope_append", 0, 1, gemm, ["qkv@0"]),
+      NanoOp("attention", 0, 2, attn, ["rope_append@0"]),
+      NanoOp("qkv", 1, 1, gemm, ["prev:down@1"]),                    # beside attention@0
+      NanoOp("rope_append", 1, 1, gemm, ["qkv@1", "attention@0"]),   # one KV buffer: after attention@0 read it
+      NanoOp("attention", 1, 2, attn, ["rope_append@1"]),
+      NanoOp("o", 0, 1, gemm, ["attention@0"]),                      # o/gate_up/down@0 beside attention@1
+      NanoOp("gate_up", 0, 1, gemm, ["o@0"]),
+      NanoOp("down", 0, 1, gemm, ["gate_up@0"]),
+      NanoOp("o", 1, 1, gemm, ["attention@1"]),
+      NanoOp("gate_up", 1, 1, gemm, ["o@1"]),
+      NanoOp("down", 1, 1, gemm, ["gate_up@1"]),
+  ]
+  cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=[half, dense_batch - half], ops=ops,
+                       name="generic-2")
+  cfg.validate()
+  return cfg
