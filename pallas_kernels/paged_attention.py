@@ -148,9 +148,7 @@ def _kernel(layer_ref, nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref,
   jax.lax.fori_loop(0, n_items, item, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("num_sms", "block_q", "pages_per_block", "sliding_window",
-                                             "interpret", "num_warps", "num_stages", "programs_per_sm"))
-def paged_attention(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
+def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
                     num_sms: int,
                     block_q: int = 16, pages_per_block: int = 4, sliding_window: int | None = None,
                     interpret: bool = False, num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 1,
@@ -195,3 +193,10 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, slots, positions, bl
   )(jnp.asarray(layer, jnp.int32).reshape(1), num_blocks.astype(jnp.int32).reshape(1), block_start.astype(jnp.int32), block_len.astype(jnp.int32),
     slots.astype(jnp.int32), pos, pt, qg, k, v, out)
   return res[:n, :, :g].reshape(n, hq, d)
+
+
+# The jitted entry. Inside a stream-annotated computation call paged_attention_call instead: a nested jit
+# there fails at run time ("No ExecutionStreamId found").
+paged_attention = jax.jit(paged_attention_call, static_argnames=(
+    "num_sms", "block_q", "pages_per_block", "sliding_window", "interpret", "num_warps", "num_stages",
+    "programs_per_sm"))

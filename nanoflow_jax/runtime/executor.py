@@ -24,7 +24,7 @@ from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
 from nanoflow_jax.runtime.plan import PipelineConfig
 from pallas_kernels import gemm as gemm_kernel
-from pallas_kernels.paged_attention import (DECODE_CONFIG, PREFILL_CONFIG, append_kv, paged_attention,
+from pallas_kernels.paged_attention import (DECODE_CONFIG, PREFILL_CONFIG, append_kv, paged_attention_call,
                                             paged_attention_reference)
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Executor:
       # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
       out = None
       for bl, cfg in zip(blocks, (DECODE_CONFIG, PREFILL_CONFIG)):
-        out = paged_attention(q, k_cache, v_cache, layer, page_table, slots, positions, *bl, num_sms=num_sms,
+        out = paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, *bl, num_sms=num_sms,
                               sliding_window=window, interpret=interpret, out=out, **cfg)
       return out
     return self._on_stream(kernels)(q, k_cache, v_cache, layer, inp.page_table, slots, positions, blocks)
