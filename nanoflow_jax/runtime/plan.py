@@ -107,6 +107,14 @@ class PipelineConfig:
       for a, b in zip(OPS, OPS[1:]):
         if f"{a}@{nb}" not in anc[f"{b}@{nb}"]:
           fail(f"{b}@{nb} must depend on {a}@{nb}")
+    # One KV buffer per layer: an append after (or beside) an attention that reads it makes XLA copy the
+    # whole cache (measured: a 95 GiB allocation). Every attention must follow every append of the layer.
+    appends = [f"rope_append@{nb}" for nb in range(len(self.nano_batches))]
+    for o in self.ops:
+      if o.op == "attention":
+        missing = [a for a in appends if a not in anc[o.id]]
+        if missing:
+          fail(f"{o.id} must depend on {missing[0]}: all KV appends of a layer precede its attention reads")
     # Concurrent nano-ops (neither an ancestor of the other) on different streams share the SMs.
     for i, x in enumerate(self.ops):
       for y in self.ops[i + 1:]:
@@ -141,24 +149,24 @@ class PipelineConfig:
 
 
 def generic_default(dense_batch: int, num_sms: int) -> PipelineConfig:
-  """Two nano-batches, NanoFlow's basic overlap: nano-batch 1's qkv GEMM runs beside nano-batch 0's
-  attention, and nano-batch 0's o/gate_up/down GEMMs beside nano-batch 1's attention. GEMMs (and the
-  small fused ops) on stream 1, attention on stream 2; the SMs split between them."""
+  """Two nano-batches: both qkv GEMMs and KV appends, then nano-batch 0's attention on the whole GPU,
+  then nano-batch 1's attention (stream 2, a quarter of the SMs) beside nano-batch 0's o/gate_up/down
+  GEMMs (stream 1, the rest), then nano-batch 1's GEMMs."""
   half = (dense_batch // 2 // 128) * 128 or dense_batch // 2
   attn, gemm = max(num_sms // 4, 1), num_sms - max(num_sms // 4, 1)
   ops = [
-      NanoOp("qkv", 0, 1, gemm, ["prev:down@0"]),
-      NanoOp("rope_append", 0, 1, gemm, ["qkv@0"]),
-      NanoOp("attention", 0, 2, attn, ["rope_append@0"]),
-      NanoOp("qkv", 1, 1, gemm, ["prev:down@1"]),                    # beside attention@0
-      NanoOp("rope_append", 1, 1, gemm, ["qkv@1", "attention@0"]),   # one KV buffer: after attention@0 read it
-      NanoOp("attention", 1, 2, attn, ["rope_append@1"]),
+      NanoOp("qkv", 0, 1, num_sms, ["prev:down@0"]),
+      NanoOp("qkv", 1, 1, num_sms, ["prev:down@1"]),
+      NanoOp("rope_append", 0, 1, num_sms, ["qkv@0"]),
+      NanoOp("rope_append", 1, 1, num_sms, ["qkv@1", "rope_append@0"]),
+      NanoOp("attention", 0, 2, num_sms, ["rope_append@0", "rope_append@1"]),
+      NanoOp("attention", 1, 2, attn, ["rope_append@1", "attention@0"]),
       NanoOp("o", 0, 1, gemm, ["attention@0"]),                      # o/gate_up/down@0 beside attention@1
       NanoOp("gate_up", 0, 1, gemm, ["o@0"]),
       NanoOp("down", 0, 1, gemm, ["gate_up@0"]),
-      NanoOp("o", 1, 1, gemm, ["attention@1"]),
-      NanoOp("gate_up", 1, 1, gemm, ["o@1"]),
-      NanoOp("down", 1, 1, gemm, ["gate_up@1"]),
+      NanoOp("o", 1, 1, num_sms, ["attention@1", "down@0"]),
+      NanoOp("gate_up", 1, 1, num_sms, ["o@1"]),
+      NanoOp("down", 1, 1, num_sms, ["gate_up@1"]),
   ]
   cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=[half, dense_batch - half], ops=ops,
                        name="generic-2")
