@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 from absl import app, flags
 
 from launch import workloads
+from nanoflow_jax.perf import gemm_peak_tflops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "tiny", "Checkpoint directory or named shape.")
@@ -49,22 +50,6 @@ flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; emp
 flags.DEFINE_float("slo_ms", 200.0, "Online: p99 normalized latency bound (ms per output token).")
 flags.DEFINE_string("json_out", None, "Write every figure and the environment here.")
 flags.DEFINE_string("plot_out", None, "Write a PNG of the results here.")
-
-
-def gemm_peak_tflops() -> float:
-  """XLA's bf16 GEMM rate on this device, measured now (8192^3 on a GPU, 1024^3 on a CPU)."""
-  import jax
-  import jax.numpy as jnp
-  n = 8192 if jax.default_backend() == "gpu" else 1024
-  a = jnp.ones((n, n), jnp.bfloat16)
-  f = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(f(a))
-  reps = 20 if n == 8192 else 3
-  t = time.perf_counter()
-  for _ in range(reps):
-    r = f(a)
-  jax.block_until_ready(r)
-  return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
 
 
 def environment(mode: str) -> dict:

@@ -1,0 +1,20 @@
+"""Ceilings measured in the running process, for ratios that hold across runs."""
+from __future__ import annotations
+
+import time
+
+
+def gemm_peak_tflops() -> float:
+  """XLA's bf16 GEMM rate on this device, measured now (8192^3 on a GPU, 1024^3 on a CPU)."""
+  import jax
+  import jax.numpy as jnp
+  n = 8192 if jax.default_backend() == "gpu" else 1024
+  a = jnp.ones((n, n), jnp.bfloat16)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  reps = 20 if n == 8192 else 3
+  t = time.perf_counter()
+  for _ in range(reps):
+    r = f(a)
+  jax.block_until_ready(r)
+  return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
