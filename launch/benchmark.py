@@ -55,10 +55,11 @@ flags.DEFINE_string("plot_out", None, "Write a PNG of the results here.")
 def environment(mode: str) -> dict:
   import jax
   try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    commit = r.stdout.strip() if r.returncode == 0 else "unknown (not a git checkout)"
   except OSError:
-    commit = ""
+    commit = "unknown (no git)"
   dev = jax.devices()[0]
   return {"device": dev.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
           "python": platform.python_version(), "model": FLAGS.model, "mode": mode, "git_commit": commit,
