@@ -28,6 +28,7 @@ flags.DEFINE_integer("prefill", 1536, "Prefill tokens in the step.")
 flags.DEFINE_list("attn_shares", ["16", "33", "48", "66"], "Attention SM shares to try in nanoflow mode.")
 flags.DEFINE_integer("iters", 10, "Steps per timing sample.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
+flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of each nanoflow variant's steps here.")
 
 
 def main(argv):
@@ -98,6 +99,12 @@ def main(argv):
       jax.block_until_ready(out)
       samples.append((time.perf_counter() - t) / FLAGS.iters * 1e3)
     ms = statistics.median(samples)
+    if FLAGS.trace_dir and plan is not None and annotate:
+      tdir = os.path.join(FLAGS.trace_dir, name.replace(" ", "_").replace("@", ""))
+      with jax.profiler.trace(tdir, create_perfetto_trace=True):
+        for _ in range(3):
+          out = ex.run(inp, sp)
+        jax.block_until_ready(out)
     seq_ms = seq_ms or ms
     rows.append(f"| {name} | {ms:.1f} | {100 * optimal_ms / ms:.1f}% | {seq_ms / ms:.3f} |")
     print(rows[-1], flush=True)
