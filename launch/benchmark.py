@@ -47,6 +47,8 @@ flags.DEFINE_integer("max_num_seqs", 512, "Sequences running at once.")
 flags.DEFINE_integer("max_model_len", None, "Longest prompt + output.")
 flags.DEFINE_enum("kernels", "auto", ["auto", "reference", "pallas"], "Step kernels (auto: Pallas on GPU).")
 flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; empty: offline mode.")
+flags.DEFINE_string("url", None, "Online mode through HTTP: a running server's base URL (e.g. http://127.0.0.1:8000).")
+flags.DEFINE_string("api_key", None, "Bearer key for --url.")
 flags.DEFINE_float("slo_ms", 200.0, "Online: p99 normalized latency bound (ms per output token).")
 flags.DEFINE_string("json_out", None, "Write every figure and the environment here.")
 flags.DEFINE_string("plot_out", None, "Write a PNG of the results here.")
@@ -135,37 +137,79 @@ def _pcts(xs):
   return {"mean": statistics.fmean(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
 
 
-async def _online(async_engine, requests, rate: float, seed: int) -> dict:
+async def _http_stream(session, url: str, prompt, out_len: int):
+  """Yields the number of tokens in each streamed chunk of one /v1/completions request."""
+  body = {"prompt": prompt, "max_tokens": out_len, "ignore_eos": True, "temperature": 0.0, "stream": True,
+          "logprobs": 0}
+  headers = {"Authorization": f"Bearer {FLAGS.api_key}"} if FLAGS.api_key else {}
+  async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
+    if resp.status != 200:
+      raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+    async for line in resp.content:
+      line = line.strip()
+      if not line.startswith(b"data: ") or line == b"data: [DONE]":
+        continue
+      choice = json.loads(line[6:])["choices"][0]
+      n = len((choice.get("logprobs") or {}).get("tokens") or [])
+      if n:
+        yield n
+
+
+async def _online(async_engine, requests, rate: float, seed: int, url: str | None = None) -> dict:
   import numpy as np
   rng = np.random.default_rng(seed)
   gaps = rng.exponential(1.0 / rate, size=len(requests))
   ttft, tpot, itl, norm = [], [], [], []
 
+  session = None
+  if url:
+    import aiohttp
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+
+  async def counts(i, prompt, out_len):
+    if session is not None:
+      async for k in _http_stream(session, url, prompt, out_len):
+        yield k
+    else:
+      async for d in async_engine.generate(f"o{seed}-{i}", prompt, params(out_len)):
+        if d.token_ids:
+          yield len(d.token_ids)
+
   async def one(i, prompt, out_len, delay):
     await asyncio.sleep(delay)
     t0 = time.perf_counter()
     last, first, n = None, None, 0
-    async for d in async_engine.generate(f"o{seed}-{i}", prompt, params(out_len)):
+    async for k in counts(i, prompt, out_len):
       now = time.perf_counter()
-      if d.token_ids:
-        if first is None:
-          first = now
-        elif last is not None:
-          itl.append((now - last) / len(d.token_ids))
-        last = now
-        n += len(d.token_ids)
+      if first is None:
+        first = now
+      elif last is not None:
+        itl.append((now - last) / k)
+      last = now
+      n += k
     end = time.perf_counter()
     ttft.append(first - t0)
     if n > 1:
       tpot.append((end - first) / (n - 1))
     norm.append((end - t0) / max(n, 1))
   t0 = time.perf_counter()
-  await asyncio.gather(*[one(i, p, o, float(np.sum(gaps[:i + 1]))) for i, (p, o) in enumerate(requests)])
+  try:
+    await asyncio.gather(*[one(i, p, o, float(np.sum(gaps[:i + 1]))) for i, (p, o) in enumerate(requests)])
+  finally:
+    if session is not None:
+      await session.close()
   wall = time.perf_counter() - t0
   ms = lambda xs: {k: 1e3 * v for k, v in _pcts(xs).items()}
   return {"rate": rate, "wall_seconds": wall, "ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(itl),
           "normalized_latency_ms": ms(norm),
           "output_tokens_per_s": sum(o for _, o in requests) / wall}
+
+
+def run_online_http(requests) -> dict:
+  sweep = [asyncio.run(_online(None, requests, float(r), FLAGS.seed + k, FLAGS.url)) for k, r in enumerate(FLAGS.rates)]
+  ok = [s["rate"] for s in sweep if s["normalized_latency_ms"].get("p99", 1e9) <= FLAGS.slo_ms]
+  return {"sweep": sweep, "slo_ms": FLAGS.slo_ms, "max_rate_within_slo": max(ok) if ok else None,
+          "url": FLAGS.url}
 
 
 def run_online(engine, requests) -> dict:
@@ -216,6 +260,21 @@ def main(argv):
     compat.enable_concurrent_command_buffers()  # both modes then run under the same XLA flags
   import jax
   from nanoflow_jax.llm import build_engine
+  if FLAGS.url:
+    if not FLAGS.rates:
+      raise app.UsageError("--url measures online latency: give --rates")
+    from nanoflow_jax import checkpoint
+    cfg = checkpoint.resolve_config(FLAGS.model)
+    requests = make_requests(FLAGS.max_model_len or cfg.max_position_embeddings, cfg.vocab_size)
+    res = {"http": {"environment": {"url": FLAGS.url, "model": FLAGS.model}, "online": run_online_http(requests)}}
+    for s in res["http"]["online"]["sweep"]:
+      print(f"http @ {s['rate']:g} req/s: TTFT p50 {s['ttft_ms'].get('p50', 0):.0f} ms | TPOT p50 "
+            f"{s['tpot_ms'].get('p50', 0):.1f} ms | normalized p99 {s['normalized_latency_ms'].get('p99', 0):.1f} ms/token")
+    print(f"highest rate within the {FLAGS.slo_ms:g} ms/token SLO: {res['http']['online']['max_rate_within_slo']}")
+    if FLAGS.json_out:
+      with open(FLAGS.json_out, "w") as f:
+        json.dump({"results": res}, f, indent=2)
+    return
   modes = [FLAGS.mode] + ([FLAGS.compare] if FLAGS.compare and FLAGS.compare != FLAGS.mode else [])
   peak = gemm_peak_tflops()
   results, model = {}, None

@@ -57,3 +57,19 @@ def test_workload_lengths():
   assert workloads.lengths("1024-512", 2, max_model_len=1000) == [(999, 1)] * 2
   with pytest.raises(ValueError, match="unknown workload"):
     workloads.lengths("nope", 1)
+
+
+def test_online_through_http_against_a_live_server(tmp_path):
+  from server_process import ServerProcess
+  server = ServerProcess("--dense_batch=128", "--num_pages=1024", "--max_num_seqs=16")
+  try:
+    out = tmp_path / "h.json"
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "benchmark.py"), "--model=tiny", f"--url={server.url}",
+           "--workload=lmsys", "--num_requests=4", "--max_model_len=256", "--rates=20", f"--json_out={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = json.loads(out.read_text())["results"]["http"]["online"]["sweep"]
+    assert sweep[0]["rate"] == 20.0 and sweep[0]["ttft_ms"]["p50"] > 0 and sweep[0]["normalized_latency_ms"]["p99"] > 0
+    assert "highest rate within" in r.stdout
+  finally:
+    assert server.stop() == 0
