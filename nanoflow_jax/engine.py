@@ -24,7 +24,7 @@ from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetric
 from nanoflow_jax.runtime.executor import KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
 from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
 from nanoflow_jax.scheduler import Batch, Scheduler
-from nanoflow_jax.sequence import Sequence, Status
+from nanoflow_jax.sequence import Sequence
 from nanoflow_jax.tokenizer import IncrementalDetokenizer
 from pallas_kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG, query_blocks
 

@@ -13,7 +13,6 @@ of the shapes we serve qualify).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os

@@ -1,5 +1,4 @@
 """Shared set-up for engine tests: a converted tiny HF model and its transformers twin."""
-import numpy as np
 import torch
 
 import hf_models

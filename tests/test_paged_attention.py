@@ -1,7 +1,6 @@
 """The paged attention kernel (Pallas, interpret mode on the CPU) against the jnp reference, and the
 reference against plain causal attention: ragged lengths, partial pages, chunked prefill continuing from
 cached pages, GQA, sliding windows, every SM-share path."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ def _batch(rng, hkv=2, g=2, d=32, page_size=4, num_pages=64, ctx=(5, 17, 1, 9), 
   hq = hkv * g
   pages = rng.permutation(num_pages)
   table = np.zeros((rows, -(-max(ctx) // page_size) + 1), np.int32)
-  kvs, slots, positions, lengths = [], [], [], []
+  slots, positions, lengths = [], [], []
   used = 0
   for i, (c, n) in enumerate(zip(ctx, chunk)):
     need = -(-c // page_size)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import gemm
-from pallas_kernels.paged_attention import append_kv, paged_attention, paged_attention_reference, query_blocks
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference, query_blocks
 
 pytestmark = pytest.mark.gpu
 SHARES = [132, 112, 96, 64, 48, 32]
