@@ -38,6 +38,7 @@ flags.DEFINE_integer("num_requests", 200, "Requests (first rows of a file, unles
 flags.DEFINE_bool("sample", False, "Seeded random sample of the file's rows.")
 flags.DEFINE_integer("seed", 0, "Seed for lengths, prompts and arrivals.")
 flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
+flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
 flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for nanoflow mode (default: generic).")
 flags.DEFINE_enum("compare", None, ["sequential"], "Also run this mode on the same workload and print the ratio.")
 flags.DEFINE_integer("dense_batch", None, "Tokens per step.")
@@ -63,7 +64,7 @@ def environment(mode: str) -> dict:
   except OSError:
     commit = "unknown (no git)"
   dev = jax.devices()[0]
-  return {"device": dev.device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
+  return {"device": dev.device_kind, "num_devices": FLAGS.tp, "jax": jax.__version__,
           "python": platform.python_version(), "model": FLAGS.model, "mode": mode, "git_commit": commit,
           "workload": FLAGS.workload_file or FLAGS.workload, "dense_batch": FLAGS.dense_batch,
           "max_num_seqs": FLAGS.max_num_seqs, "kernels": FLAGS.kernels}
@@ -283,9 +284,9 @@ def main(argv):
                           dense_batch=FLAGS.dense_batch, num_pages=FLAGS.num_pages,
                           kv_memory_fraction=FLAGS.kv_memory_fraction, max_num_seqs=FLAGS.max_num_seqs,
                           max_model_len=FLAGS.max_model_len, mode=mode, model_obj=model, kernels=FLAGS.kernels,
-                          pipeline_config=FLAGS.pipeline_config)
+                          pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp)
     model = engine.model
-    engine.num_devices = jax.device_count()
+    engine.num_devices = FLAGS.tp
     requests = make_requests(engine.max_model_len, engine.model.config.vocab_size)
     r = {"environment": environment(mode)}
     r["online" if FLAGS.rates else "offline"] = run_online(engine, requests) if FLAGS.rates else \

@@ -28,6 +28,7 @@ flags.DEFINE_integer("num_pages", None, "KV pages (default: from --kv_memory_fra
 flags.DEFINE_float("kv_memory_fraction", 0.9, "Share of free device memory for the KV cache.")
 flags.DEFINE_integer("max_model_len", None, "Longest prompt + output (default: the model's).")
 flags.DEFINE_integer("max_num_seqs", 64, "Sequences running at once.")
+flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
 flags.DEFINE_integer("max_waiting", 1024, "Requests allowed to wait; beyond, 503 with Retry-After.")
 flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
 flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for --mode=nanoflow (default: shipped/generic).")
@@ -51,7 +52,8 @@ def main(argv):
   engine = build_engine(FLAGS.model, dtype=FLAGS.dtype, random_weights=FLAGS.random_weights,
                         dense_batch=FLAGS.dense_batch, page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
                         kv_memory_fraction=FLAGS.kv_memory_fraction, max_num_seqs=FLAGS.max_num_seqs,
-                        max_model_len=FLAGS.max_model_len, mode=FLAGS.mode, pipeline_config=FLAGS.pipeline_config)
+                        max_model_len=FLAGS.max_model_len, mode=FLAGS.mode, pipeline_config=FLAGS.pipeline_config,
+                        tensor_parallel=FLAGS.tp)
   name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
   api_key = FLAGS.api_key or os.environ.get("NANOFLOW_API_KEY")
   asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting).start(), name, FLAGS.host, FLAGS.port,

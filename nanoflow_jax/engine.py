@@ -44,6 +44,7 @@ class EngineConfig:
   mode: str = "sequential"
   kernels: str = "auto"                   # auto: Pallas kernels on GPU, jnp references elsewhere
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow (default: generic)
+  tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
 
   def validate(self):
@@ -93,6 +94,10 @@ class Engine:
     if c.compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", c.compilation_cache_dir)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    mesh = None
+    if c.tensor_parallel > 1:
+      from nanoflow_jax import parallel
+      mesh = parallel.make_mesh(c.tensor_parallel)
     plan = None
     if c.mode == "nanoflow":
       from nanoflow_jax.runtime import plan as plan_lib
@@ -109,7 +114,7 @@ class Engine:
     cfg = model.config
     self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
-                             kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan)
+                             kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size

@@ -72,9 +72,10 @@ def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
 class Executor:
   def __init__(self, model: Model, num_pages: int | None, page_size: int, max_num_seqs: int, max_model_len: int,
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
-               kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None):
+               kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
-    plan: run each layer as this PipelineConfig's nano-ops (mode nanoflow); None: sequential."""
+    plan: run each layer as this PipelineConfig's nano-ops (mode nanoflow); None: sequential.
+    mesh: a tensor-parallel mesh (nanoflow_jax.parallel) the model's weights are sharded over."""
     cfg = model.config
     self.model = model
     self.page_size = page_size
@@ -84,6 +85,11 @@ class Executor:
       raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
     on_gpu = jax.default_backend() == "gpu"
     self.kernels = ("pallas" if on_gpu else "reference") if kernels == "auto" else kernels
+    self.mesh = mesh
+    if mesh is not None and mesh.size > 1 and self.kernels != "reference":
+      # The Pallas kernels are custom calls the SPMD partitioner cannot split; shard_map comes next.
+      log.warning("tensor parallelism runs the jnp reference kernels for now (not %s)", self.kernels)
+      self.kernels = "reference"
     self.num_sms = num_sms or (jax.devices()[0].core_count if on_gpu else 4)
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
     self.buckets = buckets_for(dense_batch, 128 if self.kernels == "pallas" and dense_batch >= 128 else MIN_BUCKET)
@@ -101,11 +107,19 @@ class Executor:
         "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)]),
     }
     self.num_pages = num_pages or kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction)
-    self.kv = kv_cache.allocate_kv(cfg, self.num_pages, page_size, self.kv_dtype)
+    kv_sharding = None
+    if mesh is not None:
+      from nanoflow_jax import parallel
+      kv_sharding = parallel.kv_sharding(cfg, mesh)
+    self.kv = kv_cache.allocate_kv(cfg, self.num_pages, page_size, self.kv_dtype, kv_sharding)
     r, v = max_num_seqs, cfg.vocab_size
     self.last_tokens = jnp.zeros((r,), jnp.int32)
     self.counts = jnp.zeros((r, v), jnp.int32)
     self.prompt_mask = jnp.zeros((r, v), jnp.bool_)
+    if mesh is not None:  # sampling state lives replicated on the mesh, beside the sharded weights
+      from nanoflow_jax import parallel
+      self.last_tokens, self.counts, self.prompt_mask = jax.device_put(
+          (self.last_tokens, self.counts, self.prompt_mask), parallel.replicated(mesh))
     self._compiled: dict[int, object] = {}
     self.compile_seconds: dict[int, float] = {}
     self._jitted = jax.jit(self._step, donate_argnums=(1, 2, 3, 4))

@@ -1,0 +1,38 @@
+"""TP 1, 2 and 4 on 4 CPU devices give the single-device tokens, in both modes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanoflow_jax import config as config_lib, parallel
+from jax.sharding import PartitionSpec as P
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mixtral"])
+def test_tp_matches_single_device(arch):
+  r = subprocess.run([sys.executable, os.path.join(HERE, "tp_worker.py"), arch], capture_output=True, text=True,
+                     timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  ref = out["1-sequential"]["tokens"]
+  for key, v in out.items():
+    assert v["tokens"] == ref, key
+  assert out["2-sequential"]["devices"] == 2 and out["4-nanoflow"]["devices"] == 4
+  assert out["2-sequential"]["kv_devices"] == 2
+
+
+def test_sharding_rules():
+  cfg = config_lib.NAMED_SHAPES["llama-3-8b"]
+  spec = lambda name, shape, tp=8: parallel.param_spec(cfg, ("layers_0", name), shape, tp)
+  assert spec("qkv", (4096, 8, 6, 128)) == P(None, "tp", None, None)
+  assert spec("o", (32, 128, 4096)) == P("tp", None, None)
+  assert spec("gate_up", (4096, 2, 14336)) == P(None, None, "tp")
+  assert spec("down", (14336, 4096)) == P("tp", None)
+  assert spec("input_norm", (4096,)) == P()
+  assert parallel.param_spec(cfg, ("embedding",), (128256, 4096), 8) == P("tp", None)
+  # more devices than KV heads: attention weights replicated
+  assert spec("qkv", (4096, 8, 6, 128), tp=16) == P() and spec("o", (32, 128, 4096), tp=16) == P()

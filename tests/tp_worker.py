@@ -1,0 +1,43 @@
+"""Run in a fresh process with 4 CPU devices (see test_tensor_parallel.py): greedy tokens for TP 1, 2, 4
+in both modes, printed as JSON on the last line."""
+import json
+import os
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import engine_fixtures as fx  # noqa: E402
+import hf_models  # noqa: E402
+from checkpoints.convert import convert  # noqa: E402
+from nanoflow_jax.llm import build_engine  # noqa: E402
+from nanoflow_jax.sampling_params import SamplingParams  # noqa: E402
+
+
+def main(arch):
+  root = tempfile.mkdtemp()
+  hf_models.make_hf_model(arch, os.path.join(root, "hf"))
+  convert(os.path.join(root, "hf"), os.path.join(root, "ckpt"), dtype="float32", progress=False)
+  prompts = fx.random_prompts(np.random.default_rng(0), [5, 23, 11])
+  out = {}
+  for tp in (1, 2, 4):
+    for mode in ("sequential", "nanoflow"):
+      eng = build_engine(os.path.join(root, "ckpt"), dtype="float32", dense_batch=32, num_pages=64, max_num_seqs=4,
+                         mode=mode, tensor_parallel=tp)
+      qkv = eng.executor.params["layers"]["qkv"]
+      for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+      eng.run_until_done()
+      out[f"{tp}-{mode}"] = {"tokens": [eng.pop_output(f"r{i}").outputs[0].token_ids for i in range(len(prompts))],
+                             "devices": len(qkv.sharding.device_set),
+                             "kv_devices": len(eng.executor.kv[0].sharding.device_set)}
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
