@@ -39,6 +39,9 @@ flags.DEFINE_bool("sample", False, "Seeded random sample of the file's rows.")
 flags.DEFINE_integer("seed", 0, "Seed for lengths, prompts and arrivals.")
 flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
 flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0 (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (one per host).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for nanoflow mode (default: generic).")
 flags.DEFINE_enum("compare", None, ["sequential"], "Also run this mode on the same workload and print the ratio.")
 flags.DEFINE_integer("dense_batch", None, "Tokens per step.")
@@ -255,8 +258,10 @@ def main(argv):
   del argv
   import logging
   logging.basicConfig(level=logging.WARNING)
-  from nanoflow_jax import compat
+  from nanoflow_jax import compat, distributed
   compat.configure_gpu_memory()
+  # Multi-host: every process runs the same workload (same seed) on its share of the mesh.
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if "nanoflow" in (FLAGS.mode, FLAGS.compare):
     compat.enable_concurrent_command_buffers()  # both modes then run under the same XLA flags
   import jax

@@ -29,6 +29,9 @@ flags.DEFINE_float("kv_memory_fraction", 0.9, "Share of free device memory for t
 flags.DEFINE_integer("max_model_len", None, "Longest prompt + output (default: the model's).")
 flags.DEFINE_integer("max_num_seqs", 64, "Sequences running at once.")
 flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0 (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (one per host).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_integer("max_waiting", 1024, "Requests allowed to wait; beyond, 503 with Retry-After.")
 flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
 flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for --mode=nanoflow (default: shipped/generic).")
@@ -40,8 +43,12 @@ flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "L
 def main(argv):
   del argv
   logging.basicConfig(level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  from nanoflow_jax import compat
+  from nanoflow_jax import compat, distributed
   compat.configure_gpu_memory()
+  if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id) and \
+      FLAGS.num_processes > 1:
+    raise app.UsageError("serving across hosts needs every process to receive the requests, which the server "
+                         "does not do yet; run launch/benchmark.py or the offline API across hosts")
   if FLAGS.mode == "nanoflow":
     compat.enable_concurrent_command_buffers()
   from nanoflow_jax.async_engine import AsyncEngine
