@@ -45,8 +45,11 @@ def main(argv):
   logging.basicConfig(level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from nanoflow_jax import compat, distributed
   compat.configure_gpu_memory()
-  if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id) and \
-      FLAGS.num_processes > 1:
+  try:
+    multi = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if multi and FLAGS.num_processes > 1:
     raise app.UsageError("serving across hosts needs every process to receive the requests, which the server "
                          "does not do yet; run launch/benchmark.py or the offline API across hosts")
   if FLAGS.mode == "nanoflow":
