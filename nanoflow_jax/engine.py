@@ -103,8 +103,13 @@ class Engine:
       from nanoflow_jax.runtime import plan as plan_lib
       on_gpu = jax.default_backend() == "gpu"
       num_sms = jax.devices()[0].core_count if on_gpu else 132
+      from nanoflow_jax.runtime import autosearch
+      shipped = autosearch.shipped_config(cfg.name, jax.devices()[0], c.dense_batch)
       if c.pipeline_config:
         plan = plan_lib.PipelineConfig.load(c.pipeline_config)
+      elif shipped is not None:
+        plan = shipped
+        log.info("mode=nanoflow: shipped pipeline config %s (nano-batches %s)", plan.name, plan.nano_batches)
       else:
         plan = plan_lib.generic_default(c.dense_batch, num_sms)
         log.info("mode=nanoflow: no pipeline config given; using the generic default (%s: nano-batches %s)",

@@ -1,0 +1,148 @@
+"""NanoFlow's auto-search: profile the kernels (GPU), then solve the pipeline schedule (MILP, any machine).
+
+  PYTHONPATH=. python3 launch/autosearch.py --model=llama-3-8b --device_kind=h200 --out_dir=DIR
+  python launch/autosearch.py --model=llama-3-8b --device_kind=h200 --out_dir=DIR --from_profile
+
+Writes DIR/pipeline_<model>_<device>.json (a PipelineConfig), DIR/gantt_<model>_<device>.png (the
+predicted pipeline of one layer) and, after profiling, the table to nanoflow_jax/runtime/profiles/.
+With --ship the config also goes to nanoflow_jax/runtime/configs/, where the engine looks for one.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "llama-3-8b", "Named shape.")
+flags.DEFINE_string("device_kind", "h200", "Device kind the tables and configs are for.")
+flags.DEFINE_string("out_dir", "/tmp/autosearch", "Where the config and the chart go.")
+flags.DEFINE_bool("from_profile", False, "Search from the stored table only (no GPU needed).")
+flags.DEFINE_bool("ship", False, "Also write the config to nanoflow_jax/runtime/configs/.")
+flags.DEFINE_integer("dense_batch", 2048, "Tokens per step.")
+flags.DEFINE_integer("decodes", 512, "Decode rows in the step (the rest is prefill).")
+flags.DEFINE_integer("context", 1024, "Decode context length profiled.")
+flags.DEFINE_list("shares", ["132", "99", "66", "33"], "SM shares profiled.")
+flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Token counts profiled.")
+
+
+def _time(fn, *args, iters=10) -> float:
+  import jax
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(iters):
+      r = fn(*args)
+    jax.block_until_ready(r)
+    samples.append((time.perf_counter() - t) / iters * 1e3)
+  return statistics.median(samples)
+
+
+def profile(cfg, shares: list[int], sizes: list[int], context: int):
+  """Stage 1: ms per kernel call, by op, SM share and token count (one layer's shapes)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nanoflow_jax.models import layers
+  from nanoflow_jax.runtime.autosearch import Profile
+  from pallas_kernels import gemm
+  from pallas_kernels.paged_attention import (DECODE_CONFIG, PREFILL_CONFIG, append_kv, paged_attention,
+                                              query_blocks)
+  h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  hq, hkv = cfg.num_heads, cfg.num_kv_heads
+  shapes = {"qkv": (h, hkv * (cfg.q_per_kv + 2) * hd), "o": (hq * hd, h), "gate_up": (h, 2 * i), "down": (i, h)}
+  times: dict = {op: {str(s): [] for s in shares} for op in (*shapes, "rope_append", "decode_attention",
+                                                              "prefill_attention")}
+  key = jax.random.PRNGKey(0)
+  for op, (k, n) in shapes.items():
+    b = jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02
+    for m in sizes:
+      a = jax.random.normal(key, (m, k), jnp.bfloat16)
+      res = jnp.zeros((m, n), jnp.bfloat16) if op in ("o", "down") else None
+      for s in shares:
+        f = jax.jit(lambda a, b, r, s=s: gemm.gemm(a, b, r, num_sms=s))
+        times[op][str(s)].append([m, _time(f, a, b, res)])
+        print(op, m, s, times[op][str(s)][-1][1], flush=True)
+  # rope + KV append: an XLA fusion on the whole GPU, the same time at every share
+  pages = (max(sizes) * context) // 16 + max(sizes) // 16 + 16
+  kc = jnp.zeros((1, hkv, pages, 16, hd), jnp.bfloat16)
+  inv = layers.rope_inv_freq(cfg.rope, hd)
+  for m in sizes:
+    q = jnp.ones((m, hq, hd), jnp.bfloat16)
+    kv = jnp.ones((m, hkv, hd), jnp.bfloat16)
+    pos = jnp.arange(m, dtype=jnp.int32)
+    f = jax.jit(lambda q, k, kc, pos: (layers.apply_rope(q, pos, inv), append_kv(
+        kc, kc, 0, layers.apply_rope(k, pos, inv), k, pos // 16, pos % 16)))
+    t = _time(f, q, kv, kc, pos)
+    for s in shares:
+      times["rope_append"][str(s)].append([m, t])
+  vc = jax.random.normal(key, (1, hkv, pages, 16, hd), jnp.bfloat16)
+  kc = jax.random.normal(jax.random.PRNGKey(1), (1, hkv, pages, 16, hd), jnp.bfloat16)
+  for m in sizes:
+    # decodes: m sequences at `context`
+    table = np.random.default_rng(0).permutation(pages)[:m * (context // 16)].reshape(m, -1).astype(np.int32)
+    q = jax.random.normal(key, (m, hq, hd), jnp.bfloat16)
+    st, ln, nb = query_blocks([1] * m, m, DECODE_CONFIG["block_q"])
+    slots, positions = np.arange(m, dtype=np.int32), np.full(m, context - 1, np.int32)
+    # prefill: one prompt of m tokens
+    ptable = np.arange(m // 16 + 1, dtype=np.int32)[None]
+    pst, pln, pnb = query_blocks([m], m, PREFILL_CONFIG["block_q"])
+    pslots, ppos = np.zeros(m, np.int32), np.arange(m, dtype=np.int32)
+    for s in shares:
+      f = jax.jit(lambda q, kc, vc, s=s: paged_attention(q, kc, vc, 0, table, slots, positions, st, ln,
+                                                         jnp.int32(nb), num_sms=s, **DECODE_CONFIG))
+      times["decode_attention"][str(s)].append([m, _time(f, q, kc, vc)])
+      f = jax.jit(lambda q, kc, vc, s=s: paged_attention(q, kc, vc, 0, ptable, pslots, ppos, pst, pln,
+                                                         jnp.int32(pnb), num_sms=s, **PREFILL_CONFIG))
+      times["prefill_attention"][str(s)].append([m, _time(f, q, kc, vc)])
+      print("attention", m, s, times["decode_attention"][str(s)][-1][1], times["prefill_attention"][str(s)][-1][1],
+            flush=True)
+  return Profile(model=cfg.name, device=FLAGS.device_kind, num_sms=jax.devices()[0].core_count, context=context,
+                 times=times)
+
+
+def main(argv):
+  del argv
+  from nanoflow_jax import config as config_lib
+  from nanoflow_jax.runtime import autosearch
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  path = autosearch.profile_path(FLAGS.model, FLAGS.device_kind)
+  if FLAGS.from_profile:
+    if not os.path.exists(path):
+      raise app.UsageError(f"no stored profile {path}: run without --from_profile on a GPU first")
+    prof = autosearch.Profile.load(path)
+  else:
+    cfg = config_lib.named_shape(FLAGS.model)
+    if cfg is None:
+      raise app.UsageError(f"unknown named shape {FLAGS.model!r}")
+    prof = profile(cfg, [int(s) for s in FLAGS.shares], [int(s) for s in FLAGS.sizes], FLAGS.context)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for p in (path, os.path.join(FLAGS.out_dir, os.path.basename(path))):
+      with open(p, "w") as f:
+        f.write(prof.to_json())
+  cfg, ms, seq_ms, schedule = autosearch.search(prof, FLAGS.dense_batch, FLAGS.decodes)
+  name = f"{FLAGS.model}_{FLAGS.device_kind}"
+  out = os.path.join(FLAGS.out_dir, f"pipeline_{name}.json")
+  with open(out, "w") as f:
+    f.write(cfg.to_json())
+  if FLAGS.ship:
+    ship = os.path.join(autosearch.SHIPPED_DIR, f"{name}.json")
+    os.makedirs(os.path.dirname(ship), exist_ok=True)
+    with open(ship, "w") as f:
+      f.write(cfg.to_json())
+  autosearch.gantt(schedule, os.path.join(FLAGS.out_dir, f"gantt_{name}.png"),
+                   f"{FLAGS.model} on {FLAGS.device_kind}: nano-batches {cfg.nano_batches}, predicted layer "
+                   f"{ms:.2f} ms vs sequential {seq_ms:.2f} ms")
+  print(f"nano-batches {cfg.nano_batches}; predicted layer {ms:.3f} ms, sequential {seq_ms:.3f} ms "
+        f"({seq_ms / ms:.2f}x); config {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

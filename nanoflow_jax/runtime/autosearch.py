@@ -1,0 +1,191 @@
+"""The two-stage auto-search of NanoFlow.
+
+Stage 1 (`profile`, on the GPU): time each nano-op kernel over token counts and SM shares; the table
+is stored in the repository (runtime/profiles/<model>_<device>.json).
+Stage 2 (`search`, anywhere): for each nano-batch split of the dense batch, a MILP (scipy.optimize.milp,
+HiGHS) picks every nano-op's SM share and, for each pair of nano-ops on different streams that the
+dependencies leave unordered, whether one runs before the other or both run at once with shares summing
+to at most the SM count; it minimizes one layer's makespan. The op order and dependencies come from the
+two-nano-batch template (plan.generic_default); interference between concurrent kernels beyond the SM
+split is not modelled yet.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from nanoflow_jax.runtime.plan import PipelineConfig, generic_default
+
+PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def device_kind_name(device) -> str:
+  """A short device-kind key for tables and shipped configs: "h200", "h100", ..., "cpu"."""
+  kind = getattr(device, "device_kind", "cpu").lower()
+  for k in ("h200", "h100", "a100", "b200"):
+    if k in kind:
+      return k
+  return "cpu" if device.platform == "cpu" else kind.replace(" ", "-")
+
+
+def shipped_config(model_name: str, device, dense_batch: int) -> PipelineConfig | None:
+  path = os.path.join(SHIPPED_DIR, f"{model_name}_{device_kind_name(device)}.json")
+  if not os.path.exists(path):
+    return None
+  cfg = PipelineConfig.load(path)
+  return cfg if cfg.dense_batch == dense_batch else None
+GEMM_OPS = ("qkv", "o", "gate_up", "down")
+
+
+@dataclasses.dataclass
+class Profile:
+  """times[op][share] = list of (tokens, ms); ops: the GEMMs, rope_append, decode_attention and
+  prefill_attention (per decode token at `context`, per prefill token of a prompt of that length)."""
+  model: str
+  device: str
+  num_sms: int
+  context: int
+  times: dict[str, dict[str, list[list[float]]]]
+
+  def time(self, op: str, tokens: int, share: int) -> float:
+    if tokens <= 0:
+      return 0.0
+    table = self.times[op]
+    shares = sorted(int(s) for s in table)
+    s = min((x for x in shares if x >= share), default=shares[-1])
+    pts = sorted(table[str(s)])
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if tokens >= xs[-1]:
+      return ys[-1] * tokens / xs[-1]
+    return float(np.interp(tokens, [0] + xs, [0] + ys))
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1)
+
+  @classmethod
+  def load(cls, path: str) -> "Profile":
+    with open(path) as f:
+      return cls(**json.load(f))
+
+
+def profile_path(model: str, device_kind: str) -> str:
+  return os.path.join(PROFILE_DIR, f"{model}_{device_kind}.json")
+
+
+def op_time(prof: Profile, op: str, rows: int, decode_rows: int, share: int) -> float:
+  if op == "attention":
+    return (prof.time("decode_attention", decode_rows, share)
+            + prof.time("prefill_attention", rows - decode_rows, share))
+  return prof.time(op, rows, share)
+
+
+def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: list[int]):
+  """MILP over one layer for a fixed split; returns (makespan ms, chosen share per op, start times)."""
+  from scipy.optimize import Bounds, LinearConstraint, milp
+  ops = cfg.ops
+  n, ns = len(ops), len(shares)
+  dur = np.array([[op_time(prof, o.op, cfg.nano_batches[o.nano_batch], decode_rows[o.nano_batch], s)
+                   for s in shares] for o in ops])
+  big = float(dur.max(axis=1).sum()) * 2 + 1
+  anc = cfg._ancestors()
+  ids = [o.id for o in ops]
+  pairs = [(i, j) for i in range(n) for j in range(i + 1, n)
+           if ops[i].stream != ops[j].stream and ids[i] not in anc[ids[j]] and ids[j] not in anc[ids[i]]]
+  # variables: x[i,s] (binary), t[i] (start), C (makespan), then per pair b1, b2, b3 (binary)
+  nx, nt = n * ns, n
+  nv = nx + nt + 1 + 3 * len(pairs)
+  X = lambda i, s: i * ns + s
+  T = lambda i: nx + i
+  C = nx + nt
+  B = lambda p, k: nx + nt + 1 + 3 * p + k
+  rows, lo, hi = [], [], []
+
+  def add(coefs: dict[int, float], low: float, high: float):
+    r = np.zeros(nv)
+    for k, v in coefs.items():
+      r[k] += v
+    rows.append(r), lo.append(low), hi.append(high)
+
+  for i in range(n):
+    add({X(i, s): 1 for s in range(ns)}, 1, 1)
+    add({C: 1, T(i): -1, **{X(i, s): -dur[i, s] for s in range(ns)}}, 0, np.inf)   # C >= t_i + d_i
+  order = {d: k for k, d in enumerate(ids)}
+  for j, o in enumerate(ops):
+    deps = {order[d] for d in o.deps if not d.startswith("prev:")}
+    deps |= {i for i in range(j) if ops[i].stream == o.stream}  # a stream runs its ops in list order
+    for i in deps:
+      add({T(j): 1, T(i): -1, **{X(i, s): -dur[i, s] for s in range(ns)}}, 0, np.inf)  # t_j >= t_i + d_i
+  for p, (i, j) in enumerate(pairs):
+    add({B(p, 0): 1, B(p, 1): 1, B(p, 2): 1}, 1, 1)
+    add({T(j): 1, T(i): -1, **{X(i, s): -dur[i, s] for s in range(ns)}, B(p, 0): -big}, -big, np.inf)
+    add({T(i): 1, T(j): -1, **{X(j, s): -dur[j, s] for s in range(ns)}, B(p, 1): -big}, -big, np.inf)
+    add({**{X(i, s): shares[s] for s in range(ns)}, **{X(j, s): shares[s] for s in range(ns)},
+         B(p, 2): big}, -np.inf, cfg.num_sms + big)                                        # shares fit
+  c = np.zeros(nv)
+  c[C] = 1
+  integrality = np.zeros(nv)
+  integrality[:nx] = 1
+  integrality[nx + nt + 1:] = 1
+  ub = np.full(nv, np.inf)
+  ub[:nx] = 1
+  ub[nx + nt + 1:] = 1
+  res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integrality,
+             bounds=Bounds(np.zeros(nv), ub), options={"time_limit": 60})
+  if res.x is None:
+    raise RuntimeError(f"MILP found no schedule: {res.message}")
+  x = res.x[:nx].reshape(n, ns)
+  chosen = [shares[int(np.argmax(x[i]))] for i in range(n)]
+  starts = res.x[nx:nx + nt]
+  durs = [dur[i, int(np.argmax(x[i]))] for i in range(n)]
+  return float(res.x[C]), chosen, starts.tolist(), durs
+
+
+def sequential_layer_ms(prof: Profile, dense_batch: int, decodes: int) -> float:
+  ops = ("qkv", "rope_append", "attention", "o", "gate_up", "down")
+  return sum(op_time(prof, op, dense_batch, decodes, prof.num_sms) for op in ops)
+
+
+def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
+           shares: tuple[int, ...] | None = None):
+  """Best two-nano-batch config for a dense batch with `decodes` decode rows (first) and the rest prefill.
+  Returns (PipelineConfig, predicted layer ms, the sequential layer ms, schedule rows for a Gantt chart)."""
+  shares = sorted(set(shares or [int(s) for s in prof.times["qkv"]]))
+  best = None
+  for first in range(align, dense_batch, align):
+    cfg = generic_default(dense_batch, prof.num_sms)
+    cfg.nano_batches = [first, dense_batch - first]
+    dec = [min(decodes, first), max(decodes - first, 0)]
+    ms, chosen, starts, durs = _solve(cfg, prof, dec, shares)
+    if best is None or ms < best[1]:
+      for op, s in zip(cfg.ops, chosen):
+        op.sm_share = s
+      best = (copy.deepcopy(cfg), ms, [(o.id, o.stream, st, d, s) for o, st, d, s in zip(cfg.ops, starts, durs, chosen)])
+  cfg, ms, schedule = best
+  cfg.name = f"autosearch-{prof.model}-{prof.device}"
+  cfg.validate()
+  return cfg, ms, sequential_layer_ms(prof, dense_batch, decodes), schedule
+
+
+def gantt(schedule, path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  streams = sorted({s for _, s, _, _, _ in schedule})
+  fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(streams)))
+  colors = {"qkv": "tab:blue", "rope_append": "tab:gray", "attention": "tab:red", "o": "tab:cyan",
+            "gate_up": "tab:green", "down": "tab:olive"}
+  for op_id, stream, start, dur, share in schedule:
+    y = streams.index(stream)
+    ax.broken_barh([(start, dur)], (y - 0.4, 0.8), color=colors[op_id.split("@")[0]], edgecolor="black")
+    if dur > 0:
+      ax.text(start + dur / 2, y, f"{op_id}\n{share} SMs", ha="center", va="center", fontsize=6)
+  ax.set_yticks(range(len(streams)), [f"stream {s}" for s in streams])
+  ax.set_xlabel("ms (one layer, predicted)")
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
