@@ -141,8 +141,16 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
   x = res.x[:nx].reshape(n, ns)
   chosen = [shares[int(np.argmax(x[i]))] for i in range(n)]
   starts = res.x[nx:nx + nt]
-  durs = [dur[i, int(np.argmax(x[i]))] for i in range(n)]
-  return float(res.x[C]), chosen, starts.tolist(), durs
+  durs = [float(dur[i, int(np.argmax(x[i]))]) for i in range(n)]
+  # Pairs the solver put one after the other become dependencies, so the config says what was solved.
+  orders = []
+  for p, (i, j) in enumerate(pairs):
+    b = [res.x[B(p, k)] for k in range(3)]
+    if b[0] > 0.5:
+      orders.append((ids[j], ids[i]))
+    elif b[1] > 0.5:
+      orders.append((ids[i], ids[j]))
+  return float(res.x[C]), chosen, starts.tolist(), durs, orders
 
 
 def sequential_layer_ms(prof: Profile, dense_batch: int, decodes: int) -> float:
@@ -160,10 +168,13 @@ def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
     cfg = generic_default(dense_batch, prof.num_sms)
     cfg.nano_batches = [first, dense_batch - first]
     dec = [min(decodes, first), max(decodes - first, 0)]
-    ms, chosen, starts, durs = _solve(cfg, prof, dec, shares)
+    ms, chosen, starts, durs, orders = _solve(cfg, prof, dec, shares)
     if best is None or ms < best[1]:
       for op, s in zip(cfg.ops, chosen):
         op.sm_share = s
+      by_id = {op.id: op for op in cfg.ops}
+      for later, earlier in orders:
+        by_id[later].deps.append(earlier)
       best = (copy.deepcopy(cfg), ms, [(o.id, o.stream, st, d, s) for o, st, d, s in zip(cfg.ops, starts, durs, chosen)])
   cfg, ms, schedule = best
   cfg.name = f"autosearch-{prof.model}-{prof.device}"
