@@ -104,7 +104,7 @@ class Engine:
       on_gpu = jax.default_backend() == "gpu"
       num_sms = jax.devices()[0].core_count if on_gpu else 132
       from nanoflow_jax.runtime import autosearch
-      shipped = autosearch.shipped_config(cfg.name, jax.devices()[0], c.dense_batch)
+      shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], c.dense_batch)
       if c.pipeline_config:
         plan = plan_lib.PipelineConfig.load(c.pipeline_config)
       elif shipped is not None:
