@@ -68,3 +68,14 @@ def test_cli_from_profile(tmp_path, monkeypatch):
     assert "predicted layer" in r.stdout
   finally:
     os.remove(prof_path)
+
+
+def test_shipped_config_lookup():
+  class Dev:
+    platform, device_kind = "gpu", "NVIDIA H200"
+  cfg = autosearch.shipped_config("llama-3-8b", Dev(), 2048)
+  assert cfg is not None and cfg.name.startswith("autosearch") and sum(cfg.nano_batches) == 2048
+  assert autosearch.shipped_config("llama-3-8b", Dev(), 1024) is None   # made for another dense batch
+  assert autosearch.shipped_config("tiny", Dev(), 2048) is None
+  stored = autosearch.Profile.load(autosearch.profile_path("llama-3-8b", "h200"))
+  assert stored.num_sms == 132 and set(stored.times) >= {"qkv", "decode_attention", "rope_append"}
