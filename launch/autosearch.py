@@ -10,9 +10,7 @@ With --ship the config also goes to nanoflow_jax/runtime/configs/, where the eng
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,16 +31,8 @@ flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Token counts profile
 
 
 def _time(fn, *args, iters=10) -> float:
-  import jax
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(3):
-    t = time.perf_counter()
-    for _ in range(iters):
-      r = fn(*args)
-    jax.block_until_ready(r)
-    samples.append((time.perf_counter() - t) / iters * 1e3)
-  return statistics.median(samples)
+  from nanoflow_jax.perf import median_seconds
+  return 1e3 * median_seconds(fn, *args, iters=iters, samples=3)
 
 
 def profile(cfg, shares: list[int], sizes: list[int], context: int):
@@ -88,7 +78,7 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
     t = _time(rope_append)
     for s in shares:
       times["rope_append"][str(s)].append([m, t])
-  del cache
+  cache.clear()  # free the caches before the attention inputs are made
   vc = jax.random.normal(key, (1, hkv, pages, 16, hd), jnp.bfloat16)
   kc = jax.random.normal(jax.random.PRNGKey(1), (1, hkv, pages, 16, hd), jnp.bfloat16)
   for m in sizes:

@@ -264,7 +264,6 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if "nanoflow" in (FLAGS.mode, FLAGS.compare):
     compat.enable_concurrent_command_buffers()  # both modes then run under the same XLA flags
-  import jax
   from nanoflow_jax.llm import build_engine
   if FLAGS.url:
     if not FLAGS.rates:

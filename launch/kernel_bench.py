@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,17 +38,8 @@ def llama2_70b_shard(tp: int) -> dict[str, tuple[int, int, int]]:
 
 
 def timeit(fn, *args, iters: int) -> float:
-  """Median seconds per call: queue `iters` calls, block once, 5 samples."""
-  import jax
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(5):
-    t = time.perf_counter()
-    for _ in range(iters):
-      r = fn(*args)
-    jax.block_until_ready(r)
-    samples.append((time.perf_counter() - t) / iters)
-  return statistics.median(samples)
+  from nanoflow_jax.perf import median_seconds
+  return median_seconds(fn, *args, iters=iters)
 
 
 def sweep_attention(copy_tbs: float, peak: float, iters: int) -> list[tuple]:

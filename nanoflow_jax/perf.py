@@ -1,6 +1,7 @@
 """Ceilings measured in the running process, for ratios that hold across runs."""
 from __future__ import annotations
 
+import statistics
 import time
 
 
@@ -18,3 +19,18 @@ def gemm_peak_tflops() -> float:
     r = f(a)
   jax.block_until_ready(r)
   return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def median_seconds(fn, *args, iters: int = 20, samples: int = 5) -> float:
+  """Median seconds per call of fn(*args): queue `iters` calls, block once, `samples` times (one
+  block per call would add host latency to every figure)."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  out = []
+  for _ in range(samples):
+    t = time.perf_counter()
+    for _ in range(iters):
+      r = fn(*args)
+    jax.block_until_ready(r)
+    out.append((time.perf_counter() - t) / iters)
+  return statistics.median(out)
