@@ -1,5 +1,4 @@
 """Stage 2 of the auto-search (MILP) on a synthetic profile, and the CLI's --from_profile path."""
-import json
 import os
 import subprocess
 import sys
