@@ -6,7 +6,6 @@ A decode whose input token is still on the device takes it from the device-side 
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
@@ -294,8 +293,8 @@ class Engine:
       sp.banned[row, :len(ban)] = ban[:MAX_BANNED_IDS]
 
   def _process(self, sampled, tokens, lp, top_lp, top_ids) -> None:
+    """A step samples at most one token per sequence: append it, apply stop rules, emit its delta."""
     now = time.monotonic()
-    deltas: dict[str, list] = collections.defaultdict(list)
     for seq, slot in sampled:
       if seq.finished:
         continue  # a request that stopped while this step was in flight
@@ -305,25 +304,17 @@ class Engine:
       self.stats.generated_tokens += 1
       if seq.first_token_time is None:
         seq.first_token_time = now
-      logprob = None
+      logprobs = []
       if seq.params.logprobs is not None:
         k = seq.params.logprobs
-        logprob = Logprob(tok, float(lp[slot]), {int(i): float(v) for i, v in zip(top_ids[slot, :k], top_lp[slot, :k])})
-        seq.output_logprobs.append(logprob)
+        logprobs.append(Logprob(tok, float(lp[slot]),
+                                {int(i): float(v) for i, v in zip(top_ids[slot, :k], top_lp[slot, :k])}))
+        seq.output_logprobs.extend(logprobs)
       self._advance_text(seq, tok)
       self._check_stop(seq, tok)
-      deltas[seq.request_id].append((seq, tok, logprob))
-    for rid, items in deltas.items():
-      req = self.requests.get(rid)
-      if req is None:
-        continue
-      by_seq = collections.defaultdict(lambda: ([], []))
-      for seq, tok, logprob in items:
-        by_seq[seq][0].append(tok)
-        if logprob is not None:
-          by_seq[seq][1].append(logprob)
-      for seq, (toks, lps) in by_seq.items():
-        self._emit(req, seq, toks, lps)
+      req = self.requests.get(seq.request_id)
+      if req is not None:
+        self._emit(req, seq, [tok], logprobs)
 
   def _advance_text(self, seq: Sequence, tok: int) -> None:
     if seq.detokenizer is not None:
