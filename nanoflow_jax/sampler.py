@@ -45,14 +45,19 @@ jax.tree_util.register_dataclass(SamplingArrays, data_fields=[f.name for f in da
                                  meta_fields=[])
 
 
+def ban(logits, p: SamplingArrays):
+  """-inf at each row's banned ids (min_tokens keeps EOS and stop ids out)."""
+  rows = jnp.arange(logits.shape[0])[:, None]
+  banned = jnp.where(p.banned >= 0, p.banned, logits.shape[1])  # -1 -> out of range -> dropped
+  return logits.at[rows, banned].set(-jnp.inf, mode="drop")
+
+
 def apply_penalties(logits, counts, prompt_mask, p: SamplingArrays):
   seen = (counts > 0) | prompt_mask
   rep = p.repetition_penalty[:, None]
   logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
   logits = logits - p.presence_penalty[:, None] * (counts > 0) - p.frequency_penalty[:, None] * counts
-  rows = jnp.arange(logits.shape[0])[:, None]
-  banned = jnp.where(p.banned >= 0, p.banned, logits.shape[1])  # -1 -> out of range -> dropped
-  return logits.at[rows, banned].set(-jnp.inf, mode="drop")
+  return ban(logits, p)
 
 
 def truncate(scaled, p: SamplingArrays):
@@ -80,7 +85,7 @@ def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: Samp
   raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
   penalized = jnp.any((p.repetition_penalty != 1) | (p.presence_penalty != 0) | (p.frequency_penalty != 0))
   logits = jax.lax.cond(penalized, lambda l: apply_penalties(l, counts, prompt_mask, p),
-                        lambda l: apply_penalties(l, counts * 0, prompt_mask & False, p), logits)
+                        lambda l: ban(l, p), logits)
   greedy_tok = jnp.argmax(logits, axis=-1)
   greedy = p.temperature < 1e-5
 
