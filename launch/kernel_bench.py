@@ -91,7 +91,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   from pallas_kernels import gemm
-  from pallas_kernels.paged_attention import paged_attention, query_blocks
+  from pallas_kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG, paged_attention, query_blocks
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   shares = [int(s) for s in FLAGS.shares]
   dev = jax.devices()[0]
@@ -139,54 +139,43 @@ def main(argv):
     res["gemm"][name] = entry
     print(rows[-1], flush=True)
 
-  # Paged decode attention: 512 decodes at context 1024, 8 KV heads x 4, head_dim 128, pages of 16.
-  b_, ctx, hkv, g, d, ps = 512, 1024, 8, 4, 128, 16
-  pages = b_ * ctx // ps
-  cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16),
-           jax.random.normal(jax.random.PRNGKey(9), (1, hkv, pages, ps, d), jnp.bfloat16))
-  table = np.random.default_rng(0).permutation(pages).reshape(b_, ctx // ps).astype(np.int32)
-  q = jax.random.normal(jax.random.PRNGKey(4), (b_, hkv * g, d), jnp.bfloat16)
-  slots = np.arange(b_, dtype=np.int32)
-  positions = np.full(b_, ctx - 1, np.int32)
-  start, length, nb = query_blocks([1] * b_, b_, 16)
-  kv_bytes = 2 * b_ * ctx * hkv * d * 2
-  res["decode_attention"] = {}
-  for s in shares:
-    f = jax.jit(lambda q, c, s=s: paged_attention(q, c[0], c[1], 0, table, slots, positions, start, length,
-                                                  jnp.int32(nb), num_sms=s))
-    try:
-      t = timeit(f, q, cache, iters=FLAGS.iters)
-      tbs = kv_bytes / t / 1e12
-      res["decode_attention"][str(s)] = tbs
-      rows.append(("decode attention B=512 ctx=1024", str(s), f"{tbs:.2f} TB/s", f"{tbs / copy_tbs:.2f}"))
-    except Exception as e:
-      rows.append(("decode attention", str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
-    print(rows[-1], flush=True)
-  del cache
+  # Attention in the configurations the engine runs (DECODE_CONFIG, PREFILL_CONFIG).
+  hkv, g, d, ps = 8, 4, 128, 16
 
-  # Prefill attention: one 4096-token prompt, causal.
+  def attention_rows(label, unit, work, ceiling, n, chunks, positions, table, cfg, shares_, iters):
+    if not shares_:
+      return {}
+    pages = table.size
+    cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16),
+             jax.random.normal(jax.random.PRNGKey(9), (1, hkv, pages, ps, d), jnp.bfloat16))
+    q = jax.random.normal(jax.random.PRNGKey(4), (n, hkv * g, d), jnp.bfloat16)
+    slots = np.repeat(np.arange(len(chunks), dtype=np.int32), chunks)
+    start, length, nb = query_blocks(chunks, n, cfg["block_q"])
+    out = {}
+    for s in shares_:
+      f = jax.jit(lambda q, c, s=s: paged_attention(q, c[0], c[1], 0, table, slots, positions, start, length,
+                                                    jnp.int32(nb), num_sms=s, **cfg))
+      try:
+        fig = work / timeit(f, q, cache, iters=iters) / 1e12
+        out[str(s)] = fig
+        rows.append((label, str(s), f"{fig:.2f} {unit}", f"{fig / ceiling:.2f}"))
+      except Exception as e:
+        rows.append((label, str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+      print(rows[-1], flush=True)
+    return out
+
+  # Decode: 512 sequences at context 1024 (bytes of K and V read).
+  b_, ctx = 512, 1024
+  table = np.random.default_rng(0).permutation(b_ * ctx // ps).reshape(b_, ctx // ps).astype(np.int32)
+  res["decode_attention"] = attention_rows(
+      "decode attention B=512 ctx=1024", "TB/s", 2 * b_ * ctx * hkv * d * 2, copy_tbs, b_, [1] * b_,
+      np.full(b_, ctx - 1, np.int32), table, DECODE_CONFIG, shares, FLAGS.iters)
+  # Prefill: one 4096-token prompt, causal (half of 4 * T^2 * Hq * D FLOPs).
   t_len = 4096
-  pages = t_len // ps
-  cache = (jax.random.normal(jax.random.PRNGKey(5), (1, hkv, pages, ps, d), jnp.bfloat16),
-           jax.random.normal(jax.random.PRNGKey(9), (1, hkv, pages, ps, d), jnp.bfloat16))
-  table = np.arange(pages, dtype=np.int32)[None]
-  q = jax.random.normal(jax.random.PRNGKey(6), (t_len, hkv * g, d), jnp.bfloat16)
-  slots = np.zeros(t_len, np.int32)
-  positions = np.arange(t_len, dtype=np.int32)
-  start, length, nb = query_blocks([t_len], t_len, 16)
-  flops = 2 * t_len * t_len * hkv * g * d  # causal: half of 4 * T^2 * Hq * D
-  res["prefill_attention"] = {}
-  for s in shares[:1] + shares[3:4]:
-    f = jax.jit(lambda q, c, s=s: paged_attention(q, c[0], c[1], 0, table, slots, positions, start, length,
-                                                  jnp.int32(nb), num_sms=s))
-    try:
-      t = timeit(f, q, cache, iters=max(FLAGS.iters // 4, 2))
-      tf = flops / t / 1e12
-      res["prefill_attention"][str(s)] = tf
-      rows.append(("prefill attention T=4096", str(s), f"{tf:.0f} TFLOP/s", f"{tf / peak:.2f}"))
-    except Exception as e:
-      rows.append(("prefill attention", str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
-    print(rows[-1], flush=True)
+  res["prefill_attention"] = attention_rows(
+      "prefill attention T=4096", "TFLOP/s", 2 * t_len * t_len * hkv * g * d, peak, t_len, [t_len],
+      np.arange(t_len, dtype=np.int32), np.arange(t_len // ps, dtype=np.int32)[None], PREFILL_CONFIG,
+      shares[:1] + shares[3:4], max(FLAGS.iters // 4, 2))
 
   table_md = ["| kernel | SMs | achieved | ratio to ceiling |", "|---|---|---|---|"]
   table_md += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
