@@ -145,13 +145,15 @@ class Handlers:
         t.cancel()
 
   # --- routes ---------------------------------------------------------------------------------------
-  async def completions(self, request):
+  async def _generation_request(self, request, chat: bool):
+    """What completions and chat share: the body, the model check, sampling and streaming options."""
     body = await _json_body(request)
     self._check_model(body)
+    return body, P.sampling_params(body, chat=chat), P._bool(body, "stream"), P.stream_options(body)
+
+  async def completions(self, request):
+    body, params, stream, include_usage = await self._generation_request(request, chat=False)
     prompts = P.prompts_of(body)
-    params = P.sampling_params(body, chat=False)
-    stream = P._bool(body, "stream")
-    include_usage = P.stream_options(body)
     if P._bool(body, "echo"):
       raise P.ApiError(400, "'echo' is not supported", param="echo")
     ids = [self._encode(p) for p in prompts]
@@ -159,12 +161,8 @@ class Handlers:
     return await self._respond(request, ids, texts, params, stream, include_usage, chat=False)
 
   async def chat(self, request):
-    body = await _json_body(request)
-    self._check_model(body)
+    body, params, stream, include_usage = await self._generation_request(request, chat=True)
     messages = P.messages_of(body)
-    params = P.sampling_params(body, chat=True)
-    stream = P._bool(body, "stream")
-    include_usage = P.stream_options(body)
     try:
       ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     except TokenizerError as e:
