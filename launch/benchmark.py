@@ -25,31 +25,17 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
-from launch import workloads
+from launch import engine_flags, workloads
 from nanoflow_jax.perf import gemm_peak_tflops
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "tiny", "Checkpoint directory or named shape.")
-flags.DEFINE_bool("random_weights", False, "Random weights of the model's shape.")
-flags.DEFINE_string("dtype", None, "bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU).")
+engine_flags.define(max_num_seqs=512)
 flags.DEFINE_string("workload", "1024-512", f"One of {workloads.NAMES}.")
 flags.DEFINE_string("workload_file", None, "CSV with ContextTokens,GeneratedTokens columns.")
 flags.DEFINE_integer("num_requests", 200, "Requests (first rows of a file, unless --sample).")
 flags.DEFINE_bool("sample", False, "Seeded random sample of the file's rows.")
 flags.DEFINE_integer("seed", 0, "Seed for lengths, prompts and arrivals.")
-flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
-flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0 (jax.distributed).")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (one per host).")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for nanoflow mode (default: generic).")
 flags.DEFINE_enum("compare", None, ["sequential"], "Also run this mode on the same workload and print the ratio.")
-flags.DEFINE_integer("dense_batch", None, "Tokens per step.")
-flags.DEFINE_integer("num_pages", None, "KV pages (default: from free memory).")
-flags.DEFINE_float("kv_memory_fraction", 0.9, "Share of free memory for the KV cache.")
-flags.DEFINE_integer("max_num_seqs", 512, "Sequences running at once.")
-flags.DEFINE_integer("max_model_len", None, "Longest prompt + output.")
-flags.DEFINE_enum("kernels", "auto", ["auto", "reference", "pallas"], "Step kernels (auto: Pallas on GPU).")
 flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; empty: offline mode.")
 flags.DEFINE_string("url", None, "Online mode through HTTP: a running server's base URL (e.g. http://127.0.0.1:8000).")
 flags.DEFINE_string("api_key", None, "Bearer key for --url.")
@@ -258,12 +244,9 @@ def main(argv):
   del argv
   import logging
   logging.basicConfig(level=logging.WARNING)
-  from nanoflow_jax import compat, distributed
-  compat.configure_gpu_memory()
-  # Multi-host: every process runs the same workload (same seed) on its share of the mesh.
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if "nanoflow" in (FLAGS.mode, FLAGS.compare):
-    compat.enable_concurrent_command_buffers()  # both modes then run under the same XLA flags
+  # Multi-host: every process runs the same workload (same seed) on its share of the mesh. Both modes run
+  # under the same XLA flags when nanoflow is one of them.
+  engine_flags.prepare_process("nanoflow" in (FLAGS.mode, FLAGS.compare))
   from nanoflow_jax.llm import build_engine
   if FLAGS.url:
     if not FLAGS.rates:
@@ -284,11 +267,7 @@ def main(argv):
   peak = gemm_peak_tflops()
   results, model = {}, None
   for mode in modes:
-    engine = build_engine(FLAGS.model, dtype=FLAGS.dtype, random_weights=FLAGS.random_weights,
-                          dense_batch=FLAGS.dense_batch, num_pages=FLAGS.num_pages,
-                          kv_memory_fraction=FLAGS.kv_memory_fraction, max_num_seqs=FLAGS.max_num_seqs,
-                          max_model_len=FLAGS.max_model_len, mode=mode, model_obj=model, kernels=FLAGS.kernels,
-                          pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp)
+    engine = build_engine(FLAGS.model, mode=mode, model_obj=model, **engine_flags.engine_kwargs())
     model = engine.model
     engine.num_devices = FLAGS.tp
     requests = make_requests(engine.max_model_len, engine.model.config.vocab_size)

@@ -1,0 +1,47 @@
+"""The engine's command-line flags and process set-up, shared by serve.py and benchmark.py."""
+from __future__ import annotations
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define(max_num_seqs: int) -> None:
+  flags.DEFINE_string("model", "tiny", "Checkpoint directory (converted or Hugging Face) or a named shape.")
+  flags.DEFINE_bool("random_weights", False, "Random weights of the model's shape (benchmarks).")
+  flags.DEFINE_string("dtype", None, "bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU).")
+  flags.DEFINE_integer("dense_batch", None, "Tokens per engine step (default: 2048 on GPU, 256 on CPU).")
+  flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+  flags.DEFINE_integer("num_pages", None, "KV pages (default: from --kv_memory_fraction of free memory).")
+  flags.DEFINE_float("kv_memory_fraction", 0.9, "Share of free device memory for the KV cache.")
+  flags.DEFINE_integer("max_model_len", None, "Longest prompt + output (default: the model's).")
+  flags.DEFINE_integer("max_num_seqs", max_num_seqs, "Sequences running at once.")
+  flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
+  flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for --mode=nanoflow (default: shipped/generic).")
+  flags.DEFINE_enum("kernels", "auto", ["auto", "reference", "pallas"], "Step kernels (auto: Pallas on GPU).")
+  flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
+  flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0 (jax.distributed).")
+  flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (one per host).")
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def prepare_process(nanoflow: bool) -> bool:
+  """Before JAX starts a backend: GPU memory fraction, multi-host join, command buffers for nanoflow.
+  Returns whether this process joined a multi-host job."""
+  from nanoflow_jax import compat, distributed
+  compat.configure_gpu_memory()
+  try:
+    multi = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if nanoflow:
+    compat.enable_concurrent_command_buffers()
+  return multi
+
+
+def engine_kwargs() -> dict:
+  """build_engine's arguments from the flags (mode excepted: the benchmark runs several)."""
+  return dict(dtype=FLAGS.dtype, random_weights=FLAGS.random_weights, dense_batch=FLAGS.dense_batch,
+              page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, kv_memory_fraction=FLAGS.kv_memory_fraction,
+              max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len, kernels=FLAGS.kernels,
+              pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp)
