@@ -25,7 +25,10 @@ flags.DEFINE_string("out_dir", "/tmp/kernel_bench", "Where the JSON and the mark
 flags.DEFINE_list("shares", ["132", "112", "96", "64", "48", "32"], "SM shares to measure.")
 flags.DEFINE_bool("quick", False, "Fewer shapes (a smoke run).")
 flags.DEFINE_integer("iters", 20, "Calls per timing sample.")
-flags.DEFINE_bool("sweep_attention", False, "Only sweep the attention kernel's tunables (decode and prefill).")
+flags.DEFINE_bool("sweep_attention", False, "Only sweep the attention kernels' tunables (decode and prefill).")
+flags.DEFINE_list("attention_backends", ["pallas", "triton"],
+                  "Attention implementations to time (triton needs jax-triton: see WORKSPACE.md).")
+flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
 
 LLAMA3_8B_M2048 = {"qkv": (2048, 6144, 4096), "o": (2048, 4096, 4096), "gate_up": (2048, 28672, 4096),
                    "down": (2048, 4096, 14336)}
@@ -42,47 +45,89 @@ def timeit(fn, *args, iters: int) -> float:
   return median_seconds(fn, *args, iters=iters)
 
 
-def sweep_attention(copy_tbs: float, peak: float, iters: int) -> list[tuple]:
-  """Times the attention kernel's variants on the decode and prefill shapes of the table; best first."""
-  import itertools
+def _attention_problem(kind: str):
+  """The decode (512 sequences at context 1024) or prefill (one 4096-token prompt) shape of the table:
+  (q, cache, table, slots, positions, chunk lengths, work in bytes or FLOPs)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from pallas_kernels.paged_attention import paged_attention, query_blocks
-  out = []
   hkv, g, d, ps = 8, 4, 128, 16
-  for kind, b_, ctx in (("decode", 512, 1024), ("prefill", 1, 4096)):
-    pages = b_ * ctx // ps
-    cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16),
-             jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16))
-    n = b_ if kind == "decode" else ctx
-    q = jax.random.normal(jax.random.PRNGKey(4), (n, hkv * g, d), jnp.bfloat16)
-    if kind == "decode":
-      table = np.random.default_rng(0).permutation(pages).reshape(b_, ctx // ps).astype(np.int32)
-      slots, positions, chunks = np.arange(b_, dtype=np.int32), np.full(b_, ctx - 1, np.int32), [1] * b_
-      grid = itertools.product([1, 4], [4, 8, 16], [4, 8], [2, 3], [1, 2])
-      work = 2 * b_ * ctx * hkv * d * 2 / 1e12
-    else:
-      table = np.arange(pages, dtype=np.int32)[None]
-      slots, positions, chunks = np.zeros(ctx, np.int32), np.arange(ctx, dtype=np.int32), [ctx]
-      grid = itertools.product([16, 32, 64], [2, 4, 8], [4, 8], [2, 3], [1])
-      work = 2 * ctx * ctx * hkv * g * d / 1e12
-    for bq, ppb, warps, stages, ppsm in grid:
-      start, length, nb = query_blocks(chunks, n, bq)
-      f = jax.jit(lambda q, c, bq=bq, ppb=ppb, w=warps, st=stages, pp=ppsm: paged_attention(
-          q, c[0], c[1], 0, table, slots, positions, start, length, jnp.int32(nb), num_sms=132, block_q=bq,
-          pages_per_block=ppb, num_warps=w, num_stages=st, programs_per_sm=pp))
-      cfg = f"block_q={bq} pages_per_block={ppb} warps={warps} stages={stages} programs_per_sm={ppsm}"
-      try:
-        t = timeit(f, q, cache, iters=iters)
-        fig = work / t
-        ratio = fig / (copy_tbs if kind == "decode" else peak)
-        out.append((kind, cfg, f"{fig:.2f} {'TB/s' if kind == 'decode' else 'TFLOP/s'}", f"{ratio:.2f}"))
-      except Exception as e:
-        out.append((kind, cfg, f"FAILED {type(e).__name__}", "-"))
-      print(out[-1], flush=True)
-    del cache
-  return sorted(out, key=lambda r: (r[0], -float(r[3]) if r[3] != "-" else 0))
+  b_, ctx = (512, 1024) if kind == "decode" else (1, 4096)
+  pages = b_ * ctx // ps
+  cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16),
+           jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16))
+  if kind == "decode":
+    table = np.random.default_rng(0).permutation(pages).reshape(b_, ctx // ps).astype(np.int32)
+    slots, positions, chunks = np.arange(b_, dtype=np.int32), np.full(b_, ctx - 1, np.int32), [1] * b_
+    work = 2 * b_ * ctx * hkv * d * 2             # bytes of K and V read
+  else:
+    table = np.arange(pages, dtype=np.int32)[None]
+    slots, positions, chunks = np.zeros(ctx, np.int32), np.arange(ctx, dtype=np.int32), [ctx]
+    work = 2 * ctx * ctx * hkv * g * d            # causal: half of 4 T^2 Hq D
+  q = jax.random.normal(jax.random.PRNGKey(4), (len(slots), hkv * g, d), jnp.bfloat16)
+  return q, cache, table, slots, positions, chunks, work
+
+
+def time_attention(backend: str, kind: str, cfg: dict, num_sms: int, iters: int, problem=None) -> float:
+  """Seconds per call of one attention implementation and configuration."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.paged_attention import attention_call, query_blocks
+  q, cache, table, slots, positions, chunks, _ = problem or _attention_problem(kind)
+  start, length, nb = query_blocks(chunks, len(slots), cfg["block_q"])
+  f = jax.jit(lambda q, c: attention_call(backend, q, c[0], c[1], 0, table, slots, positions, start, length,
+                                          jnp.int32(nb), num_sms=num_sms, config=cfg))
+  return timeit(f, q, cache, iters=iters)
+
+
+def check_attention(backend: str, kind: str, cfg: dict, problem) -> float:
+  """Relative error against the jnp reference on the bench's own inputs (decode: all of them; prefill:
+  the first 512 query tokens, to keep the reference cheap)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels.paged_attention import attention_call, paged_attention_reference, query_blocks
+  q, cache, table, slots, positions, chunks, _ = problem
+  if kind == "prefill":
+    q, slots, positions, chunks = q[:512], slots[:512], positions[:512], [512]
+  start, length, nb = query_blocks(chunks, len(slots), cfg["block_q"])
+  out = attention_call(backend, q, cache[0], cache[1], 0, table, slots, positions, start, length, jnp.int32(nb),
+                       num_sms=132, config=cfg)
+  ref = paged_attention_reference(q, cache[0], cache[1], 0, table, slots, positions)
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _variants(backend: str, kind: str):
+  import itertools
+  if backend == "pallas":
+    keys = ("block_q", "pages_per_block", "num_warps", "num_stages", "programs_per_sm")
+    grid = (itertools.product([1, 4], [4, 8, 16], [4, 8], [2, 3], [1, 2]) if kind == "decode" else
+            itertools.product([16, 32, 64], [2, 4, 8], [4, 8], [2, 3], [1]))
+  else:
+    keys = ("block_q", "block_n", "num_warps", "num_stages", "programs_per_sm")
+    grid = (itertools.product([1], [64, 128, 256], [4, 8], [2, 3], [1, 2, 4]) if kind == "decode" else
+            itertools.product([16, 32], [32, 64, 128], [4, 8], [2, 3], [1]))
+  for values in grid:
+    yield dict(zip(keys, values))
+
+
+def sweep_attention(backends, copy_tbs: float, peak: float, iters: int) -> list[tuple]:
+  """Times each implementation's variants on the decode and prefill shapes of the table; best first."""
+  out = []
+  for kind in ("decode", "prefill"):
+    problem = _attention_problem(kind)
+    for backend in backends:
+      for cfg in _variants(backend, kind):
+        label = f"{kind} {backend} " + " ".join(f"{k}={v}" for k, v in cfg.items())
+        try:
+          fig = problem[-1] / time_attention(backend, kind, cfg, 132, iters, problem) / 1e12
+          ratio = fig / (copy_tbs if kind == "decode" else peak)
+          out.append((label, "132", f"{fig:.2f} {'TB/s' if kind == 'decode' else 'TFLOP/s'}", f"{ratio:.2f}"))
+        except Exception as e:
+          out.append((label, "132", f"FAILED {type(e).__name__}: {str(e)[:60]}", "-"))
+        print(out[-1], flush=True)
+    del problem
+  return sorted(out, key=lambda r: (r[0].split()[0], -float(r[3]) if r[3] != "-" else 0))
 
 
 def main(argv):
@@ -91,7 +136,8 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   from pallas_kernels import gemm
-  from pallas_kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG, paged_attention, query_blocks
+  from pallas_kernels import paged_attention_triton
+  from pallas_kernels.paged_attention import configs
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   shares = [int(s) for s in FLAGS.shares]
   dev = jax.devices()[0]
@@ -108,12 +154,16 @@ def main(argv):
   rows.append(("copy (read+write)", "-", f"{copy_tbs:.2f} TB/s", "1.00"))
   rows.append(("XLA GEMM 8192^3", "-", f"{peak:.0f} TFLOP/s", "1.00"))
   del x, a
+  backends = list(FLAGS.attention_backends)
+  if "triton" in backends and not paged_attention_triton.available():
+    rows.append(("attention triton", "-", "unavailable: jax-triton does not import (see WORKSPACE.md)", "-"))
+    backends.remove("triton")
   if FLAGS.sweep_attention:
-    rows += sweep_attention(copy_tbs, peak, FLAGS.iters)
+    rows += sweep_attention(backends, copy_tbs, peak, FLAGS.iters)
     shares = []
 
   # GEMM
-  shapes = dict(LLAMA3_8B_M2048) if shares else {}
+  shapes = dict(LLAMA3_8B_M2048) if shares and not FLAGS.skip_gemm else {}
   if not FLAGS.quick and shares:
     for tp in (1, 2, 4, 8):
       shapes.update(llama2_70b_shard(tp))
@@ -139,43 +189,30 @@ def main(argv):
     res["gemm"][name] = entry
     print(rows[-1], flush=True)
 
-  # Attention in the configurations the engine runs (DECODE_CONFIG, PREFILL_CONFIG).
-  hkv, g, d, ps = 8, 4, 128, 16
-
-  def attention_rows(label, unit, work, ceiling, n, chunks, positions, table, cfg, shares_, iters):
+  # Attention in the configurations the engine runs (configs(backend)), checked against the reference.
+  for kind, unit, ceiling, shares_ in (("decode", "TB/s", copy_tbs, shares),
+                                       ("prefill", "TFLOP/s", peak, shares[:1] + shares[3:4])):
     if not shares_:
-      return {}
-    pages = table.size
-    cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16),
-             jax.random.normal(jax.random.PRNGKey(9), (1, hkv, pages, ps, d), jnp.bfloat16))
-    q = jax.random.normal(jax.random.PRNGKey(4), (n, hkv * g, d), jnp.bfloat16)
-    slots = np.repeat(np.arange(len(chunks), dtype=np.int32), chunks)
-    start, length, nb = query_blocks(chunks, n, cfg["block_q"])
-    out = {}
-    for s in shares_:
-      f = jax.jit(lambda q, c, s=s: paged_attention(q, c[0], c[1], 0, table, slots, positions, start, length,
-                                                    jnp.int32(nb), num_sms=s, **cfg))
+      continue
+    problem = _attention_problem(kind)
+    label = ("decode attention B=512 ctx=1024" if kind == "decode" else "prefill attention T=4096")
+    for backend in backends:
+      cfg = configs(backend)[0 if kind == "decode" else 1]
+      entry = res.setdefault(f"{kind}_attention", {}).setdefault(backend, {})
       try:
-        fig = work / timeit(f, q, cache, iters=iters) / 1e12
-        out[str(s)] = fig
-        rows.append((label, str(s), f"{fig:.2f} {unit}", f"{fig / ceiling:.2f}"))
+        entry["rel_error"] = check_attention(backend, kind, cfg, problem)
+        rows.append((f"{label} {backend} error vs reference", "132", f"{entry['rel_error']:.1e}", "-"))
       except Exception as e:
-        rows.append((label, str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
-      print(rows[-1], flush=True)
-    return out
-
-  # Decode: 512 sequences at context 1024 (bytes of K and V read).
-  b_, ctx = 512, 1024
-  table = np.random.default_rng(0).permutation(b_ * ctx // ps).reshape(b_, ctx // ps).astype(np.int32)
-  res["decode_attention"] = attention_rows(
-      "decode attention B=512 ctx=1024", "TB/s", 2 * b_ * ctx * hkv * d * 2, copy_tbs, b_, [1] * b_,
-      np.full(b_, ctx - 1, np.int32), table, DECODE_CONFIG, shares, FLAGS.iters)
-  # Prefill: one 4096-token prompt, causal (half of 4 * T^2 * Hq * D FLOPs).
-  t_len = 4096
-  res["prefill_attention"] = attention_rows(
-      "prefill attention T=4096", "TFLOP/s", 2 * t_len * t_len * hkv * g * d, peak, t_len, [t_len],
-      np.arange(t_len, dtype=np.int32), np.arange(t_len // ps, dtype=np.int32)[None], PREFILL_CONFIG,
-      shares[:1] + shares[3:4], max(FLAGS.iters // 4, 2))
+        rows.append((f"{label} {backend} error vs reference", "132", f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+      for s in shares_:
+        try:
+          fig = problem[-1] / time_attention(backend, kind, cfg, s, FLAGS.iters, problem) / 1e12
+          entry[str(s)] = fig
+          rows.append((f"{label} {backend}", str(s), f"{fig:.2f} {unit}", f"{fig / ceiling:.2f}"))
+        except Exception as e:
+          rows.append((f"{label} {backend}", str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+        print(rows[-1], flush=True)
+    del problem
 
   table_md = ["| kernel | SMs | achieved | ratio to ceiling |", "|---|---|---|---|"]
   table_md += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]

@@ -200,3 +200,37 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
 paged_attention = jax.jit(paged_attention_call, static_argnames=(
     "num_sms", "block_q", "pages_per_block", "sliding_window", "interpret", "num_warps", "num_stages",
     "programs_per_sm"))
+
+
+# --- one entry for both implementations ------------------------------------------------------------
+BACKENDS = ("pallas", "triton")
+
+
+def configs(backend: str) -> tuple[dict, dict]:
+  """(decode config, prefill config) of an implementation. Both use the same block_q (1 and 32), so the
+  host builds the same query blocks whichever runs."""
+  if backend == "triton":
+    from pallas_kernels import paged_attention_triton as pat
+    return pat.DECODE_CONFIG, pat.PREFILL_CONFIG
+  if backend == "pallas":
+    return DECODE_CONFIG, PREFILL_CONFIG
+  raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def attention_call(backend: str, q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len,
+                   num_blocks, *, num_sms: int, config: dict, sliding_window: int | None = None,
+                   interpret: bool = False, out=None):
+  """Unjitted (legal under stream annotation): the Pallas kernel or the Triton one (jax-triton)."""
+  if backend == "triton":
+    from pallas_kernels import paged_attention_triton as pat
+    return pat.paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len,
+                                    num_blocks, num_sms=num_sms, sliding_window=sliding_window, out=out, **config)
+  return paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len,
+                              num_blocks, num_sms=num_sms, sliding_window=sliding_window, interpret=interpret,
+                              out=out, **config)
+
+
+def default_backend() -> str:
+  """On the GPU the faster measured implementation where it can run (docs/perf-notes.md), else Pallas."""
+  from pallas_kernels import paged_attention_triton as pat
+  return "triton" if pat.available() else "pallas"

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import gemm
-from pallas_kernels.paged_attention import paged_attention, paged_attention_reference, query_blocks
+from pallas_kernels import paged_attention_triton
+from pallas_kernels.paged_attention import (attention_call, configs, paged_attention, paged_attention_reference,
+                                            query_blocks)
 
 pytestmark = pytest.mark.gpu
 SHARES = [132, 112, 96, 64, 48, 32]
@@ -27,12 +29,13 @@ def test_gemm_llama3_8b_shapes(mnk, num_sms):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.1, rtol=0.02)
 
 
-@pytest.mark.parametrize("num_sms", SHARES)
-def test_paged_attention_mixed_batch(num_sms):
-  rng = np.random.default_rng(num_sms)
-  hkv, g, d, s, pages = 8, 4, 128, 16, 4096
+def _mixed_batch(seed, pages=4096, layers=2, sliding_window=None):
+  """60 decodes at ragged contexts and one 300-token prefill chunk continuing a 600-token prefix, in
+  layer 1 of the cache, with its reference output."""
+  rng = np.random.default_rng(seed)
+  hkv, g, d, s = 8, 4, 128, 16
   ctx = list(rng.integers(1, 700, size=60)) + [900]
-  chunk = [1] * 60 + [300]                     # 60 decodes and one prefill chunk continuing a prefix
+  chunk = [1] * 60 + [300]
   table = np.zeros((64, 64), np.int32)
   perm = rng.permutation(pages)
   used = 0
@@ -43,11 +46,57 @@ def test_paged_attention_mixed_batch(num_sms):
     used += need
     slots += [i] * n
     positions += list(range(c - n, c))
-  kc = jax.random.normal(jax.random.PRNGKey(1), (2, hkv, pages, s, d), jnp.bfloat16)
-  vc = jax.random.normal(jax.random.PRNGKey(7), (2, hkv, pages, s, d), jnp.bfloat16)
-  q = jax.random.normal(jax.random.PRNGKey(2), (len(slots), hkv * g, d), jnp.bfloat16)
+  kc = jax.random.normal(jax.random.PRNGKey(seed + 1), (layers, hkv, pages, s, d), jnp.bfloat16)
+  vc = jax.random.normal(jax.random.PRNGKey(seed + 7), (layers, hkv, pages, s, d), jnp.bfloat16)
+  q = jax.random.normal(jax.random.PRNGKey(seed + 2), (len(slots), hkv * g, d), jnp.bfloat16)
   slots, positions = np.array(slots, np.int32), np.array(positions, np.int32)
-  ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions)
+  ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions, sliding_window)
+  return q, kc, vc, table, slots, positions, chunk, ref
+
+
+@pytest.mark.parametrize("num_sms", SHARES)
+def test_paged_attention_mixed_batch(num_sms):
+  q, kc, vc, table, slots, positions, chunk, ref = _mixed_batch(num_sms)
   start, length, nb = query_blocks(chunk, len(slots), 16)
   out = paged_attention(q, kc, vc, 1, table, slots, positions, start, length, jnp.int32(nb), num_sms=num_sms)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+def _both_configs(backend, q, kc, vc, table, slots, positions, chunk, num_sms, sliding_window=None):
+  """Decode blocks then prefill blocks into one output, as the engine calls the kernels."""
+  dec, pre = configs(backend)
+  n = len(slots)
+  d_start, d_len, d_nb = query_blocks(chunk[:60], n, dec["block_q"])
+  p_start, p_len, p_nb = query_blocks(chunk[60:], n, pre["block_q"])
+  p_start[:p_nb] += 60
+
+  @jax.jit
+  def run(q, kc, vc):
+    out = attention_call(backend, q, kc, vc, 1, table, slots, positions, d_start, d_len, jnp.int32(d_nb),
+                         num_sms=num_sms, config=dec, sliding_window=sliding_window)
+    return attention_call(backend, q, kc, vc, 1, table, slots, positions, p_start, p_len, jnp.int32(p_nb),
+                          num_sms=num_sms, config=pre, sliding_window=sliding_window, out=out)
+  return run(q, kc, vc)
+
+
+needs_triton = pytest.mark.skipif(not paged_attention_triton.available(), reason="jax-triton does not import")
+
+
+@needs_triton
+@pytest.mark.parametrize("num_sms", SHARES)
+@pytest.mark.parametrize("window", [None, 200])
+def test_triton_attention_mixed_batch(num_sms, window):
+  q, kc, vc, table, slots, positions, chunk, ref = _mixed_batch(num_sms + (window or 0), sliding_window=window)
+  out = _both_configs("triton", q, kc, vc, table, slots, positions, chunk, num_sms, window)
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+  np.testing.assert_allclose(out, ref, atol=3e-2)
+
+
+@needs_triton
+def test_triton_attention_cache_over_4gib():
+  """Page offsets past 2**31 elements (a real cache is ~90 GB): the kernel's 64-bit offsets."""
+  pages = 1 << 17     # 2 layers x 8 heads x 131072 pages x 4 KiB = 8.6 GB per K and V
+  q, kc, vc, table, slots, positions, chunk, ref = _mixed_batch(5, pages=pages)
+  out = _both_configs("triton", q, kc, vc, table, slots, positions, chunk, 132)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)

@@ -1,0 +1,182 @@
+"""Paged attention as a Triton kernel called through jax-triton: the same function, arguments and work
+items as pallas_kernels/paged_attention.py (whose jnp reference it is tested against), written in
+Triton directly so that we control what the Pallas lowering does not let us control:
+- one K/V tile is BLOCK_N keys gathered through the page table (BLOCK_N // page_size whole pages), and
+  `tl.range(num_stages=...)` pipelines those gathers, page ids included, ahead of the math;
+- page offsets are 64-bit once per key row (not per element), so a 100 GB cache costs no more than 1 GB;
+- the loop over a work item's keys is split into blocks that need no causal mask and the few that do;
+- softmax in base 2 with the scale folded into one multiply.
+Work items are (query block, KV head) as in the Pallas kernel; rows of a tile are block_q tokens x the
+q_per_kv query heads of the KV head (GQA packed: each K/V tile is read once for all of them). The grid is
+`num_sms * programs_per_sm` persistent programs: the kernel's SM share.
+
+jax-triton is imported lazily (it refuses to import without a GPU-enabled jax); on a CPU the same kernel
+runs in Triton's interpreter (`interpret_call`, used by the tests).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+try:
+  import triton
+  import triton.language as tl
+except ImportError:  # the Pallas kernel and the reference still work without Triton
+  triton = None
+
+DECODE_CONFIG = dict(block_q=1, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2)
+PREFILL_CONFIG = dict(block_q=32, block_n=64, num_warps=8, num_stages=3, programs_per_sm=1)
+LOG2E = 1.4426950408889634
+
+
+def available() -> bool:
+  """True where the kernel can run compiled: Triton and jax-triton import and JAX has a GPU."""
+  if triton is None:
+    return False
+  try:
+    import jax
+    if jax.default_backend() != "gpu":
+      return False
+    import jax_triton  # noqa: F401
+  except Exception:  # jax-triton raises a plain Exception without GPU support
+    return False
+  return True
+
+
+def _rows(block_q: int, q_per_kv: int) -> int:
+  return max(16, triton.next_power_of_2(block_q * q_per_kv))   # tensor-core dots need >= 16 rows
+
+
+if triton is not None:
+
+  @triton.jit
+  def _paged_attention_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
+                              k_ptr, v_ptr, out_in_ptr, out_ptr,
+                              NUM_PROGRAMS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
+                              NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
+                              NUM_STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    total = tl.load(nblk_ptr) * NUM_KV_HEADS
+    layer = tl.load(layer_ptr).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    tok_in_block = rows // Q_PER_KV
+    head_in_group = rows % Q_PER_KV
+    d = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    for w in range(pid, total, NUM_PROGRAMS):
+      b = w // NUM_KV_HEADS
+      h = w % NUM_KV_HEADS
+      t0 = tl.load(blk_start_ptr + b)
+      nt = tl.load(blk_len_ptr + b)
+      slot = tl.load(slots_ptr + t0)
+      row_ok = (rows < BLOCK_Q * Q_PER_KV) & (tok_in_block < nt)
+      tok = t0 + tok_in_block
+      q_off = (tok.to(tl.int64) * (NUM_KV_HEADS * Q_PER_KV) + h * Q_PER_KV + head_in_group) * HEAD_DIM
+      q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+      row_pos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
+      first = tl.load(pos_ptr + t0)
+      last = tl.load(pos_ptr + t0 + nt - 1)
+      hi = last // BLOCK_N + 1
+      if WINDOW > 0:   # every block may cut the window: all masked
+        lo = tl.maximum(first - WINDOW + 1, 0) // BLOCK_N
+        full_hi = lo
+      else:            # blocks wholly at or before the block's first position need no mask
+        lo = 0
+        full_hi = (first + 1) // BLOCK_N
+      kv_base = (layer * NUM_KV_HEADS + h) * NUM_PAGES
+      pt_row = pt_ptr + slot.to(tl.int64) * PT_STRIDE
+      m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+      l_i = tl.zeros([BLOCK_M], tl.float32)
+      acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+      for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones
+        for j in tl.range(full_hi if phase == 1 else lo, hi if phase == 1 else full_hi, num_stages=NUM_STAGES):
+          kpos = j * BLOCK_N + cols
+          page = tl.load(pt_row + kpos // PAGE_SIZE)
+          row_off = (kv_base + page.to(tl.int64)) * (PAGE_SIZE * HEAD_DIM) + (kpos % PAGE_SIZE) * HEAD_DIM
+          k = tl.load(k_ptr + row_off[:, None] + d[None, :])
+          v = tl.load(v_ptr + row_off[:, None] + d[None, :])
+          s = tl.dot(q, tl.trans(k)) * QK_SCALE
+          if phase == 1:
+            mask = kpos[None, :] <= row_pos[:, None]
+            if WINDOW > 0:
+              mask &= row_pos[:, None] - kpos[None, :] < WINDOW
+            s = tl.where(mask, s, -1.0e30)
+          m_new = tl.maximum(m_i, tl.max(s, 1))
+          p = tl.math.exp2(s - m_new[:, None])
+          if phase == 1:
+            p = tl.where(mask, p, 0.0)
+          alpha = tl.math.exp2(m_i - m_new)
+          l_i = l_i * alpha + tl.sum(p, 1)
+          acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+          m_i = m_new
+      out = acc / tl.maximum(l_i, 1e-30)[:, None]
+      tl.store(out_ptr + q_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_warps,
+               num_stages, programs_per_sm):
+  n, hq, d = q_shape
+  num_layers, hkv, num_pages, page_size, _ = k_shape
+  if block_n % page_size:
+    raise ValueError(f"block_n {block_n} must be a multiple of the page size {page_size}")
+  g = hq // hkv
+  programs = num_sms * programs_per_sm
+  meta = dict(NUM_PROGRAMS=programs, NUM_KV_HEADS=hkv, Q_PER_KV=g, NUM_PAGES=num_pages,
+              PT_STRIDE=page_table_shape[1], PAGE_SIZE=page_size, HEAD_DIM=d, BLOCK_Q=block_q,
+              BLOCK_M=_rows(block_q, g), BLOCK_N=block_n, WINDOW=sliding_window or 0,
+              QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages)
+  return programs, meta
+
+
+def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
+                         num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
+                         num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, out=None):
+  """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
+  end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
+  they are already (the engine allocates them so, and saves the copy)."""
+  import jax
+  import jax.numpy as jnp
+  import jax_triton as jt
+  programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
+                              block_n=block_n, sliding_window=sliding_window, num_warps=num_warps,
+                              num_stages=num_stages, programs_per_sm=programs_per_sm)
+  if out is None:
+    out = jnp.zeros(q.shape, q.dtype)
+  per_block = block_n // k_cache.shape[3]
+  if page_table.shape[1] % per_block:  # lax.pad, not jnp.pad: no nested jit under stream annotation
+    page_table = jax.lax.pad(jnp.asarray(page_table, jnp.int32), jnp.int32(0),
+                             [(0, 0, 0), (0, -page_table.shape[1] % per_block, 0)])
+    meta["PT_STRIDE"] = page_table.shape[1]
+  i32 = lambda x: jnp.asarray(x, jnp.int32)
+  return jt.triton_call(
+      i32(layer).reshape(1), i32(num_blocks).reshape(1), i32(block_start), i32(block_len), i32(slots),
+      i32(positions), i32(page_table), q, k_cache, v_cache, out,
+      kernel=_paged_attention_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(programs,),
+      input_output_aliases={10: 0}, num_warps=num_warps, num_stages=num_stages, name="paged_attention_triton", **meta)
+
+
+def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
+                   num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
+                   num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1) -> np.ndarray:
+  """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path. Needs
+  TRITON_INTERPRET=1 in the environment before triton is first imported (tests/conftest.py sets it)."""
+  import torch
+  from triton.runtime.interpreter import InterpretedFunction
+  if not isinstance(_paged_attention_kernel, InterpretedFunction):
+    raise RuntimeError("set TRITON_INTERPRET=1 before importing triton to run the kernel on the CPU")
+  page_table = np.asarray(page_table)
+  page_table = np.pad(page_table, ((0, 0), (0, -page_table.shape[1] % (block_n // k_cache.shape[3]))))
+  programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
+                              block_n=block_n, sliding_window=sliding_window, num_warps=num_warps,
+                              num_stages=num_stages, programs_per_sm=programs_per_sm)
+  # float32 throughout: the interpreter loses bf16 tensors (torch 2.13); the GPU tests cover bf16.
+  f32 = lambda x: torch.from_numpy(np.array(x, np.float32))
+  i32 = lambda x: torch.from_numpy(np.array(x, np.int32).reshape(-1))
+  out = torch.zeros(q.shape, dtype=torch.float32)
+  _paged_attention_kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
+                      i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out, **meta)
+  return out.numpy()
