@@ -18,7 +18,10 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_integer("max_num_seqs", max_num_seqs, "Sequences running at once.")
   flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
   flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for --mode=nanoflow (default: shipped/generic).")
-  flags.DEFINE_enum("kernels", "auto", ["auto", "reference", "pallas"], "Step kernels (auto: Pallas on GPU).")
+  flags.DEFINE_enum("kernels", "auto", ["auto", "reference", "pallas", "triton"],
+                    "Step kernels: pallas (Mosaic GEMMs + Pallas attention), triton (same GEMMs + Triton attention "
+                    "through jax-triton), reference (jnp); auto: triton on a GPU where jax-triton imports, else "
+                    "pallas; reference on the CPU.")
   flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
   flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0 (jax.distributed).")
   flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (one per host).")

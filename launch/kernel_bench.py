@@ -26,6 +26,7 @@ flags.DEFINE_list("shares", ["132", "112", "96", "64", "48", "32"], "SM shares t
 flags.DEFINE_bool("quick", False, "Fewer shapes (a smoke run).")
 flags.DEFINE_integer("iters", 20, "Calls per timing sample.")
 flags.DEFINE_bool("sweep_attention", False, "Only sweep the attention kernels' tunables (decode and prefill).")
+flags.DEFINE_list("sweep_kinds", ["decode", "prefill"], "Which attention shapes --sweep_attention sweeps.")
 flags.DEFINE_list("attention_backends", ["pallas", "triton"],
                   "Attention implementations to time (triton needs jax-triton: see WORKSPACE.md).")
 flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
@@ -104,9 +105,9 @@ def _variants(backend: str, kind: str):
     grid = (itertools.product([1, 4], [4, 8, 16], [4, 8], [2, 3], [1, 2]) if kind == "decode" else
             itertools.product([16, 32, 64], [2, 4, 8], [4, 8], [2, 3], [1]))
   else:
-    keys = ("block_q", "block_n", "num_warps", "num_stages", "programs_per_sm")
-    grid = (itertools.product([1], [64, 128, 256], [4, 8], [2, 3], [1, 2, 4]) if kind == "decode" else
-            itertools.product([16, 32], [32, 64, 128], [4, 8], [2, 3], [1]))
+    keys = ("block_q", "block_n", "num_warps", "num_stages", "programs_per_sm", "heavy_first")
+    grid = (itertools.product([1], [64, 128, 256], [4, 8], [2, 3], [1, 2, 4], [False]) if kind == "decode" else
+            itertools.product([32], [64, 128], [8], [2, 3], [1], [False, True]))
   for values in grid:
     yield dict(zip(keys, values))
 
@@ -114,7 +115,7 @@ def _variants(backend: str, kind: str):
 def sweep_attention(backends, copy_tbs: float, peak: float, iters: int) -> list[tuple]:
   """Times each implementation's variants on the decode and prefill shapes of the table; best first."""
   out = []
-  for kind in ("decode", "prefill"):
+  for kind in FLAGS.sweep_kinds:
     problem = _attention_problem(kind)
     for backend in backends:
       for cfg in _variants(backend, kind):
@@ -151,7 +152,11 @@ def main(argv):
   t = timeit(jax.jit(lambda a, b: a @ b), a, a, iters=FLAGS.iters)
   peak = 2 * 8192 ** 3 / t / 1e12
   res.update(copy_tb_s=copy_tbs, gemm_peak_tflops=peak)
+  t = timeit(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x, iters=FLAGS.iters)
+  read_tbs = x.nbytes / t / 1e12   # read-only traffic, like attention's: a second reference for decode
+  res.update(read_tb_s=read_tbs)
   rows.append(("copy (read+write)", "-", f"{copy_tbs:.2f} TB/s", "1.00"))
+  rows.append(("read only (sum)", "-", f"{read_tbs:.2f} TB/s", f"{read_tbs / copy_tbs:.2f}"))
   rows.append(("XLA GEMM 8192^3", "-", f"{peak:.0f} TFLOP/s", "1.00"))
   del x, a
   backends = list(FLAGS.attention_backends)

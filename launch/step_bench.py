@@ -26,6 +26,8 @@ flags.DEFINE_integer("decodes", 512, "Sequences decoding in the step.")
 flags.DEFINE_integer("context", 1024, "Their context length.")
 flags.DEFINE_integer("prefill", 1536, "Prefill tokens in the step.")
 flags.DEFINE_list("attn_shares", ["16", "33", "48", "66"], "Attention SM shares to try in nanoflow mode.")
+flags.DEFINE_list("kernels", ["pallas", "triton"],
+                  "Kernel sets to time sequentially (executor.KERNEL_CHOICES); nanoflow variants use the last.")
 flags.DEFINE_integer("iters", 10, "Steps per timing sample.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
 flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of each nanoflow variant's steps here.")
@@ -68,7 +70,8 @@ def main(argv):
   optimal_ms = batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
 
   base = generic_default(dense, getattr(jax.devices()[0], "core_count", 132) or 132)
-  variants = [("sequential", None, True)]
+  kernels = FLAGS.kernels[-1]
+  variants = [(f"sequential ({k})", None, True, k) for k in FLAGS.kernels]
   for share in FLAGS.attn_shares:
     plan = copy.deepcopy(base)
     for op in plan.ops:
@@ -77,15 +80,15 @@ def main(argv):
       elif op.id in ("o@0", "gate_up@0", "down@0"):
         op.sm_share = plan.num_sms - int(share)
     plan.validate()
-    variants.append((f"nanoflow attn@1 on {share} SMs", plan, True))
-  variants.append(("nanoflow split, no streams", base, False))
+    variants.append((f"nanoflow attn@1 on {share} SMs ({kernels})", plan, True, kernels))
+  variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels))
 
   eng.executor.kv = eng.executor.params = None  # only its host state (page table, rows) is needed now
   rows = []
   seq_ms = None
-  for name, plan, annotate in variants:
+  for name, plan, annotate, kernels in variants:
     print(f"{name} ...", flush=True)
-    ex = Executor(model, pages, 16, FLAGS.decodes + 1, eng.max_model_len, dense, plan=plan)
+    ex = Executor(model, pages, 16, FLAGS.decodes + 1, eng.max_model_len, dense, plan=plan, kernels=kernels)
     ex.annotate = ex.annotate and annotate
     eng.executor = ex
     inp, _ = eng._build_inputs(batch)
@@ -100,7 +103,7 @@ def main(argv):
       samples.append((time.perf_counter() - t) / FLAGS.iters * 1e3)
     ms = statistics.median(samples)
     if FLAGS.trace_dir and plan is not None and annotate:
-      tdir = os.path.join(FLAGS.trace_dir, name.replace(" ", "_").replace("@", ""))
+      tdir = os.path.join(FLAGS.trace_dir, "".join(c if c.isalnum() else "_" for c in name))
       with jax.profiler.trace(tdir, create_perfetto_trace=True):
         for _ in range(3):
           out = ex.run(inp, sp)

@@ -25,7 +25,7 @@ from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
 from nanoflow_jax.scheduler import Batch, Scheduler
 from nanoflow_jax.sequence import Sequence
 from nanoflow_jax.tokenizer import IncrementalDetokenizer
-from pallas_kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG, query_blocks
+from pallas_kernels.paged_attention import query_blocks
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class EngineConfig:
   max_num_seqs: int = 64
   max_model_len: int | None = None        # None: the model's max_position_embeddings
   mode: str = "sequential"
-  kernels: str = "auto"                   # auto: Pallas kernels on GPU, jnp references elsewhere
+  kernels: str = "auto"                   # auto: our kernels on GPU (Triton attention where jax-triton
+                                          # imports), jnp references elsewhere; see executor.KERNEL_CHOICES
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow (default: generic)
   tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
@@ -125,7 +126,7 @@ class Engine:
     log.info("KV cache: %d pages of %d tokens = %d tokens; concurrency at max_model_len %d: %.2f",
              num_pages, c.page_size, tokens_fit, self.max_model_len, tokens_fit / self.max_model_len)
     self.scheduler = Scheduler(self.pool, c.dense_batch, c.max_num_seqs, self.max_model_len)
-    self.page_table = np.zeros((c.max_num_seqs, self.executor.max_pages_per_seq), np.int32)
+    self.page_table = np.zeros((c.max_num_seqs, self.executor.page_table_cols), np.int32)
     self.sp = sampler.SamplingArrays.empty(c.max_num_seqs)
     self.eos_ids = tuple(self.tokenizer.eos_ids if self.tokenizer else cfg.eos_token_ids)
     self.requests: dict[str, _Request] = {}
@@ -268,7 +269,7 @@ class Engine:
         self._set_step_row(seq, seq.slot)
       cur += length
     inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
-                     sample_index, sample_mask, reset, _attention_blocks(batch, ex.nano_sizes(n)))
+                     sample_index, sample_mask, reset, _attention_blocks(batch, ex.nano_sizes(n), ex.attention_configs))
     return inp, sampled
 
   def _set_static_row(self, seq: Sequence, row: int) -> None:
@@ -375,10 +376,11 @@ class Engine:
         progress()
 
 
-def _attention_blocks(batch: Batch, sizes: list[int]) -> tuple:
+def _attention_blocks(batch: Batch, sizes: list[int], attention_configs: tuple[dict, dict]) -> tuple:
   """Query blocks for the attention kernel, per nano-batch (rows relative to it): decodes (laid out
-  first) as blocks of one, prefill chunks in blocks of PREFILL_CONFIG's block_q. A chunk that straddles a
-  nano-batch boundary is cut there."""
+  first) in blocks of the decode config's block_q, prefill chunks in blocks of the prefill config's. A
+  chunk that straddles a nano-batch boundary is cut there."""
+  decode_cfg, prefill_cfg = attention_configs
   out, chunks = [], [(ch.length, ch.decode) for ch in batch.chunks]
   ci, off = 0, 0   # the chunk being cut and how much of it was taken
   for size in sizes:
@@ -390,8 +392,8 @@ def _attention_blocks(batch: Batch, sizes: list[int]) -> tuple:
       cur, off = cur + take, off + take
       if off == length:
         ci, off = ci + 1, 0
-    d = query_blocks([1] * len(dec), size, DECODE_CONFIG["block_q"])
-    p_start, p_len, p_count = query_blocks([t for _, t in pre], size, PREFILL_CONFIG["block_q"])
+    d = query_blocks([1] * len(dec), size, decode_cfg["block_q"])
+    p_start, p_len, p_count = query_blocks([t for _, t in pre], size, prefill_cfg["block_q"])
     p_start[:p_count] += len(dec)  # decodes come first within the nano-batch
     out.append(((d[0], d[1], np.array([d[2]], np.int32)), (p_start, p_len, np.array([p_count], np.int32))))
   return tuple(out)

@@ -26,7 +26,8 @@ try:
 except ImportError:  # the Pallas kernel and the reference still work without Triton
   triton = None
 
-DECODE_CONFIG = dict(block_q=1, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2)
+# Best of the sweep on one H200 (launch/kernel_bench.py --sweep_attention, docs/perf-notes.md).
+DECODE_CONFIG = dict(block_q=1, block_n=128, num_warps=4, num_stages=2, programs_per_sm=2)
 PREFILL_CONFIG = dict(block_q=32, block_n=64, num_warps=8, num_stages=3, programs_per_sm=1)
 LOG2E = 1.4426950408889634
 
@@ -58,7 +59,7 @@ if triton is not None:
                               NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
-                              NUM_STAGES: tl.constexpr):
+                              NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr):
     pid = tl.program_id(0)
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
@@ -67,7 +68,9 @@ if triton is not None:
     head_in_group = rows % Q_PER_KV
     d = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
-    for w in range(pid, total, NUM_PROGRAMS):
+    for i in range(pid, total, NUM_PROGRAMS):
+      # Heavy first: a chunk's later query blocks see more keys; starting them first shortens the tail.
+      w = total - 1 - i if HEAVY_FIRST else i
       b = w // NUM_KV_HEADS
       h = w % NUM_KV_HEADS
       t0 = tl.load(blk_start_ptr + b)
@@ -118,7 +121,7 @@ if triton is not None:
 
 
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_warps,
-               num_stages, programs_per_sm):
+               num_stages, programs_per_sm, heavy_first=False):
   n, hq, d = q_shape
   num_layers, hkv, num_pages, page_size, _ = k_shape
   if block_n % page_size:
@@ -128,13 +131,14 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
   meta = dict(NUM_PROGRAMS=programs, NUM_KV_HEADS=hkv, Q_PER_KV=g, NUM_PAGES=num_pages,
               PT_STRIDE=page_table_shape[1], PAGE_SIZE=page_size, HEAD_DIM=d, BLOCK_Q=block_q,
               BLOCK_M=_rows(block_q, g), BLOCK_N=block_n, WINDOW=sliding_window or 0,
-              QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages)
+              QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first)
   return programs, meta
 
 
 def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
                          num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
-                         num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, out=None):
+                         num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
+                         out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy)."""
@@ -143,7 +147,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   import jax_triton as jt
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_warps=num_warps,
-                              num_stages=num_stages, programs_per_sm=programs_per_sm)
+                              num_stages=num_stages, programs_per_sm=programs_per_sm,
+                              heavy_first=heavy_first)
   if out is None:
     out = jnp.zeros(q.shape, q.dtype)
   per_block = block_n // k_cache.shape[3]
@@ -161,7 +166,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
 
 def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
                    num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
-                   num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1) -> np.ndarray:
+                   num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
+                   heavy_first: bool = False) -> np.ndarray:
   """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path. Needs
   TRITON_INTERPRET=1 in the environment before triton is first imported (tests/conftest.py sets it)."""
   import torch
@@ -172,7 +178,8 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
   page_table = np.pad(page_table, ((0, 0), (0, -page_table.shape[1] % (block_n // k_cache.shape[3]))))
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_warps=num_warps,
-                              num_stages=num_stages, programs_per_sm=programs_per_sm)
+                              num_stages=num_stages, programs_per_sm=programs_per_sm,
+                              heavy_first=heavy_first)
   # float32 throughout: the interpreter loses bf16 tensors (torch 2.13); the GPU tests cover bf16.
   f32 = lambda x: torch.from_numpy(np.array(x, np.float32))
   i32 = lambda x: torch.from_numpy(np.array(x, np.int32).reshape(-1))

@@ -24,13 +24,16 @@ from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
 from nanoflow_jax.runtime.plan import PipelineConfig
 from pallas_kernels import gemm as gemm_kernel
-from pallas_kernels.paged_attention import (DECODE_CONFIG, PREFILL_CONFIG, append_kv, paged_attention_call,
-                                            paged_attention_reference)
+from pallas_kernels import paged_attention as attention_kernels
+from pallas_kernels.paged_attention import append_kv, attention_call, paged_attention_reference
 
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
-KERNEL_CHOICES = ("auto", "reference", "pallas", "interpret")
+# pallas: Mosaic GPU GEMMs + the Pallas attention kernel; triton: the same GEMMs + the Triton attention
+# kernel (jax-triton); auto: triton on a GPU where jax-triton imports, else pallas; reference: jnp
+# everywhere (the CPU default); interpret: the Pallas kernels in interpret mode (CPU tests).
+KERNEL_CHOICES = ("auto", "reference", "pallas", "triton", "interpret")
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -84,7 +87,9 @@ class Executor:
     if kernels not in KERNEL_CHOICES:
       raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
     on_gpu = jax.default_backend() == "gpu"
-    self.kernels = ("pallas" if on_gpu else "reference") if kernels == "auto" else kernels
+    self.kernels = (attention_kernels.default_backend() if on_gpu else "reference") if kernels == "auto" else kernels
+    if self.kernels == "triton" and not attention_kernels.paged_attention_triton_available():
+      raise ValueError("kernels='triton' needs a GPU and jax-triton (pip install jax-triton); use 'pallas'")
     self.mesh = mesh
     if mesh is not None and mesh.size > 1 and self.kernels != "reference":
       # The Pallas kernels are custom calls the SPMD partitioner cannot split; shard_map comes next.
@@ -92,11 +97,19 @@ class Executor:
       self.kernels = "reference"
     self.num_sms = num_sms or (jax.devices()[0].core_count if on_gpu else 4)
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
-    self.buckets = buckets_for(dense_batch, 128 if self.kernels == "pallas" and dense_batch >= 128 else MIN_BUCKET)
+    on_kernels = self.kernels in ("pallas", "triton")
+    self.buckets = buckets_for(dense_batch, 128 if on_kernels and dense_batch >= 128 else MIN_BUCKET)
+    # Attention kernel configurations (decode blocks, prefill blocks); both implementations use the same
+    # block_q, so the host's query blocks do not depend on which runs.
+    self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
+    self.attention_configs = attention_kernels.configs(self.attention_backend)
+    # Page-table columns: whole key blocks of the attention kernel, so it never pads the table per call.
+    per_block = max(c.get("block_n", page_size) for c in self.attention_configs) // page_size
+    self.page_table_cols = -(-self.max_pages_per_seq // max(per_block, 1)) * max(per_block, 1)
     log.info("step kernels: %s (%d SMs)", self.kernels, self.num_sms)
     self.plan = plan
     # Stream annotation needs the kernels (SM-limited grids) and a GPU; elsewhere the same split and order.
-    self.annotate = plan is not None and self.kernels == "pallas"
+    self.annotate = plan is not None and on_kernels
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
@@ -134,7 +147,7 @@ class Executor:
   def nano_sizes(self, num_tokens: int) -> list[int]:
     if self.plan is None:
       return [num_tokens]
-    return self.plan.sizes_for(num_tokens, 128 if self.kernels == "pallas" else 8)
+    return self.plan.sizes_for(num_tokens, 128 if self.kernels in ("pallas", "triton") else 8)
 
   @contextlib.contextmanager
   def _nano_op(self, op):
@@ -162,9 +175,9 @@ class Executor:
     def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
       # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
       out = None
-      for bl, cfg in zip(blocks, (DECODE_CONFIG, PREFILL_CONFIG)):
-        out = paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, *bl, num_sms=num_sms,
-                              sliding_window=window, interpret=interpret, out=out, **cfg)
+      for bl, cfg in zip(blocks, self.attention_configs):
+        out = attention_call(self.attention_backend, q, k_cache, v_cache, layer, page_table, slots, positions, *bl,
+                             num_sms=num_sms, config=cfg, sliding_window=window, interpret=interpret, out=out)
       return out
     return self._on_stream(kernels)(q, k_cache, v_cache, layer, inp.page_table, slots, positions, blocks)
 

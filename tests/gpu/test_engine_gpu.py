@@ -1,4 +1,5 @@
-"""The engine on the GPU: the Pallas kernel path against the jnp reference path, LLaMA-3-8B shape."""
+"""The engine on the GPU: the kernel paths (Pallas, Triton attention) against the jnp reference path,
+LLaMA-3-8B shape."""
 import time
 
 import numpy as np
@@ -16,7 +17,9 @@ def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(50, 600, size=24)]
   firsts, timing = {}, {}
-  for kernels in ("reference", "pallas"):
+  from pallas_kernels.paged_attention import paged_attention_triton_available
+  kernel_sets = ["pallas", "triton"] if paged_attention_triton_available() else ["pallas"]
+  for kernels in ["reference", *kernel_sets]:
     eng = Engine(model, EngineConfig(dense_batch=1024, num_pages=4096, max_num_seqs=32, kernels=kernels,
                                      compilation_cache_dir=None))
     for i, p in enumerate(prompts):
@@ -29,8 +32,9 @@ def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
     timing[kernels] = time.perf_counter() - t
     firsts[kernels] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
     del eng
-  same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(firsts["reference"], firsts["pallas"]))
-  lp_diff = max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob)
-                for a, b in zip(firsts["reference"], firsts["pallas"]))
-  print(f"first tokens equal: {same}/{len(prompts)}; max logprob diff {lp_diff:.3f}; times {timing}")
-  assert same >= len(prompts) - 2 and lp_diff < 0.25
+  for kernels in kernel_sets:
+    same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(firsts["reference"], firsts[kernels]))
+    lp_diff = max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob)
+                  for a, b in zip(firsts["reference"], firsts[kernels]))
+    print(f"{kernels}: first tokens equal: {same}/{len(prompts)}; max logprob diff {lp_diff:.3f}; times {timing}")
+    assert same >= len(prompts) - 2 and lp_diff < 0.25
