@@ -10,6 +10,7 @@ separate the cost of splitting from the gain of overlapping). Optimal = tokens x
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import statistics
 import sys
@@ -30,7 +31,8 @@ flags.DEFINE_list("kernels", ["pallas", "triton"],
                   "Kernel sets to time sequentially (executor.KERNEL_CHOICES); nanoflow variants use the last.")
 flags.DEFINE_integer("iters", 10, "Steps per timing sample.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
-flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of each nanoflow variant's steps here.")
+flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of 3 steps of each variant here, and "
+                    "print its kernel time by kind (launch/trace_overlap.py).")
 
 
 def main(argv):
@@ -102,12 +104,15 @@ def main(argv):
       jax.block_until_ready(out)
       samples.append((time.perf_counter() - t) / FLAGS.iters * 1e3)
     ms = statistics.median(samples)
-    if FLAGS.trace_dir and plan is not None and annotate:
+    if FLAGS.trace_dir:
       tdir = os.path.join(FLAGS.trace_dir, "".join(c if c.isalnum() else "_" for c in name))
       with jax.profiler.trace(tdir, create_perfetto_trace=True):
         for _ in range(3):
           out = ex.run(inp, sp)
         jax.block_until_ready(out)
+      from launch import trace_overlap
+      for trace in glob.glob(os.path.join(tdir, "**", "*perfetto_trace.json.gz"), recursive=True):
+        trace_overlap.main(trace, steps=3)
     seq_ms = seq_ms or ms
     rows.append(f"| {name} | {ms:.1f} | {100 * optimal_ms / ms:.1f}% | {seq_ms / ms:.3f} |")
     print(rows[-1], flush=True)

@@ -15,3 +15,14 @@ def test_overlap_of_two_streams(tmp_path):
   by = trace_overlap.stream_intervals(str(path))
   assert trace_overlap.busy(by["Stream #1(Compute)"]) == 150
   assert trace_overlap.overlap_time(by) == 30
+
+
+def test_time_by_kernel_kind(tmp_path):
+  ev = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "Stream #1(Compute)"}},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 10, "name": "gemm_3"},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 10, "dur": 30, "name": "gemm.12"},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 40, "dur": 5, "name": "loop_fusion_2"},
+        {"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 99, "name": "host_thing"}]   # not a stream: ignored
+  path = tmp_path / "t.json"
+  path.write_text(json.dumps(ev))
+  assert trace_overlap.time_by_kind(str(path)) == {"gemm": (2, 40.0), "loop_fusion": (1, 5.0)}
