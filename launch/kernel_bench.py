@@ -26,6 +26,7 @@ flags.DEFINE_list("shares", ["132", "112", "96", "64", "48", "32"], "SM shares t
 flags.DEFINE_bool("quick", False, "Fewer shapes (a smoke run).")
 flags.DEFINE_integer("iters", 20, "Calls per timing sample.")
 flags.DEFINE_bool("sweep_attention", False, "Only sweep the attention kernels' tunables (decode and prefill).")
+flags.DEFINE_integer("sweep_sms", 132, "The SM share --sweep_attention runs the variants on.")
 flags.DEFINE_list("sweep_kinds", ["decode", "prefill"], "Which attention shapes --sweep_attention sweeps.")
 flags.DEFINE_list("attention_backends", ["pallas", "triton"],
                   "Attention implementations to time (triton needs jax-triton: see WORKSPACE.md).")
@@ -106,7 +107,7 @@ def _variants(backend: str, kind: str):
             itertools.product([16, 32, 64], [2, 4, 8], [4, 8], [2, 3], [1]))
   else:
     keys = ("block_q", "block_n", "num_warps", "num_stages", "programs_per_sm", "heavy_first")
-    grid = (itertools.product([1], [64, 128, 256], [4, 8], [2, 3], [1, 2, 4], [False]) if kind == "decode" else
+    grid = (itertools.product([1], [64, 128, 256], [4, 8], [2, 3], [1, 2, 4, 8], [False]) if kind == "decode" else
             itertools.product([32], [64, 128], [8], [2, 3], [1], [False, True]))
   for values in grid:
     yield dict(zip(keys, values))
@@ -121,11 +122,12 @@ def sweep_attention(backends, copy_tbs: float, peak: float, iters: int) -> list[
       for cfg in _variants(backend, kind):
         label = f"{kind} {backend} " + " ".join(f"{k}={v}" for k, v in cfg.items())
         try:
-          fig = problem[-1] / time_attention(backend, kind, cfg, 132, iters, problem) / 1e12
+          fig = problem[-1] / time_attention(backend, kind, cfg, FLAGS.sweep_sms, iters, problem) / 1e12
           ratio = fig / (copy_tbs if kind == "decode" else peak)
-          out.append((label, "132", f"{fig:.2f} {'TB/s' if kind == 'decode' else 'TFLOP/s'}", f"{ratio:.2f}"))
+          out.append((label, str(FLAGS.sweep_sms), f"{fig:.2f} {'TB/s' if kind == 'decode' else 'TFLOP/s'}",
+                      f"{ratio:.2f}"))
         except Exception as e:
-          out.append((label, "132", f"FAILED {type(e).__name__}: {str(e)[:60]}", "-"))
+          out.append((label, str(FLAGS.sweep_sms), f"FAILED {type(e).__name__}: {str(e)[:60]}", "-"))
         print(out[-1], flush=True)
     del problem
   return sorted(out, key=lambda r: (r[0].split()[0], -float(r[3]) if r[3] != "-" else 0))

@@ -54,19 +54,26 @@ def main(argv):
   peak = gemm_peak_tflops()
   model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True)
   dense = FLAGS.decodes + FLAGS.prefill
-  pages = (FLAGS.decodes * (FLAGS.context + 16) + FLAGS.prefill + 64) // 16 + 64
+  # While the later prompts prefill, the first sequences already decode: they reach context + up to
+  # decodes * context / dense tokens. None may finish before the step is formed (max_tokens covers it).
+  grow = FLAGS.decodes * FLAGS.context // dense + 64
+  pages = (FLAGS.decodes * (FLAGS.context + grow) + FLAGS.prefill) // 16 + FLAGS.decodes + 64
   eng = Engine(model, EngineConfig(dense_batch=dense, num_pages=pages, max_num_seqs=FLAGS.decodes + 1,
-                                   max_model_len=max(FLAGS.context, FLAGS.prefill) + 64, compilation_cache_dir=None))
-  # Bring `decodes` sequences to the decode phase at `context`, then form the mixed step.
+                                   max_model_len=max(FLAGS.context + grow, FLAGS.prefill) + 64,
+                                   compilation_cache_dir=None))
+  # Bring `decodes` sequences to the decode phase at (at least) `context`, then form the mixed step.
   rng = np.random.default_rng(0)
   for i in range(FLAGS.decodes):
     eng.add_request(f"d{i}", rng.integers(0, min(1000, model.config.vocab_size), FLAGS.context - 1).tolist(),
-                    SamplingParams(max_tokens=64, ignore_eos=True, temperature=0, detokenize=False))
+                    SamplingParams(max_tokens=grow, ignore_eos=True, temperature=0, detokenize=False))
   while any(s.is_prefilling or not s.output_ids for s in eng.scheduler.running) or eng.scheduler.waiting:
     eng.step()
   eng.add_request("p", rng.integers(0, min(1000, model.config.vocab_size), FLAGS.prefill).tolist(),
                   SamplingParams(max_tokens=2, ignore_eos=True, temperature=0, detokenize=False))
   batch = eng.scheduler.schedule()
+  decodes = sum(c.decode for c in batch.chunks)
+  if decodes != FLAGS.decodes:
+    raise SystemExit(f"the step has {decodes} decodes, not {FLAGS.decodes}: the set-up is wrong")
   print(f"step: {sum(c.decode for c in batch.chunks)} decodes + {batch.num_tokens - sum(c.decode for c in batch.chunks)}"
         f" prefill tokens = {batch.num_tokens}")
   optimal_ms = batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
@@ -119,8 +126,9 @@ def main(argv):
     ex.kv = ex.params = None
     del ex, out
     eng.executor = None
-  table = "\n".join([f"{FLAGS.model}, {batch.num_tokens} tokens ({FLAGS.decodes} decodes at {FLAGS.context} + "
-                     f"{FLAGS.prefill} prefill), GEMM peak {peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
+  contexts = [len(s.prompt_ids) + len(s.output_ids) for s in eng.scheduler.running if not s.is_prefilling]
+  table = "\n".join([f"{FLAGS.model}, {batch.num_tokens} tokens ({decodes} decodes at context {min(contexts)}-"
+                     f"{max(contexts)} + {batch.num_tokens - decodes} prefill), GEMM peak {peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
                      "", "| variant | step ms | % of optimal | speed-up vs sequential |", "|---|---|---|---|", *rows])
   print(table)
   if FLAGS.out:

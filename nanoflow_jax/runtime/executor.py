@@ -158,7 +158,11 @@ class Executor:
       self._op = prev
 
   def _sms(self) -> int:
-    return (self._op.sm_share or self.num_sms) if self._op is not None else self.num_sms
+    # SM shares only mean something where nano-ops run concurrently (stream annotation); otherwise each
+    # kernel gets the whole GPU (measured: a plan's shares without streams only slowed its GEMMs).
+    if not self.annotate or self._op is None:
+      return self.num_sms
+    return self._op.sm_share or self.num_sms
 
   def _on_stream(self, f):
     if self.annotate and self._op is not None and self._op.stream:
