@@ -43,8 +43,10 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
   from nanoflow_jax.models import layers
   from nanoflow_jax.runtime.autosearch import Profile
   from pallas_kernels import gemm
-  from pallas_kernels.paged_attention import (DECODE_CONFIG, PREFILL_CONFIG, append_kv, paged_attention,
-                                              query_blocks)
+  from pallas_kernels.paged_attention import append_kv, attention_call, configs, default_backend, query_blocks
+  backend = default_backend()       # the attention implementation the engine will run
+  decode_cfg, prefill_cfg = configs(backend)
+  print("attention kernel:", backend, flush=True)
   h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
   hq, hkv = cfg.num_heads, cfg.num_kv_heads
   shapes = {"qkv": (h, hkv * (cfg.q_per_kv + 2) * hd), "o": (hq * hd, h), "gate_up": (h, 2 * i), "down": (i, h)}
@@ -85,18 +87,18 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
     # decodes: m sequences at `context`
     table = np.random.default_rng(0).permutation(pages)[:m * (context // 16)].reshape(m, -1).astype(np.int32)
     q = jax.random.normal(key, (m, hq, hd), jnp.bfloat16)
-    st, ln, nb = query_blocks([1] * m, m, DECODE_CONFIG["block_q"])
+    st, ln, nb = query_blocks([1] * m, m, decode_cfg["block_q"])
     slots, positions = np.arange(m, dtype=np.int32), np.full(m, context - 1, np.int32)
     # prefill: one prompt of m tokens
     ptable = np.arange(m // 16 + 1, dtype=np.int32)[None]
-    pst, pln, pnb = query_blocks([m], m, PREFILL_CONFIG["block_q"])
+    pst, pln, pnb = query_blocks([m], m, prefill_cfg["block_q"])
     pslots, ppos = np.zeros(m, np.int32), np.arange(m, dtype=np.int32)
     for s in shares:
-      f = jax.jit(lambda q, kc, vc, s=s: paged_attention(q, kc, vc, 0, table, slots, positions, st, ln,
-                                                         jnp.int32(nb), num_sms=s, **DECODE_CONFIG))
+      f = jax.jit(lambda q, kc, vc, s=s: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
+                                                        jnp.int32(nb), num_sms=s, config=decode_cfg))
       times["decode_attention"][str(s)].append([m, _time(f, q, kc, vc)])
-      f = jax.jit(lambda q, kc, vc, s=s: paged_attention(q, kc, vc, 0, ptable, pslots, ppos, pst, pln,
-                                                         jnp.int32(pnb), num_sms=s, **PREFILL_CONFIG))
+      f = jax.jit(lambda q, kc, vc, s=s: attention_call(backend, q, kc, vc, 0, ptable, pslots, ppos, pst, pln,
+                                                        jnp.int32(pnb), num_sms=s, config=prefill_cfg))
       times["prefill_attention"][str(s)].append([m, _time(f, q, kc, vc)])
       print("attention", m, s, times["decode_attention"][str(s)][-1][1], times["prefill_attention"][str(s)][-1][1],
             flush=True)

@@ -91,6 +91,10 @@ def main(argv):
     plan.validate()
     variants.append((f"nanoflow attn@1 on {share} SMs ({kernels})", plan, True, kernels))
   variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels))
+  from nanoflow_jax.runtime import autosearch
+  shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], dense)
+  if shipped is not None:
+    variants.append((f"nanoflow shipped {shipped.name} {shipped.nano_batches} ({kernels})", shipped, True, kernels))
 
   eng.executor.kv = eng.executor.params = None  # only its host state (page table, rows) is needed now
   rows = []
