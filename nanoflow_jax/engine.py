@@ -109,7 +109,9 @@ class Engine:
         plan = plan_lib.PipelineConfig.load(c.pipeline_config)
       elif shipped is not None:
         plan = shipped
-        log.info("mode=nanoflow: shipped pipeline config %s (nano-batches %s)", plan.name, plan.nano_batches)
+        log.info("mode=nanoflow: shipped pipeline config %s (nano-batches %s)%s", plan.name, plan.nano_batches,
+                 "; the auto-search found no split faster than the whole batch, so the step runs it in order"
+                 if len(plan.nano_batches) == 1 else "")
       else:
         plan = plan_lib.generic_default(c.dense_batch, num_sms)
         log.info("mode=nanoflow: no pipeline config given; using the generic default (%s: nano-batches %s)",

@@ -74,7 +74,28 @@ def test_shipped_config_lookup():
     platform, device_kind = "gpu", "NVIDIA H200"
   cfg = autosearch.shipped_config("llama-3-8b", Dev(), 2048)
   assert cfg is not None and cfg.name.startswith("autosearch") and sum(cfg.nano_batches) == 2048
+  assert cfg.nano_batches == [2048]    # the H200 tables predict no split faster than the whole batch
   assert autosearch.shipped_config("llama-3-8b", Dev(), 1024) is None   # made for another dense batch
-  assert autosearch.shipped_config("tiny", Dev(), 2048) is None
+  assert autosearch.shipped_config("tiny", Dev(), 2048) is None   # no tiny config for an H200
   stored = autosearch.Profile.load(autosearch.profile_path("llama-3-8b", "h200"))
   assert stored.num_sms == 132 and set(stored.times) >= {"qkv", "decode_attention", "rope_append"}
+
+
+def test_search_ships_the_single_batch_when_no_split_pays():
+  """Attention that slows down with fewer SMs as much as the GEMMs do: overlap cannot win (what the H200
+  tables of 2026-11-21 say), so the search returns one nano-batch on the whole GPU, and says so."""
+  prof = synthetic_profile()
+  for kind in ("decode_attention", "prefill_attention"):
+    for s in SHARES:
+      prof.times[kind][str(s)] = [[m, t * 132 / s] for m, t in prof.times[kind]["132"]]
+  cfg, ms, seq_ms, schedule = autosearch.search(prof, 2048, 512, shares=SHARES)
+  assert cfg.nano_batches == [2048] and ms == pytest.approx(seq_ms)
+  assert all(op.sm_share == 132 for op in cfg.ops) and cfg.name.endswith("single")
+  assert [row[0] for row in schedule] == [op.id for op in cfg.ops]
+
+
+def test_shipped_tiny_config():
+  class Dev:
+    platform, device_kind = "cpu", "cpu"
+  cfg = autosearch.shipped_config("tiny", Dev(), 256)
+  assert cfg is not None and len(cfg.nano_batches) == 2

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from nanoflow_jax.runtime.plan import PipelineConfig, generic_default
+from nanoflow_jax.runtime.plan import PipelineConfig, generic_default, single
 
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -160,7 +160,8 @@ def sequential_layer_ms(prof: Profile, dense_batch: int, decodes: int) -> float:
 
 def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
            shares: tuple[int, ...] | None = None):
-  """Best two-nano-batch config for a dense batch with `decodes` decode rows (first) and the rest prefill.
+  """Best config for a dense batch with `decodes` decode rows (first) and the rest prefill: the best
+  two-nano-batch split (MILP per split), or the single batch when no split is predicted to beat it.
   Returns (PipelineConfig, predicted layer ms, the sequential layer ms, schedule rows for a Gantt chart)."""
   shares = sorted(set(shares or [int(s) for s in prof.times["qkv"]]))
   best = None
@@ -178,8 +179,19 @@ def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
       best = (copy.deepcopy(cfg), ms, [(o.id, o.stream, st, d, s) for o, st, d, s in zip(cfg.ops, starts, durs, chosen)])
   cfg, ms, schedule = best
   cfg.name = f"autosearch-{prof.model}-{prof.device}"
+  seq_ms = sequential_layer_ms(prof, dense_batch, decodes)
+  if seq_ms <= ms:
+    # No split is predicted to beat the whole batch on the whole GPU: ship that (mode nanoflow then runs
+    # the sequential schedule instead of a slower pipeline).
+    cfg = single(dense_batch, prof.num_sms, f"autosearch-{prof.model}-{prof.device}-single")
+    t, schedule = 0.0, []
+    for op in cfg.ops:
+      d = op_time(prof, op.op, dense_batch, decodes, prof.num_sms)
+      schedule.append((op.id, op.stream, t, d, prof.num_sms))
+      t += d
+    ms = seq_ms
   cfg.validate()
-  return cfg, ms, sequential_layer_ms(prof, dense_batch, decodes), schedule
+  return cfg, ms, seq_ms, schedule
 
 
 def gantt(schedule, path: str, title: str) -> None:

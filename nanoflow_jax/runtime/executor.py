@@ -109,7 +109,7 @@ class Executor:
     log.info("step kernels: %s (%d SMs)", self.kernels, self.num_sms)
     self.plan = plan
     # Stream annotation needs the kernels (SM-limited grids) and a GPU; elsewhere the same split and order.
-    self.annotate = plan is not None and on_kernels
+    self.annotate = plan is not None and on_kernels and len(plan.nano_batches) > 1
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked

@@ -148,6 +148,18 @@ class PipelineConfig:
     return sizes + [num_tokens - used]
 
 
+def single(dense_batch: int, num_sms: int, name: str = "single") -> PipelineConfig:
+  """One nano-batch, every op on the whole GPU in order: the sequential schedule as a PipelineConfig (what
+  the auto-search ships when no split is predicted to beat it)."""
+  ops, prev = [], "prev:down@0"
+  for op in OPS:
+    ops.append(NanoOp(op, 0, 1, num_sms, [prev]))
+    prev = f"{op}@0"
+  cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=[dense_batch], ops=ops, name=name)
+  cfg.validate()
+  return cfg
+
+
 def generic_default(dense_batch: int, num_sms: int) -> PipelineConfig:
   """Two nano-batches: both qkv GEMMs and KV appends, then nano-batch 0's attention on the whole GPU,
   then nano-batch 1's attention (stream 2, a quarter of the SMs) beside nano-batch 0's o/gate_up/down
