@@ -130,7 +130,7 @@ def main(argv):
     ex.kv = ex.params = None
     del ex, out
     eng.executor = None
-  contexts = [len(s.prompt_ids) + len(s.output_ids) for s in eng.scheduler.running if not s.is_prefilling]
+  contexts = [len(s.prompt_ids) + len(s.output_ids) for s in eng.scheduler.running if s.output_ids]
   table = "\n".join([f"{FLAGS.model}, {batch.num_tokens} tokens ({decodes} decodes at context {min(contexts)}-"
                      f"{max(contexts)} + {batch.num_tokens - decodes} prefill), GEMM peak {peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
                      "", "| variant | step ms | % of optimal | speed-up vs sequential |", "|---|---|---|---|", *rows])
