@@ -31,6 +31,10 @@ flags.DEFINE_list("sweep_kinds", ["decode", "prefill"], "Which attention shapes 
 flags.DEFINE_list("attention_backends", ["pallas", "triton"],
                   "Attention implementations to time (triton needs jax-triton: see WORKSPACE.md).")
 flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
+flags.DEFINE_bool("tune_gemm", False, "Only tune the GEMM tiles (gemm.TUNE_SPACE) of --tune_shapes at full grid; "
+                  "writes gemm_configs.json into --out_dir (copy it to pallas_kernels/ to ship it).")
+flags.DEFINE_list("tune_shapes", ["70b-tp2-qkv", "70b-tp4-qkv", "70b-tp8-qkv", "70b-tp8-gate_up", "70b-tp1-down"],
+                  "Shapes (names of the bench's GEMM table) to tune; 'all' for every one.")
 
 LLAMA3_8B_M2048 = {"qkv": (2048, 6144, 4096), "o": (2048, 4096, 4096), "gate_up": (2048, 28672, 4096),
                    "down": (2048, 4096, 14336)}
@@ -133,6 +137,47 @@ def sweep_attention(backends, copy_tbs: float, peak: float, iters: int) -> list[
   return sorted(out, key=lambda r: (r[0].split()[0], -float(r[3]) if r[3] != "-" else 0))
 
 
+def tune_gemm(names: list[str], iters: int) -> tuple[dict, list[tuple]]:
+  """Times every tile configuration of gemm.TUNE_SPACE per shape (checked against the reference first);
+  keeps the fastest where it beats the default by more than 2%. Returns (configs by 'MxNxK', table rows)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels import gemm
+  table = dict(LLAMA3_8B_M2048)
+  for tp in (1, 2, 4, 8):
+    table.update(llama2_70b_shard(tp))
+  chosen, rows = {}, []
+  for name in (list(table) if names == ["all"] else names):
+    m, n, k = table[name]
+    ka, kb = jax.random.split(jax.random.PRNGKey(m + n + k))
+    a = jax.random.normal(ka, (m, k), jnp.bfloat16)
+    b = jax.random.normal(kb, (k, n), jnp.bfloat16) * 0.02
+    ref = np.asarray(gemm.gemm_reference(a, b), np.float32)
+    flops = 2 * m * n * k
+    xla = flops / timeit(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)),
+                         a, b, iters=iters) / 1e12
+    results = []
+    for cfg in [dict(gemm.DEFAULT)] + [{**gemm.DEFAULT, **c} for c in gemm.TUNE_SPACE]:
+      f = jax.jit(lambda a, b, cfg=cfg: gemm.gemm(a, b, num_sms=132, config=cfg))
+      try:
+        err = float(np.abs(np.asarray(f(a, b), np.float32) - ref).max())
+        if err > 0.1:
+          raise ValueError(f"max error {err}")
+        results.append((flops / timeit(f, a, b, iters=iters) / 1e12, cfg))
+      except Exception as e:
+        print(name, cfg, "FAILED", type(e).__name__, str(e)[:100], flush=True)
+    default = results[0][0] if results and results[0][1] == gemm.DEFAULT else 0.0
+    best, cfg = max(results, key=lambda r: r[0])
+    if best > 1.02 * default:
+      chosen[f"{m}x{n}x{k}"] = {key: v for key, v in cfg.items() if gemm.DEFAULT.get(key) != v}
+    rows.append((f"tune gemm {name} {m}x{n}x{k}", "132",
+                 f"XLA {xla:.0f}, default {default:.0f}, best {best:.0f} TFLOP/s "
+                 f"({chosen.get(f'{m}x{n}x{k}', 'default')})", f"{best / xla:.2f}"))
+    print(rows[-1], flush=True)
+  return chosen, rows
+
+
 def main(argv):
   del argv
   import jax
@@ -167,6 +212,12 @@ def main(argv):
     backends.remove("triton")
   if FLAGS.sweep_attention:
     rows += sweep_attention(backends, copy_tbs, peak, FLAGS.iters)
+    shares = []
+  if FLAGS.tune_gemm:
+    chosen, tune_rows = tune_gemm(list(FLAGS.tune_shapes), FLAGS.iters)
+    rows += tune_rows
+    with open(os.path.join(FLAGS.out_dir, "gemm_configs.json"), "w") as f:
+      json.dump(chosen, f, indent=1, sort_keys=True)
     shares = []
 
   # GEMM

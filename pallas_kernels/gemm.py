@@ -6,7 +6,7 @@ producer warpgroup issuing TMA loads, and an optional residual add in the epilog
 What we add is the grid: that op always launches one CTA per SM of the device, while overlapping
 kernels need each one limited to its SM share, so we launch `num_sms` CTAs and the persistent loop
 spreads the tiles over them. Tile configurations per shape come from gemm_configs.json (written by
-`launch/kernel_bench.py --tune_gemm`), else DEFAULT.
+`launch/kernel_bench.py --tune_gemm`, keyed "MxNxK" or "MxNxK@num_sms"), else DEFAULT.
 
 bf16 in, fp32 accumulation, bf16 out. Shapes: M % 128, N % 256, K % 64 (callers pad M; all model N/K
 of the shapes we serve qualify).
@@ -43,6 +43,16 @@ def config_for(m: int, n: int, k: int, num_sms: int) -> dict:
   return {**DEFAULT, **_tuned().get(f"{m}x{n}x{k}@{num_sms}", _tuned().get(f"{m}x{n}x{k}", {}))}
 
 
+# What the tuner tries per shape (launch/kernel_bench.py --tune_gemm). tile_m x tile_n is one consumer
+# warpgroup's tile; the CTA's is twice that along wg_dimension. Stages fill the 227 KiB of shared memory.
+# Smaller CTA tiles give small-N shapes (TP shards) more tiles than SMs.
+TUNE_SPACE = [dict(tile_m=tm, tile_n=tn, wg_dimension=wg, max_concurrent_steps=st, grid_tile_width=w,
+                   grid_minor_dim=g)
+              for tm, tn, wg, st in ((128, 128, "N", 4), (128, 128, "M", 4), (128, 64, "N", 5), (64, 128, "M", 5),
+                                     (64, 64, "N", 6))
+              for w in (4, 16) for g in ("N", "M")]
+
+
 def supported(m: int, n: int, k: int) -> bool:
   return m % M_ALIGN == 0 and n % N_ALIGN == 0 and k % K_ALIGN == 0
 
@@ -58,8 +68,10 @@ def gemm(a: jax.Array, b: jax.Array, residual: jax.Array | None = None, *, num_s
     raise ValueError(f"gemm: incompatible operands {a.shape} {a.dtype} x {b.shape} {b.dtype}")
   if not supported(m, n, k):
     raise ValueError(f"gemm: M={m} N={n} K={k} must be multiples of {M_ALIGN}, {N_ALIGN}, {K_ALIGN}")
-  cfg = hm.TuningConfig(**(config or config_for(m, n, k, num_sms)), grid_minor_dim=hm.MatmulDimension.N,
-                        wg_dimension=hm.MatmulDimension.N)
+  cfg = dict(config or config_for(m, n, k, num_sms))
+  # The grid's minor dimension and the dimension the two consumer warpgroups split: "M" or "N".
+  dims = {d: getattr(hm.MatmulDimension, cfg.pop(d, "N")) for d in ("grid_minor_dim", "wg_dimension")}
+  cfg = hm.TuningConfig(**cfg, **dims)
   f = plgpu.kernel(
       functools.partial(hm.kernel, config=cfg),
       out_type=jax.ShapeDtypeStruct((m, n), a.dtype if residual is None else residual.dtype),

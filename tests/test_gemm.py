@@ -43,3 +43,15 @@ def test_linear_routes_through_an_installed_gemm():
   assert calls == [((32, 96), (96, 32), True)]
   ref = layers.linear(x, w, "...nd,ndh->...h", res)
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("cfg", [next(c for c in gemm.TUNE_SPACE if c["wg_dimension"] == "M" and c["grid_minor_dim"] == "M"),
+                                 next(c for c in gemm.TUNE_SPACE if c["tile_n"] == 64)])
+def test_tuner_configurations_compute_the_same_product(cfg):
+  """The tuner's other tilings (grid order M, warpgroups split along M, 64-wide tiles) are exact too."""
+  seed = np.random.default_rng().integers(1 << 30)
+  a, b = _rand((256, 128), seed), _rand((128, 256), seed + 1)
+  with gpu_interpret():
+    out = gemm.gemm(a, b, num_sms=2, config={**gemm.DEFAULT, **cfg})
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(gemm.gemm_reference(a, b), np.float32),
+                             rtol=2e-2, atol=6e-2)
