@@ -5,6 +5,9 @@
 
 Writes DIR/pipeline_<model>_<device>.json (a PipelineConfig), DIR/gantt_<model>_<device>.png (the
 predicted pipeline of one layer) and, after profiling, the table to nanoflow_jax/runtime/profiles/.
+On the GPU it then runs the real step (launch/step_bench.MixedStep: the decode/prefill mix searched for)
+sequentially and with the best split, and draws the split's measured timeline from a profiler trace to
+DIR/timeline_<model>_<device>.png; --nomeasure skips that.
 With --ship the config also goes to nanoflow_jax/runtime/configs/, where the engine looks for one.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ flags.DEFINE_integer("decodes", 512, "Decode rows in the step (the rest is prefi
 flags.DEFINE_integer("context", 1024, "Decode context length profiled.")
 flags.DEFINE_list("shares", ["132", "99", "66", "33"], "SM shares profiled.")
 flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Token counts profiled.")
+flags.DEFINE_bool("measure", True, "After a GPU profile, time the real step and draw its measured timeline.")
 
 
 def _time(fn, *args, iters=10) -> float:
@@ -108,6 +112,10 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
 
 def main(argv):
   del argv
+  if not FLAGS.from_profile:   # before JAX starts the GPU backend: memory and the overlap flags
+    from nanoflow_jax import compat
+    compat.configure_gpu_memory()
+    compat.enable_concurrent_command_buffers()
   from nanoflow_jax import config as config_lib
   from nanoflow_jax.runtime import autosearch
   os.makedirs(FLAGS.out_dir, exist_ok=True)
@@ -140,6 +148,24 @@ def main(argv):
                    f"{ms:.2f} ms vs sequential {seq_ms:.2f} ms")
   print(f"nano-batches {cfg.nano_batches}; predicted layer {ms:.3f} ms, sequential {seq_ms:.3f} ms "
         f"({seq_ms / ms:.2f}x); config {out}")
+  if not FLAGS.from_profile and FLAGS.measure:
+    measure(FLAGS.model, prof, name)
+
+
+def measure(model_name: str, prof, name: str) -> None:
+  """Times the real step sequentially and with the best split, and draws the split's measured timeline."""
+  from launch.step_bench import MixedStep
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.runtime import autosearch
+  split, split_ms, _ = autosearch.search_split(prof, FLAGS.dense_batch, FLAGS.decodes)
+  model = load_model(model_name, dtype="bfloat16", random_weights=True)
+  step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.dense_batch - FLAGS.decodes)
+  seq = step.time(None)
+  png = os.path.join(FLAGS.out_dir, f"timeline_{name}.png")
+  ms = step.time(split, trace_dir=os.path.join(FLAGS.out_dir, "trace"), timeline_png=png)
+  print(f"measured step ({step.describe}): sequential {seq:.1f} ms; best split {split.nano_batches} {ms:.1f} ms "
+        f"({seq / ms:.2f}x; predicted {autosearch.sequential_layer_ms(prof, FLAGS.dense_batch, FLAGS.decodes) / split_ms:.2f}x); "
+        f"timeline {png}")
 
 
 if __name__ == "__main__":

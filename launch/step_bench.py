@@ -35,6 +35,81 @@ flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of 3 s
                     "print its kernel time by kind (launch/trace_overlap.py).")
 
 
+class MixedStep:
+  """One dense step of the 1024/512 mix, built through the real engine: `decodes` sequences decoding at
+  (at least) `context` plus a `prefill`-token prompt chunk. `time(plan, kernels, ...)` runs it."""
+
+  def __init__(self, model, decodes: int, context: int, prefill: int):
+    import numpy as np
+    from nanoflow_jax.engine import Engine, EngineConfig
+    from nanoflow_jax.sampling_params import SamplingParams
+    self.model, self.dense = model, decodes + prefill
+    # While the later prompts prefill, the first sequences already decode: they reach context + up to
+    # decodes * context / dense tokens. None may finish before the step is formed (max_tokens covers it).
+    grow = decodes * context // self.dense + 64
+    self.pages = (decodes * (context + grow) + prefill) // 16 + decodes + 64
+    self.max_seqs = decodes + 1
+    eng = Engine(model, EngineConfig(dense_batch=self.dense, num_pages=self.pages, max_num_seqs=self.max_seqs,
+                                     max_model_len=max(context + grow, prefill) + 64, compilation_cache_dir=None))
+    rng = np.random.default_rng(0)
+    vocab = min(1000, model.config.vocab_size)
+    for i in range(decodes):
+      eng.add_request(f"d{i}", rng.integers(0, vocab, context - 1).tolist(),
+                      SamplingParams(max_tokens=grow, ignore_eos=True, temperature=0, detokenize=False))
+    while any(s.is_prefilling or not s.output_ids for s in eng.scheduler.running) or eng.scheduler.waiting:
+      eng.step()
+    eng.add_request("p", rng.integers(0, vocab, prefill).tolist(),
+                    SamplingParams(max_tokens=2, ignore_eos=True, temperature=0, detokenize=False))
+    self.batch = eng.scheduler.schedule()
+    self.decodes = sum(c.decode for c in self.batch.chunks)
+    if self.decodes != decodes:
+      raise SystemExit(f"the step has {self.decodes} decodes, not {decodes}: the set-up is wrong")
+    contexts = [len(s.prompt_ids) + len(s.output_ids) for s in eng.scheduler.running if s.output_ids]
+    self.describe = (f"{self.batch.num_tokens} tokens ({self.decodes} decodes at context {min(contexts)}-"
+                     f"{max(contexts)} + {self.batch.num_tokens - self.decodes} prefill)")
+    eng.executor.kv = eng.executor.params = None  # only its host state (page table, rows) is needed now
+    self.engine = eng
+
+  def time(self, plan, kernels: str = "auto", annotate: bool = True, iters: int = 10, trace_dir: str | None = None,
+           timeline_png: str | None = None) -> float:
+    """Median ms per step; with trace_dir, also a profiler trace of 3 steps (kernel time by kind printed,
+    and the measured timeline drawn to timeline_png)."""
+    import jax
+    import numpy as np
+    from nanoflow_jax.runtime.executor import Executor
+    eng = self.engine
+    ex = Executor(self.model, self.pages, 16, self.max_seqs, eng.max_model_len, self.dense, plan=plan,
+                  kernels=kernels)
+    ex.annotate = ex.annotate and annotate
+    eng.executor = ex
+    try:
+      inp, _ = eng._build_inputs(self.batch)
+      sp = jax.tree.map(np.copy, eng.sp)
+      jax.block_until_ready(ex.run(inp, sp))
+      samples = []
+      for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(iters):
+          out = ex.run(inp, sp)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) / iters * 1e3)
+      if trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+          for _ in range(3):
+            out = ex.run(inp, sp)
+          jax.block_until_ready(out)
+        from launch import trace_overlap
+        traces = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+        latest = max(traces, key=os.path.getmtime)
+        trace_overlap.main(latest, steps=3)
+        if timeline_png:
+          trace_overlap.timeline_png(latest, timeline_png, title=f"measured: {plan.name if plan else 'sequential'}")
+      return statistics.median(samples)
+    finally:
+      ex.kv = ex.params = None
+      eng.executor = None
+
+
 def main(argv):
   del argv
   import logging
@@ -43,42 +118,17 @@ def main(argv):
   compat.configure_gpu_memory()
   compat.enable_concurrent_command_buffers()
   import jax
-  import numpy as np
-  from nanoflow_jax.perf import gemm_peak_tflops
-  from nanoflow_jax.engine import Engine, EngineConfig
   from nanoflow_jax.model import load_model
-  from nanoflow_jax.runtime.executor import Executor
+  from nanoflow_jax.perf import gemm_peak_tflops
+  from nanoflow_jax.runtime import autosearch
   from nanoflow_jax.runtime.plan import generic_default
-  from nanoflow_jax.sampling_params import SamplingParams
 
   peak = gemm_peak_tflops()
   model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True)
-  dense = FLAGS.decodes + FLAGS.prefill
-  # While the later prompts prefill, the first sequences already decode: they reach context + up to
-  # decodes * context / dense tokens. None may finish before the step is formed (max_tokens covers it).
-  grow = FLAGS.decodes * FLAGS.context // dense + 64
-  pages = (FLAGS.decodes * (FLAGS.context + grow) + FLAGS.prefill) // 16 + FLAGS.decodes + 64
-  eng = Engine(model, EngineConfig(dense_batch=dense, num_pages=pages, max_num_seqs=FLAGS.decodes + 1,
-                                   max_model_len=max(FLAGS.context + grow, FLAGS.prefill) + 64,
-                                   compilation_cache_dir=None))
-  # Bring `decodes` sequences to the decode phase at (at least) `context`, then form the mixed step.
-  rng = np.random.default_rng(0)
-  for i in range(FLAGS.decodes):
-    eng.add_request(f"d{i}", rng.integers(0, min(1000, model.config.vocab_size), FLAGS.context - 1).tolist(),
-                    SamplingParams(max_tokens=grow, ignore_eos=True, temperature=0, detokenize=False))
-  while any(s.is_prefilling or not s.output_ids for s in eng.scheduler.running) or eng.scheduler.waiting:
-    eng.step()
-  eng.add_request("p", rng.integers(0, min(1000, model.config.vocab_size), FLAGS.prefill).tolist(),
-                  SamplingParams(max_tokens=2, ignore_eos=True, temperature=0, detokenize=False))
-  batch = eng.scheduler.schedule()
-  decodes = sum(c.decode for c in batch.chunks)
-  if decodes != FLAGS.decodes:
-    raise SystemExit(f"the step has {decodes} decodes, not {FLAGS.decodes}: the set-up is wrong")
-  print(f"step: {sum(c.decode for c in batch.chunks)} decodes + {batch.num_tokens - sum(c.decode for c in batch.chunks)}"
-        f" prefill tokens = {batch.num_tokens}")
-  optimal_ms = batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
-
-  base = generic_default(dense, getattr(jax.devices()[0], "core_count", 132) or 132)
+  step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.prefill)
+  print("step:", step.describe, flush=True)
+  optimal_ms = step.batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
+  base = generic_default(step.dense, getattr(jax.devices()[0], "core_count", 132) or 132)
   kernels = FLAGS.kernels[-1]
   variants = [(f"sequential ({k})", None, True, k) for k in FLAGS.kernels]
   for share in FLAGS.attn_shares:
@@ -91,48 +141,20 @@ def main(argv):
     plan.validate()
     variants.append((f"nanoflow attn@1 on {share} SMs ({kernels})", plan, True, kernels))
   variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels))
-  from nanoflow_jax.runtime import autosearch
-  shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], dense)
+  shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], step.dense)
   if shipped is not None:
     variants.append((f"nanoflow shipped {shipped.name} {shipped.nano_batches} ({kernels})", shipped, True, kernels))
 
-  eng.executor.kv = eng.executor.params = None  # only its host state (page table, rows) is needed now
-  rows = []
-  seq_ms = None
+  rows, seq_ms = [], None
   for name, plan, annotate, kernels in variants:
     print(f"{name} ...", flush=True)
-    ex = Executor(model, pages, 16, FLAGS.decodes + 1, eng.max_model_len, dense, plan=plan, kernels=kernels)
-    ex.annotate = ex.annotate and annotate
-    eng.executor = ex
-    inp, _ = eng._build_inputs(batch)
-    sp = jax.tree.map(np.copy, eng.sp)
-    jax.block_until_ready(ex.run(inp, sp))
-    samples = []
-    for _ in range(5):
-      t = time.perf_counter()
-      for _ in range(FLAGS.iters):
-        out = ex.run(inp, sp)
-      jax.block_until_ready(out)
-      samples.append((time.perf_counter() - t) / FLAGS.iters * 1e3)
-    ms = statistics.median(samples)
-    if FLAGS.trace_dir:
-      tdir = os.path.join(FLAGS.trace_dir, "".join(c if c.isalnum() else "_" for c in name))
-      with jax.profiler.trace(tdir, create_perfetto_trace=True):
-        for _ in range(3):
-          out = ex.run(inp, sp)
-        jax.block_until_ready(out)
-      from launch import trace_overlap
-      for trace in glob.glob(os.path.join(tdir, "**", "*perfetto_trace.json.gz"), recursive=True):
-        trace_overlap.main(trace, steps=3)
+    tdir = (os.path.join(FLAGS.trace_dir, "".join(c if c.isalnum() else "_" for c in name))
+            if FLAGS.trace_dir else None)
+    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir)
     seq_ms = seq_ms or ms
     rows.append(f"| {name} | {ms:.1f} | {100 * optimal_ms / ms:.1f}% | {seq_ms / ms:.3f} |")
     print(rows[-1], flush=True)
-    ex.kv = ex.params = None
-    del ex, out
-    eng.executor = None
-  contexts = [len(s.prompt_ids) + len(s.output_ids) for s in eng.scheduler.running if s.output_ids]
-  table = "\n".join([f"{FLAGS.model}, {batch.num_tokens} tokens ({decodes} decodes at context {min(contexts)}-"
-                     f"{max(contexts)} + {batch.num_tokens - decodes} prefill), GEMM peak {peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
+  table = "\n".join([f"{FLAGS.model}, {step.describe}, GEMM peak {peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
                      "", "| variant | step ms | % of optimal | speed-up vs sequential |", "|---|---|---|---|", *rows])
   print(table)
   if FLAGS.out:

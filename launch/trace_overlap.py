@@ -3,6 +3,10 @@ busy time of its kernels, how long two or more streams ran kernels at the same t
 by kind (the name up to its first digit or dot: gemm, paged_attention_triton, loop_fusion, ...).
 
   python launch/trace_overlap.py TRACE.json.gz [STEPS]     # STEPS: divide the totals by the steps traced
+  python launch/trace_overlap.py TRACE.json.gz 3 --png=timeline.png [--window_ms=6]
+
+--png draws the measured timeline: one row per stream, kernels coloured by kind (GEMM, attention, copy,
+other), over a window of --window_ms from the middle of the trace (a few layers of one step).
 """
 from __future__ import annotations
 
@@ -83,6 +87,49 @@ def overlap_time(by_stream) -> float:
   return total
 
 
+CATEGORIES = (("GEMM", "tab:blue", ("mosaic_gpu", "gemm", "nvjet", "cutlass", "sm90")),
+              ("attention", "tab:red", ("attention",)),
+              ("copy", "tab:orange", ("memcpy", "copy")),
+              ("other", "tab:gray", ("",)))
+
+
+def category(name: str) -> tuple[str, str]:
+  low = name.lower()
+  for label, color, keys in CATEGORIES:
+    if any(k in low for k in keys):
+      return label, color
+  return "other", "tab:gray"
+
+
+def timeline_png(path: str, out_png: str, window_ms: float = 6.0, title: str = "") -> None:
+  """Measured timeline: kernels per stream over `window_ms` from the middle of the trace."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  events = [(thread, float(e["ts"]), float(e["dur"]), e.get("name", "?")) for thread, e in _events(path)]
+  if not events:
+    raise ValueError(f"no GPU stream kernels in {path}")
+  t_lo, t_hi = min(e[1] for e in events), max(e[1] + e[2] for e in events)
+  start = (t_lo + t_hi) / 2
+  end = start + window_ms * 1e3
+  shown = [e for e in events if e[1] < end and e[1] + e[2] > start]
+  streams = sorted({e[0] for e in shown})
+  fig, ax = plt.subplots(figsize=(11, 1.4 + 0.5 * len(streams)))
+  for thread, ts, dur, name in shown:
+    label, color = category(name)
+    y = streams.index(thread)
+    ax.broken_barh([((max(ts, start) - start) / 1e3, (min(ts + dur, end) - max(ts, start)) / 1e3)], (y - 0.4, 0.8),
+                   color=color, edgecolor="none")
+  ax.set_yticks(range(len(streams)), [s.split("(")[0] for s in streams], fontsize=7)
+  ax.set_xlabel("ms (measured)")
+  ax.legend(handles=[matplotlib.patches.Patch(color=c, label=l) for l, c, _ in CATEGORIES], fontsize=7,
+            loc="upper right", ncol=4)
+  ax.set_title(title or f"measured timeline, {window_ms:g} ms from the middle of the trace", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=130)
+  plt.close(fig)
+
+
 def main(path: str, steps: int = 1) -> None:
   by_stream = stream_intervals(path)
   for name, ivs in sorted(by_stream.items()):
@@ -95,4 +142,9 @@ def main(path: str, steps: int = 1) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+  args = [a for a in sys.argv[1:] if not a.startswith("--")]
+  opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+  main(args[0], int(args[1]) if len(args) > 1 else 1)
+  if "png" in opts:
+    timeline_png(args[0], opts["png"], float(opts.get("window_ms", 6.0)))
+    print("timeline:", opts["png"])

@@ -26,3 +26,16 @@ def test_time_by_kernel_kind(tmp_path):
   path = tmp_path / "t.json"
   path.write_text(json.dumps(ev))
   assert trace_overlap.time_by_kind(str(path)) == {"gemm": (2, 40.0), "loop_fusion": (1, 5.0)}
+
+
+def test_timeline_png(tmp_path):
+  ev = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": f"Stream #{t}(Compute)"}}
+        for t in (1, 2)]
+  ev += [{"ph": "X", "pid": 1, "tid": 1 + i % 2, "ts": 100 * i, "dur": 80, "name": n}
+         for i, n in enumerate(["gemm_1", "_paged_attention_kernel", "MemcpyD2D", "loop_fusion"] * 5)]
+  path = tmp_path / "t.json"
+  path.write_text(json.dumps(ev))
+  assert trace_overlap.category("anonymous_mosaic_gpu_kernel")[0] == "GEMM"
+  assert trace_overlap.category("_paged_attention_kernel")[0] == "attention"
+  trace_overlap.timeline_png(str(path), str(tmp_path / "t.png"), window_ms=1.0)
+  assert (tmp_path / "t.png").stat().st_size > 5000

@@ -158,11 +158,9 @@ def sequential_layer_ms(prof: Profile, dense_batch: int, decodes: int) -> float:
   return sum(op_time(prof, op, dense_batch, decodes, prof.num_sms) for op in ops)
 
 
-def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
-           shares: tuple[int, ...] | None = None):
-  """Best config for a dense batch with `decodes` decode rows (first) and the rest prefill: the best
-  two-nano-batch split (MILP per split), or the single batch when no split is predicted to beat it.
-  Returns (PipelineConfig, predicted layer ms, the sequential layer ms, schedule rows for a Gantt chart)."""
+def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
+                 shares: tuple[int, ...] | None = None):
+  """The best two-nano-batch config (MILP per split point): (PipelineConfig, predicted layer ms, schedule)."""
   shares = sorted(set(shares or [int(s) for s in prof.times["qkv"]]))
   best = None
   for first in range(align, dense_batch, align):
@@ -179,6 +177,16 @@ def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
       best = (copy.deepcopy(cfg), ms, [(o.id, o.stream, st, d, s) for o, st, d, s in zip(cfg.ops, starts, durs, chosen)])
   cfg, ms, schedule = best
   cfg.name = f"autosearch-{prof.model}-{prof.device}"
+  cfg.validate()
+  return cfg, ms, schedule
+
+
+def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
+           shares: tuple[int, ...] | None = None):
+  """Best config for a dense batch with `decodes` decode rows (first) and the rest prefill: the best
+  two-nano-batch split, or the single batch when no split is predicted to beat it.
+  Returns (PipelineConfig, predicted layer ms, the sequential layer ms, schedule rows for a Gantt chart)."""
+  cfg, ms, schedule = search_split(prof, dense_batch, decodes, align, shares)
   seq_ms = sequential_layer_ms(prof, dense_batch, decodes)
   if seq_ms <= ms:
     # No split is predicted to beat the whole batch on the whole GPU: ship that (mode nanoflow then runs
@@ -190,7 +198,6 @@ def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
       schedule.append((op.id, op.stream, t, d, prof.num_sms))
       t += d
     ms = seq_ms
-  cfg.validate()
   return cfg, ms, seq_ms, schedule
 
 

@@ -1,0 +1,16 @@
+"""launch/step_bench.py's MixedStep on the CPU with the tiny model: the step holds the asked-for decodes
+and prefill tokens, and runs sequentially and split (the GPU numbers come from the same code)."""
+from launch.step_bench import MixedStep
+from nanoflow_jax.model import load_model
+from nanoflow_jax.runtime.plan import generic_default
+
+
+def test_mixed_step_runs_in_both_modes():
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  step = MixedStep(model, decodes=6, context=20, prefill=10)
+  assert step.decodes == 6 and step.batch.num_tokens == 16
+  assert "6 decodes at context 20-" in step.describe
+  assert step.time(None, "reference", iters=1) > 0
+  plan = generic_default(16, 132)
+  plan.nano_batches = [8, 8]
+  assert step.time(plan, "reference", iters=1) > 0
