@@ -17,10 +17,9 @@ import numpy as np
 from nanoflow_jax.config import RopeConfig
 
 
-# A GEMM kernel the runtime installs while it traces a step: fn(a [M, K], b [K, N], residual [M, N] | None,
-# weight=w) returns the product, or None where the kernel does not take that shape (then XLA's dot runs).
-# `weight` is the parameter b was reshaped from (the runtime recognizes its own layer weights by it).
-GemmFn = Callable[..., "jax.Array | None"]
+# A GEMM kernel the runtime installs while it traces a step: fn(a [M, K], b [K, N], residual [M, N] | None)
+# returns the product, or None where the kernel does not take that shape (then XLA's dot runs).
+GemmFn = Callable[[jax.Array, jax.Array, "jax.Array | None"], "jax.Array | None"]
 _GEMM: contextvars.ContextVar[GemmFn | None] = contextvars.ContextVar("gemm", default=None)
 
 
@@ -44,7 +43,7 @@ def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = N
     nk = len(set(lhs.replace("...", "")) - set(out_spec))
     k = math.prod(x.shape[x.ndim - nk:])
     a = x.reshape(-1, k)
-    out = gemm(a, w.reshape(k, -1), None if residual is None else residual.reshape(a.shape[0], -1), weight=w)
+    out = gemm(a, w.reshape(k, -1), None if residual is None else residual.reshape(a.shape[0], -1))
     if out is not None:
       return out.reshape(*x.shape[:x.ndim - nk], *w.shape[nk:])
   y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -111,7 +111,6 @@ class Executor:
     # Stream annotation needs the kernels (SM-limited grids) and a GPU; elsewhere the same split and order.
     self.annotate = plan is not None and on_kernels and len(plan.nano_batches) > 1
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
-    self._stacked_weights = {}  # while tracing an annotated layer: id(layer weight) -> (stacked weights, layer)
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
     # before the KV cache is sized, so the cache takes only what is left.
@@ -186,7 +185,7 @@ class Executor:
       return out
     return self._on_stream(kernels)(q, k_cache, v_cache, layer, inp.page_table, slots, positions, blocks)
 
-  def _gemm(self, a, b, residual, weight=None):
+  def _gemm(self, a, b, residual):
     m, k = a.shape
     if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not gemm_kernel.supported(
         m, b.shape[1], k):
@@ -197,18 +196,6 @@ class Executor:
       with force_gpu_interpret_mode(InterpretGPUParams()):
         return gemm_kernel.gemm(a, b, residual, num_sms=num_sms)
     res = () if residual is None else (residual,)
-    src = self._stacked_weights.get(id(weight)) if self.annotate and self._op is not None else None
-    if src is not None:
-      # Slice this layer's weight inside the stream-annotated computation: sliced outside it, XLA copies
-      # the slice for the async computation (measured: ~7 ms of copies per step, the weights' size).
-      # lax primitives only: a nested jit (jnp helpers, lax.dynamic_index_in_dim) fails under annotation.
-      stacked, i = src
-      zeros = (jnp.int32(0),) * (stacked.ndim - 1)
-
-      def sliced_gemm(a, ws, i, *r):
-        w = jax.lax.dynamic_slice(ws, (i, *zeros), (1, *ws.shape[1:]))
-        return gemm_kernel.gemm(a, jax.lax.reshape(w, b.shape), *(r or (None,)), num_sms=num_sms)
-      return self._on_stream(sliced_gemm)(a, stacked, i, *res)
     return self._on_stream(lambda a, b, *r: gemm_kernel.gemm(a, b, *(r or (None,)), num_sms=num_sms))(a, b, *res)
 
   def _forward(self, params, kv, tokens, inp: StepInputs):
@@ -224,11 +211,6 @@ class Executor:
     def layer_step(carry, xs):
       x, k_cache, v_cache = carry
       i, layer_params = xs
-      if self.annotate:   # slice the layer's weights here, remembering where each came from (_gemm)
-        layer_params = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False),
-                                    params["layers"])
-        self._stacked_weights = {id(w): (ws, i) for w, ws in zip(jax.tree.leaves(layer_params),
-                                                                 jax.tree.leaves(params["layers"]))}
       layer = DecoderLayer(cfg, self.model.dtype).bind({"params": layer_params})
       st = [{"x": x[r]} for r in rows]   # per nano-batch values
       for op in ops:
@@ -251,9 +233,11 @@ class Executor:
       x = st[0]["x"] if len(st) == 1 else jnp.concatenate([s["x"] for s in st])
       return (x, k_cache, v_cache), None
 
-    layer_xs = None if self.annotate else params["layers"]    # annotated: sliced in the body (above)
-    (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, *kv), (jnp.arange(cfg.num_layers, dtype=jnp.int32), layer_xs))
-    self._stacked_weights = {}
+    # Stream-annotated GEMMs get their layer's weight slice as a copy (the sequential step reads it in
+    # place): ~7 ms per step on an H200. Slicing inside the annotated computation was tried and cost more
+    # (a 17 ms slice fusion instead of DMA copies): docs/perf-notes.md.
+    (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, *kv),
+                                            (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]))
     return m.logits(x[inp.sample_index]), (k_cache, v_cache)
 
   def _step(self, params, kv, last_tokens, counts, prompt_mask, inp: StepInputs, sp: sampler.SamplingArrays):

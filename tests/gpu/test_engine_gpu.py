@@ -41,8 +41,8 @@ def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
 
 
 def test_nanoflow_split_agrees_with_sequential_on_llama3_8b_shape(tmp_path):
-  """The stream-annotated two-nano-batch step (generic split, weights sliced inside the annotated GEMMs)
-  against the sequential step: the same first tokens and log-probabilities."""
+  """The stream-annotated two-nano-batch step (generic split) against the sequential step: the same
+  tokens and first log-probabilities."""
   from nanoflow_jax import compat
   from nanoflow_jax.runtime.plan import generic_default
   compat.enable_concurrent_command_buffers()
