@@ -7,6 +7,7 @@ partitioner inserts the collectives; the step's arithmetic is the same as on one
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -42,6 +43,19 @@ def param_spec(cfg: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...], 
       "experts_down": P(None, AXIS, None) if div(cfg.intermediate_size) else P(),
   }
   return rules.get(name, P())
+
+
+def manual_tp_supported(cfg: ModelConfig, tp: int) -> bool:
+  """Whether each device can run its share of a layer by itself (the executor's shard_map path): a dense
+  model whose query heads, KV heads and MLP width all divide by the TP degree."""
+  return (not cfg.is_moe and cfg.num_heads % tp == 0 and cfg.num_kv_heads % tp == 0
+          and cfg.intermediate_size % tp == 0)
+
+
+def local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+  """The layer shapes one device holds under manual TP: its heads and its slice of the MLP."""
+  return dataclasses.replace(cfg, num_heads=cfg.num_heads // tp, num_kv_heads=cfg.num_kv_heads // tp,
+                             intermediate_size=cfg.intermediate_size // tp)
 
 
 def sharding_fn(cfg: ModelConfig, mesh: Mesh):

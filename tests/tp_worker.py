@@ -35,7 +35,8 @@ def main(arch):
       eng.run_until_done()
       out[f"{tp}-{mode}"] = {"tokens": [eng.pop_output(f"r{i}").outputs[0].token_ids for i in range(len(prompts))],
                              "devices": len(qkv.sharding.device_set),
-                             "kv_devices": len(eng.executor.kv[0].sharding.device_set)}
+                             "kv_devices": len(eng.executor.kv[0].sharding.device_set),
+                             "manual": eng.executor.manual_tp}
   print(json.dumps(out))
 
 
