@@ -28,6 +28,7 @@ def test_tp_matches_single_device(arch):
     assert v["tokens"] == ref, key
   assert out["2-sequential"]["devices"] == 2 and out["4-nanoflow"]["devices"] == 4
   assert out["2-sequential"]["kv_devices"] == 2
+  assert ("2-sequential-interpret" in out) == (arch == "llama2")   # the Pallas attention kernel under TP
   for key, v in out.items():
     assert v["manual"] == (int(key.split("-")[0]) in MANUAL[arch]), key
 

@@ -25,18 +25,21 @@ def main(arch):
   convert(os.path.join(root, "hf"), os.path.join(root, "ckpt"), dtype="float32", progress=False)
   prompts = fx.random_prompts(np.random.default_rng(0), [5, 23, 11])
   out = {}
-  for tp in (1, 2, 4):
-    for mode in ("sequential", "nanoflow"):
-      eng = build_engine(os.path.join(root, "ckpt"), dtype="float32", dense_batch=32, num_pages=64, max_num_seqs=4,
-                         mode=mode, tensor_parallel=tp)
-      qkv = eng.executor.params["layers"]["qkv"]
-      for i, p in enumerate(prompts):
-        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-      eng.run_until_done()
-      out[f"{tp}-{mode}"] = {"tokens": [eng.pop_output(f"r{i}").outputs[0].token_ids for i in range(len(prompts))],
-                             "devices": len(qkv.sharding.device_set),
-                             "kv_devices": len(eng.executor.kv[0].sharding.device_set),
-                             "manual": eng.executor.manual_tp}
+  runs = [(tp, mode, "auto") for tp in (1, 2, 4) for mode in ("sequential", "nanoflow")]
+  if arch == "llama2":   # our attention kernel (interpret mode) inside the per-device layer
+    runs.append((2, "sequential", "interpret"))
+  for tp, mode, kernels in runs:
+    eng = build_engine(os.path.join(root, "ckpt"), dtype="float32", dense_batch=32, num_pages=64, max_num_seqs=4,
+                       mode=mode, tensor_parallel=tp, kernels=kernels)
+    qkv = eng.executor.params["layers"]["qkv"]
+    for i, p in enumerate(prompts):
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    eng.run_until_done()
+    key = f"{tp}-{mode}" + ("" if kernels == "auto" else f"-{kernels}")
+    out[key] = {"tokens": [eng.pop_output(f"r{i}").outputs[0].token_ids for i in range(len(prompts))],
+                "devices": len(qkv.sharding.device_set),
+                "kv_devices": len(eng.executor.kv[0].sharding.device_set),
+                "manual": eng.executor.manual_tp}
   print(json.dumps(out))
 
 
