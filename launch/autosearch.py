@@ -32,6 +32,7 @@ flags.DEFINE_integer("context", 1024, "Decode context length profiled.")
 flags.DEFINE_list("shares", ["132", "99", "66", "33"], "SM shares profiled.")
 flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Token counts profiled.")
 flags.DEFINE_bool("measure", True, "After a GPU profile, time the real step and draw its measured timeline.")
+flags.DEFINE_bool("interference", True, "Stage 1 also measures a GEMM and decode attention running together.")
 
 
 def _time(fn, *args, iters=10) -> float:
@@ -110,6 +111,56 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
                  times=times)
 
 
+def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int = 1024, decodes: int = 512):
+  """Stage 1, pairs: the gate_up GEMM (`tokens` rows) on each GEMM share and decode attention (`decodes`
+  sequences at `context`) on the remaining SMs, each a chain of calls on its own stream in one step
+  (stream annotation + command buffers, as the engine runs them). Returns {gemm share: factor}, factor =
+  time together / the longer chain alone."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nanoflow_jax import compat
+  from pallas_kernels import gemm
+  from pallas_kernels.paged_attention import attention_call, configs, default_backend, query_blocks
+  backend = default_backend()
+  dcfg = configs(backend)[0]
+  hkv, hd, num_sms = cfg.num_kv_heads, cfg.head_dim, jax.devices()[0].core_count
+  key = jax.random.PRNGKey(0)
+  a = jax.random.normal(key, (tokens, cfg.hidden_size), jnp.bfloat16)
+  b = jax.random.normal(key, (cfg.hidden_size, 2 * cfg.intermediate_size), jnp.bfloat16) * 0.02
+  pages = decodes * (context // 16) + 16
+  kc = jax.random.normal(key, (1, hkv, pages, 16, hd), jnp.bfloat16)
+  vc = jax.random.normal(jax.random.PRNGKey(1), (1, hkv, pages, 16, hd), jnp.bfloat16)
+  q = jax.random.normal(key, (decodes, cfg.num_heads, hd), jnp.bfloat16)
+  table = np.random.default_rng(0).permutation(pages)[:decodes * (context // 16)].reshape(decodes, -1).astype(np.int32)
+  st, ln, nb = query_blocks([1] * decodes, decodes, dcfg["block_q"])
+  slots, positions = np.arange(decodes, dtype=np.int32), np.full(decodes, context - 1, np.int32)
+  out = {}
+  for gs in gemm_shares:
+    asms = num_sms - gs
+    if asms <= 0:
+      continue
+    one_gemm = lambda a, b: gemm.gemm(a, b, num_sms=gs)
+    one_attn = lambda q, kc, vc: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
+                                                jnp.asarray(nb, jnp.int32), num_sms=asms, config=dcfg)
+    t_g1 = _time(jax.jit(one_gemm), a, b)
+    t_a1 = _time(jax.jit(one_attn), q, kc, vc)
+    # chains of about equal length, so that the two really run side by side
+    reps_g, reps_a = max(1, round(4 * max(t_g1, t_a1) / t_g1)), max(1, round(4 * max(t_g1, t_a1) / t_a1))
+    gemm_chain = lambda a, b: [one_gemm(a, b) for _ in range(reps_g)]
+    attn_chain = lambda q, kc, vc: [one_attn(q, kc, vc) for _ in range(reps_a)]
+    t_g = _time(jax.jit(gemm_chain), a, b)
+    t_a = _time(jax.jit(attn_chain), q, kc, vc)
+    both = jax.jit(lambda a, b, q, kc, vc: (compat.compute_on(gemm_chain, "gpu_stream:1")(a, b),
+                                             compat.compute_on(attn_chain, "gpu_stream:2")(q, kc, vc)))
+    compiled = both.lower(a, b, q, kc, vc).compile(compat.STREAM_ANNOTATION_OPTIONS)
+    t_both = _time(compiled, a, b, q, kc, vc)
+    out[str(gs)] = t_both / max(t_g, t_a)
+    print(f"interference: GEMM on {gs} SMs x{reps_g} {t_g:.2f} ms, attention on {asms} x{reps_a} {t_a:.2f} ms, "
+          f"together {t_both:.2f} ms: factor {out[str(gs)]:.2f}", flush=True)
+  return out
+
+
 def main(argv):
   del argv
   if not FLAGS.from_profile:   # before JAX starts the GPU backend: memory and the overlap flags
@@ -129,6 +180,10 @@ def main(argv):
     if cfg is None:
       raise app.UsageError(f"unknown named shape {FLAGS.model!r}")
     prof = profile(cfg, [int(s) for s in FLAGS.shares], [int(s) for s in FLAGS.sizes], FLAGS.context)
+    if FLAGS.interference:
+      num_sms = prof.num_sms
+      prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < num_sms],
+                                               FLAGS.context)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for p in (path, os.path.join(FLAGS.out_dir, os.path.basename(path))):
       with open(p, "w") as f:

@@ -99,3 +99,18 @@ def test_shipped_tiny_config():
     platform, device_kind = "cpu", "cpu"
   cfg = autosearch.shipped_config("tiny", Dev(), 256)
   assert cfg is not None and len(cfg.nano_batches) == 2
+
+
+def test_measured_interference_can_cancel_the_overlap():
+  """The same profile where overlap pays, with pair factors of 1.5 (kernels beside each other run 50% longer
+  than the longer alone): the search falls back to the single batch."""
+  prof = synthetic_profile()
+  cfg, ms, seq_ms, _ = autosearch.search(prof, 2048, 512, shares=SHARES)
+  assert len(cfg.nano_batches) == 2 and ms < seq_ms
+  prof.interference = {str(s): 1.5 for s in SHARES}
+  assert prof.slowdown(100) == 1.5
+  cfg, ms, seq_ms, _ = autosearch.search(prof, 2048, 512, shares=SHARES)
+  assert cfg.nano_batches == [2048]
+  prof.interference = {"99": 1.02}        # mild interference keeps the split
+  cfg, ms2, _, _ = autosearch.search(prof, 2048, 512, shares=SHARES)
+  assert len(cfg.nano_batches) == 2 and ms2 < seq_ms

@@ -45,12 +45,22 @@ GEMM_OPS = ("qkv", "o", "gate_up", "down")
 @dataclasses.dataclass
 class Profile:
   """times[op][share] = list of (tokens, ms); ops: the GEMMs, rope_append, decode_attention and
-  prefill_attention (per decode token at `context`, per prefill token of a prompt of that length)."""
+  prefill_attention (per decode token at `context`, per prefill token of a prompt of that length).
+  interference[gemm share] = how much longer a GEMM on that share and decode attention on the rest of the
+  SMs take when they run at the same time than the longer of the two alone (1.0: no interference)."""
   model: str
   device: str
   num_sms: int
   context: int
   times: dict[str, dict[str, list[list[float]]]]
+  interference: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  def slowdown(self, gemm_share: int) -> float:
+    """The measured pair factor at the nearest profiled GEMM share (1.0 where none was measured)."""
+    if not self.interference:
+      return 1.0
+    near = min(self.interference, key=lambda s: abs(int(s) - gemm_share))
+    return float(self.interference[near])
 
   def time(self, op: str, tokens: int, share: int) -> float:
     if tokens <= 0:
@@ -96,6 +106,14 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
   ids = [o.id for o in ops]
   pairs = [(i, j) for i in range(n) for j in range(i + 1, n)
            if ops[i].stream != ops[j].stream and ids[i] not in anc[ids[j]] and ids[j] not in anc[ids[i]]]
+  # Interference (stage 1's pair measurement): an op that may run beside one of the other class (GEMM vs
+  # attention) is charged the pair factor at the GEMM share it would leave or take. Conservative: it
+  # assumes the overlap happens, which is what the search is after.
+  is_attn = [o.op == "attention" for o in ops]
+  beside = {i for p in pairs for i in p if is_attn[p[0]] != is_attn[p[1]]}
+  for i in beside:
+    for k, sh in enumerate(shares):
+      dur[i, k] *= prof.slowdown(prof.num_sms - sh if is_attn[i] else sh)
   # variables: x[i,s] (binary), t[i] (start), C (makespan), then per pair b1, b2, b3 (binary)
   nx, nt = n * ns, n
   nv = nx + nt + 1 + 3 * len(pairs)
