@@ -31,6 +31,8 @@ flags.DEFINE_list("sweep_kinds", ["decode", "prefill"], "Which attention shapes 
 flags.DEFINE_list("attention_backends", ["pallas", "triton"],
                   "Attention implementations to time (triton needs jax-triton: see WORKSPACE.md).")
 flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
+flags.DEFINE_bool("rope_append", False, "Only time the fused RoPE + KV-append Triton kernel against the XLA "
+                  "fusions it would replace (2048 tokens, LLaMA-3-8B heads, a 1 GB cache).")
 flags.DEFINE_bool("tune_gemm", False, "Only tune the GEMM tiles (gemm.TUNE_SPACE) of --tune_shapes at full grid; "
                   "writes gemm_configs.json into --out_dir (copy it to pallas_kernels/ to ship it).")
 flags.DEFINE_list("tune_shapes", ["70b-tp2-qkv", "70b-tp4-qkv", "70b-tp8-qkv", "70b-tp8-gate_up", "70b-tp1-down"],
@@ -137,6 +139,45 @@ def sweep_attention(backends, copy_tbs: float, peak: float, iters: int) -> list[
   return sorted(out, key=lambda r: (r[0].split()[0], -float(r[3]) if r[3] != "-" else 0))
 
 
+def bench_rope_append(iters: int) -> list[tuple]:
+  """The fused kernel against rope_append_reference (XLA), caches donated in both; checked first."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nanoflow_jax.config import RopeConfig
+  from nanoflow_jax.models.layers import rope_inv_freq
+  from pallas_kernels import rope_append_triton as rat
+  n, hq, hkv, d, pages = 2048, 32, 8, 128, 32768
+  key = jax.random.PRNGKey(0)
+  q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (n, h, d), jnp.bfloat16)
+             for i, h in enumerate((hq, hkv, hkv)))
+  pos = jnp.asarray(np.random.default_rng(0).integers(0, 4096, n), jnp.int32)
+  slot = np.random.default_rng(1).permutation(pages * 16)[:n]
+  page, off = jnp.asarray(slot // 16, jnp.int32), jnp.asarray(slot % 16, jnp.int32)
+  inv = rope_inv_freq(RopeConfig(theta=500000.0, type="llama3", factor=8.0), d)
+  caches = [jnp.zeros((1, hkv, pages, 16, d), jnp.bfloat16) for _ in range(2)]
+  fns = {"xla": jax.jit(lambda kc, vc: rat.rope_append_reference(q, k, v, pos, inv, kc, vc, 0, page, off),
+                        donate_argnums=(0, 1)),
+         "triton": jax.jit(lambda kc, vc: rat.rope_append(q, k, v, pos, inv, kc, vc, 0, page, off, num_sms=132),
+                           donate_argnums=(0, 1))}
+  outs = {name: f(*[jnp.zeros_like(c) for c in caches]) for name, f in fns.items()}
+  err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+            for a, b in zip(outs["xla"], outs["triton"]))
+  rows = [("rope+append triton vs xla: max difference", "132", f"{err:.1e}", "-")]
+  del outs
+  for name, f in fns.items():
+    state = [jnp.zeros_like(c) for c in caches]
+
+    def run(f=f):
+      out = f(*state)
+      state[:] = out[1:]
+      return out[0]
+    t = timeit(run, iters=iters)
+    rows.append((f"rope+append {name} (2048 tokens)", "132", f"{t * 1e6:.0f} us", "-"))
+    print(rows[-1], flush=True)
+  return rows
+
+
 def tune_gemm(names: list[str], iters: int) -> tuple[dict, list[tuple]]:
   """Times every tile configuration of gemm.TUNE_SPACE per shape (checked against the reference first);
   keeps the fastest where it beats the default by more than 2%. Returns (configs by 'MxNxK', table rows)."""
@@ -212,6 +253,9 @@ def main(argv):
     backends.remove("triton")
   if FLAGS.sweep_attention:
     rows += sweep_attention(backends, copy_tbs, peak, FLAGS.iters)
+    shares = []
+  if FLAGS.rope_append:
+    rows += bench_rope_append(FLAGS.iters)
     shares = []
   if FLAGS.tune_gemm:
     chosen, tune_rows = tune_gemm(list(FLAGS.tune_shapes), FLAGS.iters)
