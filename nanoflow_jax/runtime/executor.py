@@ -124,12 +124,9 @@ class Executor:
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
-    # before the KV cache is sized, so the cache takes only what is left.
-    params = model.params
-    self.params = {
-        "top": {k: v for k, v in params.items() if not k.startswith("layers_")},
-        "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)]),
-    }
+    # before the KV cache is sized (the model then drops its per-layer copy), so the cache takes the rest.
+    top, stacked = model.stacked_params()
+    self.params = {"top": top, "layers": stacked}
     self.num_pages = num_pages or kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction)
     kv_sharding = None
     if mesh is not None:
