@@ -100,3 +100,28 @@ def test_triton_attention_cache_over_4gib():
   q, kc, vc, table, slots, positions, chunk, ref = _mixed_batch(5, pages=pages)
   out = _both_configs("triton", q, kc, vc, table, slots, positions, chunk, 132)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+
+
+@needs_triton
+def test_rope_append_kernel_matches_reference():
+  """The fused RoPE + KV-append kernel compiled, against the XLA reference (bf16, LLaMA-3-8B heads, llama3
+  frequencies, padding rows)."""
+  from nanoflow_jax.config import RopeConfig
+  from nanoflow_jax.models.layers import rope_inv_freq
+  from pallas_kernels import rope_append_triton as rat
+  n, hq, hkv, d, pages = 300, 32, 8, 128, 512
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  q = jax.random.normal(keys[0], (n, hq, d), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (n, hkv, d), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (n, hkv, d), jnp.bfloat16)
+  pos = jax.random.randint(keys[3], (n,), 0, 8000)
+  slot = np.random.default_rng(0).permutation(pages * 16)[:n]
+  page, off = np.asarray(slot // 16, np.int32), np.asarray(slot % 16, np.int32)
+  page[::7] = pages                                            # padding rows
+  inv = rope_inv_freq(RopeConfig(theta=500000.0, type="llama3", factor=8.0), d)
+  kc = jax.random.normal(keys[4], (2, hkv, pages, 16, d), jnp.bfloat16)
+  vc = -kc
+  ref = rat.rope_append_reference(q, k, v, pos, inv, kc, vc, 1, jnp.asarray(page), jnp.asarray(off))
+  out = jax.jit(lambda kc, vc: rat.rope_append(q, k, v, pos, inv, kc, vc, 1, page, off, num_sms=64))(kc, vc)
+  for a, b in zip(out, ref):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-2)

@@ -1,0 +1,33 @@
+"""Tensor parallelism with our kernels on several GPUs (skipped with fewer than two): the per-device
+layer (shard_map) with the Mosaic GEMM and the Triton or Pallas attention kernel against one GPU.
+
+  NANOFLOW_GPU_TESTS=1 PYTHONPATH=.:.carry python3 -m pytest -q tests/gpu/test_tp_gpu.py   # on nvidia-h200-x2
+"""
+import jax
+import numpy as np
+import pytest
+
+from nanoflow_jax.llm import build_engine
+from nanoflow_jax.sampling_params import SamplingParams
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")]
+
+
+def test_tp2_kernels_agree_with_one_gpu():
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(50, 500, size=16)]
+  firsts = {}
+  for tp in (1, 2):
+    eng = build_engine("llama-3-8b", random_weights=True, dense_batch=1024, num_pages=4096, max_num_seqs=32,
+                       tensor_parallel=tp)
+    assert eng.executor.manual_tp == (tp == 2) and eng.executor.kernels in ("triton", "pallas")
+    for i, p in enumerate(prompts):
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1))
+    eng.run_until_done()
+    firsts[tp] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
+    del eng
+  same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(firsts[1], firsts[2]))
+  lp = max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob) for a, b in zip(firsts[1], firsts[2]))
+  print(f"TP 2 vs 1: {same}/{len(prompts)} first tokens equal; max logprob diff {lp:.3f}")
+  assert same >= len(prompts) - 2 and lp < 0.25
