@@ -218,9 +218,9 @@ def measure(model_name: str, prof, name: str) -> None:
   seq = step.time(None)
   png = os.path.join(FLAGS.out_dir, f"timeline_{name}.png")
   ms = step.time(split, trace_dir=os.path.join(FLAGS.out_dir, "trace"), timeline_png=png)
+  predicted = autosearch.sequential_layer_ms(prof, FLAGS.dense_batch, FLAGS.decodes) / split_ms
   print(f"measured step ({step.describe}): sequential {seq:.1f} ms; best split {split.nano_batches} {ms:.1f} ms "
-        f"({seq / ms:.2f}x; predicted {autosearch.sequential_layer_ms(prof, FLAGS.dense_batch, FLAGS.decodes) / split_ms:.2f}x); "
-        f"timeline {png}")
+        f"({seq / ms:.2f}x; predicted {predicted:.2f}x); timeline {png}")
 
 
 if __name__ == "__main__":

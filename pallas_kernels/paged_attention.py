@@ -190,8 +190,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="paged_attention",
-  )(jnp.asarray(layer, jnp.int32).reshape(1), num_blocks.astype(jnp.int32).reshape(1), block_start.astype(jnp.int32), block_len.astype(jnp.int32),
-    slots.astype(jnp.int32), pos, pt, qg, k, v, out)
+  )(jnp.asarray(layer, jnp.int32).reshape(1), num_blocks.astype(jnp.int32).reshape(1), block_start.astype(jnp.int32),
+    block_len.astype(jnp.int32), slots.astype(jnp.int32), pos, pt, qg, k, v, out)
   return res[:n, :, :g].reshape(n, hq, d)
 
 

@@ -135,7 +135,8 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
   return programs, meta
 
 
-def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
+def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len,
+                         num_blocks, *,
                          num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                          num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
                          out=None):
@@ -184,6 +185,7 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
   f32 = lambda x: torch.from_numpy(np.array(x, np.float32))
   i32 = lambda x: torch.from_numpy(np.array(x, np.int32).reshape(-1))
   out = torch.zeros(q.shape, dtype=torch.float32)
-  _paged_attention_kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
-                      i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out, **meta)
+  _paged_attention_kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots),
+                                       i32(positions), i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out,
+                                       **meta)
   return out.numpy()

@@ -43,4 +43,5 @@ def paged_batch(rng, hkv=2, g=2, d=32, page_size=4, num_pages=64, ctx=(5, 17, 1,
   kc, vc = append_kv(kc, vc, 1, k, v, jnp.asarray(table[all_slot, all_pos // page_size]),
                      jnp.asarray(all_pos % page_size))
   q = jnp.asarray(rng.normal(size=(len(slots), hq, d)), jnp.float32)
-  return q, (kc, vc, 1), table, np.array(slots, np.int32), np.array(positions, np.int32), lengths, (k, v, all_slot, all_pos)
+  return (q, (kc, vc, 1), table, np.array(slots, np.int32), np.array(positions, np.int32), lengths,
+          (k, v, all_slot, all_pos))

@@ -45,8 +45,9 @@ def test_linear_routes_through_an_installed_gemm():
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("cfg", [next(c for c in gemm.TUNE_SPACE if c["wg_dimension"] == "M" and c["grid_minor_dim"] == "M"),
-                                 next(c for c in gemm.TUNE_SPACE if c["tile_n"] == 64)])
+@pytest.mark.parametrize("cfg", [
+    next(c for c in gemm.TUNE_SPACE if c["wg_dimension"] == "M" and c["grid_minor_dim"] == "M"),
+    next(c for c in gemm.TUNE_SPACE if c["tile_n"] == 64)])
 def test_tuner_configurations_compute_the_same_product(cfg):
   """The tuner's other tilings (grid order M, warpgroups split along M, 64-wide tiles) are exact too."""
   seed = np.random.default_rng().integers(1 << 30)

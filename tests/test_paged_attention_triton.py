@@ -33,8 +33,8 @@ def test_triton_kernel_matches_reference(num_sms, block_q, window):
 
 def test_triton_kernel_gqa_wide_group_and_blocks_of_many_pages():
   """8 query heads per KV head (rows = block_q x 8), key blocks of 8 pages, two programs per SM."""
-  _check(np.random.default_rng(), num_sms=2, block_q=4, hkv=1, g=8, d=32, block_n=32, programs_per_sm=2, heavy_first=True,
-         ctx=(70, 3), chunk=(20, 3))
+  _check(np.random.default_rng(), num_sms=2, block_q=4, hkv=1, g=8, d=32, block_n=32, programs_per_sm=2,
+         heavy_first=True, ctx=(70, 3), chunk=(20, 3))
 
 
 def test_triton_kernel_output_is_not_constant():

@@ -192,7 +192,8 @@ def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128
       by_id = {op.id: op for op in cfg.ops}
       for later, earlier in orders:
         by_id[later].deps.append(earlier)
-      best = (copy.deepcopy(cfg), ms, [(o.id, o.stream, st, d, s) for o, st, d, s in zip(cfg.ops, starts, durs, chosen)])
+      rows = [(o.id, o.stream, st, d, s) for o, st, d, s in zip(cfg.ops, starts, durs, chosen)]
+      best = (copy.deepcopy(cfg), ms, rows)
   cfg, ms, schedule = best
   cfg.name = f"autosearch-{prof.model}-{prof.device}"
   cfg.validate()
