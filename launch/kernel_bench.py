@@ -33,6 +33,8 @@ flags.DEFINE_list("attention_backends", ["pallas", "triton"],
 flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
 flags.DEFINE_bool("rope_append", False, "Only time the fused RoPE + KV-append Triton kernel against the XLA "
                   "fusions it would replace (2048 tokens, LLaMA-3-8B heads, a 1 GB cache).")
+flags.DEFINE_bool("rms_norm", False, "Only time the fused residual-add + RMSNorm Triton kernel against XLA's "
+                  "fusion (2048 x 4096 bf16).")
 flags.DEFINE_bool("tune_gemm", False, "Only tune the GEMM tiles (gemm.TUNE_SPACE) of --tune_shapes at full grid; "
                   "writes gemm_configs.json into --out_dir (copy it to pallas_kernels/ to ship it).")
 flags.DEFINE_list("tune_shapes", ["70b-tp2-qkv", "70b-tp4-qkv", "70b-tp8-qkv", "70b-tp8-gate_up", "70b-tp1-down"],
@@ -178,6 +180,30 @@ def bench_rope_append(iters: int) -> list[tuple]:
   return rows
 
 
+def bench_rms_norm(iters: int, copy_tbs: float) -> list[tuple]:
+  """The fused kernel against the XLA fusion of the reference; bytes = 2 read + 2 written activations."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels import rms_norm_triton as rnt
+  n, h = 2048, 4096
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x, r = (jax.random.normal(k, (n, h), jnp.bfloat16) for k in keys[:2])
+  scale = jax.random.normal(keys[2], (h,), jnp.bfloat16)
+  fns = {"xla": jax.jit(lambda x, r: rnt.rms_norm_residual_reference(x, r, scale, 1e-5)),
+         "triton": jax.jit(lambda x, r: rnt.rms_norm_residual(x, r, scale, 1e-5, num_sms=132))}
+  outs = {name: f(x, r) for name, f in fns.items()}
+  err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+            for a, b in zip(outs["xla"], outs["triton"]))
+  rows = [("rms_norm+residual triton vs xla: max difference", "132", f"{err:.1e}", "-")]
+  for name, f in fns.items():
+    t = timeit(f, x, r, iters=iters)
+    tbs = 4 * n * h * 2 / t / 1e12
+    rows.append((f"rms_norm+residual {name} (2048x4096)", "132", f"{t * 1e6:.0f} us = {tbs:.2f} TB/s",
+                 f"{tbs / copy_tbs:.2f}"))
+    print(rows[-1], flush=True)
+  return rows
+
+
 def tune_gemm(names: list[str], iters: int) -> tuple[dict, list[tuple]]:
   """Times every tile configuration of gemm.TUNE_SPACE per shape (checked against the reference first);
   keeps the fastest where it beats the default by more than 2%. Returns (configs by 'MxNxK', table rows)."""
@@ -253,6 +279,9 @@ def main(argv):
     backends.remove("triton")
   if FLAGS.sweep_attention:
     rows += sweep_attention(backends, copy_tbs, peak, FLAGS.iters)
+    shares = []
+  if FLAGS.rms_norm:
+    rows += bench_rms_norm(FLAGS.iters, copy_tbs)
     shares = []
   if FLAGS.rope_append:
     rows += bench_rope_append(FLAGS.iters)
