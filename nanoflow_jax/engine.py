@@ -30,6 +30,8 @@ from pallas_kernels.paged_attention import query_blocks
 log = logging.getLogger(__name__)
 
 MODES = ("sequential", "nanoflow")
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
+                   "fp8": "float8_e4m3fn"}
 
 
 @dataclasses.dataclass
@@ -45,6 +47,8 @@ class EngineConfig:
                                           # imports), jnp references elsewhere; see executor.KERNEL_CHOICES
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow (default: generic)
   tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
+  kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32 or fp8
+                                          # (float8_e4m3fn, no scales: half the bytes of bf16)
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
 
   def validate(self):
@@ -54,6 +58,8 @@ class EngineConfig:
       raise ValueError("dense_batch, page_size and max_num_seqs must be >= 1")
     if not 0 < self.kv_memory_fraction <= 1:
       raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
 
 class RequestError(ValueError):
@@ -121,7 +127,8 @@ class Engine:
     cfg = model.config
     self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
-                             kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh)
+                             kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh,
+                             kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype])
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size

@@ -29,7 +29,8 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                  dense_batch: int | None = None, page_size: int = 16, num_pages: int | None = None,
                  kv_memory_fraction: float = 0.9, max_num_seqs: int = 64, max_model_len: int | None = None,
                  mode: str = "sequential", seed: int = 0, kernels: str = "auto", model_obj=None,
-                 pipeline_config: str | None = None, tensor_parallel: int = 1) -> Engine:
+                 pipeline_config: str | None = None, tensor_parallel: int = 1,
+                 kv_cache_dtype: str = "auto") -> Engine:
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
   if mode == "nanoflow":
     from nanoflow_jax import compat
@@ -38,12 +39,13 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
   if tensor_parallel > 1:
     from nanoflow_jax import checkpoint, parallel
     sharding_fn = parallel.sharding_fn(checkpoint.resolve_config(model), parallel.make_mesh(tensor_parallel))
-  m = model_obj or load_model(model, dtype=dtype or default_dtype(), random_weights=random_weights, seed=seed,
-                              sharding_fn=sharding_fn)
   cfg = EngineConfig(dense_batch=dense_batch or default_dense_batch(), page_size=page_size, num_pages=num_pages,
                      kv_memory_fraction=kv_memory_fraction, max_num_seqs=max_num_seqs,
                      max_model_len=max_model_len, mode=mode, kernels=kernels, pipeline_config=pipeline_config,
-                     tensor_parallel=tensor_parallel)
+                     tensor_parallel=tensor_parallel, kv_cache_dtype=kv_cache_dtype)
+  cfg.validate()   # before the model loads: a bad option costs nothing
+  m = model_obj or load_model(model, dtype=dtype or default_dtype(), random_weights=random_weights, seed=seed,
+                              sharding_fn=sharding_fn)
   return Engine(m, cfg)
 
 

@@ -122,8 +122,8 @@ def _kernel(layer_ref, nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref,
       acc, m, l = c
       pages = pt_ref[slot, ds(j * pages_per_block, pages_per_block)]
       flat = (base + h) * num_pages + pages
-      k = k_ref[flat].reshape(bk, d)
-      v = v_ref[flat].reshape(bk, d)
+      k = k_ref[flat].reshape(bk, d).astype(q.dtype)   # an fp8 cache: computed on in the query dtype
+      v = v_ref[flat].reshape(bk, d).astype(q.dtype)
       s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
       kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)
       mask = kpos[None, :] <= row_pos[:, None]

@@ -100,8 +100,9 @@ if triton is not None:
           kpos = j * BLOCK_N + cols
           page = tl.load(pt_row + kpos // PAGE_SIZE)
           row_off = (kv_base + page.to(tl.int64)) * (PAGE_SIZE * HEAD_DIM) + (kpos % PAGE_SIZE) * HEAD_DIM
-          k = tl.load(k_ptr + row_off[:, None] + d[None, :])
-          v = tl.load(v_ptr + row_off[:, None] + d[None, :])
+          # .to(q.dtype): an fp8 cache is read at half the bytes and computed on in the query dtype
+          k = tl.load(k_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
+          v = tl.load(v_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
           s = tl.dot(q, tl.trans(k)) * QK_SCALE
           if phase == 1:
             mask = kpos[None, :] <= row_pos[:, None]

@@ -3,6 +3,7 @@ its parameter is ignored."""
 import numpy as np
 import pytest
 import jax
+import jax.numpy as jnp
 
 from nanoflow_jax.llm import LLM
 from nanoflow_jax.sampling_params import SamplingParams
@@ -155,3 +156,30 @@ def test_chat(llm):
                  use_tqdm=False)[0]
   assert out.prompt_token_ids == llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
   assert len(out.outputs[0].token_ids) == 3
+
+
+def test_fp8_kv_cache_runs_and_stays_close():
+  """kv_cache_dtype="fp8": the cache holds float8_e4m3fn (twice the pages in the same bytes), generation
+  runs, and the first tokens' log-probabilities stay close to the full-precision cache's."""
+  from nanoflow_jax.llm import build_engine
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.sampling_params import SamplingParams
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  prompts = [[5, 9, 2, 77, 31, 8], [100, 3, 3, 250, 1], list(range(40, 70))]
+  out = {}
+  for kv in ("auto", "fp8"):
+    eng = build_engine("tiny", model_obj=model, dense_batch=64, num_pages=64, max_num_seqs=4, kv_cache_dtype=kv)
+    assert eng.executor.kv[0].dtype == (jnp.float8_e4m3fn if kv == "fp8" else jnp.float32)
+    for i, p in enumerate(prompts):
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, logprobs=1, ignore_eos=True))
+    eng.run_until_done()
+    out[kv] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
+  for a, b in zip(out["auto"], out["fp8"]):
+    assert len(b.token_ids) == 4
+    assert abs(a.logprobs[0].logprob - b.logprobs[0].logprob) < 0.2
+
+
+def test_bad_kv_cache_dtype_is_refused_before_loading():
+  from nanoflow_jax.llm import build_engine
+  with pytest.raises(ValueError, match="kv_cache_dtype"):
+    build_engine("no-such-model-dir", kv_cache_dtype="int4")

@@ -67,3 +67,20 @@ def test_two_calls_fill_one_output():
   out = paged_attention(q, *cache, table, slots, positions, p_start, p_len, jnp.int32(p_nb), num_sms=3, block_q=8,
                         interpret=True, out=out, programs_per_sm=2)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
+def test_fp8_cache_kernel_matches_reference():
+  """An fp8 (e4m3) cache: the kernel upcasts K/V tiles to the query dtype, as the reference does; and the
+  fp8 result stays close to the float32 cache's (what the cache's precision costs)."""
+  rng = np.random.default_rng()
+  q, (kc, vc, layer), table, slots, positions, lengths, _ = _batch(rng)
+  fp8 = jnp.float8_e4m3fn
+  q16 = q.astype(jnp.bfloat16)
+  ref = paged_attention_reference(q16, kc.astype(fp8), vc.astype(fp8), layer, table, slots, positions)
+  start, length, nb = query_blocks(lengths, len(slots), 4)
+  out = paged_attention(q16, kc.astype(fp8), vc.astype(fp8), layer, table, slots, positions, start, length,
+                        jnp.int32(nb), num_sms=3, block_q=4, pages_per_block=2, interpret=True)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+  full = paged_attention_reference(q, kc, vc, layer, table, slots, positions)
+  err = np.linalg.norm(np.asarray(ref, np.float32) - np.asarray(full)) / np.linalg.norm(np.asarray(full))
+  assert 1e-4 < err < 0.1, err      # fp8 really is in use, and costs little

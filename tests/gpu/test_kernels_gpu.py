@@ -137,3 +137,13 @@ def test_rms_norm_residual_kernel_matches_reference():
   out = jax.jit(lambda x, r: rnt.rms_norm_residual(x, r, scale, 1e-5, num_sms=96))(x, r)
   for a, b in zip(out, ref):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=5e-2, rtol=2e-2)
+
+
+@needs_triton
+def test_triton_attention_fp8_cache():
+  """An fp8 (e4m3) cache read by the Triton kernel (K/V tiles upcast to bf16) against the reference."""
+  q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(11)
+  kc, vc = kc.astype(jnp.float8_e4m3fn), vc.astype(jnp.float8_e4m3fn)
+  ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions)
+  out = _both_configs("triton", q, kc, vc, table, slots, positions, chunk, 132)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
