@@ -31,6 +31,7 @@ flags.DEFINE_list("kernels", ["pallas", "triton"],
                   "Kernel sets to time sequentially (executor.KERNEL_CHOICES); nanoflow variants use the last.")
 flags.DEFINE_integer("iters", 10, "Steps per timing sample.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8"], "KV cache element type of the timed steps.")
+flags.DEFINE_bool("fused_rope_append", False, "Also time sequential steps with the fused RoPE + KV-append kernel.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
 flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of 3 steps of each variant here, and "
                     "print its kernel time by kind (launch/trace_overlap.py).")
@@ -72,7 +73,7 @@ class MixedStep:
     self.engine = eng
 
   def time(self, plan, kernels: str = "auto", annotate: bool = True, iters: int = 10, trace_dir: str | None = None,
-           timeline_png: str | None = None, kv_dtype=None) -> float:
+           timeline_png: str | None = None, kv_dtype=None, fused_rope_append: bool = False) -> float:
     """Median ms per step; with trace_dir, also a profiler trace of 3 steps (kernel time by kind printed,
     and the measured timeline drawn to timeline_png)."""
     import jax
@@ -80,7 +81,7 @@ class MixedStep:
     from nanoflow_jax.runtime.executor import Executor
     eng = self.engine
     ex = Executor(self.model, self.pages, 16, self.max_seqs, eng.max_model_len, self.dense, plan=plan,
-                  kernels=kernels, kv_dtype=kv_dtype)
+                  kernels=kernels, kv_dtype=kv_dtype, fused_rope_append=fused_rope_append)
     ex.annotate = ex.annotate and annotate
     eng.executor = ex
     try:
@@ -132,6 +133,8 @@ def main(argv):
   base = generic_default(step.dense, getattr(jax.devices()[0], "core_count", 132) or 132)
   kernels = FLAGS.kernels[-1]
   variants = [(f"sequential ({k})", None, True, k) for k in FLAGS.kernels]
+  if FLAGS.fused_rope_append:
+    variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels))
   for share in FLAGS.attn_shares:
     plan = copy.deepcopy(base)
     for op in plan.ops:
@@ -152,7 +155,8 @@ def main(argv):
     tdir = (os.path.join(FLAGS.trace_dir, "".join(c if c.isalnum() else "_" for c in name))
             if FLAGS.trace_dir else None)
     kv_dtype = "float8_e4m3fn" if FLAGS.kv_cache_dtype == "fp8" else None
-    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, kv_dtype=kv_dtype)
+    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, kv_dtype=kv_dtype,
+                   fused_rope_append="fused rope" in name)
     seq_ms = seq_ms or ms
     rows.append(f"| {name} | {ms:.1f} | {100 * optimal_ms / ms:.1f}% | {seq_ms / ms:.3f} |")
     print(rows[-1], flush=True)

@@ -47,6 +47,7 @@ class EngineConfig:
                                           # imports), jnp references elsewhere; see executor.KERNEL_CHOICES
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow (default: generic)
   tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
+  fused_rope_append: bool = False         # RoPE + KV append as one kernel (not yet measured: off)
   kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32 or fp8
                                           # (float8_e4m3fn, no scales: half the bytes of bf16)
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
@@ -128,7 +129,7 @@ class Engine:
     self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
                              kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh,
-                             kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype])
+                             kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size

@@ -102,3 +102,24 @@ def test_nanoflow_mode_equals_sequential(tmp_path_factory, kernels):
     outs[mode] = _run(engine, requests, arrivals={3: ["r4"]})
   for rid, (prompt, n) in requests.items():
     assert outs["nanoflow"][rid].token_ids == outs["sequential"][rid].token_ids == fx.hf_greedy(hf, prompt, n)
+
+
+def test_fused_rope_append_path_equals_the_unfused_one():
+  """The executor's fused RoPE + KV-append op (here its jnp reference; the Triton kernel on a GPU) gives
+  the unfused step's tokens, in both modes."""
+  from nanoflow_jax.engine import Engine, EngineConfig
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.sampling_params import SamplingParams
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  prompts = [[5, 9, 2, 77, 31, 8], [100, 3, 3, 250, 1], list(range(40, 90))]
+  out = {}
+  for fused in (False, True):
+    for mode in ("sequential", "nanoflow"):
+      eng = Engine(model, EngineConfig(dense_batch=64, num_pages=64, max_num_seqs=4, mode=mode,
+                                       fused_rope_append=fused, compilation_cache_dir=None))
+      assert eng.executor.fused_rope_append == fused
+      for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+      eng.run_until_done()
+      out[fused, mode] = [eng.pop_output(f"r{i}").outputs[0].token_ids for i in range(len(prompts))]
+  assert len({str(v) for v in out.values()}) == 1

@@ -75,8 +75,11 @@ def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
 class Executor:
   def __init__(self, model: Model, num_pages: int | None, page_size: int, max_num_seqs: int, max_model_len: int,
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
-               kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None):
+               kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
+               fused_rope_append: bool = False):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
+    fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
+    jnp reference elsewhere); off by default until measured on the GPU (docs/perf-notes.md).
     plan: run each layer as this PipelineConfig's nano-ops (mode nanoflow); None: sequential.
     mesh: a tensor-parallel mesh (nanoflow_jax.parallel) the model's weights are sharded over."""
     cfg = model.config
@@ -123,6 +126,7 @@ class Executor:
       self.annotate = False
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
+    self.fused_rope_append = fused_rope_append
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
     # before the KV cache is sized (the model then drops its per-layer copy), so the cache takes the rest.
     top, stacked = model.stacked_params()
@@ -193,6 +197,13 @@ class Executor:
       return out
     return self._on_stream(kernels)(q, k_cache, v_cache, layer, inp.page_table, slots, positions, blocks)
 
+  def _rope_append(self, *args):
+    from pallas_kernels import rope_append_triton
+    if self.kernels == "triton":
+      num_sms = self._sms()
+      return self._on_stream(lambda *a: rope_append_triton.rope_append(*a, num_sms=num_sms))(*args)
+    return rope_append_triton.rope_append_reference(*args)
+
   def _gemm(self, a, b, residual):
     m, k = a.shape
     if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not gemm_kernel.supported(
@@ -233,6 +244,9 @@ class Executor:
         with self._nano_op(op):
           if op.op == "qkv":
             s["q"], s["k"], s["v"] = layer.qkv(layer.attn_norm(s["x"]))
+          elif op.op == "rope_append" and self.fused_rope_append:
+            s["q"], k_cache, v_cache = self._rope_append(s["q"], s["k"], s["v"], inp.positions[r], m.inv_freq,
+                                                         k_cache, v_cache, i, inp.kv_pages[r], inp.kv_offsets[r])
           elif op.op == "rope_append":
             s["q"], k = m.rope(s["q"], s["k"], inp.positions[r])
             k_cache, v_cache = append_kv(k_cache, v_cache, i, k, s["v"], inp.kv_pages[r], inp.kv_offsets[r])
