@@ -18,7 +18,7 @@ import numpy as np
 
 import contextlib
 
-from nanoflow_jax import compat, kv_cache, sampler
+from nanoflow_jax import compat, kv_cache, parallel, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
@@ -98,7 +98,6 @@ class Executor:
     # shard_map: every kernel sees its device's heads and MLP columns (our kernels are custom calls the
     # SPMD partitioner cannot split), and the row-parallel o and down end in an explicit psum. Otherwise
     # XLA's SPMD partitioner splits the jnp reference ops.
-    from nanoflow_jax import parallel
     self.tp = mesh.shape[parallel.AXIS] if mesh is not None else 1
     self.manual_tp = self.tp > 1 and parallel.manual_tp_supported(cfg, self.tp)
     self.layer_config = parallel.local_config(cfg, self.tp) if self.manual_tp else cfg
@@ -108,8 +107,8 @@ class Executor:
       self.kernels = "reference"
     self.num_sms = num_sms or (jax.devices()[0].core_count if on_gpu else 4)
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
-    on_kernels = self.kernels in ("pallas", "triton")
-    self.buckets = buckets_for(dense_batch, 128 if on_kernels and dense_batch >= 128 else MIN_BUCKET)
+    self.on_kernels = self.kernels in ("pallas", "triton")   # compiled kernels (not jnp, not interpret)
+    self.buckets = buckets_for(dense_batch, 128 if self.on_kernels and dense_batch >= 128 else MIN_BUCKET)
     # Attention kernel configurations (decode blocks, prefill blocks); both implementations use the same
     # block_q, so the host's query blocks do not depend on which runs.
     self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
@@ -120,7 +119,7 @@ class Executor:
     log.info("step kernels: %s (%d SMs)", self.kernels, self.num_sms)
     self.plan = plan
     # Stream annotation needs the kernels (SM-limited grids) and a GPU; elsewhere the same split and order.
-    self.annotate = plan is not None and on_kernels and len(plan.nano_batches) > 1
+    self.annotate = plan is not None and self.on_kernels and len(plan.nano_batches) > 1
     if self.annotate and self.tp > 1:   # streams inside shard_map are not wired yet (collectives as nano-ops)
       log.warning("tensor parallelism: nano-batches run in order without stream annotation for now")
       self.annotate = False
@@ -132,17 +131,13 @@ class Executor:
     top, stacked = model.stacked_params()
     self.params = {"top": top, "layers": stacked}
     self.num_pages = num_pages or kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction)
-    kv_sharding = None
-    if mesh is not None:
-      from nanoflow_jax import parallel
-      kv_sharding = parallel.kv_sharding(cfg, mesh)
+    kv_sharding = parallel.kv_sharding(cfg, mesh) if mesh is not None else None
     self.kv = kv_cache.allocate_kv(cfg, self.num_pages, page_size, self.kv_dtype, kv_sharding)
     r, v = max_num_seqs, cfg.vocab_size
     self.last_tokens = jnp.zeros((r,), jnp.int32)
     self.counts = jnp.zeros((r, v), jnp.int32)
     self.prompt_mask = jnp.zeros((r, v), jnp.bool_)
     if mesh is not None:  # sampling state lives replicated on the mesh, beside the sharded weights
-      from nanoflow_jax import parallel
       self.last_tokens, self.counts, self.prompt_mask = jax.device_put(
           (self.last_tokens, self.counts, self.prompt_mask), parallel.replicated(mesh))
     self._compiled: dict[int, object] = {}
@@ -159,7 +154,7 @@ class Executor:
   def nano_sizes(self, num_tokens: int) -> list[int]:
     if self.plan is None:
       return [num_tokens]
-    return self.plan.sizes_for(num_tokens, 128 if self.kernels in ("pallas", "triton") else 8)
+    return self.plan.sizes_for(num_tokens, 128 if self.on_kernels else 8)
 
   @contextlib.contextmanager
   def _nano_op(self, op):
@@ -214,8 +209,9 @@ class Executor:
       from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
       with force_gpu_interpret_mode(InterpretGPUParams()):
         return gemm_kernel.gemm(a, b, residual, num_sms=num_sms)
-    res = () if residual is None else (residual,)
-    return self._on_stream(lambda a, b, *r: gemm_kernel.gemm(a, b, *(r or (None,)), num_sms=num_sms))(a, b, *res)
+    if residual is None:
+      return self._on_stream(lambda a, b: gemm_kernel.gemm(a, b, None, num_sms=num_sms))(a, b)
+    return self._on_stream(lambda a, b, r: gemm_kernel.gemm(a, b, r, num_sms=num_sms))(a, b, residual)
 
   def _forward(self, params, kv, tokens, inp: StepInputs):
     cfg = self.model.config
@@ -232,7 +228,7 @@ class Executor:
     def row_parallel(partial, residual):
       # o and down: on one device the residual is fused into the GEMM; under manual TP each device holds a
       # partial product, summed across devices before the residual joins.
-      return residual + jax.lax.psum(partial, "tp")
+      return residual + jax.lax.psum(partial, parallel.AXIS)
 
     def layer_step(carry, xs, inp):
       x, k_cache, v_cache = carry
@@ -247,7 +243,7 @@ class Executor:
           elif op.op == "rope_append" and self.fused_rope_append:
             s["q"], k_cache, v_cache = self._rope_append(s["q"], s["k"], s["v"], inp.positions[r], m.inv_freq,
                                                          k_cache, v_cache, i, inp.kv_pages[r], inp.kv_offsets[r])
-          elif op.op == "rope_append":
+          elif op.op == "rope_append":   # XLA's fusions: the rotation, then the append's scatter
             s["q"], k = m.rope(s["q"], s["k"], inp.positions[r])
             k_cache, v_cache = append_kv(k_cache, v_cache, i, k, s["v"], inp.kv_pages[r], inp.kv_offsets[r])
           elif op.op == "attention":
@@ -269,7 +265,6 @@ class Executor:
 
     if manual:
       from jax.sharding import PartitionSpec as P
-      from nanoflow_jax import parallel
       layer_specs = {name: parallel.param_spec(cfg, (name,), w.shape[1:], self.tp)
                      for name, w in params["layers"].items()}
       kv_spec = parallel.kv_sharding(cfg, self.mesh).spec
