@@ -295,7 +295,7 @@ def main(argv):
 
   # GEMM
   shapes = dict(LLAMA3_8B_M2048) if shares and not FLAGS.skip_gemm else {}
-  if not FLAGS.quick and shares:
+  if not FLAGS.quick and shares and not FLAGS.skip_gemm:
     for tp in (1, 2, 4, 8):
       shapes.update(llama2_70b_shard(tp))
   res["gemm"] = {}
