@@ -121,10 +121,11 @@ if triton is not None:
       tl.store(out_ptr + q_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_warps,
-               num_stages, programs_per_sm, heavy_first=False):
-  n, hq, d = q_shape
-  num_layers, hkv, num_pages, page_size, _ = k_shape
+def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
+               programs_per_sm, heavy_first=False):
+  """(programs, the kernel's compile-time constants)."""
+  _, hq, d = q_shape
+  _, hkv, num_pages, page_size, _ = k_shape
   if block_n % page_size:
     raise ValueError(f"block_n {block_n} must be a multiple of the page size {page_size}")
   g = hq // hkv
@@ -148,9 +149,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   import jax.numpy as jnp
   import jax_triton as jt
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
-                              block_n=block_n, sliding_window=sliding_window, num_warps=num_warps,
-                              num_stages=num_stages, programs_per_sm=programs_per_sm,
-                              heavy_first=heavy_first)
+                              block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
+                              programs_per_sm=programs_per_sm, heavy_first=heavy_first)
   if out is None:
     out = jnp.zeros(q.shape, q.dtype)
   per_block = block_n // k_cache.shape[3]
@@ -179,9 +179,8 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
   page_table = np.asarray(page_table)
   page_table = np.pad(page_table, ((0, 0), (0, -page_table.shape[1] % (block_n // k_cache.shape[3]))))
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
-                              block_n=block_n, sliding_window=sliding_window, num_warps=num_warps,
-                              num_stages=num_stages, programs_per_sm=programs_per_sm,
-                              heavy_first=heavy_first)
+                              block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
+                              programs_per_sm=programs_per_sm, heavy_first=heavy_first)
   # float32 throughout: the interpreter loses bf16 tensors (torch 2.13); the GPU tests cover bf16.
   f32 = lambda x: torch.from_numpy(np.array(x, np.float32))
   i32 = lambda x: torch.from_numpy(np.array(x, np.int32).reshape(-1))

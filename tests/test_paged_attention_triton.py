@@ -46,4 +46,4 @@ def test_triton_kernel_output_is_not_constant():
 def test_block_n_must_cover_whole_pages():
   with pytest.raises(ValueError, match="multiple of the page size"):
     pat._constants((4, 4, 16), (1, 2, 8, 4, 16), (2, 4), num_sms=1, block_q=1, block_n=6, sliding_window=None,
-                   num_warps=4, num_stages=2, programs_per_sm=1)
+                   num_stages=2, programs_per_sm=1)
