@@ -73,15 +73,16 @@ class MixedStep:
     self.engine = eng
 
   def time(self, plan, kernels: str = "auto", annotate: bool = True, iters: int = 10, trace_dir: str | None = None,
-           timeline_png: str | None = None, kv_dtype=None, fused_rope_append: bool = False) -> float:
+           timeline_png: str | None = None, **executor_options) -> float:
     """Median ms per step; with trace_dir, also a profiler trace of 3 steps (kernel time by kind printed,
-    and the measured timeline drawn to timeline_png)."""
+    and the measured timeline drawn to timeline_png). executor_options: more Executor arguments (kv_dtype,
+    fused_rope_append)."""
     import jax
     import numpy as np
     from nanoflow_jax.runtime.executor import Executor
     eng = self.engine
     ex = Executor(self.model, self.pages, 16, self.max_seqs, eng.max_model_len, self.dense, plan=plan,
-                  kernels=kernels, kv_dtype=kv_dtype, fused_rope_append=fused_rope_append)
+                  kernels=kernels, **executor_options)
     ex.annotate = ex.annotate and annotate
     eng.executor = ex
     try:
