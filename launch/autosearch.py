@@ -181,14 +181,14 @@ def main(argv):
       raise app.UsageError(f"unknown named shape {FLAGS.model!r}")
     prof = profile(cfg, [int(s) for s in FLAGS.shares], [int(s) for s in FLAGS.sizes], FLAGS.context)
     if FLAGS.interference:
-      num_sms = prof.num_sms
-      prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < num_sms],
+      prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < prof.num_sms],
                                                FLAGS.context)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for p in (path, os.path.join(FLAGS.out_dir, os.path.basename(path))):
       with open(p, "w") as f:
         f.write(prof.to_json())
-  cfg, ms, seq_ms, schedule = autosearch.search(prof, FLAGS.dense_batch, FLAGS.decodes)
+  split = autosearch.search_split(prof, FLAGS.dense_batch, FLAGS.decodes)   # the MILPs, solved once
+  cfg, ms, seq_ms, schedule = autosearch.search(prof, FLAGS.dense_batch, FLAGS.decodes, split=split)
   name = f"{FLAGS.model}_{FLAGS.device_kind}"
   out = os.path.join(FLAGS.out_dir, f"pipeline_{name}.json")
   with open(out, "w") as f:
@@ -204,21 +204,20 @@ def main(argv):
   print(f"nano-batches {cfg.nano_batches}; predicted layer {ms:.3f} ms, sequential {seq_ms:.3f} ms "
         f"({seq_ms / ms:.2f}x); config {out}")
   if not FLAGS.from_profile and FLAGS.measure:
-    measure(FLAGS.model, prof, name)
+    measure(FLAGS.model, split[0], split[1], seq_ms, name)
 
 
-def measure(model_name: str, prof, name: str) -> None:
-  """Times the real step sequentially and with the best split, and draws the split's measured timeline."""
+def measure(model_name: str, split, split_ms: float, seq_layer_ms: float, name: str) -> None:
+  """Times the real step sequentially and with the best split (its predicted layer time split_ms), and
+  draws the split's measured timeline."""
   from launch.step_bench import MixedStep
   from nanoflow_jax.model import load_model
-  from nanoflow_jax.runtime import autosearch
-  split, split_ms, _ = autosearch.search_split(prof, FLAGS.dense_batch, FLAGS.decodes)
   model = load_model(model_name, dtype="bfloat16", random_weights=True)
   step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.dense_batch - FLAGS.decodes)
   seq = step.time(None)
   png = os.path.join(FLAGS.out_dir, f"timeline_{name}.png")
   ms = step.time(split, trace_dir=os.path.join(FLAGS.out_dir, "trace"), timeline_png=png)
-  predicted = autosearch.sequential_layer_ms(prof, FLAGS.dense_batch, FLAGS.decodes) / split_ms
+  predicted = seq_layer_ms / split_ms
   print(f"measured step ({step.describe}): sequential {seq:.1f} ms; best split {split.nano_batches} {ms:.1f} ms "
         f"({seq / ms:.2f}x; predicted {predicted:.2f}x); timeline {png}")
 

@@ -201,11 +201,12 @@ def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128
 
 
 def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
-           shares: tuple[int, ...] | None = None):
+           shares: tuple[int, ...] | None = None, split=None):
   """Best config for a dense batch with `decodes` decode rows (first) and the rest prefill: the best
-  two-nano-batch split, or the single batch when no split is predicted to beat it.
+  two-nano-batch split (`split`: search_split's result, if the caller has it already), or the single
+  batch when no split is predicted to beat it.
   Returns (PipelineConfig, predicted layer ms, the sequential layer ms, schedule rows for a Gantt chart)."""
-  cfg, ms, schedule = search_split(prof, dense_batch, decodes, align, shares)
+  cfg, ms, schedule = split or search_split(prof, dense_batch, decodes, align, shares)
   seq_ms = sequential_layer_ms(prof, dense_batch, decodes)
   if seq_ms <= ms:
     # No split is predicted to beat the whole batch on the whole GPU: ship that (mode nanoflow then runs
