@@ -12,9 +12,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,6 +77,7 @@ class MixedStep:
     fused_rope_append)."""
     import jax
     import numpy as np
+    from nanoflow_jax.perf import median_seconds
     from nanoflow_jax.runtime.executor import Executor
     eng = self.engine
     ex = Executor(self.model, self.pages, 16, self.max_seqs, eng.max_model_len, self.dense, plan=plan,
@@ -88,14 +87,7 @@ class MixedStep:
     try:
       inp, _ = eng._build_inputs(self.batch)
       sp = jax.tree.map(np.copy, eng.sp)
-      jax.block_until_ready(ex.run(inp, sp))
-      samples = []
-      for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(iters):
-          out = ex.run(inp, sp)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t) / iters * 1e3)
+      ms = 1e3 * median_seconds(ex.run, inp, sp, iters=iters, samples=5)
       if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
           for _ in range(3):
@@ -107,7 +99,7 @@ class MixedStep:
         trace_overlap.main(latest, steps=3)
         if timeline_png:
           trace_overlap.timeline_png(latest, timeline_png, title=f"measured: {plan.name if plan else 'sequential'}")
-      return statistics.median(samples)
+      return ms
     finally:
       ex.kv = ex.params = None
       eng.executor = None
@@ -122,6 +114,7 @@ def main(argv):
   compat.enable_concurrent_command_buffers()
   import jax
   from nanoflow_jax.model import load_model
+  from nanoflow_jax.engine import KV_CACHE_DTYPES
   from nanoflow_jax.perf import gemm_peak_tflops
   from nanoflow_jax.runtime import autosearch
   from nanoflow_jax.runtime.plan import generic_default
@@ -133,9 +126,10 @@ def main(argv):
   optimal_ms = step.batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
   base = generic_default(step.dense, getattr(jax.devices()[0], "core_count", 132) or 132)
   kernels = FLAGS.kernels[-1]
-  variants = [(f"sequential ({k})", None, True, k) for k in FLAGS.kernels]
+  # (name, plan, stream annotation, kernels, further Executor options)
+  variants = [(f"sequential ({k})", None, True, k, {}) for k in FLAGS.kernels]
   if FLAGS.fused_rope_append:
-    variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels))
+    variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels, {"fused_rope_append": True}))
   for share in FLAGS.attn_shares:
     plan = copy.deepcopy(base)
     for op in plan.ops:
@@ -144,20 +138,20 @@ def main(argv):
       elif op.id in ("o@0", "gate_up@0", "down@0"):
         op.sm_share = plan.num_sms - int(share)
     plan.validate()
-    variants.append((f"nanoflow attn@1 on {share} SMs ({kernels})", plan, True, kernels))
-  variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels))
+    variants.append((f"nanoflow attn@1 on {share} SMs ({kernels})", plan, True, kernels, {}))
+  variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels, {}))
   shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], step.dense)
   if shipped is not None:
-    variants.append((f"nanoflow shipped {shipped.name} {shipped.nano_batches} ({kernels})", shipped, True, kernels))
+    variants.append((f"nanoflow shipped {shipped.name} {shipped.nano_batches} ({kernels})", shipped, True, kernels,
+                     {}))
 
+  kv_dtype = KV_CACHE_DTYPES[FLAGS.kv_cache_dtype]
   rows, seq_ms = [], None
-  for name, plan, annotate, kernels in variants:
+  for name, plan, annotate, kernels, options in variants:
     print(f"{name} ...", flush=True)
     tdir = (os.path.join(FLAGS.trace_dir, "".join(c if c.isalnum() else "_" for c in name))
             if FLAGS.trace_dir else None)
-    kv_dtype = "float8_e4m3fn" if FLAGS.kv_cache_dtype == "fp8" else None
-    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, kv_dtype=kv_dtype,
-                   fused_rope_append="fused rope" in name)
+    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, kv_dtype=kv_dtype, **options)
     seq_ms = seq_ms or ms
     rows.append(f"| {name} | {ms:.1f} | {100 * optimal_ms / ms:.1f}% | {seq_ms / ms:.3f} |")
     print(rows[-1], flush=True)
