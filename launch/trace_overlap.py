@@ -11,13 +11,16 @@ other), over a window of --window_ms from the middle of the trace (a few layers 
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import json
 import re
 import sys
 
 
-def _events(path: str):
+@functools.lru_cache(maxsize=4)
+def _events(path: str) -> tuple:
+  """(stream thread name, kernel event) for every kernel on a GPU stream; each trace is read once."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt") as f:
     trace = json.load(f)
@@ -26,11 +29,8 @@ def _events(path: str):
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "thread_name":
       names[(e["pid"], e["tid"])] = e["args"]["name"]
-  for e in events:
-    if e.get("ph") == "X" and "dur" in e:
-      thread = names.get((e["pid"], e["tid"]), "")
-      if "Stream" in thread:
-        yield thread, e
+  kernels = ((names.get((e["pid"], e["tid"]), ""), e) for e in events if e.get("ph") == "X" and "dur" in e)
+  return tuple((thread, e) for thread, e in kernels if "Stream" in thread)
 
 
 def stream_intervals(path: str) -> dict[str, list[tuple[float, float]]]:
@@ -90,7 +90,7 @@ def overlap_time(by_stream) -> float:
 CATEGORIES = (("GEMM", "tab:blue", ("mosaic_gpu", "gemm", "nvjet", "cutlass", "sm90")),
               ("attention", "tab:red", ("attention",)),
               ("copy", "tab:orange", ("memcpy", "copy")),
-              ("other", "tab:gray", ("",)))
+              ("other", "tab:gray", ()))   # whatever matches none of the above
 
 
 def category(name: str) -> tuple[str, str]:
