@@ -170,22 +170,16 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
                    num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                    num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
                    heavy_first: bool = False) -> np.ndarray:
-  """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path. Needs
-  TRITON_INTERPRET=1 in the environment before triton is first imported (tests/conftest.py sets it)."""
+  """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path."""
   import torch
-  from triton.runtime.interpreter import InterpretedFunction
-  if not isinstance(_paged_attention_kernel, InterpretedFunction):
-    raise RuntimeError("set TRITON_INTERPRET=1 before importing triton to run the kernel on the CPU")
+  from pallas_kernels.triton_interpret import f32, i32, interpreted
+  kernel = interpreted(_paged_attention_kernel)
   page_table = np.asarray(page_table)
   page_table = np.pad(page_table, ((0, 0), (0, -page_table.shape[1] % (block_n // k_cache.shape[3]))))
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                               programs_per_sm=programs_per_sm, heavy_first=heavy_first)
-  # float32 throughout: the interpreter loses bf16 tensors (torch 2.13); the GPU tests cover bf16.
-  f32 = lambda x: torch.from_numpy(np.array(x, np.float32))
-  i32 = lambda x: torch.from_numpy(np.array(x, np.int32).reshape(-1))
   out = torch.zeros(q.shape, dtype=torch.float32)
-  _paged_attention_kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots),
-                                       i32(positions), i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out,
-                                       **meta)
+  kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
+                      i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out, **meta)
   return out.numpy()

@@ -59,13 +59,10 @@ def rms_norm_residual(x, residual, scale, eps: float, *, num_sms: int, num_warps
 
 
 def interpret_call(x, residual, scale, eps: float, *, num_sms: int):
-  """The same kernel in Triton's interpreter (float32, numpy in and out); TRITON_INTERPRET=1 must be set
-  before triton is imported (tests/conftest.py does)."""
+  """The same kernel in Triton's interpreter (float32, numpy in and out): the tests' path."""
   import torch
-  from triton.runtime.interpreter import InterpretedFunction
-  if not isinstance(_rms_norm_kernel, InterpretedFunction):
-    raise RuntimeError("set TRITON_INTERPRET=1 before importing triton to run the kernel on the CPU")
-  f32 = lambda a: torch.from_numpy(np.array(a, np.float32))
+  from pallas_kernels.triton_interpret import f32, interpreted
   h, y = torch.zeros(np.shape(x)), torch.zeros(np.shape(x))
-  _rms_norm_kernel[(num_sms,)](f32(x), f32(residual), f32(scale), h, y, **_meta(np.shape(x), eps, num_sms))
+  interpreted(_rms_norm_kernel)[(num_sms,)](f32(x), f32(residual), f32(scale), h, y,
+                                            **_meta(np.shape(x), eps, num_sms))
   return h.numpy(), y.numpy()

@@ -101,17 +101,13 @@ def rope_append(q, k, v, positions, inv_freq, k_cache, v_cache, layer, pages, of
 
 
 def interpret_call(q, k, v, positions, inv_freq, k_cache, v_cache, layer, pages, offsets, *, num_sms: int):
-  """The same kernel in Triton's interpreter (float32, numpy in and out); TRITON_INTERPRET=1 must be set
-  before triton is imported (tests/conftest.py does)."""
+  """The same kernel in Triton's interpreter (float32, numpy in and out): the tests' path."""
   import torch
-  from triton.runtime.interpreter import InterpretedFunction
-  if not isinstance(_rope_append_kernel, InterpretedFunction):
-    raise RuntimeError("set TRITON_INTERPRET=1 before importing triton to run the kernel on the CPU")
+  from pallas_kernels.triton_interpret import f32, i32, interpreted
+  kernel = interpreted(_rope_append_kernel)
   programs, meta = _meta(np.shape(q), np.shape(k), np.shape(k_cache), num_sms)
-  f32 = lambda x: torch.from_numpy(np.array(x, np.float32))
-  i32 = lambda x: torch.from_numpy(np.array(x, np.int32).reshape(-1))
   q_out = torch.zeros(np.shape(q), dtype=torch.float32)
   kc, vc = f32(k_cache), f32(v_cache)
-  _rope_append_kernel[(programs,)](i32(layer), i32(positions), i32(pages), i32(offsets), f32(inv_freq), f32(q),
-                                   f32(k), f32(v), kc, vc, q_out, kc, vc, **meta)
+  kernel[(programs,)](i32(layer), i32(positions), i32(pages), i32(offsets), f32(inv_freq), f32(q), f32(k), f32(v),
+                      kc, vc, q_out, kc, vc, **meta)
   return q_out.numpy(), kc.numpy(), vc.numpy()
