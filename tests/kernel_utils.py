@@ -18,12 +18,12 @@ def gpu_interpret():
     yield
 
 
-def paged_batch(rng, hkv=2, g=2, d=32, page_size=4, num_pages=64, ctx=(5, 17, 1, 9), chunk=(1, 6, 1, 9), rows=6):
-  """Sequences with `ctx` tokens cached, of which the last `chunk` are this step's tokens."""
-  hq = hkv * g
+def page_layout(rng, ctx, chunk, page_size, num_pages, table_shape):
+  """Page table (sequence i's pages drawn at random from the pool) and the step's token rows for sequences
+  with `ctx` tokens cached, of which the last `chunk` are this step's: (table, slots, positions)."""
   pages = rng.permutation(num_pages)
-  table = np.zeros((rows, -(-max(ctx) // page_size) + 1), np.int32)
-  slots, positions, lengths = [], [], []
+  table = np.zeros(table_shape, np.int32)
+  slots, positions = [], []
   used = 0
   for i, (c, n) in enumerate(zip(ctx, chunk)):
     need = -(-c // page_size)
@@ -31,7 +31,15 @@ def paged_batch(rng, hkv=2, g=2, d=32, page_size=4, num_pages=64, ctx=(5, 17, 1,
     used += need
     slots += [i] * n
     positions += list(range(c - n, c))
-    lengths.append(n)
+  return table, np.array(slots, np.int32), np.array(positions, np.int32)
+
+
+def paged_batch(rng, hkv=2, g=2, d=32, page_size=4, num_pages=64, ctx=(5, 17, 1, 9), chunk=(1, 6, 1, 9), rows=6):
+  """Sequences with `ctx` tokens cached, of which the last `chunk` are this step's tokens."""
+  hq = hkv * g
+  table, slots, positions = page_layout(rng, ctx, chunk, page_size, num_pages,
+                                        (rows, -(-max(ctx) // page_size) + 1))
+  lengths = list(chunk)
   layers = 3  # the batch lives in layer 1 of a 3-layer cache
   kc = jnp.zeros((layers, hkv, num_pages, page_size, d), jnp.float32)
   vc = jnp.asarray(rng.normal(size=(layers, hkv, num_pages, page_size, d)), jnp.float32)  # other layers: noise
@@ -43,5 +51,4 @@ def paged_batch(rng, hkv=2, g=2, d=32, page_size=4, num_pages=64, ctx=(5, 17, 1,
   kc, vc = append_kv(kc, vc, 1, k, v, jnp.asarray(table[all_slot, all_pos // page_size]),
                      jnp.asarray(all_pos % page_size))
   q = jnp.asarray(rng.normal(size=(len(slots), hq, d)), jnp.float32)
-  return (q, (kc, vc, 1), table, np.array(slots, np.int32), np.array(positions, np.int32), lengths,
-          (k, v, all_slot, all_pos))
+  return q, (kc, vc, 1), table, slots, positions, lengths, (k, v, all_slot, all_pos)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_utils import page_layout
 from pallas_kernels import gemm
 from pallas_kernels import paged_attention_triton
 from pallas_kernels.paged_attention import (attention_call, configs, paged_attention, paged_attention_reference,
@@ -36,20 +37,10 @@ def _mixed_batch(seed, pages=4096, layers=2, sliding_window=None):
   hkv, g, d, s = 8, 4, 128, 16
   ctx = list(rng.integers(1, 700, size=60)) + [900]
   chunk = [1] * 60 + [300]
-  table = np.zeros((64, 64), np.int32)
-  perm = rng.permutation(pages)
-  used = 0
-  slots, positions = [], []
-  for i, (c, n) in enumerate(zip(ctx, chunk)):
-    need = -(-c // s)
-    table[i, :need] = perm[used:used + need]
-    used += need
-    slots += [i] * n
-    positions += list(range(c - n, c))
+  table, slots, positions = page_layout(rng, ctx, chunk, s, pages, (64, 64))
   kc = jax.random.normal(jax.random.PRNGKey(seed + 1), (layers, hkv, pages, s, d), jnp.bfloat16)
   vc = jax.random.normal(jax.random.PRNGKey(seed + 7), (layers, hkv, pages, s, d), jnp.bfloat16)
   q = jax.random.normal(jax.random.PRNGKey(seed + 2), (len(slots), hkv * g, d), jnp.bfloat16)
-  slots, positions = np.array(slots, np.int32), np.array(positions, np.int32)
   ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions, sliding_window)
   return q, kc, vc, table, slots, positions, chunk, ref
 
