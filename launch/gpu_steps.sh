@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs named GPU steps one after another, each under its own time limit, logs each to $OUT/<name>.log
+# and writes $OUT/summary.md last (step, exit status, seconds). One device call = one invocation:
+#
+#   OUT=/tmp/o launch/gpu_steps.sh tests bench-1024-512 bench-1024-512-fp8
+#
+# Steps are defined below; add one as a `step_<name>` function. Runs from the repo root with the
+# machine's python3 and jax-triton carried in .carry/ (WORKSPACE.md).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.:.carry
+OUT=${OUT:-/tmp/gpu_steps}
+mkdir -p "$OUT"
+PY=python3
+
+bench() {  # bench NAME WORKLOAD NUM_REQUESTS [extra flags...]
+  local name=$1 workload=$2 n=$3; shift 3
+  $PY launch/benchmark.py --model=llama-3-8b --random_weights --workload="$workload" \
+    --num_requests="$n" --dense_batch=2048 --max_num_seqs=1024 \
+    --json_out="$OUT/$name.json" --plot_out="$OUT/$name.png" "$@"
+}
+
+step_tests()              { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu --ignore=tests/gpu/test_tp_gpu.py; }
+step_tests-tp()           { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_tp_gpu.py; }
+step_bench-1024-512()     { bench bench-1024-512 1024-512 1000; }
+step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dtype=fp8; }
+step_bench-splitwise()    { bench bench-splitwise splitwise 1000; }
+step_bench-splitwise-fp8(){ bench bench-splitwise-fp8 splitwise 1000 --kv_cache_dtype=fp8; }
+step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dtype=fp8; }
+step_step-fp8()           { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48 \
+                              --kv_cache_dtype=fp8 --fused_rope_append --out="$OUT/step-fp8.md"; }
+step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48 \
+                              --fused_rope_append --out="$OUT/step.md"; }
+step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
+step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference \
+                              --measure --out_dir="$OUT/autosearch"; }
+
+: "${STEP_TIMEOUT:=300}"
+printf '| step | rc | seconds |\n|---|---|---|\n' > "$OUT/summary.rows"
+for spec in "$@"; do
+  name=${spec%%:*}; limit=$STEP_TIMEOUT
+  [[ $spec == *:* ]] && limit=${spec#*:}
+  if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
+  start=$(date +%s)
+  # The function runs in a subshell so that `timeout` can stop it and all it started.
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f bench "step_$name"); PY=$PY OUT=$OUT step_$name" \
+    > "$OUT/$name.log" 2>&1
+  rc=$?
+  printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"
+  tail -n 25 "$OUT/$name.log"
+done
+mv "$OUT/summary.rows" "$OUT/summary.md"
+cat "$OUT/summary.md"
