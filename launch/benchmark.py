@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
-from launch import engine_flags, workloads
+from launch import engine_flags, step_records, workloads
 from nanoflow_jax.perf import gemm_peak_tflops
 
 FLAGS = flags.FLAGS
@@ -85,6 +85,7 @@ def warm_up(engine) -> None:
 def run_offline(engine, requests, peak: float) -> dict:
   from tqdm import tqdm
   warm_up(engine)
+  engine.stats.step_records = []
   stats0 = dict(vars(engine.stats))
   t0 = time.perf_counter()
   for i, (prompt, out_len) in enumerate(requests):
@@ -104,6 +105,7 @@ def run_offline(engine, requests, peak: float) -> dict:
   cfg = engine.model.config
   optimal = peak * 1e12 / (2 * cfg.num_params())
   steps = engine.stats.steps - stats0["steps"]
+  records, engine.stats.step_records = engine.stats.step_records, None
   return {
       "num_requests": len(requests), "total_input_tokens": n_in, "total_output_tokens": n_out,
       "wall_seconds": wall, "total_tokens_per_s": (n_in + n_out) / wall,
@@ -116,6 +118,8 @@ def run_offline(engine, requests, peak: float) -> dict:
       "preemptions": engine.scheduler.num_preemptions, "params": cfg.num_params(),
       "host_breakdown_ms_per_step": {k: 1e3 * (getattr(engine.stats, k) - stats0[k]) / max(steps, 1) for k in (
           "schedule_seconds", "build_seconds", "dispatch_seconds", "process_seconds", "wait_seconds")},
+      "step_summary": step_records.summarize(records, engine.config.dense_batch, optimal),
+      "step_records": [list(r) for r in records],
   }
 
 
@@ -287,6 +291,15 @@ def main(argv):
             f"step {o['mean_step_ms']:.1f} ms (host {o['host_ms_per_step']:.1f} ms) | preemptions {o['preemptions']}")
       print(f"{'':>10}  host per step (ms): " + ", ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in
                                                        o["host_breakdown_ms_per_step"].items()))
+      s = o["step_summary"]
+      if "steady_tokens_per_s" in s:
+        print(f"{'':>10}  steady state ({s['full_steps']} of {s['steps_timed']} steps full): "
+              f"{s['steady_tokens_per_s']:.1f} tok/s = {s['steady_percent_of_optimal']:.1f}% of optimal, "
+              f"step {s['steady_step_ms']:.1f} ms; mean {s['mean_tokens_per_step']:.0f} tokens per step")
+      if "fit" in s:
+        f = s["fit"]
+        print(f"{'':>10}  step ms ~ {f['fixed_ms']:.1f} + {f['ms_per_1k_tokens']:.2f} per 1k tokens + "
+              f"{f['ms_per_1m_context']:.2f} per 1M decode-context tokens (r2 {f['r2']:.2f})")
     else:
       for s in r["online"]["sweep"]:
         print(f"{mode:>10} @ {s['rate']:g} req/s: TTFT p50 {s['ttft_ms'].get('p50', 0):.0f} ms p99 "
@@ -296,7 +309,7 @@ def main(argv):
   if len(results) == 2 and all("offline" in r for r in results.values()):
     a, b = (results[m]["offline"]["total_tokens_per_s"] for m in modes)
     print(f"{modes[0]} / {modes[1]} throughput: {a / b:.3f}x")
-  flat = dict(results[modes[0]].get("offline", {}))
+  flat = {k: v for k, v in results[modes[0]].get("offline", {}).items() if k != "step_records"}
   out = {**flat, "results": results}
   if FLAGS.json_out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
@@ -304,6 +317,10 @@ def main(argv):
       json.dump(out, f, indent=2)
   if FLAGS.plot_out:
     plot(results, FLAGS.plot_out)
+    for mode, r in results.items():
+      if r.get("offline", {}).get("step_records"):
+        step_records.plot(r["offline"]["step_records"], os.path.splitext(FLAGS.plot_out)[0] + f"_steps_{mode}.png",
+                          f"{FLAGS.model}, {FLAGS.workload_file or FLAGS.workload}, {mode}")
 
 
 if __name__ == "__main__":

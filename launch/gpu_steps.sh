@@ -27,10 +27,12 @@ step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dt
 step_bench-splitwise()    { bench bench-splitwise splitwise 1000; }
 step_bench-splitwise-fp8(){ bench bench-splitwise-fp8 splitwise 1000 --kv_cache_dtype=fp8; }
 step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dtype=fp8; }
-step_step-fp8()           { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48 \
-                              --kv_cache_dtype=fp8 --fused_rope_append --out="$OUT/step-fp8.md"; }
-step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48 \
-                              --fused_rope_append --out="$OUT/step.md"; }
+step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=fp8,auto \
+                              --fused_rope_append --nanoflow=false --out="$OUT/step.md"; }
+step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=fp8,auto \
+                              --decodes=640 --context=1280 --prefill=0 --nanoflow=false --out="$OUT/step-decode.md"; }
+step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48,66 \
+                              --out="$OUT/step-nanoflow.md"; }
 step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
 step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference \
                               --measure --out_dir="$OUT/autosearch"; }

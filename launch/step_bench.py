@@ -28,7 +28,9 @@ flags.DEFINE_list("attn_shares", ["16", "33", "48", "66"], "Attention SM shares 
 flags.DEFINE_list("kernels", ["pallas", "triton"],
                   "Kernel sets to time sequentially (executor.KERNEL_CHOICES); nanoflow variants use the last.")
 flags.DEFINE_integer("iters", 10, "Steps per timing sample.")
-flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8"], "KV cache element type of the timed steps.")
+flags.DEFINE_list("kv_cache_dtypes", ["auto"], "KV cache element types (auto, fp8) to time the sequential step "
+                  "with; the other variants use the last.")
+flags.DEFINE_bool("nanoflow", True, "Also time the nano-batch variants (--attn_shares, the split, the shipped config).")
 flags.DEFINE_bool("fused_rope_append", False, "Also time sequential steps with the fused RoPE + KV-append kernel.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
 flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of 3 steps of each variant here, and "
@@ -126,11 +128,15 @@ def main(argv):
   optimal_ms = step.batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
   base = generic_default(step.dense, getattr(jax.devices()[0], "core_count", 132) or 132)
   kernels = FLAGS.kernels[-1]
+  kv_dtype = KV_CACHE_DTYPES[FLAGS.kv_cache_dtypes[-1]]
   # (name, plan, stream annotation, kernels, further Executor options)
-  variants = [(f"sequential ({k})", None, True, k, {}) for k in FLAGS.kernels]
+  variants = [(f"sequential ({k})", None, True, k, {"kv_dtype": kv_dtype}) for k in FLAGS.kernels]
+  variants += [(f"sequential ({kernels}, KV {d})", None, True, kernels, {"kv_dtype": KV_CACHE_DTYPES[d]})
+               for d in FLAGS.kv_cache_dtypes[:-1]]
   if FLAGS.fused_rope_append:
-    variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels, {"fused_rope_append": True}))
-  for share in FLAGS.attn_shares:
+    variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels,
+                     {"fused_rope_append": True, "kv_dtype": kv_dtype}))
+  for share in (FLAGS.attn_shares if FLAGS.nanoflow else []):
     plan = copy.deepcopy(base)
     for op in plan.ops:
       if op.id == "attention@1":
@@ -138,24 +144,25 @@ def main(argv):
       elif op.id in ("o@0", "gate_up@0", "down@0"):
         op.sm_share = plan.num_sms - int(share)
     plan.validate()
-    variants.append((f"nanoflow attn@1 on {share} SMs ({kernels})", plan, True, kernels, {}))
-  variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels, {}))
-  shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], step.dense)
+    variants.append((f"nanoflow attn@1 on {share} SMs ({kernels})", plan, True, kernels, {"kv_dtype": kv_dtype}))
+  if FLAGS.nanoflow:
+    variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels, {"kv_dtype": kv_dtype}))
+  shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], step.dense) if FLAGS.nanoflow else None
   if shipped is not None:
     variants.append((f"nanoflow shipped {shipped.name} {shipped.nano_batches} ({kernels})", shipped, True, kernels,
-                     {}))
+                     {"kv_dtype": kv_dtype}))
 
-  kv_dtype = KV_CACHE_DTYPES[FLAGS.kv_cache_dtype]
   rows, seq_ms = [], None
   for name, plan, annotate, kernels, options in variants:
     print(f"{name} ...", flush=True)
     tdir = (os.path.join(FLAGS.trace_dir, "".join(c if c.isalnum() else "_" for c in name))
             if FLAGS.trace_dir else None)
-    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, kv_dtype=kv_dtype, **options)
+    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, **options)
     seq_ms = seq_ms or ms
     rows.append(f"| {name} | {ms:.1f} | {100 * optimal_ms / ms:.1f}% | {seq_ms / ms:.3f} |")
     print(rows[-1], flush=True)
-  table = "\n".join([f"{FLAGS.model}, {step.describe}, GEMM peak {peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
+  table = "\n".join([f"{FLAGS.model}, {step.describe}, KV cache {FLAGS.kv_cache_dtypes[-1]} unless named, GEMM peak "
+                     f"{peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
                      "", "| variant | step ms | % of optimal | speed-up vs sequential |", "|---|---|---|---|", *rows])
   print(table)
   if FLAGS.out:

@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -76,6 +76,14 @@ class _Request:
   on_delta: Callable[[Delta], None] | None
 
 
+class StepRecord(NamedTuple):
+  dispatched_at: float      # time.perf_counter() when the dispatch call returned
+  tokens: int               # scheduled tokens (decodes + prefill)
+  bucket: int               # the compiled step size they were padded to
+  decodes: int
+  decode_context: int       # summed context of the decoding sequences (KV rows attention reads)
+
+
 @dataclasses.dataclass
 class EngineStats:
   steps: int = 0
@@ -88,6 +96,9 @@ class EngineStats:
   process_seconds: float = 0.0
   prompt_tokens: int = 0
   generated_tokens: int = 0
+  # When a list (benchmarks set it), one StepRecord per dispatched step: what the step held and when its
+  # dispatch returned. Dispatch waits for the previous step, so the gaps are the device's step times.
+  step_records: list | None = None
 
   @property
   def host_ms_per_step(self) -> float:
@@ -223,6 +234,10 @@ class Engine:
       st.dispatch_seconds += time.perf_counter() - t2
       st.steps += 1
       st.tokens += batch.num_tokens
+      if st.step_records is not None:
+        decodes = sum(1 for ch in batch.chunks if ch.decode)
+        st.step_records.append(StepRecord(time.perf_counter(), batch.num_tokens, inp.tokens.shape[0], decodes,
+                                          sum(ch.start + ch.length for ch in batch.chunks if ch.decode)))
     wait = 0.0
     if self._pending is not None:
       outs, sampled = self._pending

@@ -34,6 +34,12 @@ def test_offline_compare_on_cpu(tmp_path):
   assert res["total_tokens_per_s"] > 0 and 0 < res["percent_of_optimal"]
   assert set(res["results"]) == {"nanoflow", "sequential"}
   assert "throughput:" in stdout and res["results"]["sequential"]["environment"]["git_commit"]
+  # Every step is recorded: one row per step, and their tokens are all the tokens the model ran.
+  seq = res["results"]["sequential"]["offline"]
+  assert len(seq["step_records"]) == seq["steps"]
+  assert sum(r[1] for r in seq["step_records"]) == 4 * (512 + 511)  # the last output is never fed back
+  assert seq["step_summary"]["steps_timed"] == seq["steps"] - 1
+  assert os.path.getsize(tmp_path / "b_steps_sequential.png") > 1000
 
 
 def test_online_sweep_and_workload_file(tmp_path):

@@ -1,0 +1,65 @@
+"""What an offline run's steps held and how long they took (from EngineStats.step_records).
+
+The dispatch call waits for the previous step, so the gap between two dispatches is the device time of
+the earlier step. From the records: the steady-state rate (steps whose batch is full, which a run of
+few requests dilutes with its ramp-up and its tail of shrinking decode-only steps), and a least-squares
+fit of step time against the step's padded tokens (the GEMMs) and the decodes' summed context (attention
+reads), which says where a step's time goes without a profiler.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+FULL_BATCH = 0.95  # a step counts as full when it holds this share of the dense batch
+
+
+def step_table(records) -> np.ndarray:
+  """Rows: (seconds, tokens, bucket, decodes, decode_context) for every step but the last."""
+  if len(records) < 2:
+    return np.zeros((0, 5))
+  r = np.asarray([tuple(x) for x in records], np.float64)
+  seconds = np.diff(r[:, 0])
+  return np.column_stack([seconds, r[:-1, 1:]])
+
+
+def summarize(records, dense_batch: int, optimal_tokens_per_s: float) -> dict:
+  t = step_table(records)
+  if not len(t):
+    return {}
+  seconds, tokens, bucket, _, context = t.T
+  full = tokens >= FULL_BATCH * dense_batch
+  out = {"steps_timed": len(t), "full_steps": int(full.sum()),
+         "mean_tokens_per_step": float(tokens.mean())}
+  if full.any():
+    rate = tokens[full].sum() / seconds[full].sum()
+    out.update(steady_tokens_per_s=float(rate), steady_percent_of_optimal=100 * float(rate) / optimal_tokens_per_s,
+               steady_step_ms=1e3 * float(seconds[full].mean()))
+  if len(t) >= 8:
+    # step seconds ~ fixed + per_token * bucket + per_context * decode_context
+    a = np.column_stack([np.ones(len(t)), bucket, context])
+    coef, *_ = np.linalg.lstsq(a, seconds, rcond=None)
+    pred = a @ coef
+    ss = ((seconds - seconds.mean()) ** 2).sum()
+    out["fit"] = {"fixed_ms": 1e3 * coef[0], "ms_per_1k_tokens": 1e6 * coef[1],
+                  "ms_per_1m_context": 1e9 * coef[2],
+                  "r2": float(1 - ((seconds - pred) ** 2).sum() / ss) if ss > 0 else 1.0}
+  return out
+
+
+def plot(records, path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  t = step_table(records)
+  fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+  a1.plot(1e3 * t[:, 0], lw=0.8)
+  a1.set_ylabel("step (ms)")
+  a2.plot(t[:, 1], lw=0.8, label="tokens")
+  a2.plot(t[:, 3], lw=0.8, label="decodes")
+  a2.set_ylabel("per step")
+  a2.set_xlabel("step")
+  a2.legend()
+  a1.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

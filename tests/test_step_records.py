@@ -1,0 +1,38 @@
+"""launch/step_records.py: the steady-state rate and the step-time fit, on records made up here."""
+import numpy as np
+
+from launch import step_records
+from nanoflow_jax.engine import StepRecord
+
+
+def _records(rng, n=200, dense_batch=2048):
+  """Steps whose time is 3 ms + 20 ms per 1k padded tokens + 15 ms per 1M context, with 1% noise."""
+  t, out = 0.0, []
+  for i in range(n):
+    tokens = dense_batch if i < n // 2 else int(rng.integers(100, dense_batch // 2))
+    bucket = 1 << int(np.ceil(np.log2(tokens)))
+    decodes = int(rng.integers(0, min(tokens, 800)))
+    context = decodes * int(rng.integers(500, 2000))
+    out.append(StepRecord(t, tokens, bucket, decodes, context))
+    t += (0.003 + 0.020 * bucket / 1e3 + 0.015 * context / 1e6) * (1 + 0.01 * rng.standard_normal())
+  return out
+
+
+def test_fit_recovers_the_step_cost_model():
+  s = step_records.summarize(_records(np.random.default_rng(0)), 2048, optimal_tokens_per_s=1e5)
+  f = s["fit"]
+  assert abs(f["fixed_ms"] - 3) < 1.0
+  assert abs(f["ms_per_1k_tokens"] - 20) < 1.0
+  assert abs(f["ms_per_1m_context"] - 15) < 1.0
+  assert f["r2"] > 0.95
+
+
+def test_steady_state_counts_only_full_steps():
+  rec = _records(np.random.default_rng(1))
+  s = step_records.summarize(rec, 2048, optimal_tokens_per_s=1e5)
+  t = step_records.step_table(rec)
+  full = t[:, 1] >= 2048 * step_records.FULL_BATCH
+  assert s["full_steps"] == full.sum() == 100
+  assert np.isclose(s["steady_tokens_per_s"], t[full, 1].sum() / t[full, 0].sum())
+  assert np.isclose(s["steady_percent_of_optimal"], 100 * s["steady_tokens_per_s"] / 1e5)
+  assert step_records.summarize(rec[:1], 2048, 1e5) == {}
