@@ -41,6 +41,9 @@ flags.DEFINE_string("url", None, "Online mode through HTTP: a running server's b
 flags.DEFINE_string("api_key", None, "Bearer key for --url.")
 flags.DEFINE_float("slo_ms", 200.0, "Online: p99 normalized latency bound (ms per output token).")
 flags.DEFINE_string("json_out", None, "Write every figure and the environment here.")
+flags.DEFINE_string("trace_dir", None, "Offline: write a profiler trace (perfetto) of --trace_steps here and print "
+                    "the kernel time by kind and the device's idle time per step.")
+flags.DEFINE_string("trace_steps", "400:405", "Offline: the steps [first:last) --trace_dir traces (steady state).")
 flags.DEFINE_string("plot_out", None, "Write a PNG of the results here.")
 
 
@@ -83,6 +86,7 @@ def warm_up(engine) -> None:
 
 
 def run_offline(engine, requests, peak: float) -> dict:
+  import jax
   from tqdm import tqdm
   warm_up(engine)
   engine.stats.step_records = []
@@ -92,8 +96,16 @@ def run_offline(engine, requests, peak: float) -> dict:
     engine.add_request(f"b{i}", prompt, params(out_len))
   bar = tqdm(total=sum(o for _, o in requests), desc="output tokens", unit="tok", file=sys.stderr)
   last = 0
+  trace = tuple(int(s) for s in FLAGS.trace_steps.split(":")) if FLAGS.trace_dir else None
+  step = 0
   while engine.has_work():
+    if trace and step == trace[0]:
+      jax.profiler.start_trace(FLAGS.trace_dir, create_perfetto_trace=True)
     engine.step()
+    step += 1
+    if trace and step == trace[1]:
+      jax.profiler.stop_trace()
+      trace_summary(trace[1] - trace[0])
     gen = engine.stats.generated_tokens - stats0["generated_tokens"]
     bar.update(gen - last)
     last = gen
@@ -121,6 +133,15 @@ def run_offline(engine, requests, peak: float) -> dict:
       "step_summary": step_records.summarize(records, engine.config.dense_batch, optimal),
       "step_records": [list(r) for r in records],
   }
+
+
+def trace_summary(steps: int) -> None:
+  import glob
+  from launch import trace_overlap
+  traces = glob.glob(os.path.join(FLAGS.trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+  if traces:
+    print(f"--- trace of {steps} steps", file=sys.stderr)
+    trace_overlap.main(max(traces, key=os.path.getmtime), steps)
 
 
 def _pcts(xs):

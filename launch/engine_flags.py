@@ -22,6 +22,8 @@ def define(max_num_seqs: int) -> None:
                     "Step kernels: pallas (Mosaic GEMMs + Pallas attention), triton (same GEMMs + Triton attention "
                     "through jax-triton), reference (jnp); auto: triton on a GPU where jax-triton imports, else "
                     "pallas; reference on the CPU.")
+  flags.DEFINE_enum("gemm", "mosaic", ["mosaic", "xla"],
+                    "GEMMs on the kernel paths: mosaic (our SM-share kernel) or xla (XLA's dot).")
   flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
   flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "bfloat16", "float16", "float32", "fp8"],
                     "KV cache element type: auto = the model's; fp8 (e4m3, no scales) halves the cache's bytes: "
@@ -50,4 +52,5 @@ def engine_kwargs() -> dict:
   return dict(dtype=FLAGS.dtype, random_weights=FLAGS.random_weights, dense_batch=FLAGS.dense_batch,
               page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, kv_memory_fraction=FLAGS.kv_memory_fraction,
               max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len, kernels=FLAGS.kernels,
+              gemm=FLAGS.gemm,
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype)

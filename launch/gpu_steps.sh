@@ -27,10 +27,19 @@ step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dt
 step_bench-splitwise()    { bench bench-splitwise splitwise 1000; }
 step_bench-splitwise-fp8(){ bench bench-splitwise-fp8 splitwise 1000 --kv_cache_dtype=fp8; }
 step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dtype=fp8; }
-step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=fp8,auto \
-                              --fused_rope_append --nanoflow=false --out="$OUT/step.md"; }
-step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=fp8,auto \
-                              --decodes=640 --context=1280 --prefill=0 --nanoflow=false --out="$OUT/step-decode.md"; }
+step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
+                              --kv_cache_dtypes=fp8,auto --nanoflow=false --out="$OUT/step.md"; }
+step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
+                              --kv_cache_dtypes=fp8,auto --decodes=640 --context=1280 --prefill=0 --nanoflow=false \
+                              --out="$OUT/step-decode.md"; }
+step_step-slots()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --max_num_seqs=1024 \
+                              --nanoflow=false --trace_dir="$OUT/trace-slots" --out="$OUT/step-slots.md"; }
+step_bench-trace()        { bench bench-trace 1024-512 1000 --trace_dir="$OUT/trace-bench" --trace_steps=400:404; }
+step_step-small()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
+                              --decodes=128 --context=1500 --prefill=0 --nanoflow=false --trace_dir="$OUT/trace-small" \
+                              --out="$OUT/step-small.md"; }
+step_sweep-fp8()          { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
+                              --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
 step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48,66 \
                               --out="$OUT/step-nanoflow.md"; }
 step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }

@@ -30,6 +30,8 @@ flags.DEFINE_integer("sweep_sms", 132, "The SM share --sweep_attention runs the 
 flags.DEFINE_list("sweep_kinds", ["decode", "prefill"], "Which attention shapes --sweep_attention sweeps.")
 flags.DEFINE_list("attention_backends", ["pallas", "triton"],
                   "Attention implementations to time (triton needs jax-triton: see WORKSPACE.md).")
+flags.DEFINE_enum("attention_kv_dtype", "bfloat16", ["bfloat16", "fp8"], "The attention shapes' KV cache type "
+                  "(fp8 = float8_e4m3fn, read at half the bytes: decode TB/s count the bytes read).")
 flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
 flags.DEFINE_bool("rope_append", False, "Only time the fused RoPE + KV-append Triton kernel against the XLA "
                   "fusions it would replace (2048 tokens, LLaMA-3-8B heads, a 1 GB cache).")
@@ -64,12 +66,13 @@ def _attention_problem(kind: str):
   hkv, g, d, ps = 8, 4, 128, 16
   b_, ctx = (512, 1024) if kind == "decode" else (1, 4096)
   pages = b_ * ctx // ps
-  cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16),
-           jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16))
+  kv_dtype = jnp.float8_e4m3fn if FLAGS.attention_kv_dtype == "fp8" else jnp.bfloat16
+  cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype),
+           jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype))
   if kind == "decode":
     table = np.random.default_rng(0).permutation(pages).reshape(b_, ctx // ps).astype(np.int32)
     slots, positions, chunks = np.arange(b_, dtype=np.int32), np.full(b_, ctx - 1, np.int32), [1] * b_
-    work = 2 * b_ * ctx * hkv * d * 2             # bytes of K and V read
+    work = 2 * b_ * ctx * hkv * d * jnp.dtype(kv_dtype).itemsize   # bytes of K and V read
   else:
     table = np.arange(pages, dtype=np.int32)[None]
     slots, positions, chunks = np.zeros(ctx, np.int32), np.arange(ctx, dtype=np.int32), [ctx]

@@ -24,12 +24,16 @@ flags.DEFINE_string("model", "llama-3-8b", "Named shape (random weights) or chec
 flags.DEFINE_integer("decodes", 512, "Sequences decoding in the step.")
 flags.DEFINE_integer("context", 1024, "Their context length.")
 flags.DEFINE_integer("prefill", 1536, "Prefill tokens in the step.")
+flags.DEFINE_integer("max_num_seqs", 0, "Sequence slots of the engine (default: the decodes + 1); the engine's "
+                     "benchmarks run 1024.")
 flags.DEFINE_list("attn_shares", ["16", "33", "48", "66"], "Attention SM shares to try in nanoflow mode.")
 flags.DEFINE_list("kernels", ["pallas", "triton"],
                   "Kernel sets to time sequentially (executor.KERNEL_CHOICES); nanoflow variants use the last.")
 flags.DEFINE_integer("iters", 10, "Steps per timing sample.")
 flags.DEFINE_list("kv_cache_dtypes", ["auto"], "KV cache element types (auto, fp8) to time the sequential step "
                   "with; the other variants use the last.")
+flags.DEFINE_list("gemms", ["mosaic"], "GEMM choices (mosaic, xla: EngineConfig.gemm) to time the sequential "
+                  "step with.")
 flags.DEFINE_bool("nanoflow", True, "Also time the nano-batch variants (--attn_shares, the split, the shipped config).")
 flags.DEFINE_bool("fused_rope_append", False, "Also time sequential steps with the fused RoPE + KV-append kernel.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
@@ -41,17 +45,20 @@ class MixedStep:
   """One dense step of the 1024/512 mix, built through the real engine: `decodes` sequences decoding at
   (at least) `context` plus a `prefill`-token prompt chunk. `time(plan, kernels, ...)` runs it."""
 
-  def __init__(self, model, decodes: int, context: int, prefill: int):
+  def __init__(self, model, decodes: int, context: int, prefill: int, max_num_seqs: int = 0):
     import numpy as np
     from nanoflow_jax.engine import Engine, EngineConfig
     from nanoflow_jax.sampling_params import SamplingParams
     self.model, self.dense = model, decodes + prefill
+    # The set-up prefills the decoding sequences in steps of its dense batch: the step's own, unless the
+    # step has no prefill (then a small dense batch would make the set-up long and the contexts grow).
+    setup_dense = self.dense if prefill else max(self.dense, 2048)
     # While the later prompts prefill, the first sequences already decode: they reach context + up to
     # decodes * context / dense tokens. None may finish before the step is formed (max_tokens covers it).
-    grow = decodes * context // self.dense + 64
+    grow = decodes * context // setup_dense + 64
     self.pages = (decodes * (context + grow) + prefill) // 16 + decodes + 64
-    self.max_seqs = decodes + 1
-    eng = Engine(model, EngineConfig(dense_batch=self.dense, num_pages=self.pages, max_num_seqs=self.max_seqs,
+    self.max_seqs = max(decodes + 1, max_num_seqs)   # the engine's sequence slots (rows sampled every step)
+    eng = Engine(model, EngineConfig(dense_batch=setup_dense, num_pages=self.pages, max_num_seqs=self.max_seqs,
                                      max_model_len=max(context + grow, prefill) + 64, compilation_cache_dir=None))
     rng = np.random.default_rng(0)
     vocab = min(1000, model.config.vocab_size)
@@ -60,8 +67,9 @@ class MixedStep:
                       SamplingParams(max_tokens=grow, ignore_eos=True, temperature=0, detokenize=False))
     while any(s.is_prefilling or not s.output_ids for s in eng.scheduler.running) or eng.scheduler.waiting:
       eng.step()
-    eng.add_request("p", rng.integers(0, vocab, prefill).tolist(),
-                    SamplingParams(max_tokens=2, ignore_eos=True, temperature=0, detokenize=False))
+    if prefill:
+      eng.add_request("p", rng.integers(0, vocab, prefill).tolist(),
+                      SamplingParams(max_tokens=2, ignore_eos=True, temperature=0, detokenize=False))
     self.batch = eng.scheduler.schedule()
     self.decodes = sum(c.decode for c in self.batch.chunks)
     if self.decodes != decodes:
@@ -123,14 +131,15 @@ def main(argv):
 
   peak = gemm_peak_tflops()
   model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True)
-  step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.prefill)
+  step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.prefill, FLAGS.max_num_seqs)
   print("step:", step.describe, flush=True)
   optimal_ms = step.batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
   base = generic_default(step.dense, getattr(jax.devices()[0], "core_count", 132) or 132)
   kernels = FLAGS.kernels[-1]
   kv_dtype = KV_CACHE_DTYPES[FLAGS.kv_cache_dtypes[-1]]
   # (name, plan, stream annotation, kernels, further Executor options)
-  variants = [(f"sequential ({k})", None, True, k, {"kv_dtype": kv_dtype}) for k in FLAGS.kernels]
+  variants = [(f"sequential ({k}, gemm {g})", None, True, k, {"kv_dtype": kv_dtype, "gemm": g})
+              for k in FLAGS.kernels for g in FLAGS.gemms]
   variants += [(f"sequential ({kernels}, KV {d})", None, True, kernels, {"kv_dtype": KV_CACHE_DTYPES[d]})
                for d in FLAGS.kv_cache_dtypes[:-1]]
   if FLAGS.fused_rope_append:

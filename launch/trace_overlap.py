@@ -135,6 +135,11 @@ def main(path: str, steps: int = 1) -> None:
   for name, ivs in sorted(by_stream.items()):
     print(f"{name}: {len(ivs) / steps:.0f} kernels, busy {busy(ivs) / 1e3 / steps:.2f} ms (per step)")
   print(f"two or more streams running kernels at once: {overlap_time(by_stream) / 1e3 / steps:.2f} ms per step")
+  every = [iv for ivs in by_stream.values() for iv in ivs]
+  if every:
+    span = max(b for _, b in every) - min(a for a, _ in every)
+    print(f"device: kernels running {busy(every) / 1e3 / steps:.2f} ms of a {span / 1e3 / steps:.2f} ms span per step "
+          f"(idle {(span - busy(every)) / 1e3 / steps:.2f} ms)")
   kinds = sorted(time_by_kind(path).items(), key=lambda kv: -kv[1][1])
   print("| kernel kind | kernels per step | ms per step |\n|---|---|---|")
   for kind, (n, t) in kinds[:20]:

@@ -20,7 +20,7 @@ import numpy as np
 from nanoflow_jax import kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
-from nanoflow_jax.runtime.executor import KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
+from nanoflow_jax.runtime.executor import GEMM_CHOICES, KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
 from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
 from nanoflow_jax.scheduler import Batch, Scheduler
 from nanoflow_jax.sequence import Sequence
@@ -45,6 +45,7 @@ class EngineConfig:
   mode: str = "sequential"
   kernels: str = "auto"                   # auto: our kernels on GPU (Triton attention where jax-triton
                                           # imports), jnp references elsewhere; see executor.KERNEL_CHOICES
+  gemm: str = "mosaic"                    # GEMMs on the kernel paths: mosaic (ours) or xla (XLA's dot)
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow (default: generic)
   tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
   fused_rope_append: bool = False         # RoPE + KV append as one kernel (not yet measured: off)
@@ -59,6 +60,8 @@ class EngineConfig:
       raise ValueError("dense_batch, page_size and max_num_seqs must be >= 1")
     if not 0 < self.kv_memory_fraction <= 1:
       raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+    if self.gemm not in GEMM_CHOICES:
+      raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {self.gemm!r}")
     if self.kv_cache_dtype not in KV_CACHE_DTYPES:
       raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
@@ -140,7 +143,8 @@ class Engine:
     self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
                              kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh,
-                             kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append)
+                             kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append,
+                             gemm=c.gemm)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size

@@ -28,11 +28,13 @@ def _run(tmp_path, *flags):
 
 def test_offline_compare_on_cpu(tmp_path):
   res, stdout = _run(tmp_path, "--workload=512-512", "--num_requests=4", "--max_model_len=1024",
-                     "--mode=nanoflow", "--compare=sequential")
+                     "--mode=nanoflow", "--compare=sequential", f"--trace_dir={tmp_path / 'trace'}",
+                     "--trace_steps=1:3")
   assert KEYS <= set(res)
   assert res["num_requests"] == 4 and res["total_input_tokens"] == 4 * 512 and res["total_output_tokens"] == 4 * 512
   assert res["total_tokens_per_s"] > 0 and 0 < res["percent_of_optimal"]
   assert set(res["results"]) == {"nanoflow", "sequential"}
+  assert "| kernel kind |" in stdout   # the traced steps are summarized
   assert "throughput:" in stdout and res["results"]["sequential"]["environment"]["git_commit"]
   # Every step is recorded: one row per step, and their tokens are all the tokens the model ran.
   seq = res["results"]["sequential"]["offline"]

@@ -56,3 +56,23 @@ def test_tuner_configurations_compute_the_same_product(cfg):
     out = gemm.gemm(a, b, num_sms=2, config={**gemm.DEFAULT, **cfg})
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(gemm.gemm_reference(a, b), np.float32),
                              rtol=2e-2, atol=6e-2)
+
+
+def test_executor_gemm_choice():
+  """gemm="xla" leaves the GEMMs to XLA's dot (the layer's einsum); a bad choice is refused before anything
+  is built."""
+  import jax.numpy as jnp
+  from nanoflow_jax.engine import EngineConfig
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.runtime.executor import Executor
+  model = load_model("tiny", dtype="bfloat16", random_weights=True)
+  make = lambda **kw: Executor(model, 16, 16, 2, 64, 128, **kw)
+  a, b = jnp.ones((128, 256), jnp.bfloat16), jnp.ones((256, 256), jnp.bfloat16)
+  assert make(kernels="interpret", gemm="xla")._gemm(a, b, None) is None   # falls back to the einsum
+  with gpu_interpret():
+    out = make(kernels="interpret")._gemm(a, b, None)
+  assert out is not None and float(jnp.max(jnp.abs(out.astype(jnp.float32) - 256))) == 0
+  with pytest.raises(ValueError, match="gemm"):
+    make(gemm="cublas")
+  with pytest.raises(ValueError, match="gemm"):
+    EngineConfig(gemm="cublas").validate()

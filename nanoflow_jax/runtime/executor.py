@@ -34,6 +34,7 @@ MIN_BUCKET = 16
 # kernel (jax-triton); auto: triton on a GPU where jax-triton imports, else pallas; reference: jnp
 # everywhere (the CPU default); interpret: the Pallas kernels in interpret mode (CPU tests).
 KERNEL_CHOICES = ("auto", "reference", "pallas", "triton", "interpret")
+GEMM_CHOICES = ("mosaic", "xla")
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -76,12 +77,15 @@ class Executor:
   def __init__(self, model: Model, num_pages: int | None, page_size: int, max_num_seqs: int, max_model_len: int,
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
-               fused_rope_append: bool = False):
+               fused_rope_append: bool = False, gemm: str = "mosaic"):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/perf-notes.md).
     plan: run each layer as this PipelineConfig's nano-ops (mode nanoflow); None: sequential.
-    mesh: a tensor-parallel mesh (nanoflow_jax.parallel) the model's weights are sharded over."""
+    mesh: a tensor-parallel mesh (nanoflow_jax.parallel) the model's weights are sharded over.
+    gemm: "mosaic" (our SM-share GEMM kernel, on the kernel paths) or "xla" (XLA's dot). Measured on an
+    H200, ours is faster in the sequential step too: XLA's dot needs each layer's weight slice copied out
+    of the stacked weights, ours reads it in place (docs/perf-notes.md)."""
     cfg = model.config
     self.model = model
     self.page_size = page_size
@@ -105,6 +109,8 @@ class Executor:
       log.warning("tensor parallelism over %d devices: %s cannot be split per device (MoE, or heads/MLP not "
                   "divisible); the jnp reference kernels run under XLA's partitioner", self.tp, cfg.name)
       self.kernels = "reference"
+    if gemm not in GEMM_CHOICES:
+      raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
     self.num_sms = num_sms or (jax.devices()[0].core_count if on_gpu else 4)
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
     self.on_kernels = self.kernels in ("pallas", "triton")   # compiled kernels (not jnp, not interpret)
@@ -123,6 +129,7 @@ class Executor:
     if self.annotate and self.tp > 1:   # streams inside shard_map are not wired yet (collectives as nano-ops)
       log.warning("tensor parallelism: nano-batches run in order without stream annotation for now")
       self.annotate = False
+    self.gemm = gemm
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.fused_rope_append = fused_rope_append
@@ -201,6 +208,8 @@ class Executor:
 
   def _gemm(self, a, b, residual):
     m, k = a.shape
+    if self.gemm == "xla":
+      return None
     if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not gemm_kernel.supported(
         m, b.shape[1], k):
       return None
