@@ -9,6 +9,7 @@ distribution.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,34 +77,66 @@ def truncate(scaled, p: SamplingArrays):
   return jnp.where(drop, -jnp.inf, scaled)
 
 
-def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: SamplingArrays):
+class Modes(NamedTuple):
+  """Which costly parts of `sample` a step needs, decided on the host from the rows it samples. Passed
+  static, they replace lax.cond: a conditional on the GPU makes the host wait for the whole step before
+  it can launch the rest (measured: 19 ms of a 67 ms step idle, docs/perf-notes.md)."""
+  penalized: bool      # some row has a repetition, presence or frequency penalty
+  all_greedy: bool     # every row takes the argmax
+  truncation: bool     # some sampling row has top_k, top_p or min_p
+  logprobs: bool       # some row wants top logprobs
+
+
+def modes_for(p: SamplingArrays, rows: np.ndarray) -> Modes:
+  """The Modes of the rows in the bool mask `rows` (numpy, on the host; other rows' tokens are unused)."""
+  greedy = p.temperature[rows] < 1e-5
+  sampling = ~greedy
+  return Modes(
+      penalized=bool(np.any((p.repetition_penalty[rows] != 1) | (p.presence_penalty[rows] != 0) |
+                            (p.frequency_penalty[rows] != 0))),
+      all_greedy=bool(np.all(greedy)),
+      truncation=bool(np.any(sampling & ((p.top_k[rows] > 0) | (p.top_p[rows] < 1) | (p.min_p[rows] > 0)))),
+      logprobs=bool(np.any(p.want_logprobs[rows])))
+
+
+def _branch(static: bool | None, dynamic, true_fn, false_fn, x):
+  """true_fn(x) or false_fn(x): chosen in Python when `static` is known, else by lax.cond on `dynamic`."""
+  if static is None:
+    return jax.lax.cond(dynamic, true_fn, false_fn, x)
+  return true_fn(x) if static else false_fn(x)
+
+
+def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: SamplingArrays,
+           modes: Modes | None = None):
   """logits [R, V] fp32 -> (tokens [R], sampled logprob [R], top logprobs [R, K], top ids [R, K]).
 
   The costly parts (penalties over [R, V], the vocabulary sort, the draw, the top-K logprobs) run only
-  when some row in the batch asks for them (lax.cond): a greedy batch pays for an argmax.
+  when some row asks for them: per `modes` when given (the engine's way: no device conditionals), else
+  decided on the device over all rows (lax.cond). A greedy batch pays for an argmax.
   """
+  m = modes or Modes(None, None, None, None)
   raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
   penalized = jnp.any((p.repetition_penalty != 1) | (p.presence_penalty != 0) | (p.frequency_penalty != 0))
-  logits = jax.lax.cond(penalized, lambda l: apply_penalties(l, counts, prompt_mask, p),
-                        lambda l: ban(l, p), logits)
+  logits = _branch(m.penalized, penalized, lambda l: apply_penalties(l, counts, prompt_mask, p),
+                   lambda l: ban(l, p), logits)
   greedy_tok = jnp.argmax(logits, axis=-1)
   greedy = p.temperature < 1e-5
 
   def sampled(logits):
     scaled = logits / jnp.maximum(p.temperature, 1e-5)[:, None]
     needs_truncation = jnp.any(~greedy & ((p.top_k > 0) | (p.top_p < 1) | (p.min_p > 0)))
-    masked = jax.lax.cond(needs_truncation, lambda s: truncate(s, p), lambda s: s, scaled)
+    masked = _branch(m.truncation, needs_truncation, lambda s: truncate(s, p), lambda s: s, scaled)
 
     def draw(seed, step, row):
       return jax.random.categorical(jax.random.fold_in(jax.random.PRNGKey(seed), step), row)
     return jax.vmap(draw)(p.seed, p.step, masked).astype(jnp.int32)
 
-  drawn = jax.lax.cond(jnp.all(greedy), lambda l: greedy_tok.astype(jnp.int32), sampled, logits)
+  drawn = _branch(m.all_greedy, jnp.all(greedy), lambda l: greedy_tok.astype(jnp.int32), sampled, logits)
   tokens = jnp.where(greedy, greedy_tok, drawn).astype(jnp.int32)
 
   token_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
   k = min(MAX_LOGPROBS, logits.shape[-1])
-  top_lp, top_ids = jax.lax.cond(
-      jnp.any(p.want_logprobs), lambda l: tuple(jax.lax.top_k(l, k)),
+  top_lp, top_ids = _branch(
+      m.logprobs, jnp.any(p.want_logprobs), lambda l: tuple(jax.lax.top_k(l, k)),
       lambda l: (jnp.zeros((l.shape[0], k), l.dtype), jnp.zeros((l.shape[0], k), jnp.int32)), raw_logprobs)
   return tokens, token_lp, top_lp, top_ids.astype(jnp.int32)

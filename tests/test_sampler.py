@@ -105,3 +105,31 @@ def test_seed_and_step_determine_the_draw(inputs):
   np.testing.assert_array_equal(t1, t2)
   draws = {tuple(np.asarray(sample(logits, counts, pm, _arrays(seed=s, step=3))[0])) for s in range(8)}
   assert len(draws) > 1
+
+
+@pytest.mark.parametrize("case", ["greedy", "mixed", "penalized", "truncated", "logprobs"])
+def test_host_modes_give_the_device_conditionals_tokens(inputs, case):
+  """The engine decides the sampler's branches on the host from the rows it samples (Modes); on those
+  rows the tokens and logprobs equal the all-rows lax.cond path's. Rows not sampled may differ."""
+  logits, counts, pm = inputs
+  rng = np.random.default_rng()
+  sp = _arrays(temperature=0.0, seed=rng.integers(0, 2 ** 31, R).astype(np.uint32), step=3)
+  rows = np.array([True, True, False, True, False, True])
+  if case != "greedy":
+    sp.temperature[[1, 3]] = 0.8
+  if case == "penalized":
+    sp.repetition_penalty[0] = 1.5
+  if case == "truncated":
+    sp.top_p[1] = 0.7
+    sp.top_k[3] = 5
+  if case == "logprobs":
+    sp.want_logprobs[5] = True
+  sp.temperature[2] = 1.0        # a row not sampled this step: must not turn the sampling branch on
+  sp.repetition_penalty[4] = 2.0
+  modes = sampler.modes_for(sp, rows)
+  assert modes.all_greedy == (case == "greedy") and modes.penalized == (case == "penalized")
+  assert modes.truncation == (case == "truncated") and modes.logprobs == (case == "logprobs")
+  static = jax.jit(lambda *a: sampler.sample(*a, modes=modes))(logits, counts, pm, sp)
+  dynamic = sample(logits, counts, pm, sp)
+  for s, d in zip(static, dynamic):
+    np.testing.assert_allclose(np.asarray(s)[rows], np.asarray(d)[rows], rtol=1e-6)

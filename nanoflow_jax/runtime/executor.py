@@ -1,4 +1,4 @@
-"""Runs one engine step on the device: one compiled function per token-count bucket.
+"""Runs one engine step on the device: a forward pass compiled per token-count bucket, then the sampler.
 
 A step takes the dense batch as flat token arrays (decodes and prefill chunks mixed), runs the model's
 per-layer ops with the paged KV cache, samples one token for every sequence whose chunk reached its
@@ -9,6 +9,7 @@ donated in and out: no copies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -148,8 +149,12 @@ class Executor:
       self.last_tokens, self.counts, self.prompt_mask = jax.device_put(
           (self.last_tokens, self.counts, self.prompt_mask), parallel.replicated(mesh))
     self._compiled: dict[int, object] = {}
-    self.compile_seconds: dict[int, float] = {}
-    self._jitted = jax.jit(self._step, donate_argnums=(1, 2, 3, 4))
+    self.compile_seconds: dict = {}     # per bucket, and per sampler Modes
+    # Two computations per step: the forward pass (one per bucket) and the sampler (one per Modes, the
+    # same for every bucket). The sampler's branches are chosen on the host, so neither holds a device
+    # conditional and a step's dispatch never waits for the device.
+    self._jitted = jax.jit(self._forward_step, donate_argnums=(1, 3, 4))
+    self._samplers: dict[sampler.Modes, object] = {}
 
   def bucket(self, num_tokens: int) -> int:
     for b in self.buckets:
@@ -291,34 +296,51 @@ class Executor:
                                             (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]))
     return m.logits(x[inp.sample_index]), (k_cache, v_cache)
 
-  def _step(self, params, kv, last_tokens, counts, prompt_mask, inp: StepInputs, sp: sampler.SamplingArrays):
+  def _forward_step(self, params, kv, last_tokens, counts, prompt_mask, inp: StepInputs):
     tokens = jnp.where(inp.from_device, last_tokens[inp.slots], inp.tokens)
     logits, new_kv = self._forward(params, kv, tokens, inp)
     counts = jnp.where(inp.reset[:, None], 0, counts)
     prompt_mask = jnp.where(inp.reset[:, None], False, prompt_mask)
     prompt_mask = prompt_mask.at[inp.slots, tokens].max(inp.kinds == KIND_PROMPT)
     counts = counts.at[inp.slots, tokens].add((inp.kinds == KIND_REFED_OUTPUT).astype(jnp.int32))
-    tok, lp, top_lp, top_ids = sampler.sample(logits, counts, prompt_mask, sp)
-    last_tokens = jnp.where(inp.sample_mask, tok, last_tokens)
+    return new_kv, counts, prompt_mask, logits
+
+  @staticmethod
+  def _sample_step(logits, last_tokens, counts, prompt_mask, sample_mask, sp: sampler.SamplingArrays,
+                   modes: sampler.Modes):
+    tok, lp, top_lp, top_ids = sampler.sample(logits, counts, prompt_mask, sp, modes)
+    last_tokens = jnp.where(sample_mask, tok, last_tokens)
     rows = jnp.arange(tok.shape[0])
-    counts = counts.at[rows, tok].add(inp.sample_mask.astype(jnp.int32))
-    return new_kv, last_tokens, counts, prompt_mask, (tok, lp, top_lp, top_ids)
+    counts = counts.at[rows, tok].add(sample_mask.astype(jnp.int32))
+    return last_tokens, counts, (tok, lp, top_lp, top_ids)
 
   # --- host side --------------------------------------------------------------------------------
-  def _compiled_for(self, n: int, inp: StepInputs, sp: sampler.SamplingArrays):
+  def _compiled_for(self, n: int, inp: StepInputs):
     if n not in self._compiled:
       t = time.perf_counter()
       with layers.use_gemm(None if self.kernels == "reference" else self._gemm):
-        lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask,
-                                     inp, sp)
+        lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
       self._compiled[n] = lowered.compile(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else None)
       self.compile_seconds[n] = time.perf_counter() - t
       log.info("compiled the step for %d tokens in %.1f s", n, self.compile_seconds[n])
     return self._compiled[n]
 
+  def _sampler_for(self, modes: sampler.Modes, logits, sample_mask, sp: sampler.SamplingArrays):
+    if modes not in self._samplers:
+      t = time.perf_counter()
+      fn = jax.jit(functools.partial(self._sample_step, modes=modes), donate_argnums=(1, 2))
+      self._samplers[modes] = fn.lower(logits, self.last_tokens, self.counts, self.prompt_mask, sample_mask,
+                                       sp).compile()
+      self.compile_seconds[modes] = time.perf_counter() - t
+      log.info("compiled the sampler for %s in %.1f s", modes, self.compile_seconds[modes])
+    return self._samplers[modes]
+
   def run(self, inp: StepInputs, sp: sampler.SamplingArrays):
     """Dispatches the step; returns device arrays (tokens, logprob, top logprobs, top ids) not yet read."""
-    fn = self._compiled_for(len(inp.tokens), inp, sp)
-    self.kv, self.last_tokens, self.counts, self.prompt_mask, out = fn(
-        self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp, sp)
+    fn = self._compiled_for(len(inp.tokens), inp)
+    self.kv, self.counts, self.prompt_mask, logits = fn(self.params, self.kv, self.last_tokens, self.counts,
+                                                        self.prompt_mask, inp)
+    modes = sampler.modes_for(sp, inp.sample_mask)
+    self.last_tokens, self.counts, out = self._sampler_for(modes, logits, inp.sample_mask, sp)(
+        logits, self.last_tokens, self.counts, self.prompt_mask, inp.sample_mask, sp)
     return out
