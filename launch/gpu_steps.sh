@@ -21,11 +21,15 @@ bench() {  # bench NAME WORKLOAD NUM_REQUESTS [extra flags...]
 }
 
 step_tests()              { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu --ignore=tests/gpu/test_tp_gpu.py; }
+step_tests-engine()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_engine_gpu.py; }
 step_tests-tp()           { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_tp_gpu.py; }
 step_bench-1024-512()     { bench bench-1024-512 1024-512 1000; }
 step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dtype=fp8; }
 step_bench-splitwise()    { bench bench-splitwise splitwise 1000; }
 step_bench-splitwise-fp8(){ bench bench-splitwise-fp8 splitwise 1000 --kv_cache_dtype=fp8; }
+step_bench-512-512()      { bench bench-512-512 512-512 600; }
+step_bench-512-1024()     { bench bench-512-1024 512-1024 600; }
+step_bench-1024-512-nanoflow() { bench bench-1024-512-nanoflow 1024-512 1000 --mode=nanoflow --compare=sequential; }
 step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dtype=fp8; }
 step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
                               --kv_cache_dtypes=fp8,auto --nanoflow=false --out="$OUT/step.md"; }
