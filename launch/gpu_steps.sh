@@ -27,6 +27,8 @@ step_bench-1024-512()     { bench bench-1024-512 1024-512 1000; }
 step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dtype=fp8; }
 step_bench-splitwise()    { bench bench-splitwise splitwise 1000; }
 step_bench-splitwise-fp8(){ bench bench-splitwise-fp8 splitwise 1000 --kv_cache_dtype=fp8; }
+step_online-1024-512()    { bench online-1024-512 1024-512 400 --rates=6,10,13; }
+step_bench-512-1024-400() { bench bench-512-1024 512-1024 400; }
 step_bench-512-512()      { bench bench-512-512 512-512 600; }
 step_bench-512-1024()     { bench bench-512-1024 512-1024 600; }
 step_bench-1024-512-nanoflow() { bench bench-1024-512-nanoflow 1024-512 1000 --mode=nanoflow --compare=sequential; }

@@ -213,7 +213,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, sharding_fn: ShardingF
         return jnp.ones(s.shape, s.dtype)
       if kind == "bias":
         return jnp.zeros(s.shape, s.dtype)
-      return INIT_STD * jax.random.normal(key, s.shape, s.dtype)
+      return (INIT_STD * jax.random.normal(key, s.shape, jnp.float32)).astype(s.dtype)  # as transformers
     return jax.jit(draw, out_shardings=s.sharding)
 
   root = jax.random.PRNGKey(seed)

@@ -10,6 +10,21 @@ from nanoflow_jax.model import load_model
 from nanoflow_jax.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
+TIE = 0.1   # log-probability gap under which bf16 rounding may pick either of two tokens
+
+
+def real_disagreements(ref_outs, outs) -> int:
+  """Sequences whose greedy tokens differ from the reference's where the reference's choice was not a near
+  tie. Random weights give a flat distribution, so two tokens within bf16 rounding of each other are
+  common; after the first difference the sequences rightly diverge, so only that position counts."""
+  bad = 0
+  for ref, out in zip(ref_outs, outs):
+    for pos, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)):
+      if a != b:
+        top = ref.logprobs[pos].top
+        bad += not (b in top and ref.logprobs[pos].logprob - top[b] < TIE)
+        break
+  return bad
 
 
 def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
@@ -23,7 +38,7 @@ def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
     eng = Engine(model, EngineConfig(dense_batch=1024, num_pages=4096, max_num_seqs=32, kernels=kernels,
                                      compilation_cache_dir=None))
     for i, p in enumerate(prompts):
-      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1))
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5))
     eng.run_until_done()
     t = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -36,8 +51,10 @@ def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
     same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(firsts["reference"], firsts[kernels]))
     lp_diff = max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob)
                   for a, b in zip(firsts["reference"], firsts[kernels]))
-    print(f"{kernels}: first tokens equal: {same}/{len(prompts)}; max logprob diff {lp_diff:.3f}; times {timing}")
-    assert same >= len(prompts) - 2 and lp_diff < 0.25
+    bad = real_disagreements(firsts["reference"], firsts[kernels])
+    print(f"{kernels}: first tokens equal: {same}/{len(prompts)}; not near ties: {bad}; max logprob diff "
+          f"{lp_diff:.3f}; times {timing}")
+    assert bad == 0 and lp_diff < 0.25
 
 
 def test_nanoflow_split_agrees_with_sequential_on_llama3_8b_shape(tmp_path):
@@ -58,11 +75,12 @@ def test_nanoflow_split_agrees_with_sequential_on_llama3_8b_shape(tmp_path):
                                      compilation_cache_dir=None))
     assert (eng.executor.plan is not None) == (mode == "nanoflow")
     for i, p in enumerate(prompts):
-      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1))
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=5))
     eng.run_until_done()
     firsts[mode] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
     del eng
   same = sum(a.token_ids == b.token_ids for a, b in zip(firsts["sequential"], firsts["nanoflow"]))
   lp = max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob) for a, b in zip(firsts["sequential"], firsts["nanoflow"]))
-  print(f"nanoflow vs sequential: {same}/{len(prompts)} equal; max first logprob diff {lp:.3f}")
-  assert same >= len(prompts) - 2 and lp < 0.25
+  bad = real_disagreements(firsts["sequential"], firsts["nanoflow"])
+  print(f"nanoflow vs sequential: {same}/{len(prompts)} equal; not near ties: {bad}; max first logprob diff {lp:.3f}")
+  assert bad == 0 and lp < 0.25
