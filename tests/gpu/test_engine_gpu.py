@@ -9,22 +9,9 @@ from nanoflow_jax.engine import Engine, EngineConfig
 from nanoflow_jax.model import load_model
 from nanoflow_jax.sampling_params import SamplingParams
 
+from agreement import real_disagreements
+
 pytestmark = pytest.mark.gpu
-TIE = 0.1   # log-probability gap under which bf16 rounding may pick either of two tokens
-
-
-def real_disagreements(ref_outs, outs) -> int:
-  """Sequences whose greedy tokens differ from the reference's where the reference's choice was not a near
-  tie. Random weights give a flat distribution, so two tokens within bf16 rounding of each other are
-  common; after the first difference the sequences rightly diverge, so only that position counts."""
-  bad = 0
-  for ref, out in zip(ref_outs, outs):
-    for pos, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)):
-      if a != b:
-        top = ref.logprobs[pos].top
-        bad += not (b in top and ref.logprobs[pos].logprob - top[b] < TIE)
-        break
-  return bad
 
 
 def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
