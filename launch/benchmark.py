@@ -130,7 +130,9 @@ def run_offline(engine, requests, peak: float) -> dict:
       "preemptions": engine.scheduler.num_preemptions, "params": cfg.num_params(),
       "host_breakdown_ms_per_step": {k: 1e3 * (getattr(engine.stats, k) - stats0[k]) / max(steps, 1) for k in (
           "schedule_seconds", "build_seconds", "dispatch_seconds", "process_seconds", "wait_seconds")},
-      "step_summary": step_records.summarize(records, engine.config.dense_batch, optimal),
+      # optimal is one GPU's: the steady-state share is per GPU, like percent_of_optimal
+      "step_summary": step_records.summarize(records, engine.config.dense_batch, optimal * engine.num_devices,
+                                             range(trace[0] - 1, trace[1] + 1) if trace else range(0)),
       "step_records": [list(r) for r in records],
   }
 

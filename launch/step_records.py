@@ -22,8 +22,12 @@ def step_table(records) -> np.ndarray:
   return np.column_stack([seconds, r[:-1, 1:]])
 
 
-def summarize(records, dense_batch: int, optimal_tokens_per_s: float) -> dict:
+def summarize(records, dense_batch: int, optimal_tokens_per_s: float, exclude: range = range(0)) -> dict:
+  """`exclude`: steps left out (those a profiler traced: starting it costs a second)."""
   t = step_table(records)
+  keep = np.ones(len(t), bool)
+  keep[[i for i in exclude if 0 <= i < len(t)]] = False
+  t = t[keep]
   if not len(t):
     return {}
   seconds, tokens, bucket, _, context = t.T

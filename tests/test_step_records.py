@@ -36,3 +36,13 @@ def test_steady_state_counts_only_full_steps():
   assert np.isclose(s["steady_tokens_per_s"], t[full, 1].sum() / t[full, 0].sum())
   assert np.isclose(s["steady_percent_of_optimal"], 100 * s["steady_tokens_per_s"] / 1e5)
   assert step_records.summarize(rec[:1], 2048, 1e5) == {}
+
+
+def test_excluded_steps_leave_the_fit():
+  """A profiler's start makes one step a second long: excluded, the fit is as without it."""
+  rec = _records(np.random.default_rng(2))
+  spiked = [r._replace(dispatched_at=r.dispatched_at + (1.5 if i > 60 else 0)) for i, r in enumerate(rec)]
+  clean = step_records.summarize(rec, 2048, 1e5)["fit"]
+  assert abs(step_records.summarize(spiked, 2048, 1e5)["fit"]["fixed_ms"] - clean["fixed_ms"]) > 1
+  fit = step_records.summarize(spiked, 2048, 1e5, exclude=range(59, 62))["fit"]
+  assert abs(fit["fixed_ms"] - clean["fixed_ms"]) < 0.5
