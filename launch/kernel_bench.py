@@ -38,12 +38,21 @@ flags.DEFINE_bool("rope_append", False, "Only time the fused RoPE + KV-append Tr
 flags.DEFINE_bool("rms_norm", False, "Only time the fused residual-add + RMSNorm Triton kernel against XLA's "
                   "fusion (2048 x 4096 bf16).")
 flags.DEFINE_bool("tune_gemm", False, "Only tune the GEMM tiles (gemm.TUNE_SPACE) of --tune_shapes at full grid; "
-                  "writes gemm_configs.json into --out_dir (copy it to pallas_kernels/ to ship it).")
+                  "writes gemm_configs.json (the shipped one with these choices merged in) into --out_dir: copy it "
+                  "to pallas_kernels/ to ship it.")
 flags.DEFINE_list("tune_shapes", ["70b-tp2-qkv", "70b-tp4-qkv", "70b-tp8-qkv", "70b-tp8-gate_up", "70b-tp1-down"],
-                  "Shapes (names of the bench's GEMM table) to tune; 'all' for every one.")
+                  "Shapes (names of the bench's GEMM table) to tune; 'all' for every one, '8b-small' for the 8B "
+                  "shapes at 128-1024 rows.")
 
 LLAMA3_8B_M2048 = {"qkv": (2048, 6144, 4096), "o": (2048, 4096, 4096), "gate_up": (2048, 28672, 4096),
                    "down": (2048, 4096, 14336)}
+
+
+def llama3_8b_small_m() -> dict[str, tuple[int, int, int]]:
+  """The decode-heavy steps' GEMMs (128-1024 rows): memory-bound, where tiles tuned at 2048 rows leave SMs
+  idle (session 3: 1.55 TB/s of weights at 128 rows, docs/perf-notes.md). `--tune_shapes=8b-small`."""
+  return {f"8b-m{m}-{op}": (m, n, k) for m in (128, 256, 512, 1024)
+          for op, (_, n, k) in LLAMA3_8B_M2048.items()}
 
 
 def llama2_70b_shard(tp: int) -> dict[str, tuple[int, int, int]]:
@@ -214,11 +223,12 @@ def tune_gemm(names: list[str], iters: int) -> tuple[dict, list[tuple]]:
   import jax.numpy as jnp
   import numpy as np
   from pallas_kernels import gemm
-  table = dict(LLAMA3_8B_M2048)
+  table = {**LLAMA3_8B_M2048, **llama3_8b_small_m()}
   for tp in (1, 2, 4, 8):
     table.update(llama2_70b_shard(tp))
+  groups = {"all": list(table), "8b-small": list(llama3_8b_small_m())}
   chosen, rows = {}, []
-  for name in (list(table) if names == ["all"] else names):
+  for name in [s for n in names for s in groups.get(n, [n])]:
     m, n, k = table[name]
     ka, kb = jax.random.split(jax.random.PRNGKey(m + n + k))
     a = jax.random.normal(ka, (m, k), jnp.bfloat16)
@@ -241,8 +251,9 @@ def tune_gemm(names: list[str], iters: int) -> tuple[dict, list[tuple]]:
     best, cfg = max(results, key=lambda r: r[0])
     if best > 1.02 * default:
       chosen[f"{m}x{n}x{k}"] = {key: v for key, v in cfg.items() if gemm.DEFAULT.get(key) != v}
+    weight_tbs = 2 * n * k * best / flops   # small M is memory-bound: the weights' read rate at the best
     rows.append((f"tune gemm {name} {m}x{n}x{k}", "132",
-                 f"XLA {xla:.0f}, default {default:.0f}, best {best:.0f} TFLOP/s "
+                 f"XLA {xla:.0f}, default {default:.0f}, best {best:.0f} TFLOP/s = weights at {weight_tbs:.2f} TB/s "
                  f"({chosen.get(f'{m}x{n}x{k}', 'default')})", f"{best / xla:.2f}"))
     print(rows[-1], flush=True)
   return chosen, rows
@@ -292,8 +303,10 @@ def main(argv):
   if FLAGS.tune_gemm:
     chosen, tune_rows = tune_gemm(list(FLAGS.tune_shapes), FLAGS.iters)
     rows += tune_rows
+    # The shipped table with this run's choices merged in: copying it to pallas_kernels/ keeps the rest.
+    from pallas_kernels import gemm
     with open(os.path.join(FLAGS.out_dir, "gemm_configs.json"), "w") as f:
-      json.dump(chosen, f, indent=1, sort_keys=True)
+      json.dump({**gemm._tuned(), **chosen}, f, indent=1, sort_keys=True)
     shares = []
 
   # GEMM
