@@ -13,14 +13,14 @@ pytest.importorskip("triton")
 
 
 def _check(rng, *, num_sms, block_q, window=None, block_n=16, hkv=2, g=2, d=16, ctx=(5, 17, 1, 40), chunk=(1, 6, 1, 33),
-           **kw):
+           tol=(2e-5, 1e-5), **kw):
   q, (kc, vc, layer), table, slots, positions, lengths, _ = paged_batch(rng, hkv=hkv, g=g, d=d, page_size=4,
                                                                           ctx=ctx, chunk=chunk)
   ref = paged_attention_reference(q, kc, vc, layer, table, slots, positions, window)
   start, length, nb = query_blocks(lengths, len(slots), block_q)
   out = pat.interpret_call(q, kc, vc, layer, table, slots, positions, start, length, nb, num_sms=num_sms,
                            block_q=block_q, block_n=block_n, sliding_window=window, **kw)
-  np.testing.assert_allclose(out, np.asarray(ref), atol=2e-5, rtol=1e-5)   # float32 in the interpreter
+  np.testing.assert_allclose(out, np.asarray(ref), atol=tol[0], rtol=tol[1])   # float32 in the interpreter
   return out, np.asarray(ref)
 
 
@@ -35,6 +35,12 @@ def test_triton_kernel_gqa_wide_group_and_blocks_of_many_pages():
   """8 query heads per KV head (rows = block_q x 8), key blocks of 8 pages, two programs per SM."""
   _check(np.random.default_rng(), num_sms=2, block_q=4, hkv=1, g=8, d=32, block_n=32, programs_per_sm=2,
          heavy_first=True, ctx=(70, 3), chunk=(20, 3))
+
+
+@pytest.mark.parametrize("block_q", [1, 8])
+def test_triton_kernel_with_f16_dots(block_q):
+  """dot_f16 (the candidate for fp8 caches): the dots in f16, within f16 rounding of the reference."""
+  _check(np.random.default_rng(), num_sms=3, block_q=block_q, window=None, dot_f16=True, tol=(3e-3, 3e-3))
 
 
 def test_triton_kernel_output_is_not_constant():
