@@ -33,3 +33,7 @@ def enable_concurrent_command_buffers() -> None:
 
 
 STREAM_ANNOTATION_OPTIONS = {"xla_gpu_experimental_stream_annotation": True}
+# XLA merges independent all-reduces into one (its combiner): two nano-batches' all-reduces would then
+# wait for each other, and the later nano-batch's GEMM, which is the overlap the plan asks for. Seen on
+# the CPU (a tuple all-reduce of down@0's and o@1's partial sums); on the GPU this option turns it off.
+SEPARATE_COLLECTIVES_OPTIONS = {"xla_gpu_all_reduce_combine_threshold_bytes": 0}

@@ -126,6 +126,7 @@ class Engine:
       num_sms = jax.devices()[0].core_count if on_gpu else 132
       from nanoflow_jax.runtime import autosearch
       shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], c.dense_batch)
+      shipped = shipped if shipped is not None and shipped.tp == c.tensor_parallel else None
       if c.pipeline_config:
         plan = plan_lib.PipelineConfig.load(c.pipeline_config)
       elif shipped is not None:
@@ -134,7 +135,7 @@ class Engine:
                  "; the auto-search found no split faster than the whole batch, so the step runs it in order"
                  if len(plan.nano_batches) == 1 else "")
       else:
-        plan = plan_lib.generic_default(c.dense_batch, num_sms)
+        plan = plan_lib.generic_default(c.dense_batch, num_sms, tp=c.tensor_parallel)
         log.info("mode=nanoflow: no pipeline config given; using the generic default (%s: nano-batches %s)",
                  plan.name, plan.nano_batches)
     self.model = model

@@ -41,3 +41,31 @@ def _broken(fn):
 def test_invalid_configs_are_refused(mutate, match):
   with pytest.raises(plan.PipelineConfigError, match=match):
     plan.PipelineConfig.from_dict(_broken(mutate))
+
+
+def test_tensor_parallel_plans_have_their_allreduces_as_nano_ops():
+  for tp in (2, 4):
+    cfg = plan.generic_default(2048, 132, tp=tp)
+    ids = [o.id for o in cfg.ops]
+    for nb in (0, 1):
+      for op in ("o", "down"):
+        assert ids.index(f"{op}_allreduce@{nb}") > ids.index(f"{op}@{nb}")
+        assert plan.RESOURCE[f"{op}_allreduce"] == "network"
+    # nano-batch 0's all-reduces may run beside nano-batch 1's attention (no dependency between them)
+    anc = cfg._ancestors()
+    assert "o_allreduce@0" not in anc["attention@1"] and "attention@1" not in anc["o_allreduce@0"]
+    assert plan.PipelineConfig.from_dict(json.loads(cfg.to_json())).tp == tp
+  assert [o.op for o in plan.single(2048, 132, tp=2).ops] == list(plan.TP_OPS)
+
+
+def test_tensor_parallel_plan_checks():
+  d = json.loads(plan.generic_default(2048, 132, tp=2).to_json())
+  d["ops"] = [o for o in d["ops"] if o["op"] != "down_allreduce"]
+  with pytest.raises(plan.PipelineConfigError, match="missing"):
+    plan.PipelineConfig.from_dict(d)
+  d = json.loads(plan.generic_default(2048, 132).to_json())
+  d.pop("tp")                                  # files written before "tp" existed read as TP 1
+  assert plan.PipelineConfig.from_dict(d).tp == 1
+  d["tp"] = 2                                  # a TP-1 plan's ops lack the all-reduces
+  with pytest.raises(plan.PipelineConfigError, match="allreduce"):
+    plan.PipelineConfig.from_dict(d)

@@ -44,3 +44,47 @@ def test_sharding_rules():
   assert parallel.param_spec(cfg, ("embedding",), (128256, 4096), 8) == P("tp", None)
   # more devices than KV heads: attention weights replicated
   assert spec("qkv", (4096, 8, 6, 128), tp=16) == P() and spec("o", (32, 128, 4096), tp=16) == P()
+
+
+ALLREDUCE_SCRIPT = r"""
+import os, re, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from nanoflow_jax.llm import build_engine
+from nanoflow_jax.runtime import plan
+from nanoflow_jax.sampling_params import SamplingParams
+counts = {}
+for mode in ("sequential", "nanoflow"):
+  eng = build_engine("tiny", random_weights=True, dense_batch=256, num_pages=256, max_num_seqs=4,
+                     tensor_parallel=2, mode=mode)
+  if mode == "nanoflow":
+    assert eng.executor.plan.tp == 2 and any(o.op == "o_allreduce" for o in eng.executor.plan.ops)
+  eng.add_request("a", list(range(1, 200)), SamplingParams(max_tokens=2, temperature=0))
+  eng.run_until_done()
+  # psums in the compiled step: XLA's CPU pipeline may merge several into one tuple all-reduce, so count
+  # operands (one per psum)
+  calls = re.findall(r"all-reduce(?:-start)?\(([^)]*)\)", eng.executor._compiled[256].as_text())
+  counts[mode] = sum(c.count("%") for c in calls)
+try:
+  build_engine("tiny", random_weights=True, dense_batch=256, num_pages=256, max_num_seqs=4, tensor_parallel=2,
+               mode="nanoflow", pipeline_config=sys.argv[1])
+  print("no error")
+except ValueError as e:
+  print("refused:", e)
+print(counts["sequential"], counts["nanoflow"])
+"""
+
+
+def test_nanoflow_under_tp_runs_an_allreduce_per_nano_batch(tmp_path):
+  """The 256-token step of the TP-2 generic plan all-reduces each of its two nano-batches after o and after
+  down (4 per layer) where the sequential step all-reduces twice; a TP-1 plan is refused under TP 2."""
+  from nanoflow_jax.runtime import plan
+  one = tmp_path / "tp1.json"
+  one.write_text(plan.generic_default(256, 132).to_json())
+  r = subprocess.run([sys.executable, "-c", ALLREDUCE_SCRIPT, str(one)], capture_output=True, text=True, timeout=600,
+                     cwd=os.path.dirname(HERE))
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[-2].startswith("refused:") and "tensor parallelism 1" in lines[-2]
+  seq, nano = map(int, lines[-1].split())
+  assert seq >= 2 and nano == seq + 2, (seq, nano)

@@ -61,9 +61,9 @@ jax.tree_util.register_dataclass(StepInputs, data_fields=[f.name for f in datacl
                                  meta_fields=[])
 
 
-def _sequential_ops(num_nano_batches: int):
-  from nanoflow_jax.runtime.plan import OPS, NanoOp
-  return [NanoOp(op, nb) for nb in range(num_nano_batches) for op in OPS]
+def _sequential_ops(num_nano_batches: int, tp: int = 1):
+  from nanoflow_jax.runtime.plan import NanoOp, ops_for
+  return [NanoOp(op, nb) for nb in range(num_nano_batches) for op in ops_for(tp)]
 
 
 def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
@@ -124,6 +124,8 @@ class Executor:
     per_block = max(c.get("block_n", page_size) for c in self.attention_configs) // page_size
     self.page_table_cols = -(-self.max_pages_per_seq // max(per_block, 1)) * max(per_block, 1)
     log.info("step kernels: %s (%d SMs)", self.kernels, self.num_sms)
+    if plan is not None and plan.tp != self.tp:
+      raise ValueError(f"pipeline config {plan.name!r} is for tensor parallelism {plan.tp}, the engine runs {self.tp}")
     self.plan = plan
     # Stream annotation needs the kernels (SM-limited grids) and a GPU; elsewhere the same split and order.
     self.annotate = plan is not None and self.on_kernels and len(plan.nano_batches) > 1
@@ -235,9 +237,13 @@ class Executor:
     sizes = self.nano_sizes(tokens.shape[0])
     bounds = np.cumsum([0] + sizes)
     rows = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-    ops = self.plan.ops if self.plan is not None and len(sizes) > 1 else _sequential_ops(len(sizes))
+    ops = (self.plan.ops if self.plan is not None and len(sizes) > 1 else
+           _sequential_ops(len(sizes), self.tp if self.manual_tp else 1))
 
     layer_cfg, manual = self.layer_config, self.manual_tp
+    # Under manual TP the all-reduces after o and down are nano-ops of their own where the plan has them
+    # (o_allreduce, down_allreduce), so a nano-batch's all-reduce can sit beside another's compute.
+    explicit_allreduce = manual and any(op.op == "o_allreduce" for op in ops)
 
     def row_parallel(partial, residual):
       # o and down: on one device the residual is fused into the GEMM; under manual TP each device holds a
@@ -263,13 +269,21 @@ class Executor:
           elif op.op == "attention":
             s["attn"] = self._attention(s["q"], k_cache, v_cache, i, inp, r, inp.blocks[op.nano_batch])
           elif op.op == "o":
-            s["x"] = row_parallel(layer.o(s["attn"]), s["x"]) if manual else layer.o(s["attn"], residual=s["x"])
+            if explicit_allreduce:
+              s["o_partial"] = layer.o(s["attn"])
+            else:
+              s["x"] = row_parallel(layer.o(s["attn"]), s["x"]) if manual else layer.o(s["attn"], residual=s["x"])
+          elif op.op in ("o_allreduce", "down_allreduce"):
+            if explicit_allreduce:   # (under XLA's partitioner the all-reduces are its own)
+              s["x"] = row_parallel(s.pop(op.op.replace("allreduce", "partial")), s["x"])
           elif op.op == "gate_up":
             h = layer.mlp_norm(s["x"])
             s["mlp"] = layer.mlp(h, residual=s["x"]) if cfg.is_moe else layer.gate_up(h)
           elif op.op == "down":
             if cfg.is_moe:
               s["x"] = s["mlp"]
+            elif explicit_allreduce:
+              s["down_partial"] = layer.down(layer.act(s["mlp"]))
             elif manual:
               s["x"] = row_parallel(layer.down(layer.act(s["mlp"])), s["x"])
             else:
@@ -320,7 +334,10 @@ class Executor:
       t = time.perf_counter()
       with layers.use_gemm(None if self.kernels == "reference" else self._gemm):
         lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
-      self._compiled[n] = lowered.compile(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else None)
+      options = dict(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else {})
+      if self.plan is not None and self.manual_tp:
+        options.update(compat.SEPARATE_COLLECTIVES_OPTIONS)
+      self._compiled[n] = lowered.compile(options or None)
       self.compile_seconds[n] = time.perf_counter() - t
       log.info("compiled the step for %d tokens in %.1f s", n, self.compile_seconds[n])
     return self._compiled[n]

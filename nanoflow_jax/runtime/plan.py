@@ -5,8 +5,12 @@ list of nano-ops of one layer: each an op of OPS applied to one nano-batch, on a
 share, and its dependencies (other nano-ops of the same layer, or of the previous layer with "prev:").
 The executor runs the list in order; on the GPU each nano-op's kernel goes to its stream.
 
-JSON (version 1):
-  {"version": 1, "name": "...", "dense_batch": 2048, "num_sms": 132, "nano_batches": [1024, 1024],
+Under tensor parallelism (`tp` > 1) the row-parallel GEMMs o and down leave partial sums on each device;
+their all-reduces are nano-ops of their own (network class: o_allreduce, down_allreduce), so a plan can
+place one nano-batch's all-reduce beside another nano-batch's GEMMs.
+
+JSON (version 1; "tp" may be left out for 1):
+  {"version": 1, "name": "...", "dense_batch": 2048, "num_sms": 132, "nano_batches": [1024, 1024], "tp": 1,
    "ops": [{"op": "qkv", "nano_batch": 0, "stream": 1, "sm_share": 132, "deps": ["prev:down@0"]}, ...]}
 """
 from __future__ import annotations
@@ -21,8 +25,17 @@ VERSION = 1
 # One layer's ops, in data order: norm + qkv GEMM; RoPE + KV append; attention; o GEMM (+ residual);
 # norm + gate_up GEMM; activation + down GEMM (+ residual).
 OPS = ("qkv", "rope_append", "attention", "o", "gate_up", "down")
+TP_OPS = ("qkv", "rope_append", "attention", "o", "o_allreduce", "gate_up", "down", "down_allreduce")
 RESOURCE = {"qkv": "compute", "rope_append": "memory", "attention": "memory", "o": "compute",
-            "gate_up": "compute", "down": "compute"}
+            "gate_up": "compute", "down": "compute", "o_allreduce": "network", "down_allreduce": "network"}
+NETWORK_STREAM = 3   # where the generic plans put the all-reduces
+NETWORK_SMS = 16     # what an all-reduce's kernels are counted as occupying (NCCL's channels)
+
+
+def ops_for(tp: int) -> tuple[str, ...]:
+  """One layer's ops in data order: with tensor parallelism, each row-parallel GEMM is followed by its
+  all-reduce."""
+  return TP_OPS if tp > 1 else OPS
 
 
 class PipelineConfigError(ValueError):
@@ -50,6 +63,7 @@ class PipelineConfig:
   ops: list[NanoOp]
   name: str = ""
   version: int = VERSION
+  tp: int = 1                # the tensor-parallel degree the plan is for
 
   # --- (de)serialization ------------------------------------------------------------------------------
   def to_json(self) -> str:
@@ -63,7 +77,8 @@ class PipelineConfig:
     try:
       ops = [NanoOp(**o) for o in d["ops"]]
       cfg = cls(dense_batch=int(d["dense_batch"]), num_sms=int(d["num_sms"]),
-                nano_batches=[int(n) for n in d["nano_batches"]], ops=ops, name=d.get("name", ""))
+                nano_batches=[int(n) for n in d["nano_batches"]], ops=ops, name=d.get("name", ""),
+                tp=int(d.get("tp", 1)))
     except (KeyError, TypeError) as e:
       raise PipelineConfigError(f"malformed pipeline config: {e}") from None
     cfg.validate()
@@ -81,10 +96,13 @@ class PipelineConfig:
   def validate(self) -> None:
     def fail(msg):
       raise PipelineConfigError(msg)
+    if self.tp < 1:
+      fail(f"tp must be >= 1, got {self.tp}")
     if sum(self.nano_batches) != self.dense_batch or any(n <= 0 for n in self.nano_batches):
       fail(f"nano-batches {self.nano_batches} do not cover the dense batch {self.dense_batch}")
     ids = [o.id for o in self.ops]
-    want = {f"{op}@{nb}" for op in OPS for nb in range(len(self.nano_batches))}
+    layer_ops = ops_for(self.tp)
+    want = {f"{op}@{nb}" for op in layer_ops for nb in range(len(self.nano_batches))}
     if len(ids) != len(set(ids)):
       fail(f"a nano-op appears twice: {sorted(i for i in ids if ids.count(i) > 1)[0]}")
     if set(ids) != want:
@@ -104,7 +122,7 @@ class PipelineConfig:
           fail(f"{o.id} depends on {d}, which comes later in the list (a cycle)")
     anc = self._ancestors()
     for nb in range(len(self.nano_batches)):
-      for a, b in zip(OPS, OPS[1:]):
+      for a, b in zip(layer_ops, layer_ops[1:]):
         if f"{a}@{nb}" not in anc[f"{b}@{nb}"]:
           fail(f"{b}@{nb} must depend on {a}@{nb}")
     # One KV buffer per layer: an append after (or beside) an attention that reads it makes XLA copy the
@@ -148,39 +166,55 @@ class PipelineConfig:
     return sizes + [num_tokens - used]
 
 
-def single(dense_batch: int, num_sms: int, name: str = "single") -> PipelineConfig:
+def single(dense_batch: int, num_sms: int, name: str = "single", tp: int = 1) -> PipelineConfig:
   """One nano-batch, every op on the whole GPU in order: the sequential schedule as a PipelineConfig (what
   the auto-search ships when no split is predicted to beat it)."""
   ops, prev = [], "prev:down@0"
-  for op in OPS:
+  for op in ops_for(tp):
     ops.append(NanoOp(op, 0, 1, num_sms, [prev]))
     prev = f"{op}@0"
-  cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=[dense_batch], ops=ops, name=name)
+  cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=[dense_batch], ops=ops, name=name,
+                       tp=tp)
   cfg.validate()
   return cfg
 
 
-def generic_default(dense_batch: int, num_sms: int) -> PipelineConfig:
+def generic_default(dense_batch: int, num_sms: int, tp: int = 1) -> PipelineConfig:
   """Two nano-batches: both qkv GEMMs and KV appends, then nano-batch 0's attention on the whole GPU,
   then nano-batch 1's attention (stream 2, a quarter of the SMs) beside nano-batch 0's o/gate_up/down
-  GEMMs (stream 1, the rest), then nano-batch 1's GEMMs."""
+  GEMMs (stream 1, the rest), then nano-batch 1's GEMMs. Under tensor parallelism each all-reduce goes
+  to stream 3 as soon as its GEMM is done, so nano-batch 0's all-reduces can run beside nano-batch 1's
+  attention and GEMMs (the paper's network overlap)."""
   half = (dense_batch // 2 // 128) * 128 or dense_batch // 2
   attn, gemm = max(num_sms // 4, 1), num_sms - max(num_sms // 4, 1)
+  net = min(NETWORK_SMS, num_sms // 4) or 1
+  if tp > 1:   # the GEMMs beside nano-batch 1's attention also leave room for nano-batch 0's all-reduces
+    gemm -= net
+  last = "down_allreduce" if tp > 1 else "down"
   ops = [
-      NanoOp("qkv", 0, 1, num_sms, ["prev:down@0"]),
-      NanoOp("qkv", 1, 1, num_sms, ["prev:down@1"]),
+      NanoOp("qkv", 0, 1, num_sms, [f"prev:{last}@0"]),
+      NanoOp("qkv", 1, 1, num_sms, [f"prev:{last}@1"]),
       NanoOp("rope_append", 0, 1, num_sms, ["qkv@0"]),
       NanoOp("rope_append", 1, 1, num_sms, ["qkv@1", "rope_append@0"]),
       NanoOp("attention", 0, 2, num_sms, ["rope_append@0", "rope_append@1"]),
       NanoOp("attention", 1, 2, attn, ["rope_append@1", "attention@0"]),
       NanoOp("o", 0, 1, gemm, ["attention@0"]),                      # o/gate_up/down@0 beside attention@1
-      NanoOp("gate_up", 0, 1, gemm, ["o@0"]),
-      NanoOp("down", 0, 1, gemm, ["gate_up@0"]),
-      NanoOp("o", 1, 1, num_sms, ["attention@1", "down@0"]),
-      NanoOp("gate_up", 1, 1, num_sms, ["o@1"]),
-      NanoOp("down", 1, 1, num_sms, ["gate_up@1"]),
   ]
+  if tp > 1:
+    ops.append(NanoOp("o_allreduce", 0, NETWORK_STREAM, net, ["o@0"]))
+  ops += [NanoOp("gate_up", 0, 1, gemm, ["o_allreduce@0" if tp > 1 else "o@0"]),
+          NanoOp("down", 0, 1, gemm, ["gate_up@0"])]
+  if tp > 1:
+    ops.append(NanoOp("down_allreduce", 0, NETWORK_STREAM, net, ["down@0"]))
+  ops.append(NanoOp("o", 1, 1, num_sms - net if tp > 1 else num_sms, ["attention@1", "down@0"]))
+  if tp > 1:
+    ops.append(NanoOp("o_allreduce", 1, NETWORK_STREAM, net, ["o@1", "down_allreduce@0"]))
+  ops += [NanoOp("gate_up", 1, 1, num_sms - net if tp > 1 else num_sms,
+                 ["o_allreduce@1" if tp > 1 else "o@1"]),
+          NanoOp("down", 1, 1, num_sms - net if tp > 1 else num_sms, ["gate_up@1"])]
+  if tp > 1:
+    ops.append(NanoOp("down_allreduce", 1, NETWORK_STREAM, net, ["down@1"]))
   cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=[half, dense_batch - half], ops=ops,
-                       name="generic-2")
+                       name="generic-2" if tp == 1 else f"generic-2-tp{tp}", tp=tp)
   cfg.validate()
   return cfg
