@@ -32,6 +32,8 @@ flags.DEFINE_integer("context", 1024, "Decode context length profiled.")
 flags.DEFINE_list("shares", ["132", "99", "66", "33"], "SM shares profiled.")
 flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Token counts profiled.")
 flags.DEFINE_bool("measure", True, "After a GPU profile, time the real step and draw its measured timeline.")
+flags.DEFINE_integer("tp", 1, "Tensor parallelism: profile one device's shard of each layer and the all-reduces "
+                     "across this many GPUs; the search then schedules the all-reduces as network nano-ops.")
 flags.DEFINE_bool("interference", True, "Stage 1 also measures a GEMM and decode attention running together.")
 
 
@@ -161,6 +163,26 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
   return out
 
 
+def profile_allreduce(hidden: int, sizes: list[int], tp: int) -> dict[str, list[list[float]]]:
+  """Stage 1's network class: ms to all-reduce a [tokens, hidden] bf16 partial sum across `tp` devices, as
+  the step does after o and down (a psum under shard_map), keyed by the share the plans give it."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from nanoflow_jax import parallel
+  from nanoflow_jax.runtime.plan import NETWORK_SMS
+  mesh = parallel.make_mesh(tp)
+  f = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, parallel.AXIS), mesh=mesh, in_specs=P(parallel.AXIS),
+                            out_specs=P(parallel.AXIS), check_vma=False))
+  rows = []
+  for m in sizes:
+    # one [m, hidden] block per device, stacked along the mesh axis
+    x = jax.device_put(jnp.ones((tp * m, hidden), jnp.bfloat16), NamedSharding(mesh, P(parallel.AXIS)))
+    rows.append([m, _time(f, x)])
+    print("allreduce", m, rows[-1][1], flush=True)
+  return {str(NETWORK_SMS): rows}
+
+
 def main(argv):
   del argv
   if not FLAGS.from_profile:   # before JAX starts the GPU backend: memory and the overlap flags
@@ -170,7 +192,7 @@ def main(argv):
   from nanoflow_jax import config as config_lib
   from nanoflow_jax.runtime import autosearch
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  path = autosearch.profile_path(FLAGS.model, FLAGS.device_kind)
+  path = autosearch.profile_path(FLAGS.model, FLAGS.device_kind, FLAGS.tp)
   if FLAGS.from_profile:
     if not os.path.exists(path):
       raise app.UsageError(f"no stored profile {path}: run without --from_profile on a GPU first")
@@ -179,7 +201,15 @@ def main(argv):
     cfg = config_lib.named_shape(FLAGS.model)
     if cfg is None:
       raise app.UsageError(f"unknown named shape {FLAGS.model!r}")
+    if FLAGS.tp > 1:
+      from nanoflow_jax import parallel
+      if not parallel.manual_tp_supported(cfg, FLAGS.tp):
+        raise app.UsageError(f"{FLAGS.model} cannot run its layers per device at TP {FLAGS.tp}")
+      full, cfg = cfg, parallel.local_config(cfg, FLAGS.tp)   # one device's shard of each layer
     prof = profile(cfg, [int(s) for s in FLAGS.shares], [int(s) for s in FLAGS.sizes], FLAGS.context)
+    if FLAGS.tp > 1:
+      prof.model, prof.tp = full.name, FLAGS.tp
+      prof.times["allreduce"] = profile_allreduce(full.hidden_size, [int(s) for s in FLAGS.sizes], FLAGS.tp)
     if FLAGS.interference:
       prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < prof.num_sms],
                                                FLAGS.context)
@@ -189,7 +219,7 @@ def main(argv):
         f.write(prof.to_json())
   split = autosearch.search_split(prof, FLAGS.dense_batch, FLAGS.decodes)   # the MILPs, solved once
   cfg, ms, seq_ms, schedule = autosearch.search(prof, FLAGS.dense_batch, FLAGS.decodes, split=split)
-  name = f"{FLAGS.model}_{FLAGS.device_kind}"
+  name = autosearch.config_name(FLAGS.model, FLAGS.device_kind, FLAGS.tp)
   out = os.path.join(FLAGS.out_dir, f"pipeline_{name}.json")
   with open(out, "w") as f:
     f.write(cfg.to_json())
@@ -203,7 +233,7 @@ def main(argv):
                    f"{ms:.2f} ms vs sequential {seq_ms:.2f} ms")
   print(f"nano-batches {cfg.nano_batches}; predicted layer {ms:.3f} ms, sequential {seq_ms:.3f} ms "
         f"({seq_ms / ms:.2f}x); config {out}")
-  if not FLAGS.from_profile and FLAGS.measure:
+  if not FLAGS.from_profile and FLAGS.measure and FLAGS.tp == 1:   # (the step bench runs one device)
     measure(FLAGS.model, split[0], split[1], seq_ms, name)
 
 

@@ -125,8 +125,7 @@ class Engine:
       on_gpu = jax.default_backend() == "gpu"
       num_sms = jax.devices()[0].core_count if on_gpu else 132
       from nanoflow_jax.runtime import autosearch
-      shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], c.dense_batch)
-      shipped = shipped if shipped is not None and shipped.tp == c.tensor_parallel else None
+      shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], c.dense_batch, c.tensor_parallel)
       if c.pipeline_config:
         plan = plan_lib.PipelineConfig.load(c.pipeline_config)
       elif shipped is not None:

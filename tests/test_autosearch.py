@@ -114,3 +114,64 @@ def test_measured_interference_can_cancel_the_overlap():
   prof.interference = {"99": 1.02}        # mild interference keeps the split
   cfg, ms2, _, _ = autosearch.search(prof, 2048, 512, shares=SHARES)
   assert len(cfg.nano_batches) == 2 and ms2 < seq_ms
+
+
+def tp_profile(allreduce_ms_per_1k: float) -> autosearch.Profile:
+  """The synthetic profile at TP 2, where GEMMs lose more than linearly on fewer SMs (the H200's case:
+  on one device no split pays) and each all-reduce of a partial sum costs `allreduce_ms_per_1k` per 1k
+  rows on its 16 SMs."""
+  prof = synthetic_profile()
+  sizes = [256, 512, 1024, 2048]
+  for op in ("qkv", "o", "gate_up", "down"):
+    for s, pts in prof.times[op].items():
+      prof.times[op][s] = [[m, ms * (132 / int(s)) ** 0.5] for m, ms in pts]
+  prof.times["decode_attention"] = {str(s): [[m, m / 1000 * 132 / s] for m in sizes] for s in SHARES}
+  prof.times["prefill_attention"] = {str(s): [[m, 0.2 * m / 1000 * 132 / s] for m in sizes] for s in SHARES}
+  prof.times["allreduce"] = {"16": [[m, allreduce_ms_per_1k * m / 1000] for m in sizes]}
+  prof.tp = 2
+  return prof
+
+
+def test_search_models_the_network_class_under_tp():
+  # Nearly free all-reduces: nothing to hide, and splitting the SMs only costs: the single batch ships.
+  cfg, ms, seq_ms, _ = autosearch.search(tp_profile(0.001), 2048, 512, shares=SHARES)
+  assert len(cfg.nano_batches) == 1 and cfg.tp == 2
+  assert [o.op for o in cfg.ops].count("o_allreduce") == 1
+  # Costly all-reduces: a split hides one nano-batch's beside the other's compute and wins.
+  cfg, ms, seq_ms, schedule = autosearch.search(tp_profile(0.6), 2048, 512, shares=SHARES)
+  cfg.validate()
+  assert len(cfg.nano_batches) == 2 and cfg.tp == 2 and ms < seq_ms
+  net = [row for row in schedule if "allreduce" in row[0]]
+  assert len(net) == 4 and all(row[4] == 16 for row in net)   # their fixed share
+  compute = [row for row in schedule if "allreduce" not in row[0]]
+  overlaps = lambda a, b: a[2] < b[2] + b[3] - 1e-6 and b[2] < a[2] + a[3] - 1e-6
+  assert any(overlaps(a, c) for a in net for c in compute if a[0][-1] != c[0][-1])
+  assert seq_ms == pytest.approx(sum(autosearch.op_time(tp_profile(0.6), op, 2048, 512, 132) for op in
+                                     ("qkv", "rope_append", "attention", "o", "o_allreduce", "gate_up", "down",
+                                      "down_allreduce")))
+
+
+ALLREDUCE_PROFILE = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from absl import flags
+from launch import autosearch as cli
+flags.FLAGS(["autosearch"])
+print(cli.profile_allreduce(64, [16, 32], 2))
+"""
+
+
+def test_allreduce_profiling_and_tp_names(tmp_path):
+  """Stage 1's network table on 2 CPU devices, and TP profiles and configs named apart from one GPU's."""
+  r = subprocess.run([sys.executable, "-c", ALLREDUCE_PROFILE], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  table = eval(r.stdout.strip().splitlines()[-1])
+  assert list(table) == ["16"] and [row[0] for row in table["16"]] == [16, 32]
+  assert all(row[1] > 0 for row in table["16"])
+  assert autosearch.profile_path("llama-2-70b", "h200", 2).endswith("llama-2-70b_h200_tp2.json")
+  assert autosearch.profile_path("llama-3-8b", "h200").endswith("llama-3-8b_h200.json")
+
+  class Dev:
+    platform, device_kind = "gpu", "NVIDIA H200"
+  assert autosearch.shipped_config("llama-3-8b", Dev(), 2048, tp=2) is None   # the one-GPU config is not used

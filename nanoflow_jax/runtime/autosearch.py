@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from nanoflow_jax.runtime.plan import PipelineConfig, generic_default, single
+from nanoflow_jax.runtime.plan import RESOURCE, PipelineConfig, generic_default, ops_for, single
 
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -33,8 +33,13 @@ def device_kind_name(device) -> str:
   return "cpu" if device.platform == "cpu" else kind.replace(" ", "-")
 
 
-def shipped_config(model_name: str, device, dense_batch: int) -> PipelineConfig | None:
-  path = os.path.join(SHIPPED_DIR, f"{model_name}_{device_kind_name(device)}.json")
+def config_name(model: str, device_kind: str, tp: int = 1) -> str:
+  """How profiles and shipped configs are named: model_device, with _tpN under tensor parallelism."""
+  return f"{model}_{device_kind}" + (f"_tp{tp}" if tp > 1 else "")
+
+
+def shipped_config(model_name: str, device, dense_batch: int, tp: int = 1) -> PipelineConfig | None:
+  path = os.path.join(SHIPPED_DIR, config_name(model_name, device_kind_name(device), tp) + ".json")
   if not os.path.exists(path):
     return None
   cfg = PipelineConfig.load(path)
@@ -45,7 +50,9 @@ GEMM_OPS = ("qkv", "o", "gate_up", "down")
 @dataclasses.dataclass
 class Profile:
   """times[op][share] = list of (tokens, ms); ops: the GEMMs, rope_append, decode_attention and
-  prefill_attention (per decode token at `context`, per prefill token of a prompt of that length).
+  prefill_attention (per decode token at `context`, per prefill token of a prompt of that length), and
+  under tensor parallelism (`tp` > 1; the other ops then at one device's shard shapes) allreduce: the
+  all-reduce of a [tokens, hidden] partial sum across the `tp` devices.
   interference[gemm share] = how much longer a GEMM on that share and decode attention on the rest of the
   SMs take when they run at the same time than the longer of the two alone (1.0: no interference)."""
   model: str
@@ -54,6 +61,7 @@ class Profile:
   context: int
   times: dict[str, dict[str, list[list[float]]]]
   interference: dict[str, float] = dataclasses.field(default_factory=dict)
+  tp: int = 1
 
   def slowdown(self, gemm_share: int) -> float:
     """The measured pair factor at the nearest profiled GEMM share (1.0 where none was measured)."""
@@ -83,11 +91,13 @@ class Profile:
       return cls(**json.load(f))
 
 
-def profile_path(model: str, device_kind: str) -> str:
-  return os.path.join(PROFILE_DIR, f"{model}_{device_kind}.json")
+def profile_path(model: str, device_kind: str, tp: int = 1) -> str:
+  return os.path.join(PROFILE_DIR, config_name(model, device_kind, tp) + ".json")
 
 
 def op_time(prof: Profile, op: str, rows: int, decode_rows: int, share: int) -> float:
+  if RESOURCE[op] == "network":
+    return prof.time("allreduce", rows, share)
   if op == "attention":
     return (prof.time("decode_attention", decode_rows, share)
             + prof.time("prefill_attention", rows - decode_rows, share))
@@ -101,6 +111,10 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
   n, ns = len(ops), len(shares)
   dur = np.array([[op_time(prof, o.op, cfg.nano_batches[o.nano_batch], decode_rows[o.nano_batch], s)
                    for s in shares] for o in ops])
+  # A network nano-op keeps the SM share its template gives it (what its collective kernels occupy):
+  # every other share is ruled out below.
+  fixed = {i: int(np.argmin([abs(s - o.sm_share) for s in shares])) for i, o in enumerate(ops)
+           if RESOURCE[o.op] == "network"}
   big = float(dur.max(axis=1).sum()) * 2 + 1
   anc = cfg._ancestors()
   ids = [o.id for o in ops]
@@ -110,7 +124,9 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
   # attention) is charged the pair factor at the GEMM share it would leave or take. Conservative: it
   # assumes the overlap happens, which is what the search is after.
   is_attn = [o.op == "attention" for o in ops]
-  beside = {i for p in pairs for i in p if is_attn[p[0]] != is_attn[p[1]]}
+  is_gemm = [RESOURCE[o.op] == "compute" for o in ops]
+  beside = {i for p in pairs for i in p
+            if (is_attn[p[0]] and is_gemm[p[1]]) or (is_gemm[p[0]] and is_attn[p[1]])}
   for i in beside:
     for k, sh in enumerate(shares):
       dur[i, k] *= prof.slowdown(prof.num_sms - sh if is_attn[i] else sh)
@@ -131,6 +147,8 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
 
   for i in range(n):
     add({X(i, s): 1 for s in range(ns)}, 1, 1)
+    if i in fixed:
+      add({X(i, fixed[i]): 1}, 1, 1)
     add({C: 1, T(i): -1, **{X(i, s): -dur[i, s] for s in range(ns)}}, 0, np.inf)   # C >= t_i + d_i
   order = {d: k for k, d in enumerate(ids)}
   for j, o in enumerate(ops):
@@ -142,7 +160,8 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
     add({B(p, 0): 1, B(p, 1): 1, B(p, 2): 1}, 1, 1)
     add({T(j): 1, T(i): -1, **{X(i, s): -dur[i, s] for s in range(ns)}, B(p, 0): -big}, -big, np.inf)
     add({T(i): 1, T(j): -1, **{X(j, s): -dur[j, s] for s in range(ns)}, B(p, 1): -big}, -big, np.inf)
-    add({**{X(i, s): shares[s] for s in range(ns)}, **{X(j, s): shares[s] for s in range(ns)},
+    share = lambda k, s: ops[k].sm_share if k in fixed else shares[s]
+    add({**{X(i, s): share(i, s) for s in range(ns)}, **{X(j, s): share(j, s) for s in range(ns)},
          B(p, 2): big}, -np.inf, cfg.num_sms + big)                                        # shares fit
   c = np.zeros(nv)
   c[C] = 1
@@ -157,7 +176,7 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
   if res.x is None:
     raise RuntimeError(f"MILP found no schedule: {res.message}")
   x = res.x[:nx].reshape(n, ns)
-  chosen = [shares[int(np.argmax(x[i]))] for i in range(n)]
+  chosen = [ops[i].sm_share if i in fixed else shares[int(np.argmax(x[i]))] for i in range(n)]
   starts = res.x[nx:nx + nt]
   durs = [float(dur[i, int(np.argmax(x[i]))]) for i in range(n)]
   # Pairs the solver put one after the other become dependencies, so the config says what was solved.
@@ -172,8 +191,8 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
 
 
 def sequential_layer_ms(prof: Profile, dense_batch: int, decodes: int) -> float:
-  ops = ("qkv", "rope_append", "attention", "o", "gate_up", "down")
-  return sum(op_time(prof, op, dense_batch, decodes, prof.num_sms) for op in ops)
+  """Every op of the layer on the whole GPU, one after another (all-reduces included under TP)."""
+  return sum(op_time(prof, op, dense_batch, decodes, prof.num_sms) for op in ops_for(prof.tp))
 
 
 def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
@@ -182,7 +201,7 @@ def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128
   shares = sorted(set(shares or [int(s) for s in prof.times["qkv"]]))
   best = None
   for first in range(align, dense_batch, align):
-    cfg = generic_default(dense_batch, prof.num_sms)
+    cfg = generic_default(dense_batch, prof.num_sms, tp=prof.tp)
     cfg.nano_batches = [first, dense_batch - first]
     dec = [min(decodes, first), max(decodes - first, 0)]
     ms, chosen, starts, durs, orders = _solve(cfg, prof, dec, shares)
@@ -193,6 +212,9 @@ def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128
       for later, earlier in orders:
         by_id[later].deps.append(earlier)
       rows = [(o.id, o.stream, st, d, s) for o, st, d, s in zip(cfg.ops, starts, durs, chosen)]
+      # List the ops in solved start order: a pair the solver ordered against the template's list order
+      # (now a dependency) must not point forward. Start times already keep each stream's order.
+      cfg.ops = [cfg.ops[k] for k in sorted(range(len(cfg.ops)), key=lambda k: (starts[k], k))]
       best = (copy.deepcopy(cfg), ms, rows)
   cfg, ms, schedule = best
   cfg.name = f"autosearch-{prof.model}-{prof.device}"
@@ -211,7 +233,7 @@ def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
   if seq_ms <= ms:
     # No split is predicted to beat the whole batch on the whole GPU: ship that (mode nanoflow then runs
     # the sequential schedule instead of a slower pipeline).
-    cfg = single(dense_batch, prof.num_sms, f"autosearch-{prof.model}-{prof.device}-single")
+    cfg = single(dense_batch, prof.num_sms, f"autosearch-{prof.model}-{prof.device}-single", tp=prof.tp)
     t, schedule = 0.0, []
     for op in cfg.ops:
       d = op_time(prof, op.op, dense_batch, decodes, prof.num_sms)
@@ -228,7 +250,7 @@ def gantt(schedule, path: str, title: str) -> None:
   streams = sorted({s for _, s, _, _, _ in schedule})
   fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(streams)))
   colors = {"qkv": "tab:blue", "rope_append": "tab:gray", "attention": "tab:red", "o": "tab:cyan",
-            "gate_up": "tab:green", "down": "tab:olive"}
+            "gate_up": "tab:green", "down": "tab:olive", "o_allreduce": "tab:purple", "down_allreduce": "tab:pink"}
   for op_id, stream, start, dur, share in schedule:
     y = streams.index(stream)
     ax.broken_barh([(start, dur)], (y - 0.4, 0.8), color=colors[op_id.split("@")[0]], edgecolor="black")
