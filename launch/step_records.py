@@ -1,10 +1,11 @@
 """What an offline run's steps held and how long they took (from EngineStats.step_records).
 
-The dispatch call waits for the previous step, so the gap between two dispatches is the device time of
-the earlier step. From the records: the steady-state rate (steps whose batch is full, which a run of
-few requests dilutes with its ramp-up and its tail of shrinking decode-only steps), and a least-squares
-fit of step time against the step's padded tokens (the GEMMs) and the decodes' summed context (attention
-reads), which says where a step's time goes without a profiler.
+The engine runs one step ahead and waits for each step's results before it dispatches the step after
+next, so where the device is the bottleneck the gap between two dispatches is a device step time.
+From the records: the steady-state rate (steps whose batch is full, which a run of few requests dilutes
+with its ramp-up and its tail of shrinking decode-only steps), and a least-squares fit of step time
+against the step's padded tokens (the GEMMs) and the decodes' summed context (attention reads), which
+says where a step's time goes without a profiler.
 """
 from __future__ import annotations
 

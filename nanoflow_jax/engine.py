@@ -100,7 +100,8 @@ class EngineStats:
   prompt_tokens: int = 0
   generated_tokens: int = 0
   # When a list (benchmarks set it), one StepRecord per dispatched step: what the step held and when its
-  # dispatch returned. Dispatch waits for the previous step, so the gaps are the device's step times.
+  # dispatch returned. The loop runs one step ahead and waits for each step's results, so where the
+  # device is the bottleneck the gaps between dispatches are the device's step times.
   step_records: list | None = None
 
   @property
