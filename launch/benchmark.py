@@ -138,12 +138,11 @@ def run_offline(engine, requests, peak: float) -> dict:
 
 
 def trace_summary(steps: int) -> None:
-  import glob
   from launch import trace_overlap
-  traces = glob.glob(os.path.join(FLAGS.trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
-  if traces:
+  latest = trace_overlap.latest_trace(FLAGS.trace_dir)
+  if latest:
     print(f"--- trace of {steps} steps", file=sys.stderr)
-    trace_overlap.main(max(traces, key=os.path.getmtime), steps)
+    trace_overlap.main(latest, steps)
 
 
 def _pcts(xs):

@@ -10,7 +10,6 @@ separate the cost of splitting from the gain of overlapping). Optimal = tokens x
 from __future__ import annotations
 
 import copy
-import glob
 import os
 import sys
 
@@ -104,8 +103,7 @@ class MixedStep:
             out = ex.run(inp, sp)
           jax.block_until_ready(out)
         from launch import trace_overlap
-        traces = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
-        latest = max(traces, key=os.path.getmtime)
+        latest = trace_overlap.latest_trace(trace_dir)
         trace_overlap.main(latest, steps=3)
         if timeline_png:
           trace_overlap.timeline_png(latest, timeline_png, title=f"measured: {plan.name if plan else 'sequential'}")

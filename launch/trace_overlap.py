@@ -18,6 +18,14 @@ import re
 import sys
 
 
+def latest_trace(trace_dir: str) -> str | None:
+  """The newest perfetto trace jax.profiler wrote under trace_dir (it nests them by host and time)."""
+  import glob
+  import os
+  traces = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+  return max(traces, key=os.path.getmtime) if traces else None
+
+
 @functools.lru_cache(maxsize=4)
 def _events(path: str) -> tuple:
   """(stream thread name, kernel event) for every kernel on a GPU stream; each trace is read once."""

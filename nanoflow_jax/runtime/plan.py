@@ -188,8 +188,10 @@ def generic_default(dense_batch: int, num_sms: int, tp: int = 1) -> PipelineConf
   half = (dense_batch // 2 // 128) * 128 or dense_batch // 2
   attn, gemm = max(num_sms // 4, 1), num_sms - max(num_sms // 4, 1)
   net = min(NETWORK_SMS, num_sms // 4) or 1
-  if tp > 1:   # the GEMMs beside nano-batch 1's attention also leave room for nano-batch 0's all-reduces
-    gemm -= net
+  # Under TP the GEMMs leave room for the all-reduces beside them: nano-batch 0's beside nano-batch 1's
+  # attention, and each all-reduce beside the next GEMM.
+  rest = num_sms - net if tp > 1 else num_sms
+  gemm -= num_sms - rest
   last = "down_allreduce" if tp > 1 else "down"
   ops = [
       NanoOp("qkv", 0, 1, num_sms, [f"prev:{last}@0"]),
@@ -206,12 +208,11 @@ def generic_default(dense_batch: int, num_sms: int, tp: int = 1) -> PipelineConf
           NanoOp("down", 0, 1, gemm, ["gate_up@0"])]
   if tp > 1:
     ops.append(NanoOp("down_allreduce", 0, NETWORK_STREAM, net, ["down@0"]))
-  ops.append(NanoOp("o", 1, 1, num_sms - net if tp > 1 else num_sms, ["attention@1", "down@0"]))
+  ops.append(NanoOp("o", 1, 1, rest, ["attention@1", "down@0"]))
   if tp > 1:
     ops.append(NanoOp("o_allreduce", 1, NETWORK_STREAM, net, ["o@1", "down_allreduce@0"]))
-  ops += [NanoOp("gate_up", 1, 1, num_sms - net if tp > 1 else num_sms,
-                 ["o_allreduce@1" if tp > 1 else "o@1"]),
-          NanoOp("down", 1, 1, num_sms - net if tp > 1 else num_sms, ["gate_up@1"])]
+  ops += [NanoOp("gate_up", 1, 1, rest, ["o_allreduce@1" if tp > 1 else "o@1"]),
+          NanoOp("down", 1, 1, rest, ["gate_up@1"])]
   if tp > 1:
     ops.append(NanoOp("down_allreduce", 1, NETWORK_STREAM, net, ["down@1"]))
   cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=[half, dense_batch - half], ops=ops,

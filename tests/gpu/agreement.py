@@ -15,3 +15,8 @@ def real_disagreements(ref_outs, outs) -> int:
         bad += not (b in top and ref.logprobs[pos].logprob - top[b] < TIE)
         break
   return bad
+
+
+def max_first_logprob_diff(ref_outs, outs) -> float:
+  """The largest difference between the two paths' log-probabilities of each sequence's first token."""
+  return max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob) for a, b in zip(ref_outs, outs))

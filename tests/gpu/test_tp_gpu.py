@@ -10,7 +10,7 @@ import pytest
 from nanoflow_jax.llm import build_engine
 from nanoflow_jax.sampling_params import SamplingParams
 
-from agreement import real_disagreements
+from agreement import max_first_logprob_diff, real_disagreements
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")]
@@ -30,7 +30,7 @@ def test_tp2_kernels_agree_with_one_gpu():
     firsts[tp] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
     del eng
   same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(firsts[1], firsts[2]))
-  lp = max(abs(a.logprobs[0].logprob - b.logprobs[0].logprob) for a, b in zip(firsts[1], firsts[2]))
+  lp = max_first_logprob_diff(firsts[1], firsts[2])
   bad = real_disagreements(firsts[1], firsts[2])
   print(f"TP 2 vs 1: {same}/{len(prompts)} first tokens equal; not near ties: {bad}; max logprob diff {lp:.3f}")
   assert bad == 0 and lp < 0.25
