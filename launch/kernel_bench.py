@@ -348,7 +348,8 @@ def main(argv):
     problem = _attention_problem(kind)
     label = ("decode attention B=512 ctx=1024" if kind == "decode" else "prefill attention T=4096")
     for backend in backends:
-      cfg = configs(backend)[0 if kind == "decode" else 1]
+      kv_dtype = "float8_e4m3fn" if FLAGS.attention_kv_dtype == "fp8" else "bfloat16"
+      cfg = configs(backend, kv_dtype)[0 if kind == "decode" else 1]
       entry = res.setdefault(f"{kind}_attention", {}).setdefault(backend, {})
       try:
         entry["rel_error"] = check_attention(backend, kind, cfg, problem)

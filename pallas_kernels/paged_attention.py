@@ -206,11 +206,13 @@ paged_attention = jax.jit(paged_attention_call, static_argnames=(
 BACKENDS = ("pallas", "triton")
 
 
-def configs(backend: str) -> tuple[dict, dict]:
-  """(decode config, prefill config) of an implementation. Both use the same block_q (1 and 32), so the
-  host builds the same query blocks whichever runs."""
+def configs(backend: str, kv_dtype=None) -> tuple[dict, dict]:
+  """(decode config, prefill config) of an implementation for a KV cache of `kv_dtype` (None: the query
+  dtype). Both use the same block_q (1 and 32), so the host builds the same query blocks whichever runs."""
   if backend == "triton":
     from pallas_kernels import paged_attention_triton as pat
+    if kv_dtype is not None and jnp.dtype(kv_dtype).itemsize == 1:
+      return pat.DECODE_CONFIG_FP8, pat.PREFILL_CONFIG
     return pat.DECODE_CONFIG, pat.PREFILL_CONFIG
   if backend == "pallas":
     return DECODE_CONFIG, PREFILL_CONFIG

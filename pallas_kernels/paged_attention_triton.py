@@ -28,6 +28,9 @@ except ImportError:  # the Pallas kernel and the reference still work without Tr
 
 # Best of the sweep on one H200 (launch/kernel_bench.py --sweep_attention, docs/perf-notes.md).
 DECODE_CONFIG = dict(block_q=1, block_n=128, num_warps=4, num_stages=2, programs_per_sm=2)
+# An fp8 cache: the dots in f16 (fp8 converts to f16 in one instruction) and one more stage; 2.67 TB/s of
+# fp8 bytes against 1.55 at the bf16 configuration (session 4 sweep, docs/perf-notes.md).
+DECODE_CONFIG_FP8 = dict(block_q=1, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, dot_f16=True)
 PREFILL_CONFIG = dict(block_q=32, block_n=64, num_warps=8, num_stages=3, programs_per_sm=1)
 LOG2E = 1.4426950408889634
 

@@ -53,3 +53,13 @@ def test_block_n_must_cover_whole_pages():
   with pytest.raises(ValueError, match="multiple of the page size"):
     pat._constants((4, 4, 16), (1, 2, 8, 4, 16), (2, 4), num_sms=1, block_q=1, block_n=6, sliding_window=None,
                    num_stages=2, programs_per_sm=1)
+
+
+def test_configs_pick_f16_dots_for_fp8_caches():
+  """The engine's fp8 cache gets the f16-dot decode configuration; bf16 caches keep theirs."""
+  from pallas_kernels import paged_attention as pa
+  from pallas_kernels import paged_attention_triton as pat
+  assert pa.configs("triton", jnp.float8_e4m3fn)[0] == pat.DECODE_CONFIG_FP8
+  assert pa.configs("triton", jnp.bfloat16)[0] == pat.DECODE_CONFIG
+  assert pa.configs("triton")[0] == pat.DECODE_CONFIG
+  assert "dot_f16" not in pa.configs("pallas", jnp.float8_e4m3fn)[0]

@@ -119,7 +119,8 @@ class Executor:
     # Attention kernel configurations (decode blocks, prefill blocks); both implementations use the same
     # block_q, so the host's query blocks do not depend on which runs.
     self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
-    self.attention_configs = attention_kernels.configs(self.attention_backend)
+    self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
+    self.attention_configs = attention_kernels.configs(self.attention_backend, self.kv_dtype)
     # Page-table columns: whole key blocks of the attention kernel, so it never pads the table per call.
     per_block = max(c.get("block_n", page_size) for c in self.attention_configs) // page_size
     self.page_table_cols = -(-self.max_pages_per_seq // max(per_block, 1)) * max(per_block, 1)
@@ -134,7 +135,6 @@ class Executor:
       self.annotate = False
     self.gemm = gemm
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
-    self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.fused_rope_append = fused_rope_append
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
     # before the KV cache is sized (the model then drops its per-layer copy), so the cache takes the rest.
