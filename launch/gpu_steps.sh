@@ -20,6 +20,13 @@ bench() {  # bench NAME WORKLOAD NUM_REQUESTS [extra flags...]
     --json_out="$OUT/$name.json" --plot_out="$OUT/$name.png" "$@"
 }
 
+bench70() {  # bench70 NAME TP WORKLOAD NUM_REQUESTS [extra flags...]: LLaMA-2-70B shape, tensor parallel
+  local name=$1 tp=$2 workload=$3 n=$4; shift 4
+  $PY launch/benchmark.py --model=llama-2-70b --random_weights --tp="$tp" --workload="$workload" \
+    --num_requests="$n" --dense_batch=2048 --max_num_seqs=1024 \
+    --json_out="$OUT/$name.json" --plot_out="$OUT/$name.png" "$@"
+}
+
 step_tests()              { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu --ignore=tests/gpu/test_tp_gpu.py; }
 step_tests-engine()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_engine_gpu.py; }
 step_tests-tp()           { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_tp_gpu.py; }
@@ -33,7 +40,10 @@ step_bench-512-512()      { bench bench-512-512 512-512 600; }
 step_bench-512-1024()     { bench bench-512-1024 512-1024 600; }
 step_bench-1024-512-nanoflow() { bench bench-1024-512-nanoflow 1024-512 1000 --mode=nanoflow --compare=sequential; }
 step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dtype=fp8; }
-step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
+step_tp2-1024-512()       { bench70 tp2-1024-512 2 1024-512 400 --mode=nanoflow --compare=sequential; }
+step_tp4-1024-512()       { bench70 tp4-1024-512 4 1024-512 400 --mode=nanoflow --compare=sequential; }
+step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 400 --trace_dir="$OUT/trace-tp4" --trace_steps=150:153; }
+step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
                               --kv_cache_dtypes=fp8,auto --nanoflow=false --out="$OUT/step.md"; }
 step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
                               --kv_cache_dtypes=fp8,auto --decodes=640 --context=1280 --prefill=0 --nanoflow=false \
@@ -41,7 +51,7 @@ step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernel
 step_step-slots()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --max_num_seqs=1024 \
                               --nanoflow=false --trace_dir="$OUT/trace-slots" --out="$OUT/step-slots.md"; }
 step_bench-trace()        { bench bench-trace 1024-512 1000 --trace_dir="$OUT/trace-bench" --trace_steps=400:404; }
-step_step-small()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
+step_step-small()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
                               --decodes=128 --context=1500 --prefill=0 --nanoflow=false --trace_dir="$OUT/trace-small" \
                               --out="$OUT/step-small.md"; }
 step_sweep-fp8()          { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
@@ -61,7 +71,7 @@ for spec in "$@"; do
   if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
   start=$(date +%s)
   # The function runs in a subshell so that `timeout` can stop it and all it started.
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f bench "step_$name"); PY=$PY OUT=$OUT step_$name" \
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f bench bench70 "step_$name"); PY=$PY OUT=$OUT step_$name" \
     > "$OUT/$name.log" 2>&1
   rc=$?
   printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"

@@ -1,7 +1,7 @@
 """Tensor parallelism with our kernels on several GPUs (skipped with fewer than two): the per-device
 layer (shard_map) with the Mosaic GEMM and the Triton or Pallas attention kernel against one GPU.
 
-  NANOFLOW_GPU_TESTS=1 PYTHONPATH=.:.carry python3 -m pytest -q tests/gpu/test_tp_gpu.py   # on nvidia-h200-x2
+  NANOFLOW_GPU_TESTS=1 PYTHONPATH=.:.carry python3 -m pytest -q -s tests/gpu/test_tp_gpu.py   # on nvidia-h200-x2 or x4
 """
 import jax
 import numpy as np
@@ -16,21 +16,28 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")]
 
 
-def test_tp2_kernels_agree_with_one_gpu():
+def test_tp_kernels_agree_with_one_gpu():
+  """TP 2 (and 4 where there are 4 GPUs) in sequential mode, and the top degree in nanoflow mode (all-reduces
+  as separate nano-ops), against one GPU."""
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(50, 500, size=16)]
+  degrees = [tp for tp in (2, 4) if tp <= jax.device_count()]
+  runs = [(1, "sequential")] + [(tp, "sequential") for tp in degrees] + [(degrees[-1], "nanoflow")]
   firsts = {}
-  for tp in (1, 2):
+  for tp, mode in runs:
     eng = build_engine("llama-3-8b", random_weights=True, dense_batch=1024, num_pages=4096, max_num_seqs=32,
-                       tensor_parallel=tp)
-    assert eng.executor.manual_tp == (tp == 2) and eng.executor.kernels in ("triton", "pallas")
+                       tensor_parallel=tp, mode=mode)
+    assert eng.executor.manual_tp == (tp > 1) and eng.executor.kernels in ("triton", "pallas")
     for i, p in enumerate(prompts):
       eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=5))
     eng.run_until_done()
-    firsts[tp] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
+    firsts[tp, mode] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
     del eng
-  same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(firsts[1], firsts[2]))
-  lp = max_first_logprob_diff(firsts[1], firsts[2])
-  bad = real_disagreements(firsts[1], firsts[2])
-  print(f"TP 2 vs 1: {same}/{len(prompts)} first tokens equal; not near ties: {bad}; max logprob diff {lp:.3f}")
-  assert bad == 0 and lp < 0.25
+  one = firsts[1, "sequential"]
+  for (tp, mode), outs in list(firsts.items())[1:]:
+    same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(one, outs))
+    lp = max_first_logprob_diff(one, outs)
+    bad = real_disagreements(one, outs)
+    print(f"TP {tp} {mode} vs 1: {same}/{len(prompts)} first tokens equal; not near ties: {bad}; "
+          f"max logprob diff {lp:.3f}")
+    assert bad == 0 and lp < 0.25, (tp, mode)
