@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs named GPU steps one after another, each under its own time limit, logs each to $OUT/<name>.log
-# and writes $OUT/summary.md last (step, exit status, seconds). One device call = one invocation:
+# and writes $OUT/summary.md last (step, exit status, seconds); then packs the rest into $OUT/results.tgz
+# (PACK=0 leaves it unpacked). One device call = one invocation:
 #
 #   OUT=/tmp/o launch/gpu_steps.sh tests bench-1024-512 bench-1024-512-fp8
 #
@@ -78,4 +79,11 @@ for spec in "$@"; do
   tail -n 25 "$OUT/$name.log"
 done
 mv "$OUT/summary.rows" "$OUT/summary.md"
+# The device tool brings back at most 8 files: raw profiler traces stay behind (their summaries are in the
+# logs) and the rest travels as one archive beside the summary.
+if [[ ${PACK:-1} == 1 ]]; then
+  rm -rf "$OUT"/trace-*
+  tar czf /tmp/gpu_steps_results.tgz -C "$OUT" --exclude=summary.md . && \
+    find "$OUT" -mindepth 1 ! -name summary.md -delete && mv /tmp/gpu_steps_results.tgz "$OUT/results.tgz"
+fi
 cat "$OUT/summary.md"
