@@ -27,18 +27,46 @@ def latest_trace(trace_dir: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _events(path: str) -> tuple:
-  """(stream thread name, kernel event) for every kernel on a GPU stream; each trace is read once."""
+def _timed(path: str) -> tuple:
+  """(thread name, process name, event) for every event with a duration; each trace is read once."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names = {}
+  threads, procs = {}, {}
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "thread_name":
-      names[(e["pid"], e["tid"])] = e["args"]["name"]
-  kernels = ((names.get((e["pid"], e["tid"]), ""), e) for e in events if e.get("ph") == "X" and "dur" in e)
-  return tuple((thread, e) for thread, e in kernels if "Stream" in thread)
+      threads[(e["pid"], e["tid"])] = e["args"]["name"]
+    elif e.get("ph") == "M" and e.get("name") == "process_name":
+      procs[e["pid"]] = e["args"]["name"]
+  return tuple((threads.get((e["pid"], e["tid"]), ""), procs.get(e["pid"], str(e["pid"])), e)
+               for e in events if e.get("ph") == "X" and "dur" in e)
+
+
+def _events(path: str) -> tuple:
+  """(stream thread name, kernel event) for every kernel on a GPU stream."""
+  return tuple((thread, e) for thread, _, e in _timed(path) if "Stream" in thread)
+
+
+def device_idle(path: str) -> dict[str, tuple[float, float]]:
+  """Per device (the trace's process): (microseconds with a kernel running, span from first to last)."""
+  per = collections.defaultdict(list)
+  for thread, proc, e in _timed(path):
+    if "Stream" in thread:
+      per[proc].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+  return {p: (busy(ivs), max(b for _, b in ivs) - min(a for a, _ in ivs)) for p, ivs in per.items()}
+
+
+def host_time_by_name(path: str) -> dict[str, tuple[int, float]]:
+  """Host-side events (every thread that is not a GPU stream) by name -> (count, total microseconds): where
+  the launching threads spend their time, e.g. waiting on the device."""
+  out = collections.defaultdict(lambda: [0, 0.0])
+  for thread, _, e in _timed(path):
+    if "Stream" not in thread:
+      entry = out[e.get("name", "?")]
+      entry[0] += 1
+      entry[1] += float(e["dur"])
+  return {k: (n, t) for k, (n, t) in out.items()}
 
 
 def stream_intervals(path: str) -> dict[str, list[tuple[float, float]]]:
@@ -148,10 +176,19 @@ def main(path: str, steps: int = 1) -> None:
     span = max(b for _, b in every) - min(a for a, _ in every)
     print(f"device: kernels running {busy(every) / 1e3 / steps:.2f} ms of a {span / 1e3 / steps:.2f} ms span per step "
           f"(idle {(span - busy(every)) / 1e3 / steps:.2f} ms)")
+  idle = device_idle(path)
+  if len(idle) > 1:   # several GPUs (tensor parallelism): each one's own idle time
+    for proc, (b, span) in sorted(idle.items()):
+      print(f"  {proc}: kernels {b / 1e3 / steps:.2f} ms of {span / 1e3 / steps:.2f} ms per step "
+            f"(idle {(span - b) / 1e3 / steps:.2f} ms)")
   kinds = sorted(time_by_kind(path).items(), key=lambda kv: -kv[1][1])
   print("| kernel kind | kernels per step | ms per step |\n|---|---|---|")
   for kind, (n, t) in kinds[:20]:
     print(f"| {kind} | {n / steps:.0f} | {t / 1e3 / steps:.2f} |")
+  host = sorted(host_time_by_name(path).items(), key=lambda kv: -kv[1][1])
+  print("| host event (all host threads) | count per step | ms per step |\n|---|---|---|")
+  for name, (n, t) in host[:15]:
+    print(f"| {name[:80]} | {n / steps:.1f} | {t / 1e3 / steps:.2f} |")
 
 
 if __name__ == "__main__":

@@ -57,17 +57,22 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:
   return cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize) * page_size
 
 
-def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fraction: float) -> int:
-  """How many pages fit in `kv_memory_fraction` of the memory still free on the first device."""
+def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fraction: float,
+                      kv_shards: int = 1) -> int:
+  """How many pages fit in `kv_memory_fraction` of the memory still free on the first device. kv_shards:
+  the devices a page is split over (by KV head under tensor parallelism); each GPU holds 1/kv_shards of
+  every page. Host devices share one memory, so there a page costs its whole size."""
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform == "gpu" else None
+  per_page = page_bytes(cfg, page_size, dtype)
   if stats and "bytes_limit" in stats:
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - GPU_RESERVE_BYTES
     budget = int(max(free, 0) * kv_memory_fraction)
+    per_page = -(-per_page // kv_shards)
   else:
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     budget = min(int(avail * kv_memory_fraction), CPU_KV_CAP_BYTES)
-  n = budget // page_bytes(cfg, page_size, dtype)
+  n = budget // per_page
   if n < 1:
     raise MemoryError(f"no room for a KV page: {budget} bytes available for the cache")
   return int(n)

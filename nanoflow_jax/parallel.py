@@ -63,9 +63,16 @@ def sharding_fn(cfg: ModelConfig, mesh: Mesh):
   return lambda path, shape: NamedSharding(mesh, param_spec(cfg, tuple(path), tuple(shape), tp))
 
 
+def kv_shards(cfg: ModelConfig, mesh: Mesh | None) -> int:
+  """Over how many devices each KV page is split: the TP degree where the KV heads divide by it, else 1."""
+  if mesh is None or cfg.num_kv_heads % mesh.shape[AXIS]:
+    return 1
+  return mesh.shape[AXIS]
+
+
 def kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
   """K/V caches [layers, kv_heads, pages, page_size, head_dim]: split by KV head where they divide."""
-  split = cfg.num_kv_heads % mesh.shape[AXIS] == 0
+  split = kv_shards(cfg, mesh) > 1 or mesh.shape[AXIS] == 1
   if not split:
     log.info("%d KV heads over %d devices: the KV cache is replicated", cfg.num_kv_heads, mesh.shape[AXIS])
   return NamedSharding(mesh, P(None, AXIS, None, None, None) if split else P())

@@ -88,3 +88,22 @@ def test_nanoflow_under_tp_runs_an_allreduce_per_nano_batch(tmp_path):
   assert lines[-2].startswith("refused:") and "tensor parallelism 1" in lines[-2]
   seq, nano = map(int, lines[-1].split())
   assert seq >= 2 and nano == seq + 2, (seq, nano)
+
+
+def test_kv_pages_count_the_per_gpu_share(monkeypatch):
+  """Under TP each GPU holds 1/TP of every page (KV heads split), so as many times more pages fit; with
+  KV heads that do not divide the pages are whole on every GPU. (Session 4: the 70B at TP 4 sized its cache
+  as if each GPU held whole pages, 279k tokens instead of ~1.1M.)"""
+  import types
+  from nanoflow_jax import kv_cache
+  cfg = config_lib.NAMED_SHAPES["llama-2-70b"]
+  free = 100 << 30
+  gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: {
+      "bytes_limit": free + kv_cache.GPU_RESERVE_BYTES, "bytes_in_use": 0})
+  monkeypatch.setattr(kv_cache.jax, "devices", lambda: [gpu])
+  page = kv_cache.page_bytes(cfg, 16, "bfloat16")
+  assert kv_cache.pages_from_memory(cfg, 16, "bfloat16", 1.0) == free // page
+  assert kv_cache.pages_from_memory(cfg, 16, "bfloat16", 1.0, kv_shards=4) == free // (page // 4)
+  mesh = lambda tp: types.SimpleNamespace(shape={parallel.AXIS: tp})
+  assert parallel.kv_shards(cfg, None) == 1 and parallel.kv_shards(cfg, mesh(4)) == 4
+  assert parallel.kv_shards(config_lib.NAMED_SHAPES["llama-3-8b"], mesh(16)) == 1   # 8 KV heads, replicated

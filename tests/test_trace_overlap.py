@@ -39,3 +39,22 @@ def test_timeline_png(tmp_path):
   assert trace_overlap.category("_paged_attention_kernel")[0] == "attention"
   trace_overlap.timeline_png(str(path), str(tmp_path / "t.png"), window_ms=1.0)
   assert (tmp_path / "t.png").stat().st_size > 5000
+
+
+def test_per_device_idle_and_host_events(tmp_path, capsys):
+  """Two GPUs (trace processes): each one's idle time; host threads' events by name."""
+  ev = [{"ph": "M", "name": "process_name", "pid": p, "args": {"name": f"/device:GPU:{p}"}} for p in (1, 2)]
+  ev += [{"ph": "M", "name": "thread_name", "pid": p, "tid": 1, "args": {"name": "Stream #1(Compute)"}} for p in (1, 2)]
+  ev += [{"ph": "M", "name": "thread_name", "pid": 3, "tid": 7, "args": {"name": "python"}}]
+  ev += [{"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 100, "name": "gemm_1"},
+         {"ph": "X", "pid": 1, "tid": 1, "ts": 150, "dur": 50, "name": "gemm_1"},
+         {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 200, "name": "gemm_1"},
+         {"ph": "X", "pid": 3, "tid": 7, "ts": 0, "dur": 40, "name": "WaitForEvent"},
+         {"ph": "X", "pid": 3, "tid": 7, "ts": 50, "dur": 30, "name": "WaitForEvent"}]
+  path = tmp_path / "t.json"
+  path.write_text(json.dumps(ev))
+  assert trace_overlap.device_idle(str(path)) == {"/device:GPU:1": (150.0, 200.0), "/device:GPU:2": (200.0, 200.0)}
+  assert trace_overlap.host_time_by_name(str(path)) == {"WaitForEvent": (2, 70.0)}
+  trace_overlap.main(str(path))
+  out = capsys.readouterr().out
+  assert "/device:GPU:1: kernels 0.15 ms of 0.20 ms per step (idle 0.05 ms)" in out and "| WaitForEvent | 2.0 |" in out

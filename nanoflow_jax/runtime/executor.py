@@ -140,7 +140,8 @@ class Executor:
     # before the KV cache is sized (the model then drops its per-layer copy), so the cache takes the rest.
     top, stacked = model.stacked_params()
     self.params = {"top": top, "layers": stacked}
-    self.num_pages = num_pages or kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction)
+    self.num_pages = num_pages or kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction,
+                                                             parallel.kv_shards(cfg, mesh))
     kv_sharding = parallel.kv_sharding(cfg, mesh) if mesh is not None else None
     self.kv = kv_cache.allocate_kv(cfg, self.num_pages, page_size, self.kv_dtype, kv_sharding)
     r, v = max_num_seqs, cfg.vocab_size
