@@ -78,6 +78,27 @@ def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fractio
   return int(n)
 
 
+def allocate_kv_fitting(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None,
+                        shrink: float = 0.9, tries: int = 10) -> tuple[int, tuple[jax.Array, jax.Array]]:
+  """(pages, (K, V)) for a cache sized from free memory: K and V each need one contiguous block, and free
+  memory can be split (stacking the layer weights frees the per-layer arrays below the stack: the 70B at
+  TP 4 had a 27 GB hole and could place K but not V). On an allocation failure, retries `shrink` times
+  smaller."""
+  for attempt in range(tries):
+    try:
+      kv = allocate_kv(cfg, num_pages, page_size, dtype, sharding)
+      jax.block_until_ready(kv)   # an allocation failure surfaces here, not at some later step
+      return num_pages, kv
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e) or attempt == tries - 1 or num_pages < 2:
+        raise
+      smaller = max(1, int(num_pages * shrink))
+      log.warning("KV cache of %d pages does not fit (free memory is split into blocks); trying %d", num_pages,
+                  smaller)
+      num_pages = smaller
+  raise AssertionError("unreachable")
+
+
 def allocate_kv(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> tuple[jax.Array, jax.Array]:
   shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
   make = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),

@@ -107,3 +107,23 @@ def test_kv_pages_count_the_per_gpu_share(monkeypatch):
   mesh = lambda tp: types.SimpleNamespace(shape={parallel.AXIS: tp})
   assert parallel.kv_shards(cfg, None) == 1 and parallel.kv_shards(cfg, mesh(4)) == 4
   assert parallel.kv_shards(config_lib.NAMED_SHAPES["llama-3-8b"], mesh(16)) == 1   # 8 KV heads, replicated
+
+
+def test_kv_cache_shrinks_until_it_fits(monkeypatch):
+  """A cache sized from free memory that cannot be placed (free memory split into blocks) is retried
+  smaller; any other error, or a size that never fits, is raised."""
+  import jax
+  from nanoflow_jax import kv_cache
+  cfg = config_lib.tiny_config()
+  real, asked = kv_cache.allocate_kv, []
+
+  def allocate(cfg_, pages, *a, **k):
+    asked.append(pages)
+    if pages > 70:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    return real(cfg_, pages, *a, **k)
+  monkeypatch.setattr(kv_cache, "allocate_kv", allocate)
+  pages, (k, v) = kv_cache.allocate_kv_fitting(cfg, 100, 16, "float32")
+  assert asked == [100, 90, 81, 72, 64] and pages == 64 and k.shape[2] == v.shape[2] == 64
+  with pytest.raises(jax.errors.JaxRuntimeError):
+    kv_cache.allocate_kv_fitting(cfg, 1000, 16, "float32", tries=3)

@@ -140,10 +140,13 @@ class Executor:
     # before the KV cache is sized (the model then drops its per-layer copy), so the cache takes the rest.
     top, stacked = model.stacked_params()
     self.params = {"top": top, "layers": stacked}
-    self.num_pages = num_pages or kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction,
-                                                             parallel.kv_shards(cfg, mesh))
     kv_sharding = parallel.kv_sharding(cfg, mesh) if mesh is not None else None
-    self.kv = kv_cache.allocate_kv(cfg, self.num_pages, page_size, self.kv_dtype, kv_sharding)
+    if num_pages:   # asked for: exactly that many, or an error
+      self.num_pages, self.kv = num_pages, kv_cache.allocate_kv(cfg, num_pages, page_size, self.kv_dtype, kv_sharding)
+    else:           # sized from free memory: shrunk until it fits
+      self.num_pages, self.kv = kv_cache.allocate_kv_fitting(
+          cfg, kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction,
+                                          parallel.kv_shards(cfg, mesh)), page_size, self.kv_dtype, kv_sharding)
     r, v = max_num_seqs, cfg.vocab_size
     self.last_tokens = jnp.zeros((r,), jnp.int32)
     self.counts = jnp.zeros((r, v), jnp.int32)
