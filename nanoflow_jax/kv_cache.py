@@ -7,6 +7,7 @@ Page `num_pages` does not exist: writes aimed there (padding tokens) are dropped
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -85,6 +86,7 @@ def allocate_kv_fitting(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
   TP 4 had a 27 GB hole and could place K but not V). On an allocation failure, retries `shrink` times
   smaller."""
   for attempt in range(tries):
+    kv = None
     try:
       kv = allocate_kv(cfg, num_pages, page_size, dtype, sharding)
       jax.block_until_ready(kv)   # an allocation failure surfaces here, not at some later step
@@ -92,10 +94,14 @@ def allocate_kv_fitting(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e) or attempt == tries - 1 or num_pages < 2:
         raise
-      smaller = max(1, int(num_pages * shrink))
-      log.warning("KV cache of %d pages does not fit (free memory is split into blocks); trying %d", num_pages,
-                  smaller)
-      num_pages = smaller
+    # Here, past the except clause, the error and its traceback are gone: nothing holds the array that was
+    # placed before its partner failed (kept alive, it filled the memory that the retry needed).
+    del kv
+    gc.collect()   # and no reference cycle left behind by the traceback either
+    smaller = max(1, int(num_pages * shrink))
+    log.warning("KV cache of %d pages does not fit (free memory is split into blocks); trying %d", num_pages,
+                smaller)
+    num_pages = smaller
   raise AssertionError("unreachable")
 
 

@@ -115,15 +115,25 @@ def test_kv_cache_shrinks_until_it_fits(monkeypatch):
   import jax
   from nanoflow_jax import kv_cache
   cfg = config_lib.tiny_config()
-  real, asked = kv_cache.allocate_kv, []
+  import weakref
+  real, real_wait, asked, placed = kv_cache.allocate_kv, jax.block_until_ready, [], []
 
   def allocate(cfg_, pages, *a, **k):
+    # as on the GPU: K is placed, then V fails; the failure shows when the arrays are waited on
+    assert all(r() is None for r in placed), "the K placed by a failed attempt is still alive"
     asked.append(pages)
-    if pages > 70:
+    kv = real(cfg_, pages, *a, **k)
+    placed.append(weakref.ref(kv[0]))
+    return kv
+
+  def wait(kv):
+    if kv[0].shape[2] > 70:
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-    return real(cfg_, pages, *a, **k)
+    return real_wait(kv)
   monkeypatch.setattr(kv_cache, "allocate_kv", allocate)
+  monkeypatch.setattr(kv_cache.jax, "block_until_ready", wait)
   pages, (k, v) = kv_cache.allocate_kv_fitting(cfg, 100, 16, "float32")
   assert asked == [100, 90, 81, 72, 64] and pages == 64 and k.shape[2] == v.shape[2] == 64
+  placed.clear()   # k and v are kept
   with pytest.raises(jax.errors.JaxRuntimeError):
     kv_cache.allocate_kv_fitting(cfg, 1000, 16, "float32", tries=3)
