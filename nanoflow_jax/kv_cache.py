@@ -7,7 +7,6 @@ Page `num_pages` does not exist: writes aimed there (padding tokens) are dropped
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 
@@ -79,34 +78,55 @@ def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fractio
   return int(n)
 
 
+def largest_free_block(dev=None) -> int | None:
+  """The largest allocation the device's allocator can place now (its largest free block, or the room it
+  has not yet reserved from the driver); None where the allocator does not say (CPU)."""
+  dev = dev or jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform == "gpu" else None
+  if not stats or "largest_free_block_bytes" not in stats:
+    return None
+  unreserved = stats.get("bytes_limit", 0) - stats.get("pool_bytes", stats.get("bytes_limit", 0))
+  return max(int(stats["largest_free_block_bytes"]), int(unreserved))
+
+
 def allocate_kv_fitting(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None,
-                        shrink: float = 0.9, tries: int = 10) -> tuple[int, tuple[jax.Array, jax.Array]]:
-  """(pages, (K, V)) for a cache sized from free memory: K and V each need one contiguous block, and free
-  memory can be split (stacking the layer weights frees the per-layer arrays below the stack: the 70B at
-  TP 4 had a 27 GB hole and could place K but not V). On an allocation failure, retries `shrink` times
-  smaller."""
-  for attempt in range(tries):
-    kv = None
-    try:
-      kv = allocate_kv(cfg, num_pages, page_size, dtype, sharding)
-      jax.block_until_ready(kv)   # an allocation failure surfaces here, not at some later step
-      return num_pages, kv
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e) or attempt == tries - 1 or num_pages < 2:
-        raise
-    # Here, past the except clause, the error and its traceback are gone: nothing holds the array that was
-    # placed before its partner failed (kept alive, it filled the memory that the retry needed).
-    del kv
-    gc.collect()   # and no reference cycle left behind by the traceback either
-    smaller = max(1, int(num_pages * shrink))
-    log.warning("KV cache of %d pages does not fit (free memory is split into blocks); trying %d", num_pages,
-                smaller)
-    num_pages = smaller
-  raise AssertionError("unreachable")
+                        kv_shards: int = 1, tries: int = 6) -> tuple[int, tuple[jax.Array, jax.Array]]:
+  """(pages, (K, V)) for a cache sized from free memory, at most `num_pages`. K and V each need one
+  contiguous block, and free memory can be split: stacking the layer weights frees the per-layer arrays
+  below the stack (the 70B at TP 4 had a 29 GB hole below its weights and 67 GB above, and failed to place
+  V). A failed allocation on the GPU also kept the half it had placed, so this never lets one fail: K is
+  placed within the largest free block, then V only if the largest block left still holds it; else K is
+  freed and both are sized again."""
+  per_page = -(-page_bytes(cfg, page_size, dtype) // 2 // kv_shards)   # one array's share on one device
+  slack = 64 << 20                                                     # the allocator's rounding
+  for _ in range(tries):
+    block = largest_free_block()
+    if block is None:   # no allocator figures (CPU): one try
+      return num_pages, allocate_kv(cfg, num_pages, page_size, dtype, sharding)
+    num_pages = min(num_pages, (block - slack) // per_page)
+    if num_pages < 1:
+      break
+    k = allocate_one(cfg, num_pages, page_size, dtype, sharding)
+    jax.block_until_ready(k)
+    left = largest_free_block()
+    if num_pages * per_page <= left - slack:
+      v = allocate_one(cfg, num_pages, page_size, dtype, sharding)
+      return num_pages, (k, v)
+    # V in the block left largest, or both in the largest block there was: whichever holds more.
+    fit = max(left - slack, (block - slack) // 2) // per_page
+    log.warning("KV cache: K of %d pages placed but V does not fit beside it (free memory is split into "
+                "blocks); trying %d pages", num_pages, min(num_pages - 1, fit))
+    del k
+    num_pages = min(num_pages - 1, fit)
+  raise MemoryError(f"no room for a KV cache of {num_pages} pages: the largest free block is "
+                    f"{largest_free_block()} bytes")
+
+
+def allocate_one(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> jax.Array:
+  shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def allocate_kv(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> tuple[jax.Array, jax.Array]:
-  shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-  make = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
-                 out_shardings=None if sharding is None else (sharding, sharding))
-  return make()
+  return (allocate_one(cfg, num_pages, page_size, dtype, sharding),
+          allocate_one(cfg, num_pages, page_size, dtype, sharding))

@@ -144,9 +144,10 @@ class Executor:
     if num_pages:   # asked for: exactly that many, or an error
       self.num_pages, self.kv = num_pages, kv_cache.allocate_kv(cfg, num_pages, page_size, self.kv_dtype, kv_sharding)
     else:           # sized from free memory: shrunk until it fits
+      shards = parallel.kv_shards(cfg, mesh)
       self.num_pages, self.kv = kv_cache.allocate_kv_fitting(
-          cfg, kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction,
-                                          parallel.kv_shards(cfg, mesh)), page_size, self.kv_dtype, kv_sharding)
+          cfg, kv_cache.pages_from_memory(cfg, page_size, self.kv_dtype, kv_memory_fraction, shards), page_size,
+          self.kv_dtype, kv_sharding, shards)
     r, v = max_num_seqs, cfg.vocab_size
     self.last_tokens = jnp.zeros((r,), jnp.int32)
     self.counts = jnp.zeros((r, v), jnp.int32)
