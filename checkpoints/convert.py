@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from absl import app, flags
 
-from nanoflow_jax import checkpoint, config as config_lib, tokenizer as tokenizer_lib
+from nanoflow_jax import checkpoint, config as config_lib, layer_stack, tokenizer as tokenizer_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, *.safetensors, tokenizer).")
@@ -57,7 +57,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
       from tqdm import tqdm
       items = tqdm(items, total=sum(1 for _ in checkpoint.hf_layout(cfg)), desc="converting", unit="tensor")
     for path, arr in items:
-      checkpoint._set(params, path, arr)
+      layer_stack.set_path(params, path, arr)
     checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), params)
     for name in ("config.json", *tokenizer_lib.TOKENIZER_FILES):
       src = os.path.join(hf_dir, name)

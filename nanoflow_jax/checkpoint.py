@@ -26,6 +26,7 @@ import numpy as np
 
 from nanoflow_jax import config as config_lib
 from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.layer_stack import LayerStack, set_path
 from nanoflow_jax.safetensors_reader import SafetensorsError, open_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,6 @@ def iter_hf_params(hf_dir: str, cfg: ModelConfig, dtype) -> Iterator[tuple[tuple
     yield path, np.asarray(build(*arrays)).astype(dtype)
 
 
-def _set(tree: Params, path: tuple[str, ...], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
 def _place(path, arr, sharding_fn: ShardingFn | None):
   if sharding_fn is None:
     return jnp.asarray(arr)
@@ -150,15 +145,22 @@ def _place(path, arr, sharding_fn: ShardingFn | None):
 
 
 def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn | None = None,
-                   progress: bool = False) -> Params:
+                   progress: bool = False, stacked: bool = False):
+  """The parameter tree ("layers_<i>" per layer), or with `stacked` (top-level tree, layers stacked on a
+  leading axis) written into the stack as they load (layer_stack.py says why)."""
   params: Params = {}
+  stack = LayerStack(cfg.num_layers) if stacked else None
   items = iter_hf_params(hf_dir, cfg, parse_dtype(dtype))
   if progress:
     from tqdm import tqdm
     items = tqdm(items, total=sum(1 for _ in hf_layout(cfg)), desc="loading", unit="tensor")
   for path, arr in items:
-    _set(params, path, _place(path, arr, sharding_fn))
-  return params
+    value = _place(path, arr, sharding_fn)
+    if stack is not None:
+      stack.put(path, value)
+    else:
+      set_path(params, path, value)
+  return stack.result() if stack is not None else params
 
 
 # --- orbax ----------------------------------------------------------------------------------------
@@ -197,10 +199,12 @@ def load_orbax_params(ckpt_dir: str, cfg: ModelConfig, dtype, sharding_fn: Shard
     raise CheckpointError(f"cannot restore {ckpt_dir}: {e}") from None
 
 
-def random_params(cfg: ModelConfig, dtype, seed: int = 0, sharding_fn: ShardingFn | None = None) -> Params:
+def random_params(cfg: ModelConfig, dtype, seed: int = 0, sharding_fn: ShardingFn | None = None,
+                  stacked: bool = False):
   """Random weights of the model's shape, as transformers initializes them: norms one, biases zero, the
   rest normal(INIT_STD). Drawn leaf by leaf straight from the shapes: running the Flax init instead
-  compiles the whole forward pass (about a minute for an 8B model on the GPU)."""
+  compiles the whole forward pass (about a minute for an 8B model on the GPU). With `stacked`, (top-level
+  tree, layers stacked), each layer written into the stack as it is drawn; the same values either way."""
   from nanoflow_jax.models.transformer import INIT_STD
   abstract = _with_shardings(_abstract_params(cfg, parse_dtype(dtype)), sharding_fn)
   paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(abstract)[0])
@@ -217,12 +221,16 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, sharding_fn: ShardingF
     return jax.jit(draw, out_shardings=s.sharding)
 
   root = jax.random.PRNGKey(seed)
-  out = []
+  out, stack = [], LayerStack(cfg.num_layers) if stacked else None
   for i, (path, s) in enumerate(zip(paths, leaves)):
     name = path[-1].key
     kind = "norm" if name.endswith("norm") else "bias" if name.endswith("bias") else "normal"
-    out.append(drawer(kind, s)(jax.random.fold_in(root, i)))
-  return jax.tree.unflatten(treedef, out)
+    value = drawer(kind, s)(jax.random.fold_in(root, i))
+    if stack is not None:
+      stack.put(tuple(p.key for p in path), value)
+    else:
+      out.append(value)
+  return stack.result() if stack is not None else jax.tree.unflatten(treedef, out)
 
 
 def is_converted(path: str) -> bool:

@@ -21,10 +21,14 @@ class Model:
   holds only that one copy, and `params` rebuilds per-layer views from it on demand.
   """
 
-  def __init__(self, cfg: ModelConfig, params, dtype, tokenizer: tokenizer_lib.Tokenizer | None = None):
+  def __init__(self, cfg: ModelConfig, params, dtype, tokenizer: tokenizer_lib.Tokenizer | None = None,
+               stacked: tuple[dict, dict] | None = None):
+    """`params`: the per-layer tree; or `stacked`: (top-level tree, layers stacked) as the loaders build it."""
+    if (params is None) == (stacked is None):
+      raise ValueError("Model takes either per-layer params or stacked ones")
     self.config = cfg
     self._params = params
-    self._stacked = None
+    self._stacked = stacked
     self.dtype = jnp.dtype(dtype)
     self.tokenizer = tokenizer
     self.module = Transformer(cfg, self.dtype)
@@ -84,13 +88,14 @@ def load_model(path_or_name: str, dtype="bfloat16", random_weights: bool = False
     tok = tokenizer_lib.tiny_tokenizer()
     if path_or_name != "tiny":
       log.info("%s: random weights with the built-in byte-level tokenizer", path_or_name)
-    return Model(cfg, checkpoint.random_params(cfg, dtype, seed, sharding_fn), dtype, tok)
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(cfg, dtype, seed, sharding_fn, stacked=True))
   tok = tokenizer_lib.load_tokenizer(path_or_name)
+  # Random and Hugging Face weights are written into the layer stack as they load (layer_stack.py); an
+  # orbax checkpoint is restored whole and stacked after (its per-layer arrays leave a hole below the stack).
   if random_weights:
-    params = checkpoint.random_params(cfg, dtype, seed, sharding_fn)
-  elif checkpoint.is_converted(path_or_name):
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(cfg, dtype, seed, sharding_fn, stacked=True))
+  if checkpoint.is_converted(path_or_name):
     checkpoint.read_meta(path_or_name)
-    params = checkpoint.load_orbax_params(path_or_name, cfg, dtype, sharding_fn)
-  else:
-    params = checkpoint.load_hf_params(path_or_name, cfg, dtype, sharding_fn, progress)
-  return Model(cfg, params, dtype, tok)
+    return Model(cfg, checkpoint.load_orbax_params(path_or_name, cfg, dtype, sharding_fn), dtype, tok)
+  return Model(cfg, None, dtype, tok,
+               stacked=checkpoint.load_hf_params(path_or_name, cfg, dtype, sharding_fn, progress, stacked=True))
