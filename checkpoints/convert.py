@@ -51,14 +51,16 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
   try:
-    params: dict = {}
+    # Stored with the layers stacked (format 2): the engine restores the stack it runs directly.
+    stack = layer_stack.LayerStack(cfg.num_layers)
     items = checkpoint.iter_hf_params(hf_dir, cfg, np_dtype)
     if progress:
       from tqdm import tqdm
       items = tqdm(items, total=sum(1 for _ in checkpoint.hf_layout(cfg)), desc="converting", unit="tensor")
     for path, arr in items:
-      layer_stack.set_path(params, path, arr)
-    checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), params)
+      stack.put(path, arr)
+    top, layers = stack.result()
+    checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), {"top": top, "layers": layers})
     for name in ("config.json", *tokenizer_lib.TOKENIZER_FILES):
       src = os.path.join(hf_dir, name)
       if os.path.exists(src):

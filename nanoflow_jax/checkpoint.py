@@ -26,12 +26,14 @@ import numpy as np
 
 from nanoflow_jax import config as config_lib
 from nanoflow_jax.config import ModelConfig
+from nanoflow_jax import layer_stack
 from nanoflow_jax.layer_stack import LayerStack, set_path
 from nanoflow_jax.safetensors_reader import SafetensorsError, open_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: layers stored stacked ({'top', 'layers'}); 1: per-layer arrays
+READABLE_VERSIONS = (1, 2)
 META_FILE = "nanoflow.json"
 PARAMS_DIR = "params"
 FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16)}
@@ -188,15 +190,36 @@ def _with_shardings(abstract: Params, sharding_fn: ShardingFn | None) -> Params:
   return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def load_orbax_params(ckpt_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn | None = None) -> Params:
-  """Restores straight into device arrays laid out by `sharding_fn` (default: the first device)."""
+def _stacked_target(per_layer: Params, num_layers: int) -> dict:
+  """The format-2 tree {"top", "layers"} of abstract arrays from the per-layer one: layer 0's leaves with
+  a leading layer axis and layer 0's sharding over the rest."""
+  def stacked(s):
+    return jax.ShapeDtypeStruct((num_layers, *s.shape), s.dtype, sharding=layer_stack.stacked_sharding(s.sharding))
+  return {"top": {k: v for k, v in per_layer.items() if not k.startswith("layers_")},
+          "layers": jax.tree.map(stacked, per_layer["layers_0"])}
+
+
+def load_orbax_params(ckpt_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn | None = None):
+  """(top-level tree, layers stacked), restored straight into device arrays laid out by `sharding_fn`
+  (default: the first device). Format 2 stores the stack; format 1 (per-layer arrays) is restored and
+  stacked after, which leaves their room free below the stack (re-convert to avoid it)."""
   import orbax.checkpoint as ocp
-  target = _with_shardings(_abstract_params(cfg, parse_dtype(dtype)), sharding_fn)
+  version = read_meta(ckpt_dir)["format_version"]
+  per_layer = _with_shardings(_abstract_params(cfg, parse_dtype(dtype)), sharding_fn)
+  target = _stacked_target(per_layer, cfg.num_layers) if version >= 2 else per_layer
   ckptr = ocp.StandardCheckpointer()
   try:
-    return ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR)), target)
+    restored = ckptr.restore(os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR)), target)
   except (ValueError, FileNotFoundError, KeyError) as e:
     raise CheckpointError(f"cannot restore {ckpt_dir}: {e}") from None
+  if version >= 2:
+    return restored["top"], restored["layers"]
+  log.warning("%s: a format-1 checkpoint (per-layer arrays); re-convert it to load the layer stack directly",
+              ckpt_dir)
+  stack = LayerStack(cfg.num_layers)
+  for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
+    stack.put(tuple(p.key for p in path), value)
+  return stack.result()
 
 
 def random_params(cfg: ModelConfig, dtype, seed: int = 0, sharding_fn: ShardingFn | None = None,
@@ -240,9 +263,9 @@ def is_converted(path: str) -> bool:
 def read_meta(path: str) -> dict[str, Any]:
   with open(os.path.join(path, META_FILE)) as f:
     meta = json.load(f)
-  if meta.get("format_version") != FORMAT_VERSION:
+  if meta.get("format_version") not in READABLE_VERSIONS:
     raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')}, this build reads "
-                          f"{FORMAT_VERSION}")
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
   return meta
 
 

@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 Path = tuple[str, ...]
@@ -24,7 +25,7 @@ def layer_index(path: Path) -> int | None:
   return int(head[len("layers_"):]) if head.startswith("layers_") else None
 
 
-def _stacked_sharding(sharding):
+def stacked_sharding(sharding):
   """A layer's sharding with an unsplit leading layer axis."""
   if isinstance(sharding, NamedSharding):
     return NamedSharding(sharding.mesh, P(None, *sharding.spec))
@@ -39,7 +40,8 @@ def _writer(sharding):
 
 
 class LayerStack:
-  """put() every parameter (top-level ones pass through); result() gives (top-level tree, stacked layers)."""
+  """put() every parameter (top-level ones pass through); result() gives (top-level tree, stacked layers).
+  Device arrays stack on their devices; numpy arrays (the converter) on the host."""
 
   def __init__(self, num_layers: int):
     self.num_layers = num_layers
@@ -55,8 +57,17 @@ class LayerStack:
     if not 0 <= i < self.num_layers:
       raise ValueError(f"{'/'.join(path)}: layer {i} of a {self.num_layers}-layer model")
     leaf = path[1:]
+    if isinstance(value, np.ndarray):   # host arrays (the converter): a host stack, filled in place
+      if leaf not in self._stacks:
+        self._stacks[leaf] = np.empty((self.num_layers, *value.shape), value.dtype)
+        self._filled[leaf] = set()
+      if self._stacks[leaf].shape[1:] != value.shape:
+        raise ValueError(f"{'/'.join(path)}: shape {value.shape}, layer 0 had {self._stacks[leaf].shape[1:]}")
+      self._stacks[leaf][i] = value
+      self._filled[leaf].add(i)
+      return
     if leaf not in self._stacks:
-      sharding = _stacked_sharding(value.sharding)
+      sharding = stacked_sharding(value.sharding)
       shape = (self.num_layers, *value.shape)
       self._stacks[leaf] = jax.jit(lambda: jnp.zeros(shape, value.dtype), out_shardings=sharding)()
       self._filled[leaf] = set()

@@ -90,12 +90,11 @@ def load_model(path_or_name: str, dtype="bfloat16", random_weights: bool = False
       log.info("%s: random weights with the built-in byte-level tokenizer", path_or_name)
     return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(cfg, dtype, seed, sharding_fn, stacked=True))
   tok = tokenizer_lib.load_tokenizer(path_or_name)
-  # Random and Hugging Face weights are written into the layer stack as they load (layer_stack.py); an
-  # orbax checkpoint is restored whole and stacked after (its per-layer arrays leave a hole below the stack).
+  # Every loader gives the layer stack the runtime scans over, built without a per-layer copy of the
+  # weights beside it (layer_stack.py says why that matters for the KV cache).
   if random_weights:
     return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(cfg, dtype, seed, sharding_fn, stacked=True))
   if checkpoint.is_converted(path_or_name):
-    checkpoint.read_meta(path_or_name)
-    return Model(cfg, checkpoint.load_orbax_params(path_or_name, cfg, dtype, sharding_fn), dtype, tok)
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.load_orbax_params(path_or_name, cfg, dtype, sharding_fn))
   return Model(cfg, None, dtype, tok,
                stacked=checkpoint.load_hf_params(path_or_name, cfg, dtype, sharding_fn, progress, stacked=True))

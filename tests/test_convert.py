@@ -155,3 +155,37 @@ def test_named_shapes_need_random_weights():
     nanoflow_jax.load_model("llama-3-8b")
   with pytest.raises(ValueError, match="neither a model directory nor a named shape"):
     nanoflow_jax.load_model("no-such-model")
+
+
+def test_format_2_stores_the_layer_stack_and_format_1_still_loads(hf_dir, tmp_path):
+  """Converted checkpoints hold the layers stacked (what the engine runs, restored without a per-layer
+  copy); a format-1 checkpoint (per-layer arrays, earlier builds) loads to the same model; others are
+  refused."""
+  import jax
+  from nanoflow_jax import checkpoint
+  out = tmp_path / "v2"
+  convert(hf_dir, str(out), dtype="float32", progress=False)
+  with open(out / "nanoflow.json") as f:
+    assert json.load(f)["format_version"] == 2
+  ids = np.array([[1, 2, 3, 9]])
+  want = np.asarray(nanoflow_jax.load_model(hf_dir, dtype="float32").forward(ids))
+  model = nanoflow_jax.load_model(str(out), dtype="float32")
+  top, layers = model.stacked_params()
+  cfg = model.config
+  assert all(w.shape[0] == cfg.num_layers for w in jax.tree.leaves(layers)) and "embed" in str(list(top))
+  np.testing.assert_allclose(np.asarray(model.forward(ids)), want, rtol=1e-5, atol=1e-5)
+
+  old = tmp_path / "v1"                       # what format 1 wrote: the per-layer tree
+  shutil.copytree(out, old, ignore=shutil.ignore_patterns("params"))
+  checkpoint.save_params(str(old / "params"), {k: v for k, v in model.params.items()})
+  with open(old / "nanoflow.json") as f:
+    meta = json.load(f)
+  with open(old / "nanoflow.json", "w") as f:
+    json.dump({**meta, "format_version": 1}, f)
+  np.testing.assert_allclose(np.asarray(nanoflow_jax.load_model(str(old), dtype="float32").forward(ids)), want,
+                             rtol=1e-5, atol=1e-5)
+  with open(old / "nanoflow.json", "w") as f:
+    json.dump({**meta, "format_version": 99}, f)
+  with pytest.raises(checkpoint.CheckpointError, match="format 99"):
+    nanoflow_jax.load_model(str(old), dtype="float32")
+
