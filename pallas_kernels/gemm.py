@@ -58,12 +58,20 @@ def supported(m: int, n: int, k: int) -> bool:
 
 
 def gemm(a: jax.Array, b: jax.Array, residual: jax.Array | None = None, *, num_sms: int,
-         config: dict | None = None) -> jax.Array:
-  """a [M, K] @ b [K, N] (+ residual [M, N]) on `num_sms` CTAs."""
+         config: dict | None = None, layer: jax.Array | int | None = None) -> jax.Array:
+  """a [M, K] @ b [K, N] (+ residual [M, N]) on `num_sms` CTAs. With `layer`, b is the stacked weight
+  [L, K, N] and the kernel reads b[layer] where it lies: the caller passes the whole stack instead of a
+  slice, which a stream-annotated computation would otherwise receive as a copy (~7 ms per 8B step,
+  docs/perf-notes.md)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
   m, k = a.shape
-  k2, n = b.shape
+  if layer is not None:
+    if b.ndim != 3:
+      raise ValueError(f"gemm: with a layer index b is the stack [L, K, N], got {b.shape}")
+    k2, n = b.shape[1:]
+  else:
+    k2, n = b.shape
   if k != k2 or a.dtype != b.dtype:
     raise ValueError(f"gemm: incompatible operands {a.shape} {a.dtype} x {b.shape} {b.dtype}")
   if not supported(m, n, k):
@@ -72,10 +80,16 @@ def gemm(a: jax.Array, b: jax.Array, residual: jax.Array | None = None, *, num_s
   # The grid's minor dimension and the dimension the two consumer warpgroups split: "M" or "N".
   dims = {d: getattr(hm.MatmulDimension, cfg.pop(d, "N")) for d in ("grid_minor_dim", "wg_dimension")}
   cfg = hm.TuningConfig(**cfg, **dims)
+  body = functools.partial(hm.kernel, config=cfg)
+  args = (a, b, residual)
+  if layer is not None:
+    def body(layer_gmem, a_gmem, b_gmem, c_gmem, out_gmem):   # noqa: F811 (the stacked variant)
+      hm.kernel(a_gmem, b_gmem.at[layer_gmem[0]], c_gmem, out_gmem, config=cfg)
+    args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
   f = plgpu.kernel(
-      functools.partial(hm.kernel, config=cfg),
+      body,
       out_type=jax.ShapeDtypeStruct((m, n), a.dtype if residual is None else residual.dtype),
       grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return f(a, b, residual)
+  return f(*args)

@@ -17,9 +17,11 @@ import numpy as np
 from nanoflow_jax.config import RopeConfig
 
 
-# A GEMM kernel the runtime installs while it traces a step: fn(a [M, K], b [K, N], residual [M, N] | None)
-# returns the product, or None where the kernel does not take that shape (then XLA's dot runs).
-GemmFn = Callable[[jax.Array, jax.Array, "jax.Array | None"], "jax.Array | None"]
+# A GEMM kernel the runtime installs while it traces a step: fn(a [M, K], b [K, N], residual [M, N] | None,
+# stacked) returns the product, or None where the kernel does not take that shape (then XLA's dot runs).
+# `stacked`: (the stacked weight [L, ...], layer index) that b is a slice of, where the runtime registered
+# it (use_stacked_weights), else None.
+GemmFn = Callable[[jax.Array, jax.Array, "jax.Array | None", "tuple | None"], "jax.Array | None"]
 _GEMM: contextvars.ContextVar[GemmFn | None] = contextvars.ContextVar("gemm", default=None)
 
 
@@ -30,6 +32,19 @@ def use_gemm(fn: GemmFn | None):
     yield
   finally:
     _GEMM.reset(token)
+
+
+_STACKED: contextvars.ContextVar[dict] = contextvars.ContextVar("stacked", default={})
+
+
+@contextlib.contextmanager
+def use_stacked_weights(slices: dict[int, tuple[jax.Array, jax.Array]]):
+  """While a layer is traced: id(weight slice) -> (the stacked weight, layer index), handed to the GEMM."""
+  token = _STACKED.set(slices)
+  try:
+    yield
+  finally:
+    _STACKED.reset(token)
 
 
 def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = None) -> jax.Array:
@@ -43,7 +58,8 @@ def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = N
     nk = len(set(lhs.replace("...", "")) - set(out_spec))
     k = math.prod(x.shape[x.ndim - nk:])
     a = x.reshape(-1, k)
-    out = gemm(a, w.reshape(k, -1), None if residual is None else residual.reshape(a.shape[0], -1))
+    out = gemm(a, w.reshape(k, -1), None if residual is None else residual.reshape(a.shape[0], -1),
+               _STACKED.get().get(id(w)))
     if out is not None:
       return out.reshape(*x.shape[:x.ndim - nk], *w.shape[nk:])
   y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -8,6 +8,7 @@ donated in and out: no copies.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -16,8 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import contextlib
 
 from nanoflow_jax import compat, kv_cache, parallel, sampler
 from nanoflow_jax.model import Model
@@ -134,6 +133,9 @@ class Executor:
       log.warning("tensor parallelism: nano-batches run in order without stream annotation for now")
       self.annotate = False
     self.gemm = gemm
+    # Stream-annotated GEMMs take the whole weight stack and the layer index (a slice would reach them as a
+    # copy); interpret mode does the same so the CPU tests run that path.
+    self.stacked_gemm = (self.annotate or self.kernels == "interpret") and not self.manual_tp
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.fused_rope_append = fused_rope_append
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
@@ -218,21 +220,26 @@ class Executor:
       return self._on_stream(lambda *a: rope_append_triton.rope_append(*a, num_sms=num_sms))(*args)
     return rope_append_triton.rope_append_reference(*args)
 
-  def _gemm(self, a, b, residual):
+  def _gemm(self, a, b, residual, stacked):
     m, k = a.shape
+    n = b.shape[1]
     if self.gemm == "xla":
       return None
-    if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not gemm_kernel.supported(
-        m, b.shape[1], k):
+    if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not gemm_kernel.supported(m, n, k):
       return None
     num_sms = self._sms()
+    layer = None
+    if stacked is not None and self.stacked_gemm:   # the whole stack and the layer index, not the slice
+      stack, layer = stacked
+      b = stack.reshape(stack.shape[0], k, n)       # a bitcast: the layer's [..] dims flattened as in b
+    call = functools.partial(gemm_kernel.gemm, num_sms=num_sms, layer=layer)
     if self.kernels == "interpret":
       from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
       with force_gpu_interpret_mode(InterpretGPUParams()):
-        return gemm_kernel.gemm(a, b, residual, num_sms=num_sms)
+        return call(a, b, residual)
     if residual is None:
-      return self._on_stream(lambda a, b: gemm_kernel.gemm(a, b, None, num_sms=num_sms))(a, b)
-    return self._on_stream(lambda a, b, r: gemm_kernel.gemm(a, b, r, num_sms=num_sms))(a, b, residual)
+      return self._on_stream(lambda a, b: call(a, b, None))(a, b)
+    return self._on_stream(lambda a, b, r: call(a, b, r))(a, b, residual)
 
   def _forward(self, params, kv, tokens, inp: StepInputs):
     cfg = self.model.config
@@ -260,6 +267,13 @@ class Executor:
       i, layer_params = xs
       layer = DecoderLayer(layer_cfg, self.model.dtype).bind({"params": layer_params})
       st = [{"x": x[r]} for r in rows]   # per nano-batch values
+      # The GEMMs take their weight as (whole stack, layer index) where stacked_gemm says so.
+      stacked = ({id(w): (params["layers"][name], i) for name, w in layer_params.items()}
+                 if self.stacked_gemm else {})
+      with layers.use_stacked_weights(stacked):
+        return run_ops(layer, st, i, k_cache, v_cache, inp)
+
+    def run_ops(layer, st, i, k_cache, v_cache, inp):
       for op in ops:
         s, r = st[op.nano_batch], rows[op.nano_batch]
         with self._nano_op(op):
