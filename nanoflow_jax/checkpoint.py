@@ -24,10 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanoflow_jax import config as config_lib
+from nanoflow_jax import config as config_lib, layer_stack
 from nanoflow_jax.config import ModelConfig
-from nanoflow_jax import layer_stack
-from nanoflow_jax.layer_stack import LayerStack, set_path
 from nanoflow_jax.safetensors_reader import SafetensorsError, open_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -151,7 +149,7 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn
   """The parameter tree ("layers_<i>" per layer), or with `stacked` (top-level tree, layers stacked on a
   leading axis) written into the stack as they load (layer_stack.py says why)."""
   params: Params = {}
-  stack = LayerStack(cfg.num_layers) if stacked else None
+  stack = layer_stack.LayerStack(cfg.num_layers) if stacked else None
   items = iter_hf_params(hf_dir, cfg, parse_dtype(dtype))
   if progress:
     from tqdm import tqdm
@@ -161,7 +159,7 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn
     if stack is not None:
       stack.put(path, value)
     else:
-      set_path(params, path, value)
+      layer_stack.set_path(params, path, value)
   return stack.result() if stack is not None else params
 
 
@@ -216,7 +214,7 @@ def load_orbax_params(ckpt_dir: str, cfg: ModelConfig, dtype, sharding_fn: Shard
     return restored["top"], restored["layers"]
   log.warning("%s: a format-1 checkpoint (per-layer arrays); re-convert it to load the layer stack directly",
               ckpt_dir)
-  stack = LayerStack(cfg.num_layers)
+  stack = layer_stack.LayerStack(cfg.num_layers)
   for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
     stack.put(tuple(p.key for p in path), value)
   return stack.result()
@@ -244,7 +242,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0, sharding_fn: ShardingF
     return jax.jit(draw, out_shardings=s.sharding)
 
   root = jax.random.PRNGKey(seed)
-  out, stack = [], LayerStack(cfg.num_layers) if stacked else None
+  out, stack = [], layer_stack.LayerStack(cfg.num_layers) if stacked else None
   for i, (path, s) in enumerate(zip(paths, leaves)):
     name = path[-1].key
     kind = "norm" if name.endswith("norm") else "bias" if name.endswith("bias") else "normal"

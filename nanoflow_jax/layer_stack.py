@@ -57,25 +57,24 @@ class LayerStack:
     if not 0 <= i < self.num_layers:
       raise ValueError(f"{'/'.join(path)}: layer {i} of a {self.num_layers}-layer model")
     leaf = path[1:]
-    if isinstance(value, np.ndarray):   # host arrays (the converter): a host stack, filled in place
-      if leaf not in self._stacks:
-        self._stacks[leaf] = np.empty((self.num_layers, *value.shape), value.dtype)
-        self._filled[leaf] = set()
-      if self._stacks[leaf].shape[1:] != value.shape:
-        raise ValueError(f"{'/'.join(path)}: shape {value.shape}, layer 0 had {self._stacks[leaf].shape[1:]}")
-      self._stacks[leaf][i] = value
-      self._filled[leaf].add(i)
-      return
     if leaf not in self._stacks:
-      sharding = stacked_sharding(value.sharding)
-      shape = (self.num_layers, *value.shape)
-      self._stacks[leaf] = jax.jit(lambda: jnp.zeros(shape, value.dtype), out_shardings=sharding)()
-      self._filled[leaf] = set()
+      self._stacks[leaf], self._filled[leaf] = self._new_stack(value), set()
     stack = self._stacks[leaf]
     if stack.shape[1:] != value.shape:
       raise ValueError(f"{'/'.join(path)}: shape {value.shape}, layer 0 had {stack.shape[1:]}")
-    self._stacks[leaf] = _writer(stack.sharding)(stack, value, jnp.int32(i))
+    if isinstance(stack, np.ndarray):
+      stack[i] = value
+    else:
+      self._stacks[leaf] = _writer(stack.sharding)(stack, value, jnp.int32(i))
     self._filled[leaf].add(i)
+
+  def _new_stack(self, value):
+    """An empty stack for `value`'s leaf: on the host for host arrays (the converter), else on the devices
+    that hold `value`, with an unsplit layer axis."""
+    shape = (self.num_layers, *value.shape)
+    if isinstance(value, np.ndarray):
+      return np.empty(shape, value.dtype)
+    return jax.jit(lambda: jnp.zeros(shape, value.dtype), out_shardings=stacked_sharding(value.sharding))()
 
   def result(self) -> tuple[dict, dict]:
     for leaf, done in self._filled.items():
