@@ -14,19 +14,15 @@ OUT=${OUT:-/tmp/gpu_steps}
 mkdir -p "$OUT"
 PY=python3
 
-bench() {  # bench NAME WORKLOAD NUM_REQUESTS [extra flags...]
-  local name=$1 workload=$2 n=$3; shift 3
-  $PY launch/benchmark.py --model=llama-3-8b --random_weights --workload="$workload" \
+run_bench() {  # run_bench MODEL NAME WORKLOAD NUM_REQUESTS [extra flags...]
+  local model=$1 name=$2 workload=$3 n=$4; shift 4
+  $PY launch/benchmark.py --model="$model" --random_weights --workload="$workload" \
     --num_requests="$n" --dense_batch=2048 --max_num_seqs=1024 \
     --json_out="$OUT/$name.json" --plot_out="$OUT/$name.png" "$@"
 }
-
-bench70() {  # bench70 NAME TP WORKLOAD NUM_REQUESTS [extra flags...]: LLaMA-2-70B shape, tensor parallel
-  local name=$1 tp=$2 workload=$3 n=$4; shift 4
-  $PY launch/benchmark.py --model=llama-2-70b --random_weights --tp="$tp" --workload="$workload" \
-    --num_requests="$n" --dense_batch=2048 --max_num_seqs=1024 \
-    --json_out="$OUT/$name.json" --plot_out="$OUT/$name.png" "$@"
-}
+bench() { run_bench llama-3-8b "$@"; }   # bench NAME WORKLOAD NUM_REQUESTS [extra flags...]
+# bench70 NAME TP WORKLOAD NUM_REQUESTS [extra flags...]: LLaMA-2-70B shape, tensor parallel
+bench70() { local name=$1 tp=$2; shift 2; run_bench llama-2-70b "$name" "$@" --tp="$tp"; }
 
 step_tests()              { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu --ignore=tests/gpu/test_tp_gpu.py; }
 step_tests-engine()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_engine_gpu.py; }
@@ -73,7 +69,7 @@ for spec in "$@"; do
   if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
   start=$(date +%s)
   # The function runs in a subshell so that `timeout` can stop it and all it started.
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f bench bench70 "step_$name"); PY=$PY OUT=$OUT step_$name" \
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 "step_$name"); PY=$PY OUT=$OUT step_$name" \
     > "$OUT/$name.log" 2>&1
   rc=$?
   printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"

@@ -145,22 +145,17 @@ def _place(path, arr, sharding_fn: ShardingFn | None):
 
 
 def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn | None = None,
-                   progress: bool = False, stacked: bool = False):
-  """The parameter tree ("layers_<i>" per layer), or with `stacked` (top-level tree, layers stacked on a
-  leading axis) written into the stack as they load (layer_stack.py says why)."""
-  params: Params = {}
-  stack = layer_stack.LayerStack(cfg.num_layers) if stacked else None
+                   progress: bool = False) -> tuple[Params, Params]:
+  """(top-level tree, layers stacked on a leading axis), each layer written into the stack as it loads
+  (layer_stack.py says why)."""
+  stack = layer_stack.LayerStack(cfg.num_layers)
   items = iter_hf_params(hf_dir, cfg, parse_dtype(dtype))
   if progress:
     from tqdm import tqdm
     items = tqdm(items, total=sum(1 for _ in hf_layout(cfg)), desc="loading", unit="tensor")
   for path, arr in items:
-    value = _place(path, arr, sharding_fn)
-    if stack is not None:
-      stack.put(path, value)
-    else:
-      layer_stack.set_path(params, path, value)
-  return stack.result() if stack is not None else params
+    stack.put(path, _place(path, arr, sharding_fn))
+  return stack.result()
 
 
 # --- orbax ----------------------------------------------------------------------------------------

@@ -62,8 +62,7 @@ def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fractio
   """How many pages fit in `kv_memory_fraction` of the memory still free on the first device. kv_shards:
   the devices a page is split over (by KV head under tensor parallelism); each GPU holds 1/kv_shards of
   every page. Host devices share one memory, so there a page costs its whole size."""
-  dev = jax.devices()[0]
-  stats = dev.memory_stats() if dev.platform == "gpu" else None
+  stats = _gpu_memory_stats()
   per_page = page_bytes(cfg, page_size, dtype)
   if stats and "bytes_limit" in stats:
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - GPU_RESERVE_BYTES
@@ -78,11 +77,16 @@ def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fractio
   return int(n)
 
 
-def largest_free_block(dev=None) -> int | None:
-  """The largest allocation the device's allocator can place now (its largest free block, or the room it
-  has not yet reserved from the driver); None where the allocator does not say (CPU)."""
-  dev = dev or jax.devices()[0]
-  stats = dev.memory_stats() if dev.platform == "gpu" else None
+def _gpu_memory_stats() -> dict | None:
+  """The first device's allocator figures; None off the GPU."""
+  dev = jax.devices()[0]
+  return dev.memory_stats() if dev.platform == "gpu" else None
+
+
+def largest_free_block() -> int | None:
+  """The largest allocation the first device's allocator can place now (its largest free block, or the
+  room it has not yet reserved from the driver); None where the allocator does not say (CPU)."""
+  stats = _gpu_memory_stats()
   if not stats or "largest_free_block_bytes" not in stats:
     return None
   unreserved = stats.get("bytes_limit", 0) - stats.get("pool_bytes", stats.get("bytes_limit", 0))

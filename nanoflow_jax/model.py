@@ -97,4 +97,4 @@ def load_model(path_or_name: str, dtype="bfloat16", random_weights: bool = False
   if checkpoint.is_converted(path_or_name):
     return Model(cfg, None, dtype, tok, stacked=checkpoint.load_orbax_params(path_or_name, cfg, dtype, sharding_fn))
   return Model(cfg, None, dtype, tok,
-               stacked=checkpoint.load_hf_params(path_or_name, cfg, dtype, sharding_fn, progress, stacked=True))
+               stacked=checkpoint.load_hf_params(path_or_name, cfg, dtype, sharding_fn, progress))
