@@ -79,7 +79,7 @@ mv "$OUT/summary.rows" "$OUT/summary.md"
 # The device tool brings back at most 8 files: raw profiler traces stay behind (their summaries are in the
 # logs) and the rest travels as one archive beside the summary.
 if [[ ${PACK:-1} == 1 ]]; then
-  rm -rf "$OUT"/trace-*
+  rm -rf "$OUT"/trace-* "$OUT"/*/trace
   tar czf /tmp/gpu_steps_results.tgz -C "$OUT" --exclude=summary.md . && \
     find "$OUT" -mindepth 1 ! -name summary.md -delete && mv /tmp/gpu_steps_results.tgz "$OUT/results.tgz"
 fi

@@ -9,7 +9,7 @@ separate the cost of splitting from the gain of overlapping). Optimal = tokens x
 """
 from __future__ import annotations
 
-import copy
+import itertools
 import os
 import sys
 
@@ -125,7 +125,7 @@ def main(argv):
   from nanoflow_jax.engine import KV_CACHE_DTYPES
   from nanoflow_jax.perf import gemm_peak_tflops
   from nanoflow_jax.runtime import autosearch
-  from nanoflow_jax.runtime.plan import generic_default
+  from nanoflow_jax.runtime.plan import decode_overlap, generic_default, with_beside_share
 
   peak = gemm_peak_tflops()
   model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True)
@@ -143,15 +143,12 @@ def main(argv):
   if FLAGS.fused_rope_append:
     variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels,
                      {"fused_rope_append": True, "kv_dtype": kv_dtype}))
-  for share in (FLAGS.attn_shares if FLAGS.nanoflow else []):
-    plan = copy.deepcopy(base)
-    for op in plan.ops:
-      if op.id == "attention@1":
-        op.sm_share = int(share)
-      elif op.id in ("o@0", "gate_up@0", "down@0"):
-        op.sm_share = plan.num_sms - int(share)
-    plan.validate()
-    variants.append((f"nanoflow attn@1 on {share} SMs ({kernels})", plan, True, kernels, {"kv_dtype": kv_dtype}))
+  overlap = decode_overlap(step.dense, base.num_sms, FLAGS.decodes)
+  for template, share in itertools.product((base, overlap), FLAGS.attn_shares if FLAGS.nanoflow else []):
+    plan = with_beside_share(template, int(share))
+    beside = next(o.id for o in plan.ops if o.op == "attention" and o.sm_share < plan.num_sms)
+    variants.append((f"nanoflow {plan.name} {plan.nano_batches} {beside} on {share} SMs ({kernels})", plan, True,
+                     kernels, {"kv_dtype": kv_dtype}))
   if FLAGS.nanoflow:
     variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels, {"kv_dtype": kv_dtype}))
   shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], step.dense) if FLAGS.nanoflow else None

@@ -6,19 +6,21 @@ Stage 2 (`search`, anywhere): for each nano-batch split of the dense batch, a MI
 HiGHS) picks every nano-op's SM share and, for each pair of nano-ops on different streams that the
 dependencies leave unordered, whether one runs before the other or both run at once with shares summing
 to at most the SM count; it minimizes one layer's makespan. The op order and dependencies come from the
-two-nano-batch template (plan.generic_default); interference between concurrent kernels beyond the SM
-split is not modelled yet.
+two-nano-batch template (plan.two_nano_batches) in both of its orders: which nano-batch's attention
+runs on a share beside the other's GEMMs. Interference between concurrent kernels is charged from
+stage 1's pair measurement where one was made.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import os
 
 import numpy as np
 
-from nanoflow_jax.runtime.plan import RESOURCE, PipelineConfig, generic_default, ops_for, single
+from nanoflow_jax.runtime.plan import RESOURCE, PipelineConfig, ops_for, single, two_nano_batches
 
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -200,9 +202,10 @@ def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128
   """The best two-nano-batch config (MILP per split point): (PipelineConfig, predicted layer ms, schedule)."""
   shares = sorted(set(shares or [int(s) for s in prof.times["qkv"]]))
   best = None
-  for first in range(align, dense_batch, align):
-    cfg = generic_default(dense_batch, prof.num_sms, tp=prof.tp)
-    cfg.nano_batches = [first, dense_batch - first]
+  # Both orders of the two-nano-batch template: the second nano-batch's attention beside the first's GEMMs
+  # (lead 0), or the first's (where the decode rows are) beside the second's GEMMs (lead 1).
+  for lead, first in itertools.product((0, 1), range(align, dense_batch, align)):
+    cfg = two_nano_batches(dense_batch, prof.num_sms, [first, dense_batch - first], lead, tp=prof.tp)
     dec = [min(decodes, first), max(decodes - first, 0)]
     ms, chosen, starts, durs, orders = _solve(cfg, prof, dec, shares)
     if best is None or ms < best[1]:

@@ -15,6 +15,7 @@ JSON (version 1; "tp" may be left out for 1):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -180,15 +181,34 @@ def single(dense_batch: int, num_sms: int, name: str = "single", tp: int = 1) ->
 
 
 def generic_default(dense_batch: int, num_sms: int, tp: int = 1) -> PipelineConfig:
-  """Two nano-batches: both qkv GEMMs and KV appends, then nano-batch 0's attention on the whole GPU,
-  then nano-batch 1's attention (stream 2, a quarter of the SMs) beside nano-batch 0's o/gate_up/down
-  GEMMs (stream 1, the rest), then nano-batch 1's GEMMs. Under tensor parallelism each all-reduce goes
-  to stream 3 as soon as its GEMM is done, so nano-batch 0's all-reduces can run beside nano-batch 1's
-  attention and GEMMs (the paper's network overlap)."""
+  """Two halves; nano-batch 1's attention on a quarter of the SMs beside nano-batch 0's GEMMs
+  (`two_nano_batches` with lead 0)."""
   half = (dense_batch // 2 // 128) * 128 or dense_batch // 2
+  return two_nano_batches(dense_batch, num_sms, [half, dense_batch - half], lead=0, tp=tp,
+                          name="generic-2" if tp == 1 else f"generic-2-tp{tp}")
+
+
+def decode_overlap(dense_batch: int, num_sms: int, decode_rows: int, tp: int = 1, align: int = 128) -> PipelineConfig:
+  """Nano-batch 0 holds the decode rows (rounded up to `align`), nano-batch 1 the prefill rows; the
+  prefill attention runs first on the whole GPU, then the decode attention on a quarter of the SMs beside
+  nano-batch 1's GEMMs (`two_nano_batches` with lead 1): the memory-bound decode attention is the op the
+  pipeline hides."""
+  first = min(max(align, -(-decode_rows // align) * align), dense_batch - align) if dense_batch > align else dense_batch // 2
+  return two_nano_batches(dense_batch, num_sms, [first, dense_batch - first], lead=1, tp=tp,
+                          name="decode-overlap" if tp == 1 else f"decode-overlap-tp{tp}")
+
+
+def two_nano_batches(dense_batch: int, num_sms: int, sizes: list[int], lead: int, tp: int = 1,
+                     name: str = "") -> PipelineConfig:
+  """Two nano-batches: both qkv GEMMs and KV appends, then the `lead` nano-batch's attention on the whole
+  GPU, then the other's attention (stream 2, a quarter of the SMs) beside the lead's o/gate_up/down GEMMs
+  (stream 1, the rest), then the other's GEMMs on the whole GPU. Under tensor parallelism each all-reduce
+  goes to stream 3 as soon as its GEMM is done, so the lead's all-reduces can run beside the other's
+  attention and GEMMs (the paper's network overlap)."""
+  a, b = lead, 1 - lead
   attn, gemm = max(num_sms // 4, 1), num_sms - max(num_sms // 4, 1)
   net = min(NETWORK_SMS, num_sms // 4) or 1
-  # Under TP the GEMMs leave room for the all-reduces beside them: nano-batch 0's beside nano-batch 1's
+  # Under TP the GEMMs leave room for the all-reduces beside them: the lead's beside the other's
   # attention, and each all-reduce beside the next GEMM.
   rest = num_sms - net if tp > 1 else num_sms
   gemm -= num_sms - rest
@@ -198,24 +218,40 @@ def generic_default(dense_batch: int, num_sms: int, tp: int = 1) -> PipelineConf
       NanoOp("qkv", 1, 1, num_sms, [f"prev:{last}@1"]),
       NanoOp("rope_append", 0, 1, num_sms, ["qkv@0"]),
       NanoOp("rope_append", 1, 1, num_sms, ["qkv@1", "rope_append@0"]),
-      NanoOp("attention", 0, 2, num_sms, ["rope_append@0", "rope_append@1"]),
-      NanoOp("attention", 1, 2, attn, ["rope_append@1", "attention@0"]),
-      NanoOp("o", 0, 1, gemm, ["attention@0"]),                      # o/gate_up/down@0 beside attention@1
+      NanoOp("attention", a, 2, num_sms, ["rope_append@0", "rope_append@1"]),
+      NanoOp("attention", b, 2, attn, ["rope_append@0", "rope_append@1", f"attention@{a}"]),
+      NanoOp("o", a, 1, gemm, [f"attention@{a}"]),                   # the lead's GEMMs beside attention@b
   ]
   if tp > 1:
-    ops.append(NanoOp("o_allreduce", 0, NETWORK_STREAM, net, ["o@0"]))
-  ops += [NanoOp("gate_up", 0, 1, gemm, ["o_allreduce@0" if tp > 1 else "o@0"]),
-          NanoOp("down", 0, 1, gemm, ["gate_up@0"])]
+    ops.append(NanoOp("o_allreduce", a, NETWORK_STREAM, net, [f"o@{a}"]))
+  ops += [NanoOp("gate_up", a, 1, gemm, [f"o_allreduce@{a}" if tp > 1 else f"o@{a}"]),
+          NanoOp("down", a, 1, gemm, [f"gate_up@{a}"])]
   if tp > 1:
-    ops.append(NanoOp("down_allreduce", 0, NETWORK_STREAM, net, ["down@0"]))
-  ops.append(NanoOp("o", 1, 1, rest, ["attention@1", "down@0"]))
+    ops.append(NanoOp("down_allreduce", a, NETWORK_STREAM, net, [f"down@{a}"]))
+  ops.append(NanoOp("o", b, 1, rest, [f"attention@{b}", f"down@{a}"]))
   if tp > 1:
-    ops.append(NanoOp("o_allreduce", 1, NETWORK_STREAM, net, ["o@1", "down_allreduce@0"]))
-  ops += [NanoOp("gate_up", 1, 1, rest, ["o_allreduce@1" if tp > 1 else "o@1"]),
-          NanoOp("down", 1, 1, rest, ["gate_up@1"])]
+    ops.append(NanoOp("o_allreduce", b, NETWORK_STREAM, net, [f"o@{b}", f"down_allreduce@{a}"]))
+  ops += [NanoOp("gate_up", b, 1, rest, [f"o_allreduce@{b}" if tp > 1 else f"o@{b}"]),
+          NanoOp("down", b, 1, rest, [f"gate_up@{b}"])]
   if tp > 1:
-    ops.append(NanoOp("down_allreduce", 1, NETWORK_STREAM, net, ["down@1"]))
-  cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=[half, dense_batch - half], ops=ops,
-                       name="generic-2" if tp == 1 else f"generic-2-tp{tp}", tp=tp)
+    ops.append(NanoOp("down_allreduce", b, NETWORK_STREAM, net, [f"down@{b}"]))
+  cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=list(sizes), ops=ops, name=name, tp=tp)
   cfg.validate()
   return cfg
+
+
+def with_beside_share(cfg: PipelineConfig, attention_sms: int) -> PipelineConfig:
+  """A copy of a two-nano-batch plan with the attention that runs on a share given `attention_sms` and
+  the GEMMs that may run beside it the rest (less the all-reduces' share under TP)."""
+  out = copy.deepcopy(cfg)
+  anc = out._ancestors()
+  beside = [o for o in out.ops if o.op == "attention" and 0 < o.sm_share < out.num_sms]
+  if len(beside) != 1:
+    raise PipelineConfigError(f"{out.name}: expected one attention on an SM share, found {len(beside)}")
+  attn = beside[0]
+  attn.sm_share = attention_sms
+  for op in out.ops:
+    if RESOURCE[op.op] == "compute" and op.id not in anc[attn.id] and attn.id not in anc[op.id]:
+      op.sm_share = out.num_sms - attention_sms - (NETWORK_SMS if out.tp > 1 else 0)
+  out.validate()
+  return out
