@@ -5,7 +5,7 @@
 
 Writes DIR/pipeline_<model>_<device>.json (a PipelineConfig), DIR/gantt_<model>_<device>.png (the
 predicted pipeline of one layer) and, after profiling, the table to nanoflow_jax/runtime/profiles/.
-On the GPU it then runs the real step (launch/step_bench.MixedStep: the decode/prefill mix searched for)
+On the GPU it then runs the real step (launch/mixed_step.MixedStep: the decode/prefill mix searched for)
 sequentially and with the best split, and draws the split's measured timeline from a profiler trace to
 DIR/timeline_<model>_<device>.png; --nomeasure skips that.
 With --ship the config also goes to nanoflow_jax/runtime/configs/, where the engine looks for one.
@@ -240,16 +240,18 @@ def main(argv):
 def measure(model_name: str, split, split_ms: float, seq_layer_ms: float, name: str) -> None:
   """Times the real step sequentially and with the best split (its predicted layer time split_ms), and
   draws the split's measured timeline."""
-  from launch.step_bench import MixedStep
+  from launch.mixed_step import MixedStep
   from nanoflow_jax.model import load_model
   model = load_model(model_name, dtype="bfloat16", random_weights=True)
   step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.dense_batch - FLAGS.decodes)
+  import jax
   seq = step.time(None)
-  png = os.path.join(FLAGS.out_dir, f"timeline_{name}.png")
-  ms = step.time(split, trace_dir=os.path.join(FLAGS.out_dir, "trace"), timeline_png=png)
+  # A CPU trace has no GPU streams to draw: there the split is only timed (what the CPU test runs).
+  png = os.path.join(FLAGS.out_dir, f"timeline_{name}.png") if jax.default_backend() == "gpu" else None
+  ms = step.time(split, trace_dir=png and os.path.join(FLAGS.out_dir, "trace"), timeline_png=png)
   predicted = seq_layer_ms / split_ms
   print(f"measured step ({step.describe}): sequential {seq:.1f} ms; best split {split.nano_batches} {ms:.1f} ms "
-        f"({seq / ms:.2f}x; predicted {predicted:.2f}x); timeline {png}")
+        f"({seq / ms:.2f}x; predicted {predicted:.2f}x); timeline {png or 'not drawn (no GPU)'}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,17 @@ def test_milp_finds_a_valid_overlapping_pipeline():
         assert start[op.id][0] >= start[d][0] + start[d][1] - 1e-6
 
 
+def test_search_hides_the_decode_attention_behind_the_prefill_gemms():
+  """Decode rows come first, so the split that pays on a profile where decode attention is the large
+  memory-bound op runs nano-batch 1's GEMMs beside nano-batch 0's attention (the template's lead 1)."""
+  cfg, ms, seq_ms, _ = autosearch.search(synthetic_profile(), 2048, 512, shares=SHARES)
+  attn = {o.nano_batch: o for o in cfg.ops if o.op == "attention"}
+  assert attn[0].sm_share < 132 and attn[1].sm_share == 132
+  beside = {o.id for o in cfg.ops if o.op in ("o", "gate_up", "down") and o.sm_share < 132}
+  assert beside and all(i.endswith("@1") for i in beside)
+  assert attn[0].sm_share + min(o.sm_share for o in cfg.ops if o.id in beside) <= 132
+
+
 def test_profile_interpolation():
   prof = synthetic_profile()
   assert prof.time("qkv", 768, 132) == pytest.approx(0.15 * 0.768)
@@ -175,3 +186,25 @@ def test_allreduce_profiling_and_tp_names(tmp_path):
   class Dev:
     platform, device_kind = "gpu", "NVIDIA H200"
   assert autosearch.shipped_config("llama-3-8b", Dev(), 2048, tp=2) is None   # the one-GPU config is not used
+
+
+MEASURE = r"""
+import os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+from absl import flags
+from launch import autosearch as cli
+flags.FLAGS(["autosearch", "--model=tiny", "--decodes=4", "--context=40", "--dense_batch=16",
+             "--out_dir=" + sys.argv[1]])
+from nanoflow_jax.runtime.plan import decode_overlap
+cli.measure("tiny", decode_overlap(16, 132, 4), 1.0, 1.0, "tiny_cpu")
+"""
+
+
+def test_measure_runs_the_real_step(tmp_path):
+  """The GPU run's last stage (time the real step sequentially and split) imports and runs on a CPU: it
+  once failed there on the step bench's flags being defined twice."""
+  r = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                     cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+  assert r.returncode == 0, r.stderr[-3000:]
+  line = r.stdout.strip().splitlines()[-1]
+  assert line.startswith("measured step (16 tokens (4 decodes") and "best split [8, 8]" in line, line

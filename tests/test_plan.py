@@ -69,3 +69,33 @@ def test_tensor_parallel_plan_checks():
   d["tp"] = 2                                  # a TP-1 plan's ops lack the all-reduces
   with pytest.raises(plan.PipelineConfigError, match="allreduce"):
     plan.PipelineConfig.from_dict(d)
+
+
+def test_decode_overlap_puts_the_decode_attention_beside_the_prefill_gemms():
+  cfg = plan.decode_overlap(2048, 132, decode_rows=500)
+  assert cfg.nano_batches == [512, 1536]
+  anc = cfg._ancestors()
+  for gemm in ("o@1", "gate_up@1", "down@1"):       # may run at once with the decode attention
+    assert gemm not in anc["attention@0"] and "attention@0" not in anc[gemm]
+  assert plan.decode_overlap(256, 132, decode_rows=1000).nano_batches == [128, 128]   # clamped
+  for tp in (2, 4):
+    plan.decode_overlap(2048, 132, 512, tp=tp).validate()
+
+
+@pytest.mark.parametrize("template", [lambda: plan.generic_default(2048, 132),
+                                      lambda: plan.decode_overlap(2048, 132, 512),
+                                      lambda: plan.generic_default(2048, 132, tp=2)])
+def test_with_beside_share_moves_the_attention_and_the_gemms_beside_it(template):
+  cfg = template()
+  out = plan.with_beside_share(cfg, 48)
+  attn = [o for o in out.ops if o.op == "attention" and o.sm_share < 132]
+  assert [o.sm_share for o in attn] == [48]
+  anc = out._ancestors()
+  beside = [o for o in out.ops if plan.RESOURCE[o.op] == "compute"
+            and o.id not in anc[attn[0].id] and attn[0].id not in anc[o.id]]
+  net = plan.NETWORK_SMS if cfg.tp > 1 else 0
+  assert beside and all(o.sm_share == 132 - 48 - net for o in beside)
+  others = [o for o in out.ops if o not in beside and o is not attn[0]]
+  assert all(o.sm_share == c.sm_share for o, c in zip(others, [c for c in cfg.ops if c.id in {o.id for o in others}]))
+  with pytest.raises(plan.PipelineConfigError, match="one attention on an SM share"):
+    plan.with_beside_share(plan.single(2048, 132), 48)

@@ -1,6 +1,6 @@
-"""launch/step_bench.py's MixedStep on the CPU with the tiny model: the step holds the asked-for decodes
+"""launch/mixed_step.py's MixedStep on the CPU with the tiny model: the step holds the asked-for decodes
 and prefill tokens, and runs sequentially and split (the GPU numbers come from the same code)."""
-from launch.step_bench import MixedStep
+from launch.mixed_step import MixedStep
 from nanoflow_jax.model import load_model
 from nanoflow_jax.runtime.plan import generic_default
 
