@@ -40,7 +40,7 @@ step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dty
 step_tp2-1024-512()       { bench70 tp2-1024-512 2 1024-512 400 --mode=nanoflow --compare=sequential; }
 step_tp4-1024-512()       { bench70 tp4-1024-512 4 1024-512 700 --mode=nanoflow --compare=sequential; }
 step_tp4-1024-512-seq()   { bench70 tp4-1024-512-seq 4 1024-512 800; }
-step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 500 --trace_dir="$OUT/trace-tp4" --trace_steps=150:153; }
+step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 400 --mode=nanoflow --compare=sequential --trace_dir="$OUT/trace-tp4" --trace_steps=150:153; }
 step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
                               --kv_cache_dtypes=fp8,auto --nanoflow=false --out="$OUT/step.md"; }
 step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
