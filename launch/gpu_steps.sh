@@ -38,9 +38,11 @@ step_bench-512-1024()     { bench bench-512-1024 512-1024 600; }
 step_bench-1024-512-nanoflow() { bench bench-1024-512-nanoflow 1024-512 1000 --mode=nanoflow --compare=sequential; }
 step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dtype=fp8; }
 step_tp2-1024-512()       { bench70 tp2-1024-512 2 1024-512 400 --mode=nanoflow --compare=sequential; }
-step_tp4-1024-512()       { bench70 tp4-1024-512 4 1024-512 700 --mode=nanoflow --compare=sequential; }
+step_tp4-1024-512()       { bench70 tp4-1024-512 4 1024-512 500 --mode=nanoflow --compare=sequential; }
 step_tp4-1024-512-seq()   { bench70 tp4-1024-512-seq 4 1024-512 800; }
 step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 400 --mode=nanoflow --compare=sequential --trace_dir="$OUT/trace-tp4" --trace_steps=150:153; }
+# NCCL's channel (CTA) count for an all-reduce over all GPUs: what a GEMM beside it should leave free.
+step_nccl-channels()      { NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING $PY -c "import jax, jax.numpy as jnp; n=jax.device_count(); print(jax.pmap(lambda x: jax.lax.psum(x, 'i'), 'i')(jnp.ones((n, 4096, 8192), jnp.bfloat16)).sum())" 2>&1 | sed 's/.*NCCL INFO //' | grep -iE "channel|nvls|ctas|rings|trees" | sort | uniq -c | sort -rn | head -40; }
 step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
                               --kv_cache_dtypes=fp8,auto --nanoflow=false --out="$OUT/step.md"; }
 step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
@@ -56,6 +58,8 @@ step_sweep-fp8()          { $PY launch/kernel_bench.py --sweep_attention --sweep
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
 step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48,66 \
                               --out="$OUT/step-nanoflow.md"; }
+step_step-overlap-trace() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
+                              --trace_dir="$OUT/trace-overlap" --out="$OUT/step-overlap-trace.md"; }
 step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
 step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shapes=8b-small --out_dir="$OUT/tune-small-m"; }
 step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference \

@@ -1,0 +1,38 @@
+"""Which grid each nano-op's kernel gets, and when a step is split into nano-batches on the GPU."""
+import types
+
+from nanoflow_jax.runtime import plan as plan_lib
+from nanoflow_jax.runtime.executor import MIN_NANO_BATCH, Executor, kernel_sms
+
+
+def _op(cfg, op_id):
+  return next(o for o in cfg.ops if o.id == op_id)
+
+
+def test_kernel_sms_follows_the_plan_only_where_kernels_run_together():
+  one = plan_lib.generic_default(2048, 132)
+  gemm, attn = _op(one, "o@0"), _op(one, "attention@1")
+  assert gemm.sm_share < 132 and attn.sm_share < 132
+  assert kernel_sms(gemm, 132, annotate=True, collectives_beside=False) == gemm.sm_share
+  assert kernel_sms(attn, 132, annotate=True, collectives_beside=False) == attn.sm_share
+  assert kernel_sms(gemm, 132, annotate=False, collectives_beside=False) == 132
+  assert kernel_sms(None, 132, annotate=True, collectives_beside=False) == 132
+  tp = plan_lib.generic_default(2048, 132, tp=4)
+  # under TP without streams, GEMMs leave NCCL its SMs; attention and the rest keep the whole GPU
+  for op_id in ("qkv@0", "o@1", "gate_up@0", "down@1"):
+    assert kernel_sms(_op(tp, op_id), 132, annotate=False, collectives_beside=True) == 132 - plan_lib.NETWORK_SMS
+  for op_id in ("attention@0", "attention@1", "rope_append@0"):
+    assert kernel_sms(_op(tp, op_id), 132, annotate=False, collectives_beside=True) == 132
+
+
+def test_small_steps_run_whole_on_the_gpu():
+  cfg = plan_lib.decode_overlap(2048, 132, 512)    # [512, 1536]
+  gpu = types.SimpleNamespace(plan=cfg, on_kernels=True)
+  assert Executor.nano_sizes(gpu, 2048) == [512, 1536]
+  assert Executor.nano_sizes(gpu, 1024) == [1024]          # [256, 768] would re-read the weights for 256 rows
+  even = types.SimpleNamespace(plan=plan_lib.generic_default(2048, 132), on_kernels=True)
+  assert Executor.nano_sizes(even, 1024) == [MIN_NANO_BATCH, 1024 - MIN_NANO_BATCH]
+  assert Executor.nano_sizes(even, 896) == [896]
+  cpu = types.SimpleNamespace(plan=plan_lib.generic_default(32, 132), on_kernels=False)
+  assert Executor.nano_sizes(cpu, 32) == [16, 16]           # the CPU tests still split tiny batches
+  assert Executor.nano_sizes(types.SimpleNamespace(plan=None, on_kernels=True), 2048) == [2048]
