@@ -36,3 +36,14 @@ def test_small_steps_run_whole_on_the_gpu():
   cpu = types.SimpleNamespace(plan=plan_lib.generic_default(32, 132), on_kernels=False)
   assert Executor.nano_sizes(cpu, 32) == [16, 16]           # the CPU tests still split tiny batches
   assert Executor.nano_sizes(types.SimpleNamespace(plan=None, on_kernels=True), 2048) == [2048]
+
+
+def test_nanoflow_under_tp_holds_nccl_to_the_sms_the_gemms_leave(monkeypatch):
+  from nanoflow_jax import compat
+  monkeypatch.delenv("NCCL_MAX_CTAS", raising=False)
+  compat.limit_collective_sms(plan_lib.NETWORK_SMS)
+  import os
+  assert os.environ["NCCL_MAX_CTAS"] == str(plan_lib.NETWORK_SMS)
+  monkeypatch.setenv("NCCL_MAX_CTAS", "8")         # a user's own setting wins
+  compat.limit_collective_sms(plan_lib.NETWORK_SMS)
+  assert os.environ["NCCL_MAX_CTAS"] == "8"
