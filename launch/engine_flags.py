@@ -44,9 +44,6 @@ def prepare_process(nanoflow: bool) -> bool:
     raise app.UsageError(str(e)) from None
   if nanoflow:
     compat.enable_concurrent_command_buffers()
-    if FLAGS.tp > 1:   # the all-reduces run beside GEMMs that leave them NETWORK_SMS SMs
-      from nanoflow_jax.runtime.plan import NETWORK_SMS
-      compat.limit_collective_sms(NETWORK_SMS)
   return multi
 
 

@@ -41,8 +41,8 @@ step_tp2-1024-512()       { bench70 tp2-1024-512 2 1024-512 400 --mode=nanoflow 
 step_tp4-1024-512()       { bench70 tp4-1024-512 4 1024-512 500 --mode=nanoflow --compare=sequential; }
 step_tp4-1024-512-seq()   { bench70 tp4-1024-512-seq 4 1024-512 800; }
 step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 400 --mode=nanoflow --compare=sequential --trace_dir="$OUT/trace-tp4" --trace_steps=150:153; }
-# NCCL's channel (CTA) count for an all-reduce over all GPUs when held to 16 CTAs (default on 4 H200s: 24).
-step_nccl-channels()      { NCCL_MAX_CTAS=16 NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING $PY -c "import jax, jax.numpy as jnp; n=jax.device_count(); print(jax.pmap(lambda x: jax.lax.psum(x, 'i'), 'i')(jnp.ones((n, 4096, 8192), jnp.bfloat16)).sum())" 2>&1 | sed 's/.*NCCL INFO //' | grep -iE "channel|nvls|ctas|rings|trees" | sort | uniq -c | sort -rn | head -40; }
+# NCCL's channel (CTA) count for an all-reduce over all GPUs (4 H200s: 24; NETWORK_SMS in runtime/plan.py).
+step_nccl-channels()      { NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING $PY -c "import jax, jax.numpy as jnp; n=jax.device_count(); print(jax.pmap(lambda x: jax.lax.psum(x, 'i'), 'i')(jnp.ones((n, 4096, 8192), jnp.bfloat16)).sum())" 2>&1 | sed 's/.*NCCL INFO //' | grep -iE "channel|nvls|ctas|rings|trees" | sort | uniq -c | sort -rn | head -40; }
 step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
                               --kv_cache_dtypes=fp8,auto --nanoflow=false --out="$OUT/step.md"; }
 step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \

@@ -32,13 +32,6 @@ def enable_concurrent_command_buffers() -> None:
     os.environ["XLA_FLAGS"] = (flags + " " + COMMAND_BUFFER_FLAGS).strip()
 
 
-def limit_collective_sms(num_sms: int) -> None:
-  """NCCL's all-reduce on 4 H200s runs 24 CTAs (24 channels, measured); a GEMM beside it leaves it
-  `num_sms` SMs (executor.kernel_sms), so NCCL is held to that many CTAs. Process-wide (both modes of a
-  benchmark's comparison run with it); before the backend starts; a user's own setting wins."""
-  os.environ.setdefault("NCCL_MAX_CTAS", str(num_sms))
-
-
 STREAM_ANNOTATION_OPTIONS = {"xla_gpu_experimental_stream_annotation": True}
 # XLA merges independent all-reduces into one (its combiner): two nano-batches' all-reduces would then
 # wait for each other, and the later nano-batch's GEMM, which is the overlap the plan asks for. Seen on

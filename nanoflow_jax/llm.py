@@ -35,9 +35,6 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
   if mode == "nanoflow":
     from nanoflow_jax import compat
     compat.enable_concurrent_command_buffers()  # effective only if the GPU backend is not up yet
-    if tensor_parallel > 1:   # effective only before the first collective creates NCCL's communicators
-      from nanoflow_jax.runtime.plan import NETWORK_SMS
-      compat.limit_collective_sms(NETWORK_SMS)
   sharding_fn = None
   if tensor_parallel > 1:
     from nanoflow_jax import checkpoint, parallel

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from nanoflow_jax.runtime import autosearch
-from nanoflow_jax.runtime.plan import PipelineConfig
+from nanoflow_jax.runtime.plan import NETWORK_SMS, PipelineConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARES = [132, 99, 66, 33]
@@ -138,7 +138,7 @@ def tp_profile(allreduce_ms_per_1k: float) -> autosearch.Profile:
       prof.times[op][s] = [[m, ms * (132 / int(s)) ** 0.5] for m, ms in pts]
   prof.times["decode_attention"] = {str(s): [[m, m / 1000 * 132 / s] for m in sizes] for s in SHARES}
   prof.times["prefill_attention"] = {str(s): [[m, 0.2 * m / 1000 * 132 / s] for m in sizes] for s in SHARES}
-  prof.times["allreduce"] = {"16": [[m, allreduce_ms_per_1k * m / 1000] for m in sizes]}
+  prof.times["allreduce"] = {str(NETWORK_SMS): [[m, allreduce_ms_per_1k * m / 1000] for m in sizes]}
   prof.tp = 2
   return prof
 
@@ -153,7 +153,7 @@ def test_search_models_the_network_class_under_tp():
   cfg.validate()
   assert len(cfg.nano_batches) == 2 and cfg.tp == 2 and ms < seq_ms
   net = [row for row in schedule if "allreduce" in row[0]]
-  assert len(net) == 4 and all(row[4] == 16 for row in net)   # their fixed share
+  assert len(net) == 4 and all(row[4] == NETWORK_SMS for row in net)   # their fixed share
   compute = [row for row in schedule if "allreduce" not in row[0]]
   overlaps = lambda a, b: a[2] < b[2] + b[3] - 1e-6 and b[2] < a[2] + a[3] - 1e-6
   assert any(overlaps(a, c) for a in net for c in compute if a[0][-1] != c[0][-1])
@@ -178,8 +178,9 @@ def test_allreduce_profiling_and_tp_names(tmp_path):
   r = subprocess.run([sys.executable, "-c", ALLREDUCE_PROFILE], capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   table = eval(r.stdout.strip().splitlines()[-1])
-  assert list(table) == ["16"] and [row[0] for row in table["16"]] == [16, 32]
-  assert all(row[1] > 0 for row in table["16"])
+  key = str(NETWORK_SMS)
+  assert list(table) == [key] and [row[0] for row in table[key]] == [16, 32]
+  assert all(row[1] > 0 for row in table[key])
   assert autosearch.profile_path("llama-2-70b", "h200", 2).endswith("llama-2-70b_h200_tp2.json")
   assert autosearch.profile_path("llama-3-8b", "h200").endswith("llama-3-8b_h200.json")
 

@@ -22,7 +22,7 @@ from nanoflow_jax import compat, kv_cache, parallel, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
-from nanoflow_jax.runtime.plan import NETWORK_SMS, RESOURCE, PipelineConfig
+from nanoflow_jax.runtime.plan import PipelineConfig
 from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import paged_attention as attention_kernels
 from pallas_kernels.paged_attention import append_kv, attention_call, paged_attention_reference
@@ -77,19 +77,13 @@ def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
 MIN_NANO_BATCH = 512
 
 
-def kernel_sms(op, num_sms: int, annotate: bool, collectives_beside: bool) -> int:
-  """The grid a nano-op's kernel gets. SM shares mean something only where kernels run concurrently: with
-  stream annotation, the plan's share; without it (measured: a plan's shares then only slowed its GEMMs)
-  the whole GPU, except that a GEMM beside NCCL's all-reduces leaves them their SMs: a persistent GEMM
-  with one CTA per SM would otherwise wait for the SMs NCCL holds. (At TP 4 the split step's GEMM kernels
-  took 1.4x as long as the sequential step's; this is one suspect, the second weight read another.)"""
-  if op is None:
+def kernel_sms(op, num_sms: int, annotate: bool) -> int:
+  """The grid a nano-op's kernel gets. SM shares mean something only where kernels run concurrently
+  (stream annotation); otherwise the whole GPU (measured: a plan's shares without streams only slowed its
+  GEMMs; under TP 4, GEMMs that left NCCL's all-reduces their SMs made full steps slower too)."""
+  if op is None or not annotate:
     return num_sms
-  if annotate:
-    return op.sm_share or num_sms
-  if collectives_beside and RESOURCE[op.op] == "compute":
-    return num_sms - NETWORK_SMS
-  return num_sms
+  return op.sm_share or num_sms
 
 
 class Executor:
@@ -151,10 +145,6 @@ class Executor:
     if self.annotate and self.tp > 1:   # streams inside shard_map are not wired yet (collectives as nano-ops)
       log.warning("tensor parallelism: nano-batches run in order without stream annotation for now")
       self.annotate = False
-    # Without streams, what runs beside compute under TP is XLA's asynchronous all-reduces of a plan's
-    # all-reduce nano-ops (NCCL kernels on their own stream).
-    self.collectives_beside = (plan is not None and self.manual_tp and not self.annotate
-                               and any(RESOURCE[op.op] == "network" for op in plan.ops))
     self.gemm = gemm
     # Stream-annotated GEMMs take the whole weight stack and the layer index (a slice would reach them as a
     # copy); interpret mode does the same so the CPU tests run that path.
@@ -214,7 +204,7 @@ class Executor:
       self._op = prev
 
   def _sms(self) -> int:
-    return kernel_sms(self._op, self.num_sms, self.annotate, self.collectives_beside)
+    return kernel_sms(self._op, self.num_sms, self.annotate)
 
   def _on_stream(self, f):
     if self.annotate and self._op is not None and self._op.stream:
