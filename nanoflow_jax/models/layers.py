@@ -34,6 +34,35 @@ def use_gemm(fn: GemmFn | None):
     _GEMM.reset(token)
 
 
+# Grouped (mixture-of-experts) GEMM: (rows sorted by group, weights [G, K, N], group sizes, epilogue None or
+# "silu_mul") -> result, or None to fall back to lax.ragged_dot.
+GroupedGemmFn = Callable[[jax.Array, jax.Array, jax.Array, "str | None"], "jax.Array | None"]
+_GROUPED: contextvars.ContextVar[GroupedGemmFn | None] = contextvars.ContextVar("grouped_gemm", default=None)
+
+
+@contextlib.contextmanager
+def use_grouped_gemm(fn: GroupedGemmFn | None):
+  token = _GROUPED.set(fn)
+  try:
+    yield
+  finally:
+    _GROUPED.reset(token)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, epilogue: str | None = None) -> jax.Array:
+  """Rows of x sorted by group times their group's weight (w [G, K, N]); with epilogue "silu_mul", w holds
+  [gate | up] along N and the result is silu(gate) * up [rows, N / 2]. Through the installed kernel where
+  it takes the shapes, else lax.ragged_dot."""
+  fn = _GROUPED.get()
+  out = fn(x, w, group_sizes, epilogue) if fn is not None else None
+  if out is not None:
+    return out
+  y = jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+  if epilogue == "silu_mul":
+    y = silu_and_mul(y.reshape(*y.shape[:-1], 2, -1))
+  return y
+
+
 _STACKED: contextvars.ContextVar[dict] = contextvars.ContextVar("stacked", default={})
 
 

@@ -95,7 +95,8 @@ class DecoderLayer(nn.Module):
     return weights.astype(h.dtype), ids.astype(jnp.int32)
 
   def experts(self, h, weights, ids):
-    """Routed experts as two grouped GEMMs (lax.ragged_dot) over the token copies sorted by expert."""
+    """Routed experts as two grouped GEMMs over the token copies sorted by expert (the first with the
+    SiLU-and-multiply epilogue); layers.grouped_matmul runs the installed kernel or lax.ragged_dot."""
     c = self.cfg
     lead = h.shape[:-1]
     x = h.reshape(-1, c.hidden_size)
@@ -106,10 +107,9 @@ class DecoderLayer(nn.Module):
     group_sizes = jnp.bincount(flat_ids, length=c.num_experts).astype(jnp.int32)
     xs = x[token_of]
     gu_w = self.experts_gate_up_w.reshape(c.num_experts, c.hidden_size, 2 * c.intermediate_size)
-    gu = jax.lax.ragged_dot(xs, gu_w, group_sizes, preferred_element_type=jnp.float32)
-    a = layers.silu_and_mul(gu.astype(x.dtype).reshape(-1, 2, c.intermediate_size))
-    y = jax.lax.ragged_dot(a, self.experts_down_w, group_sizes, preferred_element_type=jnp.float32)
-    y = y.astype(x.dtype) * weights.reshape(-1)[order][:, None]
+    a = layers.grouped_matmul(xs, gu_w, group_sizes, "silu_mul")
+    y = layers.grouped_matmul(a, self.experts_down_w, group_sizes)
+    y = y * weights.reshape(-1)[order][:, None]
     out = jnp.zeros_like(x).at[token_of].add(y)
     return out.reshape(*lead, c.hidden_size)
 

@@ -24,6 +24,7 @@ from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
 from nanoflow_jax.runtime.plan import PipelineConfig
 from pallas_kernels import gemm as gemm_kernel
+from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import paged_attention as attention_kernels
 from pallas_kernels.paged_attention import append_kv, attention_call, paged_attention_reference
 
@@ -255,6 +256,20 @@ class Executor:
       return self._on_stream(lambda a, b: call(a, b, None))(a, b)
     return self._on_stream(lambda a, b, r: call(a, b, r))(a, b, residual)
 
+  def _grouped_gemm(self, x, w, group_sizes, epilogue):
+    """The experts' grouped GEMMs on the kernel paths (pallas_kernels.grouped_gemm on the op's SM share);
+    None (lax.ragged_dot) for shapes it does not take."""
+    n_out = w.shape[2] // 2 if epilogue == "silu_mul" else w.shape[2]
+    if (self.gemm == "xla" or x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16)
+        or not grouped_gemm_kernel.supported(x.shape[1], n_out)):
+      return None
+    call = functools.partial(grouped_gemm_kernel.grouped_gemm, num_sms=self._sms(), epilogue=epilogue)
+    if self.kernels == "interpret":
+      from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
+      with force_gpu_interpret_mode(InterpretGPUParams()):
+        return call(x, w, group_sizes)
+    return self._on_stream(call)(x, w, group_sizes)
+
   def _forward(self, params, kv, tokens, inp: StepInputs):
     cfg = self.model.config
     m = self.model.module.bind({"params": params["top"]})
@@ -365,7 +380,8 @@ class Executor:
   def _compiled_for(self, n: int, inp: StepInputs):
     if n not in self._compiled:
       t = time.perf_counter()
-      with layers.use_gemm(None if self.kernels == "reference" else self._gemm):
+      with layers.use_gemm(None if self.kernels == "reference" else self._gemm), \
+           layers.use_grouped_gemm(None if self.kernels == "reference" else self._grouped_gemm):
         lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
       options = dict(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else {})
       if self.plan is not None and self.manual_tp:
