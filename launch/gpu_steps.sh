@@ -60,6 +60,7 @@ step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernel
                               --out="$OUT/step-nanoflow.md"; }
 step_step-overlap-trace() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
                               --trace_dir="$OUT/trace-overlap" --out="$OUT/step-overlap-trace.md"; }
+step_grouped-gemm()       { $PY launch/kernel_bench.py --grouped_gemm --out_dir="$OUT/grouped-gemm"; }
 step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
 step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shapes=8b-small --out_dir="$OUT/tune-small-m"; }
 step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference \

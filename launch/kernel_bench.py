@@ -37,6 +37,8 @@ flags.DEFINE_bool("rope_append", False, "Only time the fused RoPE + KV-append Tr
                   "fusions it would replace (2048 tokens, LLaMA-3-8B heads, a 1 GB cache).")
 flags.DEFINE_bool("rms_norm", False, "Only time the fused residual-add + RMSNorm Triton kernel against XLA's "
                   "fusion (2048 x 4096 bf16).")
+flags.DEFINE_bool("grouped_gemm", False, "Only time the experts' grouped GEMM (Mixtral-8x7B shapes: 2048 tokens "
+                  "top-2 over 8 experts) per SM share against XLA's ragged dot, with its error vs the reference.")
 flags.DEFINE_bool("tune_gemm", False, "Only tune the GEMM tiles (gemm.TUNE_SPACE) of --tune_shapes at full grid; "
                   "writes gemm_configs.json (the shipped one with these choices merged in) into --out_dir: copy it "
                   "to pallas_kernels/ to ship it.")
@@ -220,6 +222,43 @@ def bench_rms_norm(iters: int, copy_tbs: float) -> list[tuple]:
   return rows
 
 
+def bench_grouped_gemm(shares: list[int], peak: float, iters: int, rows_: int = 4096, experts: int = 8,
+                       hidden: int = 4096, inter: int = 14336) -> list[tuple]:
+  """Mixtral-8x7B's two expert GEMMs for a 2048-token step (4096 routed rows, uneven over 8 experts):
+  gate_up with the SiLU-and-multiply epilogue and down. Ratios: to XLA's lax.ragged_dot on the same
+  problem (gate_up: followed by XLA's SiLU-and-multiply) and to the dense GEMM peak of this run."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels import grouped_gemm as gg
+  sizes = np.random.default_rng(0).multinomial(rows_, np.full(experts, 1 / experts)).astype(np.int32)
+  sizes = jnp.asarray(sizes)
+  key = jax.random.PRNGKey(0)
+  out = []
+  for name, k, n, epilogue in (("gate_up+silu_mul", hidden, 2 * inter, "silu_mul"), ("down", inter, hidden, None)):
+    lhs = jax.random.normal(key, (rows_, k), jnp.bfloat16)
+    rhs = jax.random.normal(jax.random.fold_in(key, 1), (experts, k, n), jnp.bfloat16) * 0.02
+    flops = 2 * rows_ * k * n
+    xla = jax.jit(lambda a, b, g: gg.grouped_gemm_reference(a, b, g, epilogue))
+    ref = xla(lhs, rhs, sizes)
+    t_xla = timeit(xla, lhs, rhs, sizes, iters=iters)
+    out.append((f"grouped {name} {rows_}x{n}x{k} XLA ragged_dot", "132", f"{flops / t_xla / 1e12:.0f} TFLOP/s",
+                f"{flops / t_xla / 1e12 / peak:.2f} of peak"))
+    for s in shares:
+      try:
+        f = jax.jit(lambda a, b, g, s=s: gg.grouped_gemm(a, b, g, num_sms=s, epilogue=epilogue))
+        got = f(lhs, rhs, sizes)
+        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))) /
+                    (jnp.max(jnp.abs(ref.astype(jnp.float32))) + 1e-6))
+        t = timeit(f, lhs, rhs, sizes, iters=iters)
+        out.append((f"grouped {name} (rel. error {err:.1e})", str(s), f"{flops / t / 1e12:.0f} TFLOP/s",
+                    f"{t_xla / t:.2f} of XLA, {flops / t / 1e12 / peak:.2f} of peak"))
+      except Exception as e:  # keep measuring the rest; the table says what failed
+        out.append((f"grouped {name}", str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+      print(out[-1], flush=True)
+  return out
+
+
 def tune_gemm(names: list[str], iters: int) -> tuple[dict, list[tuple]]:
   """Times every tile configuration of gemm.TUNE_SPACE per shape (checked against the reference first);
   keeps the fastest where it beats the default by more than 2%. Returns (configs by 'MxNxK', table rows)."""
@@ -303,6 +342,9 @@ def main(argv):
     shares = []
   if FLAGS.rope_append:
     rows += bench_rope_append(FLAGS.iters)
+    shares = []
+  if FLAGS.grouped_gemm:
+    rows += bench_grouped_gemm(shares, peak, FLAGS.iters)
     shares = []
   if FLAGS.tune_gemm:
     chosen, tune_rows = tune_gemm(list(FLAGS.tune_shapes), FLAGS.iters)
