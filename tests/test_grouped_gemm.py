@@ -111,7 +111,7 @@ from launch import kernel_bench
 from kernel_utils import gpu_interpret
 flags.FLAGS(["kernel_bench"])
 with gpu_interpret():
-  rows = kernel_bench.bench_grouped_gemm([2], peak=1.0, iters=1, rows_=96, experts=3, hidden=128, inter=128)
+  rows = kernel_bench.bench_grouped_gemm([2], peak=1.0, iters=1, rows_=256, experts=3, hidden=128, inter=128)
 print(rows)
 """
 
@@ -127,6 +127,6 @@ def test_kernel_bench_grouped_gemm_runs_and_checks_the_kernel():
                      env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stderr[-3000:]
   rows = eval(r.stdout.strip().splitlines()[-1])
-  assert len(rows) == 4 and not any("FAILED" in row[2] for row in rows), rows
+  assert len(rows) == 6 and not any("FAILED" in row[2] for row in rows), rows
   errors = [float(row[0].split("rel. error ")[1].rstrip(")")) for row in rows if "rel. error" in row[0]]
   assert len(errors) == 2 and max(errors) < 2e-2, rows
