@@ -26,12 +26,17 @@ _GEMM: contextvars.ContextVar[GemmFn | None] = contextvars.ContextVar("gemm", de
 
 
 @contextlib.contextmanager
-def use_gemm(fn: GemmFn | None):
-  token = _GEMM.set(fn)
+def _installed(var: contextvars.ContextVar, value):
+  """`value` in `var` while the block runs (what the runtime installs while it traces a step)."""
+  token = var.set(value)
   try:
     yield
   finally:
-    _GEMM.reset(token)
+    var.reset(token)
+
+
+def use_gemm(fn: GemmFn | None):
+  return _installed(_GEMM, fn)
 
 
 # Grouped (mixture-of-experts) GEMM: (rows sorted by group, weights [G, K, N], group sizes, epilogue None or
@@ -40,13 +45,8 @@ GroupedGemmFn = Callable[[jax.Array, jax.Array, jax.Array, "str | None"], "jax.A
 _GROUPED: contextvars.ContextVar[GroupedGemmFn | None] = contextvars.ContextVar("grouped_gemm", default=None)
 
 
-@contextlib.contextmanager
 def use_grouped_gemm(fn: GroupedGemmFn | None):
-  token = _GROUPED.set(fn)
-  try:
-    yield
-  finally:
-    _GROUPED.reset(token)
+  return _installed(_GROUPED, fn)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, epilogue: str | None = None) -> jax.Array:
@@ -66,14 +66,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, epilogue:
 _STACKED: contextvars.ContextVar[dict] = contextvars.ContextVar("stacked", default={})
 
 
-@contextlib.contextmanager
 def use_stacked_weights(slices: dict[int, tuple[jax.Array, jax.Array]]):
   """While a layer is traced: id(weight slice) -> (the stacked weight, layer index), handed to the GEMM."""
-  token = _STACKED.set(slices)
-  try:
-    yield
-  finally:
-    _STACKED.reset(token)
+  return _installed(_STACKED, slices)
 
 
 def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = None) -> jax.Array:
