@@ -60,6 +60,8 @@ def test_nanoflow_split_agrees_with_sequential_on_llama3_8b_shape(tmp_path):
                                      pipeline_config=str(plan_path) if mode == "nanoflow" else None,
                                      compilation_cache_dir=None))
     assert (eng.executor.plan is not None) == (mode == "nanoflow")
+    # the full prefill steps (1024 tokens) do split: MIN_NANO_BATCH leaves only small steps whole
+    assert eng.executor.nano_sizes(1024) == ([512, 512] if mode == "nanoflow" else [1024])
     for i, p in enumerate(prompts):
       eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=5))
     eng.run_until_done()
