@@ -248,13 +248,17 @@ class Executor:
       stack, layer = stacked
       b = stack.reshape(stack.shape[0], k, n)       # a bitcast: the layer's [..] dims flattened as in b
     call = functools.partial(gemm_kernel.gemm, num_sms=num_sms, layer=layer)
+    if residual is None:
+      return self._run_kernel(lambda a, b: call(a, b, None), a, b)
+    return self._run_kernel(call, a, b, residual)
+
+  def _run_kernel(self, fn, *arrays):
+    """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
     if self.kernels == "interpret":
       from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
       with force_gpu_interpret_mode(InterpretGPUParams()):
-        return call(a, b, residual)
-    if residual is None:
-      return self._on_stream(lambda a, b: call(a, b, None))(a, b)
-    return self._on_stream(lambda a, b, r: call(a, b, r))(a, b, residual)
+        return fn(*arrays)
+    return self._on_stream(fn)(*arrays)
 
   def _grouped_gemm(self, x, w, group_sizes, epilogue):
     """The experts' grouped GEMMs on the kernel paths (pallas_kernels.grouped_gemm on the op's SM share);
@@ -264,11 +268,7 @@ class Executor:
         or not grouped_gemm_kernel.supported(x.shape[1], n_out)):
       return None
     call = functools.partial(grouped_gemm_kernel.grouped_gemm, num_sms=self._sms(), epilogue=epilogue)
-    if self.kernels == "interpret":
-      from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
-      with force_gpu_interpret_mode(InterpretGPUParams()):
-        return call(x, w, group_sizes)
-    return self._on_stream(call)(x, w, group_sizes)
+    return self._run_kernel(call, x, w, group_sizes)
 
   def _forward(self, params, kv, tokens, inp: StepInputs):
     cfg = self.model.config
