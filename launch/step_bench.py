@@ -3,9 +3,12 @@
   PYTHONPATH=. python3 launch/step_bench.py --model=llama-3-8b --decodes=512 --context=1024 --prefill=1536
 
 The batch is the dense-batch mix of the 1024-in/512-out workload: `decodes` sequences decoding at
-`context`, plus one `prefill`-token prompt chunk. Variants: sequential; nanoflow with the generic
-two-nano-batch config at several attention SM shares; the same split without stream annotation (to
-separate the cost of splitting from the gain of overlapping). Optimal = tokens x 2 x params / GEMM peak.
+`context`, plus one `prefill`-token prompt chunk (the step itself: launch/mixed_step.py). Variants:
+sequential; nanoflow with both orders of the two-nano-batch template (generic-2: the prefill half's
+attention beside the other half's GEMMs; decode-overlap: the decode rows' attention beside the prefill
+rows' GEMMs) at several attention SM shares; the generic split without stream annotation (to separate the
+cost of splitting from the gain of overlapping); the shipped config. Optimal = tokens x 2 x params / GEMM
+peak.
 """
 from __future__ import annotations
 
