@@ -29,6 +29,7 @@ step_tests-engine()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
 step_tests-tp()           { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_tp_gpu.py; }
 step_bench-1024-512()     { bench bench-1024-512 1024-512 1000; }
 step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dtype=fp8; }
+step_bench-1024-512-fp8-d4096() { bench bench-1024-512-fp8-d4096 1024-512 1000 --kv_cache_dtype=fp8 --dense_batch=4096; }
 step_bench-splitwise()    { bench bench-splitwise splitwise 1000; }
 step_bench-splitwise-fp8(){ bench bench-splitwise-fp8 splitwise 1000 --kv_cache_dtype=fp8; }
 step_online-1024-512()    { bench online-1024-512 1024-512 400 --rates=6,10,13; }
