@@ -193,7 +193,10 @@ def decode_overlap(dense_batch: int, num_sms: int, decode_rows: int, tp: int = 1
   prefill attention runs first on the whole GPU, then the decode attention on a quarter of the SMs beside
   nano-batch 1's GEMMs (`two_nano_batches` with lead 1): the memory-bound decode attention is the op the
   pipeline hides."""
-  first = min(max(align, -(-decode_rows // align) * align), dense_batch - align) if dense_batch > align else dense_batch // 2
+  if dense_batch > align:
+    first = min(max(align, -(-decode_rows // align) * align), dense_batch - align)
+  else:
+    first = dense_batch // 2
   return two_nano_batches(dense_batch, num_sms, [first, dense_batch - first], lead=1, tp=tp,
                           name="decode-overlap" if tp == 1 else f"decode-overlap-tp{tp}")
 
