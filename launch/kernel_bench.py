@@ -261,16 +261,16 @@ def bench_grouped_gemm(shares: list[int], peak: float, iters: int, rows_: int = 
   from nanoflow_jax.models import layers
   from pallas_kernels import gemm
   m, k, n = rows_ // 2, hidden, 2 * inter
+  sms = shares[0] if shares else 132
   a = jax.random.normal(key, (m, k), jnp.bfloat16)
   b = jax.random.normal(jax.random.fold_in(key, 2), (1, k, n), jnp.bfloat16) * 0.02
   one = jnp.array([m], jnp.int32)
-  fused = jax.jit(lambda a, b: gg.grouped_gemm(a, b, one, num_sms=shares[0] if shares else 132, epilogue="silu_mul"))
-  split = jax.jit(lambda a, b: layers.silu_and_mul(
-      gemm.gemm(a, b[0], num_sms=shares[0] if shares else 132).reshape(m, 2, -1)))
+  fused = jax.jit(lambda a, b: gg.grouped_gemm(a, b, one, num_sms=sms, epilogue="silu_mul"))
+  split = jax.jit(lambda a, b: layers.silu_and_mul(gemm.gemm(a, b[0], num_sms=sms).reshape(m, 2, -1)))
   for name, f in (("our GEMM + XLA silu_mul", split), ("grouped kernel, fused silu_mul", fused)):
     try:
       t = timeit(f, a, b, iters=iters)
-      out.append((f"dense gate_up {m}x{n}x{k}: {name}", str(shares[0] if shares else 132),
+      out.append((f"dense gate_up {m}x{n}x{k}: {name}", str(sms),
                   f"{2 * m * n * k / t / 1e12:.0f} TFLOP/s", f"{2 * m * n * k / t / 1e12 / peak:.2f} of peak"))
     except Exception as e:
       out.append((f"dense gate_up: {name}", "-", f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))

@@ -69,7 +69,7 @@ def simulate(requests, kv_tokens: int, page_size: int, dense_batch: int, max_num
     if batch is None:
       continue
     bucket = next(b for b in buckets if batch.num_tokens <= b)
-    context = sum(c.start + 1 for c in batch.chunks if c.decode)
+    context = sum(c.start + c.length for c in batch.chunks if c.decode)   # as the engine's StepRecord
     ms = fixed + per_1k * bucket / 1e3 + per_1m * context / 1e6
     steps += 1
     seconds += ms / 1e3

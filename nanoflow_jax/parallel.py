@@ -72,7 +72,7 @@ def kv_shards(cfg: ModelConfig, mesh: Mesh | None) -> int:
 
 def kv_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
   """K/V caches [layers, kv_heads, pages, page_size, head_dim]: split by KV head where they divide."""
-  split = kv_shards(cfg, mesh) > 1 or mesh.shape[AXIS] == 1
+  split = cfg.num_kv_heads % mesh.shape[AXIS] == 0
   if not split:
     log.info("%d KV heads over %d devices: the KV cache is replicated", cfg.num_kv_heads, mesh.shape[AXIS])
   return NamedSharding(mesh, P(None, AXIS, None, None, None) if split else P())

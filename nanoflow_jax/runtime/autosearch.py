@@ -46,7 +46,6 @@ def shipped_config(model_name: str, device, dense_batch: int, tp: int = 1) -> Pi
     return None
   cfg = PipelineConfig.load(path)
   return cfg if cfg.dense_batch == dense_batch else None
-GEMM_OPS = ("qkv", "o", "gate_up", "down")
 
 
 @dataclasses.dataclass

@@ -351,9 +351,8 @@ class Executor:
       body = lambda carry, xs: (step_local(carry, xs, inp), None)
     else:
       body = lambda carry, xs: (layer_step(carry, xs, inp), None)
-    # Stream-annotated GEMMs get their layer's weight slice as a copy (the sequential step reads it in
-    # place): ~7 ms per step on an H200. Slicing inside the annotated computation was tried and cost more
-    # (a 17 ms slice fusion instead of DMA copies): docs/perf-notes.md.
+    # A stream-annotated GEMM would get its layer's weight slice as a copy (~7 ms per 8B step); with
+    # stacked_gemm it reads the scanned stack at the layer index instead (docs/perf-notes.md).
     (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, *kv),
                                             (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]))
     return m.logits(x[inp.sample_index]), (k_cache, v_cache)
