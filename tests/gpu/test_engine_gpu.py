@@ -9,7 +9,7 @@ from nanoflow_jax.engine import Engine, EngineConfig
 from nanoflow_jax.model import load_model
 from nanoflow_jax.sampling_params import SamplingParams
 
-from agreement import max_first_logprob_diff, real_disagreements
+from agreement import first_differences, max_first_logprob_diff, real_disagreements
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,8 @@ def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
     lp_diff = max_first_logprob_diff(firsts["reference"], firsts[kernels])
     bad = real_disagreements(firsts["reference"], firsts[kernels])
     print(f"{kernels}: first tokens equal: {same}/{len(prompts)}; not near ties: {bad}; max logprob diff "
-          f"{lp_diff:.3f}; times {timing}")
+          f"{lp_diff:.3f}; times {timing}; first differences (sequence, position, gap): "
+          f"{first_differences(firsts['reference'], firsts[kernels])}")
     assert bad == 0 and lp_diff < 0.25
 
 
