@@ -91,9 +91,12 @@ def main(argv):
   rows, seq_ms = [], None
   for name, plan, annotate, kernels, options in variants:
     print(f"{name} ...", flush=True)
-    tdir = (os.path.join(FLAGS.trace_dir, "".join(c if c.isalnum() else "_" for c in name))
-            if FLAGS.trace_dir else None)
-    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, **options)
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    tdir = os.path.join(FLAGS.trace_dir, slug) if FLAGS.trace_dir else None
+    # The measured timeline goes beside the table (gpu_steps.sh drops the raw traces).
+    png = (os.path.join(os.path.dirname(FLAGS.out) or ".", f"timeline_{slug}.png")
+           if tdir and FLAGS.out and plan is not None and len(plan.nano_batches) > 1 else None)
+    ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, timeline_png=png, **options)
     seq_ms = seq_ms or ms
     rows.append(f"| {name} | {ms:.1f} | {100 * optimal_ms / ms:.1f}% | {seq_ms / ms:.3f} |")
     print(rows[-1], flush=True)
