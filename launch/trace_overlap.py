@@ -166,6 +166,30 @@ def timeline_png(path: str, out_png: str, window_ms: float = 6.0, title: str = "
   plt.close(fig)
 
 
+def nano_op_of(e: dict) -> str:
+  """The executor's nano-op a kernel belongs to (its named scope `nano_<op>_<nano-batch>`, which XLA keeps in
+  the kernel's op name), or ''."""
+  m = re.search(r"nano_([a-z_]+?)_(\d+)(?:/|$)", " ".join(str(v) for v in e.get("args", {}).values()))
+  return f"{m.group(1)}@{m.group(2)}" if m else ""
+
+
+def kernel_sequence(path: str, window_ms: float = 3.0, limit: int = 80) -> list[str]:
+  """The kernels of `window_ms` from the middle of the trace in start order: start (ms into the window),
+  duration, stream, nano-op and name; which op ran where and after what."""
+  events = sorted(((thread, e) for thread, e in _events(path)), key=lambda te: float(te[1]["ts"]))
+  if not events:
+    return []
+  t_lo, t_hi = float(events[0][1]["ts"]), max(float(e["ts"]) + float(e["dur"]) for _, e in events)
+  start = (t_lo + t_hi) / 2
+  rows = [f"| start ms | ms | stream | nano-op | kernel |", "|---|---|---|---|---|"]
+  for thread, e in events:
+    ts = float(e["ts"])
+    if start <= ts < start + window_ms * 1e3 and float(e["dur"]) >= 5:   # (skip sub-5us kernels)
+      rows.append(f"| {(ts - start) / 1e3:.3f} | {float(e['dur']) / 1e3:.3f} | {thread.split('(')[0]} | "
+                  f"{nano_op_of(e)} | {e.get('name', '?')[:40]} |")
+  return rows[:limit + 2]
+
+
 def main(path: str, steps: int = 1) -> None:
   by_stream = stream_intervals(path)
   for name, ivs in sorted(by_stream.items()):
@@ -185,6 +209,11 @@ def main(path: str, steps: int = 1) -> None:
   print("| kernel kind | kernels per step | ms per step |\n|---|---|---|")
   for kind, (n, t) in kinds[:20]:
     print(f"| {kind} | {n / steps:.0f} | {t / 1e3 / steps:.2f} |")
+  print("kernels in start order, from the middle of the trace:")
+  print("\n".join(kernel_sequence(path)))
+  first = next((e for _, e in _events(path)), None)
+  if first is not None:   # what the trace keeps per kernel (to find the op names in)
+    print("kernel event args:", {k: str(v)[:100] for k, v in first.get("args", {}).items()})
   host = sorted(host_time_by_name(path).items(), key=lambda kv: -kv[1][1])
   print("| host event (all host threads) | count per step | ms per step |\n|---|---|---|")
   for name, (n, t) in host[:15]:

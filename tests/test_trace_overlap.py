@@ -58,3 +58,23 @@ def test_per_device_idle_and_host_events(tmp_path, capsys):
   trace_overlap.main(str(path))
   out = capsys.readouterr().out
   assert "/device:GPU:1: kernels 0.15 ms of 0.20 ms per step (idle 0.05 ms)" in out and "| WaitForEvent | 2.0 |" in out
+
+
+def test_kernel_sequence_names_the_nano_ops(tmp_path):
+  """Kernels listed in start order from the middle of the trace, each with the executor's nano-op found in
+  its op name (the named scope nano_<op>_<nano-batch>)."""
+  ev = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": f"Stream #{t}(Compute)"}}
+        for t in (1, 2)]
+  ev += [{"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 1000, "name": "early"},
+         {"ph": "X", "pid": 1, "tid": 2, "ts": 1500, "dur": 400, "name": "_paged_attention_kernel",
+          "args": {"tf_op": "jit(step)/while/body/nano_attention_0/pallas_call"}},
+         {"ph": "X", "pid": 1, "tid": 1, "ts": 1200, "dur": 300, "name": "body_mosaic_gpu_kernel",
+          "args": {"tf_op": "jit(step)/while/body/nano_gate_up_1/custom_call"}},
+         {"ph": "X", "pid": 1, "tid": 1, "ts": 1600, "dur": 2, "name": "tiny"},
+         {"ph": "X", "pid": 1, "tid": 1, "ts": 2000, "dur": 100, "name": "loop_fusion"}]
+  path = tmp_path / "t.json"
+  path.write_text(json.dumps(ev))
+  rows = trace_overlap.kernel_sequence(str(path), window_ms=1.0)
+  assert rows[2:] == ["| 0.150 | 0.300 | Stream #1 | gate_up@1 | body_mosaic_gpu_kernel |",
+                      "| 0.450 | 0.400 | Stream #2 | attention@0 | _paged_attention_kernel |",
+                      "| 0.950 | 0.100 | Stream #1 |  | loop_fusion |"]

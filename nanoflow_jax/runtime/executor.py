@@ -321,7 +321,8 @@ class Executor:
         s, r = st[op.nano_batch], rows[op.nano_batch]
         s.update(_order_after(op, s, outs))
         before = dict(s)
-        with self._nano_op(op):
+        # The named scope reaches the kernels' op names in a profiler trace (trace_overlap.nano_op_of).
+        with self._nano_op(op), jax.named_scope(f"nano_{op.op}_{op.nano_batch}"):
           if op.op == "qkv":
             s["q"], s["k"], s["v"] = layer.qkv(layer.attn_norm(s["x"]))
           elif op.op == "rope_append" and self.fused_rope_append:
