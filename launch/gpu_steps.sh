@@ -61,6 +61,14 @@ step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernel
                               --out="$OUT/step-nanoflow.md"; }
 step_step-overlap-trace() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
                               --trace_dir="$OUT/trace-overlap" --out="$OUT/step-overlap-trace.md"; }
+# The decode-overlap step traced twice: XLA's default scheduler (with the optimized HLO dumped, to read the
+# order it chose) and the latency-hiding scheduler.
+step_step-order()         { for lhs in false true; do
+                              XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=$lhs $([[ $lhs == false ]] && \
+                                echo --xla_dump_to=$OUT/hlo-order --xla_dump_hlo_module_re=.*forward_step.*)" \
+                              $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
+                                --templates=decode-overlap --trace_dir="$OUT/trace-order-$lhs" --out="$OUT/step-order-lhs-$lhs.md"
+                            done; }
 step_grouped-gemm()       { $PY launch/kernel_bench.py --grouped_gemm --out_dir="$OUT/grouped-gemm"; }
 step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
 step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shapes=8b-small --out_dir="$OUT/tune-small-m"; }

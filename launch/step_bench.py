@@ -38,6 +38,8 @@ flags.DEFINE_list("kv_cache_dtypes", ["auto"], "KV cache element types (auto, fp
                   "with; the other variants use the last.")
 flags.DEFINE_list("gemms", ["mosaic"], "GEMM choices (mosaic, xla: EngineConfig.gemm) to time the sequential "
                   "step with.")
+flags.DEFINE_list("templates", ["generic-2", "decode-overlap"], "Two-nano-batch templates to time at each "
+                  "--attn_shares (runtime/plan.py: generic_default, decode_overlap).")
 flags.DEFINE_bool("nanoflow", True, "Also time the nano-batch variants (--attn_shares, the split, the shipped config).")
 flags.DEFINE_bool("fused_rope_append", False, "Also time sequential steps with the fused RoPE + KV-append kernel.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
@@ -76,7 +78,8 @@ def main(argv):
     variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels,
                      {"fused_rope_append": True, "kv_dtype": kv_dtype}))
   overlap = decode_overlap(step.dense, base.num_sms, FLAGS.decodes)
-  for template, share in itertools.product((base, overlap), FLAGS.attn_shares if FLAGS.nanoflow else []):
+  templates = [t for t in (base, overlap) if t.name in FLAGS.templates]
+  for template, share in itertools.product(templates, FLAGS.attn_shares if FLAGS.nanoflow else []):
     plan = with_beside_share(template, int(share))
     beside = next(o.id for o in plan.ops if o.op == "attention" and o.sm_share < plan.num_sms)
     variants.append((f"nanoflow {plan.name} {plan.nano_batches} {beside} on {share} SMs ({kernels})", plan, True,
@@ -94,7 +97,7 @@ def main(argv):
     slug = "".join(c if c.isalnum() else "_" for c in name)
     tdir = os.path.join(FLAGS.trace_dir, slug) if FLAGS.trace_dir else None
     # The measured timeline goes beside the table (gpu_steps.sh drops the raw traces).
-    png = (os.path.join(os.path.dirname(FLAGS.out) or ".", f"timeline_{slug}.png")
+    png = (f"{os.path.splitext(FLAGS.out)[0]}_timeline_{slug}.png"
            if tdir and FLAGS.out and plan is not None and len(plan.nano_batches) > 1 else None)
     ms = step.time(plan, kernels, annotate, FLAGS.iters, tdir, timeline_png=png, **options)
     seq_ms = seq_ms or ms

@@ -173,20 +173,22 @@ def nano_op_of(e: dict) -> str:
   return f"{m.group(1)}@{m.group(2)}" if m else ""
 
 
-def kernel_sequence(path: str, window_ms: float = 3.0, limit: int = 80) -> list[str]:
-  """The kernels of `window_ms` from the middle of the trace in start order: start (ms into the window),
-  duration, stream, nano-op and name; which op ran where and after what."""
+def kernel_sequence(path: str, window_ms: float = 6.0, limit: int = 100, min_us: float = 20) -> list[str]:
+  """The kernels of `window_ms` from the middle of the trace in start order (those of at least `min_us`):
+  start (ms into the window), duration, stream, nano-op, name and grid; which op ran where, after what."""
   events = sorted(((thread, e) for thread, e in _events(path)), key=lambda te: float(te[1]["ts"]))
   if not events:
     return []
   t_lo, t_hi = float(events[0][1]["ts"]), max(float(e["ts"]) + float(e["dur"]) for _, e in events)
   start = (t_lo + t_hi) / 2
-  rows = [f"| start ms | ms | stream | nano-op | kernel |", "|---|---|---|---|---|"]
+  rows = [f"| start ms | ms | stream | nano-op | kernel | grid |", "|---|---|---|---|---|---|"]
   for thread, e in events:
     ts = float(e["ts"])
-    if start <= ts < start + window_ms * 1e3 and float(e["dur"]) >= 5:   # (skip sub-5us kernels)
+    if start <= ts < start + window_ms * 1e3 and float(e["dur"]) >= min_us:
+      # The grid tells a GEMM's SM share where the op name is lost (kernels inside a command buffer).
+      grid = re.search(r"grid:([\d,]+)", str(e.get("args", {}).get("kernel_details", "")))
       rows.append(f"| {(ts - start) / 1e3:.3f} | {float(e['dur']) / 1e3:.3f} | {thread.split('(')[0]} | "
-                  f"{nano_op_of(e)} | {e.get('name', '?')[:40]} |")
+                  f"{nano_op_of(e)} | {e.get('name', '?')[:40]} | {grid.group(1) if grid else ''} |")
   return rows[:limit + 2]
 
 

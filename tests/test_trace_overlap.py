@@ -69,12 +69,12 @@ def test_kernel_sequence_names_the_nano_ops(tmp_path):
          {"ph": "X", "pid": 1, "tid": 2, "ts": 1500, "dur": 400, "name": "_paged_attention_kernel",
           "args": {"tf_op": "jit(step)/while/body/nano_attention_0/pallas_call"}},
          {"ph": "X", "pid": 1, "tid": 1, "ts": 1200, "dur": 300, "name": "body_mosaic_gpu_kernel",
-          "args": {"tf_op": "jit(step)/while/body/nano_gate_up_1/custom_call"}},
+          "args": {"tf_op": "jit(step)/while/body/nano_gate_up_1/custom_call", "kernel_details": "regs:90 grid:66,1,1"}},
          {"ph": "X", "pid": 1, "tid": 1, "ts": 1600, "dur": 2, "name": "tiny"},
          {"ph": "X", "pid": 1, "tid": 1, "ts": 2000, "dur": 100, "name": "loop_fusion"}]
   path = tmp_path / "t.json"
   path.write_text(json.dumps(ev))
-  rows = trace_overlap.kernel_sequence(str(path), window_ms=1.0)
-  assert rows[2:] == ["| 0.150 | 0.300 | Stream #1 | gate_up@1 | body_mosaic_gpu_kernel |",
-                      "| 0.450 | 0.400 | Stream #2 | attention@0 | _paged_attention_kernel |",
-                      "| 0.950 | 0.100 | Stream #1 |  | loop_fusion |"]
+  rows = trace_overlap.kernel_sequence(str(path), window_ms=1.0, min_us=5)
+  assert rows[2:] == ["| 0.150 | 0.300 | Stream #1 | gate_up@1 | body_mosaic_gpu_kernel | 66,1,1 |",
+                      "| 0.450 | 0.400 | Stream #2 | attention@0 | _paged_attention_kernel |  |",
+                      "| 0.950 | 0.100 | Stream #1 |  | loop_fusion |  |"]
