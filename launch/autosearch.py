@@ -188,7 +188,7 @@ def main(argv):
   if not FLAGS.from_profile:   # before JAX starts the GPU backend: memory and the overlap flags
     from nanoflow_jax import compat
     compat.configure_gpu_memory()
-    compat.enable_concurrent_command_buffers()
+    compat.enable_concurrent_command_buffers(FLAGS.tp)
   from nanoflow_jax import config as config_lib
   from nanoflow_jax.runtime import autosearch
   os.makedirs(FLAGS.out_dir, exist_ok=True)

@@ -43,7 +43,7 @@ def prepare_process(nanoflow: bool) -> bool:
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if nanoflow:
-    compat.enable_concurrent_command_buffers()
+    compat.enable_concurrent_command_buffers(FLAGS.tp)
   return multi
 
 

@@ -21,15 +21,24 @@ def compute_on(f, compute_type: str):
 
 COMMAND_BUFFER_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL "
                         "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT --xla_gpu_graph_min_graph_size=1")
+# XLA's latency-hiding scheduler (on by default in jax 0.11.2) placed the stream-annotated decode attention
+# after the GEMM it should run beside (measured: decode-overlap step 0.81x of sequential with it, 0.90x
+# without; docs/perf-notes.md, session 6). Under tensor parallelism the same scheduler is what overlaps
+# the asynchronous all-reduces, so it stays on there.
+NO_LATENCY_HIDING_FLAG = "--xla_gpu_enable_latency_hiding_scheduler=false"
 
 
-def enable_concurrent_command_buffers() -> None:
+def enable_concurrent_command_buffers(tensor_parallel: int = 1) -> None:
   """Nano-ops on different streams overlap only under XLA's command buffers in CONCURRENT mode
   (measured: without them chained stream-annotated calls run one after another). Must run before JAX
-  initializes the GPU backend; the engine calls it for mode="nanoflow"."""
+  initializes the GPU backend; the engine calls it for mode="nanoflow". On one device it also turns off
+  the latency-hiding scheduler, unless XLA_FLAGS already says how to set it."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_gpu_command_buffer_scheduling_mode" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " " + COMMAND_BUFFER_FLAGS).strip()
+    flags = (flags + " " + COMMAND_BUFFER_FLAGS).strip()
+  if tensor_parallel == 1 and "xla_gpu_enable_latency_hiding_scheduler" not in flags:
+    flags = (flags + " " + NO_LATENCY_HIDING_FLAG).strip()
+  os.environ["XLA_FLAGS"] = flags
 
 
 STREAM_ANNOTATION_OPTIONS = {"xla_gpu_experimental_stream_annotation": True}

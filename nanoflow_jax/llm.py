@@ -34,7 +34,7 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
   if mode == "nanoflow":
     from nanoflow_jax import compat
-    compat.enable_concurrent_command_buffers()  # effective only if the GPU backend is not up yet
+    compat.enable_concurrent_command_buffers(tensor_parallel)  # only if the GPU backend is not up yet
   sharding_fn = None
   if tensor_parallel > 1:
     from nanoflow_jax import checkpoint, parallel

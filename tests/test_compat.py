@@ -1,0 +1,21 @@
+"""The XLA flags the engine sets for nanoflow mode before the GPU backend starts."""
+from nanoflow_jax import compat
+
+
+def test_concurrent_command_buffer_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  compat.enable_concurrent_command_buffers()
+  compat.enable_concurrent_command_buffers()          # a second call adds nothing
+  flags = compat.os.environ["XLA_FLAGS"].split()
+  assert flags[0] == "--xla_dump_to=/tmp/x"
+  assert flags.count("--xla_gpu_command_buffer_scheduling_mode=CONCURRENT") == 1
+  assert flags.count(compat.NO_LATENCY_HIDING_FLAG) == 1
+  # Under tensor parallelism the latency-hiding scheduler overlaps the all-reduces: left alone.
+  monkeypatch.setenv("XLA_FLAGS", "")
+  compat.enable_concurrent_command_buffers(tensor_parallel=4)
+  assert "latency_hiding" not in compat.os.environ["XLA_FLAGS"]
+  assert "CONCURRENT" in compat.os.environ["XLA_FLAGS"]
+  # A user's own setting wins.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
+  compat.enable_concurrent_command_buffers()
+  assert "=false" not in compat.os.environ["XLA_FLAGS"]
