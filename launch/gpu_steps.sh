@@ -61,11 +61,10 @@ step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernel
                               --out="$OUT/step-nanoflow.md"; }
 step_step-overlap-trace() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
                               --trace_dir="$OUT/trace-overlap" --out="$OUT/step-overlap-trace.md"; }
-# The decode-overlap step traced twice: XLA's default scheduler (with the optimized HLO dumped, to read the
-# order it chose) and the latency-hiding scheduler.
+# The decode-overlap step traced twice: XLA's latency-hiding scheduler off (nanoflow's default on one GPU,
+# compat.py) and on.
 step_step-order()         { for lhs in false true; do
-                              XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=$lhs $([[ $lhs == false ]] && \
-                                echo --xla_dump_to=$OUT/hlo-order --xla_dump_hlo_module_re=.*forward_step.*)" \
+                              XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=$lhs" \
                               $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
                                 --templates=decode-overlap --trace_dir="$OUT/trace-order-$lhs" --out="$OUT/step-order-lhs-$lhs.md"
                             done; }

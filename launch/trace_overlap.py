@@ -137,6 +137,13 @@ def category(name: str) -> tuple[str, str]:
   return "other", "tab:gray"
 
 
+def _middle(path: str) -> float:
+  """Where the drawn and listed windows start: halfway between the trace's first and last kernel (a few
+  layers into the middle step)."""
+  events = _events(path)
+  return (min(float(e["ts"]) for _, e in events) + max(float(e["ts"]) + float(e["dur"]) for _, e in events)) / 2
+
+
 def timeline_png(path: str, out_png: str, window_ms: float = 6.0, title: str = "") -> None:
   """Measured timeline: kernels per stream over `window_ms` from the middle of the trace."""
   import matplotlib
@@ -145,8 +152,7 @@ def timeline_png(path: str, out_png: str, window_ms: float = 6.0, title: str = "
   events = [(thread, float(e["ts"]), float(e["dur"]), e.get("name", "?")) for thread, e in _events(path)]
   if not events:
     raise ValueError(f"no GPU stream kernels in {path}")
-  t_lo, t_hi = min(e[1] for e in events), max(e[1] + e[2] for e in events)
-  start = (t_lo + t_hi) / 2
+  start = _middle(path)
   end = start + window_ms * 1e3
   shown = [e for e in events if e[1] < end and e[1] + e[2] > start]
   streams = sorted({e[0] for e in shown})
@@ -176,11 +182,10 @@ def nano_op_of(e: dict) -> str:
 def kernel_sequence(path: str, window_ms: float = 6.0, limit: int = 100, min_us: float = 20) -> list[str]:
   """The kernels of `window_ms` from the middle of the trace in start order (those of at least `min_us`):
   start (ms into the window), duration, stream, nano-op, name and grid; which op ran where, after what."""
-  events = sorted(((thread, e) for thread, e in _events(path)), key=lambda te: float(te[1]["ts"]))
+  events = sorted(_events(path), key=lambda te: float(te[1]["ts"]))
   if not events:
     return []
-  t_lo, t_hi = float(events[0][1]["ts"]), max(float(e["ts"]) + float(e["dur"]) for _, e in events)
-  start = (t_lo + t_hi) / 2
+  start = _middle(path)
   rows = [f"| start ms | ms | stream | nano-op | kernel | grid |", "|---|---|---|---|---|---|"]
   for thread, e in events:
     ts = float(e["ts"])
@@ -213,9 +218,6 @@ def main(path: str, steps: int = 1) -> None:
     print(f"| {kind} | {n / steps:.0f} | {t / 1e3 / steps:.2f} |")
   print("kernels in start order, from the middle of the trace:")
   print("\n".join(kernel_sequence(path)))
-  first = next((e for _, e in _events(path)), None)
-  if first is not None:   # what the trace keeps per kernel (to find the op names in)
-    print("kernel event args:", {k: str(v)[:100] for k, v in first.get("args", {}).items()})
   host = sorted(host_time_by_name(path).items(), key=lambda kv: -kv[1][1])
   print("| host event (all host threads) | count per step | ms per step |\n|---|---|---|")
   for name, (n, t) in host[:15]:

@@ -149,8 +149,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                          dot_f16: bool = False, out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
-  they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (meant for
-  fp8 caches: measured on the GPU before it becomes a default, docs/perf-notes.md)."""
+  they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
+  caches: DECODE_CONFIG_FP8 sets it, measured in docs/perf-notes.md)."""
   import jax
   import jax.numpy as jnp
   import jax_triton as jt
