@@ -6,7 +6,8 @@ The batch is the dense-batch mix of the 1024-in/512-out workload: `decodes` sequ
 `context`, plus one `prefill`-token prompt chunk (the step itself: launch/mixed_step.py). Variants:
 sequential; nanoflow with both orders of the two-nano-batch template (generic-2: the prefill half's
 attention beside the other half's GEMMs; decode-overlap: the decode rows' attention beside the prefill
-rows' GEMMs) at several attention SM shares; the generic split without stream annotation (to separate the
+rows' GEMMs; decode-overlap-o+gate_up: only their o and gate_up beside it, down after it on the whole GPU)
+at several attention SM shares; the generic split without stream annotation (to separate the
 cost of splitting from the gain of overlapping); the shipped config. Optimal = tokens x 2 x params / GEMM
 peak.
 """
@@ -39,7 +40,8 @@ flags.DEFINE_list("kv_cache_dtypes", ["auto"], "KV cache element types (auto, fp
 flags.DEFINE_list("gemms", ["mosaic"], "GEMM choices (mosaic, xla: EngineConfig.gemm) to time the sequential "
                   "step with.")
 flags.DEFINE_list("templates", ["generic-2", "decode-overlap"], "Two-nano-batch templates to time at each "
-                  "--attn_shares (runtime/plan.py: generic_default, decode_overlap).")
+                  "--attn_shares (runtime/plan.py: generic_default, decode_overlap; decode-overlap-o+gate_up: "
+                  "the prefill rows' down after the decode attention, on the whole GPU).")
 flags.DEFINE_bool("nanoflow", True, "Also time the nano-batch variants (--attn_shares, the split, the shipped config).")
 flags.DEFINE_bool("fused_rope_append", False, "Also time sequential steps with the fused RoPE + KV-append kernel.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
@@ -59,7 +61,7 @@ def main(argv):
   from nanoflow_jax.engine import KV_CACHE_DTYPES
   from nanoflow_jax.perf import gemm_peak_tflops
   from nanoflow_jax.runtime import autosearch
-  from nanoflow_jax.runtime.plan import decode_overlap, generic_default, with_beside_share
+  from nanoflow_jax.runtime.plan import BESIDE_ALL, decode_overlap, generic_default, with_beside_share
 
   peak = gemm_peak_tflops()
   model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True)
@@ -77,8 +79,12 @@ def main(argv):
   if FLAGS.fused_rope_append:
     variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels,
                      {"fused_rope_append": True, "kv_dtype": kv_dtype}))
-  overlap = decode_overlap(step.dense, base.num_sms, FLAGS.decodes)
-  templates = [t for t in (base, overlap) if t.name in FLAGS.templates]
+  overlaps = [decode_overlap(step.dense, base.num_sms, FLAGS.decodes, beside=beside)
+              for beside in (BESIDE_ALL, BESIDE_ALL[:2])]   # down beside the attention, or after it
+  templates = [t for t in (base, *overlaps) if t.name in FLAGS.templates]
+  unknown = set(FLAGS.templates) - {t.name for t in (base, *overlaps)}
+  if unknown:
+    raise app.UsageError(f"unknown --templates {sorted(unknown)}; known: {[t.name for t in (base, *overlaps)]}")
   for template, share in itertools.product(templates, FLAGS.attn_shares if FLAGS.nanoflow else []):
     plan = with_beside_share(template, int(share))
     beside = next(o.id for o in plan.ops if o.op == "attention" and o.sm_share < plan.num_sms)

@@ -1,6 +1,7 @@
 """The plan's dependencies between nano-batches that carry no data (attention@0 after attention@1, nano-batch
 0's GEMMs after nano-batch 1's) are held in the traced step, and holding them changes no token."""
 import numpy as np
+import pytest
 
 from nanoflow_jax.engine import Engine, EngineConfig
 from nanoflow_jax.model import load_model
@@ -15,8 +16,10 @@ def _cross_deps(cfg):
           for o in cfg.ops}
 
 
-def test_decode_overlap_order_is_held_and_tokens_are_unchanged(tmp_path, monkeypatch):
-  cfg = plan_lib.decode_overlap(32, 132, decode_rows=4)     # [16, 16]: lead 1, attention@0 beside o@1..down@1
+@pytest.mark.parametrize("beside", [plan_lib.BESIDE_ALL, ("o", "gate_up")])
+def test_decode_overlap_order_is_held_and_tokens_are_unchanged(tmp_path, monkeypatch, beside):
+  # [16, 16]: lead 1, attention@0 beside o@1..down@1 (or o@1, gate_up@1, with down@1 after attention@0)
+  cfg = plan_lib.decode_overlap(32, 132, decode_rows=4, beside=beside)
   path = tmp_path / "plan.json"
   path.write_text(cfg.to_json())
   held = {}
@@ -46,6 +49,9 @@ def test_decode_overlap_order_is_held_and_tokens_are_unchanged(tmp_path, monkeyp
   want = {op: deps for op, deps in _cross_deps(cfg).items() if deps}
   assert held == want
   assert want["attention@0"] == {"rope_append@1", "attention@1"} and want["o@0"] == {"down@1"}
+  assert ("down@1" in want) == ("down" not in beside)
+  if "down" not in beside:
+    assert want["down@1"] == {"attention@0"}
 
 
 def test_order_after_passes_values_through_unchanged():

@@ -82,6 +82,24 @@ def test_decode_overlap_puts_the_decode_attention_beside_the_prefill_gemms():
     plan.decode_overlap(2048, 132, 512, tp=tp).validate()
 
 
+@pytest.mark.parametrize("tp", [1, 4])
+def test_decode_overlap_can_keep_down_off_the_attentions_side(tp):
+  cfg = plan.decode_overlap(2048, 132, decode_rows=512, tp=tp, beside=("o", "gate_up"))
+  assert cfg.name == ("decode-overlap-o+gate_up" if tp == 1 else "decode-overlap-o+gate_up-tp4")
+  anc = cfg._ancestors()
+  for gemm in ("o@1", "gate_up@1"):                  # still beside the decode attention
+    assert gemm not in anc["attention@0"] and "attention@0" not in anc[gemm]
+  assert "attention@0" in anc["down@1"]              # after it, on the whole GPU (less the network's share)
+  down = next(o for o in cfg.ops if o.id == "down@1")
+  assert down.sm_share == 132 - (plan.NETWORK_SMS if tp > 1 else 0)
+  out = plan.with_beside_share(cfg, 48)              # the share change leaves down@1 whole
+  assert next(o for o in out.ops if o.id == "down@1").sm_share == down.sm_share
+  assert next(o for o in out.ops if o.id == "gate_up@1").sm_share == 132 - 48 - (plan.NETWORK_SMS if tp > 1 else 0)
+  for bad in [(), ("gate_up",), ("o", "down")]:
+    with pytest.raises(plan.PipelineConfigError, match="prefix"):
+      plan.decode_overlap(2048, 132, 512, beside=bad)
+
+
 @pytest.mark.parametrize("template", [lambda: plan.generic_default(2048, 132),
                                       lambda: plan.decode_overlap(2048, 132, 512),
                                       lambda: plan.generic_default(2048, 132, tp=2)])

@@ -31,6 +31,7 @@ RESOURCE = {"qkv": "compute", "rope_append": "memory", "attention": "memory", "o
             "gate_up": "compute", "down": "compute", "o_allreduce": "network", "down_allreduce": "network"}
 NETWORK_STREAM = 3   # where the generic plans put the all-reduces
 NETWORK_SMS = 24     # SMs an all-reduce occupies: NCCL runs 24 channels (one CTA each) on 4 H200s (measured)
+BESIDE_ALL = ("o", "gate_up", "down")   # the lead nano-batch's GEMMs a two-nano-batch plan runs beside attention
 
 
 def ops_for(tp: int) -> tuple[str, ...]:
@@ -188,26 +189,32 @@ def generic_default(dense_batch: int, num_sms: int, tp: int = 1) -> PipelineConf
                           name="generic-2" if tp == 1 else f"generic-2-tp{tp}")
 
 
-def decode_overlap(dense_batch: int, num_sms: int, decode_rows: int, tp: int = 1, align: int = 128) -> PipelineConfig:
+def decode_overlap(dense_batch: int, num_sms: int, decode_rows: int, tp: int = 1, align: int = 128,
+                   beside: tuple[str, ...] = BESIDE_ALL) -> PipelineConfig:
   """Nano-batch 0 holds the decode rows (rounded up to `align`), nano-batch 1 the prefill rows; the
   prefill attention runs first on the whole GPU, then the decode attention on a quarter of the SMs beside
-  nano-batch 1's GEMMs (`two_nano_batches` with lead 1): the memory-bound decode attention is the op the
-  pipeline hides."""
+  nano-batch 1's GEMMs named in `beside` (`two_nano_batches` with lead 1): the memory-bound decode
+  attention is the op the pipeline hides."""
   if dense_batch > align:
     first = min(max(align, -(-decode_rows // align) * align), dense_batch - align)
   else:
     first = dense_batch // 2
+  name = "decode-overlap" + ("" if beside == BESIDE_ALL else "-" + "+".join(beside))
   return two_nano_batches(dense_batch, num_sms, [first, dense_batch - first], lead=1, tp=tp,
-                          name="decode-overlap" if tp == 1 else f"decode-overlap-tp{tp}")
+                          name=name if tp == 1 else f"{name}-tp{tp}", beside=beside)
 
 
 def two_nano_batches(dense_batch: int, num_sms: int, sizes: list[int], lead: int, tp: int = 1,
-                     name: str = "") -> PipelineConfig:
+                     name: str = "", beside: tuple[str, ...] = BESIDE_ALL) -> PipelineConfig:
   """Two nano-batches: both qkv GEMMs and KV appends, then the `lead` nano-batch's attention on the whole
-  GPU, then the other's attention (stream 2, a quarter of the SMs) beside the lead's o/gate_up/down GEMMs
-  (stream 1, the rest), then the other's GEMMs on the whole GPU. Under tensor parallelism each all-reduce
-  goes to stream 3 as soon as its GEMM is done, so the lead's all-reduces can run beside the other's
-  attention and GEMMs (the paper's network overlap)."""
+  GPU, then the other's attention (stream 2, a quarter of the SMs) beside the lead's GEMMs named in
+  `beside` (stream 1, the rest), then the lead's other GEMMs and the other's GEMMs on the whole GPU.
+  `beside` is a prefix of (o, gate_up, down): a GEMM left out waits for the attention and takes the whole
+  GPU (measured on an H200: down on half the SMs ran alone after the attention beside it had ended).
+  Under tensor parallelism each all-reduce goes to stream 3 as soon as its GEMM is done, so the lead's
+  all-reduces can run beside the other's attention and GEMMs (the paper's network overlap)."""
+  if not beside or tuple(beside) != BESIDE_ALL[:len(beside)]:
+    raise PipelineConfigError(f"beside must be a non-empty prefix of {BESIDE_ALL}, got {beside}")
   a, b = lead, 1 - lead
   attn, gemm = max(num_sms // 4, 1), num_sms - max(num_sms // 4, 1)
   net = min(NETWORK_SMS, num_sms // 4) or 1
@@ -227,8 +234,11 @@ def two_nano_batches(dense_batch: int, num_sms: int, sizes: list[int], lead: int
   ]
   if tp > 1:
     ops.append(NanoOp("o_allreduce", a, NETWORK_STREAM, net, [f"o@{a}"]))
-  ops += [NanoOp("gate_up", a, 1, gemm, [f"o_allreduce@{a}" if tp > 1 else f"o@{a}"]),
-          NanoOp("down", a, 1, gemm, [f"gate_up@{a}"])]
+  def lead_gemm(op, deps):   # beside attention@b on the rest of the SMs, or after it on the whole GPU
+    return (NanoOp(op, a, 1, gemm, deps) if op in beside else
+            NanoOp(op, a, 1, rest, deps + [f"attention@{b}"]))
+  ops += [lead_gemm("gate_up", [f"o_allreduce@{a}" if tp > 1 else f"o@{a}"]),
+          lead_gemm("down", [f"gate_up@{a}"])]
   if tp > 1:
     ops.append(NanoOp("down_allreduce", a, NETWORK_STREAM, net, [f"down@{a}"]))
   ops.append(NanoOp("o", b, 1, rest, [f"attention@{b}", f"down@{a}"]))
