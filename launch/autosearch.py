@@ -121,7 +121,7 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from nanoflow_jax import compat
+  from nanoflow_jax import perf
   from pallas_kernels import gemm
   from pallas_kernels.paged_attention import attention_call, configs, default_backend, query_blocks
   backend = default_backend()
@@ -142,24 +142,14 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
     asms = num_sms - gs
     if asms <= 0:
       continue
-    one_gemm = lambda a, b: gemm.gemm(a, b, num_sms=gs)
-    one_attn = lambda q, kc, vc: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
-                                                jnp.asarray(nb, jnp.int32), num_sms=asms, config=dcfg)
-    t_g1 = _time(jax.jit(one_gemm), a, b)
-    t_a1 = _time(jax.jit(one_attn), q, kc, vc)
-    # chains of about equal length, so that the two really run side by side
-    reps_g, reps_a = max(1, round(4 * max(t_g1, t_a1) / t_g1)), max(1, round(4 * max(t_g1, t_a1) / t_a1))
-    gemm_chain = lambda a, b: [one_gemm(a, b) for _ in range(reps_g)]
-    attn_chain = lambda q, kc, vc: [one_attn(q, kc, vc) for _ in range(reps_a)]
-    t_g = _time(jax.jit(gemm_chain), a, b)
-    t_a = _time(jax.jit(attn_chain), q, kc, vc)
-    both = jax.jit(lambda a, b, q, kc, vc: (compat.compute_on(gemm_chain, "gpu_stream:1")(a, b),
-                                             compat.compute_on(attn_chain, "gpu_stream:2")(q, kc, vc)))
-    compiled = both.lower(a, b, q, kc, vc).compile(compat.STREAM_ANNOTATION_OPTIONS)
-    t_both = _time(compiled, a, b, q, kc, vc)
-    out[str(gs)] = t_both / max(t_g, t_a)
-    print(f"interference: GEMM on {gs} SMs x{reps_g} {t_g:.2f} ms, attention on {asms} x{reps_a} {t_a:.2f} ms, "
-          f"together {t_both:.2f} ms: factor {out[str(gs)]:.2f}", flush=True)
+    t = perf.concurrent_seconds(
+        lambda a, b: gemm.gemm(a, b, num_sms=gs), (a, b),
+        lambda q, kc, vc: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
+                                         jnp.asarray(nb, jnp.int32), num_sms=asms, config=dcfg), (q, kc, vc))
+    out[str(gs)] = t["both"] / max(t["chain_a"], t["chain_b"])
+    print(f"interference: GEMM on {gs} SMs x{t['reps_a']} {t['chain_a'] * 1e3:.2f} ms, attention on {asms} "
+          f"x{t['reps_b']} {t['chain_b'] * 1e3:.2f} ms, together {t['both'] * 1e3:.2f} ms: factor "
+          f"{out[str(gs)]:.2f}", flush=True)
   return out
 
 

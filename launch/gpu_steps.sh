@@ -68,6 +68,12 @@ step_step-order()         { for lhs in false true; do
                               $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
                                 --templates=decode-overlap --trace_dir="$OUT/trace-order-$lhs" --out="$OUT/step-order-lhs-$lhs.md"
                             done; }
+# Decode attention variants on 33/48/66 SMs beside the gate_up GEMM on the rest: does any overlap pay?
+step_beside-gemm()        { $PY launch/kernel_bench.py --beside_gemm --shares=33,48,66 --iters=10 --out_dir="$OUT/beside-gemm"; }
+step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
+# decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
+step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \
+                              --templates=decode-overlap,decode-overlap-o+gate_up --out="$OUT/step-down-whole.md"; }
 step_grouped-gemm()       { $PY launch/kernel_bench.py --grouped_gemm --out_dir="$OUT/grouped-gemm"; }
 step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
 step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shapes=8b-small --out_dir="$OUT/tune-small-m"; }

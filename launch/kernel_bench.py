@@ -39,6 +39,10 @@ flags.DEFINE_bool("rms_norm", False, "Only time the fused residual-add + RMSNorm
                   "fusion (2048 x 4096 bf16).")
 flags.DEFINE_bool("grouped_gemm", False, "Only time the experts' grouped GEMM (Mixtral-8x7B shapes: 2048 tokens "
                   "top-2 over 8 experts) per SM share against XLA's ragged dot, with its error vs the reference.")
+flags.DEFINE_bool("beside_gemm", False, "Only time decode attention variants on each --shares share beside the "
+                  "gate_up GEMM on the rest of the SMs, against the two in turn on the whole GPU (Triton kernel).")
+flags.DEFINE_bool("stacked_gemm", False, "Only time the GEMM reading one layer of the stacked weights in place "
+                  "(gemm(..., layer=i)) against the same GEMM on a weight of its own, at each --shares share.")
 flags.DEFINE_bool("tune_gemm", False, "Only tune the GEMM tiles (gemm.TUNE_SPACE) of --tune_shapes at full grid; "
                   "writes gemm_configs.json (the shipped one with these choices merged in) into --out_dir: copy it "
                   "to pallas_kernels/ to ship it.")
@@ -278,6 +282,91 @@ def bench_grouped_gemm(shares: list[int], peak: float, iters: int, rows_: int = 
   return out
 
 
+# Decode attention variants for --beside_gemm: (block_n, num_warps, num_stages, programs_per_sm). Beside a
+# GEMM that fills its SMs' shared memory, an attention CTA gets an SM of its own, so its bytes in flight
+# (stages x the K and V tiles) set its bandwidth; smaller tiles with more stages, and two CTAs per SM where
+# their buffers fit, put more in flight.
+BESIDE_VARIANTS = ((128, 4, 2, 2), (128, 4, 3, 1), (64, 4, 3, 2), (64, 4, 4, 2), (64, 4, 5, 1), (32, 4, 6, 2),
+                   (64, 8, 4, 2), (128, 8, 3, 1))
+
+
+def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536) -> list[tuple]:
+  """Decode attention (the table's 512 sequences at context 1024) on `share` SMs beside LLaMA-3-8B's
+  gate_up GEMM (`gemm_rows` rows, the prefill rows of the step) on the rest, each as a chain of calls on
+  its own stream (perf.concurrent_seconds), for each attention variant. Ratio: the two chains' time one
+  after the other on the whole GPU (attention in the engine's configuration) over their time together:
+  above 1.0 the overlap pays."""
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax import perf
+  from pallas_kernels import gemm
+  from pallas_kernels.paged_attention import attention_call, configs, query_blocks
+  q, cache, table, slots, positions, chunks, work = _attention_problem("decode")
+  kv_dtype = cache[0].dtype
+  base = configs("triton", kv_dtype)[0]
+  key = jax.random.PRNGKey(5)
+  a = jax.random.normal(key, (gemm_rows, 4096), jnp.bfloat16)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (4096, 28672), jnp.bfloat16) * 0.02
+  num_sms = getattr(jax.devices()[0], "core_count", 132)
+
+  def attention(cfg, sms):
+    start, length, nb = query_blocks(chunks, len(slots), cfg["block_q"])
+    return lambda q, kc, vc: attention_call("triton", q, kc, vc, 0, table, slots, positions, start, length,
+                                            jnp.int32(nb), num_sms=sms, config=cfg)
+
+  gemm_at = lambda sms: (lambda a, b: gemm.gemm(a, b, num_sms=sms))
+  t_gemm_full = timeit(jax.jit(gemm_at(num_sms)), a, b, iters=iters)
+  t_attn_full = timeit(jax.jit(attention(base, num_sms)), q, *cache, iters=iters)
+  out = [(f"beside: gate_up {gemm_rows}x28672x4096 alone", str(num_sms), f"{t_gemm_full * 1e3:.3f} ms", "-"),
+         (f"beside: decode attention alone, engine config {base}", str(num_sms),
+          f"{work / t_attn_full / 1e12:.2f} TB/s ({t_attn_full * 1e3:.3f} ms)", "-")]
+  print(out, flush=True)
+  for share in shares:
+    for bn, warps, stages, pps in BESIDE_VARIANTS:
+      cfg = {**base, "block_n": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": pps}
+      label = f"beside: decode bn={bn} w={warps} st={stages} pps={pps} | GEMM on {num_sms - share}"
+      try:
+        t = perf.concurrent_seconds(gemm_at(num_sms - share), (a, b), attention(cfg, share), (q, *cache),
+                                    iters=iters)
+        seq = t["reps_a"] * t_gemm_full + t["reps_b"] * t_attn_full
+        out.append((label, str(share), f"attention alone {work / t['b'] / 1e12:.2f} TB/s; chains GEMM x{t['reps_a']} "
+                    f"{t['chain_a'] * 1e3:.2f} ms, attention x{t['reps_b']} {t['chain_b'] * 1e3:.2f} ms, together "
+                    f"{t['both'] * 1e3:.2f} ms, in turn on the whole GPU {seq * 1e3:.2f} ms", f"{seq / t['both']:.3f}"))
+      except Exception as e:  # keep measuring the rest; the table says what failed
+        out.append((label, str(share), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+      print(out[-1], flush=True)
+  return out
+
+
+def bench_stacked_gemm(shares: list[int], iters: int) -> list[tuple]:
+  """gemm(..., layer=i) reading layer i of LLaMA-3-8B's stacked weights [32, K, N] in place, against the
+  same GEMM on a weight of its own (ratio: stacked / plain time; 1.0 = the in-place read costs nothing)."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels import gemm
+  out = []
+  for name, (m, n, k) in LLAMA3_8B_M2048.items():
+    key = jax.random.PRNGKey(7)
+    a = jax.random.normal(key, (m, k), jnp.bfloat16)
+    stack = jax.random.normal(jax.random.fold_in(key, 1), (32, k, n), jnp.bfloat16) * 0.02
+    one = jnp.array(stack[17])
+    layer = jnp.int32(17)
+    for s in shares:
+      try:
+        stacked = jax.jit(lambda a, w, i, s=s: gemm.gemm(a, w, num_sms=s, layer=i))
+        plain = jax.jit(lambda a, w, s=s: gemm.gemm(a, w, num_sms=s))
+        err = float(jnp.max(jnp.abs(stacked(a, stack, layer).astype(jnp.float32) - plain(a, one).astype(jnp.float32))))
+        t_s, t_p = timeit(stacked, a, stack, layer, iters=iters), timeit(plain, a, one, iters=iters)
+        out.append((f"gemm {name} {m}x{n}x{k}, layer 17 of a 32-layer stack (max diff to plain {err:.1e})", str(s),
+                    f"stacked {2 * m * n * k / t_s / 1e12:.0f} TFLOP/s, plain {2 * m * n * k / t_p / 1e12:.0f}",
+                    f"{t_s / t_p:.3f}"))
+      except Exception as e:
+        out.append((f"gemm {name} stacked", str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+      print(out[-1], flush=True)
+    del stack
+  return out
+
+
 def tune_gemm(names: list[str], iters: int) -> tuple[dict, list[tuple]]:
   """Times every tile configuration of gemm.TUNE_SPACE per shape (checked against the reference first);
   keeps the fastest where it beats the default by more than 2%. Returns (configs by 'MxNxK', table rows)."""
@@ -364,6 +453,12 @@ def main(argv):
     shares = []
   if FLAGS.grouped_gemm:
     rows += bench_grouped_gemm(shares, peak, FLAGS.iters)
+    shares = []
+  if FLAGS.beside_gemm:
+    rows += bench_beside_gemm([s for s in shares if s < dev.core_count], FLAGS.iters)
+    shares = []
+  if FLAGS.stacked_gemm:
+    rows += bench_stacked_gemm(shares, FLAGS.iters)
     shares = []
   if FLAGS.tune_gemm:
     chosen, tune_rows = tune_gemm(list(FLAGS.tune_shapes), FLAGS.iters)

@@ -39,3 +39,54 @@ def median_seconds(fn, *args, iters: int = 20, samples: int = 5) -> float:
     jax.block_until_ready(r)
     out.append((time.perf_counter() - t) / iters)
   return statistics.median(out)
+
+
+def chained(fn, reps: int):
+  """fn called `reps` times in a row in one computation: run(firsts, *rest) calls fn(firsts[i], *rest)
+  for each of `reps` distinct first arguments (XLA merges identical calls, even across an optimization
+  barrier), each call ordered after the last by a barrier; every output is returned, so none is dropped
+  as dead code."""
+  import jax
+
+  def run(firsts, *rest):
+    assert len(firsts) == reps
+    outs, prev = [], None
+    for first in firsts:
+      if prev is not None:
+        first, _ = jax.lax.optimization_barrier((first, prev))
+      prev = fn(first, *rest)
+      outs.append(prev)
+    return outs
+  return run
+
+
+def distinct_copies(x, n: int) -> list:
+  """n copies of the array x in buffers of their own (chained's distinct first arguments)."""
+  import jax.numpy as jnp
+  return [jnp.array(x, copy=True) for _ in range(n)]
+
+
+def concurrent_seconds(fa, args_a: tuple, fb, args_b: tuple, iters: int = 10) -> dict:
+  """Two kernels side by side, as the nano-batch pipeline runs them: each as a chain of calls on a stream
+  of its own in one step (stream annotation on a GPU; elsewhere the same step without streams). The
+  chains are made about equally long (4x the longer single call), so that they really overlap.
+  Returns seconds: a and b (one call), chain_a and chain_b (alone), both (the two chains at once), and
+  reps_a, reps_b."""
+  import jax
+  from nanoflow_jax import compat
+  t_a = median_seconds(jax.jit(fa), *args_a, iters=iters)
+  t_b = median_seconds(jax.jit(fb), *args_b, iters=iters)
+  reps_a = max(1, round(4 * max(t_a, t_b) / t_a))
+  reps_b = max(1, round(4 * max(t_a, t_b) / t_b))
+  ca, cb = chained(fa, reps_a), chained(fb, reps_b)
+  in_a = (distinct_copies(args_a[0], reps_a), *args_a[1:])
+  in_b = (distinct_copies(args_b[0], reps_b), *args_b[1:])
+  gpu = jax.default_backend() == "gpu"
+  on = (lambda f, s: compat.compute_on(f, f"gpu_stream:{s}")) if gpu else (lambda f, s: f)
+  both = jax.jit(lambda a, b: (on(ca, 1)(*a), on(cb, 2)(*b)))
+  compiled = both.lower(in_a, in_b).compile(compat.STREAM_ANNOTATION_OPTIONS if gpu else None)
+  n = max(1, iters // 2)
+  return {"a": t_a, "b": t_b, "reps_a": reps_a, "reps_b": reps_b,
+          "chain_a": median_seconds(jax.jit(ca), *in_a, iters=n),
+          "chain_b": median_seconds(jax.jit(cb), *in_b, iters=n),
+          "both": median_seconds(compiled, in_a, in_b, iters=n)}

@@ -1,0 +1,34 @@
+"""nanoflow_jax.perf's chains of kernel calls: every call survives compilation (XLA merges identical calls
+and drops unused ones, which would make a chain's time that of one call), and the outputs are the calls'."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax import perf
+
+
+def test_chained_keeps_every_call_and_its_output():
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 64))
+  w = jax.random.normal(jax.random.PRNGKey(1), (64, 64))
+  f = lambda x, w: jnp.tanh(x @ w)
+  firsts = perf.distinct_copies(x, 3)
+  assert len({id(c) for c in firsts}) == 3 and all(np.array_equal(c, x) for c in firsts)
+  def kernels(reps, firsts):
+    hlo = jax.jit(perf.chained(f, reps)).lower(firsts, w).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    return entry.count("fusion(") + entry.count(" dot(")
+  assert kernels(3, firsts) == 3 * kernels(1, firsts[:1]) > 0   # three calls, not one
+  # (what chained guards against: the same call three times compiles to one)
+  same = jax.jit(lambda x, w: [f(x, w) for _ in range(3)]).lower(x, w).compile().as_text()
+  assert same[same.index("ENTRY"):].count("fusion(") + same[same.index("ENTRY"):].count(" dot(") < kernels(3, firsts)
+  run = jax.jit(perf.chained(f, 3))
+  outs = run(firsts, w)
+  assert len(outs) == 3 and all(np.allclose(o, f(x, w), atol=1e-5) for o in outs)
+
+
+def test_concurrent_seconds_balances_the_chains():
+  a = jnp.ones((256, 256))
+  b = jnp.ones((32, 32))
+  t = perf.concurrent_seconds(lambda a: a @ a, (a,), lambda b: b + 1, (b,), iters=2)
+  assert t["reps_a"] >= 1 and t["reps_b"] >= t["reps_a"]         # the quick op repeats more
+  assert all(t[k] > 0 for k in ("a", "b", "chain_a", "chain_b", "both"))
