@@ -69,7 +69,11 @@ step_step-order()         { for lhs in false true; do
                                 --templates=decode-overlap --trace_dir="$OUT/trace-order-$lhs" --out="$OUT/step-order-lhs-$lhs.md"
                             done; }
 # Decode attention variants on 33/48/66 SMs beside the gate_up GEMM on the rest: does any overlap pay?
-step_beside-gemm()        { $PY launch/kernel_bench.py --beside_gemm --shares=33,48,66 --iters=10 --out_dir="$OUT/beside-gemm"; }
+step_beside-gemm()        { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 --out_dir="$OUT/beside-gemm"; }
+# decode-overlap with the beside-attention variants of kernel_bench --beside_gemm.
+step_step-beside()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
+                              --templates=decode-overlap --beside_attention=programs_per_sm=4 \
+                              --beside_attention=prefetch_pages=1,programs_per_sm=4 --out="$OUT/step-beside.md"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \

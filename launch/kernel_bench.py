@@ -282,12 +282,11 @@ def bench_grouped_gemm(shares: list[int], peak: float, iters: int, rows_: int = 
   return out
 
 
-# Decode attention variants for --beside_gemm: (block_n, num_warps, num_stages, programs_per_sm). Beside a
-# GEMM that fills its SMs' shared memory, an attention CTA gets an SM of its own, so its bytes in flight
-# (stages x the K and V tiles) set its bandwidth; smaller tiles with more stages, and two CTAs per SM where
-# their buffers fit, put more in flight.
-BESIDE_VARIANTS = ((128, 4, 2, 2), (128, 4, 3, 1), (64, 4, 3, 2), (64, 4, 4, 2), (64, 4, 5, 1), (32, 4, 6, 2),
-                   (64, 8, 4, 2), (128, 8, 3, 1))
+# Decode attention variants for --beside_gemm (changes to the engine's configuration). Session 7 found the
+# kernel's rate per CTA flat in its stages and tile (~27 GB/s: latency-bound, not pipelined), so the
+# variants add CTAs per SM and load each key block's page ids one iteration ahead.
+BESIDE_VARIANTS = ({}, {"programs_per_sm": 4}, {"programs_per_sm": 8}, {"prefetch_pages": True},
+                   {"prefetch_pages": True, "programs_per_sm": 4})
 
 
 def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536) -> list[tuple]:
@@ -321,10 +320,21 @@ def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536) -> l
          (f"beside: decode attention alone, engine config {base}", str(num_sms),
           f"{work / t_attn_full / 1e12:.2f} TB/s ({t_attn_full * 1e3:.3f} ms)", "-")]
   print(out, flush=True)
+  problem = (q, cache, table, slots, positions, chunks, work)
+  for variant in BESIDE_VARIANTS:   # each variant alone on the whole GPU, and its error
+    cfg = {**base, **variant}
+    try:
+      err = check_attention("triton", "decode", cfg, problem)
+      t = timeit(jax.jit(attention(cfg, num_sms)), q, *cache, iters=iters)
+      out.append((f"beside: decode {variant or 'engine config'} alone (rel. error {err:.1e})", str(num_sms),
+                  f"{work / t / 1e12:.2f} TB/s", f"{t_attn_full / t:.3f}"))
+    except Exception as e:
+      out.append((f"beside: decode {variant}", str(num_sms), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+    print(out[-1], flush=True)
   for share in shares:
-    for bn, warps, stages, pps in BESIDE_VARIANTS:
-      cfg = {**base, "block_n": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": pps}
-      label = f"beside: decode bn={bn} w={warps} st={stages} pps={pps} | GEMM on {num_sms - share}"
+    for variant in BESIDE_VARIANTS:
+      cfg = {**base, **variant}
+      label = f"beside: decode {variant or 'engine config'} | GEMM on {num_sms - share}"
       try:
         t = perf.concurrent_seconds(gemm_at(num_sms - share), (a, b), attention(cfg, share), (q, *cache),
                                     iters=iters)

@@ -42,6 +42,9 @@ flags.DEFINE_list("gemms", ["mosaic"], "GEMM choices (mosaic, xla: EngineConfig.
 flags.DEFINE_list("templates", ["generic-2", "decode-overlap"], "Two-nano-batch templates to time at each "
                   "--attn_shares (runtime/plan.py: generic_default, decode_overlap; decode-overlap-o+gate_up: "
                   "the prefill rows' down after the decode attention, on the whole GPU).")
+flags.DEFINE_multi_string("beside_attention", [], "Also time each nanoflow variant with these changes to the "
+                          "decode attention's configuration where it runs beside the GEMMs, e.g. "
+                          "programs_per_sm=4,prefetch_pages=1 (Executor beside_attention); may be repeated.")
 flags.DEFINE_bool("nanoflow", True, "Also time the nano-batch variants (--attn_shares, the split, the shipped config).")
 flags.DEFINE_bool("fused_rope_append", False, "Also time sequential steps with the fused RoPE + KV-append kernel.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
@@ -90,6 +93,10 @@ def main(argv):
     beside = next(o.id for o in plan.ops if o.op == "attention" and o.sm_share < plan.num_sms)
     variants.append((f"nanoflow {plan.name} {plan.nano_batches} {beside} on {share} SMs ({kernels})", plan, True,
                      kernels, {"kv_dtype": kv_dtype}))
+    for spec in FLAGS.beside_attention:
+      changes = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+      variants.append((f"nanoflow {plan.name} {plan.nano_batches} {beside} on {share} SMs, attention {changes} "
+                       f"({kernels})", plan, True, kernels, {"kv_dtype": kv_dtype, "beside_attention": changes}))
   if FLAGS.nanoflow:
     variants.append((f"nanoflow split, no streams ({kernels})", base, False, kernels, {"kv_dtype": kv_dtype}))
   shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], step.dense) if FLAGS.nanoflow else None

@@ -62,7 +62,8 @@ if triton is not None:
                               NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
-                              NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr):
+                              NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr,
+                              PREFETCH_PAGES: tl.constexpr):
     pid = tl.program_id(0)
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
@@ -101,9 +102,18 @@ if triton is not None:
       l_i = tl.zeros([BLOCK_M], tl.float32)
       acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
       for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones
-        for j in tl.range(full_hi if phase == 1 else lo, hi if phase == 1 else full_hi, num_stages=NUM_STAGES):
+        j0 = full_hi if phase == 1 else lo
+        j1 = hi if phase == 1 else full_hi
+        if PREFETCH_PAGES:   # the first block's page ids; each iteration then loads the next block's
+          page_next = tl.load(pt_row + (j0 * BLOCK_N + cols) // PAGE_SIZE, mask=cols * 0 + j0 < j1, other=0)
+        for j in tl.range(j0, j1, num_stages=NUM_STAGES):
           kpos = j * BLOCK_N + cols
-          page = tl.load(pt_row + kpos // PAGE_SIZE)
+          if PREFETCH_PAGES:
+            # The K/V addresses then hang on a load of the previous iteration, not on one of this one.
+            page = page_next
+            page_next = tl.load(pt_row + (kpos + BLOCK_N) // PAGE_SIZE, mask=cols * 0 + j + 1 < j1, other=0)
+          else:
+            page = tl.load(pt_row + kpos // PAGE_SIZE)
           row_off = (kv_base + page.to(tl.int64)) * (PAGE_SIZE * HEAD_DIM) + (kpos % PAGE_SIZE) * HEAD_DIM
           # .to(q.dtype): an fp8 cache is read at half the bytes and computed on in the dot dtype
           k = tl.load(k_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
@@ -127,7 +137,7 @@ if triton is not None:
 
 
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
-               programs_per_sm, heavy_first=False, dot_f16=False):
+               programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False):
   """(programs, the kernel's compile-time constants)."""
   _, hq, d = q_shape
   _, hkv, num_pages, page_size, _ = k_shape
@@ -138,7 +148,8 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
   meta = dict(NUM_PROGRAMS=programs, NUM_KV_HEADS=hkv, Q_PER_KV=g, NUM_PAGES=num_pages,
               PT_STRIDE=page_table_shape[1], PAGE_SIZE=page_size, HEAD_DIM=d, BLOCK_Q=block_q,
               BLOCK_M=_rows(block_q, g), BLOCK_N=block_n, WINDOW=sliding_window or 0,
-              QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16)
+              QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16,
+              PREFETCH_PAGES=prefetch_pages)
   return programs, meta
 
 
@@ -146,17 +157,19 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                          num_blocks, *,
                          num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                          num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
-                         dot_f16: bool = False, out=None):
+                         dot_f16: bool = False, prefetch_pages: bool = False, out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
-  caches: DECODE_CONFIG_FP8 sets it, measured in docs/perf-notes.md)."""
+  caches: DECODE_CONFIG_FP8 sets it, measured in docs/perf-notes.md). prefetch_pages: each key block's page
+  ids are loaded one iteration ahead (a variant for the bandwidth per SM beside a GEMM; perf-notes)."""
   import jax
   import jax.numpy as jnp
   import jax_triton as jt
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
-                              programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16)
+                              programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
+                              prefetch_pages=prefetch_pages)
   if out is None:
     out = jnp.zeros(q.shape, q.dtype)
   per_block = block_n // k_cache.shape[3]
@@ -175,7 +188,7 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
 def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
                    num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                    num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
-                   heavy_first: bool = False, dot_f16: bool = False) -> np.ndarray:
+                   heavy_first: bool = False, dot_f16: bool = False, prefetch_pages: bool = False) -> np.ndarray:
   """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path."""
   import torch
   from pallas_kernels.triton_interpret import f32, i32, interpreted
@@ -184,7 +197,8 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
   page_table = np.pad(page_table, ((0, 0), (0, -page_table.shape[1] % (block_n // k_cache.shape[3]))))
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
-                              programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16)
+                              programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
+                              prefetch_pages=prefetch_pages)
   out = torch.zeros(q.shape, dtype=torch.float32)
   kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
                       i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out, **meta)

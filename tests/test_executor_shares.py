@@ -32,3 +32,21 @@ def test_small_steps_run_whole_on_the_gpu():
   cpu = types.SimpleNamespace(plan=plan_lib.generic_default(32, 132), on_kernels=False)
   assert Executor.nano_sizes(cpu, 32) == [16, 16]           # the CPU tests still split tiny batches
   assert Executor.nano_sizes(types.SimpleNamespace(plan=None, on_kernels=True), 2048) == [2048]
+
+
+def test_beside_attention_changes_only_the_decode_config_on_a_share():
+  decode, prefill = {"block_q": 1, "block_n": 128, "programs_per_sm": 2}, {"block_q": 32, "block_n": 64}
+  ex = types.SimpleNamespace(attention_configs=(decode, prefill), num_sms=132, annotate=True,
+                             beside_attention={"programs_per_sm": 4, "prefetch_pages": 1})
+  assert Executor.attention_configs_for(ex, 33) == ({**decode, "programs_per_sm": 4, "prefetch_pages": 1}, prefill)
+  assert Executor.attention_configs_for(ex, 132) == (decode, prefill)     # on the whole GPU: the engine's config
+  ex.annotate = False                                                      # no streams: nothing runs beside it
+  assert Executor.attention_configs_for(ex, 33) == (decode, prefill)
+
+
+def test_beside_attention_cannot_change_the_blocks():
+  import pytest
+  from nanoflow_jax.model import load_model
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  with pytest.raises(ValueError, match="block_n"):
+    Executor(model, 16, 16, 2, 64, 32, beside_attention={"block_n": 64})

@@ -37,6 +37,15 @@ def test_triton_kernel_gqa_wide_group_and_blocks_of_many_pages():
          heavy_first=True, ctx=(70, 3), chunk=(20, 3))
 
 
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("block_n", [4, 16])
+def test_triton_kernel_with_page_ids_loaded_ahead(window, block_n):
+  """prefetch_pages: each iteration loads the next key block's page ids; one-page blocks (block_n 4) make
+  every iteration cross a page, and contexts of one block test the loop that never runs its prefetch."""
+  _check(np.random.default_rng(), num_sms=3, block_q=1, window=window, block_n=block_n, prefetch_pages=True,
+         ctx=(5, 17, 1, 40, 16), chunk=(1, 6, 1, 33, 1))
+
+
 @pytest.mark.parametrize("block_q", [1, 8])
 def test_triton_kernel_with_f16_dots(block_q):
   """dot_f16 (the candidate for fp8 caches): the dots in f16, within f16 rounding of the reference."""

@@ -104,7 +104,7 @@ class Executor:
   def __init__(self, model: Model, num_pages: int | None, page_size: int, max_num_seqs: int, max_model_len: int,
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
-               fused_rope_append: bool = False, gemm: str = "mosaic"):
+               fused_rope_append: bool = False, gemm: str = "mosaic", beside_attention: dict | None = None):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/perf-notes.md).
@@ -112,7 +112,10 @@ class Executor:
     mesh: a tensor-parallel mesh (nanoflow_jax.parallel) the model's weights are sharded over.
     gemm: "mosaic" (our SM-share GEMM kernel, on the kernel paths) or "xla" (XLA's dot). Measured on an
     H200, ours is faster in the sequential step too: XLA's dot needs each layer's weight slice copied out
-    of the stacked weights, ours reads it in place (docs/perf-notes.md)."""
+    of the stacked weights, ours reads it in place (docs/perf-notes.md).
+    beside_attention: changes to the decode attention's configuration where it runs on an SM share beside
+    other kernels (stream annotation), e.g. {"programs_per_sm": 4}: there a CTA gets an SM of its own, and
+    what is fastest alone on the whole GPU need not be (docs/perf-notes.md, session 7)."""
     cfg = model.config
     self.model = model
     self.page_size = page_size
@@ -147,6 +150,9 @@ class Executor:
     self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.attention_configs = attention_kernels.configs(self.attention_backend, self.kv_dtype)
+    self.beside_attention = dict(beside_attention or {})
+    if {"block_q", "block_n"} & set(self.beside_attention):   # the host's query blocks and page table use them
+      raise ValueError(f"beside_attention cannot change block_q or block_n: {self.beside_attention}")
     # Page-table columns: whole key blocks of the attention kernel, so it never pads the table per call.
     per_block = max(c.get("block_n", page_size) for c in self.attention_configs) // page_size
     self.page_table_cols = -(-self.max_pages_per_seq // max(per_block, 1)) * max(per_block, 1)
@@ -225,6 +231,14 @@ class Executor:
       return compat.compute_on(f, f"gpu_stream:{self._op.stream}")
     return f
 
+  def attention_configs_for(self, num_sms: int) -> tuple[dict, dict]:
+    """(decode, prefill) attention configurations for a kernel on `num_sms`: beside_attention's changes
+    to the decode one where it shares the GPU with other streams."""
+    decode, prefill = self.attention_configs
+    if self.annotate and num_sms < self.num_sms:
+      decode = {**decode, **self.beside_attention}
+    return decode, prefill
+
   def _attention(self, q, k_cache, v_cache, layer, inp: StepInputs, rows: slice, blocks):
     window = self.model.config.sliding_window
     slots, positions = inp.slots[rows], inp.positions[rows]
@@ -235,7 +249,7 @@ class Executor:
     def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
       # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
       out = None
-      for bl, cfg in zip(blocks, self.attention_configs):
+      for bl, cfg in zip(blocks, self.attention_configs_for(num_sms)):
         out = attention_call(self.attention_backend, q, k_cache, v_cache, layer, page_table, slots, positions, *bl,
                              num_sms=num_sms, config=cfg, sliding_window=window, interpret=interpret, out=out)
       return out
