@@ -81,6 +81,9 @@ step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernel
 step_grouped-gemm()       { $PY launch/kernel_bench.py --grouped_gemm --out_dir="$OUT/grouped-gemm"; }
 step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
 step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shapes=8b-small --out_dir="$OUT/tune-small-m"; }
+# Stage 1 on one GPU's shard of LLaMA-2-70B and the all-reduces across 4 (or 2) GPUs, then the search.
+step_autosearch-tp4()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=4 --out_dir="$OUT/autosearch-tp4"; }
+step_autosearch-tp2()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=2 --out_dir="$OUT/autosearch-tp2"; }
 step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference \
                               --measure --out_dir="$OUT/autosearch"; }
 
