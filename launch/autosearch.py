@@ -178,7 +178,10 @@ def main(argv):
   if not FLAGS.from_profile:   # before JAX starts the GPU backend: memory and the overlap flags
     from nanoflow_jax import compat
     compat.configure_gpu_memory()
-    compat.enable_concurrent_command_buffers(FLAGS.tp)
+    # As on one GPU, also with --tp: the pairs are timed on one device, and with XLA's latency-hiding
+    # scheduler on (the TP setting) the two streams ran one after the other (session 7, --tp=4: factor
+    # 1.91, about the two chains' sum; one GPU with it off: 1.2-1.5). The lone all-reduce needs no overlap.
+    compat.enable_concurrent_command_buffers(1)
   from nanoflow_jax import config as config_lib
   from nanoflow_jax.runtime import autosearch
   os.makedirs(FLAGS.out_dir, exist_ok=True)

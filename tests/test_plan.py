@@ -56,6 +56,7 @@ def test_tensor_parallel_plans_have_their_allreduces_as_nano_ops():
     assert "o_allreduce@0" not in anc["attention@1"] and "attention@1" not in anc["o_allreduce@0"]
     assert plan.PipelineConfig.from_dict(json.loads(cfg.to_json())).tp == tp
   assert [o.op for o in plan.single(2048, 132, tp=2).ops] == list(plan.TP_OPS)
+  assert plan.single(2048, 132, tp=2).ops[0].deps == ["prev:down_allreduce@0"]   # after the last all-reduce
 
 
 def test_tensor_parallel_plan_checks():

@@ -171,7 +171,7 @@ class PipelineConfig:
 def single(dense_batch: int, num_sms: int, name: str = "single", tp: int = 1) -> PipelineConfig:
   """One nano-batch, every op on the whole GPU in order: the sequential schedule as a PipelineConfig (what
   the auto-search ships when no split is predicted to beat it)."""
-  ops, prev = [], "prev:down@0"
+  ops, prev = [], f"prev:{ops_for(tp)[-1]}@0"     # after the previous layer's last op (its all-reduce under TP)
   for op in ops_for(tp):
     ops.append(NanoOp(op, 0, 1, num_sms, [prev]))
     prev = f"{op}@0"
