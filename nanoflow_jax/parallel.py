@@ -37,6 +37,7 @@ def param_spec(cfg: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...], 
       "qkv": P(None, AXIS, None, None) if heads_split else P(),
       "qkv_bias": P(AXIS, None, None) if heads_split else P(),
       "o": P(AXIS, None, None) if heads_split else P(),   # query heads are grouped by KV head
+      "o_col": P(None, None, AXIS) if div(cfg.hidden_size) else P(),   # the all-gather form's o (executor)
       "gate_up": P(None, None, AXIS) if div(cfg.intermediate_size) else P(),
       "down": P(AXIS, None) if div(cfg.intermediate_size) else P(),
       "experts_gate_up": P(None, None, None, AXIS) if div(cfg.intermediate_size) else P(),

@@ -118,3 +118,21 @@ def test_with_beside_share_moves_the_attention_and_the_gemms_beside_it(template)
   assert all(o.sm_share == c.sm_share for o, c in zip(others, [c for c in cfg.ops if c.id in {o.id for o in others}]))
   with pytest.raises(plan.PipelineConfigError, match="one attention on an SM share"):
     plan.with_beside_share(plan.single(2048, 132), 48)
+
+
+@pytest.mark.parametrize("lead", [0, 1])
+def test_allgather_form_of_o_per_nano_batch(lead):
+  cfg = plan.two_nano_batches(2048, 132, [1024, 1024], lead, tp=4, name="t", allgather=(1,))
+  assert cfg.name == "t-ag1"
+  assert cfg.ops_of(1) == plan.AG_OPS and cfg.ops_of(0) == plan.TP_OPS
+  anc = cfg._ancestors()
+  assert "attn_allgather@1" in anc["o@1"] and "o@1" in anc["o_allgather@1"] and "o_allgather@1" in anc["gate_up@1"]
+  assert plan.PipelineConfig.from_dict(json.loads(cfg.to_json())).ops_of(1) == plan.AG_OPS   # round trip
+  d = json.loads(cfg.to_json())
+  d["ops"] = [o for o in d["ops"] if o["op"] != "o_allgather"]
+  with pytest.raises(plan.PipelineConfigError, match="missing"):
+    plan.PipelineConfig.from_dict(d)
+  with pytest.raises(plan.PipelineConfigError, match="tensor parallelism"):
+    plan.generic_default(2048, 132, allgather=(0,))
+  both = plan.generic_default(2048, 132, tp=2, allgather=(0, 1))
+  assert both.ops_of(0) == both.ops_of(1) == plan.AG_OPS and both.name == "generic-2-tp2-ag01"

@@ -29,6 +29,9 @@ def test_tp_matches_single_device(arch):
   assert out["2-sequential"]["devices"] == 2 and out["4-nanoflow"]["devices"] == 4
   assert out["2-sequential"]["kv_devices"] == 2
   assert ("2-sequential-interpret" in out) == (arch == "llama2")   # the Pallas attention kernel under TP
+  # the all-gather form of o ran (o's column-split copy in place) and gave the same tokens
+  assert {k for k, v in out.items() if v["allgather_o"]} == ({"2-nanoflow-ag1", "4-nanoflow-ag01"}
+                                                            if arch == "llama2" else set())
   for key, v in out.items():
     assert v["manual"] == (int(key.split("-")[0]) in MANUAL[arch]), key
 
@@ -88,6 +91,42 @@ def test_nanoflow_under_tp_runs_an_allreduce_per_nano_batch(tmp_path):
   assert lines[-2].startswith("refused:") and "tensor parallelism 1" in lines[-2]
   seq, nano = map(int, lines[-1].split())
   assert seq >= 2 and nano == seq + 2, (seq, nano)
+
+
+ALLGATHER_SCRIPT = r"""
+import os, re, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from nanoflow_jax.llm import build_engine
+from nanoflow_jax.sampling_params import SamplingParams
+def collectives(mode, plan_path=None):
+  eng = build_engine("tiny", random_weights=True, dense_batch=256, num_pages=256, max_num_seqs=4, tensor_parallel=2,
+                     mode=mode, pipeline_config=plan_path)
+  eng.add_request("a", list(range(1, 200)), SamplingParams(max_tokens=2, temperature=0))
+  eng.run_until_done()
+  text = eng.executor._compiled[256].as_text()
+  count = lambda op: sum(c.count("%") for c in re.findall(op + r"(?:-start)?\(([^)]*)\)", text))
+  return count("all-gather"), count("all-reduce"), eng
+_, seq_reduces, _ = collectives("sequential")
+gathers, reduces, eng = collectives("nanoflow", sys.argv[1])
+o_col = eng.executor.params["layers"]["o_col"]
+print(gathers, reduces - seq_reduces, o_col.shape, o_col.sharding.spec)
+"""
+
+
+def test_allgather_form_gathers_instead_of_reducing_o(tmp_path):
+  """A TP-2 plan with nano-batch 1 in o's all-gather form: per layer two all-gathers (its attention output,
+  its o columns) and three all-reduced partial sums (nano-batch 0's o and down, nano-batch 1's down: one
+  more than the sequential step's two), with o's stack split by output column beside the usual one."""
+  from nanoflow_jax.runtime import plan
+  path = tmp_path / "ag.json"
+  path.write_text(plan.generic_default(256, 132, tp=2, allgather=(1,)).to_json())
+  r = subprocess.run([sys.executable, "-c", ALLGATHER_SCRIPT, str(path)], capture_output=True, text=True,
+                     timeout=600, cwd=os.path.dirname(HERE))
+  assert r.returncode == 0, r.stderr[-3000:]
+  gathers, reduces, shape, spec = r.stdout.strip().splitlines()[-1].split(" ", 3)
+  assert (int(gathers), int(reduces)) == (2, 1)
+  assert "None, None, None, 'tp'" in spec
 
 
 def test_kv_pages_count_the_per_gpu_share(monkeypatch):

@@ -174,6 +174,16 @@ class Executor:
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
     # before the KV cache is sized (the model then drops its per-layer copy), so the cache takes the rest.
     top, stacked = model.stacked_params()
+    # The all-gather form of o (plan.AG_OPS) multiplies the whole heads by each device's slice of o's
+    # output columns: o's stack once more, split by its last axis (1/TP of o per device).
+    self.allgather_o = self.manual_tp and plan is not None and any(op.op == "attn_allgather" for op in plan.ops)
+    if self.allgather_o:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      if cfg.hidden_size % self.tp:
+        raise ValueError(f"the all-gather form of o splits hidden {cfg.hidden_size} over {self.tp} devices")
+      stacked = {**stacked, "o_col": jax.device_put(stacked["o"], NamedSharding(mesh, P(None, None, None, parallel.AXIS)))}
+    elif plan is not None and any(op.op == "attn_allgather" for op in plan.ops):
+      raise ValueError(f"pipeline config {plan.name!r} all-gathers o's input, which needs the per-device TP path")
     self.params = {"top": top, "layers": stacked}
     kv_sharding = parallel.kv_sharding(cfg, mesh) if mesh is not None else None
     if num_pages:   # asked for: exactly that many, or an error
@@ -309,9 +319,11 @@ class Executor:
            _sequential_ops(len(sizes), self.tp if self.manual_tp else 1))
 
     layer_cfg, manual = self.layer_config, self.manual_tp
-    # Under manual TP the all-reduces after o and down are nano-ops of their own where the plan has them
-    # (o_allreduce, down_allreduce), so a nano-batch's all-reduce can sit beside another's compute.
-    explicit_allreduce = manual and any(op.op == "o_allreduce" for op in ops)
+    # Under manual TP the collectives after o and down are nano-ops of their own where the plan has them
+    # (o_allreduce or attn_allgather + o_allgather, down_allreduce), so one nano-batch's collective can sit
+    # beside another's compute.
+    explicit_allreduce = manual and any(op.op == "down_allreduce" for op in ops)
+    gathered = {op.nano_batch for op in ops if op.op == "attn_allgather"}   # nano-batches in AG form
 
     def row_parallel(partial, residual):
       # o and down: on one device the residual is fused into the GEMM; under manual TP each device holds a
@@ -321,15 +333,17 @@ class Executor:
     def layer_step(carry, xs, inp):
       x, k_cache, v_cache = carry
       i, layer_params = xs
+      layer_params = dict(layer_params)
+      o_col = layer_params.pop("o_col", None)   # [heads, head_dim, hidden / TP]: the all-gather form's o
       layer = DecoderLayer(layer_cfg, self.model.dtype).bind({"params": layer_params})
       st = [{"x": x[r]} for r in rows]   # per nano-batch values
       # The GEMMs take their weight as (whole stack, layer index) where stacked_gemm says so.
       stacked = ({id(w): (params["layers"][name], i) for name, w in layer_params.items()}
                  if self.stacked_gemm else {})
       with layers.use_stacked_weights(stacked):
-        return run_ops(layer, st, i, k_cache, v_cache, inp)
+        return run_ops(layer, o_col, st, i, k_cache, v_cache, inp)
 
-    def run_ops(layer, st, i, k_cache, v_cache, inp):
+    def run_ops(layer, o_col, st, i, k_cache, v_cache, inp):
       outs: dict[str, list] = {}   # what each nano-op of this layer wrote, for the ops ordered after it
       for op in ops:
         s, r = st[op.nano_batch], rows[op.nano_batch]
@@ -347,6 +361,12 @@ class Executor:
             k_cache, v_cache = append_kv(k_cache, v_cache, i, k, s["v"], inp.kv_pages[r], inp.kv_offsets[r])
           elif op.op == "attention":
             s["attn"] = self._attention(s["q"], k_cache, v_cache, i, inp, r, inp.blocks[op.nano_batch])
+          elif op.op == "attn_allgather":   # this device's heads -> all heads, in the global head order
+            s["attn"] = jax.lax.all_gather(s["attn"], parallel.AXIS, axis=1, tiled=True)
+          elif op.op == "o" and op.nano_batch in gathered:   # all heads x this device's output columns
+            s["o_cols"] = layers.linear(s["attn"], o_col, "...nd,ndh->...h")
+          elif op.op == "o_allgather":
+            s["x"] = s["x"] + jax.lax.all_gather(s.pop("o_cols"), parallel.AXIS, axis=1, tiled=True)
           elif op.op == "o":
             if explicit_allreduce:
               s["o_partial"] = layer.o(s["attn"])

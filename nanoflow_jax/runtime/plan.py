@@ -7,7 +7,11 @@ The executor runs the list in order; on the GPU each nano-op's kernel goes to it
 
 Under tensor parallelism (`tp` > 1) the row-parallel GEMMs o and down leave partial sums on each device;
 their all-reduces are nano-ops of their own (network class: o_allreduce, down_allreduce), so a plan can
-place one nano-batch's all-reduce beside another nano-batch's GEMMs.
+place one nano-batch's all-reduce beside another nano-batch's GEMMs. A nano-batch may instead take the
+NanoFlow paper's all-gather form of the attention block (AG_OPS): its attention output is all-gathered
+(attn_allgather), o runs column-parallel on all heads (each device computes its slice of the hidden
+columns), and that slice is all-gathered (o_allgather). The same bytes cross the network as with o's
+all-reduce, in two collectives at two places in the layer, which gives the schedule more room to hide them.
 
 JSON (version 1; "tp" may be left out for 1):
   {"version": 1, "name": "...", "dense_batch": 2048, "num_sms": 132, "nano_batches": [1024, 1024], "tp": 1,
@@ -27,8 +31,11 @@ VERSION = 1
 # norm + gate_up GEMM; activation + down GEMM (+ residual).
 OPS = ("qkv", "rope_append", "attention", "o", "gate_up", "down")
 TP_OPS = ("qkv", "rope_append", "attention", "o", "o_allreduce", "gate_up", "down", "down_allreduce")
+AG_OPS = ("qkv", "rope_append", "attention", "attn_allgather", "o", "o_allgather", "gate_up", "down",
+          "down_allreduce")
 RESOURCE = {"qkv": "compute", "rope_append": "memory", "attention": "memory", "o": "compute",
-            "gate_up": "compute", "down": "compute", "o_allreduce": "network", "down_allreduce": "network"}
+            "gate_up": "compute", "down": "compute", "o_allreduce": "network", "down_allreduce": "network",
+            "attn_allgather": "network", "o_allgather": "network"}
 NETWORK_STREAM = 3   # where the generic plans put the all-reduces
 NETWORK_SMS = 24     # SMs an all-reduce occupies: NCCL runs 24 channels (one CTA each) on 4 H200s (measured)
 BESIDE_ALL = ("o", "gate_up", "down")   # the lead nano-batch's GEMMs a two-nano-batch plan runs beside attention
@@ -103,8 +110,7 @@ class PipelineConfig:
     if sum(self.nano_batches) != self.dense_batch or any(n <= 0 for n in self.nano_batches):
       fail(f"nano-batches {self.nano_batches} do not cover the dense batch {self.dense_batch}")
     ids = [o.id for o in self.ops]
-    layer_ops = ops_for(self.tp)
-    want = {f"{op}@{nb}" for op in layer_ops for nb in range(len(self.nano_batches))}
+    want = {f"{op}@{nb}" for nb in range(len(self.nano_batches)) for op in self.ops_of(nb)}
     if len(ids) != len(set(ids)):
       fail(f"a nano-op appears twice: {sorted(i for i in ids if ids.count(i) > 1)[0]}")
     if set(ids) != want:
@@ -124,6 +130,7 @@ class PipelineConfig:
           fail(f"{o.id} depends on {d}, which comes later in the list (a cycle)")
     anc = self._ancestors()
     for nb in range(len(self.nano_batches)):
+      layer_ops = self.ops_of(nb)
       for a, b in zip(layer_ops, layer_ops[1:]):
         if f"{a}@{nb}" not in anc[f"{b}@{nb}"]:
           fail(f"{b}@{nb} must depend on {a}@{nb}")
@@ -142,6 +149,13 @@ class PipelineConfig:
           share = (x.sm_share or self.num_sms) + (y.sm_share or self.num_sms)
           if share > self.num_sms:
             fail(f"{x.id} and {y.id} may run at once with {share} SMs > {self.num_sms}")
+
+  def ops_of(self, nano_batch: int) -> tuple[str, ...]:
+    """The layer's ops for one nano-batch, in data order: AG_OPS where the plan all-gathers its attention
+    output (tensor parallelism only), else ops_for(tp)."""
+    if self.tp > 1 and any(o.op == "attn_allgather" and o.nano_batch == nano_batch for o in self.ops):
+      return AG_OPS
+    return ops_for(self.tp)
 
   def _ancestors(self) -> dict[str, set[str]]:
     anc: dict[str, set[str]] = {}
@@ -181,12 +195,12 @@ def single(dense_batch: int, num_sms: int, name: str = "single", tp: int = 1) ->
   return cfg
 
 
-def generic_default(dense_batch: int, num_sms: int, tp: int = 1) -> PipelineConfig:
+def generic_default(dense_batch: int, num_sms: int, tp: int = 1, allgather: tuple[int, ...] = ()) -> PipelineConfig:
   """Two halves; nano-batch 1's attention on a quarter of the SMs beside nano-batch 0's GEMMs
-  (`two_nano_batches` with lead 0)."""
+  (`two_nano_batches` with lead 0); `allgather`: the nano-batches that take o's all-gather form."""
   half = (dense_batch // 2 // 128) * 128 or dense_batch // 2
   return two_nano_batches(dense_batch, num_sms, [half, dense_batch - half], lead=0, tp=tp,
-                          name="generic-2" if tp == 1 else f"generic-2-tp{tp}")
+                          name="generic-2" if tp == 1 else f"generic-2-tp{tp}", allgather=allgather)
 
 
 def decode_overlap(dense_batch: int, num_sms: int, decode_rows: int, tp: int = 1, align: int = 128,
@@ -205,24 +219,35 @@ def decode_overlap(dense_batch: int, num_sms: int, decode_rows: int, tp: int = 1
 
 
 def two_nano_batches(dense_batch: int, num_sms: int, sizes: list[int], lead: int, tp: int = 1,
-                     name: str = "", beside: tuple[str, ...] = BESIDE_ALL) -> PipelineConfig:
+                     name: str = "", beside: tuple[str, ...] = BESIDE_ALL,
+                     allgather: tuple[int, ...] = ()) -> PipelineConfig:
   """Two nano-batches: both qkv GEMMs and KV appends, then the `lead` nano-batch's attention on the whole
   GPU, then the other's attention (stream 2, a quarter of the SMs) beside the lead's GEMMs named in
   `beside` (stream 1, the rest), then the lead's other GEMMs and the other's GEMMs on the whole GPU.
   `beside` is a prefix of (o, gate_up, down): a GEMM left out waits for the attention and takes the whole
   GPU (measured on an H200: down on half the SMs ran alone after the attention beside it had ended).
-  Under tensor parallelism each all-reduce goes to stream 3 as soon as its GEMM is done, so the lead's
-  all-reduces can run beside the other's attention and GEMMs (the paper's network overlap)."""
+  Under tensor parallelism each collective goes to stream 3 as soon as its input is ready, so the lead's
+  can run beside the other's attention and GEMMs (the paper's network overlap); the nano-batches in
+  `allgather` take the all-gather form of o (AG_OPS), the others o's all-reduce."""
   if not beside or tuple(beside) != BESIDE_ALL[:len(beside)]:
     raise PipelineConfigError(f"beside must be a non-empty prefix of {BESIDE_ALL}, got {beside}")
+  ag = set(allgather)
+  if ag and tp == 1:
+    raise PipelineConfigError("the all-gather form of o needs tensor parallelism (tp > 1)")
+  if not ag <= {0, 1}:
+    raise PipelineConfigError(f"allgather names nano-batches 0 and 1 only, got {sorted(ag)}")
   a, b = lead, 1 - lead
   attn, gemm = max(num_sms // 4, 1), num_sms - max(num_sms // 4, 1)
   net = min(NETWORK_SMS, num_sms // 4) or 1
-  # Under TP the GEMMs leave room for the all-reduces beside them: the lead's beside the other's
-  # attention, and each all-reduce beside the next GEMM.
+  # Under TP the GEMMs leave room for the collectives beside them: the lead's beside the other's
+  # attention, and each collective beside the next GEMM.
   rest = num_sms - net if tp > 1 else num_sms
   gemm -= num_sms - rest
   last = "down_allreduce" if tp > 1 else "down"
+  o_net = lambda nb: ("o_allgather" if nb in ag else "o_allreduce") if tp > 1 else None
+  # o's input: the attention output, or its all-gather (the whole heads) in the all-gather form
+  o_in = lambda nb: f"attn_allgather@{nb}" if nb in ag else f"attention@{nb}"
+  after_o = lambda nb: f"{o_net(nb)}@{nb}" if tp > 1 else f"o@{nb}"   # what gate_up waits for
   ops = [
       NanoOp("qkv", 0, 1, num_sms, [f"prev:{last}@0"]),
       NanoOp("qkv", 1, 1, num_sms, [f"prev:{last}@1"]),
@@ -230,24 +255,30 @@ def two_nano_batches(dense_batch: int, num_sms: int, sizes: list[int], lead: int
       NanoOp("rope_append", 1, 1, num_sms, ["qkv@1", "rope_append@0"]),
       NanoOp("attention", a, 2, num_sms, ["rope_append@0", "rope_append@1"]),
       NanoOp("attention", b, 2, attn, ["rope_append@0", "rope_append@1", f"attention@{a}"]),
-      NanoOp("o", a, 1, gemm, [f"attention@{a}"]),                   # the lead's GEMMs beside attention@b
   ]
+  if a in ag:
+    ops.append(NanoOp("attn_allgather", a, NETWORK_STREAM, net, [f"attention@{a}"]))
+  ops.append(NanoOp("o", a, 1, gemm, [o_in(a)]))                       # the lead's GEMMs beside attention@b
   if tp > 1:
-    ops.append(NanoOp("o_allreduce", a, NETWORK_STREAM, net, [f"o@{a}"]))
+    ops.append(NanoOp(o_net(a), a, NETWORK_STREAM, net, [f"o@{a}"]))
+  if b in ag:   # the other's gather may run beside the lead's MLP
+    ops.append(NanoOp("attn_allgather", b, NETWORK_STREAM, net, [f"attention@{b}", f"{o_net(a)}@{a}"]))
+
   def lead_gemm(op, deps):   # beside attention@b on the rest of the SMs, or after it on the whole GPU
     return (NanoOp(op, a, 1, gemm, deps) if op in beside else
             NanoOp(op, a, 1, rest, deps + [f"attention@{b}"]))
-  ops += [lead_gemm("gate_up", [f"o_allreduce@{a}" if tp > 1 else f"o@{a}"]),
-          lead_gemm("down", [f"gate_up@{a}"])]
+  ops += [lead_gemm("gate_up", [after_o(a)]), lead_gemm("down", [f"gate_up@{a}"])]
   if tp > 1:
     ops.append(NanoOp("down_allreduce", a, NETWORK_STREAM, net, [f"down@{a}"]))
-  ops.append(NanoOp("o", b, 1, rest, [f"attention@{b}", f"down@{a}"]))
+  ops.append(NanoOp("o", b, 1, rest, [o_in(b), f"down@{a}"]))
   if tp > 1:
-    ops.append(NanoOp("o_allreduce", b, NETWORK_STREAM, net, [f"o@{b}", f"down_allreduce@{a}"]))
-  ops += [NanoOp("gate_up", b, 1, rest, [f"o_allreduce@{b}" if tp > 1 else f"o@{b}"]),
+    ops.append(NanoOp(o_net(b), b, NETWORK_STREAM, net, [f"o@{b}", f"down_allreduce@{a}"]))
+  ops += [NanoOp("gate_up", b, 1, rest, [after_o(b)]),
           NanoOp("down", b, 1, rest, [f"gate_up@{b}"])]
   if tp > 1:
     ops.append(NanoOp("down_allreduce", b, NETWORK_STREAM, net, [f"down@{b}"]))
+  if ag and name:
+    name += "-ag" + "".join(str(nb) for nb in sorted(ag))
   cfg = PipelineConfig(dense_batch=dense_batch, num_sms=num_sms, nano_batches=list(sizes), ops=ops, name=name, tp=tp)
   cfg.validate()
   return cfg
