@@ -153,24 +153,35 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
   return out
 
 
-def profile_allreduce(hidden: int, sizes: list[int], tp: int) -> dict[str, list[list[float]]]:
-  """Stage 1's network class: ms to all-reduce a [tokens, hidden] bf16 partial sum across `tp` devices, as
-  the step does after o and down (a psum under shard_map), keyed by the share the plans give it."""
+def profile_collectives(hidden: int, sizes: list[int], tp: int) -> dict[str, dict[str, list[list[float]]]]:
+  """Stage 1's network class: ms per collective over `tp` devices on [tokens, hidden] bf16, as the step
+  runs them under shard_map: allreduce (the psum of o's and down's partial sums) and allgather (the
+  all-gather form of o: every device's [tokens, hidden / tp] slice to all), keyed by the share the plans
+  give them."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
   from nanoflow_jax import parallel
   from nanoflow_jax.runtime.plan import NETWORK_SMS
   mesh = parallel.make_mesh(tp)
-  f = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, parallel.AXIS), mesh=mesh, in_specs=P(parallel.AXIS),
-                            out_specs=P(parallel.AXIS), check_vma=False))
-  rows = []
-  for m in sizes:
-    # one [m, hidden] block per device, stacked along the mesh axis
-    x = jax.device_put(jnp.ones((tp * m, hidden), jnp.bfloat16), NamedSharding(mesh, P(parallel.AXIS)))
-    rows.append([m, _time(f, x)])
-    print("allreduce", m, rows[-1][1], flush=True)
-  return {str(NETWORK_SMS): rows}
+  ops = {  # (the collective, how its input lies on the mesh)
+      "allreduce": (lambda x: jax.lax.psum(x, parallel.AXIS), P(parallel.AXIS)),
+      "allgather": (lambda x: jax.lax.all_gather(x, parallel.AXIS, axis=1, tiled=True), P(None, parallel.AXIS)),
+  }
+  out = {}
+  for name, (fn, spec) in ops.items():
+    f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=P(parallel.AXIS) if name == "allreduce"
+                              else P(), check_vma=False))
+    rows = []
+    for m in sizes:
+      # allreduce: one [m, hidden] block per device, stacked along the mesh axis; allgather: [m, hidden]
+      # split by columns
+      shape = (tp * m, hidden) if name == "allreduce" else (m, hidden)
+      x = jax.device_put(jnp.ones(shape, jnp.bfloat16), NamedSharding(mesh, spec))
+      rows.append([m, _time(f, x)])
+      print(name, m, rows[-1][1], flush=True)
+    out[name] = {str(NETWORK_SMS): rows}
+  return out
 
 
 def main(argv):
@@ -202,7 +213,7 @@ def main(argv):
     prof = profile(cfg, [int(s) for s in FLAGS.shares], [int(s) for s in FLAGS.sizes], FLAGS.context)
     if FLAGS.tp > 1:
       prof.model, prof.tp = full.name, FLAGS.tp
-      prof.times["allreduce"] = profile_allreduce(full.hidden_size, [int(s) for s in FLAGS.sizes], FLAGS.tp)
+      prof.times.update(profile_collectives(full.hidden_size, [int(s) for s in FLAGS.sizes], FLAGS.tp))
     if FLAGS.interference:
       prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < prof.num_sms],
                                                FLAGS.context)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from nanoflow_jax.runtime import autosearch
-from nanoflow_jax.runtime.plan import NETWORK_SMS, PipelineConfig
+from nanoflow_jax.runtime.plan import AG_OPS, NETWORK_SMS, RESOURCE, TP_OPS, PipelineConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARES = [132, 99, 66, 33]
@@ -152,9 +152,11 @@ def test_search_models_the_network_class_under_tp():
   cfg, ms, seq_ms, schedule = autosearch.search(tp_profile(0.6), 2048, 512, shares=SHARES)
   cfg.validate()
   assert len(cfg.nano_batches) == 2 and cfg.tp == 2 and ms < seq_ms
-  net = [row for row in schedule if "allreduce" in row[0]]
-  assert len(net) == 4 and all(row[4] == NETWORK_SMS for row in net)   # their fixed share
-  compute = [row for row in schedule if "allreduce" not in row[0]]
+  is_net = lambda op_id: RESOURCE[op_id.split("@")[0]] == "network"
+  net = [row for row in schedule if is_net(row[0])]
+  assert len(net) == sum(is_net(o.id) for o in cfg.ops) >= 4
+  assert all(row[4] == NETWORK_SMS for row in net)   # their fixed share
+  compute = [row for row in schedule if not is_net(row[0])]
   overlaps = lambda a, b: a[2] < b[2] + b[3] - 1e-6 and b[2] < a[2] + a[3] - 1e-6
   assert any(overlaps(a, c) for a in net for c in compute if a[0][-1] != c[0][-1])
   assert seq_ms == pytest.approx(sum(autosearch.op_time(tp_profile(0.6), op, 2048, 512, 132) for op in
@@ -162,25 +164,41 @@ def test_search_models_the_network_class_under_tp():
                                       "down_allreduce")))
 
 
-ALLREDUCE_PROFILE = r"""
+def test_search_weighs_the_allgather_form_of_o():
+  """Each nano-batch's o takes the form its collectives' measured cost favours: gathers at half an
+  all-reduce split o's network time in two and the search uses them; gathers as dear as an all-reduce
+  would double it, and it keeps the all-reduces."""
+  forms = lambda cfg: {cfg.ops_of(nb) for nb in range(len(cfg.nano_batches))}
+  for gather_cost, want in ((0.5, AG_OPS), (1.0, TP_OPS)):
+    prof = tp_profile(0.6)
+    prof.times["allgather"] = {s: [[m, gather_cost * ms] for m, ms in pts] for s, pts in prof.times["allreduce"].items()}
+    cfg, ms, seq_ms, _ = autosearch.search(prof, 2048, 512, shares=SHARES)
+    assert len(cfg.nano_batches) == 2 and want in forms(cfg), (gather_cost, forms(cfg))
+    if want == TP_OPS:
+      assert forms(cfg) == {TP_OPS}
+
+
+COLLECTIVES_PROFILE = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 from absl import flags
 from launch import autosearch as cli
 flags.FLAGS(["autosearch"])
-print(cli.profile_allreduce(64, [16, 32], 2))
+print(cli.profile_collectives(64, [16, 32], 2))
 """
 
 
-def test_allreduce_profiling_and_tp_names(tmp_path):
-  """Stage 1's network table on 2 CPU devices, and TP profiles and configs named apart from one GPU's."""
-  r = subprocess.run([sys.executable, "-c", ALLREDUCE_PROFILE], capture_output=True, text=True, timeout=300, cwd=ROOT)
+def test_collective_profiling_and_tp_names(tmp_path):
+  """Stage 1's network tables on 2 CPU devices, and TP profiles and configs named apart from one GPU's."""
+  r = subprocess.run([sys.executable, "-c", COLLECTIVES_PROFILE], capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
-  table = eval(r.stdout.strip().splitlines()[-1])
+  tables = eval(r.stdout.strip().splitlines()[-1])
   key = str(NETWORK_SMS)
-  assert list(table) == [key] and [row[0] for row in table[key]] == [16, 32]
-  assert all(row[1] > 0 for row in table[key])
+  assert sorted(tables) == ["allgather", "allreduce"]
+  for table in tables.values():
+    assert list(table) == [key] and [row[0] for row in table[key]] == [16, 32]
+    assert all(row[1] > 0 for row in table[key])
   assert autosearch.profile_path("llama-2-70b", "h200", 2).endswith("llama-2-70b_h200_tp2.json")
   assert autosearch.profile_path("llama-3-8b", "h200").endswith("llama-3-8b_h200.json")
 

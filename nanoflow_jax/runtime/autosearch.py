@@ -97,6 +97,12 @@ def profile_path(model: str, device_kind: str, tp: int = 1) -> str:
 
 
 def op_time(prof: Profile, op: str, rows: int, decode_rows: int, share: int) -> float:
+  if op in ("attn_allgather", "o_allgather"):
+    # [rows, hidden] gathered (LLaMA-family shapes: heads x head_dim = hidden). Without a measured table,
+    # half an all-reduce: a ring all-reduce is a reduce-scatter and an all-gather of the same bytes.
+    if "allgather" in prof.times:
+      return prof.time("allgather", rows, share)
+    return 0.5 * prof.time("allreduce", rows, share)
   if RESOURCE[op] == "network":
     return prof.time("allreduce", rows, share)
   if op == "attention":
@@ -202,9 +208,12 @@ def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128
   shares = sorted(set(shares or [int(s) for s in prof.times["qkv"]]))
   best = None
   # Both orders of the two-nano-batch template: the second nano-batch's attention beside the first's GEMMs
-  # (lead 0), or the first's (where the decode rows are) beside the second's GEMMs (lead 1).
-  for lead, first in itertools.product((0, 1), range(align, dense_batch, align)):
-    cfg = two_nano_batches(dense_batch, prof.num_sms, [first, dense_batch - first], lead, tp=prof.tp)
+  # (lead 0), or the first's (where the decode rows are) beside the second's GEMMs (lead 1). Under TP each
+  # nano-batch's o also takes either collective form: all-reduce, or the paper's all-gather form.
+  forms = [(), (0,), (1,), (0, 1)] if prof.tp > 1 else [()]
+  for lead, first, allgather in itertools.product((0, 1), range(align, dense_batch, align), forms):
+    cfg = two_nano_batches(dense_batch, prof.num_sms, [first, dense_batch - first], lead, tp=prof.tp,
+                           allgather=allgather)
     dec = [min(decodes, first), max(decodes - first, 0)]
     ms, chosen, starts, durs, orders = _solve(cfg, prof, dec, shares)
     if best is None or ms < best[1]:
@@ -252,7 +261,8 @@ def gantt(schedule, path: str, title: str) -> None:
   streams = sorted({s for _, s, _, _, _ in schedule})
   fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(streams)))
   colors = {"qkv": "tab:blue", "rope_append": "tab:gray", "attention": "tab:red", "o": "tab:cyan",
-            "gate_up": "tab:green", "down": "tab:olive", "o_allreduce": "tab:purple", "down_allreduce": "tab:pink"}
+            "gate_up": "tab:green", "down": "tab:olive", "o_allreduce": "tab:purple", "down_allreduce": "tab:pink",
+            "attn_allgather": "tab:cyan", "o_allgather": "tab:brown"}
   for op_id, stream, start, dur, share in schedule:
     y = streams.index(stream)
     ax.broken_barh([(start, dur)], (y - 0.4, 0.8), color=colors[op_id.split("@")[0]], edgecolor="black")

@@ -16,17 +16,23 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")]
 
 
-def test_tp_kernels_agree_with_one_gpu():
+def test_tp_kernels_agree_with_one_gpu(tmp_path):
   """TP 2 (and 4 where there are 4 GPUs) in sequential mode, and the top degree in nanoflow mode (all-reduces
-  as separate nano-ops), against one GPU."""
+  as separate nano-ops; then both nano-batches in o's all-gather form), against one GPU."""
+  from nanoflow_jax.runtime.plan import generic_default
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(50, 500, size=16)]
   degrees = [tp for tp in (2, 4) if tp <= jax.device_count()]
-  runs = [(1, "sequential")] + [(tp, "sequential") for tp in degrees] + [(degrees[-1], "nanoflow")]
+  runs = ([(1, "sequential")] + [(tp, "sequential") for tp in degrees] + [(degrees[-1], "nanoflow"),
+                                                                            (degrees[-1], "nanoflow-ag")])
+  ag_plan = tmp_path / "ag.json"
+  ag_plan.write_text(generic_default(1024, 132, tp=degrees[-1], allgather=(0, 1)).to_json())
   firsts = {}
   for tp, mode in runs:
     eng = build_engine("llama-3-8b", random_weights=True, dense_batch=1024, num_pages=4096, max_num_seqs=32,
-                       tensor_parallel=tp, mode=mode)
+                       tensor_parallel=tp, mode=mode.removesuffix("-ag"),
+                       pipeline_config=str(ag_plan) if mode.endswith("-ag") else None)
+    assert eng.executor.allgather_o == mode.endswith("-ag")
     assert eng.executor.manual_tp == (tp > 1) and eng.executor.kernels in ("triton", "pallas")
     for i, p in enumerate(prompts):
       eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=5))
