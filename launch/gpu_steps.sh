@@ -74,6 +74,10 @@ step_beside-gemm()        { $PY launch/kernel_bench.py --beside_gemm --shares=33
 step_step-beside()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
                               --templates=decode-overlap --beside_attention=programs_per_sm=4 \
                               --beside_attention=prefetch_pages=1,programs_per_sm=4 --out="$OUT/step-beside.md"; }
+# The same pairs under the engine's nanoflow flags (CONCURRENT command buffers, latency-hiding scheduler off):
+# the auto-search's pair profile, which runs under them, saw the two chains one after the other (session 7).
+step_beside-gemm-cb()     { XLA_FLAGS="$($PY -c 'import os; from nanoflow_jax import compat; compat.enable_concurrent_command_buffers(); print(os.environ["XLA_FLAGS"])')" \
+                              $PY launch/kernel_bench.py --beside_gemm --shares=48 --iters=10 --out_dir="$OUT/beside-gemm-cb"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \
