@@ -181,7 +181,8 @@ class Executor:
       from jax.sharding import NamedSharding, PartitionSpec as P
       if cfg.hidden_size % self.tp:
         raise ValueError(f"the all-gather form of o splits hidden {cfg.hidden_size} over {self.tp} devices")
-      stacked = {**stacked, "o_col": jax.device_put(stacked["o"], NamedSharding(mesh, P(None, None, None, parallel.AXIS)))}
+      by_column = NamedSharding(mesh, P(None, None, None, parallel.AXIS))
+      stacked = {**stacked, "o_col": jax.device_put(stacked["o"], by_column)}
     elif plan is not None and any(op.op == "attn_allgather" for op in plan.ops):
       raise ValueError(f"pipeline config {plan.name!r} all-gathers o's input, which needs the per-device TP path")
     self.params = {"top": top, "layers": stacked}
