@@ -59,7 +59,8 @@ def environment(mode: str) -> dict:
   return {"device": dev.device_kind, "num_devices": FLAGS.tp, "jax": jax.__version__,
           "python": platform.python_version(), "model": FLAGS.model, "mode": mode, "git_commit": commit,
           "workload": FLAGS.workload_file or FLAGS.workload, "dense_batch": FLAGS.dense_batch,
-          "max_num_seqs": FLAGS.max_num_seqs, "kernels": FLAGS.kernels}
+          "max_num_seqs": FLAGS.max_num_seqs, "kernels": FLAGS.kernels,
+          "engine_options": engine_flags.engine_kwargs()}
 
 
 def make_requests(max_model_len: int, vocab: int):

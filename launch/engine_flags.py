@@ -25,6 +25,9 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_enum("gemm", "mosaic", ["mosaic", "xla"],
                     "GEMMs on the kernel paths: mosaic (our SM-share kernel) or xla (XLA's dot).")
   flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
+  flags.DEFINE_integer("layer_unroll", 1, "Decoder layers per iteration of the step's layer scan. With 2, a "
+                       "layer's last ops (under TP: its last all-reduce) and the next layer's first ops of "
+                       "another nano-batch are in one computation, where XLA may overlap them (longer compile).")
   flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "bfloat16", "float16", "float32", "fp8"],
                     "KV cache element type: auto = the model's; fp8 (e4m3, no scales) halves the cache's bytes: "
                     "twice the tokens fit and decode attention reads half as much.")
@@ -53,4 +56,5 @@ def engine_kwargs() -> dict:
               page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, kv_memory_fraction=FLAGS.kv_memory_fraction,
               max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len, kernels=FLAGS.kernels,
               gemm=FLAGS.gemm,
-              pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype)
+              pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
+              layer_unroll=FLAGS.layer_unroll)

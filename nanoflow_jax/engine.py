@@ -49,6 +49,8 @@ class EngineConfig:
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow (default: generic)
   tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
   fused_rope_append: bool = False         # RoPE + KV append as one kernel (not yet measured: off)
+  layer_unroll: int = 1                   # decoder layers per iteration of the layer scan: with 2, one
+                                          # layer's tail and the next one's head are in one computation
   kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32 or fp8
                                           # (float8_e4m3fn, no scales: half the bytes of bf16)
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
@@ -58,6 +60,8 @@ class EngineConfig:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
     if self.dense_batch < 1 or self.page_size < 1 or self.max_num_seqs < 1:
       raise ValueError("dense_batch, page_size and max_num_seqs must be >= 1")
+    if self.layer_unroll < 1:
+      raise ValueError(f"layer_unroll must be >= 1, got {self.layer_unroll}")
     if not 0 < self.kv_memory_fraction <= 1:
       raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
     if self.gemm not in GEMM_CHOICES:
@@ -145,7 +149,7 @@ class Engine:
     self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
                              kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh,
                              kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append,
-                             gemm=c.gemm)
+                             gemm=c.gemm, layer_unroll=c.layer_unroll)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size

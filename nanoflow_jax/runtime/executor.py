@@ -104,7 +104,8 @@ class Executor:
   def __init__(self, model: Model, num_pages: int | None, page_size: int, max_num_seqs: int, max_model_len: int,
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
-               fused_rope_append: bool = False, gemm: str = "mosaic", beside_attention: dict | None = None):
+               fused_rope_append: bool = False, gemm: str = "mosaic", beside_attention: dict | None = None,
+               layer_unroll: int = 1):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/perf-notes.md).
@@ -115,7 +116,11 @@ class Executor:
     of the stacked weights, ours reads it in place (docs/perf-notes.md).
     beside_attention: changes to the decode attention's configuration where it runs on an SM share beside
     other kernels (stream annotation), e.g. {"programs_per_sm": 4}: there a CTA gets an SM of its own, and
-    what is fastest alone on the whole GPU need not be (docs/perf-notes.md, session 7)."""
+    what is fastest alone on the whole GPU need not be (docs/perf-notes.md, session 7).
+    layer_unroll: decoder layers per iteration of the layer scan (lax.scan's unroll). Each iteration ends
+    with every nano-batch done; with 2, one layer's tail (under TP its last all-reduce) and the next
+    layer's head for another nano-batch are in one computation, so XLA may overlap them across the
+    layer boundary, at about twice the compile time."""
     cfg = model.config
     self.model = model
     self.page_size = page_size
@@ -171,6 +176,9 @@ class Executor:
     self.stacked_gemm = (self.annotate or self.kernels == "interpret") and not self.manual_tp
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.fused_rope_append = fused_rope_append
+    if layer_unroll < 1:
+      raise ValueError(f"layer_unroll must be >= 1, got {layer_unroll}")
+    self.layer_unroll = layer_unroll
     # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
     # before the KV cache is sized (the model then drops its per-layer copy), so the cache takes the rest.
     top, stacked = model.stacked_params()
@@ -407,7 +415,8 @@ class Executor:
     # A stream-annotated GEMM would get its layer's weight slice as a copy (~7 ms per 8B step); with
     # stacked_gemm it reads the scanned stack at the layer index instead (docs/perf-notes.md).
     (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, *kv),
-                                            (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]))
+                                            (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]),
+                                            unroll=self.layer_unroll)
     return m.logits(x[inp.sample_index]), (k_cache, v_cache)
 
   def _forward_step(self, params, kv, last_tokens, counts, prompt_mask, inp: StepInputs):
