@@ -262,7 +262,7 @@ def gantt(schedule, path: str, title: str) -> None:
   fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(streams)))
   colors = {"qkv": "tab:blue", "rope_append": "tab:gray", "attention": "tab:red", "o": "tab:cyan",
             "gate_up": "tab:green", "down": "tab:olive", "o_allreduce": "tab:purple", "down_allreduce": "tab:pink",
-            "attn_allgather": "tab:cyan", "o_allgather": "tab:brown"}
+            "attn_allgather": "tab:orange", "o_allgather": "tab:brown"}
   for op_id, stream, start, dur, share in schedule:
     y = streams.index(stream)
     ax.broken_barh([(start, dur)], (y - 0.4, 0.8), color=colors[op_id.split("@")[0]], edgecolor="black")
