@@ -159,6 +159,8 @@ def test_search_models_the_network_class_under_tp():
   compute = [row for row in schedule if not is_net(row[0])]
   overlaps = lambda a, b: a[2] < b[2] + b[3] - 1e-6 and b[2] < a[2] + a[3] - 1e-6
   assert any(overlaps(a, c) for a in net for c in compute if a[0][-1] != c[0][-1])
+  # without stream annotation under TP only collectives run beside other work
+  assert not any(overlaps(a, c) for a in compute for c in compute if a is not c and a[3] > 1e-6 and c[3] > 1e-6)
   assert seq_ms == pytest.approx(sum(autosearch.op_time(tp_profile(0.6), op, 2048, 512, 132) for op in
                                      ("qkv", "rope_append", "attention", "o", "o_allreduce", "gate_up", "down",
                                       "down_allreduce")))

@@ -8,7 +8,8 @@ dependencies leave unordered, whether one runs before the other or both run at o
 to at most the SM count; it minimizes one layer's makespan. The op order and dependencies come from the
 two-nano-batch template (plan.two_nano_batches) in both of its orders: which nano-batch's attention
 runs on a share beside the other's GEMMs. Interference between concurrent kernels is charged from
-stage 1's pair measurement where one was made.
+stage 1's pair measurement where one was made. Under tensor parallelism each nano-batch's o may take the
+all-gather form, and only collectives run beside other work (the executor has no streams under TP yet).
 """
 from __future__ import annotations
 
@@ -163,8 +164,14 @@ def _solve(cfg: PipelineConfig, prof: Profile, decode_rows: list[int], shares: l
     deps |= {i for i in range(j) if ops[i].stream == o.stream}  # a stream runs its ops in list order
     for i in deps:
       add({T(j): 1, T(i): -1, **{X(i, s): -dur[i, s] for s in range(ns)}}, 0, np.inf)  # t_j >= t_i + d_i
+  # Under TP the executor runs without stream annotation (not wired inside shard_map): only the collectives,
+  # asynchronous in XLA, can run beside other work; two compute or memory ops run one after the other.
+  no_overlap = {p for p, (i, j) in enumerate(pairs)
+                if cfg.tp > 1 and RESOURCE[ops[i].op] != "network" and RESOURCE[ops[j].op] != "network"}
   for p, (i, j) in enumerate(pairs):
     add({B(p, 0): 1, B(p, 1): 1, B(p, 2): 1}, 1, 1)
+    if p in no_overlap:
+      add({B(p, 2): 1}, 0, 0)
     add({T(j): 1, T(i): -1, **{X(i, s): -dur[i, s] for s in range(ns)}, B(p, 0): -big}, -big, np.inf)
     add({T(i): 1, T(j): -1, **{X(j, s): -dur[j, s] for s in range(ns)}, B(p, 1): -big}, -big, np.inf)
     share = lambda k, s: ops[k].sm_share if k in fixed else shares[s]
