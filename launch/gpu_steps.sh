@@ -81,6 +81,9 @@ step_step-beside()        { $PY launch/step_bench.py --model=llama-3-8b --kernel
 # the auto-search's pair profile, which runs under them, saw the two chains one after the other (session 7).
 step_beside-gemm-cb()     { XLA_FLAGS="$($PY -c 'import os; from nanoflow_jax import compat; compat.enable_concurrent_command_buffers(); print(os.environ["XLA_FLAGS"])')" \
                               $PY launch/kernel_bench.py --beside_gemm --shares=48 --iters=10 --out_dir="$OUT/beside-gemm-cb"; }
+# The same pairs at one GPU's share of LLaMA-2-70B at TP 2, whose auto-search pairs did not overlap (session 7).
+step_beside-gemm-70b()    { $PY launch/kernel_bench.py --beside_gemm --beside_shape=llama-2-70b-tp2 --shares=33,48 --iters=10 \
+                              --out_dir="$OUT/beside-gemm-70b"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \

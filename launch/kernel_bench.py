@@ -41,6 +41,8 @@ flags.DEFINE_bool("grouped_gemm", False, "Only time the experts' grouped GEMM (M
                   "top-2 over 8 experts) per SM share against XLA's ragged dot, with its error vs the reference.")
 flags.DEFINE_bool("beside_gemm", False, "Only time decode attention variants on each --shares share beside the "
                   "gate_up GEMM on the rest of the SMs, against the two in turn on the whole GPU (Triton kernel).")
+flags.DEFINE_enum("beside_shape", "llama-3-8b", ["llama-3-8b", "llama-2-70b-tp2", "llama-2-70b-tp4"],
+                  "--beside_gemm's shapes: one GPU's share of this model's decode attention and gate_up GEMM.")
 flags.DEFINE_bool("stacked_gemm", False, "Only time the GEMM reading one layer of the stacked weights in place "
                   "(gemm(..., layer=i)) against the same GEMM on a weight of its own, at each --shares share.")
 flags.DEFINE_bool("tune_gemm", False, "Only tune the GEMM tiles (gemm.TUNE_SPACE) of --tune_shapes at full grid; "
@@ -72,13 +74,14 @@ def timeit(fn, *args, iters: int) -> float:
   return median_seconds(fn, *args, iters=iters)
 
 
-def _attention_problem(kind: str):
-  """The decode (512 sequences at context 1024) or prefill (one 4096-token prompt) shape of the table:
-  (q, cache, table, slots, positions, chunk lengths, work in bytes or FLOPs)."""
+def _attention_problem(kind: str, hkv: int = 8, g: int = 4):
+  """The decode (512 sequences at context 1024) or prefill (one 4096-token prompt) shape of the table, with
+  `hkv` KV heads of `g` query heads each (LLaMA-3-8B's by default): (q, cache, table, slots, positions,
+  chunk lengths, work in bytes or FLOPs)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  hkv, g, d, ps = 8, 4, 128, 16
+  d, ps = 128, 16
   b_, ctx = (512, 1024) if kind == "decode" else (1, 4096)
   pages = b_ * ctx // ps
   kv_dtype = jnp.float8_e4m3fn if FLAGS.attention_kv_dtype == "fp8" else jnp.bfloat16
@@ -289,23 +292,29 @@ BESIDE_VARIANTS = ({}, {"programs_per_sm": 4}, {"programs_per_sm": 8}, {"prefetc
                    {"prefetch_pages": True, "programs_per_sm": 4})
 
 
-def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536) -> list[tuple]:
-  """Decode attention (the table's 512 sequences at context 1024) on `share` SMs beside LLaMA-3-8B's
-  gate_up GEMM (`gemm_rows` rows, the prefill rows of the step) on the rest, each as a chain of calls on
-  its own stream (perf.concurrent_seconds), for each attention variant. Ratio: the two chains' time one
-  after the other on the whole GPU (attention in the engine's configuration) over their time together:
-  above 1.0 the overlap pays."""
+# --beside_shape: (KV heads, query heads per KV head, hidden, gate_up width) on one GPU
+BESIDE_SHAPES = {"llama-3-8b": (8, 4, 4096, 28672), "llama-2-70b-tp2": (4, 8, 8192, 28672),
+                 "llama-2-70b-tp4": (2, 8, 8192, 14336)}
+
+
+def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536, shape: str = "llama-3-8b") -> list[tuple]:
+  """Decode attention (the table's 512 sequences at context 1024) on `share` SMs beside the gate_up GEMM
+  (`gemm_rows` rows, the prefill rows of the step) on the rest, at one GPU's shapes of `shape`
+  (BESIDE_SHAPES), each as a chain of calls on its own stream (perf.concurrent_seconds), for each attention
+  variant. Ratio: the two chains' time one after the other on the whole GPU (attention in the engine's
+  configuration) over their time together: above 1.0 the overlap pays."""
   import jax
   import jax.numpy as jnp
   from nanoflow_jax import perf
   from pallas_kernels import gemm
   from pallas_kernels.paged_attention import attention_call, configs, query_blocks
-  q, cache, table, slots, positions, chunks, work = _attention_problem("decode")
+  hkv, g, hidden, width = BESIDE_SHAPES[shape]
+  q, cache, table, slots, positions, chunks, work = _attention_problem("decode", hkv, g)
   kv_dtype = cache[0].dtype
   base = configs("triton", kv_dtype)[0]
   key = jax.random.PRNGKey(5)
-  a = jax.random.normal(key, (gemm_rows, 4096), jnp.bfloat16)
-  b = jax.random.normal(jax.random.fold_in(key, 1), (4096, 28672), jnp.bfloat16) * 0.02
+  a = jax.random.normal(key, (gemm_rows, hidden), jnp.bfloat16)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (hidden, width), jnp.bfloat16) * 0.02
   num_sms = getattr(jax.devices()[0], "core_count", 132)
 
   def attention(cfg, sms):
@@ -316,7 +325,8 @@ def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536) -> l
   gemm_at = lambda sms: (lambda a, b: gemm.gemm(a, b, num_sms=sms))
   t_gemm_full = timeit(jax.jit(gemm_at(num_sms)), a, b, iters=iters)
   t_attn_full = timeit(jax.jit(attention(base, num_sms)), q, *cache, iters=iters)
-  out = [(f"beside: gate_up {gemm_rows}x28672x4096 alone", str(num_sms), f"{t_gemm_full * 1e3:.3f} ms", "-"),
+  out = [(f"beside ({shape}): gate_up {gemm_rows}x{width}x{hidden} alone", str(num_sms), f"{t_gemm_full * 1e3:.3f} ms",
+          "-"),
          (f"beside: decode attention alone, engine config {base}", str(num_sms),
           f"{work / t_attn_full / 1e12:.2f} TB/s ({t_attn_full * 1e3:.3f} ms)", "-")]
   print(out, flush=True)
@@ -465,7 +475,7 @@ def main(argv):
     rows += bench_grouped_gemm(shares, peak, FLAGS.iters)
     shares = []
   if FLAGS.beside_gemm:
-    rows += bench_beside_gemm([s for s in shares if s < dev.core_count], FLAGS.iters)
+    rows += bench_beside_gemm([s for s in shares if s < dev.core_count], FLAGS.iters, shape=FLAGS.beside_shape)
     shares = []
   if FLAGS.stacked_gemm:
     rows += bench_stacked_gemm(shares, FLAGS.iters)
