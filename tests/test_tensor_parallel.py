@@ -49,84 +49,72 @@ def test_sharding_rules():
   assert spec("qkv", (4096, 8, 6, 128), tp=16) == P() and spec("o", (32, 128, 4096), tp=16) == P()
 
 
-ALLREDUCE_SCRIPT = r"""
-import os, re, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
-from nanoflow_jax.llm import build_engine
-from nanoflow_jax.runtime import plan
-from nanoflow_jax.sampling_params import SamplingParams
-counts = {}
-for mode in ("sequential", "nanoflow"):
-  eng = build_engine("tiny", random_weights=True, dense_batch=256, num_pages=256, max_num_seqs=4,
-                     tensor_parallel=2, mode=mode)
-  if mode == "nanoflow":
-    assert eng.executor.plan.tp == 2 and any(o.op == "o_allreduce" for o in eng.executor.plan.ops)
-  eng.add_request("a", list(range(1, 200)), SamplingParams(max_tokens=2, temperature=0))
-  eng.run_until_done()
-  # psums in the compiled step: XLA's CPU pipeline may merge several into one tuple all-reduce, so count
-  # operands (one per psum)
-  calls = re.findall(r"all-reduce(?:-start)?\(([^)]*)\)", eng.executor._compiled[256].as_text())
-  counts[mode] = sum(c.count("%") for c in calls)
-try:
-  build_engine("tiny", random_weights=True, dense_batch=256, num_pages=256, max_num_seqs=4, tensor_parallel=2,
-               mode="nanoflow", pipeline_config=sys.argv[1])
-  print("no error")
-except ValueError as e:
-  print("refused:", e)
-print(counts["sequential"], counts["nanoflow"])
-"""
-
-
-def test_nanoflow_under_tp_runs_an_allreduce_per_nano_batch(tmp_path):
-  """The 256-token step of the TP-2 generic plan all-reduces each of its two nano-batches after o and after
-  down (4 per layer) where the sequential step all-reduces twice; a TP-1 plan is refused under TP 2."""
-  from nanoflow_jax.runtime import plan
-  one = tmp_path / "tp1.json"
-  one.write_text(plan.generic_default(256, 132).to_json())
-  r = subprocess.run([sys.executable, "-c", ALLREDUCE_SCRIPT, str(one)], capture_output=True, text=True, timeout=600,
-                     cwd=os.path.dirname(HERE))
-  assert r.returncode == 0, r.stderr[-3000:]
-  lines = r.stdout.strip().splitlines()
-  assert lines[-2].startswith("refused:") and "tensor parallelism 1" in lines[-2]
-  seq, nano = map(int, lines[-1].split())
-  assert seq >= 2 and nano == seq + 2, (seq, nano)
-
-
-ALLGATHER_SCRIPT = r"""
-import os, re, sys
+COLLECTIVES_SCRIPT = r"""
+import json, os, re, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 from nanoflow_jax.llm import build_engine
 from nanoflow_jax.sampling_params import SamplingParams
-def collectives(mode, plan_path=None):
+out = {}
+def collectives(name, mode, plan_path=None):
   eng = build_engine("tiny", random_weights=True, dense_batch=256, num_pages=256, max_num_seqs=4, tensor_parallel=2,
                      mode=mode, pipeline_config=plan_path)
   eng.add_request("a", list(range(1, 200)), SamplingParams(max_tokens=2, temperature=0))
   eng.run_until_done()
+  # collectives in the compiled step: XLA's CPU pipeline may merge several into one tuple all-reduce, so
+  # count operands (one per psum or all-gather)
   text = eng.executor._compiled[256].as_text()
   count = lambda op: sum(c.count("%") for c in re.findall(op + r"(?:-start)?\(([^)]*)\)", text))
-  return count("all-gather"), count("all-reduce"), eng
-_, seq_reduces, _ = collectives("sequential")
-gathers, reduces, eng = collectives("nanoflow", sys.argv[1])
-o_col = eng.executor.params["layers"]["o_col"]
-print(gathers, reduces - seq_reduces, o_col.shape, o_col.sharding.spec)
+  ops = {o.op for o in eng.executor.plan.ops} if eng.executor.plan else set()
+  o_col = eng.executor.params["layers"].get("o_col")
+  out[name] = {"gathers": count("all-gather"), "reduces": count("all-reduce"), "ops": sorted(ops),
+               "plan_tp": eng.executor.plan.tp if eng.executor.plan else None,
+               "o_col_spec": str(o_col.sharding.spec) if o_col is not None else None}
+collectives("sequential", "sequential")
+collectives("nanoflow", "nanoflow")
+collectives("allgather", "nanoflow", sys.argv[2])
+try:
+  build_engine("tiny", random_weights=True, dense_batch=256, num_pages=256, max_num_seqs=4, tensor_parallel=2,
+               mode="nanoflow", pipeline_config=sys.argv[1])
+  out["tp1_plan"] = "no error"
+except ValueError as e:
+  out["tp1_plan"] = f"refused: {e}"
+print(json.dumps(out))
 """
 
 
-def test_allgather_form_gathers_instead_of_reducing_o(tmp_path):
+@pytest.fixture(scope="module")
+def collectives(tmp_path_factory):
+  """One subprocess on 2 CPU devices for the tests below: the 256-token step's collectives in sequential
+  mode, with the TP-2 generic plan, and with nano-batch 1 in o's all-gather form; and whether a TP-1 plan
+  is refused under TP 2."""
+  from nanoflow_jax.runtime import plan
+  d = tmp_path_factory.mktemp("plans")
+  (d / "tp1.json").write_text(plan.generic_default(256, 132).to_json())
+  (d / "ag.json").write_text(plan.generic_default(256, 132, tp=2, allgather=(1,)).to_json())
+  r = subprocess.run([sys.executable, "-c", COLLECTIVES_SCRIPT, str(d / "tp1.json"), str(d / "ag.json")],
+                     capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE))
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_nanoflow_under_tp_runs_an_allreduce_per_nano_batch(collectives):
+  """The 256-token step of the TP-2 generic plan all-reduces each of its two nano-batches after o and after
+  down (4 per layer) where the sequential step all-reduces twice; a TP-1 plan is refused under TP 2."""
+  nano = collectives["nanoflow"]
+  assert nano["plan_tp"] == 2 and "o_allreduce" in nano["ops"]
+  assert collectives["tp1_plan"].startswith("refused:") and "tensor parallelism 1" in collectives["tp1_plan"]
+  seq = collectives["sequential"]["reduces"]
+  assert seq >= 2 and nano["reduces"] == seq + 2, (seq, nano["reduces"])
+
+
+def test_allgather_form_gathers_instead_of_reducing_o(collectives):
   """A TP-2 plan with nano-batch 1 in o's all-gather form: per layer two all-gathers (its attention output,
   its o columns) and three all-reduced partial sums (nano-batch 0's o and down, nano-batch 1's down: one
   more than the sequential step's two), with o's stack split by output column beside the usual one."""
-  from nanoflow_jax.runtime import plan
-  path = tmp_path / "ag.json"
-  path.write_text(plan.generic_default(256, 132, tp=2, allgather=(1,)).to_json())
-  r = subprocess.run([sys.executable, "-c", ALLGATHER_SCRIPT, str(path)], capture_output=True, text=True,
-                     timeout=600, cwd=os.path.dirname(HERE))
-  assert r.returncode == 0, r.stderr[-3000:]
-  gathers, reduces, shape, spec = r.stdout.strip().splitlines()[-1].split(" ", 3)
-  assert (int(gathers), int(reduces)) == (2, 1)
-  assert "None, None, None, 'tp'" in spec
+  ag, seq = collectives["allgather"], collectives["sequential"]
+  assert (ag["gathers"], ag["reduces"] - seq["reduces"]) == (2, 1)
+  assert "None, None, None, 'tp'" in ag["o_col_spec"]
 
 
 def test_kv_pages_count_the_per_gpu_share(monkeypatch):

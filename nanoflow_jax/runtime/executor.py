@@ -184,15 +184,15 @@ class Executor:
     top, stacked = model.stacked_params()
     # The all-gather form of o (plan.AG_OPS) multiplies the whole heads by each device's slice of o's
     # output columns: o's stack once more, split by its last axis (1/TP of o per device).
-    self.allgather_o = self.manual_tp and plan is not None and any(op.op == "attn_allgather" for op in plan.ops)
+    self.allgather_o = plan is not None and any(op.op == "attn_allgather" for op in plan.ops)
+    if self.allgather_o and not self.manual_tp:
+      raise ValueError(f"pipeline config {plan.name!r} all-gathers o's input, which needs the per-device TP path")
     if self.allgather_o:
       from jax.sharding import NamedSharding, PartitionSpec as P
       if cfg.hidden_size % self.tp:
         raise ValueError(f"the all-gather form of o splits hidden {cfg.hidden_size} over {self.tp} devices")
       by_column = NamedSharding(mesh, P(None, None, None, parallel.AXIS))
       stacked = {**stacked, "o_col": jax.device_put(stacked["o"], by_column)}
-    elif plan is not None and any(op.op == "attn_allgather" for op in plan.ops):
-      raise ValueError(f"pipeline config {plan.name!r} all-gathers o's input, which needs the per-device TP path")
     self.params = {"top": top, "layers": stacked}
     kv_sharding = parallel.kv_sharding(cfg, mesh) if mesh is not None else None
     if num_pages:   # asked for: exactly that many, or an error
