@@ -17,7 +17,8 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_integer("max_model_len", None, "Longest prompt + output (default: the model's).")
   flags.DEFINE_integer("max_num_seqs", max_num_seqs, "Sequences running at once.")
   flags.DEFINE_enum("mode", "sequential", ["sequential", "nanoflow"], "Step execution mode.")
-  flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for --mode=nanoflow (default: shipped/generic).")
+  flags.DEFINE_string("pipeline_config", None, "PipelineConfig JSON for --mode=nanoflow, or 'generic' for the "
+                      "generic split (default: the shipped config, else generic).")
   flags.DEFINE_enum("kernels", "auto", ["auto", "reference", "pallas", "triton"],
                     "Step kernels: pallas (Mosaic GEMMs + Pallas attention), triton (same GEMMs + Triton attention "
                     "through jax-triton), reference (jnp); auto: triton on a GPU where jax-triton imports, else "

@@ -41,8 +41,9 @@ step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dty
 step_tp2-1024-512()       { bench70 tp2-1024-512 2 1024-512 400 --mode=nanoflow --compare=sequential; }
 step_tp4-1024-512()       { bench70 tp4-1024-512 4 1024-512 500 --mode=nanoflow --compare=sequential; }
 # Two layers per scan step: the layer boundary inside the body lets nano-batch 1's last all-reduce run beside
-# nano-batch 0's next qkv (prediction in perf-notes, session 7).
-step_tp4-1024-512-u2()    { bench70 tp4-1024-512-u2 4 1024-512 500 --mode=nanoflow --compare=sequential --layer_unroll=2; }
+# nano-batch 0's next qkv (prediction in perf-notes, session 7). The generic split, not the shipped whole batch.
+step_tp4-1024-512-u2()    { bench70 tp4-1024-512-u2 4 1024-512 500 --mode=nanoflow --compare=sequential --layer_unroll=2 \
+                              --pipeline_config=generic; }
 step_tp4-1024-512-seq()   { bench70 tp4-1024-512-seq 4 1024-512 800; }
 step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 400 --mode=nanoflow --compare=sequential --trace_dir="$OUT/trace-tp4" --trace_steps=150:153; }
 # NCCL's channel (CTA) count for an all-reduce over all GPUs (4 H200s: 24; NETWORK_SMS in runtime/plan.py).

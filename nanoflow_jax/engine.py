@@ -30,6 +30,9 @@ from pallas_kernels.paged_attention import query_blocks
 log = logging.getLogger(__name__)
 
 MODES = ("sequential", "nanoflow")
+# pipeline_config's name for the generic split even where a shipped config exists (to measure the split
+# the auto-search turned down, e.g. at TP, where the shipped configs are the whole batch).
+GENERIC_CONFIG = "generic"
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
                    "fp8": "float8_e4m3fn"}
 
@@ -46,7 +49,7 @@ class EngineConfig:
   kernels: str = "auto"                   # auto: our kernels on GPU (Triton attention where jax-triton
                                           # imports), jnp references elsewhere; see executor.KERNEL_CHOICES
   gemm: str = "mosaic"                    # GEMMs on the kernel paths: mosaic (ours) or xla (XLA's dot)
-  pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow (default: generic)
+  pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow, or "generic" (default: shipped)
   tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
   fused_rope_append: bool = False         # RoPE + KV append as one kernel (not yet measured: off)
   layer_unroll: int = 1                   # decoder layers per iteration of the layer scan: with 2, one
@@ -130,8 +133,10 @@ class Engine:
       on_gpu = jax.default_backend() == "gpu"
       num_sms = jax.devices()[0].core_count if on_gpu else 132
       from nanoflow_jax.runtime import autosearch
-      shipped = autosearch.shipped_config(model.config.name, jax.devices()[0], c.dense_batch, c.tensor_parallel)
-      if c.pipeline_config:
+      generic = c.pipeline_config == GENERIC_CONFIG
+      shipped = None if generic else autosearch.shipped_config(model.config.name, jax.devices()[0], c.dense_batch,
+                                                               c.tensor_parallel)
+      if c.pipeline_config and not generic:
         plan = plan_lib.PipelineConfig.load(c.pipeline_config)
       elif shipped is not None:
         plan = shipped
@@ -140,8 +145,8 @@ class Engine:
                  if len(plan.nano_batches) == 1 else "")
       else:
         plan = plan_lib.generic_default(c.dense_batch, num_sms, tp=c.tensor_parallel)
-        log.info("mode=nanoflow: no pipeline config given; using the generic default (%s: nano-batches %s)",
-                 plan.name, plan.nano_batches)
+        log.info("mode=nanoflow: %s; using the generic default (%s: nano-batches %s)",
+                 "asked for" if generic else "no pipeline config given", plan.name, plan.nano_batches)
     self.model = model
     self.tokenizer = model.tokenizer
     cfg = model.config

@@ -183,3 +183,17 @@ def test_bad_kv_cache_dtype_is_refused_before_loading():
   from nanoflow_jax.llm import build_engine
   with pytest.raises(ValueError, match="kv_cache_dtype"):
     build_engine("no-such-model-dir", kv_cache_dtype="int4")
+
+
+def test_nanoflow_picks_the_shipped_config_unless_generic_is_asked_for():
+  """mode=nanoflow takes the shipped config for the model and device (tiny on a CPU at dense batch 256);
+  pipeline_config="generic" takes the generic split instead (to measure a split the search turned down)."""
+  from nanoflow_jax.llm import build_engine
+  from nanoflow_jax.model import load_model
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  names = {}
+  for config in (None, "generic"):
+    eng = build_engine("tiny", model_obj=model, dense_batch=256, num_pages=32, max_num_seqs=4, mode="nanoflow",
+                       pipeline_config=config)
+    names[config] = eng.executor.plan.name
+  assert names[None].startswith("tiny-cpu") and names["generic"] == "generic-2"
