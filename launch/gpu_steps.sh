@@ -85,6 +85,17 @@ step_beside-gemm-cb()     { XLA_FLAGS="$($PY -c 'import os; from nanoflow_jax im
 # The same pairs at one GPU's share of LLaMA-2-70B at TP 2, whose auto-search pairs did not overlap (session 7).
 step_beside-gemm-70b()    { $PY launch/kernel_bench.py --beside_gemm --beside_shape=llama-2-70b-tp2 --shares=33,48 --iters=10 \
                               --out_dir="$OUT/beside-gemm-70b"; }
+# Session 8: the decode attention with keys as the dots' rows (swap_ab: wgmma from shared memory, no padded
+# query rows on the M side), alone and beside gate_up; and what one SM can read with no math at all.
+step_tests-triton()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "triton"; }
+step_sm-bandwidth()       { $PY launch/sm_bandwidth.py --shares=16,33,48,132 --out="$OUT/sm-bandwidth.md"; }
+step_beside-swap-ab()     { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 --beside_variant=swap_ab=1 \
+                              --beside_variant=programs_per_sm=1 --beside_variant=swap_ab=1,programs_per_sm=1 \
+                              --beside_variant=swap_ab=1,num_stages=3 --beside_variant=swap_ab=1,block_n=64,num_stages=4 \
+                              --out_dir="$OUT/beside-swap-ab"; }
+step_beside-swap-ab-fp8() { $PY launch/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
+                              --beside_variant=swap_ab=1 --beside_variant=swap_ab=1,programs_per_sm=1 \
+                              --beside_variant=swap_ab=1,num_stages=4 --out_dir="$OUT/beside-swap-ab-fp8"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \

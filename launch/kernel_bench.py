@@ -41,6 +41,9 @@ flags.DEFINE_bool("grouped_gemm", False, "Only time the experts' grouped GEMM (M
                   "top-2 over 8 experts) per SM share against XLA's ragged dot, with its error vs the reference.")
 flags.DEFINE_bool("beside_gemm", False, "Only time decode attention variants on each --shares share beside the "
                   "gate_up GEMM on the rest of the SMs, against the two in turn on the whole GPU (Triton kernel).")
+flags.DEFINE_multi_string("beside_variant", [], "--beside_gemm: a decode attention variant as changes to the "
+                          "engine's configuration, e.g. swap_ab=1,programs_per_sm=1; may be repeated (default: "
+                          "BESIDE_VARIANTS). The engine's configuration is always measured first.")
 flags.DEFINE_enum("beside_shape", "llama-3-8b", ["llama-3-8b", "llama-2-70b-tp2", "llama-2-70b-tp4"],
                   "--beside_gemm's shapes: one GPU's share of this model's decode attention and gate_up GEMM.")
 flags.DEFINE_bool("stacked_gemm", False, "Only time the GEMM reading one layer of the stacked weights in place "
@@ -285,9 +288,10 @@ def bench_grouped_gemm(shares: list[int], peak: float, iters: int, rows_: int = 
   return out
 
 
-# Decode attention variants for --beside_gemm (changes to the engine's configuration). A first sweep in
-# session 7 found the rate of one CTA per SM flat in its stages (2-6) and key block (32-128): ~27 GB/s.
-# So these variants add CTAs per SM, and load each key block's page ids one iteration ahead.
+# Decode attention variants for --beside_gemm when no --beside_variant is given (changes to the engine's
+# configuration). A first sweep in session 7 found the rate of one CTA per SM flat in its stages (2-6) and
+# key block (32-128): ~27 GB/s. So these variants add CTAs per SM, and load each key block's page ids one
+# iteration ahead.
 BESIDE_VARIANTS = ({}, {"programs_per_sm": 4}, {"programs_per_sm": 8}, {"prefetch_pages": True},
                    {"prefetch_pages": True, "programs_per_sm": 4})
 
@@ -297,7 +301,8 @@ BESIDE_SHAPES = {"llama-3-8b": (8, 4, 4096, 28672), "llama-2-70b-tp2": (4, 8, 81
                  "llama-2-70b-tp4": (2, 8, 8192, 14336)}
 
 
-def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536, shape: str = "llama-3-8b") -> list[tuple]:
+def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536, shape: str = "llama-3-8b",
+                      variants: tuple[dict, ...] = BESIDE_VARIANTS) -> list[tuple]:
   """Decode attention (the table's 512 sequences at context 1024) on `share` SMs beside the gate_up GEMM
   (`gemm_rows` rows, the prefill rows of the step) on the rest, at one GPU's shapes of `shape`
   (BESIDE_SHAPES), each as a chain of calls on its own stream (perf.concurrent_seconds), for each attention
@@ -331,7 +336,8 @@ def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536, shap
           f"{work / t_attn_full / 1e12:.2f} TB/s ({t_attn_full * 1e3:.3f} ms)", "-")]
   print(out, flush=True)
   problem = (q, cache, table, slots, positions, chunks, work)
-  for variant in BESIDE_VARIANTS:   # each variant alone on the whole GPU, and its error
+  variants = ({},) + tuple(v for v in variants if v)
+  for variant in variants:   # each variant alone on the whole GPU, and its error
     cfg = {**base, **variant}
     try:
       err = check_attention("triton", "decode", cfg, problem)
@@ -342,7 +348,7 @@ def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536, shap
       out.append((f"beside: decode {variant}", str(num_sms), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
     print(out[-1], flush=True)
   for share in shares:
-    for variant in BESIDE_VARIANTS:
+    for variant in variants:
       cfg = {**base, **variant}
       label = f"beside: decode {variant or 'engine config'} | GEMM on {num_sms - share}"
       try:
@@ -475,7 +481,10 @@ def main(argv):
     rows += bench_grouped_gemm(shares, peak, FLAGS.iters)
     shares = []
   if FLAGS.beside_gemm:
-    rows += bench_beside_gemm([s for s in shares if s < dev.core_count], FLAGS.iters, shape=FLAGS.beside_shape)
+    from pallas_kernels.paged_attention import config_changes
+    variants = tuple(config_changes(v) for v in FLAGS.beside_variant) or BESIDE_VARIANTS
+    rows += bench_beside_gemm([s for s in shares if s < dev.core_count], FLAGS.iters, shape=FLAGS.beside_shape,
+                              variants=variants)
     shares = []
   if FLAGS.stacked_gemm:
     rows += bench_stacked_gemm(shares, FLAGS.iters)

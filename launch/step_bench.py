@@ -65,6 +65,7 @@ def main(argv):
   from nanoflow_jax.perf import gemm_peak_tflops
   from nanoflow_jax.runtime import autosearch
   from nanoflow_jax.runtime.plan import BESIDE_ALL, decode_overlap, generic_default, with_beside_share
+  from pallas_kernels.paged_attention import config_changes
 
   peak = gemm_peak_tflops()
   model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True)
@@ -94,7 +95,7 @@ def main(argv):
     variants.append((f"nanoflow {plan.name} {plan.nano_batches} {beside} on {share} SMs ({kernels})", plan, True,
                      kernels, {"kv_dtype": kv_dtype}))
     for spec in FLAGS.beside_attention:
-      changes = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+      changes = config_changes(spec)
       variants.append((f"nanoflow {plan.name} {plan.nano_batches} {beside} on {share} SMs, attention {changes} "
                        f"({kernels})", plan, True, kernels, {"kv_dtype": kv_dtype, "beside_attention": changes}))
   if FLAGS.nanoflow:

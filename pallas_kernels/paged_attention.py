@@ -219,6 +219,18 @@ def configs(backend: str, kv_dtype=None) -> tuple[dict, dict]:
   raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def config_changes(spec: str) -> dict:
+  """'key=value,key=value' (integers: booleans as 0/1) as changes to an attention configuration, as the
+  benches' flags take them."""
+  out = {}
+  for item in filter(None, spec.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or not value.strip().lstrip("-").isdigit():
+      raise ValueError(f"expected key=integer in {spec!r}, got {item!r}")
+    out[key.strip()] = int(value)
+  return out
+
+
 def attention_call(backend: str, q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len,
                    num_blocks, *, num_sms: int, config: dict, sliding_window: int | None = None,
                    interpret: bool = False, out=None):

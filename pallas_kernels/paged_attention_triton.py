@@ -63,7 +63,7 @@ if triton is not None:
                               HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
                               NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr,
-                              PREFETCH_PAGES: tl.constexpr):
+                              PREFETCH_PAGES: tl.constexpr, SWAP_AB: tl.constexpr):
     pid = tl.program_id(0)
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
@@ -100,7 +100,11 @@ if triton is not None:
       pt_row = pt_ptr + slot.to(tl.int64) * PT_STRIDE
       m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
       l_i = tl.zeros([BLOCK_M], tl.float32)
-      acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+      if SWAP_AB:   # keys are the dots' rows: acc holds the output transposed, [HEAD_DIM, BLOCK_M]
+        q_t = tl.trans(q)
+        acc = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
+      else:
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
       for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones
         j0 = full_hi if phase == 1 else lo
         j1 = hi if phase == 1 else full_hi
@@ -118,26 +122,47 @@ if triton is not None:
           # .to(q.dtype): an fp8 cache is read at half the bytes and computed on in the dot dtype
           k = tl.load(k_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
           v = tl.load(v_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
-          s = tl.dot(q, tl.trans(k)) * QK_SCALE
-          if phase == 1:
-            mask = kpos[None, :] <= row_pos[:, None]
-            if WINDOW > 0:
-              mask &= row_pos[:, None] - kpos[None, :] < WINDOW
-            s = tl.where(mask, s, -1.0e30)
-          m_new = tl.maximum(m_i, tl.max(s, 1))
-          p = tl.math.exp2(s - m_new[:, None])
-          if phase == 1:
-            p = tl.where(mask, p, 0.0)
-          alpha = tl.math.exp2(m_i - m_new)
-          l_i = l_i * alpha + tl.sum(p, 1)
-          acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+          if SWAP_AB:
+            # K q^T and V^T P: BLOCK_N keys are the M side (>= 64 rows: Hopper's wgmma, straight from the
+            # K tile in shared memory) and the few query rows pad only the N side.
+            s = tl.dot(k, q_t) * QK_SCALE                     # [BLOCK_N, BLOCK_M]
+            if phase == 1:
+              mask = kpos[:, None] <= row_pos[None, :]
+              if WINDOW > 0:
+                mask &= row_pos[None, :] - kpos[:, None] < WINDOW
+              s = tl.where(mask, s, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            p = tl.math.exp2(s - m_new[None, :])
+            if phase == 1:
+              p = tl.where(mask, p, 0.0)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))
+          else:
+            s = tl.dot(q, tl.trans(k)) * QK_SCALE             # [BLOCK_M, BLOCK_N]
+            if phase == 1:
+              mask = kpos[None, :] <= row_pos[:, None]
+              if WINDOW > 0:
+                mask &= row_pos[:, None] - kpos[None, :] < WINDOW
+              s = tl.where(mask, s, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            if phase == 1:
+              p = tl.where(mask, p, 0.0)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
           m_i = m_new
-      out = acc / tl.maximum(l_i, 1e-30)[:, None]
-      tl.store(out_ptr + q_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+      if SWAP_AB:
+        out = acc / tl.maximum(l_i, 1e-30)[None, :]
+        tl.store(out_ptr + q_off[None, :] + d[:, None], out.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
+      else:
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]
+        tl.store(out_ptr + q_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
-               programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False):
+               programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False, swap_ab=False):
   """(programs, the kernel's compile-time constants)."""
   _, hq, d = q_shape
   _, hkv, num_pages, page_size, _ = k_shape
@@ -149,7 +174,7 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
               PT_STRIDE=page_table_shape[1], PAGE_SIZE=page_size, HEAD_DIM=d, BLOCK_Q=block_q,
               BLOCK_M=_rows(block_q, g), BLOCK_N=block_n, WINDOW=sliding_window or 0,
               QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16,
-              PREFETCH_PAGES=prefetch_pages)
+              PREFETCH_PAGES=prefetch_pages, SWAP_AB=swap_ab)
   return programs, meta
 
 
@@ -157,19 +182,21 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                          num_blocks, *,
                          num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                          num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
-                         dot_f16: bool = False, prefetch_pages: bool = False, out=None):
+                         dot_f16: bool = False, prefetch_pages: bool = False, swap_ab: bool = False, out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
   caches: DECODE_CONFIG_FP8 sets it, measured in docs/perf-notes.md). prefetch_pages: each key block's page
-  ids are loaded one iteration ahead (a variant for the bandwidth per SM beside a GEMM; perf-notes)."""
+  ids are loaded one iteration ahead (a variant for the bandwidth per SM beside a GEMM; perf-notes).
+  swap_ab: the dots as K q^T and V^T P, keys on the M side, so that with one query token per sequence the
+  tensor-core tiles are filled by keys, not padded query rows (a decode variant; perf-notes)."""
   import jax
   import jax.numpy as jnp
   import jax_triton as jt
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                               programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
-                              prefetch_pages=prefetch_pages)
+                              prefetch_pages=prefetch_pages, swap_ab=swap_ab)
   if out is None:
     out = jnp.zeros(q.shape, q.dtype)
   per_block = block_n // k_cache.shape[3]
@@ -188,7 +215,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
 def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
                    num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                    num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
-                   heavy_first: bool = False, dot_f16: bool = False, prefetch_pages: bool = False) -> np.ndarray:
+                   heavy_first: bool = False, dot_f16: bool = False, prefetch_pages: bool = False,
+                   swap_ab: bool = False) -> np.ndarray:
   """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path."""
   import torch
   from pallas_kernels.triton_interpret import f32, i32, interpreted
@@ -198,7 +226,7 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                               programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
-                              prefetch_pages=prefetch_pages)
+                              prefetch_pages=prefetch_pages, swap_ab=swap_ab)
   out = torch.zeros(q.shape, dtype=torch.float32)
   kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
                       i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out, **meta)

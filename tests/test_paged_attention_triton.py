@@ -47,6 +47,22 @@ def test_triton_kernel_with_page_ids_loaded_ahead(window, block_n):
 
 
 @pytest.mark.parametrize("block_q", [1, 8])
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("prefetch_pages", [False, True])
+def test_triton_kernel_with_keys_as_the_dots_rows(block_q, window, prefetch_pages):
+  """swap_ab: the dots as K q^T and V^T P and the output stored transposed; chunked prefill blocks (block_q
+  8: several query tokens per column set), masked blocks and windows take the transposed masks."""
+  _check(np.random.default_rng(), num_sms=3, block_q=block_q, window=window, swap_ab=True,
+         prefetch_pages=prefetch_pages)
+
+
+def test_triton_kernel_with_keys_as_rows_f16_dots_and_wide_groups():
+  """swap_ab with f16 dots (the fp8 cache's configuration) and 8 query heads per KV head."""
+  _check(np.random.default_rng(), num_sms=2, block_q=1, hkv=1, g=8, d=32, block_n=32, swap_ab=True, dot_f16=True,
+         ctx=(70, 3), chunk=(1, 1), tol=(3e-3, 3e-3))
+
+
+@pytest.mark.parametrize("block_q", [1, 8])
 def test_triton_kernel_with_f16_dots(block_q):
   """dot_f16 (the candidate for fp8 caches): the dots in f16, within f16 rounding of the reference."""
   _check(np.random.default_rng(), num_sms=3, block_q=block_q, window=None, dot_f16=True, tol=(3e-3, 3e-3))

@@ -54,9 +54,11 @@ def test_paged_attention_mixed_batch(num_sms):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
 
 
-def _both_configs(backend, q, kc, vc, table, slots, positions, chunk, num_sms, sliding_window=None):
-  """Decode blocks then prefill blocks into one output, as the engine calls the kernels."""
-  dec, pre = configs(backend)
+def _both_configs(backend, q, kc, vc, table, slots, positions, chunk, num_sms, sliding_window=None, decode_changes=None):
+  """Decode blocks then prefill blocks into one output, as the engine calls the kernels; decode_changes:
+  to the decode configuration."""
+  dec, pre = configs(backend, kc.dtype)
+  dec = {**dec, **(decode_changes or {})}
   n = len(slots)
   d_start, d_len, d_nb = query_blocks(chunk[:60], n, dec["block_q"])
   p_start, p_len, p_nb = query_blocks(chunk[60:], n, pre["block_q"])
@@ -81,6 +83,20 @@ def test_triton_attention_mixed_batch(num_sms, window):
   q, kc, vc, table, slots, positions, chunk, ref = _mixed_batch(num_sms + (window or 0), sliding_window=window)
   out = _both_configs("triton", q, kc, vc, table, slots, positions, chunk, num_sms, window)
   out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+  np.testing.assert_allclose(out, ref, atol=3e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_sms", [132, 33])
+@pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_triton_attention_swap_ab_decode(num_sms, kv_dtype):
+  """The decode variant with keys as the dots' rows (wgmma), bf16 and fp8 caches, a sliding window."""
+  q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(21 + num_sms, sliding_window=200)
+  kc, vc = kc.astype(kv_dtype), vc.astype(kv_dtype)
+  ref = np.asarray(paged_attention_reference(q, kc, vc, 1, table, slots, positions, 200), np.float32)
+  out = np.asarray(_both_configs("triton", q, kc, vc, table, slots, positions, chunk, num_sms, 200,
+                                 decode_changes={"swap_ab": True}), np.float32)
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
   np.testing.assert_allclose(out, ref, atol=3e-2)
 

@@ -1,0 +1,105 @@
+"""Compiles the Triton decode-attention kernel for Hopper (sm_90) on the CPU, down to TTGIR (no GPU, no
+ptxas), and counts the operations that say how it will run: tensor-core dots (`warp_group_dot` is Hopper's
+wgmma, `tt.dot` left as is becomes the older mma.sync), asynchronous copies and their waits, shared-memory
+allocations. A check before spending GPU time on a kernel variant:
+
+  python launch/triton_ir.py --variant=swap_ab=1 --variant=prefetch_pages=1 [--dump=DIR]
+
+Pointers are marked 16-byte aligned as jax-triton marks them (otherwise Triton will not vectorize or copy
+asynchronously).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import sys
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("variant", [], "key=value changes to the decode configuration; one table row each "
+                          "(the configuration itself is always the first row).")
+flags.DEFINE_enum("kv_dtype", "bf16", ["bf16", "fp8e4nv"], "The cache's element type.")
+flags.DEFINE_string("dump", None, "Also write each variant's TTGIR here.")
+
+# Operation names counted, in the order printed: (label, regex over the TTGIR text).
+COUNTED = (("wgmma", r"ttng\.warp_group_dot\b"), ("mma.sync dot", r"\btt\.dot\b"),
+           ("async copy", r"ttg\.async_copy_global_to_local\b"), ("TMA copy", r"ttng\.async_tma_copy"),
+           ("async wait", r"ttg\.async_wait\b"), ("wgmma wait", r"ttng\.warp_group_dot_wait\b"),
+           ("smem alloc", r"ttg\.local_alloc\b"))
+
+
+def ttgir(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int, num_stages: int) -> str:
+  """TTGIR of a @triton.jit kernel for sm_90: arg_types maps its leading (pointer or scalar) arguments to
+  Triton type strings ("*bf16", "i32"); constexprs the rest, in the kernel's order."""
+  from triton.backends.compiler import GPUTarget
+  from triton.backends.nvidia.compiler import CUDABackend
+  from triton.compiler.compiler import ASTSource
+  from triton._C.libtriton import ir
+  n = len(arg_types)
+  signature = {**arg_types, **{k: "constexpr" for k in constexprs}}
+  src = ASTSource(kernel, signature, constexprs={(i,): v for i, v in enumerate(constexprs.values(), n)},
+                  attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(arg_types.values()) if t[0] == "*"})
+  target = GPUTarget("cuda", 90, 32)
+  backend = CUDABackend(target)
+  options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+  context = ir.context()
+  ir.load_dialects(context)
+  backend.load_dialects(context)
+  module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                       context)
+  stages = collections.OrderedDict()
+  backend.add_stages(stages, options, src.language)
+  metadata = {}
+  for name in ("ttir", "ttgir"):
+    module = stages[name](module, metadata)
+  return str(module)
+
+
+def decode_ttgir(cfg: dict, kv_dtype: str = "bf16") -> str:
+  """TTGIR of the decode kernel for LLaMA-3-8B's shape (8 KV heads x 4, head_dim 128, pages of 16)."""
+  from pallas_kernels import paged_attention_triton as pat
+  cfg = dict(cfg)
+  num_warps, num_stages = cfg.pop("num_warps"), cfg["num_stages"]
+  _, meta = pat._constants((512, 32, 128), (1, 8, 32768, 16, 128), (512, 64), num_sms=132, sliding_window=None,
+                           **cfg)
+  args = ["layer_ptr", "nblk_ptr", "blk_start_ptr", "blk_len_ptr", "slots_ptr", "pos_ptr", "pt_ptr", "q_ptr",
+          "k_ptr", "v_ptr", "out_in_ptr", "out_ptr"]
+  types = ["*i32"] * 7 + ["*bf16", f"*{kv_dtype}", f"*{kv_dtype}", "*bf16", "*bf16"]
+  return ttgir(pat._paged_attention_kernel, dict(zip(args, types)), meta, num_warps=num_warps,
+               num_stages=num_stages)
+
+
+def count_ops(ttgir: str) -> dict[str, int]:
+  return {label: len(re.findall(pattern, ttgir)) for label, pattern in COUNTED}
+
+
+def main(argv):
+  del argv
+  os.environ.pop("TRITON_INTERPRET", None)
+  from pallas_kernels import paged_attention_triton as pat
+  from pallas_kernels.paged_attention import config_changes
+  base = pat.DECODE_CONFIG_FP8 if FLAGS.kv_dtype == "fp8e4nv" else pat.DECODE_CONFIG
+  rows = []
+  for text in [""] + FLAGS.variant:
+    cfg = {**base, **config_changes(text)}
+    ir_text = decode_ttgir(cfg, FLAGS.kv_dtype)
+    if FLAGS.dump:
+      os.makedirs(FLAGS.dump, exist_ok=True)
+      with open(os.path.join(FLAGS.dump, f"decode_{text.replace(',', '_').replace('=', '') or 'config'}.ttgir"),
+                "w") as f:
+        f.write(ir_text)
+    rows.append((text or "engine config", count_ops(ir_text)))
+  labels = [label for label, _ in COUNTED]
+  print("| variant | " + " | ".join(labels) + " |")
+  print("|---" * (len(labels) + 1) + "|")
+  for name, counts in rows:
+    print(f"| {name} | " + " | ".join(str(counts[k]) for k in labels) + " |")
+
+
+if __name__ == "__main__":
+  app.run(main)
