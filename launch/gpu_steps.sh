@@ -96,6 +96,19 @@ step_beside-swap-ab()     { $PY launch/kernel_bench.py --beside_gemm --shares=33
 step_beside-swap-ab-fp8() { $PY launch/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
                               --beside_variant=swap_ab=1 --beside_variant=swap_ab=1,programs_per_sm=1 \
                               --beside_variant=swap_ab=1,num_stages=4 --out_dir="$OUT/beside-swap-ab-fp8"; }
+# One CTA per SM on 33 SMs, by pipeline depth, at contexts of 1024 and 8192 (the same bytes): if the short
+# key loop per work item (8 blocks at 1024) is what holds the rate per SM down, 8192 lifts it towards
+# sm-bandwidth's paged figure. At 1000 (7 blocks unmasked + 1 masked, the engine's usual case) mask_all.
+step_decode-context()     { for ctx in 1024 8192; do
+                              $PY launch/kernel_bench.py --beside_gemm --shares=33 --iters=10 --decode_context=$ctx \
+                                --beside_variant=programs_per_sm=1 --beside_variant=programs_per_sm=1,num_stages=3 \
+                                --beside_variant=programs_per_sm=1,block_n=64,num_stages=4 \
+                                --beside_variant=programs_per_sm=1,block_n=64,num_stages=6 \
+                                --beside_variant=programs_per_sm=1,block_n=32,num_stages=8 --out_dir="$OUT/decode-context-$ctx"
+                            done
+                            $PY launch/kernel_bench.py --beside_gemm --shares=33 --iters=10 --decode_context=1000 \
+                              --beside_variant=mask_all=1 --beside_variant=programs_per_sm=1 \
+                              --beside_variant=programs_per_sm=1,mask_all=1 --out_dir="$OUT/decode-context-1000"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \

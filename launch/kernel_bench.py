@@ -32,6 +32,8 @@ flags.DEFINE_list("attention_backends", ["pallas", "triton"],
                   "Attention implementations to time (triton needs jax-triton: see WORKSPACE.md).")
 flags.DEFINE_enum("attention_kv_dtype", "bfloat16", ["bfloat16", "fp8"], "The attention shapes' KV cache type "
                   "(fp8 = float8_e4m3fn, read at half the bytes: decode TB/s count the bytes read).")
+flags.DEFINE_integer("decode_context", 1024, "Context of the decode shape's sequences (512 x 1024 / context of "
+                     "them: the same bytes of K and V at any context).")
 flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
 flags.DEFINE_bool("rope_append", False, "Only time the fused RoPE + KV-append Triton kernel against the XLA "
                   "fusions it would replace (2048 tokens, LLaMA-3-8B heads, a 1 GB cache).")
@@ -78,14 +80,15 @@ def timeit(fn, *args, iters: int) -> float:
 
 
 def _attention_problem(kind: str, hkv: int = 8, g: int = 4):
-  """The decode (512 sequences at context 1024) or prefill (one 4096-token prompt) shape of the table, with
-  `hkv` KV heads of `g` query heads each (LLaMA-3-8B's by default): (q, cache, table, slots, positions,
-  chunk lengths, work in bytes or FLOPs)."""
+  """The decode (512 sequences at context 1024, or --decode_context) or prefill (one 4096-token prompt) shape
+  of the table, with `hkv` KV heads of `g` query heads each (LLaMA-3-8B's by default): (q, cache, table,
+  slots, positions, chunk lengths, work in bytes or FLOPs)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   d, ps = 128, 16
-  b_, ctx = (512, 1024) if kind == "decode" else (1, 4096)
+  ctx = FLAGS.decode_context if kind == "decode" else 4096
+  b_ = 512 * 1024 // ctx if kind == "decode" else 1     # decode: the same bytes at any context
   pages = b_ * ctx // ps
   kv_dtype = jnp.float8_e4m3fn if FLAGS.attention_kv_dtype == "fp8" else jnp.bfloat16
   cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype),

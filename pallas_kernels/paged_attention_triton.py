@@ -63,7 +63,7 @@ if triton is not None:
                               HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
                               NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr,
-                              PREFETCH_PAGES: tl.constexpr, SWAP_AB: tl.constexpr):
+                              PREFETCH_PAGES: tl.constexpr, SWAP_AB: tl.constexpr, MASK_ALL: tl.constexpr):
     pid = tl.program_id(0)
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
@@ -105,6 +105,8 @@ if triton is not None:
         acc = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
       else:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+      if MASK_ALL:   # one key loop, every block masked: the pipeline is filled once per work item, not twice
+        full_hi = lo
       for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones
         j0 = full_hi if phase == 1 else lo
         j1 = hi if phase == 1 else full_hi
@@ -162,7 +164,8 @@ if triton is not None:
 
 
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
-               programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False, swap_ab=False):
+               programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False, swap_ab=False,
+               mask_all=False):
   """(programs, the kernel's compile-time constants)."""
   _, hq, d = q_shape
   _, hkv, num_pages, page_size, _ = k_shape
@@ -174,7 +177,7 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
               PT_STRIDE=page_table_shape[1], PAGE_SIZE=page_size, HEAD_DIM=d, BLOCK_Q=block_q,
               BLOCK_M=_rows(block_q, g), BLOCK_N=block_n, WINDOW=sliding_window or 0,
               QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16,
-              PREFETCH_PAGES=prefetch_pages, SWAP_AB=swap_ab)
+              PREFETCH_PAGES=prefetch_pages, SWAP_AB=swap_ab, MASK_ALL=mask_all)
   return programs, meta
 
 
@@ -182,21 +185,24 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                          num_blocks, *,
                          num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                          num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
-                         dot_f16: bool = False, prefetch_pages: bool = False, swap_ab: bool = False, out=None):
+                         dot_f16: bool = False, prefetch_pages: bool = False, swap_ab: bool = False,
+                         mask_all: bool = False, out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
   caches: DECODE_CONFIG_FP8 sets it, measured in docs/perf-notes.md). prefetch_pages: each key block's page
   ids are loaded one iteration ahead (a variant for the bandwidth per SM beside a GEMM; perf-notes).
   swap_ab: the dots as K q^T and V^T P, keys on the M side, so that with one query token per sequence the
-  tensor-core tiles are filled by keys, not padded query rows (a decode variant; perf-notes)."""
+  tensor-core tiles are filled by keys, not padded query rows (a decode variant; perf-notes). mask_all: one
+  key loop per work item with every block masked, instead of a loop over the blocks needing no mask and a
+  second over the rest (each loop fills and drains its own load pipeline)."""
   import jax
   import jax.numpy as jnp
   import jax_triton as jt
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                               programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
-                              prefetch_pages=prefetch_pages, swap_ab=swap_ab)
+                              prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all)
   if out is None:
     out = jnp.zeros(q.shape, q.dtype)
   per_block = block_n // k_cache.shape[3]
@@ -216,7 +222,7 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
                    num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                    num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
                    heavy_first: bool = False, dot_f16: bool = False, prefetch_pages: bool = False,
-                   swap_ab: bool = False) -> np.ndarray:
+                   swap_ab: bool = False, mask_all: bool = False) -> np.ndarray:
   """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path."""
   import torch
   from pallas_kernels.triton_interpret import f32, i32, interpreted
@@ -226,7 +232,7 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
   programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
                               block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                               programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
-                              prefetch_pages=prefetch_pages, swap_ab=swap_ab)
+                              prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all)
   out = torch.zeros(q.shape, dtype=torch.float32)
   kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
                       i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out, **meta)

@@ -56,6 +56,14 @@ def test_triton_kernel_with_keys_as_the_dots_rows(block_q, window, prefetch_page
          prefetch_pages=prefetch_pages)
 
 
+@pytest.mark.parametrize("block_q", [1, 8])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_triton_kernel_with_one_masked_key_loop(block_q, swap_ab):
+  """mask_all: every key block through the masked loop (prefill chunks included, where the mask matters in
+  all but the first blocks)."""
+  _check(np.random.default_rng(), num_sms=3, block_q=block_q, mask_all=True, swap_ab=swap_ab)
+
+
 def test_triton_kernel_with_keys_as_rows_f16_dots_and_wide_groups():
   """swap_ab with f16 dots (the fp8 cache's configuration) and 8 query heads per KV head."""
   _check(np.random.default_rng(), num_sms=2, block_q=1, hkv=1, g=8, d=32, block_n=32, swap_ab=True, dot_f16=True,
