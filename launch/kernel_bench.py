@@ -89,12 +89,12 @@ def _attention_problem(kind: str, hkv: int = 8, g: int = 4):
   d, ps = 128, 16
   ctx = FLAGS.decode_context if kind == "decode" else 4096
   b_ = 512 * 1024 // ctx if kind == "decode" else 1     # decode: the same bytes at any context
-  pages = b_ * ctx // ps
+  pages = b_ * -(-ctx // ps)      # whole pages per sequence: a context need not fill its last one
   kv_dtype = jnp.float8_e4m3fn if FLAGS.attention_kv_dtype == "fp8" else jnp.bfloat16
   cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype),
            jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype))
   if kind == "decode":
-    table = np.random.default_rng(0).permutation(pages).reshape(b_, ctx // ps).astype(np.int32)
+    table = np.random.default_rng(0).permutation(pages).reshape(b_, -1).astype(np.int32)
     slots, positions, chunks = np.arange(b_, dtype=np.int32), np.full(b_, ctx - 1, np.int32), [1] * b_
     work = 2 * b_ * ctx * hkv * d * jnp.dtype(kv_dtype).itemsize   # bytes of K and V read
   else:
