@@ -109,6 +109,18 @@ step_decode-context()     { for ctx in 1024 8192; do
                             $PY launch/kernel_bench.py --beside_gemm --shares=33 --iters=10 --decode_context=1000 \
                               --beside_variant=mask_all=1 --beside_variant=programs_per_sm=1 \
                               --beside_variant=programs_per_sm=1,mask_all=1 --out_dir="$OUT/decode-context-1000"; }
+# Page ids one iteration ahead with 3+ stages: the only form whose K/V loads Triton pipelines into the dots
+# (launch/triton_ir.py: every other configuration drains all copies before each block's math).
+step_beside-pipelined()   { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
+                              --beside_variant=prefetch_pages=1,num_stages=3 --beside_variant=prefetch_pages=1,num_stages=4 \
+                              --beside_variant=prefetch_pages=1,num_stages=3,programs_per_sm=1 \
+                              --beside_variant=prefetch_pages=1,num_stages=4,programs_per_sm=1 \
+                              --beside_variant=prefetch_pages=1,num_stages=6,block_n=64,programs_per_sm=1 \
+                              --out_dir="$OUT/beside-pipelined"; }
+step_beside-pipelined-fp8() { $PY launch/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
+                              --beside_variant=prefetch_pages=1 --beside_variant=prefetch_pages=1,programs_per_sm=1 \
+                              --beside_variant=prefetch_pages=1,num_stages=5,programs_per_sm=1 \
+                              --out_dir="$OUT/beside-pipelined-fp8"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \
