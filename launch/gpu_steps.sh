@@ -121,6 +121,17 @@ step_beside-pipelined-fp8() { $PY launch/kernel_bench.py --beside_gemm --attenti
                               --beside_variant=prefetch_pages=1 --beside_variant=prefetch_pages=1,programs_per_sm=1 \
                               --beside_variant=prefetch_pages=1,num_stages=5,programs_per_sm=1 \
                               --out_dir="$OUT/beside-pipelined-fp8"; }
+# Next (predictions in perf-notes, session 8): the prefill attention with its K/V loads pipelined (page ids
+# one block ahead), and the decode attention pipelined with keys as the dots' rows.
+step_prefill-pipelined()  { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=prefill --attention_backends=triton \
+                              --sweep_variant=prefetch_pages=1 --sweep_variant=prefetch_pages=1,num_stages=4 \
+                              --sweep_variant=prefetch_pages=1,block_n=128 --sweep_variant=prefetch_pages=1,mask_all=1 \
+                              --sweep_variant=prefetch_pages=1,num_stages=4,mask_all=1 --out_dir="$OUT/prefill-pipelined"; }
+step_beside-swap-pipelined() { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
+                              --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3 \
+                              --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
+                              --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=4,programs_per_sm=1 \
+                              --out_dir="$OUT/beside-swap-pipelined"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \

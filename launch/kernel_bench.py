@@ -26,6 +26,9 @@ flags.DEFINE_list("shares", ["132", "112", "96", "64", "48", "32"], "SM shares t
 flags.DEFINE_bool("quick", False, "Fewer shapes (a smoke run).")
 flags.DEFINE_integer("iters", 20, "Calls per timing sample.")
 flags.DEFINE_bool("sweep_attention", False, "Only sweep the attention kernels' tunables (decode and prefill).")
+flags.DEFINE_multi_string("sweep_variant", [], "--sweep_attention: instead of the grid, the engine's configuration "
+                          "of each --sweep_kinds kind and these changes to it (e.g. prefetch_pages=1,num_stages=4), "
+                          "each checked against the reference first; may be repeated (Triton only).")
 flags.DEFINE_integer("sweep_sms", 132, "The SM share --sweep_attention runs the variants on.")
 flags.DEFINE_list("sweep_kinds", ["decode", "prefill"], "Which attention shapes --sweep_attention sweeps.")
 flags.DEFINE_list("attention_backends", ["pallas", "triton"],
@@ -79,6 +82,12 @@ def timeit(fn, *args, iters: int) -> float:
   return median_seconds(fn, *args, iters=iters)
 
 
+def _kv_dtype():
+  """--attention_kv_dtype as a jnp dtype."""
+  import jax.numpy as jnp
+  return jnp.float8_e4m3fn if FLAGS.attention_kv_dtype == "fp8" else jnp.bfloat16
+
+
 def _attention_problem(kind: str, hkv: int = 8, g: int = 4):
   """The decode (512 sequences at context 1024, or --decode_context) or prefill (one 4096-token prompt) shape
   of the table, with `hkv` KV heads of `g` query heads each (LLaMA-3-8B's by default): (q, cache, table,
@@ -90,7 +99,7 @@ def _attention_problem(kind: str, hkv: int = 8, g: int = 4):
   ctx = FLAGS.decode_context if kind == "decode" else 4096
   b_ = 512 * 1024 // ctx if kind == "decode" else 1     # decode: the same bytes at any context
   pages = b_ * -(-ctx // ps)      # whole pages per sequence: a context need not fill its last one
-  kv_dtype = jnp.float8_e4m3fn if FLAGS.attention_kv_dtype == "fp8" else jnp.bfloat16
+  kv_dtype = _kv_dtype()
   cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype),
            jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype))
   if kind == "decode":
@@ -152,15 +161,26 @@ def _variants(backend: str, kind: str):
     yield dict(zip(keys, values))
 
 
+def _given_variants(kind: str):
+  """The engine's Triton configuration for `kind` and each --sweep_variant's changes to it."""
+  from pallas_kernels.paged_attention import config_changes, configs
+  base = configs("triton", _kv_dtype())[0 if kind == "decode" else 1]
+  return [base] + [{**base, **config_changes(v)} for v in FLAGS.sweep_variant]
+
+
 def sweep_attention(backends, copy_tbs: float, peak: float, iters: int) -> list[tuple]:
-  """Times each implementation's variants on the decode and prefill shapes of the table; best first."""
+  """Times each implementation's variants (the grid of `_variants`, or the engine's configuration and
+  --sweep_variant's changes) on the decode and prefill shapes of the table; best first."""
   out = []
   for kind in FLAGS.sweep_kinds:
     problem = _attention_problem(kind)
     for backend in backends:
-      for cfg in _variants(backend, kind):
+      given = FLAGS.sweep_variant and backend == "triton"
+      for cfg in (_given_variants(kind) if given else _variants(backend, kind)):
         label = f"{kind} {backend} " + " ".join(f"{k}={v}" for k, v in cfg.items())
         try:
+          if given:
+            label += f" (rel. error {check_attention(backend, kind, cfg, problem):.1e})"
           fig = problem[-1] / time_attention(backend, kind, cfg, FLAGS.sweep_sms, iters, problem) / 1e12
           ratio = fig / (copy_tbs if kind == "decode" else peak)
           out.append((label, str(FLAGS.sweep_sms), f"{fig:.2f} {'TB/s' if kind == 'decode' else 'TFLOP/s'}",

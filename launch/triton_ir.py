@@ -1,9 +1,10 @@
-"""Compiles the Triton decode-attention kernel for Hopper (sm_90) on the CPU, down to TTGIR (no GPU, no
+"""Compiles the Triton paged-attention kernel for Hopper (sm_90) on the CPU, down to TTGIR (no GPU, no
 ptxas), and counts the operations that say how it will run: tensor-core dots (`warp_group_dot` is Hopper's
 wgmma, `tt.dot` left as is becomes the older mma.sync), asynchronous copies and their waits, shared-memory
-allocations. A check before spending GPU time on a kernel variant:
+allocations, and whether the loads are pipelined at all (`copies in flight`). A check before spending GPU
+time on a kernel variant:
 
-  python launch/triton_ir.py --variant=swap_ab=1 --variant=prefetch_pages=1 [--dump=DIR]
+  python launch/triton_ir.py [--kind=prefill] --variant=swap_ab=1 --variant=prefetch_pages=1 [--dump=DIR]
 
 Pointers are marked 16-byte aligned as jax-triton marks them (otherwise Triton will not vectorize or copy
 asynchronously).
@@ -23,6 +24,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("variant", [], "key=value changes to the decode configuration; one table row each "
                           "(the configuration itself is always the first row).")
+flags.DEFINE_enum("kind", "decode", ["decode", "prefill"], "Which of the engine's attention configurations the "
+                  "variants change.")
 flags.DEFINE_enum("kv_dtype", "bf16", ["bf16", "fp8e4nv"], "The cache's element type.")
 flags.DEFINE_string("dump", None, "Also write each variant's TTGIR here.")
 
@@ -60,8 +63,9 @@ def ttgir(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int
   return str(module)
 
 
-def decode_ttgir(cfg: dict, kv_dtype: str = "bf16") -> str:
-  """TTGIR of the decode kernel for LLaMA-3-8B's shape (8 KV heads x 4, head_dim 128, pages of 16)."""
+def attention_ttgir(cfg: dict, kv_dtype: str = "bf16") -> str:
+  """TTGIR of the paged attention kernel in configuration `cfg` (decode or prefill) for LLaMA-3-8B's shape
+  (8 KV heads x 4, head_dim 128, pages of 16)."""
   from pallas_kernels import paged_attention_triton as pat
   cfg = dict(cfg)
   num_warps, num_stages = cfg.pop("num_warps"), cfg["num_stages"]
@@ -90,14 +94,17 @@ def main(argv):
   os.environ.pop("TRITON_INTERPRET", None)
   from pallas_kernels import paged_attention_triton as pat
   from pallas_kernels.paged_attention import config_changes
-  base = pat.DECODE_CONFIG_FP8 if FLAGS.kv_dtype == "fp8e4nv" else pat.DECODE_CONFIG
+  if FLAGS.kind == "prefill":
+    base = pat.PREFILL_CONFIG
+  else:
+    base = pat.DECODE_CONFIG_FP8 if FLAGS.kv_dtype == "fp8e4nv" else pat.DECODE_CONFIG
   rows = []
   for text in [""] + FLAGS.variant:
     cfg = {**base, **config_changes(text)}
-    ir_text = decode_ttgir(cfg, FLAGS.kv_dtype)
+    ir_text = attention_ttgir(cfg, FLAGS.kv_dtype)
     if FLAGS.dump:
       os.makedirs(FLAGS.dump, exist_ok=True)
-      with open(os.path.join(FLAGS.dump, f"decode_{text.replace(',', '_').replace('=', '') or 'config'}.ttgir"),
+      with open(os.path.join(FLAGS.dump, f"{FLAGS.kind}_{text.replace(',', '_').replace('=', '') or 'config'}.ttgir"),
                 "w") as f:
         f.write(ir_text)
     rows.append((text or "engine config", count_ops(ir_text)))
