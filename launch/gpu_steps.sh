@@ -131,6 +131,8 @@ step_beside-swap-pipelined() { $PY launch/kernel_bench.py --beside_gemm --shares
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=4,programs_per_sm=1 \
+                              --beside_variant=prefetch_pages=1,num_stages=3,block_n=64 \
+                              --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,block_n=64 \
                               --out_dir="$OUT/beside-swap-pipelined"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.

@@ -63,7 +63,7 @@ if triton is not None:
                               HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
                               NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr,
-                              PREFETCH_PAGES: tl.constexpr, SWAP_AB: tl.constexpr, MASK_ALL: tl.constexpr):
+                              PREFETCH_PAGES: tl.constexpr, KEY_AXIS: tl.constexpr, MASK_ALL: tl.constexpr):
     pid = tl.program_id(0)
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
@@ -100,7 +100,10 @@ if triton is not None:
       pt_row = pt_ptr + slot.to(tl.int64) * PT_STRIDE
       m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
       l_i = tl.zeros([BLOCK_M], tl.float32)
-      if SWAP_AB:   # keys are the dots' rows: acc holds the output transposed, [HEAD_DIM, BLOCK_M]
+      # Scores s are [BLOCK_M, BLOCK_N] with keys on axis 1, or with swap_ab [BLOCK_N, BLOCK_M] (KEY_AXIS 0):
+      # K q^T and V^T P, so that BLOCK_N keys are the dots' M side (>= 64 rows: Hopper's wgmma, straight
+      # from the K tile in shared memory) and the few query rows pad only the N side. acc is then transposed.
+      if KEY_AXIS == 0:
         q_t = tl.trans(q)
         acc = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
       else:
@@ -115,7 +118,8 @@ if triton is not None:
         for j in tl.range(j0, j1, num_stages=NUM_STAGES):
           kpos = j * BLOCK_N + cols
           if PREFETCH_PAGES:
-            # The K/V addresses then hang on a load of the previous iteration, not on one of this one.
+            # The K/V addresses then hang on a load of the previous iteration, not on one of this one:
+            # Triton pipelines the K/V loads only so (launch/triton_ir.py; docs/perf-notes.md, session 8).
             page = page_next
             page_next = tl.load(pt_row + (kpos + BLOCK_N) // PAGE_SIZE, mask=cols * 0 + j + 1 < j1, other=0)
           else:
@@ -124,43 +128,32 @@ if triton is not None:
           # .to(q.dtype): an fp8 cache is read at half the bytes and computed on in the dot dtype
           k = tl.load(k_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
           v = tl.load(v_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
-          if SWAP_AB:
-            # K q^T and V^T P: BLOCK_N keys are the M side (>= 64 rows: Hopper's wgmma, straight from the
-            # K tile in shared memory) and the few query rows pad only the N side.
-            s = tl.dot(k, q_t) * QK_SCALE                     # [BLOCK_N, BLOCK_M]
-            if phase == 1:
-              mask = kpos[:, None] <= row_pos[None, :]
-              if WINDOW > 0:
-                mask &= row_pos[None, :] - kpos[:, None] < WINDOW
-              s = tl.where(mask, s, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            p = tl.math.exp2(s - m_new[None, :])
-            if phase == 1:
-              p = tl.where(mask, p, 0.0)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))
+          if KEY_AXIS == 0:
+            s = tl.dot(k, q_t) * QK_SCALE
           else:
-            s = tl.dot(q, tl.trans(k)) * QK_SCALE             # [BLOCK_M, BLOCK_N]
-            if phase == 1:
-              mask = kpos[None, :] <= row_pos[:, None]
-              if WINDOW > 0:
-                mask &= row_pos[:, None] - kpos[None, :] < WINDOW
-              s = tl.where(mask, s, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            if phase == 1:
-              p = tl.where(mask, p, 0.0)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            s = tl.dot(q, tl.trans(k)) * QK_SCALE
+          if phase == 1:
+            key_at = tl.expand_dims(kpos, 1 - KEY_AXIS)
+            row_at = tl.expand_dims(row_pos, KEY_AXIS)
+            mask = key_at <= row_at
+            if WINDOW > 0:
+              mask &= row_at - key_at < WINDOW
+            s = tl.where(mask, s, -1.0e30)
+          m_new = tl.maximum(m_i, tl.max(s, KEY_AXIS))
+          p = tl.math.exp2(s - tl.expand_dims(m_new, KEY_AXIS))
+          if phase == 1:
+            p = tl.where(mask, p, 0.0)
+          alpha = tl.math.exp2(m_i - m_new)
+          l_i = l_i * alpha + tl.sum(p, KEY_AXIS)
+          if KEY_AXIS == 0:
+            pv = tl.dot(tl.trans(v), p.to(v.dtype))
+          else:
+            pv = tl.dot(p.to(v.dtype), v)
+          acc = acc * tl.expand_dims(alpha, KEY_AXIS) + pv
           m_i = m_new
-      if SWAP_AB:
-        out = acc / tl.maximum(l_i, 1e-30)[None, :]
-        tl.store(out_ptr + q_off[None, :] + d[:, None], out.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
-      else:
-        out = acc / tl.maximum(l_i, 1e-30)[:, None]
-        tl.store(out_ptr + q_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+      out = acc / tl.expand_dims(tl.maximum(l_i, 1e-30), KEY_AXIS)
+      out_off = tl.expand_dims(q_off, KEY_AXIS) + tl.expand_dims(d, 1 - KEY_AXIS)
+      tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, KEY_AXIS))
 
 
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
@@ -177,7 +170,7 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
               PT_STRIDE=page_table_shape[1], PAGE_SIZE=page_size, HEAD_DIM=d, BLOCK_Q=block_q,
               BLOCK_M=_rows(block_q, g), BLOCK_N=block_n, WINDOW=sliding_window or 0,
               QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16,
-              PREFETCH_PAGES=prefetch_pages, SWAP_AB=swap_ab, MASK_ALL=mask_all)
+              PREFETCH_PAGES=prefetch_pages, KEY_AXIS=0 if swap_ab else 1, MASK_ALL=mask_all)
   return programs, meta
 
 
