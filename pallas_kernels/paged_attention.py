@@ -225,7 +225,7 @@ def config_changes(spec: str) -> dict:
   out = {}
   for item in filter(None, spec.split(",")):
     key, sep, value = item.partition("=")
-    if not sep or not value.strip().lstrip("-").isdigit():
+    if not sep or not key.strip() or not value.strip().lstrip("-").isdigit():
       raise ValueError(f"expected key=integer in {spec!r}, got {item!r}")
     out[key.strip()] = int(value)
   return out

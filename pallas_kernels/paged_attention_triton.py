@@ -1,8 +1,10 @@
 """Paged attention as a Triton kernel called through jax-triton: the same function, arguments and work
 items as pallas_kernels/paged_attention.py (whose jnp reference it is tested against), written in
 Triton directly so that we control what the Pallas lowering does not let us control:
-- one K/V tile is BLOCK_N keys gathered through the page table (BLOCK_N // page_size whole pages), and
-  `tl.range(num_stages=...)` pipelines those gathers, page ids included, ahead of the math;
+- one K/V tile is BLOCK_N keys gathered through the page table (BLOCK_N // page_size whole pages), in a
+  `tl.range(num_stages=...)` loop. Triton 3.9 pipelines those gathers ahead of the math only when the page
+  ids come from the previous iteration (`prefetch_pages`) and num_stages >= 3; otherwise every block waits
+  for its own loads (launch/triton_ir.py shows which; docs/perf-notes.md, session 8);
 - page offsets are 64-bit once per key row (not per element), so a 100 GB cache costs no more than 1 GB;
 - the loop over a work item's keys is split into blocks that need no causal mask and the few that do;
 - softmax in base 2 with the scale folded into one multiply.

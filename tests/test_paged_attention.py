@@ -84,3 +84,12 @@ def test_fp8_cache_kernel_matches_reference():
   full = paged_attention_reference(q, kc, vc, layer, table, slots, positions)
   err = np.linalg.norm(np.asarray(ref, np.float32) - np.asarray(full)) / np.linalg.norm(np.asarray(full))
   assert 1e-4 < err < 0.1, err      # fp8 really is in use, and costs little
+
+
+def test_config_changes_parse_and_refuse_what_is_not_an_integer():
+  from pallas_kernels.paged_attention import config_changes
+  assert config_changes("swap_ab=1, num_stages=3") == {"swap_ab": 1, "num_stages": 3}
+  assert config_changes("") == {}
+  for bad in ("swap_ab", "num_stages=three", "block_n=64,=2"):
+    with pytest.raises(ValueError, match="key=integer"):
+      config_changes(bad)
