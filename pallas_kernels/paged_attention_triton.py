@@ -51,8 +51,10 @@ def available() -> bool:
   return True
 
 
-def _rows(block_q: int, q_per_kv: int) -> int:
-  return max(16, triton.next_power_of_2(block_q * q_per_kv))   # tensor-core dots need >= 16 rows
+def _rows(block_q: int, q_per_kv: int, swap_ab: bool = False) -> int:
+  """Query rows of a tile, padded to what the dot takes: 16 rows as its M side, 8 columns as wgmma's N side
+  with swap_ab (GQA's 4 query heads then waste half the tile, not three quarters; 8 waste none)."""
+  return max(8 if swap_ab else 16, triton.next_power_of_2(block_q * q_per_kv))
 
 
 if triton is not None:
@@ -170,7 +172,7 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
   programs = num_sms * programs_per_sm
   meta = dict(NUM_PROGRAMS=programs, NUM_KV_HEADS=hkv, Q_PER_KV=g, NUM_PAGES=num_pages,
               PT_STRIDE=page_table_shape[1], PAGE_SIZE=page_size, HEAD_DIM=d, BLOCK_Q=block_q,
-              BLOCK_M=_rows(block_q, g), BLOCK_N=block_n, WINDOW=sliding_window or 0,
+              BLOCK_M=_rows(block_q, g, swap_ab), BLOCK_N=block_n, WINDOW=sliding_window or 0,
               QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16,
               PREFETCH_PAGES=prefetch_pages, KEY_AXIS=0 if swap_ab else 1, MASK_ALL=mask_all)
   return programs, meta
