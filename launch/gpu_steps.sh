@@ -134,6 +134,11 @@ step_beside-swap-pipelined() { $PY launch/kernel_bench.py --beside_gemm --shares
                               --beside_variant=prefetch_pages=1,num_stages=3,block_n=64 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,block_n=64 \
                               --out_dir="$OUT/beside-swap-pipelined"; }
+# The decode-overlap step with the pipelined attention variants beside the GEMMs (after beside-swap-pipelined).
+step_step-beside-pipelined() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
+                              --templates=decode-overlap --beside_attention=prefetch_pages=1,num_stages=3,programs_per_sm=1 \
+                              --beside_attention=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
+                              --out="$OUT/step-beside-pipelined.md"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \
