@@ -50,3 +50,13 @@ def test_beside_attention_cannot_change_the_blocks():
   model = load_model("tiny", dtype="float32", random_weights=True)
   with pytest.raises(ValueError, match="block_n"):
     Executor(model, 16, 16, 2, 64, 32, beside_attention={"block_n": 64})
+
+
+def test_executor_takes_the_plans_beside_attention_unless_given_its_own():
+  from nanoflow_jax.model import load_model
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  cfg = plan_lib.generic_default(32, 132)
+  cfg.beside_attention = {"prefetch_pages": 1, "num_stages": 3}
+  assert Executor(model, 16, 16, 2, 64, 32, plan=cfg).beside_attention == cfg.beside_attention
+  assert Executor(model, 16, 16, 2, 64, 32, plan=cfg, beside_attention={}).beside_attention == {}
+  assert Executor(model, 16, 16, 2, 64, 32).beside_attention == {}

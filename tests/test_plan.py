@@ -136,3 +136,21 @@ def test_allgather_form_of_o_per_nano_batch(lead):
     plan.generic_default(2048, 132, allgather=(0,))
   both = plan.generic_default(2048, 132, tp=2, allgather=(0, 1))
   assert both.ops_of(0) == both.ops_of(1) == plan.AG_OPS and both.name == "generic-2-tp2-ag01"
+
+
+def test_beside_attention_round_trips_and_old_files_load_without_it(tmp_path):
+  """A plan can carry the decode attention variant its shares were measured with; files written before
+  the field existed load with none; options the host depends on, or values that are not integers, are
+  refused with the reason."""
+  cfg = plan.generic_default(2048, 132)
+  cfg.beside_attention = {"prefetch_pages": 1, "num_stages": 3, "programs_per_sm": 1}
+  assert plan.PipelineConfig.from_dict(json.loads(cfg.to_json())) == cfg
+  assert plan.with_beside_share(cfg, 48).beside_attention == cfg.beside_attention
+  old = _cfg_dict()
+  del old["beside_attention"]
+  assert plan.PipelineConfig.from_dict(old).beside_attention == {}
+  for bad in ({"block_n": 64}, {"num_stages": "3"}):
+    d = _cfg_dict()
+    d["beside_attention"] = bad
+    with pytest.raises(plan.PipelineConfigError, match="beside_attention"):
+      plan.PipelineConfig.from_dict(d)

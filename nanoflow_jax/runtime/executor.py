@@ -22,7 +22,7 @@ from nanoflow_jax import compat, kv_cache, parallel, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
-from nanoflow_jax.runtime.plan import PipelineConfig
+from nanoflow_jax.runtime.plan import BESIDE_ATTENTION_FIXED, PipelineConfig
 from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import paged_attention as attention_kernels
@@ -116,7 +116,8 @@ class Executor:
     of the stacked weights, ours reads it in place (docs/perf-notes.md).
     beside_attention: changes to the decode attention's configuration where it runs on an SM share beside
     other kernels (stream annotation), e.g. {"programs_per_sm": 4}: there a CTA gets an SM of its own, and
-    what is fastest alone on the whole GPU need not be (docs/perf-notes.md, session 7).
+    what is fastest alone on the whole GPU need not be (docs/perf-notes.md, sessions 7-8). None: the
+    plan's own (PipelineConfig.beside_attention).
     layer_unroll: decoder layers per iteration of the layer scan (lax.scan's unroll). Each iteration ends
     with every nano-batch done; with 2, one layer's tail (under TP its last all-reduce) and the next
     layer's head for another nano-batch are in one computation, so XLA may overlap them across the
@@ -155,8 +156,10 @@ class Executor:
     self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.attention_configs = attention_kernels.configs(self.attention_backend, self.kv_dtype)
-    self.beside_attention = dict(beside_attention or {})
-    if {"block_q", "block_n"} & set(self.beside_attention):   # the host's query blocks and page table use them
+    if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
+      beside_attention = plan.beside_attention if plan is not None else {}
+    self.beside_attention = dict(beside_attention)
+    if set(BESIDE_ATTENTION_FIXED) & set(self.beside_attention):   # the host's query blocks and table use them
       raise ValueError(f"beside_attention cannot change block_q or block_n: {self.beside_attention}")
     # Page-table columns: whole key blocks of the attention kernel, so it never pads the table per call.
     per_block = max(c.get("block_n", page_size) for c in self.attention_configs) // page_size

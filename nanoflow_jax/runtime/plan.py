@@ -27,6 +27,8 @@ import logging
 log = logging.getLogger(__name__)
 
 VERSION = 1
+# Attention options a share's variant may not change: the host builds query blocks and the page table by them.
+BESIDE_ATTENTION_FIXED = ("block_q", "block_n")
 # One layer's ops, in data order: norm + qkv GEMM; RoPE + KV append; attention; o GEMM (+ residual);
 # norm + gate_up GEMM; activation + down GEMM (+ residual).
 OPS = ("qkv", "rope_append", "attention", "o", "gate_up", "down")
@@ -73,6 +75,10 @@ class PipelineConfig:
   name: str = ""
   version: int = VERSION
   tp: int = 1                # the tensor-parallel degree the plan is for
+  # Changes to the decode attention's configuration where it runs on an SM share beside other kernels
+  # (Executor's beside_attention), e.g. {"prefetch_pages": 1, "num_stages": 3, "programs_per_sm": 1}: the
+  # variant the plan's shares were measured with. Empty: the engine's configuration everywhere.
+  beside_attention: dict[str, int] = dataclasses.field(default_factory=dict)
 
   # --- (de)serialization ------------------------------------------------------------------------------
   def to_json(self) -> str:
@@ -87,7 +93,7 @@ class PipelineConfig:
       ops = [NanoOp(**o) for o in d["ops"]]
       cfg = cls(dense_batch=int(d["dense_batch"]), num_sms=int(d["num_sms"]),
                 nano_batches=[int(n) for n in d["nano_batches"]], ops=ops, name=d.get("name", ""),
-                tp=int(d.get("tp", 1)))
+                tp=int(d.get("tp", 1)), beside_attention=dict(d.get("beside_attention") or {}))
     except (KeyError, TypeError) as e:
       raise PipelineConfigError(f"malformed pipeline config: {e}") from None
     cfg.validate()
@@ -107,6 +113,10 @@ class PipelineConfig:
       raise PipelineConfigError(msg)
     if self.tp < 1:
       fail(f"tp must be >= 1, got {self.tp}")
+    for key, value in self.beside_attention.items():
+      if key in BESIDE_ATTENTION_FIXED or not isinstance(value, int):
+        fail(f"beside_attention: {key}={value!r}; it takes integer kernel options other than "
+             f"{'/'.join(BESIDE_ATTENTION_FIXED)} (the host's query blocks and page table use those)")
     if sum(self.nano_batches) != self.dense_batch or any(n <= 0 for n in self.nano_batches):
       fail(f"nano-batches {self.nano_batches} do not cover the dense batch {self.dense_batch}")
     ids = [o.id for o in self.ops]
