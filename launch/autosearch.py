@@ -34,12 +34,22 @@ flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Token counts profile
 flags.DEFINE_bool("measure", True, "After a GPU profile, time the real step and draw its measured timeline.")
 flags.DEFINE_integer("tp", 1, "Tensor parallelism: profile one device's shard of each layer and the all-reduces "
                      "across this many GPUs; the search then schedules the all-reduces as network nano-ops.")
+flags.DEFINE_string("beside_attention", "", "Changes to the decode attention's configuration on SM shares below "
+                    "the whole GPU, e.g. prefetch_pages=1,num_stages=3,programs_per_sm=1: profiled so, and carried "
+                    "by the config searched (the executor then runs the attention so on its share).")
 flags.DEFINE_bool("interference", True, "Stage 1 also measures a GEMM and decode attention running together.")
 
 
 def _time(fn, *args, iters=10) -> float:
   from nanoflow_jax.perf import median_seconds
   return 1e3 * median_seconds(fn, *args, iters=iters, samples=3)
+
+
+def _decode_config_on(decode_cfg: dict, share: int, num_sms: int) -> dict:
+  """The decode attention's configuration on `share` SMs, as the executor runs it: --beside_attention's
+  changes below the whole GPU."""
+  from pallas_kernels.paged_attention import config_changes
+  return decode_cfg if share >= num_sms else {**decode_cfg, **config_changes(FLAGS.beside_attention)}
 
 
 def profile(cfg, shares: list[int], sizes: list[int], context: int):
@@ -101,8 +111,9 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
     pst, pln, pnb = query_blocks([m], m, prefill_cfg["block_q"])
     pslots, ppos = np.zeros(m, np.int32), np.arange(m, dtype=np.int32)
     for s in shares:
-      f = jax.jit(lambda q, kc, vc, s=s: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
-                                                        jnp.int32(nb), num_sms=s, config=decode_cfg))
+      dcfg = _decode_config_on(decode_cfg, s, jax.devices()[0].core_count)
+      f = jax.jit(lambda q, kc, vc, s=s, dcfg=dcfg: attention_call(backend, q, kc, vc, 0, table, slots, positions,
+                                                                   st, ln, jnp.int32(nb), num_sms=s, config=dcfg))
       times["decode_attention"][str(s)].append([m, _time(f, q, kc, vc)])
       f = jax.jit(lambda q, kc, vc, s=s: attention_call(backend, q, kc, vc, 0, ptable, pslots, ppos, pst, pln,
                                                         jnp.int32(pnb), num_sms=s, config=prefill_cfg))
@@ -125,8 +136,8 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
   from pallas_kernels import gemm
   from pallas_kernels.paged_attention import attention_call, configs, default_backend, query_blocks
   backend = default_backend()
-  dcfg = configs(backend)[0]
   hkv, hd, num_sms = cfg.num_kv_heads, cfg.head_dim, jax.devices()[0].core_count
+  dcfg = _decode_config_on(configs(backend)[0], 0, num_sms)   # always on a share here
   key = jax.random.PRNGKey(0)
   a = jax.random.normal(key, (tokens, cfg.hidden_size), jnp.bfloat16)
   b = jax.random.normal(key, (cfg.hidden_size, 2 * cfg.intermediate_size), jnp.bfloat16) * 0.02
@@ -195,6 +206,16 @@ def main(argv):
     compat.enable_concurrent_command_buffers(1)
   from nanoflow_jax import config as config_lib
   from nanoflow_jax.runtime import autosearch
+  from nanoflow_jax.runtime.plan import BESIDE_ATTENTION_FIXED
+  from pallas_kernels.paged_attention import config_changes
+  try:   # refused before any GPU time is spent
+    beside = config_changes(FLAGS.beside_attention)
+  except ValueError as e:
+    raise app.UsageError(f"--beside_attention: {e}") from None
+  if set(beside) & set(BESIDE_ATTENTION_FIXED):
+    raise app.UsageError(f"--beside_attention cannot change {'/'.join(BESIDE_ATTENTION_FIXED)}")
+  if beside and FLAGS.from_profile:
+    raise app.UsageError("--beside_attention is a profiling choice; the stored profile carries its own")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   path = autosearch.profile_path(FLAGS.model, FLAGS.device_kind, FLAGS.tp)
   if FLAGS.from_profile:
@@ -214,6 +235,7 @@ def main(argv):
     if FLAGS.tp > 1:
       prof.model, prof.tp = full.name, FLAGS.tp
       prof.times.update(profile_collectives(full.hidden_size, [int(s) for s in FLAGS.sizes], FLAGS.tp))
+    prof.beside_attention = beside
     if FLAGS.interference:
       prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < prof.num_sms],
                                                FLAGS.context)

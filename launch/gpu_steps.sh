@@ -149,6 +149,11 @@ step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shape
 # Stage 1 on one GPU's shard of LLaMA-2-70B and the all-reduces across 4 (or 2) GPUs, then the search.
 step_autosearch-tp4()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=4 --out_dir="$OUT/autosearch-tp4"; }
 step_autosearch-tp2()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=2 --out_dir="$OUT/autosearch-tp2"; }
+# The search with a decode attention variant on its shares (the best of beside-swap-pipelined); the config
+# it writes carries the variant (PipelineConfig.beside_attention).
+step_autosearch-pipelined() { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference --measure \
+                              --beside_attention=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
+                              --out_dir="$OUT/autosearch-pipelined"; }
 step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference \
                               --measure --out_dir="$OUT/autosearch"; }
 

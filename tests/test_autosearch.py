@@ -55,6 +55,18 @@ def test_search_hides_the_decode_attention_behind_the_prefill_gemms():
   assert attn[0].sm_share + min(o.sm_share for o in cfg.ops if o.id in beside) <= 132
 
 
+@pytest.mark.parametrize("flags_,match", [
+    (["--from_profile", "--beside_attention=prefetch_pages=1"], "profiling choice"),
+    (["--beside_attention=block_n=64"], "cannot change"),
+    (["--beside_attention=prefetch_pages"], "key=integer")])
+def test_cli_refuses_a_bad_beside_attention_before_any_work(tmp_path, flags_, match):
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "autosearch.py"), "--model=synthetic",
+                      "--device_kind=test", f"--out_dir={tmp_path}", *flags_],
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode != 0 and match in r.stderr, r.stderr[-2000:]
+  assert not os.listdir(tmp_path)
+
+
 def test_profile_interpolation():
   prof = synthetic_profile()
   assert prof.time("qkv", 768, 132) == pytest.approx(0.15 * 0.768)
@@ -65,8 +77,10 @@ def test_profile_interpolation():
 def test_cli_from_profile(tmp_path, monkeypatch):
   prof_path = autosearch.profile_path("synthetic", "test")
   os.makedirs(os.path.dirname(prof_path), exist_ok=True)
+  prof = synthetic_profile()
+  prof.beside_attention = {"prefetch_pages": 1, "num_stages": 3}   # profiled with this variant on shares
   with open(prof_path, "w") as f:
-    f.write(synthetic_profile().to_json())
+    f.write(prof.to_json())
   try:
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "autosearch.py"), "--model=synthetic",
                         "--device_kind=test", f"--out_dir={tmp_path}", "--from_profile"],
@@ -74,6 +88,7 @@ def test_cli_from_profile(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = PipelineConfig.load(str(tmp_path / "pipeline_synthetic_test.json"))
     assert cfg.name.startswith("autosearch")
+    assert cfg.beside_attention == prof.beside_attention   # the config says how its shares were timed
     assert os.path.getsize(tmp_path / "gantt_synthetic_test.png") > 1000
     assert "predicted layer" in r.stdout
   finally:

@@ -56,7 +56,9 @@ class Profile:
   under tensor parallelism (`tp` > 1; the other ops then at one device's shard shapes) allreduce: the
   all-reduce of a [tokens, hidden] partial sum across the `tp` devices.
   interference[gemm share] = how much longer a GEMM on that share and decode attention on the rest of the
-  SMs take when they run at the same time than the longer of the two alone (1.0: no interference)."""
+  SMs take when they run at the same time than the longer of the two alone (1.0: no interference).
+  beside_attention: the changes to the decode attention's configuration it was profiled with on shares
+  below the whole GPU (and pairs); the configs searched from it carry them (PipelineConfig)."""
   model: str
   device: str
   num_sms: int
@@ -64,6 +66,7 @@ class Profile:
   times: dict[str, dict[str, list[list[float]]]]
   interference: dict[str, float] = dataclasses.field(default_factory=dict)
   tp: int = 1
+  beside_attention: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def slowdown(self, gemm_share: int) -> float:
     """The measured pair factor at the nearest profiled GEMM share (1.0 where none was measured)."""
@@ -247,6 +250,7 @@ def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
   batch when no split is predicted to beat it.
   Returns (PipelineConfig, predicted layer ms, the sequential layer ms, schedule rows for a Gantt chart)."""
   cfg, ms, schedule = split or search_split(prof, dense_batch, decodes, align, shares)
+  cfg.beside_attention = dict(prof.beside_attention)   # the attention variant its shares were timed with
   seq_ms = sequential_layer_ms(prof, dense_batch, decodes)
   if seq_ms <= ms:
     # No split is predicted to beat the whole batch on the whole GPU: ship that (mode nanoflow then runs
