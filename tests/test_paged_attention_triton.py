@@ -39,11 +39,13 @@ def test_triton_kernel_gqa_wide_group_and_blocks_of_many_pages():
 
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("block_n", [4, 16])
-def test_triton_kernel_with_page_ids_loaded_ahead(window, block_n):
+@pytest.mark.parametrize("block_q", [1, 8])
+def test_triton_kernel_with_page_ids_loaded_ahead(window, block_n, block_q):
   """prefetch_pages: each iteration loads the next key block's page ids; one-page blocks (block_n 4) make
-  every iteration cross a page, and contexts of one block test the loop that never runs its prefetch."""
-  _check(np.random.default_rng(), num_sms=3, block_q=1, window=window, block_n=block_n, prefetch_pages=True,
-         ctx=(5, 17, 1, 40, 16), chunk=(1, 6, 1, 33, 1))
+  every iteration cross a page, and contexts of one block test the loop that never runs its prefetch;
+  block_q 8: prefill chunks (the candidate prefill configuration, perf-notes session 8)."""
+  _check(np.random.default_rng(), num_sms=3, block_q=block_q, window=window, block_n=block_n, prefetch_pages=True,
+         num_stages=4, ctx=(5, 17, 1, 40, 16), chunk=(1, 6, 1, 33, 1))
 
 
 @pytest.mark.parametrize("block_q", [1, 8])

@@ -54,11 +54,12 @@ def test_paged_attention_mixed_batch(num_sms):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
 
 
-def _both_configs(backend, q, kc, vc, table, slots, positions, chunk, num_sms, sliding_window=None, decode_changes=None):
-  """Decode blocks then prefill blocks into one output, as the engine calls the kernels; decode_changes:
-  to the decode configuration."""
+def _both_configs(backend, q, kc, vc, table, slots, positions, chunk, num_sms, sliding_window=None,
+                  decode_changes=None, prefill_changes=None):
+  """Decode blocks then prefill blocks into one output, as the engine calls the kernels; *_changes: to the
+  engine's decode and prefill configurations."""
   dec, pre = configs(backend, kc.dtype)
-  dec = {**dec, **(decode_changes or {})}
+  dec, pre = {**dec, **(decode_changes or {})}, {**pre, **(prefill_changes or {})}
   n = len(slots)
   d_start, d_len, d_nb = query_blocks(chunk[:60], n, dec["block_q"])
   p_start, p_len, p_nb = query_blocks(chunk[60:], n, pre["block_q"])
@@ -97,6 +98,20 @@ def test_triton_attention_swap_ab_decode(num_sms, kv_dtype):
   ref = np.asarray(paged_attention_reference(q, kc, vc, 1, table, slots, positions, 200), np.float32)
   out = np.asarray(_both_configs("triton", q, kc, vc, table, slots, positions, chunk, num_sms, 200,
                                  decode_changes={"swap_ab": True}), np.float32)
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+  np.testing.assert_allclose(out, ref, atol=3e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_stages", [3, 4])
+def test_triton_attention_pipelined_prefill_and_decode(num_stages):
+  """Page ids one block ahead with 3-4 stages (the configurations whose K/V loads Triton pipelines) in both
+  the decode and the prefill configuration, a sliding window included."""
+  q, kc, vc, table, slots, positions, chunk, ref = _mixed_batch(31 + num_stages, sliding_window=200)
+  changes = {"prefetch_pages": True, "num_stages": num_stages}
+  out = _both_configs("triton", q, kc, vc, table, slots, positions, chunk, 132, 200,
+                      decode_changes={**changes, "programs_per_sm": 1}, prefill_changes=changes)
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
   np.testing.assert_allclose(out, ref, atol=3e-2)
 
