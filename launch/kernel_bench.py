@@ -313,8 +313,8 @@ def bench_grouped_gemm(shares: list[int], peak: float, iters: int, rows_: int = 
 
 # Decode attention variants for --beside_gemm when no --beside_variant is given (changes to the engine's
 # configuration). A first sweep in session 7 found the rate of one CTA per SM flat in its stages (2-6) and
-# key block (32-128): ~27 GB/s. So these variants add CTAs per SM, and load each key block's page ids one
-# iteration ahead.
+# key block (32-128): ~27 GB/s (session 8 found why: none of those pipelined their loads; launch/triton_ir.py).
+# So these variants add CTAs per SM, and load each key block's page ids one iteration ahead.
 BESIDE_VARIANTS = ({}, {"programs_per_sm": 4}, {"programs_per_sm": 8}, {"prefetch_pages": True},
                    {"prefetch_pages": True, "programs_per_sm": 4})
 
