@@ -37,6 +37,8 @@ step_bench-512-1024-400() { bench bench-512-1024 512-1024 400; }
 step_bench-512-512()      { bench bench-512-512 512-512 600; }
 step_bench-512-1024()     { bench bench-512-1024 512-1024 600; }
 step_bench-1024-512-nanoflow() { bench bench-1024-512-nanoflow 1024-512 1000 --mode=nanoflow --compare=sequential; }
+step_bench-lmsys()        { bench bench-lmsys lmsys 1000 --mode=nanoflow --compare=sequential; }
+step_bench-sharegpt()     { bench bench-sharegpt sharegpt 1000 --mode=nanoflow --compare=sequential; }
 step_bench-512-1024-fp8() { bench bench-512-1024-fp8 512-1024 600 --kv_cache_dtype=fp8; }
 step_tp2-1024-512()       { bench70 tp2-1024-512 2 1024-512 400 --mode=nanoflow --compare=sequential; }
 step_tp4-1024-512()       { bench70 tp4-1024-512 4 1024-512 500 --mode=nanoflow --compare=sequential; }
