@@ -135,6 +135,8 @@ step_beside-swap-pipelined() { $PY launch/kernel_bench.py --beside_gemm --shares
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=4,programs_per_sm=1 \
                               --beside_variant=prefetch_pages=1,num_stages=3,block_n=64 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,block_n=64 \
+                              --beside_variant=prefetch_pages=1,num_stages=3,programs_per_sm=1,num_warps=8 \
+                              --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1,num_warps=8 \
                               --out_dir="$OUT/beside-swap-pipelined"; }
 # The decode-overlap step with the pipelined attention variants beside the GEMMs (after beside-swap-pipelined).
 step_step-beside-pipelined() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \

@@ -28,6 +28,8 @@ flags.DEFINE_enum("kind", "decode", ["decode", "prefill"], "Which of the engine'
                   "variants change.")
 flags.DEFINE_enum("kv_dtype", "bf16", ["bf16", "fp8e4nv"], "The cache's element type.")
 flags.DEFINE_string("dump", None, "Also write each variant's TTGIR here.")
+flags.DEFINE_bool("ptx", False, "Also compile to PTX (still no GPU) and count the innermost loop's instructions "
+                  "per iteration (per thread): what each warp issues per key block.")
 
 # Operation names counted, in the order printed: (label, regex over the TTGIR text).
 COUNTED = (("wgmma", r"ttng\.warp_group_dot\b"), ("mma.sync dot", r"\btt\.dot\b"),
@@ -36,9 +38,11 @@ COUNTED = (("wgmma", r"ttng\.warp_group_dot\b"), ("mma.sync dot", r"\btt\.dot\b"
            ("smem alloc", r"ttg\.local_alloc\b"))
 
 
-def ttgir(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int, num_stages: int) -> str:
-  """TTGIR of a @triton.jit kernel for sm_90: arg_types maps its leading (pointer or scalar) arguments to
-  Triton type strings ("*bf16", "i32"); constexprs the rest, in the kernel's order."""
+def ttgir(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int, num_stages: int,
+          stage: str = "ttgir") -> str:
+  """TTGIR (or with stage="ptx", PTX) of a @triton.jit kernel for sm_90: arg_types maps its leading
+  (pointer or scalar) arguments to Triton type strings ("*bf16", "i32"); constexprs the rest, in the
+  kernel's order."""
   from triton.backends.compiler import GPUTarget
   from triton.backends.nvidia.compiler import CUDABackend
   from triton.compiler.compiler import ASTSource
@@ -58,14 +62,32 @@ def ttgir(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int
   stages = collections.OrderedDict()
   backend.add_stages(stages, options, src.language)
   metadata = {}
-  for name in ("ttir", "ttgir"):
+  for name in ("ttir", "ttgir", "llir", "ptx")[:4 if stage == "ptx" else 2]:
     module = stages[name](module, metadata)
   return str(module)
 
 
-def attention_ttgir(cfg: dict, kv_dtype: str = "bf16") -> str:
-  """TTGIR of the paged attention kernel in configuration `cfg` (decode or prefill) for LLaMA-3-8B's shape
-  (8 KV heads x 4, head_dim 128, pages of 16)."""
+def inner_loop(ptx: str) -> dict[str, int]:
+  """The innermost loop of a PTX kernel (the shortest span from a label back to a branch to it): its
+  instructions per iteration per thread, and of those the tensor-core, async-copy and barrier ones. A static
+  count (no latencies): with one CTA of 4 warps per SM, each warp issues these once per key block."""
+  lines = ptx.splitlines()
+  labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*(\$L__BB\d+_\d+):", line))}
+  spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+           if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)) and labels.get(m.group(1), i) < i]
+  if not spans:
+    return {"loop instr": 0, "loop mma": 0, "loop cp.async": 0, "loop bar": 0}
+  start, end = min(spans, key=lambda se: se[1] - se[0])
+  ops = [re.sub(r"^@!?%\w+\s+", "", line.strip()).split()[0] for line in lines[start:end + 1]
+         if re.match(r"^\s+@?!?%?[a-z]", line)]
+  return {"loop instr": len(ops), "loop mma": sum(o.startswith(("mma", "wgmma.mma_async")) for o in ops),
+          "loop cp.async": sum(o.startswith("cp.async.cg") or o.startswith("cp.async.ca") for o in ops),
+          "loop bar": sum(o.startswith("bar") for o in ops)}
+
+
+def attention_ttgir(cfg: dict, kv_dtype: str = "bf16", stage: str = "ttgir") -> str:
+  """TTGIR (or PTX) of the paged attention kernel in configuration `cfg` (decode or prefill) for
+  LLaMA-3-8B's shape (8 KV heads x 4, head_dim 128, pages of 16)."""
   from pallas_kernels import paged_attention_triton as pat
   cfg = dict(cfg)
   num_warps, num_stages = cfg.pop("num_warps"), cfg["num_stages"]
@@ -75,7 +97,7 @@ def attention_ttgir(cfg: dict, kv_dtype: str = "bf16") -> str:
           "k_ptr", "v_ptr", "out_in_ptr", "out_ptr"]
   types = ["*i32"] * 7 + ["*bf16", f"*{kv_dtype}", f"*{kv_dtype}", "*bf16", "*bf16"]
   return ttgir(pat._paged_attention_kernel, dict(zip(args, types)), meta, num_warps=num_warps,
-               num_stages=num_stages)
+               num_stages=num_stages, stage=stage)
 
 
 def count_ops(ttgir: str) -> dict[str, int]:
@@ -107,7 +129,10 @@ def main(argv):
       with open(os.path.join(FLAGS.dump, f"{FLAGS.kind}_{text.replace(',', '_').replace('=', '') or 'config'}.ttgir"),
                 "w") as f:
         f.write(ir_text)
-    rows.append((text or "engine config", count_ops(ir_text)))
+    counts = count_ops(ir_text)
+    if FLAGS.ptx:
+      counts.update(inner_loop(attention_ttgir(cfg, FLAGS.kv_dtype, stage="ptx")))
+    rows.append((text or "engine config", counts))
   labels = list(rows[0][1])
   print("| variant | " + " | ".join(labels) + " |")
   print("|---" * (len(labels) + 1) + "|")

@@ -30,3 +30,21 @@ def test_swap_ab_compiles_to_wgmma_and_the_engine_config_to_mma_sync():
   ahead = counts["prefetch_pages=1,num_stages=3"]
   assert base["copies in flight"] == 0 and base["tile buffers"] == 1
   assert ahead["copies in flight"] >= 2 and ahead["tile buffers"] >= 2
+
+
+def test_inner_loop_counts_the_shortest_backward_branch():
+  from launch.triton_ir import inner_loop
+  ptx = """
+  mov.u32 %r1, 0;
+$L__BB0_1:
+  add.s32 %r1, %r1, 1;
+$L__BB0_2:
+  mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r2}, {%r3}, {%f1};
+  cp.async.cg.shared.global [%r4], [%rd1], 16;
+  bar.sync 0;
+  @%p1 bra $L__BB0_2;
+  @!%p2 bra.uni $L__BB0_1;
+  ret;
+"""
+  assert inner_loop(ptx) == {"loop instr": 4, "loop mma": 1, "loop cp.async": 1, "loop bar": 1}
+  assert inner_loop("ret;")["loop instr"] == 0
