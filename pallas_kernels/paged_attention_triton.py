@@ -60,6 +60,41 @@ def _rows(block_q: int, q_per_kv: int, swap_ab: bool = False) -> int:
 if triton is not None:
 
   @triton.jit
+  def _work_item(i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
+                 NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr, NUM_PAGES: tl.constexpr,
+                 PT_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                 WINDOW: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr):
+    """Work item i of `total` (a query block x a KV head): its queries and where they go, their positions,
+    the key blocks to visit ([lo, full_hi) need no mask, [full_hi, hi) do), and where its K/V pages are."""
+    # Heavy first: a chunk's later query blocks see more keys; starting them first shortens the tail.
+    w = total - 1 - i if HEAVY_FIRST else i
+    b = w // NUM_KV_HEADS
+    h = w % NUM_KV_HEADS
+    t0 = tl.load(blk_start_ptr + b)
+    nt = tl.load(blk_len_ptr + b)
+    slot = tl.load(slots_ptr + t0)
+    tok_in_block = rows // Q_PER_KV
+    row_ok = (rows < BLOCK_Q * Q_PER_KV) & (tok_in_block < nt)
+    tok = t0 + tok_in_block
+    q_off = (tok.to(tl.int64) * (NUM_KV_HEADS * Q_PER_KV) + h * Q_PER_KV + rows % Q_PER_KV) * HEAD_DIM
+    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    if DOT_F16:   # dots in f16: an fp8 (e4m3) tile converts to f16 in one instruction, to bf16 in three
+      q = q.to(tl.float16)
+    row_pos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
+    first = tl.load(pos_ptr + t0)
+    last = tl.load(pos_ptr + t0 + nt - 1)
+    hi = last // BLOCK_N + 1
+    if WINDOW > 0:   # every block may cut the window: all masked
+      lo = tl.maximum(first - WINDOW + 1, 0) // BLOCK_N
+      full_hi = lo
+    else:            # blocks wholly at or before the block's first position need no mask
+      lo = 0
+      full_hi = (first + 1) // BLOCK_N
+    kv_base = (layer * NUM_KV_HEADS + h) * NUM_PAGES
+    pt_row = pt_ptr + slot.to(tl.int64) * PT_STRIDE
+    return q, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row
+
+  @triton.jit
   def _paged_attention_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
                               k_ptr, v_ptr, out_in_ptr, out_ptr,
                               NUM_PROGRAMS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
@@ -72,36 +107,12 @@ if triton is not None:
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
-    tok_in_block = rows // Q_PER_KV
-    head_in_group = rows % Q_PER_KV
     d = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
     for i in range(pid, total, NUM_PROGRAMS):
-      # Heavy first: a chunk's later query blocks see more keys; starting them first shortens the tail.
-      w = total - 1 - i if HEAVY_FIRST else i
-      b = w // NUM_KV_HEADS
-      h = w % NUM_KV_HEADS
-      t0 = tl.load(blk_start_ptr + b)
-      nt = tl.load(blk_len_ptr + b)
-      slot = tl.load(slots_ptr + t0)
-      row_ok = (rows < BLOCK_Q * Q_PER_KV) & (tok_in_block < nt)
-      tok = t0 + tok_in_block
-      q_off = (tok.to(tl.int64) * (NUM_KV_HEADS * Q_PER_KV) + h * Q_PER_KV + head_in_group) * HEAD_DIM
-      q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-      if DOT_F16:   # dots in f16: an fp8 (e4m3) tile converts to f16 in one instruction, to bf16 in three
-        q = q.to(tl.float16)
-      row_pos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
-      first = tl.load(pos_ptr + t0)
-      last = tl.load(pos_ptr + t0 + nt - 1)
-      hi = last // BLOCK_N + 1
-      if WINDOW > 0:   # every block may cut the window: all masked
-        lo = tl.maximum(first - WINDOW + 1, 0) // BLOCK_N
-        full_hi = lo
-      else:            # blocks wholly at or before the block's first position need no mask
-        lo = 0
-        full_hi = (first + 1) // BLOCK_N
-      kv_base = (layer * NUM_KV_HEADS + h) * NUM_PAGES
-      pt_row = pt_ptr + slot.to(tl.int64) * PT_STRIDE
+      q, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
+          i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, NUM_KV_HEADS,
+          Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST, DOT_F16)
       m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
       l_i = tl.zeros([BLOCK_M], tl.float32)
       # Scores s are [BLOCK_M, BLOCK_N] with keys on axis 1, or with swap_ab [BLOCK_N, BLOCK_M] (KEY_AXIS 0):
