@@ -47,10 +47,12 @@ def ttgir(kernel, arg_types: dict[str, str], constexprs: dict, *, num_warps: int
   from triton.backends.nvidia.compiler import CUDABackend
   from triton.compiler.compiler import ASTSource
   from triton._C.libtriton import ir
-  n = len(arg_types)
-  signature = {**arg_types, **{k: "constexpr" for k in constexprs}}
-  src = ASTSource(kernel, signature, constexprs={(i,): v for i, v in enumerate(constexprs.values(), n)},
-                  attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(arg_types.values()) if t[0] == "*"})
+  names = kernel.arg_names   # constexprs by name: the kernel's order decides each one's position
+  if set(names) != set(arg_types) | set(constexprs):
+    raise ValueError(f"arguments {sorted(set(names) ^ (set(arg_types) | set(constexprs)))} missing or unknown")
+  signature = {k: arg_types.get(k, "constexpr") for k in names}
+  src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                  attrs={(names.index(k),): [["tt.divisibility", 16]] for k, t in arg_types.items() if t[0] == "*"})
   target = GPUTarget("cuda", 90, 32)
   backend = CUDABackend(target)
   options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
@@ -91,12 +93,12 @@ def attention_ttgir(cfg: dict, kv_dtype: str = "bf16", stage: str = "ttgir") -> 
   from pallas_kernels import paged_attention_triton as pat
   cfg = dict(cfg)
   num_warps, num_stages = cfg.pop("num_warps"), cfg["num_stages"]
-  _, meta = pat._constants((512, 32, 128), (1, 8, 32768, 16, 128), (512, 64), num_sms=132, sliding_window=None,
-                           **cfg)
+  _, meta, kernel = pat._constants((512, 32, 128), (1, 8, 32768, 16, 128), (512, 64), num_sms=132,
+                                   sliding_window=None, **cfg)
   args = ["layer_ptr", "nblk_ptr", "blk_start_ptr", "blk_len_ptr", "slots_ptr", "pos_ptr", "pt_ptr", "q_ptr",
           "k_ptr", "v_ptr", "out_in_ptr", "out_ptr"]
   types = ["*i32"] * 7 + ["*bf16", f"*{kv_dtype}", f"*{kv_dtype}", "*bf16", "*bf16"]
-  return ttgir(pat._paged_attention_kernel, dict(zip(args, types)), meta, num_warps=num_warps,
+  return ttgir(kernel, dict(zip(args, types)), meta, num_warps=num_warps,
                num_stages=num_stages, stage=stage)
 
 

@@ -170,11 +170,75 @@ if triton is not None:
       out_off = tl.expand_dims(q_off, KEY_AXIS) + tl.expand_dims(d, 1 - KEY_AXIS)
       tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, KEY_AXIS))
 
+  @triton.jit
+  def _paged_attention_groups_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr,
+                                     q_ptr, k_ptr, v_ptr, out_in_ptr, out_ptr,
+                                     NUM_PROGRAMS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
+                                     NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                                     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
+                                     NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr,
+                                     MASK_ALL: tl.constexpr, KEY_GROUPS: tl.constexpr, GROUP_N: tl.constexpr):
+    """The same attention with each key block split into KEY_GROUPS groups of GROUP_N keys, each group
+    keeping its own softmax state through the work item (batched dots over the groups: one warp each), and
+    the states merged once at its end. The per-block softmax then reduces within a warp, and P goes from the
+    score dot to the value dot in registers: no cross-warp exchange and barrier per block. Page ids are
+    loaded one block ahead, which Triton needs to pipeline the K/V loads (perf-notes, session 8)."""
+    pid = tl.program_id(0)
+    total = tl.load(nblk_ptr) * NUM_KV_HEADS
+    layer = tl.load(layer_ptr).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, KEY_GROUPS)[:, None] * GROUP_N + tl.arange(0, GROUP_N)[None, :]   # [groups, GROUP_N]
+    for i in range(pid, total, NUM_PROGRAMS):
+      q, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
+          i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, NUM_KV_HEADS,
+          Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST, DOT_F16)
+      q_g = tl.broadcast_to(q[None, :, :], (KEY_GROUPS, BLOCK_M, HEAD_DIM))
+      m_i = tl.full([KEY_GROUPS, BLOCK_M], -1.0e30, tl.float32)
+      l_i = tl.zeros([KEY_GROUPS, BLOCK_M], tl.float32)
+      acc = tl.zeros([KEY_GROUPS, BLOCK_M, HEAD_DIM], tl.float32)
+      if MASK_ALL:
+        full_hi = lo
+      for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones
+        j0 = full_hi if phase == 1 else lo
+        j1 = hi if phase == 1 else full_hi
+        page_next = tl.load(pt_row + (j0 * BLOCK_N + cols) // PAGE_SIZE, mask=cols * 0 + j0 < j1, other=0)
+        for j in tl.range(j0, j1, num_stages=NUM_STAGES):
+          kpos = j * BLOCK_N + cols
+          page = page_next
+          page_next = tl.load(pt_row + (kpos + BLOCK_N) // PAGE_SIZE, mask=cols * 0 + j + 1 < j1, other=0)
+          row_off = (kv_base + page.to(tl.int64)) * (PAGE_SIZE * HEAD_DIM) + (kpos % PAGE_SIZE) * HEAD_DIM
+          k = tl.load(k_ptr + row_off[:, :, None] + d[None, None, :]).to(q.dtype)   # [groups, GROUP_N, D]
+          v = tl.load(v_ptr + row_off[:, :, None] + d[None, None, :]).to(q.dtype)
+          s = tl.dot(q_g, tl.trans(k, (0, 2, 1))) * QK_SCALE                       # [groups, BLOCK_M, GROUP_N]
+          if phase == 1:
+            key_at = kpos[:, None, :]
+            row_at = row_pos[None, :, None]
+            mask = key_at <= row_at
+            if WINDOW > 0:
+              mask &= row_at - key_at < WINDOW
+            s = tl.where(mask, s, -1.0e30)
+          m_new = tl.maximum(m_i, tl.max(s, 2))
+          p = tl.math.exp2(s - m_new[:, :, None])
+          if phase == 1:
+            p = tl.where(mask, p, 0.0)
+          alpha = tl.math.exp2(m_i - m_new)
+          l_i = l_i * alpha + tl.sum(p, 2)
+          acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
+          m_i = m_new
+      # The groups' states merged (a group that saw no key has l 0 and m -1e30: its weight is 0).
+      m = tl.max(m_i, 0)
+      weight = tl.math.exp2(m_i - m[None, :])
+      l_sum = tl.sum(l_i * weight, 0)
+      out = tl.sum(acc * weight[:, :, None], 0) / tl.maximum(l_sum, 1e-30)[:, None]
+      tl.store(out_ptr + q_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
 
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
                programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False, swap_ab=False,
-               mask_all=False):
-  """(programs, the kernel's compile-time constants)."""
+               mask_all=False, key_groups=0):
+  """(programs, the kernel's compile-time constants, the kernel: the groups kernel when key_groups > 0)."""
   _, hq, d = q_shape
   _, hkv, num_pages, page_size, _ = k_shape
   if block_n % page_size:
@@ -185,8 +249,17 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
               PT_STRIDE=page_table_shape[1], PAGE_SIZE=page_size, HEAD_DIM=d, BLOCK_Q=block_q,
               BLOCK_M=_rows(block_q, g, swap_ab), BLOCK_N=block_n, WINDOW=sliding_window or 0,
               QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16,
-              PREFETCH_PAGES=prefetch_pages, KEY_AXIS=0 if swap_ab else 1, MASK_ALL=mask_all)
-  return programs, meta
+              MASK_ALL=mask_all)
+  if not key_groups:
+    return programs, {**meta, "PREFETCH_PAGES": prefetch_pages, "KEY_AXIS": 0 if swap_ab else 1}, \
+        _paged_attention_kernel
+  if swap_ab:
+    raise ValueError("key_groups and swap_ab are two layouts of the same dots: choose one")
+  if block_n % key_groups or block_n // key_groups < 16:
+    raise ValueError(f"key_groups {key_groups} must split block_n {block_n} into groups of >= 16 keys "
+                     "(the dots' smallest side)")
+  return programs, {**meta, "KEY_GROUPS": key_groups, "GROUP_N": block_n // key_groups}, \
+      _paged_attention_groups_kernel
 
 
 def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len,
@@ -194,7 +267,7 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                          num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                          num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
                          dot_f16: bool = False, prefetch_pages: bool = False, swap_ab: bool = False,
-                         mask_all: bool = False, out=None):
+                         mask_all: bool = False, key_groups: int = 0, out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
@@ -203,14 +276,16 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   swap_ab: the dots as K q^T and V^T P, keys on the M side, so that with one query token per sequence the
   tensor-core tiles are filled by keys, not padded query rows (a decode variant; perf-notes). mask_all: one
   key loop per work item with every block masked, instead of a loop over the blocks needing no mask and a
-  second over the rest (each loop fills and drains its own load pipeline)."""
+  second over the rest (each loop fills and drains its own load pipeline). key_groups: each key block in
+  this many groups with their own softmax states (_paged_attention_groups_kernel; page ids always ahead)."""
   import jax
   import jax.numpy as jnp
   import jax_triton as jt
-  programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
-                              block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
-                              programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
-                              prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all)
+  programs, meta, kernel = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
+                                      block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
+                                      programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
+                                      prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all,
+                                      key_groups=key_groups)
   if out is None:
     out = jnp.zeros(q.shape, q.dtype)
   per_block = block_n // k_cache.shape[3]
@@ -222,7 +297,7 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   return jt.triton_call(
       i32(layer).reshape(1), i32(num_blocks).reshape(1), i32(block_start), i32(block_len), i32(slots),
       i32(positions), i32(page_table), q, k_cache, v_cache, out,
-      kernel=_paged_attention_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(programs,),
+      kernel=kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(programs,),
       input_output_aliases={10: 0}, num_warps=num_warps, num_stages=num_stages, name="paged_attention_triton", **meta)
 
 
@@ -230,18 +305,18 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
                    num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                    num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
                    heavy_first: bool = False, dot_f16: bool = False, prefetch_pages: bool = False,
-                   swap_ab: bool = False, mask_all: bool = False) -> np.ndarray:
+                   swap_ab: bool = False, mask_all: bool = False, key_groups: int = 0) -> np.ndarray:
   """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path."""
   import torch
   from pallas_kernels.triton_interpret import f32, i32, interpreted
-  kernel = interpreted(_paged_attention_kernel)
   page_table = np.asarray(page_table)
   page_table = np.pad(page_table, ((0, 0), (0, -page_table.shape[1] % (block_n // k_cache.shape[3]))))
-  programs, meta = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
-                              block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
-                              programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
-                              prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all)
+  programs, meta, kernel = _constants(q.shape, k_cache.shape, page_table.shape, num_sms=num_sms, block_q=block_q,
+                                      block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
+                                      programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
+                                      prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all,
+                                      key_groups=key_groups)
   out = torch.zeros(q.shape, dtype=torch.float32)
-  kernel[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
+  interpreted(kernel)[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
                       i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out, **meta)
   return out.numpy()

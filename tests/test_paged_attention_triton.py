@@ -66,6 +66,26 @@ def test_triton_kernel_with_one_masked_key_loop(block_q, swap_ab):
   _check(np.random.default_rng(), num_sms=3, block_q=block_q, mask_all=True, swap_ab=swap_ab)
 
 
+@pytest.mark.parametrize("block_q", [1, 8])
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("key_groups", [2, 4])
+def test_triton_kernel_with_key_groups(block_q, window, key_groups):
+  """key_groups: each key block's groups keep their own softmax states, merged at the end of the work item;
+  contexts shorter than one group leave whole groups empty (their weight must be 0), masked blocks and
+  windows cut groups part-way."""
+  _check(np.random.default_rng(), num_sms=3, block_q=block_q, window=window, block_n=64, key_groups=key_groups,
+         ctx=(5, 17, 1, 140, 64), chunk=(1, 6, 1, 33, 1))
+
+
+def test_key_groups_are_refused_with_swap_ab_or_groups_under_16_keys():
+  with pytest.raises(ValueError, match="choose one"):
+    pat._constants((4, 4, 16), (1, 2, 8, 4, 16), (2, 4), num_sms=1, block_q=1, block_n=64, sliding_window=None,
+                   num_stages=2, programs_per_sm=1, swap_ab=True, key_groups=2)
+  with pytest.raises(ValueError, match=">= 16 keys"):
+    pat._constants((4, 4, 16), (1, 2, 8, 4, 16), (2, 4), num_sms=1, block_q=1, block_n=64, sliding_window=None,
+                   num_stages=2, programs_per_sm=1, key_groups=8)
+
+
 def test_triton_kernel_with_keys_as_rows_f16_dots_and_wide_groups():
   """swap_ab with f16 dots (the fp8 cache's configuration) and 8 query heads per KV head."""
   _check(np.random.default_rng(), num_sms=2, block_q=1, hkv=1, g=8, d=32, block_n=32, swap_ab=True, dot_f16=True,

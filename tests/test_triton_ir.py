@@ -12,10 +12,10 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_swap_ab_compiles_to_wgmma_and_the_engine_config_to_mma_sync():
+def test_what_each_decode_variant_compiles_to():
   env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
   out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "triton_ir.py"), "--variant=swap_ab=1",
-                        "--variant=prefetch_pages=1,num_stages=3"],
+                        "--variant=prefetch_pages=1,num_stages=3", "--variant=key_groups=4,num_stages=3", "--ptx"],
                        capture_output=True, text=True, env=env, timeout=300, check=True).stdout
   rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
   header, counts = rows[0], {r[0]: dict(zip(rows[0][1:], map(int, r[1:]))) for r in rows[1:]}
@@ -30,6 +30,9 @@ def test_swap_ab_compiles_to_wgmma_and_the_engine_config_to_mma_sync():
   ahead = counts["prefetch_pages=1,num_stages=3"]
   assert base["copies in flight"] == 0 and base["tile buffers"] == 1
   assert ahead["copies in flight"] >= 2 and ahead["tile buffers"] >= 2
+  # Key groups (a softmax state per warp) keep the pipeline and drop the per-block cross-warp barriers.
+  groups = counts["key_groups=4,num_stages=3"]
+  assert groups["copies in flight"] >= 2 and 0 < groups["loop bar"] < ahead["loop bar"]
 
 
 def test_inner_loop_counts_the_shortest_backward_branch():

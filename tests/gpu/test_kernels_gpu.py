@@ -117,6 +117,22 @@ def test_triton_attention_pipelined_prefill_and_decode(num_stages):
 
 
 @needs_triton
+@pytest.mark.parametrize("key_groups,num_warps", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_triton_attention_key_groups_decode(key_groups, num_warps, kv_dtype):
+  """The decode kernel with a softmax state per key group (_paged_attention_groups_kernel), bf16 and fp8
+  caches, a sliding window."""
+  q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(41 + key_groups, sliding_window=200)
+  kc, vc = kc.astype(kv_dtype), vc.astype(kv_dtype)
+  ref = np.asarray(paged_attention_reference(q, kc, vc, 1, table, slots, positions, 200), np.float32)
+  changes = {"key_groups": key_groups, "num_warps": num_warps, "num_stages": 3, "programs_per_sm": 1}
+  out = np.asarray(_both_configs("triton", q, kc, vc, table, slots, positions, chunk, 132, 200,
+                                 decode_changes=changes), np.float32)
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+  np.testing.assert_allclose(out, ref, atol=3e-2)
+
+
+@needs_triton
 def test_triton_attention_cache_over_4gib():
   """Page offsets past 2**31 elements (a real cache is ~90 GB): the kernel's 64-bit offsets."""
   pages = 1 << 17     # 2 layers x 8 heads x 131072 pages x 4 KiB = 8.6 GB per K and V
