@@ -138,10 +138,18 @@ step_beside-swap-pipelined() { $PY launch/kernel_bench.py --beside_gemm --shares
                               --beside_variant=prefetch_pages=1,num_stages=3,programs_per_sm=1,num_warps=8 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1,num_warps=8 \
                               --out_dir="$OUT/beside-swap-pipelined"; }
+# Key groups: a softmax state per warp's keys (4 barriers per block instead of 10, launch/triton_ir.py --ptx).
+step_beside-key-groups()  { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
+                              --beside_variant=key_groups=4,num_stages=3,programs_per_sm=1 \
+                              --beside_variant=key_groups=8,num_warps=8,num_stages=3,programs_per_sm=1 \
+                              --beside_variant=key_groups=4,num_stages=4,programs_per_sm=1 \
+                              --beside_variant=key_groups=4,num_stages=3,block_n=64 \
+                              --out_dir="$OUT/beside-key-groups"; }
 # The decode-overlap step with the pipelined attention variants beside the GEMMs (after beside-swap-pipelined).
 step_step-beside-pipelined() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
                               --templates=decode-overlap --beside_attention=prefetch_pages=1,num_stages=3,programs_per_sm=1 \
                               --beside_attention=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
+                              --beside_attention=key_groups=4,num_stages=3,programs_per_sm=1 \
                               --out="$OUT/step-beside-pipelined.md"; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
