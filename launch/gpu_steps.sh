@@ -145,6 +145,10 @@ step_beside-key-groups()  { $PY launch/kernel_bench.py --beside_gemm --shares=33
                               --beside_variant=key_groups=4,num_stages=4,programs_per_sm=1 \
                               --beside_variant=key_groups=4,num_stages=3,block_n=64 \
                               --out_dir="$OUT/beside-key-groups"; }
+step_beside-key-groups-fp8() { $PY launch/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
+                              --beside_variant=key_groups=4,programs_per_sm=1 \
+                              --beside_variant=key_groups=8,num_warps=8,programs_per_sm=1 \
+                              --out_dir="$OUT/beside-key-groups-fp8"; }
 # The decode-overlap step with the pipelined attention variants beside the GEMMs (after beside-swap-pipelined).
 step_step-beside-pipelined() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
                               --templates=decode-overlap --beside_attention=prefetch_pages=1,num_stages=3,programs_per_sm=1 \
