@@ -206,14 +206,13 @@ def main(argv):
     compat.enable_concurrent_command_buffers(1)
   from nanoflow_jax import config as config_lib
   from nanoflow_jax.runtime import autosearch
-  from nanoflow_jax.runtime.plan import BESIDE_ATTENTION_FIXED
+  from nanoflow_jax.runtime.plan import check_beside_attention
   from pallas_kernels.paged_attention import config_changes
   try:   # refused before any GPU time is spent
     beside = config_changes(FLAGS.beside_attention)
+    check_beside_attention(beside)
   except ValueError as e:
     raise app.UsageError(f"--beside_attention: {e}") from None
-  if set(beside) & set(BESIDE_ATTENTION_FIXED):
-    raise app.UsageError(f"--beside_attention cannot change {'/'.join(BESIDE_ATTENTION_FIXED)}")
   if beside and FLAGS.from_profile:
     raise app.UsageError("--beside_attention is a profiling choice; the stored profile carries its own")
   os.makedirs(FLAGS.out_dir, exist_ok=True)

@@ -83,6 +83,7 @@ def main(argv):
   if FLAGS.fused_rope_append:
     variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels,
                      {"fused_rope_append": True, "kv_dtype": kv_dtype}))
+  besides = [config_changes(spec) for spec in FLAGS.beside_attention]   # refused before any timing if bad
   overlaps = [decode_overlap(step.dense, base.num_sms, FLAGS.decodes, beside=beside)
               for beside in (BESIDE_ALL, BESIDE_ALL[:2])]   # down beside the attention, or after it
   templates = [t for t in (base, *overlaps) if t.name in FLAGS.templates]
@@ -94,8 +95,7 @@ def main(argv):
     beside = next(o.id for o in plan.ops if o.op == "attention" and o.sm_share < plan.num_sms)
     variants.append((f"nanoflow {plan.name} {plan.nano_batches} {beside} on {share} SMs ({kernels})", plan, True,
                      kernels, {"kv_dtype": kv_dtype}))
-    for spec in FLAGS.beside_attention:
-      changes = config_changes(spec)
+    for changes in besides:
       variants.append((f"nanoflow {plan.name} {plan.nano_batches} {beside} on {share} SMs, attention {changes} "
                        f"({kernels})", plan, True, kernels, {"kv_dtype": kv_dtype, "beside_attention": changes}))
   if FLAGS.nanoflow:

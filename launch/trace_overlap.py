@@ -137,10 +137,9 @@ def category(name: str) -> tuple[str, str]:
   return "other", "tab:gray"
 
 
-def _middle(path: str) -> float:
-  """Where the drawn and listed windows start: halfway between the trace's first and last kernel (a few
-  layers into the middle step)."""
-  events = _events(path)
+def _middle(events) -> float:
+  """Where the drawn and listed windows start: halfway between the first and last kernel of `events`
+  (_events of a trace; a few layers into the middle step)."""
   return (min(float(e["ts"]) for _, e in events) + max(float(e["ts"]) + float(e["dur"]) for _, e in events)) / 2
 
 
@@ -149,10 +148,11 @@ def timeline_png(path: str, out_png: str, window_ms: float = 6.0, title: str = "
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  events = [(thread, float(e["ts"]), float(e["dur"]), e.get("name", "?")) for thread, e in _events(path)]
+  raw = _events(path)
+  events = [(thread, float(e["ts"]), float(e["dur"]), e.get("name", "?")) for thread, e in raw]
   if not events:
     raise ValueError(f"no GPU stream kernels in {path}")
-  start = _middle(path)
+  start = _middle(raw)
   end = start + window_ms * 1e3
   shown = [e for e in events if e[1] < end and e[1] + e[2] > start]
   streams = sorted({e[0] for e in shown})
@@ -185,7 +185,7 @@ def kernel_sequence(path: str, window_ms: float = 6.0, limit: int = 100, min_us:
   events = sorted(_events(path), key=lambda te: float(te[1]["ts"]))
   if not events:
     return []
-  start = _middle(path)
+  start = _middle(events)
   rows = [f"| start ms | ms | stream | nano-op | kernel | grid |", "|---|---|---|---|---|---|"]
   for thread, e in events:
     ts = float(e["ts"])

@@ -239,6 +239,7 @@ def search_split(prof: Profile, dense_batch: int, decodes: int, align: int = 128
       best = (copy.deepcopy(cfg), ms, rows)
   cfg, ms, schedule = best
   cfg.name = f"autosearch-{prof.model}-{prof.device}"
+  cfg.beside_attention = dict(prof.beside_attention)   # the attention variant its shares were timed with
   cfg.validate()
   return cfg, ms, schedule
 
@@ -250,7 +251,6 @@ def search(prof: Profile, dense_batch: int, decodes: int, align: int = 128,
   batch when no split is predicted to beat it.
   Returns (PipelineConfig, predicted layer ms, the sequential layer ms, schedule rows for a Gantt chart)."""
   cfg, ms, schedule = split or search_split(prof, dense_batch, decodes, align, shares)
-  cfg.beside_attention = dict(prof.beside_attention)   # the attention variant its shares were timed with
   seq_ms = sequential_layer_ms(prof, dense_batch, decodes)
   if seq_ms <= ms:
     # No split is predicted to beat the whole batch on the whole GPU: ship that (mode nanoflow then runs

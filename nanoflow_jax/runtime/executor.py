@@ -22,7 +22,7 @@ from nanoflow_jax import compat, kv_cache, parallel, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
-from nanoflow_jax.runtime.plan import BESIDE_ATTENTION_FIXED, PipelineConfig
+from nanoflow_jax.runtime.plan import PipelineConfig, check_beside_attention
 from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import paged_attention as attention_kernels
@@ -159,8 +159,7 @@ class Executor:
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
     self.beside_attention = dict(beside_attention)
-    if set(BESIDE_ATTENTION_FIXED) & set(self.beside_attention):   # the host's query blocks and table use them
-      raise ValueError(f"beside_attention cannot change block_q or block_n: {self.beside_attention}")
+    check_beside_attention(self.beside_attention)
     # Page-table columns: whole key blocks of the attention kernel, so it never pads the table per call.
     per_block = max(c.get("block_n", page_size) for c in self.attention_configs) // page_size
     self.page_table_cols = -(-self.max_pages_per_seq // max(per_block, 1)) * max(per_block, 1)

@@ -43,6 +43,16 @@ NETWORK_SMS = 24     # SMs an all-reduce occupies: NCCL runs 24 channels (one CT
 BESIDE_ALL = ("o", "gate_up", "down")   # the lead nano-batch's GEMMs a two-nano-batch plan runs beside attention
 
 
+def check_beside_attention(changes: dict) -> None:
+  """A share's decode attention variant (PipelineConfig.beside_attention, Executor's, autosearch's flag):
+  integer kernel options, none of those the host builds query blocks and the page table by."""
+  for key, value in changes.items():
+    if key in BESIDE_ATTENTION_FIXED or not isinstance(value, int):
+      raise PipelineConfigError(
+          f"beside_attention: {key}={value!r}; it takes integer kernel options and cannot change "
+          f"{'/'.join(BESIDE_ATTENTION_FIXED)} (the host's query blocks and page table use those)")
+
+
 def ops_for(tp: int) -> tuple[str, ...]:
   """One layer's ops in data order: with tensor parallelism, each row-parallel GEMM is followed by its
   all-reduce."""
@@ -113,10 +123,7 @@ class PipelineConfig:
       raise PipelineConfigError(msg)
     if self.tp < 1:
       fail(f"tp must be >= 1, got {self.tp}")
-    for key, value in self.beside_attention.items():
-      if key in BESIDE_ATTENTION_FIXED or not isinstance(value, int):
-        fail(f"beside_attention: {key}={value!r}; it takes integer kernel options other than "
-             f"{'/'.join(BESIDE_ATTENTION_FIXED)} (the host's query blocks and page table use those)")
+    check_beside_attention(self.beside_attention)
     if sum(self.nano_batches) != self.dense_batch or any(n <= 0 for n in self.nano_batches):
       fail(f"nano-batches {self.nano_batches} do not cover the dense batch {self.dense_batch}")
     ids = [o.id for o in self.ops]
