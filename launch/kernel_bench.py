@@ -463,7 +463,6 @@ def main(argv):
   del argv
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from pallas_kernels import gemm
   from pallas_kernels import paged_attention_triton
   from pallas_kernels.paged_attention import configs

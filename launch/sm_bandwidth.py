@@ -67,7 +67,6 @@ def read_sums(src, table, programs: int, *, block_rows: int, paged: bool, stages
   import jax
   meta = _meta(src.shape[0], programs, block_rows, paged, stages)
   if jax.default_backend() != "gpu":
-    import numpy as np
     import torch
     from pallas_kernels.triton_interpret import f32, i32, interpreted
     out = torch.zeros((programs, WIDTH), dtype=torch.float32)

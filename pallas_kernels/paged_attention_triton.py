@@ -17,7 +17,6 @@ runs in Triton's interpreter (`interpret_call`, used by the tests).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
