@@ -155,6 +155,9 @@ step_step-beside-pipelined() { $PY launch/step_bench.py --model=llama-3-8b --ker
                               --beside_attention=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
                               --beside_attention=key_groups=4,num_stages=3,programs_per_sm=1 \
                               --out="$OUT/step-beside-pipelined.md"; }
+# Session 9: the SM clock and board power while gate_up and the decode attention run alone and together
+# (launch/clock_probe.py): does the pair slow down because the board reaches its power limit?
+step_clock-probe()        { for s in 33 66; do $PY launch/clock_probe.py --share=$s --out="$OUT/clock-probe-$s.md"; done; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \

@@ -324,6 +324,29 @@ BESIDE_SHAPES = {"llama-3-8b": (8, 4, 4096, 28672), "llama-2-70b-tp2": (4, 8, 81
                  "llama-2-70b-tp4": (2, 8, 8192, 14336)}
 
 
+def gate_up_operands(shape: str, rows: int):
+  """The gate_up GEMM's operands at one GPU's share of `shape` (BESIDE_SHAPES): a [rows, hidden] activation
+  and a [hidden, width] weight, random bf16."""
+  import jax
+  import jax.numpy as jnp
+  _, _, hidden, width = BESIDE_SHAPES[shape]
+  key = jax.random.PRNGKey(5)
+  a = jax.random.normal(key, (rows, hidden), jnp.bfloat16)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (hidden, width), jnp.bfloat16) * 0.02
+  return a, b
+
+
+def decode_attention_at(problem, cfg: dict, sms: int):
+  """f(q, k_cache, v_cache): the Triton decode attention of `problem` (_attention_problem) in configuration
+  `cfg` on `sms` SMs."""
+  import jax.numpy as jnp
+  from pallas_kernels.paged_attention import attention_call, query_blocks
+  _, _, table, slots, positions, chunks, _ = problem
+  start, length, nb = query_blocks(chunks, len(slots), cfg["block_q"])
+  return lambda q, kc, vc: attention_call("triton", q, kc, vc, 0, table, slots, positions, start, length,
+                                          jnp.int32(nb), num_sms=sms, config=cfg)
+
+
 def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536, shape: str = "llama-3-8b",
                       variants: tuple[dict, ...] = BESIDE_VARIANTS) -> list[tuple]:
   """Decode attention (the table's 512 sequences at context 1024) on `share` SMs beside the gate_up GEMM
@@ -332,24 +355,17 @@ def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536, shap
   variant. Ratio: the two chains' time one after the other on the whole GPU (attention in the engine's
   configuration) over their time together: above 1.0 the overlap pays."""
   import jax
-  import jax.numpy as jnp
   from nanoflow_jax import perf
   from pallas_kernels import gemm
-  from pallas_kernels.paged_attention import attention_call, configs, query_blocks
-  hkv, g, hidden, width = BESIDE_SHAPES[shape]
-  q, cache, table, slots, positions, chunks, work = _attention_problem("decode", hkv, g)
-  kv_dtype = cache[0].dtype
-  base = configs("triton", kv_dtype)[0]
-  key = jax.random.PRNGKey(5)
-  a = jax.random.normal(key, (gemm_rows, hidden), jnp.bfloat16)
-  b = jax.random.normal(jax.random.fold_in(key, 1), (hidden, width), jnp.bfloat16) * 0.02
+  from pallas_kernels.paged_attention import configs
+  hkv, g, _, _ = BESIDE_SHAPES[shape]
+  problem = _attention_problem("decode", hkv, g)
+  q, cache, *_, work = problem
+  base = configs("triton", cache[0].dtype)[0]
+  a, b = gate_up_operands(shape, gemm_rows)
+  hidden, width = b.shape
   num_sms = getattr(jax.devices()[0], "core_count", 132)
-
-  def attention(cfg, sms):
-    start, length, nb = query_blocks(chunks, len(slots), cfg["block_q"])
-    return lambda q, kc, vc: attention_call("triton", q, kc, vc, 0, table, slots, positions, start, length,
-                                            jnp.int32(nb), num_sms=sms, config=cfg)
-
+  attention = lambda cfg, sms: decode_attention_at(problem, cfg, sms)
   gemm_at = lambda sms: (lambda a, b: gemm.gemm(a, b, num_sms=sms))
   t_gemm_full = timeit(jax.jit(gemm_at(num_sms)), a, b, iters=iters)
   t_attn_full = timeit(jax.jit(attention(base, num_sms)), q, *cache, iters=iters)
@@ -358,7 +374,6 @@ def bench_beside_gemm(shares: list[int], iters: int, gemm_rows: int = 1536, shap
          (f"beside: decode attention alone, engine config {base}", str(num_sms),
           f"{work / t_attn_full / 1e12:.2f} TB/s ({t_attn_full * 1e3:.3f} ms)", "-")]
   print(out, flush=True)
-  problem = (q, cache, table, slots, positions, chunks, work)
   variants = ({},) + tuple(v for v in variants if v)
   for variant in variants:   # each variant alone on the whole GPU, and its error
     cfg = {**base, **variant}

@@ -66,27 +66,41 @@ def distinct_copies(x, n: int) -> list:
   return [jnp.array(x, copy=True) for _ in range(n)]
 
 
-def concurrent_seconds(fa, args_a: tuple, fb, args_b: tuple, iters: int = 10) -> dict:
-  """Two kernels side by side, as the nano-batch pipeline runs them: each as a chain of calls on a stream
-  of its own in one step (stream annotation on a GPU; elsewhere the same step without streams). The
-  chains are made about equally long (4x the longer single call), so that they really overlap.
-  Returns seconds: a and b (one call), chain_a and chain_b (alone), both (the two chains at once), and
-  reps_a, reps_b."""
+def concurrent_step(fa, args_a: tuple, reps_a: int, fb, args_b: tuple, reps_b: int):
+  """One compiled step running fa `reps_a` times in a chain on one stream and fb `reps_b` times on another
+  (stream annotation on a GPU; elsewhere the same step without streams), as the nano-batch pipeline runs two
+  nano-ops. Returns (step, in_a, in_b, chain_a, chain_b): step(in_a, in_b) runs both chains at once; the
+  jitted chain_a(*in_a) and chain_b(*in_b) run each alone."""
   import jax
   from nanoflow_jax import compat
-  t_a = median_seconds(jax.jit(fa), *args_a, iters=iters)
-  t_b = median_seconds(jax.jit(fb), *args_b, iters=iters)
-  reps_a = max(1, round(4 * max(t_a, t_b) / t_a))
-  reps_b = max(1, round(4 * max(t_a, t_b) / t_b))
   ca, cb = chained(fa, reps_a), chained(fb, reps_b)
   in_a = (distinct_copies(args_a[0], reps_a), *args_a[1:])
   in_b = (distinct_copies(args_b[0], reps_b), *args_b[1:])
   gpu = jax.default_backend() == "gpu"
   on = (lambda f, s: compat.compute_on(f, f"gpu_stream:{s}")) if gpu else (lambda f, s: f)
   both = jax.jit(lambda a, b: (on(ca, 1)(*a), on(cb, 2)(*b)))
-  compiled = both.lower(in_a, in_b).compile(compat.STREAM_ANNOTATION_OPTIONS if gpu else None)
+  step = both.lower(in_a, in_b).compile(compat.STREAM_ANNOTATION_OPTIONS if gpu else None)
+  return step, in_a, in_b, jax.jit(ca), jax.jit(cb)
+
+
+def balanced_reps(t_a: float, t_b: float) -> tuple[int, int]:
+  """Chain lengths that make two chains about equally long (4x the longer single call), so that they
+  really overlap."""
+  return max(1, round(4 * max(t_a, t_b) / t_a)), max(1, round(4 * max(t_a, t_b) / t_b))
+
+
+def concurrent_seconds(fa, args_a: tuple, fb, args_b: tuple, iters: int = 10) -> dict:
+  """Two kernels side by side, as the nano-batch pipeline runs them: each as a chain of calls on a stream
+  of its own in one step (concurrent_step), the chains about equally long (balanced_reps).
+  Returns seconds: a and b (one call), chain_a and chain_b (alone), both (the two chains at once), and
+  reps_a, reps_b."""
+  import jax
+  t_a = median_seconds(jax.jit(fa), *args_a, iters=iters)
+  t_b = median_seconds(jax.jit(fb), *args_b, iters=iters)
+  reps_a, reps_b = balanced_reps(t_a, t_b)
+  step, in_a, in_b, chain_a, chain_b = concurrent_step(fa, args_a, reps_a, fb, args_b, reps_b)
   n = max(1, iters // 2)
   return {"a": t_a, "b": t_b, "reps_a": reps_a, "reps_b": reps_b,
-          "chain_a": median_seconds(jax.jit(ca), *in_a, iters=n),
-          "chain_b": median_seconds(jax.jit(cb), *in_b, iters=n),
-          "both": median_seconds(compiled, in_a, in_b, iters=n)}
+          "chain_a": median_seconds(chain_a, *in_a, iters=n),
+          "chain_b": median_seconds(chain_b, *in_b, iters=n),
+          "both": median_seconds(step, in_a, in_b, iters=n)}

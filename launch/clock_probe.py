@@ -1,0 +1,223 @@
+"""What the SM clock and the board power do while the step's kernels run alone and side by side.
+
+Why: beside the decode attention, the gate_up GEMM and the attention each run slower than alone on their
+SM shares (perf-notes.md, sessions 5 and 7: together 1.2-1.45x the longer chain alone), so the nano-batch
+pipeline loses on one H200. If the pair drives the board into its power limit, the SM clock drops for
+both, and no split of the SMs wins that back. This holds each phase for --seconds while `nvidia-smi`
+samples the SM clock, power and clock-event reasons, and prints one row per phase:
+
+  idle | XLA GEMM 8192^3 | gate_up on all SMs | gate_up on (all - share) | decode attention on all SMs |
+  decode attention on share | the two chains together (gate_up on the rest, attention on share)
+
+  PYTHONPATH=.:.carry python3 launch/clock_probe.py --share=33 --seconds=4 --out=DIR/clock_probe.md
+
+Needs a GPU (and nvidia-smi for the clocks; without it the table has the timings only). The sampler and
+the per-phase summary are tested on a CPU with a stand-in for nvidia-smi.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from launch import kernel_bench
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("share", 33, "SMs of the decode attention; the gate_up GEMM gets the rest.")
+flags.DEFINE_float("seconds", 4.0, "How long each phase runs.")
+flags.DEFINE_integer("sample_ms", 100, "nvidia-smi's sampling period.")
+flags.DEFINE_integer("gemm_rows", 1536, "Rows of the gate_up GEMM (the step's prefill rows).")
+flags.DEFINE_string("out", None, "Write the table (markdown) here.")
+
+FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu")
+# nvidia-smi's clock-event reason bits (nvmlClocksEventReasons): why the SM clock is below its maximum.
+REASONS = {0x1: "idle", 0x2: "app clocks", 0x4: "sw power cap", 0x8: "hw slowdown", 0x10: "sync boost",
+           0x20: "sw thermal", 0x40: "hw thermal", 0x80: "hw power brake", 0x100: "display clocks"}
+SKIP_S = 0.3   # samples this soon after a phase starts still show the one before
+
+
+def _smi_query(fields: list[str]) -> list[str] | None:
+  """One nvidia-smi reading of `fields`, or None where nvidia-smi is missing or refuses a field."""
+  if not shutil.which("nvidia-smi"):
+    return None
+  r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", "0"],
+                     capture_output=True, text=True)
+  return [v.strip() for v in r.stdout.strip().split(",")] if r.returncode == 0 else None
+
+
+def smi_command(period_ms: int) -> list[str] | None:
+  """The sampling command: FIELDS and the clock-event reasons under their current name (older drivers
+  call them throttle reasons); None without nvidia-smi."""
+  for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):
+    if _smi_query([*FIELDS, reasons]) is not None:
+      return ["nvidia-smi", f"--query-gpu={','.join((*FIELDS, reasons))}", "--format=csv,noheader,nounits",
+              "-i", "0", "-lms", str(period_ms)]
+  return None
+
+
+def parse_sample(line: str) -> dict | None:
+  """One CSV line of the sampler: SM and memory clocks (MHz), power (W), temperature (C) and the reason
+  bits; None for a line that is not a reading (a header, an error); a field nvidia-smi cannot read
+  ([N/A]) is None."""
+  parts = [p.strip() for p in line.split(",")]
+  if len(parts) != len(FIELDS) + 1:
+    return None
+
+  def num(v):
+    try:
+      return float(v)
+    except ValueError:
+      return None
+  values = [num(v) for v in parts[:-1]]
+  if all(v is None for v in values):
+    return None
+  try:
+    reasons = int(parts[-1], 16)
+  except ValueError:
+    reasons = None
+  return dict(zip(("sm_mhz", "mem_mhz", "power_w", "temp_c"), values), reasons=reasons)
+
+
+class Sampler:
+  """Runs `command` (a sampler printing one reading per line) in the background and keeps each parsed
+  line with the host's monotonic time of its arrival."""
+
+  def __init__(self, command: list[str] | None):
+    self.command, self.samples, self._proc, self._thread = command, [], None, None
+
+  def __enter__(self):
+    if self.command:
+      self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+      self._thread = threading.Thread(target=self._read, daemon=True)
+      self._thread.start()
+    return self
+
+  def _read(self):
+    for line in self._proc.stdout:
+      s = parse_sample(line)
+      if s is not None:
+        self.samples.append((time.monotonic(), s))
+
+  def __exit__(self, *exc):
+    if self._proc:
+      self._proc.terminate()
+      self._proc.wait(timeout=10)
+      self._thread.join(timeout=10)
+
+
+def summarize(samples: list[tuple[float, dict]], start: float, end: float) -> dict:
+  """Medians of the readings inside [start + SKIP_S, end], the highest power, and the share of readings
+  in which each clock-event reason was set."""
+  inside = [s for t, s in samples if start + SKIP_S <= t <= end]
+  out = {"samples": len(inside)}
+  for key in ("sm_mhz", "mem_mhz", "power_w", "temp_c"):
+    vals = [s[key] for s in inside if s[key] is not None]
+    out[key] = statistics.median(vals) if vals else None
+  powers = [s["power_w"] for s in inside if s["power_w"] is not None]
+  out["max_power_w"] = max(powers) if powers else None
+  counts = collections.Counter(name for s in inside if s["reasons"] is not None
+                               for bit, name in REASONS.items() if s["reasons"] & bit)
+  out["reasons"] = {name: n / len(inside) for name, n in counts.most_common()} if inside else {}
+  return out
+
+
+def hold(fn, args: tuple, seconds: float) -> tuple[float, float, float]:
+  """Calls fn(*args) back to back for about `seconds` (compiled and warmed first): (start, end, seconds
+  per call)."""
+  import jax
+  from nanoflow_jax.perf import median_seconds
+  per_call = median_seconds(fn, *args, iters=3, samples=3)
+  calls = max(1, math.ceil(seconds / per_call))
+  start = time.monotonic()
+  for _ in range(calls):
+    r = fn(*args)
+  jax.block_until_ready(r)
+  end = time.monotonic()
+  return start, end, (end - start) / calls
+
+
+def _fmt(v, spec: str) -> str:
+  return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[tuple[str, float | None, dict]], limits: list[str] | None) -> str:
+  """Markdown: one row per phase (ms per call, SM clock, power, temperature, reasons)."""
+  lines = []
+  if limits:
+    lines.append(f"Power limit {limits[0]} W (enforced {limits[1]} W), max SM clock {limits[2]} MHz.\n")
+  lines += ["| phase | ms per call | SM MHz | memory MHz | power W (median / max) | temp C | clock reasons "
+            "(share of samples) | samples |", "|---|---|---|---|---|---|---|---|"]
+  for name, per_call, s in rows:
+    reasons = ", ".join(f"{k} {v:.0%}" for k, v in s["reasons"].items()) or "-"
+    lines.append(f"| {name} | {_fmt(per_call and per_call * 1e3, '.3f')} | {_fmt(s['sm_mhz'], '.0f')} | "
+                 f"{_fmt(s['mem_mhz'], '.0f')} | {_fmt(s['power_w'], '.0f')} / {_fmt(s['max_power_w'], '.0f')} | "
+                 f"{_fmt(s['temp_c'], '.0f')} | {reasons} | {s['samples']} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax import perf
+  from pallas_kernels import gemm
+  from pallas_kernels.paged_attention import configs
+  if jax.default_backend() != "gpu":
+    sys.exit("clock_probe needs a GPU: the phases are GPU kernels at real shapes")
+  num_sms = jax.devices()[0].core_count
+  share = FLAGS.share
+  problem = kernel_bench._attention_problem("decode")
+  q, cache = problem[0], problem[1]
+  attention = lambda sms: kernel_bench.decode_attention_at(problem, configs("triton", cache[0].dtype)[0], sms)
+  gemm_at = lambda sms: (lambda a, b: gemm.gemm(a, b, num_sms=sms))
+  a, b = kernel_bench.gate_up_operands("llama-3-8b", FLAGS.gemm_rows)
+  big = jnp.ones((8192, 8192), jnp.bfloat16)
+
+  # The pair as kernel_bench --beside_gemm times it: chains of about equal length on two streams.
+  t_g = perf.median_seconds(jax.jit(gemm_at(num_sms - share)), a, b)
+  t_a = perf.median_seconds(jax.jit(attention(share)), q, *cache)
+  reps_g, reps_a = perf.balanced_reps(t_g, t_a)
+  pair, in_g, in_a, chain_g, chain_a = perf.concurrent_step(gemm_at(num_sms - share), (a, b), reps_g,
+                                                            attention(share), (q, *cache), reps_a)
+  phases = [
+      ("XLA GEMM 8192^3", jax.jit(lambda x: x @ x), (big,)),
+      (f"gate_up {FLAGS.gemm_rows} rows on {num_sms} SMs", jax.jit(gemm_at(num_sms)), (a, b)),
+      (f"gate_up chain x{reps_g} on {num_sms - share} SMs", chain_g, in_g),
+      (f"decode attention on {num_sms} SMs", jax.jit(attention(num_sms)), (q, *cache)),
+      (f"decode attention chain x{reps_a} on {share} SMs", chain_a, in_a),
+      (f"both chains together ({num_sms - share} + {share} SMs)", pair, (in_g, in_a)),
+  ]
+  limits = _smi_query(["power.limit", "enforced.power.limit", "clocks.max.sm"])
+  rows = []
+  with Sampler(smi_command(FLAGS.sample_ms)) as sampler:
+    time.sleep(FLAGS.seconds)   # idle first: the clocks with nothing running
+    t = time.monotonic()
+    rows.append(("idle", None, (t - FLAGS.seconds, t)))
+    for name, fn, args in phases:
+      start, end, per_call = hold(fn, args, FLAGS.seconds)
+      rows.append((name, per_call, (start, end)))
+      print(name, f"{per_call * 1e3:.3f} ms per call", flush=True)
+  rows = [(name, per_call, summarize(sampler.samples, *window)) for name, per_call, window in rows]
+  text = table(rows, limits)
+  if not sampler.samples:
+    text += "\n\nnvidia-smi gave no readings: timings only."
+  print(text)
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,61 @@
+"""launch/clock_probe.py's sampler and per-phase summary, with a stand-in for nvidia-smi."""
+import sys
+import time
+
+from launch import clock_probe
+
+
+def test_parse_sample_reads_values_and_reason_bits():
+  s = clock_probe.parse_sample("1755, 3201, 689.52, 61, 0x0000000000000004\n")
+  assert s == {"sm_mhz": 1755.0, "mem_mhz": 3201.0, "power_w": 689.52, "temp_c": 61.0, "reasons": 4}
+  s = clock_probe.parse_sample("1980, 3201, [N/A], 40, [N/A]")
+  assert s["power_w"] is None and s["reasons"] is None and s["sm_mhz"] == 1980.0
+  assert clock_probe.parse_sample("clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], "
+                                  "temperature.gpu, clocks_event_reasons.active") is None
+  assert clock_probe.parse_sample("Failed to initialize NVML") is None
+
+
+def test_summarize_takes_each_phase_its_own_samples():
+  def reading(mhz, watts, reasons):
+    return {"sm_mhz": mhz, "mem_mhz": 3201.0, "power_w": watts, "temp_c": 50.0, "reasons": reasons}
+  samples = [(t / 10, reading(1980.0, 100.0, 0x1)) for t in range(0, 10)]          # 0.0-0.9 s: idle
+  samples += [(1 + t / 10, reading(1500.0 + t, 690.0 + t, 0x4)) for t in range(10)]  # 1.0-1.9 s: capped
+  idle = clock_probe.summarize(samples, 0.0, 0.95)
+  busy = clock_probe.summarize(samples, 1.0, 1.95)
+  # SKIP_S leaves out the first readings of each window (they still show the phase before)
+  assert idle["samples"] == 10 - 3 and busy["samples"] == 10 - 3
+  assert idle["sm_mhz"] == 1980.0 and idle["reasons"] == {"idle": 1.0}
+  assert busy["sm_mhz"] == 1506.0 and busy["max_power_w"] == 699.0 and busy["reasons"] == {"sw power cap": 1.0}
+  empty = clock_probe.summarize(samples, 5.0, 6.0)
+  assert empty["samples"] == 0 and empty["sm_mhz"] is None and empty["reasons"] == {}
+  text = clock_probe.table([("idle", None, idle), ("gemm", 0.0005, busy), ("late", 0.001, empty)],
+                           ["700.00", "700.00", "1980"])
+  assert "Power limit 700.00 W" in text
+  assert "| gemm | 0.500 | 1506 | 3201 | 696 / 699 | 50 | sw power cap 100% | 7 |" in text
+  assert "| late | 1.000 | - | - | - / - | - | - | 0 |" in text
+
+
+def test_sampler_keeps_timed_readings_from_a_running_command():
+  fake_smi = ("import time\n"
+              "for i in range(1000):\n"
+              "  print(f'{1900 - i}, 3201, 500.0, 45, 0x4', flush=True)\n"
+              "  print('garbage', flush=True)\n"
+              "  time.sleep(0.01)\n")
+  start = time.monotonic()
+  with clock_probe.Sampler([sys.executable, "-c", fake_smi]) as sampler:
+    deadline = time.monotonic() + 20
+    while len(sampler.samples) < 5 and time.monotonic() < deadline:
+      time.sleep(0.05)
+  assert len(sampler.samples) >= 5, "the sampler kept no readings"
+  times = [t for t, _ in sampler.samples]
+  assert times == sorted(times) and times[0] >= start
+  assert [s["sm_mhz"] for _, s in sampler.samples[:3]] == [1900.0, 1899.0, 1898.0]   # the garbage lines dropped
+  n = len(sampler.samples)
+  time.sleep(0.2)
+  assert len(sampler.samples) == n, "the sampler still runs after the with block"
+
+
+def test_no_sampler_without_a_command():
+  with clock_probe.Sampler(None) as sampler:
+    pass
+  assert sampler.samples == []
