@@ -6,8 +6,9 @@ pipeline loses on one H200. If the pair drives the board into its power limit, t
 both, and no split of the SMs wins that back. This holds each phase for --seconds while `nvidia-smi`
 samples the SM clock, power and clock-event reasons, and prints one row per phase:
 
-  idle | XLA GEMM 8192^3 | gate_up on all SMs | gate_up on (all - share) | decode attention on all SMs |
-  decode attention on share | the two chains together (gate_up on the rest, attention on share)
+  idle | XLA GEMM 8192^3 of ones, then of random data | gate_up by XLA's dot | gate_up on all SMs |
+  gate_up on (all - share) | decode attention on all SMs | decode attention on share |
+  the two chains together (gate_up on the rest, attention on share)
 
   PYTHONPATH=.:.carry python3 launch/clock_probe.py --share=33 --seconds=4 --out=DIR/clock_probe.md
 
@@ -183,6 +184,7 @@ def main(argv):
   gemm_at = lambda sms: (lambda a, b: gemm.gemm(a, b, num_sms=sms))
   a, b = kernel_bench.gate_up_operands("llama-3-8b", FLAGS.gemm_rows)
   big = jnp.ones((8192, 8192), jnp.bfloat16)
+  big_random = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
 
   # The pair as kernel_bench --beside_gemm times it: chains of about equal length on two streams.
   t_g = perf.median_seconds(jax.jit(gemm_at(num_sms - share)), a, b)
@@ -191,7 +193,9 @@ def main(argv):
   pair, in_g, in_a, chain_g, chain_a = perf.concurrent_step(gemm_at(num_sms - share), (a, b), reps_g,
                                                             attention(share), (q, *cache), reps_a)
   phases = [
-      ("XLA GEMM 8192^3", jax.jit(lambda x: x @ x), (big,)),
+      ("XLA GEMM 8192^3 of ones (the runs' GEMM peak)", jax.jit(lambda x: x @ x), (big,)),
+      ("XLA GEMM 8192^3 of random data", jax.jit(lambda x: x @ x), (big_random,)),
+      (f"gate_up {FLAGS.gemm_rows} rows, XLA's dot", jax.jit(lambda a, b: jnp.dot(a, b)), (a, b)),
       (f"gate_up {FLAGS.gemm_rows} rows on {num_sms} SMs", jax.jit(gemm_at(num_sms)), (a, b)),
       (f"gate_up chain x{reps_g} on {num_sms - share} SMs", chain_g, in_g),
       (f"decode attention on {num_sms} SMs", jax.jit(attention(num_sms)), (q, *cache)),

@@ -158,6 +158,11 @@ step_step-beside-pipelined() { $PY launch/step_bench.py --model=llama-3-8b --ker
 # Session 9: the SM clock and board power while gate_up and the decode attention run alone and together
 # (launch/clock_probe.py): does the pair slow down because the board reaches its power limit?
 step_clock-probe()        { for s in 33 66; do $PY launch/clock_probe.py --share=$s --out="$OUT/clock-probe-$s.md"; done; }
+step_clock-probe-33()     { $PY launch/clock_probe.py --share=33 --out="$OUT/clock-probe-33.md"; }
+# The synthetic chat workloads with enough requests for a steady state: with 1000 short requests most steps
+# were the tail (60 of 1606 full, session 9); 2048 sequences can fill a 2048-token step with decodes.
+step_bench-lmsys-8k()     { bench bench-lmsys-8k lmsys 8000 --max_num_seqs=2048; }
+step_bench-sharegpt-5k()  { bench bench-sharegpt-5k sharegpt 5000 --max_num_seqs=2048; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
 step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \

@@ -5,14 +5,19 @@ import statistics
 import time
 
 
-def gemm_peak_tflops(samples: int = 5) -> float:
+def gemm_peak_tflops(samples: int = 5, data: str = "ones") -> float:
   """XLA's bf16 GEMM rate on this device, measured now (8192^3 on a GPU, 1024^3 on a CPU): the best of
   `samples` timings, since a ceiling is the best the device showed (single timings varied by 15% with
-  the clocks)."""
+  the clocks). `data`: "ones" (the figure every run has reported) or "random" (normal values, like
+  weights): on an H200 the GEMM of random data draws the board's 700 W and runs at a lower SM clock than
+  the one of ones (launch/clock_probe.py), so the two peaks differ by the power limit."""
   import jax
   import jax.numpy as jnp
+  if data not in ("ones", "random"):
+    raise ValueError(f"data must be 'ones' or 'random', not {data!r}")
   n = 8192 if jax.default_backend() == "gpu" else 1024
-  a = jnp.ones((n, n), jnp.bfloat16)
+  a = (jnp.ones((n, n), jnp.bfloat16) if data == "ones"
+       else jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16))
   f = jax.jit(lambda a: a @ a)
   jax.block_until_ready(f(a))
   reps = 20 if n == 8192 else 3

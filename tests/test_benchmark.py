@@ -33,6 +33,11 @@ def test_offline_compare_on_cpu(tmp_path):
   assert KEYS <= set(res)
   assert res["num_requests"] == 4 and res["total_input_tokens"] == 4 * 512 and res["total_output_tokens"] == 4 * 512
   assert res["total_tokens_per_s"] > 0 and 0 < res["percent_of_optimal"]
+  # the same throughput against the peak on random data: the two percents scale by the two peaks
+  assert res["gemm_peak_random_tflops"] > 0
+  assert res["percent_of_optimal_random_peak"] == pytest.approx(
+      res["percent_of_optimal"] * res["gemm_peak_tflops"] / res["gemm_peak_random_tflops"])
+  assert "against the random-data peak" in stdout
   assert set(res["results"]) == {"nanoflow", "sequential"}
   assert "| kernel kind |" in stdout   # the traced steps are summarized
   assert "throughput:" in stdout and res["results"]["sequential"]["environment"]["git_commit"]

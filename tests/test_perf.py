@@ -3,6 +3,7 @@ and drops unused ones, which would make a chain's time that of one call), and th
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nanoflow_jax import perf
 
@@ -32,3 +33,10 @@ def test_concurrent_seconds_balances_the_chains():
   t = perf.concurrent_seconds(lambda a: a @ a, (a,), lambda b: b + 1, (b,), iters=2)
   assert t["reps_a"] >= 1 and t["reps_b"] >= t["reps_a"]         # the quick op repeats more
   assert all(t[k] > 0 for k in ("a", "b", "chain_a", "chain_b", "both"))
+
+
+def test_gemm_peak_on_ones_or_random_data():
+  assert perf.gemm_peak_tflops(samples=1) > 0
+  assert perf.gemm_peak_tflops(samples=1, data="random") > 0
+  with pytest.raises(ValueError, match="ones' or 'random"):
+    perf.gemm_peak_tflops(data="zeros")
