@@ -107,3 +107,51 @@ def test_admission_by_projected_peak_admits_more_and_never_preempts_known_length
   assert all(s.finished and len(s.output_ids) == 32 for s in seqs)
   assert sched.num_preemptions == 0
   assert most >= 12, most   # 12 in this simulation; summing individual peaks would allow 10
+
+
+def test_admission_checks_the_projection_of_running_plus_candidate():
+  """Admission keeps the running sequences' projection across one schedule() and appends each admitted
+  sequence's (instead of rebuilding it per candidate, O(running) each): every check it makes must equal
+  the projection projected_peak_pages builds from scratch for the running sequences and the candidate,
+  here through preemptions (unknown output lengths) and admissions of several sequences a step."""
+  from unittest import mock
+  from nanoflow_jax import scheduler as scheduler_module
+  import numpy as np
+  real = scheduler_module._peak_pages
+  pool = PagePool(60, 4)
+  sched = Scheduler(pool, dense_batch=48, max_num_seqs=12, max_model_len=64, default_expected_output=3)
+  checks = []
+
+  def spy(cur, peak, held, page_size):
+    cand = sched.waiting[0]
+    expect = sched._projection(sched.running + [cand])
+    for a, b in zip((cur, peak, held), expect):
+      np.testing.assert_array_equal(a, b)
+    checks.append(len(sched.running))
+    return real(cur, peak, held, page_size)
+
+  rng = np.random.default_rng(3)
+  seqs, pending = [], []
+  with mock.patch.object(scheduler_module, "_peak_pages", spy):
+    for step in range(3000):
+      if step < 40:
+        for _ in range(int(rng.integers(0, 4))):
+          mt = None if rng.random() < 0.4 else int(rng.integers(1, 20))
+          seq = Sequence(len(seqs), f"r{len(seqs)}", 0, list(range(int(rng.integers(1, 30)))),
+                         SamplingParams(max_tokens=mt), seed=0)
+          seqs.append(seq)
+          sched.add(seq)
+      batch = sched.schedule()
+      for seq in pending:
+        if seq.finished:
+          continue
+        seq.inflight -= 1
+        seq.output_ids.append(7)
+        if (seq.params.max_tokens and len(seq.output_ids) >= seq.params.max_tokens) or seq.num_tokens >= 64:
+          sched.finish(seq, "length")
+      pending = [c.seq for c in batch.chunks if c.sample] if batch else []
+      if step >= 40 and not sched.has_work() and not pending:
+        break
+  assert all(s.finished for s in seqs)
+  assert len(checks) > 20 and max(checks) >= 3, checks   # admissions beside several running sequences
+  assert sched.num_preemptions > 0
