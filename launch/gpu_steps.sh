@@ -61,6 +61,12 @@ step_bench-trace()        { bench bench-trace 1024-512 1000 --trace_dir="$OUT/tr
 step_step-small()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
                               --decodes=128 --context=1500 --prefill=0 --nanoflow=false --trace_dir="$OUT/trace-small" \
                               --out="$OUT/step-small.md"; }
+# The long runs' tail step (session 9: 2588 of 4034 steps of bench-lmsys-8k held a median 2 decodes, 13.4 ms
+# each): where its time goes, by kernel kind.
+step_step-tail()          { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
+                              --decodes=4 --context=600 --prefill=0 --max_num_seqs=2048 --nanoflow=false \
+                              --trace_dir="$OUT/trace-tail" \
+                              --out="$OUT/step-tail.md"; }
 step_sweep-fp8()          { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
 step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48,66 \
