@@ -279,14 +279,13 @@ class Engine:
     slots = np.zeros(n, np.int32)
     kv_pages = np.full(n, self.pool.num_pages, np.int32)
     kinds = np.zeros(n, np.int32)
-    sample_index = np.zeros(r, np.int32)
     sample_mask = np.zeros(r, np.bool_)
     reset = np.zeros(r, np.bool_)
     reset[batch.reset_slots] = True
     self._table_len[batch.reset_slots] = 0     # a new sequence in the slot: its row is rewritten from page 0
     reset_slots = set(batch.reset_slots)
     sampled: list[tuple[Sequence, int]] = []
-    d_rows, d_pos, d_slots, d_pages, t_rows, t_ids = [], [], [], [], [], []
+    d_rows, d_pos, d_slots, d_pages, t_rows, t_ids, s_rows = [], [], [], [], [], [], []
     cur = 0
     for ch in batch.chunks:
       seq, length, slot = ch.seq, ch.length, ch.seq.slot
@@ -315,7 +314,7 @@ class Engine:
       if slot in reset_slots:
         self._set_static_row(seq, slot)
       if ch.sample:
-        sample_index[slot] = cur + length - 1
+        s_rows.append(cur + length - 1)
         sample_mask[slot] = True
         sampled.append((seq, slot))
       cur += length
@@ -328,8 +327,14 @@ class Engine:
       tokens[t_rows] = t_ids
     self._set_step_rows(sampled)
     kv_offsets = (positions % ps).astype(np.int32)   # (padding rows: position 0, offset 0)
+    # The sampled rows, in `sampled` order (the outputs come back in it): at most one per slot and per token.
+    sample_rows = np.zeros(min(r, n), np.int32)
+    sample_slots = np.full(min(r, n), r, np.int32)
+    sample_rows[:len(s_rows)] = s_rows
+    sample_slots[:len(sampled)] = [slot for _, slot in sampled]
     inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
-                     sample_index, sample_mask, reset, _attention_blocks(batch, ex.nano_sizes(n), ex.attention_configs))
+                     sample_rows, sample_slots, sample_mask, reset,
+                     _attention_blocks(batch, ex.nano_sizes(n), ex.attention_configs))
     return inp, sampled
 
   def _set_static_row(self, seq: Sequence, row: int) -> None:
@@ -361,11 +366,11 @@ class Engine:
   def _process(self, sampled, tokens, lp, top_lp, top_ids) -> None:
     """A step samples at most one token per sequence: append it, apply stop rules, emit its delta."""
     now = time.monotonic()
-    for seq, slot in sampled:
+    for i, (seq, _) in enumerate(sampled):   # output row i is the i-th sampled sequence's
       if seq.finished:
         continue  # a request that stopped while this step was in flight
       seq.inflight -= 1
-      tok = int(tokens[slot])
+      tok = int(tokens[i])
       seq.output_ids.append(tok)
       self.stats.generated_tokens += 1
       if seq.first_token_time is None:
@@ -373,8 +378,8 @@ class Engine:
       logprobs = []
       if seq.params.logprobs is not None:
         k = seq.params.logprobs
-        logprobs.append(Logprob(tok, float(lp[slot]),
-                                {int(i): float(v) for i, v in zip(top_ids[slot, :k], top_lp[slot, :k])}))
+        logprobs.append(Logprob(tok, float(lp[i]),
+                                {int(t): float(v) for t, v in zip(top_ids[i, :k], top_lp[i, :k])}))
         seq.output_logprobs.extend(logprobs)
       self._advance_text(seq, tok)
       self._check_stop(seq, tok)

@@ -197,3 +197,15 @@ def test_nanoflow_picks_the_shipped_config_unless_generic_is_asked_for():
                        pipeline_config=config)
     names[config] = eng.executor.plan.name
   assert names[None].startswith("tiny-cpu") and names["generic"] == "generic-2"
+
+
+def test_head_and_sampler_run_on_the_sampled_rows_only():
+  """The LM head and the sampler take min(slots, step bucket) rows, not one per slot: with 64 slots and
+  16-token steps they run on 16 rows, and a slot's seeded draws do not depend on which other slots sample
+  beside it (each sampled row reads its own slot's parameters)."""
+  llm = LLM("tiny", dense_batch=64, num_pages=512, max_num_seqs=64)
+  a = gen(llm, prompts=["a"], max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)
+  rows = {key[1] for key in llm.engine.executor._samplers}
+  assert rows == {16}, rows   # every step of one 1-2 token prompt is in the 16-token bucket
+  b = gen(llm, max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)   # "a" is PROMPTS[2]
+  assert ids(a)[0] == ids(b)[2]

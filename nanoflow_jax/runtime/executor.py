@@ -50,8 +50,9 @@ class StepInputs:
   kv_offsets: np.ndarray     # int32 [N]
   kinds: np.ndarray          # int32 [N]: KIND_*
   page_table: np.ndarray     # int32 [R, max_pages]
-  sample_index: np.ndarray   # int32 [R]: which token's logits each slot samples from
-  sample_mask: np.ndarray    # bool [R]
+  sample_rows: np.ndarray    # int32 [S]: the token rows whose logits are sampled, S = min(R, N) (0: padding)
+  sample_slots: np.ndarray   # int32 [S]: their slots (R: padding, dropped by the sampler's writes)
+  sample_mask: np.ndarray    # bool [R]: which slots sample this step
   reset: np.ndarray          # bool [R]: a new sequence took the slot
   blocks: tuple              # per nano-batch: (decode blocks, prefill blocks), each (start, len, count [1])
                              # int32 with rows relative to the nano-batch (query_blocks)
@@ -419,7 +420,9 @@ class Executor:
     (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, *kv),
                                             (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]),
                                             unroll=self.layer_unroll)
-    return m.logits(x[inp.sample_index]), (k_cache, v_cache)
+    # The head and the sampler run on the sampled rows only: S = min(R, N), not all R slots (at 2048 slots
+    # the head over every slot cost 2.3 ms a step even when two sequences sampled; perf-notes, session 9).
+    return m.logits(x[inp.sample_rows]), (k_cache, v_cache)
 
   def _forward_step(self, params, kv, last_tokens, counts, prompt_mask, inp: StepInputs):
     tokens = jnp.where(inp.from_device, last_tokens[inp.slots], inp.tokens)
@@ -431,12 +434,16 @@ class Executor:
     return new_kv, counts, prompt_mask, logits
 
   @staticmethod
-  def _sample_step(logits, last_tokens, counts, prompt_mask, sample_mask, sp: sampler.SamplingArrays,
+  def _sample_step(logits, last_tokens, counts, prompt_mask, sample_slots, sp: sampler.SamplingArrays,
                    modes: sampler.Modes):
-    tok, lp, top_lp, top_ids = sampler.sample(logits, counts, prompt_mask, sp, modes)
-    last_tokens = jnp.where(sample_mask, tok, last_tokens)
-    rows = jnp.arange(tok.shape[0])
-    counts = counts.at[rows, tok].add(sample_mask.astype(jnp.int32))
+    """logits [S, V] of the slots `sample_slots` [S] (R for padding) -> per sampled row (tokens, logprob,
+    top logprobs, top ids) [S]; each sampled slot's last token and output counts updated."""
+    r = last_tokens.shape[0]
+    rows = jnp.minimum(sample_slots, r - 1)      # padding reads some slot's state; its writes are dropped
+    tok, lp, top_lp, top_ids = sampler.sample(logits, counts[rows], prompt_mask[rows],
+                                              jax.tree.map(lambda a: a[rows], sp), modes)
+    last_tokens = last_tokens.at[sample_slots].set(tok, mode="drop")
+    counts = counts.at[sample_slots, tok].add(1, mode="drop")
     return last_tokens, counts, (tok, lp, top_lp, top_ids)
 
   # --- host side --------------------------------------------------------------------------------
@@ -454,22 +461,24 @@ class Executor:
       log.info("compiled the step for %d tokens in %.1f s", n, self.compile_seconds[n])
     return self._compiled[n]
 
-  def _sampler_for(self, modes: sampler.Modes, logits, sample_mask, sp: sampler.SamplingArrays):
-    if modes not in self._samplers:
+  def _sampler_for(self, modes: sampler.Modes, logits, sample_slots, sp: sampler.SamplingArrays):
+    key = (modes, logits.shape[0])
+    if key not in self._samplers:
       t = time.perf_counter()
       fn = jax.jit(functools.partial(self._sample_step, modes=modes), donate_argnums=(1, 2))
-      self._samplers[modes] = fn.lower(logits, self.last_tokens, self.counts, self.prompt_mask, sample_mask,
-                                       sp).compile()
-      self.compile_seconds[modes] = time.perf_counter() - t
-      log.info("compiled the sampler for %s in %.1f s", modes, self.compile_seconds[modes])
-    return self._samplers[modes]
+      self._samplers[key] = fn.lower(logits, self.last_tokens, self.counts, self.prompt_mask, sample_slots,
+                                     sp).compile()
+      self.compile_seconds[key] = time.perf_counter() - t
+      log.info("compiled the sampler for %s, %d rows in %.1f s", modes, logits.shape[0], self.compile_seconds[key])
+    return self._samplers[key]
 
   def run(self, inp: StepInputs, sp: sampler.SamplingArrays):
-    """Dispatches the step; returns device arrays (tokens, logprob, top logprobs, top ids) not yet read."""
+    """Dispatches the step; returns device arrays (tokens, logprob, top logprobs, top ids) not yet read, one
+    row per entry of inp.sample_slots."""
     fn = self._compiled_for(len(inp.tokens), inp)
     self.kv, self.counts, self.prompt_mask, logits = fn(self.params, self.kv, self.last_tokens, self.counts,
                                                         self.prompt_mask, inp)
     modes = sampler.modes_for(sp, inp.sample_mask)
-    self.last_tokens, self.counts, out = self._sampler_for(modes, logits, inp.sample_mask, sp)(
-        logits, self.last_tokens, self.counts, self.prompt_mask, inp.sample_mask, sp)
+    self.last_tokens, self.counts, out = self._sampler_for(modes, logits, inp.sample_slots, sp)(
+        logits, self.last_tokens, self.counts, self.prompt_mask, inp.sample_slots, sp)
     return out
