@@ -1,4 +1,6 @@
-"""Comparing greedy outputs of two execution paths on random weights (the GPU tests)."""
+"""Comparing greedy outputs of two execution paths on random weights (the GPU tests). The reference asks
+for MAX_LOGPROBS (20) top log-probabilities: with 5, a near tie whose other token ranked 6th or lower
+counted as a real disagreement (session 9: the Triton path's one failure had no gap to judge by)."""
 
 TIE = 0.25  # a gap in log-probability within the paths' measured differences (up to 0.1): either token may win
 

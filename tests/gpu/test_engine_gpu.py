@@ -7,7 +7,7 @@ import pytest
 
 from nanoflow_jax.engine import Engine, EngineConfig
 from nanoflow_jax.model import load_model
-from nanoflow_jax.sampling_params import SamplingParams
+from nanoflow_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from agreement import first_differences, max_first_logprob_diff, real_disagreements
 
@@ -25,7 +25,7 @@ def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
     eng = Engine(model, EngineConfig(dense_batch=1024, num_pages=4096, max_num_seqs=32, kernels=kernels,
                                      compilation_cache_dir=None))
     for i, p in enumerate(prompts):
-      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5))
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=MAX_LOGPROBS))
     eng.run_until_done()
     t = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -64,7 +64,7 @@ def test_nanoflow_split_agrees_with_sequential_on_llama3_8b_shape(tmp_path):
     # the full prefill steps (1024 tokens) do split: MIN_NANO_BATCH leaves only small steps whole
     assert eng.executor.nano_sizes(1024) == ([512, 512] if mode == "nanoflow" else [1024])
     for i, p in enumerate(prompts):
-      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=5))
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=MAX_LOGPROBS))
     eng.run_until_done()
     firsts[mode] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
     del eng

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nanoflow_jax.llm import build_engine
-from nanoflow_jax.sampling_params import SamplingParams
+from nanoflow_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from agreement import max_first_logprob_diff, real_disagreements
 
@@ -35,7 +35,7 @@ def test_tp_kernels_agree_with_one_gpu(tmp_path):
     assert eng.executor.allgather_o == mode.endswith("-ag")
     assert eng.executor.manual_tp == (tp > 1) and eng.executor.kernels in ("triton", "pallas")
     for i, p in enumerate(prompts):
-      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=5))
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=MAX_LOGPROBS))
     eng.run_until_done()
     firsts[tp, mode] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
     del eng
