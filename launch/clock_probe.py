@@ -32,14 +32,17 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
-from launch import kernel_bench
-
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("share", 33, "SMs of the decode attention; the gate_up GEMM gets the rest.")
-flags.DEFINE_float("seconds", 4.0, "How long each phase runs.")
-flags.DEFINE_integer("sample_ms", 100, "nvidia-smi's sampling period.")
-flags.DEFINE_integer("gemm_rows", 1536, "Rows of the gate_up GEMM (the step's prefill rows).")
-flags.DEFINE_string("out", None, "Write the table (markdown) here.")
+
+
+def define_flags():
+  """The command line's flags, defined only when this file runs as a program: the tests import it beside
+  other launch modules whose flags share names (--out)."""
+  flags.DEFINE_integer("share", 33, "SMs of the decode attention; the gate_up GEMM gets the rest.")
+  flags.DEFINE_float("seconds", 4.0, "How long each phase runs.")
+  flags.DEFINE_integer("sample_ms", 100, "nvidia-smi's sampling period.")
+  flags.DEFINE_integer("gemm_rows", 1536, "Rows of the gate_up GEMM (the step's prefill rows).")
+  flags.DEFINE_string("out", None, "Write the table (markdown) here.")
 
 FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu")
 # nvidia-smi's clock-event reason bits (nvmlClocksEventReasons): why the SM clock is below its maximum.
@@ -171,6 +174,7 @@ def main(argv):
   del argv
   import jax
   import jax.numpy as jnp
+  from launch import kernel_bench   # here, not at the top: its flags would collide in a test process
   from nanoflow_jax import perf
   from pallas_kernels import gemm
   from pallas_kernels.paged_attention import configs
@@ -224,4 +228,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
