@@ -280,8 +280,8 @@ class Engine:
     kv_pages = np.full(n, self.pool.num_pages, np.int32)
     kinds = np.zeros(n, np.int32)
     sample_mask = np.zeros(r, np.bool_)
-    reset = np.zeros(r, np.bool_)
-    reset[batch.reset_slots] = True
+    reset = np.full(min(r, n), r, np.int32)   # each new sequence has a chunk in the step: at most min(R, N)
+    reset[:len(batch.reset_slots)] = batch.reset_slots
     self._table_len[batch.reset_slots] = 0     # a new sequence in the slot: its row is rewritten from page 0
     reset_slots = set(batch.reset_slots)
     sampled: list[tuple[Sequence, int]] = []
