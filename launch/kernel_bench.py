@@ -500,6 +500,7 @@ def main(argv):
   rows.append(("copy (read+write)", "-", f"{copy_tbs:.2f} TB/s", "1.00"))
   rows.append(("read only (sum)", "-", f"{read_tbs:.2f} TB/s", f"{read_tbs / copy_tbs:.2f}"))
   rows.append(("XLA GEMM 8192^3", "-", f"{peak:.0f} TFLOP/s", "1.00"))
+  print(rows, flush=True)   # now: a step stopped by its time limit writes no table, and its ratios need these
   del x, a
   backends = list(FLAGS.attention_backends)
   if "triton" in backends and not paged_attention_triton.available():

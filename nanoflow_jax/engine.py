@@ -283,9 +283,9 @@ class Engine:
     reset = np.full(min(r, n), r, np.int32)   # each new sequence has a chunk in the step: at most min(R, N)
     reset[:len(batch.reset_slots)] = batch.reset_slots
     self._table_len[batch.reset_slots] = 0     # a new sequence in the slot: its row is rewritten from page 0
-    reset_slots = set(batch.reset_slots)
+    new_slots = set(batch.reset_slots)
     sampled: list[tuple[Sequence, int]] = []
-    d_rows, d_pos, d_slots, d_pages, t_rows, t_ids, s_rows = [], [], [], [], [], [], []
+    d_rows, d_pos, d_slots, d_pages, f_rows, t_rows, t_ids, s_rows = [], [], [], [], [], [], [], []
     cur = 0
     for ch in batch.chunks:
       seq, length, slot = ch.seq, ch.length, ch.seq.slot
@@ -298,7 +298,9 @@ class Engine:
         d_pos.append(ch.start)
         d_slots.append(slot)
         d_pages.append(seq.pages[ch.start // ps])
-        if not ch.from_device:
+        if ch.from_device:   # its input is the token sampled last step, still on the device
+          f_rows.append(cur)
+        else:
           t_rows.append(cur)
           t_ids.append(seq.token_at(ch.start))
       else:
@@ -311,7 +313,7 @@ class Engine:
         tokens[s] = all_ids[ch.start:ch.start + length]
         # prompt tokens feed the repetition mask; re-fed outputs (after preemption) the counts
         kinds[s] = np.where(pos < len(seq.prompt_ids), KIND_PROMPT, KIND_REFED_OUTPUT)
-      if slot in reset_slots:
+      if slot in new_slots:
         self._set_static_row(seq, slot)
       if ch.sample:
         s_rows.append(cur + length - 1)
@@ -322,8 +324,7 @@ class Engine:
       positions[d_rows] = d_pos
       slots[d_rows] = d_slots
       kv_pages[d_rows] = d_pages
-      from_device[d_rows] = True
-      from_device[t_rows] = False
+      from_device[f_rows] = True
       tokens[t_rows] = t_ids
     self._set_step_rows(sampled)
     kv_offsets = (positions % ps).astype(np.int32)   # (padding rows: position 0, offset 0)

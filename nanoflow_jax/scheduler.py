@@ -173,8 +173,6 @@ class Scheduler:
         with_seq = [np.append(a, b) for a, b in zip(proj, self._projection([seq]))]
         if _peak_pages(*with_seq, self.pool.page_size) > self.pool.num_pages:
           break
-      else:
-        with_seq = None
       if self.pool.num_free == 0:
         break
       self.waiting.popleft()
@@ -183,10 +181,8 @@ class Scheduler:
       reset.append(seq.slot)
       self.running.append(seq)
       budget -= self._prefill_chunk(seq, budget, chunks)
-      if with_seq is not None:
-        # its chunk's pages and tokens, as _projection would now read them
-        with_seq[0][-1], with_seq[2][-1] = max(seq.num_tokens, seq.num_computed), len(seq.pages)
-      proj = with_seq
+      if proj is not None:   # the admitted sequence as it now stands (its chunk's pages)
+        proj = [np.append(a, b) for a, b in zip(proj, self._projection([seq]))]
 
     if not chunks:
       return None
