@@ -9,8 +9,15 @@ samples the SM clock, power and clock-event reasons, and prints one row per phas
   idle | XLA GEMM 8192^3 of ones, then of random data | gate_up by XLA's dot | gate_up on all SMs |
   gate_up on (all - share) | decode attention on all SMs | decode attention on share |
   the two chains together (gate_up on the rest, attention on share)
+  [--step] a whole engine step of the decode/prefill mix, sequential and nanoflow (decode-overlap)
+
+Each row also gives the board's power limit over the phase's mean power: if the work's energy does not
+depend on how it is scheduled, no schedule of it (no overlap, no SM split) can run faster than that factor.
+The step rows bound what the nano-batch pipeline can gain over the sequential step.
 
   PYTHONPATH=.:.carry python3 launch/clock_probe.py --share=33 --seconds=4 --out=DIR/clock_probe.md
+  ... --share=66 --attention_variant=programs_per_sm=1     # one attention CTA per SM of its share
+  ... --step --nokernel_phases --seconds=6                 # the whole step's power
 
 Needs a GPU (and nvidia-smi for the clocks; without it the table has the timings only). The sampler and
 the per-phase summary are tested on a CPU with a stand-in for nvidia-smi.
@@ -42,6 +49,15 @@ def define_flags():
   flags.DEFINE_float("seconds", 4.0, "How long each phase runs.")
   flags.DEFINE_integer("sample_ms", 100, "nvidia-smi's sampling period.")
   flags.DEFINE_integer("gemm_rows", 1536, "Rows of the gate_up GEMM (the step's prefill rows).")
+  flags.DEFINE_string("attention_variant", "", "Changes to the decode attention's configuration on its share "
+                      "(key=value,...; e.g. programs_per_sm=1: one CTA per SM of the share).")
+  flags.DEFINE_bool("kernel_phases", True, "Hold the kernel phases (GEMMs, attention, the pair).")
+  flags.DEFINE_bool("step", False, "Also hold whole engine steps of the decode/prefill mix (--decodes, --context, "
+                    "--prefill): sequential, and nanoflow's decode-overlap with the attention on --share SMs.")
+  flags.DEFINE_integer("decodes", 512, "The step's decoding sequences.")
+  flags.DEFINE_integer("context", 1024, "Their context length.")
+  flags.DEFINE_integer("prefill", 1536, "The step's prefill tokens.")
+  flags.DEFINE_string("kv_cache_dtype", "auto", "The step's KV cache element type (auto, fp8).")
   flags.DEFINE_string("out", None, "Write the table (markdown) here.")
 
 FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu")
@@ -130,6 +146,7 @@ def summarize(samples: list[tuple[float, dict]], start: float, end: float) -> di
     out[key] = statistics.median(vals) if vals else None
   powers = [s["power_w"] for s in inside if s["power_w"] is not None]
   out["max_power_w"] = max(powers) if powers else None
+  out["mean_power_w"] = statistics.fmean(powers) if powers else None   # the energy, where the median is not
   counts = collections.Counter(name for s in inside if s["reasons"] is not None
                                for bit, name in REASONS.items() if s["reasons"] & bit)
   out["reasons"] = {name: n / len(inside) for name, n in counts.most_common()} if inside else {}
@@ -155,76 +172,137 @@ def _fmt(v, spec: str) -> str:
   return "-" if v is None else format(v, spec)
 
 
+def speedup_bound(mean_w: float | None, limit_w: float | None) -> float | None:
+  """The most any schedule of the same work can gain over a phase that drew `mean_w` on average, if the
+  work's energy does not depend on the schedule and the board holds its power at `limit_w`: the time
+  cannot fall below energy / limit = time x mean_w / limit_w."""
+  if not mean_w or not limit_w:
+    return None
+  return limit_w / mean_w
+
+
 def table(rows: list[tuple[str, float | None, dict]], limits: list[str] | None) -> str:
   """Markdown: one row per phase (ms per call, SM clock, power, temperature, reasons)."""
   lines = []
   if limits:
     lines.append(f"Power limit {limits[0]} W (enforced {limits[1]} W), max SM clock {limits[2]} MHz.\n")
-  lines += ["| phase | ms per call | SM MHz | memory MHz | power W (median / max) | temp C | clock reasons "
-            "(share of samples) | samples |", "|---|---|---|---|---|---|---|---|"]
+  try:
+    limit_w = float(limits[1]) if limits else None
+  except ValueError:   # [N/A]
+    limit_w = None
+  lines += ["| phase | ms per call | SM MHz | memory MHz | power W (median / mean / max) | temp C | clock reasons "
+            "(share of samples) | speed-up bound (limit / mean) | samples |", "|---|---|---|---|---|---|---|---|---|"]
   for name, per_call, s in rows:
     reasons = ", ".join(f"{k} {v:.0%}" for k, v in s["reasons"].items()) or "-"
+    bound = speedup_bound(s["mean_power_w"], limit_w)
     lines.append(f"| {name} | {_fmt(per_call and per_call * 1e3, '.3f')} | {_fmt(s['sm_mhz'], '.0f')} | "
-                 f"{_fmt(s['mem_mhz'], '.0f')} | {_fmt(s['power_w'], '.0f')} / {_fmt(s['max_power_w'], '.0f')} | "
-                 f"{_fmt(s['temp_c'], '.0f')} | {reasons} | {s['samples']} |")
+                 f"{_fmt(s['mem_mhz'], '.0f')} | {_fmt(s['power_w'], '.0f')} / {_fmt(s['mean_power_w'], '.0f')} / "
+                 f"{_fmt(s['max_power_w'], '.0f')} | {_fmt(s['temp_c'], '.0f')} | {reasons} | "
+                 f"{_fmt(bound, '.2f') + ('x' if bound else '')} | {s['samples']} |")
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+def kernel_phases(share: int, gemm_rows: int, attention_variant: dict) -> list[tuple]:
+  """(name, fn, args) of each kernel phase: XLA's GEMM peak on ones and on random data, gate_up by XLA and
+  ours, the decode attention, and the pair as kernel_bench --beside_gemm times it (chains of about equal
+  length on two streams; `attention_variant` changes the attention on its share)."""
   import jax
   import jax.numpy as jnp
   from launch import kernel_bench   # here, not at the top: its flags would collide in a test process
   from nanoflow_jax import perf
   from pallas_kernels import gemm
   from pallas_kernels.paged_attention import configs
-  if jax.default_backend() != "gpu":
-    sys.exit("clock_probe needs a GPU: the phases are GPU kernels at real shapes")
   num_sms = jax.devices()[0].core_count
-  share = FLAGS.share
   problem = kernel_bench._attention_problem("decode")
   q, cache = problem[0], problem[1]
-  attention = lambda sms: kernel_bench.decode_attention_at(problem, configs("triton", cache[0].dtype)[0], sms)
+  engine_cfg = configs("triton", cache[0].dtype)[0]
+  attention = lambda sms, cfg=engine_cfg: kernel_bench.decode_attention_at(problem, cfg, sms)
+  on_share = attention(share, {**engine_cfg, **attention_variant})
   gemm_at = lambda sms: (lambda a, b: gemm.gemm(a, b, num_sms=sms))
-  a, b = kernel_bench.gate_up_operands("llama-3-8b", FLAGS.gemm_rows)
+  a, b = kernel_bench.gate_up_operands("llama-3-8b", gemm_rows)
   big = jnp.ones((8192, 8192), jnp.bfloat16)
   big_random = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
-
-  # The pair as kernel_bench --beside_gemm times it: chains of about equal length on two streams.
   t_g = perf.median_seconds(jax.jit(gemm_at(num_sms - share)), a, b)
-  t_a = perf.median_seconds(jax.jit(attention(share)), q, *cache)
+  t_a = perf.median_seconds(jax.jit(on_share), q, *cache)
   reps_g, reps_a = perf.balanced_reps(t_g, t_a)
   pair, in_g, in_a, chain_g, chain_a = perf.concurrent_step(gemm_at(num_sms - share), (a, b), reps_g,
-                                                            attention(share), (q, *cache), reps_a)
-  phases = [
+                                                            on_share, (q, *cache), reps_a)
+  variant = f" ({','.join(f'{k}={v}' for k, v in attention_variant.items())})" if attention_variant else ""
+  return [
       ("XLA GEMM 8192^3 of ones (the runs' GEMM peak)", jax.jit(lambda x: x @ x), (big,)),
       ("XLA GEMM 8192^3 of random data", jax.jit(lambda x: x @ x), (big_random,)),
-      (f"gate_up {FLAGS.gemm_rows} rows, XLA's dot", jax.jit(lambda a, b: jnp.dot(a, b)), (a, b)),
-      (f"gate_up {FLAGS.gemm_rows} rows on {num_sms} SMs", jax.jit(gemm_at(num_sms)), (a, b)),
+      (f"gate_up {gemm_rows} rows, XLA's dot", jax.jit(lambda a, b: jnp.dot(a, b)), (a, b)),
+      (f"gate_up {gemm_rows} rows on {num_sms} SMs", jax.jit(gemm_at(num_sms)), (a, b)),
       (f"gate_up chain x{reps_g} on {num_sms - share} SMs", chain_g, in_g),
       (f"decode attention on {num_sms} SMs", jax.jit(attention(num_sms)), (q, *cache)),
-      (f"decode attention chain x{reps_a} on {share} SMs", chain_a, in_a),
-      (f"both chains together ({num_sms - share} + {share} SMs)", pair, (in_g, in_a)),
+      (f"decode attention{variant} chain x{reps_a} on {share} SMs", chain_a, in_a),
+      (f"both chains together ({num_sms - share} + {share} SMs{variant})", pair, (in_g, in_a)),
   ]
-  limits = _smi_query(["power.limit", "enforced.power.limit", "clocks.max.sm"])
-  rows = []
-  with Sampler(smi_command(FLAGS.sample_ms)) as sampler:
-    time.sleep(FLAGS.seconds)   # idle first: the clocks with nothing running
-    t = time.monotonic()
-    rows.append(("idle", None, (t - FLAGS.seconds, t)))
-    for name, fn, args in phases:
-      start, end, per_call = hold(fn, args, FLAGS.seconds)
-      rows.append((name, per_call, (start, end)))
-      print(name, f"{per_call * 1e3:.3f} ms per call", flush=True)
-  rows = [(name, per_call, summarize(sampler.samples, *window)) for name, per_call, window in rows]
-  text = table(rows, limits)
-  if not sampler.samples:
+
+
+def main(argv):
+  del argv
+  import contextlib
+  from nanoflow_jax import compat
+  if FLAGS.step:   # the engine's nanoflow flags, set before the backend starts (the kernel phases run under them too)
+    compat.enable_concurrent_command_buffers()
+  import jax
+  from pallas_kernels.paged_attention import config_changes
+  if jax.default_backend() != "gpu":
+    sys.exit("clock_probe needs a GPU: the phases are GPU kernels at real shapes")
+  variant = config_changes(FLAGS.attention_variant)
+  phases = kernel_phases(FLAGS.share, FLAGS.gemm_rows, variant) if FLAGS.kernel_phases else []
+  with contextlib.ExitStack() as stack:
+    if FLAGS.step:
+      phases += step_phases(stack, FLAGS.share, FLAGS.decodes, FLAGS.context, FLAGS.prefill, FLAGS.kv_cache_dtype)
+    rows = hold_phases(phases, FLAGS.seconds, smi_command(FLAGS.sample_ms))
+  text = table(rows, _smi_query(["power.limit", "enforced.power.limit", "clocks.max.sm"]))
+  if not any(s["samples"] for _, _, s in rows):
     text += "\n\nnvidia-smi gave no readings: timings only."
   print(text)
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
       f.write(text + "\n")
+
+
+def step_phases(stack, share: int, decodes: int, context: int, prefill: int, kv_cache_dtype: str,
+                model_name: str = "llama-3-8b", kernels: str = "triton") -> list[tuple]:
+  """(name, fn, args) of whole engine steps of the mix (`model_name`'s shape, random weights):
+  sequential, and decode-overlap with the attention on `share` SMs. Their executors live until `stack`
+  closes. The nanoflow step overlaps only under the engine's XLA flags (compat), which main sets."""
+  import jax
+  from launch.mixed_step import MixedStep
+  from nanoflow_jax.engine import KV_CACHE_DTYPES
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.runtime.plan import BESIDE_ALL, decode_overlap, generic_default, with_beside_share
+  model = load_model(model_name, dtype="bfloat16", random_weights=True)
+  step = MixedStep(model, decodes, context, prefill)
+  num_sms = getattr(jax.devices()[0], "core_count", 132) or 132
+  plan = with_beside_share(decode_overlap(step.dense, generic_default(step.dense, num_sms).num_sms, decodes,
+                                          beside=BESIDE_ALL), share)
+  options = dict(kernels=kernels, kv_dtype=KV_CACHE_DTYPES[kv_cache_dtype])
+  out = []
+  for name, p in ((f"step, sequential: {step.describe}", None),
+                  (f"step, nanoflow {plan.name}, attention on {share} SMs", plan)):
+    run, args = stack.enter_context(step.prepared(p, **options))
+    out.append((name, run, args))
+  return out
+
+
+def hold_phases(phases: list[tuple], seconds: float, command: list[str] | None) -> list[tuple[str, float | None, dict]]:
+  """Holds idle, then each phase, for `seconds` each while `command` (nvidia-smi) samples: (name, seconds
+  per call, summary) per phase."""
+  rows = []
+  with Sampler(command) as sampler:
+    time.sleep(seconds)   # idle first: the clocks with nothing running
+    t = time.monotonic()
+    rows.append(("idle", None, (t - seconds, t)))
+    for name, fn, args in phases:
+      start, end, per_call = hold(fn, args, seconds)
+      rows.append((name, per_call, (start, end)))
+      print(name, f"{per_call * 1e3:.3f} ms per call", flush=True)
+  return [(name, per_call, summarize(sampler.samples, *window)) for name, per_call, window in rows]
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ step_step-small()         { $PY launch/step_bench.py --model=llama-3-8b --kernel
                               --out="$OUT/step-small.md"; }
 # The long runs' tail step (session 9: 2588 of 4034 steps of bench-lmsys-8k held a median 2 decodes, 13.4 ms
 # each): where its time goes, by kernel kind.
+# --dense_batch=2048: the engine's bucket ladder, so the 4 tokens run the 128-row bucket (session 9's call ran 16).
 step_step-tail()          { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
-                              --decodes=4 --context=600 --prefill=0 --max_num_seqs=2048 --nanoflow=false \
+                              --decodes=4 --context=600 --prefill=0 --max_num_seqs=2048 --dense_batch=2048 --nanoflow=false \
                               --trace_dir="$OUT/trace-tail" \
                               --out="$OUT/step-tail.md"; }
 step_sweep-fp8()          { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
@@ -165,6 +166,15 @@ step_step-beside-pipelined() { $PY launch/step_bench.py --model=llama-3-8b --ker
 # (launch/clock_probe.py): does the pair slow down because the board reaches its power limit?
 step_clock-probe()        { for s in 33 66; do $PY launch/clock_probe.py --share=$s --out="$OUT/clock-probe-$s.md"; done; }
 step_clock-probe-33()     { $PY launch/clock_probe.py --share=33 --out="$OUT/clock-probe-33.md"; }
+# Session 10: is the 66 + 66 pair's missing overlap the attention's CTA placement (132 CTAs over every SM)?
+# One CTA per SM of the share leaves the GEMM's SMs free.
+step_clock-probe-66-pps1() { $PY launch/clock_probe.py --share=66 --attention_variant=programs_per_sm=1 \
+                              --out="$OUT/clock-probe-66-pps1.md"; }
+# The whole step's mean power against the board's limit: the most any schedule of its work can gain.
+step_clock-probe-step()   { $PY launch/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 \
+                              --out="$OUT/clock-probe-step.md"
+                            $PY launch/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 --kv_cache_dtype=fp8 \
+                              --out="$OUT/clock-probe-step-fp8.md"; }
 # The synthetic chat workloads with enough requests for a steady state: with 1000 short requests most steps
 # were the tail (60 of 1606 full, session 9); 2048 sequences can fill a 2048-token step with decodes.
 step_bench-lmsys-8k()     { bench bench-lmsys-8k lmsys 8000 --max_num_seqs=2048; }

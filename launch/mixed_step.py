@@ -3,16 +3,21 @@ execution mode (used by launch/step_bench.py and launch/autosearch.py's measurem
 both can import it)."""
 from __future__ import annotations
 
+import contextlib
+
 
 class MixedStep:
   """One dense step of the 1024/512 mix, built through the real engine: `decodes` sequences decoding at
   (at least) `context` plus a `prefill`-token prompt chunk. `time(plan, kernels, ...)` runs it."""
 
-  def __init__(self, model, decodes: int, context: int, prefill: int, max_num_seqs: int = 0):
+  def __init__(self, model, decodes: int, context: int, prefill: int, max_num_seqs: int = 0, dense_batch: int = 0):
     import numpy as np
     from nanoflow_jax.engine import Engine, EngineConfig
     from nanoflow_jax.sampling_params import SamplingParams
-    self.model, self.dense = model, decodes + prefill
+    self.model = model
+    # The executor's dense batch decides its bucket ladder: a step of 4 decodes in an engine of dense batch
+    # 2048 runs the 128-row bucket (the GEMM kernel's), in one of dense batch 4 the 16-row one (XLA's dot).
+    self.dense = max(decodes + prefill, dense_batch)
     # The set-up prefills the decoding sequences in steps of its dense batch: the step's own, unless the
     # step has no prefill (then a small dense batch would make the set-up long and the contexts grow).
     setup_dense = self.dense if prefill else max(self.dense, 2048)
@@ -43,14 +48,13 @@ class MixedStep:
     eng.executor.kv = eng.executor.params = None  # only its host state (page table, rows) is needed now
     self.engine = eng
 
-  def time(self, plan, kernels: str = "auto", annotate: bool = True, iters: int = 10, trace_dir: str | None = None,
-           timeline_png: str | None = None, **executor_options) -> float:
-    """Median ms per step; with trace_dir, also a profiler trace of 3 steps (kernel time by kind printed,
-    and the measured timeline drawn to timeline_png). executor_options: more Executor arguments (kv_dtype,
-    fused_rope_append)."""
+  @contextlib.contextmanager
+  def prepared(self, plan, kernels: str = "auto", annotate: bool = True, **executor_options):
+    """Yields (run, args): `run(*args)` is one step of this batch in the given mode (an Executor for `plan`,
+    None = sequential; executor_options: kv_dtype, fused_rope_append, ...). The executor's buffers go on
+    exit."""
     import jax
     import numpy as np
-    from nanoflow_jax.perf import median_seconds
     from nanoflow_jax.runtime.executor import Executor
     eng = self.engine
     ex = Executor(self.model, self.pages, 16, self.max_seqs, eng.max_model_len, self.dense, plan=plan,
@@ -59,12 +63,24 @@ class MixedStep:
     eng.executor = ex
     try:
       inp, _ = eng._build_inputs(self.batch)
-      sp = jax.tree.map(np.copy, eng.sp)
-      ms = 1e3 * median_seconds(ex.run, inp, sp, iters=iters, samples=5)
+      yield ex.run, (inp, jax.tree.map(np.copy, eng.sp))
+    finally:
+      ex.kv = ex.params = None
+      eng.executor = None
+
+  def time(self, plan, kernels: str = "auto", annotate: bool = True, iters: int = 10, trace_dir: str | None = None,
+           timeline_png: str | None = None, **executor_options) -> float:
+    """Median ms per step; with trace_dir, also a profiler trace of 3 steps (kernel time by kind printed,
+    and the measured timeline drawn to timeline_png). executor_options: more Executor arguments (kv_dtype,
+    fused_rope_append)."""
+    import jax
+    from nanoflow_jax.perf import median_seconds
+    with self.prepared(plan, kernels, annotate, **executor_options) as (run, args):
+      ms = 1e3 * median_seconds(run, *args, iters=iters, samples=5)
       if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
           for _ in range(3):
-            out = ex.run(inp, sp)
+            out = run(*args)
           jax.block_until_ready(out)
         from launch import trace_overlap
         latest = trace_overlap.latest_trace(trace_dir)
@@ -72,6 +88,3 @@ class MixedStep:
         if timeline_png:
           trace_overlap.timeline_png(latest, timeline_png, title=f"measured: {plan.name if plan else 'sequential'}")
       return ms
-    finally:
-      ex.kv = ex.params = None
-      eng.executor = None

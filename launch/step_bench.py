@@ -31,6 +31,8 @@ flags.DEFINE_integer("context", 1024, "Their context length.")
 flags.DEFINE_integer("prefill", 1536, "Prefill tokens in the step.")
 flags.DEFINE_integer("max_num_seqs", 0, "Sequence slots of the engine (default: the decodes + 1); the engine's "
                      "benchmarks run 1024.")
+flags.DEFINE_integer("dense_batch", 0, "The executor's dense batch (its bucket ladder; default: the step's tokens). "
+                     "The engine's (2048) gives a small step the bucket the engine runs it in.")
 flags.DEFINE_list("attn_shares", ["16", "33", "48", "66"], "Attention SM shares to try in nanoflow mode.")
 flags.DEFINE_list("kernels", ["pallas", "triton"],
                   "Kernel sets to time sequentially (executor.KERNEL_CHOICES); nanoflow variants use the last.")
@@ -69,7 +71,7 @@ def main(argv):
 
   peak = gemm_peak_tflops()
   model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True)
-  step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.prefill, FLAGS.max_num_seqs)
+  step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.prefill, FLAGS.max_num_seqs, FLAGS.dense_batch)
   print("step:", step.describe, flush=True)
   optimal_ms = step.batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
   base = generic_default(step.dense, getattr(jax.devices()[0], "core_count", 132) or 132)

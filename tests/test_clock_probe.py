@@ -31,8 +31,16 @@ def test_summarize_takes_each_phase_its_own_samples():
   text = clock_probe.table([("idle", None, idle), ("gemm", 0.0005, busy), ("late", 0.001, empty)],
                            ["700.00", "700.00", "1980"])
   assert "Power limit 700.00 W" in text
-  assert "| gemm | 0.500 | 1506 | 3201 | 696 / 699 | 50 | sw power cap 100% | 7 |" in text
-  assert "| late | 1.000 | - | - | - / - | - | - | 0 |" in text
+  # mean of 693..699 W = 696 W: the limit allows at most 700 / 696 = 1.01x on this phase's work
+  assert "| gemm | 0.500 | 1506 | 3201 | 696 / 696 / 699 | 50 | sw power cap 100% | 1.01x | 7 |" in text
+  assert "| late | 1.000 | - | - | - / - / - | - | - | - | 0 |" in text
+  idle_row = next(line for line in text.splitlines() if line.startswith("| idle"))
+  assert "| 7.00x |" in idle_row   # 700 W over 100 W
+
+
+def test_speedup_bound_is_the_limit_over_the_mean_power():
+  assert clock_probe.speedup_bound(560.0, 700.0) == 1.25
+  assert clock_probe.speedup_bound(None, 700.0) is None and clock_probe.speedup_bound(500.0, None) is None
 
 
 def test_sampler_keeps_timed_readings_from_a_running_command():
@@ -59,3 +67,21 @@ def test_no_sampler_without_a_command():
   with clock_probe.Sampler(None) as sampler:
     pass
   assert sampler.samples == []
+
+
+def test_step_phases_hold_whole_steps_in_both_modes():
+  # The --step phases on the CPU (tiny model, reference kernels, a stand-in sampler): both steps run and
+  # each row gets its own timing and readings.
+  import contextlib
+  fake_smi = ("import time\n"
+              "while True:\n"
+              "  print('1500, 3201, 690.0, 45, 0x4', flush=True)\n"
+              "  time.sleep(0.02)\n")
+  with contextlib.ExitStack() as stack:
+    phases = clock_probe.step_phases(stack, share=4, decodes=6, context=20, prefill=10, kv_cache_dtype="auto",
+                                     model_name="tiny", kernels="reference")
+    assert [name.split(",")[1].split()[0] for name, _, _ in phases] == ["sequential:", "nanoflow"]
+    rows = clock_probe.hold_phases(phases, 0.6, [sys.executable, "-c", fake_smi])
+  assert [r[0] for r in rows][0] == "idle" and len(rows) == 3
+  for name, per_call, summary in rows[1:]:
+    assert per_call > 0 and summary["samples"] > 0 and summary["mean_power_w"] == 690.0, name

@@ -14,3 +14,15 @@ def test_mixed_step_runs_in_both_modes():
   plan = generic_default(16, 132)
   plan.nano_batches = [8, 8]
   assert step.time(plan, "reference", iters=1) > 0
+
+
+def test_dense_batch_sets_the_executors_bucket_ladder():
+  # A 4-decode step timed in an executor of the engine's dense batch (step-tail): the ladder reaches it.
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  step = MixedStep(model, decodes=4, context=20, prefill=0, dense_batch=64)
+  assert step.dense == 64 and step.batch.num_tokens == 4
+  with step.prepared(None, "reference") as (run, args):
+    assert step.engine.executor.buckets[-1] == 64
+    out = run(*args)
+    assert out is not None
+  assert step.engine.executor is None    # the executor's buffers go on exit
