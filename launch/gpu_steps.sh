@@ -68,6 +68,21 @@ step_step-tail()          { $PY launch/step_bench.py --model=llama-3-8b --kernel
                               --decodes=4 --context=600 --prefill=0 --max_num_seqs=2048 --dense_batch=2048 --nanoflow=false \
                               --trace_dir="$OUT/trace-tail" \
                               --out="$OUT/step-tail.md"; }
+# Session 10: the host launches each of a small step's ~430 kernels (ExecuteThunks 7.8 ms of a 9.1 ms tail
+# step; the GPU idles 4.3 ms of it). Which XLA command-buffer settings capture the layer loop, by step
+# (tail: 4 decodes in the 128-row bucket; mix: 512 decodes + 1536 prefill)? One process per setting.
+CB_XLA_DEFAULT="--xla_gpu_command_buffer_scheduling_mode=LHS --xla_gpu_enable_latency_hiding_scheduler=true"
+CB_WHILE="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE $CB_XLA_DEFAULT"
+CB_NANOFLOW_WHILE="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE --xla_gpu_command_buffer_scheduling_mode=CONCURRENT --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_latency_hiding_scheduler=false"
+export CB_XLA_DEFAULT CB_WHILE CB_NANOFLOW_WHILE
+step_step-cb()            { local tail="--decodes=4 --context=600 --prefill=0 --max_num_seqs=2048 --dense_batch=2048"
+                            for v in "xla-default|$CB_XLA_DEFAULT|$tail" "while|$CB_WHILE|$tail" "nanoflow||$tail" \
+                                     "nanoflow-while|$CB_NANOFLOW_WHILE|$tail" "mix-xla-default|$CB_XLA_DEFAULT|" "mix-while|$CB_WHILE|"; do
+                              IFS='|' read -r name xf shape <<< "$v"
+                              echo "== $name: XLA_FLAGS=$xf"
+                              XLA_FLAGS="$xf" $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
+                                --nanoflow=false --iters=20 $shape --out="$OUT/step-cb-$name.md" 2>&1 | grep -E "^\||step:|Error|error" | tail -8
+                            done; }
 step_sweep-fp8()          { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
 step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48,66 \
