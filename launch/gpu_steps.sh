@@ -192,6 +192,12 @@ step_clock-probe-step()   { $PY launch/clock_probe.py --share=33 --step --nokern
                               --out="$OUT/clock-probe-step-fp8.md"; }
 # The synthetic chat workloads with enough requests for a steady state: with 1000 short requests most steps
 # were the tail (60 of 1606 full, session 9); 2048 sequences can fill a 2048-token step with decodes.
+# Session 10: every constant-length workload and the Splitwise trace in both modes (fp8 KV cache, the best
+# configuration), for #7's table: the shipped 8B config is the whole batch, so the two modes run one schedule.
+step_bench-1024-512-both()  { bench bench-1024-512-both 1024-512 1000 --kv_cache_dtype=fp8 --mode=nanoflow --compare=sequential; }
+step_bench-splitwise-both() { bench bench-splitwise-both splitwise 1000 --kv_cache_dtype=fp8 --mode=nanoflow --compare=sequential; }
+step_bench-512-512-both()   { bench bench-512-512-both 512-512 600 --kv_cache_dtype=fp8 --mode=nanoflow --compare=sequential; }
+step_bench-512-1024-both()  { bench bench-512-1024-both 512-1024 400 --kv_cache_dtype=fp8 --mode=nanoflow --compare=sequential; }
 step_bench-lmsys-8k()     { bench bench-lmsys-8k lmsys 8000 --max_num_seqs=2048; }
 step_bench-sharegpt-5k()  { bench bench-sharegpt-5k sharegpt 5000 --max_num_seqs=2048; }
 step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
