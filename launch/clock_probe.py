@@ -25,6 +25,7 @@ the per-phase summary are tested on a CPU with a stand-in for nvidia-smi.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import shutil
@@ -203,7 +204,7 @@ def table(rows: list[tuple[str, float | None, dict]], limits: list[str] | None) 
 
 
 def kernel_phases(share: int, gemm_rows: int, attention_variant: dict) -> list[tuple]:
-  """(name, fn, args) of each kernel phase: XLA's GEMM peak on ones and on random data, gate_up by XLA and
+  """(name, opener) of each kernel phase (as hold_phases takes them): XLA's GEMM peak on ones and on random data, gate_up by XLA and
   ours, the decode attention, and the pair as kernel_bench --beside_gemm times it (chains of about equal
   length on two streams; `attention_variant` changes the attention on its share)."""
   import jax
@@ -228,7 +229,7 @@ def kernel_phases(share: int, gemm_rows: int, attention_variant: dict) -> list[t
   pair, in_g, in_a, chain_g, chain_a = perf.concurrent_step(gemm_at(num_sms - share), (a, b), reps_g,
                                                             on_share, (q, *cache), reps_a)
   variant = f" ({','.join(f'{k}={v}' for k, v in attention_variant.items())})" if attention_variant else ""
-  return [
+  return [(name, lambda fn=fn, args=args: contextlib.nullcontext((fn, args))) for name, fn, args in [
       ("XLA GEMM 8192^3 of ones (the runs' GEMM peak)", jax.jit(lambda x: x @ x), (big,)),
       ("XLA GEMM 8192^3 of random data", jax.jit(lambda x: x @ x), (big_random,)),
       (f"gate_up {gemm_rows} rows, XLA's dot", jax.jit(lambda a, b: jnp.dot(a, b)), (a, b)),
@@ -237,12 +238,11 @@ def kernel_phases(share: int, gemm_rows: int, attention_variant: dict) -> list[t
       (f"decode attention on {num_sms} SMs", jax.jit(attention(num_sms)), (q, *cache)),
       (f"decode attention{variant} chain x{reps_a} on {share} SMs", chain_a, in_a),
       (f"both chains together ({num_sms - share} + {share} SMs{variant})", pair, (in_g, in_a)),
-  ]
+  ]]
 
 
 def main(argv):
   del argv
-  import contextlib
   from nanoflow_jax import compat
   if FLAGS.step:   # the engine's nanoflow flags, set before the backend starts (the kernel phases run under them too)
     compat.enable_concurrent_command_buffers()
@@ -252,10 +252,9 @@ def main(argv):
     sys.exit("clock_probe needs a GPU: the phases are GPU kernels at real shapes")
   variant = config_changes(FLAGS.attention_variant)
   phases = kernel_phases(FLAGS.share, FLAGS.gemm_rows, variant) if FLAGS.kernel_phases else []
-  with contextlib.ExitStack() as stack:
-    if FLAGS.step:
-      phases += step_phases(stack, FLAGS.share, FLAGS.decodes, FLAGS.context, FLAGS.prefill, FLAGS.kv_cache_dtype)
-    rows = hold_phases(phases, FLAGS.seconds, smi_command(FLAGS.sample_ms))
+  if FLAGS.step:
+    phases += step_phases(FLAGS.share, FLAGS.decodes, FLAGS.context, FLAGS.prefill, FLAGS.kv_cache_dtype)
+  rows = hold_phases(phases, FLAGS.seconds, smi_command(FLAGS.sample_ms))
   text = table(rows, _smi_query(["power.limit", "enforced.power.limit", "clocks.max.sm"]))
   if not any(s["samples"] for _, _, s in rows):
     text += "\n\nnvidia-smi gave no readings: timings only."
@@ -266,11 +265,12 @@ def main(argv):
       f.write(text + "\n")
 
 
-def step_phases(stack, share: int, decodes: int, context: int, prefill: int, kv_cache_dtype: str,
+def step_phases(share: int, decodes: int, context: int, prefill: int, kv_cache_dtype: str,
                 model_name: str = "llama-3-8b", kernels: str = "triton") -> list[tuple]:
-  """(name, fn, args) of whole engine steps of the mix (`model_name`'s shape, random weights):
-  sequential, and decode-overlap with the attention on `share` SMs. Their executors live until `stack`
-  closes. The nanoflow step overlaps only under the engine's XLA flags (compat), which main sets."""
+  """(name, opener) of whole engine steps of the mix (`model_name`'s shape, random weights): sequential, and
+  decode-overlap with the attention on `share` SMs. `opener()` is a context manager yielding (fn, args):
+  each step's executor (and its KV cache) exists only while its phase runs. The nanoflow step overlaps only
+  under the engine's XLA flags (compat), which main sets."""
   import jax
   from launch.mixed_step import MixedStep
   from nanoflow_jax.engine import KV_CACHE_DTYPES
@@ -282,24 +282,21 @@ def step_phases(stack, share: int, decodes: int, context: int, prefill: int, kv_
   plan = with_beside_share(decode_overlap(step.dense, generic_default(step.dense, num_sms).num_sms, decodes,
                                           beside=BESIDE_ALL), share)
   options = dict(kernels=kernels, kv_dtype=KV_CACHE_DTYPES[kv_cache_dtype])
-  out = []
-  for name, p in ((f"step, sequential: {step.describe}", None),
-                  (f"step, nanoflow {plan.name}, attention on {share} SMs", plan)):
-    run, args = stack.enter_context(step.prepared(p, **options))
-    out.append((name, run, args))
-  return out
+  return [(f"step, sequential: {step.describe}", lambda: step.prepared(None, **options)),
+          (f"step, nanoflow {plan.name}, attention on {share} SMs", lambda: step.prepared(plan, **options))]
 
 
 def hold_phases(phases: list[tuple], seconds: float, command: list[str] | None) -> list[tuple[str, float | None, dict]]:
   """Holds idle, then each phase, for `seconds` each while `command` (nvidia-smi) samples: (name, seconds
-  per call, summary) per phase."""
+  per call, summary) per phase. A phase is (name, opener): opener() a context manager yielding (fn, args)."""
   rows = []
   with Sampler(command) as sampler:
     time.sleep(seconds)   # idle first: the clocks with nothing running
     t = time.monotonic()
     rows.append(("idle", None, (t - seconds, t)))
-    for name, fn, args in phases:
-      start, end, per_call = hold(fn, args, seconds)
+    for name, opener in phases:
+      with opener() as (fn, args):
+        start, end, per_call = hold(fn, args, seconds)
       rows.append((name, per_call, (start, end)))
       print(name, f"{per_call * 1e3:.3f} ms per call", flush=True)
   return [(name, per_call, summarize(sampler.samples, *window)) for name, per_call, window in rows]

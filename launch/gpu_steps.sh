@@ -187,8 +187,8 @@ step_clock-probe-66-pps1() { $PY launch/clock_probe.py --share=66 --attention_va
                               --out="$OUT/clock-probe-66-pps1.md"; }
 # The whole step's mean power against the board's limit: the most any schedule of its work can gain.
 step_clock-probe-step()   { $PY launch/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 \
-                              --out="$OUT/clock-probe-step.md"
-                            $PY launch/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 --kv_cache_dtype=fp8 \
+                              --out="$OUT/clock-probe-step.md"; }
+step_clock-probe-step-fp8() { $PY launch/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 --kv_cache_dtype=fp8 \
                               --out="$OUT/clock-probe-step-fp8.md"; }
 # The synthetic chat workloads with enough requests for a steady state: with 1000 short requests most steps
 # were the tail (60 of 1606 full, session 9); 2048 sequences can fill a 2048-token step with decodes.

@@ -72,16 +72,14 @@ def test_no_sampler_without_a_command():
 def test_step_phases_hold_whole_steps_in_both_modes():
   # The --step phases on the CPU (tiny model, reference kernels, a stand-in sampler): both steps run and
   # each row gets its own timing and readings.
-  import contextlib
   fake_smi = ("import time\n"
               "while True:\n"
               "  print('1500, 3201, 690.0, 45, 0x4', flush=True)\n"
               "  time.sleep(0.02)\n")
-  with contextlib.ExitStack() as stack:
-    phases = clock_probe.step_phases(stack, share=4, decodes=6, context=20, prefill=10, kv_cache_dtype="auto",
-                                     model_name="tiny", kernels="reference")
-    assert [name.split(",")[1].split()[0] for name, _, _ in phases] == ["sequential:", "nanoflow"]
-    rows = clock_probe.hold_phases(phases, 0.6, [sys.executable, "-c", fake_smi])
+  phases = clock_probe.step_phases(share=4, decodes=6, context=20, prefill=10, kv_cache_dtype="auto",
+                                   model_name="tiny", kernels="reference")
+  assert [name.split(",")[1].split()[0] for name, _ in phases] == ["sequential:", "nanoflow"]
+  rows = clock_probe.hold_phases(phases, 0.6, [sys.executable, "-c", fake_smi])
   assert [r[0] for r in rows][0] == "idle" and len(rows) == 3
   for name, per_call, summary in rows[1:]:
     assert per_call > 0 and summary["samples"] > 0 and summary["mean_power_w"] == 690.0, name
