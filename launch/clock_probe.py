@@ -204,9 +204,9 @@ def table(rows: list[tuple[str, float | None, dict]], limits: list[str] | None) 
 
 
 def kernel_phases(share: int, gemm_rows: int, attention_variant: dict) -> list[tuple]:
-  """(name, opener) of each kernel phase (as hold_phases takes them): XLA's GEMM peak on ones and on random data, gate_up by XLA and
-  ours, the decode attention, and the pair as kernel_bench --beside_gemm times it (chains of about equal
-  length on two streams; `attention_variant` changes the attention on its share)."""
+  """(name, opener) of each kernel phase, as hold_phases takes them: XLA's GEMM peak on ones and on random
+  data, gate_up by XLA and ours, the decode attention, and the pair as kernel_bench --beside_gemm times it
+  (chains of about equal length on two streams; `attention_variant` changes the attention on its share)."""
   import jax
   import jax.numpy as jnp
   from launch import kernel_bench   # here, not at the top: its flags would collide in a test process
