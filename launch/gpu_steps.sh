@@ -208,6 +208,13 @@ step_grouped-gemm()       { $PY launch/kernel_bench.py --grouped_gemm --out_dir=
 step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
 step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shapes=8b-small --out_dir="$OUT/tune-small-m"; }
 # Stage 1 on one GPU's shard of LLaMA-2-70B and the all-reduces across 4 (or 2) GPUs, then the search.
+# Session 11: gate_up with the SiLU-and-multiply fused into the GEMM's epilogue (#5), and jax's Hopper
+# attention kernel as a ceiling for prefill attention on the same tokens.
+step_tests-silu-mul()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu_mul"; }
+step_silu-mul()           { $PY launch/kernel_bench.py --silu_mul --shares=132,96,66 --out_dir="$OUT/silu-mul"; }
+step_prefill-ceiling()    { $PY launch/kernel_bench.py --prefill_ceiling --out_dir="$OUT/prefill-ceiling"; }
+step_step-fused()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,mosaic_fused \
+                              --kv_cache_dtypes=fp8 --nanoflow=false --out="$OUT/step-fused.md"; }
 step_autosearch-tp4()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=4 --out_dir="$OUT/autosearch-tp4"; }
 step_autosearch-tp2()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=2 --out_dir="$OUT/autosearch-tp2"; }
 # The search with a decode attention variant on its shares (the best of beside-swap-pipelined); the config

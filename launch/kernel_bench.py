@@ -51,6 +51,10 @@ flags.DEFINE_multi_string("beside_variant", [], "--beside_gemm: a decode attenti
                           "BESIDE_VARIANTS). The engine's configuration is always measured first.")
 flags.DEFINE_enum("beside_shape", "llama-3-8b", ["llama-3-8b", "llama-2-70b-tp2", "llama-2-70b-tp4"],
                   "--beside_gemm's shapes: one GPU's share of this model's decode attention and gate_up GEMM.")
+flags.DEFINE_bool("silu_mul", False, "Only time gate_up with the SiLU-and-multiply: XLA (dot + fusion), our GEMM + "
+                  "XLA's silu_mul, and the fused kernel (gemm.gemm_silu_mul) in a few tilings, at each --shares share.")
+flags.DEFINE_bool("prefill_ceiling", False, "Only time prefill attention on contiguous K/V with jax's "
+                  "warp-specialized Hopper kernel (attention_mgpu) beside ours on the same shapes: a ceiling.")
 flags.DEFINE_bool("stacked_gemm", False, "Only time the GEMM reading one layer of the stacked weights in place "
                   "(gemm(..., layer=i)) against the same GEMM on a weight of its own, at each --shares share.")
 flags.DEFINE_bool("tune_gemm", False, "Only tune the GEMM tiles (gemm.TUNE_SPACE) of --tune_shapes at full grid; "
@@ -431,6 +435,119 @@ def bench_stacked_gemm(shares: list[int], iters: int) -> list[tuple]:
   return out
 
 
+# Fused gate_up tilings timed at full grid besides the default (gemm.SILU_MUL_DEFAULT's changes).
+SILU_MUL_VARIANTS = ({"max_concurrent_steps": 3}, {"grid_minor_dim": "M"}, {"grid_tile_width": 16},
+                     {"wg_dimension": "N", "tile_m": 64, "tile_n": 64, "max_concurrent_steps": 5},
+                     {"wg_dimension": "N", "tile_m": 128, "tile_n": 64, "max_concurrent_steps": 3})
+
+
+SILU_MUL_SHAPES = {"8b-2048": (2048, 28672, 4096), "8b-1536": (1536, 28672, 4096), "8b-128": (128, 28672, 4096),
+                   "70b-tp4-2048": (2048, 14336, 8192)}
+
+
+def bench_silu_mul(shares: list[int], peak: float, iters: int, shapes: dict | None = None) -> list[tuple]:
+  """gate_up + SiLU-and-multiply of LLaMA-3-8B (2048, 1536 and 128 rows) and LLaMA-2-70B's TP-4 shard: XLA's
+  dot and fusion, our GEMM then XLA's silu_mul (the engine's unfused path), and the fused kernel. TFLOP/s
+  count the GEMM's 2*M*2I*K; the ratio is to the unfused pair of the same share."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nanoflow_jax.models import layers
+  from pallas_kernels import gemm
+  out = []
+  for name, (m, n, k) in (shapes or SILU_MUL_SHAPES).items():
+    ka, kb = jax.random.split(jax.random.PRNGKey(m))
+    a = jax.random.normal(ka, (m, k), jnp.bfloat16)
+    b = jax.random.normal(kb, (k, n), jnp.bfloat16) * 0.02
+    flops = 2 * m * n * k
+    ref = np.asarray(gemm.gemm_silu_mul_reference(a, b), np.float32)
+    xla = jax.jit(lambda a, b: layers.silu_and_mul(
+        jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype).reshape(m, 2, -1)))
+    t = timeit(xla, a, b, iters=iters)
+    out.append((f"gate_up+silu {name} {m}x{n}x{k}: XLA dot + fusion", "-", f"{flops / t / 1e12:.0f} TFLOP/s",
+                f"{flops / t / 1e12 / peak:.2f} of peak"))
+    print(out[-1], flush=True)
+    for s in shares:
+      unfused = jax.jit(lambda a, b, s=s: layers.silu_and_mul(gemm.gemm(a, b, num_sms=s).reshape(m, 2, -1)))
+      t_unfused = timeit(unfused, a, b, iters=iters)
+      out.append((f"gate_up+silu {name}: our GEMM + XLA silu_mul", str(s), f"{flops / t_unfused / 1e12:.0f} TFLOP/s",
+                  f"1.00 ({flops / t_unfused / 1e12 / peak:.2f} of peak)"))
+      print(out[-1], flush=True)
+      for changes in [{}] + (list(SILU_MUL_VARIANTS) if s == max(shares) else []):
+        label = f"gate_up+silu {name}: fused " + (" ".join(f"{c}={v}" for c, v in changes.items()) or "default")
+        try:
+          cfg = {**gemm.SILU_MUL_DEFAULT, **changes}
+          f = jax.jit(lambda a, b, s=s, cfg=cfg: gemm.gemm_silu_mul(a, b, num_sms=s, config=cfg))
+          err = float(np.max(np.abs(np.asarray(f(a, b), np.float32) - ref)) / np.max(np.abs(ref)))
+          t = timeit(f, a, b, iters=iters)
+          out.append((f"{label} (rel. error {err:.1e})", str(s), f"{flops / t / 1e12:.0f} TFLOP/s",
+                      f"{t_unfused / t:.2f} ({flops / t / 1e12 / peak:.2f} of peak)"))
+        except Exception as e:  # keep measuring the rest; the table says what failed
+          out.append((label, str(s), f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+        print(out[-1], flush=True)
+  return out
+
+
+def bench_prefill_ceiling(peak: float, iters: int) -> list[tuple]:
+  """Causal prefill attention, LLaMA-3-8B heads (32 query, 8 KV, d 128), one 4096-token prompt and four of
+  1024: jax's warp-specialized Hopper kernel (attention_mgpu: contiguous K/V, no pages, equal lengths) in a
+  few tilings, against our Triton kernel (the engine's PREFILL config, through the page table) on the same
+  tokens. TFLOP/s count the causal half of 4 * T^2 * Hq * D per prompt."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+  from pallas_kernels.paged_attention import configs
+  hq, hkv, d = 32, 8, 128
+  out = []
+  for batch, t in ((1, 4096), (4, 1024)):
+    flops = batch * 2 * t * t * hq * d
+    keys = jax.random.split(jax.random.PRNGKey(t), 3)
+    q = jax.random.normal(keys[0], (batch, t, hq, d), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (batch, t, hkv, d), jnp.bfloat16) for key in keys[1:])
+    ref = np.asarray(am.attention_reference(q[:, :512], k[:, :512], v[:, :512], causal=True), np.float32)
+    for block_q, block_kv, steps in ((64, 64, 2), (64, 128, 2), (64, 128, 3), (128, 64, 2)):
+      label = f"prefill {batch}x{t} attention_mgpu block_q={block_q} block_kv={block_kv} steps={steps}"
+      try:
+        cfg = am.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=steps, causal=True)
+        f = jax.jit(lambda q, k, v, cfg=cfg: am.attention(q, k, v, cfg))
+        got = np.asarray(f(q[:, :512], k[:, :512], v[:, :512]), np.float32)
+        err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        sec = timeit(f, q, k, v, iters=iters)
+        out.append((f"{label} (rel. error {err:.1e})", "132", f"{flops / sec / 1e12:.0f} TFLOP/s",
+                    f"{flops / sec / 1e12 / peak:.2f}"))
+      except Exception as e:
+        out.append((label, "132", f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+      print(out[-1], flush=True)
+    # Ours on the same tokens: each prompt's K/V in pages of 16, the page table in order.
+    problem = _prefill_problem(q, k, v)
+    cfg = configs("triton", jnp.bfloat16)[1]
+    try:
+      sec = time_attention("triton", "prefill", cfg, 132, iters, problem)
+      out.append((f"prefill {batch}x{t} ours (triton, engine config)", "132", f"{flops / sec / 1e12:.0f} TFLOP/s",
+                  f"{flops / sec / 1e12 / peak:.2f}"))
+    except Exception as e:
+      out.append((f"prefill {batch}x{t} ours", "132", f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
+    print(out[-1], flush=True)
+  return out
+
+
+def _prefill_problem(q, k, v, ps: int = 16):
+  """The bench's attention problem tuple for equal-length prompts given as [B, T, H, D] arrays: the cache
+  [1, Hkv, pages, ps, D] holding each prompt's K/V in its own pages, in order."""
+  import jax.numpy as jnp
+  import numpy as np
+  batch, t, hq, d = q.shape
+  hkv = k.shape[2]
+  per = t // ps
+  to_cache = lambda x: x.reshape(batch * per, ps, hkv, d).transpose(2, 0, 1, 3)[None]
+  table = np.arange(batch * per, dtype=np.int32).reshape(batch, per)
+  slots = np.repeat(np.arange(batch, dtype=np.int32), t)
+  positions = np.tile(np.arange(t, dtype=np.int32), batch)
+  return (q.reshape(batch * t, hq, d), (to_cache(k), to_cache(v)), table, slots, positions, [t] * batch,
+          batch * 2 * t * t * hq * d)
+
+
 def tune_gemm(names: list[str], iters: int) -> tuple[dict, list[tuple]]:
   """Times every tile configuration of gemm.TUNE_SPACE per shape (checked against the reference first);
   keeps the fastest where it beats the default by more than 2%. Returns (configs by 'MxNxK', table rows)."""
@@ -526,6 +643,12 @@ def main(argv):
     shares = []
   if FLAGS.stacked_gemm:
     rows += bench_stacked_gemm(shares, FLAGS.iters)
+    shares = []
+  if FLAGS.silu_mul:
+    rows += bench_silu_mul(shares, peak, FLAGS.iters)
+    shares = []
+  if FLAGS.prefill_ceiling:
+    rows += bench_prefill_ceiling(peak, FLAGS.iters)
     shares = []
   if FLAGS.tune_gemm:
     chosen, tune_rows = tune_gemm(list(FLAGS.tune_shapes), FLAGS.iters)

@@ -18,9 +18,10 @@ from nanoflow_jax.config import RopeConfig
 
 
 # A GEMM kernel the runtime installs while it traces a step: fn(a [M, K], b [K, N], residual [M, N] | None,
-# stacked) returns the product, or None where the kernel does not take that shape (then XLA's dot runs).
-# `stacked`: (the stacked weight [L, ...], layer index) that b is a slice of, where the runtime registered
-# it (use_stacked_weights), else None.
+# stacked, epilogue=None) returns the product, or None where the kernel does not take that shape (then XLA's
+# dot runs). `stacked`: (the stacked weight [L, ...], layer index) that b is a slice of, where the runtime
+# registered it (use_stacked_weights), else None. epilogue "silu_mul" (from linear_silu_mul only): b holds
+# [gate | up] along N and the result is silu(gate) * up [M, N / 2]; None there means "not fused".
 GemmFn = Callable[[jax.Array, jax.Array, "jax.Array | None", "tuple | None"], "jax.Array | None"]
 _GEMM: contextvars.ContextVar[GemmFn | None] = contextvars.ContextVar("gemm", default=None)
 
@@ -88,6 +89,20 @@ def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = N
       return out.reshape(*x.shape[:x.ndim - nk], *w.shape[nk:])
   y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
   return y if residual is None else y + residual
+
+
+def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+  """silu(gate) * up of linear(x, w, spec), where w's two trailing dims are [2 (gate, up), I]: one GEMM
+  with the activation in its epilogue where the installed kernel fuses it, else the GEMM then
+  silu_and_mul."""
+  gemm = _GEMM.get()
+  if gemm is not None:
+    k = math.prod(w.shape[:-2])
+    a = x.reshape(-1, k)
+    out = gemm(a, w.reshape(k, -1), None, _STACKED.get().get(id(w)), epilogue="silu_mul")
+    if out is not None:
+      return out.reshape(*x.shape[:x.ndim - (w.ndim - 2)], w.shape[-1])
+  return silu_and_mul(linear(x, w, spec))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

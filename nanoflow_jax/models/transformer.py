@@ -79,9 +79,10 @@ class DecoderLayer(nn.Module):
   def gate_up(self, h):
     return layers.linear(h, self.gate_up_w, "...h,hti->...ti")
 
-  @staticmethod
-  def act(gate_up):
-    return layers.silu_and_mul(gate_up)
+  def gate_up_act(self, h):
+    """silu(gate) * up [..., intermediate]: the gate_up GEMM and its activation (fused where the installed
+    GEMM kernel fuses it)."""
+    return layers.linear_silu_mul(h, self.gate_up_w, "...h,hti->...ti")
 
   def down(self, a, residual=None):
     return layers.linear(a, self.down_w, "...i,ih->...h", residual)
@@ -117,7 +118,7 @@ class DecoderLayer(nn.Module):
     if self.cfg.is_moe:
       out = self.experts(h, *self.router(h))
       return out if residual is None else out + residual
-    return self.down(self.act(self.gate_up(h)), residual)
+    return self.down(self.gate_up_act(h), residual)
 
 
 class Transformer(nn.Module):

@@ -35,7 +35,7 @@ MIN_BUCKET = 16
 # kernel (jax-triton); auto: triton on a GPU where jax-triton imports, else pallas; reference: jnp
 # everywhere (the CPU default); interpret: the Pallas kernels in interpret mode (CPU tests).
 KERNEL_CHOICES = ("auto", "reference", "pallas", "triton", "interpret")
-GEMM_CHOICES = ("mosaic", "xla")
+GEMM_CHOICES = ("mosaic", "mosaic_fused", "xla")
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -112,7 +112,8 @@ class Executor:
     jnp reference elsewhere); off by default until measured on the GPU (docs/perf-notes.md).
     plan: run each layer as this PipelineConfig's nano-ops (mode nanoflow); None: sequential.
     mesh: a tensor-parallel mesh (nanoflow_jax.parallel) the model's weights are sharded over.
-    gemm: "mosaic" (our SM-share GEMM kernel, on the kernel paths) or "xla" (XLA's dot). Measured on an
+    gemm: "mosaic" (our SM-share GEMM kernel, on the kernel paths), "mosaic_fused" (the same, and gate_up
+    with the SiLU-and-multiply in its epilogue, gemm.gemm_silu_mul) or "xla" (XLA's dot). Measured on an
     H200, ours is faster in the sequential step too: XLA's dot needs each layer's weight slice copied out
     of the stacked weights, ours reads it in place (docs/perf-notes.md).
     beside_attention: changes to the decode attention's configuration where it runs on an SM share beside
@@ -284,18 +285,21 @@ class Executor:
       return self._on_stream(lambda *a: rope_append_triton.rope_append(*a, num_sms=num_sms))(*args)
     return rope_append_triton.rope_append_reference(*args)
 
-  def _gemm(self, a, b, residual, stacked):
+  def _gemm(self, a, b, residual, stacked, epilogue=None):
     m, k = a.shape
     n = b.shape[1]
-    if self.gemm == "xla":
+    if self.gemm == "xla" or (epilogue is not None and self.gemm != "mosaic_fused"):
       return None
-    if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not gemm_kernel.supported(m, n, k):
+    supported = gemm_kernel.silu_mul_supported if epilogue == "silu_mul" else gemm_kernel.supported
+    if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not supported(m, n, k):
       return None
     num_sms = self._sms()
     layer = None
     if stacked is not None and self.stacked_gemm:   # the whole stack and the layer index, not the slice
       stack, layer = stacked
       b = stack.reshape(stack.shape[0], k, n)       # a bitcast: the layer's [..] dims flattened as in b
+    if epilogue == "silu_mul":
+      return self._run_kernel(functools.partial(gemm_kernel.gemm_silu_mul, num_sms=num_sms, layer=layer), a, b)
     call = functools.partial(gemm_kernel.gemm, num_sms=num_sms, layer=layer)
     if residual is None:
       return self._run_kernel(lambda a, b: call(a, b, None), a, b)
@@ -389,16 +393,16 @@ class Executor:
               s["x"] = row_parallel(s.pop(op.op.replace("allreduce", "partial")), s["x"])
           elif op.op == "gate_up":
             h = layer.mlp_norm(s["x"])
-            s["mlp"] = layer.mlp(h, residual=s["x"]) if cfg.is_moe else layer.gate_up(h)
+            s["mlp"] = layer.mlp(h, residual=s["x"]) if cfg.is_moe else layer.gate_up_act(h)
           elif op.op == "down":
             if cfg.is_moe:
               s["x"] = s["mlp"]
             elif explicit_allreduce:
-              s["down_partial"] = layer.down(layer.act(s["mlp"]))
+              s["down_partial"] = layer.down(s["mlp"])
             elif manual:
-              s["x"] = row_parallel(layer.down(layer.act(s["mlp"])), s["x"])
+              s["x"] = row_parallel(layer.down(s["mlp"]), s["x"])
             else:
-              s["x"] = layer.down(layer.act(s["mlp"]), residual=s["x"])
+              s["x"] = layer.down(s["mlp"], residual=s["x"])
         outs[op.id] = [v for k, v in s.items() if before.get(k) is not v]
       x = st[0]["x"] if len(st) == 1 else jnp.concatenate([s["x"] for s in st])
       return x, k_cache, v_cache

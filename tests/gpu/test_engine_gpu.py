@@ -21,8 +21,11 @@ def test_kernel_path_agrees_with_reference_on_llama3_8b_shape():
   firsts, timing = {}, {}
   from pallas_kernels.paged_attention import paged_attention_triton_available
   kernel_sets = ["pallas", "triton"] if paged_attention_triton_available() else ["pallas"]
+  kernel_sets.append(kernel_sets[-1] + "+fused")   # the same with gate_up's SiLU-and-multiply fused
   for kernels in ["reference", *kernel_sets]:
-    eng = Engine(model, EngineConfig(dense_batch=1024, num_pages=4096, max_num_seqs=32, kernels=kernels,
+    eng = Engine(model, EngineConfig(dense_batch=1024, num_pages=4096, max_num_seqs=32,
+                                     kernels=kernels.removesuffix("+fused"),
+                                     gemm="mosaic_fused" if kernels.endswith("+fused") else "mosaic",
                                      compilation_cache_dir=None))
     for i, p in enumerate(prompts):
       eng.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=MAX_LOGPROBS))

@@ -31,6 +31,20 @@ def test_gemm_llama3_8b_shapes(mnk, num_sms):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.1, rtol=0.02)
 
 
+@pytest.mark.parametrize("mnk", [(2048, 28672, 4096), (128, 28672, 4096), (1536, 14336, 8192)])
+@pytest.mark.parametrize("num_sms", [132, 96, 33])
+def test_gemm_silu_mul_gate_up_shapes(mnk, num_sms):
+  """The fused gate_up (LLaMA-3-8B at 2048 and 128 rows, LLaMA-2-70B's TP-4 shard) read from a layer of
+  a stack, against the unfused reference."""
+  m, n, k = mnk
+  keys = jax.random.split(jax.random.PRNGKey(m + n + num_sms), 2)
+  a = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+  b = jax.random.normal(keys[1], (2, k, n), jnp.bfloat16) * 0.02
+  out = jax.jit(lambda a, b: gemm.gemm_silu_mul(a, b, num_sms=num_sms, layer=1))(a, b)
+  ref = gemm.gemm_silu_mul_reference(a, b[1])
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.05, rtol=0.02)
+
+
 def _mixed_batch(seed, pages=4096, layers=2, sliding_window=None):
   """60 decodes at ragged contexts and one 300-token prefill chunk continuing a 600-token prefix, in
   layer 1 of the cache, with its reference output."""

@@ -1,0 +1,65 @@
+"""launch/kernel_bench.py's --silu_mul and --prefill_ceiling code paths on the CPU: the fused gate_up rows on a
+tiny shape in interpret mode, and the prefill problem built for both kernels from the same tokens."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SILU_MUL = """
+import sys
+sys.path.insert(0, "tests")
+from absl import flags
+from launch import kernel_bench
+from kernel_utils import gpu_interpret
+flags.FLAGS(["kernel_bench"])
+with gpu_interpret():
+  rows = kernel_bench.bench_silu_mul([1], peak=1.0, iters=1, shapes={"tiny": (128, 512, 128)})
+print("ROWS", rows)
+"""
+
+PREFILL_PROBLEM = """
+import jax, jax.numpy as jnp, numpy as np
+from absl import flags
+from launch import kernel_bench
+from pallas_kernels.paged_attention import paged_attention_reference
+flags.FLAGS(["kernel_bench"])
+keys = jax.random.split(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30))), 3)
+q = jax.random.normal(keys[0], (3, 48, 8, 32), jnp.float32)
+k, v = (jax.random.normal(key, (3, 48, 2, 32), jnp.float32) for key in keys[1:])
+qq, (kc, vc), table, slots, positions, chunks, work = kernel_bench._prefill_problem(q, k, v)
+ours = np.asarray(paged_attention_reference(qq, kc, vc, 0, table, slots, positions)).reshape(q.shape)
+# Causal attention of each prompt over its own tokens, written out (scaled as ours is).
+logits = jnp.einsum("bqhgd,bkhd->bqhgk", q.reshape(3, 48, 2, 4, 32) / np.sqrt(32), k)
+mask = np.tril(np.ones((48, 48), bool))[None, :, None, None, :]
+w = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+ref = np.asarray(jnp.einsum("bqhgk,bkhd->bqhgd", w, v)).reshape(q.shape)
+print("ERR", float(np.abs(ours - ref).max()), "CHUNKS", chunks, "WORK", work)
+"""
+
+
+def _run(code):
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                     env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r.stdout
+
+
+def test_silu_mul_bench_checks_every_variant_and_fails_none():
+  import ast
+  from launch.kernel_bench import SILU_MUL_VARIANTS
+  out = _run(SILU_MUL)
+  rows = ast.literal_eval(out.split("ROWS", 1)[1].strip())
+  fused = [r for r in rows if ": fused" in r[0]]
+  # The default and every variant at the one share; each with its error against the reference.
+  assert len(fused) == 1 + len(SILU_MUL_VARIANTS), rows
+  assert not [r for r in rows if "FAILED" in r[2]], rows
+  for label, *_ in fused:
+    assert float(label.split("rel. error ")[1].rstrip(")")) < 2e-2, label
+  assert sum("our GEMM + XLA silu_mul" in r[0] for r in rows) == 1
+
+
+def test_prefill_problem_holds_each_prompt_in_its_own_pages():
+  out = _run(PREFILL_PROBLEM).split()
+  assert float(out[out.index("ERR") + 1]) < 1e-5
+  assert "[48, 48, 48]" in " ".join(out)
