@@ -23,9 +23,9 @@ def define(max_num_seqs: int) -> None:
                     "Step kernels: pallas (Mosaic GEMMs + Pallas attention), triton (same GEMMs + Triton attention "
                     "through jax-triton), reference (jnp); auto: triton on a GPU where jax-triton imports, else "
                     "pallas; reference on the CPU.")
-  flags.DEFINE_enum("gemm", "mosaic", ["mosaic", "mosaic_fused", "xla"],
-                    "GEMMs on the kernel paths: mosaic (our SM-share kernel), mosaic_fused (the same, with the "
-                    "SiLU-and-multiply fused into gate_up's epilogue) or xla (XLA's dot).")
+  flags.DEFINE_enum("gemm", "mosaic_fused", ["mosaic_fused", "mosaic", "xla"],
+                    "GEMMs on the kernel paths: mosaic_fused (our SM-share kernel, the SiLU-and-multiply fused into "
+                    "gate_up's epilogue), mosaic (the same, unfused) or xla (XLA's dot).")
   flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
   flags.DEFINE_integer("layer_unroll", 1, "Decoder layers per iteration of the step's layer scan. With 2, a "
                        "layer's last ops (under TP: its last all-reduce) and the next layer's first ops of "

@@ -50,7 +50,7 @@ step_tp4-1024-512-seq()   { bench70 tp4-1024-512-seq 4 1024-512 800; }
 step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 400 --mode=nanoflow --compare=sequential --trace_dir="$OUT/trace-tp4" --trace_steps=150:153; }
 # NCCL's channel (CTA) count for an all-reduce over all GPUs (4 H200s: 24; NETWORK_SMS in runtime/plan.py).
 step_nccl-channels()      { NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING $PY -c "import jax, jax.numpy as jnp; n=jax.device_count(); print(jax.pmap(lambda x: jax.lax.psum(x, 'i'), 'i')(jnp.ones((n, 4096, 8192), jnp.bfloat16)).sum())" 2>&1 | sed 's/.*NCCL INFO //' | grep -iE "channel|nvls|ctas|rings|trees" | sort | uniq -c | sort -rn | head -40; }
-step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
+step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
                               --kv_cache_dtypes=fp8,auto --nanoflow=false --out="$OUT/step.md"; }
 step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
                               --kv_cache_dtypes=fp8,auto --decodes=640 --context=1280 --prefill=0 --nanoflow=false \
@@ -58,7 +58,7 @@ step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernel
 step_step-slots()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --max_num_seqs=1024 \
                               --nanoflow=false --trace_dir="$OUT/trace-slots" --out="$OUT/step-slots.md"; }
 step_bench-trace()        { bench bench-trace 1024-512 1000 --trace_dir="$OUT/trace-bench" --trace_steps=400:404; }
-step_step-small()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
+step_step-small()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
                               --decodes=128 --context=1500 --prefill=0 --nanoflow=false --trace_dir="$OUT/trace-small" \
                               --out="$OUT/step-small.md"; }
 # The long runs' tail step (session 9: 2588 of 4034 steps of bench-lmsys-8k held a median 2 decodes, 13.4 ms
@@ -80,7 +80,7 @@ step_step-cb()            { local tail="--decodes=4 --context=600 --prefill=0 --
                                      "nanoflow-while|$CB_NANOFLOW_WHILE|$tail" "mix-xla-default|$CB_XLA_DEFAULT|" "mix-while|$CB_WHILE|"; do
                               IFS='|' read -r name xf shape <<< "$v"
                               echo "== $name: XLA_FLAGS=$xf"
-                              XLA_FLAGS="$xf" $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic \
+                              XLA_FLAGS="$xf" $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
                                 --nanoflow=false --iters=20 $shape --out="$OUT/step-cb-$name.md" 2>&1 | grep -E "^\||step:|Error|error" | tail -8
                             done; }
 step_sweep-fp8()          { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \

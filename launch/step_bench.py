@@ -39,7 +39,7 @@ flags.DEFINE_list("kernels", ["pallas", "triton"],
 flags.DEFINE_integer("iters", 10, "Steps per timing sample.")
 flags.DEFINE_list("kv_cache_dtypes", ["auto"], "KV cache element types (auto, fp8) to time the sequential step "
                   "with; the other variants use the last.")
-flags.DEFINE_list("gemms", ["mosaic"], "GEMM choices (mosaic, mosaic_fused, xla: EngineConfig.gemm) to time the sequential "
+flags.DEFINE_list("gemms", ["mosaic_fused"], "GEMM choices (mosaic, mosaic_fused, xla: EngineConfig.gemm) to time the sequential "
                   "step with.")
 flags.DEFINE_list("templates", ["generic-2", "decode-overlap"], "Two-nano-batch templates to time at each "
                   "--attn_shares (runtime/plan.py: generic_default, decode_overlap; decode-overlap-o+gate_up: "

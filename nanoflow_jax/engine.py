@@ -48,8 +48,8 @@ class EngineConfig:
   mode: str = "sequential"
   kernels: str = "auto"                   # auto: our kernels on GPU (Triton attention where jax-triton
                                           # imports), jnp references elsewhere; see executor.KERNEL_CHOICES
-  gemm: str = "mosaic"                    # GEMMs on the kernel paths: mosaic (ours), mosaic_fused (ours with
-                                          # SiLU-and-multiply in gate_up's epilogue) or xla (XLA's dot)
+  gemm: str = "mosaic_fused"              # GEMMs on the kernel paths: mosaic_fused (ours, SiLU-and-multiply in
+                                          # gate_up's epilogue), mosaic (ours, unfused) or xla (XLA's dot)
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow, or "generic" (default: shipped)
   tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
   fused_rope_append: bool = False         # RoPE + KV append as one kernel (not yet measured: off)

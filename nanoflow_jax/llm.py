@@ -30,7 +30,7 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                  kv_memory_fraction: float = 0.9, max_num_seqs: int = 64, max_model_len: int | None = None,
                  mode: str = "sequential", seed: int = 0, kernels: str = "auto", model_obj=None,
                  pipeline_config: str | None = None, tensor_parallel: int = 1,
-                 kv_cache_dtype: str = "auto", gemm: str = "mosaic", layer_unroll: int = 1) -> Engine:
+                 kv_cache_dtype: str = "auto", gemm: str = "mosaic_fused", layer_unroll: int = 1) -> Engine:
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
   if mode == "nanoflow":
     from nanoflow_jax import compat

@@ -125,7 +125,7 @@ def test_executor_gemm_choice():
   make = lambda **kw: Executor(model, 16, 16, 2, 64, 128, **kw)
   a, b = jnp.ones((128, 256), jnp.bfloat16), jnp.ones((256, 256), jnp.bfloat16)
   assert make(kernels="interpret", gemm="xla")._gemm(a, b, None, None) is None   # falls back to the einsum
-  assert make(kernels="interpret")._gemm(a, b, None, None, epilogue="silu_mul") is None   # not fused: unfused path
+  assert make(kernels="interpret", gemm="mosaic")._gemm(a, b, None, None, epilogue="silu_mul") is None   # unfused
   with gpu_interpret():
     out = make(kernels="interpret")._gemm(a, b, None, None)
   assert out is not None and float(jnp.max(jnp.abs(out.astype(jnp.float32) - 256))) == 0

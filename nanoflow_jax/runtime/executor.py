@@ -105,17 +105,18 @@ class Executor:
   def __init__(self, model: Model, num_pages: int | None, page_size: int, max_num_seqs: int, max_model_len: int,
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
-               fused_rope_append: bool = False, gemm: str = "mosaic", beside_attention: dict | None = None,
+               fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
                layer_unroll: int = 1):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/perf-notes.md).
     plan: run each layer as this PipelineConfig's nano-ops (mode nanoflow); None: sequential.
     mesh: a tensor-parallel mesh (nanoflow_jax.parallel) the model's weights are sharded over.
-    gemm: "mosaic" (our SM-share GEMM kernel, on the kernel paths), "mosaic_fused" (the same, and gate_up
-    with the SiLU-and-multiply in its epilogue, gemm.gemm_silu_mul) or "xla" (XLA's dot). Measured on an
-    H200, ours is faster in the sequential step too: XLA's dot needs each layer's weight slice copied out
-    of the stacked weights, ours reads it in place (docs/perf-notes.md).
+    gemm: "mosaic_fused" (our SM-share GEMM kernel on the kernel paths, gate_up with the SiLU-and-multiply
+    in its epilogue: gemm.gemm_silu_mul), "mosaic" (the same GEMM, the activation left to XLA) or "xla"
+    (XLA's dot). Measured on an H200, ours is faster in the sequential step too: XLA's dot needs each
+    layer's weight slice copied out of the stacked weights, ours reads it in place; the fused gate_up
+    takes the 8B mix step from 66.0 to 64.7 ms (docs/perf-notes.md, session 11).
     beside_attention: changes to the decode attention's configuration where it runs on an SM share beside
     other kernels (stream annotation), e.g. {"programs_per_sm": 4}: there a CTA gets an SM of its own, and
     what is fastest alone on the whole GPU need not be (docs/perf-notes.md, sessions 7-8). None: the
