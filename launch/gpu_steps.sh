@@ -213,6 +213,7 @@ step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shape
 step_tests-silu-mul()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu_mul"; }
 step_silu-mul()           { $PY launch/kernel_bench.py --silu_mul --shares=132,96,66 --out_dir="$OUT/silu-mul"; }
 step_prefill-ceiling()    { $PY launch/kernel_bench.py --prefill_ceiling --out_dir="$OUT/prefill-ceiling"; }
+step_tests-prefill-mgpu() { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "prefill_attention_mgpu"; }
 step_step-fused()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,mosaic_fused \
                               --kv_cache_dtypes=fp8 --nanoflow=false --out="$OUT/step-fused.md"; }
 step_autosearch-tp4()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=4 --out_dir="$OUT/autosearch-tp4"; }

@@ -532,6 +532,36 @@ def bench_prefill_ceiling(peak: float, iters: int) -> list[tuple]:
     except Exception as e:
       out.append((f"prefill {batch}x{t} ours", "132", f"FAILED: {type(e).__name__}: {str(e)[:80]}", "-"))
     print(out[-1], flush=True)
+    out += _prefill_mgpu_rows(problem, flops, peak, iters, f"prefill {batch}x{t}")
+  return out
+
+
+def _prefill_mgpu_rows(problem, flops: float, peak: float, iters: int, label: str) -> list[tuple]:
+  """Our warp-specialized paged prefill kernel (prefill_attention_mgpu) on a bench problem, in a few
+  configurations, each checked against the jnp reference first."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels import prefill_attention_mgpu as pam
+  from pallas_kernels.paged_attention import paged_attention_reference, query_blocks
+  q, cache, table, slots, positions, chunks, _ = problem
+  start, length, nb = query_blocks(chunks, len(slots), pam.BLOCK_Q)
+  mb = pam.max_query_blocks(len(slots), len(chunks))
+  ref = np.asarray(paged_attention_reference(q, cache[0], cache[1], 0, table, slots, positions), np.float32)
+  out = []
+  for cfg in ({}, {"block_kv": 64}, {"max_concurrent_steps": 3}, {"block_kv": 64, "max_concurrent_steps": 4}):
+    name = f"{label} ours (mosaic, pages) " + (" ".join(f"{k}={v}" for k, v in cfg.items()) or "default")
+    try:
+      f = jax.jit(lambda q, c, cfg=cfg: pam.prefill_attention(q, c[0], c[1], 0, table, slots, positions, start,
+                                                              length, jnp.int32(nb), max_blocks=mb, **cfg))
+      got = np.asarray(f(q, cache), np.float32)
+      err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+      sec = timeit(f, q, cache, iters=iters)
+      out.append((f"{name} (rel. error {err:.1e})", "132", f"{flops / sec / 1e12:.0f} TFLOP/s",
+                  f"{flops / sec / 1e12 / peak:.2f}"))
+    except Exception as e:
+      out.append((name, "132", f"FAILED: {type(e).__name__}: {str(e)[:120]}", "-"))
+    print(out[-1], flush=True)
   return out
 
 

@@ -1,0 +1,238 @@
+"""Prefill attention over pages on Hopper (Mosaic GPU): warp-specialized, wgmma, K/V pages by TMA.
+
+The Triton kernel (paged_attention_triton.py) reaches 0.36 of the GEMM peak on a 4096-token prompt; jax's
+warp-specialized `attention_mgpu` reaches 0.60 on the same tokens with K/V contiguous (docs/perf-notes.md,
+session 11). This kernel is that design over the paged cache:
+- one CTA per (query head, query block of 128 rows); two consumer warpgroups of 64 rows each, one producer
+  warpgroup;
+- the producer streams K and V blocks of `block_kv` keys into a ring of shared-memory slots, each block as
+  block_kv / page_size TMA copies of one page ([page_size, D] of one KV head: 4 KiB at 16 x 128 bf16), the
+  page ids read from the sequence's page-table row; a slot's barrier completes when all its pages landed;
+- the consumers compute S = Q K^T and O += P V with wgmma, an online softmax in registers between them, and
+  take turns on the tensor cores (a schedule barrier), so one's softmax hides behind the other's matmuls.
+Causal: key blocks wholly before a warpgroup's first query run unmasked; the rest mask key > query position
+and keys past the chunk's end (a partial last page).
+
+Query blocks come from the host as in paged_attention.query_blocks (block_start, block_len, num_blocks, with
+block_q = BLOCK_Q); the entry gathers them into whole 128-row tiles, runs the kernel, and scatters the valid
+rows back. bf16/f16 caches only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size
+% 8 == 0 and dividing block_kv.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.paged_attention import paged_attention_reference  # noqa: F401 (the reference)
+
+BLOCK_Q = 128            # query rows per CTA: two consumer warpgroups of 64
+CONFIG = dict(block_kv=128, max_concurrent_steps=2)
+
+
+def supported(q_dtype, kv_dtype, head_dim: int, page_size: int, block_kv: int = CONFIG["block_kv"]) -> bool:
+  return (jnp.dtype(kv_dtype) == jnp.dtype(q_dtype) and jnp.dtype(q_dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 64 == 0 and page_size % 8 == 0 and block_kv % page_size == 0 and block_kv % 64 == 0)
+
+
+def max_query_blocks(num_tokens: int, max_chunks: int) -> int:
+  """A static bound on query blocks of BLOCK_Q rows for `num_tokens` rows in at most `max_chunks` chunks."""
+  return -(-num_tokens // BLOCK_Q) + max(max_chunks - 1, 0)
+
+
+def prefill_attention(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks,
+                      *, max_blocks: int, block_kv: int = CONFIG["block_kv"],
+                      max_concurrent_steps: int = CONFIG["max_concurrent_steps"], out=None):
+  """q [N, Hq, D]; k/v_cache [L, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions [N]; query blocks of
+  <= BLOCK_Q rows (block_start, block_len [>= max_blocks], num_blocks) as paged_attention.query_blocks gives
+  them, each within one chunk of consecutive positions. Returns [N, Hq, D]: the rows of the blocks written
+  into `out` (or zeros)."""
+  n, hq, d = q.shape
+  _, hkv, _, page_size, _ = k_cache.shape
+  if not supported(q.dtype, k_cache.dtype, d, page_size, block_kv):
+    raise ValueError(f"prefill_attention: q {q.dtype}, cache {k_cache.dtype}, head_dim {d}, page_size {page_size}, "
+                     f"block_kv {block_kv}: not a shape this kernel takes")
+  if block_start.shape[0] < max_blocks:
+    raise ValueError(f"prefill_attention: {block_start.shape[0]} block entries, fewer than max_blocks={max_blocks}")
+  rows = jnp.arange(BLOCK_Q, dtype=jnp.int32)
+  start = jnp.asarray(block_start[:max_blocks], jnp.int32)
+  length = jnp.where(jnp.arange(max_blocks) < num_blocks, jnp.asarray(block_len[:max_blocks], jnp.int32), 0)
+  token = start[:, None] + rows[None, :]                               # [B, BLOCK_Q]
+  valid = rows[None, :] < length[:, None]
+  token = jnp.where(valid, token, 0)
+  q_tiles = jnp.where(valid[..., None, None], q[token], 0).reshape(max_blocks * BLOCK_Q, hq, d)
+  first = jnp.minimum(start, n - 1)
+  pos0 = jnp.asarray(positions, jnp.int32)[first]
+  # Per block: its page-table row, its first query position, and the end of its keys (last position + 1).
+  info = jnp.stack([jnp.asarray(slots, jnp.int32)[first], pos0, pos0 + length], axis=1)
+  layer = jnp.asarray(layer, jnp.int32).reshape(1)
+  o_tiles = _call(info, layer, jnp.asarray(page_table, jnp.int32), q_tiles, k_cache, v_cache,
+                  block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
+  dest = jnp.where(valid, token, n).reshape(-1)                        # padding rows land past the end: dropped
+  base = jnp.zeros_like(q) if out is None else out
+  return base.at[dest].set(o_tiles, mode="drop")
+
+
+def _call(info, layer, page_table, q_tiles, k_cache, v_cache, *, block_kv: int, max_concurrent_steps: int):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  rows_total, hq, d = q_tiles.shape
+  _, hkv, _, page_size, _ = k_cache.shape
+  num_blocks = rows_total // BLOCK_Q
+  group = hq // hkv
+  max_pages = page_table.shape[1]
+  pages_per_kv = block_kv // page_size
+  wg_rows = BLOCK_Q // 2
+  steps = max_concurrent_steps
+  dtype = q_tiles.dtype
+  # Register layouts are the GPU lowering's business; interpret mode (CPU tests) takes plain arrays.
+  on_gpu = jax.default_backend() == "gpu"
+  in_layout = (lambda x, layout: plgpu.layout_cast(x, layout)) if on_gpu else (lambda x, layout: x)
+  iota = ((lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)) if on_gpu
+          else (lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim)))
+  scale_log2 = math.log2(math.e) / math.sqrt(d)   # softmax in base 2, the 1/sqrt(d) folded in
+  swizzle = plgpu.find_swizzle(64 * jnp.dtype(dtype).itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+  def kernel(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, smem, barriers):
+    qo_smem2, k_smem, v_smem = smem
+    k_ready, v_ready, q_ready, k_free, v_free, turn = barriers
+    head = lax.axis_index("heads")
+    block = lax.axis_index("blocks")
+    wg = lax.axis_index("wg")
+    seq_row, pos0, kv_end = info_ref[block, 0], info_ref[block, 1], info_ref[block, 2]
+    cta_steps = pl.cdiv(kv_end, jnp.int32(block_kv))       # key blocks any of the 128 rows needs
+
+    def take_turn():
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+    @pl.when((kv_end > pos0) & (wg < 2))
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      qo_smem = qo_smem2.at[wg]
+      first_pos = pos0 + wg * wg_rows                        # query position of this warpgroup's first row
+      my_steps = pl.cdiv(jnp.minimum(first_pos + wg_rows, kv_end), jnp.int32(block_kv))
+      unmasked = jnp.minimum(first_pos // block_kv, my_steps)
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(block * BLOCK_Q + wg * wg_rows, wg_rows), head], qo_smem,
+                              q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+      m_i = in_layout(jnp.full((wg_rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      l_i = in_layout(jnp.full((wg_rows,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = in_layout(jnp.full((wg_rows, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+      @pl.when(my_steps > 0)
+      def _():
+        plgpu.barrier_wait(k_ready.at[0])
+      pl.when(wg == 1)(take_turn)      # the second warpgroup starts half a turn later
+
+      def kv_step(i, carry, masked: bool):
+        acc, m_i, l_i = carry
+        slot = lax.rem(i, jnp.int32(steps))
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          take_turn()
+          return acc_ref[...]
+        if on_gpu:
+          s = pl.run_scoped(qk, plgpu.ACC((wg_rows, block_kv), jnp.float32))
+        else:        # interpret mode cannot transpose a shared-memory ref: the same product on values
+          s = lax.dot_general(qo_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+          take_turn()
+        plgpu.barrier_arrive(k_free.at[slot])
+        if masked:
+          q_pos = first_pos + iota(s.shape, 0)
+          k_pos = i * block_kv + iota(s.shape, 1)
+          s = jnp.where((k_pos <= q_pos) & (k_pos < kv_end), s, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        p_lo = p.astype(dtype)
+        acc, l_i, m_new, p_lo = lax.optimization_barrier((acc, l_i, m_new, p_lo))
+        plgpu.barrier_arrive(turn)                          # softmax done
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(turn)                            # the tensor cores are ours again
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
+          nxt = i + 1
+
+          @pl.when(nxt < my_steps)
+          def _():
+            plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(steps))])
+        if on_gpu:   # wgmma accumulates into acc's registers
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        else:        # interpret mode has no run_state: the same product into a fresh accumulator, added
+          acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((wg_rows, d), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_i
+
+      def drain(i, _):
+        # Key blocks the other warpgroup still needs: release their slots and keep the turns in step.
+        slot = lax.rem(i, jnp.int32(steps))
+        plgpu.barrier_arrive(k_free.at[slot])
+        plgpu.barrier_arrive(v_free.at[slot])
+        take_turn()
+        take_turn()
+
+      carry = lax.fori_loop(0, unmasked, functools.partial(kv_step, masked=False), (acc, m_i, l_i))
+      acc, m_i, l_i = lax.fori_loop(unmasked, my_steps, functools.partial(kv_step, masked=True), carry)
+      lax.fori_loop(my_steps, cta_steps, drain, None)
+      pl.when(wg == 0)(take_turn)
+      acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
+      qo_smem[...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(block * BLOCK_Q + wg * wg_rows, wg_rows), head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when((kv_end > pos0) & (wg == 2))
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = lax.div(head, jnp.int32(group))
+      lay = layer_ref[0]
+
+      def page_ids(i):
+        # All of a key block's page ids before any copy: independent loads whose latencies overlap (one
+        # dependent global load per copy left the producer latency-bound, session 11).
+        return [table_ref[seq_row, jnp.minimum(i * pages_per_kv + j, max_pages - 1)] for j in range(pages_per_kv)]
+
+      def load(pages, slot):
+        for ref, smem_ref, ready in ((k_ref, k_smem, k_ready), (v_ref, v_smem, v_ready)):
+          for j, page in enumerate(pages):
+            plgpu.copy_gmem_to_smem(ref.at[lay, kv_head, page], smem_ref.at[slot, pl.ds(j * page_size, page_size)],
+                                    ready.at[slot])
+
+      for i in range(steps):
+        pl.when(i < cta_steps)(lambda i=i: load(page_ids(jnp.int32(i)), i))
+
+      @pl.loop(0, jnp.maximum(cta_steps - steps, 0))
+      def _(i):
+        slot = lax.rem(i, jnp.int32(steps))
+        pages = page_ids(i + steps)          # issued before the waits, so their latency hides behind them
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        load(pages, slot)
+
+  def entry(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref):
+    smem = (plgpu.SMEM((2, wg_rows, d), dtype, transforms=transforms),
+            plgpu.SMEM((steps, block_kv, d), dtype, transforms=transforms),
+            plgpu.SMEM((steps, block_kv, d), dtype, transforms=transforms))
+    barriers = (plgpu.Barrier(num_arrivals=pages_per_kv, num_barriers=steps),   # a slot's K pages landed
+                plgpu.Barrier(num_arrivals=pages_per_kv, num_barriers=steps),   # its V pages
+                plgpu.Barrier(num_barriers=2),                                  # each warpgroup's Q
+                plgpu.Barrier(num_arrivals=2, num_barriers=steps),              # both consumers done with K
+                plgpu.Barrier(num_arrivals=2, num_barriers=steps),              # ... with V
+                plgpu.Barrier(num_arrivals=2))                                  # turns on the tensor cores
+    pl.run_scoped(lambda *scoped: kernel(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, *scoped),
+                  smem, barriers, collective_axes="wg")
+
+  return plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct(q_tiles.shape, dtype),
+                      grid=(hq, num_blocks), grid_names=("heads", "blocks"), num_threads=3, thread_name="wg",
+                      compiler_params=plgpu.CompilerParams(approx_math=True))(
+                          info, layer, page_table, q_tiles, k_cache, v_cache)
