@@ -1,5 +1,9 @@
 """Prefill attention over pages on Hopper (Mosaic GPU): warp-specialized, wgmma, K/V pages by TMA.
 
+Not yet the engine's: measured at 0.44 of the GEMM peak through this entry (the kernel alone 0.58, jax's
+attention_mgpu on contiguous K/V 0.61) against the Triton kernel's 0.37 on a 4096-token prompt, but the
+entry's gathers and the Triton kernel's fp8 support keep the engine on Triton for now (perf-notes, session 11).
+
 The Triton kernel (paged_attention_triton.py) reaches 0.36 of the GEMM peak on a 4096-token prompt; jax's
 warp-specialized `attention_mgpu` reaches 0.60 on the same tokens with K/V contiguous (docs/perf-notes.md,
 session 11). This kernel is that design over the paged cache:
@@ -14,8 +18,9 @@ Causal: key blocks wholly before a warpgroup's first query run unmasked; the res
 and keys past the chunk's end (a partial last page).
 
 Query blocks come from the host as in paged_attention.query_blocks (block_start, block_len, num_blocks, with
-block_q = BLOCK_Q); the entry gathers them into whole 128-row tiles, runs the kernel, and scatters the valid
-rows back. bf16/f16 caches only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size
+block_q = BLOCK_Q). The entry gathers each block's query rows into a 128-row tile, the kernel writes whole
+128-row output tiles, and the entry gathers the blocks' rows back into `out` (gathers: scattering the tiles instead cost
+0.09 ms more on 4096 rows, session 11; the two gathers still cost ~0.09 ms there, 0.58 -> 0.44 of peak). bf16/f16 caches only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size
 % 8 == 0 and dividing block_kv.
 """
 from __future__ import annotations
@@ -57,37 +62,49 @@ def prefill_attention(q, k_cache, v_cache, layer, page_table, slots, positions, 
                      f"block_kv {block_kv}: not a shape this kernel takes")
   if block_start.shape[0] < max_blocks:
     raise ValueError(f"prefill_attention: {block_start.shape[0]} block entries, fewer than max_blocks={max_blocks}")
-  rows = jnp.arange(BLOCK_Q, dtype=jnp.int32)
   start = jnp.asarray(block_start[:max_blocks], jnp.int32)
   length = jnp.where(jnp.arange(max_blocks) < num_blocks, jnp.asarray(block_len[:max_blocks], jnp.int32), 0)
-  token = start[:, None] + rows[None, :]                               # [B, BLOCK_Q]
-  valid = rows[None, :] < length[:, None]
-  token = jnp.where(valid, token, 0)
-  q_tiles = jnp.where(valid[..., None, None], q[token], 0).reshape(max_blocks * BLOCK_Q, hq, d)
   first = jnp.minimum(start, n - 1)
   pos0 = jnp.asarray(positions, jnp.int32)[first]
-  # Per block: its page-table row, its first query position, and the end of its keys (last position + 1).
+  # Per block: its page-table row, its first query position and the end of its keys (last position + 1).
   info = jnp.stack([jnp.asarray(slots, jnp.int32)[first], pos0, pos0 + length], axis=1)
   layer = jnp.asarray(layer, jnp.int32).reshape(1)
-  o_tiles = _call(info, layer, jnp.asarray(page_table, jnp.int32), q_tiles, k_cache, v_cache,
+  # The query rows as whole 128-row tiles (a TMA copy needs its row offset to be a known multiple of the
+  # shared-memory tiling, which a chunk's first row is not); rows past a block's end are zeros.
+  rows_in = jnp.arange(BLOCK_Q, dtype=jnp.int32)
+  q_tiles = q[jnp.minimum(start[:, None] + rows_in[None, :], n - 1)].reshape(max_blocks * BLOCK_Q, *q.shape[1:])
+  o_tiles = _call(info, layer, jnp.asarray(page_table, jnp.int32), q_tiles, k_cache, v_cache, num_blocks=max_blocks,
                   block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
-  dest = jnp.where(valid, token, n).reshape(-1)                        # padding rows land past the end: dropped
+  # Each row's block (blocks are in row order), and whether the row is in it at all (decode rows are not).
+  t = jnp.arange(n, dtype=jnp.int32)
+  b = jnp.clip(jnp.searchsorted(jnp.where(length > 0, start, n), t, side="right") - 1, 0, max_blocks - 1)
+  inside = (t >= start[b]) & (t < start[b] + length[b])
+  rows = o_tiles[b * BLOCK_Q + jnp.clip(t - start[b], 0, BLOCK_Q - 1)]
   base = jnp.zeros_like(q) if out is None else out
-  return base.at[dest].set(o_tiles, mode="drop")
+  return jnp.where(inside[:, None, None], rows, base)
 
 
-def _call(info, layer, page_table, q_tiles, k_cache, v_cache, *, block_kv: int, max_concurrent_steps: int):
+def tiles_reference(info, layer, page_table, q_tiles, k_cache, v_cache, *, num_blocks: int, **_):
+  """What `_call` computes, in jnp: for each block b (info[b] = page-table row, first query position, end of its
+  keys), its 128 query rows of q_tiles attending causally to that row's pages. Rows past a block's end are
+  clamped to its last position here (the kernel computes them otherwise; both are dropped)."""
+  r = jnp.arange(BLOCK_Q, dtype=jnp.int32)
+  slots = jnp.repeat(info[:, 0], BLOCK_Q)
+  positions = jnp.maximum(jnp.minimum(info[:, 1:2] + r[None, :], info[:, 2:3] - 1), 0).reshape(-1)
+  return paged_attention_reference(q_tiles, k_cache, v_cache, layer[0], page_table, slots, positions)
+
+
+def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, block_kv: int, max_concurrent_steps: int):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  rows_total, hq, d = q_tiles.shape
+  _, hq, d = q.shape
   _, hkv, _, page_size, _ = k_cache.shape
-  num_blocks = rows_total // BLOCK_Q
   group = hq // hkv
   max_pages = page_table.shape[1]
   pages_per_kv = block_kv // page_size
   wg_rows = BLOCK_Q // 2
   steps = max_concurrent_steps
-  dtype = q_tiles.dtype
+  dtype = q.dtype
   # Register layouts are the GPU lowering's business; interpret mode (CPU tests) takes plain arrays.
   on_gpu = jax.default_backend() == "gpu"
   in_layout = (lambda x, layout: plgpu.layout_cast(x, layout)) if on_gpu else (lambda x, layout: x)
@@ -232,7 +249,7 @@ def _call(info, layer, page_table, q_tiles, k_cache, v_cache, *, block_kv: int, 
     pl.run_scoped(lambda *scoped: kernel(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, *scoped),
                   smem, barriers, collective_axes="wg")
 
-  return plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct(q_tiles.shape, dtype),
+  return plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((num_blocks * BLOCK_Q, hq, d), dtype),
                       grid=(hq, num_blocks), grid_names=("heads", "blocks"), num_threads=3, thread_name="wg",
                       compiler_params=plgpu.CompilerParams(approx_math=True))(
-                          info, layer, page_table, q_tiles, k_cache, v_cache)
+                          info, layer, page_table, q, k_cache, v_cache)

@@ -79,6 +79,14 @@ def test_prefill_attention_mgpu_mixed_batch(cfg):
   out = pam.prefill_attention(q, kc, vc, 1, table, slots, positions, start, length, jnp.int32(nb),
                               max_blocks=pam.max_query_blocks(len(slots), len(chunk)), **cfg)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+  # As the engine calls it: blocks over the prefill chunk only, into an output holding the decode rows.
+  start, length, nb = query_blocks(chunk[60:], len(slots), pam.BLOCK_Q)
+  start[:nb] += 60
+  marked = jnp.full_like(q, 7)
+  out = pam.prefill_attention(q, kc, vc, 1, table, slots, positions, start, length, jnp.int32(nb),
+                              max_blocks=pam.max_query_blocks(300, 1), out=marked, **cfg)
+  assert float(jnp.max(jnp.abs(out[:60].astype(jnp.float32) - 7))) == 0
+  np.testing.assert_allclose(np.asarray(out[60:], np.float32), np.asarray(ref[60:], np.float32), atol=2e-2)
   rng = np.random.default_rng(5)
   chunk = [1000, 130]
   table, slots, positions = page_layout(rng, chunk, chunk, 16, 4096, (2, 64))

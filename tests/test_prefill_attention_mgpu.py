@@ -1,0 +1,70 @@
+"""The warp-specialized paged prefill kernel's entry (pallas_kernels/prefill_attention_mgpu.py) on the CPU.
+
+The kernel body runs on the GPU only (tests/gpu/test_kernels_gpu.py: against the reference, and against
+tiles_reference, the jnp statement of what it computes per 128-row tile): jax 0.10.2's Mosaic GPU interpret
+mode has no run_state, no transposed shared-memory refs and no register layouts, which the body needs. Here
+the kernel is replaced by tiles_reference, and what the entry does around it is checked: query blocks to
+tiles, per-block page-table rows, positions and key ends, and the tiles' rows back into the output, with
+rows outside every block (decode rows) left as they were."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernel_utils import page_layout
+from pallas_kernels import prefill_attention_mgpu as pam
+from pallas_kernels.paged_attention import paged_attention_reference, query_blocks
+
+
+def _batch(rng, ctx, chunk, hkv=2, g=2, d=64, ps=16, pages=96):
+  table, slots, positions = page_layout(rng, ctx, chunk, ps, pages, (len(ctx), 24))
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  kc = jax.random.normal(key, (2, hkv, pages, ps, d), jnp.bfloat16)
+  vc = jax.random.normal(jax.random.fold_in(key, 1), (2, hkv, pages, ps, d), jnp.bfloat16)
+  q = jax.random.normal(jax.random.fold_in(key, 2), (len(slots), hkv * g, d), jnp.bfloat16)
+  return q, kc, vc, table, slots, positions
+
+
+@pytest.fixture
+def kernel_as_reference(monkeypatch):
+  monkeypatch.setattr(pam, "_call", pam.tiles_reference)
+
+
+def test_entry_matches_the_reference_on_ragged_chunks(kernel_as_reference):
+  """Chunks after cached prefixes, of 1, 44, 128 and 300 rows (blocks that end mid-tile, a chunk of exactly
+  one tile), pages filled partly."""
+  rng = np.random.default_rng()
+  ctx, chunk = (1, 77, 300, 200), (1, 44, 300, 128)
+  q, kc, vc, table, slots, positions = _batch(rng, ctx, chunk)
+  start, length, nb = query_blocks(list(chunk), len(slots), pam.BLOCK_Q)
+  out = pam.prefill_attention(q, kc, vc, 1, table, slots, positions, start, length, jnp.int32(nb),
+                              max_blocks=pam.max_query_blocks(len(slots), len(chunk)))
+  ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+def test_entry_leaves_rows_outside_its_blocks(kernel_as_reference):
+  """As the engine calls it: decode rows (another kernel's) before and after the prefill chunks' blocks."""
+  rng = np.random.default_rng()
+  ctx, chunk = (30, 9, 150, 60, 12), (1, 1, 150, 20, 1)
+  q, kc, vc, table, slots, positions = _batch(rng, ctx, chunk)
+  start, length, nb = query_blocks(list(chunk[2:4]), len(slots), pam.BLOCK_Q)
+  start[:nb] += 2
+  marked = jnp.full_like(q, 7)
+  out = pam.prefill_attention(q, kc, vc, 0, table, slots, positions, start, length, jnp.int32(nb),
+                              max_blocks=pam.max_query_blocks(170, 2), out=marked)
+  ref = paged_attention_reference(q, kc, vc, 0, table, slots, positions)
+  for rows in (slice(0, 2), slice(172, 173)):
+    assert float(jnp.max(jnp.abs(out[rows].astype(jnp.float32) - 7))) == 0
+  np.testing.assert_allclose(np.asarray(out[2:172], np.float32), np.asarray(ref[2:172], np.float32), atol=2e-2)
+
+
+def test_refuses_what_the_kernel_cannot_take():
+  q = jnp.zeros((4, 4, 64), jnp.bfloat16)
+  fp8 = jnp.zeros((1, 2, 8, 16, 64), jnp.float8_e4m3fn)
+  with pytest.raises(ValueError, match="not a shape"):
+    pam.prefill_attention(q, fp8, fp8, 0, np.zeros((1, 8), np.int32), np.zeros(4, np.int32), np.arange(4),
+                          np.zeros(4, np.int32), np.array([4, 0, 0, 0], np.int32), jnp.int32(1), max_blocks=1)
+  assert not pam.supported(jnp.bfloat16, jnp.bfloat16, 96, 16)       # head_dim not a multiple of 64
+  assert pam.supported(jnp.bfloat16, jnp.bfloat16, 128, 16)
+  assert pam.max_query_blocks(300, 1) == 3 and pam.max_query_blocks(300, 4) == 6
