@@ -105,11 +105,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
   wg_rows = BLOCK_Q // 2
   steps = max_concurrent_steps
   dtype = q.dtype
-  # Register layouts are the GPU lowering's business; interpret mode (CPU tests) takes plain arrays.
-  on_gpu = jax.default_backend() == "gpu"
-  in_layout = (lambda x, layout: plgpu.layout_cast(x, layout)) if on_gpu else (lambda x, layout: x)
-  iota = ((lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)) if on_gpu
-          else (lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim)))
+  iota = lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
   scale_log2 = math.log2(math.e) / math.sqrt(d)   # softmax in base 2, the 1/sqrt(d) folded in
   swizzle = plgpu.find_swizzle(64 * jnp.dtype(dtype).itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
@@ -137,9 +133,9 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
       plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(block * BLOCK_Q + wg * wg_rows, wg_rows), head], qo_smem,
                               q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
-      m_i = in_layout(jnp.full((wg_rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      l_i = in_layout(jnp.full((wg_rows,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      acc = in_layout(jnp.full((wg_rows, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+      m_i = plgpu.layout_cast(jnp.full((wg_rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((wg_rows,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((wg_rows, d), 0, jnp.float32), plgpu.Layout.WGMMA)
 
       @pl.when(my_steps > 0)
       def _():
@@ -154,12 +150,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
           plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
           take_turn()
           return acc_ref[...]
-        if on_gpu:
-          s = pl.run_scoped(qk, plgpu.ACC((wg_rows, block_kv), jnp.float32))
-        else:        # interpret mode cannot transpose a shared-memory ref: the same product on values
-          s = lax.dot_general(qo_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-          take_turn()
+        s = pl.run_scoped(qk, plgpu.ACC((wg_rows, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
         if masked:
           q_pos = first_pos + iota(s.shape, 0)
@@ -183,10 +174,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
           @pl.when(nxt < my_steps)
           def _():
             plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(steps))])
-        if on_gpu:   # wgmma accumulates into acc's registers
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        else:        # interpret mode has no run_state: the same product into a fresh accumulator, added
-          acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((wg_rows, d), jnp.float32))
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))   # wgmma accumulates into acc's registers
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
