@@ -564,11 +564,7 @@ def _prefill_mgpu_rows(problem, flops: float, peak: float, iters: int, label: st
     print(out[-1], flush=True)
   # The kernel alone (default configuration), without the entry's gathers of query and output rows.
   try:
-    first = np.minimum(start[:mb], len(slots) - 1)
-    info = jnp.stack([jnp.asarray(slots[first]), jnp.asarray(positions[first]),
-                      jnp.asarray(positions[first] + np.where(np.arange(mb) < nb, length[:mb], 0))], axis=1)
-    rows = np.minimum(start[:mb, None] + np.arange(pam.BLOCK_Q)[None, :], len(slots) - 1).reshape(-1)
-    q_tiles = q[jnp.asarray(rows)]
+    info, q_tiles, _, _ = pam.block_tiles(q, slots, positions, start, length, nb, mb)
     f = jax.jit(lambda q_tiles, c: pam._call(info, jnp.zeros((1,), jnp.int32), jnp.asarray(table), q_tiles, c[0], c[1],
                                              num_blocks=mb, **pam.CONFIG))
     sec = timeit(f, q_tiles, cache, iters=iters)

@@ -84,12 +84,11 @@ def _weight_shape(b: jax.Array, layer) -> tuple[int, int]:
   return b.shape
 
 
-def _launch(body, a, b, extra, layer, out_type):
-  """Runs body(a_gmem, b_gmem, *extra_gmem, out_gmem) on the grid of the compiler params' `num_sms` CTAs
-  (three warpgroups: two consumers, one producer). With `layer`, b is a weight stack and the body gets
-  the layer's [K, N] view of it, read in place."""
+def _launch(body, a, b, extra, layer, out_type: jax.ShapeDtypeStruct, num_sms: int):
+  """Runs body(a_gmem, b_gmem, *extra_gmem, out_gmem) on a grid of `num_sms` CTAs (three warpgroups: two
+  consumers, one producer). With `layer`, b is a weight stack and the body gets the layer's [K, N] view of
+  it, read in place."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  num_sms = out_type.pop("num_sms")
   args = (a, b, *extra)
   kernel_body = body
   if layer is not None:
@@ -97,7 +96,7 @@ def _launch(body, a, b, extra, layer, out_type):
       body(a_gmem, b_gmem.at[layer_gmem[0]], *rest)
     args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
   f = plgpu.kernel(
-      kernel_body, out_type=jax.ShapeDtypeStruct(**out_type),
+      kernel_body, out_type=out_type,
       grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
@@ -125,14 +124,20 @@ def gemm(a: jax.Array, b: jax.Array, residual: jax.Array | None = None, *, num_s
   def body(a_gmem, b_gmem, c_gmem, out_gmem):
     hm.kernel(a_gmem, b_gmem, c_gmem, out_gmem, config=cfg)
   out_dtype = a.dtype if residual is None else residual.dtype
-  return _launch(body, a, b, (residual,), layer, dict(shape=(m, n), dtype=out_dtype, num_sms=num_sms))
+  return _launch(body, a, b, (residual,), layer, jax.ShapeDtypeStruct((m, n), out_dtype), num_sms)
+
+
+def _silu_mul_cta_tile(cfg: dict) -> tuple[int, int]:
+  """The CTA's output tile (rows, columns of I): the two consumer warpgroups' tiles side by side along
+  wg_dimension."""
+  split_m = cfg["wg_dimension"] == "M"
+  return cfg["tile_m"] * (1 + split_m), cfg["tile_n"] * (2 - split_m)
 
 
 def silu_mul_supported(m: int, n: int, k: int, config: dict | None = None) -> bool:
   """n: the weight's columns, 2I. Each CTA's tile must divide M and I."""
   cfg = {**SILU_MUL_DEFAULT, **(config or {})}
-  split_m = cfg["wg_dimension"] == "M"
-  cta_m, cta_n = cfg["tile_m"] * (1 + split_m), cfg["tile_n"] * (2 - split_m)
+  cta_m, cta_n = _silu_mul_cta_tile(cfg)
   return n % 2 == 0 and m % cta_m == 0 and (n // 2) % cta_n == 0 and k % cfg["tile_k"] == 0
 
 
@@ -148,7 +153,7 @@ def gemm_silu_mul(a: jax.Array, b: jax.Array, *, num_sms: int, config: dict | No
   if not silu_mul_supported(m, n, k, cfg):
     raise ValueError(f"gemm_silu_mul: M={m}, K={k} and I={n // 2} do not divide into the tiles of {cfg}")
   body = functools.partial(_silu_mul_body, cfg=cfg)
-  return _launch(body, a, b, (), layer, dict(shape=(m, n // 2), dtype=a.dtype, num_sms=num_sms))
+  return _launch(body, a, b, (), layer, jax.ShapeDtypeStruct((m, n // 2), a.dtype), num_sms)
 
 
 def _silu_mul_body(a_gmem, b_gmem, out_gmem, *, cfg: dict):
@@ -159,7 +164,7 @@ def _silu_mul_body(a_gmem, b_gmem, out_gmem, *, cfg: dict):
   inter = out_gmem.shape[1]
   tile_m, tile_n, tile_k = cfg["tile_m"], cfg["tile_n"], cfg["tile_k"]
   split_m = cfg["wg_dimension"] == "M"
-  cta_m, cta_n = tile_m * (1 + split_m), tile_n * (2 - split_m)
+  cta_m, cta_n = _silu_mul_cta_tile(cfg)
   m_tiles, n_tiles, k_steps = m // cta_m, inter // cta_n, k // tile_k
   itemsize = jnp.dtype(a_gmem.dtype).itemsize
   swizzle = plgpu.find_swizzle(tile_k * itemsize * 8)

@@ -1,12 +1,9 @@
 """Prefill attention over pages on Hopper (Mosaic GPU): warp-specialized, wgmma, K/V pages by TMA.
 
-Not yet the engine's: measured at 0.44 of the GEMM peak through this entry (the kernel alone 0.58, jax's
-attention_mgpu on contiguous K/V 0.61) against the Triton kernel's 0.37 on a 4096-token prompt, but the
-entry's gathers and the Triton kernel's fp8 support keep the engine on Triton for now (perf-notes, session 11).
-
-The Triton kernel (paged_attention_triton.py) reaches 0.36 of the GEMM peak on a 4096-token prompt; jax's
-warp-specialized `attention_mgpu` reaches 0.60 on the same tokens with K/V contiguous (docs/perf-notes.md,
-session 11). This kernel is that design over the paged cache:
+jax's warp-specialized `attention_mgpu` reaches 0.61 of the GEMM peak on a 4096-token prompt with K/V
+contiguous; the engine's Triton kernel (paged_attention_triton.py) 0.37 through pages. This kernel is that
+design over the paged cache (docs/perf-notes.md, session 11: 0.58 alone, 0.44 through this entry; not yet
+the engine's: the entry's gathers, no fp8 cache, the engine's 32-row query blocks):
 - one CTA per (query head, query block of 128 rows); two consumer warpgroups of 64 rows each, one producer
   warpgroup;
 - the producer streams K and V blocks of `block_kv` keys into a ring of shared-memory slots, each block as
@@ -18,10 +15,10 @@ Causal: key blocks wholly before a warpgroup's first query run unmasked; the res
 and keys past the chunk's end (a partial last page).
 
 Query blocks come from the host as in paged_attention.query_blocks (block_start, block_len, num_blocks, with
-block_q = BLOCK_Q). The entry gathers each block's query rows into a 128-row tile, the kernel writes whole
-128-row output tiles, and the entry gathers the blocks' rows back into `out` (gathers: scattering the tiles instead cost
-0.09 ms more on 4096 rows, session 11; the two gathers still cost ~0.09 ms there, 0.58 -> 0.44 of peak). bf16/f16 caches only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size
-% 8 == 0 and dividing block_kv.
+block_q = BLOCK_Q). The entry gathers each block's query rows into a 128-row tile (`block_tiles`), the kernel
+writes whole 128-row output tiles, and the entry gathers the blocks' rows back into `out` (gathers: scattering
+the tiles instead cost 0.09 ms more on 4096 rows; the two gathers still cost ~0.09 ms there). bf16/f16 caches
+only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size % 8 == 0 and dividing block_kv.
 """
 from __future__ import annotations
 
@@ -62,19 +59,9 @@ def prefill_attention(q, k_cache, v_cache, layer, page_table, slots, positions, 
                      f"block_kv {block_kv}: not a shape this kernel takes")
   if block_start.shape[0] < max_blocks:
     raise ValueError(f"prefill_attention: {block_start.shape[0]} block entries, fewer than max_blocks={max_blocks}")
-  start = jnp.asarray(block_start[:max_blocks], jnp.int32)
-  length = jnp.where(jnp.arange(max_blocks) < num_blocks, jnp.asarray(block_len[:max_blocks], jnp.int32), 0)
-  first = jnp.minimum(start, n - 1)
-  pos0 = jnp.asarray(positions, jnp.int32)[first]
-  # Per block: its page-table row, its first query position and the end of its keys (last position + 1).
-  info = jnp.stack([jnp.asarray(slots, jnp.int32)[first], pos0, pos0 + length], axis=1)
-  layer = jnp.asarray(layer, jnp.int32).reshape(1)
-  # The query rows as whole 128-row tiles (a TMA copy needs its row offset to be a known multiple of the
-  # shared-memory tiling, which a chunk's first row is not); rows past a block's end are zeros.
-  rows_in = jnp.arange(BLOCK_Q, dtype=jnp.int32)
-  q_tiles = q[jnp.minimum(start[:, None] + rows_in[None, :], n - 1)].reshape(max_blocks * BLOCK_Q, *q.shape[1:])
-  o_tiles = _call(info, layer, jnp.asarray(page_table, jnp.int32), q_tiles, k_cache, v_cache, num_blocks=max_blocks,
-                  block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
+  info, q_tiles, start, length = block_tiles(q, slots, positions, block_start, block_len, num_blocks, max_blocks)
+  o_tiles = _call(info, jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(page_table, jnp.int32), q_tiles,
+                  k_cache, v_cache, num_blocks=max_blocks, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
   # Each row's block (blocks are in row order), and whether the row is in it at all (decode rows are not).
   t = jnp.arange(n, dtype=jnp.int32)
   b = jnp.clip(jnp.searchsorted(jnp.where(length > 0, start, n), t, side="right") - 1, 0, max_blocks - 1)
@@ -82,6 +69,22 @@ def prefill_attention(q, k_cache, v_cache, layer, page_table, slots, positions, 
   rows = o_tiles[b * BLOCK_Q + jnp.clip(t - start[b], 0, BLOCK_Q - 1)]
   base = jnp.zeros_like(q) if out is None else out
   return jnp.where(inside[:, None, None], rows, base)
+
+
+def block_tiles(q, slots, positions, block_start, block_len, num_blocks, max_blocks: int):
+  """The kernel's inputs for the first `max_blocks` query blocks (those from num_blocks on are empty):
+  info [max_blocks, 3] (page-table row, first query position, end of its keys = last position + 1) and the
+  query rows as whole 128-row tiles [max_blocks * BLOCK_Q, Hq, D] (a TMA copy needs its row offset to be a
+  known multiple of the shared-memory tiling, which a chunk's first row is not; rows past a block's end are
+  whatever follows it). Also the blocks' starts and lengths, as used."""
+  n = q.shape[0]
+  start = jnp.asarray(block_start[:max_blocks], jnp.int32)
+  length = jnp.where(jnp.arange(max_blocks) < num_blocks, jnp.asarray(block_len[:max_blocks], jnp.int32), 0)
+  first = jnp.minimum(start, n - 1)
+  pos0 = jnp.asarray(positions, jnp.int32)[first]
+  info = jnp.stack([jnp.asarray(slots, jnp.int32)[first], pos0, pos0 + length], axis=1)
+  rows = jnp.minimum(start[:, None] + jnp.arange(BLOCK_Q, dtype=jnp.int32)[None, :], n - 1)
+  return info, q[rows].reshape(max_blocks * BLOCK_Q, *q.shape[1:]), start, length
 
 
 def tiles_reference(info, layer, page_table, q_tiles, k_cache, v_cache, *, num_blocks: int, **_):

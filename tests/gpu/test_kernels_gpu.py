@@ -88,9 +88,7 @@ def test_prefill_attention_mgpu_mixed_batch(cfg):
   assert float(jnp.max(jnp.abs(out[:60].astype(jnp.float32) - 7))) == 0
   np.testing.assert_allclose(np.asarray(out[60:], np.float32), np.asarray(ref[60:], np.float32), atol=2e-2)
   # The kernel against its jnp statement, tile by tile (valid rows only).
-  info = jnp.stack([jnp.asarray(slots[start[:nb]]), jnp.asarray(positions[start[:nb]]),
-                    jnp.asarray(positions[start[:nb]] + length[:nb])], axis=1)
-  tiles = q[jnp.asarray(np.minimum(start[:nb, None] + np.arange(pam.BLOCK_Q), len(slots) - 1).reshape(-1))]
+  info, tiles, _, _ = pam.block_tiles(q, slots, positions, start, length, nb, nb)
   args = (info, jnp.ones((1,), jnp.int32), jnp.asarray(table), tiles, kc, vc)
   got = pam._call(*args, num_blocks=nb, **{**pam.CONFIG, **cfg})
   want = pam.tiles_reference(*args, num_blocks=nb)
