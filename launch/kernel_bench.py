@@ -562,17 +562,20 @@ def _prefill_mgpu_rows(problem, flops: float, peak: float, iters: int, label: st
     except Exception as e:
       out.append((name, "132", f"FAILED: {type(e).__name__}: {str(e)[:120]}", "-"))
     print(out[-1], flush=True)
-  # The kernel alone (default configuration), without the entry's gathers of query and output rows.
-  try:
-    info, q_tiles, _, _ = pam.block_tiles(q, slots, positions, start, length, nb, mb)
-    f = jax.jit(lambda q_tiles, c: pam._call(info, jnp.zeros((1,), jnp.int32), jnp.asarray(table), q_tiles, c[0], c[1],
-                                             num_blocks=mb, **pam.CONFIG))
-    sec = timeit(f, q_tiles, cache, iters=iters)
-    out.append((f"{label} ours (mosaic, pages) kernel only", "132", f"{flops / sec / 1e12:.0f} TFLOP/s",
-                f"{flops / sec / 1e12 / peak:.2f}"))
-  except Exception as e:
-    out.append((f"{label} ours kernel only", "132", f"FAILED: {type(e).__name__}: {str(e)[:120]}", "-"))
-  print(out[-1], flush=True)
+  # The kernel alone (default configuration): its table built outside; and with the blocks in row order
+  # instead of most work first (what the ordering gains).
+  info = pam.block_info(slots, positions, start, length, jnp.int32(nb), mb)
+  in_rows = info[jnp.argsort(jnp.where(info[:, pam.ROWS] > 0, info[:, pam.ROW0], len(slots)))]
+  for what, table_ in (("kernel only", info), ("kernel only, blocks in row order", in_rows)):
+    try:
+      f = jax.jit(lambda q, c, out, t=table_: pam._call(t, jnp.zeros((1,), jnp.int32), jnp.asarray(table), q, c[0],
+                                                        c[1], out, **pam.CONFIG))
+      sec = timeit(f, q, cache, jnp.zeros_like(q), iters=iters)
+      out.append((f"{label} ours (mosaic, pages) {what}", "132", f"{flops / sec / 1e12:.0f} TFLOP/s",
+                  f"{flops / sec / 1e12 / peak:.2f}"))
+    except Exception as e:
+      out.append((f"{label} ours {what}", "132", f"FAILED: {type(e).__name__}: {str(e)[:120]}", "-"))
+    print(out[-1], flush=True)
   return out
 
 

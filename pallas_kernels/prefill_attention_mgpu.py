@@ -15,10 +15,16 @@ Causal: key blocks wholly before a warpgroup's first query run unmasked; the res
 and keys past the chunk's end (a partial last page).
 
 Query blocks come from the host as in paged_attention.query_blocks (block_start, block_len, num_blocks, with
-block_q = BLOCK_Q). The entry gathers each block's query rows into a 128-row tile (`block_tiles`), the kernel
-writes whole 128-row output tiles, and the entry gathers the blocks' rows back into `out` (gathers: scattering
-the tiles instead cost 0.09 ms more on 4096 rows; the two gathers still cost ~0.09 ms there). bf16/f16 caches
-only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size % 8 == 0 and dividing block_kv.
+block_q = BLOCK_Q), at any row offset. A TMA copy into the swizzled tiles wgmma reads needs its row offset to
+be a known multiple of the shared-memory tiling, which a chunk's first row is not; so each warpgroup copies
+its 64 query rows into a plain staging buffer and from there, through registers, into the tiled one, and its
+output goes back the same way: registers to the staging buffer, then TMA stores of the block's rows only, in
+pieces of 64, 32, ..., 1 rows (a whole 64-row store would overwrite the next block's rows). The kernel writes
+into the output in place (a mutable ref: the rows outside every block, decode rows, keep what they held),
+and the entry sorts the blocks most work first, so the longest CTAs do not start last (causal blocks late
+in a long prompt attend to up to 32x more keys than early ones).
+bf16/f16 caches only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size % 8 == 0 and
+dividing block_kv.
 """
 from __future__ import annotations
 
@@ -59,49 +65,51 @@ def prefill_attention(q, k_cache, v_cache, layer, page_table, slots, positions, 
                      f"block_kv {block_kv}: not a shape this kernel takes")
   if block_start.shape[0] < max_blocks:
     raise ValueError(f"prefill_attention: {block_start.shape[0]} block entries, fewer than max_blocks={max_blocks}")
-  info, q_tiles, start, length = block_tiles(q, slots, positions, block_start, block_len, num_blocks, max_blocks)
-  o_tiles = _call(info, jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(page_table, jnp.int32), q_tiles,
-                  k_cache, v_cache, num_blocks=max_blocks, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
-  # Each row's block (blocks are in row order), and whether the row is in it at all (decode rows are not).
-  t = jnp.arange(n, dtype=jnp.int32)
-  b = jnp.clip(jnp.searchsorted(jnp.where(length > 0, start, n), t, side="right") - 1, 0, max_blocks - 1)
-  inside = (t >= start[b]) & (t < start[b] + length[b])
-  rows = o_tiles[b * BLOCK_Q + jnp.clip(t - start[b], 0, BLOCK_Q - 1)]
+  info = block_info(slots, positions, block_start, block_len, num_blocks, max_blocks)
   base = jnp.zeros_like(q) if out is None else out
-  return jnp.where(inside[:, None, None], rows, base)
+  return _call(info, jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(page_table, jnp.int32), q, k_cache,
+               v_cache, base, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
 
 
-def block_tiles(q, slots, positions, block_start, block_len, num_blocks, max_blocks: int):
-  """The kernel's inputs for the first `max_blocks` query blocks (those from num_blocks on are empty):
-  info [max_blocks, 3] (page-table row, first query position, end of its keys = last position + 1) and the
-  query rows as whole 128-row tiles [max_blocks * BLOCK_Q, Hq, D] (a TMA copy needs its row offset to be a
-  known multiple of the shared-memory tiling, which a chunk's first row is not; rows past a block's end are
-  whatever follows it). Also the blocks' starts and lengths, as used."""
-  n = q.shape[0]
+# Columns of the kernel's per-block table.
+SEQ, POS0, KV_END, ROW0, ROWS = range(5)
+
+
+def block_info(slots, positions, block_start, block_len, num_blocks, max_blocks: int):
+  """The kernel's table for the first `max_blocks` query blocks (those from num_blocks on are empty):
+  [max_blocks, 5] int32 of (page-table row, first query position, end of its keys = last position + 1,
+  first row in q, rows), most work first (rows x keys attended), empty blocks last."""
+  n = slots.shape[0]
   start = jnp.asarray(block_start[:max_blocks], jnp.int32)
   length = jnp.where(jnp.arange(max_blocks) < num_blocks, jnp.asarray(block_len[:max_blocks], jnp.int32), 0)
   first = jnp.minimum(start, n - 1)
   pos0 = jnp.asarray(positions, jnp.int32)[first]
-  info = jnp.stack([jnp.asarray(slots, jnp.int32)[first], pos0, pos0 + length], axis=1)
-  rows = jnp.minimum(start[:, None] + jnp.arange(BLOCK_Q, dtype=jnp.int32)[None, :], n - 1)
-  return info, q[rows].reshape(max_blocks * BLOCK_Q, *q.shape[1:]), start, length
+  info = jnp.stack([jnp.asarray(slots, jnp.int32)[first], pos0, pos0 + length, start, length], axis=1)
+  work = length * (2 * pos0 + length + 1)            # twice the keys its rows attend to, causally
+  return info[jnp.argsort(-work, stable=True)]
 
 
-def tiles_reference(info, layer, page_table, q_tiles, k_cache, v_cache, *, num_blocks: int, **_):
-  """What `_call` computes, in jnp: for each block b (info[b] = page-table row, first query position, end of its
-  keys), its 128 query rows of q_tiles attending causally to that row's pages. Rows past a block's end are
-  clamped to its last position here (the kernel computes them otherwise; both are dropped)."""
+def blocks_reference(info, layer, page_table, q, k_cache, v_cache, out, **_):
+  """What `_call` computes, in jnp: `out` with each block's rows (info as block_info gives it) replaced by
+  their attention to their sequence's pages, causally."""
+  n = q.shape[0]
   r = jnp.arange(BLOCK_Q, dtype=jnp.int32)
-  slots = jnp.repeat(info[:, 0], BLOCK_Q)
-  positions = jnp.maximum(jnp.minimum(info[:, 1:2] + r[None, :], info[:, 2:3] - 1), 0).reshape(-1)
-  return paged_attention_reference(q_tiles, k_cache, v_cache, layer[0], page_table, slots, positions)
+  inside = r[None, :] < info[:, ROWS:ROWS + 1]                                   # [blocks, BLOCK_Q]
+  rows = jnp.where(inside, info[:, ROW0:ROW0 + 1] + r[None, :], n).reshape(-1)  # n: dropped below
+  slots = jnp.repeat(info[:, SEQ], BLOCK_Q)
+  positions = jnp.maximum(jnp.minimum(info[:, POS0:POS0 + 1] + r[None, :], info[:, KV_END:KV_END + 1] - 1),
+                          0).reshape(-1)
+  got = paged_attention_reference(q[jnp.minimum(rows, n - 1)], k_cache, v_cache, layer[0], page_table, slots,
+                                  positions)
+  return out.at[rows].set(got.astype(out.dtype), mode="drop")
 
 
-def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, block_kv: int, max_concurrent_steps: int):
+def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, max_concurrent_steps: int):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  _, hq, d = q.shape
+  n, hq, d = q.shape
   _, hkv, _, page_size, _ = k_cache.shape
+  num_blocks = info.shape[0]
   group = hq // hkv
   max_pages = page_table.shape[1]
   pages_per_kv = block_kv // page_size
@@ -114,28 +122,34 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
   def kernel(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, smem, barriers):
-    qo_smem2, k_smem, v_smem = smem
+    q_tiled2, stage2, k_smem, v_smem = smem
     k_ready, v_ready, q_ready, k_free, v_free, turn = barriers
-    head = lax.axis_index("heads")
-    block = lax.axis_index("blocks")
+    # One grid axis, heads fastest: CTAs start in the order of the (sorted) blocks, most work first.
+    cta = lax.axis_index("ctas")
+    head = lax.rem(cta, jnp.int32(hq))
+    block = lax.div(cta, jnp.int32(hq))
     wg = lax.axis_index("wg")
-    seq_row, pos0, kv_end = info_ref[block, 0], info_ref[block, 1], info_ref[block, 2]
+    seq_row, pos0, kv_end = info_ref[block, SEQ], info_ref[block, POS0], info_ref[block, KV_END]
+    row0, rows = info_ref[block, ROW0], info_ref[block, ROWS]
     cta_steps = pl.cdiv(kv_end, jnp.int32(block_kv))       # key blocks any of the 128 rows needs
 
     def take_turn():
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
-    @pl.when((kv_end > pos0) & (wg < 2))
+    @pl.when((rows > 0) & (wg < 2))
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      qo_smem = qo_smem2.at[wg]
+      q_tiled, stage = q_tiled2.at[wg], stage2.at[wg]
+      first_row = row0 + wg * wg_rows
       first_pos = pos0 + wg * wg_rows                        # query position of this warpgroup's first row
       my_steps = pl.cdiv(jnp.minimum(first_pos + wg_rows, kv_end), jnp.int32(block_kv))
       unmasked = jnp.minimum(first_pos // block_kv, my_steps)
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(block * BLOCK_Q + wg * wg_rows, wg_rows), head], qo_smem,
-                              q_ready.at[wg])
+      # Rows past q's end arrive as zeros (TMA); rows past the block's end are computed and never stored.
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, wg_rows), head], stage, q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
+      q_tiled[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)   # once per CTA: bank conflicts are cheap
+      plgpu.commit_smem()
       m_i = plgpu.layout_cast(jnp.full((wg_rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l_i = plgpu.layout_cast(jnp.full((wg_rows,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       acc = plgpu.layout_cast(jnp.full((wg_rows, d), 0, jnp.float32), plgpu.Layout.WGMMA)
@@ -150,7 +164,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
         slot = lax.rem(i, jnp.int32(steps))
 
         def qk(acc_ref):
-          plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          plgpu.wgmma(acc_ref, q_tiled, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
           take_turn()
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((wg_rows, block_kv), jnp.float32))
@@ -194,12 +208,28 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
       lax.fori_loop(my_steps, cta_steps, drain, None)
       pl.when(wg == 0)(take_turn)
       acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
-      qo_smem[...] = acc.astype(dtype)
+      stage[...] = acc.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[pl.ds(block * BLOCK_Q + wg * wg_rows, wg_rows), head])
+      # Store this warpgroup's rows of the block and no others: whole, or in pieces of 32, 16, ..., 1 rows.
+      my_rows = jnp.clip(rows - wg * wg_rows, 0, wg_rows)
+
+      @pl.when(my_rows == wg_rows)
+      def _():
+        plgpu.copy_smem_to_gmem(stage, out_ref.at[pl.ds(first_row, wg_rows), head])
+
+      @pl.when(my_rows < wg_rows)
+      def _():
+        done = 0
+        size = wg_rows // 2
+        while size:
+          @pl.when((my_rows & size) != 0)
+          def _(done=done, size=size):
+            plgpu.copy_smem_to_gmem(stage.at[pl.ds(done, size)], out_ref.at[pl.ds(first_row + done, size), head])
+          done = done + (my_rows & size)
+          size //= 2
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when((kv_end > pos0) & (wg == 2))
+    @pl.when((rows > 0) & (wg == 2))
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(head, jnp.int32(group))
@@ -227,8 +257,9 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
         plgpu.barrier_wait(v_free.at[slot])
         load(pages, slot)
 
-  def entry(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref):
-    smem = (plgpu.SMEM((2, wg_rows, d), dtype, transforms=transforms),
+  def body(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref):
+    smem = (plgpu.SMEM((2, wg_rows, d), dtype, transforms=transforms),   # each warpgroup's Q, as wgmma reads it
+            plgpu.SMEM((2, wg_rows, d), dtype),                           # ... and as TMA copies it, Q then O
             plgpu.SMEM((steps, block_kv, d), dtype, transforms=transforms),
             plgpu.SMEM((steps, block_kv, d), dtype, transforms=transforms))
     barriers = (plgpu.Barrier(num_arrivals=pages_per_kv, num_barriers=steps),   # a slot's K pages landed
@@ -240,7 +271,11 @@ def _call(info, layer, page_table, q, k_cache, v_cache, *, num_blocks: int, bloc
     pl.run_scoped(lambda *scoped: kernel(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, *scoped),
                   smem, barriers, collective_axes="wg")
 
-  return plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((num_blocks * BLOCK_Q, hq, d), dtype),
-                      grid=(hq, num_blocks), grid_names=("heads", "blocks"), num_threads=3, thread_name="wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True))(
-                          info, layer, page_table, q, k_cache, v_cache)
+  # `out` as a mutable ref: the kernel's stores land in it and every other row keeps its value, without a copy
+  # (plgpu.kernel takes no refs; pl.kernel aliases them).
+  out_ref = jax.new_ref(out, memory_space=plgpu.GMEM)
+  pl.kernel(body, out_type=(), mesh=plgpu.Mesh(grid=(num_blocks * hq,), grid_names=("ctas",), num_threads=3,
+                                               thread_name="wg"),
+            compiler_params=plgpu.CompilerParams(approx_math=True), name="prefill_attention_mgpu")(
+                info, layer, page_table, q, k_cache, v_cache, out_ref)
+  return jax.freeze(out_ref)

@@ -1,11 +1,12 @@
 """The warp-specialized paged prefill kernel's entry (pallas_kernels/prefill_attention_mgpu.py) on the CPU.
 
 The kernel body runs on the GPU only (tests/gpu/test_kernels_gpu.py: against the reference, and against
-tiles_reference, the jnp statement of what it computes per 128-row tile): jax 0.10.2's Mosaic GPU interpret
-mode has no run_state, no transposed shared-memory refs and no register layouts, which the body needs. Here
-the kernel is replaced by tiles_reference, and what the entry does around it is checked: query blocks to
-tiles, per-block page-table rows, positions and key ends, and the tiles' rows back into the output, with
-rows outside every block (decode rows) left as they were."""
+blocks_reference, the jnp statement of what it computes): jax 0.10.2's Mosaic GPU interpret mode has no
+run_state, no transposed shared-memory refs and no register layouts, which the body needs. Here the body is
+lowered for CUDA (Mosaic GPU's lowering runs without a GPU: it catches what the GPU compiler would refuse
+before PTX), and the kernel is replaced by blocks_reference to check what the entry does around it: the
+per-block table (page-table rows, positions, key ends, rows; most work first), and rows outside every block
+(decode rows) left as they were."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ def _batch(rng, ctx, chunk, hkv=2, g=2, d=64, ps=16, pages=96):
 
 @pytest.fixture
 def kernel_as_reference(monkeypatch):
-  monkeypatch.setattr(pam, "_call", pam.tiles_reference)
+  monkeypatch.setattr(pam, "_call", pam.blocks_reference)
 
 
 def test_entry_matches_the_reference_on_ragged_chunks(kernel_as_reference):
@@ -68,3 +69,32 @@ def test_refuses_what_the_kernel_cannot_take():
   assert not pam.supported(jnp.bfloat16, jnp.bfloat16, 96, 16)       # head_dim not a multiple of 64
   assert pam.supported(jnp.bfloat16, jnp.bfloat16, 128, 16)
   assert pam.max_query_blocks(300, 1) == 3 and pam.max_query_blocks(300, 4) == 6
+
+
+def test_block_info_orders_blocks_by_work():
+  """Most work first (rows x keys they attend to), empty blocks last; each row of the table is its block's."""
+  rng = np.random.default_rng()
+  ctx, chunk = (1, 350, 300, 20), (1, 260, 300, 20)
+  _, _, _, _, slots, positions = _batch(rng, ctx, chunk)
+  start, length, nb = query_blocks(list(chunk), len(slots), pam.BLOCK_Q)
+  mb = pam.max_query_blocks(len(slots), len(chunk))
+  info = np.asarray(pam.block_info(slots, positions, start, length, jnp.int32(nb), mb))
+  work = info[:, pam.ROWS] * (2 * info[:, pam.POS0] + info[:, pam.ROWS] + 1)
+  assert (np.diff(work) <= 0).all() and (info[nb:, pam.ROWS] == 0).all()
+  assert sorted(info[:nb, pam.ROW0].tolist()) == start[:nb].tolist()
+  for seq, pos0, kv_end, row0, rows in info[:nb]:
+    assert rows > 0 and slots[row0] == seq and positions[row0] == pos0 and kv_end == pos0 + rows
+    assert (positions[row0:row0 + rows] == pos0 + np.arange(rows)).all()
+
+
+@pytest.mark.parametrize("d,cfg", [(128, {}), (64, {"block_kv": 64, "max_concurrent_steps": 3})])
+def test_kernel_lowers_for_cuda(d, cfg):
+  """Mosaic GPU lowers the body (TMA at any row offset, stores in pieces, the output aliased in place)."""
+  rng = np.random.default_rng()
+  q, kc, vc, table, slots, positions = _batch(rng, (1, 77, 300), (1, 44, 300), d=d)
+  start, length, nb = query_blocks([1, 44, 300], len(slots), pam.BLOCK_Q)
+  f = jax.jit(lambda q, kc, vc: pam.prefill_attention(q, kc, vc, 1, table, slots, positions, start, length,
+                                                      jnp.int32(nb), max_blocks=pam.max_query_blocks(len(slots), 3),
+                                                      **cfg))
+  text = f.trace(q, kc, vc).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "output_operand_alias" in text

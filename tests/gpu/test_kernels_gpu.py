@@ -87,13 +87,12 @@ def test_prefill_attention_mgpu_mixed_batch(cfg):
                               max_blocks=pam.max_query_blocks(300, 1), out=marked, **cfg)
   assert float(jnp.max(jnp.abs(out[:60].astype(jnp.float32) - 7))) == 0
   np.testing.assert_allclose(np.asarray(out[60:], np.float32), np.asarray(ref[60:], np.float32), atol=2e-2)
-  # The kernel against its jnp statement, tile by tile (valid rows only).
-  info, tiles, _, _ = pam.block_tiles(q, slots, positions, start, length, nb, nb)
-  args = (info, jnp.ones((1,), jnp.int32), jnp.asarray(table), tiles, kc, vc)
-  got = pam._call(*args, num_blocks=nb, **{**pam.CONFIG, **cfg})
-  want = pam.tiles_reference(*args, num_blocks=nb)
-  valid = (np.arange(pam.BLOCK_Q)[None, :] < length[:nb, None]).reshape(-1)
-  np.testing.assert_allclose(np.asarray(got, np.float32)[valid], np.asarray(want, np.float32)[valid], atol=2e-2)
+  # The kernel against its jnp statement (rows outside the blocks keep `marked`).
+  info = pam.block_info(slots, positions, start, length, nb, nb)
+  args = (info, jnp.ones((1,), jnp.int32), jnp.asarray(table), q, kc, vc, marked)
+  got = pam._call(*args, **{**pam.CONFIG, **cfg})
+  want = pam.blocks_reference(*args)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
   rng = np.random.default_rng(5)
   chunk = [1000, 130]
   table, slots, positions = page_layout(rng, chunk, chunk, 16, 4096, (2, 64))
