@@ -33,6 +33,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels.paged_attention import paged_attention_reference  # noqa: F401 (the reference)
@@ -46,29 +47,45 @@ def supported(q_dtype, kv_dtype, head_dim: int, page_size: int, block_kv: int = 
           and head_dim % 64 == 0 and page_size % 8 == 0 and block_kv % page_size == 0 and block_kv % 64 == 0)
 
 
+SMEM_LIMIT = 227 * 1024   # per CTA on Hopper
+
+
+def smem_bytes(head_dim: int, block_kv: int, steps: int, dtype) -> int:
+  """Shared memory of one CTA: Q tiles and the staging buffer (2 x 128 rows), K and V rings, barriers."""
+  return jnp.dtype(dtype).itemsize * head_dim * (2 * BLOCK_Q + 2 * steps * block_kv) + 1024
+
+
 def max_query_blocks(num_tokens: int, max_chunks: int) -> int:
   """A static bound on query blocks of BLOCK_Q rows for `num_tokens` rows in at most `max_chunks` chunks."""
   return -(-num_tokens // BLOCK_Q) + max(max_chunks - 1, 0)
 
 
-def prefill_attention(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks,
-                      *, max_blocks: int, block_kv: int = CONFIG["block_kv"],
-                      max_concurrent_steps: int = CONFIG["max_concurrent_steps"], out=None):
+def prefill_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len,
+                           num_blocks, *, max_blocks: int, block_kv: int = CONFIG["block_kv"],
+                           max_concurrent_steps: int = CONFIG["max_concurrent_steps"], out=None):
   """q [N, Hq, D]; k/v_cache [L, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions [N]; query blocks of
   <= BLOCK_Q rows (block_start, block_len [>= max_blocks], num_blocks) as paged_attention.query_blocks gives
   them, each within one chunk of consecutive positions. Returns [N, Hq, D]: the rows of the blocks written
-  into `out` (or zeros)."""
+  into `out` (or zeros). Unjitted (legal under stream annotation); the kernel's output is a mutable ref, so
+  call it inside a jit, or call `prefill_attention`. With slots, positions and the blocks as numpy arrays
+  the block table is built on the host."""
   n, hq, d = q.shape
   _, hkv, _, page_size, _ = k_cache.shape
   if not supported(q.dtype, k_cache.dtype, d, page_size, block_kv):
     raise ValueError(f"prefill_attention: q {q.dtype}, cache {k_cache.dtype}, head_dim {d}, page_size {page_size}, "
                      f"block_kv {block_kv}: not a shape this kernel takes")
+  if (smem := smem_bytes(d, block_kv, max_concurrent_steps, q.dtype)) > SMEM_LIMIT:
+    raise ValueError(f"prefill_attention: head_dim {d}, block_kv {block_kv}, {max_concurrent_steps} stages need "
+                     f"{smem} bytes of shared memory, more than {SMEM_LIMIT}")
   if block_start.shape[0] < max_blocks:
     raise ValueError(f"prefill_attention: {block_start.shape[0]} block entries, fewer than max_blocks={max_blocks}")
   info = block_info(slots, positions, block_start, block_len, num_blocks, max_blocks)
   base = jnp.zeros_like(q) if out is None else out
-  return _call(info, jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(page_table, jnp.int32), q, k_cache,
-               v_cache, base, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
+  return _call(jnp.asarray(info), jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(page_table, jnp.int32), q,
+               k_cache, v_cache, base, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
+
+
+prefill_attention = jax.jit(prefill_attention_call, static_argnames=("max_blocks", "block_kv", "max_concurrent_steps"))
 
 
 # Columns of the kernel's per-block table.
@@ -78,15 +95,19 @@ SEQ, POS0, KV_END, ROW0, ROWS = range(5)
 def block_info(slots, positions, block_start, block_len, num_blocks, max_blocks: int):
   """The kernel's table for the first `max_blocks` query blocks (those from num_blocks on are empty):
   [max_blocks, 5] int32 of (page-table row, first query position, end of its keys = last position + 1,
-  first row in q, rows), most work first (rows x keys attended), empty blocks last."""
+  first row in q, rows), most work first (rows x keys attended), empty blocks last. numpy in, numpy out (on
+  the host, as the engine builds its blocks); else jnp."""
+  host = all(isinstance(x, (np.ndarray, int, np.integer)) for x in (slots, positions, block_start, block_len,
+                                                                    num_blocks))
+  xp = np if host else jnp
   n = slots.shape[0]
-  start = jnp.asarray(block_start[:max_blocks], jnp.int32)
-  length = jnp.where(jnp.arange(max_blocks) < num_blocks, jnp.asarray(block_len[:max_blocks], jnp.int32), 0)
-  first = jnp.minimum(start, n - 1)
-  pos0 = jnp.asarray(positions, jnp.int32)[first]
-  info = jnp.stack([jnp.asarray(slots, jnp.int32)[first], pos0, pos0 + length, start, length], axis=1)
+  start = xp.asarray(block_start[:max_blocks], xp.int32)
+  length = xp.where(xp.arange(max_blocks) < num_blocks, xp.asarray(block_len[:max_blocks], xp.int32), 0)
+  first = xp.minimum(start, n - 1)
+  pos0 = xp.asarray(positions, xp.int32)[first]
+  info = xp.stack([xp.asarray(slots, xp.int32)[first], pos0, pos0 + length, start, length], axis=1)
   work = length * (2 * pos0 + length + 1)            # twice the keys its rows attend to, causally
-  return info[jnp.argsort(-work, stable=True)]
+  return info[np.argsort(-work, kind="stable") if host else jnp.argsort(-work, stable=True)]
 
 
 def blocks_reference(info, layer, page_table, q, k_cache, v_cache, out, **_):
@@ -146,10 +167,24 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
       my_steps = pl.cdiv(jnp.minimum(first_pos + wg_rows, kv_end), jnp.int32(block_kv))
       unmasked = jnp.minimum(first_pos // block_kv, my_steps)
       # Rows past q's end arrive as zeros (TMA); rows past the block's end are computed and never stored.
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, wg_rows), head], stage, q_ready.at[wg])
-      plgpu.barrier_wait(q_ready.at[wg])
-      q_tiled[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)   # once per CTA: bank conflicts are cheap
-      plgpu.commit_smem()
+      # Straight into the tiles where the row offset is a multiple of the tiling, else through the staging
+      # buffer and registers (once per CTA: its bank conflicts are cheap).
+      # (A tiled TMA copy also needs q's row count to be a multiple of 8, as the engine's buckets are.)
+      aligned = (lax.rem(first_row, jnp.int32(8)) == 0) & (n % 8 == 0)
+
+      @pl.when(aligned)
+      def _():
+        if n % 8 == 0:   # (traced only then: the copy does not lower otherwise)
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of(first_row, 8), wg_rows), head], q_tiled,
+                                  q_ready.at[wg])
+          plgpu.barrier_wait(q_ready.at[wg])
+
+      @pl.when(~aligned)
+      def _():
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, wg_rows), head], stage, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        q_tiled[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)
+        plgpu.commit_smem()
       m_i = plgpu.layout_cast(jnp.full((wg_rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l_i = plgpu.layout_cast(jnp.full((wg_rows,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       acc = plgpu.layout_cast(jnp.full((wg_rows, d), 0, jnp.float32), plgpu.Layout.WGMMA)
@@ -208,16 +243,28 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
       lax.fori_loop(my_steps, cta_steps, drain, None)
       pl.when(wg == 0)(take_turn)
       acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
-      stage[...] = acc.astype(dtype)
-      plgpu.commit_smem()
-      # Store this warpgroup's rows of the block and no others: whole, or in pieces of 32, 16, ..., 1 rows.
+      # Store this warpgroup's rows of the block and no others: 64 at once from the tiles (the wgmmas reading
+      # them are done) where aligned, else from the staging buffer, whole or in pieces of 32, 16, ..., 1 rows.
       my_rows = jnp.clip(rows - wg * wg_rows, 0, wg_rows)
+      whole = my_rows == wg_rows
 
-      @pl.when(my_rows == wg_rows)
+      @pl.when(whole & aligned)
+      def _():
+        if n % 8 == 0:
+          q_tiled[...] = acc.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(q_tiled, out_ref.at[pl.ds(pl.multiple_of(first_row, 8), wg_rows), head])
+
+      @pl.when(~(whole & aligned))
+      def _():
+        stage[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+
+      @pl.when(whole & ~aligned)
       def _():
         plgpu.copy_smem_to_gmem(stage, out_ref.at[pl.ds(first_row, wg_rows), head])
 
-      @pl.when(my_rows < wg_rows)
+      @pl.when(~whole)
       def _():
         done = 0
         size = wg_rows // 2

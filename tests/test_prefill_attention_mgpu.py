@@ -71,14 +71,20 @@ def test_refuses_what_the_kernel_cannot_take():
   assert pam.max_query_blocks(300, 1) == 3 and pam.max_query_blocks(300, 4) == 6
 
 
-def test_block_info_orders_blocks_by_work():
-  """Most work first (rows x keys they attend to), empty blocks last; each row of the table is its block's."""
+@pytest.mark.parametrize("on_host", [True, False])
+def test_block_info_orders_blocks_by_work(on_host):
+  """Most work first (rows x keys they attend to), empty blocks last; each row of the table is its block's;
+  the same from numpy (the host) as from jnp."""
   rng = np.random.default_rng()
   ctx, chunk = (1, 350, 300, 20), (1, 260, 300, 20)
   _, _, _, _, slots, positions = _batch(rng, ctx, chunk)
   start, length, nb = query_blocks(list(chunk), len(slots), pam.BLOCK_Q)
   mb = pam.max_query_blocks(len(slots), len(chunk))
-  info = np.asarray(pam.block_info(slots, positions, start, length, jnp.int32(nb), mb))
+  args = (slots, positions, start, length, nb) if on_host else tuple(map(jnp.asarray, (slots, positions, start,
+                                                                                        length, nb)))
+  info = pam.block_info(*args, mb)
+  assert isinstance(info, np.ndarray) == on_host
+  info = np.asarray(info)
   work = info[:, pam.ROWS] * (2 * info[:, pam.POS0] + info[:, pam.ROWS] + 1)
   assert (np.diff(work) <= 0).all() and (info[nb:, pam.ROWS] == 0).all()
   assert sorted(info[:nb, pam.ROW0].tolist()) == start[:nb].tolist()
@@ -87,14 +93,15 @@ def test_block_info_orders_blocks_by_work():
     assert (positions[row0:row0 + rows] == pos0 + np.arange(rows)).all()
 
 
-@pytest.mark.parametrize("d,cfg", [(128, {}), (64, {"block_kv": 64, "max_concurrent_steps": 3})])
-def test_kernel_lowers_for_cuda(d, cfg):
+@pytest.mark.parametrize("d,chunk,cfg", [(128, (1, 47, 320), {}),                        # 368 rows: tiled copies too
+                                         (64, (1, 44, 300), {"block_kv": 64, "max_concurrent_steps": 3})])
+def test_kernel_lowers_for_cuda(d, chunk, cfg):
   """Mosaic GPU lowers the body (TMA at any row offset, stores in pieces, the output aliased in place)."""
   rng = np.random.default_rng()
-  q, kc, vc, table, slots, positions = _batch(rng, (1, 77, 300), (1, 44, 300), d=d)
-  start, length, nb = query_blocks([1, 44, 300], len(slots), pam.BLOCK_Q)
-  f = jax.jit(lambda q, kc, vc: pam.prefill_attention(q, kc, vc, 1, table, slots, positions, start, length,
-                                                      jnp.int32(nb), max_blocks=pam.max_query_blocks(len(slots), 3),
-                                                      **cfg))
+  q, kc, vc, table, slots, positions = _batch(rng, (1, 77, 330), chunk, d=d)
+  start, length, nb = query_blocks(list(chunk), len(slots), pam.BLOCK_Q)
+  f = jax.jit(lambda q, kc, vc: pam.prefill_attention_call(
+      q, kc, vc, 1, table, slots, positions, start, length, nb, max_blocks=pam.max_query_blocks(len(slots), 3),
+      **cfg))
   text = f.trace(q, kc, vc).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "output_operand_alias" in text
