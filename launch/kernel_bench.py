@@ -573,7 +573,11 @@ def _prefill_mgpu_rows(problem, flops: float, peak: float, iters: int, label: st
   variants = (
       ("entry into an existing output", lambda q, c, o: pam.prefill_attention_call(
           q, c[0], c[1], 0, table, slots, positions, start, length, nb, max_blocks=mb, out=o)),
+      ("entry into an existing output, persistent on 132 CTAs", lambda q, c, o: pam.prefill_attention_call(
+          q, c[0], c[1], 0, table, slots, positions, start, length, nb, max_blocks=mb, num_sms=132, out=o)),
       ("kernel only", lambda q, c, o: pam._call(info, layer0, pages, q, c[0], c[1], o, **pam.CONFIG)),
+      ("kernel only, persistent on 132 CTAs",
+       lambda q, c, o: pam._call(info, layer0, pages, q, c[0], c[1], o, num_sms=132, **pam.CONFIG)),
       ("kernel only, blocks in row order",
        lambda q, c, o: pam._call(in_rows, layer0, pages, q, c[0], c[1], o, **pam.CONFIG)))
   for what, call in variants:

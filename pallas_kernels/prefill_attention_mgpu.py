@@ -62,11 +62,13 @@ def max_query_blocks(num_tokens: int, max_chunks: int) -> int:
 
 def prefill_attention_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len,
                            num_blocks, *, max_blocks: int, block_kv: int = CONFIG["block_kv"],
-                           max_concurrent_steps: int = CONFIG["max_concurrent_steps"], out=None):
+                           max_concurrent_steps: int = CONFIG["max_concurrent_steps"],
+                           num_sms: int | None = None, out=None):
   """q [N, Hq, D]; k/v_cache [L, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions [N]; query blocks of
   <= BLOCK_Q rows (block_start, block_len [>= max_blocks], num_blocks) as paged_attention.query_blocks gives
   them, each within one chunk of consecutive positions. Returns [N, Hq, D]: the rows of the blocks written
-  into `out` (or zeros). Unjitted (legal under stream annotation); the kernel's output is a mutable ref, so
+  into `out` (or zeros). num_sms: persistent on that many CTAs (its share of the SMs), each taking
+  (query head, block) items in turn; None: one CTA per item, scheduled by the hardware. Unjitted (legal under stream annotation); the kernel's output is a mutable ref, so
   call it inside a jit, or call `prefill_attention`. With slots, positions and the blocks as numpy arrays
   the block table is built on the host."""
   n, hq, d = q.shape
@@ -82,10 +84,11 @@ def prefill_attention_call(q, k_cache, v_cache, layer, page_table, slots, positi
   info = block_info(slots, positions, block_start, block_len, num_blocks, max_blocks)
   base = jnp.zeros_like(q) if out is None else out
   return _call(jnp.asarray(info), jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(page_table, jnp.int32), q,
-               k_cache, v_cache, base, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps)
+               k_cache, v_cache, base, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps, num_sms=num_sms)
 
 
-prefill_attention = jax.jit(prefill_attention_call, static_argnames=("max_blocks", "block_kv", "max_concurrent_steps"))
+prefill_attention = jax.jit(prefill_attention_call,
+                            static_argnames=("max_blocks", "block_kv", "max_concurrent_steps", "num_sms"))
 
 
 # Columns of the kernel's per-block table.
@@ -125,12 +128,15 @@ def blocks_reference(info, layer, page_table, q, k_cache, v_cache, out, **_):
   return out.at[rows].set(got.astype(out.dtype), mode="drop")
 
 
-def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, max_concurrent_steps: int):
+def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, max_concurrent_steps: int,
+          num_sms: int | None = None):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
   n, hq, d = q.shape
   _, hkv, _, page_size, _ = k_cache.shape
-  num_blocks = info.shape[0]
+  num_items = info.shape[0] * hq          # (query head, block) pairs
+  ctas = num_items if num_sms is None else min(num_sms, num_items)   # persistent on num_sms CTAs
+  rounds = -(-num_items // ctas)
   group = hq // hkv
   max_pages = page_table.shape[1]
   pages_per_kv = block_kv // page_size
@@ -145,31 +151,37 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
   def kernel(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, smem, barriers):
     q_tiled2, stage2, k_smem, v_smem = smem
     k_ready, v_ready, q_ready, k_free, v_free, turn = barriers
-    # One grid axis, heads fastest: CTAs start in the order of the (sorted) blocks, most work first.
     cta = lax.axis_index("ctas")
-    head = lax.rem(cta, jnp.int32(hq))
-    block = lax.div(cta, jnp.int32(hq))
     wg = lax.axis_index("wg")
-    seq_row, pos0, kv_end = info_ref[block, SEQ], info_ref[block, POS0], info_ref[block, KV_END]
-    row0, rows = info_ref[block, ROW0], info_ref[block, ROWS]
-    cta_steps = pl.cdiv(kv_end, jnp.int32(block_kv))       # key blocks any of the 128 rows needs
+
+    def work_item(r):
+      """This CTA's item in round r: items (query head, block) in the table's order (most work first, heads
+      fastest), dealt to the CTAs back and forth (a snake, so that no CTA takes the heaviest of every round).
+      Returns (head, block, whether it exists and has rows, key blocks it reads)."""
+      idx = r * ctas + jnp.where(lax.rem(r, 2) == 0, cta, ctas - 1 - cta)
+      valid = idx < num_items
+      idx = jnp.minimum(idx, num_items - 1)
+      head, block = lax.rem(idx, jnp.int32(hq)), lax.div(idx, jnp.int32(hq))
+      live = valid & (info_ref[block, ROWS] > 0)
+      return head, block, live, jnp.where(live, pl.cdiv(info_ref[block, KV_END], jnp.int32(block_kv)), 0)
 
     def take_turn():
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
-    @pl.when((rows > 0) & (wg < 2))
-    def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+    def consume(head, block, cta_steps, base):
+      pos0, kv_end = info_ref[block, POS0], info_ref[block, KV_END]
+      row0, rows = info_ref[block, ROW0], info_ref[block, ROWS]
       q_tiled, stage = q_tiled2.at[wg], stage2.at[wg]
+      slot_of = lambda i: lax.rem(base + i, jnp.int32(steps))
       first_row = row0 + wg * wg_rows
       first_pos = pos0 + wg * wg_rows                        # query position of this warpgroup's first row
       my_steps = pl.cdiv(jnp.minimum(first_pos + wg_rows, kv_end), jnp.int32(block_kv))
       unmasked = jnp.minimum(first_pos // block_kv, my_steps)
       # Rows past q's end arrive as zeros (TMA); rows past the block's end are computed and never stored.
       # Straight into the tiles where the row offset is a multiple of the tiling, else through the staging
-      # buffer and registers (once per CTA: its bank conflicts are cheap).
-      # (A tiled TMA copy also needs q's row count to be a multiple of 8, as the engine's buckets are.)
+      # buffer and registers (once per item: its bank conflicts are cheap). (A tiled TMA copy also needs q's
+      # row count to be a multiple of 8, as the engine's buckets are.)
       aligned = (lax.rem(first_row, jnp.int32(8)) == 0) & (n % 8 == 0)
 
       @pl.when(aligned)
@@ -191,12 +203,12 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
 
       @pl.when(my_steps > 0)
       def _():
-        plgpu.barrier_wait(k_ready.at[0])
+        plgpu.barrier_wait(k_ready.at[slot_of(0)])
       pl.when(wg == 1)(take_turn)      # the second warpgroup starts half a turn later
 
       def kv_step(i, carry, masked: bool):
         acc, m_i, l_i = carry
-        slot = lax.rem(i, jnp.int32(steps))
+        slot = slot_of(i)
 
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, q_tiled, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -225,14 +237,17 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
 
           @pl.when(nxt < my_steps)
           def _():
-            plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(steps))])
+            plgpu.barrier_wait(k_ready.at[slot_of(nxt)])
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))   # wgmma accumulates into acc's registers
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
       def drain(i, _):
-        # Key blocks the other warpgroup still needs: release their slots and keep the turns in step.
-        slot = lax.rem(i, jnp.int32(steps))
+        # Key blocks the other warpgroup still needs: wait for them too (each thread tracks every barrier's
+        # phase, and the ring's slots come round again in the next item), release them, keep the turns.
+        slot = slot_of(i)
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[slot])
         plgpu.barrier_arrive(k_free.at[slot])
         plgpu.barrier_arrive(v_free.at[slot])
         take_turn()
@@ -274,35 +289,54 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
             plgpu.copy_smem_to_gmem(stage.at[pl.ds(done, size)], out_ref.at[pl.ds(first_row + done, size), head])
           done = done + (my_rows & size)
           size //= 2
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)     # before the next item's query rows land in the same buffers
 
-    @pl.when((rows > 0) & (wg == 2))
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+
+      def one_item(r, base):
+        """Round r's item; `base` counts the key blocks of earlier items (the ring's position)."""
+        head, block, live, cta_steps = work_item(r)
+
+        @pl.when(live)
+        def _():
+          consume(head, block, cta_steps, base)
+        return base + cta_steps
+
+      lax.fori_loop(0, rounds, one_item, jnp.int32(0))
+
+    @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      kv_head = lax.div(head, jnp.int32(group))
       lay = layer_ref[0]
 
-      def page_ids(i):
+      def page_ids(seq_row, i):
         # All of a key block's page ids before any copy: independent loads whose latencies overlap (one
         # dependent global load per copy left the producer latency-bound, session 11).
         return [table_ref[seq_row, jnp.minimum(i * pages_per_kv + j, max_pages - 1)] for j in range(pages_per_kv)]
 
-      def load(pages, slot):
-        for ref, smem_ref, ready in ((k_ref, k_smem, k_ready), (v_ref, v_smem, v_ready)):
-          for j, page in enumerate(pages):
-            plgpu.copy_gmem_to_smem(ref.at[lay, kv_head, page], smem_ref.at[slot, pl.ds(j * page_size, page_size)],
-                                    ready.at[slot])
+      def one_item(r, base):
+        head, block, live, cta_steps = work_item(r)
+        kv_head = lax.div(head, jnp.int32(group))
+        seq_row = info_ref[block, SEQ]
 
-      for i in range(steps):
-        pl.when(i < cta_steps)(lambda i=i: load(page_ids(jnp.int32(i)), i))
+        @pl.loop(0, cta_steps)
+        def _(i):
+          slot = lax.rem(base + i, jnp.int32(steps))
+          pages = page_ids(seq_row, i)         # issued before the waits, so their latency hides behind them
 
-      @pl.loop(0, jnp.maximum(cta_steps - steps, 0))
-      def _(i):
-        slot = lax.rem(i, jnp.int32(steps))
-        pages = page_ids(i + steps)          # issued before the waits, so their latency hides behind them
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        load(pages, slot)
+          @pl.when(base + i >= steps)        # the slot's previous key block is done with
+          def _():
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+          for ref, smem_ref, ready in ((k_ref, k_smem, k_ready), (v_ref, v_smem, v_ready)):
+            for j, page in enumerate(pages):
+              plgpu.copy_gmem_to_smem(ref.at[lay, kv_head, page], smem_ref.at[slot, pl.ds(j * page_size, page_size)],
+                                      ready.at[slot])
+        return base + cta_steps
+
+      lax.fori_loop(0, rounds, one_item, jnp.int32(0))
 
   def body(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref):
     smem = (plgpu.SMEM((2, wg_rows, d), dtype, transforms=transforms),   # each warpgroup's Q, as wgmma reads it
@@ -321,7 +355,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
   # `out` as a mutable ref: the kernel's stores land in it and every other row keeps its value, without a copy
   # (plgpu.kernel takes no refs; pl.kernel aliases them).
   out_ref = jax.new_ref(out, memory_space=plgpu.GMEM)
-  pl.kernel(body, out_type=(), mesh=plgpu.Mesh(grid=(num_blocks * hq,), grid_names=("ctas",), num_threads=3,
+  pl.kernel(body, out_type=(), mesh=plgpu.Mesh(grid=(ctas,), grid_names=("ctas",), num_threads=3,
                                                thread_name="wg"),
             compiler_params=plgpu.CompilerParams(approx_math=True), name="prefill_attention_mgpu")(
                 info, layer, page_table, q, k_cache, v_cache, out_ref)

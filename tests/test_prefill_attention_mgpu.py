@@ -94,6 +94,7 @@ def test_block_info_orders_blocks_by_work(on_host):
 
 
 @pytest.mark.parametrize("d,chunk,cfg", [(128, (1, 47, 320), {}),                        # 368 rows: tiled copies too
+                                         (128, (1, 47, 320), {"num_sms": 5}),            # persistent
                                          (64, (1, 44, 300), {"block_kv": 64, "max_concurrent_steps": 3})])
 def test_kernel_lowers_for_cuda(d, chunk, cfg):
   """Mosaic GPU lowers the body (TMA at any row offset, stores in pieces, the output aliased in place)."""

@@ -68,7 +68,8 @@ def test_paged_attention_mixed_batch(num_sms):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
 
 
-@pytest.mark.parametrize("cfg", [{}, {"block_kv": 64}, {"block_kv": 64, "max_concurrent_steps": 3}])
+@pytest.mark.parametrize("cfg", [{}, {"num_sms": 132}, {"num_sms": 7}, {"block_kv": 64},
+                                 {"block_kv": 64, "max_concurrent_steps": 3, "num_sms": 32}])
 def test_prefill_attention_mgpu_mixed_batch(cfg):
   """The warp-specialized paged prefill kernel on the mixed batch (60 one-row chunks and a 300-token chunk
   after a 600-token prefix; partial pages, a block of 44 rows) and on chunks of 1000 and 130 fresh tokens,
@@ -94,14 +95,14 @@ def test_prefill_attention_mgpu_mixed_batch(cfg):
   want = pam.blocks_reference(*args)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
   rng = np.random.default_rng(5)
-  chunk = [1000, 130]
-  table, slots, positions = page_layout(rng, chunk, chunk, 16, 4096, (2, 64))
-  q = jax.random.normal(jax.random.PRNGKey(9), (len(slots), 32, 128), jnp.bfloat16)
-  ref = paged_attention_reference(q, kc, vc, 0, table, slots, positions)
-  start, length, nb = query_blocks(chunk, len(slots), pam.BLOCK_Q)
-  out = pam.prefill_attention(q, kc, vc, 0, table, slots, positions, start, length, jnp.int32(nb),
-                              max_blocks=pam.max_query_blocks(len(slots), len(chunk)), **cfg)
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+  for chunk in ([1000, 130], [512, 136]):   # 1130 rows: staged copies only; 648: tiled copies where aligned
+    table, slots, positions = page_layout(rng, chunk, chunk, 16, 4096, (2, 64))
+    q = jax.random.normal(jax.random.PRNGKey(9), (len(slots), 32, 128), jnp.bfloat16)
+    ref = paged_attention_reference(q, kc, vc, 0, table, slots, positions)
+    start, length, nb = query_blocks(chunk, len(slots), pam.BLOCK_Q)
+    out = pam.prefill_attention(q, kc, vc, 0, table, slots, positions, start, length, jnp.int32(nb),
+                                max_blocks=pam.max_query_blocks(len(slots), len(chunk)), **cfg)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
 
 
 def _both_configs(backend, q, kc, vc, table, slots, positions, chunk, num_sms, sliding_window=None,
