@@ -61,10 +61,11 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
   from nanoflow_jax.runtime.autosearch import Profile
   from pallas_kernels import gemm
   from pallas_kernels.paged_attention import append_kv, attention_call, configs, default_backend, query_blocks
-  backend = default_backend()       # the attention implementation the engine will run
-  decode_cfg, prefill_cfg = configs(backend)
-  print("attention kernel:", backend, flush=True)
+  backend = default_backend()       # the attention implementation the engine will run (on a bf16 cache)
   h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  decode_cfg, prefill_cfg = configs(backend, jnp.bfloat16, head_dim=hd, page_size=16,
+                                    sliding_window=cfg.sliding_window)
+  print("attention kernel:", backend, "prefill:", prefill_cfg.get("kernel", backend), flush=True)
   hq, hkv = cfg.num_heads, cfg.num_kv_heads
   shapes = {"qkv": (h, hkv * (cfg.q_per_kv + 2) * hd), "o": (hq * hd, h), "gate_up": (h, 2 * i), "down": (i, h)}
   times: dict = {op: {str(s): [] for s in shares} for op in (*shapes, "rope_append", "decode_attention",

@@ -570,24 +570,24 @@ def _prefill_mgpu_rows(problem, flops: float, peak: float, iters: int, label: st
   info = pam.block_info(slots, positions, start, length, nb, mb)
   in_rows = info[np.argsort(np.where(info[:, pam.ROWS] > 0, info[:, pam.ROW0], len(slots)), kind="stable")]
   layer0, pages = jnp.zeros((1,), jnp.int32), jnp.asarray(table)
-  variants = (
-      ("entry into an existing output", lambda q, c, o: pam.prefill_attention_call(
+  variants = [
+      ("entry into an existing output", 132, lambda q, c, o: pam.prefill_attention_call(
           q, c[0], c[1], 0, table, slots, positions, start, length, nb, max_blocks=mb, out=o)),
-      ("entry into an existing output, persistent on 132 CTAs", lambda q, c, o: pam.prefill_attention_call(
-          q, c[0], c[1], 0, table, slots, positions, start, length, nb, max_blocks=mb, num_sms=132, out=o)),
-      ("kernel only", lambda q, c, o: pam._call(info, layer0, pages, q, c[0], c[1], o, **pam.CONFIG)),
-      ("kernel only, persistent on 132 CTAs",
-       lambda q, c, o: pam._call(info, layer0, pages, q, c[0], c[1], o, num_sms=132, **pam.CONFIG)),
-      ("kernel only, blocks in row order",
-       lambda q, c, o: pam._call(in_rows, layer0, pages, q, c[0], c[1], o, **pam.CONFIG)))
-  for what, call in variants:
+      ("kernel only, one CTA per item", 132,
+       lambda q, c, o: pam._call(info, layer0, pages, q, c[0], c[1], o, **pam.CONFIG)),
+      ("kernel only, one CTA per item, blocks in row order", 132,
+       lambda q, c, o: pam._call(in_rows, layer0, pages, q, c[0], c[1], o, **pam.CONFIG))]
+  for sms in (132, 96, 64, 32):      # persistent on an SM share
+    variants.append(("kernel only, persistent", sms, lambda q, c, o, sms=sms: pam._call(
+        info, layer0, pages, q, c[0], c[1], o, num_sms=sms, **pam.CONFIG)))
+  for what, sms, call in variants:
     try:
       f = jax.jit(lambda q, c, o, call=call: jax.lax.fori_loop(0, reps, lambda i, o: call(q, c, o), o))
       sec = timeit(f, q, cache, jnp.zeros_like(q), iters=iters) / reps
-      out.append((f"{label} ours (mosaic, pages) {what}", "132", f"{flops / sec / 1e12:.0f} TFLOP/s",
+      out.append((f"{label} ours (mosaic, pages) {what}", str(sms), f"{flops / sec / 1e12:.0f} TFLOP/s",
                   f"{flops / sec / 1e12 / peak:.2f}"))
     except Exception as e:
-      out.append((f"{label} ours {what}", "132", f"FAILED: {type(e).__name__}: {str(e)[:120]}", "-"))
+      out.append((f"{label} ours {what}", str(sms), f"FAILED: {type(e).__name__}: {str(e)[:120]}", "-"))
     print(out[-1], flush=True)
   return out
 

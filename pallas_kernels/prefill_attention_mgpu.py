@@ -67,8 +67,8 @@ def prefill_attention_call(q, k_cache, v_cache, layer, page_table, slots, positi
   """q [N, Hq, D]; k/v_cache [L, Hkv, P, S, D]; page_table [R, max_pages]; slots, positions [N]; query blocks of
   <= BLOCK_Q rows (block_start, block_len [>= max_blocks], num_blocks) as paged_attention.query_blocks gives
   them, each within one chunk of consecutive positions. Returns [N, Hq, D]: the rows of the blocks written
-  into `out` (or zeros). num_sms: persistent on that many CTAs (its share of the SMs), each taking
-  (query head, block) items in turn; None: one CTA per item, scheduled by the hardware. Unjitted (legal under stream annotation); the kernel's output is a mutable ref, so
+  into `out` (or zeros). num_sms: persistent on that many CTAs (its share of the SMs; None: all the device's),
+  each taking (query head, block) items in turn. Unjitted (legal under stream annotation); the kernel's output is a mutable ref, so
   call it inside a jit, or call `prefill_attention`. With slots, positions and the blocks as numpy arrays
   the block table is built on the host."""
   n, hq, d = q.shape
@@ -83,6 +83,8 @@ def prefill_attention_call(q, k_cache, v_cache, layer, page_table, slots, positi
     raise ValueError(f"prefill_attention: {block_start.shape[0]} block entries, fewer than max_blocks={max_blocks}")
   info = block_info(slots, positions, block_start, block_len, num_blocks, max_blocks)
   base = jnp.zeros_like(q) if out is None else out
+  if num_sms is None:
+    num_sms = getattr(jax.devices()[0], "core_count", None) or 132
   return _call(jnp.asarray(info), jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(page_table, jnp.int32), q,
                k_cache, v_cache, base, block_kv=block_kv, max_concurrent_steps=max_concurrent_steps, num_sms=num_sms)
 
@@ -130,13 +132,15 @@ def blocks_reference(info, layer, page_table, q, k_cache, v_cache, out, **_):
 
 def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, max_concurrent_steps: int,
           num_sms: int | None = None):
+  """The kernel on the table `info` (block_info's); persistent on num_sms CTAs, or (None) one CTA per item,
+  scheduled by the hardware (kernel_bench compares the two)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
   n, hq, d = q.shape
   _, hkv, _, page_size, _ = k_cache.shape
-  num_items = info.shape[0] * hq          # (query head, block) pairs
-  ctas = num_items if num_sms is None else min(num_sms, num_items)   # persistent on num_sms CTAs
-  rounds = -(-num_items // ctas)
+  max_items = info.shape[0] * hq          # (query head, block) pairs; those of non-empty blocks come first
+  ctas = max_items if num_sms is None else min(num_sms, max_items)   # persistent on num_sms CTAs
+  count = jnp.sum(jnp.asarray(info)[:, ROWS] > 0, dtype=jnp.int32).reshape(1)   # non-empty blocks
   group = hq // hkv
   max_pages = page_table.shape[1]
   pages_per_kv = block_kv // page_size
@@ -148,11 +152,14 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
   swizzle = plgpu.find_swizzle(64 * jnp.dtype(dtype).itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
-  def kernel(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, smem, barriers):
+  def kernel(info_ref, count_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, smem, barriers):
     q_tiled2, stage2, k_smem, v_smem = smem
     k_ready, v_ready, q_ready, k_free, v_free, turn = barriers
     cta = lax.axis_index("ctas")
     wg = lax.axis_index("wg")
+    # Items of empty blocks are not visited: the table's size is a static bound (the engine's: its rows).
+    num_items = count_ref[0] * hq
+    rounds = pl.cdiv(num_items, jnp.int32(ctas))
 
     def work_item(r):
       """This CTA's item in round r: items (query head, block) in the table's order (most work first, heads
@@ -160,7 +167,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
       Returns (head, block, whether it exists and has rows, key blocks it reads)."""
       idx = r * ctas + jnp.where(lax.rem(r, 2) == 0, cta, ctas - 1 - cta)
       valid = idx < num_items
-      idx = jnp.minimum(idx, num_items - 1)
+      idx = jnp.minimum(idx, max_items - 1)
       head, block = lax.rem(idx, jnp.int32(hq)), lax.div(idx, jnp.int32(hq))
       live = valid & (info_ref[block, ROWS] > 0)
       return head, block, live, jnp.where(live, pl.cdiv(info_ref[block, KV_END], jnp.int32(block_kv)), 0)
@@ -338,7 +345,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
 
       lax.fori_loop(0, rounds, one_item, jnp.int32(0))
 
-  def body(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref):
+  def body(info_ref, count_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref):
     smem = (plgpu.SMEM((2, wg_rows, d), dtype, transforms=transforms),   # each warpgroup's Q, as wgmma reads it
             plgpu.SMEM((2, wg_rows, d), dtype),                           # ... and as TMA copies it, Q then O
             plgpu.SMEM((steps, block_kv, d), dtype, transforms=transforms),
@@ -349,7 +356,8 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
                 plgpu.Barrier(num_arrivals=2, num_barriers=steps),              # both consumers done with K
                 plgpu.Barrier(num_arrivals=2, num_barriers=steps),              # ... with V
                 plgpu.Barrier(num_arrivals=2))                                  # turns on the tensor cores
-    pl.run_scoped(lambda *scoped: kernel(info_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, *scoped),
+    pl.run_scoped(lambda *scoped: kernel(info_ref, count_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref,
+                                         *scoped),
                   smem, barriers, collective_axes="wg")
 
   # `out` as a mutable ref: the kernel's stores land in it and every other row keeps its value, without a copy
@@ -358,5 +366,5 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
   pl.kernel(body, out_type=(), mesh=plgpu.Mesh(grid=(ctas,), grid_names=("ctas",), num_threads=3,
                                                thread_name="wg"),
             compiler_params=plgpu.CompilerParams(approx_math=True), name="prefill_attention_mgpu")(
-                info, layer, page_table, q, k_cache, v_cache, out_ref)
+                info, count, layer, page_table, q, k_cache, v_cache, out_ref)
   return jax.freeze(out_ref)

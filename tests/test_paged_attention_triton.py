@@ -1,6 +1,7 @@
 """The Triton paged-attention kernel, run in Triton's interpreter on the CPU, against the jnp reference:
 ragged lengths, partial pages, chunked prefill continuing from cached pages, GQA, sliding windows,
 masked and unmasked key blocks, every SM-share path (fewer programs than work items and more)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -118,3 +119,43 @@ def test_configs_pick_f16_dots_for_fp8_caches():
   assert pa.configs("triton", jnp.bfloat16)[0] == pat.DECODE_CONFIG
   assert pa.configs("triton")[0] == pat.DECODE_CONFIG
   assert "dot_f16" not in pa.configs("pallas", jnp.float8_e4m3fn)[0]
+
+
+def test_configs_pick_the_mosaic_prefill_kernel_where_it_takes_the_cache():
+  from pallas_kernels import paged_attention as pa
+  mosaic = pa.MOSAIC_PREFILL_CONFIG
+  assert pa.configs("triton", jnp.bfloat16, head_dim=128, page_size=16)[1] == mosaic
+  for kv, kw in ((jnp.float8_e4m3fn, {}),                         # wgmma takes no e4m3 beside bf16
+                 (jnp.bfloat16, {"sliding_window": 4096}),        # the kernel has no window
+                 (jnp.bfloat16, {"head_dim": 96}),                # not a multiple of 64
+                 (jnp.bfloat16, {"page_size": 4}),                # TMA copies of whole 8-row tiles
+                 (None, {})):
+    kw = {"head_dim": 128, "page_size": 16, **kw}
+    assert pa.configs("triton", kv, **kw)[1] == pat.PREFILL_CONFIG, (kv, kw)
+  assert pa.configs("pallas", jnp.bfloat16, head_dim=128, page_size=16)[1] == pa.PREFILL_CONFIG
+
+
+def test_attention_call_runs_the_mosaic_prefill_kernel(monkeypatch):
+  """The configuration routes attention_call to prefill_attention_mgpu (its kernel replaced by its jnp
+  statement here; the GPU test runs it), with 128-row blocks into the decode rows' output."""
+  from kernel_utils import page_layout
+  from pallas_kernels import paged_attention as pa
+  from pallas_kernels import prefill_attention_mgpu as pam
+  calls = []
+  monkeypatch.setattr(pam, "_call", lambda *a, **kw: calls.append(kw) or pam.blocks_reference(*a, **kw))
+  rng = np.random.default_rng()
+  ctx, chunk = (9, 40, 300), (1, 1, 200)
+  table, slots, positions = page_layout(rng, ctx, chunk, 16, 64, (3, 24))
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  kc, vc = (jax.random.normal(jax.random.fold_in(key, i), (1, 2, 64, 16, 64), jnp.bfloat16) for i in (0, 1))
+  q = jax.random.normal(key, (len(slots), 4, 64), jnp.bfloat16)
+  start, length, nb = pa.query_blocks([200], len(slots), pa.MOSAIC_PREFILL_CONFIG["block_q"])
+  start[:nb] += 2
+  marked = jnp.full_like(q, 3)
+  out = jax.jit(lambda q: pa.attention_call("triton", q, kc, vc, 0, table, slots, positions, start, length,
+                                            np.array([nb], np.int32), num_sms=5, config=pa.MOSAIC_PREFILL_CONFIG,
+                                            out=marked))(q)
+  ref = pa.paged_attention_reference(q, kc, vc, 0, table, slots, positions)
+  assert calls and calls[0]["num_sms"] == 5 and calls[0]["block_kv"] == 128
+  assert float(jnp.max(jnp.abs(out[:2].astype(jnp.float32) - 3))) == 0
+  np.testing.assert_allclose(np.asarray(out[2:], np.float32), np.asarray(ref[2:], np.float32), atol=2e-2)

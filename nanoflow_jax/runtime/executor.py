@@ -154,11 +154,12 @@ class Executor:
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
     self.on_kernels = self.kernels in ("pallas", "triton")   # compiled kernels (not jnp, not interpret)
     self.buckets = buckets_for(dense_batch, 128 if self.on_kernels and dense_batch >= 128 else MIN_BUCKET)
-    # Attention kernel configurations (decode blocks, prefill blocks); both implementations use the same
-    # block_q, so the host's query blocks do not depend on which runs.
+    # Attention kernel configurations (decode blocks, prefill blocks): the host builds query blocks of their
+    # block_q.
     self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
-    self.attention_configs = attention_kernels.configs(self.attention_backend, self.kv_dtype)
+    self.attention_configs = attention_kernels.configs(self.attention_backend, self.kv_dtype, head_dim=cfg.head_dim,
+                                                       page_size=page_size, sliding_window=cfg.sliding_window)
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
     self.beside_attention = dict(beside_attention)
