@@ -214,6 +214,13 @@ step_tests-silu-mul()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
 step_silu-mul()           { $PY launch/kernel_bench.py --silu_mul --shares=132,96,66 --out_dir="$OUT/silu-mul"; }
 step_prefill-ceiling()    { $PY launch/kernel_bench.py --prefill_ceiling --out_dir="$OUT/prefill-ceiling"; }
 step_tests-prefill-mgpu() { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "prefill_attention_mgpu"; }
+# Prefill attention on the Mosaic GPU kernel (the engine's on bf16 caches) against the Triton one, in the mix
+# step and in a 4096-token step that is nearly all one fresh prompt.
+step_step-prefill()       { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=auto \
+                              --triton_prefill --nanoflow=false --out="$OUT/step-prefill.md" && \
+                            $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=auto \
+                              --decodes=8 --context=512 --prefill=4088 --triton_prefill --nanoflow=false \
+                              --out="$OUT/step-prefill-4k.md"; }
 step_step-fused()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,mosaic_fused \
                               --kv_cache_dtypes=fp8 --nanoflow=false --out="$OUT/step-fused.md"; }
 step_autosearch-tp4()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=4 --out_dir="$OUT/autosearch-tp4"; }

@@ -48,6 +48,8 @@ flags.DEFINE_multi_string("beside_attention", [], "Also time each nanoflow varia
                           "decode attention's configuration where it runs beside the GEMMs, e.g. "
                           "programs_per_sm=4,prefetch_pages=1 (Executor beside_attention); may be repeated.")
 flags.DEFINE_bool("nanoflow", True, "Also time the nano-batch variants (--attn_shares, the split, the shipped config).")
+flags.DEFINE_bool("triton_prefill", False, "Also time the sequential step with prefill attention on the Triton "
+                  "kernel where the Mosaic GPU one would run (bf16 caches).")
 flags.DEFINE_bool("fused_rope_append", False, "Also time sequential steps with the fused RoPE + KV-append kernel.")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
 flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of 3 steps of each variant here, and "
@@ -82,6 +84,9 @@ def main(argv):
               for k in FLAGS.kernels for g in FLAGS.gemms]
   variants += [(f"sequential ({kernels}, KV {d})", None, True, kernels, {"kv_dtype": KV_CACHE_DTYPES[d]})
                for d in FLAGS.kv_cache_dtypes[:-1]]
+  if FLAGS.triton_prefill:
+    variants.append((f"sequential, Triton prefill attention ({kernels})", None, True, kernels,
+                     {"kv_dtype": kv_dtype, "mosaic_prefill": False}))
   if FLAGS.fused_rope_append:
     variants.append((f"sequential, fused rope+append ({kernels})", None, True, kernels,
                      {"fused_rope_append": True, "kv_dtype": kv_dtype}))

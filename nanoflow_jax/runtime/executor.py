@@ -106,7 +106,7 @@ class Executor:
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
                fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
-               layer_unroll: int = 1):
+               layer_unroll: int = 1, mosaic_prefill: bool = True):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/perf-notes.md).
@@ -124,7 +124,9 @@ class Executor:
     layer_unroll: decoder layers per iteration of the layer scan (lax.scan's unroll). Each iteration ends
     with every nano-batch done; with 2, one layer's tail (under TP its last all-reduce) and the next
     layer's head for another nano-batch are in one computation, so XLA may overlap them across the
-    layer boundary, at about twice the compile time."""
+    layer boundary, at about twice the compile time.
+    mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.7x the
+    Triton kernel, docs/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
     self.model = model
     self.page_size = page_size
@@ -158,8 +160,9 @@ class Executor:
     # block_q.
     self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
-    self.attention_configs = attention_kernels.configs(self.attention_backend, self.kv_dtype, head_dim=cfg.head_dim,
-                                                       page_size=page_size, sliding_window=cfg.sliding_window)
+    self.attention_configs = attention_kernels.configs(
+        self.attention_backend, self.kv_dtype, head_dim=cfg.head_dim if mosaic_prefill else None, page_size=page_size,
+        sliding_window=cfg.sliding_window)
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
     self.beside_attention = dict(beside_attention)
