@@ -1,10 +1,10 @@
 """Prefill attention over pages on Hopper (Mosaic GPU): warp-specialized, wgmma, K/V pages by TMA.
 
-jax's warp-specialized `attention_mgpu` reaches 0.61 of the GEMM peak on a 4096-token prompt with K/V
-contiguous; the engine's Triton kernel (paged_attention_triton.py) 0.37 through pages. This kernel is that
-design over the paged cache (docs/perf-notes.md, session 11: 0.58 alone, 0.44 through this entry; not yet
-the engine's: the entry's gathers, no fp8 cache, the engine's 32-row query blocks):
-- one CTA per (query head, query block of 128 rows); two consumer warpgroups of 64 rows each, one producer
+jax's warp-specialized `attention_mgpu` reaches 0.57-0.61 of the GEMM peak on a 4096-token prompt with K/V
+contiguous; the Triton kernel (paged_attention_triton.py) 0.35 through pages. This kernel is that design over
+the paged cache, and reaches 0.63 (docs/perf-notes.md, session 12). It is the engine's prefill attention on
+bf16/f16 caches (paged_attention.configs):
+- per (query head, query block of 128 rows): two consumer warpgroups of 64 rows each, one producer
   warpgroup;
 - the producer streams K and V blocks of `block_kv` keys into a ring of shared-memory slots, each block as
   block_kv / page_size TMA copies of one page ([page_size, D] of one KV head: 4 KiB at 16 x 128 bf16), the
@@ -19,10 +19,11 @@ block_q = BLOCK_Q), at any row offset. A TMA copy into the swizzled tiles wgmma 
 be a known multiple of the shared-memory tiling, which a chunk's first row is not; so each warpgroup copies
 its 64 query rows into a plain staging buffer and from there, through registers, into the tiled one, and its
 output goes back the same way: registers to the staging buffer, then TMA stores of the block's rows only, in
-pieces of 64, 32, ..., 1 rows (a whole 64-row store would overwrite the next block's rows). The kernel writes
-into the output in place (a mutable ref: the rows outside every block, decode rows, keep what they held),
-and the entry sorts the blocks most work first, so the longest CTAs do not start last (causal blocks late
-in a long prompt attend to up to 32x more keys than early ones).
+pieces of 64, 32, ..., 1 rows (a whole 64-row store would overwrite the next block's rows); where a row
+offset is a multiple of 8 the tiles are copied straight. The kernel writes into the output in place (aliased:
+the rows outside every block, decode rows, keep what they held). It is persistent: num_sms CTAs take the
+(query head, block) items in turn, most work first (causal blocks late in a long prompt attend to up to 32x
+more keys than early ones), each CTA's producer loading the next item's keys while its consumers finish.
 bf16/f16 caches only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size % 8 == 0 and
 dividing block_kv.
 """
@@ -68,9 +69,9 @@ def prefill_attention_call(q, k_cache, v_cache, layer, page_table, slots, positi
   <= BLOCK_Q rows (block_start, block_len [>= max_blocks], num_blocks) as paged_attention.query_blocks gives
   them, each within one chunk of consecutive positions. Returns [N, Hq, D]: the rows of the blocks written
   into `out` (or zeros). num_sms: persistent on that many CTAs (its share of the SMs; None: all the device's),
-  each taking (query head, block) items in turn. Unjitted (legal under stream annotation); the kernel's output is a mutable ref, so
-  call it inside a jit, or call `prefill_attention`. With slots, positions and the blocks as numpy arrays
-  the block table is built on the host."""
+  each taking (query head, block) items in turn. Unjitted (legal under stream annotation; `prefill_attention`
+  is the jitted entry). With slots, positions and the blocks as numpy arrays the block table is built on the
+  host."""
   n, hq, d = q.shape
   _, hkv, _, page_size, _ = k_cache.shape
   if not supported(q.dtype, k_cache.dtype, d, page_size, block_kv):
@@ -360,11 +361,10 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
                                          *scoped),
                   smem, barriers, collective_axes="wg")
 
-  # `out` as a mutable ref: the kernel's stores land in it and every other row keeps its value, without a copy
-  # (plgpu.kernel takes no refs; pl.kernel aliases them).
-  out_ref = jax.new_ref(out, memory_space=plgpu.GMEM)
-  pl.kernel(body, out_type=(), mesh=plgpu.Mesh(grid=(ctas,), grid_names=("ctas",), num_threads=3,
-                                               thread_name="wg"),
-            compiler_params=plgpu.CompilerParams(approx_math=True), name="prefill_attention_mgpu")(
-                info, count, layer, page_table, q, k_cache, v_cache, out_ref)
-  return jax.freeze(out_ref)
+  # `out` aliased in and out: the kernel's stores land in it and every other row keeps its value, no copy.
+  from nanoflow_jax import compat
+  mesh = plgpu.Mesh(grid=(ctas,), grid_names=("ctas",), num_threads=3, thread_name="wg")
+  return compat.mosaic_kernel_aliased(
+      lambda *refs: body(*refs[:7], refs[8]), jax.ShapeDtypeStruct(out.shape, out.dtype), mesh, {7: 0},
+      plgpu.CompilerParams(approx_math=True), "prefill_attention_mgpu")(
+          info, count, layer, page_table, q, k_cache, v_cache, out)

@@ -106,3 +106,18 @@ def test_kernel_lowers_for_cuda(d, chunk, cfg):
       **cfg))
   text = f.trace(q, kc, vc).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "output_operand_alias" in text
+
+
+def test_kernel_lowers_under_stream_annotation():
+  """As the nanoflow executor calls it: inside compute_on (a stream), where the output's aliasing must not
+  need a mutable ref (those have no discharge rule there)."""
+  from nanoflow_jax import compat
+  rng = np.random.default_rng()
+  q, kc, vc, table, slots, positions = _batch(rng, (1, 77, 330), (1, 47, 320), d=128)
+  start, length, nb = query_blocks([1, 47, 320], len(slots), pam.BLOCK_Q)
+  call = lambda q, kc, vc, out: pam.prefill_attention_call(q, kc, vc, 1, table, slots, positions, start, length, nb,
+                                                           max_blocks=pam.max_query_blocks(len(slots), 3), num_sms=8,
+                                                           out=out)
+  f = jax.jit(lambda q, kc, vc: compat.compute_on(call, "gpu_stream:1")(q, kc, vc, q * 2))
+  text = f.trace(q, kc, vc).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "output_operand_alias" in text
