@@ -108,12 +108,19 @@ def block_info(slots, positions, block_start, block_len, num_blocks, max_blocks:
   xp = np if host else jnp
   n = slots.shape[0]
   start = xp.asarray(block_start[:max_blocks], xp.int32)
-  length = xp.where(xp.arange(max_blocks) < num_blocks, xp.asarray(block_len[:max_blocks], xp.int32), 0)
+  used = xp.arange(max_blocks) < xp.reshape(xp.asarray(num_blocks, xp.int32), ())
+  # (lax, not jnp.where / jnp.argsort: those are jitted functions, and a jit nested in a stream annotation's
+  # computation fails at run time, "No ExecutionStreamId found")
+  length = np.where(used, block_len[:max_blocks], 0).astype(np.int32) if host else lax.select(
+      used, jnp.asarray(block_len[:max_blocks], jnp.int32), jnp.zeros((max_blocks,), jnp.int32))
   first = xp.minimum(start, n - 1)
   pos0 = xp.asarray(positions, xp.int32)[first]
   info = xp.stack([xp.asarray(slots, xp.int32)[first], pos0, pos0 + length, start, length], axis=1)
   work = length * (2 * pos0 + length + 1)            # twice the keys its rows attend to, causally
-  return info[np.argsort(-work, kind="stable") if host else jnp.argsort(-work, stable=True)]
+  if host:
+    return info[np.argsort(-work, kind="stable")]
+  _, order = lax.sort((-work, jnp.arange(max_blocks, dtype=jnp.int32)), num_keys=1, is_stable=True)
+  return info[order]
 
 
 def blocks_reference(info, layer, page_table, q, k_cache, v_cache, out, **_):

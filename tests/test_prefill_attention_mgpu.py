@@ -121,3 +121,27 @@ def test_kernel_lowers_under_stream_annotation():
   f = jax.jit(lambda q, kc, vc: compat.compute_on(call, "gpu_stream:1")(q, kc, vc, q * 2))
   text = f.trace(q, kc, vc).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "output_operand_alias" in text
+
+
+def _nested_jits(jaxpr) -> list[str]:
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("pjit", "jit"):
+      found.append(eqn.params.get("name"))
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", None)
+      if inner is not None and eqn.primitive.name != "mpmd_map":
+        found += _nested_jits(getattr(inner, "jaxpr", inner))
+  return found
+
+
+def test_entry_nests_no_jit():
+  """With the blocks traced, as the engine passes them: no jitted jnp function inside the entry (a jit nested
+  in a stream annotation's computation fails on the GPU at run time: jnp.where and jnp.argsort did)."""
+  rng = np.random.default_rng()
+  q, kc, vc, table, slots, positions = _batch(rng, (1, 77, 330), (1, 47, 320))
+  start, length, nb = query_blocks([1, 47, 320], len(slots), pam.BLOCK_Q)
+  f = lambda q, slots, positions, start, length, nb: pam.prefill_attention_call(
+      q, kc, vc, 1, table, slots, positions, start, length, nb, max_blocks=len(slots), num_sms=8, out=q)
+  jaxpr = jax.make_jaxpr(f)(q, slots, positions, start, length, np.array([nb], np.int32))
+  assert _nested_jits(jaxpr.jaxpr) == []
