@@ -577,7 +577,7 @@ def _prefill_mgpu_rows(problem, flops: float, peak: float, iters: int, label: st
        lambda q, c, o: pam._call(info, layer0, pages, q, c[0], c[1], o, **pam.CONFIG)),
       ("kernel only, one CTA per item, blocks in row order", 132,
        lambda q, c, o: pam._call(in_rows, layer0, pages, q, c[0], c[1], o, **pam.CONFIG))]
-  for sms in (132, 96, 64, 32):      # persistent on an SM share
+  for sms in (132, 112, 96, 64, 48, 32):      # persistent on an SM share
     variants.append(("kernel only, persistent", sms, lambda q, c, o, sms=sms: pam._call(
         info, layer0, pages, q, c[0], c[1], o, num_sms=sms, **pam.CONFIG)))
   for what, sms, call in variants:
