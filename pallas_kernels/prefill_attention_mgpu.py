@@ -304,7 +304,9 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
             plgpu.copy_smem_to_gmem(stage.at[pl.ds(done, size)], out_ref.at[pl.ds(first_row + done, size), head])
           done = done + (my_rows & size)
           size //= 2
-      plgpu.wait_smem_to_gmem(0)     # before the next item's query rows land in the same buffers
+      # Before the next item's query rows land in the same buffers: the stores have read them (their writes
+      # to the output may still be in flight; the last item waits for those).
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -320,6 +322,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
         return base + cta_steps
 
       lax.fori_loop(0, rounds, one_item, jnp.int32(0))
+      plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _producer():
