@@ -206,24 +206,24 @@ paged_attention = jax.jit(paged_attention_call, static_argnames=(
 BACKENDS = ("pallas", "triton")
 
 
-# The warp-specialized Mosaic GPU prefill kernel (prefill_attention_mgpu.py): 1.7-1.8x the Triton one on
+# The warp-specialized Mosaic GPU prefill kernel (prefill_attention_mgpu.py): 1.8x the Triton one on
 # bf16 caches (docs/perf-notes.md, session 12). block_q: the host's query blocks; block_n: its key blocks.
 MOSAIC_PREFILL_CONFIG = dict(kernel="mosaic", block_q=128, block_n=128)
 
 
 def configs(backend: str, kv_dtype=None, *, head_dim: int | None = None, page_size: int | None = None,
-            sliding_window: int | None = None) -> tuple[dict, dict]:
+            sliding_window: int | None = None, q_dtype=None) -> tuple[dict, dict]:
   """(decode config, prefill config) of an implementation for a KV cache of `kv_dtype` (None: the query
   dtype). The host builds query blocks of each config's block_q. On the Triton backend, prefill runs the
-  Mosaic GPU kernel where it takes the cache (bf16/f16, head_dim and page_size given and fitting, no
-  sliding window), else the Triton one."""
+  Mosaic GPU kernel where it takes the cache (bf16/f16 as the queries, q_dtype None: the same; head_dim
+  and page_size given and fitting; no sliding window), else the Triton one."""
   if backend == "triton":
     from pallas_kernels import paged_attention_triton as pat
     from pallas_kernels import prefill_attention_mgpu as pam
     if kv_dtype is not None and jnp.dtype(kv_dtype).itemsize == 1:
       return pat.DECODE_CONFIG_FP8, pat.PREFILL_CONFIG
     mosaic = (kv_dtype is not None and head_dim is not None and page_size is not None and sliding_window is None
-              and pam.supported(kv_dtype, kv_dtype, head_dim, page_size, MOSAIC_PREFILL_CONFIG["block_n"]))
+              and pam.supported(q_dtype or kv_dtype, kv_dtype, head_dim, page_size, MOSAIC_PREFILL_CONFIG["block_n"]))
     return pat.DECODE_CONFIG, MOSAIC_PREFILL_CONFIG if mosaic else pat.PREFILL_CONFIG
   if backend == "pallas":
     return DECODE_CONFIG, PREFILL_CONFIG

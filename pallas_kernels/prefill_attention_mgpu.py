@@ -140,8 +140,9 @@ def blocks_reference(info, layer, page_table, q, k_cache, v_cache, out, **_):
 
 def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, max_concurrent_steps: int,
           num_sms: int | None = None):
-  """The kernel on the table `info` (block_info's); persistent on num_sms CTAs, or (None) one CTA per item,
-  scheduled by the hardware (kernel_bench compares the two)."""
+  """The kernel on the table `info` (as block_info gives it; non-empty blocks first, the kernel visits those
+  only); persistent on num_sms CTAs, or (None) one CTA per item, scheduled by the hardware (kernel_bench
+  compares the two)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
   n, hq, d = q.shape

@@ -129,6 +129,7 @@ def test_configs_pick_the_mosaic_prefill_kernel_where_it_takes_the_cache():
                  (jnp.bfloat16, {"sliding_window": 4096}),        # the kernel has no window
                  (jnp.bfloat16, {"head_dim": 96}),                # not a multiple of 64
                  (jnp.bfloat16, {"page_size": 4}),                # TMA copies of whole 8-row tiles
+                 (jnp.float16, {"q_dtype": jnp.bfloat16}),        # queries of another type
                  (None, {})):
     kw = {"head_dim": 128, "page_size": 16, **kw}
     assert pa.configs("triton", kv, **kw)[1] == pat.PREFILL_CONFIG, (kv, kw)

@@ -125,7 +125,7 @@ class Executor:
     with every nano-batch done; with 2, one layer's tail (under TP its last all-reduce) and the next
     layer's head for another nano-batch are in one computation, so XLA may overlap them across the
     layer boundary, at about twice the compile time.
-    mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.7x the
+    mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
     self.model = model
@@ -162,7 +162,7 @@ class Executor:
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.attention_configs = attention_kernels.configs(
         self.attention_backend, self.kv_dtype, head_dim=cfg.head_dim if mosaic_prefill else None, page_size=page_size,
-        sliding_window=cfg.sliding_window)
+        sliding_window=cfg.sliding_window, q_dtype=model.dtype)
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
     self.beside_attention = dict(beside_attention)
