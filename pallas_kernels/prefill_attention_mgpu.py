@@ -19,11 +19,12 @@ block_q = BLOCK_Q), at any row offset. A TMA copy into the swizzled tiles wgmma 
 be a known multiple of the shared-memory tiling, which a chunk's first row is not; so each warpgroup copies
 its 64 query rows into a plain staging buffer and from there, through registers, into the tiled one, and its
 output goes back the same way: registers to the staging buffer, then TMA stores of the block's rows only, in
-pieces of 64, 32, ..., 1 rows (a whole 64-row store would overwrite the next block's rows); where a row
-offset is a multiple of 8 the tiles are copied straight. The kernel writes into the output in place (aliased:
-the rows outside every block, decode rows, keep what they held). It is persistent: num_sms CTAs take the
-(query head, block) items in turn, most work first (causal blocks late in a long prompt attend to up to 32x
-more keys than early ones), each CTA's producer loading the next item's keys while its consumers finish.
+pieces of 64, 32, ..., 1 rows (a whole 64-row store would overwrite the next block's rows); query rows whose
+offset is a multiple of 8 are copied into the tiles straight. The kernel writes into the output in place
+(aliased: the rows outside every block, decode rows, keep what they held). It is persistent: num_sms CTAs
+take the (query head, block) items in turn, most work first (causal blocks late in a long prompt attend to
+up to 32x more keys than early ones); a CTA's producer loads the next item's keys, and its consumers fetch
+the next item's query rows, while the current item finishes.
 bf16/f16 caches only (wgmma takes no e4m3 beside bf16 operands); head_dim % 64 == 0; page_size % 8 == 0 and
 dividing block_kv.
 """
@@ -185,34 +186,49 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
-    def consume(head, block, cta_steps, base):
-      pos0, kv_end = info_ref[block, POS0], info_ref[block, KV_END]
-      row0, rows = info_ref[block, ROW0], info_ref[block, ROWS]
-      q_tiled, stage = q_tiled2.at[wg], stage2.at[wg]
-      slot_of = lambda i: lax.rem(base + i, jnp.int32(steps))
-      first_row = row0 + wg * wg_rows
-      first_pos = pos0 + wg * wg_rows                        # query position of this warpgroup's first row
-      my_steps = pl.cdiv(jnp.minimum(first_pos + wg_rows, kv_end), jnp.int32(block_kv))
-      unmasked = jnp.minimum(first_pos // block_kv, my_steps)
-      # Rows past q's end arrive as zeros (TMA); rows past the block's end are computed and never stored.
-      # Straight into the tiles where the row offset is a multiple of the tiling, else through the staging
-      # buffer and registers (once per item: its bank conflicts are cheap). (A tiled TMA copy also needs q's
-      # row count to be a multiple of 8, as the engine's buckets are.)
-      aligned = (lax.rem(first_row, jnp.int32(8)) == 0) & (n % 8 == 0)
+    # An item's query rows are fetched ahead: the next item's TMA copy starts after this item's last Q K^T
+    # (the tiles are free then), so its latency hides behind the last P V and the epilogue. Rows past q's end
+    # arrive as zeros; rows past the block's end are computed and never stored. Straight into the tiles
+    # where the row offset is a multiple of the tiling (and q's row count too: Mosaic tiles the whole array;
+    # the engine's buckets are), else into the staging buffer, moved into the tiles through registers in the
+    # epilogue before the output takes the buffer (once per item: the bank conflicts are cheap).
+    def first_row_of(block):
+      return info_ref[block, ROW0] + wg * wg_rows
 
-      @pl.when(aligned)
+    def aligned_at(block):
+      return (lax.rem(first_row_of(block), jnp.int32(8)) == 0) & (n % 8 == 0)
+
+    def fetch_q(head, block):
+      q_tiled, stage = q_tiled2.at[wg], stage2.at[wg]
+      first_row = first_row_of(block)
+
+      @pl.when(aligned_at(block))
       def _():
         if n % 8 == 0:   # (traced only then: the copy does not lower otherwise)
           plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of(first_row, 8), wg_rows), head], q_tiled,
                                   q_ready.at[wg])
-          plgpu.barrier_wait(q_ready.at[wg])
 
-      @pl.when(~aligned)
+      @pl.when(~aligned_at(block))
       def _():
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, wg_rows), head], stage, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
-        q_tiled[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)
-        plgpu.commit_smem()
+
+    def staged_q_to_tiles():
+      plgpu.barrier_wait(q_ready.at[wg])
+      q_tiled2.at[wg][...] = plgpu.load(stage2.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+      plgpu.commit_smem()
+
+    def consume(head, block, cta_steps, base, nxt):
+      """One item; nxt = (head, block, live) of this CTA's next one, whose query rows it fetches."""
+      pos0, kv_end = info_ref[block, POS0], info_ref[block, KV_END]
+      rows = info_ref[block, ROWS]
+      q_tiled, stage = q_tiled2.at[wg], stage2.at[wg]
+      slot_of = lambda i: lax.rem(base + i, jnp.int32(steps))
+      first_row = first_row_of(block)
+      first_pos = pos0 + wg * wg_rows                        # query position of this warpgroup's first row
+      my_steps = pl.cdiv(jnp.minimum(first_pos + wg_rows, kv_end), jnp.int32(block_kv))
+      unmasked = jnp.minimum(first_pos // block_kv, my_steps)
+      next_head, next_block, next_live = nxt
+      pl.when(aligned_at(block))(lambda: plgpu.barrier_wait(q_ready.at[wg]))   # (staged: moved already)
       m_i = plgpu.layout_cast(jnp.full((wg_rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l_i = plgpu.layout_cast(jnp.full((wg_rows,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       acc = plgpu.layout_cast(jnp.full((wg_rows, d), 0, jnp.float32), plgpu.Layout.WGMMA)
@@ -232,6 +248,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((wg_rows, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
+        pl.when((i == my_steps - 1) & next_live)(lambda: fetch_q(next_head, next_block))
         if masked:
           q_pos = first_pos + iota(s.shape, 0)
           k_pos = i * block_kv + iota(s.shape, 1)
@@ -274,26 +291,15 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
       lax.fori_loop(my_steps, cta_steps, drain, None)
       pl.when(wg == 0)(take_turn)
       acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
-      # Store this warpgroup's rows of the block and no others: 64 at once from the tiles (the wgmmas reading
-      # them are done) where aligned, else from the staging buffer, whole or in pieces of 32, 16, ..., 1 rows.
+      # The next item's staged query rows into the tiles, before the output takes the staging buffer.
+      pl.when(next_live & ~aligned_at(next_block))(staged_q_to_tiles)
+      # Store this warpgroup's rows of the block and no others, from the staging buffer: whole, or in pieces
+      # of 32, 16, ..., 1 rows.
       my_rows = jnp.clip(rows - wg * wg_rows, 0, wg_rows)
       whole = my_rows == wg_rows
-
-      @pl.when(whole & aligned)
-      def _():
-        if n % 8 == 0:
-          q_tiled[...] = acc.astype(dtype)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(q_tiled, out_ref.at[pl.ds(pl.multiple_of(first_row, 8), wg_rows), head])
-
-      @pl.when(~(whole & aligned))
-      def _():
-        stage[...] = acc.astype(dtype)
-        plgpu.commit_smem()
-
-      @pl.when(whole & ~aligned)
-      def _():
-        plgpu.copy_smem_to_gmem(stage, out_ref.at[pl.ds(first_row, wg_rows), head])
+      stage[...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      pl.when(whole)(lambda: plgpu.copy_smem_to_gmem(stage, out_ref.at[pl.ds(first_row, wg_rows), head]))
 
       @pl.when(~whole)
       def _():
@@ -305,8 +311,8 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
             plgpu.copy_smem_to_gmem(stage.at[pl.ds(done, size)], out_ref.at[pl.ds(first_row + done, size), head])
           done = done + (my_rows & size)
           size //= 2
-      # Before the next item's query rows land in the same buffers: the stores have read them (their writes
-      # to the output may still be in flight; the last item waits for those).
+      # Before the item after next fetches into the staging buffer: the stores have read it (their writes to
+      # the output may still be in flight; the last item waits for those).
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg < 2)
@@ -316,12 +322,19 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
       def one_item(r, base):
         """Round r's item; `base` counts the key blocks of earlier items (the ring's position)."""
         head, block, live, cta_steps = work_item(r)
+        next_head, next_block, next_live, _ = work_item(r + 1)
 
         @pl.when(live)
         def _():
-          consume(head, block, cta_steps, base)
+          consume(head, block, cta_steps, base, (next_head, next_block, next_live))
         return base + cta_steps
 
+      head, block, live, _ = work_item(jnp.int32(0))      # the first item's query rows (items live in a prefix)
+
+      @pl.when(live)
+      def _():
+        fetch_q(head, block)
+        pl.when(~aligned_at(block))(staged_q_to_tiles)
       lax.fori_loop(0, rounds, one_item, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
 
