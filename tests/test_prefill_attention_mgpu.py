@@ -145,3 +145,44 @@ def test_entry_nests_no_jit():
       q, kc, vc, 1, table, slots, positions, start, length, nb, max_blocks=len(slots), num_sms=8, out=q)
   jaxpr = jax.make_jaxpr(f)(q, slots, positions, start, length, np.array([nb], np.int32))
   assert _nested_jits(jaxpr.jaxpr) == []
+
+
+SHARD_MAP_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from kernel_utils import page_layout
+from nanoflow_jax import compat
+from pallas_kernels import prefill_attention_mgpu as pam
+from pallas_kernels.paged_attention import query_blocks
+table, slots, positions = page_layout(np.random.default_rng(0), (1, 77, 330), (1, 47, 320), 16, 96, (3, 24))
+start, length, nb = query_blocks([1, 47, 320], len(slots), pam.BLOCK_Q)
+mesh = jax.make_mesh((2,), ("tp",))
+heads = NamedSharding(mesh, P(None, "tp"))
+q = jax.device_put(jnp.zeros((len(slots), 8, 128), jnp.bfloat16), heads)
+kc = jax.device_put(jnp.zeros((2, 4, 96, 16, 128), jnp.bfloat16), heads)
+def local(q, kc, slots, positions, start, length, nb):   # each device's heads, on a stream, as the executor
+  call = lambda q, kc: pam.prefill_attention_call(q, kc, kc, 1, table, slots, positions, start, length, nb,
+                                                  max_blocks=len(slots), num_sms=8, out=q)
+  return compat.compute_on(call, "gpu_stream:1")(q, kc)
+f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(None, "tp"), P(None, "tp"), P(), P(), P(), P(), P()),
+                          out_specs=P(None, "tp"), check_vma=False))
+text = f.trace(q, kc, slots, positions, start, length, np.array([nb], np.int32)).lower(
+    lowering_platforms=("cuda",)).as_text()
+print("lowered", "mosaic_gpu" in text and "output_operand_alias" in text)
+"""
+
+
+def test_kernel_lowers_per_device_under_tensor_parallelism():
+  """As the TP executor calls it: inside shard_map (each device's query and KV heads), on a stream, with the
+  blocks traced. A fresh process, for its two CPU devices."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT, root], capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.strip().splitlines()[-1] == "lowered True"
