@@ -53,8 +53,9 @@ SMEM_LIMIT = 227 * 1024   # per CTA on Hopper
 
 
 def smem_bytes(head_dim: int, block_kv: int, steps: int, dtype) -> int:
-  """Shared memory of one CTA: Q tiles and the staging buffer (2 x 128 rows), K and V rings, barriers."""
-  return jnp.dtype(dtype).itemsize * head_dim * (2 * BLOCK_Q + 2 * steps * block_kv) + 1024
+  """Shared memory of one CTA: Q tiles, the staging buffer and O tiles (3 x 128 rows), K and V rings, barriers
+  (2,168 bytes measured at 2 x 3 stages)."""
+  return jnp.dtype(dtype).itemsize * head_dim * (3 * BLOCK_Q + 2 * steps * block_kv) + 2304
 
 
 def max_query_blocks(num_tokens: int, max_chunks: int) -> int:
@@ -163,7 +164,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
   def kernel(info_ref, count_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref, smem, barriers):
-    q_tiled2, stage2, k_smem, v_smem = smem
+    q_tiled2, stage2, o_tiled2, k_smem, v_smem = smem
     k_ready, v_ready, q_ready, k_free, v_free, turn = barriers
     cta = lax.axis_index("ctas")
     wg = lax.axis_index("wg")
@@ -293,13 +294,26 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
       acc /= lax.broadcast_in_dim(l_i, acc.shape, [0])
       # The next item's staged query rows into the tiles, before the output takes the staging buffer.
       pl.when(next_live & ~aligned_at(next_block))(staged_q_to_tiles)
-      # Store this warpgroup's rows of the block and no others, from the staging buffer: whole, or in pieces
-      # of 32, 16, ..., 1 rows.
+      # Store this warpgroup's rows of the block and no others: whole from swizzled tiles where aligned, else
+      # from the staging buffer, whole or in pieces of 32, 16, ..., 1 rows.
       my_rows = jnp.clip(rows - wg * wg_rows, 0, wg_rows)
       whole = my_rows == wg_rows
-      stage[...] = acc.astype(dtype)
-      plgpu.commit_smem()
-      pl.when(whole)(lambda: plgpu.copy_smem_to_gmem(stage, out_ref.at[pl.ds(first_row, wg_rows), head]))
+      tiled_out = whole & aligned_at(block)
+
+      @pl.when(tiled_out)     # from swizzled tiles of its own (the query tiles hold the next item's rows)
+      def _():
+        if n % 8 == 0:
+          o_tiled2.at[wg][...] = acc.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(o_tiled2.at[wg], out_ref.at[pl.ds(pl.multiple_of(first_row, 8), wg_rows), head])
+
+      @pl.when(~tiled_out)
+      def _():
+        stage[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+
+      pl.when(whole & ~tiled_out)(
+          lambda: plgpu.copy_smem_to_gmem(stage, out_ref.at[pl.ds(first_row, wg_rows), head]))
 
       @pl.when(~whole)
       def _():
@@ -373,6 +387,7 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
   def body(info_ref, count_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, out_ref):
     smem = (plgpu.SMEM((2, wg_rows, d), dtype, transforms=transforms),   # each warpgroup's Q, as wgmma reads it
             plgpu.SMEM((2, wg_rows, d), dtype),                           # ... and as TMA copies it, Q then O
+            plgpu.SMEM((2, wg_rows, d), dtype, transforms=transforms),   # O of aligned rows
             plgpu.SMEM((steps, block_kv, d), dtype, transforms=transforms),
             plgpu.SMEM((steps, block_kv, d), dtype, transforms=transforms))
     barriers = (plgpu.Barrier(num_arrivals=pages_per_kv, num_barriers=steps),   # a slot's K pages landed

@@ -66,6 +66,11 @@ def test_refuses_what_the_kernel_cannot_take():
   with pytest.raises(ValueError, match="not a shape"):
     pam.prefill_attention(q, fp8, fp8, 0, np.zeros((1, 8), np.int32), np.zeros(4, np.int32), np.arange(4),
                           np.zeros(4, np.int32), np.array([4, 0, 0, 0], np.int32), jnp.int32(1), max_blocks=1)
+  bf = jnp.zeros((1, 4, 8, 16, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="shared memory"):          # 3 stages of 128 keys do not fit
+    pam.prefill_attention(jnp.zeros((4, 4, 128), jnp.bfloat16), bf, bf, 0, np.zeros((1, 8), np.int32),
+                          np.zeros(4, np.int32), np.arange(4), np.zeros(4, np.int32), np.array([4, 0, 0, 0], np.int32),
+                          jnp.int32(1), max_blocks=1, max_concurrent_steps=3)
   assert not pam.supported(jnp.bfloat16, jnp.bfloat16, 96, 16)       # head_dim not a multiple of 64
   assert pam.supported(jnp.bfloat16, jnp.bfloat16, 128, 16)
   assert pam.max_query_blocks(300, 1) == 3 and pam.max_query_blocks(300, 4) == 6
