@@ -19,8 +19,8 @@ block_q = BLOCK_Q), at any row offset. A TMA copy into the swizzled tiles wgmma 
 be a known multiple of the shared-memory tiling, which a chunk's first row is not; so each warpgroup copies
 its 64 query rows into a plain staging buffer and from there, through registers, into the tiled one, and its
 output goes back the same way: registers to the staging buffer, then TMA stores of the block's rows only, in
-pieces of 64, 32, ..., 1 rows (a whole 64-row store would overwrite the next block's rows); query rows whose
-offset is a multiple of 8 are copied into the tiles straight. The kernel writes into the output in place
+pieces of 64, 32, ..., 1 rows (a whole 64-row store would overwrite the next block's rows). Rows whose
+offset is a multiple of 8 go straight between swizzled tiles and memory (the output in tiles of its own). The kernel writes into the output in place
 (aliased: the rows outside every block, decode rows, keep what they held). It is persistent: num_sms CTAs
 take the (query head, block) items in turn, most work first (causal blocks late in a long prompt attend to
 up to 32x more keys than early ones); a CTA's producer loads the next item's keys, and its consumers fetch
