@@ -26,6 +26,10 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_enum("gemm", "mosaic_fused", ["mosaic_fused", "mosaic", "xla"],
                     "GEMMs on the kernel paths: mosaic_fused (our SM-share kernel, the SiLU-and-multiply fused into "
                     "gate_up's epilogue), mosaic (the same, unfused) or xla (XLA's dot).")
+  flags.DEFINE_enum("prefill_attention", "auto", ["auto", "triton"],
+                    "Prefill attention on the kernel paths: auto = the warp-specialized Mosaic GPU kernel where it "
+                    "takes the KV cache (bf16/f16, Hopper; 1.8x the Triton one), else the Triton one; triton = "
+                    "always the Triton one.")
   flags.DEFINE_integer("tp", 1, "Tensor parallelism: devices the model is sharded over.")
   flags.DEFINE_integer("layer_unroll", 1, "Decoder layers per iteration of the step's layer scan. With 2, a "
                        "layer's last ops (under TP: its last all-reduce) and the next layer's first ops of "
@@ -57,6 +61,6 @@ def engine_kwargs() -> dict:
   return dict(dtype=FLAGS.dtype, random_weights=FLAGS.random_weights, dense_batch=FLAGS.dense_batch,
               page_size=FLAGS.page_size, num_pages=FLAGS.num_pages, kv_memory_fraction=FLAGS.kv_memory_fraction,
               max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len, kernels=FLAGS.kernels,
-              gemm=FLAGS.gemm,
+              gemm=FLAGS.gemm, prefill_attention=FLAGS.prefill_attention,
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
               layer_unroll=FLAGS.layer_unroll)

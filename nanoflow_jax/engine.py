@@ -37,6 +37,9 @@ KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "
                    "fp8": "float8_e4m3fn"}
 
 
+PREFILL_ATTENTION_CHOICES = ("auto", "triton")
+
+
 @dataclasses.dataclass
 class EngineConfig:
   dense_batch: int = 512
@@ -50,6 +53,8 @@ class EngineConfig:
                                           # imports), jnp references elsewhere; see executor.KERNEL_CHOICES
   gemm: str = "mosaic_fused"              # GEMMs on the kernel paths: mosaic_fused (ours, SiLU-and-multiply in
                                           # gate_up's epilogue), mosaic (ours, unfused) or xla (XLA's dot)
+  prefill_attention: str = "auto"         # auto: the Mosaic GPU prefill kernel where it takes the KV cache
+                                          # (bf16/f16, Hopper), else Triton's; triton: always Triton's
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow, or "generic" (default: shipped)
   tensor_parallel: int = 1                # the model must be loaded sharded over the same devices
   fused_rope_append: bool = False         # RoPE + KV append as one kernel (not yet measured: off)
@@ -70,6 +75,8 @@ class EngineConfig:
       raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
     if self.gemm not in GEMM_CHOICES:
       raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {self.gemm!r}")
+    if self.prefill_attention not in PREFILL_ATTENTION_CHOICES:
+      raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTION_CHOICES}, got {self.prefill_attention!r}")
     if self.kv_cache_dtype not in KV_CACHE_DTYPES:
       raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
@@ -155,7 +162,8 @@ class Engine:
     self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
                              kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh,
                              kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append,
-                             gemm=c.gemm, layer_unroll=c.layer_unroll)
+                             gemm=c.gemm, layer_unroll=c.layer_unroll,
+                             mosaic_prefill=c.prefill_attention == "auto")
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size

@@ -140,6 +140,20 @@ def test_executor_gemm_choice():
     EngineConfig(gemm="cublas").validate()
 
 
+def test_prefill_attention_choice_reaches_the_executor():
+  """EngineConfig.prefill_attention (--prefill_attention) chooses the executor's prefill kernel; a bad name is
+  refused before anything loads."""
+  from nanoflow_jax.engine import Engine, EngineConfig
+  from nanoflow_jax.model import load_model
+  with pytest.raises(ValueError, match="prefill_attention"):
+    EngineConfig(prefill_attention="flash").validate()
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  for choice, mosaic in (("auto", True), ("triton", False)):
+    eng = Engine(model, EngineConfig(dense_batch=64, num_pages=64, max_num_seqs=4, prefill_attention=choice,
+                                     compilation_cache_dir=None))
+    assert eng.executor.mosaic_prefill is mosaic
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_gemm_reads_one_layer_of_a_stack(residual):
   """With a layer index the kernel takes the stacked weight [L, K, N] and reads that layer in place."""

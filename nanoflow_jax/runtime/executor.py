@@ -159,6 +159,7 @@ class Executor:
     # Attention kernel configurations (decode blocks, prefill blocks): the host builds query blocks of their
     # block_q.
     self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
+    self.mosaic_prefill = mosaic_prefill
     self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.attention_configs = attention_kernels.configs(
         self.attention_backend, self.kv_dtype, head_dim=cfg.head_dim if mosaic_prefill else None, page_size=page_size,
