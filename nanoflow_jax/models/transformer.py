@@ -76,9 +76,6 @@ class DecoderLayer(nn.Module):
   def mlp_norm(self, x):
     return layers.rms_norm(x, self.post_norm, self.cfg.rms_norm_eps)
 
-  def gate_up(self, h):
-    return layers.linear(h, self.gate_up_w, "...h,hti->...ti")
-
   def gate_up_act(self, h):
     """silu(gate) * up [..., intermediate]: the gate_up GEMM and its activation (fused where the installed
     GEMM kernel fuses it)."""
