@@ -45,6 +45,9 @@ flags.DEFINE_string("trace_dir", None, "Offline: write a profiler trace (perfett
                     "the kernel time by kind and the device's idle time per step.")
 flags.DEFINE_string("trace_steps", "400:405", "Offline: the steps [first:last) --trace_dir traces (steady state).")
 flags.DEFINE_string("plot_out", None, "Write a PNG of the results here.")
+flags.DEFINE_integer("power_sample_ms", 0, "Offline: sample every GPU's power and SM clock (nvidia-smi) at this "
+                     "period through the run, and report them over the steady state's full steps with the speed-up "
+                     "bound the power limit sets (perf-notes, session 10); 0: off.")
 
 
 def environment(mode: str) -> dict:
@@ -87,9 +90,31 @@ def warm_up(engine) -> None:
 
 
 def run_offline(engine, requests, peak: float, peak_random: float) -> dict:
+  import contextlib
+  from launch import clock_probe
+  with contextlib.ExitStack() as stack:
+    sampler = None
+    if FLAGS.power_sample_ms:
+      warm_up(engine)   # before the sampler: compiling is not the run
+      sampler = stack.enter_context(clock_probe.Sampler(clock_probe.smi_command(FLAGS.power_sample_ms, all_gpus=True)))
+      idle = (time.perf_counter(), time.perf_counter() + IDLE_S)
+      time.sleep(IDLE_S)
+    out = _run_offline(engine, requests, peak, peak_random, warm=not FLAGS.power_sample_ms)
+  if sampler is not None:
+    windows = step_records.full_step_windows(out["step_records"], engine.config.dense_batch)
+    out["power"] = clock_probe.windows_power(sampler.samples, windows, idle, clock_probe.power_limit_w())
+    out["power"]["steady_seconds_sampled"] = sum(b - a for a, b in windows)
+  return out
+
+
+IDLE_S = 3.0   # the idle readings taken before a sampled run
+
+
+def _run_offline(engine, requests, peak: float, peak_random: float, warm: bool = True) -> dict:
   import jax
   from tqdm import tqdm
-  warm_up(engine)
+  if warm:
+    warm_up(engine)
   engine.stats.step_records = []
   stats0 = dict(vars(engine.stats))
   t0 = time.perf_counter()
@@ -148,6 +173,19 @@ def trace_summary(steps: int) -> None:
   if latest:
     print(f"--- trace of {steps} steps", file=sys.stderr)
     trace_overlap.main(latest, steps)
+
+
+def power_line(p: dict) -> str:
+  """One line: each GPU's mean power and median SM clock over the full steps, and the speed-up bounds."""
+  if not p["gpus"]:
+    return "power: nvidia-smi gave no readings"
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)
+  gpus = "; ".join(f"GPU {g}: {fmt(v['mean_power_w'], '.0f')} W, {fmt(v['sm_mhz'], '.0f')} MHz, power-capped "
+                   f"{v['reasons'].get('sw power cap', 0):.0%} (idle {fmt(v['idle_mean_power_w'], '.0f')} W)"
+                   for g, v in p["gpus"].items())
+  return (f"power over the full steps ({p['steady_seconds_sampled']:.0f} s sampled, limit {fmt(p['limit_w'], '.0f')} W): "
+          f"{gpus}; speed-up bound limit/mean {fmt(p['bound'], '.3f')}x, with the idle draw static "
+          f"{fmt(p['bound_static_idle'], '.3f')}x")
 
 
 def _pcts(xs):
@@ -326,6 +364,8 @@ def main(argv):
         print(f"{'':>10}  steady state ({s['full_steps']} of {s['steps_timed']} steps full): "
               f"{s['steady_tokens_per_s']:.1f} tok/s = {s['steady_percent_of_optimal']:.1f}% of optimal, "
               f"step {s['steady_step_ms']:.1f} ms; mean {s['mean_tokens_per_step']:.0f} tokens per step")
+      if o.get("power"):
+        print(f"{'':>10}  {power_line(o['power'])}")
       if "fit" in s:
         f = s["fit"]
         print(f"{'':>10}  step ms ~ {f['fixed_ms']:.1f} + {f['ms_per_1k_tokens']:.2f} per 1k tokens + "

@@ -48,6 +48,14 @@ step_tp4-1024-512-u2()    { bench70 tp4-1024-512-u2 4 1024-512 500 --mode=nanofl
                               --pipeline_config=generic; }
 step_tp4-1024-512-seq()   { bench70 tp4-1024-512-seq 4 1024-512 800; }
 step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 400 --mode=nanoflow --compare=sequential --trace_dir="$OUT/trace-tp4" --trace_steps=150:153; }
+# Session 13: the board's power over the 70B TP-4 steady state (the bound any schedule of the step's work
+# has, as session 10 measured on one GPU), and the Splitwise trace in both modes with the shipped config.
+step_tp4-1024-512-power() { bench70 tp4-1024-512-power 4 1024-512 500 --mode=sequential --power_sample_ms=100; }
+step_tp4-splitwise-both() { bench70 tp4-splitwise-both 4 splitwise 400 --mode=nanoflow --compare=sequential \
+                              --power_sample_ms=100; }
+# The step's all-reduce alone, timed inside one computation, under NCCL's protocol/algorithm/channel settings.
+step_collectives-tp()     { $PY launch/collective_bench.py --rows=512,1024,2048 --out="$OUT/collectives-tp.md" \
+                              --variants=default,NCCL_PROTO=Simple,NCCL_PROTO=LL128,NCCL_PROTO=LL,NCCL_ALGO=Ring,NCCL_ALGO=Tree,NCCL_MIN_NCHANNELS=32,NCCL_MAX_NCHANNELS=8; }
 # NCCL's channel (CTA) count for an all-reduce over all GPUs (4 H200s: 24; NETWORK_SMS in runtime/plan.py).
 step_nccl-channels()      { NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING $PY -c "import jax, jax.numpy as jnp; n=jax.device_count(); print(jax.pmap(lambda x: jax.lax.psum(x, 'i'), 'i')(jnp.ones((n, 4096, 8192), jnp.bfloat16)).sum())" 2>&1 | sed 's/.*NCCL INFO //' | grep -iE "channel|nvls|ctas|rings|trees" | sort | uniq -c | sort -rn | head -40; }
 step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \

@@ -51,6 +51,29 @@ def summarize(records, dense_batch: int, optimal_tokens_per_s: float, exclude: r
   return out
 
 
+def full_step_windows(records, dense_batch: int, trim_s: float = 1.0, min_s: float = 2.0) -> list[tuple[float, float]]:
+  """[start, end) host times of the runs of consecutive full steps (a step spans from its record to the
+  next one's), each run's first `trim_s` left out (a power reading averages the second before it), runs
+  shorter than `min_s` after that dropped: where a sampler's readings show the steady state alone."""
+  if len(records) < 2:
+    return []
+  r = np.asarray([tuple(x) for x in records], np.float64)
+  full = r[:-1, 1] >= FULL_BATCH * dense_batch
+  windows, k = [], 0
+  while k < len(full):
+    if not full[k]:
+      k += 1
+      continue
+    j = k
+    while j < len(full) and full[j]:
+      j += 1
+    start, end = r[k, 0] + trim_s, r[j, 0]
+    if end - start >= min_s:
+      windows.append((float(start), float(end)))
+    k = j
+  return windows
+
+
 def plot(records, path: str, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")

@@ -13,13 +13,13 @@ KEYS = {"total_tokens_per_s", "output_tokens_per_s", "requests_per_s", "percent_
         "total_input_tokens", "total_output_tokens", "num_requests"}
 
 
-def _run(tmp_path, *flags):
+def _run(tmp_path, *flags, env=None):
   out = tmp_path / "b.json"
   png = tmp_path / "b.png"
   cmd = [sys.executable, os.path.join(ROOT, "launch", "benchmark.py"), "--model=tiny", "--random_weights",
          "--dense_batch=128", "--num_pages=1024", "--max_num_seqs=32", f"--json_out={out}", f"--plot_out={png}",
          *flags]
-  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
   assert r.returncode == 0, r.stderr[-3000:]
   assert os.path.getsize(png) > 1000
   with open(out) as f:
@@ -48,6 +48,37 @@ def test_offline_compare_on_cpu(tmp_path):
   # step gaps: one fewer than the steps, less the traced ones and their neighbours (--trace_steps=1:3)
   assert seq["step_summary"]["steps_timed"] == seq["steps"] - 1 - len(range(0, 4))
   assert os.path.getsize(tmp_path / "b_steps_sequential.png") > 1000
+
+
+FAKE_SMI = """#!{python}
+import sys, time
+args = sys.argv[1:]
+query = next(a for a in args if a.startswith("--query-gpu=")).split("=", 1)[1].split(",")
+if "-lms" not in args:   # one reading of GPU 0: the limit, or a probe of the fields
+  print(", ".join("700.00" if f == "enforced.power.limit" else "1" for f in query), flush=True)
+  sys.exit(0)
+while True:   # every GPU's reading each period, led by its index
+  for g in (0, 1):
+    print(f"{{g}}, 1700, 3201, {{650.0 + 10 * g}}, 60, 0x4", flush=True)
+  time.sleep(0.02)
+"""
+
+
+def test_offline_power_sampling_with_a_stand_in_nvidia_smi(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  smi = bin_dir / "nvidia-smi"
+  smi.write_text(FAKE_SMI.format(python=sys.executable))
+  smi.chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+  res, stdout = _run(tmp_path, "--workload=512-512", "--num_requests=2", "--max_model_len=1024",
+                     "--power_sample_ms=20", env=env)
+  p = res["power"]
+  assert p["limit_w"] == 700.0 and set(p["gpus"]) == {"0", "1"}
+  assert p["gpus"]["1"]["idle_mean_power_w"] == 660.0   # the readings before the run, GPU 1's own
+  assert "power over the full steps" in stdout
+  if p["steady_seconds_sampled"]:   # a run this short on the CPU may have no full steps long enough
+    assert p["bound"] == pytest.approx(700 / 660)
 
 
 def test_online_sweep_and_workload_file(tmp_path):

@@ -7,7 +7,7 @@ from launch import clock_probe
 
 def test_parse_sample_reads_values_and_reason_bits():
   s = clock_probe.parse_sample("1755, 3201, 689.52, 61, 0x0000000000000004\n")
-  assert s == {"sm_mhz": 1755.0, "mem_mhz": 3201.0, "power_w": 689.52, "temp_c": 61.0, "reasons": 4}
+  assert s == {"sm_mhz": 1755.0, "mem_mhz": 3201.0, "power_w": 689.52, "temp_c": 61.0, "reasons": 4, "gpu": 0}
   s = clock_probe.parse_sample("1980, 3201, [N/A], 40, [N/A]")
   assert s["power_w"] is None and s["reasons"] is None and s["sm_mhz"] == 1980.0
   assert clock_probe.parse_sample("clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], "
@@ -49,10 +49,10 @@ def test_sampler_keeps_timed_readings_from_a_running_command():
               "  print(f'{1900 - i}, 3201, 500.0, 45, 0x4', flush=True)\n"
               "  print('garbage', flush=True)\n"
               "  time.sleep(0.01)\n")
-  start = time.monotonic()
+  start = time.perf_counter()
   with clock_probe.Sampler([sys.executable, "-c", fake_smi]) as sampler:
-    deadline = time.monotonic() + 20
-    while len(sampler.samples) < 5 and time.monotonic() < deadline:
+    deadline = time.perf_counter() + 20
+    while len(sampler.samples) < 5 and time.perf_counter() < deadline:
       time.sleep(0.05)
   assert len(sampler.samples) >= 5, "the sampler kept no readings"
   times = [t for t, _ in sampler.samples]
@@ -83,3 +83,26 @@ def test_step_phases_hold_whole_steps_in_both_modes():
   assert [r[0] for r in rows][0] == "idle" and len(rows) == 3
   for name, per_call, summary in rows[1:]:
     assert per_call > 0 and summary["samples"] > 0 and summary["mean_power_w"] == 690.0, name
+
+
+def test_parse_sample_of_every_gpu_keeps_the_index():
+  s = clock_probe.parse_sample("3, 1755, 3201, 689.52, 61, 0x4")
+  assert s["gpu"] == 3 and s["power_w"] == 689.52 and s["reasons"] == 4
+  assert clock_probe.parse_sample("x, 1755, 3201, 689.52, 61, 0x4") is None
+
+
+def test_windows_power_bounds_each_gpu_and_the_step_by_the_highest_draw():
+  def reading(gpu, watts):
+    return {"sm_mhz": 1700.0, "mem_mhz": 3201.0, "power_w": watts, "temp_c": 50.0, "reasons": 0x4, "gpu": gpu}
+  samples = [(t / 10, reading(g, 100.0)) for t in range(10) for g in (0, 1)]                  # idle, 0-0.9 s
+  samples += [(1 + t / 10, reading(0, 600.0 if t < 10 else 300.0)) for t in range(20)]        # GPU 0
+  samples += [(1 + t / 10, reading(1, 500.0 if t < 10 else 200.0)) for t in range(20)]        # GPU 1
+  # the windows hold 1.0-1.95 s (full steps); 2.0-2.9 s (a partial step's readings) is outside
+  p = clock_probe.windows_power(samples, [(1.0, 1.95)], (0.0, 0.95), 700.0)
+  assert p["gpus"][0]["samples"] == 10 and p["gpus"][0]["mean_power_w"] == 600.0
+  assert p["gpus"][1]["mean_power_w"] == 500.0 and p["gpus"][1]["idle_mean_power_w"] == 100.0
+  assert p["gpus"][0]["bound"] == 700 / 600 and p["gpus"][1]["bound"] == 700 / 500
+  assert p["bound"] == 700 / 600   # every GPU does its share of each step: the highest draw bounds it
+  assert p["bound_static_idle"] == (700 - 100) / (600 - 100)
+  none = clock_probe.windows_power(samples, [], (0.0, 0.95), None)
+  assert none["bound"] is None and none["gpus"][0]["mean_power_w"] is None

@@ -46,3 +46,13 @@ def test_excluded_steps_leave_the_fit():
   assert abs(step_records.summarize(spiked, 2048, 1e5)["fit"]["fixed_ms"] - clean["fixed_ms"]) > 1
   fit = step_records.summarize(spiked, 2048, 1e5, exclude=range(59, 62))["fit"]
   assert abs(fit["fixed_ms"] - clean["fixed_ms"]) < 0.5
+
+
+def test_full_step_windows_are_the_runs_of_full_steps_trimmed():
+  # steps of 0.5 s: 2 partial, 10 full, 1 partial, 3 full (too short once trimmed), 1 partial
+  tokens = [100] * 2 + [2048] * 10 + [300] + [2048] * 3 + [50]
+  rec = [StepRecord(0.5 * i, n, 2048, 0, 0) for i, n in enumerate(tokens)]
+  # the run of 10 starts at step 2 (1.0 s) and ends where step 12 starts (6.0 s); trimmed by 1 s
+  assert step_records.full_step_windows(rec, 2048) == [(2.0, 6.0)]
+  assert step_records.full_step_windows(rec, 2048, trim_s=0.0, min_s=1.0) == [(1.0, 6.0), (6.5, 8.0)]
+  assert step_records.full_step_windows(rec[:1], 2048) == []
