@@ -53,6 +53,10 @@ step_tp4-splitwise()      { bench70 tp4-splitwise 4 splitwise 400 --mode=nanoflo
 step_tp4-1024-512-power() { bench70 tp4-1024-512-power 4 1024-512 500 --mode=sequential --power_sample_ms=100; }
 step_tp4-splitwise-both() { bench70 tp4-splitwise-both 4 splitwise 400 --mode=nanoflow --compare=sequential \
                               --power_sample_ms=100; }
+# An fp8 KV cache at TP 4 (fewer bytes, so fewer joules, per decode), and a run long enough for the steady
+# state to outweigh the tail of decode-only steps (500 requests: 286 full steps, then 511 of <= 500 decodes).
+step_tp4-1024-512-fp8()   { bench70 tp4-1024-512-fp8 4 1024-512 500 --mode=sequential --kv_cache_dtype=fp8 --power_sample_ms=100; }
+step_tp4-1024-512-long()  { bench70 tp4-1024-512-long 4 1024-512 1500 --mode=sequential --power_sample_ms=100; }
 # The step's all-reduce alone, timed inside one computation, under NCCL's protocol/algorithm/channel settings.
 step_collectives-tp()     { $PY launch/collective_bench.py --rows=512,1024,2048 --out="$OUT/collectives-tp.md" \
                               --variants=default,NCCL_PROTO=Simple,NCCL_PROTO=LL128,NCCL_PROTO=LL,NCCL_ALGO=Ring,NCCL_ALGO=Tree,NCCL_MIN_NCHANNELS=32,NCCL_MAX_NCHANNELS=8; }
