@@ -25,6 +25,7 @@ bench() { run_bench llama-3-8b "$@"; }   # bench NAME WORKLOAD NUM_REQUESTS [ext
 bench70() { local name=$1 tp=$2; shift 2; run_bench llama-2-70b "$name" "$@" --tp="$tp"; }
 
 step_tests()              { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu --ignore=tests/gpu/test_tp_gpu.py; }
+step_tests-hardware()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k hopper_keeps; }
 step_tests-engine()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_engine_gpu.py; }
 step_tests-tp()           { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_tp_gpu.py; }
 step_bench-1024-512()     { bench bench-1024-512 1024-512 1000; }

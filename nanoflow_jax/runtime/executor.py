@@ -25,6 +25,7 @@ from nanoflow_jax.models.transformer import DecoderLayer
 from nanoflow_jax.runtime.plan import PipelineConfig, check_beside_attention
 from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
+from pallas_kernels import hardware
 from pallas_kernels import paged_attention as attention_kernels
 from pallas_kernels.paged_attention import append_kv, attention_call, paged_attention_reference
 
@@ -152,6 +153,9 @@ class Executor:
       self.kernels = "reference"
     if gemm not in GEMM_CHOICES:
       raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
+    gemm, mosaic_prefill, why = hardware.mosaic_kernel_choices(gemm, mosaic_prefill, on_gpu)
+    if why:
+      log.warning(why)
     self.num_sms = num_sms or (jax.devices()[0].core_count if on_gpu else 4)
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
     self.on_kernels = self.kernels in ("pallas", "triton")   # compiled kernels (not jnp, not interpret)

@@ -252,3 +252,11 @@ def test_grouped_gemm_mixtral_experts(epilogue, num_sms):
       lhs, rhs, jnp.asarray(sizes))
   ref = grouped_gemm.grouped_gemm_reference(lhs, rhs, jnp.asarray(sizes), epilogue)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.1, rtol=0.02)
+
+
+def test_this_hopper_keeps_the_mosaic_kernels():
+  """The generation check (pallas_kernels/hardware.py) reads the device's compute capability on the GPU
+  machine and leaves the Mosaic GPU kernels on: a misread would silently cost the H200 its GEMM."""
+  from pallas_kernels import hardware
+  assert hardware.compute_capability() is not None and hardware.compute_capability()[0] == 9
+  assert hardware.mosaic_kernel_choices("mosaic_fused", True, True) == ("mosaic_fused", True, None)
