@@ -43,17 +43,26 @@ def define(max_num_seqs: int) -> None:
 
 
 def prepare_process(nanoflow: bool) -> bool:
-  """Before JAX starts a backend: GPU memory fraction, multi-host join, command buffers for nanoflow.
-  Returns whether this process joined a multi-host job."""
+  """Before JAX starts a backend: GPU memory fraction, multi-host join, command buffers for nanoflow where
+  its plan splits the step. Returns whether this process joined a multi-host job."""
   from nanoflow_jax import compat, distributed
   compat.configure_gpu_memory()
   try:
     multi = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if nanoflow:
+  if nanoflow and streams_needed():
     compat.enable_concurrent_command_buffers(FLAGS.tp)
   return multi
+
+
+def streams_needed() -> bool:
+  """Whether --mode=nanoflow will split the step into nano-batches here (else it runs the sequential
+  schedule, and the stream flags would only slow it: autosearch.nanoflow_splits)."""
+  from nanoflow_jax import compat
+  from nanoflow_jax.runtime import autosearch
+  return autosearch.nanoflow_splits(FLAGS.model, FLAGS.dense_batch, FLAGS.tp, FLAGS.pipeline_config,
+                                    compat.gpu_name_before_backend())
 
 
 def engine_kwargs() -> dict:

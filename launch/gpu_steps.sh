@@ -207,6 +207,12 @@ step_clock-probe-step-fp8() { $PY launch/clock_probe.py --share=33 --step --noke
 # were the tail (60 of 1606 full, session 9); 2048 sequences can fill a 2048-token step with decodes.
 # Session 10: every constant-length workload and the Splitwise trace in both modes (fp8 KV cache, the best
 # configuration), for #7's table: the shipped 8B config is the whole batch, so the two modes run one schedule.
+# Session 13: --mode=nanoflow no longer sets the stream flags when the shipped config is the whole batch.
+# The same run with them forced (the old behaviour), without them, and the sequential mode alone.
+nanoflow_xla_flags() { $PY -c 'import os; from nanoflow_jax import compat; compat.enable_concurrent_command_buffers(); print(os.environ["XLA_FLAGS"])'; }
+step_bench-nf-flags()     { XLA_FLAGS="$(nanoflow_xla_flags)" bench bench-nf-flags 1024-512 1000 --kv_cache_dtype=fp8 --mode=nanoflow; }
+step_bench-nf-noflags()   { bench bench-nf-noflags 1024-512 1000 --kv_cache_dtype=fp8 --mode=nanoflow; }
+step_bench-seq-only()     { bench bench-seq-only 1024-512 1000 --kv_cache_dtype=fp8 --mode=sequential; }
 step_bench-1024-512-both()  { bench bench-1024-512-both 1024-512 1000 --kv_cache_dtype=fp8 --mode=nanoflow --compare=sequential; }
 step_bench-splitwise-both() { bench bench-splitwise-both splitwise 1000 --kv_cache_dtype=fp8 --mode=nanoflow --compare=sequential; }
 step_bench-512-512-both()   { bench bench-512-512-both 512-512 600 --kv_cache_dtype=fp8 --mode=nanoflow --compare=sequential; }
@@ -254,7 +260,7 @@ for spec in "$@"; do
   if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
   start=$(date +%s)
   # The function runs in a subshell so that `timeout` can stop it and all it started.
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 "step_$name"); PY=$PY OUT=$OUT step_$name" \
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
     > "$OUT/$name.log" 2>&1
   rc=$?
   printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"

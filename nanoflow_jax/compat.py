@@ -11,6 +11,22 @@ def configure_gpu_memory(fraction: float = 0.95) -> None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(fraction))
 
 
+def gpu_name_before_backend() -> str | None:
+  """The first GPU's name as nvidia-smi gives it ("NVIDIA H200"), read without starting JAX's backend (the
+  process-level settings here are chosen before it starts); None without nvidia-smi or a GPU."""
+  import shutil
+  import subprocess
+  if not shutil.which("nvidia-smi"):
+    return None
+  try:
+    r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                       capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  name = r.stdout.strip().splitlines()[0].strip() if r.returncode == 0 and r.stdout.strip() else ""
+  return name or None
+
+
 def compute_on(f, compute_type: str):
   """Stream annotation: `compute_on` in jax >= 0.11.2, `compute_on2` before."""
   import jax

@@ -35,7 +35,12 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
   if mode == "nanoflow":
     from nanoflow_jax import compat
-    compat.enable_concurrent_command_buffers(tensor_parallel)  # only if the GPU backend is not up yet
+    from nanoflow_jax.runtime import autosearch
+    # The stream flags only where the plan splits the step (they slow a whole-batch step); they take
+    # effect only if the GPU backend is not up yet.
+    if autosearch.nanoflow_splits(model, dense_batch, tensor_parallel, pipeline_config,
+                                  compat.gpu_name_before_backend()):
+      compat.enable_concurrent_command_buffers(tensor_parallel)
   sharding_fn = None
   if tensor_parallel > 1:
     from nanoflow_jax import checkpoint, parallel

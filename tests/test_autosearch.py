@@ -244,3 +244,26 @@ def test_measure_runs_the_real_step(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   line = r.stdout.strip().splitlines()[-1]
   assert line.startswith("measured step (16 tokens (4 decodes") and "best split [8, 8]" in line, line
+
+
+def test_nanoflow_splits_is_decided_before_the_backend(tmp_path):
+  """The stream flags go on only where mode nanoflow would split the step: the engine's own choice of
+  plan, read from the flags and nvidia-smi's GPU name before JAX starts."""
+  h200 = "NVIDIA H200"
+  # the shipped H200 configs are the whole batch (one GPU, TP 2 and 4): no streams
+  assert not autosearch.nanoflow_splits("llama-3-8b", None, 1, None, h200)
+  assert not autosearch.nanoflow_splits("llama-3-8b", 2048, 1, None, h200)
+  assert not autosearch.nanoflow_splits("llama-2-70b", 2048, 4, None, h200)
+  # no shipped config for this dense batch, GPU or model: the generic split, which needs them
+  assert autosearch.nanoflow_splits("llama-3-8b", 1024, 1, None, h200)
+  assert autosearch.nanoflow_splits("llama-3-8b", 2048, 1, None, "NVIDIA A100-SXM4-80GB")
+  assert autosearch.nanoflow_splits("llama-3-8b", 2048, 1, None, None)          # no GPU name: cannot tell
+  assert autosearch.nanoflow_splits("no-such-model", 2048, 1, None, h200)
+  assert autosearch.nanoflow_splits("llama-3-8b", 2048, 1, "generic", h200)      # asked for
+  one = tmp_path / "one.json"
+  one.write_text(autosearch.shipped_config_for_kind("llama-3-8b", "h200", 2048).to_json())
+  assert not autosearch.nanoflow_splits("llama-3-8b", 2048, 1, str(one), None)
+  two = tmp_path / "two.json"
+  two.write_text(autosearch.shipped_config_for_kind("tiny", "cpu", 256).to_json())
+  assert autosearch.nanoflow_splits("tiny", 256, 1, str(two), None)
+  assert autosearch.gpu_kind_key("NVIDIA H200") == "h200" and autosearch.gpu_kind_key("Tesla T4") == "tesla-t4"

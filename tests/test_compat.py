@@ -19,3 +19,16 @@ def test_concurrent_command_buffer_flags(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
   compat.enable_concurrent_command_buffers()
   assert "=false" not in compat.os.environ["XLA_FLAGS"]
+
+
+def test_gpu_name_before_backend_reads_nvidia_smi(tmp_path, monkeypatch):
+  import sys
+  smi = tmp_path / "nvidia-smi"
+  smi.write_text(f"#!{sys.executable}\nprint('NVIDIA H200')\nprint('NVIDIA H200')\n")
+  smi.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{tmp_path}{compat.os.pathsep}{compat.os.environ['PATH']}")
+  assert compat.gpu_name_before_backend() == "NVIDIA H200"   # the first GPU's
+  smi.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(9)\n")
+  assert compat.gpu_name_before_backend() is None             # nvidia-smi there, no GPU
+  monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+  assert compat.gpu_name_before_backend() is None             # no nvidia-smi

@@ -224,3 +224,23 @@ def test_a_reused_slot_starts_with_clean_penalty_state():
   assert after == alone
   # the check can fail: the first request's tokens, had they stayed counted, overlap the second's
   assert set(first[0]) & set(alone[0]) or set(first[0]) & set(fresh.tokenizer.encode(PROMPTS[1]))
+
+
+def test_nanoflow_sets_the_stream_flags_only_where_the_plan_splits(monkeypatch, tmp_path):
+  """build_engine(mode="nanoflow") sets the XLA stream flags (before the backend starts) only where its
+  plan will split the step: a whole-batch config runs the sequential schedule, which the flags slow."""
+  from nanoflow_jax import compat
+  from nanoflow_jax.llm import build_engine
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.runtime import autosearch
+  calls = []
+  monkeypatch.setattr(compat, "enable_concurrent_command_buffers", lambda tp=1: calls.append(tp))
+  monkeypatch.setattr(compat, "gpu_name_before_backend", lambda: "NVIDIA H200")
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  whole = tmp_path / "whole.json"
+  whole.write_text(autosearch.shipped_config_for_kind("llama-3-8b", "h200", 2048).to_json())
+  kw = dict(model_obj=model, dense_batch=2048, num_pages=32, max_num_seqs=4, mode="nanoflow")
+  build_engine("tiny", pipeline_config=str(whole), **kw)
+  assert calls == []
+  build_engine("tiny", pipeline_config="generic", **kw)
+  assert calls == [1]

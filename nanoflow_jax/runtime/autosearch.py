@@ -29,11 +29,18 @@ SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 
 def device_kind_name(device) -> str:
   """A short device-kind key for tables and shipped configs: "h200", "h100", ..., "cpu"."""
-  kind = getattr(device, "device_kind", "cpu").lower()
+  if device.platform == "cpu":
+    return "cpu"
+  return gpu_kind_key(getattr(device, "device_kind", "cpu"))
+
+
+def gpu_kind_key(kind: str) -> str:
+  """The key of a GPU's name, as JAX's device_kind or nvidia-smi give it ("NVIDIA H200" -> "h200")."""
+  kind = kind.lower()
   for k in ("h200", "h100", "a100", "b200"):
     if k in kind:
       return k
-  return "cpu" if device.platform == "cpu" else kind.replace(" ", "-")
+  return kind.replace(" ", "-")
 
 
 def config_name(model: str, device_kind: str, tp: int = 1) -> str:
@@ -42,11 +49,38 @@ def config_name(model: str, device_kind: str, tp: int = 1) -> str:
 
 
 def shipped_config(model_name: str, device, dense_batch: int, tp: int = 1) -> PipelineConfig | None:
-  path = os.path.join(SHIPPED_DIR, config_name(model_name, device_kind_name(device), tp) + ".json")
+  return shipped_config_for_kind(model_name, device_kind_name(device), dense_batch, tp)
+
+
+def shipped_config_for_kind(model_name: str, kind: str, dense_batch: int, tp: int = 1) -> PipelineConfig | None:
+  path = os.path.join(SHIPPED_DIR, config_name(model_name, kind, tp) + ".json")
   if not os.path.exists(path):
     return None
   cfg = PipelineConfig.load(path)
   return cfg if cfg.dense_batch == dense_batch else None
+
+
+def nanoflow_splits(model: str, dense_batch: int | None, tp: int, pipeline_config: str | None,
+                    gpu_name: str | None) -> bool:
+  """Whether mode nanoflow would run more than one nano-batch, decided before JAX's backend starts (the
+  XLA flags that let streams overlap must be set before it, and cost a single-batch step ~10% on small
+  steps: docs/perf-notes.md, session 10). The engine's own choice, read early: `pipeline_config` "generic"
+  or a file, else the shipped config for this GPU (`gpu_name`, nvidia-smi's) and dense batch (None: the
+  GPU default, 2048), else the generic split. True wherever it cannot tell (no GPU name, an unknown model)."""
+  from nanoflow_jax import checkpoint
+  from nanoflow_jax.engine import GENERIC_CONFIG
+  if pipeline_config == GENERIC_CONFIG:
+    return True
+  if pipeline_config:
+    return len(PipelineConfig.load(pipeline_config).nano_batches) > 1
+  if not gpu_name:
+    return True
+  try:
+    name = checkpoint.resolve_config(model).name
+  except Exception:   # a model the engine will refuse with its own message; the flags do not matter then
+    return True
+  shipped = shipped_config_for_kind(name, gpu_kind_key(gpu_name), dense_batch or 2048, tp)
+  return shipped is None or len(shipped.nano_batches) > 1
 
 
 @dataclasses.dataclass
