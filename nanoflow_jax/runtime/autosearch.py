@@ -17,11 +17,14 @@ import copy
 import dataclasses
 import itertools
 import json
+import logging
 import os
 
 import numpy as np
 
 from nanoflow_jax.runtime.plan import RESOURCE, PipelineConfig, ops_for, single, two_nano_batches
+
+log = logging.getLogger(__name__)
 
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -80,7 +83,11 @@ def nanoflow_splits(model: str, dense_batch: int | None, tp: int, pipeline_confi
   except Exception:   # a model the engine will refuse with its own message; the flags do not matter then
     return True
   shipped = shipped_config_for_kind(name, gpu_kind_key(gpu_name), dense_batch or 2048, tp)
-  return shipped is None or len(shipped.nano_batches) > 1
+  if shipped is not None and len(shipped.nano_batches) == 1:
+    log.info("mode=nanoflow: the shipped config %s for %s is the whole batch; the stream flags stay off",
+             shipped.name, gpu_name)
+    return False
+  return True
 
 
 @dataclasses.dataclass
