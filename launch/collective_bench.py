@@ -26,13 +26,19 @@ if __package__ in (None, ""):
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("tp", 0, "Devices in the all-reduce; 0: every visible device.")
-flags.DEFINE_integer("hidden", 8192, "Columns of the partial sum (LLaMA-2-70B: 8192).")
-flags.DEFINE_list("rows", ["1024", "2048"], "Rows (the step's tokens) of each all-reduce.")
-flags.DEFINE_list("chain", ["8", "24"], "The two chain lengths; their difference is what is timed.")
-flags.DEFINE_list("variants", ["default"], "NCCL settings, one process each: default or NAME=VALUE[+NAME=VALUE...].")
-flags.DEFINE_string("out", None, "Write the table (markdown) here.")
-flags.DEFINE_bool("child", False, "Internal: time this process's setting and print one JSON line.")
+
+
+def define_flags():
+  """The command line's flags, defined only when this file runs as a program: the tests import it beside
+  other launch modules whose flags share names (--out)."""
+  flags.DEFINE_integer("tp", 0, "Devices in the all-reduce; 0: every visible device.")
+  flags.DEFINE_integer("hidden", 8192, "Columns of the partial sum (LLaMA-2-70B: 8192).")
+  flags.DEFINE_list("rows", ["1024", "2048"], "Rows (the step's tokens) of each all-reduce.")
+  flags.DEFINE_list("chain", ["8", "24"], "The two chain lengths; their difference is what is timed.")
+  flags.DEFINE_list("variants", ["default"], "NCCL settings, one process each: default or NAME=VALUE[+NAME=VALUE...].")
+  flags.DEFINE_string("out", None, "Write the table (markdown) here.")
+  flags.DEFINE_bool("child", False, "Internal: time this process's setting and print one JSON line.")
+
 
 PROTECTED = ("NCCL_NVLS_ENABLE",)   # the machine's own settings: never changed by a variant (device README)
 MARK = "COLLECTIVE_BENCH "
@@ -156,4 +162,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
