@@ -30,3 +30,17 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
   log.info("process %d of %d; %d devices in the job, %d here", jax.process_index(), jax.process_count(),
            jax.device_count(), jax.local_device_count())
   return True
+
+
+def shared_seed() -> int | None:
+  """A random seed that every process of a multi-host job gets the same (process 0's, broadcast); None
+  (draw your own) in a single-process run."""
+  import jax
+  if jax.process_count() == 1:
+    return None
+  import random
+
+  import numpy as np
+  from jax.experimental import multihost_utils
+  mine = np.asarray(random.SystemRandom().getrandbits(31), np.int32)
+  return int(multihost_utils.broadcast_one_to_all(mine))

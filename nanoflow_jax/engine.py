@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from nanoflow_jax import kv_cache, sampler
+from nanoflow_jax import distributed, kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
 from nanoflow_jax.runtime.executor import GEMM_CHOICES, KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
@@ -178,7 +178,9 @@ class Engine:
     self.stats = EngineStats()
     self._pending = None           # (device outputs, [(seq, slot)]) of the step in flight
     self._seq_ids = itertools.count()
-    self._rng = random.Random()
+    # Seeds of unseeded requests. In a multi-host job every process runs the same step on its share of the
+    # devices and must feed it the same inputs, so the generator starts from process 0's seed everywhere.
+    self._rng = random.Random(distributed.shared_seed())
 
   # --- requests ---------------------------------------------------------------------------------
   def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,

@@ -25,6 +25,34 @@ def test_two_processes_form_one_job():
     assert r["processes"] == 2 and r["devices"] == 4 and r["sum"] == sum(range(12))
 
 
+def _job(worker: str, *args) -> list[dict]:
+  """Runs `worker` as the two processes of one job; their last JSON lines, by process."""
+  addr = f"127.0.0.1:{free_port()}"
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, worker), addr, "2", str(i), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return sorted((json.loads(o.strip().splitlines()[-1]) for o, _ in outs), key=lambda r: r["process"])
+
+
+@pytest.mark.parametrize("mode", ["sequential", "nanoflow"])
+def test_engine_across_two_processes_matches_one(mode):
+  """The offline API over both processes' devices (TP 4 across 2 hosts of 2 CPU devices): greedy tokens
+  equal one device's; sampled ones without a seed agree between the processes (the engine's seeds for
+  unseeded requests come from process 0, so every process feeds the same inputs to the one computation)."""
+  from nanoflow_jax import LLM, SamplingParams
+  results = _job("distributed_engine_worker.py", mode)
+  assert [r["devices"] for r in results] == [4, 4]
+  assert results[0]["greedy"] == results[1]["greedy"]
+  assert results[0]["sampled"] == results[1]["sampled"]
+  assert results[0]["next_seed"] == results[1]["next_seed"]   # one seed generator for the whole job
+  one = LLM("tiny", random_weights=True, dense_batch=64, num_pages=256, max_num_seqs=8)
+  ref = one.generate(["hello world", "the quick brown fox", "a"],
+                     SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+  assert results[0]["greedy"] == [o.outputs[0].token_ids for o in ref]
+
+
 @pytest.mark.parametrize("args,match", [
     ((None, 2, 0), "need --coordinator_address"),
     (("127.0.0.1:1234", None, 0), "needs --num_processes"),

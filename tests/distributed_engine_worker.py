@@ -1,0 +1,26 @@
+"""One process of a 2-process CPU job running the engine over both hosts' devices (test_distributed.py):
+greedy and sampled (unseeded) generation, the tokens printed as JSON."""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanoflow_jax import distributed  # noqa: E402
+
+distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+import jax  # noqa: E402
+
+from nanoflow_jax import LLM, SamplingParams  # noqa: E402
+
+PROMPTS = ["hello world", "the quick brown fox", "a"]
+llm = LLM("tiny", random_weights=True, dense_batch=64, num_pages=256, max_num_seqs=8, mode=sys.argv[4],
+          tensor_parallel=jax.device_count())
+greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+sampled = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True))
+print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
+                  "next_seed": llm.engine._rng.getrandbits(32),
+                  "greedy": [o.outputs[0].token_ids for o in greedy],
+                  "sampled": [o.outputs[0].token_ids for o in sampled]}))
