@@ -3,6 +3,9 @@
   python launch/serve.py                                   # the built-in tiny model, CPU if no GPU
   python launch/serve.py --model=/ckpt/llama3-8b --port=8000
   python launch/serve.py --model=llama-3-8b --random_weights --dense_batch=2048
+  # across hosts: the same command on every host; process 0 serves HTTP, the others step with it
+  python launch/serve.py --model=/ckpt/llama-2-70b --tp=16 --coordinator_address=HOST0:1234 \
+      --num_processes=2 --process_id=0|1
 """
 from __future__ import annotations
 
@@ -31,19 +34,23 @@ flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "L
 def main(argv):
   del argv
   logging.basicConfig(level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  if engine_flags.prepare_process(FLAGS.mode == "nanoflow") and FLAGS.num_processes > 1:
-    raise app.UsageError("serving across hosts needs every process to receive the requests, which the server "
-                         "does not do yet; run launch/benchmark.py or the offline API across hosts")
+  if FLAGS.pipeline_config and FLAGS.mode != "nanoflow":
+    raise app.UsageError("--pipeline_config needs --mode=nanoflow")
+  multi_host = engine_flags.prepare_process(FLAGS.mode == "nanoflow") and FLAGS.num_processes > 1
+  from nanoflow_jax import compat, multihost
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.llm import build_engine
   from nanoflow_jax.server.app import serve
-  if FLAGS.pipeline_config and FLAGS.mode != "nanoflow":
-    raise app.UsageError("--pipeline_config needs --mode=nanoflow")
   engine = build_engine(FLAGS.model, mode=FLAGS.mode, **engine_flags.engine_kwargs())
+  # Across hosts, process 0 serves HTTP and the others run the same steps on their devices (multihost.py).
+  channel = multihost.StepChannel(compat.coordination_store()) if multi_host else None
+  if multi_host and FLAGS.process_id != 0:
+    multihost.follow(engine, channel)
+    return
   name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
   api_key = FLAGS.api_key or os.environ.get("NANOFLOW_API_KEY")
-  asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting).start(), name, FLAGS.host, FLAGS.port,
-                    api_key))
+  asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting, channel=channel).start(), name, FLAGS.host,
+                    FLAGS.port, api_key))
 
 
 if __name__ == "__main__":

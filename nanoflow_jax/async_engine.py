@@ -13,6 +13,7 @@ import threading
 import time
 from typing import AsyncIterator, Callable
 
+from nanoflow_jax import multihost
 from nanoflow_jax.engine import Engine, RequestError
 from nanoflow_jax.outputs import Delta
 from nanoflow_jax.sampling_params import SamplingParams
@@ -30,10 +31,14 @@ class EngineStoppedError(RuntimeError):
 
 class AsyncEngine:
   def __init__(self, engine: Engine, max_waiting: int = 1024,
-               on_step: Callable[[float], None] | None = None):
+               on_step: Callable[[float], None] | None = None, channel: multihost.StepChannel | None = None):
+    """channel: in a multi-host job, where the leader (this process) publishes each step's changes to the
+    other processes' engines (multihost.py)."""
     self.engine = engine
     self.max_waiting = max_waiting
     self.on_step = on_step            # called with each step's wall time (metrics)
+    self.channel = channel
+    self._ops: list = []              # the changes applied since the last message to the followers
     self._inbox: queue.Queue = queue.Queue()
     self._accepting = True
     self._stop = threading.Event()
@@ -87,6 +92,8 @@ class AsyncEngine:
   def shutdown(self) -> None:
     self._stop.set()
     self._thread.join(timeout=30)
+    if self.channel is not None:   # the followers leave with the leader
+      self.channel.publish(self._ops, step=False, stop=True)
 
   # --- the engine thread ----------------------------------------------------------------------------
   def _handle(self, item) -> None:
@@ -96,15 +103,23 @@ class AsyncEngine:
       eng.abort(payload)
       if payload in eng.requests:
         eng.pop_output(payload)
+      self._ops.append(("abort", payload))
       return
     rid, prompt_ids, params, prompt, on_delta = payload
     try:
       if len(eng.scheduler.waiting) >= self.max_waiting:
         raise QueueFullError(f"{len(eng.scheduler.waiting)} requests are waiting; retry later")
       eng.add_request(rid, prompt_ids, params, prompt=prompt, on_delta=on_delta)
+      self._ops.append(multihost.add_op(rid, prompt_ids, params, prompt))
       fut.set_result(None)
     except (RequestError, ValueError, QueueFullError) as e:
       fut.set_exception(e)
+
+  def _publish(self, step: bool) -> None:
+    """Leader: the changes since the last message, before the step they precede (multihost.py)."""
+    if self.channel is not None and (self._ops or step):
+      self.channel.publish(self._ops, step)
+    self._ops = []
 
   def _loop(self) -> None:
     eng = self.engine
@@ -120,17 +135,13 @@ class AsyncEngine:
         except queue.Empty:
           item = None
       if not eng.has_work():
+        self._publish(step=False)
         self._idle.set()
         continue
       self._idle.clear()
+      self._publish(step=True)
       t0 = time.perf_counter()
-      try:
-        eng.step()
-      except Exception as e:  # a failed step must not leave requests hanging or pages held
-        log.exception("engine step failed; aborting the requests in flight")
-        self.error = e
-        eng.abort_all("error")
+      # a failed step must not leave requests hanging or pages held: step_and_collect aborts them
+      self.error = multihost.step_and_collect(eng) or self.error
       if self.on_step is not None:
         self.on_step(time.perf_counter() - t0)
-      for rid in [r for r, req in eng.requests.items() if all(s.finished for s in req.seqs)]:
-        eng.pop_output(rid)

@@ -27,6 +27,14 @@ def gpu_name_before_backend() -> str | None:
   return name or None
 
 
+def coordination_store():
+  """The multi-host job's key-value store: the coordination service `jax.distributed.initialize` starts
+  (key_value_set, blocking_key_value_get, key_value_delete on strings). Private in jax: the client object
+  behind jax.distributed, the same in 0.10.2 and 0.11. None outside a multi-host job."""
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
 def compute_on(f, compute_type: str):
   """Stream annotation: `compute_on` in jax >= 0.11.2, `compute_on2` before."""
   import jax
