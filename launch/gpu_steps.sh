@@ -26,6 +26,7 @@ bench70() { local name=$1 tp=$2; shift 2; run_bench llama-2-70b "$name" "$@" --t
 
 step_tests()              { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu --ignore=tests/gpu/test_tp_gpu.py; }
 step_tests-hardware()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k hopper_keeps; }
+step_tests-multihost()    { XLA_PYTHON_CLIENT_PREALLOCATE=false NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_multihost_gpu.py; }
 step_tests-engine()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_engine_gpu.py; }
 step_tests-tp()           { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_tp_gpu.py; }
 step_bench-1024-512()     { bench bench-1024-512 1024-512 1000; }

@@ -17,13 +17,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-  def __init__(self, *flags, env=None):
+  def __init__(self, *flags, env=None, start_timeout=120):
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     cmd = [sys.executable, os.path.join(ROOT, "launch", "serve.py"), f"--port={self.port}", *flags]
     self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve-{self.port}.log"), "w+")
     self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    deadline = time.time() + 120
+    deadline = time.time() + start_timeout
     while time.time() < deadline:
       if self.proc.poll() is not None:
         raise RuntimeError(f"server exited: {self.output()}")
