@@ -15,10 +15,13 @@ ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS":
 
 
 def _complete(url, prompt, **extra):
-  body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True, **extra}).encode()
+  """(text, the sampled tokens' logprobs)."""
+  body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "logprobs": 0,
+                     **extra}).encode()
   req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
   with urllib.request.urlopen(req, timeout=120) as r:
-    return json.loads(r.read())["choices"][0]["text"]
+    choice = json.loads(r.read())["choices"][0]
+  return choice["text"], choice["logprobs"]["token_logprobs"]
 
 
 def test_two_hosts_serve_what_one_device_serves():
@@ -46,8 +49,10 @@ def test_two_hosts_serve_what_one_device_serves():
     follower_log = log.read()[-3000:]
   assert "the leader stopped" in follower_log, follower_log
   one = LLM("tiny", dense_batch=64, num_pages=256, max_num_seqs=8)
-  ref = one.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-  assert texts == [o.outputs[0].text for o in ref]
+  ref = one.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0))
+  assert [t for t, _ in texts] == [o.outputs[0].text for o in ref]
+  for (_, lps), o in zip(texts, ref):
+    assert len(lps) == 8 and all(abs(a - b.logprob) < 1e-4 for a, b in zip(lps, o.outputs[0].logprobs))
   assert seeded[0] == seeded[1]   # a seed gives the same text across the job's requests
 
 

@@ -1,6 +1,6 @@
 """Serving across processes on GPUs: two processes of one job, one GPU each (as two hosts would be),
 LLaMA-3-8B shape at TP 2 across them. Process 0 serves HTTP, process 1 steps with it (multihost.py). The
-answers must equal the same TP-2 model run by one process over both GPUs.
+greedy tokens (their logprobs) must equal the same TP-2 model's run by one process over both GPUs.
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false NANOFLOW_GPU_TESTS=1 PYTHONPATH=.:.carry \\
       python3 -m pytest -q tests/gpu/test_multihost_gpu.py        # on nvidia-h200-x2 or larger
@@ -36,16 +36,20 @@ import json, sys
 from nanoflow_jax import LLM, SamplingParams
 llm = LLM("llama-3-8b", random_weights=True, tensor_parallel=2, dense_batch=1024, max_num_seqs=16,
           num_pages=4096, max_model_len=2048)
-outs = llm.generate(json.loads(sys.argv[1]), SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-print(json.dumps([o.outputs[0].text for o in outs]))
+outs = llm.generate(json.loads(sys.argv[1]), SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                                                            logprobs=0))
+print(json.dumps([[lp.logprob for lp in o.outputs[0].logprobs] for o in outs]))
 """
 
 
 def _complete(url, prompt):
-  body = json.dumps({"prompt": prompt, "max_tokens": 16, "temperature": 0.0, "ignore_eos": True}).encode()
+  """The greedy tokens' logprobs: with random weights most tokens decode to no text, so these are what
+  tells two runs' tokens apart."""
+  body = json.dumps({"prompt": prompt, "max_tokens": 16, "temperature": 0.0, "ignore_eos": True,
+                     "logprobs": 0}).encode()
   req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
   with urllib.request.urlopen(req, timeout=600) as r:
-    return json.loads(r.read())["choices"][0]["text"]
+    return json.loads(r.read())["choices"][0]["logprobs"]["token_logprobs"]
 
 
 def test_two_processes_one_gpu_each_serve_what_one_process_serves():
@@ -59,7 +63,7 @@ def test_two_processes_one_gpu_each_serve_what_one_process_serves():
     leader = ServerProcess(*ENGINE, *job, "--process_id=0", env={**env, "CUDA_VISIBLE_DEVICES": "0"},
                            start_timeout=600)
     try:
-      texts = [_complete(leader.url, p) for p in PROMPTS]
+      got = [_complete(leader.url, p) for p in PROMPTS]
       assert "2 devices in the job, 1 here" in leader.output()
     finally:
       assert leader.stop(timeout=120) == 0, leader.output()
@@ -73,5 +77,7 @@ def test_two_processes_one_gpu_each_serve_what_one_process_serves():
                        env={**env, "CUDA_VISIBLE_DEVICES": "0,1"}, timeout=900)
   assert ref.returncode == 0, ref.stderr[-3000:]
   expected = json.loads(ref.stdout.strip().splitlines()[-1])
-  print("job:", texts, "\none process:", expected)
-  assert texts == expected
+  print("job:", got, "\none process:", expected)
+  # the same program on the same two GPUs: the same tokens, and their logprobs to rounding
+  assert all(len(a) == len(b) == 16 for a, b in zip(got, expected))
+  assert all(abs(x - y) < 1e-3 for a, b in zip(got, expected) for x, y in zip(a, b))
