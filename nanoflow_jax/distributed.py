@@ -44,15 +44,3 @@ def shared_seed() -> int | None:
   from jax.experimental import multihost_utils
   mine = np.asarray(random.SystemRandom().getrandbits(31), np.int32)
   return int(multihost_utils.broadcast_one_to_all(mine))
-
-
-def agree_min(value: int) -> int:
-  """The smallest of every process's `value` (a count each process measured for itself, such as the KV
-  pages its free memory holds): in a multi-host job every process must allocate the same global arrays.
-  The value itself in a single-process run. Counts below 2**31."""
-  import jax
-  if jax.process_count() == 1:
-    return int(value)
-  import numpy as np
-  from jax.experimental import multihost_utils
-  return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int32))))

@@ -13,7 +13,6 @@ import os
 import jax
 import jax.numpy as jnp
 
-from nanoflow_jax import distributed
 from nanoflow_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,7 @@ def pages_from_memory(cfg: ModelConfig, page_size: int, dtype, kv_memory_fractio
   else:
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     budget = min(int(avail * kv_memory_fraction), CPU_KV_CAP_BYTES)
-  # every process of a multi-host job sizes one global cache: the one with the least room decides
-  n = distributed.agree_min(min(budget // per_page, 2**31 - 1))
+  n = budget // per_page
   if n < 1:
     raise MemoryError(f"no room for a KV page: {budget} bytes available for the cache")
   return int(n)
@@ -109,19 +107,17 @@ def allocate_kv_fitting(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
     block = largest_free_block()
     if block is None:   # no allocator figures (CPU): one try
       return num_pages, allocate_kv(cfg, num_pages, page_size, dtype, sharding)
-    # In a multi-host job each process measures its own blocks; every decision below is the job's (the
-    # smallest count, V placed only where it fits on every process), as each allocation is one global array.
-    num_pages = distributed.agree_min(min(num_pages, (block - slack) // per_page))
+    num_pages = min(num_pages, (block - slack) // per_page)
     if num_pages < 1:
       break
     k = allocate_one(cfg, num_pages, page_size, dtype, sharding)
     jax.block_until_ready(k)
     left = largest_free_block()
-    if distributed.agree_min(int(num_pages * per_page <= left - slack)):
+    if num_pages * per_page <= left - slack:
       v = allocate_one(cfg, num_pages, page_size, dtype, sharding)
       return num_pages, (k, v)
     # V in the block left largest, or both in the largest block there was: whichever holds more.
-    fit = distributed.agree_min(min(max(left - slack, (block - slack) // 2) // per_page, 2**31 - 1))
+    fit = max(left - slack, (block - slack) // 2) // per_page
     log.warning("KV cache: K of %d pages placed but V does not fit beside it (free memory is split into "
                 "blocks); trying %d pages", num_pages, min(num_pages - 1, fit))
     del k

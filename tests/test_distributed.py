@@ -47,7 +47,6 @@ def test_engine_across_two_processes_matches_one(mode):
   assert results[0]["greedy"] == results[1]["greedy"]
   assert results[0]["sampled"] == results[1]["sampled"]
   assert results[0]["next_seed"] == results[1]["next_seed"]   # one seed generator for the whole job
-  assert [r["agreed"] for r in results] == [10, 10]           # the smallest of the processes' counts
   one = LLM("tiny", random_weights=True, dense_batch=64, num_pages=256, max_num_seqs=8)
   ref = one.generate(["hello world", "the quick brown fox", "a"],
                      SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))

@@ -183,25 +183,3 @@ def test_kv_cache_fits_split_free_memory(monkeypatch, blocks_k, expect_k):
   assert abs(pages / 100_000 - expect_k) < 0.2, pages    # the best split, within the slack
   del k, v
   assert sorted(mem.free) == sorted(b * unit for b in blocks_k)
-
-
-def test_kv_cache_sizing_is_the_jobs_across_hosts(monkeypatch):
-  """In a multi-host job every process sizes one global cache from its own free memory: each count and
-  each place-V-or-not decision goes through distributed.agree_min (the smallest over processes). Here a
-  second process that always has half the room stands beside this one: the cache is sized for it."""
-  import types
-  from nanoflow_jax import distributed, kv_cache
-  cfg = config_lib.tiny_config()
-  per_page = kv_cache.page_bytes(cfg, 16, "float32") // 2
-  unit = 100_000 * per_page
-  mem = _SplitMemory([200 * unit])
-  monkeypatch.setattr(kv_cache.jax, "devices", lambda: [types.SimpleNamespace(platform="gpu",
-                                                                               memory_stats=mem.stats)])
-  monkeypatch.setattr(kv_cache, "allocate_one", lambda cfg_, pages, *a, **k: mem.place(pages * per_page))
-  monkeypatch.setattr(kv_cache.jax, "block_until_ready", lambda x: x)
-  asked = []
-  monkeypatch.setattr(distributed, "agree_min", lambda v: asked.append(v) or (v if v in (0, 1) else v // 2))
-  pages, (k, v) = kv_cache.allocate_kv_fitting(cfg, 5_000_000, 16, "float32")
-  assert len(asked) == 2 and asked[1] == 1          # the count, then "V fits here"
-  assert pages == 5_000_000 // 2                     # what the other process could hold decides
-  del k, v
