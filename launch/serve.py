@@ -4,7 +4,7 @@
   python launch/serve.py --model=/ckpt/llama3-8b --port=8000
   python launch/serve.py --model=llama-3-8b --random_weights --dense_batch=2048
   # across hosts: the same command on every host; process 0 serves HTTP, the others step with it
-  python launch/serve.py --model=/ckpt/llama-2-70b --tp=16 --coordinator_address=HOST0:1234 \
+  python launch/serve.py --model=/ckpt/llama-2-70b --tp=16 --num_pages=200000 --coordinator_address=HOST0:1234 \
       --num_processes=2 --process_id=0|1
 """
 from __future__ import annotations

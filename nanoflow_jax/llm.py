@@ -41,6 +41,12 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
     if autosearch.nanoflow_splits(model, dense_batch, tensor_parallel, pipeline_config,
                                   compat.gpu_name_before_backend()):
       compat.enable_concurrent_command_buffers(tensor_parallel)
+  if num_pages is None and jax.process_count() > 1:
+    # Each process would size the cache from its own free memory, and the cache is one array over all of
+    # them: its shape must be the job's. (Agreeing on the smallest count across processes passed on CPU
+    # devices but hung on two GPUs, session 13; not yet understood.)
+    raise ValueError("a multi-host job needs num_pages (--num_pages): the KV cache is one array over every "
+                     "process, so its size cannot come from each process's own free memory")
   sharding_fn = None
   if tensor_parallel > 1:
     from nanoflow_jax import checkpoint, parallel

@@ -63,3 +63,13 @@ def test_bad_flags(args, match):
   with pytest.raises(ValueError, match=match):
     distributed.initialize(*args)
   assert distributed.initialize(None, None, None) is False
+
+
+def test_a_multi_host_engine_needs_num_pages(monkeypatch):
+  """Sized from each process's free memory, the one global KV cache could differ in shape between
+  processes: refused before the model loads."""
+  import jax
+  from nanoflow_jax.llm import build_engine
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="num_pages"):
+    build_engine("no-such-model-dir")   # refused before the (missing) model is looked at
