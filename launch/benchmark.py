@@ -92,14 +92,14 @@ def warm_up(engine) -> None:
 def run_offline(engine, requests, peak: float, peak_random: float) -> dict:
   import contextlib
   from launch import clock_probe
+  warm_up(engine)   # before the sampler: compiling is not the run
   with contextlib.ExitStack() as stack:
     sampler = None
     if FLAGS.power_sample_ms:
-      warm_up(engine)   # before the sampler: compiling is not the run
       sampler = stack.enter_context(clock_probe.Sampler(clock_probe.smi_command(FLAGS.power_sample_ms, all_gpus=True)))
       idle = (time.perf_counter(), time.perf_counter() + IDLE_S)
       time.sleep(IDLE_S)
-    out = _run_offline(engine, requests, peak, peak_random, warm=not FLAGS.power_sample_ms)
+    out = _run_offline(engine, requests, peak, peak_random)
   if sampler is not None:
     windows = step_records.full_step_windows(out["step_records"], engine.config.dense_batch)
     out["power"] = clock_probe.windows_power(sampler.samples, windows, idle, clock_probe.power_limit_w())
@@ -110,11 +110,10 @@ def run_offline(engine, requests, peak: float, peak_random: float) -> dict:
 IDLE_S = 3.0   # the idle readings taken before a sampled run
 
 
-def _run_offline(engine, requests, peak: float, peak_random: float, warm: bool = True) -> dict:
+def _run_offline(engine, requests, peak: float, peak_random: float) -> dict:
+  """The timed run of a warmed-up engine."""
   import jax
   from tqdm import tqdm
-  if warm:
-    warm_up(engine)
   engine.stats.step_records = []
   stats0 = dict(vars(engine.stats))
   t0 = time.perf_counter()
