@@ -28,7 +28,6 @@ import collections
 import contextlib
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -70,11 +69,8 @@ SKIP_S = 0.3   # samples this soon after a phase starts still show the one befor
 
 def _smi_query(fields: list[str]) -> list[str] | None:
   """One nvidia-smi reading of `fields`, or None where nvidia-smi is missing or refuses a field."""
-  if not shutil.which("nvidia-smi"):
-    return None
-  r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", "0"],
-                     capture_output=True, text=True)
-  return [v.strip() for v in r.stdout.strip().split(",")] if r.returncode == 0 else None
+  from nanoflow_jax import compat
+  return compat.nvidia_smi_query(fields)
 
 
 def smi_command(period_ms: int, all_gpus: bool = False) -> list[str] | None:

@@ -11,20 +11,27 @@ def configure_gpu_memory(fraction: float = 0.95) -> None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(fraction))
 
 
-def gpu_name_before_backend() -> str | None:
-  """The first GPU's name as nvidia-smi gives it ("NVIDIA H200"), read without starting JAX's backend (the
-  process-level settings here are chosen before it starts); None without nvidia-smi or a GPU."""
+def nvidia_smi_query(fields: list[str]) -> list[str] | None:
+  """GPU 0's values of nvidia-smi's `--query-gpu` fields (no units), read without starting JAX's backend;
+  None without nvidia-smi or a GPU, or where nvidia-smi refuses a field."""
   import shutil
   import subprocess
   if not shutil.which("nvidia-smi"):
     return None
   try:
-    r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+    r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", "0"],
                        capture_output=True, text=True, timeout=30)
   except (OSError, subprocess.TimeoutExpired):
     return None
-  name = r.stdout.strip().splitlines()[0].strip() if r.returncode == 0 and r.stdout.strip() else ""
-  return name or None
+  line = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+  return [v.strip() for v in line.split(",")] if line else None
+
+
+def gpu_name_before_backend() -> str | None:
+  """The first GPU's name as nvidia-smi gives it ("NVIDIA H200"), read without starting JAX's backend (the
+  process-level settings here are chosen before it starts); None without nvidia-smi or a GPU."""
+  values = nvidia_smi_query(["name"])
+  return (values[0] or None) if values else None
 
 
 def coordination_store():
