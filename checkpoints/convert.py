@@ -5,15 +5,22 @@
 DST holds `params/` (orbax), the source's config.json, generation_config.json and tokenizer files, and
 `nanoflow.json` (format version, dtype). The whole checkpoint is validated before anything is written;
 DST is built in a temporary directory beside it and renamed into place only when complete, so a
-failure leaves no DST behind. The weight layout changes are listed in nanoflow_jax/checkpoint.py.
+failure leaves no DST behind, and a killed run's temporary directory is removed by the next run (each holds
+its owner's pid). Every weight must be finite: a NaN or Inf is refused with the tensor's name. DST may not
+be, or contain, the source (--overwrite would delete it). Outputs get the process's umask. The weight layout
+changes are listed in nanoflow_jax/checkpoint.py.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+
+import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the project importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,11 +40,71 @@ class ConvertError(Exception):
   pass
 
 
+OWNER_FILE = ".owner"   # in a temporary directory: "host pid" of the run that made it
+
+
+def _is_within(path: str, root: str) -> bool:
+  path, root = os.path.realpath(path), os.path.realpath(root)
+  return os.path.commonpath([path, root]) == root
+
+
+def _owner_alive(tmp: str) -> bool:
+  try:
+    with open(os.path.join(tmp, OWNER_FILE)) as f:
+      host, pid = f.read().split()
+  except (OSError, ValueError):
+    return False   # no owner written: killed at once, or made by an older version
+  if host != socket.gethostname():
+    return True    # another machine's run (a shared file system): not ours to judge
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_partials(out_dir: str) -> list[str]:
+  """Removes the temporary directories that killed runs for `out_dir` left beside it; returns them."""
+  parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+  stale = [d for pattern in (f".{base}.partial-*", f".{base}.old-*")
+           for d in glob.glob(os.path.join(glob.escape(parent), pattern)) if os.path.isdir(d) and not _owner_alive(d)]
+  for d in stale:
+    shutil.rmtree(d, ignore_errors=True)
+  return stale
+
+
+def _make_temp(out_dir: str, kind: str) -> str:
+  d = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.{kind}-", dir=os.path.dirname(out_dir))
+  with open(os.path.join(d, OWNER_FILE), "w") as f:
+    f.write(f"{socket.gethostname()} {os.getpid()}")
+  return d
+
+
+def _umask_mode() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o777 & ~mask
+
+
+def _check_finite(path, arr: np.ndarray) -> None:
+  if arr.dtype.kind == "f" or arr.dtype.name in ("bfloat16", "float16"):
+    finite = np.isfinite(arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr)
+    if not finite.all():
+      bad = int(arr.size - finite.sum())
+      raise ConvertError(f"tensor {'.'.join(map(str, path))} has {bad} NaN or Inf value(s) of {arr.size}; refusing "
+                         "to convert a broken checkpoint")
+
+
 def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool = False,
             progress: bool = True) -> None:
   out_dir = os.path.abspath(out_dir)
   if not os.path.isdir(hf_dir):
     raise ConvertError(f"{hf_dir} is not a directory")
+  if _is_within(hf_dir, out_dir):
+    raise ConvertError(f"out_dir {out_dir} is or contains the source {os.path.abspath(hf_dir)}: choose another "
+                       "directory (replacing it would delete the source)")
   if os.path.exists(out_dir) and not overwrite:
     raise ConvertError(f"{out_dir} exists; pass --overwrite to replace it")
   try:
@@ -49,7 +116,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
 
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+  for d in remove_stale_partials(out_dir):
+    print(f"removed {d}, left by a run that did not finish", file=sys.stderr)
+  tmp = _make_temp(out_dir, "partial")
   try:
     # Stored with the layers stacked (format 2): the engine restores the stack it runs directly.
     stack = layer_stack.LayerStack(cfg.num_layers)
@@ -58,6 +127,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
       from tqdm import tqdm
       items = tqdm(items, total=sum(1 for _ in checkpoint.hf_layout(cfg)), desc="converting", unit="tensor")
     for path, arr in items:
+      _check_finite(path, arr)
       stack.put(path, arr)
     top, layers = stack.result()
     checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), {"top": top, "layers": layers})
@@ -68,8 +138,10 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
     with open(os.path.join(tmp, checkpoint.META_FILE), "w") as f:
       json.dump({"format_version": checkpoint.FORMAT_VERSION, "dtype": np_dtype.name,
                  "model_type": cfg.model_type, "source": os.path.abspath(hf_dir)}, f, indent=2)
+    os.remove(os.path.join(tmp, OWNER_FILE))
+    os.chmod(tmp, _umask_mode())   # mkdtemp makes it 0700
     if os.path.exists(out_dir):  # --overwrite: swap only once the new one is complete
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      old = _make_temp(out_dir, "old")
       os.rename(out_dir, os.path.join(old, "x"))
       os.rename(tmp, out_dir)
       shutil.rmtree(old, ignore_errors=True)

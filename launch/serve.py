@@ -29,6 +29,13 @@ flags.DEFINE_integer("max_waiting", 1024, "Requests allowed to wait; beyond, 503
 flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1 (or env NANOFLOW_API_KEY).")
 flags.DEFINE_string("served_model_name", None, "Model name in the API (default: --model's base name).")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
+flags.DEFINE_float("shutdown_timeout", 60.0, "On SIGTERM/SIGINT, seconds to let the requests in flight finish; a "
+                   "second signal exits at once.")
+flags.DEFINE_integer("max_connections", 1024, "Open client connections allowed; more are closed on accept.")
+flags.DEFINE_float("header_timeout", 10.0, "Seconds a connection may stay without a request in progress (after it "
+                   "opens, or after its last response) before it is closed: slow or idle clients.")
+flags.DEFINE_float("body_timeout", 30.0, "Seconds to read a request's body (then 408).")
+flags.DEFINE_float("max_request_mb", 16.0, "Largest request body in MiB (then 413).")
 
 
 def main(argv):
@@ -40,8 +47,12 @@ def main(argv):
   from nanoflow_jax import compat, multihost
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.llm import build_engine
-  from nanoflow_jax.server.app import serve
-  engine = build_engine(FLAGS.model, mode=FLAGS.mode, **engine_flags.engine_kwargs())
+  from nanoflow_jax.server.app import ServerLimits, serve
+  try:
+    engine = build_engine(FLAGS.model, mode=FLAGS.mode, **engine_flags.engine_kwargs())
+  except ValueError as e:   # a setting the engine refuses (e.g. a max_model_len the KV cache cannot hold)
+    logging.error("cannot start: %s", e)
+    return 2
   # Across hosts, process 0 serves HTTP and the others run the same steps on their devices (multihost.py).
   channel = multihost.StepChannel(compat.coordination_store()) if multi_host else None
   if multi_host and FLAGS.process_id != 0:
@@ -49,8 +60,11 @@ def main(argv):
     return
   name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
   api_key = FLAGS.api_key or os.environ.get("NANOFLOW_API_KEY")
-  asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting, channel=channel).start(), name, FLAGS.host,
-                    FLAGS.port, api_key))
+  limits = ServerLimits(max_connections=FLAGS.max_connections, header_timeout=FLAGS.header_timeout,
+                        body_timeout=FLAGS.body_timeout, max_request_mb=FLAGS.max_request_mb,
+                        shutdown_timeout=FLAGS.shutdown_timeout)
+  return asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting, channel=channel).start(), name,
+                           FLAGS.host, FLAGS.port, api_key, limits=limits))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,11 @@ class QueueFullError(RuntimeError):
 
 
 class EngineStoppedError(RuntimeError):
-  """The engine is shutting down and takes no new requests."""
+  """The engine is shutting down (or has died) and takes no new requests."""
+
+
+class RequestFailedError(RuntimeError):
+  """The engine failed while handling this request (not the client's fault: HTTP 500)."""
 
 
 class AsyncEngine:
@@ -45,7 +49,9 @@ class AsyncEngine:
     self._thread = threading.Thread(target=self._loop, name="nanoflow-engine", daemon=True)
     self._idle = threading.Event()
     self._idle.set()
-    self.error: BaseException | None = None
+    self.error: BaseException | None = None   # the last step failure (kept for the log and /health's body)
+    self.fatal: BaseException | None = None   # the engine cannot go on: the process must exit (serve.py)
+    self.step_failures = 0
 
   def start(self) -> "AsyncEngine":
     self._thread.start()
@@ -56,16 +62,18 @@ class AsyncEngine:
                      prompt: str | None = None) -> AsyncIterator[Delta]:
     """Yields the deltas of all n samples until each has finished. Closing the iterator early (client gone)
     aborts the request and frees its pages."""
-    if not self._accepting:
-      raise EngineStoppedError("the server is shutting down")
+    if not self._accepting or not self.alive:
+      raise EngineStoppedError("the server is shutting down" if self.alive else "the engine has stopped")
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue[Delta] = asyncio.Queue()
     added: concurrent.futures.Future = concurrent.futures.Future()
     on_delta = lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
-    self._inbox.put(("add", (request_id, prompt_ids, params, prompt, on_delta), added))
-    await asyncio.wrap_future(added)
     done: set[int] = set()
+    self._inbox.put(("add", (request_id, prompt_ids, params, prompt, on_delta), added))
     try:
+      # A client gone while this waits cancels `added`: the engine thread then drops the request unseen
+      # (_handle). If the engine took it first, the abort below follows it through the same inbox.
+      await asyncio.wrap_future(added)
       while len(done) < params.n:
         d = await deltas.get()
         if d.finish_reason is not None:
@@ -78,14 +86,25 @@ class AsyncEngine:
   def abort(self, request_id: str) -> None:
     self._inbox.put(("abort", request_id, None))
 
+  def abort_all(self) -> None:
+    """Ends every request (the drain's time is up): each caller gets its final delta."""
+    self._inbox.put(("abort_all", None, None))
+
+  @property
+  def alive(self) -> bool:
+    """The engine thread runs and can take requests (what /health reports)."""
+    return self.fatal is None and (self._thread.is_alive() or not self._thread.ident)
+
   def stop_accepting(self) -> None:
     self._accepting = False
 
   async def drain(self, timeout: float | None = None) -> None:
     """Waits until every request in flight has finished."""
     t0 = time.monotonic()
-    while not self._idle.is_set() or not self._inbox.empty():
+    while self.alive and (not self._idle.is_set() or not self._inbox.empty()):
       if timeout is not None and time.monotonic() - t0 > timeout:
+        log.warning("drain: %.0f s passed with requests still in flight; aborting them", timeout)
+        self.abort_all()
         break
       await asyncio.sleep(0.05)
 
@@ -97,23 +116,46 @@ class AsyncEngine:
 
   # --- the engine thread ----------------------------------------------------------------------------
   def _handle(self, item) -> None:
+    """One inbox item. A failure here concerns that request only: it is handed to its caller (or logged,
+    for an abort) and the engine goes on."""
     kind, payload, fut = item
     eng = self.engine
-    if kind == "abort":
-      eng.abort(payload)
-      if payload in eng.requests:
-        eng.pop_output(payload)
-      self._ops.append(("abort", payload))
+    if kind in ("abort", "abort_all"):
+      for rid in [payload] if kind == "abort" else list(eng.requests):
+        try:
+          eng.abort(rid)
+          if rid in eng.requests:
+            eng.pop_output(rid)
+          self._ops.append(("abort", rid))
+        except Exception:
+          log.exception("aborting request %s failed", rid)
       return
+    if not fut.set_running_or_notify_cancel():
+      return   # the client left before the engine saw the request: nothing to add, nothing to abort
     rid, prompt_ids, params, prompt, on_delta = payload
     try:
       if len(eng.scheduler.waiting) >= self.max_waiting:
         raise QueueFullError(f"{len(eng.scheduler.waiting)} requests are waiting; retry later")
       eng.add_request(rid, prompt_ids, params, prompt=prompt, on_delta=on_delta)
       self._ops.append(multihost.add_op(rid, prompt_ids, params, prompt))
-      fut.set_result(None)
     except (RequestError, ValueError, QueueFullError) as e:
       fut.set_exception(e)
+      return
+    except Exception as e:
+      log.exception("adding request %s failed", rid)
+      self._forget(rid)
+      fut.set_exception(RequestFailedError(f"the engine could not take request {rid}"))
+      return
+    fut.set_result(None)
+
+  def _forget(self, rid: str) -> None:
+    """Drops what a half-added request left in the engine."""
+    try:
+      self.engine.abort(rid)
+      if rid in self.engine.requests:
+        self.engine.pop_output(rid)
+    except Exception:
+      log.exception("cleaning up request %s failed", rid)
 
   def _publish(self, step: bool) -> None:
     """Leader: the changes since the last message, before the step they precede (multihost.py)."""
@@ -122,6 +164,13 @@ class AsyncEngine:
     self._ops = []
 
   def _loop(self) -> None:
+    try:
+      self._run()
+    except BaseException as e:   # never die silently: /health turns 503 and serve() exits non-zero
+      log.exception("the engine thread failed")
+      self.fatal = e
+
+  def _run(self) -> None:
     eng = self.engine
     while not self._stop.is_set():
       try:
@@ -141,7 +190,15 @@ class AsyncEngine:
       self._idle.clear()
       self._publish(step=True)
       t0 = time.perf_counter()
-      # a failed step must not leave requests hanging or pages held: step_and_collect aborts them
-      self.error = multihost.step_and_collect(eng) or self.error
+      # A failed step must not leave requests hanging or pages held: step_and_collect aborts them (each
+      # gets finish_reason "error", which the server answers with a 500 naming the request).
+      error = multihost.step_and_collect(eng)
+      if error is not None:
+        self.error = error
+        self.step_failures += 1
+        if not eng.usable():
+          raise RuntimeError("the engine's device state was lost in a failed step; exiting") from error
+        log.error("step failed (%d so far); the requests in flight were ended with an error; the engine "
+                  "goes on", self.step_failures)
       if self.on_step is not None:
         self.on_step(time.perf_counter() - t0)

@@ -167,6 +167,17 @@ class Engine:
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)
     tokens_fit = num_pages * c.page_size
+    if tokens_fit < self.max_model_len:
+      # A sequence the cache can never hold would preempt itself forever (a livelock that starves every
+      # other request): the longest sequence must fit. A length the user asked for is refused; the
+      # model's own default is lowered, and the log says so.
+      if c.max_model_len is not None:
+        raise ValueError(f"max_model_len {self.max_model_len} does not fit in the KV cache ({num_pages} pages of "
+                         f"{c.page_size} = {tokens_fit} tokens): lower max_model_len to at most {tokens_fit}, or "
+                         "give the cache more pages (num_pages, kv_memory_fraction)")
+      log.warning("max_model_len lowered from the model's %d to %d: the KV cache (%d pages of %d tokens) holds "
+                  "no longer sequence", self.max_model_len, tokens_fit, num_pages, c.page_size)
+      self.max_model_len = tokens_fit
     log.info("KV cache: %d pages of %d tokens = %d tokens; concurrency at max_model_len %d: %.2f",
              num_pages, c.page_size, tokens_fit, self.max_model_len, tokens_fit / self.max_model_len)
     self.scheduler = Scheduler(self.pool, c.dense_batch, c.max_num_seqs, self.max_model_len)
@@ -197,8 +208,13 @@ class Engine:
     if len(prompt_ids) >= self.max_model_len:
       raise RequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
                          "which must leave room for at least one generated token")
-    if self.pool.pages_for(len(prompt_ids) + 1) > self.pool.num_pages:
-      raise RequestError(f"the prompt needs more KV pages than the cache holds ({self.pool.num_pages})")
+    longest = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+    if self.pool.pages_for(longest) > self.pool.num_pages:   # it would preempt itself forever
+      raise RequestError(f"prompt + max_tokens ({longest} tokens) needs more KV pages than the whole cache holds "
+                         f"({self.pool.num_pages} pages of {self.pool.page_size} tokens)")
+    bad = [t for t in params.stop_token_ids if t >= vocab]
+    if bad:
+      raise RequestError(f"stop_token_ids must lie in [0, {vocab}), got {bad[0]}")
     seqs = []
     for i in range(params.n):
       seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
@@ -224,6 +240,12 @@ class Engine:
     for rid in list(self.requests):
       self.abort(rid, reason)
     self._pending = None
+
+  def usable(self) -> bool:
+    """Whether the device state survives (a step that failed after donating its buffers loses it)."""
+    ex = self.executor
+    state = (ex.kv, ex.last_tokens, ex.counts, ex.prompt_mask)
+    return all(x is not None and not x.is_deleted() for x in jax.tree.leaves(state))
 
   def has_work(self) -> bool:
     return self.scheduler.has_work() or self._pending is not None
@@ -352,7 +374,7 @@ class Engine:
   def _set_static_row(self, seq: Sequence, row: int) -> None:
     p, sp = seq.params, self.sp
     sp.temperature[row] = p.temperature
-    sp.top_k[row] = max(p.top_k, 0)
+    sp.top_k[row] = min(max(p.top_k, 0), self.model.config.vocab_size)   # k >= vocab keeps every token
     sp.top_p[row] = p.top_p
     sp.min_p[row] = p.min_p
     sp.repetition_penalty[row] = p.repetition_penalty

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 MAX_LOGPROBS = 20      # top-N logprobs are computed on the device for every sampled row
 MAX_BANNED_IDS = 32    # EOS + stop_token_ids that min_tokens must suppress
+INT32_MAX = 2**31 - 1  # token ids, top_k and lengths live in int32 arrays on the host and the device
 
 
 @dataclasses.dataclass
@@ -40,21 +42,28 @@ class SamplingParams:
       if not ok:
         raise ValueError(msg)
     check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+      v = getattr(self, name)
+      check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            f"{name} must be a finite number, got {v!r}")
     check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
     check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-    check(isinstance(self.top_k, int) and self.top_k >= -1, f"top_k must be -1 (off) or >= 1, got {self.top_k!r}")
+    check(isinstance(self.top_k, int) and -1 <= self.top_k <= INT32_MAX,
+          f"top_k must be -1 (off) or in [1, {INT32_MAX}], got {self.top_k!r}")
     check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
     check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
     check(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
     check(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-    check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-          f"max_tokens must be >= 1, got {self.max_tokens!r}")
-    check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens!r}")
+    check(self.max_tokens is None or (isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= INT32_MAX),
+          f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens!r}")
+    check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= INT32_MAX,
+          f"min_tokens must be in [0, {INT32_MAX}], got {self.min_tokens!r}")
     check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
           f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
     check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
     check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
-    check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ids >= 0")
+    check(all(isinstance(t, int) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
+          f"stop_token_ids must be ids in [0, {INT32_MAX}]")
     check(len(self.stop_token_ids) <= MAX_BANNED_IDS - 4, f"at most {MAX_BANNED_IDS - 4} stop_token_ids")
     check(self.detokenize or not self.stop, "stop strings need detokenize=True")
     check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),

@@ -1,10 +1,13 @@
 """Starts launch/serve.py as users do (a subprocess on 127.0.0.1) and waits until it answers."""
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +38,12 @@ class ServerProcess:
         time.sleep(0.2)
     raise RuntimeError(f"server did not start: {self.output()}")
 
+  @staticmethod
+  def run_to_exit(*flags, timeout=120) -> subprocess.CompletedProcess:
+    """launch/serve.py with `flags` where it is expected to exit by itself (a refused configuration)."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "serve.py"), f"--port={free_port()}", *flags]
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
   def output(self) -> str:
     self.log.flush()
     self.log.seek(0)
@@ -49,3 +58,40 @@ class ServerProcess:
         self.proc.kill()
         self.proc.wait()
     return self.proc.returncode
+
+
+KEY = "test-key"
+GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
+
+
+def post(server, path, data: bytes, key=KEY, headers=None, timeout=60):
+  """(status, JSON body, headers) of a POST."""
+  req = urllib.request.Request(server.url + path, data=data, method="POST",
+                               headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"}
+                                                                              if key else {}), **(headers or {})})
+  try:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+      return r.status, json.loads(r.read()), dict(r.headers)
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def get(server, path, timeout=30):
+  with urllib.request.urlopen(server.url + path, timeout=timeout) as r:
+    return r.status, r.read().decode()
+
+
+def metric(server, name) -> float:
+  _, text = get(server, "/metrics")
+  m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+  return float(m.group(1))
+
+
+def wait_idle(server, timeout=30) -> None:
+  """Until no sequence runs or waits and no KV page is in use (or the timeout)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (metric(server, "nanoflow_kv_pages_used") == 0 and metric(server, "nanoflow_requests_running") == 0
+        and metric(server, "nanoflow_requests_waiting") == 0):
+      return
+    time.sleep(0.1)

@@ -189,3 +189,68 @@ def test_format_2_stores_the_layer_stack_and_format_1_still_loads(hf_dir, tmp_pa
   with pytest.raises(checkpoint.CheckpointError, match="format 99"):
     nanoflow_jax.load_model(str(old), dtype="float32")
 
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_overwrite_never_deletes_the_source(broken, where):
+  """out_dir = the source, or a directory holding it: refused before anything is touched (with --overwrite
+  the old code renamed the source away and deleted it)."""
+  out = broken if where == "same" else os.path.dirname(broken)
+  before = sorted(os.listdir(broken))
+  with pytest.raises(ConvertError, match="is or contains the source"):
+    convert(broken, out, overwrite=True, progress=False)
+  assert sorted(os.listdir(broken)) == before
+  assert not [f for f in os.listdir(os.path.dirname(out)) if ".partial-" in f or ".old-" in f]
+
+
+def test_nan_or_inf_weights_are_refused_by_name(broken, tmp_path):
+  import torch
+  name = "model.layers.1.self_attn.o_proj.weight"
+
+  def poison(t):
+    w = t[name].clone()
+    w[3, 5] = float("nan")
+    w[0, 0] = float("inf")
+    t[name] = w
+  _rewrite(broken, name, poison)
+  _assert_fails(broken, str(tmp_path / "out"), "o.*2 NaN or Inf")
+
+
+def test_a_killed_run_leaves_nothing_for_long(hf_dir, tmp_path):
+  """A converter killed mid-run (SIGKILL: no clean-up) leaves its hidden partial directory; the next run for
+  the same out_dir removes it, but not one whose owner is still running."""
+  import signal
+  import time
+  out = tmp_path / "out"
+  cmd = [sys.executable, os.path.join(ROOT, "checkpoints", "convert.py"), f"--hf_dir={hf_dir}", f"--out_dir={out}"]
+  proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  partials = lambda: [f for f in os.listdir(tmp_path) if ".partial-" in f]
+  deadline = time.time() + 120
+  while not partials() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  if not partials():   # it finished (or never started) before the kill: make a dead run's directory by hand
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.makedirs(tmp_path / ".out.partial-dead")
+    with open(tmp_path / ".out.partial-dead" / ".owner", "w") as f:
+      f.write(f"{__import__('socket').gethostname()} {dead.pid}")
+  live = tmp_path / ".out.partial-live"     # a run still going (this process): kept
+  os.makedirs(live)
+  with open(live / ".owner", "w") as f:
+    f.write(f"{__import__('socket').gethostname()} {os.getpid()}")
+  assert len(partials()) >= 2
+  convert(hf_dir, str(out), overwrite=True, progress=False)
+  assert partials() == [live.name]
+  assert os.path.exists(out / "params")
+
+
+def test_outputs_follow_the_umask(hf_dir, tmp_path):
+  old = os.umask(0o022)
+  try:
+    convert(hf_dir, str(tmp_path / "out"), progress=False)
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
+  assert os.stat(tmp_path / "out" / "config.json").st_mode & 0o077 != 0

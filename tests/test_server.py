@@ -1,32 +1,13 @@
 """The OpenAI-compatible server, live on 127.0.0.1 with the tiny model, driven by the `openai` client."""
 import asyncio
 import json
-import re
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
 
-from server_process import ServerProcess
-
-KEY = "test-key"
-GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
-
-
-@pytest.fixture(scope="module")
-def server():
-  s = ServerProcess("--api_key=" + KEY, "--max_num_seqs=16", "--dense_batch=128", "--num_pages=2048",
-                    "--served_model_name=tiny-test")
-  yield s
-  assert s.stop() == 0, s.output()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-  return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+from server_process import GREEDY, KEY, ServerProcess, get as _get, metric as _metric, post as _post, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -34,28 +15,6 @@ def reference():
   """The same tiny model offline: the server's greedy output must equal it."""
   from nanoflow_jax.llm import LLM
   return LLM("tiny", dense_batch=64, num_pages=256, max_num_seqs=4)
-
-
-def _post(server, path, data: bytes, key=KEY, headers=None):
-  req = urllib.request.Request(server.url + path, data=data, method="POST",
-                               headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"}
-                                                                              if key else {}), **(headers or {})})
-  try:
-    with urllib.request.urlopen(req, timeout=60) as r:
-      return r.status, json.loads(r.read()), dict(r.headers)
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read()), dict(e.headers)
-
-
-def _get(server, path):
-  with urllib.request.urlopen(server.url + path, timeout=30) as r:
-    return r.status, r.read().decode()
-
-
-def _metric(server, name):
-  _, text = _get(server, "/metrics")
-  m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-  return float(m.group(1))
 
 
 def test_completion_equals_offline_greedy(client, reference):
@@ -159,6 +118,19 @@ BAD = [
     (json.dumps({"prompt": "x" * 9000}).encode(), 400, "prompt"),
     (json.dumps({"prompt": [1, 2, 99999]}).encode(), 400, "prompt"),
     (json.dumps({"prompt": "x", "min_tokens": 5, "max_tokens": 2}).encode(), 400, None),
+    # issue 24: each of these gave a 500 (or stopped the engine)
+    (b'{"prompt": "x", "max_tokens": ' + b"9" * 5001 + b"}", 400, None),          # past Python's digit limit
+    (b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, None),           # nested 100,000 deep
+    (b'{"prompt": "a\\ud800b"}', 400, None),                                       # a lone surrogate
+    (b'{"prompt": "x", "temperature": NaN}', 400, None),
+    (b'{"prompt": "x", "temperature": 1e999}', 400, "temperature"),
+    (json.dumps({"prompt": "x", "max_tokens": 10**12}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "x", "max_tokens": 8191}).encode(), 400, "max_tokens"),   # past the context left
+    (json.dumps({"prompt": "x", "top_k": 2**31}).encode(), 400, "top_k"),
+    (json.dumps({"prompt": "x", "top_k": 100000}).encode(), 400, "top_k"),           # past the vocabulary
+    (json.dumps({"prompt": "x", "stop_token_ids": [2**40], "min_tokens": 2}).encode(), 400, "stop_token_ids"),
+    (json.dumps({"prompt": "x", "stop_token_ids": [5000]}).encode(), 400, "stop_token_ids"),
+    (json.dumps({"prompt": "x", "seed": 2**64}).encode(), 400, "seed"),
 ]
 
 
@@ -173,9 +145,27 @@ def test_bad_input_gets_openai_error(server, data, status, param):
 
 def test_bad_chat_input(server):
   for bad in ({"messages": []}, {"messages": [{"content": "no role"}]}, {"messages": "hi"},
-              {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}):
+              {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+              {"messages": [{"role": "user", "content": "a\ud800"}]}):
     st, body, _ = _post(server, "/v1/chat/completions", json.dumps(bad).encode())
     assert st == 400 and "error" in body
+
+
+def test_unknown_charset_and_lowercase_bearer(server):
+  st, body, _ = _post(server, "/v1/completions", b'{"prompt": "x", "max_tokens": 2}',
+                      headers={"Content-Type": "application/json; charset=no-such-charset"})
+  assert st == 200, body    # JSON is UTF-8 whatever the header says
+  st, body, _ = _post(server, "/v1/completions", "{\"prompt\": \"\u00e9\"}".encode("latin-1"))
+  assert st == 400 and "UTF-8" in body["error"]["message"]
+  st, _, _ = _post(server, "/v1/completions", b'{"prompt": "x", "max_tokens": 2}', key=None,
+                   headers={"Authorization": f"bearer {KEY}"})
+  assert st == 200
+
+
+def test_tokenize_and_detokenize_need_the_key(server):
+  for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [104]})):
+    assert _post(server, path, json.dumps(body).encode(), key=None)[0] == 401
+    assert _post(server, path, json.dumps(body).encode())[0] == 200
 
 
 def test_auth(server, client):
@@ -201,11 +191,16 @@ def test_bad_requests_do_not_disturb_requests_in_flight(server, client):
 
 
 def test_64_streaming_clients_with_disconnects(server):
+  """A quarter of the clients leave after 3 chunks of a request for 8000 tokens: the engine must abort them
+  (with abort a no-op they would run on, holding pages and generating ~128k tokens)."""
+  generated0 = _metric(server, "nanoflow_generation_tokens_total")
+
   async def run():
     aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
     async def one(i):
-      stream = await aclient.completions.create(model="tiny-test", prompt=f"client {i}", max_tokens=48,
+      stream = await aclient.completions.create(model="tiny-test", prompt=f"client {i}",
+                                                max_tokens=8000 if i % 4 == 0 else 48,
                                                 stream=True, temperature=1.0, seed=i,
                                                 extra_body={"ignore_eos": True})
       n = 0
@@ -220,11 +215,10 @@ def test_64_streaming_clients_with_disconnects(server):
     return results
   results = asyncio.run(run())
   assert results.count("left") == 16 and results.count("done") == 48
-  deadline = time.time() + 30
-  while time.time() < deadline and _metric(server, "nanoflow_kv_pages_used") != 0:
-    time.sleep(0.2)
+  wait_idle(server, timeout=10)
   assert _metric(server, "nanoflow_kv_pages_used") == 0
   assert _metric(server, "nanoflow_requests_running") == 0
+  assert _metric(server, "nanoflow_generation_tokens_total") - generated0 < 48 * 48 + 16 * 500
   assert _get(server, "/health")[0] == 200
 
 

@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
+import hmac
 import json
 import logging
+import os
 import signal
 import time
+import uuid
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from nanoflow_jax.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
+from nanoflow_jax.async_engine import AsyncEngine, EngineStoppedError, QueueFullError, RequestFailedError
 from nanoflow_jax.engine import RequestError
 from nanoflow_jax.server import protocol as P
+from nanoflow_jax.server.connections import ConnectionGuard, raise_fd_limit
 from nanoflow_jax.server.metrics import Metrics
 from nanoflow_jax.tokenizer import TokenizerError
 
@@ -21,6 +27,24 @@ log = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", AsyncEngine)
 STATE = web.AppKey("state", dict)
+PUBLIC_PATHS = ("/health", "/metrics")   # everything else needs the API key when one is set
+# Inputs larger than this are parsed and tokenized on a worker thread: a 10 MB prompt tokenized on the event
+# loop froze every connection for 19 s (issue 24).
+OFF_LOOP_CHARS = 1 << 16
+_WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="nanoflow-tokenize")
+
+
+async def off_loop(n: int, fn, *args):
+  """fn(*args), on a worker thread where the input is large (n: its size in characters)."""
+  if n < OFF_LOOP_CHARS:
+    return fn(*args)
+  return await asyncio.get_running_loop().run_in_executor(_WORKERS, fn, *args)
+
+
+def _authorized(header: str | None, key: str) -> bool:
+  """'Bearer KEY', the scheme in any case (RFC 7235), the key compared in constant time."""
+  scheme, _, token = (header or "").strip().partition(" ")
+  return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 @web.middleware
@@ -28,9 +52,12 @@ async def _errors_and_auth(request: web.Request, handler):
   state = request.app[STATE]
   route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
   status = 500
+  guard: ConnectionGuard | None = state.get("guard")
+  if guard is not None:
+    guard.begin(request.protocol)
   try:
     key = state["api_key"]
-    if key and request.path.startswith("/v1") and request.headers.get("Authorization") != f"Bearer {key}":
+    if key and request.path not in PUBLIC_PATHS and not _authorized(request.headers.get("Authorization"), key):
       raise P.ApiError(401, "missing or invalid API key", type_="authentication_error", code="invalid_api_key")
     resp = await handler(request)
     status = resp.status
@@ -42,20 +69,45 @@ async def _errors_and_auth(request: web.Request, handler):
     status = e.status
     return web.json_response(P.ApiError(e.status, e.reason).body(), status=e.status)
   except (asyncio.CancelledError, ConnectionResetError):
-    status = 499  # the client went away
+    status = 499  # the client went away: a normal abort
+    log.info("client went away: %s %s", request.method, request.path)
     raise
-  except Exception as e:  # never leak a traceback as HTML
-    log.exception("internal error on %s", request.path)
-    return web.json_response(P.ApiError(500, f"internal error: {e}", type_="internal_error").body(), status=500)
+  except Exception:  # never leak a traceback (or the exception's text) to the client
+    ref = uuid.uuid4().hex[:12]
+    log.exception("internal error on %s (ref %s)", request.path, ref)
+    return web.json_response(P.ApiError(500, f"internal error while handling the request (ref {ref}); see the "
+                                        "server log", type_="internal_error").body(), status=500)
   finally:
+    if guard is not None:
+      guard.end(request.protocol)
     state["metrics"].requests.labels(route, str(status)).inc()
+
+
+def _reject_constant(name: str):
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(raw: bytes) -> Any:
+  """JSON as RFC 8259 has it: UTF-8 (whatever charset the header names), no NaN/Infinity, and strings that
+  are valid Unicode (a lone surrogate cannot be encoded, so nothing downstream could use it)."""
+  try:
+    body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    json.dumps(body, ensure_ascii=False).encode("utf-8")
+  except UnicodeError as e:
+    raise P.ApiError(400, f"the body is not valid UTF-8 text: {e.reason}") from None
+  except RecursionError:
+    raise P.ApiError(400, "malformed JSON body: nested too deeply") from None
+  except ValueError as e:   # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
+    raise P.ApiError(400, f"malformed JSON body: {str(e)[:200]}") from None
+  return body
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
   try:
-    body = await request.json(loads=json.loads)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise P.ApiError(400, f"malformed JSON body: {e}") from None
+    raw = await asyncio.wait_for(request.read(), request.app[STATE]["body_timeout"])
+  except asyncio.TimeoutError:
+    raise P.ApiError(408, "the request body did not arrive in time", type_="timeout") from None
+  body = await off_loop(len(raw), _parse_json, raw)
   if not isinstance(body, dict):
     raise P.ApiError(400, "the JSON body must be an object")
   return body
@@ -83,8 +135,11 @@ class Handlers:
       raise P.ApiError(404, f"the model '{model}' does not exist; this server serves '{self.state['model_name']}'",
                        type_="NotFoundError", param="model", code="model_not_found")
 
-  def _encode(self, prompt) -> list[int]:
-    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+  async def _encode(self, prompt, max_tokens: int | None = None) -> list[int]:
+    ids = await off_loop(len(prompt), self.tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+    return self._check_ids(ids, max_tokens)
+
+  def _check_ids(self, ids: list[int], max_tokens: int | None) -> list[int]:
     max_len = self.engine.engine.max_model_len
     if len(ids) >= max_len:
       raise P.ApiError(400, f"this model's maximum context length is {max_len} tokens; the prompt has "
@@ -93,7 +148,21 @@ class Handlers:
     vocab = self.engine.engine.model.config.vocab_size
     if ids and (min(ids) < 0 or max(ids) >= vocab):
       raise P.ApiError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+    if max_tokens is not None and len(ids) + max_tokens > max_len:
+      raise P.ApiError(400, f"this model's maximum context length is {max_len} tokens; the request asks for "
+                       f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate)",
+                       param="max_tokens", code="context_length_exceeded")
     return ids
+
+  def _check_params(self, params) -> None:
+    """Limits that depend on the model (the rest are protocol.sampling_params')."""
+    vocab = self.engine.engine.model.config.vocab_size
+    if params.top_k > vocab:
+      raise P.ApiError(400, f"'top_k' must be -1 (off) or in [1, {vocab}] (the vocabulary), got {params.top_k}",
+                       param="top_k")
+    bad = [t for t in params.stop_token_ids if t >= vocab]
+    if bad:
+      raise P.ApiError(400, f"'stop_token_ids' must lie in [0, {vocab}), got {bad[0]}", param="stop_token_ids")
 
   # --- generation core ------------------------------------------------------------------------------
   async def _run(self, rid: str, ids: list[int], params, prompt: str | None, sink: asyncio.Queue, offset: int):
@@ -118,6 +187,8 @@ class Handlers:
       raise P.ApiError(503, str(e), type_="server_shutting_down", headers={"Retry-After": "5"}) from None
     except RequestError as e:
       raise P.ApiError(400, str(e)) from None
+    except RequestFailedError as e:
+      raise P.ApiError(500, str(e), type_="internal_error") from None
 
   async def _generate(self, prompts_ids, params, prompts_text, base_id):
     """Starts one engine request per prompt; yields (choice index, delta) in arrival order."""
@@ -125,6 +196,7 @@ class Handlers:
     tasks = [asyncio.create_task(self._run(f"{base_id}-{i}", ids, params, txt, sink, i * params.n))
              for i, (ids, txt) in enumerate(zip(prompts_ids, prompts_text))]
     remaining = {i: params.n for i in range(len(tasks))}
+    get: asyncio.Future | None = None
     try:
       while any(remaining.values()):
         get = asyncio.ensure_future(sink.get())
@@ -141,6 +213,8 @@ class Handlers:
         else:
           get.cancel()
     finally:
+      if get is not None:
+        get.cancel()   # (left pending it is logged as "Task was destroyed but it is pending!" at ERROR)
       for t in tasks:  # client gone or error: closing the generators aborts the engine requests
         t.cancel()
 
@@ -149,32 +223,38 @@ class Handlers:
     """What completions and chat share: the body, the model check, sampling and streaming options."""
     body = await _json_body(request)
     self._check_model(body)
-    return body, P.sampling_params(body, chat=chat), P._bool(body, "stream"), P.stream_options(body)
+    params = P.sampling_params(body, chat=chat)
+    self._check_params(params)
+    return body, params, P._bool(body, "stream"), P.stream_options(body)
 
   async def completions(self, request):
     body, params, stream, include_usage = await self._generation_request(request, chat=False)
     prompts = P.prompts_of(body)
     if P._bool(body, "echo"):
       raise P.ApiError(400, "'echo' is not supported", param="echo")
-    ids = [self._encode(p) for p in prompts]
+    ids = [await self._encode(p, params.max_tokens) for p in prompts]
     texts = [p if isinstance(p, str) else None for p in prompts]
     return await self._respond(request, ids, texts, params, stream, include_usage, chat=False)
 
   async def chat(self, request):
     body, params, stream, include_usage = await self._generation_request(request, chat=True)
     messages = P.messages_of(body)
+    ids = self._check_ids(await self._chat_ids(messages, True), params.max_tokens)
+    return await self._respond(request, [ids], [None], params, stream, include_usage, chat=True)
+
+  async def _chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
+    size = sum(len(m["content"]) for m in messages)
     try:
-      ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+      return await off_loop(size, lambda: self.tokenizer.apply_chat_template(
+          messages, add_generation_prompt=add_generation_prompt, tokenize=True))
     except TokenizerError as e:
       raise P.ApiError(400, str(e), param="messages") from None
-    ids = self._encode(ids)
-    return await self._respond(request, [ids], [None], params, stream, include_usage, chat=True)
 
   async def _respond(self, request, ids, texts, params, stream, include_usage, chat):
     base = P.new_id("chatcmpl" if chat else "cmpl")
     created, model = P.now(), self.state["model_name"]
     obj = "chat.completion" if chat else "text_completion"
-    usage = P.Usage(prompt_tokens=sum(len(i) for i in ids) * params.n)
+    usage = P.Usage(prompt_tokens=sum(len(i) for i in ids))   # each prompt once, as OpenAI counts it
     n_choices = len(ids) * params.n
     gen = self._generate(ids, params, texts, base)
     if not stream:
@@ -187,6 +267,9 @@ class Handlers:
         if d.finish_reason is not None:
           finish[idx] = d.finish_reason
           usage.completion_tokens += d.num_output_tokens
+      if "error" in finish:
+        raise P.ApiError(500, f"the engine failed while running request {base}; see the server log",
+                         type_="internal_error")
       choices = []
       for i in range(n_choices):
         c: dict[str, Any] = {"index": i, "finish_reason": finish[i]}
@@ -219,6 +302,10 @@ class Handlers:
                          "finish_reason": None} for i in range(n_choices)]))
 
     async def emit(idx, d):
+      if d.finish_reason == "error":   # the 200 is out: the error goes in the stream, as vLLM sends it
+        await send(P.ApiError(500, f"the engine failed while running request {base}; see the server log",
+                              type_="internal_error").body())
+        return
       if d.finish_reason is not None:
         usage.completion_tokens += d.num_output_tokens
       if not d.text and d.finish_reason is None and not d.logprobs:
@@ -248,9 +335,10 @@ class Handlers:
         "owned_by": "nanoflow-jax", "max_model_len": self.engine.engine.max_model_len}]})
 
   async def health(self, request):
-    if self.engine.error is not None or not self.engine._thread.is_alive():
-      return web.json_response({"status": "unhealthy"}, status=503)
-    return web.json_response({"status": "ok"})
+    e = self.engine
+    if not e.alive:
+      return web.json_response({"status": "unhealthy", "error": "the engine has stopped"}, status=503)
+    return web.json_response({"status": "ok", "step_failures": e.step_failures})
 
   async def metrics(self, request):
     return web.Response(body=generate_latest(self.state["metrics"].registry),
@@ -260,16 +348,14 @@ class Handlers:
     body = await _json_body(request)
     self._check_model(body)
     if "messages" in body:
-      try:
-        ids = self.tokenizer.apply_chat_template(P.messages_of(body), add_generation_prompt=P._bool(
-            body, "add_generation_prompt", True), tokenize=True)
-      except TokenizerError as e:
-        raise P.ApiError(400, str(e), param="messages") from None
+      ids = await self._chat_ids(P.messages_of(body), P._bool(body, "add_generation_prompt", True))
     elif isinstance(body.get("prompt"), str):
-      ids = self.tokenizer.encode(body["prompt"], add_special_tokens=P._bool(body, "add_special_tokens", True))
+      ids = await off_loop(len(body["prompt"]), lambda: self.tokenizer.encode(
+          body["prompt"], add_special_tokens=P._bool(body, "add_special_tokens", True)))
     else:
       raise P.ApiError(400, "'prompt' (a string) or 'messages' is required", param="prompt")
-    return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.engine.engine.max_model_len})
+    reply = {"tokens": ids, "count": len(ids), "max_model_len": self.engine.engine.max_model_len}
+    return web.Response(text=await off_loop(len(ids), json.dumps, reply), content_type="application/json")
 
   async def detokenize(self, request):
     body = await _json_body(request)
@@ -280,15 +366,17 @@ class Handlers:
     vocab = self.engine.engine.model.config.vocab_size
     if toks and max(toks) >= vocab:
       raise P.ApiError(400, f"token ids must lie in [0, {vocab})", param="tokens")
-    return web.json_response({"prompt": self.tokenizer.decode(toks)})
+    return web.json_response({"prompt": await off_loop(len(toks), self.tokenizer.decode, toks)})
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> web.Application:
-  app = web.Application(middlewares=[_errors_and_auth], client_max_size=64 * 1024 * 1024)
+def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, body_timeout: float = 30.0,
+               max_request_mb: float = 16.0) -> web.Application:
+  app = web.Application(middlewares=[_errors_and_auth], client_max_size=int(max_request_mb * 2**20))
   app[ENGINE] = engine
   metrics = Metrics(engine.engine)
   engine.on_step = metrics.step.observe
-  app[STATE] = {"model_name": model_name, "api_key": api_key, "metrics": metrics, "created": P.now()}
+  app[STATE] = {"model_name": model_name, "api_key": api_key, "metrics": metrics, "created": P.now(),
+                "body_timeout": body_timeout}
   h = Handlers(app)
   app.router.add_post("/v1/completions", h.completions)
   app.router.add_post("/v1/chat/completions", h.chat)
@@ -300,26 +388,68 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
   return app
 
 
+@dataclasses.dataclass
+class ServerLimits:
+  """What a client may hold: connections, and how long its headers and body may take."""
+  max_connections: int = 1024
+  header_timeout: float = 10.0      # seconds with no request in progress (after connecting, or after a response)
+  body_timeout: float = 30.0        # seconds to read a request's body
+  max_request_mb: float = 16.0
+  shutdown_timeout: float = 60.0    # the drain's bound; a second signal exits at once
+
+
 async def serve(engine: AsyncEngine, model_name: str, host: str, port: int, api_key: str | None = None,
-                ready: asyncio.Event | None = None, drain_timeout: float = 600.0) -> None:
-  """Serves until SIGTERM/SIGINT; then stops accepting, drains the requests in flight, and returns."""
-  app = create_app(engine, model_name, api_key)
-  runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+                ready: asyncio.Event | None = None, limits: ServerLimits | None = None) -> int:
+  """Serves until SIGTERM/SIGINT; then stops accepting, drains the requests in flight (at most
+  limits.shutdown_timeout seconds) and returns 0. Returns 1 at once if the engine dies (a supervisor restarts
+  the process). A second signal during the drain exits the process at once."""
+  limits = limits or ServerLimits()
+  fd_limit = raise_fd_limit()
+  app = create_app(engine, model_name, api_key, limits.body_timeout, limits.max_request_mb)
+  runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                         keepalive_timeout=limits.header_timeout, shutdown_timeout=5.0)
   await runner.setup()
+  max_conn = min(limits.max_connections, max(16, fd_limit - 256))   # leave descriptors for files and the engine
+  guard = ConnectionGuard(runner.server, max_conn, limits.header_timeout)
+  app[STATE]["guard"] = guard
+  guard.start()
   site = web.TCPSite(runner, host, port)
   await site.start()
-  log.info("serving %s on http://%s:%d", model_name, host, port)
+  log.info("serving %s on http://%s:%d (at most %d connections)", model_name, host, port, max_conn)
   stop = asyncio.Event()
   loop = asyncio.get_running_loop()
+  signals = []
+
+  def on_signal(sig):
+    signals.append(sig)
+    if len(signals) > 1:
+      log.warning("second signal (%s): exiting now, without waiting for the requests in flight", sig.name)
+      logging.shutdown()
+      os._exit(1)
+    stop.set()
+
   for sig in (signal.SIGTERM, signal.SIGINT):
-    loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(sig, on_signal, sig)
+
+  async def watch_engine():
+    while engine.alive:
+      await asyncio.sleep(0.5)
+    log.error("the engine has stopped (%r); exiting so that a supervisor can restart the server", engine.fatal)
+    stop.set()
+
+  watcher = loop.create_task(watch_engine())
   if ready is not None:
     ready.set()
   await stop.wait()
-  log.info("shutting down: no new requests; draining the ones in flight")
+  code = 0 if engine.alive else 1
+  log.info("shutting down: no new requests; draining the ones in flight (at most %.0f s)", limits.shutdown_timeout)
+  watcher.cancel()
   engine.stop_accepting()
   await site.stop()
-  await engine.drain(timeout=drain_timeout)
+  if code == 0:
+    await engine.drain(timeout=limits.shutdown_timeout)
+  guard.stop()
   await runner.cleanup()
   engine.shutdown()
   log.info("stopped")
+  return code

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from typing import Any
 
 from nanoflow_jax.outputs import Logprob
-from nanoflow_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from nanoflow_jax.sampling_params import INT32_MAX, MAX_LOGPROBS, SamplingParams
+
+FLOAT32_MAX = 3.4e38               # the sampler's parameters are float32 on the device
+SEED_RANGE = (-2**63, 2**64 - 1)   # int64 or uint64, as OpenAI and vLLM clients send seeds
 
 
 class ApiError(Exception):
@@ -32,6 +36,10 @@ def _num(body, name, default, lo=None, hi=None, integer=False, nullable=True):
   if isinstance(v, bool) or not isinstance(v, ok_types):
     raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {type(v).__name__}",
                    param=name)
+  if integer and hi is None:
+    hi = INT32_MAX   # every integer the engine keeps lives in an int32 array
+  if isinstance(v, float) and not math.isfinite(v):   # (json reads 1e999 as inf)
+    raise ApiError(400, f"'{name}' must be a finite number", param=name)
   if (lo is not None and v < lo) or (hi is not None and v > hi):
     rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
     raise ApiError(400, f"'{name}' must be in {rng}, got {v}", param=name)
@@ -62,8 +70,9 @@ def _int_list(body, name):
   v = body.get(name)
   if v is None:
     return []
-  if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
-    raise ApiError(400, f"'{name}' must be a list of token ids", param=name)
+  if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX
+                                        for t in v):
+    raise ApiError(400, f"'{name}' must be a list of token ids in [0, {INT32_MAX}]", param=name)
   return v
 
 
@@ -90,10 +99,10 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
         top_p=_num(body, "top_p", 1.0, lo=0, hi=1),
         top_k=top_k,
         min_p=_num(body, "min_p", 0.0, lo=0, hi=1),
-        repetition_penalty=_num(body, "repetition_penalty", 1.0, lo=0),
+        repetition_penalty=_num(body, "repetition_penalty", 1.0, lo=0, hi=FLOAT32_MAX),
         presence_penalty=_num(body, "presence_penalty", 0.0, lo=-2, hi=2),
         frequency_penalty=_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
-        seed=_num(body, "seed", None, integer=True),
+        seed=_num(body, "seed", None, lo=SEED_RANGE[0], hi=SEED_RANGE[1], integer=True),
         max_tokens=max_tokens,
         min_tokens=_num(body, "min_tokens", 0, lo=0, integer=True),
         stop=_stop(body),
