@@ -91,18 +91,18 @@ def warm_up(engine) -> None:
 
 def run_offline(engine, requests, peak: float, peak_random: float) -> dict:
   import contextlib
-  from launch import clock_probe
+  from launch import power
   warm_up(engine)   # before the sampler: compiling is not the run
   with contextlib.ExitStack() as stack:
     sampler = None
     if FLAGS.power_sample_ms:
-      sampler = stack.enter_context(clock_probe.Sampler(clock_probe.smi_command(FLAGS.power_sample_ms, all_gpus=True)))
+      sampler = stack.enter_context(power.Sampler(power.smi_command(FLAGS.power_sample_ms, all_gpus=True)))
       idle = (time.perf_counter(), time.perf_counter() + IDLE_S)
       time.sleep(IDLE_S)
     out = _run_offline(engine, requests, peak, peak_random)
   if sampler is not None:
     windows = step_records.full_step_windows(out["step_records"], engine.config.dense_batch)
-    out["power"] = clock_probe.windows_power(sampler.samples, windows, idle, clock_probe.power_limit_w())
+    out["power"] = power.windows_power(sampler.samples, windows, idle, power.power_limit_w())
     out["power"]["steady_seconds_sampled"] = sum(b - a for a, b in windows)
   return out
 

@@ -37,6 +37,9 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "bfloat16", "float16", "float32", "fp8"],
                     "KV cache element type: auto = the model's; fp8 (e4m3, no scales) halves the cache's bytes: "
                     "twice the tokens fit and decode attention reads half as much.")
+  flags.DEFINE_enum("quantization", None, ["none", "fp8"], "Weights and activations: fp8 = e4m3 weights with a scale "
+                    "per output channel, activations quantized per token (W8A8), from a bf16/fp16 checkpoint at load; "
+                    "an FP8 checkpoint (compressed-tensors, fbgemm_fp8) runs as fp8 by itself.")
   flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0 (jax.distributed).")
   flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (one per host).")
   flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -72,4 +75,4 @@ def engine_kwargs() -> dict:
               max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len, kernels=FLAGS.kernels,
               gemm=FLAGS.gemm, prefill_attention=FLAGS.prefill_attention,
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
-              layer_unroll=FLAGS.layer_unroll)
+              layer_unroll=FLAGS.layer_unroll, quantization=FLAGS.quantization)

@@ -1,5 +1,5 @@
 """MixedStep: one dense engine step of a decode/prefill mix, built through the real engine and timed in any
-execution mode (used by launch/step_bench.py and launch/autosearch.py's measurement; no flags here, so
+execution mode (used by lab/step_bench.py and launch/autosearch.py's measurement; no flags here, so
 both can import it)."""
 from __future__ import annotations
 

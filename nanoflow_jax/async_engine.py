@@ -141,7 +141,7 @@ class AsyncEngine:
     except (RequestError, ValueError, QueueFullError) as e:
       fut.set_exception(e)
       return
-    except Exception as e:
+    except Exception:
       log.exception("adding request %s failed", rid)
       self._forget(rid)
       fut.set_exception(RequestFailedError(f"the engine could not take request {rid}"))

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from nanoflow_jax import config as config_lib, layer_stack
@@ -35,7 +36,7 @@ READABLE_VERSIONS = (1, 2)
 META_FILE = "nanoflow.json"
 PARAMS_DIR = "params"
 FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16)}
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; we recompute them
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "input_scale_ub")   # fbgemm_fp8: the config's activation_scale_ub rules  # buffers some old checkpoints carry; we recompute them
 
 Params = dict[str, Any]
 ShardingFn = Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]
@@ -100,6 +101,8 @@ def hf_layout(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], list[tuple[st
       yield (name, "gate_up"), [(m + "gate_proj.weight", (i, h)), (m + "up_proj.weight", (i, h))
                                 ], lambda gt, up: np.stack([_t(gt), _t(up)], axis=1)
       yield (name, "down"), [(m + "down_proj.weight", (h, i))], _t
+  if cfg.quantization is not None and cfg.quantization.source != "dynamic":
+    yield from _fp8_scales_layout(cfg)
   yield ("final_norm",), [("model.norm.weight", (h,))], lambda x: x
   if not cfg.tie_word_embeddings:
     yield ("lm_head",), [("lm_head.weight", (cfg.vocab_size, h))], _t
@@ -125,15 +128,31 @@ def iter_hf_params(hf_dir: str, cfg: ModelConfig, dtype) -> Iterator[tuple[tuple
   if unexpected:
     raise CheckpointError(f"unexpected tensor {unexpected[0]!r} in {where[unexpected[0]].path}"
                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+  fp8 = cfg.quantization is not None and cfg.quantization.source != "dynamic"
+  if fp8 and cfg.is_moe:
+    raise CheckpointError("fp8 checkpoints of mixture-of-experts models are not supported: the experts' grouped "
+                          "GEMM has no fp8 path (quantization='fp8' on a bf16 checkpoint quantizes attention only)")
   for name, shape in expected.items():
     f = where[name]
-    if f.shape(name) != shape:
-      raise CheckpointError(f"tensor {name!r} in {f.path} has shape {f.shape(name)}, expected {shape}")
-    if f.dtype(name) not in FLOAT_DTYPES:
+    if not _shape_ok(f.shape(name), shape):
+      raise CheckpointError(f"tensor {name!r} in {f.path} has shape {f.shape(name)}, expected "
+                            f"{'() or (1,)' if shape == SCALAR else shape}")
+    want_fp8 = fp8 and _is_fp8_weight(cfg, name)
+    if want_fp8 and f.dtype(name) != np.dtype(ml_dtypes.float8_e4m3fn):
+      raise CheckpointError(f"tensor {name!r} in {f.path} has dtype {f.dtype(name)}; this fp8 checkpoint "
+                            f"({cfg.quantization.source}) must store it as F8_E4M3")
+    if not want_fp8 and f.dtype(name) not in FLOAT_DTYPES:
       raise CheckpointError(f"tensor {name!r} in {f.path} has dtype {f.dtype(name)}, expected a float type")
+  from nanoflow_jax import quantization
   for path, sources, build in layout:
     arrays = [where[n].get(n) for n, _ in sources]
-    yield path, np.asarray(build(*arrays)).astype(dtype)
+    out = np.asarray(build(*arrays))
+    if fp8 and path[-1] in quantization.QUANTIZED:
+      yield path, out                            # the checkpoint's e4m3 values, as they are
+    elif path[-1].endswith("_scale"):
+      yield path, out.astype(np.float32)
+    else:
+      yield path, out.astype(dtype)
 
 
 def _place(path, arr, sharding_fn: ShardingFn | None):
@@ -156,6 +175,61 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype, sharding_fn: ShardingFn
   for path, arr in items:
     stack.put(path, _place(path, arr, sharding_fn))
   return stack.result()
+
+
+SCALAR = "scalar"   # an expected shape: () or (1,), as per-tensor scales are stored either way
+
+
+def _linears(cfg: ModelConfig, layer: int) -> dict[str, list[tuple[str, int]]]:
+  """Our quantized weight -> its Hugging Face linears (module name, output channels), in our order."""
+  h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  a, m = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
+  return {"qkv": [(a + "q_proj", cfg.num_heads * hd), (a + "k_proj", cfg.num_kv_heads * hd),
+                  (a + "v_proj", cfg.num_kv_heads * hd)],
+          "o": [(a + "o_proj", h)],
+          "gate_up": [(m + "gate_proj", i), (m + "up_proj", i)],
+          "down": [(m + "down_proj", h)]}
+
+
+def _fp8_scales_layout(cfg: ModelConfig):
+  """A published FP8 checkpoint's scales, laid out as ours: each weight's scale per output channel (a
+  per-tensor scale repeated over its channels, exact), and the static input scales (one per fused GEMM: the
+  largest of its linears', as their shared input is quantized once)."""
+  from nanoflow_jax import quantization
+  q = cfg.quantization
+  nkv, g, hd = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+  shape = SCALAR if q.weight_strategy == "tensor" else None
+
+  def channels(s, n):
+    s = np.asarray(s, np.float32).reshape(-1)
+    return np.broadcast_to(s, (n,)) if s.size == 1 else s
+
+  def qkv(qs, ks, vs):
+    return np.concatenate([channels(qs, nkv * g * hd).reshape(nkv, g, hd), channels(ks, nkv * hd).reshape(nkv, 1, hd),
+                           channels(vs, nkv * hd).reshape(nkv, 1, hd)], axis=1)[None]
+
+  build = {"qkv": qkv,
+           "o": lambda s: channels(s, cfg.hidden_size).reshape(1, 1, -1),
+           "gate_up": lambda gs, us: np.stack([channels(gs, cfg.intermediate_size),
+                                               channels(us, cfg.intermediate_size)])[None],
+           "down": lambda s: channels(s, cfg.hidden_size).reshape(1, -1)}
+  for layer in range(cfg.num_layers):
+    for name, linears in _linears(cfg, layer).items():
+      yield ((f"layers_{layer}", quantization.scale_name(name)),
+             [(mod + ".weight_scale", shape or (n, 1)) for mod, n in linears], build[name])
+      if q.static_input_scales:
+        yield ((f"layers_{layer}", quantization.input_scale_name(name)),
+               [(mod + ".input_scale", SCALAR) for mod, _ in linears],
+               lambda *ss: np.float32(max(float(np.asarray(x).reshape(-1)[0]) for x in ss)))
+
+
+def _shape_ok(got: tuple, want) -> bool:
+  return got in ((), (1,)) if want == SCALAR else tuple(got) == tuple(want)
+
+
+def _is_fp8_weight(cfg: ModelConfig, name: str) -> bool:
+  """Whether HF tensor `name` is one a published FP8 checkpoint stores in e4m3 (the dense layers' linears)."""
+  return name.endswith("_proj.weight") and (".self_attn." in name or ".mlp." in name)
 
 
 # --- orbax ----------------------------------------------------------------------------------------

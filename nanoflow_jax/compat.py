@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pallas_kernels.jax_compat import mosaic_kernel_aliased  # noqa: F401 (the kernels' own, re-exported)
+
 
 def configure_gpu_memory(fraction: float = 0.95) -> None:
   """JAX preallocates 75% of GPU memory by default; the engine sizes the KV cache from what is really
@@ -50,21 +52,11 @@ def compute_on(f, compute_type: str):
   return fn(f, compute_type=compute_type, out_memory_spaces=jax.memory.Space.Device)
 
 
-def mosaic_kernel_aliased(body, out_type, mesh, input_output_aliases: dict, compiler_params, name: str):
-  """A Mosaic GPU kernel (pl.kernel's) whose output aliases an input: `body(*inputs, out)` writes into the
-  aliased buffer in place. pl.kernel aliases only mutable refs (jax.new_ref), and a ref cannot be discharged
-  inside a stream annotation's compute_on (measured: "No state discharge rule ... compute_on"), so this
-  calls the private function behind pl.kernel, whose signature is the same in jax 0.10.2 and 0.11."""
-  from jax._src.pallas import mpmd
-  return mpmd._mpmd_map([(mesh, body)], out_type, input_output_aliases=input_output_aliases,
-                        compiler_params=compiler_params, name=name)
-
-
 COMMAND_BUFFER_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL "
                         "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT --xla_gpu_graph_min_graph_size=1")
 # XLA's latency-hiding scheduler (on by default in jax 0.11.2) placed the stream-annotated decode attention
 # after the GEMM it should run beside (measured: decode-overlap step 0.81x of sequential with it, 0.90x
-# without; docs/perf-notes.md, session 6). Under tensor parallelism the same scheduler is what overlaps
+# without; docs/history/perf-notes.md, session 6). Under tensor parallelism the same scheduler is what overlaps
 # the asynchronous all-reduces, so it stays on there.
 NO_LATENCY_HIDING_FLAG = "--xla_gpu_enable_latency_hiding_scheduler=false"
 

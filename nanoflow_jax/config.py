@@ -32,6 +32,18 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quantization:
+  """How the dense layers' weights and activations are quantized (nanoflow_jax/quantization.py).
+  source: "dynamic" (our own, from bf16/fp16 weights at load or conversion), "compressed-tensors" or
+  "fbgemm_fp8" (a published FP8 checkpoint: its e4m3 weights and scales used as they are)."""
+  scheme: str = "fp8"
+  source: str = "dynamic"
+  weight_strategy: str = "channel"          # the checkpoint's: "tensor" or "channel" (run per channel either way)
+  static_input_scales: bool = False         # the checkpoint brings per-tensor input scales
+  activation_scale_ub: float | None = None  # fbgemm_fp8: the dynamic scale's upper bound
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   model_type: str
   vocab_size: int
@@ -52,6 +64,7 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   name: str = ""
+  quantization: Quantization | None = None
 
   @property
   def is_moe(self) -> bool:
@@ -169,9 +182,66 @@ def from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     )
   except KeyError as e:
     raise ConfigError(f"config.json lacks {e.args[0]!r}") from None
+  if d.get("quantization_config") is not None:
+    cfg = dataclasses.replace(cfg, quantization=quantization_from_hf(d["quantization_config"], cfg))
   if cfg.num_heads % cfg.num_kv_heads:
     raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
   return cfg
+
+
+# Modules a published checkpoint may leave unquantized: ours are the same (the LM head stays in bf16).
+_UNQUANTIZED_OK = ("lm_head", "re:.*lm_head")
+
+
+def quantization_from_hf(qc: Any, cfg: ModelConfig) -> Quantization:
+  """The checkpoint's `quantization_config`, where we run it exactly; ConfigError naming the scheme
+  otherwise (nothing is loaded then). Exact means: e4m3 weights with a scale per tensor or per output channel,
+  activations per token (dynamic) or per tensor (static input scales), every dense layer quantized."""
+  if not isinstance(qc, dict):
+    raise ConfigError("quantization_config must be an object")
+  method = qc.get("quant_method")
+  if method == "fbgemm_fp8":
+    extra = [m for m in qc.get("modules_to_not_convert") or [] if m not in _UNQUANTIZED_OK]
+    if extra:
+      raise ConfigError(f"fbgemm_fp8 checkpoint leaves {extra[0]!r} unquantized; mixed fp8/bf16 layers are not "
+                        "supported")
+    ub = qc.get("activation_scale_ub")
+    return Quantization(source="fbgemm_fp8", weight_strategy="channel",
+                        activation_scale_ub=float(ub) if ub is not None else None)
+  if method == "compressed-tensors":
+    fmt = qc.get("format")
+    if fmt not in ("float-quantized", "naive-quantized"):
+      raise ConfigError(f"compressed-tensors format {fmt!r} is not supported (only float-quantized fp8)")
+    extra = [m for m in qc.get("ignore") or [] if m not in _UNQUANTIZED_OK]
+    if extra:
+      raise ConfigError(f"compressed-tensors checkpoint leaves {extra[0]!r} unquantized; mixed fp8/bf16 layers "
+                        "are not supported")
+    groups = list((qc.get("config_groups") or {}).values())
+    if len(groups) != 1:
+      raise ConfigError(f"compressed-tensors with {len(groups)} config groups is not supported (only one)")
+    g = groups[0]
+    w, a = g.get("weights") or {}, g.get("input_activations")
+    def fp8(t):
+      return t.get("num_bits") == 8 and t.get("type") == "float" and t.get("symmetric", True)
+    if not fp8(w) or w.get("strategy") not in ("tensor", "channel") or w.get("dynamic"):
+      raise ConfigError(f"compressed-tensors weights {_describe(w)} are not supported (only fp8 e4m3, static, "
+                        "per tensor or per channel; int4/int8 and block-wise schemes are not)")
+    if a is None:
+      raise ConfigError("compressed-tensors weight-only fp8 (no input_activations) is not supported: W8A8 only")
+    if not fp8(a) or (a.get("dynamic") and a.get("strategy") != "token") or \
+       (not a.get("dynamic") and a.get("strategy") != "tensor"):
+      raise ConfigError(f"compressed-tensors input activations {_describe(a)} are not supported (fp8 per token "
+                        "dynamic, or per tensor static)")
+    return Quantization(source="compressed-tensors", weight_strategy=w["strategy"],
+                        static_input_scales=not a.get("dynamic"))
+  if method == "fp8" and qc.get("weight_block_size"):
+    raise ConfigError(f"block-wise fp8 (weight_block_size {qc['weight_block_size']}) is not supported")
+  raise ConfigError(f"quantization method {method!r} is not supported (supported: compressed-tensors "
+                    "float-quantized fp8, fbgemm_fp8; or quantization='fp8' on a bf16/fp16 checkpoint)")
+
+
+def _describe(t: dict) -> str:
+  return "(" + ", ".join(f"{k}={t.get(k)}" for k in ("num_bits", "type", "strategy", "dynamic") if k in t) + ")"
 
 
 def load_hf_config(path: str) -> ModelConfig:

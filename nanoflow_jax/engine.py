@@ -20,6 +20,7 @@ import numpy as np
 from nanoflow_jax import distributed, kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
+from nanoflow_jax.runtime.plan import GENERIC_CONFIG
 from nanoflow_jax.runtime.executor import GEMM_CHOICES, KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
 from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
 from nanoflow_jax.scheduler import Batch, Scheduler
@@ -30,9 +31,6 @@ from pallas_kernels.paged_attention import query_blocks
 log = logging.getLogger(__name__)
 
 MODES = ("sequential", "nanoflow")
-# pipeline_config's name for the generic split even where a shipped config exists (to measure the split
-# the auto-search turned down, e.g. at TP, where the shipped configs are the whole batch).
-GENERIC_CONFIG = "generic"
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
                    "fp8": "float8_e4m3fn"}
 

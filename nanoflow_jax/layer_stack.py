@@ -3,7 +3,7 @@
 The runtime runs the layers as one scan over stacked weights. Stacking after loading keeps every
 per-layer array alive until the stack exists and then frees them all below it: a hole as large as the
 weights, too split up for the KV cache's two big arrays (the 70B at TP 4: 29 GB free below 35 GB of
-weights, docs/perf-notes.md). Here each leaf's stack is allocated when its first layer arrives, every
+weights, docs/history/perf-notes.md). Here each leaf's stack is allocated when its first layer arrives, every
 layer is written into it in place (a donated update) and dropped, so at most one layer's arrays are
 ever loose, and the memory after loading is the stack plus one free block.
 """

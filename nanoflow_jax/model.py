@@ -1,12 +1,13 @@
 """`load_model`: a model (config + parameters + tokenizer) from a checkpoint directory or a named shape."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
 import jax.numpy as jnp
 
-from nanoflow_jax import checkpoint, tokenizer as tokenizer_lib
+from nanoflow_jax import checkpoint, config as config_lib, quantization, tokenizer as tokenizer_lib
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models.transformer import Transformer
 
@@ -27,6 +28,12 @@ class Model:
     if (params is None) == (stacked is None):
       raise ValueError("Model takes either per-layer params or stacked ones")
     self.config = cfg
+    if cfg.quantization is not None:   # weights that arrive in bf16/fp16 get their fp8 form here, once
+      if stacked is None:
+        raise ValueError("an fp8 model takes its weights stacked")
+      top, layers = stacked
+      if not quantization.is_quantized(layers):
+        stacked = (top, quantization.quantize_stacked(layers))
     self._params = params
     self._stacked = stacked
     self.dtype = jnp.dtype(dtype)
@@ -72,7 +79,8 @@ class Model:
 
 
 def load_model(path_or_name: str, dtype="bfloat16", random_weights: bool = False, seed: int = 0,
-               sharding_fn: checkpoint.ShardingFn | None = None, progress: bool = False) -> Model:
+               sharding_fn: checkpoint.ShardingFn | None = None, progress: bool = False,
+               quantization: str | None = None) -> Model:
   """Loads a converted (orbax) checkpoint, a Hugging Face directory, or a named shape.
 
   Named shapes (`tiny`, `llama-3-8b`, ...) have no weights: they need `random_weights=True`, except
@@ -80,7 +88,30 @@ def load_model(path_or_name: str, dtype="bfloat16", random_weights: bool = False
   places each parameter (tensor parallelism); the default is the first device.
   """
   dtype = checkpoint.parse_dtype(dtype)
+  cfg = resolve_config(path_or_name, quantization)
+  # weights that do not come quantized are drawn or loaded in `dtype` and quantized by Model
+  plain = cfg if cfg.quantization is not None and cfg.quantization.source != "dynamic" else \
+      dataclasses.replace(cfg, quantization=None)
+  m = _load(path_or_name, cfg, plain, dtype, random_weights, seed, sharding_fn, progress)
+  if cfg.quantization is not None:
+    log.info("%s: fp8 (e4m3) weights and activations, from %s", cfg.name or path_or_name, cfg.quantization.source)
+  return m
+
+
+def resolve_config(path_or_name: str, quantization_arg: str | None = None):
+  """The model's config with the quantization it runs in: the checkpoint's own (its quantization_config),
+  or `quantization_arg` ("fp8": quantize bf16/fp16 weights at load)."""
   cfg = checkpoint.resolve_config(path_or_name)
+  if quantization_arg not in (None, "none", *quantization.SCHEMES):
+    raise ValueError(f"quantization must be one of {('none', *quantization.SCHEMES)}, got {quantization_arg!r}")
+  if quantization_arg == "none" and cfg.quantization is not None:
+    raise ValueError(f"{path_or_name} is an fp8 checkpoint ({cfg.quantization.source}); it runs as fp8")
+  if quantization_arg == "fp8" and cfg.quantization is None:
+    cfg = dataclasses.replace(cfg, quantization=config_lib.Quantization())
+  return cfg
+
+
+def _load(path_or_name, cfg, plain, dtype, random_weights, seed, sharding_fn, progress) -> Model:
   if cfg.name == path_or_name and path_or_name in ("tiny", *checkpoint.config_lib.NAMED_SHAPES):
     if path_or_name != "tiny" and not random_weights:
       raise checkpoint.CheckpointError(f"{path_or_name!r} is a named shape without weights: pass "
@@ -88,13 +119,13 @@ def load_model(path_or_name: str, dtype="bfloat16", random_weights: bool = False
     tok = tokenizer_lib.tiny_tokenizer()
     if path_or_name != "tiny":
       log.info("%s: random weights with the built-in byte-level tokenizer", path_or_name)
-    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(cfg, dtype, seed, sharding_fn, stacked=True))
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(plain, dtype, seed, sharding_fn, stacked=True))
   tok = tokenizer_lib.load_tokenizer(path_or_name)
   # Every loader gives the layer stack the runtime scans over, built without a per-layer copy of the
   # weights beside it (layer_stack.py says why that matters for the KV cache).
   if random_weights:
-    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(cfg, dtype, seed, sharding_fn, stacked=True))
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(plain, dtype, seed, sharding_fn, stacked=True))
   if checkpoint.is_converted(path_or_name):
-    return Model(cfg, None, dtype, tok, stacked=checkpoint.load_orbax_params(path_or_name, cfg, dtype, sharding_fn))
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.load_orbax_params(path_or_name, plain, dtype, sharding_fn))
   return Model(cfg, None, dtype, tok,
-               stacked=checkpoint.load_hf_params(path_or_name, cfg, dtype, sharding_fn, progress))
+               stacked=checkpoint.load_hf_params(path_or_name, plain, dtype, sharding_fn, progress))

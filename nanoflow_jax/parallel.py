@@ -43,6 +43,12 @@ def param_spec(cfg: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...], 
       "experts_gate_up": P(None, None, None, AXIS) if div(cfg.intermediate_size) else P(),
       "experts_down": P(None, AXIS, None) if div(cfg.intermediate_size) else P(),
   }
+  if name.endswith("_input_scale"):
+    return P()
+  if name.endswith("_scale") and name[:-len("_scale")] in rules:
+    # one scale per output channel (the weight's shape with its contracted dims 1): split as the outputs are
+    w = rules[name[:-len("_scale")]]
+    return P(*[None if shape[d] == 1 else (w[d] if d < len(w) else None) for d in range(len(shape))])
   return rules.get(name, P())
 
 

@@ -10,7 +10,7 @@ def gemm_peak_tflops(samples: int = 5, data: str = "ones") -> float:
   `samples` timings, since a ceiling is the best the device showed (single timings varied by 15% with
   the clocks). `data`: "ones" (the figure every run has reported) or "random" (normal values, like
   weights): on an H200 the GEMM of random data draws the board's 700 W and runs at a lower SM clock than
-  the one of ones (launch/clock_probe.py), so the two peaks differ by the power limit."""
+  the one of ones (lab/clock_probe.py), so the two peaks differ by the power limit."""
   import jax
   import jax.numpy as jnp
   if data not in ("ones", "random"):

@@ -80,7 +80,7 @@ def truncate(scaled, p: SamplingArrays):
 class Modes(NamedTuple):
   """Which costly parts of `sample` a step needs, decided on the host from the rows it samples. Passed
   static, they replace lax.cond: a conditional on the GPU makes the host wait for the whole step before
-  it can launch the rest (measured: 19 ms of a 67 ms step idle, docs/perf-notes.md)."""
+  it can launch the rest (measured: 19 ms of a 67 ms step idle, docs/history/perf-notes.md)."""
   penalized: bool      # some row has a repetition, presence or frequency penalty
   all_greedy: bool     # every row takes the argmax
   truncation: bool     # some sampling row has top_k, top_p or min_p

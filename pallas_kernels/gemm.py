@@ -6,7 +6,7 @@ producer warpgroup issuing TMA loads, and an optional residual add in the epilog
 What we add is the grid: that op always launches one CTA per SM of the device, while overlapping
 kernels need each one limited to its SM share, so we launch `num_sms` CTAs and the persistent loop
 spreads the tiles over them. Tile configurations per shape come from gemm_configs.json (written by
-`launch/kernel_bench.py --tune_gemm`, keyed "MxNxK" or "MxNxK@num_sms"), else DEFAULT.
+`lab/kernel_bench.py --tune_gemm`, keyed "MxNxK" or "MxNxK@num_sms"), else DEFAULT.
 
 `gemm_silu_mul` is the gate_up GEMM with the SiLU-and-multiply fused into its epilogue: b holds
 [gate | up] along N, and each CTA accumulates a tile of gate columns and the matching up columns (two
@@ -62,7 +62,7 @@ def config_for(m: int, n: int, k: int, num_sms: int) -> dict:
   return {**DEFAULT, **_tuned().get(f"{m}x{n}x{k}@{num_sms}", _tuned().get(f"{m}x{n}x{k}", {}))}
 
 
-# What the tuner tries per shape (launch/kernel_bench.py --tune_gemm). tile_m x tile_n is one consumer
+# What the tuner tries per shape (lab/kernel_bench.py --tune_gemm). tile_m x tile_n is one consumer
 # warpgroup's tile; the CTA's is twice that along wg_dimension. Stages fill the 227 KiB of shared memory.
 # Smaller CTA tiles give small-N shapes (TP shards) more tiles than SMs.
 TUNE_SPACE = [dict(tile_m=tm, tile_n=tn, wg_dimension=wg, max_concurrent_steps=st, grid_tile_width=w,
@@ -108,7 +108,7 @@ def gemm(a: jax.Array, b: jax.Array, residual: jax.Array | None = None, *, num_s
   """a [M, K] @ b [K, N] (+ residual [M, N]) on `num_sms` CTAs. With `layer`, b is the stacked weight
   [L, K, N] and the kernel reads b[layer] where it lies: the caller passes the whole stack instead of a
   slice, which a stream-annotated computation would otherwise receive as a copy (~7 ms per 8B step,
-  docs/perf-notes.md)."""
+  docs/history/perf-notes.md)."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
   m, k = a.shape
   k2, n = _weight_shape(b, layer)

@@ -4,7 +4,7 @@ Triton directly so that we control what the Pallas lowering does not let us cont
 - one K/V tile is BLOCK_N keys gathered through the page table (BLOCK_N // page_size whole pages), in a
   `tl.range(num_stages=...)` loop. Triton 3.9 pipelines those gathers ahead of the math only when the page
   ids come from the previous iteration (`prefetch_pages`) and num_stages >= 3; otherwise every block waits
-  for its own loads (launch/triton_ir.py shows which; docs/perf-notes.md, session 8);
+  for its own loads (lab/triton_ir.py shows which; docs/history/perf-notes.md, session 8);
 - page offsets are 64-bit once per key row (not per element), so a 100 GB cache costs no more than 1 GB;
 - the loop over a work item's keys is split into blocks that need no causal mask and the few that do;
 - softmax in base 2 with the scale folded into one multiply.
@@ -27,10 +27,10 @@ try:
 except ImportError:  # the Pallas kernel and the reference still work without Triton
   triton = None
 
-# Best of the sweep on one H200 (launch/kernel_bench.py --sweep_attention, docs/perf-notes.md).
+# Best of the sweep on one H200 (lab/kernel_bench.py --sweep_attention, docs/history/perf-notes.md).
 DECODE_CONFIG = dict(block_q=1, block_n=128, num_warps=4, num_stages=2, programs_per_sm=2)
 # An fp8 cache: the dots in f16 (fp8 converts to f16 in one instruction) and one more stage; 2.67 TB/s of
-# fp8 bytes against 1.55 at the bf16 configuration (session 4 sweep, docs/perf-notes.md).
+# fp8 bytes against 1.55 at the bf16 configuration (session 4 sweep, docs/history/perf-notes.md).
 DECODE_CONFIG_FP8 = dict(block_q=1, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, dot_f16=True)
 PREFILL_CONFIG = dict(block_q=32, block_n=64, num_warps=8, num_stages=3, programs_per_sm=1)
 LOG2E = 1.4426950408889634
@@ -133,7 +133,7 @@ if triton is not None:
           kpos = j * BLOCK_N + cols
           if PREFETCH_PAGES:
             # The K/V addresses then hang on a load of the previous iteration, not on one of this one:
-            # Triton pipelines the K/V loads only so (launch/triton_ir.py; docs/perf-notes.md, session 8).
+            # Triton pipelines the K/V loads only so (lab/triton_ir.py; docs/history/perf-notes.md, session 8).
             page = page_next
             page_next = tl.load(pt_row + (kpos + BLOCK_N) // PAGE_SIZE, mask=cols * 0 + j + 1 < j1, other=0)
           else:
@@ -270,7 +270,7 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
-  caches: DECODE_CONFIG_FP8 sets it, measured in docs/perf-notes.md). prefetch_pages: each key block's page
+  caches: DECODE_CONFIG_FP8 sets it, measured in docs/history/perf-notes.md). prefetch_pages: each key block's page
   ids are loaded one iteration ahead (a variant for the bandwidth per SM beside a GEMM; perf-notes).
   swap_ab: the dots as K q^T and V^T P, keys on the M side, so that with one query token per sequence the
   tensor-core tiles are filled by keys, not padded query rows (a decode variant; perf-notes). mask_all: one

@@ -2,7 +2,7 @@
 
 jax's warp-specialized `attention_mgpu` reaches 0.57-0.61 of the GEMM peak on a 4096-token prompt with K/V
 contiguous; the Triton kernel (paged_attention_triton.py) 0.35 through pages. This kernel is that design over
-the paged cache, and reaches 0.63 (docs/perf-notes.md, session 12). It is the engine's prefill attention on
+the paged cache, and reaches 0.63 (docs/history/perf-notes.md, session 12). It is the engine's prefill attention on
 bf16/f16 caches (paged_attention.configs):
 - per (query head, query block of 128 rows): two consumer warpgroups of 64 rows each, one producer
   warpgroup;
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.paged_attention import paged_attention_reference  # noqa: F401 (the reference)
+from pallas_kernels.paged_kv import paged_attention_reference  # noqa: F401 (the reference)
 
 BLOCK_Q = 128            # query rows per CTA: two consumer warpgroups of 64
 CONFIG = dict(block_kv=128, max_concurrent_steps=2)
@@ -401,9 +401,9 @@ def _call(info, layer, page_table, q, k_cache, v_cache, out, *, block_kv: int, m
                   smem, barriers, collective_axes="wg")
 
   # `out` aliased in and out: the kernel's stores land in it and every other row keeps its value, no copy.
-  from nanoflow_jax import compat
+  from pallas_kernels import jax_compat
   mesh = plgpu.Mesh(grid=(ctas,), grid_names=("ctas",), num_threads=3, thread_name="wg")
-  return compat.mosaic_kernel_aliased(
+  return jax_compat.mosaic_kernel_aliased(
       lambda *refs: body(*refs[:7], refs[8]), jax.ShapeDtypeStruct(out.shape, out.dtype), mesh, {7: 0},
       plgpu.CompilerParams(approx_math=True), "prefill_attention_mgpu")(
           info, count, layer, page_table, q, k_cache, v_cache, out)

@@ -19,7 +19,7 @@ except ImportError:
 
 def rms_norm_residual_reference(x, residual, scale, eps: float):
   """x, residual [N, H] -> (x + residual, rms_norm(x + residual) * scale)."""
-  from nanoflow_jax.models.layers import rms_norm
+  from pallas_kernels.ops_reference import rms_norm
   h = x + residual
   return h, rms_norm(h, scale, eps)
 

@@ -8,7 +8,7 @@ page_size, head_dim]; a row whose page is `num_pages` (padding) writes nothing. 
 persistent programs over the step's tokens.
 
 Not wired into the engine yet: it has not been measured on the GPU against the XLA fusions it would
-replace (launch/kernel_bench.py --rope_append times both).
+replace (lab/kernel_bench.py --rope_append times both).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ except ImportError:
 
 def rope_append_reference(q, k, v, positions, inv_freq, k_cache, v_cache, layer, pages, offsets):
   """q [N, Hq, D], k/v [N, Hkv, D] -> (rotated q, k_cache, v_cache)."""
-  from nanoflow_jax.models.layers import apply_rope
-  from pallas_kernels.paged_attention import append_kv
+  from pallas_kernels.ops_reference import apply_rope
+  from pallas_kernels.paged_kv import append_kv
   k_cache, v_cache = append_kv(k_cache, v_cache, layer, apply_rope(k, positions, inv_freq), v, pages, offsets)
   return apply_rope(q, positions, inv_freq), k_cache, v_cache
 

@@ -1,8 +1,8 @@
-"""launch/clock_probe.py's sampler and per-phase summary, with a stand-in for nvidia-smi."""
+"""lab/clock_probe.py's sampler and per-phase summary, with a stand-in for nvidia-smi."""
 import sys
 import time
 
-from launch import clock_probe
+from lab import clock_probe
 
 
 def test_parse_sample_reads_values_and_reason_bits():

@@ -1,11 +1,11 @@
-"""launch/collective_bench.py: variant parsing, the table, and a run over 2 CPU devices (no NCCL there)."""
+"""lab/collective_bench.py: variant parsing, the table, and a run over 2 CPU devices (no NCCL there)."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from launch import collective_bench
+from lab import collective_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def test_runs_each_variant_in_its_own_process_on_cpu_devices(tmp_path):
   out = tmp_path / "c.md"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": ROOT}
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "collective_bench.py"), "--hidden=256",
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "lab", "collective_bench.py"), "--hidden=256",
                       "--rows=16,32", "--chain=2,6", "--variants=default,NCCL_PROTO=Simple", f"--out={out}"],
                      capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
   assert r.returncode == 0, r.stderr[-3000:]

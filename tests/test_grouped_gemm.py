@@ -107,7 +107,7 @@ BENCH = r"""
 import os, sys
 sys.path.insert(0, "tests")
 from absl import flags
-from launch import kernel_bench
+from lab import kernel_bench
 from kernel_utils import gpu_interpret
 flags.FLAGS(["kernel_bench"])
 with gpu_interpret():
@@ -117,7 +117,7 @@ print(rows)
 
 
 def test_kernel_bench_grouped_gemm_runs_and_checks_the_kernel():
-  """launch/kernel_bench.py --grouped_gemm's code path, on tiny shapes in interpret mode: every row measured,
+  """lab/kernel_bench.py --grouped_gemm's code path, on tiny shapes in interpret mode: every row measured,
   none failed, the kernel's error against the reference printed and small."""
   import os
   import subprocess

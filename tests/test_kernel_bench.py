@@ -1,4 +1,4 @@
-"""launch/kernel_bench.py's --silu_mul and --prefill_ceiling code paths on the CPU: the fused gate_up rows on a
+"""lab/kernel_bench.py's --silu_mul and --prefill_ceiling code paths on the CPU: the fused gate_up rows on a
 tiny shape in interpret mode, and the prefill problem built for both kernels from the same tokens."""
 import os
 import subprocess
@@ -10,7 +10,7 @@ SILU_MUL = """
 import sys
 sys.path.insert(0, "tests")
 from absl import flags
-from launch import kernel_bench
+from lab import kernel_bench
 from kernel_utils import gpu_interpret
 flags.FLAGS(["kernel_bench"])
 with gpu_interpret():
@@ -22,7 +22,7 @@ print("ROWS", rows)
 PREFILL_PROBLEM = """
 import jax, jax.numpy as jnp, numpy as np
 from absl import flags
-from launch import kernel_bench
+from lab import kernel_bench
 from pallas_kernels.paged_attention import paged_attention_reference
 flags.FLAGS(["kernel_bench"])
 keys = jax.random.split(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30))), 3)

@@ -1,9 +1,9 @@
-"""launch/plot_workloads.py: benchmark JSONs (as --json_out writes them) to one plot by workload and mode."""
+"""lab/plot_workloads.py: benchmark JSONs (as --json_out writes them) to one plot by workload and mode."""
 import json
 
 import pytest
 
-from launch import plot_workloads
+from lab import plot_workloads
 
 
 def _run(path, workload, values):

@@ -1,7 +1,7 @@
-"""launch/schedule_sim.py: the real scheduler driven without a model, each step costed by a fit."""
+"""lab/schedule_sim.py: the real scheduler driven without a model, each step costed by a fit."""
 import pytest
 
-from launch.schedule_sim import simulate
+from lab.schedule_sim import simulate
 
 
 def test_every_token_is_scheduled_once_and_costed_by_the_fit():

@@ -1,10 +1,10 @@
-"""launch/sm_bandwidth.py's read kernel in Triton's interpreter: every program sums exactly its slice of
+"""lab/sm_bandwidth.py's read kernel in Triton's interpreter: every program sums exactly its slice of
 rows, in order or through the page table (a wrong row or a missed tile changes the sums)."""
 import numpy as np
 import pytest
 
 pytest.importorskip("triton")
-from launch import sm_bandwidth as smb  # noqa: E402
+from lab import sm_bandwidth as smb  # noqa: E402
 
 
 @pytest.mark.parametrize("paged", [False, True])

@@ -1,6 +1,6 @@
 """The compiled step holds no device conditional: on the GPU, XLA runs a conditional by reading its
 predicate on the host, so the thread launching the step waits for everything before it (measured: the
-device idle 19 ms of every 67 ms step, docs/perf-notes.md). The sampler's branches are picked on the
+device idle 19 ms of every 67 ms step, docs/history/perf-notes.md). The sampler's branches are picked on the
 host instead (sampler.Modes)."""
 import jax
 import numpy as np

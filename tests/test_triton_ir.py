@@ -1,6 +1,6 @@
-"""launch/triton_ir.py compiles the decode kernel for sm_90 on the CPU: swap_ab puts both dots on Hopper's
+"""lab/triton_ir.py compiles the decode kernel for sm_90 on the CPU: swap_ab puts both dots on Hopper's
 wgmma, the engine's configuration keeps mma.sync, and both pipeline the K/V loads as asynchronous copies
-(what the GPU figures in docs/perf-notes.md rest on). In a subprocess: the tests' own process imported
+(what the GPU figures in docs/history/perf-notes.md rest on). In a subprocess: the tests' own process imported
 Triton as the interpreter (conftest.py), which does not compile."""
 import os
 import subprocess
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_what_each_decode_variant_compiles_to():
   env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "triton_ir.py"), "--variant=swap_ab=1",
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "lab", "triton_ir.py"), "--variant=swap_ab=1",
                         "--variant=prefetch_pages=1,num_stages=3", "--variant=key_groups=4,num_stages=3", "--ptx"],
                        capture_output=True, text=True, env=env, timeout=300, check=True).stdout
   rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
@@ -36,7 +36,7 @@ def test_what_each_decode_variant_compiles_to():
 
 
 def test_inner_loop_counts_the_shortest_backward_branch():
-  from launch.triton_ir import inner_loop
+  from lab.triton_ir import inner_loop
   ptx = """
   mov.u32 %r1, 0;
 $L__BB0_1:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoflow_jax import quantization
 from nanoflow_jax.config import RopeConfig
+from pallas_kernels.ops_reference import apply_rope, rms_norm  # noqa: F401 (the math the kernels' references share)
 
 
 # A GEMM kernel the runtime installs while it traces a step: fn(a [M, K], b [K, N], residual [M, N] | None,
@@ -72,10 +74,13 @@ def use_stacked_weights(slices: dict[int, tuple[jax.Array, jax.Array]]):
   return _installed(_STACKED, slices)
 
 
-def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = None, fp8: "Fp8 | None" = None
+           ) -> jax.Array:
   """einsum whose contraction is x's trailing dims against w's leading dims (every weight here), with
   fp32 accumulation, result in x's dtype, plus an optional residual (fused into the GEMM's epilogue
-  when a kernel is installed)."""
+  when a kernel is installed). With `fp8` (w is e4m3): the fp8 GEMM, activations quantized per token."""
+  if fp8 is not None:
+    return _fp8_linear(x, w, spec, residual, fp8)
   gemm = _GEMM.get()
   if gemm is not None:
     lhs, rest = spec.split(",")
@@ -91,10 +96,31 @@ def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = N
   return y if residual is None else y + residual
 
 
-def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+class Fp8(NamedTuple):
+  """What an fp8 weight brings to `linear`: its per-output-channel scale, and the checkpoint's static input
+  scale or the dynamic scale's upper bound (fbgemm), where there is one."""
+  scale: jax.Array
+  input_scale: jax.Array | None = None
+  scale_ub: float | None = None
+
+
+def _fp8_linear(x, w8, spec, residual, fp8: Fp8):
+  lhs, rest = spec.split(",")
+  _, out_spec = rest.split("->")
+  nk = len(set(lhs.replace("...", "")) - set(out_spec))
+  k = math.prod(x.shape[x.ndim - nk:])
+  y = quantization.fp8_matmul(x.reshape(-1, k), w8.reshape(k, -1), fp8.scale, x.dtype, fp8.input_scale,
+                              fp8.scale_ub)
+  y = y.reshape(*x.shape[:x.ndim - nk], *w8.shape[nk:])
+  return y if residual is None else y + residual
+
+
+def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str, fp8: Fp8 | None = None) -> jax.Array:
   """silu(gate) * up of linear(x, w, spec), where w's two trailing dims are [2 (gate, up), I]: one GEMM
   with the activation in its epilogue where the installed kernel fuses it, else the GEMM then
   silu_and_mul."""
+  if fp8 is not None:
+    return silu_and_mul(_fp8_linear(x, w, spec, None, fp8))
   gemm = _GEMM.get()
   if gemm is not None:
     k = math.prod(w.shape[:-2])
@@ -103,13 +129,6 @@ def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
     if out is not None:
       return out.reshape(*x.shape[:x.ndim - (w.ndim - 2)], w.shape[-1])
   return silu_and_mul(linear(x, w, spec))
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  # As transformers computes it: normalize in fp32, cast back, then scale in the activation dtype.
-  xf = x.astype(jnp.float32)
-  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return scale.astype(x.dtype) * xf.astype(x.dtype)
 
 
 def silu_and_mul(gate_up: jax.Array) -> jax.Array:
@@ -135,17 +154,6 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     inv = np.where(medium, smoothed, scaled)
   return inv.astype(np.float32)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotate-half RoPE (the Hugging Face layout). x: [..., heads, head_dim], positions: x.shape[:-2]."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., hd/2]
-  cos = jnp.cos(freqs)[..., None, :]
-  sin = jnp.sin(freqs)[..., None, :]
-  xf = x.astype(jnp.float32)
-  x1, x2 = jnp.split(xf, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None = None,

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nanoflow_jax import quantization
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models import layers
 
@@ -54,6 +55,20 @@ class DecoderLayer(nn.Module):
     else:
       self.gate_up_w = self.param("gate_up", _normal(), (c.hidden_size, 2, c.intermediate_size), p)
       self.down_w = self.param("down", _normal(), (c.intermediate_size, c.hidden_size), p)
+    # fp8 (quantization.py): each dense weight in e4m3 with its scale per output channel, and the checkpoint's
+    # static input scale where it has them
+    fp8 = {}
+    q = c.quantization
+    if q is not None:
+      weights = {"qkv": self.qkv_w, "o": self.o_w, **({} if c.is_moe else {"gate_up": self.gate_up_w,
+                                                                            "down": self.down_w})}
+      for name, w in weights.items():
+        scale = self.param(quantization.scale_name(name), nn.initializers.ones,
+                           quantization.scale_shape(name, w.shape), jnp.float32)
+        inp = (self.param(quantization.input_scale_name(name), nn.initializers.ones, (), jnp.float32)
+               if q.static_input_scales else None)
+        fp8[name] = layers.Fp8(scale, inp, q.activation_scale_ub)
+    self.fp8 = fp8
 
   # --- attention block -------------------------------------------------------------------------
   def attn_norm(self, x):
@@ -62,7 +77,7 @@ class DecoderLayer(nn.Module):
   def qkv(self, h):
     """[..., hidden] -> q [..., heads, hd], k, v [..., kv_heads, hd]."""
     c = self.cfg
-    y = layers.linear(h, self.qkv_w, "...h,hkgd->...kgd")
+    y = layers.linear(h, self.qkv_w, "...h,hkgd->...kgd", fp8=self.fp8.get("qkv"))
     if c.qkv_bias:
       y = y + self.qkv_b.astype(y.dtype)
     g = c.q_per_kv
@@ -70,7 +85,7 @@ class DecoderLayer(nn.Module):
     return q, y[..., g, :], y[..., g + 1, :]
 
   def o(self, attn, residual=None):
-    return layers.linear(attn, self.o_w, "...nd,ndh->...h", residual)
+    return layers.linear(attn, self.o_w, "...nd,ndh->...h", residual, fp8=self.fp8.get("o"))
 
   # --- MLP block --------------------------------------------------------------------------------
   def mlp_norm(self, x):
@@ -79,10 +94,10 @@ class DecoderLayer(nn.Module):
   def gate_up_act(self, h):
     """silu(gate) * up [..., intermediate]: the gate_up GEMM and its activation (fused where the installed
     GEMM kernel fuses it)."""
-    return layers.linear_silu_mul(h, self.gate_up_w, "...h,hti->...ti")
+    return layers.linear_silu_mul(h, self.gate_up_w, "...h,hti->...ti", fp8=self.fp8.get("gate_up"))
 
   def down(self, a, residual=None):
-    return layers.linear(a, self.down_w, "...i,ih->...h", residual)
+    return layers.linear(a, self.down_w, "...i,ih->...h", residual, fp8=self.fp8.get("down"))
 
   def router(self, h):
     """Top-k routing as Mixtral does it: softmax over all experts in fp32, top k, renormalize."""

@@ -67,11 +67,11 @@ def nanoflow_splits(model: str, dense_batch: int | None, tp: int, pipeline_confi
                     gpu_name: str | None) -> bool:
   """Whether mode nanoflow would run more than one nano-batch, decided before JAX's backend starts (the
   XLA flags that let streams overlap must be set before it, and cost a single-batch step ~10% on small
-  steps: docs/perf-notes.md, session 10). The engine's own choice, read early: `pipeline_config` "generic"
+  steps: docs/history/perf-notes.md, session 10). The engine's own choice, read early: `pipeline_config` "generic"
   or a file, else the shipped config for this GPU (`gpu_name`, nvidia-smi's) and dense batch (None: the
   GPU default, 2048), else the generic split. True wherever it cannot tell (no GPU name, an unknown model)."""
   from nanoflow_jax import checkpoint
-  from nanoflow_jax.engine import GENERIC_CONFIG
+  from nanoflow_jax.runtime.plan import GENERIC_CONFIG
   if pipeline_config == GENERIC_CONFIG:
     return True
   if pipeline_config:

@@ -110,24 +110,24 @@ class Executor:
                layer_unroll: int = 1, mosaic_prefill: bool = True):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
-    jnp reference elsewhere); off by default until measured on the GPU (docs/perf-notes.md).
+    jnp reference elsewhere); off by default until measured on the GPU (docs/history/perf-notes.md).
     plan: run each layer as this PipelineConfig's nano-ops (mode nanoflow); None: sequential.
     mesh: a tensor-parallel mesh (nanoflow_jax.parallel) the model's weights are sharded over.
     gemm: "mosaic_fused" (our SM-share GEMM kernel on the kernel paths, gate_up with the SiLU-and-multiply
     in its epilogue: gemm.gemm_silu_mul), "mosaic" (the same GEMM, the activation left to XLA) or "xla"
     (XLA's dot). Measured on an H200, ours is faster in the sequential step too: XLA's dot needs each
     layer's weight slice copied out of the stacked weights, ours reads it in place; the fused gate_up
-    takes the 8B mix step from 66.0 to 64.7 ms (docs/perf-notes.md, session 11).
+    takes the 8B mix step from 66.0 to 64.7 ms (docs/history/perf-notes.md, session 11).
     beside_attention: changes to the decode attention's configuration where it runs on an SM share beside
     other kernels (stream annotation), e.g. {"programs_per_sm": 4}: there a CTA gets an SM of its own, and
-    what is fastest alone on the whole GPU need not be (docs/perf-notes.md, sessions 7-8). None: the
+    what is fastest alone on the whole GPU need not be (docs/history/perf-notes.md, sessions 7-8). None: the
     plan's own (PipelineConfig.beside_attention).
     layer_unroll: decoder layers per iteration of the layer scan (lax.scan's unroll). Each iteration ends
     with every nano-batch done; with 2, one layer's tail (under TP its last all-reduce) and the next
     layer's head for another nano-batch are in one computation, so XLA may overlap them across the
     layer boundary, at about twice the compile time.
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
-    Triton kernel, docs/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
+    Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
     self.model = model
     self.page_size = page_size
@@ -430,7 +430,7 @@ class Executor:
     else:
       body = lambda carry, xs: (layer_step(carry, xs, inp), None)
     # A stream-annotated GEMM would get its layer's weight slice as a copy (~7 ms per 8B step); with
-    # stacked_gemm it reads the scanned stack at the layer index instead (docs/perf-notes.md).
+    # stacked_gemm it reads the scanned stack at the layer index instead (docs/history/perf-notes.md).
     (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, *kv),
                                             (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]),
                                             unroll=self.layer_unroll)

@@ -27,6 +27,9 @@ import logging
 log = logging.getLogger(__name__)
 
 VERSION = 1
+# pipeline_config's name for the generic split even where a shipped config exists (to measure the split
+# the auto-search turned down, e.g. at TP, where the shipped configs are the whole batch).
+GENERIC_CONFIG = "generic"
 # Attention options a share's variant may not change: the host builds query blocks and the page table by them.
 BESIDE_ATTENTION_FIXED = ("block_q", "block_n")
 # One layer's ops, in data order: norm + qkv GEMM; RoPE + KV append; attention; o GEMM (+ residual);

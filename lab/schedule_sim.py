@@ -7,16 +7,13 @@ under offline.step_summary.fit). Prints the simulated whole-run throughput, the 
 the steady rate for each setting, to weigh scheduling settings (dense batch, KV capacity, sequence slots)
 before spending device time on them. Check it first against a measured run's own figures.
 
-  python launch/schedule_sim.py --workload=splitwise --num_requests=1000 --kv_tokens=1649360 \\
+  python lab/schedule_sim.py --workload=splitwise --num_requests=1000 --kv_tokens=1649360 \\
       --fit=6.8,24.78,24.44 --dense_batch=2048,4096
 """
 from __future__ import annotations
 
-import os
-import sys
-
 if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
 
 from absl import app, flags
 

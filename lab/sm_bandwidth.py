@@ -4,17 +4,14 @@ share can reach. On each --shares share, one CTA per SM reads its slice of a 2 G
 [block_rows, 128] tiles, either in order or through a page table of 16-row pages shuffled at random (the KV
 cache's access pattern), and sums them. Prints GB/s per SM and TB/s in all, as a table; --out writes it.
 
-  PYTHONPATH=.:.carry python3 launch/sm_bandwidth.py --shares=16,33,48,66,132 --out=DIR/sm_bandwidth.md
+  PYTHONPATH=.:.carry python3 lab/sm_bandwidth.py --shares=16,33,48,66,132 --out=DIR/sm_bandwidth.md
 
 On a CPU (Triton's interpreter) the tests run `read_sums` on small buffers against numpy.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
 
 from absl import app, flags
 

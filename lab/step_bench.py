@@ -1,6 +1,6 @@
 """One engine step, timed in each execution mode, against the optimal step time of the same run.
 
-  PYTHONPATH=. python3 launch/step_bench.py --model=llama-3-8b --decodes=512 --context=1024 --prefill=1536
+  PYTHONPATH=. python3 lab/step_bench.py --model=llama-3-8b --decodes=512 --context=1024 --prefill=1536
 
 The batch is the dense-batch mix of the 1024-in/512-out workload: `decodes` sequences decoding at
 `context`, plus one `prefill`-token prompt chunk (the step itself: launch/mixed_step.py). Variants:
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
 
 from absl import app, flags
 

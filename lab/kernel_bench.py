@@ -1,6 +1,6 @@
 """Kernel figures on the GPU, each against a ceiling measured in the same run.
 
-  PYTHONPATH=. python3 launch/kernel_bench.py --out_dir=/tmp/kb [--quick]
+  PYTHONPATH=. python3 lab/kernel_bench.py --out_dir=/tmp/kb [--quick]
 
 - GEMM (bf16, fp32 accumulation) for LLaMA-3-8B and LLaMA-2-70B per-TP-shard shapes at each SM share,
   against XLA's GEMM on the same shape (TFLOP/s and the ratio).
@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
 
 from absl import app, flags
 
@@ -70,7 +69,7 @@ LLAMA3_8B_M2048 = {"qkv": (2048, 6144, 4096), "o": (2048, 4096, 4096), "gate_up"
 
 def llama3_8b_small_m() -> dict[str, tuple[int, int, int]]:
   """The decode-heavy steps' GEMMs (128-1024 rows): memory-bound, where tiles tuned at 2048 rows leave SMs
-  idle (session 3: 1.55 TB/s of weights at 128 rows, docs/perf-notes.md). `--tune_shapes=8b-small`."""
+  idle (session 3: 1.55 TB/s of weights at 128 rows, docs/history/perf-notes.md). `--tune_shapes=8b-small`."""
   return {f"8b-m{m}-{op}": (m, n, k) for m in (128, 256, 512, 1024)
           for op, (_, n, k) in LLAMA3_8B_M2048.items()}
 
@@ -317,7 +316,7 @@ def bench_grouped_gemm(shares: list[int], peak: float, iters: int, rows_: int = 
 
 # Decode attention variants for --beside_gemm when no --beside_variant is given (changes to the engine's
 # configuration). A first sweep in session 7 found the rate of one CTA per SM flat in its stages (2-6) and
-# key block (32-128): ~27 GB/s (session 8 found why: none of those pipelined their loads; launch/triton_ir.py).
+# key block (32-128): ~27 GB/s (session 8 found why: none of those pipelined their loads; lab/triton_ir.py).
 # So these variants add CTAs per SM, and load each key block's page ids one iteration ahead.
 BESIDE_VARIANTS = ({}, {"programs_per_sm": 4}, {"programs_per_sm": 8}, {"prefetch_pages": True},
                    {"prefetch_pages": True, "programs_per_sm": 4})

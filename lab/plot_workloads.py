@@ -3,16 +3,15 @@
 Each benchmark run writes its own plot (one workload, its modes); docs/benchmarks.md wants the whole set
 side by side: one group of bars per workload, one bar per mode, each labelled with its percent of optimal.
 
-  python launch/plot_workloads.py --out=docs/img/throughput_by_workload.png run1.json run2.json ...
+  python lab/plot_workloads.py --out=docs/img/throughput_by_workload.png run1.json run2.json ...
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
 
 from absl import app, flags
 

@@ -4,7 +4,7 @@ wgmma, `tt.dot` left as is becomes the older mma.sync), asynchronous copies and 
 allocations, and whether the loads are pipelined at all (`copies in flight`). A check before spending GPU
 time on a kernel variant:
 
-  python launch/triton_ir.py [--kind=prefill] --variant=swap_ab=1 --variant=prefetch_pages=1 [--dump=DIR]
+  python lab/triton_ir.py [--kind=prefill] --variant=swap_ab=1 --variant=prefetch_pages=1 [--dump=DIR]
 
 Pointers are marked 16-byte aligned as jax-triton marks them (otherwise Triton will not vectorize or copy
 asynchronously).
@@ -14,10 +14,9 @@ from __future__ import annotations
 import collections
 import os
 import re
-import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
 
 from absl import app, flags
 

@@ -7,7 +7,7 @@ computation: a chain of n all-reduces in a loop, at two chain lengths, the diffe
 all-reduces (the launch and the copy-in cancel). NCCL reads its environment once, when it starts, so
 each setting runs in a process of its own.
 
-  PYTHONPATH=. python3 launch/collective_bench.py --rows=1024,2048 --out=DIR/collectives.md \
+  PYTHONPATH=. python3 lab/collective_bench.py --rows=1024,2048 --out=DIR/collectives.md \
       --variants=default,NCCL_PROTO=Simple,NCCL_ALGO=Tree
 
 A variant is `default` or NAME=VALUE[+NAME=VALUE...]; NCCL_NVLS_ENABLE stays as the machine sets it.
@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
 
 from absl import app, flags
 

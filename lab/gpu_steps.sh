@@ -3,7 +3,7 @@
 # and writes $OUT/summary.md last (step, exit status, seconds); then packs the rest into $OUT/results.tgz
 # (PACK=0 leaves it unpacked). One device call = one invocation:
 #
-#   OUT=/tmp/o launch/gpu_steps.sh tests bench-1024-512 bench-1024-512-fp8
+#   OUT=/tmp/o lab/gpu_steps.sh tests bench-1024-512 bench-1024-512-fp8
 #
 # Steps are defined below; add one as a `step_<name>` function. Runs from the repo root with the
 # machine's python3 and jax-triton carried in .carry/ (WORKSPACE.md).
@@ -60,25 +60,25 @@ step_tp4-splitwise-both() { bench70 tp4-splitwise-both 4 splitwise 400 --mode=na
 step_tp4-1024-512-fp8()   { bench70 tp4-1024-512-fp8 4 1024-512 500 --mode=sequential --kv_cache_dtype=fp8 --power_sample_ms=100; }
 step_tp4-1024-512-long()  { bench70 tp4-1024-512-long 4 1024-512 1500 --mode=sequential --power_sample_ms=100; }
 # The step's all-reduce alone, timed inside one computation, under NCCL's protocol/algorithm/channel settings.
-step_collectives-tp()     { $PY launch/collective_bench.py --rows=512,1024,2048 --out="$OUT/collectives-tp.md" \
+step_collectives-tp()     { $PY lab/collective_bench.py --rows=512,1024,2048 --out="$OUT/collectives-tp.md" \
                               --variants=default,NCCL_PROTO=Simple,NCCL_PROTO=LL128,NCCL_PROTO=LL,NCCL_ALGO=Ring,NCCL_ALGO=Tree,NCCL_MIN_NCHANNELS=32,NCCL_MAX_NCHANNELS=8; }
 # NCCL's channel (CTA) count for an all-reduce over all GPUs (4 H200s: 24; NETWORK_SMS in runtime/plan.py).
 step_nccl-channels()      { NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,TUNING $PY -c "import jax, jax.numpy as jnp; n=jax.device_count(); print(jax.pmap(lambda x: jax.lax.psum(x, 'i'), 'i')(jnp.ones((n, 4096, 8192), jnp.bfloat16)).sum())" 2>&1 | sed 's/.*NCCL INFO //' | grep -iE "channel|nvls|ctas|rings|trees" | sort | uniq -c | sort -rn | head -40; }
-step_step()               { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
+step_step()               { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
                               --kv_cache_dtypes=fp8,auto --nanoflow=false --out="$OUT/step.md"; }
-step_step-decode()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
+step_step-decode()        { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
                               --kv_cache_dtypes=fp8,auto --decodes=640 --context=1280 --prefill=0 --nanoflow=false \
                               --out="$OUT/step-decode.md"; }
-step_step-slots()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --max_num_seqs=1024 \
+step_step-slots()         { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --max_num_seqs=1024 \
                               --nanoflow=false --trace_dir="$OUT/trace-slots" --out="$OUT/step-slots.md"; }
 step_bench-trace()        { bench bench-trace 1024-512 1000 --trace_dir="$OUT/trace-bench" --trace_steps=400:404; }
-step_step-small()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
+step_step-small()         { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
                               --decodes=128 --context=1500 --prefill=0 --nanoflow=false --trace_dir="$OUT/trace-small" \
                               --out="$OUT/step-small.md"; }
 # The long runs' tail step (session 9: 2588 of 4034 steps of bench-lmsys-8k held a median 2 decodes, 13.4 ms
 # each): where its time goes, by kernel kind.
 # --dense_batch=2048: the engine's bucket ladder, so the 4 tokens run the 128-row bucket (session 9's call ran 16).
-step_step-tail()          { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
+step_step-tail()          { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,xla \
                               --decodes=4 --context=600 --prefill=0 --max_num_seqs=2048 --dense_batch=2048 --nanoflow=false \
                               --trace_dir="$OUT/trace-tail" \
                               --out="$OUT/step-tail.md"; }
@@ -94,78 +94,78 @@ step_step-cb()            { local tail="--decodes=4 --context=600 --prefill=0 --
                                      "nanoflow-while|$CB_NANOFLOW_WHILE|$tail" "mix-xla-default|$CB_XLA_DEFAULT|" "mix-while|$CB_WHILE|"; do
                               IFS='|' read -r name xf shape <<< "$v"
                               echo "== $name: XLA_FLAGS=$xf"
-                              XLA_FLAGS="$xf" $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
+                              XLA_FLAGS="$xf" $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
                                 --nanoflow=false --iters=20 $shape --out="$OUT/step-cb-$name.md" 2>&1 | grep -E "^\||step:|Error|error" | tail -8
                             done; }
-step_sweep-fp8()          { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
+step_sweep-fp8()          { $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
-step_step-nanoflow()      { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48,66 \
+step_step-nanoflow()      { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48,66 \
                               --out="$OUT/step-nanoflow.md"; }
-step_step-overlap-trace() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
+step_step-overlap-trace() { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
                               --trace_dir="$OUT/trace-overlap" --out="$OUT/step-overlap-trace.md"; }
 # The decode-overlap step traced twice: XLA's latency-hiding scheduler off (nanoflow's default on one GPU,
 # compat.py) and on.
 step_step-order()         { for lhs in false true; do
                               XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=$lhs" \
-                              $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
+                              $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=66 \
                                 --templates=decode-overlap --trace_dir="$OUT/trace-order-$lhs" --out="$OUT/step-order-lhs-$lhs.md"
                             done; }
 # Decode attention variants on 33/48/66 SMs beside the gate_up GEMM on the rest: does any overlap pay?
-step_beside-gemm()        { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 --out_dir="$OUT/beside-gemm"; }
+step_beside-gemm()        { $PY lab/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 --out_dir="$OUT/beside-gemm"; }
 # decode-overlap with the beside-attention variants of kernel_bench --beside_gemm.
-step_step-beside()        { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
+step_step-beside()        { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
                               --templates=decode-overlap --beside_attention=programs_per_sm=4 \
                               --beside_attention=prefetch_pages=1,programs_per_sm=4 --out="$OUT/step-beside.md"; }
 # The same pairs under the engine's nanoflow flags (CONCURRENT command buffers, latency-hiding scheduler off):
 # the auto-search's pair profile, which runs under them, saw the two chains one after the other (session 7).
 step_beside-gemm-cb()     { XLA_FLAGS="$($PY -c 'import os; from nanoflow_jax import compat; compat.enable_concurrent_command_buffers(); print(os.environ["XLA_FLAGS"])')" \
-                              $PY launch/kernel_bench.py --beside_gemm --shares=48 --iters=10 --out_dir="$OUT/beside-gemm-cb"; }
+                              $PY lab/kernel_bench.py --beside_gemm --shares=48 --iters=10 --out_dir="$OUT/beside-gemm-cb"; }
 # The same pairs at one GPU's share of LLaMA-2-70B at TP 2, whose auto-search pairs did not overlap (session 7).
-step_beside-gemm-70b()    { $PY launch/kernel_bench.py --beside_gemm --beside_shape=llama-2-70b-tp2 --shares=33,48 --iters=10 \
+step_beside-gemm-70b()    { $PY lab/kernel_bench.py --beside_gemm --beside_shape=llama-2-70b-tp2 --shares=33,48 --iters=10 \
                               --out_dir="$OUT/beside-gemm-70b"; }
 # Session 8: the decode attention with keys as the dots' rows (swap_ab: wgmma from shared memory, no padded
 # query rows on the M side), alone and beside gate_up; and what one SM can read with no math at all.
 step_tests-triton()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "triton"; }
-step_sm-bandwidth()       { $PY launch/sm_bandwidth.py --shares=16,33,48,132 --out="$OUT/sm-bandwidth.md"; }
-step_beside-swap-ab()     { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 --beside_variant=swap_ab=1 \
+step_sm-bandwidth()       { $PY lab/sm_bandwidth.py --shares=16,33,48,132 --out="$OUT/sm-bandwidth.md"; }
+step_beside-swap-ab()     { $PY lab/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 --beside_variant=swap_ab=1 \
                               --beside_variant=programs_per_sm=1 --beside_variant=swap_ab=1,programs_per_sm=1 \
                               --beside_variant=swap_ab=1,num_stages=3 --beside_variant=swap_ab=1,block_n=64,num_stages=4 \
                               --out_dir="$OUT/beside-swap-ab"; }
-step_beside-swap-ab-fp8() { $PY launch/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
+step_beside-swap-ab-fp8() { $PY lab/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
                               --beside_variant=swap_ab=1 --beside_variant=swap_ab=1,programs_per_sm=1 \
                               --beside_variant=swap_ab=1,num_stages=4 --out_dir="$OUT/beside-swap-ab-fp8"; }
 # One CTA per SM on 33 SMs, by pipeline depth, at contexts of 1024 and 8192 (the same bytes): if the short
 # key loop per work item (8 blocks at 1024) is what holds the rate per SM down, 8192 lifts it towards
 # sm-bandwidth's paged figure. At 1000 (7 blocks unmasked + 1 masked, the engine's usual case) mask_all.
 step_decode-context()     { for ctx in 1024 8192; do
-                              $PY launch/kernel_bench.py --beside_gemm --shares=33 --iters=10 --decode_context=$ctx \
+                              $PY lab/kernel_bench.py --beside_gemm --shares=33 --iters=10 --decode_context=$ctx \
                                 --beside_variant=programs_per_sm=1 --beside_variant=programs_per_sm=1,num_stages=3 \
                                 --beside_variant=programs_per_sm=1,block_n=64,num_stages=4 \
                                 --beside_variant=programs_per_sm=1,block_n=64,num_stages=6 \
                                 --beside_variant=programs_per_sm=1,block_n=32,num_stages=8 --out_dir="$OUT/decode-context-$ctx"
                             done
-                            $PY launch/kernel_bench.py --beside_gemm --shares=33 --iters=10 --decode_context=1000 \
+                            $PY lab/kernel_bench.py --beside_gemm --shares=33 --iters=10 --decode_context=1000 \
                               --beside_variant=mask_all=1 --beside_variant=programs_per_sm=1 \
                               --beside_variant=programs_per_sm=1,mask_all=1 --out_dir="$OUT/decode-context-1000"; }
 # Page ids one iteration ahead with 3+ stages: the only form whose K/V loads Triton pipelines into the dots
-# (launch/triton_ir.py: every other configuration drains all copies before each block's math).
-step_beside-pipelined()   { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
+# (lab/triton_ir.py: every other configuration drains all copies before each block's math).
+step_beside-pipelined()   { $PY lab/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
                               --beside_variant=prefetch_pages=1,num_stages=3 --beside_variant=prefetch_pages=1,num_stages=4 \
                               --beside_variant=prefetch_pages=1,num_stages=3,programs_per_sm=1 \
                               --beside_variant=prefetch_pages=1,num_stages=4,programs_per_sm=1 \
                               --beside_variant=prefetch_pages=1,num_stages=6,block_n=64,programs_per_sm=1 \
                               --out_dir="$OUT/beside-pipelined"; }
-step_beside-pipelined-fp8() { $PY launch/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
+step_beside-pipelined-fp8() { $PY lab/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
                               --beside_variant=prefetch_pages=1 --beside_variant=prefetch_pages=1,programs_per_sm=1 \
                               --beside_variant=prefetch_pages=1,num_stages=5,programs_per_sm=1 \
                               --out_dir="$OUT/beside-pipelined-fp8"; }
 # Next (predictions in perf-notes, session 8): the prefill attention with its K/V loads pipelined (page ids
 # one block ahead), and the decode attention pipelined with keys as the dots' rows.
-step_prefill-pipelined()  { $PY launch/kernel_bench.py --sweep_attention --sweep_kinds=prefill --attention_backends=triton \
+step_prefill-pipelined()  { $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=prefill --attention_backends=triton \
                               --sweep_variant=prefetch_pages=1 --sweep_variant=prefetch_pages=1,num_stages=4 \
                               --sweep_variant=prefetch_pages=1,block_n=128 --sweep_variant=prefetch_pages=1,mask_all=1 \
                               --sweep_variant=prefetch_pages=1,num_stages=4,mask_all=1 --out_dir="$OUT/prefill-pipelined"; }
-step_beside-swap-pipelined() { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
+step_beside-swap-pipelined() { $PY lab/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=4,programs_per_sm=1 \
@@ -174,35 +174,35 @@ step_beside-swap-pipelined() { $PY launch/kernel_bench.py --beside_gemm --shares
                               --beside_variant=prefetch_pages=1,num_stages=3,programs_per_sm=1,num_warps=8 \
                               --beside_variant=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1,num_warps=8 \
                               --out_dir="$OUT/beside-swap-pipelined"; }
-# Key groups: a softmax state per warp's keys (4 barriers per block instead of 10, launch/triton_ir.py --ptx).
-step_beside-key-groups()  { $PY launch/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
+# Key groups: a softmax state per warp's keys (4 barriers per block instead of 10, lab/triton_ir.py --ptx).
+step_beside-key-groups()  { $PY lab/kernel_bench.py --beside_gemm --shares=33,48 --iters=10 \
                               --beside_variant=key_groups=4,num_stages=3,programs_per_sm=1 \
                               --beside_variant=key_groups=8,num_warps=8,num_stages=3,programs_per_sm=1 \
                               --beside_variant=key_groups=4,num_stages=4,programs_per_sm=1 \
                               --beside_variant=key_groups=4,num_stages=3,block_n=64 \
                               --out_dir="$OUT/beside-key-groups"; }
-step_beside-key-groups-fp8() { $PY launch/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
+step_beside-key-groups-fp8() { $PY lab/kernel_bench.py --beside_gemm --attention_kv_dtype=fp8 --shares=33,48 --iters=10 \
                               --beside_variant=key_groups=4,programs_per_sm=1 \
                               --beside_variant=key_groups=8,num_warps=8,programs_per_sm=1 \
                               --out_dir="$OUT/beside-key-groups-fp8"; }
 # The decode-overlap step with the pipelined attention variants beside the GEMMs (after beside-swap-pipelined).
-step_step-beside-pipelined() { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
+step_step-beside-pipelined() { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48 \
                               --templates=decode-overlap --beside_attention=prefetch_pages=1,num_stages=3,programs_per_sm=1 \
                               --beside_attention=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
                               --beside_attention=key_groups=4,num_stages=3,programs_per_sm=1 \
                               --out="$OUT/step-beside-pipelined.md"; }
 # Session 9: the SM clock and board power while gate_up and the decode attention run alone and together
-# (launch/clock_probe.py): does the pair slow down because the board reaches its power limit?
-step_clock-probe()        { for s in 33 66; do $PY launch/clock_probe.py --share=$s --out="$OUT/clock-probe-$s.md"; done; }
-step_clock-probe-33()     { $PY launch/clock_probe.py --share=33 --out="$OUT/clock-probe-33.md"; }
+# (lab/clock_probe.py): does the pair slow down because the board reaches its power limit?
+step_clock-probe()        { for s in 33 66; do $PY lab/clock_probe.py --share=$s --out="$OUT/clock-probe-$s.md"; done; }
+step_clock-probe-33()     { $PY lab/clock_probe.py --share=33 --out="$OUT/clock-probe-33.md"; }
 # Session 10: is the 66 + 66 pair's missing overlap the attention's CTA placement (132 CTAs over every SM)?
 # One CTA per SM of the share leaves the GEMM's SMs free.
-step_clock-probe-66-pps1() { $PY launch/clock_probe.py --share=66 --attention_variant=programs_per_sm=1 \
+step_clock-probe-66-pps1() { $PY lab/clock_probe.py --share=66 --attention_variant=programs_per_sm=1 \
                               --out="$OUT/clock-probe-66-pps1.md"; }
 # The whole step's mean power against the board's limit: the most any schedule of its work can gain.
-step_clock-probe-step()   { $PY launch/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 \
+step_clock-probe-step()   { $PY lab/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 \
                               --out="$OUT/clock-probe-step.md"; }
-step_clock-probe-step-fp8() { $PY launch/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 --kv_cache_dtype=fp8 \
+step_clock-probe-step-fp8() { $PY lab/clock_probe.py --share=33 --step --nokernel_phases --seconds=6 --kv_cache_dtype=fp8 \
                               --out="$OUT/clock-probe-step-fp8.md"; }
 # The synthetic chat workloads with enough requests for a steady state: with 1000 short requests most steps
 # were the tail (60 of 1606 full, session 9); 2048 sequences can fill a 2048-token step with decodes.
@@ -220,28 +220,28 @@ step_bench-512-512-both()   { bench bench-512-512-both 512-512 600 --kv_cache_dt
 step_bench-512-1024-both()  { bench bench-512-1024-both 512-1024 400 --kv_cache_dtype=fp8 --mode=nanoflow --compare=sequential; }
 step_bench-lmsys-8k()     { bench bench-lmsys-8k lmsys 8000 --max_num_seqs=2048; }
 step_bench-sharegpt-5k()  { bench bench-sharegpt-5k sharegpt 5000 --max_num_seqs=2048; }
-step_stacked-gemm()       { $PY launch/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
+step_stacked-gemm()       { $PY lab/kernel_bench.py --stacked_gemm --shares=132,66 --out_dir="$OUT/stacked-gemm"; }
 # decode-overlap with the prefill rows' down beside the decode attention or after it on the whole GPU.
-step_step-down-whole()    { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \
+step_step-down-whole()    { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=48,66 \
                               --templates=decode-overlap,decode-overlap-o+gate_up --out="$OUT/step-down-whole.md"; }
-step_grouped-gemm()       { $PY launch/kernel_bench.py --grouped_gemm --out_dir="$OUT/grouped-gemm"; }
-step_fused-kernels()      { $PY launch/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
-step_tune-small-m()        { $PY launch/kernel_bench.py --tune_gemm --tune_shapes=8b-small --out_dir="$OUT/tune-small-m"; }
+step_grouped-gemm()       { $PY lab/kernel_bench.py --grouped_gemm --out_dir="$OUT/grouped-gemm"; }
+step_fused-kernels()      { $PY lab/kernel_bench.py --rope_append --rms_norm --out_dir="$OUT/fused-kernels"; }
+step_tune-small-m()        { $PY lab/kernel_bench.py --tune_gemm --tune_shapes=8b-small --out_dir="$OUT/tune-small-m"; }
 # Stage 1 on one GPU's shard of LLaMA-2-70B and the all-reduces across 4 (or 2) GPUs, then the search.
 # Session 11: gate_up with the SiLU-and-multiply fused into the GEMM's epilogue (#5), and jax's Hopper
 # attention kernel as a ceiling for prefill attention on the same tokens.
 step_tests-silu-mul()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu_mul"; }
-step_silu-mul()           { $PY launch/kernel_bench.py --silu_mul --shares=132,96,66 --out_dir="$OUT/silu-mul"; }
-step_prefill-ceiling()    { $PY launch/kernel_bench.py --prefill_ceiling --out_dir="$OUT/prefill-ceiling"; }
+step_silu-mul()           { $PY lab/kernel_bench.py --silu_mul --shares=132,96,66 --out_dir="$OUT/silu-mul"; }
+step_prefill-ceiling()    { $PY lab/kernel_bench.py --prefill_ceiling --out_dir="$OUT/prefill-ceiling"; }
 step_tests-prefill-mgpu() { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "prefill_attention_mgpu"; }
 # Prefill attention on the Mosaic GPU kernel (the engine's on bf16 caches) against the Triton one, in the mix
 # step and in a 4096-token step that is nearly all one fresh prompt.
-step_step-prefill()       { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=auto \
+step_step-prefill()       { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=auto \
                               --triton_prefill --nanoflow=false --out="$OUT/step-prefill.md" && \
-                            $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=auto \
+                            $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=auto \
                               --decodes=8 --context=512 --prefill=4088 --triton_prefill --nanoflow=false \
                               --out="$OUT/step-prefill-4k.md"; }
-step_step-fused()         { $PY launch/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,mosaic_fused \
+step_step-fused()         { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic,mosaic_fused \
                               --kv_cache_dtypes=fp8 --nanoflow=false --out="$OUT/step-fused.md"; }
 step_autosearch-tp4()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=4 --out_dir="$OUT/autosearch-tp4"; }
 step_autosearch-tp2()     { $PY launch/autosearch.py --model=llama-2-70b --device_kind=h200 --tp=2 --out_dir="$OUT/autosearch-tp2"; }

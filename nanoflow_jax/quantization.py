@@ -1,0 +1,113 @@
+"""FP8 (e4m3) weights and activations: W8A8 with a scale per output channel for the weights and a scale per
+token (dynamic) or per tensor (static, from the checkpoint) for the activations.
+
+Why: on an H200 the bf16 step already runs at the board's power limit, and an fp8 GEMM does 1.86-1.94x the
+bf16 work at the same power (docs/performance.md). The GEMM must see fp8 operands: XLA rewrites
+`dot_general(a8, w8)` to cuBLASLt's fp8 matmul, but not the "dequantize, then dot" pattern (measured on
+jax 0.11.2: that one runs in bf16, 0.61-0.95x of bf16). So both operands reach the dot as e4m3 and the scales
+multiply its output: y[m, n] = (a8 @ w8)[m, n] * s_a[m] * s_w[n].
+
+A quantized weight is two parameters: `name` (float8_e4m3fn, the weight's own shape) and `name_scale`
+(float32, the weight's shape with its contracted dims set to 1: one scale per output channel). A static
+activation scale is `name_input_scale` (float32 scalar). Which weights: the dense layers' qkv, o, gate_up and
+down (QUANTIZED, with how many leading dims each contracts); the embedding, the LM head, norms, the MoE
+router and experts stay in the model's dtype (as vLLM keeps lm_head; the experts' grouped GEMM has no fp8
+path yet).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0                 # the largest finite e4m3fn
+MIN_SCALE = 1e-12               # an all-zero row or channel still gets a usable scale
+SCHEMES = ("fp8",)
+QUANTIZED = {"qkv": 1, "o": 2, "gate_up": 1, "down": 1}   # weight -> leading (contracted) dims
+
+
+def scale_name(name: str) -> str:
+  return name + "_scale"
+
+
+def input_scale_name(name: str) -> str:
+  return name + "_input_scale"
+
+
+def scale_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The per-output-channel scale's shape for weight `name` of `shape` (its contracted dims set to 1)."""
+  nk = QUANTIZED[name]
+  return (1,) * nk + tuple(shape[nk:])
+
+
+def quantize_weight(w: jax.Array, contracted: int) -> tuple[jax.Array, jax.Array]:
+  """w [..contracted.., ..out..] -> (e4m3 weight, float32 scale per output channel): each channel's amax
+  over the `contracted` leading dims mapped to FP8_MAX."""
+  wf = w.astype(jnp.float32)
+  axes = tuple(range(contracted))
+  scale = jnp.maximum(jnp.max(jnp.abs(wf), axis=axes, keepdims=True), MIN_SCALE) / FP8_MAX
+  return (wf / scale).astype(FP8), scale
+
+
+def quantize_stacked(layers: dict) -> dict:
+  """The stacked layer params [L, ...] with every QUANTIZED weight in fp8 and its scale beside it; each
+  bf16 weight is dropped as soon as its fp8 copy exists (peak memory: one weight kind twice)."""
+  out = dict(layers)
+  for name, nk in QUANTIZED.items():
+    if name not in out or out[name].dtype == FP8:
+      continue
+    w = out.pop(name)
+    fn = jax.jit(lambda w: jax.vmap(lambda x: quantize_weight(x, nk))(w), out_shardings=None)
+    w8, scale = fn(w)
+    if hasattr(w, "sharding"):   # keep the weight's placement (TP); its scale follows the output dims
+      w8 = jax.device_put(w8, w.sharding)
+    del w
+    out[name], out[scale_name(name)] = w8, scale
+  return out
+
+
+def is_quantized(layers: dict) -> bool:
+  return any(scale_name(n) in layers for n in QUANTIZED)
+
+
+def quantize_activation(x: jax.Array, input_scale: jax.Array | None = None,
+                        scale_ub: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]): per token (row) from its amax, clamped to `scale_ub`
+  (fbgemm's activation_scale_ub) where given; or the checkpoint's static per-tensor `input_scale`."""
+  xf = x.astype(jnp.float32)
+  if input_scale is not None:
+    scale = jnp.broadcast_to(jnp.reshape(input_scale, (1, 1)).astype(jnp.float32), (x.shape[0], 1))
+  else:
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    if scale_ub is not None:
+      amax = jnp.minimum(amax, scale_ub)
+    scale = jnp.maximum(amax, MIN_SCALE) / FP8_MAX
+  return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+
+
+def fp8_matmul(a: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype, input_scale=None, scale_ub=None):
+  """a [M, K] (model dtype) times an e4m3 weight [K, N] with its scale [N]: the fp8 GEMM (both operands
+  e4m3), the scales applied to its output, the result in out_dtype."""
+  a8, a_scale = quantize_activation(a, input_scale, scale_ub)
+  # On the GPU cuBLASLt's fp8 GEMM writes bf16 (the measured 1.86-1.94x); elsewhere accumulate in f32.
+  acc = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  y = jax.lax.dot_general(a8, w8, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+  return (y.astype(jnp.float32) * a_scale * w_scale.reshape(1, -1)).astype(out_dtype)
+
+
+def fp8_matmul_reference(a: np.ndarray, w8: np.ndarray, w_scale: np.ndarray, input_scale=None,
+                         scale_ub=None) -> np.ndarray:
+  """fp8_matmul in numpy (float64 products of the e4m3 values): the tests' reference."""
+  import ml_dtypes
+  a = np.asarray(a, np.float32)
+  if input_scale is not None:
+    s = np.full((a.shape[0], 1), float(np.asarray(input_scale).reshape(())), np.float32)
+  else:
+    amax = np.abs(a).max(axis=-1, keepdims=True)
+    if scale_ub is not None:
+      amax = np.minimum(amax, scale_ub)
+    s = np.maximum(amax, MIN_SCALE) / FP8_MAX
+  a8 = np.clip(a / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  w = np.asarray(w8).astype(np.float64)
+  return (a8 @ w) * s * np.asarray(w_scale, np.float64).reshape(1, -1)
