@@ -31,6 +31,14 @@ step_tests-engine()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
 step_tests-tp()           { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_tp_gpu.py; }
 step_bench-1024-512()     { bench bench-1024-512 1024-512 1000; }
 step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dtype=fp8; }
+# Issue 26: fp8 weights and activations (W8A8) against bf16 weights, fp8 KV cache in both, power sampled.
+step_tests-fp8()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_fp8_gpu.py; }
+step_fp8-gemm()           { $PY lab/fp8_gemm.py --rows=2048,512,128 --out="$OUT/fp8-gemm.md"; }
+step_bench-1024-512-w8()  { bench bench-1024-512-w8 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
+step_bench-1024-512-w16() { bench bench-1024-512-w16 1024-512 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }
+step_bench-1000-1000-w8() { bench bench-1000-1000-w8 1000-1000 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
+step_bench-1000-1000-w16() { bench bench-1000-1000-w16 1000-1000 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }
+step_bench-1000-1000-w8-3k() { bench bench-1000-1000-w8-3k 1000-1000 3000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
 step_bench-1024-512-fp8-d4096() { bench bench-1024-512-fp8-d4096 1024-512 1000 --kv_cache_dtype=fp8 --dense_batch=4096; }
 step_bench-splitwise()    { bench bench-splitwise splitwise 1000; }
 step_bench-splitwise-fp8(){ bench bench-splitwise-fp8 splitwise 1000 --kv_cache_dtype=fp8; }

@@ -108,6 +108,7 @@ def run_offline(engine, requests, peak: float, peak_random: float) -> dict:
 
 
 IDLE_S = 3.0   # the idle readings taken before a sampled run
+PEAK_FP8: list = []   # the fp8 GEMM peak, measured once in main() for --quantization=fp8
 
 
 def _run_offline(engine, requests, peak: float, peak_random: float) -> dict:
@@ -152,6 +153,9 @@ def _run_offline(engine, requests, peak: float, peak_random: float) -> dict:
       "percent_of_optimal": 100 * (n_in + n_out) / wall / optimal / engine.num_devices,
       # the same against the peak on weight-like data, which the board's power limit holds lower (perf-notes)
       "gemm_peak_random_tflops": peak_random,
+      # fp8 weights: the same optimum against the fp8 GEMM's peak (ones) measured in this run
+      **({"gemm_peak_fp8_tflops": PEAK_FP8[0], "percent_of_optimal_fp8_peak": 100 * (n_in + n_out) / wall /
+          engine.num_devices / (PEAK_FP8[0] * 1e12 / (2 * cfg.num_params()))} if PEAK_FP8 else {}),
       "percent_of_optimal_random_peak": 100 * (n_in + n_out) / wall / engine.num_devices / (
           peak_random * 1e12 / (2 * cfg.num_params())),
       "steps": steps, "mean_step_ms": 1e3 * wall / max(steps, 1),
@@ -334,6 +338,9 @@ def main(argv):
   modes = [FLAGS.mode] + ([FLAGS.compare] if FLAGS.compare and FLAGS.compare != FLAGS.mode else [])
   peak = gemm_peak_tflops()
   peak_random = gemm_peak_tflops(data="random")   # the same GEMM on weight-like data: below, by the power limit
+  if FLAGS.quantization == "fp8":
+    PEAK_FP8.append(gemm_peak_tflops(dtype="fp8"))
+    print(f"fp8 GEMM peak in this run: {PEAK_FP8[0]:.0f} TFLOP/s (bf16: {peak:.0f})")
   results, model = {}, None
   for mode in modes:
     engine = build_engine(FLAGS.model, mode=mode, model_obj=model, **engine_flags.engine_kwargs())

@@ -10,7 +10,8 @@ import numpy as np
 SPLITWISE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads", "azure_llm_conv_2023.csv")
 # mean (sd) of input and output tokens, from the paper
 SYNTHETIC = {"lmsys": ((102, 169), (222, 210)), "sharegpt": ((246, 547), (322, 244))}
-CONSTANT = {"512-512": (512, 512), "1024-512": (1024, 512), "512-1024": (512, 1024)}
+CONSTANT = {"512-512": (512, 512), "1024-512": (1024, 512), "512-1024": (512, 1024),
+            "1000-1000": (1000, 1000)}   # TensorRT-LLM's published table
 NAMES = [*CONSTANT, "splitwise", *SYNTHETIC]
 
 

@@ -5,7 +5,7 @@ import statistics
 import time
 
 
-def gemm_peak_tflops(samples: int = 5, data: str = "ones") -> float:
+def gemm_peak_tflops(samples: int = 5, data: str = "ones", dtype: str = "bf16") -> float:
   """XLA's bf16 GEMM rate on this device, measured now (8192^3 on a GPU, 1024^3 on a CPU): the best of
   `samples` timings, since a ceiling is the best the device showed (single timings varied by 15% with
   the clocks). `data`: "ones" (the figure every run has reported) or "random" (normal values, like
@@ -18,7 +18,11 @@ def gemm_peak_tflops(samples: int = 5, data: str = "ones") -> float:
   n = 8192 if jax.default_backend() == "gpu" else 1024
   a = (jnp.ones((n, n), jnp.bfloat16) if data == "ones"
        else jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16))
-  f = jax.jit(lambda a: a @ a)
+  if dtype == "fp8":   # XLA's direct e4m3 dot (cuBLASLt's fp8 GEMM on the GPU), bf16 out: the fp8 ceiling
+    a = a.astype(jnp.float8_e4m3fn)
+    f = jax.jit(lambda a: jax.lax.dot_general(a, a, (((1,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16))
+  else:
+    f = jax.jit(lambda a: a @ a)
   jax.block_until_ready(f(a))
   reps = 20 if n == 8192 else 3
   best = float("inf")
