@@ -147,8 +147,10 @@ def iter_hf_params(hf_dir: str, cfg: ModelConfig, dtype) -> Iterator[tuple[tuple
   for path, sources, build in layout:
     arrays = [where[n].get(n) for n, _ in sources]
     out = np.asarray(build(*arrays))
-    if fp8 and path[-1] in quantization.QUANTIZED:
-      yield path, out                            # the checkpoint's e4m3 values, as they are
+    if fp8 and path[-1] in quantization.QUANTIZED:   # the checkpoint's e4m3 values, as they are, K-major
+      name = path[-1]
+      yield (*path[:-1], quantization.fp8_name(name)), np.ascontiguousarray(
+          quantization.to_fp8_layout(out, quantization.QUANTIZED[name]))
     elif path[-1].endswith("_scale"):
       yield path, out.astype(np.float32)
     else:
@@ -206,13 +208,13 @@ def _fp8_scales_layout(cfg: ModelConfig):
 
   def qkv(qs, ks, vs):
     return np.concatenate([channels(qs, nkv * g * hd).reshape(nkv, g, hd), channels(ks, nkv * hd).reshape(nkv, 1, hd),
-                           channels(vs, nkv * hd).reshape(nkv, 1, hd)], axis=1)[None]
+                           channels(vs, nkv * hd).reshape(nkv, 1, hd)], axis=1)
 
   build = {"qkv": qkv,
-           "o": lambda s: channels(s, cfg.hidden_size).reshape(1, 1, -1),
+           "o": lambda s: channels(s, cfg.hidden_size),
            "gate_up": lambda gs, us: np.stack([channels(gs, cfg.intermediate_size),
-                                               channels(us, cfg.intermediate_size)])[None],
-           "down": lambda s: channels(s, cfg.hidden_size).reshape(1, -1)}
+                                               channels(us, cfg.intermediate_size)]),
+           "down": lambda s: channels(s, cfg.hidden_size)}
   for layer in range(cfg.num_layers):
     for name, linears in _linears(cfg, layer).items():
       yield ((f"layers_{layer}", quantization.scale_name(name)),

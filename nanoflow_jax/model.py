@@ -23,7 +23,7 @@ class Model:
   """
 
   def __init__(self, cfg: ModelConfig, params, dtype, tokenizer: tokenizer_lib.Tokenizer | None = None,
-               stacked: tuple[dict, dict] | None = None):
+               stacked: tuple[dict, dict] | None = None, sharding_fn: checkpoint.ShardingFn | None = None):
     """`params`: the per-layer tree; or `stacked`: (top-level tree, layers stacked) as the loaders build it."""
     if (params is None) == (stacked is None):
       raise ValueError("Model takes either per-layer params or stacked ones")
@@ -33,7 +33,7 @@ class Model:
         raise ValueError("an fp8 model takes its weights stacked")
       top, layers = stacked
       if not quantization.is_quantized(layers):
-        stacked = (top, quantization.quantize_stacked(layers))
+        stacked = (top, quantization.quantize_stacked(layers, sharding_fn))
     self._params = params
     self._stacked = stacked
     self.dtype = jnp.dtype(dtype)
@@ -119,13 +119,16 @@ def _load(path_or_name, cfg, plain, dtype, random_weights, seed, sharding_fn, pr
     tok = tokenizer_lib.tiny_tokenizer()
     if path_or_name != "tiny":
       log.info("%s: random weights with the built-in byte-level tokenizer", path_or_name)
-    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(plain, dtype, seed, sharding_fn, stacked=True))
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(plain, dtype, seed, sharding_fn, stacked=True),
+                 sharding_fn=sharding_fn)
   tok = tokenizer_lib.load_tokenizer(path_or_name)
   # Every loader gives the layer stack the runtime scans over, built without a per-layer copy of the
   # weights beside it (layer_stack.py says why that matters for the KV cache).
   if random_weights:
-    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(plain, dtype, seed, sharding_fn, stacked=True))
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.random_params(plain, dtype, seed, sharding_fn, stacked=True),
+                 sharding_fn=sharding_fn)
   if checkpoint.is_converted(path_or_name):
-    return Model(cfg, None, dtype, tok, stacked=checkpoint.load_orbax_params(path_or_name, plain, dtype, sharding_fn))
-  return Model(cfg, None, dtype, tok,
-               stacked=checkpoint.load_hf_params(path_or_name, plain, dtype, sharding_fn, progress))
+    return Model(cfg, None, dtype, tok, stacked=checkpoint.load_orbax_params(path_or_name, plain, dtype, sharding_fn),
+                 sharding_fn=sharding_fn)
+  return Model(cfg, None, dtype, tok, stacked=checkpoint.load_hf_params(path_or_name, plain, dtype, sharding_fn,
+                                                                         progress), sharding_fn=sharding_fn)

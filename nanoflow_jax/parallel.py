@@ -43,13 +43,17 @@ def param_spec(cfg: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...], 
       "experts_gate_up": P(None, None, None, AXIS) if div(cfg.intermediate_size) else P(),
       "experts_down": P(None, AXIS, None) if div(cfg.intermediate_size) else P(),
   }
-  if name.endswith("_input_scale"):
-    return P()
-  if name.endswith("_scale") and name[:-len("_scale")] in rules:
-    # one scale per output channel (the weight's shape with its contracted dims 1): split as the outputs are
-    w = rules[name[:-len("_scale")]]
-    return P(*[None if shape[d] == 1 else (w[d] if d < len(w) else None) for d in range(len(shape))])
-  return rules.get(name, P())
+  # fp8 weights [*out, K] (quantization.py) and their scales [*out]: split as the bf16 weight's outputs are,
+  # or (row-parallel o and down) along K, whose leading contracted dim the bf16 weight splits
+  fp8 = {
+      "qkv_fp8": P(AXIS, None, None, None) if heads_split else P(),
+      "qkv_fp8_scale": P(AXIS, None, None) if heads_split else P(),
+      "o_fp8": P(None, AXIS) if heads_split else P(),
+      "gate_up_fp8": P(None, AXIS, None) if div(cfg.intermediate_size) else P(),
+      "gate_up_fp8_scale": P(None, AXIS) if div(cfg.intermediate_size) else P(),
+      "down_fp8": P(None, AXIS) if div(cfg.intermediate_size) else P(),
+  }
+  return fp8.get(name) or rules.get(name, P())
 
 
 def manual_tp_supported(cfg: ModelConfig, tp: int) -> bool:

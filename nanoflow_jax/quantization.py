@@ -7,14 +7,17 @@ bf16 work at the same power (docs/performance.md). The GEMM must see fp8 operand
 jax 0.11.2: that one runs in bf16, 0.61-0.95x of bf16). So both operands reach the dot as e4m3 and the scales
 multiply its output: y[m, n] = (a8 @ w8)[m, n] * s_a[m] * s_w[n].
 
-A quantized weight is two parameters: `name` (float8_e4m3fn, the weight's own shape) and `name_scale`
-(float32, the weight's shape with its contracted dims set to 1: one scale per output channel). A static
-activation scale is `name_input_scale` (float32 scalar). Which weights: the dense layers' qkv, o, gate_up and
-down (QUANTIZED, with how many leading dims each contracts); the embedding, the LM head, norms, the MoE
-router and experts stay in the model's dtype (as vLLM keeps lm_head; the experts' grouped GEMM has no fp8
-path yet).
+A quantized weight is two parameters: `name_fp8` (float8_e4m3fn, laid out [*out dims, K]: the contracted
+dims moved last and flattened, as cuBLASLt's fp8 GEMM wants its B operand, K-major; with the weight [K, N]
+XLA transposes it on every call and the "fp8" GEMM ran at 0.35-0.71x of bf16, measured) and `name_fp8_scale`
+(float32 [*out dims]: one scale per output channel). A static activation scale is `name_fp8_input_scale`
+(float32 scalar). Which weights: the dense layers' qkv, o, gate_up and down (QUANTIZED, with how many leading
+dims each contracts); the embedding, the LM head, norms, the MoE router and experts stay in the model's dtype
+(as vLLM keeps lm_head; the experts' grouped GEMM has no fp8 path yet).
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,48 +30,72 @@ SCHEMES = ("fp8",)
 QUANTIZED = {"qkv": 1, "o": 2, "gate_up": 1, "down": 1}   # weight -> leading (contracted) dims
 
 
+def fp8_name(name: str) -> str:
+  return name + "_fp8"
+
+
 def scale_name(name: str) -> str:
-  return name + "_scale"
+  return name + "_fp8_scale"
 
 
 def input_scale_name(name: str) -> str:
-  return name + "_input_scale"
+  return name + "_fp8_input_scale"
+
+
+def fp8_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The e4m3 weight's shape for weight `name` of (bf16) `shape`: [*out dims, K]."""
+  nk = QUANTIZED[name]
+  return (*shape[nk:], math.prod(shape[:nk]))
 
 
 def scale_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The per-output-channel scale's shape for weight `name` of `shape` (its contracted dims set to 1)."""
-  nk = QUANTIZED[name]
-  return (1,) * nk + tuple(shape[nk:])
+  """The per-output-channel scale's shape for weight `name` of (bf16) `shape`."""
+  return tuple(shape[QUANTIZED[name]:])
+
+
+def to_fp8_layout(w, contracted: int):
+  """w [..contracted.., ..out..] (jnp or numpy) -> [*out, K]: contracted dims last, flattened."""
+  nd = w.ndim
+  w = w.transpose(*range(contracted, nd), *range(contracted))
+  return w.reshape(*w.shape[:nd - contracted], -1)
 
 
 def quantize_weight(w: jax.Array, contracted: int) -> tuple[jax.Array, jax.Array]:
-  """w [..contracted.., ..out..] -> (e4m3 weight, float32 scale per output channel): each channel's amax
-  over the `contracted` leading dims mapped to FP8_MAX."""
-  wf = w.astype(jnp.float32)
-  axes = tuple(range(contracted))
-  scale = jnp.maximum(jnp.max(jnp.abs(wf), axis=axes, keepdims=True), MIN_SCALE) / FP8_MAX
-  return (wf / scale).astype(FP8), scale
+  """w [..contracted.., ..out..] -> (e4m3 weight [*out, K], float32 scale [*out]): each output channel's
+  amax mapped to FP8_MAX."""
+  wf = to_fp8_layout(w.astype(jnp.float32), contracted)
+  scale = jnp.maximum(jnp.max(jnp.abs(wf), axis=-1, keepdims=True), MIN_SCALE) / FP8_MAX
+  return (wf / scale).astype(FP8), scale[..., 0]
 
 
-def quantize_stacked(layers: dict) -> dict:
-  """The stacked layer params [L, ...] with every QUANTIZED weight in fp8 and its scale beside it; each
-  bf16 weight is dropped as soon as its fp8 copy exists (peak memory: one weight kind twice)."""
+def quantize_stacked(layers: dict, sharding_fn=None) -> dict:
+  """The stacked layer params [L, ...] with every QUANTIZED weight as `name_fp8` and its scale beside it;
+  each bf16 weight is dropped as soon as its fp8 copy exists (peak memory: one weight kind twice).
+  `sharding_fn(path, shape)` places the new arrays (TP); default: where XLA puts them."""
   out = dict(layers)
   for name, nk in QUANTIZED.items():
-    if name not in out or out[name].dtype == FP8:
+    if name not in out:
       continue
     w = out.pop(name)
-    fn = jax.jit(lambda w: jax.vmap(lambda x: quantize_weight(x, nk))(w), out_shardings=None)
+    shardings = None
+    if sharding_fn is not None:
+      shardings = tuple(layer_stack_sharding(sharding_fn(("layers_0", n), shape))
+                        for n, shape in ((fp8_name(name), fp8_shape(name, w.shape[1:])),
+                                         (scale_name(name), scale_shape(name, w.shape[1:]))))
+    fn = jax.jit(lambda w: jax.vmap(lambda x: quantize_weight(x, nk))(w), out_shardings=shardings)
     w8, scale = fn(w)
-    if hasattr(w, "sharding"):   # keep the weight's placement (TP); its scale follows the output dims
-      w8 = jax.device_put(w8, w.sharding)
     del w
-    out[name], out[scale_name(name)] = w8, scale
+    out[fp8_name(name)], out[scale_name(name)] = w8, scale
   return out
 
 
+def layer_stack_sharding(s):
+  from nanoflow_jax import layer_stack
+  return layer_stack.stacked_sharding(s)
+
+
 def is_quantized(layers: dict) -> bool:
-  return any(scale_name(n) in layers for n in QUANTIZED)
+  return any(fp8_name(n) in layers for n in QUANTIZED)
 
 
 def quantize_activation(x: jax.Array, input_scale: jax.Array | None = None,
@@ -87,12 +114,12 @@ def quantize_activation(x: jax.Array, input_scale: jax.Array | None = None,
 
 
 def fp8_matmul(a: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype, input_scale=None, scale_ub=None):
-  """a [M, K] (model dtype) times an e4m3 weight [K, N] with its scale [N]: the fp8 GEMM (both operands
-  e4m3), the scales applied to its output, the result in out_dtype."""
+  """a [M, K] (model dtype) times an e4m3 weight [N, K] (K-major) with its scale [N]: the fp8 GEMM (both
+  operands e4m3), the scales applied to its output, the result in out_dtype."""
   a8, a_scale = quantize_activation(a, input_scale, scale_ub)
   # On the GPU cuBLASLt's fp8 GEMM writes bf16 (the measured 1.86-1.94x); elsewhere accumulate in f32.
   acc = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-  y = jax.lax.dot_general(a8, w8, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+  y = jax.lax.dot_general(a8, w8, (((1,), (1,)), ((), ())), preferred_element_type=acc)
   return (y.astype(jnp.float32) * a_scale * w_scale.reshape(1, -1)).astype(out_dtype)
 
 
@@ -109,5 +136,5 @@ def fp8_matmul_reference(a: np.ndarray, w8: np.ndarray, w_scale: np.ndarray, inp
       amax = np.minimum(amax, scale_ub)
     s = np.maximum(amax, MIN_SCALE) / FP8_MAX
   a8 = np.clip(a / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
-  w = np.asarray(w8).astype(np.float64)
-  return (a8 @ w) * s * np.asarray(w_scale, np.float64).reshape(1, -1)
+  w = np.asarray(w8).astype(np.float64)   # [N, K]
+  return (a8 @ w.T) * s * np.asarray(w_scale, np.float64).reshape(1, -1)

@@ -35,15 +35,21 @@ def test_fp8_matmul_matches_numpy(mode):
 
 
 def test_quantize_weight_per_output_channel():
+  """[K, *out] -> e4m3 [*out, K] (K-major, what cuBLASLt's fp8 GEMM takes) and a scale per output channel."""
   import jax.numpy as jnp
   rng = np.random.default_rng(1)
   w = rng.normal(size=(64, 3, 40)).astype(np.float32) * rng.uniform(0.01, 3, size=(1, 3, 40)).astype(np.float32)
   w8, scale = Q.quantize_weight(jnp.asarray(w), 1)
-  assert w8.dtype == jnp.float8_e4m3fn and scale.shape == (1, 3, 40)
-  np.testing.assert_allclose(np.asarray(scale), np.abs(w).max(axis=0, keepdims=True) / 448, rtol=1e-6)
-  back = np.asarray(w8).astype(np.float32) * np.asarray(scale)
-  assert np.abs(np.asarray(w8).astype(np.float32)).max(axis=0).min() == 448   # each channel's max hits the top
-  assert np.max(np.abs(back - w) / np.abs(w).max(axis=0, keepdims=True)) <= 2 ** -4 + 1e-6   # half an ulp
+  assert w8.dtype == jnp.float8_e4m3fn and w8.shape == (3, 40, 64) and scale.shape == (3, 40)
+  np.testing.assert_allclose(np.asarray(scale), np.abs(w).max(axis=0) / 448, rtol=1e-6)
+  back = np.asarray(w8).astype(np.float32) * np.asarray(scale)[..., None]
+  wt = w.transpose(1, 2, 0)
+  assert np.abs(np.asarray(w8).astype(np.float32)).max(axis=-1).min() == 448   # each channel's max hits the top
+  assert np.max(np.abs(back - wt) / np.abs(wt).max(axis=-1, keepdims=True)) <= 2 ** -4 + 1e-6   # half an ulp
+  o = rng.normal(size=(4, 8, 16)).astype(np.float32)       # o: two contracted dims [heads, hd, hidden]
+  o8, os_ = Q.quantize_weight(jnp.asarray(o), 2)
+  assert o8.shape == (16, 32) and os_.shape == (16,)
+  np.testing.assert_array_equal(np.asarray(Q.to_fp8_layout(o, 2)), o.reshape(32, 16).T)
 
 
 # --- the model against its unquantized self ----------------------------------------------------------------
@@ -75,7 +81,8 @@ def test_fp8_model_logits_kl_and_greedy_against_fp32(hf_llama):
   < 0.02 nats, and every greedy token within 0.05 of the fp32 model's best logit (near ties allowed)."""
   ref = nanoflow_jax.load_model(hf_llama, dtype="float32")
   q = nanoflow_jax.load_model(hf_llama, dtype="float32", quantization="fp8")
-  assert q.params["layers_0"]["qkv"].dtype == np.dtype(F8) and "qkv_scale" in q.params["layers_0"]
+  assert q.params["layers_0"]["qkv_fp8"].dtype == np.dtype(F8) and "qkv_fp8_scale" in q.params["layers_0"]
+  assert "qkv" not in q.params["layers_0"]   # one copy of the weights: the bf16 one is gone
   a, b = _logits(ref, PROMPTS), _logits(q, PROMPTS)
   rel = np.linalg.norm(a - b) / np.linalg.norm(a)
   kl = _kl(a, b)
@@ -178,11 +185,11 @@ def _load(path: str) -> dict:
 def _weights_of(model, cfg):
   """Our fp8 model's dequantized q_proj / gate_proj weights of layer 0, in HF's [out, in] layout."""
   p = model.params["layers_0"]
-  qkv = np.asarray(p["qkv"]).astype(np.float32) * np.asarray(p["qkv_scale"])
+  qkv = np.asarray(p["qkv_fp8"]).astype(np.float32) * np.asarray(p["qkv_fp8_scale"])[..., None]  # [kv, g+2, hd, H]
   g = cfg.q_per_kv
-  q = qkv[:, :, :g, :].reshape(cfg.hidden_size, -1).T
-  gu = np.asarray(p["gate_up"]).astype(np.float32) * np.asarray(p["gate_up_scale"])
-  return q, gu[:, 0, :].T
+  q = qkv[:, :g].reshape(-1, cfg.hidden_size)
+  gu = np.asarray(p["gate_up_fp8"]).astype(np.float32) * np.asarray(p["gate_up_fp8_scale"])[..., None]
+  return q, gu[0]
 
 
 @pytest.mark.parametrize("fmt,strategy,static", [("compressed-tensors", "tensor", True),
@@ -199,7 +206,7 @@ def test_published_fp8_checkpoints_load_exactly(hf_llama, tmp_path, fmt, strateg
   np.testing.assert_array_equal(q, deq["model.layers.0.self_attn.q_proj.weight"])     # the e4m3 values as stored
   np.testing.assert_array_equal(gate, deq["model.layers.0.mlp.gate_proj.weight"])
   if static:   # one input scale per fused GEMM: the largest of its linears'
-    assert float(m.params["layers_0"]["qkv_input_scale"]) == pytest.approx(0.07)   # v_proj's
+    assert float(m.params["layers_0"]["qkv_fp8_input_scale"]) == pytest.approx(0.07)   # v_proj's
   # against the dequantized weights in fp32 (no activation quantization): the error fp8 activations add
   ref = nanoflow_jax.load_model(hf_llama, dtype="float32")
   a, b = _logits(ref, PROMPTS), _logits(m, PROMPTS)

@@ -105,13 +105,15 @@ class Fp8(NamedTuple):
 
 
 def _fp8_linear(x, w8, spec, residual, fp8: Fp8):
+  """w8 is [*out dims, K] (quantization.py's layout)."""
   lhs, rest = spec.split(",")
   _, out_spec = rest.split("->")
   nk = len(set(lhs.replace("...", "")) - set(out_spec))
   k = math.prod(x.shape[x.ndim - nk:])
-  y = quantization.fp8_matmul(x.reshape(-1, k), w8.reshape(k, -1), fp8.scale, x.dtype, fp8.input_scale,
-                              fp8.scale_ub)
-  y = y.reshape(*x.shape[:x.ndim - nk], *w8.shape[nk:])
+  out_dims = w8.shape[:-1]
+  y = quantization.fp8_matmul(x.reshape(-1, k), w8.reshape(-1, k), fp8.scale.reshape(-1), x.dtype,
+                              fp8.input_scale, fp8.scale_ub)
+  y = y.reshape(*x.shape[:x.ndim - nk], *out_dims)
   return y if residual is None else y + residual
 
 

@@ -41,10 +41,11 @@ class DecoderLayer(nn.Module):
     c, p = self.cfg, self.dtype
     g = c.q_per_kv
     self.input_norm = self.param("input_norm", nn.initializers.ones, (c.hidden_size,), p)
-    self.qkv_w = self.param("qkv", _normal(), (c.hidden_size, c.num_kv_heads, g + 2, c.head_dim), p)
+    fp8 = {}
+    self.qkv_w = self._dense("qkv", (c.hidden_size, c.num_kv_heads, g + 2, c.head_dim), fp8)
     if c.qkv_bias:
       self.qkv_b = self.param("qkv_bias", nn.initializers.zeros, (c.num_kv_heads, g + 2, c.head_dim), p)
-    self.o_w = self.param("o", _normal(), (c.num_heads, c.head_dim, c.hidden_size), p)
+    self.o_w = self._dense("o", (c.num_heads, c.head_dim, c.hidden_size), fp8)
     self.post_norm = self.param("post_attention_norm", nn.initializers.ones, (c.hidden_size,), p)
     if c.is_moe:
       self.router_w = self.param("router", _normal(), (c.hidden_size, c.num_experts), p)
@@ -53,22 +54,23 @@ class DecoderLayer(nn.Module):
       self.experts_down_w = self.param(
           "experts_down", _normal(), (c.num_experts, c.intermediate_size, c.hidden_size), p)
     else:
-      self.gate_up_w = self.param("gate_up", _normal(), (c.hidden_size, 2, c.intermediate_size), p)
-      self.down_w = self.param("down", _normal(), (c.intermediate_size, c.hidden_size), p)
-    # fp8 (quantization.py): each dense weight in e4m3 with its scale per output channel, and the checkpoint's
-    # static input scale where it has them
-    fp8 = {}
-    q = c.quantization
-    if q is not None:
-      weights = {"qkv": self.qkv_w, "o": self.o_w, **({} if c.is_moe else {"gate_up": self.gate_up_w,
-                                                                            "down": self.down_w})}
-      for name, w in weights.items():
-        scale = self.param(quantization.scale_name(name), nn.initializers.ones,
-                           quantization.scale_shape(name, w.shape), jnp.float32)
-        inp = (self.param(quantization.input_scale_name(name), nn.initializers.ones, (), jnp.float32)
-               if q.static_input_scales else None)
-        fp8[name] = layers.Fp8(scale, inp, q.activation_scale_ub)
-    self.fp8 = fp8
+      self.gate_up_w = self._dense("gate_up", (c.hidden_size, 2, c.intermediate_size), fp8)
+      self.down_w = self._dense("down", (c.intermediate_size, c.hidden_size), fp8)
+    self.fp8 = fp8   # weight name -> layers.Fp8, for the weights held in fp8
+
+  def _dense(self, name: str, shape: tuple, fp8: dict):
+    """A dense weight: `name` in the model dtype, or with fp8 quantization `name_fp8` in e4m3 ([*out, K],
+    quantization.py) with its scale (and the checkpoint's static input scale) recorded in `fp8`."""
+    q = self.cfg.quantization
+    if q is None:
+      return self.param(name, _normal(), shape, self.dtype)
+    w = self.param(quantization.fp8_name(name), _normal(), quantization.fp8_shape(name, shape), quantization.FP8)
+    scale = self.param(quantization.scale_name(name), nn.initializers.ones, quantization.scale_shape(name, shape),
+                       jnp.float32)
+    inp = (self.param(quantization.input_scale_name(name), nn.initializers.ones, (), jnp.float32)
+           if q.static_input_scales else None)
+    fp8[name] = layers.Fp8(scale, inp, q.activation_scale_ub)
+    return w
 
   # --- attention block -------------------------------------------------------------------------
   def attn_norm(self, x):
