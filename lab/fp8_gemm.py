@@ -27,7 +27,8 @@ def main(argv):
   from nanoflow_jax import quantization as Q
   from nanoflow_jax.perf import gemm_peak_tflops, median_seconds
   peak = gemm_peak_tflops()
-  lines = [f"GEMM peak (XLA bf16 8192^3, ones) in this run: {peak:.0f} TFLOP/s", "",
+  peak8 = gemm_peak_tflops(dtype="fp8")
+  lines = [f"GEMM peak (XLA 8192^3, ones) in this run: bf16 {peak:.0f} TFLOP/s, fp8 {peak8:.0f}", "",
            "| GEMM | M | bf16 TFLOP/s | fp8 engine path | fp8 / bf16 | bare fp8 dot | bare / bf16 | rel. error fp8 |",
            "|---|---|---|---|---|---|---|---|"]
   key = jax.random.PRNGKey(0)
@@ -40,7 +41,7 @@ def main(argv):
       a8, _ = Q.quantize_activation(a)
       bf16 = jax.jit(lambda a, w: jnp.dot(a, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
       fp8 = jax.jit(lambda a, w8, ws: Q.fp8_matmul(a, w8, ws, jnp.bfloat16))
-      bare = jax.jit(lambda a8, w8: jax.lax.dot_general(a8, w8, (((1,), (0,)), ((), ())),
+      bare = jax.jit(lambda a8, w8: jax.lax.dot_general(a8, w8, (((1,), (1,)), ((), ())),
                                                         preferred_element_type=jnp.bfloat16))
       exact = np.asarray(jnp.dot(a.astype(jnp.float32), w.astype(jnp.float32)))
       got = np.asarray(fp8(a, w8, ws), np.float32)

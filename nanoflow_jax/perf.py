@@ -20,7 +20,8 @@ def gemm_peak_tflops(samples: int = 5, data: str = "ones", dtype: str = "bf16") 
        else jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16))
   if dtype == "fp8":   # XLA's direct e4m3 dot (cuBLASLt's fp8 GEMM on the GPU), bf16 out: the fp8 ceiling
     a = a.astype(jnp.float8_e4m3fn)
-    f = jax.jit(lambda a: jax.lax.dot_general(a, a, (((1,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16))
+    # a @ a.T: both operands K-major, the layout cuBLASLt's fp8 GEMM takes without a transpose
+    f = jax.jit(lambda a: jax.lax.dot_general(a, a, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16))
   else:
     f = jax.jit(lambda a: a @ a)
   jax.block_until_ready(f(a))

@@ -27,7 +27,7 @@ def test_fp8_kernel_path_agrees_with_reference_on_llama3_8b_shape():
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(50, 600, size=24)]
   fp8 = load_model("llama-3-8b", dtype="bfloat16", random_weights=True, quantization="fp8")
-  assert str(fp8.stacked_params()[1]["gate_up"].dtype) == "float8_e4m3fn"
+  assert str(fp8.stacked_params()[1]["gate_up_fp8"].dtype) == "float8_e4m3fn"
   # bf16 KV cache in both: the two paths differ only in the attention kernels (session 14's first run with an
   # fp8 cache too: 14 of 24 first tokens apart; is it the cache or the weights? this run says which)
   ref, fast = _firsts(fp8, "reference", prompts), _firsts(fp8, "auto", prompts)
