@@ -101,8 +101,8 @@ def is_quantized(layers: dict) -> bool:
   return any(fp8_name(n) in layers for n in QUANTIZED)
 
 
-def quantize_activation(x: jax.Array, input_scale: jax.Array | None = None,
-                        scale_ub: float | None = None) -> tuple[jax.Array, jax.Array]:
+def quantize_activation(x: jax.Array, input_scale: jax.Array | None = None, scale_ub: float | None = None,
+                        amax_reduce=None) -> tuple[jax.Array, jax.Array]:
   """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]): per token (row) from its amax, clamped to `scale_ub`
   (fbgemm's activation_scale_ub) where given; or the checkpoint's static per-tensor `input_scale`."""
   xf = x.astype(jnp.float32)
@@ -110,16 +110,19 @@ def quantize_activation(x: jax.Array, input_scale: jax.Array | None = None,
     scale = jnp.broadcast_to(jnp.reshape(input_scale, (1, 1)).astype(jnp.float32), (x.shape[0], 1))
   else:
     amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    if amax_reduce is not None:   # x is one device's slice of each row (TP): the row's amax across devices
+      amax = amax_reduce(amax)
     if scale_ub is not None:
       amax = jnp.minimum(amax, scale_ub)
     scale = jnp.maximum(amax, MIN_SCALE) / FP8_MAX
   return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
-def fp8_matmul(a: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype, input_scale=None, scale_ub=None):
+def fp8_matmul(a: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype, input_scale=None, scale_ub=None,
+               amax_reduce=None):
   """a [M, K] (model dtype) times an e4m3 weight [N, K] (K-major) with its scale [N]: the fp8 GEMM (both
   operands e4m3), the scales applied to its output, the result in out_dtype."""
-  a8, a_scale = quantize_activation(a, input_scale, scale_ub)
+  a8, a_scale = quantize_activation(a, input_scale, scale_ub, amax_reduce)
   # On the GPU cuBLASLt's fp8 GEMM writes bf16 (the measured 1.86-1.94x); elsewhere accumulate in f32.
   acc = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   y = jax.lax.dot_general(a8, w8, (((1,), (1,)), ((), ())), preferred_element_type=acc)

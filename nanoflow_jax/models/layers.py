@@ -96,12 +96,23 @@ def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = N
   return y if residual is None else y + residual
 
 
+_TP_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar("tp_axis", default=None)
+
+
+def use_tp_axis(axis: str | None):
+  """While a layer is traced under manual TP (shard_map): the mesh axis its row-parallel GEMMs' contracted
+  dim is split over. An fp8 GEMM there takes each token's amax across the devices (pmax), so every device
+  quantizes its slice of the row with the row's one scale: the single device's numbers exactly."""
+  return _installed(_TP_AXIS, axis)
+
+
 class Fp8(NamedTuple):
   """What an fp8 weight brings to `linear`: its per-output-channel scale, and the checkpoint's static input
   scale or the dynamic scale's upper bound (fbgemm), where there is one."""
   scale: jax.Array
   input_scale: jax.Array | None = None
   scale_ub: float | None = None
+  row_parallel: bool = False   # o and down: under TP their input is split along K
 
 
 def _fp8_linear(x, w8, spec, residual, fp8: Fp8):
@@ -111,8 +122,10 @@ def _fp8_linear(x, w8, spec, residual, fp8: Fp8):
   nk = len(set(lhs.replace("...", "")) - set(out_spec))
   k = math.prod(x.shape[x.ndim - nk:])
   out_dims = w8.shape[:-1]
+  axis = _TP_AXIS.get() if fp8.row_parallel else None
   y = quantization.fp8_matmul(x.reshape(-1, k), w8.reshape(-1, k), fp8.scale.reshape(-1), x.dtype,
-                              fp8.input_scale, fp8.scale_ub)
+                              fp8.input_scale, fp8.scale_ub,
+                              amax_reduce=(lambda a: jax.lax.pmax(a, axis)) if axis else None)
   y = y.reshape(*x.shape[:x.ndim - nk], *out_dims)
   return y if residual is None else y + residual
 

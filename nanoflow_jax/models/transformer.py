@@ -69,7 +69,7 @@ class DecoderLayer(nn.Module):
                        jnp.float32)
     inp = (self.param(quantization.input_scale_name(name), nn.initializers.ones, (), jnp.float32)
            if q.static_input_scales else None)
-    fp8[name] = layers.Fp8(scale, inp, q.activation_scale_ub)
+    fp8[name] = layers.Fp8(scale, inp, q.activation_scale_ub, row_parallel=name in ("o", "down"))
     return w
 
   # --- attention block -------------------------------------------------------------------------

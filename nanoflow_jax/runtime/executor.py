@@ -366,7 +366,8 @@ class Executor:
       # The GEMMs take their weight as (whole stack, layer index) where stacked_gemm says so.
       stacked = ({id(w): (params["layers"][name], i) for name, w in layer_params.items()}
                  if self.stacked_gemm else {})
-      with layers.use_stacked_weights(stacked):
+      # under manual TP the row-parallel GEMMs' fp8 activation scales are taken over the whole row (pmax)
+      with layers.use_stacked_weights(stacked), layers.use_tp_axis(parallel.AXIS if manual else None):
         return run_ops(layer, o_col, st, i, k_cache, v_cache, inp)
 
     def run_ops(layer, o_col, st, i, k_cache, v_cache, inp):
