@@ -12,6 +12,7 @@ changes are listed in nanoflow_jax/checkpoint.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -34,6 +35,8 @@ flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, 
 flags.DEFINE_string("out_dir", None, "Destination checkpoint directory.")
 flags.DEFINE_string("dtype", "bfloat16", "Parameter dtype stored: bfloat16, float16 or float32.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing out_dir.")
+flags.DEFINE_enum("quantization", None, ["fp8"], "Store the dense layers' weights in fp8 (e4m3, a scale per output "
+                  "channel; activations per token at run time). An FP8 source checkpoint is stored as it is.")
 
 
 class ConvertError(Exception):
@@ -98,7 +101,7 @@ def _check_finite(path, arr: np.ndarray) -> None:
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool = False,
-            progress: bool = True) -> None:
+            progress: bool = True, quantization: str | None = None) -> None:
   out_dir = os.path.abspath(out_dir)
   if not os.path.isdir(hf_dir):
     raise ConvertError(f"{hf_dir} is not a directory")
@@ -130,6 +133,11 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
       _check_finite(path, arr)
       stack.put(path, arr)
     top, layers = stack.result()
+    quant = cfg.quantization
+    if quantization == "fp8" and quant is None:   # our own: per-channel e4m3 from the bf16/fp16 weights
+      from nanoflow_jax import quantization as quant_lib
+      layers = quant_lib.quantize_stacked(layers)
+      quant = config_lib.Quantization()
     checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), {"top": top, "layers": layers})
     for name in ("config.json", *tokenizer_lib.TOKENIZER_FILES):
       src = os.path.join(hf_dir, name)
@@ -137,7 +145,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", overwrite: bool 
         shutil.copy2(src, os.path.join(tmp, name))
     with open(os.path.join(tmp, checkpoint.META_FILE), "w") as f:
       json.dump({"format_version": checkpoint.FORMAT_VERSION, "dtype": np_dtype.name,
-                 "model_type": cfg.model_type, "source": os.path.abspath(hf_dir)}, f, indent=2)
+                 "model_type": cfg.model_type, "source": os.path.abspath(hf_dir),
+                 "quantization": dataclasses.asdict(quant) if quant is not None else None}, f, indent=2)
     os.remove(os.path.join(tmp, OWNER_FILE))
     os.chmod(tmp, _umask_mode())   # mkdtemp makes it 0700
     if os.path.exists(out_dir):  # --overwrite: swap only once the new one is complete
@@ -161,7 +170,7 @@ def main(argv):
     print("error: --hf_dir and --out_dir are required", file=sys.stderr)
     return 2
   try:
-    convert(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.dtype, FLAGS.overwrite)
+    convert(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.dtype, FLAGS.overwrite, quantization=FLAGS.quantization)
   except ConvertError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -14,6 +14,7 @@ Norm weights and the embedding keep their layout.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -246,7 +247,12 @@ def _abstract_params(cfg: ModelConfig, dtype) -> Params:
   from nanoflow_jax.models.transformer import Transformer
   shapes = jax.eval_shape(lambda: Transformer(cfg, dtype).init(jax.random.PRNGKey(0),
                                                                jnp.zeros((1, 1), jnp.int32))["params"])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+
+  def leaf(path, s):   # fp8 weights and their scales keep their own types (quantization.py)
+    name = path[-1].key
+    kind = (jnp.float8_e4m3fn if name.endswith("_fp8") else jnp.float32 if "_fp8_" in name else dtype)
+    return jax.ShapeDtypeStruct(s.shape, kind)
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _with_shardings(abstract: Params, sharding_fn: ShardingFn | None) -> Params:
@@ -343,6 +349,19 @@ def resolve_config(path_or_name: str) -> ModelConfig:
   if cfg is not None:
     return cfg
   if os.path.isdir(path_or_name):
-    return config_lib.load_hf_config(path_or_name)
+    cfg = config_lib.load_hf_config(path_or_name)
+    if is_converted(path_or_name) and read_meta(path_or_name).get("quantization"):   # stored in fp8 by convert.py
+      cfg = dataclasses.replace(cfg, quantization=config_lib.Quantization(**read_meta(path_or_name)["quantization"]))
+    return cfg
   raise CheckpointError(f"{path_or_name!r} is neither a model directory nor a named shape "
                         f"({', '.join(config_lib.known_names())})")
+
+
+def stores_fp8(path_or_name: str, cfg: ModelConfig) -> bool:
+  """Whether the weights at `path_or_name` are already in fp8 (a published FP8 checkpoint, or one convert.py
+  quantized): then they load as they are; otherwise fp8 is made from them at load."""
+  if cfg.quantization is None:
+    return False
+  if cfg.quantization.source != "dynamic":
+    return True
+  return os.path.isdir(path_or_name) and is_converted(path_or_name) and bool(read_meta(path_or_name).get("quantization"))

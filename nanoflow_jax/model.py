@@ -90,8 +90,7 @@ def load_model(path_or_name: str, dtype="bfloat16", random_weights: bool = False
   dtype = checkpoint.parse_dtype(dtype)
   cfg = resolve_config(path_or_name, quantization)
   # weights that do not come quantized are drawn or loaded in `dtype` and quantized by Model
-  plain = cfg if cfg.quantization is not None and cfg.quantization.source != "dynamic" else \
-      dataclasses.replace(cfg, quantization=None)
+  plain = cfg if checkpoint.stores_fp8(path_or_name, cfg) else dataclasses.replace(cfg, quantization=None)
   m = _load(path_or_name, cfg, plain, dtype, random_weights, seed, sharding_fn, progress)
   if cfg.quantization is not None:
     log.info("%s: fp8 (e4m3) weights and activations, from %s", cfg.name or path_or_name, cfg.quantization.source)

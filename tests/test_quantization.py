@@ -274,3 +274,23 @@ def test_fp8_memory_is_half_the_bf16_weights():
   size = lambda m: sum(x.nbytes for x in __import__("jax").tree.leaves(m.stacked_params()[1]))
   dense = sum(x.nbytes for k, x in bf16.stacked_params()[1].items() if k in Q.QUANTIZED)
   assert size(bf16) - size(fp8) >= 0.45 * dense
+
+
+def test_converter_stores_fp8_and_the_engine_loads_it(hf_llama, tmp_path):
+  """convert.py --quantization=fp8 stores the e4m3 weights and scales (orbax) with the scheme in nanoflow.json;
+  loading them gives the same logits as quantizing at load. A published FP8 checkpoint converts as it is."""
+  from checkpoints.convert import convert
+  out = str(tmp_path / "ours")
+  convert(hf_llama, out, dtype="float32", progress=False, quantization="fp8")
+  with open(os.path.join(out, "nanoflow.json")) as fh:
+    assert json.load(fh)["quantization"]["source"] == "dynamic"
+  stored = nanoflow_jax.load_model(out, dtype="float32")
+  assert stored.config.quantization is not None and "qkv_fp8" in stored.params["layers_0"]
+  at_load = nanoflow_jax.load_model(hf_llama, dtype="float32", quantization="fp8")
+  np.testing.assert_array_equal(_logits(stored, PROMPTS), _logits(at_load, PROMPTS))
+  src = str(tmp_path / "published")
+  _fp8_checkpoint(hf_llama, src, "compressed-tensors", "tensor", static=True)
+  conv = str(tmp_path / "published-converted")
+  convert(src, conv, dtype="float32", progress=False)
+  np.testing.assert_array_equal(_logits(nanoflow_jax.load_model(conv, dtype="float32"), PROMPTS),
+                                _logits(nanoflow_jax.load_model(src, dtype="float32"), PROMPTS))
