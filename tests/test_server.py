@@ -131,6 +131,13 @@ BAD = [
     (json.dumps({"prompt": "x", "stop_token_ids": [2**40], "min_tokens": 2}).encode(), 400, "stop_token_ids"),
     (json.dumps({"prompt": "x", "stop_token_ids": [5000]}).encode(), 400, "stop_token_ids"),
     (json.dumps({"prompt": "x", "seed": 2**64}).encode(), 400, "seed"),
+    # features we do not implement are refused by name, never ignored
+    (json.dumps({"prompt": "x", "no_such_field": 1}).encode(), 400, "no_such_field"),
+    (json.dumps({"prompt": "x", "logit_bias": {"65": 100}}).encode(), 400, "logit_bias"),
+    (json.dumps({"prompt": "x", "best_of": 3}).encode(), 400, "best_of"),
+    (json.dumps({"prompt": "x", "suffix": "tail"}).encode(), 400, "suffix"),
+    (json.dumps({"prompt": "x", "echo": True}).encode(), 400, "echo"),
+    (json.dumps({"prompt": "x", "guided_json": {"type": "object"}}).encode(), 400, "guided_json"),
 ]
 
 
@@ -146,7 +153,11 @@ def test_bad_input_gets_openai_error(server, data, status, param):
 def test_bad_chat_input(server):
   for bad in ({"messages": []}, {"messages": [{"content": "no role"}]}, {"messages": "hi"},
               {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
-              {"messages": [{"role": "user", "content": "a\ud800"}]}):
+              {"messages": [{"role": "user", "content": "a\ud800"}]},
+              {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+              {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
+                                                                          "function": {"name": "f"}}]},
+              {"messages": [{"role": "user", "content": "x"}], "prompt": "y"}):
     st, body, _ = _post(server, "/v1/chat/completions", json.dumps(bad).encode())
     assert st == 400 and "error" in body
 

@@ -223,6 +223,7 @@ class Handlers:
     """What completions and chat share: the body, the model check, sampling and streaming options."""
     body = await _json_body(request)
     self._check_model(body)
+    P.check_fields(body, chat)
     params = P.sampling_params(body, chat=chat)
     self._check_params(params)
     return body, params, P._bool(body, "stream"), P.stream_options(body)
@@ -230,8 +231,6 @@ class Handlers:
   async def completions(self, request):
     body, params, stream, include_usage = await self._generation_request(request, chat=False)
     prompts = P.prompts_of(body)
-    if P._bool(body, "echo"):
-      raise P.ApiError(400, "'echo' is not supported", param="echo")
     ids = [await self._encode(p, params.max_tokens) for p in prompts]
     texts = [p if isinstance(p, str) else None for p in prompts]
     return await self._respond(request, ids, texts, params, stream, include_usage, chat=False)

@@ -116,6 +116,43 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
     raise ApiError(400, str(e)) from None
 
 
+# The request fields each route honors. Anything else is refused with a 400 that names it: a feature we do
+# not implement must never be silently ignored (OpenAI answers unknown fields with a 400 too).
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
+                   "presence_penalty", "frequency_penalty", "seed", "user", "top_k", "min_p", "repetition_penalty",
+                   "min_tokens", "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output"}
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "logit_bias"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "best_of",
+                                 "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls"}
+# Known fields whose feature is not implemented: accepted only at their neutral value.
+NEUTRAL = {
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v in (None, ""),
+    "logit_bias": lambda v: v in (None, {}),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
+}
+
+
+def check_fields(body: dict[str, Any], chat: bool) -> None:
+  """400 for a field this route does not know, or a known one whose feature we do not implement."""
+  known = CHAT_FIELDS if chat else COMPLETION_FIELDS
+  unknown = sorted(k for k in body if k not in known)
+  if unknown:
+    raise ApiError(400, f"unknown or unsupported field {unknown[0]!r}" + (
+        f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""), param=unknown[0])
+  for name, neutral in NEUTRAL.items():
+    if name in body and not neutral(body[name]):
+      raise ApiError(400, f"'{name}' is not supported yet (only its default is accepted)", param=name)
+  best_of = body.get("best_of")
+  n = body.get("n") if isinstance(body.get("n"), int) else 1
+  if best_of is not None and best_of != n:
+    raise ApiError(400, "'best_of' other than n is not supported (each of the n samples is returned)",
+                   param="best_of")
+
+
 def prompts_of(body: dict[str, Any]) -> list[str | list[int]]:
   """`prompt` as a string, a list of strings, a list of token ids or a list of lists of ids."""
   p = body.get("prompt")
