@@ -1,7 +1,7 @@
 """The OpenAI-compatible server.
 
   python launch/serve.py                                   # the built-in tiny model, CPU if no GPU
-  python launch/serve.py --model=/ckpt/llama3-8b --port=8000
+  python launch/serve.py /ckpt/llama3-8b --port=8000       # or --model=/ckpt/llama3-8b
   python launch/serve.py --model=llama-3-8b --random_weights --dense_batch=2048
   # across hosts: the same command on every host; process 0 serves HTTP, the others step with it
   python launch/serve.py --model=/ckpt/llama-2-70b --tp=16 --num_pages=200000 --coordinator_address=HOST0:1234 \
@@ -38,11 +38,35 @@ flags.DEFINE_float("body_timeout", 30.0, "Seconds to read a request's body (then
 flags.DEFINE_float("max_request_mb", 16.0, "Largest request body in MiB (then 413).")
 
 
+flags.adopt_module_key_flags(engine_flags)   # --help lists the engine's flags too
+
+
+def _port_free(host: str, port: int) -> str | None:
+  """None where the server could listen on host:port, else why not (checked before the model loads)."""
+  import socket
+  try:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as aiohttp binds
+      s.bind((host, port))
+  except OSError as e:
+    return f"cannot listen on {host}:{port}: {e.strerror or e}"
+  return None
+
+
 def main(argv):
-  del argv
   logging.basicConfig(level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if len(argv) > 2:
+    raise app.UsageError(f"one model path at most, got {argv[1:]}")
+  if len(argv) == 2:   # `serve.py MODEL`, as vLLM's `vllm serve MODEL`
+    if FLAGS["model"].present and FLAGS.model != argv[1]:
+      raise app.UsageError(f"the model is given twice: {argv[1]!r} and --model={FLAGS.model!r}")
+    FLAGS.model = argv[1]
   if FLAGS.pipeline_config and FLAGS.mode != "nanoflow":
     raise app.UsageError("--pipeline_config needs --mode=nanoflow")
+  busy = _port_free(FLAGS.host, FLAGS.port) if not FLAGS.process_id else None
+  if busy:
+    logging.error("%s (nothing was loaded)", busy)
+    return 2
   multi_host = engine_flags.prepare_process(FLAGS.mode == "nanoflow") and FLAGS.num_processes > 1
   from nanoflow_jax import compat, multihost
   from nanoflow_jax.async_engine import AsyncEngine
