@@ -14,7 +14,7 @@ from nanoflow_jax.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-Prompt = Union[str, Sequence[int]]
+Prompt = Union[str, Sequence[int], dict]
 
 
 def default_dtype() -> str:
@@ -66,12 +66,30 @@ class LLM:
   """Offline batch generation. Arguments as `build_engine`; `model` is a checkpoint directory (ours or
   Hugging Face's) or a named shape (`tiny`, `llama-3-8b`, ... with random_weights=True)."""
 
+  # vLLM's keyword names -> ours. gpu_memory_utilization is vLLM's share of the whole GPU for weights and cache;
+  # ours is the share of the memory left after the weights that the KV cache takes (the nearest knob).
+  VLLM_NAMES = {"tensor_parallel_size": "tensor_parallel", "gpu_memory_utilization": "kv_memory_fraction",
+                "max_num_batched_tokens": "dense_batch"}
+
   def __init__(self, model: str = "tiny", **engine_args):
+    for theirs, ours in self.VLLM_NAMES.items():
+      if theirs in engine_args and theirs != ours:
+        if ours in engine_args:
+          raise TypeError(f"{theirs} and {ours} name the same setting: give one")
+        engine_args[ours] = engine_args.pop(theirs)
     self.engine = build_engine(model, **engine_args)
     self.tokenizer = self.engine.tokenizer
     self._ids = itertools.count()
 
+  def get_tokenizer(self):
+    return self.tokenizer
+
   def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, dict):   # vLLM's prompt forms: {"prompt": text} or {"prompt_token_ids": ids}
+      extra = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+      if extra or len(prompt) != 1:
+        raise ValueError(f"a dict prompt holds exactly one of 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
+      return self._encode(prompt.get("prompt", prompt.get("prompt_token_ids")))
     if isinstance(prompt, str):
       if self.tokenizer is None:
         raise ValueError("this model has no tokenizer: pass token ids")
@@ -80,7 +98,7 @@ class LLM:
 
   def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
                | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
       prompts = [prompts]
     params = sampling_params or SamplingParams()
     params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)

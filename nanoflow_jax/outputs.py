@@ -20,6 +20,11 @@ class CompletionOutput:
   stop_reason: str | int | None = None
   logprobs: list[Logprob] | None = None
 
+  @property
+  def cumulative_logprob(self) -> float | None:
+    """The sampled tokens' summed log-probability (as vLLM reports it: where logprobs were requested)."""
+    return None if self.logprobs is None else float(sum(lp.logprob for lp in self.logprobs))
+
 
 @dataclasses.dataclass
 class RequestMetrics:

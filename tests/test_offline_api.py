@@ -1,0 +1,36 @@
+"""The offline API as a vLLM user writes it: prompt forms, vLLM's keyword names, get_tokenizer, cumulative_logprob."""
+import pytest
+
+from nanoflow_jax import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+  return LLM("tiny", dense_batch=64, num_pages=128, max_num_seqs=4, gpu_memory_utilization=0.5,
+             tensor_parallel_size=1)
+
+
+def test_vllm_prompt_forms_give_the_same_output(llm):
+  ids = llm.get_tokenizer().encode("hello")
+  forms = ["hello", ids, {"prompt": "hello"}, {"prompt_token_ids": ids}]
+  outs = [llm.generate(f, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for f in forms]
+  assert all(o == outs[0] for o in outs)
+  both = llm.generate([{"prompt": "hello"}, {"prompt_token_ids": ids}], GREEDY, use_tqdm=False)
+  assert [o.outputs[0].token_ids for o in both] == [outs[0], outs[0]]
+  with pytest.raises(ValueError, match="exactly one"):
+    llm.generate({"prompt": "a", "prompt_token_ids": [1]}, GREEDY, use_tqdm=False)
+
+
+def test_vllm_keyword_names(llm):
+  assert llm.engine.config.kv_memory_fraction == 0.5 and llm.engine.config.tensor_parallel == 1
+  with pytest.raises(TypeError, match="same setting"):
+    LLM("tiny", tensor_parallel_size=1, tensor_parallel=1)
+
+
+def test_cumulative_logprob(llm):
+  out = llm.generate("hi", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0),
+                     use_tqdm=False)[0].outputs[0]
+  assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs)) and out.cumulative_logprob < 0
+  assert llm.generate("hi", GREEDY, use_tqdm=False)[0].outputs[0].cumulative_logprob is None
