@@ -11,8 +11,9 @@ import sys
 sys.path.insert(0, "tests")
 from absl import flags
 from lab import kernel_bench
-from kernel_utils import gpu_interpret
+from kernel_utils import gpu_interpret, one_call
 flags.FLAGS(["kernel_bench"])
+kernel_bench.timeit = one_call   # the code path and the errors, not timings: one interpreted call each
 with gpu_interpret():
   rows = kernel_bench.bench_silu_mul([1], peak=1.0, iters=1, shapes={"tiny": (128, 512, 128)})
 print("VARIANTS", len(kernel_bench.SILU_MUL_VARIANTS))
