@@ -16,11 +16,13 @@ import jax  # noqa: E402
 from nanoflow_jax import LLM, SamplingParams  # noqa: E402
 
 PROMPTS = ["hello world", "the quick brown fox", "a"]
-llm = LLM("tiny", random_weights=True, dense_batch=64, num_pages=256, max_num_seqs=8, mode=sys.argv[4],
-          tensor_parallel=jax.device_count())
-greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-sampled = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True))
-print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                  "next_seed": llm.engine._rng.getrandbits(32),
-                  "greedy": [o.outputs[0].token_ids for o in greedy],
-                  "sampled": [o.outputs[0].token_ids for o in sampled]}))
+out = {"process": jax.process_index(), "devices": jax.device_count()}
+for mode in sys.argv[4].split(","):   # each mode in the same job: one start-up for all of them
+  llm = LLM("tiny", random_weights=True, dense_batch=64, num_pages=256, max_num_seqs=8, mode=mode,
+            tensor_parallel=jax.device_count())
+  greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+  sampled = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True))
+  out[mode] = {"next_seed": llm.engine._rng.getrandbits(32), "greedy": [o.outputs[0].token_ids for o in greedy],
+               "sampled": [o.outputs[0].token_ids for o in sampled]}
+  llm.engine.shutdown()
+print(json.dumps(out))

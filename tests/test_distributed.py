@@ -36,21 +36,22 @@ def _job(worker: str, *args) -> list[dict]:
   return sorted((json.loads(o.strip().splitlines()[-1]) for o, _ in outs), key=lambda r: r["process"])
 
 
-@pytest.mark.parametrize("mode", ["sequential", "nanoflow"])
-def test_engine_across_two_processes_matches_one(mode):
-  """The offline API over both processes' devices (TP 4 across 2 hosts of 2 CPU devices): greedy tokens
-  equal one device's; sampled ones without a seed agree between the processes (the engine's seeds for
-  unseeded requests come from process 0, so every process feeds the same inputs to the one computation)."""
+def test_engine_across_two_processes_matches_one():
+  """The offline API over both processes' devices (TP 4 across 2 hosts of 2 CPU devices), in both modes within
+  one job: greedy tokens equal one device's; sampled ones without a seed agree between the processes (the
+  engine's seeds for unseeded requests come from process 0, so every process feeds the same inputs to the one
+  computation)."""
   from nanoflow_jax import LLM, SamplingParams
-  results = _job("distributed_engine_worker.py", mode)
+  results = _job("distributed_engine_worker.py", "sequential,nanoflow")
   assert [r["devices"] for r in results] == [4, 4]
-  assert results[0]["greedy"] == results[1]["greedy"]
-  assert results[0]["sampled"] == results[1]["sampled"]
-  assert results[0]["next_seed"] == results[1]["next_seed"]   # one seed generator for the whole job
   one = LLM("tiny", random_weights=True, dense_batch=64, num_pages=256, max_num_seqs=8)
   ref = one.generate(["hello world", "the quick brown fox", "a"],
                      SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-  assert results[0]["greedy"] == [o.outputs[0].token_ids for o in ref]
+  for mode in ("sequential", "nanoflow"):
+    a, b = results[0][mode], results[1][mode]
+    assert a["greedy"] == b["greedy"] and a["sampled"] == b["sampled"], mode
+    assert a["next_seed"] == b["next_seed"], mode   # one seed generator for the whole job
+    assert a["greedy"] == [o.outputs[0].token_ids for o in ref], mode
 
 
 @pytest.mark.parametrize("args,match", [
