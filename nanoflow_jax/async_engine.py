@@ -123,9 +123,7 @@ class AsyncEngine:
     if kind in ("abort", "abort_all"):
       for rid in [payload] if kind == "abort" else list(eng.requests):
         try:
-          eng.abort(rid)
-          if rid in eng.requests:
-            eng.pop_output(rid)
+          eng.discard(rid)
           self._ops.append(("abort", rid))
         except Exception:
           log.exception("aborting request %s failed", rid)
@@ -143,19 +141,13 @@ class AsyncEngine:
       return
     except Exception:
       log.exception("adding request %s failed", rid)
-      self._forget(rid)
+      try:   # drop what the half-added request left in the engine
+        eng.discard(rid)
+      except Exception:
+        log.exception("cleaning up request %s failed", rid)
       fut.set_exception(RequestFailedError(f"the engine could not take request {rid}"))
       return
     fut.set_result(None)
-
-  def _forget(self, rid: str) -> None:
-    """Drops what a half-added request left in the engine."""
-    try:
-      self.engine.abort(rid)
-      if rid in self.engine.requests:
-        self.engine.pop_output(rid)
-    except Exception:
-      log.exception("cleaning up request %s failed", rid)
 
   def _publish(self, step: bool) -> None:
     """Leader: the changes since the last message, before the step they precede (multihost.py)."""

@@ -234,6 +234,12 @@ class Engine:
         self._finish(seq, reason)
         self._emit(req, seq, [], [])
 
+  def discard(self, request_id: str) -> None:
+    """Aborts the request and forgets it (no output kept): a client gone, or a request half added."""
+    self.abort(request_id)
+    if request_id in self.requests:
+      self.pop_output(request_id)
+
   def abort_all(self, reason: str = "abort") -> None:
     for rid in list(self.requests):
       self.abort(rid, reason)

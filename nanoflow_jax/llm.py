@@ -113,8 +113,7 @@ class LLM:
         ids.append(rid)
     except Exception:
       for rid in ids:  # a bad prompt rejects the call; the ones added before it go too
-        self.engine.abort(rid)
-        self.engine.pop_output(rid)
+        self.engine.discard(rid)
       raise
     bar = None
     if use_tqdm:

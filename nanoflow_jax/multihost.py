@@ -64,9 +64,7 @@ def apply(engine: Engine, ops: list) -> None:
       _, rid, prompt_ids, params, prompt = op
       engine.add_request(rid, prompt_ids, SamplingParams(**params), prompt=prompt)
     elif op[0] == "abort":
-      engine.abort(op[1])
-      if op[1] in engine.requests:
-        engine.pop_output(op[1])
+      engine.discard(op[1])
     else:
       raise ValueError(f"unknown op {op[0]!r} from the leader")
 

@@ -83,9 +83,7 @@ def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = N
     return _fp8_linear(x, w, spec, residual, fp8)
   gemm = _GEMM.get()
   if gemm is not None:
-    lhs, rest = spec.split(",")
-    rhs, out_spec = rest.split("->")
-    nk = len(set(lhs.replace("...", "")) - set(out_spec))
+    nk = _contracted_dims(spec)
     k = math.prod(x.shape[x.ndim - nk:])
     a = x.reshape(-1, k)
     out = gemm(a, w.reshape(k, -1), None if residual is None else residual.reshape(a.shape[0], -1),
@@ -115,11 +113,16 @@ class Fp8(NamedTuple):
   row_parallel: bool = False   # o and down: under TP their input is split along K
 
 
+def _contracted_dims(spec: str) -> int:
+  """How many of x's trailing dims a linear's einsum spec ("...h,hkgd->...kgd") contracts."""
+  lhs, rest = spec.split(",")
+  out_spec = rest.split("->")[1]
+  return len(set(lhs.replace("...", "")) - set(out_spec))
+
+
 def _fp8_linear(x, w8, spec, residual, fp8: Fp8):
   """w8 is [*out dims, K] (quantization.py's layout)."""
-  lhs, rest = spec.split(",")
-  _, out_spec = rest.split("->")
-  nk = len(set(lhs.replace("...", "")) - set(out_spec))
+  nk = _contracted_dims(spec)
   k = math.prod(x.shape[x.ndim - nk:])
   out_dims = w8.shape[:-1]
   axis = _TP_AXIS.get() if fp8.row_parallel else None
