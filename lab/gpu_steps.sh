@@ -263,13 +263,34 @@ step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device
 
 : "${STEP_TIMEOUT:=300}"
 printf '| step | rc | seconds |\n|---|---|---|\n' > "$OUT/summary.rows"
+# Session 15: where the fp8 step's time goes (kernel time by kind from a trace), and whether whole-step
+# unrolling (command buffers over all 32 layers) takes the launches out of small decode steps.
+step_step-fp8-mix()       { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 \
+                              --kv_cache_dtypes=fp8 --nanoflow=false --iters=5 --trace_dir="$OUT/trace-fp8-mix" --out="$OUT/step-fp8-mix.md"; }
+step_step-fp8-mix-dsf()   { XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" $PY lab/step_bench.py --model=llama-3-8b \
+                              --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 --nanoflow=false --iters=5 \
+                              --trace_dir="$OUT/trace-fp8-mix-dsf" --out="$OUT/step-fp8-mix-dsf.md"; }
+step_step-fp8-decode()    { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \
+                              --decodes=32 --context=1024 --prefill=0 --dense_batch=2048 --max_num_seqs=1024 --nanoflow=false \
+                              --layer_unrolls=32 --trace_dir="$OUT/trace-fp8-decode" --out="$OUT/step-fp8-decode.md"; }
+step_step-w16-decode()    { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=fp8 \
+                              --decodes=32 --context=1024 --prefill=0 --dense_batch=2048 --max_num_seqs=1024 --nanoflow=false \
+                              --layer_unrolls=32 --trace_dir="$OUT/trace-w16-decode" --out="$OUT/step-w16-decode.md"; }
+sweep() { local name=$1; shift; $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=2048 \
+            --max_num_seqs=1024 --kv_cache_dtype=fp8 --decode_sweep=1,8,32,128,512 --json_out="$OUT/$name.json" \
+            --plot_out="$OUT/$name.png" "$@"; }
+step_decode-sweep-w16()   { sweep decode-sweep-w16; }
+step_decode-sweep-w16-u32() { sweep decode-sweep-w16-u32 --layer_unroll=32; }
+step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
+step_decode-sweep-w8-u32() { sweep decode-sweep-w8-u32 --quantization=fp8 --layer_unroll=32; }
+
 for spec in "$@"; do
   name=${spec%%:*}; limit=$STEP_TIMEOUT
   [[ $spec == *:* ]] && limit=${spec#*:}
   if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
   start=$(date +%s)
   # The function runs in a subshell so that `timeout` can stop it and all it started.
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 sweep nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
     > "$OUT/$name.log" 2>&1
   rc=$?
   printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"

@@ -50,6 +50,10 @@ flags.DEFINE_bool("nanoflow", True, "Also time the nano-batch variants (--attn_s
 flags.DEFINE_bool("triton_prefill", False, "Also time the sequential step with prefill attention on the Triton "
                   "kernel where the Mosaic GPU one would run (bf16 caches).")
 flags.DEFINE_bool("fused_rope_append", False, "Also time sequential steps with the fused RoPE + KV-append kernel.")
+flags.DEFINE_enum("quantization", None, ["fp8"], "Weights and activations of the model (fp8: e4m3 W8A8, "
+                  "nanoflow_jax/quantization.py); default: the model's dtype.")
+flags.DEFINE_list("layer_unrolls", [], "Also time the sequential step with these layer_unroll values (the layer "
+                  "count unrolls the whole scan, so XLA's command buffers can capture the step).")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
 flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of 3 steps of each variant here, and "
                     "print its kernel time by kind (launch/trace_overlap.py).")
@@ -71,7 +75,7 @@ def main(argv):
   from pallas_kernels.paged_attention import config_changes
 
   peak = gemm_peak_tflops()
-  model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True)
+  model = load_model(FLAGS.model, dtype="bfloat16", random_weights=True, quantization=FLAGS.quantization)
   step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.prefill, FLAGS.max_num_seqs, FLAGS.dense_batch)
   print("step:", step.describe, flush=True)
   optimal_ms = step.batch.num_tokens * 2 * model.config.num_params() / (peak * 1e12) * 1e3
@@ -83,6 +87,8 @@ def main(argv):
               for k in FLAGS.kernels for g in FLAGS.gemms]
   variants += [(f"sequential ({kernels}, KV {d})", None, True, kernels, {"kv_dtype": KV_CACHE_DTYPES[d]})
                for d in FLAGS.kv_cache_dtypes[:-1]]
+  variants += [(f"sequential ({kernels}, layer_unroll {u})", None, True, kernels,
+                {"kv_dtype": kv_dtype, "layer_unroll": int(u)}) for u in FLAGS.layer_unrolls]
   if FLAGS.triton_prefill:
     variants.append((f"sequential, Triton prefill attention ({kernels})", None, True, kernels,
                      {"kv_dtype": kv_dtype, "mosaic_prefill": False}))
@@ -123,7 +129,7 @@ def main(argv):
     seq_ms = seq_ms or ms
     rows.append(f"| {name} | {ms:.1f} | {100 * optimal_ms / ms:.1f}% | {seq_ms / ms:.3f} |")
     print(rows[-1], flush=True)
-  table = "\n".join([f"{FLAGS.model}, {step.describe}, KV cache {FLAGS.kv_cache_dtypes[-1]} unless named, GEMM peak "
+  table = "\n".join([f"{FLAGS.model}{' ' + FLAGS.quantization if FLAGS.quantization else ''}, {step.describe}, KV cache {FLAGS.kv_cache_dtypes[-1]} unless named, GEMM peak "
                      f"{peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
                      "", "| variant | step ms | % of optimal | speed-up vs sequential |", "|---|---|---|---|", *rows])
   print(table)

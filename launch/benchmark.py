@@ -40,6 +40,10 @@ flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; emp
 flags.DEFINE_string("url", None, "Online mode through HTTP: a running server's base URL (e.g. http://127.0.0.1:8000).")
 flags.DEFINE_string("api_key", None, "Bearer key for --url.")
 flags.DEFINE_float("slo_ms", 200.0, "Online: p99 normalized latency bound (ms per output token).")
+flags.DEFINE_list("decode_sweep", [], "Decode latency sweep (launch/decode_sweep.py) at these batch sizes, e.g. "
+                  "1,8,32,128,512: each decode-only step through the engine loop against its bytes floor at the "
+                  "copy bandwidth measured in the same run; replaces the workload run.")
+flags.DEFINE_integer("decode_context", 1024, "--decode_sweep: the decoding sequences' context.")
 flags.DEFINE_string("json_out", None, "Write every figure and the environment here.")
 flags.DEFINE_string("trace_dir", None, "Offline: write a profiler trace (perfetto) of --trace_steps here and print "
                     "the kernel time by kind and the device's idle time per step.")
@@ -312,6 +316,23 @@ def plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def run_decode_sweep(batches: list[int]) -> None:
+  from launch import decode_sweep
+  from nanoflow_jax.llm import build_engine
+  engine = build_engine(FLAGS.model, mode=FLAGS.mode, **engine_flags.engine_kwargs())
+  res = decode_sweep.sweep(engine, batches, FLAGS.decode_context)
+  res["environment"] = environment(FLAGS.mode)
+  engine.shutdown()
+  title = (f"{FLAGS.model}, {FLAGS.quantization or 'bf16'} weights, KV {FLAGS.kv_cache_dtype}, layer_unroll "
+           f"{FLAGS.layer_unroll}, on {res['environment']['device']}")
+  print(decode_sweep.table(res, title))
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump({"decode_sweep": res}, f, indent=2)
+  if FLAGS.plot_out:
+    decode_sweep.plot({title: res}, FLAGS.plot_out)
+
+
 def main(argv):
   del argv
   import logging
@@ -335,6 +356,8 @@ def main(argv):
       with open(FLAGS.json_out, "w") as f:
         json.dump({"results": res}, f, indent=2)
     return
+  if FLAGS.decode_sweep:
+    return run_decode_sweep([int(b) for b in FLAGS.decode_sweep])
   modes = [FLAGS.mode] + ([FLAGS.compare] if FLAGS.compare and FLAGS.compare != FLAGS.mode else [])
   peak = gemm_peak_tflops()
   peak_random = gemm_peak_tflops(data="random")   # the same GEMM on weight-like data: below, by the power limit

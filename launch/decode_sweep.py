@@ -1,0 +1,115 @@
+"""The decode latency sweep (issue 27): for each batch size, the engine's decode-only step against the bytes it
+must read, at the copy bandwidth measured in the same run.
+
+A decode step of b sequences at context c reads every weight once (the embedding only at b rows) and each
+sequence's K and V: floor = (weight bytes + b * c * KV bytes per token) / bandwidth. The step is timed through
+the engine loop as a user meets it (host included: the loop runs one step ahead, so the wall time per step is
+the time between tokens), with b requests decoding at `context`.
+"""
+from __future__ import annotations
+
+import time
+
+
+def copy_bandwidth(seconds_per_sample: float = 0.2) -> dict:
+  """The device's streaming rates, measured now (TB/s): "copy" counts bytes read + written by `x + 1` over
+  2 GiB, "read" the bytes a sum reads; "best" is the higher, the floor's bandwidth (a decode step mostly
+  reads)."""
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax.perf import median_seconds
+  n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 22)
+  x = jnp.ones((n,), jnp.bfloat16)
+  t_copy = median_seconds(jax.jit(lambda x: x + 1), x, iters=10)
+  t_read = median_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x, iters=10)
+  out = {"copy": 2 * x.nbytes / t_copy / 1e12, "read": x.nbytes / t_read / 1e12}
+  out["best"] = max(out.values())
+  return out
+
+
+def weight_bytes(engine) -> int:
+  """Bytes a decode step reads of the weights: all of them, less the embedding table (b rows of it are read),
+  unless the LM head is the embedding."""
+  import jax
+  params = engine.executor.params
+  total = sum(a.nbytes for a in jax.tree.leaves(params))
+  if not engine.model.config.tie_word_embeddings:
+    total -= sum(a.nbytes for a in jax.tree.leaves(params["top"].get("embedding", {})))
+  return total
+
+
+def kv_bytes_per_token(engine) -> int:
+  cfg = engine.model.config
+  return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.executor.kv_dtype.itemsize
+
+
+def time_decode(engine, batch: int, context: int, steps: int = 32, warmup: int = 4) -> float:
+  """Seconds per engine step with `batch` sequences decoding at `context` (prompt context - 1 tokens)."""
+  import numpy as np
+  from nanoflow_jax.sampling_params import SamplingParams
+  rng = np.random.default_rng(batch)
+  vocab = min(1000, engine.model.config.vocab_size)
+  ids = [f"sweep-{batch}-{i}" for i in range(batch)]
+  sp = SamplingParams(max_tokens=steps + warmup + 8, ignore_eos=True, temperature=0, detokenize=False)
+  for rid in ids:
+    engine.add_request(rid, rng.integers(0, vocab, context - 1).tolist(), sp)
+  try:
+    # until every sequence has its first token: all decode from here on
+    while any(s.is_prefilling or not s.output_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
+      engine.step()
+    for _ in range(warmup):
+      engine.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+      engine.step()
+    return (time.perf_counter() - t) / steps
+  finally:
+    for rid in ids:
+      engine.discard(rid)
+    while engine.has_work():
+      engine.step()
+
+
+def sweep(engine, batches: list[int], context: int = 1024, steps: int = 32) -> dict:
+  """Per batch size: the step time, its bytes floor and the ratio. The engine must hold `context` tokens
+  for max(batches) sequences."""
+  bw = copy_bandwidth()
+  wbytes, per_tok = weight_bytes(engine), kv_bytes_per_token(engine)
+  rows = []
+  for b in batches:
+    s = time_decode(engine, b, context, steps)
+    floor = (wbytes + b * context * per_tok) / (bw["best"] * 1e12)
+    rows.append({"batch": b, "step_ms": 1e3 * s, "floor_ms": 1e3 * floor, "ratio_to_floor": s / floor,
+                 "tokens_per_s": b / s})
+    print(f"decode batch {b:4d}: {1e3 * s:7.2f} ms per step, floor {1e3 * floor:6.2f} ms, {s / floor:5.2f}x the "
+          f"floor", flush=True)
+  return {"bandwidth_tb_s": bw, "weight_bytes": wbytes, "kv_bytes_per_token": per_tok, "context": context,
+          "rows": rows}
+
+
+def table(result: dict, title: str) -> str:
+  bw = result["bandwidth_tb_s"]
+  lines = [f"{title}: weights {result['weight_bytes'] / 1e9:.2f} GB, KV {result['kv_bytes_per_token']} B/token at "
+           f"context {result['context']}; bandwidth {bw['best']:.2f} TB/s (copy {bw['copy']:.2f}, read "
+           f"{bw['read']:.2f})", "", "| batch | step ms | floor ms | step / floor | tokens/s |", "|---|---|---|---|---|"]
+  lines += [f"| {r['batch']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} | "
+            f"{r['tokens_per_s']:.0f} |" for r in result["rows"]]
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  """results: label -> sweep(); step time and floor against batch size, one line pair per label."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for k, (label, res) in enumerate(results.items()):
+    b = [r["batch"] for r in res["rows"]]
+    ax.plot(b, [r["step_ms"] for r in res["rows"]], "o-", color=f"C{k}", label=f"{label}: step")
+    ax.plot(b, [r["floor_ms"] for r in res["rows"]], "--", color=f"C{k}", label=f"{label}: bytes floor")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("sequences decoding")
+  ax.set_ylabel("ms per step")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
