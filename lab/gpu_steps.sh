@@ -266,7 +266,8 @@ printf '| step | rc | seconds |\n|---|---|---|\n' > "$OUT/summary.rows"
 # Session 15: where the fp8 step's time goes (kernel time by kind from a trace), and whether whole-step
 # unrolling (command buffers over all 32 layers) takes the launches out of small decode steps.
 step_step-fp8-mix()       { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 \
-                              --kv_cache_dtypes=fp8 --nanoflow=false --iters=5 --trace_dir="$OUT/trace-fp8-mix" --out="$OUT/step-fp8-mix.md"; }
+                              --kv_cache_dtypes=fp8 --nanoflow=false --iters=5 --layer_loops=scan --trace_dir="$OUT/trace-fp8-mix" \
+                              --out="$OUT/step-fp8-mix.md"; }
 step_step-fp8-mix-dsf()   { XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" $PY lab/step_bench.py --model=llama-3-8b \
                               --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 --nanoflow=false --iters=5 \
                               --trace_dir="$OUT/trace-fp8-mix-dsf" --out="$OUT/step-fp8-mix-dsf.md"; }
@@ -280,9 +281,9 @@ sweep() { local name=$1; shift; $PY launch/benchmark.py --model=llama-3-8b --ran
             --max_num_seqs=1024 --kv_cache_dtype=fp8 --decode_sweep=1,8,32,128,512 --json_out="$OUT/$name.json" \
             --plot_out="$OUT/$name.png" "$@"; }
 step_decode-sweep-w16()   { sweep decode-sweep-w16; }
-step_decode-sweep-w16-u32() { sweep decode-sweep-w16-u32 --layer_unroll=32; }
+step_decode-sweep-w16-unrolled() { sweep decode-sweep-w16-unrolled --layer_loop=unrolled; }
 step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
-step_decode-sweep-w8-u32() { sweep decode-sweep-w8-u32 --quantization=fp8 --layer_unroll=32; }
+step_decode-sweep-w8-scan() { sweep decode-sweep-w8-scan --quantization=fp8 --layer_loop=scan; }
 
 for spec in "$@"; do
   name=${spec%%:*}; limit=$STEP_TIMEOUT

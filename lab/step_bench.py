@@ -54,6 +54,8 @@ flags.DEFINE_enum("quantization", None, ["fp8"], "Weights and activations of the
                   "nanoflow_jax/quantization.py); default: the model's dtype.")
 flags.DEFINE_list("layer_unrolls", [], "Also time the sequential step with these layer_unroll values (the layer "
                   "count unrolls the whole scan, so XLA's command buffers can capture the step).")
+flags.DEFINE_list("layer_loops", [], "Also time the sequential step with these layer loops (scan, unrolled; the "
+                  "default is the engine's auto choice).")
 flags.DEFINE_string("out", None, "Write the table (markdown) here.")
 flags.DEFINE_string("trace_dir", None, "Write a profiler trace (perfetto) of 3 steps of each variant here, and "
                     "print its kernel time by kind (launch/trace_overlap.py).")
@@ -89,6 +91,8 @@ def main(argv):
                for d in FLAGS.kv_cache_dtypes[:-1]]
   variants += [(f"sequential ({kernels}, layer_unroll {u})", None, True, kernels,
                 {"kv_dtype": kv_dtype, "layer_unroll": int(u)}) for u in FLAGS.layer_unrolls]
+  variants += [(f"sequential ({kernels}, layer_loop {v})", None, True, kernels,
+                {"kv_dtype": kv_dtype, "layer_loop": v}) for v in FLAGS.layer_loops]
   if FLAGS.triton_prefill:
     variants.append((f"sequential, Triton prefill attention ({kernels})", None, True, kernels,
                      {"kv_dtype": kv_dtype, "mosaic_prefill": False}))

@@ -21,7 +21,7 @@ from nanoflow_jax import distributed, kv_cache, sampler
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
 from nanoflow_jax.runtime.plan import GENERIC_CONFIG
-from nanoflow_jax.runtime.executor import GEMM_CHOICES, KIND_PROMPT, KIND_REFED_OUTPUT, Executor, StepInputs
+from nanoflow_jax.runtime.executor import GEMM_CHOICES, KIND_PROMPT, LAYER_LOOPS, KIND_REFED_OUTPUT, Executor, StepInputs
 from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
 from nanoflow_jax.scheduler import Batch, Scheduler
 from nanoflow_jax.sequence import Sequence
@@ -58,6 +58,9 @@ class EngineConfig:
   fused_rope_append: bool = False         # RoPE + KV append as one kernel (not yet measured: off)
   layer_unroll: int = 1                   # decoder layers per iteration of the layer scan: with 2, one
                                           # layer's tail and the next one's head are in one computation
+  layer_loop: str = "auto"                # scan (stacked weights, compiled once), unrolled (every layer in the
+                                          # step with weights of its own: no copies for XLA's dot, command
+                                          # buffers over the step) or auto (unrolled for fp8 on a GPU)
   kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32 or fp8
                                           # (float8_e4m3fn, no scales: half the bytes of bf16)
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
@@ -69,6 +72,8 @@ class EngineConfig:
       raise ValueError("dense_batch, page_size and max_num_seqs must be >= 1")
     if self.layer_unroll < 1:
       raise ValueError(f"layer_unroll must be >= 1, got {self.layer_unroll}")
+    if self.layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {self.layer_loop!r}")
     if not 0 < self.kv_memory_fraction <= 1:
       raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
     if self.gemm not in GEMM_CHOICES:
@@ -160,7 +165,7 @@ class Engine:
     self.executor = Executor(model, c.num_pages, c.page_size, c.max_num_seqs, self.max_model_len, c.dense_batch,
                              kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh,
                              kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append,
-                             gemm=c.gemm, layer_unroll=c.layer_unroll,
+                             gemm=c.gemm, layer_unroll=c.layer_unroll, layer_loop=c.layer_loop,
                              mosaic_prefill=c.prefill_attention == "auto")
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size)

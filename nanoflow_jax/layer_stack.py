@@ -32,6 +32,23 @@ def stacked_sharding(sharding):
   return sharding   # one device: the same device
 
 
+def layer_sharding(stack_sharding):
+  """One layer's sharding, from its stack's (the leading layer axis dropped)."""
+  if isinstance(stack_sharding, NamedSharding):
+    return NamedSharding(stack_sharding.mesh, P(*stack_sharding.spec[1:]))
+  return stack_sharding
+
+
+def unstack(stack: jax.Array) -> list[jax.Array]:
+  """The stack [L, ...] as L arrays on the same devices (each layer's part of the sharding kept)."""
+  n = stack.shape[0]
+  return list(jax.jit(lambda s: [s[i] for i in range(n)], out_shardings=[layer_sharding(stack.sharding)] * n)(stack))
+
+
+def restack(layers: list[jax.Array]) -> jax.Array:
+  return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=stacked_sharding(layers[0].sharding))(*layers)
+
+
 @functools.lru_cache(maxsize=None)
 def _writer(sharding):
   # One compile per leaf shape (the layer index is traced); the stack is donated, so the update is in place.

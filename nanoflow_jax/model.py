@@ -7,7 +7,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from nanoflow_jax import checkpoint, config as config_lib, quantization, tokenizer as tokenizer_lib
+from nanoflow_jax import checkpoint, config as config_lib, layer_stack, quantization, tokenizer as tokenizer_lib
 from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.models.transformer import Transformer
 
@@ -36,6 +36,7 @@ class Model:
         stacked = (top, quantization.quantize_stacked(layers, sharding_fn))
     self._params = params
     self._stacked = stacked
+    self._per_layer: tuple[dict, list[dict]] | None = None   # the other form the runtime takes (layer_list)
     self.dtype = jnp.dtype(dtype)
     self.tokenizer = tokenizer
     self.module = Transformer(cfg, self.dtype)
@@ -56,6 +57,9 @@ class Model:
   def params(self) -> dict:
     """The parameter tree ("layers_<i>" per layer). After stacked_params() the layers are slices of the
     stacked arrays, made on each access (a reference path: tests, the plain forward pass)."""
+    if self._per_layer is not None:
+      top, layers = self._per_layer
+      return {**top, **{f"layers_{i}": p for i, p in enumerate(layers)}}
     if self._stacked is None:
       return self._params
     top, layers = self._stacked
@@ -66,6 +70,12 @@ class Model:
     """(top-level params, layer params stacked on a leading layer axis), built once. The per-layer arrays
     are dropped afterwards: one copy of the weights on the device, not two (the KV cache, sized after
     this, gets the difference: 16 GB on LLaMA-3-8B)."""
+    if self._per_layer is not None:   # back from the per-layer form, one weight kind at a time
+      top, layers = self._per_layer
+      stacked = {}
+      for name in list(layers[0]):
+        stacked[name] = jax.tree.map(lambda *xs: layer_stack.restack(list(xs)), *[p.pop(name) for p in layers])
+      self._stacked, self._per_layer = (top, stacked), None
     if self._stacked is None:
       params = self._params
       n = self.config.num_layers
@@ -73,6 +83,23 @@ class Model:
       layers = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n)])
       self._stacked, self._params = (top, layers), None
     return self._stacked
+
+  def layer_list(self) -> tuple[dict, list[dict]]:
+    """(top-level params, one dict of arrays per layer): the form of a step whose layers are unrolled. Each
+    weight is an array of its own, which XLA's dot reads where it lies; a slice of a stack reaches it as a
+    copy (4.3 ms of copies per 8B fp8 step, docs/history/perf-notes.md, session 15). Built from the stack
+    one weight kind at a time, which then goes: one copy of the weights on the device."""
+    if self._per_layer is None:
+      top, stacked = self.stacked_params()
+      n = self.config.num_layers
+      layers: list[dict] = [{} for _ in range(n)]
+      for name in list(stacked):
+        parts = jax.tree.map(layer_stack.unstack, stacked.pop(name))
+        for i in range(n):
+          layers[i][name] = jax.tree.map(lambda ps, i=i: ps[i], parts, is_leaf=lambda x: isinstance(x, list))
+        del parts
+      self._per_layer, self._stacked = (top, layers), None
+    return self._per_layer
 
   def bind(self, params=None) -> Transformer:
     return self.module.bind({"params": self.params if params is None else params})

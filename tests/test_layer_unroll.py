@@ -15,10 +15,11 @@ def model():
   return load_model("tiny", dtype="float32", random_weights=True)   # 4 layers
 
 
-def _tokens(model, tmp_path, mode, unroll):
+def _tokens(model, tmp_path, mode, unroll, layer_loop="scan"):
   path = tmp_path / "plan.json"
   path.write_text(plan_lib.decode_overlap(32, 132, decode_rows=4).to_json())
   eng = Engine(model, EngineConfig(dense_batch=32, num_pages=64, max_num_seqs=4, mode=mode, layer_unroll=unroll,
+                                   layer_loop=layer_loop,
                                    compilation_cache_dir=None,
                                    pipeline_config=str(path) if mode == "nanoflow" else None))
   prompts = [list(np.random.default_rng(5).integers(1, 250, n)) for n in (7, 19, 3, 12)]
@@ -40,6 +41,31 @@ def test_unrolled_layer_scan_gives_the_same_tokens(model, tmp_path, mode):
     assert got == ref, unroll
   got, loop = _tokens(model, tmp_path, mode, 4)   # fully unrolled (4 layers): no layer loop left
   assert got == ref and not loop
+
+
+@pytest.mark.parametrize("mode", ["sequential", "nanoflow"])
+def test_unrolled_layers_with_weights_of_their_own_give_the_same_tokens(model, tmp_path, mode):
+  """layer_loop="unrolled": every layer in the step, each with weight arrays of its own (no stack to slice);
+  the model holds one form of its weights at a time and goes back to the stack for a scanning engine."""
+  ref, _ = _tokens(model, tmp_path, mode, 1)
+  got, loop = _tokens(model, tmp_path, mode, 1, layer_loop="unrolled")
+  assert got == ref and not loop
+  assert model._stacked is None and len(model._per_layer[1]) == model.config.num_layers
+  assert all(not isinstance(v, dict) and v.ndim >= 1 for p in model._per_layer[1] for v in p.values())
+  again, loop = _tokens(model, tmp_path, mode, 1)
+  assert again == ref and loop and model._per_layer is None
+
+
+def test_unrolled_fp8_layers_give_the_same_tokens(tmp_path):
+  fp8 = load_model("tiny", dtype="float32", random_weights=True, quantization="fp8")
+  ref, _ = _tokens(fp8, tmp_path, "sequential", 1)
+  got, loop = _tokens(fp8, tmp_path, "sequential", 1, layer_loop="unrolled")
+  assert got == ref and not loop
+
+
+def test_layer_loop_is_checked():
+  with pytest.raises(ValueError, match="layer_loop"):
+    EngineConfig(layer_loop="loop").validate()
 
 
 def test_layer_unroll_must_be_positive():

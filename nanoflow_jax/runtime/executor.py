@@ -37,6 +37,8 @@ MIN_BUCKET = 16
 # everywhere (the CPU default); interpret: the Pallas kernels in interpret mode (CPU tests).
 KERNEL_CHOICES = ("auto", "reference", "pallas", "triton", "interpret")
 GEMM_CHOICES = ("mosaic", "mosaic_fused", "xla")
+LAYER_LOOPS = ("auto", "scan", "unrolled")
+XLA_GEMM_BELOW = 512   # with unrolled layers, GEMMs of fewer rows run on XLA's dot
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -107,7 +109,7 @@ class Executor:
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
                fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
-               layer_unroll: int = 1, mosaic_prefill: bool = True):
+               layer_unroll: int = 1, mosaic_prefill: bool = True, layer_loop: str = "auto"):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/history/perf-notes.md).
@@ -126,6 +128,11 @@ class Executor:
     with every nano-batch done; with 2, one layer's tail (under TP its last all-reduce) and the next
     layer's head for another nano-batch are in one computation, so XLA may overlap them across the
     layer boundary, at about twice the compile time.
+    layer_loop: "scan" (one lax.scan over the stacked layer weights: compiled once, not once per layer),
+    "unrolled" (every layer in the step, each with weight arrays of its own: no slice of a stack reaches XLA's
+    dot as a copy, and XLA's command buffers can take the whole step; longer compiles) or "auto" (unrolled
+    where XLA's dot would read the weights, the fp8 GEMMs on a GPU: their copies cost 4.3 ms of a 51 ms 8B
+    step, docs/history/perf-notes.md, session 15; else scan).
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
@@ -160,6 +167,7 @@ class Executor:
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
     self.on_kernels = self.kernels in ("pallas", "triton")   # compiled kernels (not jnp, not interpret)
     self.buckets = buckets_for(dense_batch, 128 if self.on_kernels and dense_batch >= 128 else MIN_BUCKET)
+    self.xla_gemm_below = 0   # GEMMs of fewer rows go to XLA's dot
     # Attention kernel configurations (decode blocks, prefill blocks): the host builds query blocks of their
     # block_q.
     self.attention_backend = "triton" if self.kernels == "triton" else "pallas"
@@ -193,9 +201,23 @@ class Executor:
     if layer_unroll < 1:
       raise ValueError(f"layer_unroll must be >= 1, got {layer_unroll}")
     self.layer_unroll = layer_unroll
-    # Layers run as one lax.scan over stacked parameters: compiled once, not once per layer. Stacked
-    # before the KV cache is sized (the model then drops its per-layer copy), so the cache takes the rest.
-    top, stacked = model.stacked_params()
+    if layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+    if layer_loop == "auto":
+      layer_loop = "unrolled" if cfg.quantization is not None and self.on_kernels else "scan"
+    self.layer_loop = layer_loop
+    # The weights take the loop's form before the KV cache is sized (the model keeps one copy of them), so
+    # the cache takes the rest.
+    if layer_loop == "unrolled":
+      top, stacked = model.layer_list()
+      self.stacked_gemm = False   # each layer's weights are arrays of their own: nothing to slice
+      # XLA's dot reads them in place, so steps below our GEMM's 128 rows get buckets of their own, and the
+      # GEMMs of small buckets go to XLA's dot (cuBLAS streams weights at small M faster than our kernel's
+      # tiles, tuned at 2048 rows: 4.4 against 9.1 ms at 128 rows, perf-notes session 5)
+      self.buckets = buckets_for(dense_batch)
+      self.xla_gemm_below = XLA_GEMM_BELOW
+    else:
+      top, stacked = model.stacked_params()
     # The all-gather form of o (plan.AG_OPS) multiplies the whole heads by each device's slice of o's
     # output columns: o's stack once more, split by its last axis (1/TP of o per device).
     self.allgather_o = plan is not None and any(op.op == "attn_allgather" for op in plan.ops)
@@ -205,8 +227,12 @@ class Executor:
       from jax.sharding import NamedSharding, PartitionSpec as P
       if cfg.hidden_size % self.tp:
         raise ValueError(f"the all-gather form of o splits hidden {cfg.hidden_size} over {self.tp} devices")
-      by_column = NamedSharding(mesh, P(None, None, None, parallel.AXIS))
-      stacked = {**stacked, "o_col": jax.device_put(stacked["o"], by_column)}
+      if layer_loop == "unrolled":
+        by_column = NamedSharding(mesh, P(None, None, parallel.AXIS))
+        stacked = [{**p, "o_col": jax.device_put(p["o"], by_column)} for p in stacked]
+      else:
+        by_column = NamedSharding(mesh, P(None, None, None, parallel.AXIS))
+        stacked = {**stacked, "o_col": jax.device_put(stacked["o"], by_column)}
     self.params = {"top": top, "layers": stacked}
     kv_sharding = parallel.kv_sharding(cfg, mesh) if mesh is not None else None
     if num_pages:   # asked for: exactly that many, or an error
@@ -301,6 +327,8 @@ class Executor:
     if self.gemm == "xla" or (epilogue is not None and self.gemm != "mosaic_fused"):
       return None
     supported = gemm_kernel.silu_mul_supported if epilogue == "silu_mul" else gemm_kernel.supported
+    if m < self.xla_gemm_below:
+      return None
     if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16) or not supported(m, n, k):
       return None
     num_sms = self._sms()
@@ -418,10 +446,12 @@ class Executor:
       x = st[0]["x"] if len(st) == 1 else jnp.concatenate([s["x"] for s in st])
       return x, k_cache, v_cache
 
+    unrolled = isinstance(params["layers"], list)
     if manual:
       from jax.sharding import PartitionSpec as P
-      layer_specs = {name: parallel.param_spec(cfg, (name,), w.shape[1:], self.tp)
-                     for name, w in params["layers"].items()}
+      shapes = ({n: w.shape for n, w in params["layers"][0].items()} if unrolled else
+                {n: w.shape[1:] for n, w in params["layers"].items()})
+      layer_specs = {name: parallel.param_spec(cfg, (name,), shape, self.tp) for name, shape in shapes.items()}
       kv_spec = parallel.kv_sharding(cfg, self.mesh).spec
       carry_specs = (P(), kv_spec, kv_spec)
       step_local = jax.shard_map(layer_step, mesh=self.mesh, check_vma=False,
@@ -430,6 +460,12 @@ class Executor:
       body = lambda carry, xs: (step_local(carry, xs, inp), None)
     else:
       body = lambda carry, xs: (layer_step(carry, xs, inp), None)
+    if unrolled:   # every layer in the computation, each with its own weight arrays
+      carry = (x, *kv)
+      for i, layer_params in enumerate(params["layers"]):
+        carry, _ = body(carry, (jnp.int32(i), layer_params))
+      x, k_cache, v_cache = carry
+      return m.logits(x[inp.sample_rows]), (k_cache, v_cache)
     # A stream-annotated GEMM would get its layer's weight slice as a copy (~7 ms per 8B step); with
     # stacked_gemm it reads the scanned stack at the layer index instead (docs/history/perf-notes.md).
     (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, *kv),
