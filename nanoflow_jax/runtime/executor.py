@@ -379,6 +379,8 @@ class Executor:
     explicit_allreduce = manual and any(op.op == "down_allreduce" for op in ops)
     gathered = {op.nano_batch for op in ops if op.op == "attn_allgather"}   # nano-batches in AG form
 
+    unrolled = isinstance(params["layers"], list)
+
     def row_parallel(partial, residual):
       # o and down: on one device the residual is fused into the GEMM; under manual TP each device holds a
       # partial product, summed across devices before the residual joins.
@@ -416,6 +418,11 @@ class Executor:
             k_cache, v_cache = append_kv(k_cache, v_cache, i, k, s["v"], inp.kv_pages[r], inp.kv_offsets[r])
           elif op.op == "attention":
             s["attn"] = self._attention(s["q"], k_cache, v_cache, i, inp, r, inp.blocks[op.nano_batch])
+            if unrolled:
+              # The next layer's KV append writes the cache in place only once this attention has read it; the
+              # barrier makes that a data dependency (without it XLA's GPU compile of an unrolled 8B step kept
+              # copies of the whole cache: 214 GiB asked of a 141 GB device).
+              s["attn"], k_cache, v_cache = jax.lax.optimization_barrier((s["attn"], k_cache, v_cache))
           elif op.op == "attn_allgather":   # this device's heads -> all heads, in the global head order
             s["attn"] = jax.lax.all_gather(s["attn"], parallel.AXIS, axis=1, tiled=True)
           elif op.op == "o" and op.nano_batch in gathered:   # all heads x this device's output columns
@@ -446,7 +453,6 @@ class Executor:
       x = st[0]["x"] if len(st) == 1 else jnp.concatenate([s["x"] for s in st])
       return x, k_cache, v_cache
 
-    unrolled = isinstance(params["layers"], list)
     if manual:
       from jax.sharding import PartitionSpec as P
       shapes = ({n: w.shape for n, w in params["layers"][0].items()} if unrolled else
@@ -511,7 +517,9 @@ class Executor:
         options.update(compat.SEPARATE_COLLECTIVES_OPTIONS)
       self._compiled[n] = lowered.compile(options or None)
       self.compile_seconds[n] = time.perf_counter() - t
-      log.info("compiled the step for %d tokens in %.1f s", n, self.compile_seconds[n])
+      mem = self._compiled[n].memory_analysis()
+      log.info("compiled the step for %d tokens in %.1f s (%s temporaries: %.2f GB)", n, self.compile_seconds[n],
+               self.layer_loop, getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem is not None else float("nan"))
     return self._compiled[n]
 
   def _sampler_for(self, modes: sampler.Modes, logits, sample_slots, sp: sampler.SamplingArrays):
