@@ -268,6 +268,8 @@ printf '| step | rc | seconds |\n|---|---|---|\n' > "$OUT/summary.rows"
 step_step-fp8-mix()       { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 \
                               --kv_cache_dtypes=fp8 --nanoflow=false --iters=5 --layer_loops=scan --trace_dir="$OUT/trace-fp8-mix" \
                               --out="$OUT/step-fp8-mix.md"; }
+step_step-fp8-loops()     { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 \
+                              --kv_cache_dtypes=fp8 --nanoflow=false --iters=3 --layer_loops=scan --out="$OUT/step-fp8-loops.md"; }
 step_step-fp8-mix-dsf()   { XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" $PY lab/step_bench.py --model=llama-3-8b \
                               --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 --nanoflow=false --iters=5 \
                               --trace_dir="$OUT/trace-fp8-mix-dsf" --out="$OUT/step-fp8-mix-dsf.md"; }

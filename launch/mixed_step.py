@@ -26,7 +26,8 @@ class MixedStep:
     grow = decodes * context // setup_dense + 64
     self.pages = (decodes * (context + grow) + prefill) // 16 + decodes + 64
     self.max_seqs = max(decodes + 1, max_num_seqs)   # the engine's sequence slots (rows sampled every step)
-    eng = Engine(model, EngineConfig(dense_batch=setup_dense, num_pages=self.pages, max_num_seqs=self.max_seqs,
+    # the set-up scans its layers: an unrolled step compiles for 30-120 s a bucket
+    eng = Engine(model, EngineConfig(dense_batch=setup_dense, num_pages=self.pages, max_num_seqs=self.max_seqs, layer_loop="scan",
                                      max_model_len=max(context + grow, prefill) + 64, compilation_cache_dir=None))
     rng = np.random.default_rng(0)
     vocab = min(1000, model.config.vocab_size)
