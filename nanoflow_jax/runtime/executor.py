@@ -419,9 +419,10 @@ class Executor:
           elif op.op == "attention":
             s["attn"] = self._attention(s["q"], k_cache, v_cache, i, inp, r, inp.blocks[op.nano_batch])
             if unrolled:
-              # The next layer's KV append writes the cache in place only once this attention has read it; the
-              # barrier makes that a data dependency (without it XLA's GPU compile of an unrolled 8B step kept
-              # copies of the whole cache: 214 GiB asked of a 141 GB device).
+              # The next layer's KV append may write the cache in place only once this attention has read it;
+              # the barrier makes that order a data dependency rather than leaving it to copy insertion. (The
+              # GPU compile warns of 214-267 GiB "memory use" with or without it; the temporaries it
+              # allocates are 0.3-0.7 GB, logged at compile.)
               s["attn"], k_cache, v_cache = jax.lax.optimization_barrier((s["attn"], k_cache, v_cache))
           elif op.op == "attn_allgather":   # this device's heads -> all heads, in the global head order
             s["attn"] = jax.lax.all_gather(s["attn"], parallel.AXIS, axis=1, tiled=True)
