@@ -34,6 +34,9 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_integer("layer_unroll", 1, "Decoder layers per iteration of the step's layer scan. With 2, a "
                        "layer's last ops (under TP: its last all-reduce) and the next layer's first ops of "
                        "another nano-batch are in one computation, where XLA may overlap them (longer compile).")
+  flags.DEFINE_bool("enable_prefix_caching", True, "Automatic prefix caching: full KV pages are found again by a "
+                    "hash of their prefix, so a prompt that shares a cached prefix computes only the rest "
+                    "(--noenable_prefix_caching or --enable_prefix_caching=false turns it off).")
   flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"], "The step's decoder layers: scan = one "
                     "loop over the stacked weights (compiled once); unrolled = every layer in the step, each with "
                     "weights of its own (XLA's dot reads them in place, command buffers take the whole step; longer "
@@ -79,4 +82,5 @@ def engine_kwargs() -> dict:
               max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len, kernels=FLAGS.kernels,
               gemm=FLAGS.gemm, prefill_attention=FLAGS.prefill_attention,
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
-              layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization)
+              layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization,
+              enable_prefix_caching=FLAGS.enable_prefix_caching)

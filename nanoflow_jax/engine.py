@@ -58,6 +58,7 @@ class EngineConfig:
   fused_rope_append: bool = False         # RoPE + KV append as one kernel (not yet measured: off)
   layer_unroll: int = 1                   # decoder layers per iteration of the layer scan: with 2, one
                                           # layer's tail and the next one's head are in one computation
+  enable_prefix_caching: bool = True      # full KV pages found again by their prefix (prefix_cache.py)
   layer_loop: str = "auto"                # scan (stacked weights, compiled once), unrolled (every layer in the
                                           # step with weights of its own: no copies for XLA's dot, command
                                           # buffers over the step) or auto (unrolled for fp8 on a GPU)
@@ -168,7 +169,7 @@ class Engine:
                              gemm=c.gemm, layer_unroll=c.layer_unroll, layer_loop=c.layer_loop,
                              mosaic_prefill=c.prefill_attention == "auto")
     num_pages = self.executor.num_pages
-    self.pool = kv_cache.PagePool(num_pages, c.page_size)
+    self.pool = kv_cache.PagePool(num_pages, c.page_size, caching=c.enable_prefix_caching)
     tokens_fit = num_pages * c.page_size
     if tokens_fit < self.max_model_len:
       # A sequence the cache can never hold would preempt itself forever (a livelock that starves every
@@ -268,7 +269,8 @@ class Engine:
                           list(s.output_logprobs) if s.params.logprobs is not None else None) for s in req.seqs],
         finished=all(s.finished for s in req.seqs),
         metrics=[RequestMetrics(s.arrival_time, s.first_token_time, s.finish_time, s.num_preemptions)
-                 for s in req.seqs])
+                 for s in req.seqs],
+        num_cached_tokens=req.seqs[0].num_cached_tokens)
     if out.finished:
       del self.requests[request_id]
     return out
@@ -472,7 +474,8 @@ class Engine:
     seq.emitted = max(seq.emitted, upto)
     if req.on_delta is not None:
       req.on_delta(Delta(req.request_id, seq.index, text, toks, lps if seq.params.logprobs is not None else None,
-                         seq.finish_reason, seq.stop_reason, len(req.prompt_ids), len(seq.output_ids)))
+                         seq.finish_reason, seq.stop_reason, len(req.prompt_ids), len(seq.output_ids),
+                         seq.num_cached_tokens or 0))
 
   def shutdown(self) -> None:
     """Drops the device state (KV cache, sampling state) so another engine can take the memory."""

@@ -7,12 +7,14 @@ Page `num_pages` does not exist: writes aimed there (padding tokens) are dropped
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 
 import jax
 import jax.numpy as jnp
 
+from nanoflow_jax import prefix_cache
 from nanoflow_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -22,35 +24,121 @@ GPU_RESERVE_BYTES = 6 << 30  # left free for activations, XLA's autotuning and t
 
 
 class PagePool:
-  """Free-list of page ids. Every page is either free or owned by exactly one sequence."""
+  """Page ids. A page is free, or held by one or more sequences (reference-counted: sequences that share a
+  cached prefix hold its pages together). With caching, a full page whose KV is written can be registered
+  under its key (the hash of its prefix and its tokens, prefix_cache.py); a cached page no sequence holds
+  stays as it is until the pool needs it, then goes least recently used first. Such pages count as free."""
 
-  def __init__(self, num_pages: int, page_size: int):
+  def __init__(self, num_pages: int, page_size: int, caching: bool = False):
     if num_pages < 1 or page_size < 1:
       raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
     self.num_pages = num_pages
     self.page_size = page_size
-    self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+    self.caching = caching
+    self._free = list(range(num_pages - 1, -1, -1))  # pages without content; pop() hands out low ids first
+    self._refs = [0] * num_pages
+    self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unheld: LRU first
+    self._key_of: dict[int, tuple] = {}   # cached page -> its key (hash, tokens)
+    self._page_of: dict[int, int] = {}    # hash -> cached page
+    self.extra_holds = 0                  # holds beyond the first on shared pages (admission counts pages per holder)
+    self.evictions = 0                    # cached pages reused for other content
+    self.queried_tokens = 0               # prompt tokens looked up, and those found (the hit rate)
+    self.hit_tokens = 0
 
   @property
   def num_free(self) -> int:
-    return len(self._free)
+    return len(self._free) + len(self._evictable)
 
   @property
   def num_used(self) -> int:
-    return self.num_pages - len(self._free)
+    return self.num_pages - self.num_free
+
+  @property
+  def num_cached(self) -> int:
+    return len(self._key_of)
 
   def pages_for(self, num_tokens: int) -> int:
     return -(-num_tokens // self.page_size)
 
   def allocate(self, n: int) -> list[int]:
-    if n > len(self._free):
-      raise MemoryError(f"asked for {n} pages, {len(self._free)} free")
-    return [self._free.pop() for _ in range(n)]
+    if n > self.num_free:
+      raise MemoryError(f"asked for {n} pages, {self.num_free} free")
+    out = []
+    for _ in range(n):
+      if self._free:
+        page = self._free.pop()
+      else:   # the least recently used cached page nobody holds
+        page, _ = self._evictable.popitem(last=False)
+        del self._page_of[self._key_of.pop(page)[0]]
+        self.evictions += 1
+      self._refs[page] = 1
+      out.append(page)
+    return out
 
   def free(self, pages: list[int]) -> None:
-    self._free.extend(reversed(pages))
-    if len(self._free) > self.num_pages:
-      raise AssertionError("page freed twice")
+    """Drops one hold on each page; a page nobody holds is free again (cached pages keep their content)."""
+    plain = []
+    for page in pages:
+      if self._refs[page] <= 0:
+        raise AssertionError(f"page {page} freed twice")
+      if self._refs[page] > 1:
+        self.extra_holds -= 1
+      self._refs[page] -= 1
+      if self._refs[page] == 0:
+        if page in self._key_of:
+          self._evictable[page] = None
+        else:
+          plain.append(page)
+    self._free.extend(reversed(plain))
+
+  def register(self, page: int, key: tuple) -> None:
+    """Records that held page `page` holds the KV of `key`'s tokens. The first page with a key keeps it
+    (two sequences that computed the same prefix at once leave one cached copy)."""
+    if not self.caching or self._refs[page] <= 0:
+      return
+    if key[0] in self._page_of or page in self._key_of:
+      return
+    self._key_of[page], self._page_of[key[0]] = key, page
+
+  def acquire_cached(self, keys: list[tuple]) -> list[int]:
+    """The pages of the longest run of `keys` (one per full page of a prompt, in order) that is cached,
+    each now held once more."""
+    pages = []
+    for key in keys:
+      page = self._page_of.get(key[0])
+      if page is None or not prefix_cache.same_page(self._key_of[page], key):   # (a hash collision is a miss)
+        break
+      pages.append(page)
+    for page in pages:
+      if self._refs[page] == 0:
+        del self._evictable[page]
+      else:
+        self.extra_holds += 1
+      self._refs[page] += 1
+    return pages
+
+  def forget(self, pages: list[int]) -> None:
+    """Their content is not to be trusted (a failed step may not have written it): uncache them."""
+    for page in pages:
+      key = self._key_of.pop(page, None)
+      if key is None:
+        continue
+      del self._page_of[key[0]]
+      if page in self._evictable:
+        del self._evictable[page]
+        self._free.append(page)
+
+  def check(self) -> None:
+    """The pool's invariants (tests): every page exactly one of free / held / cached-unheld."""
+    free, evictable = set(self._free), set(self._evictable)
+    held = {p for p in range(self.num_pages) if self._refs[p] > 0}
+    assert len(free) == len(self._free), "a page is free twice"
+    assert not (free & evictable) and not (free & held) and not (evictable & held)
+    assert free | evictable | held == set(range(self.num_pages)), "a page is lost"
+    assert all(r >= 0 for r in self._refs)
+    assert self.extra_holds == sum(r - 1 for r in self._refs if r > 1), "extra holds miscounted"
+    assert evictable <= set(self._key_of) and not (free & set(self._key_of))
+    assert {self._page_of[k[0]] for k in self._key_of.values()} == set(self._key_of)
 
 
 def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:

@@ -46,6 +46,7 @@ class RequestOutput:
   outputs: list[CompletionOutput]
   finished: bool
   metrics: list[RequestMetrics]  # one per sample
+  num_cached_tokens: int | None = None   # prompt tokens the prefix cache held (vLLM's name; the first sample's)
 
 
 @dataclasses.dataclass
@@ -60,3 +61,4 @@ class Delta:
   stop_reason: str | int | None = None
   num_prompt_tokens: int = 0
   num_output_tokens: int = 0
+  num_cached_tokens: int = 0     # of the prompt, found in the prefix cache

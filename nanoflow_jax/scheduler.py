@@ -17,6 +17,7 @@ import logging
 
 import numpy as np
 
+from nanoflow_jax import prefix_cache
 from nanoflow_jax.kv_cache import PagePool
 from nanoflow_jax.sequence import Sequence, Status
 
@@ -56,6 +57,10 @@ class Scheduler:
     self._finished_outputs = 0
     self._finished_count = 0
     self._default_expected = default_expected_output
+    self.caching = pool.caching
+    # Sequences with chunks in the last batch: their newly full pages are registered in the prefix cache at
+    # the next schedule(), when that batch has been dispatched (a step that reads them comes after it).
+    self._written: list[Sequence] = []
 
   # --- bookkeeping ------------------------------------------------------------------------------
   def add(self, seq: Sequence) -> None:
@@ -86,9 +91,14 @@ class Scheduler:
     held = np.fromiter((len(s.pages) for s in seqs), np.int64, len(seqs))
     return cur, peak, held
 
-  def release(self, seq: Sequence) -> None:
-    """Frees the sequence's pages and slot (on finish, abort, error or preemption)."""
+  def release(self, seq: Sequence, cache: bool = True) -> None:
+    """Frees the sequence's pages and slot (on finish, abort, error or preemption). Its full pages stay in
+    the prefix cache, unless `cache` is False (a failed step may not have written them)."""
     if seq.pages:
+      if cache:
+        self._register(seq)
+      else:
+        self.pool.forget(seq.pages)
       self.pool.free(seq.pages)
       seq.pages = []
     if seq.slot is not None:
@@ -102,7 +112,7 @@ class Scheduler:
       return
     if seq.status is Status.WAITING and seq in self.waiting:   # (aborted before it ran)
       self.waiting.remove(seq)
-    self.release(seq)
+    self.release(seq, cache=reason != "error")
     seq.status, seq.finish_reason = Status.FINISHED, reason
     self._finished_outputs += len(seq.output_ids)
     self._finished_count += 1
@@ -112,6 +122,7 @@ class Scheduler:
     self.release(seq)
     seq.status = Status.WAITING
     seq.num_computed = 0
+    seq.num_registered = 0
     seq.num_preemptions += 1
     self.num_preemptions += 1
     self.waiting.appendleft(seq)
@@ -133,11 +144,51 @@ class Scheduler:
       return False
     return len(seq.prompt_ids) + produced < self.max_model_len
 
+  # --- the prefix cache -------------------------------------------------------------------------
+  def _register(self, seq: Sequence) -> None:
+    """Registers seq's full pages whose KV a dispatched step writes and whose tokens are known."""
+    if not self.caching:
+      return
+    upto = min(seq.num_computed, seq.num_tokens)
+    n = min(upto // self.pool.page_size, len(seq.pages))
+    if n <= seq.num_registered:
+      return
+    prefix_cache.extend_keys(seq.page_keys, seq.token_at, n * self.pool.page_size, self.pool.page_size)
+    for j in range(seq.num_registered, n):
+      self.pool.register(seq.pages[j], seq.page_keys[j])
+    seq.num_registered = n
+
+  def _reuse_cached(self, seq: Sequence) -> None:
+    """A sequence about to be admitted takes the longest cached run of its full pages; its prefill starts
+    after them. The last known token is always computed (its logits are sampled). Sequences with penalties
+    compute every token: the device learns the prompt's and outputs' tokens for them from the tokens fed."""
+    p = seq.params
+    if (not self.caching or seq.num_computed or seq.pages or p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+      return
+    ps = self.pool.page_size
+    usable = (seq.num_tokens - 1) // ps
+    prefix_cache.extend_keys(seq.page_keys, seq.token_at, usable * ps, ps)
+    seq.pages = self.pool.acquire_cached(seq.page_keys[:usable])
+    seq.num_computed = len(seq.pages) * ps
+    seq.num_registered = len(seq.pages)
+
+  def _sibling_prefilling(self, seq: Sequence) -> bool:
+    """Whether an earlier sample of seq's request is still computing the prompt they share: seq then waits
+    for its pages (one prefill for the n samples instead of n)."""
+    if not self.caching or seq.index == 0 or seq.num_cached_tokens is not None:
+      return False
+    full = (len(seq.prompt_ids) - 1) // self.pool.page_size
+    return any(s.request_id == seq.request_id and s.num_registered < full for s in self.running)
+
   # --- one step ---------------------------------------------------------------------------------
   def schedule(self) -> Batch | None:
     budget = self.dense_batch
     chunks: list[Chunk] = []
     reset: list[int] = []
+    for seq in self._written:
+      if seq.status is Status.RUNNING:
+        self._register(seq)
 
     # 1. Every running decode, oldest first; on a full pool, preempt the newest.
     for seq in list(self.running):
@@ -168,14 +219,24 @@ class Scheduler:
       seq = self.waiting[0]
       if seq.inflight:  # preempted while a token was on its way: wait for it
         break
+      if self._sibling_prefilling(seq):
+        break
+      self._reuse_cached(seq)
       if self.running:
         proj = proj if proj is not None else self._projection(self.running)
         with_seq = [np.append(a, b) for a, b in zip(proj, self._projection([seq]))]
-        if _peak_pages(*with_seq, self.pool.page_size) > self.pool.num_pages:
+        # (pages shared through the prefix cache are counted once per holder: the pool's extra holds)
+        if _peak_pages(*with_seq, self.pool.page_size) > self.pool.num_pages + self.pool.extra_holds:
+          self._unreuse(seq)
           break
-      if self.pool.num_free == 0:
+      if self.pool.num_free == 0:   # (its last page is never a cached one)
+        self._unreuse(seq)
         break
       self.waiting.popleft()
+      if seq.num_cached_tokens is None:   # its first admission: what the prefix cache gave its prompt
+        seq.num_cached_tokens = seq.num_computed
+        self.pool.queried_tokens += len(seq.prompt_ids)
+        self.pool.hit_tokens += seq.num_computed
       seq.status = Status.RUNNING
       seq.slot = self.free_slots.pop()
       reset.append(seq.slot)
@@ -184,9 +245,16 @@ class Scheduler:
       if proj is not None:   # the admitted sequence as it now stands (its chunk's pages)
         proj = [np.append(a, b) for a, b in zip(proj, self._projection([seq]))]
 
+    self._written = [c.seq for c in chunks]
     if not chunks:
       return None
     return Batch(chunks, self.dense_batch - budget, reset)
+
+  def _unreuse(self, seq: Sequence) -> None:
+    """Gives back the cached pages a sequence took, when it is not admitted after all."""
+    if seq.pages:
+      self.pool.free(seq.pages)
+      seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
 
   def _prefill_chunk(self, seq: Sequence, budget: int, chunks: list[Chunk]) -> int:
     start = seq.num_computed

@@ -39,6 +39,9 @@ class Sequence:
   finish_time: float | None = None
   num_preemptions: int = 0
   detokenizer: object = None
+  page_keys: list = dataclasses.field(default_factory=list)   # prefix-cache keys of its full pages (so far)
+  num_registered: int = 0          # of its pages, how many are registered in the prefix cache
+  num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache at its first admission
 
   @property
   def num_tokens(self) -> int:

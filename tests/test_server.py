@@ -27,6 +27,29 @@ def test_completion_equals_offline_greedy(client, reference):
   assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(reference.tokenizer.encode("Hello world"))
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(server, client):
+  """Prefix caching is on by default: the second time a long prompt comes, its full pages are cached, as
+  usage.prompt_tokens_details.cached_tokens and the metrics say; the text is the same."""
+  prompt = "The same long system prompt, word after word, " * 6
+  first = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=4, **GREEDY)
+  second = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=4, **GREEDY)
+  assert second.choices[0].text == first.choices[0].text
+  assert first.usage.prompt_tokens_details.cached_tokens == 0
+  cached = second.usage.prompt_tokens_details.cached_tokens
+  assert 0 < cached < second.usage.prompt_tokens and cached % 16 == 0
+  chat = [{"role": "user", "content": prompt}]
+  client.chat.completions.create(model="tiny-test", messages=chat, max_tokens=2, **GREEDY)
+  stream = client.chat.completions.create(model="tiny-test", messages=chat, max_tokens=2, stream=True,
+                                          stream_options={"include_usage": True}, **GREEDY)
+  usage = [c.usage for c in stream if c.usage is not None][-1]
+  assert usage.prompt_tokens_details.cached_tokens > 0
+  _, text = _get(server, "/metrics")
+  assert _metric(server, "nanoflow_prefix_cache_hit_tokens_total") >= cached
+  for name in ("nanoflow_prefix_cache_pages", "nanoflow_prefix_cache_hit_rate", "nanoflow_prefix_cache_evictions_total",
+               "nanoflow_prefix_cache_queried_tokens_total"):
+    assert name in text, name
+
+
 def test_prompt_forms(client):
   r = client.completions.create(model="tiny-test", prompt=["a", "bb"], max_tokens=3, n=2, **GREEDY)
   assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]

@@ -265,7 +265,7 @@ class Handlers:
         lps[idx].extend(d.logprobs or [])
         if d.finish_reason is not None:
           finish[idx] = d.finish_reason
-          usage.completion_tokens += d.num_output_tokens
+          usage.add_final(idx, params.n, d)
       if "error" in finish:
         raise P.ApiError(500, f"the engine failed while running request {base}; see the server log",
                          type_="internal_error")
@@ -306,7 +306,7 @@ class Handlers:
                               type_="internal_error").body())
         return
       if d.finish_reason is not None:
-        usage.completion_tokens += d.num_output_tokens
+        usage.add_final(idx, params.n, d)
       if not d.text and d.finish_reason is None and not d.logprobs:
         return
       c: dict[str, Any] = {"index": idx, "finish_reason": d.finish_reason}

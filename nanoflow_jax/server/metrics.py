@@ -20,6 +20,16 @@ class _EngineCollector:
     yield GaugeMetricFamily("nanoflow_requests_waiting", "Sequences waiting", value=len(sched.waiting))
     yield GaugeMetricFamily("nanoflow_kv_pages_used", "KV pages in use", value=e.pool.num_used)
     yield GaugeMetricFamily("nanoflow_kv_pages_free", "KV pages free", value=e.pool.num_free)
+    pool = e.pool
+    yield GaugeMetricFamily("nanoflow_prefix_cache_pages", "KV pages in the prefix cache", value=pool.num_cached)
+    yield CounterMetricFamily("nanoflow_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+                              value=pool.queried_tokens)
+    yield CounterMetricFamily("nanoflow_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                              value=pool.hit_tokens)
+    yield GaugeMetricFamily("nanoflow_prefix_cache_hit_rate", "Prompt tokens found / looked up since start",
+                            value=pool.hit_tokens / max(pool.queried_tokens, 1))
+    yield CounterMetricFamily("nanoflow_prefix_cache_evictions", "Cached KV pages reused for other content",
+                              value=pool.evictions)
     yield CounterMetricFamily("nanoflow_preemptions", "Sequences preempted (recompute)",
                               value=sched.num_preemptions)
     yield CounterMetricFamily("nanoflow_prompt_tokens", "Prompt tokens received", value=e.stats.prompt_tokens)

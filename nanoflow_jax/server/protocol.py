@@ -229,7 +229,15 @@ def chat_logprobs(tokenizer, lps: list[Logprob]) -> dict[str, Any]:
 class Usage:
   prompt_tokens: int = 0
   completion_tokens: int = 0
+  cached_tokens: int = 0     # prompt tokens whose KV the prefix cache held
 
   def body(self):
     return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens}
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+  def add_final(self, index: int, n: int, delta) -> None:
+    """A sample's last delta: its output tokens, and (once per prompt: its first sample's) the cached ones."""
+    self.completion_tokens += delta.num_output_tokens
+    if index % n == 0:
+      self.cached_tokens += delta.num_cached_tokens

@@ -1,0 +1,182 @@
+"""Automatic prefix caching (issue 28): full KV pages found again by their prefix's hash.
+
+- The pool and the scheduler under random workloads with shared prefixes, aborts and preemption (hypothesis):
+  reference counts never negative, no page both free and held, every cached page a reader reuses holds the
+  KV of exactly the tokens it stands for (a simulated device writes each page's contents), everything free
+  when idle.
+- Outputs with cache hits are the outputs without (greedy and seeded), also after eviction, with n > 1,
+  preemption, nanoflow mode and an fp8 KV cache; what is reported (num_cached_tokens, usage, metrics).
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from nanoflow_jax.engine import Engine, EngineConfig
+from nanoflow_jax.kv_cache import PagePool
+from nanoflow_jax.model import load_model
+from nanoflow_jax.sampling_params import SamplingParams
+from nanoflow_jax.scheduler import Scheduler
+from nanoflow_jax.sequence import Sequence
+
+MAX_LEN = 64
+
+# (arrival step, which shared prefix, its length, own tokens, max_tokens, abort at step)
+request = st.tuples(st.integers(0, 20), st.integers(0, 2), st.integers(0, 40), st.integers(1, 12),
+                    st.one_of(st.none(), st.integers(1, 20)), st.one_of(st.none(), st.integers(1, 50)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(reqs=st.lists(request, min_size=1, max_size=14), num_pages=st.integers(12, 50),
+       page_size=st.sampled_from([1, 4, 8]), dense_batch=st.integers(8, 64), max_num_seqs=st.integers(1, 6),
+       n=st.integers(1, 2))
+def test_the_cache_never_hands_out_wrong_or_lost_pages(reqs, num_pages, page_size, dense_batch, max_num_seqs, n):
+  num_pages = max(num_pages, -(-MAX_LEN // page_size) + 1)
+  pool = PagePool(num_pages, page_size, caching=True)
+  sched = Scheduler(pool, dense_batch, max_num_seqs, MAX_LEN, default_expected_output=4)
+  prefixes = [list(range(100 * k + 1, 100 * k + 41)) for k in range(3)]
+  written: dict[int, dict[int, tuple]] = {}   # page -> offset -> (sequence, position) whose KV is there
+  seqs, pending = [], []
+  for step in range(3000):
+    for i, (at, k, plen, own, max_tokens, _) in enumerate(reqs):
+      if at == step:
+        prompt = prefixes[k][:plen] + [1000 + i] * own
+        for j in range(n):
+          seq = Sequence(i * n + j, f"r{i}", j, prompt, SamplingParams(max_tokens=max_tokens, n=n), seed=0)
+          seqs.append(seq)
+          sched.add(seq)
+    for seq in seqs:
+      if reqs[seq.seq_id // n][5] == step:
+        sched.finish(seq, "abort")
+    batch = sched.schedule()
+    pool.check()
+    held = [p for s in sched.running for p in s.pages]
+    assert len(held) == len(set(held)) + pool.extra_holds
+    assert all(not s.pages for s in sched.waiting)
+    for c in batch.chunks if batch else []:
+      s = c.seq
+      for pos in range(c.start):          # the KV the chunk's attention reads: its own or cached pages
+        src = written.get(s.pages[pos // page_size], {}).get(pos % page_size)
+        assert src is not None, "a page read was never written"
+        other, opos = src
+        assert opos == pos and other.token_at(opos) == s.token_at(pos), "a cached page holds other tokens"
+      for pos in range(c.start, c.start + c.length):
+        written.setdefault(s.pages[pos // page_size], {})[pos % page_size] = (s, pos)
+    for seq in pending:   # the previous step's tokens arrive now
+      if seq.finished:
+        continue
+      seq.inflight -= 1
+      seq.output_ids.append(7 + len(seq.output_ids) % 3)
+      mt = seq.params.max_tokens
+      if (mt is not None and len(seq.output_ids) >= mt) or seq.num_tokens >= MAX_LEN:
+        sched.finish(seq, "length")
+    pending = [c.seq for c in batch.chunks if c.sample] if batch else []
+    pool.check()
+    if not sched.has_work() and not pending and step > 21:
+      break
+  assert not sched.has_work(), "the workload did not drain"
+  assert pool.num_free == pool.num_pages and pool.extra_holds == 0
+  assert all(s.finished for s in seqs)
+
+
+def test_pool_eviction_is_lru_and_cached_pages_count_as_free():
+  pool = PagePool(4, 2, caching=True)
+  a = pool.allocate(2)
+  pool.register(a[0], (11, 0, (1, 2)))
+  pool.register(a[1], (12, 11, (3, 4)))
+  pool.free(a)
+  assert pool.num_free == 4 and pool.num_cached == 2
+  assert pool.acquire_cached([(11, 0, (1, 2)), (12, 11, (3, 4))]) == a
+  assert pool.acquire_cached([(11, 0, (1, 2))]) == a[:1] and pool.extra_holds == 1
+  assert pool.acquire_cached([(11, 0, (9, 9))]) == []          # same hash, other tokens: a miss
+  pool.free(a)
+  pool.free(a[:1])
+  pool.check()
+  pool.allocate(2)                                               # the free pages first
+  assert pool.num_cached == 2 and pool.evictions == 0
+  pool.allocate(1)                                               # then the least recently used cached page
+  assert pool.evictions == 1 and pool.acquire_cached([(11, 0, (1, 2))]) == [a[0]]
+  pool.check()
+
+
+@pytest.fixture(scope="module")
+def model():
+  return load_model("tiny", dtype="float32", random_weights=True)
+
+
+def _run(model, caching, rounds, num_pages=64, n=1, mode="sequential", kv="auto", temperature=0.0, dense=32,
+         abort=None):
+  """Two rounds of prompts sharing a 70-token prefix (the second round: each first-round prompt again)."""
+  eng = Engine(model, EngineConfig(dense_batch=dense, num_pages=num_pages, max_num_seqs=4, mode=mode,
+                                   kv_cache_dtype=kv, compilation_cache_dir=None, enable_prefix_caching=caching))
+  rng = np.random.default_rng(0)
+  shared = [int(t) for t in rng.integers(1, 250, 70)]
+  prompts = [shared + [int(t) for t in rng.integers(1, 250, k)] for k in (5, 17, 40, 3)]
+  out = []
+  for r in range(rounds):
+    for i, p in enumerate(prompts):
+      eng.add_request(f"{r}-{i}", p, SamplingParams(max_tokens=6, n=n, temperature=temperature, seed=i,
+                                                    ignore_eos=True))
+    if abort is not None:
+      eng.step()
+      eng.abort(f"{r}-{abort}")
+    eng.run_until_done()
+    for i in range(len(prompts)):
+      o = eng.pop_output(f"{r}-{i}")
+      out.append(([c.token_ids for c in o.outputs], o.num_cached_tokens))
+  eng.pool.check()
+  assert eng.pool.num_free == eng.pool.num_pages   # everything free (or cached, evictable) when idle
+  return out, eng
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_outputs_with_cache_hits_are_the_outputs_without(model, temperature):
+  ref, _ = _run(model, False, 2, temperature=temperature)
+  got, eng = _run(model, True, 2, temperature=temperature)
+  assert [t for t, _ in got] == [t for t, _ in ref]
+  assert all(c == 0 for _, c in ref)
+  cached = [c for _, c in got]
+  assert cached[0] == 0 and all(c >= 64 for c in cached[4:])   # the second round hits its own full pages
+  assert eng.pool.hit_tokens == sum(cached) and eng.pool.queried_tokens == 2 * (75 + 87 + 110 + 73)
+
+
+def test_hits_after_eviction_give_the_same_tokens(model):
+  ref, _ = _run(model, False, 2, num_pages=10)
+  got, eng = _run(model, True, 2, num_pages=10)   # 10 pages of 16: prompts evict each other's cached pages
+  assert [t for t, _ in got] == [t for t, _ in ref]
+  assert eng.pool.evictions > 0
+
+
+def test_n_samples_share_the_prompt_and_aborts_keep_the_cache_sound(model):
+  ref, _ = _run(model, False, 2, n=2, temperature=0.9, abort=1)
+  got, eng = _run(model, True, 2, n=2, temperature=0.9, abort=1)
+  assert [t for t, _ in got] == [t for t, _ in ref]
+  assert got[0][1] == 0 and eng.pool.hit_tokens > 0
+
+
+@pytest.mark.parametrize("mode,kv", [("nanoflow", "auto"), ("sequential", "fp8")])
+def test_cache_hits_in_nanoflow_mode_and_with_an_fp8_cache(model, tmp_path, mode, kv):
+  if mode == "nanoflow":   # the tiny CPU config splits the step in two nano-batches
+    ref, _ = _run(model, False, 2, mode=mode, dense=64)
+    got, _ = _run(model, True, 2, mode=mode, dense=64)
+  else:
+    ref, _ = _run(model, False, 2, kv=kv)
+    got, _ = _run(model, True, 2, kv=kv)
+  assert [t for t, _ in got] == [t for t, _ in ref]
+  assert any(c for _, c in got)
+
+
+def test_the_last_prompt_token_is_computed_and_penalties_compute_every_token(model):
+  eng = Engine(model, EngineConfig(dense_batch=32, num_pages=32, max_num_seqs=2, compilation_cache_dir=None))
+  prompt = list(range(1, 65))   # exactly 4 pages of 16
+  for rid, sp in (("a", SamplingParams(max_tokens=2, temperature=0)), ("b", SamplingParams(max_tokens=2, temperature=0)),
+                  ("c", SamplingParams(max_tokens=2, temperature=0, repetition_penalty=1.3))):
+    eng.add_request(rid, prompt, sp)
+    eng.run_until_done()
+  a, b, c = (eng.pop_output(r) for r in "abc")
+  assert a.num_cached_tokens == 0 and b.num_cached_tokens == 48 and c.num_cached_tokens == 0
+  assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_prefix_caching_can_be_turned_off(model):
+  got, eng = _run(model, False, 2)
+  assert eng.pool.num_cached == 0 and eng.pool.hit_tokens == 0
