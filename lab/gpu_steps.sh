@@ -279,6 +279,10 @@ step_step-fp8-decode()    { $PY lab/step_bench.py --model=llama-3-8b --kernels=t
 step_step-w16-decode()    { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --kv_cache_dtypes=fp8 \
                               --decodes=32 --context=1024 --prefill=0 --dense_batch=2048 --max_num_seqs=1024 --nanoflow=false \
                               --layer_unrolls=32 --trace_dir="$OUT/trace-w16-decode" --out="$OUT/step-w16-decode.md"; }
+# Issue 28: multi-round chats with prefix caching off and on (8B, fp8 KV), and the no-reuse cost on 1024/512.
+step_multiround-off()     { bench multiround-off multiround 1000 --kv_cache_dtype=fp8 --enable_prefix_caching=false; }
+step_multiround-on()      { bench multiround-on multiround 1000 --kv_cache_dtype=fp8; }
+step_bench-1024-512-nocache() { bench bench-1024-512-nocache 1024-512 1000 --kv_cache_dtype=fp8 --enable_prefix_caching=false; }
 sweep() { local name=$1; shift; $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=2048 \
             --max_num_seqs=1024 --kv_cache_dtype=fp8 --decode_sweep=1,8,32,128,512 --json_out="$OUT/$name.json" \
             --plot_out="$OUT/$name.png" "$@"; }

@@ -71,7 +71,11 @@ def environment(mode: str) -> dict:
 
 
 def make_requests(max_model_len: int, vocab: int):
+  """(prompt ids, output length) per request; for --workload=multiround, the Conversations that make them."""
   import numpy as np
+  if FLAGS.workload == "multiround":
+    from launch.conversations import Conversations
+    return Conversations(FLAGS.num_requests, FLAGS.seed, vocab, max_model_len, params)
   lens = workloads.lengths(FLAGS.workload, FLAGS.num_requests, FLAGS.seed, FLAGS.workload_file, FLAGS.sample,
                            max_model_len)
   rng = np.random.default_rng(FLAGS.seed)
@@ -121,10 +125,16 @@ def _run_offline(engine, requests, peak: float, peak_random: float) -> dict:
   from tqdm import tqdm
   engine.stats.step_records = []
   stats0 = dict(vars(engine.stats))
+  pool0 = (engine.pool.queried_tokens, engine.pool.hit_tokens, engine.pool.evictions)
+  conversations = requests if not isinstance(requests, list) else None
   t0 = time.perf_counter()
-  for i, (prompt, out_len) in enumerate(requests):
-    engine.add_request(f"b{i}", prompt, params(out_len))
-  bar = tqdm(total=sum(o for _, o in requests), desc="output tokens", unit="tok", file=sys.stderr)
+  if conversations is not None:   # rounds arrive as their predecessors finish
+    conversations.start(engine)
+  else:
+    for i, (prompt, out_len) in enumerate(requests):
+      engine.add_request(f"b{i}", prompt, params(out_len))
+  total_out = conversations.total_output if conversations else sum(o for _, o in requests)
+  bar = tqdm(total=total_out, desc="output tokens", unit="tok", file=sys.stderr)
   last = 0
   trace = tuple(int(s) for s in FLAGS.trace_steps.split(":")) if FLAGS.trace_dir else None
   step = 0
@@ -132,6 +142,8 @@ def _run_offline(engine, requests, peak: float, peak_random: float) -> dict:
     if trace and step == trace[0]:
       jax.profiler.start_trace(FLAGS.trace_dir, create_perfetto_trace=True)
     engine.step()
+    if conversations is not None:
+      conversations.advance(engine)
     step += 1
     if trace and step == trace[1]:
       jax.profiler.stop_trace()
@@ -141,18 +153,27 @@ def _run_offline(engine, requests, peak: float, peak_random: float) -> dict:
     last = gen
   bar.close()
   wall = time.perf_counter() - t0
-  outs = [engine.pop_output(f"b{i}") for i in range(len(requests))]
-  n_in = sum(len(p) for p, _ in requests)
+  if conversations is not None:
+    outs, n_in = conversations.outputs, conversations.prompt_tokens
+  else:
+    outs = [engine.pop_output(f"b{i}") for i in range(len(requests))]
+    n_in = sum(len(p) for p, _ in requests)
+  queried, hits = (engine.pool.queried_tokens - pool0[0], engine.pool.hit_tokens - pool0[1])
   n_out = sum(len(o.outputs[0].token_ids) for o in outs)
   cfg = engine.model.config
   optimal = peak * 1e12 / (2 * cfg.num_params())
   steps = engine.stats.steps - stats0["steps"]
   records, engine.stats.step_records = engine.stats.step_records, None
   return {
-      "num_requests": len(requests), "total_input_tokens": n_in, "total_output_tokens": n_out,
+      "num_requests": len(outs), "total_input_tokens": n_in, "total_output_tokens": n_out,
+      # prefix caching: prompt tokens found cached, and the prefill tokens that were computed
+      "prefix_cache": {"enabled": engine.pool.caching, "hit_tokens": hits, "queried_tokens": queried,
+                       "hit_rate": hits / max(queried, 1), "prefill_tokens_computed": n_in - hits,
+                       "evictions": engine.pool.evictions - pool0[2]},
+      "ttft_ms": _pcts([1e3 * m.ttft for o in outs for m in o.metrics if m.ttft is not None]),
       "wall_seconds": wall, "total_tokens_per_s": (n_in + n_out) / wall,
       "tokens_per_s_per_gpu": (n_in + n_out) / wall / engine.num_devices,
-      "output_tokens_per_s": n_out / wall, "requests_per_s": len(requests) / wall,
+      "output_tokens_per_s": n_out / wall, "requests_per_s": len(outs) / wall,
       "gemm_peak_tflops": peak, "optimal_tokens_per_s": optimal,
       "percent_of_optimal": 100 * (n_in + n_out) / wall / optimal / engine.num_devices,
       # the same against the peak on weight-like data, which the board's power limit holds lower (perf-notes)
@@ -386,6 +407,10 @@ def main(argv):
             f"tok/s | {o['requests_per_s']:7.2f} req/s | {o['percent_of_optimal']:5.1f}% of optimal "
             f"({o['percent_of_optimal_random_peak']:.1f}% against the random-data peak) | "
             f"step {o['mean_step_ms']:.1f} ms (host {o['host_ms_per_step']:.1f} ms) | preemptions {o['preemptions']}")
+      pc = o["prefix_cache"]
+      print(f"{'':>10}  prefix cache {'on' if pc['enabled'] else 'off'}: {pc['hit_rate']:.1%} of prompt tokens hit, "
+            f"{pc['prefill_tokens_computed']} prefill tokens computed, {pc['evictions']} evictions; TTFT p50 "
+            f"{o['ttft_ms'].get('p50', 0):.0f} ms p99 {o['ttft_ms'].get('p99', 0):.0f} ms")
       print(f"{'':>10}  host per step (ms): " + ", ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in
                                                        o["host_breakdown_ms_per_step"].items()))
       s = o["step_summary"]

@@ -12,7 +12,10 @@ SPLITWISE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads"
 SYNTHETIC = {"lmsys": ((102, 169), (222, 210)), "sharegpt": ((246, 547), (322, 244))}
 CONSTANT = {"512-512": (512, 512), "1024-512": (1024, 512), "512-1024": (512, 1024),
             "1000-1000": (1000, 1000)}   # TensorRT-LLM's published table
-NAMES = [*CONSTANT, "splitwise", *SYNTHETIC]
+NAMES = [*CONSTANT, "splitwise", *SYNTHETIC, "multiround"]
+# Multi-round chats (issue 28): a system prompt every conversation shares, LMSYS-like user turns and answers,
+# 1 + geometric(0.4) rounds (mean 2.5, at most 8); each round's prompt is the whole history plus a new turn.
+MULTIROUND = {"system": 512, "user": (102, 169), "output": (222, 210), "p_more": 0.6, "max_rounds": 8}
 
 
 def _lognormal(rng, mean, sd, n):
@@ -52,3 +55,23 @@ def lengths(name: str, num_requests: int, seed: int = 0, workload_file: str | No
       o = min(o, max_model_len - i)
     res.append((i, o))
   return res
+
+
+def multiround(num_conversations: int, seed: int = 0, max_model_len: int | None = None) -> list[list[tuple[int, int]]]:
+  """Per conversation, its rounds' (user turn, output) token counts; a conversation stops before a round
+  whose prompt and output would pass max_model_len (the shared system prompt counted)."""
+  rng = np.random.default_rng(seed)
+  m = MULTIROUND
+  out = []
+  for _ in range(num_conversations):
+    rounds = min(int(rng.geometric(1 - m["p_more"])), m["max_rounds"])
+    users = np.maximum(_lognormal(rng, *m["user"], rounds).astype(int), 1)
+    outs = np.maximum(_lognormal(rng, *m["output"], rounds).astype(int), 1)
+    conv, total = [], m["system"]
+    for u, o in zip(users, outs):
+      if max_model_len and total + u + o > max_model_len:
+        break
+      conv.append((int(u), int(o)))
+      total += u + o
+    out.append(conv or [(1, 1)])
+  return out

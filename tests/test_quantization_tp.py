@@ -1,5 +1,5 @@
 """fp8 weights under tensor parallelism (4 CPU devices): the scales sharded with their weights, TP 2 through the
-per-device (shard_map) layer and TP 4 through XLA's partitioner give the single device's greedy tokens."""
+per-device (shard_map) layer and TP 4 through XLA's partitioner give the single device's greedy tokens; so does TP 2 with the layers unrolled (per-layer arrays, each sharded)."""
 import json
 import os
 import subprocess
@@ -25,6 +25,13 @@ for tp in (1, 2, 4):
              "gate_up_spec": str(getattr(layers["gate_up_fp8"].sharding, "spec", None)),
              "manual": llm.engine.executor.manual_tp}
   llm.engine.shutdown()
+# TP 2 with the layers unrolled (the fp8 default on a GPU): each layer's arrays keep their shards
+llm = LLM("tiny", dtype="float32", dense_batch=64, num_pages=64, max_num_seqs=4, tensor_parallel=2,
+          quantization="fp8", layer_loop="unrolled")
+layer0 = llm.engine.executor.params["layers"][0]
+res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+out["2u"] = {"tokens": [r.outputs[0].token_ids for r in res], "manual": llm.engine.executor.manual_tp,
+             "gate_up_spec": str(getattr(layer0["gate_up_fp8"].sharding, "spec", None))}
 print(json.dumps(out))
 """
 
@@ -37,3 +44,4 @@ def test_fp8_under_tp_gives_the_single_device_tokens():
   assert out["2"]["tokens"] == out["1"]["tokens"] and out["4"]["tokens"] == out["1"]["tokens"]
   assert out["2"]["manual"] and not out["4"]["manual"]
   assert "tp" in out["2"]["qkv_scale_spec"] and "tp" in out["2"]["gate_up_spec"]   # sharded with the weights
+  assert out["2u"]["tokens"] == out["1"]["tokens"] and out["2u"]["manual"] and "tp" in out["2u"]["gate_up_spec"]
