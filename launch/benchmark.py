@@ -447,5 +447,9 @@ def main(argv):
                           f"{FLAGS.model}, {FLAGS.workload_file or FLAGS.workload}, {mode}")
 
 
+def run() -> None:
+  app.run(main, argv=engine_flags.vllm_argv(sys.argv))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

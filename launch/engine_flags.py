@@ -84,3 +84,44 @@ def engine_kwargs() -> dict:
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
               layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization,
               enable_prefix_caching=FLAGS.enable_prefix_caching)
+
+
+# vLLM's names for our flags (`vllm serve` users' scripts run as they are); values map where vLLM's differ.
+VLLM_NAMES = {"tensor-parallel-size": "tp", "tp": "tp", "gpu-memory-utilization": "kv_memory_fraction",
+              "max-num-batched-tokens": "dense_batch", "block-size": "page_size"}
+VLLM_VALUES = {"kv_cache_dtype": {"fp8_e4m3": "fp8"}}
+VLLM_LISTS = ("served-model-name",)   # flags vLLM takes as several values: `--served-model-name a b`
+
+
+def vllm_argv(argv: list[str]) -> list[str]:
+  """argv with vLLM's spellings turned into ours: dashes for underscores (`--max-model-len`), vLLM's names
+  (VLLM_NAMES), `--no-x` for `--nox`, `--flag value` for `--flag=value` where our flag takes a value, and a
+  list flag's several values joined. Anything unknown is left for absl to refuse by name."""
+  out, i = [argv[0]], 1
+  while i < len(argv):
+    arg = argv[i]
+    i += 1
+    if not arg.startswith("--") or arg == "--" or ("_" in arg.split("=")[0] and "-" not in arg[2:].split("=")[0]):
+      out.append(arg)
+      continue
+    name, eq, value = arg[2:].partition("=")
+    negated = name.startswith("no-")
+    base = name[3:] if negated else name
+    ours = VLLM_NAMES.get(base, base.replace("-", "_"))
+    if ours not in FLAGS:
+      out.append(arg)
+      continue
+    if negated:
+      out.append(f"--no{ours}")
+      continue
+    is_bool = isinstance(FLAGS[ours].value, bool) or FLAGS[ours].flag_type() == "bool"
+    if not eq and not is_bool and i < len(argv):   # `--flag value`
+      value, eq = argv[i], "="
+      i += 1
+      if base in VLLM_LISTS:
+        while i < len(argv) and not argv[i].startswith("-"):
+          value += "," + argv[i]
+          i += 1
+    value = VLLM_VALUES.get(ours, {}).get(value, value)
+    out.append(f"--{ours}={value}" if eq else f"--{ours}")
+  return out

@@ -27,7 +27,9 @@ flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_integer("max_waiting", 1024, "Requests allowed to wait; beyond, 503 with Retry-After.")
 flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1 (or env NANOFLOW_API_KEY).")
-flags.DEFINE_string("served_model_name", None, "Model name in the API (default: --model's base name).")
+flags.DEFINE_list("served_model_name", None, "Model name(s) in the API, comma-separated (vLLM: "
+                  "--served-model-name A B); the first is the one responses carry; default: --model's base name. "
+                  "Requests may also name the model path given.")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
 flags.DEFINE_float("shutdown_timeout", 60.0, "On SIGTERM/SIGINT, seconds to let the requests in flight finish; a "
                    "second signal exits at once.")
@@ -82,14 +84,19 @@ def main(argv):
   if multi_host and FLAGS.process_id != 0:
     multihost.follow(engine, channel)
     return
-  name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
+  names = FLAGS.served_model_name or [os.path.basename(os.path.normpath(FLAGS.model))]
   api_key = FLAGS.api_key or os.environ.get("NANOFLOW_API_KEY")
   limits = ServerLimits(max_connections=FLAGS.max_connections, header_timeout=FLAGS.header_timeout,
                         body_timeout=FLAGS.body_timeout, max_request_mb=FLAGS.max_request_mb,
                         shutdown_timeout=FLAGS.shutdown_timeout)
-  return asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting, channel=channel).start(), name,
-                           FLAGS.host, FLAGS.port, api_key, limits=limits))
+  return asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting, channel=channel).start(), names,
+                           FLAGS.host, FLAGS.port, api_key, limits=limits, also_answers=(FLAGS.model,)))
+
+
+def run() -> None:
+  """`python launch/serve.py ...` and `nanoflow-jax serve ...`; vLLM's dashed flag names work too."""
+  app.run(main, argv=engine_flags.vllm_argv(sys.argv))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

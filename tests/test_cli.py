@@ -35,3 +35,63 @@ def test_the_model_may_be_given_positionally():
   assert r.returncode == 2 and "'/no/such/model' is neither a model directory" in r.stderr
   r = _run("/no/such/model", "--model=tiny", "--port=0")
   assert r.returncode != 0 and "given twice" in r.stderr
+
+
+def test_vllm_flag_spellings_map_to_ours():
+  sys.argv = ["serve"]
+  from launch import serve  # noqa: F401  (defines the server's flags)
+  from launch.engine_flags import vllm_argv
+  got = vllm_argv(["serve", "/m", "--tensor-parallel-size", "2", "--max-model-len=4096", "--gpu-memory-utilization",
+                   "0.8", "--kv-cache-dtype", "fp8_e4m3", "--served-model-name", "a", "b", "--no-enable-prefix-caching",
+                   "--max-num-seqs", "32", "--max-num-batched-tokens", "4096", "--quantization", "fp8", "--port",
+                   "8001", "--max_model_len=5", "--no-such-flag", "3"])
+  assert got == ["serve", "/m", "--tp=2", "--max_model_len=4096", "--kv_memory_fraction=0.8", "--kv_cache_dtype=fp8",
+                 "--served_model_name=a,b", "--noenable_prefix_caching", "--max_num_seqs=32", "--dense_batch=4096",
+                 "--quantization=fp8", "--port=8001", "--max_model_len=5", "--no-such-flag", "3"]
+
+
+def test_the_console_script_and_a_vllm_style_server():
+  """`nanoflow-jax serve` with vLLM's flags: several served names, the model path answering too, /version,
+  /ping and /v1/models/{id}."""
+  import json
+  import urllib.error
+  import urllib.request
+  cli = [sys.executable, "-m", "launch.cli"]
+  r = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 2 and "nanoflow-jax serve MODEL" in r.stderr
+  r = subprocess.run([*cli, "serve", "--help"], capture_output=True, text=True, cwd=ROOT)
+  assert "--max_model_len" in r.stdout and "--enable_prefix_caching" in r.stdout
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([*cli, "serve", "tiny", "--port", str(port), "--served-model-name", "alpha", "beta",
+                           "--max-model-len", "512", "--max-num-seqs", "4", "--no-enable-prefix-caching"],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+
+  def get(path):
+    try:
+      with urllib.request.urlopen(url + path, timeout=5) as resp:
+        return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+      return e.code, json.loads(e.read())
+  try:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+      try:
+        if get("/ping")[0] == 200:
+          break
+      except OSError:
+        time.sleep(0.2)
+    assert get("/version")[1]["version"] == "0.1.0"
+    models = get("/v1/models")[1]["data"]
+    assert [m["id"] for m in models] == ["alpha", "beta"] and models[0]["max_model_len"] == 512
+    assert get("/v1/models/beta")[0] == 200 and get("/v1/models/tiny")[0] == 200   # the path given answers too
+    assert get("/v1/models/gamma")[0] == 404
+    req = urllib.request.Request(url + "/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+      assert json.loads(resp.read())["model"] == "alpha"
+  finally:
+    proc.terminate()
+    proc.wait(timeout=60)

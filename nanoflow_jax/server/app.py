@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", AsyncEngine)
 STATE = web.AppKey("state", dict)
-PUBLIC_PATHS = ("/health", "/metrics")   # everything else needs the API key when one is set
+PUBLIC_PATHS = ("/health", "/metrics", "/ping", "/version")   # everything else needs the API key when one is set
 # Inputs larger than this are parsed and tokenized on a worker thread: a 10 MB prompt tokenized on the event
 # loop froze every connection for 19 s (issue 24).
 OFF_LOOP_CHARS = 1 << 16
@@ -131,9 +131,13 @@ class Handlers:
 
   def _check_model(self, body):
     model = body.get("model")
-    if model is not None and model != self.state["model_name"]:
-      raise P.ApiError(404, f"the model '{model}' does not exist; this server serves '{self.state['model_name']}'",
-                       type_="NotFoundError", param="model", code="model_not_found")
+    if model is not None and model not in self.state["model_names"]:
+      raise self._no_model(model)
+
+  def _no_model(self, model) -> P.ApiError:
+    return P.ApiError(404, f"the model '{model}' does not exist; this server serves "
+                      f"{', '.join(repr(n) for n in self.state['model_names'])}", type_="NotFoundError",
+                      param="model", code="model_not_found")
 
   async def _encode(self, prompt, max_tokens: int | None = None) -> list[int]:
     ids = await off_loop(len(prompt), self.tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
@@ -328,10 +332,29 @@ class Handlers:
     await resp.write_eof()
     return resp
 
+  def _model_card(self, name: str) -> dict:
+    return {"id": name, "object": "model", "created": self.state["created"], "owned_by": "nanoflow-jax",
+            "root": self.state["model_names"][0], "max_model_len": self.engine.engine.max_model_len}
+
   async def models(self, request):
-    return web.json_response({"object": "list", "data": [{
-        "id": self.state["model_name"], "object": "model", "created": self.state["created"],
-        "owned_by": "nanoflow-jax", "max_model_len": self.engine.engine.max_model_len}]})
+    return web.json_response({"object": "list", "data": [self._model_card(n) for n in self.state["served_names"]]})
+
+  async def model(self, request):
+    name = request.match_info["model"]
+    if name not in self.state["model_names"]:
+      raise self._no_model(name)
+    return web.json_response(self._model_card(name))
+
+  async def version(self, request):
+    from importlib import metadata
+    try:
+      version = metadata.version("nanoflow-jax")
+    except metadata.PackageNotFoundError:
+      version = "unknown"
+    return web.json_response({"version": version})
+
+  async def ping(self, request):
+    return await self.health(request)
 
   async def health(self, request):
     e = self.engine
@@ -368,18 +391,27 @@ class Handlers:
     return web.json_response({"prompt": await off_loop(len(toks), self.tokenizer.decode, toks)})
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, body_timeout: float = 30.0,
-               max_request_mb: float = 16.0) -> web.Application:
+def create_app(engine: AsyncEngine, model_name: str | list[str], api_key: str | None = None, body_timeout: float = 30.0,
+               max_request_mb: float = 16.0, also_answers: tuple[str, ...] = ()) -> web.Application:
+  """model_name: the served name, or several (the first is the one responses carry); also_answers: further
+  names a request may use (the model path given), not listed by /v1/models."""
+  served = [model_name] if isinstance(model_name, str) else list(model_name)
+  model_name = served[0]
   app = web.Application(middlewares=[_errors_and_auth], client_max_size=int(max_request_mb * 2**20))
   app[ENGINE] = engine
   metrics = Metrics(engine.engine)
   engine.on_step = metrics.step.observe
-  app[STATE] = {"model_name": model_name, "api_key": api_key, "metrics": metrics, "created": P.now(),
+  app[STATE] = {"model_name": model_name, "served_names": served,
+                "model_names": list(dict.fromkeys([*served, *also_answers])), "api_key": api_key, "metrics": metrics, "created": P.now(),
                 "body_timeout": body_timeout}
   h = Handlers(app)
   app.router.add_post("/v1/completions", h.completions)
   app.router.add_post("/v1/chat/completions", h.chat)
   app.router.add_get("/v1/models", h.models)
+  app.router.add_get("/v1/models/{model:.+}", h.model)
+  app.router.add_get("/version", h.version)
+  app.router.add_get("/ping", h.ping)
+  app.router.add_post("/ping", h.ping)
   app.router.add_get("/health", h.health)
   app.router.add_get("/metrics", h.metrics)
   app.router.add_post("/tokenize", h.tokenize)
@@ -397,14 +429,16 @@ class ServerLimits:
   shutdown_timeout: float = 60.0    # the drain's bound; a second signal exits at once
 
 
-async def serve(engine: AsyncEngine, model_name: str, host: str, port: int, api_key: str | None = None,
-                ready: asyncio.Event | None = None, limits: ServerLimits | None = None) -> int:
+async def serve(engine: AsyncEngine, model_name: str | list[str], host: str, port: int, api_key: str | None = None,
+                ready: asyncio.Event | None = None, limits: ServerLimits | None = None,
+                also_answers: tuple[str, ...] = ()) -> int:
   """Serves until SIGTERM/SIGINT; then stops accepting, drains the requests in flight (at most
   limits.shutdown_timeout seconds) and returns 0. Returns 1 at once if the engine dies (a supervisor restarts
   the process). A second signal during the drain exits the process at once."""
   limits = limits or ServerLimits()
   fd_limit = raise_fd_limit()
-  app = create_app(engine, model_name, api_key, limits.body_timeout, limits.max_request_mb)
+  app = create_app(engine, model_name, api_key, limits.body_timeout, limits.max_request_mb, also_answers)
+  model_name = app[STATE]["model_name"]
   runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                          keepalive_timeout=limits.header_timeout, shutdown_timeout=5.0)
   await runner.setup()
