@@ -37,10 +37,23 @@ def test_the_model_may_be_given_positionally():
   assert r.returncode != 0 and "given twice" in r.stderr
 
 
+VLLM_ARGV = r"""
+import json, sys
+sys.argv = ["serve"]
+from launch import serve  # noqa: F401  (defines the server's flags: in a process of its own)
+from launch.engine_flags import vllm_argv
+print(json.dumps(vllm_argv(json.loads(sys.stdin.read()))))
+"""
+
+
 def test_vllm_flag_spellings_map_to_ours():
-  sys.argv = ["serve"]
-  from launch import serve  # noqa: F401  (defines the server's flags)
-  from launch.engine_flags import vllm_argv
+  import json
+
+  def vllm_argv(argv):
+    r = subprocess.run([sys.executable, "-c", VLLM_ARGV], input=json.dumps(argv), capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
   got = vllm_argv(["serve", "/m", "--tensor-parallel-size", "2", "--max-model-len=4096", "--gpu-memory-utilization",
                    "0.8", "--kv-cache-dtype", "fp8_e4m3", "--served-model-name", "a", "b", "--no-enable-prefix-caching",
                    "--max-num-seqs", "32", "--max-num-batched-tokens", "4096", "--quantization", "fp8", "--port",
