@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from nanoflow_jax import distributed, kv_cache, sampler
+from nanoflow_jax import distributed, kv_cache, sampler, structured
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
 from nanoflow_jax.runtime.plan import GENERIC_CONFIG
@@ -219,12 +219,23 @@ class Engine:
     bad = [t for t in params.stop_token_ids if t >= vocab]
     if bad:
       raise RequestError(f"stop_token_ids must lie in [0, {vocab}), got {bad[0]}")
+    grammar = None
+    if params.structured_outputs is not None:   # compiled once per request, checked before anything is queued
+      if self.tokenizer is None:
+        raise RequestError("structured output needs the model's tokenizer")
+      try:
+        grammar = structured.grammar_for(params.structured_outputs)
+        structured.Matcher(self.tokenizer, vocab, grammar)
+      except structured.StructuredOutputError as e:
+        raise RequestError(str(e)) from e
     seqs = []
     for i in range(params.n):
       seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
       seq = Sequence(next(self._seq_ids), request_id, i, prompt_ids, params, seed=(seed * 1000003 + i) % (1 << 32))
       if self.tokenizer is not None and params.detokenize:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+      if grammar is not None:
+        seq.matcher = structured.Matcher(self.tokenizer, vocab, grammar)
       seqs.append(seq)
       self.scheduler.add(seq)
     self.requests[request_id] = _Request(request_id, prompt, prompt_ids, seqs, on_delta)
@@ -289,7 +300,8 @@ class Engine:
       t2 = time.perf_counter()
       st.build_seconds += t2 - t1
       # Copies: on the CPU a numpy argument may be aliased, and the host rows change next step.
-      dispatched = (self.executor.run(inp, jax.tree.map(np.copy, self.sp)), sampled)
+      dispatched = (self.executor.run(inp, jax.tree.map(np.copy, self.sp), self._bitmask(sampled, len(inp.sample_slots))),
+                    sampled)
       st.dispatch_seconds += time.perf_counter() - t2
       st.steps += 1
       st.tokens += batch.num_tokens
@@ -382,6 +394,18 @@ class Engine:
                      _attention_blocks(batch, ex.nano_sizes(n), ex.attention_configs))
     return inp, sampled
 
+  def _bitmask(self, sampled, rows: int) -> np.ndarray | None:
+    """The allowed tokens of each sampled row (structured output; every token for the others), or None when no
+    sampled sequence has a grammar. Its sequences have no token in flight (the scheduler waits for it)."""
+    if not any(seq.matcher is not None for seq, _ in sampled):
+      return None
+    vocab = self.model.config.vocab_size
+    mask = np.full((rows, structured.Matcher.words(vocab)), -1, np.int32)
+    for i, (seq, _) in enumerate(sampled):
+      if seq.matcher is not None:
+        seq.matcher.fill_bitmask(mask[i])
+    return mask
+
   def _set_static_row(self, seq: Sequence, row: int) -> None:
     p, sp = seq.params, self.sp
     sp.temperature[row] = p.temperature
@@ -427,7 +451,12 @@ class Engine:
                                 {int(t): float(v) for t, v in zip(top_ids[i, :k], top_lp[i, :k])}))
         seq.output_logprobs.extend(logprobs)
       self._advance_text(seq, tok)
-      self._check_stop(seq, tok)
+      if seq.matcher is not None:
+        seq.matcher.consume(tok)
+        if seq.matcher.done or seq.matcher.error:   # the grammar is complete (or broke): nothing may follow
+          self._finish(seq, "stop")
+      if not seq.finished:
+        self._check_stop(seq, tok)
       req = self.requests.get(seq.request_id)
       if req is not None:
         self._emit(req, seq, [tok], logprobs)

@@ -85,6 +85,7 @@ class Modes(NamedTuple):
   all_greedy: bool     # every row takes the argmax
   truncation: bool     # some sampling row has top_k, top_p or min_p
   logprobs: bool       # some row wants top logprobs
+  structured: bool = False   # some row's tokens are masked by a grammar (structured output)
 
 
 def modes_for(p: SamplingArrays, rows: np.ndarray) -> Modes:

@@ -29,6 +29,8 @@ class SamplingParams:
   skip_special_tokens: bool = True
   include_stop_str_in_output: bool = False
   detokenize: bool = True       # False: token ids only (benchmarks), no text and no stop strings
+  # vLLM's StructuredOutputsParams as a dict: one of json (a schema), json_object, regex, choice, grammar (Lark)
+  structured_outputs: dict | None = None
 
   def __post_init__(self):
     if isinstance(self.stop, str):
@@ -68,6 +70,9 @@ class SamplingParams:
     check(self.detokenize or not self.stop, "stop strings need detokenize=True")
     check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
           f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+    if self.structured_outputs is not None:   # (StructuredOutputError is a ValueError)
+      from nanoflow_jax.structured import check_spec
+      check_spec(self.structured_outputs)
 
   @property
   def greedy(self) -> bool:

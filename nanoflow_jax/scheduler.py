@@ -195,6 +195,8 @@ class Scheduler:
       if (seq.status is not Status.RUNNING or seq.num_uncomputed != 1 or not self.wants_token(seq)
           or budget == 0):
         continue
+      if seq.matcher is not None and seq.inflight:   # its next mask needs the token still on its way
+        continue
       pos = seq.num_computed
       while not self._grow(seq, pos + 1):
         victim = self.running[-1]

@@ -42,6 +42,7 @@ class Sequence:
   page_keys: list = dataclasses.field(default_factory=list)   # prefix-cache keys of its full pages (so far)
   num_registered: int = 0          # of its pages, how many are registered in the prefix cache
   num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache at its first admission
+  matcher: object = None           # structured output: its grammar's state (structured.Matcher)
 
   @property
   def num_tokens(self) -> int:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, live on 127.0.0.1 with the tiny model, driven by the `openai` client."""
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -48,6 +49,45 @@ def test_a_repeated_prompt_reports_its_cached_tokens(server, client):
   for name in ("nanoflow_prefix_cache_pages", "nanoflow_prefix_cache_hit_rate", "nanoflow_prefix_cache_evictions_total",
                "nanoflow_prefix_cache_queried_tokens_total"):
     assert name in text, name
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}, "sunny": {"type": "boolean"},
+                                          "deg": {"type": "integer", "minimum": -20, "maximum": 40}},
+          "required": ["city", "sunny", "deg"], "additionalProperties": False}
+
+
+def _valid(text):
+  v = json.loads(text)
+  assert set(v) == {"city", "sunny", "deg"} and v["city"] in ("Paris", "Rome", "Oslo")
+  assert isinstance(v["sunny"], bool) and -20 <= v["deg"] <= 40
+  return v
+
+
+def test_structured_output_follows_the_schema_streamed_with_n_and_stop(client):
+  """response_format json_schema (OpenAI) and guided_* (vLLM) on a random-weight model: every output parses and
+  validates, streamed too, with n > 1; a stop string cuts the constrained text as it would any other."""
+  rf = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}}
+  chat = [{"role": "user", "content": "Weather?"}]
+  r = client.chat.completions.create(model="tiny-test", messages=chat, max_tokens=80, n=3, temperature=1.0, seed=4,
+                                     response_format=rf)
+  assert len(r.choices) == 3 and all(c.finish_reason == "stop" for c in r.choices)
+  for c in r.choices:
+    _valid(c.message.content)
+  stream = client.chat.completions.create(model="tiny-test", messages=chat, max_tokens=80, temperature=1.0, seed=5,
+                                          response_format=rf, stream=True)
+  _valid("".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices))
+  r = client.completions.create(model="tiny-test", prompt="Pick:", max_tokens=10, temperature=1.0,
+                                extra_body={"guided_choice": ["alpha", "beta"]})
+  assert r.choices[0].text in ("alpha", "beta")
+  r = client.completions.create(model="tiny-test", prompt="Code:", max_tokens=12, temperature=1.0,
+                                extra_body={"guided_regex": "[0-9]{3}-[a-c]{2}"})
+  assert re.fullmatch("[0-9]{3}-[a-c]{2}", r.choices[0].text)
+  r = client.chat.completions.create(model="tiny-test", messages=chat, max_tokens=80, temperature=1.0, seed=4,
+                                     response_format={"type": "json_object"})
+  assert isinstance(json.loads(r.choices[0].message.content), dict)
+  r = client.completions.create(model="tiny-test", prompt="W:", max_tokens=80, temperature=1.0, stop=[","],
+                                extra_body={"guided_json": SCHEMA})
+  assert r.choices[0].finish_reason == "stop" and r.choices[0].text.startswith('{"city":') and "," not in r.choices[0].text
 
 
 def test_prompt_forms(client):
@@ -160,7 +200,12 @@ BAD = [
     (json.dumps({"prompt": "x", "best_of": 3}).encode(), 400, "best_of"),
     (json.dumps({"prompt": "x", "suffix": "tail"}).encode(), 400, "suffix"),
     (json.dumps({"prompt": "x", "echo": True}).encode(), 400, "echo"),
-    (json.dumps({"prompt": "x", "guided_json": {"type": "object"}}).encode(), 400, "guided_json"),
+    # constraints that cannot be compiled, or more than one of them
+    (json.dumps({"prompt": "x", "guided_regex": "(unclosed"}).encode(), 400, None),
+    (json.dumps({"prompt": "x", "guided_choice": []}).encode(), 400, None),
+    (json.dumps({"prompt": "x", "guided_regex": "b", "guided_choice": ["a"]}).encode(), 400, "guided_choice"),
+    (json.dumps({"prompt": "x", "response_format": {"type": "xml"}}).encode(), 400, "response_format"),
+    (json.dumps({"prompt": "x", "structured_outputs": {"json": 5}}).encode(), 400, None),
 ]
 
 
@@ -177,7 +222,7 @@ def test_bad_chat_input(server):
   for bad in ({"messages": []}, {"messages": [{"content": "no role"}]}, {"messages": "hi"},
               {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
               {"messages": [{"role": "user", "content": "a\ud800"}]},
-              {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+              {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
               {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
                                                                           "function": {"name": "f"}}]},
               {"messages": [{"role": "user", "content": "x"}], "prompt": "y"}):

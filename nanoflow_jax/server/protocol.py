@@ -111,16 +111,47 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
         logprobs=logprobs,
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output"),
+        structured_outputs=structured_outputs_of(body),
     )
   except ValueError as e:  # cross-field checks (e.g. min_tokens > max_tokens, top_p = 0)
     raise ApiError(400, str(e)) from None
+
+
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs_of(body: dict[str, Any]) -> dict | None:
+  """The request's output constraint: OpenAI's response_format (json_object, json_schema), vLLM's guided_*
+  fields or its structured_outputs; at most one of them."""
+  specs = []
+  rf = body.get("response_format")
+  if rf is not None:
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+      raise ApiError(400, "'response_format.type' must be text, json_object or json_schema", param="response_format")
+    if kind == "json_object":
+      specs.append(("response_format", {"json_object": True}))
+    elif kind == "json_schema":
+      js = rf.get("json_schema")
+      if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+        raise ApiError(400, "'response_format.json_schema.schema' must be a JSON schema object", param="response_format")
+      specs.append(("response_format", {"json": js["schema"]}))
+  for field, kind in GUIDED.items():
+    if body.get(field) is not None:
+      specs.append((field, {kind: body[field]}))
+  if body.get("structured_outputs") is not None:
+    specs.append(("structured_outputs", body["structured_outputs"]))
+  if len(specs) > 1:
+    raise ApiError(400, f"one output constraint at most; got {', '.join(f for f, _ in specs)}", param=specs[1][0])
+  return specs[0][1] if specs else None
 
 
 # The request fields each route honors. Anything else is refused with a 400 that names it: a feature we do
 # not implement must never be silently ignored (OpenAI answers unknown fields with a 400 too).
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
                    "presence_penalty", "frequency_penalty", "seed", "user", "top_k", "min_p", "repetition_penalty",
-                   "min_tokens", "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output"}
+                   "min_tokens", "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                   "response_format", "structured_outputs", *GUIDED}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "logit_bias"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "best_of",
                                  "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls"}
@@ -129,7 +160,6 @@ NEUTRAL = {
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
     "logit_bias": lambda v: v in (None, {}),
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v in (None, []),
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
