@@ -219,6 +219,9 @@ class Engine:
     bad = [t for t in params.stop_token_ids if t >= vocab]
     if bad:
       raise RequestError(f"stop_token_ids must lie in [0, {vocab}), got {bad[0]}")
+    bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+    if bad:
+      raise RequestError(f"logit_bias token ids must lie in [0, {vocab}), got {bad[0]}")
     grammar = None
     if params.structured_outputs is not None:   # compiled once per request, checked before anything is queued
       if self.tokenizer is None:
@@ -300,7 +303,7 @@ class Engine:
       t2 = time.perf_counter()
       st.build_seconds += t2 - t1
       # Copies: on the CPU a numpy argument may be aliased, and the host rows change next step.
-      dispatched = (self.executor.run(inp, jax.tree.map(np.copy, self.sp), self._bitmask(sampled, len(inp.sample_slots))),
+      dispatched = (self.executor.run(inp, jax.tree.map(np.copy, self.sp), self._extras(sampled, len(inp.sample_slots))),
                     sampled)
       st.dispatch_seconds += time.perf_counter() - t2
       st.steps += 1
@@ -394,17 +397,26 @@ class Engine:
                      _attention_blocks(batch, ex.nano_sizes(n), ex.attention_configs))
     return inp, sampled
 
-  def _bitmask(self, sampled, rows: int) -> np.ndarray | None:
-    """The allowed tokens of each sampled row (structured output; every token for the others), or None when no
-    sampled sequence has a grammar. Its sequences have no token in flight (the scheduler waits for it)."""
-    if not any(seq.matcher is not None for seq, _ in sampled):
-      return None
-    vocab = self.model.config.vocab_size
-    mask = np.full((rows, structured.Matcher.words(vocab)), -1, np.int32)
-    for i, (seq, _) in enumerate(sampled):
-      if seq.matcher is not None:
-        seq.matcher.fill_bitmask(mask[i])
-    return mask
+  def _extras(self, sampled, rows: int) -> dict:
+    """The sampler's per-row inputs that only some steps need: the allowed tokens of each sampled row where a
+    grammar constrains one (structured output; every token for the others: those sequences have no token in
+    flight, the scheduler waits for it), and logit_bias as [rows, K] ids and values (K a power of two)."""
+    extras = {}
+    if any(seq.matcher is not None for seq, _ in sampled):
+      mask = np.full((rows, structured.Matcher.words(self.model.config.vocab_size)), -1, np.int32)
+      for i, (seq, _) in enumerate(sampled):
+        if seq.matcher is not None:
+          seq.matcher.fill_bitmask(mask[i])
+      extras["bitmask"] = mask
+    most = max((len(seq.params.logit_bias or ()) for seq, _ in sampled), default=0)
+    if most:
+      k = 1 << (most - 1).bit_length()   # few widths, few compiles
+      ids, values = np.full((rows, k), -1, np.int32), np.zeros((rows, k), np.float32)
+      for i, (seq, _) in enumerate(sampled):
+        for j, (t, v) in enumerate((seq.params.logit_bias or {}).items()):
+          ids[i, j], values[i, j] = t, v
+      extras.update(bias_ids=ids, bias_values=values)
+    return extras
 
   def _set_static_row(self, seq: Sequence, row: int) -> None:
     p, sp = seq.params, self.sp

@@ -86,6 +86,7 @@ class Modes(NamedTuple):
   truncation: bool     # some sampling row has top_k, top_p or min_p
   logprobs: bool       # some row wants top logprobs
   structured: bool = False   # some row's tokens are masked by a grammar (structured output)
+  biased: bool = False       # some row has a logit_bias
 
 
 def modes_for(p: SamplingArrays, rows: np.ndarray) -> Modes:

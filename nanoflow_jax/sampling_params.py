@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 MAX_LOGPROBS = 20      # top-N logprobs are computed on the device for every sampled row
+MAX_LOGIT_BIAS = 300   # OpenAI's bound
 MAX_BANNED_IDS = 32    # EOS + stop_token_ids that min_tokens must suppress
 INT32_MAX = 2**31 - 1  # token ids, top_k and lengths live in int32 arrays on the host and the device
 
@@ -31,6 +32,7 @@ class SamplingParams:
   detokenize: bool = True       # False: token ids only (benchmarks), no text and no stop strings
   # vLLM's StructuredOutputsParams as a dict: one of json (a schema), json_object, regex, choice, grammar (Lark)
   structured_outputs: dict | None = None
+  logit_bias: dict[int, float] | None = None   # token id -> added to its logit (OpenAI: at most 300, in [-100, 100])
 
   def __post_init__(self):
     if isinstance(self.stop, str):
@@ -70,6 +72,14 @@ class SamplingParams:
     check(self.detokenize or not self.stop, "stop strings need detokenize=True")
     check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
           f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+    if self.logit_bias is not None:
+      check(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS,
+            f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers")
+      for t, v in self.logit_bias.items():
+        check(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX,
+              f"logit_bias keys must be token ids, got {t!r}")
+        check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and -100 <= v <= 100,
+              f"logit_bias values must be numbers in [-100, 100], got {v!r}")
     if self.structured_outputs is not None:   # (StructuredOutputError is a ValueError)
       from nanoflow_jax.structured import check_spec
       check_spec(self.structured_outputs)

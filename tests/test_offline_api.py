@@ -34,3 +34,17 @@ def test_cumulative_logprob(llm):
                      use_tqdm=False)[0].outputs[0]
   assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs)) and out.cumulative_logprob < 0
   assert llm.generate("hi", GREEDY, use_tqdm=False)[0].outputs[0].cumulative_logprob is None
+
+
+def test_logit_bias_offline_and_its_checks():
+  from nanoflow_jax.llm import LLM
+  from nanoflow_jax.sampling_params import SamplingParams
+  llm = LLM("tiny", dense_batch=64, num_pages=128, max_num_seqs=4)
+  free = SamplingParams(max_tokens=5, temperature=0)
+  biased, plain = llm.generate(["Hello", "World"], [SamplingParams(max_tokens=5, temperature=0, logit_bias={65: 100}),
+                                                    free], use_tqdm=False)
+  assert biased.outputs[0].token_ids == [65] * 5
+  assert plain.outputs[0].token_ids == llm.generate(["World"], free, use_tqdm=False)[0].outputs[0].token_ids
+  for bad in ({65: 101}, {-1: 1}, {"65": 1}, {65: float("nan")}, {i: 1 for i in range(301)}):
+    with pytest.raises(ValueError, match="logit_bias"):
+      SamplingParams(logit_bias=bad)

@@ -90,6 +90,18 @@ def test_structured_output_follows_the_schema_streamed_with_n_and_stop(client):
   assert r.choices[0].finish_reason == "stop" and r.choices[0].text.startswith('{"city":') and "," not in r.choices[0].text
 
 
+def test_logit_bias_is_honored(client):
+  """Issue 29's check: greedy with {"65": 100} yields token 65 ("A" in the tiny byte tokenizer); -100 bans it."""
+  r = client.completions.create(model="tiny-test", prompt="Hello", max_tokens=4, logit_bias={"65": 100}, **GREEDY)
+  assert r.choices[0].text == "AAAA"
+  r = client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                     logit_bias={"66": 100}, **GREEDY)
+  assert r.choices[0].message.content == "BBB"
+  r = client.completions.create(model="tiny-test", prompt="Hello", max_tokens=4, logit_bias={"65": -100, "67": 100},
+                                **GREEDY)
+  assert r.choices[0].text == "CCCC"
+
+
 def test_prompt_forms(client):
   r = client.completions.create(model="tiny-test", prompt=["a", "bb"], max_tokens=3, n=2, **GREEDY)
   assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
@@ -196,7 +208,9 @@ BAD = [
     (json.dumps({"prompt": "x", "seed": 2**64}).encode(), 400, "seed"),
     # features we do not implement are refused by name, never ignored
     (json.dumps({"prompt": "x", "no_such_field": 1}).encode(), 400, "no_such_field"),
-    (json.dumps({"prompt": "x", "logit_bias": {"65": 100}}).encode(), 400, "logit_bias"),
+    (json.dumps({"prompt": "x", "logit_bias": {"a": 1}}).encode(), 400, "logit_bias"),
+    (json.dumps({"prompt": "x", "logit_bias": {"65": 101}}).encode(), 400, "logit_bias"),
+    (json.dumps({"prompt": "x", "logit_bias": {"99999": 1}}).encode(), 400, None),   # past the vocabulary
     (json.dumps({"prompt": "x", "best_of": 3}).encode(), 400, "best_of"),
     (json.dumps({"prompt": "x", "suffix": "tail"}).encode(), 400, "suffix"),
     (json.dumps({"prompt": "x", "echo": True}).encode(), 400, "echo"),

@@ -494,15 +494,19 @@ class Executor:
     return new_kv, counts, prompt_mask, logits
 
   @staticmethod
-  def _sample_step(logits, last_tokens, counts, prompt_mask, sample_slots, sp: sampler.SamplingArrays, bitmask,
+  def _sample_step(logits, last_tokens, counts, prompt_mask, sample_slots, sp: sampler.SamplingArrays, extras: dict,
                    modes: sampler.Modes):
     """logits [S, V] of the slots `sample_slots` [S] (R for padding) -> per sampled row (tokens, logprob,
     top logprobs, top ids) [S]; each sampled slot's last token and output counts updated."""
     r = last_tokens.shape[0]
     rows = jnp.minimum(sample_slots, r - 1)      # padding reads some slot's state; its writes are dropped
+    if modes.biased:       # logit_bias: [S, K] ids (-1: none) and values per sampled row
+      ids = extras["bias_ids"]
+      logits = logits.at[jnp.arange(ids.shape[0])[:, None], jnp.maximum(ids, 0)].add(
+          jnp.where(ids >= 0, extras["bias_values"], 0.0))
     if modes.structured:   # the grammars' allowed tokens, per sampled row (structured.py)
       from nanoflow_jax.structured import apply_bitmask
-      logits = apply_bitmask(logits, bitmask)
+      logits = apply_bitmask(logits, extras["bitmask"])
     tok, lp, top_lp, top_ids = sampler.sample(logits, counts[rows], prompt_mask[rows],
                                               jax.tree.map(lambda a: a[rows], sp), modes)
     last_tokens = last_tokens.at[sample_slots].set(tok, mode="drop")
@@ -526,27 +530,27 @@ class Executor:
                self.layer_loop, getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem is not None else float("nan"))
     return self._compiled[n]
 
-  def _sampler_for(self, modes: sampler.Modes, logits, sample_slots, sp: sampler.SamplingArrays, bitmask):
-    key = (modes, logits.shape[0])
+  def _sampler_for(self, modes: sampler.Modes, logits, sample_slots, sp: sampler.SamplingArrays, extras: dict):
+    key = (modes, logits.shape[0], tuple((k, v.shape) for k, v in sorted(extras.items())))
     if key not in self._samplers:
       t = time.perf_counter()
       fn = jax.jit(functools.partial(self._sample_step, modes=modes), donate_argnums=(1, 2))
       self._samplers[key] = fn.lower(logits, self.last_tokens, self.counts, self.prompt_mask, sample_slots,
-                                     sp, bitmask).compile()
+                                     sp, extras).compile()
       self.compile_seconds[key] = time.perf_counter() - t
       log.info("compiled the sampler for %s, %d rows in %.1f s", modes, logits.shape[0], self.compile_seconds[key])
     return self._samplers[key]
 
-  def run(self, inp: StepInputs, sp: sampler.SamplingArrays, bitmask: np.ndarray | None = None):
+  def run(self, inp: StepInputs, sp: sampler.SamplingArrays, extras: dict | None = None):
     """Dispatches the step; returns device arrays (tokens, logprob, top logprobs, top ids) not yet read, one
-    row per entry of inp.sample_slots. bitmask: int32 [sampled rows, ceil(V / 32)], the tokens each row may
-    sample (structured output), or None."""
+    row per entry of inp.sample_slots. extras, per sampled row where some row needs them: "bitmask" (int32
+    [rows, ceil(V / 32)]: the tokens a grammar allows), "bias_ids" / "bias_values" ([rows, K]: logit_bias)."""
     fn = self._compiled_for(len(inp.tokens), inp)
     self.kv, self.counts, self.prompt_mask, logits = fn(self.params, self.kv, self.last_tokens, self.counts,
                                                         self.prompt_mask, inp)
-    modes = sampler.modes_for(sp, inp.sample_mask)._replace(structured=bitmask is not None)
-    if bitmask is None:
-      bitmask = np.zeros((1, 1), np.int32)
-    self.last_tokens, self.counts, out = self._sampler_for(modes, logits, inp.sample_slots, sp, bitmask)(
-        logits, self.last_tokens, self.counts, self.prompt_mask, inp.sample_slots, sp, bitmask)
+    extras = extras or {}
+    modes = sampler.modes_for(sp, inp.sample_mask)._replace(structured="bitmask" in extras,
+                                                              biased="bias_ids" in extras)
+    self.last_tokens, self.counts, out = self._sampler_for(modes, logits, inp.sample_slots, sp, extras)(
+        logits, self.last_tokens, self.counts, self.prompt_mask, inp.sample_slots, sp, extras)
     return out

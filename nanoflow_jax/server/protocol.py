@@ -112,9 +112,28 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output"),
         structured_outputs=structured_outputs_of(body),
+        logit_bias=_logit_bias(body),
     )
   except ValueError as e:  # cross-field checks (e.g. min_tokens > max_tokens, top_p = 0)
     raise ApiError(400, str(e)) from None
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
+  """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, at most 300 entries."""
+  v = body.get("logit_bias")
+  if v is None or v == {}:
+    return None
+  bad = ApiError(400, "'logit_bias' must map token ids (strings of digits) to numbers in [-100, 100], at most 300",
+                 param="logit_bias")
+  if not isinstance(v, dict) or len(v) > 300:
+    raise bad
+  out = {}
+  for k, b in v.items():
+    if not (isinstance(k, str) and k.isdigit() and len(k) <= 10) or isinstance(b, bool) \
+        or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+      raise bad
+    out[int(k)] = float(b)
+  return out
 
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -159,7 +178,6 @@ CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs"
 NEUTRAL = {
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
-    "logit_bias": lambda v: v in (None, {}),
     "tools": lambda v: v in (None, []),
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
