@@ -30,6 +30,10 @@ flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1
 flags.DEFINE_list("served_model_name", None, "Model name(s) in the API, comma-separated (vLLM: "
                   "--served-model-name A B); the first is the one responses carry; default: --model's base name. "
                   "Requests may also name the model path given.")
+flags.DEFINE_integer("seed", None, "Seed of the random draws of requests that bring no seed of their own (vLLM's "
+                     "--seed): the same requests in the same order sample the same tokens.")
+flags.DEFINE_string("chat_template", None, "A chat template (a Jinja file, or the template itself) replacing the "
+                    "tokenizer's own.")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
 flags.DEFINE_float("shutdown_timeout", 60.0, "On SIGTERM/SIGINT, seconds to let the requests in flight finish; a "
                    "second signal exits at once.")
@@ -57,6 +61,9 @@ def _port_free(host: str, port: int) -> str | None:
 
 def main(argv):
   logging.basicConfig(level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if FLAGS.log_level != "debug":   # a quiet start: no per-file orbax lines, no word about a TPU backend
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "jax._src.dispatch"):
+      logging.getLogger(noisy).setLevel(logging.WARNING)
   if len(argv) > 2:
     raise app.UsageError(f"one model path at most, got {argv[1:]}")
   if len(argv) == 2:   # `serve.py MODEL`, as vLLM's `vllm serve MODEL`
@@ -84,6 +91,14 @@ def main(argv):
   if multi_host and FLAGS.process_id != 0:
     multihost.follow(engine, channel)
     return
+  if FLAGS.seed is not None:
+    engine.seed_unseeded(FLAGS.seed)
+  if FLAGS.chat_template:
+    template = FLAGS.chat_template
+    if os.path.isfile(template):
+      with open(template) as f:
+        template = f.read()
+    engine.tokenizer.chat_template = template
   names = FLAGS.served_model_name or [os.path.basename(os.path.normpath(FLAGS.model))]
   api_key = FLAGS.api_key or os.environ.get("NANOFLOW_API_KEY")
   limits = ServerLimits(max_connections=FLAGS.max_connections, header_timeout=FLAGS.header_timeout,

@@ -194,3 +194,25 @@ class AsyncEngine:
                   "goes on", self.step_failures)
       if self.on_step is not None:
         self.on_step(time.perf_counter() - t0)
+      self._throughput_line()
+
+  THROUGHPUT_LOG_S = 10.0   # while busy, one line this often
+
+  def _throughput_line(self) -> None:
+    """Every THROUGHPUT_LOG_S while busy: prompt and generation tokens/s since the last line, sequences running
+    and waiting, KV pages in use, the prefix cache's hit rate (as vLLM's periodic stats line)."""
+    now, st = time.monotonic(), self.engine.stats
+    last = getattr(self, "_last_line", None)
+    if last is None:
+      self._last_line = (now, st.prompt_tokens, st.generated_tokens)
+      return
+    t, p, g = last
+    if now - t < self.THROUGHPUT_LOG_S:
+      return
+    eng, dt = self.engine, now - t
+    pool = eng.pool
+    log.info("throughput: prompt %.1f tokens/s, generation %.1f tokens/s | running %d, waiting %d | KV %.1f%% of "
+             "%d pages in use | prefix cache hit rate %.1f%%", (st.prompt_tokens - p) / dt,
+             (st.generated_tokens - g) / dt, len(eng.scheduler.running), len(eng.scheduler.waiting),
+             100 * pool.num_used / pool.num_pages, pool.num_pages, 100 * pool.hit_tokens / max(pool.queried_tokens, 1))
+    self._last_line = (now, st.prompt_tokens, st.generated_tokens)

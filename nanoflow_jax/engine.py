@@ -254,6 +254,10 @@ class Engine:
         self._finish(seq, reason)
         self._emit(req, seq, [], [])
 
+  def seed_unseeded(self, seed: int) -> None:
+    """Requests without a seed draw theirs from this one from now on (reproducible runs, vLLM's --seed)."""
+    self._rng.seed(seed)
+
   def discard(self, request_id: str) -> None:
     """Aborts the request and forgets it (no output kept): a client gone, or a request half added."""
     self.abort(request_id)

@@ -63,9 +63,9 @@ def test_vllm_flag_spellings_map_to_ours():
                  "--quantization=fp8", "--port=8001", "--max_model_len=5", "--no-such-flag", "3"]
 
 
-def test_the_console_script_and_a_vllm_style_server():
+def test_the_console_script_and_a_vllm_style_server(tmp_path):
   """`nanoflow-jax serve` with vLLM's flags: several served names, the model path answering too, /version,
-  /ping and /v1/models/{id}."""
+  /ping and /v1/models/{id}, --chat-template, a quiet start-up and one access line per request."""
   import json
   import urllib.error
   import urllib.request
@@ -77,9 +77,13 @@ def test_the_console_script_and_a_vllm_style_server():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
+  template = tmp_path / "chat.jinja"
+  template.write_text("{% for m in messages %}[[{{ m['content'] }}]]{% endfor %}")
+  log = open(tmp_path / "serve.log", "w+")
   proc = subprocess.Popen([*cli, "serve", "tiny", "--port", str(port), "--served-model-name", "alpha", "beta",
-                           "--max-model-len", "512", "--max-num-seqs", "4", "--no-enable-prefix-caching"],
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           "--max-model-len", "512", "--max-num-seqs", "4", "--no-enable-prefix-caching",
+                           "--chat-template", str(template), "--seed", "3"],
+                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"
 
   def get(path):
@@ -105,6 +109,17 @@ def test_the_console_script_and_a_vllm_style_server():
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
       assert json.loads(resp.read())["model"] == "alpha"
+    req = urllib.request.Request(url + "/tokenize", json.dumps({"messages": [{"role": "user", "content": "hey"}]}).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+      assert json.loads(resp.read())["count"] == len("[[hey]]")   # the byte tokenizer: the template's text
   finally:
     proc.terminate()
     proc.wait(timeout=60)
+  log.seek(0)
+  out = log.read()
+  assert "backend 'tpu'" not in out and "orbax" not in out.lower()
+  lines = [line for line in out.splitlines() if " total_ms=" in line]   # the access lines
+  assert any("POST /v1/completions 200 id=cmpl-" in line and "prompt_tokens=3 output_tokens=2 ttft_ms=" in line
+             for line in lines), lines
+  assert any("POST /tokenize 200" in line for line in lines) and not any("/ping" in line for line in lines)

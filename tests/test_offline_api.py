@@ -48,3 +48,32 @@ def test_logit_bias_offline_and_its_checks():
   for bad in ({65: 101}, {-1: 1}, {"65": 1}, {65: float("nan")}, {i: 1 for i in range(301)}):
     with pytest.raises(ValueError, match="logit_bias"):
       SamplingParams(logit_bias=bad)
+
+
+def test_seed_unseeded_makes_unseeded_requests_repeat():
+  from nanoflow_jax.llm import LLM
+  from nanoflow_jax.sampling_params import SamplingParams
+  llm = LLM("tiny", dense_batch=64, num_pages=128, max_num_seqs=4)
+  sp = SamplingParams(max_tokens=8, temperature=1.0)
+  runs = []
+  for _ in range(2):
+    llm.engine.seed_unseeded(11)
+    runs.append([o.outputs[0].token_ids for o in llm.generate(["a", "b"], sp, use_tqdm=False)])
+  assert runs[0] == runs[1]
+  llm.engine.seed_unseeded(12)
+  assert [o.outputs[0].token_ids for o in llm.generate(["a", "b"], sp, use_tqdm=False)] != runs[0]
+
+
+def test_the_periodic_throughput_line(caplog):
+  import logging
+  from nanoflow_jax.async_engine import AsyncEngine
+  from nanoflow_jax.llm import LLM
+  llm = LLM("tiny", dense_batch=64, num_pages=128, max_num_seqs=4)
+  ae = AsyncEngine(llm.engine)
+  ae.THROUGHPUT_LOG_S = 0.0
+  with caplog.at_level(logging.INFO, logger="nanoflow_jax.async_engine"):
+    ae._throughput_line()   # the first call starts the window
+    llm.engine.stats.prompt_tokens += 100
+    ae._throughput_line()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("throughput:")]
+  assert len(lines) == 1 and "prompt" in lines[0] and "running 0, waiting 0" in lines[0] and "KV 0.0% of 128 pages" in lines[0]

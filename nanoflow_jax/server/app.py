@@ -24,6 +24,8 @@ from nanoflow_jax.server.metrics import Metrics
 from nanoflow_jax.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("nanoflow_jax.access")   # one line per request
+ACCESS = web.RequestKey("access", dict)   # what a generation reports to its access line
 
 ENGINE = web.AppKey("engine", AsyncEngine)
 STATE = web.AppKey("state", dict)
@@ -52,6 +54,7 @@ async def _errors_and_auth(request: web.Request, handler):
   state = request.app[STATE]
   route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
   status = 500
+  t0 = time.monotonic()
   guard: ConnectionGuard | None = state.get("guard")
   if guard is not None:
     guard.begin(request.protocol)
@@ -81,6 +84,19 @@ async def _errors_and_auth(request: web.Request, handler):
     if guard is not None:
       guard.end(request.protocol)
     state["metrics"].requests.labels(route, str(status)).inc()
+    if request.path not in PUBLIC_PATHS:   # (health checks and scrapes would drown the rest)
+      _access_line(request, status, time.monotonic() - t0)
+
+
+def _access_line(request: web.Request, status: int, seconds: float) -> None:
+  """One line per request: method, path, status, and for generations its id, tokens and time to first token."""
+  gen = request.get(ACCESS, {})
+  detail = ""
+  if gen:
+    ttft = gen.get("ttft")
+    detail = (f" id={gen['id']} prompt_tokens={gen['prompt_tokens']} output_tokens={gen['output_tokens']} "
+              f"ttft_ms={'-' if ttft is None else f'{1e3 * ttft:.0f}'}")
+  access_log.info("%s %s %d%s total_ms=%.0f", request.method, request.path, status, detail, 1e3 * seconds)
 
 
 def _reject_constant(name: str):
@@ -167,6 +183,18 @@ class Handlers:
     bad = [t for t in params.stop_token_ids if t >= vocab]
     if bad:
       raise P.ApiError(400, f"'stop_token_ids' must lie in [0, {vocab}), got {bad[0]}", param="stop_token_ids")
+
+  @staticmethod
+  async def _access(request, base: str, usage, gen):
+    """Passes the deltas through, noting what the access line reports (id, tokens, time to first token)."""
+    t0 = time.monotonic()
+    rec = request[ACCESS] = {"id": base, "prompt_tokens": usage.prompt_tokens, "output_tokens": 0, "ttft": None}
+    async for idx, d in gen:
+      if d.token_ids and rec["ttft"] is None:
+        rec["ttft"] = time.monotonic() - t0
+      if d.finish_reason is not None:
+        rec["output_tokens"] += d.num_output_tokens
+      yield idx, d
 
   # --- generation core ------------------------------------------------------------------------------
   async def _run(self, rid: str, ids: list[int], params, prompt: str | None, sink: asyncio.Queue, offset: int):
@@ -259,7 +287,7 @@ class Handlers:
     obj = "chat.completion" if chat else "text_completion"
     usage = P.Usage(prompt_tokens=sum(len(i) for i in ids))   # each prompt once, as OpenAI counts it
     n_choices = len(ids) * params.n
-    gen = self._generate(ids, params, texts, base)
+    gen = self._access(request, base, usage, self._generate(ids, params, texts, base))
     if not stream:
       text = [""] * n_choices
       lps: list[list] = [[] for _ in range(n_choices)]
