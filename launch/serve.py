@@ -34,6 +34,11 @@ flags.DEFINE_integer("seed", None, "Seed of the random draws of requests that br
                      "--seed): the same requests in the same order sample the same tokens.")
 flags.DEFINE_string("chat_template", None, "A chat template (a Jinja file, or the template itself) replacing the "
                     "tokenizer's own.")
+flags.DEFINE_enum("tool_call_parser", None, ["hermes", "llama3_json", "mistral"], "How tool calls are read from the "
+                  "output for tool_choice 'auto' (Qwen2.5/Hermes tags, LLaMA-3.1 JSON, Mistral [TOOL_CALLS]); "
+                  "'required' and named tools need none.")
+flags.DEFINE_bool("enable_auto_tool_choice", False, "vLLM's switch for tool_choice 'auto'; here --tool_call_parser "
+                  "alone enables it, and this one without a parser is refused.")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
 flags.DEFINE_float("shutdown_timeout", 60.0, "On SIGTERM/SIGINT, seconds to let the requests in flight finish; a "
                    "second signal exits at once.")
@@ -70,6 +75,8 @@ def main(argv):
     if FLAGS["model"].present and FLAGS.model != argv[1]:
       raise app.UsageError(f"the model is given twice: {argv[1]!r} and --model={FLAGS.model!r}")
     FLAGS.model = argv[1]
+  if FLAGS.enable_auto_tool_choice and not FLAGS.tool_call_parser:
+    raise app.UsageError("--enable_auto_tool_choice needs --tool_call_parser (hermes, llama3_json, mistral)")
   if FLAGS.pipeline_config and FLAGS.mode != "nanoflow":
     raise app.UsageError("--pipeline_config needs --mode=nanoflow")
   busy = _port_free(FLAGS.host, FLAGS.port) if not FLAGS.process_id else None
@@ -105,7 +112,8 @@ def main(argv):
                         body_timeout=FLAGS.body_timeout, max_request_mb=FLAGS.max_request_mb,
                         shutdown_timeout=FLAGS.shutdown_timeout)
   return asyncio.run(serve(AsyncEngine(engine, max_waiting=FLAGS.max_waiting, channel=channel).start(), names,
-                           FLAGS.host, FLAGS.port, api_key, limits=limits, also_answers=(FLAGS.model,)))
+                           FLAGS.host, FLAGS.port, api_key, limits=limits, also_answers=(FLAGS.model,),
+                           tool_call_parser=FLAGS.tool_call_parser))
 
 
 def run() -> None:

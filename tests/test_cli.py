@@ -78,11 +78,13 @@ def test_the_console_script_and_a_vllm_style_server(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   template = tmp_path / "chat.jinja"
-  template.write_text("{% for m in messages %}[[{{ m['content'] }}]]{% endfor %}")
+  template.write_text("{% if tools %}T{{ tools|length }}{% endif %}{% for m in messages %}[[{{ m['content'] }}]]"
+                      "{% endfor %}")
   log = open(tmp_path / "serve.log", "w+")
   proc = subprocess.Popen([*cli, "serve", "tiny", "--port", str(port), "--served-model-name", "alpha", "beta",
                            "--max-model-len", "512", "--max-num-seqs", "4", "--no-enable-prefix-caching",
-                           "--chat-template", str(template), "--seed", "3"],
+                           "--chat-template", str(template), "--seed", "3", "--tool-call-parser", "hermes",
+                           "--enable-auto-tool-choice"],
                           cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"
 
@@ -113,6 +115,13 @@ def test_the_console_script_and_a_vllm_style_server(tmp_path):
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
       assert json.loads(resp.read())["count"] == len("[[hey]]")   # the byte tokenizer: the template's text
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps({
+        "messages": [{"role": "user", "content": "hey"}], "tools": [tool], "max_tokens": 2}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:   # auto: the tools reach the template; no call parsed
+      r = json.loads(resp.read())
+    assert r["usage"]["prompt_tokens"] == len("T1[[hey]]") and "tool_calls" not in r["choices"][0]["message"]
   finally:
     proc.terminate()
     proc.wait(timeout=60)

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nanoflow_jax.async_engine import AsyncEngine, EngineStoppedError, QueueFullError, RequestFailedError
 from nanoflow_jax.engine import RequestError
-from nanoflow_jax.server import protocol as P
+from nanoflow_jax.server import protocol as P, tools as tools_lib
 from nanoflow_jax.server.connections import ConnectionGuard, raise_fd_limit
 from nanoflow_jax.server.metrics import Metrics
 from nanoflow_jax.tokenizer import TokenizerError
@@ -270,18 +270,30 @@ class Handlers:
   async def chat(self, request):
     body, params, stream, include_usage = await self._generation_request(request, chat=True)
     messages = P.messages_of(body)
-    ids = self._check_ids(await self._chat_ids(messages, True), params.max_tokens)
-    return await self._respond(request, [ids], [None], params, stream, include_usage, chat=True)
+    treq = tools_lib.tool_request(body, self.state["tool_call_parser"])
+    if treq is not None:
+      if body.get("parallel_tool_calls") is False:
+        treq.single = True
+      forced = treq.structured_outputs()
+      if forced is not None:
+        if params.structured_outputs is not None:
+          raise P.ApiError(400, "tool_choice required or named cannot be combined with another output constraint",
+                           param="tool_choice")
+        params = dataclasses.replace(params, structured_outputs=forced)
+    ids = self._check_ids(await self._chat_ids(messages, True, treq.template_tools if treq else None),
+                          params.max_tokens)
+    return await self._respond(request, [ids], [None], params, stream, include_usage, chat=True, tool_req=treq)
 
-  async def _chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
-    size = sum(len(m["content"]) for m in messages)
+  async def _chat_ids(self, messages, add_generation_prompt: bool, tools: list | None = None) -> list[int]:
+    size = sum(len(m["content"]) for m in messages) + len(json.dumps(tools) if tools else "")
+    extra = {"tools": tools} if tools else {}
     try:
       return await off_loop(size, lambda: self.tokenizer.apply_chat_template(
-          messages, add_generation_prompt=add_generation_prompt, tokenize=True))
+          messages, add_generation_prompt=add_generation_prompt, tokenize=True, **extra))
     except TokenizerError as e:
       raise P.ApiError(400, str(e), param="messages") from None
 
-  async def _respond(self, request, ids, texts, params, stream, include_usage, chat):
+  async def _respond(self, request, ids, texts, params, stream, include_usage, chat, tool_req=None):
     base = P.new_id("chatcmpl" if chat else "cmpl")
     created, model = P.now(), self.state["model_name"]
     obj = "chat.completion" if chat else "text_completion"
@@ -306,6 +318,11 @@ class Handlers:
         c: dict[str, Any] = {"index": i, "finish_reason": finish[i]}
         if chat:
           c["message"] = {"role": "assistant", "content": text[i]}
+          if tool_req is not None:
+            content, calls = tool_req.split_calls(text[i])
+            c["message"] = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            if calls:
+              c["finish_reason"] = "tool_calls"
           c["logprobs"] = P.chat_logprobs(self.tokenizer, lps[i]) if params.logprobs is not None else None
         else:
           c["text"] = text[i]
@@ -331,8 +348,28 @@ class Handlers:
     if chat:
       await send(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None} for i in range(n_choices)]))
+    held = [""] * n_choices   # tool calls: text not yet sent as content (it may be a call)
 
     async def emit(idx, d):
+      if tool_req is not None and d.finish_reason != "error":
+        held[idx] += d.text
+        go = tool_req.holds_back(held[idx])
+        if d.finish_reason is None:
+          d = dataclasses.replace(d, text=held[idx][:go])
+          held[idx] = held[idx][go:]
+        else:   # the end: what is held is a call, or content after all
+          content, calls = tool_req.split_calls(held[idx])
+          if calls:
+            usage.add_final(idx, params.n, d)
+            if content:
+              await send(chunk([{"index": idx, "delta": {"content": content}, "logprobs": None, "finish_reason": None}]))
+            await send(chunk([{"index": idx, "delta": {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]},
+                               "logprobs": None, "finish_reason": "tool_calls"}]))
+            return
+          d = dataclasses.replace(d, text=held[idx])
+      await emit_plain(idx, d)
+
+    async def emit_plain(idx, d):
       if d.finish_reason == "error":   # the 200 is out: the error goes in the stream, as vLLM sends it
         await send(P.ApiError(500, f"the engine failed while running request {base}; see the server log",
                               type_="internal_error").body())
@@ -420,7 +457,8 @@ class Handlers:
 
 
 def create_app(engine: AsyncEngine, model_name: str | list[str], api_key: str | None = None, body_timeout: float = 30.0,
-               max_request_mb: float = 16.0, also_answers: tuple[str, ...] = ()) -> web.Application:
+               max_request_mb: float = 16.0, also_answers: tuple[str, ...] = (),
+               tool_call_parser: str | None = None) -> web.Application:
   """model_name: the served name, or several (the first is the one responses carry); also_answers: further
   names a request may use (the model path given), not listed by /v1/models."""
   served = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -429,7 +467,7 @@ def create_app(engine: AsyncEngine, model_name: str | list[str], api_key: str | 
   app[ENGINE] = engine
   metrics = Metrics(engine.engine)
   engine.on_step = metrics.step.observe
-  app[STATE] = {"model_name": model_name, "served_names": served,
+  app[STATE] = {"model_name": model_name, "served_names": served, "tool_call_parser": tool_call_parser,
                 "model_names": list(dict.fromkeys([*served, *also_answers])), "api_key": api_key, "metrics": metrics, "created": P.now(),
                 "body_timeout": body_timeout}
   h = Handlers(app)
@@ -459,13 +497,14 @@ class ServerLimits:
 
 async def serve(engine: AsyncEngine, model_name: str | list[str], host: str, port: int, api_key: str | None = None,
                 ready: asyncio.Event | None = None, limits: ServerLimits | None = None,
-                also_answers: tuple[str, ...] = ()) -> int:
+                also_answers: tuple[str, ...] = (), tool_call_parser: str | None = None) -> int:
   """Serves until SIGTERM/SIGINT; then stops accepting, drains the requests in flight (at most
   limits.shutdown_timeout seconds) and returns 0. Returns 1 at once if the engine dies (a supervisor restarts
   the process). A second signal during the drain exits the process at once."""
   limits = limits or ServerLimits()
   fd_limit = raise_fd_limit()
-  app = create_app(engine, model_name, api_key, limits.body_timeout, limits.max_request_mb, also_answers)
+  app = create_app(engine, model_name, api_key, limits.body_timeout, limits.max_request_mb, also_answers,
+                   tool_call_parser)
   model_name = app[STATE]["model_name"]
   runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                          keepalive_timeout=limits.header_timeout, shutdown_timeout=5.0)

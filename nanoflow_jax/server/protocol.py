@@ -178,8 +178,6 @@ CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs"
 NEUTRAL = {
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
-    "tools": lambda v: v in (None, []),
-    "tool_choice": lambda v: v in (None, "none", "auto"),
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
 }
 
