@@ -507,6 +507,8 @@ class Engine:
       return self._finish(seq, "length")
 
   def _finish(self, seq: Sequence, reason: str) -> None:
+    if seq.detokenizer is not None and reason in ("stop", "length") and not isinstance(seq.stop_reason, str):
+      seq.text += seq.detokenizer.flush()   # (a stop string's cut keeps nothing after it)
     seq.finish_time = time.monotonic()
     self.scheduler.finish(seq, reason)
 

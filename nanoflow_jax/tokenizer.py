@@ -274,3 +274,12 @@ class IncrementalDetokenizer:
       self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
       return delta
     return ""
+
+  def flush(self) -> str:
+    """At the end: what is held back, decoded as it stands (incomplete UTF-8 as U+FFFD, as transformers'
+    decode of the whole output gives it)."""
+    dec = self.tokenizer.decode
+    prefix = dec(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
+    full = dec(self.ids[self.prefix_offset:], self.skip_special_tokens)
+    self.prefix_offset = self.read_offset = len(self.ids)
+    return full[len(prefix):] if len(full) > len(prefix) else ""

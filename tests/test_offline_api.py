@@ -77,3 +77,16 @@ def test_the_periodic_throughput_line(caplog):
     ae._throughput_line()
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("throughput:")]
   assert len(lines) == 1 and "prompt" in lines[0] and "running 0, waiting 0" in lines[0] and "KV 0.0% of 128 pages" in lines[0]
+
+
+def test_the_final_text_decodes_the_whole_output():
+  """Issue 29: an output that ends inside a UTF-8 character keeps its bytes as U+FFFD, as transformers' decode of
+  the whole output gives it (before, the incomplete tail was dropped and text != decode(ids))."""
+  from nanoflow_jax.llm import LLM
+  from nanoflow_jax.sampling_params import SamplingParams
+  llm = LLM("tiny", dense_batch=64, num_pages=128, max_num_seqs=4)
+  tok = llm.get_tokenizer()
+  for bias, n in (({195: 100}, 1), ({226: 100}, 3)):   # lead bytes of 2- and 3-byte characters, forced
+    out = llm.generate(["x"], SamplingParams(max_tokens=n, temperature=0, logit_bias=bias), use_tqdm=False)[0]
+    ids = out.outputs[0].token_ids
+    assert out.outputs[0].text == tok.decode(ids) and out.outputs[0].text.endswith("\ufffd")
