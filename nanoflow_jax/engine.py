@@ -191,7 +191,8 @@ class Engine:
     self.eos_ids = tuple(self.tokenizer.eos_ids if self.tokenizer else cfg.eos_token_ids)
     self.requests: dict[str, _Request] = {}
     self.stats = EngineStats()
-    self._pending = None           # (device outputs, [(seq, slot)]) of the step in flight
+    self._pending = None           # (device outputs, [(seq, slot)], prompt-logprob rows, their outputs) in flight
+    self._lp_entries: list = []
     self._seq_ids = itertools.count()
     # Seeds of unseeded requests. In a multi-host job every process runs the same step on its share of the
     # devices and must feed it the same inputs, so the generator starts from process 0's seed everywhere.
@@ -239,6 +240,8 @@ class Engine:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
       if grammar is not None:
         seq.matcher = structured.Matcher(self.tokenizer, vocab, grammar)
+      if params.prompt_logprobs is not None:
+        seq.prompt_logprobs = [None] * len(prompt_ids)
       seqs.append(seq)
       self.scheduler.add(seq)
     self.requests[request_id] = _Request(request_id, prompt, prompt_ids, seqs, on_delta)
@@ -288,7 +291,7 @@ class Engine:
         finished=all(s.finished for s in req.seqs),
         metrics=[RequestMetrics(s.arrival_time, s.first_token_time, s.finish_time, s.num_preemptions)
                  for s in req.seqs],
-        num_cached_tokens=req.seqs[0].num_cached_tokens)
+        num_cached_tokens=req.seqs[0].num_cached_tokens, prompt_logprobs=req.seqs[0].prompt_logprobs)
     if out.finished:
       del self.requests[request_id]
     return out
@@ -308,7 +311,7 @@ class Engine:
       st.build_seconds += t2 - t1
       # Copies: on the CPU a numpy argument may be aliased, and the host rows change next step.
       dispatched = (self.executor.run(inp, jax.tree.map(np.copy, self.sp), self._extras(sampled, len(inp.sample_slots))),
-                    sampled)
+                    sampled, self._lp_entries, self.executor.prompt_logprobs if self._lp_entries else ())
       st.dispatch_seconds += time.perf_counter() - t2
       st.steps += 1
       st.tokens += batch.num_tokens
@@ -318,9 +321,11 @@ class Engine:
                                           sum(ch.start + ch.length for ch in batch.chunks if ch.decode)))
     wait = 0.0
     if self._pending is not None:
-      outs, sampled = self._pending
+      outs, sampled, lp_entries, prompt_lp = self._pending
       tw = time.perf_counter()
       tokens, lp, top_lp, top_ids = jax.device_get(outs)
+      if lp_entries:
+        self._prompt_logprobs(lp_entries, *jax.device_get(prompt_lp))
       wait = time.perf_counter() - tw
       self._process(sampled, tokens, lp, top_lp, top_ids)
       st.process_seconds += time.perf_counter() - tw - wait
@@ -383,6 +388,18 @@ class Engine:
         sample_mask[slot] = True
         sampled.append((seq, slot))
       cur += length
+    self._lp_entries = []   # prompt_logprobs: (sequence, prompt position) per row of inp.lp_rows
+    lp_rows, lp_targets = [], []
+    cur = 0
+    for ch in batch.chunks:
+      p = ch.seq.prompt_ids
+      if not ch.decode and ch.seq.params.prompt_logprobs is not None:
+        for j in range(ch.length):   # row j predicts the token after its position
+          if ch.start + j + 1 < len(p):
+            self._lp_entries.append((ch.seq, ch.start + j + 1))
+            lp_rows.append(cur + j)
+            lp_targets.append(p[ch.start + j + 1])
+      cur += ch.length
     if d_rows:
       positions[d_rows] = d_pos
       slots[d_rows] = d_slots
@@ -399,6 +416,9 @@ class Engine:
     inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
                      sample_rows, sample_slots, sample_mask, reset,
                      _attention_blocks(batch, ex.nano_sizes(n), ex.attention_configs))
+    if lp_rows:   # the bucket's size: one shape per bucket
+      inp.lp_rows, inp.lp_targets = np.zeros(n, np.int32), np.zeros(n, np.int32)
+      inp.lp_rows[:len(lp_rows)], inp.lp_targets[:len(lp_targets)] = lp_rows, lp_targets
     return inp, sampled
 
   def _extras(self, sampled, rows: int) -> dict:
@@ -447,6 +467,12 @@ class Engine:
       if i < seq.params.min_tokens:
         ban = (() if seq.params.ignore_eos else self.eos_ids) + tuple(seq.params.stop_token_ids)
         sp.banned[row, :len(ban)] = ban[:MAX_BANNED_IDS]
+
+  def _prompt_logprobs(self, entries, target_lp, top_lp, top_ids) -> None:
+    for i, (seq, pos) in enumerate(entries):
+      k = seq.params.prompt_logprobs
+      top = {int(t): float(v) for t, v in zip(top_ids[i, :k], top_lp[i, :k])}
+      seq.prompt_logprobs[pos] = Logprob(seq.prompt_ids[pos], float(target_lp[i]), top)
 
   def _process(self, sampled, tokens, lp, top_lp, top_ids) -> None:
     """A step samples at most one token per sequence: append it, apply stop rules, emit its delta."""
@@ -522,7 +548,7 @@ class Engine:
     if req.on_delta is not None:
       req.on_delta(Delta(req.request_id, seq.index, text, toks, lps if seq.params.logprobs is not None else None,
                          seq.finish_reason, seq.stop_reason, len(req.prompt_ids), len(seq.output_ids),
-                         seq.num_cached_tokens or 0))
+                         seq.num_cached_tokens or 0, seq.prompt_logprobs if seq.finished else None))
 
   def shutdown(self) -> None:
     """Drops the device state (KV cache, sampling state) so another engine can take the memory."""

@@ -47,6 +47,7 @@ class RequestOutput:
   finished: bool
   metrics: list[RequestMetrics]  # one per sample
   num_cached_tokens: int | None = None   # prompt tokens the prefix cache held (vLLM's name; the first sample's)
+  prompt_logprobs: list | None = None    # with SamplingParams.prompt_logprobs: None, then a Logprob per prompt token
 
 
 @dataclasses.dataclass
@@ -62,3 +63,4 @@ class Delta:
   num_prompt_tokens: int = 0
   num_output_tokens: int = 0
   num_cached_tokens: int = 0     # of the prompt, found in the prefix cache
+  prompt_logprobs: list | None = None   # on a request's first sample's last delta, where asked for

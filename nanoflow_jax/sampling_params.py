@@ -32,7 +32,8 @@ class SamplingParams:
   detokenize: bool = True       # False: token ids only (benchmarks), no text and no stop strings
   # vLLM's StructuredOutputsParams as a dict: one of json (a schema), json_object, regex, choice, grammar (Lark)
   structured_outputs: dict | None = None
-  logit_bias: dict[int, float] | None = None   # token id -> added to its logit (OpenAI: at most 300, in [-100, 100])
+  logit_bias: dict[int, float] | None = None
+  prompt_logprobs: int | None = None   # each prompt token's log-prob and the top-N at its position (vLLM's)   # token id -> added to its logit (OpenAI: at most 300, in [-100, 100])
 
   def __post_init__(self):
     if isinstance(self.stop, str):
@@ -72,6 +73,9 @@ class SamplingParams:
     check(self.detokenize or not self.stop, "stop strings need detokenize=True")
     check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
           f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+    check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and not isinstance(
+        self.prompt_logprobs, bool) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+        f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
     if self.logit_bias is not None:
       check(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS,
             f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers")

@@ -164,7 +164,7 @@ class Scheduler:
     compute every token: the device learns the prompt's and outputs' tokens for them from the tokens fed."""
     p = seq.params
     if (not self.caching or seq.num_computed or seq.pages or p.repetition_penalty != 1.0
-        or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+        or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.prompt_logprobs is not None):
       return
     ps = self.pool.page_size
     usable = (seq.num_tokens - 1) // ps

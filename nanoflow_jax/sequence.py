@@ -42,6 +42,7 @@ class Sequence:
   page_keys: list = dataclasses.field(default_factory=list)   # prefix-cache keys of its full pages (so far)
   num_registered: int = 0          # of its pages, how many are registered in the prefix cache
   num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache at its first admission
+  prompt_logprobs: list | None = None   # per prompt position: None (the first) or a Logprob (prompt_logprobs)
   matcher: object = None           # structured output: its grammar's state (structured.Matcher)
 
   @property

@@ -90,3 +90,21 @@ def test_the_final_text_decodes_the_whole_output():
     out = llm.generate(["x"], SamplingParams(max_tokens=n, temperature=0, logit_bias=bias), use_tqdm=False)[0]
     ids = out.outputs[0].token_ids
     assert out.outputs[0].text == tok.decode(ids) and out.outputs[0].text.endswith("\ufffd")
+
+
+def test_prompt_logprobs_match_the_models_forward_pass():
+  import jax
+  import numpy as np
+  from nanoflow_jax.llm import LLM
+  from nanoflow_jax.sampling_params import SamplingParams
+  llm = LLM("tiny", dtype="float32", dense_batch=16, num_pages=128, max_num_seqs=4)   # 40 tokens: three chunks
+  prompt = list(range(60, 100))
+  for _ in range(2):   # the second time the prefix cache holds the prompt: prompt_logprobs still computes it all
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3), use_tqdm=False)[0]
+    plp = out.prompt_logprobs
+    assert len(plp) == len(prompt) and plp[0] is None and out.num_cached_tokens == 0
+    ref = jax.nn.log_softmax(np.asarray(llm.engine.model.forward([prompt]))[0], axis=-1)
+    for i in range(1, len(prompt)):
+      assert plp[i].token_id == prompt[i] and abs(plp[i].logprob - float(ref[i - 1, prompt[i]])) < 1e-4
+      assert list(plp[i].top) == [int(t) for t in np.argsort(-ref[i - 1])[:3]]
+  assert llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt_logprobs is None

@@ -102,6 +102,17 @@ def test_logit_bias_is_honored(client):
   assert r.choices[0].text == "CCCC"
 
 
+def test_prompt_logprobs(server):
+  st, body, _ = _post(server, "/v1/completions", json.dumps({"prompt": "Hello there", "max_tokens": 2,
+                                                             "prompt_logprobs": 2, "temperature": 0}).encode())
+  assert st == 200, body
+  plp = body["choices"][0]["prompt_logprobs"]
+  assert plp[0] is None and len(plp) == body["usage"]["prompt_tokens"]
+  assert all(2 <= len(e) <= 3 and all(v["logprob"] <= 0 for v in e.values()) for e in plp[1:])
+  st, body, _ = _post(server, "/v1/completions", json.dumps({"prompt": "x", "prompt_logprobs": 2, "stream": True}).encode())
+  assert st == 400 and body["error"]["param"] == "prompt_logprobs"
+
+
 def test_prompt_forms(client):
   r = client.completions.create(model="tiny-test", prompt=["a", "bb"], max_tokens=3, n=2, **GREEDY)
   assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoflow_jax import compat, kv_cache, parallel, sampler
+from nanoflow_jax.sampling_params import MAX_LOGPROBS
 from nanoflow_jax.model import Model
 from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
@@ -59,6 +60,10 @@ class StepInputs:
   reset_slots: np.ndarray    # int32 [S]: slots a new sequence took this step (R: padding, dropped)
   blocks: tuple              # per nano-batch: (decode blocks, prefill blocks), each (start, len, count [1])
                              # int32 with rows relative to the nano-batch (query_blocks)
+  # prompt_logprobs: the rows whose next prompt token's log-prob is wanted, and that token ([P]; P = 0 in
+  # steps without such requests, else the bucket: one more compile per bucket, only where asked for)
+  lp_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+  lp_targets: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
 
 jax.tree_util.register_dataclass(StepInputs, data_fields=[f.name for f in dataclasses.fields(StepInputs)],
@@ -249,7 +254,8 @@ class Executor:
     if mesh is not None:  # sampling state lives replicated on the mesh, beside the sharded weights
       self.last_tokens, self.counts, self.prompt_mask = jax.device_put(
           (self.last_tokens, self.counts, self.prompt_mask), parallel.replicated(mesh))
-    self._compiled: dict[int, object] = {}
+    self._compiled: dict = {}   # per bucket (and (bucket, "prompt_logprobs"))
+    self.prompt_logprobs = ()   # the last step's, where it had prompt_logprobs rows (device arrays)
     self.compile_seconds: dict = {}     # per bucket, and per sampler Modes
     # Two computations per step: the forward pass (one per bucket) and the sampler (one per Modes, the
     # same for every bucket). The sampler's branches are chosen on the host, so neither holds a device
@@ -472,7 +478,7 @@ class Executor:
       for i, layer_params in enumerate(params["layers"]):
         carry, _ = body(carry, (jnp.int32(i), layer_params))
       x, k_cache, v_cache = carry
-      return m.logits(x[inp.sample_rows]), (k_cache, v_cache)
+      return self._head(m, x, inp), (k_cache, v_cache)
     # A stream-annotated GEMM would get its layer's weight slice as a copy (~7 ms per 8B step); with
     # stacked_gemm it reads the scanned stack at the layer index instead (docs/history/perf-notes.md).
     (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, *kv),
@@ -480,18 +486,30 @@ class Executor:
                                             unroll=self.layer_unroll)
     # The head and the sampler run on the sampled rows only: S = min(R, N), not all R slots (at 2048 slots
     # the head over every slot cost 2.3 ms a step even when two sequences sampled; perf-notes, session 9).
-    return m.logits(x[inp.sample_rows]), (k_cache, v_cache)
+    return self._head(m, x, inp), (k_cache, v_cache)
+
+  @staticmethod
+  def _head(m, x, inp: StepInputs):
+    """The logits of the sampled rows, and for prompt_logprobs (lp_rows) each row's log-prob of its next prompt
+    token and the top MAX_LOGPROBS (empty where no request asks)."""
+    logits = m.logits(x[inp.sample_rows])
+    if inp.lp_rows.shape[0] == 0:
+      return logits, ()
+    lp = jax.nn.log_softmax(m.logits(x[inp.lp_rows]).astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(lp, inp.lp_targets[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, min(MAX_LOGPROBS, lp.shape[-1]))
+    return logits, (target, top_lp, top_ids)
 
   def _forward_step(self, params, kv, last_tokens, counts, prompt_mask, inp: StepInputs):
     tokens = jnp.where(inp.from_device, last_tokens[inp.slots], inp.tokens)
-    logits, new_kv = self._forward(params, kv, tokens, inp)
+    (logits, prompt_lp), new_kv = self._forward(params, kv, tokens, inp)
     # Only the new sequences' rows are cleared: a select over all [R, V] rows cost 0.63 ms a step at 2048
     # slots (perf-notes, session 9); the scatter writes in place into the donated buffers.
     counts = counts.at[inp.reset_slots].set(0, mode="drop")
     prompt_mask = prompt_mask.at[inp.reset_slots].set(False, mode="drop")
     prompt_mask = prompt_mask.at[inp.slots, tokens].max(inp.kinds == KIND_PROMPT)
     counts = counts.at[inp.slots, tokens].add((inp.kinds == KIND_REFED_OUTPUT).astype(jnp.int32))
-    return new_kv, counts, prompt_mask, logits
+    return new_kv, counts, prompt_mask, logits, prompt_lp
 
   @staticmethod
   def _sample_step(logits, last_tokens, counts, prompt_mask, sample_slots, sp: sampler.SamplingArrays, extras: dict,
@@ -514,7 +532,7 @@ class Executor:
     return last_tokens, counts, (tok, lp, top_lp, top_ids)
 
   # --- host side --------------------------------------------------------------------------------
-  def _compiled_for(self, n: int, inp: StepInputs):
+  def _compiled_for(self, n, inp: StepInputs):
     if n not in self._compiled:
       t = time.perf_counter()
       with layers.use_gemm(None if self.kernels == "reference" else self._gemm), \
@@ -526,7 +544,7 @@ class Executor:
       self._compiled[n] = lowered.compile(options or None)
       self.compile_seconds[n] = time.perf_counter() - t
       mem = self._compiled[n].memory_analysis()
-      log.info("compiled the step for %d tokens in %.1f s (%s temporaries: %.2f GB)", n, self.compile_seconds[n],
+      log.info("compiled the step for %s tokens in %.1f s (%s temporaries: %.2f GB)", n, self.compile_seconds[n],
                self.layer_loop, getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem is not None else float("nan"))
     return self._compiled[n]
 
@@ -545,9 +563,10 @@ class Executor:
     """Dispatches the step; returns device arrays (tokens, logprob, top logprobs, top ids) not yet read, one
     row per entry of inp.sample_slots. extras, per sampled row where some row needs them: "bitmask" (int32
     [rows, ceil(V / 32)]: the tokens a grammar allows), "bias_ids" / "bias_values" ([rows, K]: logit_bias)."""
-    fn = self._compiled_for(len(inp.tokens), inp)
-    self.kv, self.counts, self.prompt_mask, logits = fn(self.params, self.kv, self.last_tokens, self.counts,
-                                                        self.prompt_mask, inp)
+    key = len(inp.tokens) if not len(inp.lp_rows) else (len(inp.tokens), "prompt_logprobs")
+    fn = self._compiled_for(key, inp)
+    self.kv, self.counts, self.prompt_mask, logits, self.prompt_logprobs = fn(
+        self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
     extras = extras or {}
     modes = sampler.modes_for(sp, inp.sample_mask)._replace(structured="bitmask" in extras,
                                                               biased="bias_ids" in extras)

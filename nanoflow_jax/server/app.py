@@ -258,7 +258,11 @@ class Handlers:
     P.check_fields(body, chat)
     params = P.sampling_params(body, chat=chat)
     self._check_params(params)
-    return body, params, P._bool(body, "stream"), P.stream_options(body)
+    stream = P._bool(body, "stream")
+    if stream and params.prompt_logprobs is not None:
+      raise P.ApiError(400, "'prompt_logprobs' is not supported with stream (ask without streaming)",
+                       param="prompt_logprobs")
+    return body, params, stream, P.stream_options(body)
 
   async def completions(self, request):
     body, params, stream, include_usage = await self._generation_request(request, chat=False)
@@ -304,7 +308,10 @@ class Handlers:
       text = [""] * n_choices
       lps: list[list] = [[] for _ in range(n_choices)]
       finish = [None] * n_choices
+      prompt_lps: dict[int, list] = {}   # per prompt (prompt_logprobs)
       async for idx, d in gen:
+        if d.prompt_logprobs is not None:
+          prompt_lps[idx // params.n] = d.prompt_logprobs
         text[idx] += d.text
         lps[idx].extend(d.logprobs or [])
         if d.finish_reason is not None:
@@ -327,6 +334,8 @@ class Handlers:
         else:
           c["text"] = text[i]
           c["logprobs"] = P.completion_logprobs(self.tokenizer, lps[i]) if params.logprobs is not None else None
+        if params.prompt_logprobs is not None:
+          c["prompt_logprobs"] = P.prompt_logprobs_body(self.tokenizer, prompt_lps.get(i // params.n))
         choices.append(c)
       return web.json_response({"id": base, "object": obj, "created": created, "model": model,
                                 "choices": choices, "usage": usage.body()})

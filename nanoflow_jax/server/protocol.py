@@ -113,6 +113,7 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output"),
         structured_outputs=structured_outputs_of(body),
         logit_bias=_logit_bias(body),
+        prompt_logprobs=_num(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True),
     )
   except ValueError as e:  # cross-field checks (e.g. min_tokens > max_tokens, top_p = 0)
     raise ApiError(400, str(e)) from None
@@ -170,7 +171,7 @@ def structured_outputs_of(body: dict[str, Any]) -> dict | None:
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
                    "presence_penalty", "frequency_penalty", "seed", "user", "top_k", "min_p", "repetition_penalty",
                    "min_tokens", "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-                   "response_format", "structured_outputs", *GUIDED}
+                   "response_format", "structured_outputs", "prompt_logprobs", *GUIDED}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "logit_bias"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "best_of",
                                  "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls"}
@@ -229,6 +230,22 @@ def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
     if content is not None and not isinstance(content, str):
       raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
     out.append({**m, "content": content or ""})
+  return out
+
+
+def prompt_logprobs_body(tokenizer, plp: list | None) -> list | None:
+  """vLLM's prompt_logprobs: None for the first token, then {token id: {"logprob", "decoded_token"}} with the
+  prompt's token and the top-N at each position."""
+  if plp is None:
+    return None
+  out = []
+  for lp in plp:
+    if lp is None:
+      out.append(None)
+      continue
+    entries = {**lp.top, lp.token_id: lp.logprob}
+    out.append({str(t): {"logprob": v, "decoded_token": tokenizer.decode([t], skip_special_tokens=False)}
+                for t, v in entries.items()})
   return out
 
 
