@@ -80,6 +80,8 @@ class LLM:
           raise TypeError(f"{theirs} and {ours} name the same setting: give one")
         engine_args[ours] = engine_args.pop(theirs)
     self.engine = build_engine(model, **engine_args)
+    if "seed" in engine_args:   # as in vLLM: requests without a seed of their own repeat from run to run
+      self.engine.seed_unseeded(engine_args["seed"])
     self.tokenizer = self.engine.tokenizer
     self._ids = itertools.count()
 

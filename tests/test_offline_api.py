@@ -108,3 +108,12 @@ def test_prompt_logprobs_match_the_models_forward_pass():
       assert plp[i].token_id == prompt[i] and abs(plp[i].logprob - float(ref[i - 1, prompt[i]])) < 1e-4
       assert list(plp[i].top) == [int(t) for t in np.argsort(-ref[i - 1])[:3]]
   assert llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt_logprobs is None
+
+
+def test_llm_seed_makes_unseeded_sampling_repeat():
+  from nanoflow_jax.llm import LLM
+  from nanoflow_jax.sampling_params import SamplingParams
+  sp = SamplingParams(max_tokens=6, temperature=1.0)
+  runs = [[o.outputs[0].token_ids for o in LLM("tiny", seed=9, dense_batch=64, num_pages=128, max_num_seqs=4)
+           .generate(["a", "b"], sp, use_tqdm=False)] for _ in range(2)]
+  assert runs[0] == runs[1]
