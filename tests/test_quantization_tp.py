@@ -1,5 +1,6 @@
 """fp8 weights under tensor parallelism (4 CPU devices): the scales sharded with their weights, TP 2 through the
-per-device (shard_map) layer and TP 4 through XLA's partitioner give the single device's greedy tokens; so does TP 2 with the layers unrolled (per-layer arrays, each sharded)."""
+per-device (shard_map) layer and TP 4 through XLA's partitioner give the single device's greedy tokens; so does TP 2 with the layers unrolled (per-layer arrays, each sharded); a
+repeated prompt hits the prefix cache under TP with the same tokens."""
 import json
 import os
 import subprocess
@@ -13,14 +14,16 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 from nanoflow_jax.llm import LLM
 from nanoflow_jax.sampling_params import SamplingParams
-prompts = [[1, 5, 9, 200, 33], [1, 250, 2, 90, 91, 92, 4]]
+prompts = [[1, 5, 9, 200, 33], [1, 250, 2, 90, 91, 92, 4], list(range(10, 50))]
 out = {}
 for tp in (1, 2, 4):
   llm = LLM("tiny", dtype="float32", dense_batch=64, num_pages=64, max_num_seqs=4, tensor_parallel=tp,
             quantization="fp8")
   layers = llm.engine.executor.params["layers"]
   res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+  again = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
   out[tp] = {"tokens": [r.outputs[0].token_ids for r in res],
+             "again": [r.outputs[0].token_ids for r in again], "cached": again[2].num_cached_tokens,
              "qkv_scale_spec": str(getattr(layers["qkv_fp8_scale"].sharding, "spec", None)),
              "gate_up_spec": str(getattr(layers["gate_up_fp8"].sharding, "spec", None)),
              "manual": llm.engine.executor.manual_tp}
@@ -44,4 +47,6 @@ def test_fp8_under_tp_gives_the_single_device_tokens():
   assert out["2"]["tokens"] == out["1"]["tokens"] and out["4"]["tokens"] == out["1"]["tokens"]
   assert out["2"]["manual"] and not out["4"]["manual"]
   assert "tp" in out["2"]["qkv_scale_spec"] and "tp" in out["2"]["gate_up_spec"]   # sharded with the weights
+  for tp in ("1", "2", "4"):   # the repeat hits the prefix cache (32 of the 40-token prompt) with the same tokens
+    assert out[tp]["again"] == out[tp]["tokens"] and out[tp]["cached"] == 32
   assert out["2u"]["tokens"] == out["1"]["tokens"] and out["2u"]["manual"] and "tp" in out["2u"]["gate_up_spec"]
