@@ -22,7 +22,10 @@ for mode in sys.argv[4].split(","):   # each mode in the same job: one start-up 
             tensor_parallel=jax.device_count())
   greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
   sampled = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True))
+  long = ["a system prompt that every round shares, " * 2] * 2   # the second round hits the prefix cache
+  rounds = [llm.generate(long[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0] for _ in long]
   out[mode] = {"next_seed": llm.engine._rng.getrandbits(32), "greedy": [o.outputs[0].token_ids for o in greedy],
-               "sampled": [o.outputs[0].token_ids for o in sampled]}
+               "sampled": [o.outputs[0].token_ids for o in sampled],
+               "rounds": [r.outputs[0].token_ids for r in rounds], "cached": [r.num_cached_tokens for r in rounds]}
   llm.engine.shutdown()
 print(json.dumps(out))

@@ -52,6 +52,9 @@ def test_engine_across_two_processes_matches_one():
     assert a["greedy"] == b["greedy"] and a["sampled"] == b["sampled"], mode
     assert a["next_seed"] == b["next_seed"], mode   # one seed generator for the whole job
     assert a["greedy"] == [o.outputs[0].token_ids for o in ref], mode
+    # prefix caching across hosts: both processes hit the same pages, the tokens unchanged
+    assert a["rounds"] == b["rounds"] and a["rounds"][0] == a["rounds"][1], mode
+    assert a["cached"] == b["cached"] and a["cached"][0] == 0 and a["cached"][1] >= 64, mode
 
 
 @pytest.mark.parametrize("args,match", [
