@@ -37,6 +37,8 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_bool("enable_prefix_caching", True, "Automatic prefix caching: full KV pages are found again by a "
                     "hash of their prefix, so a prompt that shares a cached prefix computes only the rest "
                     "(--noenable_prefix_caching or --enable_prefix_caching=false turns it off).")
+  flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GB) for the KV pages the GPU's prefix cache evicts: a "
+                     "prompt whose prefix is there gets it copied back instead of recomputed (0: off).")
   flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"], "The step's decoder layers: scan = one "
                     "loop over the stacked weights (compiled once); unrolled = every layer in the step, each with "
                     "weights of its own (XLA's dot reads them in place, command buffers take the whole step; longer "
@@ -83,7 +85,7 @@ def engine_kwargs() -> dict:
               gemm=FLAGS.gemm, prefill_attention=FLAGS.prefill_attention,
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
               layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization,
-              enable_prefix_caching=FLAGS.enable_prefix_caching)
+              enable_prefix_caching=FLAGS.enable_prefix_caching, host_kv_cache_gb=FLAGS.host_kv_cache_gb)
 
 
 # vLLM's names for our flags (`vllm serve` users' scripts run as they are); values map where vLLM's differ.

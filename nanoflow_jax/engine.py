@@ -59,6 +59,7 @@ class EngineConfig:
   layer_unroll: int = 1                   # decoder layers per iteration of the layer scan: with 2, one
                                           # layer's tail and the next one's head are in one computation
   enable_prefix_caching: bool = True      # full KV pages found again by their prefix (prefix_cache.py)
+  host_kv_cache_gb: float = 0.0           # > 0: pages the GPU evicts kept in host memory (host_kv.py)
   layer_loop: str = "auto"                # scan (stacked weights, compiled once), unrolled (every layer in the
                                           # step with weights of its own: no copies for XLA's dot, command
                                           # buffers over the step) or auto (unrolled for fp8 on a GPU)
@@ -170,6 +171,15 @@ class Engine:
                              mosaic_prefill=c.prefill_attention == "auto")
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size, caching=c.enable_prefix_caching)
+    if c.host_kv_cache_gb > 0:
+      if not c.enable_prefix_caching:
+        raise ValueError("host_kv_cache_gb keeps evicted prefix-cache pages: it needs enable_prefix_caching")
+      if c.tensor_parallel > 1 or jax.process_count() > 1:
+        raise ValueError("host_kv_cache_gb runs on one device for now (not under tensor parallelism or multi-host)")
+      from nanoflow_jax import host_kv
+      per_page = kv_cache.page_bytes(cfg, c.page_size, self.executor.kv_dtype)
+      self.pool.host = host_kv.HostKVTier(max(1, int(c.host_kv_cache_gb * 2**30 // per_page)))
+      log.info("host KV tier: %d pages (%.1f GB)", self.pool.host.capacity_pages, c.host_kv_cache_gb)
     tokens_fit = num_pages * c.page_size
     if tokens_fit < self.max_model_len:
       # A sequence the cache can never hold would preempt itself forever (a livelock that starves every
@@ -302,6 +312,7 @@ class Engine:
     compile0 = sum(self.executor.compile_seconds.values())
     st = self.stats
     batch = self.scheduler.schedule()
+    self._move_host_pages()
     t1 = time.perf_counter()
     st.schedule_seconds += t1 - t0
     dispatched = None
@@ -333,6 +344,20 @@ class Engine:
     self.stats.wait_seconds += wait
     compiling = sum(self.executor.compile_seconds.values()) - compile0
     self.stats.host_seconds += time.perf_counter() - t0 - wait - compiling
+
+  def _move_host_pages(self) -> None:
+    """The host KV tier's moves the schedule asked for, dispatched before the step: the cached pages it evicted
+    go to host memory (read before the step overwrites them), and the pages it took from the host are written."""
+    pool = self.pool
+    if pool.host is None:
+      return
+    ex = self.executor
+    if pool.evicted:
+      pool.host.save(ex.kv, [p for p, _ in pool.evicted], [k for _, k in pool.evicted])
+      pool.evicted = []
+    if pool.uploads:
+      ex.kv = pool.host.load(ex.kv, [p for p, _ in pool.uploads], [k for _, k in pool.uploads])
+      pool.uploads = []
 
   def _build_inputs(self, batch: Batch) -> tuple[StepInputs, list[tuple[Sequence, int]]]:
     """The step's host arrays. Decode rows (one token each, most of a step's chunks) are gathered in

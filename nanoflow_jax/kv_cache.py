@@ -41,6 +41,10 @@ class PagePool:
     self._key_of: dict[int, tuple] = {}   # cached page -> its key (hash, tokens)
     self._page_of: dict[int, int] = {}    # hash -> cached page
     self.extra_holds = 0                  # holds beyond the first on shared pages (admission counts pages per holder)
+    self.host = None                      # a host_kv.HostKVTier, or None
+    self.evicted: list[tuple[int, tuple]] = []   # (page, key) evicted since the engine last saved them to the host
+    self.uploads: list[tuple[int, tuple]] = []   # (page, key) to fill from the host tier before the next step
+    self.host_hit_tokens = 0
     self.evictions = 0                    # cached pages reused for other content
     self.queried_tokens = 0               # prompt tokens looked up, and those found (the hit rate)
     self.hit_tokens = 0
@@ -69,8 +73,11 @@ class PagePool:
         page = self._free.pop()
       else:   # the least recently used cached page nobody holds
         page, _ = self._evictable.popitem(last=False)
-        del self._page_of[self._key_of.pop(page)[0]]
+        key = self._key_of.pop(page)
+        del self._page_of[key[0]]
         self.evictions += 1
+        if self.host is not None:
+          self.evicted.append((page, key))
       self._refs[page] = 1
       out.append(page)
     return out
@@ -119,6 +126,8 @@ class PagePool:
 
   def forget(self, pages: list[int]) -> None:
     """Their content is not to be trusted (a failed step may not have written it): uncache them."""
+    dropped = set(pages)
+    self.uploads = [(p, k) for p, k in self.uploads if p not in dropped]
     for page in pages:
       key = self._key_of.pop(page, None)
       if key is None:

@@ -170,6 +170,16 @@ class Scheduler:
     usable = (seq.num_tokens - 1) // ps
     prefix_cache.extend_keys(seq.page_keys, seq.token_at, usable * ps, ps)
     seq.pages = self.pool.acquire_cached(seq.page_keys[:usable])
+    host = self.pool.host
+    if host is not None and len(seq.pages) < usable:   # the run goes on in host memory: copied back, not computed
+      run = host.lookup(seq.page_keys[len(seq.pages):usable])[:max(self.pool.num_free - 1, 0)]
+      if run:
+        pages = self.pool.allocate(len(run))
+        for page, key in zip(pages, run):
+          self.pool.register(page, key)
+          self.pool.uploads.append((page, key))
+        seq.pages += pages
+        seq.from_host = len(run) * ps
     seq.num_computed = len(seq.pages) * ps
     seq.num_registered = len(seq.pages)
 
@@ -239,6 +249,7 @@ class Scheduler:
         seq.num_cached_tokens = seq.num_computed
         self.pool.queried_tokens += len(seq.prompt_ids)
         self.pool.hit_tokens += seq.num_computed
+        self.pool.host_hit_tokens += seq.from_host
       seq.status = Status.RUNNING
       seq.slot = self.free_slots.pop()
       reset.append(seq.slot)
@@ -255,8 +266,10 @@ class Scheduler:
   def _unreuse(self, seq: Sequence) -> None:
     """Gives back the cached pages a sequence took, when it is not admitted after all."""
     if seq.pages:
+      self.pool.forget([p for p, _ in self.pool.uploads if p in set(seq.pages)])   # (not filled: not cached)
       self.pool.free(seq.pages)
       seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
+      seq.from_host = 0
 
   def _prefill_chunk(self, seq: Sequence, budget: int, chunks: list[Chunk]) -> int:
     start = seq.num_computed

@@ -43,6 +43,7 @@ class Sequence:
   num_registered: int = 0          # of its pages, how many are registered in the prefix cache
   num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache at its first admission
   prompt_logprobs: list | None = None   # per prompt position: None (the first) or a Logprob (prompt_logprobs)
+  from_host: int = 0               # of its cached tokens, those the host KV tier gave back
   matcher: object = None           # structured output: its grammar's state (structured.Matcher)
 
   @property

@@ -25,13 +25,34 @@ request = st.tuples(st.integers(0, 20), st.integers(0, 2), st.integers(0, 40), s
                     st.one_of(st.none(), st.integers(1, 20)), st.one_of(st.none(), st.integers(1, 50)))
 
 
+class FakeHost:
+  """The host tier as the scheduler sees it (lookup); the test moves the simulated pages' contents itself."""
+
+  def __init__(self):
+    self.store: dict = {}
+
+  def lookup(self, keys):
+    run = []
+    for key in keys:
+      if key[0] not in self.store or self.store[key[0]][0] != key:
+        break
+      run.append(key)
+    return run
+
+  def __len__(self):
+    return len(self.store)
+
+
 @settings(max_examples=60, deadline=None)
 @given(reqs=st.lists(request, min_size=1, max_size=14), num_pages=st.integers(12, 50),
        page_size=st.sampled_from([1, 4, 8]), dense_batch=st.integers(8, 64), max_num_seqs=st.integers(1, 6),
-       n=st.integers(1, 2))
-def test_the_cache_never_hands_out_wrong_or_lost_pages(reqs, num_pages, page_size, dense_batch, max_num_seqs, n):
+       n=st.integers(1, 2), host=st.booleans())
+def test_the_cache_never_hands_out_wrong_or_lost_pages(reqs, num_pages, page_size, dense_batch, max_num_seqs, n,
+                                                        host):
   num_pages = max(num_pages, -(-MAX_LEN // page_size) + 1)
   pool = PagePool(num_pages, page_size, caching=True)
+  if host:   # evicted pages go to a host tier and come back from it (their contents moved by the test)
+    pool.host = FakeHost()
   sched = Scheduler(pool, dense_batch, max_num_seqs, MAX_LEN, default_expected_output=4)
   prefixes = [list(range(100 * k + 1, 100 * k + 41)) for k in range(3)]
   written: dict[int, dict[int, tuple]] = {}   # page -> offset -> (sequence, position) whose KV is there
@@ -48,6 +69,12 @@ def test_the_cache_never_hands_out_wrong_or_lost_pages(reqs, num_pages, page_siz
       if reqs[seq.seq_id // n][5] == step:
         sched.finish(seq, "abort")
     batch = sched.schedule()
+    if host:   # what the engine does before the step: evicted pages saved, uploads written
+      for page, key in pool.evicted:
+        pool.host.store[key[0]] = (key, dict(written.get(page, {})))
+      for page, key in pool.uploads:
+        written[page] = dict(pool.host.store[key[0]][1])
+      pool.evicted, pool.uploads = [], []
     pool.check()
     held = [p for s in sched.running for p in s.pages]
     assert len(held) == len(set(held)) + pool.extra_holds
@@ -180,3 +207,48 @@ def test_the_last_prompt_token_is_computed_and_penalties_compute_every_token(mod
 def test_prefix_caching_can_be_turned_off(model):
   got, eng = _run(model, False, 2)
   assert eng.pool.num_cached == 0 and eng.pool.hit_tokens == 0
+
+
+def _three_prompt_engine(model, caching, host_gb):
+  return Engine(model, EngineConfig(dense_batch=32, num_pages=10, max_num_seqs=1, compilation_cache_dir=None,
+                                    enable_prefix_caching=caching, host_kv_cache_gb=host_gb))
+
+
+def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model):
+  """10 GPU pages, three 70-token prompts taking turns: each evicts the others' cached pages, which go to the host
+  tier; when a prompt comes again its pages come back from the host, byte for byte, and its tokens are those of a
+  run without any cache (seeded sampling)."""
+  rng = np.random.default_rng(1)
+  prompts = [[int(t) for t in rng.integers(1, 250, 70)] for _ in range(3)]
+  order = [0, 1, 2, 0, 1, 2]
+
+  def run(eng, snapshot=None):
+    out = []
+    for j, i in enumerate(order):
+      eng.add_request(f"r{j}", prompts[i], SamplingParams(max_tokens=4, temperature=0.9, seed=j, ignore_eos=True))
+      eng.run_until_done()
+      o = eng.pop_output(f"r{j}")
+      out.append((o.outputs[0].token_ids, o.num_cached_tokens))
+      if snapshot is not None:
+        k, v = (np.asarray(a) for a in eng.executor.kv)
+        for page, key in list(eng.pool._key_of.items()):   # every cached page's bytes, by its key
+          snapshot.setdefault(key[0], []).append((k[:, :, page].copy(), v[:, :, page].copy(), page))
+    eng.pool.check()
+    return out
+  ref = run(_three_prompt_engine(model, False, 0))
+  seen: dict = {}
+  eng = _three_prompt_engine(model, True, 0.01)
+  got = run(eng, seen)
+  assert [t for t, _ in got] == [t for t, _ in ref]
+  assert [c for _, c in got][:3] == [0, 0, 0] and all(c > 0 for _, c in got[3:])
+  assert eng.pool.host_hit_tokens == sum(c for _, c in got[3:]) and eng.pool.host.loaded > 0
+  for copies in seen.values():   # a page's bytes are the same wherever (and whenever) that key was cached
+    for k, v, _ in copies[1:]:
+      np.testing.assert_array_equal(k, copies[0][0])
+      np.testing.assert_array_equal(v, copies[0][1])
+  assert any(len({page for _, _, page in c}) > 1 for c in seen.values())   # some went to the host and came back
+
+
+def test_the_host_tier_needs_prefix_caching(model):
+  with pytest.raises(ValueError, match="enable_prefix_caching"):
+    _three_prompt_engine(model, False, 1.0)

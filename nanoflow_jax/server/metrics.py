@@ -28,6 +28,10 @@ class _EngineCollector:
                               value=pool.hit_tokens)
     yield GaugeMetricFamily("nanoflow_prefix_cache_hit_rate", "Prompt tokens found / looked up since start",
                             value=pool.hit_tokens / max(pool.queried_tokens, 1))
+    yield CounterMetricFamily("nanoflow_prefix_cache_host_hit_tokens", "Prompt tokens copied back from the host KV tier",
+                              value=pool.host_hit_tokens)
+    yield GaugeMetricFamily("nanoflow_host_kv_pages", "KV pages held in host memory",
+                            value=len(pool.host) if pool.host is not None else 0)
     yield CounterMetricFamily("nanoflow_prefix_cache_evictions", "Cached KV pages reused for other content",
                               value=pool.evictions)
     yield CounterMetricFamily("nanoflow_preemptions", "Sequences preempted (recompute)",
