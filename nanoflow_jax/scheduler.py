@@ -179,6 +179,7 @@ class Scheduler:
           self.pool.register(page, key)
           self.pool.uploads.append((page, key))
         seq.pages += pages
+        seq.host_pages = pages
         seq.from_host = len(run) * ps
     seq.num_computed = len(seq.pages) * ps
     seq.num_registered = len(seq.pages)
@@ -266,10 +267,11 @@ class Scheduler:
   def _unreuse(self, seq: Sequence) -> None:
     """Gives back the cached pages a sequence took, when it is not admitted after all."""
     if seq.pages:
-      self.pool.forget([p for p, _ in self.pool.uploads if p in set(seq.pages)])   # (not filled: not cached)
+      # the pages it took from the host are not filled now: not cached (pages it shares keep their uploads)
+      self.pool.forget(seq.host_pages)
       self.pool.free(seq.pages)
       seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
-      seq.from_host = 0
+      seq.from_host, seq.host_pages = 0, []
 
   def _prefill_chunk(self, seq: Sequence, budget: int, chunks: list[Chunk]) -> int:
     start = seq.num_computed

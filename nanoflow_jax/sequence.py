@@ -44,6 +44,7 @@ class Sequence:
   num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache at its first admission
   prompt_logprobs: list | None = None   # per prompt position: None (the first) or a Logprob (prompt_logprobs)
   from_host: int = 0               # of its cached tokens, those the host KV tier gave back
+  host_pages: list = dataclasses.field(default_factory=list)   # the pages it took from the host tier (last admission)
   matcher: object = None           # structured output: its grammar's state (structured.Matcher)
 
   @property
