@@ -52,6 +52,7 @@ class AsyncEngine:
     self.error: BaseException | None = None   # the last step failure (kept for the log and /health's body)
     self.fatal: BaseException | None = None   # the engine cannot go on: the process must exit (serve.py)
     self.step_failures = 0
+    self._last_line: tuple | None = None   # (time, prompt tokens, generated tokens) at the last throughput line
 
   def start(self) -> "AsyncEngine":
     self._thread.start()
@@ -202,7 +203,7 @@ class AsyncEngine:
     """Every THROUGHPUT_LOG_S while busy: prompt and generation tokens/s since the last line, sequences running
     and waiting, KV pages in use, the prefix cache's hit rate (as vLLM's periodic stats line)."""
     now, st = time.monotonic(), self.engine.stats
-    last = getattr(self, "_last_line", None)
+    last = self._last_line
     if last is None:
       self._last_line = (now, st.prompt_tokens, st.generated_tokens)
       return

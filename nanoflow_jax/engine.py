@@ -233,13 +233,13 @@ class Engine:
     bad = [t for t in (params.logit_bias or {}) if t >= vocab]
     if bad:
       raise RequestError(f"logit_bias token ids must lie in [0, {vocab}), got {bad[0]}")
-    grammar = None
+    matchers = [None] * params.n
     if params.structured_outputs is not None:   # compiled once per request, checked before anything is queued
       if self.tokenizer is None:
         raise RequestError("structured output needs the model's tokenizer")
       try:
         grammar = structured.grammar_for(params.structured_outputs)
-        structured.Matcher(self.tokenizer, vocab, grammar)
+        matchers = [structured.Matcher(self.tokenizer, vocab, grammar) for _ in range(params.n)]
       except structured.StructuredOutputError as e:
         raise RequestError(str(e)) from e
     seqs = []
@@ -248,8 +248,7 @@ class Engine:
       seq = Sequence(next(self._seq_ids), request_id, i, prompt_ids, params, seed=(seed * 1000003 + i) % (1 << 32))
       if self.tokenizer is not None and params.detokenize:
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
-      if grammar is not None:
-        seq.matcher = structured.Matcher(self.tokenizer, vocab, grammar)
+      seq.matcher = matchers[i]
       if params.prompt_logprobs is not None:
         seq.prompt_logprobs = [None] * len(prompt_ids)
       seqs.append(seq)
@@ -379,6 +378,8 @@ class Engine:
     new_slots = set(batch.reset_slots)
     sampled: list[tuple[Sequence, int]] = []
     d_rows, d_pos, d_slots, d_pages, f_rows, t_rows, t_ids, s_rows = [], [], [], [], [], [], [], []
+    self._lp_entries = []   # prompt_logprobs: (sequence, prompt position) per row of inp.lp_rows
+    lp_rows, lp_targets = [], []
     cur = 0
     for ch in batch.chunks:
       seq, length, slot = ch.seq, ch.length, ch.seq.slot
@@ -406,6 +407,11 @@ class Engine:
         tokens[s] = all_ids[ch.start:ch.start + length]
         # prompt tokens feed the repetition mask; re-fed outputs (after preemption) the counts
         kinds[s] = np.where(pos < len(seq.prompt_ids), KIND_PROMPT, KIND_REFED_OUTPUT)
+        if seq.params.prompt_logprobs is not None:   # row j predicts the prompt token after its position
+          for j in range(min(length, len(seq.prompt_ids) - 1 - ch.start)):
+            self._lp_entries.append((seq, ch.start + j + 1))
+            lp_rows.append(cur + j)
+            lp_targets.append(seq.prompt_ids[ch.start + j + 1])
       if slot in new_slots:
         self._set_static_row(seq, slot)
       if ch.sample:
@@ -413,18 +419,6 @@ class Engine:
         sample_mask[slot] = True
         sampled.append((seq, slot))
       cur += length
-    self._lp_entries = []   # prompt_logprobs: (sequence, prompt position) per row of inp.lp_rows
-    lp_rows, lp_targets = [], []
-    cur = 0
-    for ch in batch.chunks:
-      p = ch.seq.prompt_ids
-      if not ch.decode and ch.seq.params.prompt_logprobs is not None:
-        for j in range(ch.length):   # row j predicts the token after its position
-          if ch.start + j + 1 < len(p):
-            self._lp_entries.append((ch.seq, ch.start + j + 1))
-            lp_rows.append(cur + j)
-            lp_targets.append(p[ch.start + j + 1])
-      cur += ch.length
     if d_rows:
       positions[d_rows] = d_pos
       slots[d_rows] = d_slots

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoflow_jax import prefix_cache
+
 
 @jax.jit
 def _gather(k, v, pages):
@@ -71,7 +73,6 @@ class HostKVTier:
 
   def lookup(self, keys: list[tuple]) -> list[tuple]:
     """The longest leading run of `keys` held here (each checked against the stored key, as the pool does)."""
-    from nanoflow_jax import prefix_cache
     run = []
     for key in keys:
       entry = self._pages.get(key[0])

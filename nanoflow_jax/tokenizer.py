@@ -264,11 +264,15 @@ class IncrementalDetokenizer:
     self.prefix_offset = 0
     self.read_offset = len(self.ids)
 
+  def _window(self) -> tuple[str, str]:
+    """(the text already given out of the context window, the window's whole text)."""
+    dec = self.tokenizer.decode
+    return (dec(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens),
+            dec(self.ids[self.prefix_offset:], self.skip_special_tokens))
+
   def push(self, token_id: int) -> str:
     self.ids.append(int(token_id))
-    dec = self.tokenizer.decode
-    prefix = dec(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
-    full = dec(self.ids[self.prefix_offset:], self.skip_special_tokens)
+    prefix, full = self._window()
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
       delta = full[len(prefix):]
       self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -278,8 +282,6 @@ class IncrementalDetokenizer:
   def flush(self) -> str:
     """At the end: what is held back, decoded as it stands (incomplete UTF-8 as U+FFFD, as transformers'
     decode of the whole output gives it)."""
-    dec = self.tokenizer.decode
-    prefix = dec(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
-    full = dec(self.ids[self.prefix_offset:], self.skip_special_tokens)
+    prefix, full = self._window()
     self.prefix_offset = self.read_offset = len(self.ids)
     return full[len(prefix):] if len(full) > len(prefix) else ""

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from nanoflow_jax.outputs import Logprob
-from nanoflow_jax.sampling_params import INT32_MAX, MAX_LOGPROBS, SamplingParams
+from nanoflow_jax.sampling_params import INT32_MAX, MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 FLOAT32_MAX = 3.4e38               # the sampler's parameters are float32 on the device
 SEED_RANGE = (-2**63, 2**64 - 1)   # int64 or uint64, as OpenAI and vLLM clients send seeds
@@ -124,9 +124,9 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
   v = body.get("logit_bias")
   if v is None or v == {}:
     return None
-  bad = ApiError(400, "'logit_bias' must map token ids (strings of digits) to numbers in [-100, 100], at most 300",
-                 param="logit_bias")
-  if not isinstance(v, dict) or len(v) > 300:
+  bad = ApiError(400, "'logit_bias' must map token ids (strings of digits) to numbers in [-100, 100], at most "
+                 f"{MAX_LOGIT_BIAS}", param="logit_bias")
+  if not isinstance(v, dict) or len(v) > MAX_LOGIT_BIAS:
     raise bad
   out = {}
   for k, b in v.items():
