@@ -1,0 +1,34 @@
+"""launch/decode_sweep.py on the CPU with the tiny model: each batch is timed with exactly that many
+sequences decoding, even when their prefill takes many steps (the first ones decode meanwhile)."""
+import pytest
+
+from launch import decode_sweep
+from nanoflow_jax.llm import build_engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+  # dense_batch 32: 8 prompts of 59 tokens prefill over ~15 steps, so the first sequence decodes ~14 tokens
+  # before the last has its first (more than steps + warmup: the sweep once let such sequences finish)
+  return build_engine("tiny", random_weights=True, dense_batch=32, num_pages=256, max_num_seqs=16,
+                      max_model_len=128)
+
+
+def test_sweep_times_every_batch_at_full_size(engine):
+  res = decode_sweep.sweep(engine, [1, 8], context=60, steps=4)
+  assert [r["batch"] for r in res["rows"]] == [1, 8]
+  for r in res["rows"]:
+    assert r["step_ms"] > 0 and r["floor_ms"] > 0
+  assert not engine.has_work()   # the sweep's sequences are gone
+
+
+def test_too_little_room_to_decode_is_an_error(engine):
+  with pytest.raises(ValueError, match="no room"):
+    decode_sweep.time_decode(engine, 1, context=126, steps=4)
+
+
+def test_a_batch_the_pool_cannot_hold_is_refused_not_timed_smaller(engine):
+  # more sequences than max_num_seqs (16) never all decode at once
+  with pytest.raises(RuntimeError, match="decoding at the end"):
+    decode_sweep.time_decode(engine, 20, context=60, steps=4)
+  assert not engine.has_work()
