@@ -282,6 +282,9 @@ step_step-w16-decode()    { $PY lab/step_bench.py --model=llama-3-8b --kernels=t
 # Issue 28: multi-round chats with prefix caching off and on (8B, fp8 KV), and the no-reuse cost on 1024/512.
 step_multiround-off()     { bench multiround-off multiround 1000 --kv_cache_dtype=fp8 --enable_prefix_caching=false; }
 step_multiround-on()      { bench multiround-on multiround 1000 --kv_cache_dtype=fp8; }
+# Issue 28's remaining figures in one process (lab/prefix_bench.py): host-tier copy GB/s, the step with copies in
+# flight, 4k-prefix TTFT hit/miss, multi-round off/on/host tier on an 8192-page pool (fp8 weights and KV).
+step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --out="$OUT/prefix-bench-w8.md"; }
 step_bench-1024-512-nocache() { bench bench-1024-512-nocache 1024-512 1000 --kv_cache_dtype=fp8 --enable_prefix_caching=false; }
 sweep() { local name=$1; shift; $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=2048 \
             --max_num_seqs=1024 --kv_cache_dtype=fp8 --decode_sweep=1,8,32,128,512 --json_out="$OUT/$name.json" \

@@ -87,22 +87,10 @@ def params(out_len: int):
   return SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.0, detokenize=False)
 
 
-def warm_up(engine) -> None:
-  """Compiles every bucket before timing: a request of each bucket's size, alone, so its prompt fills
-  exactly that bucket (its decode steps use the smallest). Each prompt repeats a token of its own: with
-  prefix caching a prompt that began like the one before would compute only its new tail, and its bucket
-  would first compile inside the timed run (session 16: 41 s of the 2048 bucket's compile were timed)."""
-  for i, b in enumerate(engine.executor.buckets):
-    n = min(b, engine.max_model_len - 2)
-    engine.add_request(f"warm-{i}", [2 + i] * n, params(2))
-    engine.run_until_done()
-    engine.pop_output(f"warm-{i}")
-
-
 def run_offline(engine, requests, peak: float, peak_random: float) -> dict:
   import contextlib
   from launch import power
-  warm_up(engine)   # before the sampler: compiling is not the run
+  engine.warm_up()   # before the sampler: compiling is not the run
   with contextlib.ExitStack() as stack:
     sampler = None
     if FLAGS.power_sample_ms:
@@ -310,7 +298,7 @@ def run_online_http(requests) -> dict:
 
 def run_online(engine, requests) -> dict:
   from nanoflow_jax.async_engine import AsyncEngine
-  warm_up(engine)
+  engine.warm_up()
   ae = AsyncEngine(engine, max_waiting=len(requests) + 1).start()
   try:
     sweep = [asyncio.run(_online(ae, requests, float(r), FLAGS.seed + k)) for k, r in enumerate(FLAGS.rates)]

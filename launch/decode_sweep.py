@@ -8,6 +8,7 @@ the time between tokens), with b requests decoding at `context`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 
@@ -43,44 +44,56 @@ def kv_bytes_per_token(engine) -> int:
   return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.executor.kv_dtype.itemsize
 
 
-def time_decode(engine, batch: int, context: int, steps: int = 32, warmup: int = 4) -> float:
-  """Seconds per engine step with `batch` sequences decoding at `context` (prompt context - 1 tokens).
-  The first sequences to finish their prefill decode while the rest prefill, so no one may stop before the
-  timed steps end: max_tokens leaves room for the whole prefill phase, and the timed steps are checked to
-  hold exactly `batch` decodes (session 16: a sweep whose early sequences had finished timed 128 and 512
-  sequences as fewer)."""
+@contextlib.contextmanager
+def decoding(engine, batch: int, context: int, steps: int):
+  """`batch` sequences decoding at `context` (prompt context - 1 tokens), all past their prefill, for at least
+  `steps` more steps; discarded on exit. The first sequences to finish their prefill decode while the rest
+  prefill, so max_tokens leaves room for the whole prefill phase (session 16: a sweep whose early sequences had
+  finished timed 128 and 512 sequences as fewer), and no more: admission reserves pages up to max_tokens."""
   import numpy as np
   from nanoflow_jax.sampling_params import SamplingParams
   rng = np.random.default_rng(batch)
   vocab = min(1000, engine.model.config.vocab_size)
   ids = [f"sweep-{batch}-{i}" for i in range(batch)]
-  room = engine.max_model_len - context
-  if room < steps + warmup + 2:
-    raise ValueError(f"max_model_len {engine.max_model_len} leaves no room to decode {steps + warmup} tokens "
-                     f"after a context of {context}")
-  sp = SamplingParams(max_tokens=room, ignore_eos=True, temperature=0, detokenize=False)
+  prefill_steps = -(-batch * context // engine.config.dense_batch) + 2
+  need = steps + prefill_steps + 8
+  if engine.max_model_len - context < need:
+    raise ValueError(f"max_model_len {engine.max_model_len} leaves no room to decode {need} tokens after a "
+                     f"context of {context}")
+  sp = SamplingParams(max_tokens=need, ignore_eos=True, temperature=0, detokenize=False)
   for rid in ids:
     engine.add_request(rid, rng.integers(0, vocab, context - 1).tolist(), sp)
   try:
     # until every sequence has its first token: all decode from here on
     while any(s.is_prefilling or not s.output_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
       engine.step()
+    yield
+  finally:
+    for rid in ids:
+      engine.discard(rid)
+    while engine.has_work():
+      engine.step()
+
+
+def check_decoding(engine, batch: int) -> None:
+  decoding_now = [s for s in engine.scheduler.running if not s.finished]
+  if len(decoding_now) != batch or engine.scheduler.waiting:
+    raise RuntimeError(f"decode sweep: {len(decoding_now)} sequences were decoding at the end, not {batch} "
+                       f"(preempted or finished early: give the engine more KV pages or max_model_len)")
+
+
+def time_decode(engine, batch: int, context: int, steps: int = 32, warmup: int = 4) -> float:
+  """Seconds per engine step with `batch` sequences decoding at `context`; the timed steps are checked to hold
+  exactly `batch` decodes."""
+  with decoding(engine, batch, context, steps + warmup):
     for _ in range(warmup):   # also compiles the bucket, if this batch is the first to use it
       engine.step()
     t = time.perf_counter()
     for _ in range(steps):
       engine.step()
     seconds = (time.perf_counter() - t) / steps
-    decoding = [s for s in engine.scheduler.running if not s.finished]
-    if len(decoding) != batch or engine.scheduler.waiting:
-      raise RuntimeError(f"decode sweep: {len(decoding)} sequences were decoding at the end, not {batch} "
-                         f"(preempted or finished early: give the engine more KV pages or max_model_len)")
-    return seconds
-  finally:
-    for rid in ids:
-      engine.discard(rid)
-    while engine.has_work():
-      engine.step()
+    check_decoding(engine, batch)
+  return seconds
 
 
 def sweep(engine, batches: list[int], context: int = 1024, steps: int = 32) -> dict:

@@ -24,7 +24,7 @@ def test_sweep_times_every_batch_at_full_size(engine):
 
 def test_too_little_room_to_decode_is_an_error(engine):
   with pytest.raises(ValueError, match="no room"):
-    decode_sweep.time_decode(engine, 1, context=126, steps=4)
+    decode_sweep.time_decode(engine, 1, context=120, steps=4)
 
 
 def test_a_batch_the_pool_cannot_hold_is_refused_not_timed_smaller(engine):

@@ -1,0 +1,215 @@
+"""Issue 28's GPU measurements in one process (the model loaded once, engines built on it in turn):
+
+1. the host KV tier's copies, GB/s each way (host_kv.HostKVTier on the engine's own cache);
+2. the decode step with those copies in flight against without;
+3. TTFT of a prompt after a shared prefix of --prefix_tokens, cached (hit) against not (miss);
+4. the multi-round workload (launch/conversations.py) on a KV pool of --num_pages, too small to keep every
+   conversation: prefix caching off, on, and on with the host tier.
+
+  PYTHONPATH=. python3 lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --out=/tmp/prefix.md
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+if __package__ in (None, ""):
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "llama-3-8b", "Named shape (random weights).")
+flags.DEFINE_enum("quantization", None, ["fp8"], "Weights and activations (default: the model's dtype).")
+flags.DEFINE_string("kv_cache_dtype", "fp8", "KV cache element type.")
+flags.DEFINE_integer("dense_batch", 2048, "The engines' dense batch.")
+flags.DEFINE_integer("max_num_seqs", 1024, "Sequence slots.")
+flags.DEFINE_integer("num_pages", 8192, "KV pages of every engine here (16 tokens each): the multi-round runs "
+                     "need more than this, so the GPU's cache evicts.")
+flags.DEFINE_integer("max_model_len", 8192, "Longest sequence.")
+flags.DEFINE_integer("copy_pages", 512, "Pages per copy when timing the host tier's copies.")
+flags.DEFINE_integer("decodes", 64, "Sequences decoding while copies are in flight.")
+flags.DEFINE_integer("context", 1024, "Their context.")
+flags.DEFINE_integer("pages_per_step", 64, "Pages saved to the host before each step of that measurement.")
+flags.DEFINE_integer("prefix_tokens", 4096, "The shared prefix of the TTFT measurement.")
+flags.DEFINE_integer("conversations", 300, "Conversations of the multi-round workload.")
+flags.DEFINE_float("host_kv_cache_gb", 32.0, "The host tier's size in the third multi-round run.")
+flags.DEFINE_list("parts", ["copies", "step", "ttft", "multiround"], "Which measurements to run.")
+flags.DEFINE_string("out", None, "Write the tables (markdown) here.")
+
+
+def _fake_keys(n: int, salt: int) -> list[tuple]:
+  return [(hash((salt, i)), salt, (i,)) for i in range(n)]
+
+
+def copy_rates(engine, n: int, repeats: int = 3) -> dict:
+  """GB/s of the tier's save (gather on the device, copy to the host, landed) and load (host pages to the
+  device, scattered into the cache), each the best of `repeats` after one untimed round (compiles)."""
+  import jax
+  from nanoflow_jax import host_kv
+  ex = engine.executor
+  tier = host_kv.HostKVTier(4 * n)
+  pages = list(range(n))
+  page_bytes = sum(a.nbytes for a in ex.kv) // ex.kv[0].shape[2]
+  save, load = [], []
+  for r in range(repeats + 1):
+    keys = _fake_keys(n, r)
+    jax.block_until_ready(ex.kv)
+    t = time.perf_counter()
+    tier.save(ex.kv, pages, keys)
+    tier.land()
+    save.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    ex.kv = tier.load(ex.kv, pages, keys)
+    jax.block_until_ready(ex.kv)
+    load.append(time.perf_counter() - t)
+  gb = n * page_bytes / 1e9
+  return {"pages": n, "page_bytes": page_bytes, "gb": gb, "save_gb_s": gb / min(save[1:]),
+          "load_gb_s": gb / min(load[1:])}
+
+
+def step_with_copies(engine, batch: int, pages_per_step: int, steps: int = 16) -> dict:
+  """ms per decode step of `batch` sequences at --context, alone and with `pages_per_step` pages saved to the
+  host tier before each step (the engine's order: the gather dispatched before the step, the copy in flight
+  during it)."""
+  from launch import decode_sweep
+  from nanoflow_jax import host_kv
+  ex = engine.executor
+  tier = host_kv.HostKVTier(pages_per_step * (steps + 2))
+  pages = list(range(pages_per_step))
+  with decode_sweep.decoding(engine, batch, FLAGS.context, 2 * steps + 8):
+    for _ in range(4):
+      engine.step()
+    tier.save(ex.kv, pages, _fake_keys(pages_per_step, -1))   # compiles the gather
+    t = time.perf_counter()
+    for _ in range(steps):
+      engine.step()
+    alone = (time.perf_counter() - t) / steps
+    t = time.perf_counter()
+    for i in range(steps):
+      tier.save(ex.kv, pages, _fake_keys(pages_per_step, i))
+      engine.step()
+    tier.land()
+    with_copies = (time.perf_counter() - t) / steps
+    decode_sweep.check_decoding(engine, batch)
+  return {"decodes": batch, "pages_per_step": pages_per_step, "alone_ms": 1e3 * alone,
+          "with_copies_ms": 1e3 * with_copies, "ratio": with_copies / alone}
+
+
+def prefix_ttft(engine, prefix: int, trials: int = 3, tail: int = 32) -> dict:
+  """TTFT (ms) of a request whose `prefix` tokens are not cached (miss), then of one with the same prefix and
+  another tail (hit), on an idle engine; medians over `trials` prefixes of their own, after one untimed trial."""
+  import numpy as np
+  from nanoflow_jax.sampling_params import SamplingParams
+  rng = np.random.default_rng(0)
+  vocab = min(1000, engine.model.config.vocab_size)
+  sp = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0, detokenize=False)
+  miss, hit, cached = [], [], []
+  for t in range(trials + 1):
+    shared = rng.integers(0, vocab, prefix).tolist()
+    for kind, out in (("miss", miss), ("hit", hit)):
+      rid = f"ttft-{t}-{kind}"
+      engine.add_request(rid, shared + rng.integers(0, vocab, tail).tolist(), sp)
+      engine.run_until_done()
+      o = engine.pop_output(rid)
+      if t:
+        out.append(1e3 * o.metrics[0].ttft)
+        if kind == "hit":
+          cached.append(o.num_cached_tokens)
+  m, h = statistics.median(miss), statistics.median(hit)
+  return {"prefix_tokens": prefix, "miss_ms": m, "hit_ms": h, "hit_over_miss": h / m,
+          "cached_tokens": statistics.median(cached)}
+
+
+def multiround(engine, conversations: int) -> dict:
+  """The multi-round workload offline: rounds arrive as their predecessors finish."""
+  from launch.conversations import Conversations
+  from nanoflow_jax.sampling_params import SamplingParams
+  pool = engine.pool
+  conv = Conversations(conversations, 0, engine.model.config.vocab_size, engine.max_model_len,
+                       lambda n: SamplingParams(max_tokens=n, ignore_eos=True, temperature=0, detokenize=False))
+  q0, h0, hh0, e0 = pool.queried_tokens, pool.hit_tokens, pool.host_hit_tokens, pool.evictions
+  t = time.perf_counter()
+  conv.start(engine)
+  while engine.has_work():
+    engine.step()
+    conv.advance(engine)
+  wall = time.perf_counter() - t
+  n_out = sum(len(o.outputs[0].token_ids) for o in conv.outputs)
+  hits = pool.hit_tokens - h0
+  ttft = sorted(1e3 * m.ttft for o in conv.outputs for m in o.metrics)
+  return {"requests": len(conv.outputs), "wall_s": wall, "total_tok_s": (conv.prompt_tokens + n_out) / wall,
+          "hit_rate": hits / max(pool.queried_tokens - q0, 1), "host_hit_tokens": pool.host_hit_tokens - hh0,
+          "prefill_tokens_computed": conv.prompt_tokens - hits, "evictions": pool.evictions - e0,
+          "ttft_p50_ms": ttft[len(ttft) // 2], "ttft_p99_ms": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+          "host_saved": getattr(pool.host, "saved", 0), "host_loaded": getattr(pool.host, "loaded", 0)}
+
+
+def tables(res: dict) -> str:
+  out = []
+  if "copies" in res:
+    c = res["copies"]
+    out += [f"Host tier copies, {c['pages']} pages ({c['gb']:.2f} GB): device -> host {c['save_gb_s']:.1f} GB/s, "
+            f"host -> device {c['load_gb_s']:.1f} GB/s", ""]
+  if "step" in res:
+    s = res["step"]
+    out += [f"Decode step, {s['decodes']} sequences at context {FLAGS.context}: {s['alone_ms']:.2f} ms alone, "
+            f"{s['with_copies_ms']:.2f} ms with {s['pages_per_step']} pages saved before each step "
+            f"({s['ratio']:.3f}x)", ""]
+  if "ttft" in res:
+    t = res["ttft"]
+    out += [f"TTFT after a {t['prefix_tokens']}-token prefix: miss {t['miss_ms']:.1f} ms, hit {t['hit_ms']:.1f} ms "
+            f"({t['hit_over_miss']:.2f}x; {t['cached_tokens']:.0f} tokens cached)", ""]
+  if "multiround" in res:
+    out += ["| multi-round | requests | total tok/s | vs off | hit rate | from host | prefill tokens computed | "
+            "evictions | TTFT p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    off = res["multiround"]["off"]["total_tok_s"]
+    for name, r in res["multiround"].items():
+      out.append(f"| {name} | {r['requests']} | {r['total_tok_s']:,.0f} | {r['total_tok_s'] / off:.2f}x | "
+                 f"{r['hit_rate']:.1%} | {r['host_hit_tokens']} | {r['prefill_tokens_computed']:,} | "
+                 f"{r['evictions']} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} |")
+  return "\n".join(out)
+
+
+def main(argv):
+  del argv
+  import json
+  from nanoflow_jax.llm import build_engine
+  kw = dict(random_weights=True, dense_batch=FLAGS.dense_batch, max_num_seqs=FLAGS.max_num_seqs,
+            num_pages=FLAGS.num_pages, max_model_len=FLAGS.max_model_len, kv_cache_dtype=FLAGS.kv_cache_dtype,
+            quantization=FLAGS.quantization)
+  res, model = {}, None
+  configs = [("on", True, 0.0)]
+  if "multiround" in FLAGS.parts:
+    configs = [("off", False, 0.0), ("on", True, 0.0), ("on + host tier", True, FLAGS.host_kv_cache_gb)]
+  for name, caching, host_gb in configs:
+    engine = build_engine(FLAGS.model, model_obj=model, enable_prefix_caching=caching, host_kv_cache_gb=host_gb,
+                          **kw)
+    model = engine.model
+    engine.warm_up()
+    if "multiround" in FLAGS.parts:   # first, on a cache holding only the warm-up's pages
+      res.setdefault("multiround", {})[name] = multiround(engine, FLAGS.conversations)
+      print(name, json.dumps(res["multiround"][name]), flush=True)
+    if name == "on":   # the engine-level parts, once
+      if "copies" in FLAGS.parts:
+        res["copies"] = copy_rates(engine, FLAGS.copy_pages)
+        print(tables({"copies": res["copies"]}), flush=True)
+      if "step" in FLAGS.parts:
+        res["step"] = step_with_copies(engine, FLAGS.decodes, FLAGS.pages_per_step)
+        print(tables({"step": res["step"]}), flush=True)
+      if "ttft" in FLAGS.parts:
+        res["ttft"] = prefix_ttft(engine, FLAGS.prefix_tokens)
+        print(tables({"ttft": res["ttft"]}), flush=True)
+    engine.shutdown()
+    del engine
+  text = tables(res)
+  print(text)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      f.write(text + "\n")
+    with open(FLAGS.out.rsplit(".", 1)[0] + ".json", "w") as f:
+      json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
