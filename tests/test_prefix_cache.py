@@ -252,3 +252,29 @@ def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model):
 def test_the_host_tier_needs_prefix_caching(model):
   with pytest.raises(ValueError, match="enable_prefix_caching"):
     _three_prompt_engine(model, False, 1.0)
+
+
+def test_host_tier_pages_round_trip_through_host_memory():
+  """Three pages saved (padded to four inside), kept in a JAX host memory kind, the cache then cleared, and the
+  pages written back elsewhere: byte for byte, the other pages untouched; the LRU bound drops the oldest."""
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax import host_kv
+  rng = np.random.default_rng(3)
+  shape = (2, 2, 10, 16, 8)   # layers, KV heads, pages, page size, head dim
+  k0, v0 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+  tier = host_kv.HostKVTier(capacity_pages=3)
+  keys = [(h, 0, (h,)) for h in (11, 12, 13)]
+  tier.save((jnp.asarray(k0), jnp.asarray(v0)), [3, 5, 7], keys)
+  assert {a.sharding.memory_kind for _, k, v in tier._pages.values() for a in (k, v)} <= {"pinned_host",
+                                                                                           "unpinned_host"}
+  tier.land()
+  kv = (jnp.zeros(shape), jnp.zeros(shape))
+  assert tier.lookup(keys) == keys
+  k1, v1 = tier.load(kv, [0, 1, 2], keys)
+  np.testing.assert_array_equal(np.asarray(k1)[:, :, :3], k0[:, :, [3, 5, 7]])
+  np.testing.assert_array_equal(np.asarray(v1)[:, :, :3], v0[:, :, [3, 5, 7]])
+  assert not np.asarray(k1)[:, :, 3:].any() and not np.asarray(v1)[:, :, 3:].any()
+  assert jax.tree.leaves(k1)[0].dtype == jnp.float32 and tier.loaded == 3
+  tier.save((k1, v1), [9], [(14, 0, (14,))])   # a fourth page: the least recently used one goes
+  assert tier.dropped == 1 and len(tier) == 3
