@@ -35,7 +35,9 @@ flags.DEFINE_integer("prefix_tokens", 4096, "The shared prefix of the TTFT measu
 flags.DEFINE_integer("conversations", 300, "Conversations of the multi-round workload.")
 flags.DEFINE_float("host_kv_cache_gb", 32.0, "The host tier's size in the third multi-round run.")
 flags.DEFINE_list("parts", ["copies", "step", "ttft", "multiround"], "Which measurements to run.")
-flags.DEFINE_string("out", None, "Write the tables (markdown) here.")
+flags.DEFINE_string("out", None, "Write the tables (markdown) here, the results beside them (.json).")
+flags.DEFINE_string("plot_out", None, "Plot the multi-round runs here (PNG).")
+flags.DEFINE_string("from_json", None, "Plot and tabulate an earlier run's results (its .json) instead of running.")
 
 
 def _fake_keys(n: int, salt: int) -> list[tuple]:
@@ -171,9 +173,39 @@ def tables(res: dict) -> str:
   return "\n".join(out)
 
 
+def plot(res: dict, path: str, extra: dict | None = None) -> None:
+  """Multi-round throughput and prefill tokens computed per configuration (`extra`: more runs, name -> the same
+  fields, e.g. benchmark.py's full-pool runs)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  runs = {**res.get("multiround", {}), **(extra or {})}
+  names = list(runs)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  for ax, field, label in ((axes[0], "total_tok_s", "total tokens/s"),
+                           (axes[1], "prefill_tokens_computed", "prefill tokens computed")):
+    vals = [runs[n][field] for n in names]
+    ax.barh(names, vals, color=["#999" if "off" in n else "#3a7" for n in names])
+    for i, v in enumerate(vals):
+      ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+    ax.set_xlabel(label)
+    ax.invert_yaxis()
+  axes[1].set_yticks([])
+  fig.suptitle("Multi-round conversations, prefix caching off / on (LLaMA-3-8B shape, fp8, one H200)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def main(argv):
   del argv
   import json
+  if FLAGS.from_json:
+    with open(FLAGS.from_json) as f:
+      res = json.load(f)
+    print(tables(res))
+    if FLAGS.plot_out:
+      plot(res, FLAGS.plot_out)
+    return
   from nanoflow_jax.llm import build_engine
   kw = dict(random_weights=True, dense_batch=FLAGS.dense_batch, max_num_seqs=FLAGS.max_num_seqs,
             num_pages=FLAGS.num_pages, max_model_len=FLAGS.max_model_len, kv_cache_dtype=FLAGS.kv_cache_dtype,
@@ -209,6 +241,8 @@ def main(argv):
       f.write(text + "\n")
     with open(FLAGS.out.rsplit(".", 1)[0] + ".json", "w") as f:
       json.dump(res, f, indent=2)
+  if FLAGS.plot_out and "multiround" in res:
+    plot(res, FLAGS.plot_out)
 
 
 if __name__ == "__main__":
