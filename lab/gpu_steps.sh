@@ -284,7 +284,13 @@ step_multiround-off()     { bench multiround-off multiround 1000 --kv_cache_dtyp
 step_multiround-on()      { bench multiround-on multiround 1000 --kv_cache_dtype=fp8; }
 # Issue 28's remaining figures in one process (lab/prefix_bench.py): host-tier copy GB/s, the step with copies in
 # flight, 4k-prefix TTFT hit/miss, multi-round off/on/host tier on an 8192-page pool (fp8 weights and KV).
-step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --out="$OUT/prefix-bench-w8.md"; }
+step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --out="$OUT/prefix-bench-w8.md" \
+                              --plot_out="$OUT/prefix-bench-w8.png"; }
+# The same on a pool small enough that live conversations' pages are evicted (the host tier then gives them back).
+step_prefix-bench-w8-4k() { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --num_pages=4096 \
+                              --out="$OUT/prefix-bench-w8-4k.md" --plot_out="$OUT/prefix-bench-w8-4k.png"; }
+step_bench-1024-512-w8-nocache() { bench bench-1024-512-w8-nocache 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \
+                              --enable_prefix_caching=false; }
 step_bench-1024-512-nocache() { bench bench-1024-512-nocache 1024-512 1000 --kv_cache_dtype=fp8 --enable_prefix_caching=false; }
 sweep() { local name=$1; shift; $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=2048 \
             --max_num_seqs=1024 --kv_cache_dtype=fp8 --decode_sweep=1,8,32,128,512 --json_out="$OUT/$name.json" \
