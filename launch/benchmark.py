@@ -70,15 +70,18 @@ def environment(mode: str) -> dict:
           "engine_options": engine_flags.engine_kwargs()}
 
 
-def make_requests(max_model_len: int, vocab: int):
-  """(prompt ids, output length) per request; for --workload=multiround, the Conversations that make them."""
+def make_requests(max_model_len: int, vocab: int, seed_offset: int = 0):
+  """(prompt ids, output length) per request; for --workload=multiround, the Conversations that make them.
+  seed_offset: another draw of the same workload (each online rate gets its own, or the prefix cache would
+  serve a later rate the prompts of an earlier one)."""
   import numpy as np
+  seed = FLAGS.seed + seed_offset
   if FLAGS.workload == "multiround":
     from launch.conversations import Conversations
-    return Conversations(FLAGS.num_requests, FLAGS.seed, vocab, max_model_len, params)
-  lens = workloads.lengths(FLAGS.workload, FLAGS.num_requests, FLAGS.seed, FLAGS.workload_file, FLAGS.sample,
+    return Conversations(FLAGS.num_requests, seed, vocab, max_model_len, params)
+  lens = workloads.lengths(FLAGS.workload, FLAGS.num_requests, seed, FLAGS.workload_file, FLAGS.sample,
                            max_model_len)
-  rng = np.random.default_rng(FLAGS.seed)
+  rng = np.random.default_rng(seed)
   return [(rng.integers(0, vocab, size=i).tolist(), o) for i, o in lens]
 
 
@@ -221,10 +224,16 @@ def _pcts(xs):
   return {"mean": statistics.fmean(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
 
 
-async def _http_stream(session, url: str, prompt, out_len: int):
-  """Yields the number of tokens in each streamed chunk of one /v1/completions request."""
+async def _http_stream(session, url: str, prompt, out_len: int, ids_out: list | None = None,
+                       usage_out: dict | None = None):
+  """Yields the number of tokens in each streamed chunk of one /v1/completions request. ids_out: the generated
+  token ids are appended to it (return_token_ids); usage_out: filled with the final usage."""
   body = {"prompt": prompt, "max_tokens": out_len, "ignore_eos": True, "temperature": 0.0, "stream": True,
           "logprobs": 0}
+  if ids_out is not None:
+    body["return_token_ids"] = True
+  if usage_out is not None:
+    body["stream_options"] = {"include_usage": True}
   headers = {"Authorization": f"Bearer {FLAGS.api_key}"} if FLAGS.api_key else {}
   async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
     if resp.status != 200:
@@ -233,7 +242,14 @@ async def _http_stream(session, url: str, prompt, out_len: int):
       line = line.strip()
       if not line.startswith(b"data: ") or line == b"data: [DONE]":
         continue
-      choice = json.loads(line[6:])["choices"][0]
+      msg = json.loads(line[6:])
+      if msg.get("usage") and usage_out is not None:
+        usage_out.update(msg["usage"])
+      if not msg.get("choices"):
+        continue
+      choice = msg["choices"][0]
+      if ids_out is not None:
+        ids_out.extend(choice.get("token_ids") or [])
       n = len((choice.get("logprobs") or {}).get("tokens") or [])
       if n:
         yield n
@@ -289,19 +305,96 @@ async def _online(async_engine, requests, rate: float, seed: int, url: str | Non
           "output_tokens_per_s": sum(o for _, o in requests) / wall}
 
 
-def run_online_http(requests) -> dict:
-  sweep = [asyncio.run(_online(None, requests, float(r), FLAGS.seed + k, FLAGS.url)) for k, r in enumerate(FLAGS.rates)]
+async def _online_conversations(async_engine, conv, rate: float, seed: int, url: str | None = None) -> dict:
+  """Multi-round conversations online: conversations start at `rate` per second (Poisson), each round is sent
+  when its predecessor has finished, its prompt the history as generated (return_token_ids over HTTP) plus a
+  new user turn. Cached prompt tokens come from the responses' usage (HTTP) or the engine's counters."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  starts = np.cumsum(rng.exponential(1.0 / rate, size=len(conv.rounds)))
+  ttft, tpot, norm = [], [], []
+  totals = {"prompt": 0, "output": 0, "cached": 0}
+  session = None
+  if url:
+    import aiohttp
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+
+  async def one_round(rid: str, prompt: list[int], out_len: int) -> list[int]:
+    t0, first, toks, usage = time.perf_counter(), None, [], {}
+    if session is not None:
+      async for _ in _http_stream(session, url, prompt, out_len, toks, usage):
+        first = first or time.perf_counter()
+      totals["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    else:
+      async for d in async_engine.generate(rid, prompt, params(out_len)):
+        if d.token_ids:
+          first = first or time.perf_counter()
+          toks.extend(d.token_ids)
+    end = time.perf_counter()
+    ttft.append(first - t0)
+    if len(toks) > 1:
+      tpot.append((end - first) / (len(toks) - 1))
+    norm.append((end - t0) / max(len(toks), 1))
+    totals["prompt"] += len(prompt)
+    totals["output"] += len(toks)
+    return toks
+
+  async def conversation(c: int, delay: float) -> None:
+    await asyncio.sleep(delay)
+    history = list(conv.system)
+    for k, (_, out_len) in enumerate(conv.rounds[c]):
+      prompt = history + conv.users[c][k]
+      history = prompt + await one_round(f"m{seed}-{c}-{k}", prompt, out_len)
+
+  pool = async_engine.engine.pool if async_engine is not None else None
+  hits0 = pool.hit_tokens if pool is not None else 0
+  t0 = time.perf_counter()
+  try:
+    await asyncio.gather(*[conversation(c, float(starts[c])) for c in range(len(conv.rounds))])
+  finally:
+    if session is not None:
+      await session.close()
+  wall = time.perf_counter() - t0
+  if pool is not None:
+    totals["cached"] = pool.hit_tokens - hits0
+  ms = lambda xs: {k: 1e3 * v for k, v in _pcts(xs).items()}
+  return {"rate": rate, "wall_seconds": wall, "ttft_ms": ms(ttft), "tpot_ms": ms(tpot),
+          "normalized_latency_ms": ms(norm), "requests": len(ttft), "prompt_tokens": totals["prompt"],
+          "cached_prompt_tokens": totals["cached"], "hit_rate": totals["cached"] / max(totals["prompt"], 1),
+          "output_tokens_per_s": totals["output"] / wall,
+          "total_tokens_per_s": (totals["prompt"] + totals["output"]) / wall}
+
+
+def _online_any(async_engine, requests, rate: float, seed: int, url: str | None = None) -> dict:
+  if isinstance(requests, list):
+    return asyncio.run(_online(async_engine, requests, rate, seed, url))
+  return asyncio.run(_online_conversations(async_engine, requests, rate, seed, url))
+
+
+def conversations_line(s: dict) -> str:
+  """The multi-round figures of an online sweep point."""
+  return (f"{'':>10}  (conversations per s) {s['requests']} rounds, {s['total_tokens_per_s']:.1f} total tok/s, "
+          f"{s['hit_rate']:.1%} of {s['prompt_tokens']} prompt tokens cached")
+
+
+def run_online_http(make) -> dict:
+  """make(k): the requests of the k-th rate."""
+  sweep = [_online_any(None, make(k), float(r), FLAGS.seed + k, FLAGS.url) for k, r in enumerate(FLAGS.rates)]
   ok = [s["rate"] for s in sweep if s["normalized_latency_ms"].get("p99", 1e9) <= FLAGS.slo_ms]
   return {"sweep": sweep, "slo_ms": FLAGS.slo_ms, "max_rate_within_slo": max(ok) if ok else None,
           "url": FLAGS.url}
 
 
-def run_online(engine, requests) -> dict:
+def run_online(engine, make) -> dict:
+  """make(k): the requests of the k-th rate."""
   from nanoflow_jax.async_engine import AsyncEngine
   engine.warm_up()
-  ae = AsyncEngine(engine, max_waiting=len(requests) + 1).start()
+  first = make(0)
+  n = len(first) if isinstance(first, list) else first.num_requests
+  ae = AsyncEngine(engine, max_waiting=n + 1).start()
   try:
-    sweep = [asyncio.run(_online(ae, requests, float(r), FLAGS.seed + k)) for k, r in enumerate(FLAGS.rates)]
+    sweep = [_online_any(ae, first if k == 0 else make(k), float(r), FLAGS.seed + k)
+             for k, r in enumerate(FLAGS.rates)]
   finally:
     ae.shutdown()
   ok = [s["rate"] for s in sweep if s["normalized_latency_ms"].get("p99", 1e9) <= FLAGS.slo_ms]
@@ -364,11 +457,13 @@ def main(argv):
       raise app.UsageError("--url measures online latency: give --rates")
     from nanoflow_jax import checkpoint
     cfg = checkpoint.resolve_config(FLAGS.model)
-    requests = make_requests(FLAGS.max_model_len or cfg.max_position_embeddings, cfg.vocab_size)
-    res = {"http": {"environment": {"url": FLAGS.url, "model": FLAGS.model}, "online": run_online_http(requests)}}
+    make = lambda k: make_requests(FLAGS.max_model_len or cfg.max_position_embeddings, cfg.vocab_size, k)
+    res = {"http": {"environment": {"url": FLAGS.url, "model": FLAGS.model}, "online": run_online_http(make)}}
     for s in res["http"]["online"]["sweep"]:
       print(f"http @ {s['rate']:g} req/s: TTFT p50 {s['ttft_ms'].get('p50', 0):.0f} ms | TPOT p50 "
             f"{s['tpot_ms'].get('p50', 0):.1f} ms | normalized p99 {s['normalized_latency_ms'].get('p99', 0):.1f} ms/token")
+      if "hit_rate" in s:
+        print(conversations_line(s))
     print(f"highest rate within the {FLAGS.slo_ms:g} ms/token SLO: {res['http']['online']['max_rate_within_slo']}")
     if FLAGS.json_out:
       with open(FLAGS.json_out, "w") as f:
@@ -387,10 +482,10 @@ def main(argv):
     engine = build_engine(FLAGS.model, mode=mode, model_obj=model, **engine_flags.engine_kwargs())
     model = engine.model
     engine.num_devices = FLAGS.tp
-    requests = make_requests(engine.max_model_len, engine.model.config.vocab_size)
+    make = lambda k: make_requests(engine.max_model_len, engine.model.config.vocab_size, k)
     r = {"environment": environment(mode)}
-    r["online" if FLAGS.rates else "offline"] = run_online(engine, requests) if FLAGS.rates else \
-        run_offline(engine, requests, peak, peak_random)
+    r["online" if FLAGS.rates else "offline"] = run_online(engine, make) if FLAGS.rates else \
+        run_offline(engine, make(0), peak, peak_random)
     results[mode] = r
     engine.shutdown()
     del engine
@@ -426,6 +521,8 @@ def main(argv):
         print(f"{mode:>10} @ {s['rate']:g} req/s: TTFT p50 {s['ttft_ms'].get('p50', 0):.0f} ms p99 "
               f"{s['ttft_ms'].get('p99', 0):.0f} | TPOT p50 {s['tpot_ms'].get('p50', 0):.1f} ms | normalized p99 "
               f"{s['normalized_latency_ms'].get('p99', 0):.1f} ms/token")
+        if "hit_rate" in s:
+          print(conversations_line(s))
       print(f"{mode:>10}: highest rate within the {FLAGS.slo_ms:g} ms/token SLO: {r['online']['max_rate_within_slo']}")
   if len(results) == 2 and all("offline" in r for r in results.values()):
     a, b = (results[m]["offline"]["total_tokens_per_s"] for m in modes)

@@ -94,6 +94,14 @@ def test_online_sweep_and_workload_file(tmp_path):
   assert "highest rate within" in stdout
 
 
+def test_online_multiround_in_process(tmp_path):
+  res, stdout = _run(tmp_path, "--workload=multiround", "--num_requests=3", "--max_model_len=1024", "--rates=50,60")
+  sweep = res["results"]["sequential"]["online"]["sweep"]
+  for point in sweep:   # each rate draws its own conversations: the second does not find the first's cached
+    assert point["requests"] > 3 and 0 < point["hit_rate"] < 0.95
+  assert "prompt tokens cached" in stdout
+
+
 def test_workload_lengths():
   split = workloads.lengths("splitwise", 100)
   assert len(split) == 100 and split[0] == (374, 44)
@@ -119,5 +127,14 @@ def test_online_through_http_against_a_live_server(tmp_path):
     sweep = json.loads(out.read_text())["results"]["http"]["online"]["sweep"]
     assert sweep[0]["rate"] == 20.0 and sweep[0]["ttft_ms"]["p50"] > 0 and sweep[0]["normalized_latency_ms"]["p99"] > 0
     assert "highest rate within" in r.stdout
+    # multi-round conversations through the server: each round's prompt is the history as returned
+    # (return_token_ids), so every round after the first finds its history cached
+    cmd = cmd[:-5] + ["--workload=multiround", "--num_requests=3", "--max_model_len=1024", "--rates=50",
+                      f"--json_out={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    point = json.loads(out.read_text())["results"]["http"]["online"]["sweep"][0]
+    assert point["requests"] > 3 and point["cached_prompt_tokens"] > 0 and 0 < point["hit_rate"] < 1
+    assert "prompt tokens cached" in r.stdout
   finally:
     assert server.stop() == 0

@@ -352,3 +352,23 @@ def test_full_queue_503_and_sigterm_drains():
     assert done and done[0][0] == 200 and done[0][1]["usage"]["completion_tokens"] == 200
   finally:
     s.stop()
+
+
+def test_return_token_ids(client):
+  """vLLM's return_token_ids: the prompt's ids and the generated ones, whole and streamed alike (a multi-round
+  client builds its next prompt from them)."""
+  body = dict(return_token_ids=True, ignore_eos=True)
+  full = client.completions.create(model="tiny-test", prompt=[256, 104, 105], max_tokens=12, temperature=0,
+                                   extra_body=body).model_dump()
+  c = full["choices"][0]
+  assert c["prompt_token_ids"] == [256, 104, 105] and len(c["token_ids"]) == full["usage"]["completion_tokens"] == 12
+  chunks = [ch.model_dump() for ch in client.completions.create(
+      model="tiny-test", prompt=[256, 104, 105], max_tokens=12, temperature=0, stream=True, extra_body=body)]
+  assert chunks[0]["choices"][0]["prompt_token_ids"] == [256, 104, 105]
+  assert all("prompt_token_ids" not in ch["choices"][0] for ch in chunks[1:] if ch["choices"])
+  assert [t for ch in chunks for t in ch["choices"][0]["token_ids"]] == c["token_ids"]
+  chat = client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=5, temperature=0, extra_body=body).model_dump()
+  assert len(chat["choices"][0]["token_ids"]) == 5 and chat["choices"][0]["prompt_token_ids"]
+  plain = client.completions.create(model="tiny-test", prompt="x", max_tokens=2, **GREEDY).model_dump()
+  assert "token_ids" not in plain["choices"][0]

@@ -269,7 +269,8 @@ class Handlers:
     prompts = P.prompts_of(body)
     ids = [await self._encode(p, params.max_tokens) for p in prompts]
     texts = [p if isinstance(p, str) else None for p in prompts]
-    return await self._respond(request, ids, texts, params, stream, include_usage, chat=False)
+    return await self._respond(request, ids, texts, params, stream, include_usage, chat=False,
+                               want_ids=P._bool(body, "return_token_ids"))
 
   async def chat(self, request):
     body, params, stream, include_usage = await self._generation_request(request, chat=True)
@@ -286,7 +287,8 @@ class Handlers:
         params = dataclasses.replace(params, structured_outputs=forced)
     ids = self._check_ids(await self._chat_ids(messages, True, treq.template_tools if treq else None),
                           params.max_tokens)
-    return await self._respond(request, [ids], [None], params, stream, include_usage, chat=True, tool_req=treq)
+    return await self._respond(request, [ids], [None], params, stream, include_usage, chat=True, tool_req=treq,
+                               want_ids=P._bool(body, "return_token_ids"))
 
   async def _chat_ids(self, messages, add_generation_prompt: bool, tools: list | None = None) -> list[int]:
     size = sum(len(m["content"]) for m in messages) + len(json.dumps(tools) if tools else "")
@@ -297,7 +299,10 @@ class Handlers:
     except TokenizerError as e:
       raise P.ApiError(400, str(e), param="messages") from None
 
-  async def _respond(self, request, ids, texts, params, stream, include_usage, chat, tool_req=None):
+  async def _respond(self, request, ids, texts, params, stream, include_usage, chat, tool_req=None,
+                     want_ids=False):
+    """want_ids: vLLM's return_token_ids: each choice carries its prompt's token ids and its own (a multi-round
+    client builds the next prompt from them without a tokenizer round trip)."""
     base = P.new_id("chatcmpl" if chat else "cmpl")
     created, model = P.now(), self.state["model_name"]
     obj = "chat.completion" if chat else "text_completion"
@@ -309,7 +314,9 @@ class Handlers:
       lps: list[list] = [[] for _ in range(n_choices)]
       finish = [None] * n_choices
       prompt_lps: dict[int, list] = {}   # per prompt (prompt_logprobs)
+      toks: list[list[int]] = [[] for _ in range(n_choices)]
       async for idx, d in gen:
+        toks[idx].extend(d.token_ids)
         if d.prompt_logprobs is not None:
           prompt_lps[idx // params.n] = d.prompt_logprobs
         text[idx] += d.text
@@ -336,6 +343,8 @@ class Handlers:
           c["logprobs"] = P.completion_logprobs(self.tokenizer, lps[i]) if params.logprobs is not None else None
         if params.prompt_logprobs is not None:
           c["prompt_logprobs"] = P.prompt_logprobs_body(self.tokenizer, prompt_lps.get(i // params.n))
+        if want_ids:
+          c["prompt_token_ids"], c["token_ids"] = list(ids[i // params.n]), toks[i]
         choices.append(c)
       return web.json_response({"id": base, "object": obj, "created": created, "model": model,
                                 "choices": choices, "usage": usage.body()})
@@ -358,6 +367,14 @@ class Handlers:
       await send(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None} for i in range(n_choices)]))
     held = [""] * n_choices   # tool calls: text not yet sent as content (it may be a call)
+    ids_sent = [False] * n_choices   # return_token_ids: the prompt's ids go with a choice's first chunk
+
+    def with_ids(idx, c, d):
+      if want_ids:
+        if not ids_sent[idx]:
+          c["prompt_token_ids"], ids_sent[idx] = list(ids[idx // params.n]), True
+        c["token_ids"] = list(d.token_ids)
+      return c
 
     async def emit(idx, d):
       if tool_req is not None and d.finish_reason != "error":
@@ -372,8 +389,9 @@ class Handlers:
             usage.add_final(idx, params.n, d)
             if content:
               await send(chunk([{"index": idx, "delta": {"content": content}, "logprobs": None, "finish_reason": None}]))
-            await send(chunk([{"index": idx, "delta": {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]},
-                               "logprobs": None, "finish_reason": "tool_calls"}]))
+            await send(chunk([with_ids(idx, {"index": idx, "delta": {"tool_calls": [{"index": k, **c} for k, c in
+                                                                              enumerate(calls)]},
+                                              "logprobs": None, "finish_reason": "tool_calls"}, d)]))
             return
           d = dataclasses.replace(d, text=held[idx])
       await emit_plain(idx, d)
@@ -385,7 +403,7 @@ class Handlers:
         return
       if d.finish_reason is not None:
         usage.add_final(idx, params.n, d)
-      if not d.text and d.finish_reason is None and not d.logprobs:
+      if not d.text and d.finish_reason is None and not d.logprobs and not (want_ids and d.token_ids):
         return
       c: dict[str, Any] = {"index": idx, "finish_reason": d.finish_reason}
       if chat:
@@ -395,7 +413,7 @@ class Handlers:
         c["text"] = d.text
         c["logprobs"] = P.completion_logprobs(self.tokenizer, d.logprobs, offsets[idx]) if d.logprobs else None
         offsets[idx] += len(d.text)
-      await send(chunk([c]))
+      await send(chunk([with_ids(idx, c, d)]))
 
     await emit(*first)
     async for idx, d in gen:

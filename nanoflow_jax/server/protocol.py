@@ -171,7 +171,7 @@ def structured_outputs_of(body: dict[str, Any]) -> dict | None:
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
                    "presence_penalty", "frequency_penalty", "seed", "user", "top_k", "min_p", "repetition_penalty",
                    "min_tokens", "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-                   "response_format", "structured_outputs", "prompt_logprobs", *GUIDED}
+                   "response_format", "structured_outputs", "prompt_logprobs", "return_token_ids", *GUIDED}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix", "logit_bias"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "best_of",
                                  "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls"}
