@@ -255,11 +255,34 @@ async def _http_stream(session, url: str, prompt, out_len: int, ids_out: list | 
         yield n
 
 
+class _Latencies:
+  """An online run's per-request latencies: TTFT, TPOT, end-to-end per output token, and (with_itl) the gaps
+  between streamed tokens."""
+
+  def __init__(self, with_itl: bool):
+    self.ttft, self.tpot, self.norm = [], [], []
+    self.itl = [] if with_itl else None
+
+  def request(self, t0: float, first: float, end: float, n: int) -> None:
+    """One request sent at t0, its first token at `first`, its last at `end`, n tokens in all."""
+    self.ttft.append(first - t0)
+    if n > 1:
+      self.tpot.append((end - first) / (n - 1))
+    self.norm.append((end - t0) / max(n, 1))
+
+  def summary(self) -> dict:
+    ms = lambda xs: {k: 1e3 * v for k, v in _pcts(xs).items()}
+    out = {"ttft_ms": ms(self.ttft), "tpot_ms": ms(self.tpot)}
+    if self.itl is not None:
+      out["itl_ms"] = ms(self.itl)
+    return {**out, "normalized_latency_ms": ms(self.norm)}
+
+
 async def _online(async_engine, requests, rate: float, seed: int, url: str | None = None) -> dict:
   import numpy as np
   rng = np.random.default_rng(seed)
   gaps = rng.exponential(1.0 / rate, size=len(requests))
-  ttft, tpot, itl, norm = [], [], [], []
+  lat = _Latencies(with_itl=True)
 
   session = None
   if url:
@@ -284,14 +307,10 @@ async def _online(async_engine, requests, rate: float, seed: int, url: str | Non
       if first is None:
         first = now
       elif last is not None:
-        itl.append((now - last) / k)
+        lat.itl.append((now - last) / k)
       last = now
       n += k
-    end = time.perf_counter()
-    ttft.append(first - t0)
-    if n > 1:
-      tpot.append((end - first) / (n - 1))
-    norm.append((end - t0) / max(n, 1))
+    lat.request(t0, first, time.perf_counter(), n)
   t0 = time.perf_counter()
   try:
     await asyncio.gather(*[one(i, p, o, float(np.sum(gaps[:i + 1]))) for i, (p, o) in enumerate(requests)])
@@ -299,9 +318,7 @@ async def _online(async_engine, requests, rate: float, seed: int, url: str | Non
     if session is not None:
       await session.close()
   wall = time.perf_counter() - t0
-  ms = lambda xs: {k: 1e3 * v for k, v in _pcts(xs).items()}
-  return {"rate": rate, "wall_seconds": wall, "ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(itl),
-          "normalized_latency_ms": ms(norm),
+  return {"rate": rate, "wall_seconds": wall, **lat.summary(),
           "output_tokens_per_s": sum(o for _, o in requests) / wall}
 
 
@@ -312,7 +329,7 @@ async def _online_conversations(async_engine, conv, rate: float, seed: int, url:
   import numpy as np
   rng = np.random.default_rng(seed)
   starts = np.cumsum(rng.exponential(1.0 / rate, size=len(conv.rounds)))
-  ttft, tpot, norm = [], [], []
+  lat = _Latencies(with_itl=False)
   totals = {"prompt": 0, "output": 0, "cached": 0}
   session = None
   if url:
@@ -330,11 +347,7 @@ async def _online_conversations(async_engine, conv, rate: float, seed: int, url:
         if d.token_ids:
           first = first or time.perf_counter()
           toks.extend(d.token_ids)
-    end = time.perf_counter()
-    ttft.append(first - t0)
-    if len(toks) > 1:
-      tpot.append((end - first) / (len(toks) - 1))
-    norm.append((end - t0) / max(len(toks), 1))
+    lat.request(t0, first, time.perf_counter(), len(toks))
     totals["prompt"] += len(prompt)
     totals["output"] += len(toks)
     return toks
@@ -357,9 +370,7 @@ async def _online_conversations(async_engine, conv, rate: float, seed: int, url:
   wall = time.perf_counter() - t0
   if pool is not None:
     totals["cached"] = pool.hit_tokens - hits0
-  ms = lambda xs: {k: 1e3 * v for k, v in _pcts(xs).items()}
-  return {"rate": rate, "wall_seconds": wall, "ttft_ms": ms(ttft), "tpot_ms": ms(tpot),
-          "normalized_latency_ms": ms(norm), "requests": len(ttft), "prompt_tokens": totals["prompt"],
+  return {"rate": rate, "wall_seconds": wall, **lat.summary(), "requests": len(lat.ttft), "prompt_tokens": totals["prompt"],
           "cached_prompt_tokens": totals["cached"], "hit_rate": totals["cached"] / max(totals["prompt"], 1),
           "output_tokens_per_s": totals["output"] / wall,
           "total_tokens_per_s": (totals["prompt"] + totals["output"]) / wall}
