@@ -60,11 +60,12 @@ if triton is not None:
 
   @triton.jit
   def _work_item(i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
-                 NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr, NUM_PAGES: tl.constexpr,
+                 qs_ptr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr, NUM_PAGES: tl.constexpr,
                  PT_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                 WINDOW: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr):
-    """Work item i of `total` (a query block x a KV head): its queries and where they go, their positions,
-    the key blocks to visit ([lo, full_hi) need no mask, [full_hi, hi) do), and where its K/V pages are."""
+                 WINDOW: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr, DOT_FP8: tl.constexpr):
+    """Work item i of `total` (a query block x a KV head): its queries and where they go (with DOT_FP8 the
+    queries in e4m3 and their scales, per row), their positions, the key blocks to visit ([lo, full_hi) need
+    no mask, [full_hi, hi) do), and where its K/V pages are."""
     # Heavy first: a chunk's later query blocks see more keys; starting them first shortens the tail.
     w = total - 1 - i if HEAVY_FIRST else i
     b = w // NUM_KV_HEADS
@@ -77,7 +78,11 @@ if triton is not None:
     tok = t0 + tok_in_block
     q_off = (tok.to(tl.int64) * (NUM_KV_HEADS * Q_PER_KV) + h * Q_PER_KV + rows % Q_PER_KV) * HEAD_DIM
     q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-    if DOT_F16:   # dots in f16: an fp8 (e4m3) tile converts to f16 in one instruction, to bf16 in three
+    q_scale = rows.to(tl.float32) * 0.0 + 1.0   # per row; 1 unless DOT_FP8
+    if DOT_FP8:   # the scores' dot on e4m3 operands (no conversion of K), each row's scale applied after it
+      q = q.to(tl.float8e4nv)
+      q_scale = tl.load(qs_ptr + q_off // HEAD_DIM, mask=row_ok, other=0.0)
+    elif DOT_F16:   # dots in f16: an fp8 (e4m3) tile converts to f16 in one instruction, to bf16 in three
       q = q.to(tl.float16)
     row_pos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
     first = tl.load(pos_ptr + t0)
@@ -91,17 +96,18 @@ if triton is not None:
       full_hi = (first + 1) // BLOCK_N
     kv_base = (layer * NUM_KV_HEADS + h) * NUM_PAGES
     pt_row = pt_ptr + slot.to(tl.int64) * PT_STRIDE
-    return q, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row
+    return q, q_scale, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row
 
   @triton.jit
   def _paged_attention_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
-                              k_ptr, v_ptr, out_in_ptr, out_ptr,
+                              qs_ptr, k_ptr, v_ptr, out_in_ptr, out_ptr,
                               NUM_PROGRAMS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
                               NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
                               NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr,
-                              PREFETCH_PAGES: tl.constexpr, KEY_AXIS: tl.constexpr, MASK_ALL: tl.constexpr):
+                              PREFETCH_PAGES: tl.constexpr, KEY_AXIS: tl.constexpr, MASK_ALL: tl.constexpr,
+                              DOT_FP8: tl.constexpr):
     pid = tl.program_id(0)
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
@@ -109,9 +115,11 @@ if triton is not None:
     d = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
     for i in range(pid, total, NUM_PROGRAMS):
-      q, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
-          i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, NUM_KV_HEADS,
-          Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST, DOT_F16)
+      q, q_scale, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
+          i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, qs_ptr,
+          NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST, DOT_F16,
+          DOT_FP8)
+      row_scale = tl.expand_dims(q_scale * QK_SCALE, KEY_AXIS)   # the scores' scale per query row
       m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
       l_i = tl.zeros([BLOCK_M], tl.float32)
       # Scores s are [BLOCK_M, BLOCK_N] with keys on axis 1, or with swap_ab [BLOCK_N, BLOCK_M] (KEY_AXIS 0):
@@ -139,13 +147,14 @@ if triton is not None:
           else:
             page = tl.load(pt_row + kpos // PAGE_SIZE)
           row_off = (kv_base + page.to(tl.int64)) * (PAGE_SIZE * HEAD_DIM) + (kpos % PAGE_SIZE) * HEAD_DIM
-          # .to(q.dtype): an fp8 cache is read at half the bytes and computed on in the dot dtype
+          # .to(q.dtype): an fp8 cache is read at half the bytes and computed on in the dot dtype; with DOT_FP8
+          # K stays e4m3 (q is) and only V converts, to f16 as P
           k = tl.load(k_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
-          v = tl.load(v_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
+          v = tl.load(v_ptr + row_off[:, None] + d[None, :]).to(tl.float16 if DOT_FP8 else q.dtype)
           if KEY_AXIS == 0:
-            s = tl.dot(k, q_t) * QK_SCALE
+            s = tl.dot(k, q_t) * row_scale
           else:
-            s = tl.dot(q, tl.trans(k)) * QK_SCALE
+            s = tl.dot(q, tl.trans(k)) * row_scale
           if phase == 1:
             key_at = tl.expand_dims(kpos, 1 - KEY_AXIS)
             row_at = tl.expand_dims(row_pos, KEY_AXIS)
@@ -171,7 +180,7 @@ if triton is not None:
 
   @triton.jit
   def _paged_attention_groups_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr,
-                                     q_ptr, k_ptr, v_ptr, out_in_ptr, out_ptr,
+                                     q_ptr, qs_ptr, k_ptr, v_ptr, out_in_ptr, out_ptr,
                                      NUM_PROGRAMS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
                                      NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr,
                                      HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -190,9 +199,10 @@ if triton is not None:
     d = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, KEY_GROUPS)[:, None] * GROUP_N + tl.arange(0, GROUP_N)[None, :]   # [groups, GROUP_N]
     for i in range(pid, total, NUM_PROGRAMS):
-      q, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
-          i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, NUM_KV_HEADS,
-          Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST, DOT_F16)
+      q, _, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
+          i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, qs_ptr,
+          NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST, DOT_F16,
+          False)
       q_g = tl.broadcast_to(q[None, :, :], (KEY_GROUPS, BLOCK_M, HEAD_DIM))
       m_i = tl.full([KEY_GROUPS, BLOCK_M], -1.0e30, tl.float32)
       l_i = tl.zeros([KEY_GROUPS, BLOCK_M], tl.float32)
@@ -234,9 +244,18 @@ if triton is not None:
       tl.store(out_ptr + q_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+def quantize_queries(q):
+  """The queries [T, Hq, D] in e4m3 with a scale per (token, head) row, for `dot_fp8`: q ~= q8 * scale.
+  The scale maps each row's largest magnitude to e4m3's largest finite value (448)."""
+  import jax.numpy as jnp
+  q = jnp.asarray(q, jnp.float32)
+  scale = jnp.maximum(jnp.max(jnp.abs(q), axis=-1), 1e-30) / 448.0
+  return (q / scale[..., None]).astype(jnp.float8_e4m3fn), scale
+
+
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
                programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False, swap_ab=False,
-               mask_all=False, key_groups=0):
+               mask_all=False, key_groups=0, dot_fp8=False):
   """(programs, the kernel's compile-time constants, the kernel: the groups kernel when key_groups > 0)."""
   _, hq, d = q_shape
   _, hkv, num_pages, page_size, _ = k_shape
@@ -250,8 +269,10 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
               QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16,
               MASK_ALL=mask_all)
   if not key_groups:
-    return programs, {**meta, "PREFETCH_PAGES": prefetch_pages, "KEY_AXIS": 0 if swap_ab else 1}, \
-        _paged_attention_kernel
+    return programs, {**meta, "PREFETCH_PAGES": prefetch_pages, "KEY_AXIS": 0 if swap_ab else 1,
+                      "DOT_FP8": bool(dot_fp8)}, _paged_attention_kernel
+  if dot_fp8:
+    raise ValueError("dot_fp8 is not written for key_groups")
   if swap_ab:
     raise ValueError("key_groups and swap_ab are two layouts of the same dots: choose one")
   if block_n % key_groups or block_n // key_groups < 16:
@@ -266,7 +287,7 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                          num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                          num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
                          dot_f16: bool = False, prefetch_pages: bool = False, swap_ab: bool = False,
-                         mask_all: bool = False, key_groups: int = 0, out=None):
+                         mask_all: bool = False, key_groups: int = 0, dot_fp8: bool = False, out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
@@ -276,7 +297,9 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   tensor-core tiles are filled by keys, not padded query rows (a decode variant; perf-notes). mask_all: one
   key loop per work item with every block masked, instead of a loop over the blocks needing no mask and a
   second over the rest (each loop fills and drains its own load pipeline). key_groups: each key block in
-  this many groups with their own softmax states (_paged_attention_groups_kernel; page ids always ahead)."""
+  this many groups with their own softmax states (_paged_attention_groups_kernel; page ids always ahead).
+  dot_fp8 (fp8 caches): the queries quantized per row to e4m3 (quantize_queries) and the scores' dot run on
+  e4m3 operands, K read without conversion; V and P in f16."""
   import jax
   import jax.numpy as jnp
   import jax_triton as jt
@@ -284,7 +307,11 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                                       block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                                       programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
                                       prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all,
-                                      key_groups=key_groups)
+                                      key_groups=key_groups, dot_fp8=dot_fp8)
+  if dot_fp8:
+    q_in, q_scale = quantize_queries(q)
+  else:
+    q_in, q_scale = q, jnp.ones((1,), jnp.float32)
   if out is None:
     out = jnp.zeros(q.shape, q.dtype)
   per_block = block_n // k_cache.shape[3]
@@ -295,17 +322,20 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   i32 = lambda x: jnp.asarray(x, jnp.int32)
   return jt.triton_call(
       i32(layer).reshape(1), i32(num_blocks).reshape(1), i32(block_start), i32(block_len), i32(slots),
-      i32(positions), i32(page_table), q, k_cache, v_cache, out,
+      i32(positions), i32(page_table), q_in, q_scale, k_cache, v_cache, out,
       kernel=kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(programs,),
-      input_output_aliases={10: 0}, num_warps=num_warps, num_stages=num_stages, name="paged_attention_triton", **meta)
+      input_output_aliases={11: 0}, num_warps=num_warps, num_stages=num_stages, name="paged_attention_triton", **meta)
 
 
 def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
                    num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                    num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
                    heavy_first: bool = False, dot_f16: bool = False, prefetch_pages: bool = False,
-                   swap_ab: bool = False, mask_all: bool = False, key_groups: int = 0) -> np.ndarray:
-  """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path."""
+                   swap_ab: bool = False, mask_all: bool = False, key_groups: int = 0,
+                   dot_fp8: bool = False) -> np.ndarray:
+  """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path. With dot_fp8
+  the queries reach it quantized (as float32 values e4m3 holds exactly: the interpreter's float32 -> e4m3
+  conversion mis-rounds where the mantissa carries), and so must the caches."""
   import torch
   from pallas_kernels.triton_interpret import f32, i32, interpreted
   page_table = np.asarray(page_table)
@@ -314,8 +344,9 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
                                       block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                                       programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
                                       prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all,
-                                      key_groups=key_groups)
+                                      key_groups=key_groups, dot_fp8=dot_fp8)
+  q_in, q_scale = quantize_queries(q) if dot_fp8 else (q, np.ones(1, np.float32))
   out = torch.zeros(q.shape, dtype=torch.float32)
   interpreted(kernel)[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
-                      i32(page_table), f32(q), f32(k_cache), f32(v_cache), out, out, **meta)
+                      i32(page_table), f32(q_in), f32(q_scale), f32(k_cache), f32(v_cache), out, out, **meta)
   return out.numpy()

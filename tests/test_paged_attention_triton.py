@@ -99,6 +99,36 @@ def test_triton_kernel_with_f16_dots(block_q):
   _check(np.random.default_rng(), num_sms=3, block_q=block_q, window=None, dot_f16=True, tol=(3e-3, 3e-3))
 
 
+@pytest.mark.parametrize("block_q", [1, 8])
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("window", [None, 6])
+def test_triton_kernel_with_fp8_scores(block_q, swap_ab, window):
+  """dot_fp8 (for fp8 caches): the queries quantized per (token, head) row to e4m3, the scores' dot on e4m3
+  operands and the row's scale applied after it. Against the reference on the dequantized queries (the
+  same math: within the f16 rounding of V and P); against the unquantized queries the difference is
+  e4m3's, which must be visible (else the queries were never quantized)."""
+  rng = np.random.default_rng()
+  q, (kc, vc, layer), table, slots, positions, lengths, _ = paged_batch(rng, hkv=2, g=4, d=32, page_size=4,
+                                                                          ctx=(5, 17, 1, 40), chunk=(1, 6, 1, 33))
+  kc, vc = (c.astype(jnp.float8_e4m3fn).astype(jnp.float32) for c in (kc, vc))   # an fp8 cache's values
+  q8, scale = pat.quantize_queries(q)
+  assert q8.dtype == jnp.float8_e4m3fn and scale.shape == q.shape[:2]
+  q_dq = q8.astype(jnp.float32) * scale[..., None]
+  start, length, nb = query_blocks(lengths, len(slots), block_q)
+  out = pat.interpret_call(q, kc, vc, layer, table, slots, positions, start, length, nb, num_sms=3,
+                           block_q=block_q, block_n=16, sliding_window=window, swap_ab=swap_ab, dot_fp8=True)
+  ref = np.asarray(paged_attention_reference(q_dq, kc, vc, layer, table, slots, positions, window))
+  np.testing.assert_allclose(out, ref, atol=3e-3, rtol=3e-3)
+  exact = np.asarray(paged_attention_reference(q, kc, vc, layer, table, slots, positions, window))
+  assert np.abs(out - exact).max() > 1e-2
+
+
+def test_fp8_scores_are_refused_with_key_groups():
+  with pytest.raises(ValueError, match="dot_fp8"):
+    pat._constants((4, 4, 16), (1, 2, 8, 4, 16), (2, 4), num_sms=1, block_q=1, block_n=64, sliding_window=None,
+                   num_stages=2, programs_per_sm=1, key_groups=2, dot_fp8=True)
+
+
 def test_triton_kernel_output_is_not_constant():
   """Guards the comparison itself: different queries give different outputs."""
   out, ref = _check(np.random.default_rng(1), num_sms=3, block_q=1)

@@ -184,6 +184,27 @@ def test_triton_attention_key_groups_decode(key_groups, num_warps, kv_dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("programs_per_sm", [2, 4])
+def test_triton_attention_fp8_scores_decode(swap_ab, programs_per_sm):
+  """dot_fp8 on an fp8 cache: the decode rows against the reference on their e4m3-quantized queries (the same
+  math), the prefill rows (the engine's prefill config, unquantized) against the plain reference."""
+  q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(51 + programs_per_sm, sliding_window=200)
+  kc, vc = kc.astype(jnp.float8_e4m3fn), vc.astype(jnp.float8_e4m3fn)
+  q8, scale = paged_attention_triton.quantize_queries(q)
+  q_dq = (q8.astype(jnp.float32) * scale[..., None]).astype(q.dtype)
+  n_dec = int(sum(chunk[:60]))
+  ref = np.asarray(paged_attention_reference(q, kc, vc, 1, table, slots, positions, 200), np.float32)
+  ref_dq = np.asarray(paged_attention_reference(q_dq, kc, vc, 1, table, slots, positions, 200), np.float32)
+  out = np.asarray(_both_configs("triton", q, kc, vc, table, slots, positions, chunk, 132, 200,
+                                 decode_changes={"dot_fp8": True, "swap_ab": swap_ab,
+                                                 "programs_per_sm": programs_per_sm}), np.float32)
+  np.testing.assert_allclose(out[:n_dec], ref_dq[:n_dec], atol=3e-2)
+  np.testing.assert_allclose(out[n_dec:], ref[n_dec:], atol=3e-2)
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 3e-2
+
+
+@needs_triton
 def test_triton_attention_cache_over_4gib():
   """Page offsets past 2**31 elements (a real cache is ~90 GB): the kernel's 64-bit offsets."""
   pages = 1 << 17     # 2 layers x 8 heads x 131072 pages x 4 KiB = 8.6 GB per K and V
