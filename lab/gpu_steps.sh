@@ -108,12 +108,14 @@ step_step-cb()            { local tail="--decodes=4 --context=600 --prefill=0 --
 # Session 17: the fp8 decode kernel's occupancy (more CTAs per SM: fp8 tiles take half the shared memory), fewer
 # warps (fewer cross-warp reductions per key block) and the scores' dot on e4m3 operands (dot_fp8), against the
 # engine's DECODE_CONFIG_FP8 (the first row) in the same run.
-FP8_DECODE_VARIANTS=(programs_per_sm=3 num_stages=2,programs_per_sm=3 block_n=64,programs_per_sm=4
-  block_n=64,programs_per_sm=4,num_stages=4 block_n=64,num_warps=2,programs_per_sm=6
-  block_n=64,num_warps=2,programs_per_sm=8 num_warps=2,programs_per_sm=4 prefetch_pages=1
-  dot_fp8=1 dot_fp8=1,swap_ab=1 dot_fp8=1,swap_ab=1,prefetch_pages=1 dot_fp8=1,block_n=64,programs_per_sm=4
-  dot_fp8=1,swap_ab=1,block_n=64,programs_per_sm=4 dot_fp8=1,block_n=64,num_warps=2,programs_per_sm=6)
-step_sweep-fp8-s17()      { $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
+step_sweep-fp8-s17()      { local FP8_DECODE_VARIANTS=(programs_per_sm=3 num_stages=2,programs_per_sm=3
+                              block_n=64,programs_per_sm=4 block_n=64,programs_per_sm=4,num_stages=4
+                              block_n=64,num_warps=2,programs_per_sm=6 block_n=64,num_warps=2,programs_per_sm=8
+                              num_warps=2,programs_per_sm=4 prefetch_pages=1 dot_fp8=1 dot_fp8=1,swap_ab=1
+                              dot_fp8=1,swap_ab=1,prefetch_pages=1 dot_fp8=1,block_n=64,programs_per_sm=4
+                              dot_fp8=1,swap_ab=1,block_n=64,programs_per_sm=4
+                              dot_fp8=1,block_n=64,num_warps=2,programs_per_sm=6)   # inside: steps run in a subshell
+                            $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-s17" \
                               "${FP8_DECODE_VARIANTS[@]/#/--sweep_variant=}"; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }
