@@ -79,6 +79,8 @@ def step_with_copies(engine, batch: int, pages_per_step: int, steps: int = 16) -
   ex = engine.executor
   tier = host_kv.HostKVTier(pages_per_step * (steps + 2))
   pages = list(range(pages_per_step))
+  # on a small pool (--num_pages 4096: session 17's run held 5 of 64) fewer sequences, all of them decoding
+  batch = decode_sweep.fitting_batch(engine, batch, FLAGS.context, 2 * steps + 8)
   with decode_sweep.decoding(engine, batch, FLAGS.context, 2 * steps + 8):
     for _ in range(4):
       engine.step()

@@ -44,6 +44,23 @@ def kv_bytes_per_token(engine) -> int:
   return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.executor.kv_dtype.itemsize
 
 
+def _tokens_to_decode(engine, batch: int, context: int, steps: int) -> int:
+  """max_tokens of `decoding`'s sequences: `steps` after the prefill phase of `batch` prompts, and a margin."""
+  prefill_steps = -(-batch * context // engine.config.dense_batch) + 2
+  return steps + prefill_steps + 8
+
+
+def fitting_batch(engine, batch: int, context: int, steps: int) -> int:
+  """The most sequences, up to `batch`, that `decoding(engine, n, context, steps)` can hold at once: sequence
+  slots, and KV pages for each one's prompt and max_tokens (what admission reserves)."""
+  page = engine.config.page_size
+  for n in range(min(batch, engine.config.max_num_seqs), 0, -1):
+    pages = -(-(context - 1 + _tokens_to_decode(engine, n, context, steps)) // page)
+    if n * pages <= engine.executor.num_pages:
+      return n
+  raise ValueError(f"the KV pool ({engine.executor.num_pages} pages) holds no sequence at context {context}")
+
+
 @contextlib.contextmanager
 def decoding(engine, batch: int, context: int, steps: int):
   """`batch` sequences decoding at `context` (prompt context - 1 tokens), all past their prefill, for at least
@@ -55,8 +72,7 @@ def decoding(engine, batch: int, context: int, steps: int):
   rng = np.random.default_rng(batch)
   vocab = min(1000, engine.model.config.vocab_size)
   ids = [f"sweep-{batch}-{i}" for i in range(batch)]
-  prefill_steps = -(-batch * context // engine.config.dense_batch) + 2
-  need = steps + prefill_steps + 8
+  need = _tokens_to_decode(engine, batch, context, steps)
   if engine.max_model_len - context < need:
     raise ValueError(f"max_model_len {engine.max_model_len} leaves no room to decode {need} tokens after a "
                      f"context of {context}")

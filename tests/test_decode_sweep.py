@@ -32,3 +32,16 @@ def test_a_batch_the_pool_cannot_hold_is_refused_not_timed_smaller(engine):
   with pytest.raises(RuntimeError, match="decoding at the end"):
     decode_sweep.time_decode(engine, 20, context=60, steps=4)
   assert not engine.has_work()
+
+
+def test_fitting_batch_is_what_the_pool_holds(engine):
+  """256 pages of 16 tokens: a sequence at context 60 decoding 4 steps (+ the prefill phase and margin) needs 5
+  pages, so 16 slots' worth fit; at context 120 (8-9 pages each) fewer, and that many do decode at once."""
+  assert decode_sweep.fitting_batch(engine, 64, context=60, steps=4) == 16        # the slots
+  small = build_engine("tiny", random_weights=True, dense_batch=32, num_pages=40, max_num_seqs=16,
+                       max_model_len=256)
+  n = decode_sweep.fitting_batch(small, 16, context=100, steps=4)
+  assert 3 <= n < 16
+  assert decode_sweep.time_decode(small, n, context=100, steps=4) > 0           # checked: all n decoding
+  with pytest.raises(RuntimeError, match="decoding at the end"):
+    decode_sweep.time_decode(small, n + 2, context=100, steps=4)
