@@ -13,7 +13,7 @@ import threading
 import time
 from typing import AsyncIterator, Callable
 
-from nanoflow_jax import multihost
+from nanoflow_jax import gc_policy, multihost
 from nanoflow_jax.engine import Engine, RequestError
 from nanoflow_jax.outputs import Delta
 from nanoflow_jax.sampling_params import SamplingParams
@@ -164,6 +164,13 @@ class AsyncEngine:
       self.fatal = e
 
   def _run(self) -> None:
+    collector = gc_policy.BusyCollector()   # no full collections stalling steps while busy (gc_policy.py)
+    try:
+      self._serve(collector)
+    finally:
+      collector.idle()
+
+  def _serve(self, collector) -> None:
     eng = self.engine
     while not self._stop.is_set():
       try:
@@ -177,9 +184,11 @@ class AsyncEngine:
         except queue.Empty:
           item = None
       if not eng.has_work():
+        collector.idle()
         self._publish(step=False)
         self._idle.set()
         continue
+      collector.busy()
       self._idle.clear()
       self._publish(step=True)
       t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from nanoflow_jax import distributed, kv_cache, sampler, structured
+from nanoflow_jax import distributed, gc_policy, kv_cache, sampler, structured
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
 from nanoflow_jax.runtime.plan import GENERIC_CONFIG
@@ -578,10 +578,15 @@ class Engine:
 
   # --- offline driving ----------------------------------------------------------------------------
   def run_until_done(self, progress=None) -> None:
-    while self.has_work():
-      self.step()
-      if progress is not None:
-        progress()
+    collector = gc_policy.BusyCollector()   # no full collections stalling steps (gc_policy.py)
+    try:
+      while self.has_work():
+        collector.busy()
+        self.step()
+        if progress is not None:
+          progress()
+    finally:
+      collector.idle()
 
   def warm_up(self) -> None:
     """Compiles every bucket: a request of each bucket's size, alone, so that its prompt fills exactly that
