@@ -81,12 +81,11 @@ STREAM_ANNOTATION_OPTIONS = {"xla_gpu_experimental_stream_annotation": True}
 SEPARATE_COLLECTIVES_OPTIONS = {"xla_gpu_all_reduce_combine_threshold_bytes": 0}
 
 
-def host_memory_sharding(device):
+def host_memory_kind(device) -> str:
   """Where the host KV tier keeps pages: the device's pinned host memory (page-locked: the DMA engines copy it
   without staging), else its unpinned host memory; both are JAX memory kinds in 0.10.2 (CPU) and 0.11.2 (GPU)."""
-  import jax
   kinds = [m.kind for m in device.addressable_memories()]
   for kind in ("pinned_host", "unpinned_host"):
     if kind in kinds:
-      return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+      return kind
   raise ValueError(f"{device} has no host memory kind (it has {kinds}): the host KV tier cannot run on it")

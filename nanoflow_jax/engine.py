@@ -174,8 +174,6 @@ class Engine:
     if c.host_kv_cache_gb > 0:
       if not c.enable_prefix_caching:
         raise ValueError("host_kv_cache_gb keeps evicted prefix-cache pages: it needs enable_prefix_caching")
-      if c.tensor_parallel > 1 or jax.process_count() > 1:
-        raise ValueError("host_kv_cache_gb runs on one device for now (not under tensor parallelism or multi-host)")
       from nanoflow_jax import host_kv
       per_page = kv_cache.page_bytes(cfg, c.page_size, self.executor.kv_dtype)
       self.pool.host = host_kv.HostKVTier(max(1, int(c.host_kv_cache_gb * 2**30 // per_page)))

@@ -13,7 +13,9 @@ The pool (kv_cache.PagePool) decides; this tier moves bytes:
 Page counts are padded to a power of two (the last page repeated) so that few sizes compile. Session 16's first
 version copied through numpy (pageable memory) and waited for the previous copy at each save: 1.8-2.0 GB/s,
 and a 64-sequence decode step with 64 pages saved before it took 7.1x as long.
-Its own LRU bound: `capacity_pages`. One device only (a sharded cache would need a gather per shard).
+Its own LRU bound: `capacity_pages`. A cache sharded over devices (tensor parallelism, several hosts) is saved
+as it lies: each page array keeps the cache's sharding, in host memory, so every device's shard goes to its own
+host's memory and comes back to the same device; the pool's decisions are the same in every process.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class HostKVTier:
     self.capacity_pages = capacity_pages
     # key hash -> (key, K, V): one page's arrays in host memory; LRU first.
     self._pages: collections.OrderedDict[int, tuple] = collections.OrderedDict()
-    self._host = None   # the host memory's sharding, from the cache's device at the first save
+    self._host_kind = None   # the host memory kind (pinned where there is one), from the cache's devices
     self.saved = 0
     self.loaded = 0
     self.dropped = 0
@@ -60,13 +62,12 @@ class HostKVTier:
   def save(self, kv, pages: list[int], keys: list[tuple]) -> None:
     if not pages:
       return
-    if self._host is None:
-      (device,) = kv[0].devices()
-      self._host = compat.host_memory_sharding(device)
+    if self._host_kind is None:
+      self._host_kind = compat.host_memory_kind(next(iter(kv[0].devices())))
     n = len(pages)
     padded = list(pages) + [pages[-1]] * (_padded(n) - n)
     ks, vs = _pages_of(*kv, jnp.asarray(padded, jnp.int32), len(padded))
-    host = jax.device_put(ks[:n] + vs[:n], self._host)
+    host = jax.device_put(ks[:n] + vs[:n], ks[0].sharding.with_memory_kind(self._host_kind))
     for i, key in enumerate(keys):
       self._pages.pop(key[0], None)
       self._pages[key[0]] = (key, host[i], host[n + i])
@@ -97,8 +98,8 @@ class HostKVTier:
     n = len(entries)
     entries += [entries[-1]] * (_padded(n) - n)
     padded = list(pages) + [pages[-1]] * (len(entries) - n)
-    (device,) = kv[0].devices()
+    device_kind = next(iter(kv[0].devices())).default_memory().kind
     on_device = jax.device_put([k for _, k, _ in entries] + [v for _, _, v in entries],
-                               jax.sharding.SingleDeviceSharding(device))
+                               entries[0][1].sharding.with_memory_kind(device_kind))
     self.loaded += n
     return _scatter(*kv, jnp.asarray(padded, jnp.int32), on_device[:len(entries)], on_device[len(entries):])

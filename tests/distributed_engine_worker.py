@@ -16,6 +16,8 @@ import jax  # noqa: E402
 from nanoflow_jax import LLM, SamplingParams  # noqa: E402
 
 PROMPTS = ["hello world", "the quick brown fox", "a"]
+# ~70 tokens each (the tiny tokenizer is byte-level): 5 pages of 16
+HOST_TIER_PROMPTS = [f"{w} " * 23 for w in ("ab", "cd", "ef")]
 out = {"process": jax.process_index(), "devices": jax.device_count()}
 for mode in sys.argv[4].split(","):   # each mode in the same job: one start-up for all of them
   llm = LLM("tiny", random_weights=True, dense_batch=64, num_pages=256, max_num_seqs=8, mode=mode,
@@ -28,4 +30,15 @@ for mode in sys.argv[4].split(","):   # each mode in the same job: one start-up 
                "sampled": [o.outputs[0].token_ids for o in sampled],
                "rounds": [r.outputs[0].token_ids for r in rounds], "cached": [r.num_cached_tokens for r in rounds]}
   llm.engine.shutdown()
+# The host KV tier across both hosts: three prompts taking turns on a 10-page pool evict each other's cached
+# pages to host memory (each process keeps its devices' shards) and get them back.
+llm = LLM("tiny", random_weights=True, dense_batch=32, num_pages=10, max_num_seqs=1,
+          tensor_parallel=jax.device_count(), host_kv_cache_gb=0.01)
+turns = [o.outputs[0] for o in (llm.generate([HOST_TIER_PROMPTS[i]], SamplingParams(max_tokens=4, temperature=0.0,
+                                                                                      ignore_eos=True))[0]
+                                for i in (0, 1, 2, 0, 1, 2))]
+out["host_tier"] = {"prompts": HOST_TIER_PROMPTS, "tokens": [t.token_ids for t in turns],
+                    "host_loaded": llm.engine.pool.host.loaded,
+                    "host_hit_tokens": llm.engine.pool.host_hit_tokens}
+llm.engine.shutdown()
 print(json.dumps(out))

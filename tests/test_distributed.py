@@ -55,6 +55,14 @@ def test_engine_across_two_processes_matches_one():
     # prefix caching across hosts: both processes hit the same pages, the tokens unchanged
     assert a["rounds"] == b["rounds"] and a["rounds"][0] == a["rounds"][1], mode
     assert a["cached"] == b["cached"] and a["cached"][0] == 0 and a["cached"][1] >= 64, mode
+  # the host KV tier across hosts: evicted pages came back from both processes' host memory, and the tokens are
+  # one device's without any cache
+  a, b = results[0]["host_tier"], results[1]["host_tier"]
+  assert a == b and a["host_loaded"] > 0 and a["host_hit_tokens"] > 0
+  plain = LLM("tiny", random_weights=True, dense_batch=32, num_pages=10, max_num_seqs=1, enable_prefix_caching=False)
+  want = [plain.generate([a["prompts"][i]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+          .outputs[0].token_ids for i in (0, 1, 2, 0, 1, 2)]
+  assert a["tokens"] == want
 
 
 @pytest.mark.parametrize("args,match", [

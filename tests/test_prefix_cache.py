@@ -249,6 +249,24 @@ def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model):
   assert any(len({page for _, _, page in c}) > 1 for c in seen.values())   # some went to the host and came back
 
 
+def test_the_host_tier_under_tensor_parallelism():
+  """TP 2 on CPU devices (tests/host_tier_tp_worker.py): pages sharded over the devices' KV heads go to host memory
+  with the same sharding and come back; greedy tokens equal the same TP engine's without any cache."""
+  import json
+  import os
+  import subprocess
+  import sys
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_tier_tp_worker.py")
+  r = subprocess.run([sys.executable, worker], capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  ref, host = out["ref"], out["host"]
+  assert host["kv_devices"] == 2 and host["tokens"] == ref["tokens"]
+  assert host["cached"][:3] == [0, 0, 0] and all(c > 0 for c in host["cached"][3:])
+  assert host["host_loaded"] > 0 and host["host_hit_tokens"] > 0
+  assert host["host_page_devices"] == [2] and set(host["host_kinds"]) <= {"pinned_host", "unpinned_host"}
+
+
 def test_the_host_tier_needs_prefix_caching(model):
   with pytest.raises(ValueError, match="enable_prefix_caching"):
     _three_prompt_engine(model, False, 1.0)
