@@ -312,6 +312,17 @@ sweep() { local name=$1; shift; $PY launch/benchmark.py --model=llama-3-8b --ran
 step_decode-sweep-w16()   { sweep decode-sweep-w16; }
 step_decode-sweep-w16-unrolled() { sweep decode-sweep-w16-unrolled --layer_loop=unrolled; }
 step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
+# Issue 27: the jax-triton attention calls (legacy custom calls, which XLA's command buffers record only when named
+# in legacy_command_buffer_custom_call_targets) recorded with the rest of the unrolled step, against the default,
+# on the small decode batches; fp8 weights and KV. An XLA that no longer knows the flag stops that variant at once.
+step_decode-cb()          { for v in default triton-in-cb; do
+                              xf=""
+                              [[ $v == triton-in-cb ]] && xf="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --legacy_command_buffer_custom_call_targets=triton_kernel_call --xla_gpu_graph_min_graph_size=1"
+                              echo "== $v: XLA_FLAGS=$xf"
+                              XLA_FLAGS="$xf" $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
+                                --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
+                                --json_out="$OUT/decode-cb-$v.json" 2>&1 | grep -E "decode batch|Error|error|nknown" | tail -8
+                            done; }
 step_decode-sweep-w8-scan() { sweep decode-sweep-w8-scan --quantization=fp8 --layer_loop=scan; }
 
 for spec in "$@"; do
