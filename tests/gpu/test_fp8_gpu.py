@@ -23,19 +23,23 @@ def _firsts(model, kernels, prompts, kv="auto"):
   return out
 
 
-@pytest.mark.xfail(strict=False, reason="session 14: 18/24 first tokens apart (docs/performance.md section 5); "
-                   "amplified rounding or a bug, not yet separated")
 def test_fp8_kernel_path_agrees_with_reference_on_llama3_8b_shape():
+  """Session 14 found 18 of 24 first tokens apart between the two fp8 paths (docs/performance.md section 5):
+  amplified rounding or a bug? The envelope: the reference path against itself with only a rounding-level
+  change (its KV cache in float32 instead of bf16). W8A8 on random weights turns small differences into e4m3
+  rounding flips; the kernel path may differ from the reference by as much as that change does, not more."""
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(50, 600, size=24)]
   fp8 = load_model("llama-3-8b", dtype="bfloat16", random_weights=True, quantization="fp8")
   assert str(fp8.stacked_params()[1]["gate_up_fp8"].dtype) == "float8_e4m3fn"
-  # bf16 KV cache in both: the two paths differ only in the attention kernels (session 14's first run with an
-  # fp8 cache too: 14 of 24 first tokens apart; is it the cache or the weights? this run says which)
+  # bf16 KV cache in both: the two paths differ only in the attention kernels
   ref, fast = _firsts(fp8, "reference", prompts), _firsts(fp8, "auto", prompts)
   bad, diff = real_disagreements(ref, fast), max_first_logprob_diff(ref, fast)
   fast8 = _firsts(fp8, "auto", prompts, kv="fp8")
   bad8, diff8 = real_disagreements(ref, fast8), max_first_logprob_diff(ref, fast8)
-  print(f"fp8 weights, kernel path vs reference: bf16 cache: not near ties {bad}, max first logprob diff "
-        f"{diff:.3f}; kernel path with an fp8 cache: {bad8}, {diff8:.3f}")
-  assert bad <= 2 and diff < 0.5
+  ref32 = _firsts(fp8, "reference", prompts, kv="float32")
+  bad_env, diff_env = real_disagreements(ref, ref32), max_first_logprob_diff(ref, ref32)
+  print(f"fp8 weights against the reference path (bf16 cache): kernel path: not near ties {bad}, max first "
+        f"logprob diff {diff:.3f}; kernel path with an fp8 cache: {bad8}, {diff8:.3f}; the reference with a "
+        f"float32 cache (the envelope): {bad_env}, {diff_env:.3f}")
+  assert bad <= max(2, 2 * bad_env) and diff < max(0.5, 2 * diff_env)
