@@ -95,8 +95,9 @@ def attention_ttgir(cfg: dict, kv_dtype: str = "bf16", stage: str = "ttgir") -> 
   _, meta, kernel = pat._constants((512, 32, 128), (1, 8, 32768, 16, 128), (512, 64), num_sms=132,
                                    sliding_window=None, **cfg)
   args = ["layer_ptr", "nblk_ptr", "blk_start_ptr", "blk_len_ptr", "slots_ptr", "pos_ptr", "pt_ptr", "q_ptr",
-          "k_ptr", "v_ptr", "out_in_ptr", "out_ptr"]
-  types = ["*i32"] * 7 + ["*bf16", f"*{kv_dtype}", f"*{kv_dtype}", "*bf16", "*bf16"]
+          "qs_ptr", "k_ptr", "v_ptr", "out_in_ptr", "out_ptr"]
+  q_type = "*fp8e4nv" if cfg.get("dot_fp8") else "*bf16"   # dot_fp8: the queries arrive quantized, with scales
+  types = ["*i32"] * 7 + [q_type, "*fp32", f"*{kv_dtype}", f"*{kv_dtype}", "*bf16", "*bf16"]
   return ttgir(kernel, dict(zip(args, types)), meta, num_warps=num_warps,
                num_stages=num_stages, stage=stage)
 
