@@ -119,6 +119,7 @@ step_sweep-fp8-s17()      { local FP8_DECODE_VARIANTS=(programs_per_sm=3 num_sta
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-s17" \
                               "${FP8_DECODE_VARIANTS[@]/#/--sweep_variant=}"; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }
+step_tests-small-steps()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k small_steps; }
 step_sweep-fp8()          { $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
 step_step-nanoflow()      { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --attn_shares=33,48,66 \
@@ -315,12 +316,14 @@ step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
 # Issue 27: the jax-triton attention calls (legacy custom calls, which XLA's command buffers record only when named
 # in legacy_command_buffer_custom_call_targets) recorded with the rest of the unrolled step, against the default,
 # on the small decode batches; fp8 weights and KV. An XLA that no longer knows the flag stops that variant at once.
-step_decode-cb()          { for v in default triton-in-cb; do
+# pallas-small: the small steps' attention on the Pallas kernel, which XLA compiles and records itself.
+step_decode-cb()          { for v in default triton-in-cb pallas-small; do
                               xf=""
                               [[ $v == triton-in-cb ]] && xf="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --legacy_command_buffer_custom_call_targets=triton_kernel_call --xla_gpu_graph_min_graph_size=1"
                               echo "== $v: XLA_FLAGS=$xf"
                               XLA_FLAGS="$xf" $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
                                 --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
+                                $([[ $v == pallas-small ]] && echo --small_step_attention=64) \
                                 --json_out="$OUT/decode-cb-$v.json" 2>&1 | grep -E "decode batch|Error|error|nknown" | tail -8
                             done; }
 step_decode-sweep-w8-scan() { sweep decode-sweep-w8-scan --quantization=fp8 --layer_loop=scan; }

@@ -39,6 +39,9 @@ def define(max_num_seqs: int) -> None:
                     "(--noenable_prefix_caching or --enable_prefix_caching=false turns it off).")
   flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GB) for the KV pages the GPU's prefix cache evicts: a "
                      "prompt whose prefix is there gets it copied back instead of recomputed (0: off).")
+  flags.DEFINE_integer("small_step_attention", 0, "Steps of at most this many tokens run their attention as the "
+                       "Pallas kernel, which XLA's command buffers record with the rest of the step (the Triton "
+                       "kernel's jax-triton calls split them); 0: off (issue 27, being measured).")
   flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"], "The step's decoder layers: scan = one "
                     "loop over the stacked weights (compiled once); unrolled = every layer in the step, each with "
                     "weights of its own (XLA's dot reads them in place, command buffers take the whole step; longer "
@@ -85,7 +88,8 @@ def engine_kwargs() -> dict:
               gemm=FLAGS.gemm, prefill_attention=FLAGS.prefill_attention,
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
               layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization,
-              enable_prefix_caching=FLAGS.enable_prefix_caching, host_kv_cache_gb=FLAGS.host_kv_cache_gb)
+              enable_prefix_caching=FLAGS.enable_prefix_caching, host_kv_cache_gb=FLAGS.host_kv_cache_gb,
+              small_step_attention=FLAGS.small_step_attention)
 
 
 # vLLM's names for our flags (`vllm serve` users' scripts run as they are); values map where vLLM's differ.

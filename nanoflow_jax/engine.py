@@ -63,6 +63,8 @@ class EngineConfig:
   layer_loop: str = "auto"                # scan (stacked weights, compiled once), unrolled (every layer in the
                                           # step with weights of its own: no copies for XLA's dot, command
                                           # buffers over the step) or auto (unrolled for fp8 on a GPU)
+  small_step_attention: int = 0           # steps of at most this many tokens: the attention as the Pallas
+                                          # kernel, which XLA's command buffers record (executor.py); 0: off
   kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32 or fp8
                                           # (float8_e4m3fn, no scales: half the bytes of bf16)
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
@@ -168,7 +170,8 @@ class Engine:
                              kernels=c.kernels, kv_memory_fraction=c.kv_memory_fraction, plan=plan, mesh=mesh,
                              kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append,
                              gemm=c.gemm, layer_unroll=c.layer_unroll, layer_loop=c.layer_loop,
-                             mosaic_prefill=c.prefill_attention == "auto")
+                             mosaic_prefill=c.prefill_attention == "auto",
+                             small_step_attention=c.small_step_attention)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size, caching=c.enable_prefix_caching)
     if c.host_kv_cache_gb > 0:
@@ -432,7 +435,7 @@ class Engine:
     sample_slots[:len(sampled)] = [slot for _, slot in sampled]
     inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
                      sample_rows, sample_slots, sample_mask, reset,
-                     _attention_blocks(batch, ex.nano_sizes(n), ex.attention_configs))
+                     _attention_blocks(batch, ex.nano_sizes(n), ex.attention_for(n)[1]))
     if lp_rows:   # the bucket's size: one shape per bucket
       inp.lp_rows, inp.lp_targets = np.zeros(n, np.int32), np.zeros(n, np.int32)
       inp.lp_rows[:len(lp_rows)], inp.lp_targets[:len(lp_targets)] = lp_rows, lp_targets

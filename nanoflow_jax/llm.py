@@ -32,7 +32,8 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                  pipeline_config: str | None = None, tensor_parallel: int = 1,
                  kv_cache_dtype: str = "auto", gemm: str = "mosaic_fused", layer_unroll: int = 1,
                  layer_loop: str = "auto", prefill_attention: str = "auto", quantization: str | None = None,
-                 enable_prefix_caching: bool = True, host_kv_cache_gb: float = 0.0) -> Engine:
+                 enable_prefix_caching: bool = True, host_kv_cache_gb: float = 0.0,
+                 small_step_attention: int = 0) -> Engine:
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
   if mode == "nanoflow":
     from nanoflow_jax import compat
@@ -57,7 +58,8 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                      max_model_len=max_model_len, mode=mode, kernels=kernels, pipeline_config=pipeline_config,
                      tensor_parallel=tensor_parallel, kv_cache_dtype=kv_cache_dtype, gemm=gemm,
                      layer_unroll=layer_unroll, layer_loop=layer_loop, prefill_attention=prefill_attention,
-                     enable_prefix_caching=enable_prefix_caching, host_kv_cache_gb=host_kv_cache_gb)
+                     enable_prefix_caching=enable_prefix_caching, host_kv_cache_gb=host_kv_cache_gb,
+                     small_step_attention=small_step_attention)
   cfg.validate()   # before the model loads: a bad option costs nothing
   m = model_obj or load_model(model, dtype=dtype or default_dtype(), random_weights=random_weights, seed=seed,
                               sharding_fn=sharding_fn, quantization=quantization)

@@ -86,6 +86,43 @@ def test_kernel_path_in_interpret_mode_equals_reference(tmp_path_factory):
     assert outs["interpret"][rid].token_ids == outs["reference"][rid].token_ids
 
 
+def test_small_steps_on_their_own_attention_configuration(tmp_path_factory, monkeypatch):
+  """small_step_attention: steps of up to 16 tokens run the attention in another configuration than larger ones
+  (on a GPU the Pallas kernel beside the Triton one; here both Pallas in interpret mode, the small steps' prefill
+  blocks 8 queries instead of 32). The host builds each step's query blocks for the configuration its kernel
+  runs (a 9-token prompt beside two decodes: blocks of 8 + 1), and the tokens are the reference path's. (The
+  tiny random model's outputs barely depend on attention, so the blocks are checked where they are built.)"""
+  from nanoflow_jax import engine as engine_mod
+  from pallas_kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG
+  hf, ckpt = fx.make_converted("llama3", tmp_path_factory.mktemp("small"))
+  model = load_model(ckpt, dtype="float32")
+  prompts = fx.random_prompts(np.random.default_rng(7), [3, 21, 9])
+  built = []
+  blocks = engine_mod._attention_blocks
+  monkeypatch.setattr(engine_mod, "_attention_blocks", lambda batch, sizes, configs: built.append(
+      (sizes[0], configs[1]["block_q"], [ch.length for ch in batch.chunks])) or blocks(batch, sizes, configs))
+  outs = {}
+  for kernels in ("reference", "interpret"):
+    engine = Engine(model, EngineConfig(dense_batch=32, page_size=4, num_pages=64, max_num_seqs=4,
+                                        kernels=kernels, compilation_cache_dir=None))
+    if kernels == "interpret":
+      ex = engine.executor
+      assert ex.small_step_attention == 0          # off unless asked, and only ever for the Triton kernels
+      ex.small_step_attention = 16
+      ex.small_attention_configs = ({**DECODE_CONFIG, "programs_per_sm": 2}, {**PREFILL_CONFIG, "block_q": 8})
+      built.clear()
+    for i, p in enumerate(prompts[:2]):
+      engine.add_request(f"r{i}", p, SamplingParams(max_tokens=5, **GREEDY))
+    engine.step()
+    engine.step()   # r2's 9-token prompt then prefills beside two decodes: a 16-token (small) step
+    engine.add_request("r2", prompts[2], SamplingParams(max_tokens=5, **GREEDY))
+    engine.run_until_done()
+    outs[kernels] = {f"r{i}": engine.pop_output(f"r{i}").outputs[0].token_ids for i in range(3)}
+  assert outs["interpret"] == outs["reference"]
+  assert (32, 32, [3, 21]) in built and (16, 8, [1, 1, 9]) in built
+  assert all(block_q == (8 if size <= 16 else 32) for size, block_q, _ in built)
+
+
 @pytest.mark.parametrize("kernels", ["reference", "interpret"])
 def test_nanoflow_mode_equals_sequential(tmp_path_factory, kernels):
   """The nano-batch split (generic two-nano-batch pipeline, chunks cut at the boundary) changes nothing."""

@@ -114,7 +114,8 @@ class Executor:
                dense_batch: int, kv_dtype=None, kernels: str = "auto", num_sms: int | None = None,
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
                fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
-               layer_unroll: int = 1, mosaic_prefill: bool = True, layer_loop: str = "auto"):
+               layer_unroll: int = 1, mosaic_prefill: bool = True, layer_loop: str = "auto",
+               small_step_attention: int = 0):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/history/perf-notes.md).
@@ -138,6 +139,12 @@ class Executor:
     dot as a copy, and XLA's command buffers can take the whole step; longer compiles) or "auto" (unrolled
     where XLA's dot would read the weights, the fp8 GEMMs on a GPU: their copies cost 4.3 ms of a 51 ms 8B
     step, docs/history/perf-notes.md, session 15; else scan).
+    small_step_attention: steps of at most this many tokens (buckets) run their attention, decode and prefill
+    blocks alike, as the Pallas kernel instead of the Triton one (kernels "triton" only; 0: never). Pallas's
+    Triton lowering is compiled by XLA into its own kernels, which its command buffers record; jax-triton's
+    calls are custom calls they record only when told to, so each splits a small step's graph and is launched
+    on its own (issue 27: a batch-1 fp8 step spends ~6 ms of host time launching; the attention's speed
+    hardly matters at that size).
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
@@ -181,6 +188,10 @@ class Executor:
     self.attention_configs = attention_kernels.configs(
         self.attention_backend, self.kv_dtype, head_dim=cfg.head_dim if mosaic_prefill else None, page_size=page_size,
         sliding_window=cfg.sliding_window, q_dtype=model.dtype)
+    if small_step_attention < 0:
+      raise ValueError(f"small_step_attention must be >= 0 tokens, got {small_step_attention}")
+    self.small_step_attention = small_step_attention if self.kernels == "triton" else 0
+    self.small_attention_configs = attention_kernels.configs("pallas", self.kv_dtype)
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
     self.beside_attention = dict(beside_attention)
@@ -296,6 +307,14 @@ class Executor:
       return compat.compute_on(f, f"gpu_stream:{self._op.stream}")
     return f
 
+  def attention_for(self, num_tokens: int) -> tuple[str, tuple[dict, dict]]:
+    """(backend, (decode, prefill) configurations) of a step of `num_tokens` (its bucket): the Pallas kernel for
+    small steps where small_step_attention says so, else the engine's. The host builds the query blocks of
+    the same configurations (engine._attention_blocks)."""
+    if num_tokens <= self.small_step_attention:
+      return "pallas", self.small_attention_configs
+    return self.attention_backend, self.attention_configs
+
   def attention_configs_for(self, num_sms: int) -> tuple[dict, dict]:
     """(decode, prefill) attention configurations for a kernel on `num_sms`: beside_attention's changes
     to the decode one where it shares the GPU with other streams."""
@@ -310,12 +329,15 @@ class Executor:
     if self.kernels == "reference":
       return paged_attention_reference(q, k_cache, v_cache, layer, inp.page_table, slots, positions, window)
     num_sms, interpret = self._sms(), self.kernels == "interpret"
+    backend, configs = self.attention_for(inp.tokens.shape[0])
+    if backend == self.attention_backend:
+      configs = self.attention_configs_for(num_sms)
 
     def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
       # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
       out = None
-      for bl, cfg in zip(blocks, self.attention_configs_for(num_sms)):
-        out = attention_call(self.attention_backend, q, k_cache, v_cache, layer, page_table, slots, positions, *bl,
+      for bl, cfg in zip(blocks, configs):
+        out = attention_call(backend, q, k_cache, v_cache, layer, page_table, slots, positions, *bl,
                              num_sms=num_sms, config=cfg, sliding_window=window, interpret=interpret, out=out)
       return out
     return self._on_stream(kernels)(q, k_cache, v_cache, layer, inp.page_table, slots, positions, blocks)

@@ -76,3 +76,25 @@ def test_nanoflow_split_agrees_with_sequential_on_llama3_8b_shape(tmp_path):
   bad = real_disagreements(firsts["sequential"], firsts["nanoflow"])
   print(f"nanoflow vs sequential: {same}/{len(prompts)} equal; not near ties: {bad}; max first logprob diff {lp:.3f}")
   assert bad == 0 and lp < 0.25
+
+
+def test_small_steps_on_the_pallas_attention_agree_with_the_triton_path():
+  """small_step_attention (issue 27): steps of up to 64 tokens on the Pallas attention kernel (which XLA's command
+  buffers record), larger ones on Triton's; the first tokens and log-probabilities against the Triton path."""
+  from pallas_kernels.paged_attention import paged_attention_triton_available
+  if not paged_attention_triton_available():
+    pytest.skip("the Triton path is what small steps leave")
+  model = load_model("llama-3-8b", dtype="bfloat16", random_weights=True)
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(20, 300, size=8)]
+  outs = {}
+  for small in (0, 64):
+    eng = Engine(model, EngineConfig(dense_batch=256, num_pages=2048, max_num_seqs=8, kv_cache_dtype="fp8",
+                                     small_step_attention=small, compilation_cache_dir=None))
+    for i, p in enumerate(prompts):   # one at a time: each prompt's prefill is a step of its own, the decodes small
+      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=MAX_LOGPROBS))
+      eng.step()
+    eng.run_until_done()
+    outs[small] = [eng.pop_output(f"r{i}").outputs[0] for i in range(len(prompts))]
+    del eng
+  assert real_disagreements(outs[0], outs[64]) == 0 and max_first_logprob_diff(outs[0], outs[64]) < 0.25
