@@ -527,6 +527,10 @@ def main(argv):
         print(f"{'':>10}  steady state ({s['full_steps']} of {s['steps_timed']} steps full): "
               f"{s['steady_tokens_per_s']:.1f} tok/s = {s['steady_percent_of_optimal']:.1f}% of optimal, "
               f"step {s['steady_step_ms']:.1f} ms; mean {s['mean_tokens_per_step']:.0f} tokens per step")
+      if s.get("stalls", {}).get("count"):
+        st = s["stalls"]
+        print(f"{'':>10}  stalls: {st['count']} steps over {step_records.STALL_FACTOR:g}x the median, "
+              f"{st['seconds']:.2f} s of the run, longest {st['longest_ms']:.0f} ms")
       if o.get("power"):
         print(f"{'':>10}  {power_line(o['power'])}")
       if "fit" in s:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 FULL_BATCH = 0.95  # a step counts as full when it holds this share of the dense batch
+STALL_FACTOR, STALL_MIN_S = 5.0, 0.1   # a stall: a step this many times the median, and at least this long
 
 
 def step_table(records) -> np.ndarray:
@@ -35,6 +36,10 @@ def summarize(records, dense_batch: int, optimal_tokens_per_s: float, exclude: r
   full = tokens >= FULL_BATCH * dense_batch
   out = {"steps_timed": len(t), "full_steps": int(full.sum()),
          "mean_tokens_per_step": float(tokens.mean())}
+  # Stalls: isolated steps far longer than the rest (session 17: Python's full garbage collections, 0.4-0.6 s)
+  stall = (seconds > STALL_FACTOR * np.median(seconds)) & (seconds > STALL_MIN_S)
+  out["stalls"] = {"count": int(stall.sum()), "seconds": float(seconds[stall].sum()),
+                   "longest_ms": 1e3 * float(seconds[stall].max()) if stall.any() else 0.0}
   if full.any():
     rate = tokens[full].sum() / seconds[full].sum()
     out.update(steady_tokens_per_s=float(rate), steady_percent_of_optimal=100 * float(rate) / optimal_tokens_per_s,

@@ -56,3 +56,18 @@ def test_full_step_windows_are_the_runs_of_full_steps_trimmed():
   assert step_records.full_step_windows(rec, 2048) == [(2.0, 6.0)]
   assert step_records.full_step_windows(rec, 2048, trim_s=0.0, min_s=1.0) == [(1.0, 6.0), (6.5, 8.0)]
   assert step_records.full_step_windows(rec[:1], 2048) == []
+
+
+def test_stalls_are_the_isolated_long_steps():
+  """Two 0.5 s steps among 50 ms ones (session 17's full garbage collections) are counted; a run without
+  them has none, and a slow run evenly slow has none either."""
+  t, recs = 0.0, []
+  for i in range(200):
+    recs.append((t, 2048, 2048, 500, 500_000))
+    t += 0.5 if i in (50, 120) else 0.05
+  recs.append((t, 0, 0, 0, 0))
+  s = step_records.summarize(recs, 2048, 1e5)
+  assert s["stalls"]["count"] == 2 and abs(s["stalls"]["seconds"] - 1.0) < 1e-6
+  assert abs(s["stalls"]["longest_ms"] - 500) < 1e-3
+  even = [(0.5 * i, 2048, 2048, 0, 0) for i in range(50)]
+  assert step_records.summarize(even, 2048, 1e5)["stalls"]["count"] == 0
