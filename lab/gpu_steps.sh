@@ -119,6 +119,21 @@ step_sweep-fp8-s17()      { local FP8_DECODE_VARIANTS=(programs_per_sm=3 num_sta
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-s17" \
                               "${FP8_DECODE_VARIANTS[@]/#/--sweep_variant=}"; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }
+# Issue 27's online latency at low rates through the server (1024/512, fp8 weights and KV): serve.py in the
+# background, benchmark --url against it. SERVE_MODEL/SERVE_FLAGS/RATES/N override (the CPU check: tiny).
+step_online-low-w8()      { local port=8123 model=${SERVE_MODEL:-llama-3-8b}
+                            local sflags=${SERVE_FLAGS:---quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256}
+                            $PY launch/serve.py --model="$model" --random_weights $sflags --port=$port \
+                              > "$OUT/online-low-server.log" 2>&1 &
+                            local spid=$! t=0
+                            until curl -sf "http://127.0.0.1:$port/health" > /dev/null; do
+                              sleep 2; t=$((t + 2))
+                              if ! kill -0 $spid 2> /dev/null || (( t > 400 )); then
+                                echo "server did not come up"; tail -20 "$OUT/online-low-server.log"; kill $spid; return 1; fi
+                            done
+                            $PY launch/benchmark.py --url="http://127.0.0.1:$port" --model="$model" --workload=1024-512 \
+                              --num_requests=${N:-40} --rates=${RATES:-0.5,1,2} --json_out="$OUT/online-low-w8.json"
+                            local rc=$?; kill -INT $spid; wait $spid; return $rc; }
 step_tests-small-steps()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k small_steps; }
 step_sweep-fp8()          { $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
