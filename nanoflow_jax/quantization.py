@@ -17,11 +17,15 @@ dims each contracts); the embedding, the LM head, norms, the MoE router and expe
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0                 # the largest finite e4m3fn
@@ -86,7 +90,10 @@ def quantize_stacked(layers: dict, sharding_fn=None) -> dict:
                         for n, shape in ((fp8_name(name), fp8_shape(name, w.shape[1:])),
                                          (scale_name(name), scale_shape(name, w.shape[1:]))))
     fn = jax.jit(lambda w: jax.vmap(lambda x: quantize_weight(x, nk))(w), out_shardings=shardings)
-    w8, scale = fn(w)
+    t = time.perf_counter()
+    w8, scale = jax.block_until_ready(fn(w))
+    # (timed: an 8B fp8 load takes 55-69 s on an H200 against 4.5 s in bf16, and where is not yet known)
+    log.info("quantized %s %s to fp8 in %.1f s", name, tuple(w.shape), time.perf_counter() - t)
     del w
     out[fp8_name(name)], out[scale_name(name)] = w8, scale
   return out
