@@ -127,6 +127,7 @@ def prefix_ttft(engine, prefix: int, trials: int = 3, tail: int = 32) -> dict:
 
 def multiround(engine, conversations: int) -> dict:
   """The multi-round workload offline: rounds arrive as their predecessors finish."""
+  from launch import offline_loop
   from launch.conversations import Conversations
   from nanoflow_jax.sampling_params import SamplingParams
   pool = engine.pool
@@ -135,9 +136,7 @@ def multiround(engine, conversations: int) -> dict:
   q0, h0, hh0, e0 = pool.queried_tokens, pool.hit_tokens, pool.host_hit_tokens, pool.evictions
   t = time.perf_counter()
   conv.start(engine)
-  while engine.has_work():
-    engine.step()
-    conv.advance(engine)
+  offline_loop.run(engine, conv)
   wall = time.perf_counter() - t
   n_out = sum(len(o.outputs[0].token_ids) for o in conv.outputs)
   hits = pool.hit_tokens - h0

@@ -25,8 +25,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
-from launch import engine_flags, step_records, workloads
-from nanoflow_jax import gc_policy
+from launch import engine_flags, offline_loop, step_records, workloads
 from nanoflow_jax.perf import gemm_peak_tflops
 
 FLAGS = flags.FLAGS
@@ -130,27 +129,21 @@ def _run_offline(engine, requests, peak: float, peak_random: float) -> dict:
       engine.add_request(f"b{i}", prompt, params(out_len))
   total_out = conversations.total_output if conversations else sum(o for _, o in requests)
   bar = tqdm(total=total_out, desc="output tokens", unit="tok", file=sys.stderr)
-  last = 0
   trace = tuple(int(s) for s in FLAGS.trace_steps.split(":")) if FLAGS.trace_dir else None
-  step = 0
-  collector = gc_policy.BusyCollector()   # as the engine's own loops: no full collections mid-run
-  try:
-    while engine.has_work():
-      if trace and step == trace[0]:
-        jax.profiler.start_trace(FLAGS.trace_dir, create_perfetto_trace=True)
-      collector.busy()
-      engine.step()
-      if conversations is not None:
-        conversations.advance(engine)
-      step += 1
-      if trace and step == trace[1]:
-        jax.profiler.stop_trace()
-        trace_summary(trace[1] - trace[0])
-      gen = engine.stats.generated_tokens - stats0["generated_tokens"]
-      bar.update(gen - last)
-      last = gen
-  finally:
-    collector.idle()
+  generated = [0]
+
+  def before_step(step):
+    if trace and step == trace[0]:
+      jax.profiler.start_trace(FLAGS.trace_dir, create_perfetto_trace=True)
+
+  def after_step(step):
+    if trace and step == trace[1]:
+      jax.profiler.stop_trace()
+      trace_summary(trace[1] - trace[0])
+    gen = engine.stats.generated_tokens - stats0["generated_tokens"]
+    bar.update(gen - generated[0])
+    generated[0] = gen
+  offline_loop.run(engine, conversations, before_step, after_step)
   bar.close()
   wall = time.perf_counter() - t0
   # What compiled inside the timed run (a bucket the warm-up missed): its seconds are in the wall time.
