@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 
+from nanoflow_jax import gc_policy
 from nanoflow_jax.engine import Engine
 from nanoflow_jax.sampling_params import SamplingParams
 
@@ -85,17 +86,25 @@ def step_and_collect(engine: Engine) -> BaseException | None:
 
 
 def follow(engine: Engine, channel: StepChannel) -> None:
-  """A follower's loop: until the leader stops, apply its changes and step when it steps."""
+  """A follower's loop: until the leader stops, apply its changes and step when it steps. Full garbage
+  collections are held off while it steps, as on the leader: a follower's stall would stall every process."""
   log.info("following the leader's steps (process 0 serves)")
-  while True:
-    msg = channel.receive()
-    if msg is None:
-      continue
-    if msg["stop"]:
-      log.info("the leader stopped")
-      return
-    apply(engine, msg["ops"])
-    if msg["step"]:
-      if not engine.has_work():   # the states have diverged: stepping would hang the job's collectives
-        raise RuntimeError("the leader steps but this process has no work: the engines' states differ")
-      step_and_collect(engine)
+  collector = gc_policy.BusyCollector()
+  try:
+    while True:
+      msg = channel.receive()
+      if msg is None:
+        continue
+      if msg["stop"]:
+        log.info("the leader stopped")
+        return
+      apply(engine, msg["ops"])
+      if msg["step"]:
+        if not engine.has_work():   # the states have diverged: stepping would hang the job's collectives
+          raise RuntimeError("the leader steps but this process has no work: the engines' states differ")
+        collector.busy()
+        step_and_collect(engine)
+      else:
+        collector.idle()
+  finally:
+    collector.idle()
