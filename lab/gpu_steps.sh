@@ -118,6 +118,20 @@ step_sweep-fp8-s17()      { local FP8_DECODE_VARIANTS=(programs_per_sm=3 num_sta
                             $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-s17" \
                               "${FP8_DECODE_VARIANTS[@]/#/--sweep_variant=}"; }
+# Session 18's follow-ups (fp8 cache): around the new decode configuration, and the prefill kernel (~3.8 ms of the
+# 46 ms fp8 step, at 0.35-0.39 of the GEMM peak in bf16) in the same spirit (fewer warps, more CTAs).
+step_sweep-fp8-decode2()  { local V=(programs_per_sm=12 programs_per_sm=20 programs_per_sm=24 block_n=32
+                              block_n=32,programs_per_sm=24 block_n=128,programs_per_sm=12 num_stages=1
+                              prefetch_pages=1,num_stages=3)
+                            $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
+                              --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-decode2" \
+                              "${V[@]/#/--sweep_variant=}"; }
+step_sweep-fp8-prefill()  { local V=(num_warps=4 num_warps=4,programs_per_sm=2 block_q=16,num_warps=4,programs_per_sm=2
+                              block_q=64 block_n=32 block_n=128 num_stages=2 num_stages=4 prefetch_pages=1
+                              programs_per_sm=2 dot_f16=1 dot_f16=1,num_warps=4,programs_per_sm=2)
+                            $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=prefill --attention_backends=triton \
+                              --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-prefill" \
+                              "${V[@]/#/--sweep_variant=}"; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }
 # Issue 27's online latency at low rates through the server (1024/512, fp8 weights and KV): serve.py in the
 # background, benchmark --url against it. SERVE_MODEL/SERVE_FLAGS/RATES/N override (the CPU check: tiny).
