@@ -89,18 +89,22 @@ def test_kernel_path_in_interpret_mode_equals_reference(tmp_path_factory):
 def test_small_steps_on_their_own_attention_configuration(tmp_path_factory, monkeypatch):
   """small_step_attention: steps of up to 16 tokens run the attention in another configuration than larger ones
   (on a GPU the Pallas kernel beside the Triton one; here both Pallas in interpret mode, the small steps' prefill
-  blocks 8 queries instead of 32). The host builds each step's query blocks for the configuration its kernel
-  runs (a 9-token prompt beside two decodes: blocks of 8 + 1), and the tokens are the reference path's. (The
-  tiny random model's outputs barely depend on attention, so the blocks are checked where they are built.)"""
+  blocks 8 queries instead of 32). The kernel runs each step's configuration, the host builds that step's query
+  blocks for it (a 9-token prompt beside two decodes: blocks of 8 + 1), and the tokens and log-probabilities
+  are the reference path's (blocks longer than the kernel's block_q leave rows uncomputed: log-probabilities
+  0.05 apart, the tokens still equal)."""
   from nanoflow_jax import engine as engine_mod
+  from nanoflow_jax.runtime import executor as executor_mod
   from pallas_kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG
   hf, ckpt = fx.make_converted("llama3", tmp_path_factory.mktemp("small"))
   model = load_model(ckpt, dtype="float32")
   prompts = fx.random_prompts(np.random.default_rng(7), [3, 21, 9])
-  built = []
-  blocks = engine_mod._attention_blocks
+  built, ran = [], []
+  blocks, call = engine_mod._attention_blocks, executor_mod.attention_call
   monkeypatch.setattr(engine_mod, "_attention_blocks", lambda batch, sizes, configs: built.append(
       (sizes[0], configs[1]["block_q"], [ch.length for ch in batch.chunks])) or blocks(batch, sizes, configs))
+  monkeypatch.setattr(executor_mod, "attention_call", lambda backend, q, *a, **kw: ran.append(
+      (q.shape[0], kw["config"]["block_q"])) or call(backend, q, *a, **kw))
   outs = {}
   for kernels in ("reference", "interpret"):
     engine = Engine(model, EngineConfig(dense_batch=32, page_size=4, num_pages=64, max_num_seqs=4,
@@ -112,15 +116,18 @@ def test_small_steps_on_their_own_attention_configuration(tmp_path_factory, monk
       ex.small_attention_configs = ({**DECODE_CONFIG, "programs_per_sm": 2}, {**PREFILL_CONFIG, "block_q": 8})
       built.clear()
     for i, p in enumerate(prompts[:2]):
-      engine.add_request(f"r{i}", p, SamplingParams(max_tokens=5, **GREEDY))
+      engine.add_request(f"r{i}", p, SamplingParams(max_tokens=5, logprobs=1, **GREEDY))
     engine.step()
     engine.step()   # r2's 9-token prompt then prefills beside two decodes: a 16-token (small) step
-    engine.add_request("r2", prompts[2], SamplingParams(max_tokens=5, **GREEDY))
+    engine.add_request("r2", prompts[2], SamplingParams(max_tokens=5, logprobs=1, **GREEDY))
     engine.run_until_done()
-    outs[kernels] = {f"r{i}": engine.pop_output(f"r{i}").outputs[0].token_ids for i in range(3)}
-  assert outs["interpret"] == outs["reference"]
+    outs[kernels] = [engine.pop_output(f"r{i}").outputs[0] for i in range(3)]
+  for ref, got in zip(outs["reference"], outs["interpret"]):
+    assert got.token_ids == ref.token_ids
+    np.testing.assert_allclose([lp.logprob for lp in got.logprobs], [lp.logprob for lp in ref.logprobs], atol=1e-4)
   assert (32, 32, [3, 21]) in built and (16, 8, [1, 1, 9]) in built
   assert all(block_q == (8 if size <= 16 else 32) for size, block_q, _ in built)
+  assert {(16, 1), (16, 8), (32, 1), (32, 32)} == set(ran)     # the kernels' side: decode and prefill calls
 
 
 @pytest.mark.parametrize("kernels", ["reference", "interpret"])

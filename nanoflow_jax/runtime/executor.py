@@ -329,9 +329,10 @@ class Executor:
     if self.kernels == "reference":
       return paged_attention_reference(q, k_cache, v_cache, layer, inp.page_table, slots, positions, window)
     num_sms, interpret = self._sms(), self.kernels == "interpret"
-    backend, configs = self.attention_for(inp.tokens.shape[0])
-    if backend == self.attention_backend:
-      configs = self.attention_configs_for(num_sms)
+    if inp.tokens.shape[0] <= self.small_step_attention:   # the same choice as attention_for (the host's blocks)
+      backend, configs = self.attention_for(inp.tokens.shape[0])
+    else:
+      backend, configs = self.attention_backend, self.attention_configs_for(num_sms)
 
     def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
       # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
