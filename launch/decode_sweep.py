@@ -98,16 +98,23 @@ def check_decoding(engine, batch: int) -> None:
                        f"(preempted or finished early: give the engine more KV pages or max_model_len)")
 
 
-def time_decode(engine, batch: int, context: int, steps: int = 32, warmup: int = 4) -> float:
+HOST_PARTS = ("schedule", "build", "dispatch", "process", "wait")   # EngineStats' <part>_seconds
+
+
+def time_decode(engine, batch: int, context: int, steps: int = 32, warmup: int = 4, host: dict | None = None) -> float:
   """Seconds per engine step with `batch` sequences decoding at `context`; the timed steps are checked to hold
-  exactly `batch` decodes."""
+  exactly `batch` decodes. `host`, where given, gets the engine loop's ms per step in each of HOST_PARTS (is a
+  small step's time the device's, or the host's dispatching it?)."""
   with decoding(engine, batch, context, steps + warmup):
     for _ in range(warmup):   # also compiles the bucket, if this batch is the first to use it
       engine.step()
+    before = {p: getattr(engine.stats, f"{p}_seconds") for p in HOST_PARTS}
     t = time.perf_counter()
     for _ in range(steps):
       engine.step()
     seconds = (time.perf_counter() - t) / steps
+    if host is not None:
+      host.update({p: 1e3 * (getattr(engine.stats, f"{p}_seconds") - before[p]) / steps for p in HOST_PARTS})
     check_decoding(engine, batch)
   return seconds
 
@@ -119,12 +126,13 @@ def sweep(engine, batches: list[int], context: int = 1024, steps: int = 32) -> d
   wbytes, per_tok = weight_bytes(engine), kv_bytes_per_token(engine)
   rows = []
   for b in batches:
-    s = time_decode(engine, b, context, steps)
+    host: dict = {}
+    s = time_decode(engine, b, context, steps, host=host)
     floor = (wbytes + b * context * per_tok) / (bw["best"] * 1e12)
     rows.append({"batch": b, "step_ms": 1e3 * s, "floor_ms": 1e3 * floor, "ratio_to_floor": s / floor,
-                 "tokens_per_s": b / s})
+                 "tokens_per_s": b / s, "host_ms": host})
     print(f"decode batch {b:4d}: {1e3 * s:7.2f} ms per step, floor {1e3 * floor:6.2f} ms, {s / floor:5.2f}x the "
-          f"floor", flush=True)
+          f"floor; host ms " + ", ".join(f"{p} {v:.2f}" for p, v in host.items()), flush=True)
   return {"bandwidth_tb_s": bw, "weight_bytes": wbytes, "kv_bytes_per_token": per_tok, "context": context,
           "rows": rows}
 
@@ -133,9 +141,12 @@ def table(result: dict, title: str) -> str:
   bw = result["bandwidth_tb_s"]
   lines = [f"{title}: weights {result['weight_bytes'] / 1e9:.2f} GB, KV {result['kv_bytes_per_token']} B/token at "
            f"context {result['context']}; bandwidth {bw['best']:.2f} TB/s (copy {bw['copy']:.2f}, read "
-           f"{bw['read']:.2f})", "", "| batch | step ms | floor ms | step / floor | tokens/s |", "|---|---|---|---|---|"]
+           f"{bw['read']:.2f})", "",
+           "| batch | step ms | floor ms | step / floor | tokens/s | host ms: " + " / ".join(HOST_PARTS) + " |",
+           "|---|---|---|---|---|---|"]
   lines += [f"| {r['batch']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} | "
-            f"{r['tokens_per_s']:.0f} |" for r in result["rows"]]
+            f"{r['tokens_per_s']:.0f} | " + " / ".join(f"{r.get('host_ms', {}).get(p, float('nan')):.2f}"
+                                                       for p in HOST_PARTS) + " |" for r in result["rows"]]
   return "\n".join(lines)
 
 

@@ -19,6 +19,10 @@ def test_sweep_times_every_batch_at_full_size(engine):
   assert [r["batch"] for r in res["rows"]] == [1, 8]
   for r in res["rows"]:
     assert r["step_ms"] > 0 and r["floor_ms"] > 0
+    # the loop's parts per step: the host's own (schedule, build, dispatch, process) and its wait for the device
+    assert set(r["host_ms"]) == set(decode_sweep.HOST_PARTS) and r["host_ms"]["dispatch"] > 0
+    assert sum(r["host_ms"].values()) <= 1.05 * r["step_ms"]
+  assert "dispatch" in decode_sweep.table(res, "t")
   assert not engine.has_work()   # the sweep's sequences are gone
 
 
