@@ -127,7 +127,6 @@ def prefix_ttft(engine, prefix: int, trials: int = 3, tail: int = 32) -> dict:
 
 def multiround(engine, conversations: int) -> dict:
   """The multi-round workload offline: rounds arrive as their predecessors finish."""
-  from launch import offline_loop
   from launch.conversations import Conversations
   from nanoflow_jax.sampling_params import SamplingParams
   pool = engine.pool
@@ -136,7 +135,7 @@ def multiround(engine, conversations: int) -> dict:
   q0, h0, hh0, e0 = pool.queried_tokens, pool.hit_tokens, pool.host_hit_tokens, pool.evictions
   t = time.perf_counter()
   conv.start(engine)
-  offline_loop.run(engine, conv)
+  engine.run_until_done(progress=lambda: conv.advance(engine))   # rounds added as their predecessors finish
   wall = time.perf_counter() - t
   n_out = sum(len(o.outputs[0].token_ids) for o in conv.outputs)
   hits = pool.hit_tokens - h0

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
-from launch import engine_flags, offline_loop, step_records, workloads
+from launch import engine_flags, step_records, workloads
 from nanoflow_jax.perf import gemm_peak_tflops
 
 FLAGS = flags.FLAGS
@@ -130,20 +130,23 @@ def _run_offline(engine, requests, peak: float, peak_random: float) -> dict:
   total_out = conversations.total_output if conversations else sum(o for _, o in requests)
   bar = tqdm(total=total_out, desc="output tokens", unit="tok", file=sys.stderr)
   trace = tuple(int(s) for s in FLAGS.trace_steps.split(":")) if FLAGS.trace_dir else None
-  generated = [0]
+  done = {"steps": 0, "generated": 0}
 
-  def before_step(step):
-    if trace and step == trace[0]:
-      jax.profiler.start_trace(FLAGS.trace_dir, create_perfetto_trace=True)
-
-  def after_step(step):
-    if trace and step == trace[1]:
+  def after_step():   # the traced steps [trace[0], trace[1]): the trace starts when step trace[0] - 1 is done
+    if conversations is not None:   # rounds arrive as their predecessors finish
+      conversations.advance(engine)
+    done["steps"] += 1
+    if trace and done["steps"] == trace[1]:
       jax.profiler.stop_trace()
       trace_summary(trace[1] - trace[0])
+    if trace and done["steps"] == trace[0]:
+      jax.profiler.start_trace(FLAGS.trace_dir, create_perfetto_trace=True)
     gen = engine.stats.generated_tokens - stats0["generated_tokens"]
-    bar.update(gen - generated[0])
-    generated[0] = gen
-  offline_loop.run(engine, conversations, before_step, after_step)
+    bar.update(gen - done["generated"])
+    done["generated"] = gen
+  if trace and trace[0] == 0:
+    jax.profiler.start_trace(FLAGS.trace_dir, create_perfetto_trace=True)
+  engine.run_until_done(progress=after_step)   # (full garbage collections held off there: gc_policy.py)
   bar.close()
   wall = time.perf_counter() - t0
   # What compiled inside the timed run (a bucket the warm-up missed): its seconds are in the wall time.

@@ -10,8 +10,8 @@ So while a loop has work, automatic collection is off: the loop collects the you
 YOUNG_EVERY steps (the objects made since: a few ms), and the whole heap every FULL_EVERY busy steps (a bound
 on cycles kept while a server never goes idle); when no loop is busy the collector is as it was. A step's
 own garbage is freed by reference counting either way. Only loops that run until idle or stop in a `finally`
-use this (Engine.run_until_done, the server's engine thread and multi-host followers, launch/offline_loop.py), so
-a caller stepping an engine by hand never leaves the process without its collector.
+use this (Engine.run_until_done, which the benchmark drives too; the server's engine thread; multi-host
+followers), so a caller stepping an engine by hand never leaves the process without its collector.
 """
 from __future__ import annotations
 
