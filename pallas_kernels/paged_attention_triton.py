@@ -80,7 +80,7 @@ if triton is not None:
     tok = t0 + tok_in_block
     q_off = (tok.to(tl.int64) * (NUM_KV_HEADS * Q_PER_KV) + h * Q_PER_KV + rows % Q_PER_KV) * HEAD_DIM
     q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-    q_scale = rows.to(tl.float32) * 0.0 + 1.0   # per row; 1 unless DOT_FP8
+    q_scale = rows.to(tl.float32) * 0.0 + 1.0   # per row; unused unless DOT_FP8
     if DOT_FP8:   # the scores' dot on e4m3 operands (no conversion of K), each row's scale applied after it
       q = q.to(tl.float8e4nv)
       q_scale = tl.load(qs_ptr + q_off // HEAD_DIM, mask=row_ok, other=0.0)
@@ -121,7 +121,10 @@ if triton is not None:
           i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, qs_ptr,
           NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST, DOT_F16,
           DOT_FP8)
-      row_scale = tl.expand_dims(q_scale * QK_SCALE, KEY_AXIS)   # the scores' scale per query row
+      if DOT_FP8:   # the scores' scale per query row; otherwise the one constant, as before dot_fp8 existed
+        row_scale = tl.expand_dims(q_scale * QK_SCALE, KEY_AXIS)
+      else:
+        row_scale = QK_SCALE
       m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
       l_i = tl.zeros([BLOCK_M], tl.float32)
       # Scores s are [BLOCK_M, BLOCK_N] with keys on axis 1, or with swap_ab [BLOCK_N, BLOCK_M] (KEY_AXIS 0):
