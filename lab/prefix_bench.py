@@ -48,11 +48,11 @@ def copy_rates(engine, n: int, repeats: int = 3) -> dict:
   """GB/s of the tier's save (gather on the device, copy to the host, landed) and load (host pages to the
   device, scattered into the cache), each the best of `repeats` after one untimed round (compiles)."""
   import jax
-  from nanoflow_jax import host_kv
+  from nanoflow_jax import host_kv, kv_cache
   ex = engine.executor
   tier = host_kv.HostKVTier(4 * n)
   pages = list(range(n))
-  page_bytes = sum(a.nbytes for a in ex.kv) // ex.kv[0].shape[2]
+  page_bytes = kv_cache.page_bytes(engine.model.config, engine.config.page_size, ex.kv_dtype)
   save, load = [], []
   for r in range(repeats + 1):
     keys = _fake_keys(n, r)
