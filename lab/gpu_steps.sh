@@ -105,33 +105,30 @@ step_step-cb()            { local tail="--decodes=4 --context=600 --prefill=0 --
                               XLA_FLAGS="$xf" $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --gemms=mosaic_fused \
                                 --nanoflow=false --iters=20 $shape --out="$OUT/step-cb-$name.md" 2>&1 | grep -E "^\||step:|Error|error" | tail -8
                             done; }
+# fp8_sweep KIND NAME CHANGES...: kernel_bench's attention sweep on an fp8 cache, the engine's configuration of
+# KIND (decode or prefill; the first row) and each CHANGES (key=value,...) to it, in one run.
+fp8_sweep() { local kind=$1 name=$2; shift 2
+              $PY lab/kernel_bench.py --sweep_attention --sweep_kinds="$kind" --attention_backends=triton \
+                --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/$name" "${@/#/--sweep_variant=}"; }
 # Session 17: the fp8 decode kernel's occupancy (more CTAs per SM: fp8 tiles take half the shared memory), fewer
 # warps (fewer cross-warp reductions per key block) and the scores' dot on e4m3 operands (dot_fp8), against the
-# engine's DECODE_CONFIG_FP8 (the first row) in the same run.
-step_sweep-fp8-s17()      { local FP8_DECODE_VARIANTS=(programs_per_sm=3 num_stages=2,programs_per_sm=3
-                              block_n=64,programs_per_sm=4 block_n=64,programs_per_sm=4,num_stages=4
-                              block_n=64,num_warps=2,programs_per_sm=6 block_n=64,num_warps=2,programs_per_sm=8
-                              num_warps=2,programs_per_sm=4 prefetch_pages=1 dot_fp8=1 dot_fp8=1,swap_ab=1
-                              dot_fp8=1,swap_ab=1,prefetch_pages=1 dot_fp8=1,block_n=64,programs_per_sm=4
-                              dot_fp8=1,swap_ab=1,block_n=64,programs_per_sm=4
-                              dot_fp8=1,block_n=64,num_warps=2,programs_per_sm=6)   # inside: steps run in a subshell
-                            $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
-                              --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-s17" \
-                              "${FP8_DECODE_VARIANTS[@]/#/--sweep_variant=}"; }
+# engine's DECODE_CONFIG_FP8 of the time.
+step_sweep-fp8-s17()      { fp8_sweep decode sweep-fp8-s17 programs_per_sm=3 num_stages=2,programs_per_sm=3 \
+                              block_n=64,programs_per_sm=4 block_n=64,programs_per_sm=4,num_stages=4 \
+                              block_n=64,num_warps=2,programs_per_sm=6 block_n=64,num_warps=2,programs_per_sm=8 \
+                              num_warps=2,programs_per_sm=4 prefetch_pages=1 dot_fp8=1 dot_fp8=1,swap_ab=1 \
+                              dot_fp8=1,swap_ab=1,prefetch_pages=1 dot_fp8=1,block_n=64,programs_per_sm=4 \
+                              dot_fp8=1,swap_ab=1,block_n=64,programs_per_sm=4 \
+                              dot_fp8=1,block_n=64,num_warps=2,programs_per_sm=6; }
 # Session 18's follow-ups (fp8 cache): around the new decode configuration, and the prefill kernel (~3.8 ms of the
 # 46 ms fp8 step, at 0.35-0.39 of the GEMM peak in bf16) in the same spirit (fewer warps, more CTAs).
-step_sweep-fp8-decode2()  { local V=(programs_per_sm=12 programs_per_sm=20 programs_per_sm=24 block_n=32
-                              block_n=32,programs_per_sm=24 block_n=128,programs_per_sm=12 num_stages=1
-                              prefetch_pages=1,num_stages=3)
-                            $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
-                              --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-decode2" \
-                              "${V[@]/#/--sweep_variant=}"; }
-step_sweep-fp8-prefill()  { local V=(num_warps=4 num_warps=4,programs_per_sm=2 block_q=16,num_warps=4,programs_per_sm=2
-                              block_q=64 block_n=32 block_n=128 num_stages=2 num_stages=4 prefetch_pages=1
-                              programs_per_sm=2 dot_f16=1 dot_f16=1,num_warps=4,programs_per_sm=2)
-                            $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=prefill --attention_backends=triton \
-                              --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8-prefill" \
-                              "${V[@]/#/--sweep_variant=}"; }
+step_sweep-fp8-decode2()  { fp8_sweep decode sweep-fp8-decode2 programs_per_sm=12 programs_per_sm=20 programs_per_sm=24 \
+                              block_n=32 block_n=32,programs_per_sm=24 block_n=128,programs_per_sm=12 num_stages=1 \
+                              prefetch_pages=1,num_stages=3; }
+step_sweep-fp8-prefill()  { fp8_sweep prefill sweep-fp8-prefill num_warps=4 num_warps=4,programs_per_sm=2 \
+                              block_q=16,num_warps=4,programs_per_sm=2 block_q=64 block_n=32 block_n=128 num_stages=2 \
+                              num_stages=4 prefetch_pages=1 programs_per_sm=2 dot_f16=1 \
+                              dot_f16=1,num_warps=4,programs_per_sm=2; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }
 # Issue 27's online latency at low rates through the server (1024/512, fp8 weights and KV): serve.py in the
 # background, benchmark --url against it. SERVE_MODEL/SERVE_FLAGS/RATES/N override (the CPU check: tiny).
@@ -363,7 +360,7 @@ for spec in "$@"; do
   if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
   start=$(date +%s)
   # The function runs in a subshell so that `timeout` can stop it and all it started.
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 sweep nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 sweep fp8_sweep nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
     > "$OUT/$name.log" 2>&1
   rc=$?
   printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"
