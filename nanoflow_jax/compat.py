@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pallas_kernels.jax_compat import mosaic_kernel_aliased  # noqa: F401 (the kernels' own, re-exported)
+from pallas_kernels.jax_compat import gpu_interpret_mode, mosaic_kernel_aliased  # noqa: F401 (the kernels' own, re-exported)
 
 
 def configure_gpu_memory(fraction: float = 0.95) -> None:

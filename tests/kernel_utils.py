@@ -13,8 +13,8 @@ def gpu_interpret():
   if jax.default_backend() == "gpu":
     yield
     return
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
-  with force_gpu_interpret_mode(InterpretGPUParams()):
+  from pallas_kernels.jax_compat import gpu_interpret_mode
+  with gpu_interpret_mode():
     yield
 
 

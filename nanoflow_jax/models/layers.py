@@ -120,17 +120,44 @@ def _contracted_dims(spec: str) -> int:
   return len(set(lhs.replace("...", "")) - set(out_spec))
 
 
-def _fp8_linear(x, w8, spec, residual, fp8: Fp8):
-  """w8 is [*out dims, K] (quantization.py's layout)."""
+# An fp8 GEMM kernel the runtime installs while it traces a step: fn(a8 [M, K], a_scale [M, 1], w8 [N, K],
+# w_scale [N], residual [M, N] | None, stacked, epilogue=None) returns the scaled product in the residual's
+# (or the model's) dtype, or None where it does not take the shape (then XLA's fp8 dot runs). `stacked`:
+# ((weight stack, layer index), (scale stack, layer index)) where the runtime registered the weight and its
+# scale (use_stacked_weights), else None. epilogue "silu_mul": w8 is [gate; up] [2I, K], the result
+# silu(gate) * up [M, I].
+Fp8GemmFn = Callable[..., "jax.Array | None"]
+_FP8_GEMM: contextvars.ContextVar[Fp8GemmFn | None] = contextvars.ContextVar("fp8_gemm", default=None)
+
+
+def use_fp8_gemm(fn: Fp8GemmFn | None):
+  return _installed(_FP8_GEMM, fn)
+
+
+def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None):
+  """w8 is [*out dims, K] (quantization.py's layout). Activations are quantized here (under TP with the
+  row's amax across devices), then the installed fp8 GEMM or XLA's fp8 dot."""
   nk = _contracted_dims(spec)
   k = math.prod(x.shape[x.ndim - nk:])
-  out_dims = w8.shape[:-1]
+  out_dims = w8.shape[:-1] if epilogue is None else w8.shape[-2:-1]   # silu_mul: [2, I, K] -> [I]
   axis = _TP_AXIS.get() if fp8.row_parallel else None
-  y = quantization.fp8_matmul(x.reshape(-1, k), w8.reshape(-1, k), fp8.scale.reshape(-1), x.dtype,
-                              fp8.input_scale, fp8.scale_ub,
-                              amax_reduce=(lambda a: jax.lax.pmax(a, axis)) if axis else None)
-  y = y.reshape(*x.shape[:x.ndim - nk], *out_dims)
-  return y if residual is None else y + residual
+  a8, a_scale = quantization.quantize_activation(x.reshape(-1, k), fp8.input_scale, fp8.scale_ub,
+                                                 amax_reduce=(lambda a: jax.lax.pmax(a, axis)) if axis else None)
+  w2, s1 = w8.reshape(-1, k), fp8.scale.reshape(-1)
+  res2 = None if residual is None else residual.reshape(a8.shape[0], -1)
+  fn = _FP8_GEMM.get()
+  y = None
+  if fn is not None:
+    found = _STACKED.get()
+    stacked = (found[id(w8)], found[id(fp8.scale)]) if id(w8) in found and id(fp8.scale) in found else None
+    y = fn(a8, a_scale, w2, s1, res2, stacked, epilogue=epilogue)
+  if y is None:
+    y = quantization.scaled_fp8_dot(a8, a_scale, w2, s1, x.dtype)
+    if epilogue == "silu_mul":
+      y = silu_and_mul(y.reshape(y.shape[0], 2, -1))
+    if res2 is not None:
+      y = y + res2
+  return y.reshape(*x.shape[:x.ndim - nk], *out_dims)
 
 
 def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str, fp8: Fp8 | None = None) -> jax.Array:
@@ -138,7 +165,7 @@ def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str, fp8: Fp8 | None = Non
   with the activation in its epilogue where the installed kernel fuses it, else the GEMM then
   silu_and_mul."""
   if fp8 is not None:
-    return silu_and_mul(_fp8_linear(x, w, spec, None, fp8))
+    return _fp8_linear(x, w, spec, None, fp8, epilogue="silu_mul")
   gemm = _GEMM.get()
   if gemm is not None:
     k = math.prod(w.shape[:-2])

@@ -375,8 +375,7 @@ class Executor:
   def _run_kernel(self, fn, *arrays):
     """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
     if self.kernels == "interpret":
-      from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
-      with force_gpu_interpret_mode(InterpretGPUParams()):
+      with compat.gpu_interpret_mode():
         return fn(*arrays)
     return self._on_stream(fn)(*arrays)
 
