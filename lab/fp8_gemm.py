@@ -3,7 +3,12 @@ path of nanoflow_jax/quantization.py (per-token activation quantization + cuBLAS
 its output), plus the bare fp8 dot (operands already e4m3) to show what the quantization costs. Each row is
 checked against a float32 product; TFLOP/s and the ratio to bf16 in the same run.
 
-  PYTHONPATH=.:.carry python3 lab/fp8_gemm.py --rows=2048,512,128
+--mosaic adds our fp8 GEMM (pallas_kernels/gemm_fp8.py) against its same-run peer, XLA's fp8 dot with the
+scales on its output (both from e4m3 operands, so the activation quantization is out of both): for gate_up
+SiLU-and-multiply fused (against XLA's dot + scales + silu_and_mul), for o and down the residual fused; each
+of CONFIGS tried, the best reported, checked against the jnp reference.
+
+  PYTHONPATH=.:.carry python3 lab/fp8_gemm.py --rows=2048,512,128 --mosaic
 """
 from __future__ import annotations
 
@@ -15,6 +20,14 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ["2048", "512", "128"], "Token rows (M).")
 flags.DEFINE_string("out", None, "Write the markdown table here too.")
+flags.DEFINE_bool("mosaic", False, "Also time our Mosaic GPU fp8 GEMM against XLA's scaled fp8 dot.")
+
+# Our kernel's tilings tried per shape (CTA tiles 128 x 256 two ways, 128 x 128, and 64-byte K steps).
+CONFIGS = [{}, dict(tile_m=64, tile_n=256, wg_dimension="M"), dict(tile_m=64, tile_n=128, wg_dimension="M",
+                                                                   max_concurrent_steps=5),
+           dict(tile_k=64, max_concurrent_steps=5), dict(grid_minor_dim="M", grid_tile_width=16)]
+SILU_CONFIGS = [{}, dict(max_concurrent_steps=4, epi_tile_n=32), dict(tile_n=64, wg_dimension="N", tile_m=128),
+                dict(tile_k=64, max_concurrent_steps=6)]
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}   # (K, N)
 
@@ -32,6 +45,10 @@ def main(argv):
            "| GEMM | M | bf16 TFLOP/s | fp8 engine path | fp8 / bf16 | bare fp8 dot | bare / bf16 | rel. error fp8 |",
            "|---|---|---|---|---|---|---|---|"]
   key = jax.random.PRNGKey(0)
+  ours = ["", "Ours (gemm_fp8) against XLA's fp8 dot with the scales on its output, both from e4m3 operands "
+          "(fused: gate_up's SiLU-and-multiply, o's and down's residual; XLA's then runs them as passes):", "",
+          "| GEMM | M | XLA scaled fp8 TFLOP/s | ours, best | ours / XLA | best config | rel. error vs reference |",
+          "|---|---|---|---|---|---|---|"]
   for name, (k, n) in SHAPES.items():
     w = (0.02 * jax.random.normal(key, (k, n), jnp.float32)).astype(jnp.bfloat16)
     w8, ws = jax.jit(lambda w: Q.quantize_weight(w, 1))(w)
@@ -53,11 +70,61 @@ def main(argv):
       lines.append(f"| {name} {k}x{n} | {m} | {tf(t_b):.0f} | {tf(t_f):.0f} | {t_b / t_f:.2f}x | {tf(t_r):.0f} | "
                    f"{t_b / t_r:.2f}x | {err:.4f} |")
       print(lines[-1], flush=True)
-  text = "\n".join(lines)
+      if FLAGS.mosaic:
+        ours.append(_ours_against_xla(name, a, w8, ws, flops))
+        print(ours[-1], flush=True)
+  text = "\n".join(lines + (ours if FLAGS.mosaic else []))
   print(text)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       f.write(text + "\n")
+
+
+def _ours_against_xla(name, a, w8, ws, flops) -> str:
+  """One table row: XLA's scaled fp8 dot (+ the fused op as XLA runs it) against each of our tilings."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nanoflow_jax import quantization as Q
+  from nanoflow_jax.models.layers import silu_and_mul
+  from nanoflow_jax.perf import median_seconds
+  from pallas_kernels import gemm_fp8
+  a8, a_scale = Q.quantize_activation(a)
+  m, n = a.shape[0], w8.shape[0]
+  silu = name == "gate_up"
+  residual = None if name in ("qkv", "gate_up") else jnp.ones((m, n), jnp.bfloat16)
+  if silu:
+    xla = jax.jit(lambda a8, s, w8, ws: silu_and_mul(Q.scaled_fp8_dot(a8, s, w8, ws, jnp.bfloat16).reshape(m, 2, -1)))
+    ref = gemm_fp8.gemm_fp8_silu_mul_reference(a8, w8, a_scale, ws)
+  else:
+    xla = jax.jit(lambda a8, s, w8, ws: Q.scaled_fp8_dot(a8, s, w8, ws, jnp.bfloat16)
+                  + (0 if residual is None else residual))
+    ref = gemm_fp8.gemm_fp8_reference(a8, w8, a_scale, ws, residual)
+  t_x = median_seconds(xla, a8, a_scale, w8, ws)
+  best = None
+  for cfg in (SILU_CONFIGS if silu else CONFIGS):
+    if not gemm_fp8.supported(m, n, a.shape[1], cfg, silu_mul=silu):
+      continue
+    if silu:
+      f = jax.jit(lambda a8, s, w8, ws, cfg=cfg: gemm_fp8.gemm_fp8_silu_mul(a8, w8, s, ws, num_sms=jax.devices()[0].core_count, config=cfg))
+    else:
+      f = jax.jit(lambda a8, s, w8, ws, cfg=cfg: gemm_fp8.gemm_fp8(a8, w8, s, ws, residual, num_sms=jax.devices()[0].core_count, config=cfg))
+    try:
+      got = np.asarray(f(a8, a_scale, w8, ws), np.float32)
+    except Exception as e:   # a tiling the GPU compiler refuses: say so, try the next
+      print(f"  {name} M={m} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+      continue
+    want = np.asarray(ref, np.float32)
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert err < 0.01, (name, m, cfg, err)
+    t = median_seconds(f, a8, a_scale, w8, ws)
+    if best is None or t < best[0]:
+      best = (t, cfg, err)
+  tf = lambda t: flops / t / 1e12
+  if best is None:
+    return f"| {name} | {m} | {tf(t_x):.0f} | - | - | no tiling takes the shape | - |"
+  t, cfg, err = best
+  return f"| {name} | {m} | {tf(t_x):.0f} | {tf(t):.0f} | {t_x / t:.2f}x | {cfg or 'default'} | {err:.5f} |"
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_enum("gemm", "mosaic_fused", ["mosaic_fused", "mosaic", "xla"],
                     "GEMMs on the kernel paths: mosaic_fused (our SM-share kernel, the SiLU-and-multiply fused into "
                     "gate_up's epilogue), mosaic (the same, unfused) or xla (XLA's dot).")
+  flags.DEFINE_enum("fp8_gemm", "xla", ["xla", "mosaic"],
+                    "fp8 weights' GEMMs on the kernel paths: xla (XLA's fp8 dot, cuBLASLt) or mosaic (ours: the scales, "
+                    "the residual and gate_up's SiLU-and-multiply in its epilogue; being measured against XLA's).")
   flags.DEFINE_enum("prefill_attention", "auto", ["auto", "triton"],
                     "Prefill attention on the kernel paths: auto = the warp-specialized Mosaic GPU kernel where it "
                     "takes the KV cache (bf16/f16, Hopper; 1.8x the Triton one), else the Triton one; triton = "
@@ -89,7 +92,7 @@ def engine_kwargs() -> dict:
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
               layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization,
               enable_prefix_caching=FLAGS.enable_prefix_caching, host_kv_cache_gb=FLAGS.host_kv_cache_gb,
-              small_step_attention=FLAGS.small_step_attention)
+              small_step_attention=FLAGS.small_step_attention, fp8_gemm=FLAGS.fp8_gemm)
 
 
 # vLLM's names for our flags (`vllm serve` users' scripts run as they are); values map where vLLM's differ.

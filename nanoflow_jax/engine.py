@@ -21,7 +21,7 @@ from nanoflow_jax import distributed, gc_policy, kv_cache, sampler, structured
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
 from nanoflow_jax.runtime.plan import GENERIC_CONFIG
-from nanoflow_jax.runtime.executor import GEMM_CHOICES, KIND_PROMPT, LAYER_LOOPS, KIND_REFED_OUTPUT, Executor, StepInputs
+from nanoflow_jax.runtime.executor import FP8_GEMM_CHOICES, GEMM_CHOICES, KIND_PROMPT, LAYER_LOOPS, KIND_REFED_OUTPUT, Executor, StepInputs
 from nanoflow_jax.sampling_params import MAX_BANNED_IDS, SamplingParams
 from nanoflow_jax.scheduler import Batch, Scheduler
 from nanoflow_jax.sequence import Sequence
@@ -51,6 +51,8 @@ class EngineConfig:
                                           # imports), jnp references elsewhere; see executor.KERNEL_CHOICES
   gemm: str = "mosaic_fused"              # GEMMs on the kernel paths: mosaic_fused (ours, SiLU-and-multiply in
                                           # gate_up's epilogue), mosaic (ours, unfused) or xla (XLA's dot)
+  fp8_gemm: str = "xla"                   # fp8 weights' GEMMs on the kernel paths: xla (XLA's fp8 dot) or mosaic
+                                          # (ours: scales, residual and SiLU-and-multiply in the epilogue)
   prefill_attention: str = "auto"         # auto: the Mosaic GPU prefill kernel where it takes the KV cache
                                           # (bf16/f16, Hopper), else Triton's; triton: always Triton's
   pipeline_config: str | None = None      # PipelineConfig JSON for mode nanoflow, or "generic" (default: shipped)
@@ -82,6 +84,8 @@ class EngineConfig:
       raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
     if self.gemm not in GEMM_CHOICES:
       raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {self.gemm!r}")
+    if self.fp8_gemm not in FP8_GEMM_CHOICES:
+      raise ValueError(f"fp8_gemm must be one of {FP8_GEMM_CHOICES}, got {self.fp8_gemm!r}")
     if self.prefill_attention not in PREFILL_ATTENTION_CHOICES:
       raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTION_CHOICES}, got {self.prefill_attention!r}")
     if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -171,7 +175,7 @@ class Engine:
                              kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append,
                              gemm=c.gemm, layer_unroll=c.layer_unroll, layer_loop=c.layer_loop,
                              mosaic_prefill=c.prefill_attention == "auto",
-                             small_step_attention=c.small_step_attention)
+                             small_step_attention=c.small_step_attention, fp8_gemm=c.fp8_gemm)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size, caching=c.enable_prefix_caching)
     if c.host_kv_cache_gb > 0:

@@ -118,3 +118,45 @@ def test_default_tiles_lower_for_cuda(silu_mul, residual):
     f = lambda a, w, s, t: gemm_fp8.gemm_fp8(a, w, s, t, res, num_sms=132, layer=1)
   text = jax.jit(f).trace(a8, w8, *scales).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_engine_hands_its_fp8_gemms_to_the_kernel(monkeypatch):
+  """fp8_gemm="mosaic": in a 128-row step qkv, o and down (with the residual) go to gemm_fp8 and gate_up to
+  gemm_fp8_silu_mul, each with its layer of the weight and scale stacks (stacked_gemm, as under stream
+  annotation); the one-row decode steps stay on XLA's fp8 dot; the log-probabilities match fp8_gemm="xla"'s. The
+  kernels are replaced by their references here (the kernel tests above check those against the kernels;
+  a whole step of interpreted kernels inside the layer scan stalls the interpreter). A bad choice is refused
+  before anything loads."""
+  from nanoflow_jax.engine import Engine, EngineConfig
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.sampling_params import SamplingParams
+  with pytest.raises(ValueError, match="fp8_gemm"):
+    EngineConfig(fp8_gemm="cutlass").validate()
+  model = load_model("tiny", dtype="bfloat16", random_weights=True, quantization="fp8")
+  monkeypatch.setattr(gemm_fp8, "DEFAULT", {**gemm_fp8.DEFAULT, **SPLIT_M})   # 128-column tiles: o, down take them
+  calls = []
+
+  def recording(reference, name):
+    def kernel(a8, w8, a_scale, w_scale, *rest, num_sms, config=None, layer=None, out_dtype=jnp.bfloat16):
+      calls.append((name, a8.shape, w8.shape[1:], layer is not None, bool(rest)))
+      if layer is not None:
+        w8, w_scale = w8[layer], w_scale[layer]
+      return reference(a8, w8, a_scale, w_scale, *rest, out_dtype=out_dtype)
+    return kernel
+  monkeypatch.setattr(gemm_fp8, "gemm_fp8", recording(gemm_fp8.gemm_fp8_reference, "gemm_fp8"))
+  monkeypatch.setattr(gemm_fp8, "gemm_fp8_silu_mul", recording(gemm_fp8.gemm_fp8_silu_mul_reference, "silu_mul"))
+  outs = {}
+  for choice in ("xla", "mosaic"):
+    engine = Engine(model, EngineConfig(dense_batch=128, page_size=16, num_pages=64, max_num_seqs=2,
+                                        kernels="interpret", fp8_gemm=choice, compilation_cache_dir=None))
+    assert engine.executor.fp8_gemm == choice
+    engine.add_request("r", list(range(40, 168)), SamplingParams(max_tokens=3, temperature=0, logprobs=1))
+    engine.run_until_done()
+    outs[choice] = engine.pop_output("r").outputs[0]
+  assert sorted(set(calls)) == [("gemm_fp8", (128, 128), (128, 128), True, True),      # o, + residual
+                                ("gemm_fp8", (128, 128), (256, 128), True, False),     # qkv
+                                ("gemm_fp8", (128, 384), (128, 384), True, True),      # down, + residual
+                                ("silu_mul", (128, 128), (768, 128), True, False)]
+  assert outs["mosaic"].token_ids == outs["xla"].token_ids
+  np.testing.assert_allclose([lp.logprob for lp in outs["mosaic"].logprobs],
+                             [lp.logprob for lp in outs["xla"].logprobs], atol=0.02)

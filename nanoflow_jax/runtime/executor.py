@@ -25,6 +25,7 @@ from nanoflow_jax.models import layers
 from nanoflow_jax.models.transformer import DecoderLayer
 from nanoflow_jax.runtime.plan import PipelineConfig, check_beside_attention
 from pallas_kernels import gemm as gemm_kernel
+from pallas_kernels import gemm_fp8 as gemm_fp8_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import hardware
 from pallas_kernels import paged_attention as attention_kernels
@@ -38,6 +39,7 @@ MIN_BUCKET = 16
 # everywhere (the CPU default); interpret: the Pallas kernels in interpret mode (CPU tests).
 KERNEL_CHOICES = ("auto", "reference", "pallas", "triton", "interpret")
 GEMM_CHOICES = ("mosaic", "mosaic_fused", "xla")
+FP8_GEMM_CHOICES = ("xla", "mosaic")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 XLA_GEMM_BELOW = 512   # with unrolled layers, GEMMs of fewer rows run on XLA's dot
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
@@ -115,7 +117,7 @@ class Executor:
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
                fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
                layer_unroll: int = 1, mosaic_prefill: bool = True, layer_loop: str = "auto",
-               small_step_attention: int = 0):
+               small_step_attention: int = 0, fp8_gemm: str = "xla"):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/history/perf-notes.md).
@@ -145,6 +147,9 @@ class Executor:
     calls are custom calls they record only when told to, so each splits a small step's graph and is launched
     on its own (issue 27: a batch-1 fp8 step spends ~6 ms of host time launching; the attention's speed
     hardly matters at that size).
+    fp8_gemm: the fp8 weights' GEMMs on the kernel paths: "xla" (XLA's fp8 dot, cuBLASLt, with the scales in a
+    pass of their own) or "mosaic" (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's
+    SiLU-and-multiply in its epilogue); XLA's until ours is measured faster on the GPU.
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
@@ -172,9 +177,13 @@ class Executor:
       self.kernels = "reference"
     if gemm not in GEMM_CHOICES:
       raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
+    if fp8_gemm not in FP8_GEMM_CHOICES:
+      raise ValueError(f"fp8_gemm must be one of {FP8_GEMM_CHOICES}, got {fp8_gemm!r}")
     gemm, mosaic_prefill, why = hardware.mosaic_kernel_choices(gemm, mosaic_prefill, on_gpu)
     if why:
       log.warning(why)
+      fp8_gemm = "xla"   # no wgmma here either
+    self.fp8_gemm = fp8_gemm
     self.num_sms = num_sms or (jax.devices()[0].core_count if on_gpu else 4)
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
     self.on_kernels = self.kernels in ("pallas", "triton")   # compiled kernels (not jnp, not interpret)
@@ -372,6 +381,26 @@ class Executor:
       return self._run_kernel(lambda a, b: call(a, b, None), a, b)
     return self._run_kernel(call, a, b, residual)
 
+  def _fp8_gemm(self, a8, a_scale, w8, w_scale, residual, stacked, epilogue=None):
+    """The fp8 GEMMs on pallas_kernels/gemm_fp8.py where fp8_gemm says so and it takes the shape; None (XLA's
+    fp8 dot) otherwise."""
+    if self.fp8_gemm != "mosaic" or self.model.dtype not in (jnp.bfloat16, jnp.float16):
+      return None
+    m, k = a8.shape
+    n = w8.shape[0]
+    silu_mul = epilogue == "silu_mul"
+    if m < self.xla_gemm_below or not gemm_fp8_kernel.supported(m, n, k, silu_mul=silu_mul):
+      return None
+    layer = None
+    if stacked is not None and self.stacked_gemm:   # the stacks and the layer index, not the slices
+      (w_stack, layer), (s_stack, _) = stacked
+      w8, w_scale = w_stack.reshape(w_stack.shape[0], n, k), s_stack.reshape(s_stack.shape[0], n)
+    kernel = gemm_fp8_kernel.gemm_fp8_silu_mul if silu_mul else gemm_fp8_kernel.gemm_fp8
+    call = functools.partial(kernel, num_sms=self._sms(), layer=layer, out_dtype=self.model.dtype)
+    if residual is None:
+      return self._run_kernel(lambda a, s, w, ws: call(a, w, s, ws), a8, a_scale, w8, w_scale)
+    return self._run_kernel(lambda a, s, w, ws, r: call(a, w, s, ws, r), a8, a_scale, w8, w_scale, residual)
+
   def _run_kernel(self, fn, *arrays):
     """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
     if self.kernels == "interpret":
@@ -558,6 +587,7 @@ class Executor:
     if n not in self._compiled:
       t = time.perf_counter()
       with layers.use_gemm(None if self.kernels == "reference" else self._gemm), \
+           layers.use_fp8_gemm(None if self.kernels == "reference" else self._fp8_gemm), \
            layers.use_grouped_gemm(None if self.kernels == "reference" else self._grouped_gemm):
         lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
       options = dict(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else {})

@@ -45,6 +45,44 @@ def test_gemm_silu_mul_gate_up_shapes(mnk, num_sms):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.05, rtol=0.02)
 
 
+FP8_CONFIGS = [{}, dict(tile_m=64, tile_n=256, wg_dimension="M"), dict(tile_k=64, max_concurrent_steps=5)]
+
+
+@pytest.mark.parametrize("mnk", [(2048, 6144, 4096), (512, 4096, 14336), (128, 4096, 4096)])
+@pytest.mark.parametrize("num_sms", [132, 33])
+@pytest.mark.parametrize("cfg", range(len(FP8_CONFIGS)))
+def test_gemm_fp8_llama3_8b_shapes(mnk, num_sms, cfg):
+  """Our fp8 GEMM (the default 128 x 256 CTA tiles the interpreter cannot run, and the tuner's others) at the
+  8B's qkv, down (with the residual) and a decode-sized o, from a layer of the weight and scale stacks."""
+  from pallas_kernels import gemm_fp8
+  m, n, k = mnk
+  rng = np.random.default_rng(m + n + num_sms + cfg)
+  a8 = jnp.asarray(rng.normal(size=(m, k)) * 60, jnp.float32).astype(gemm_fp8.FP8)
+  w8 = jnp.asarray(rng.normal(size=(2, n, k)) * 60, jnp.float32).astype(gemm_fp8.FP8)
+  a_scale = jnp.asarray(rng.uniform(0.2, 3, size=m) * 1e-3, jnp.float32)
+  w_scale = jnp.asarray(rng.uniform(0.2, 3, size=(2, n)) * 1e-4, jnp.float32)
+  res = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16) if k == 14336 else None
+  out = jax.jit(lambda a, w, s, t: gemm_fp8.gemm_fp8(a, w, s, t, res, num_sms=num_sms, config=FP8_CONFIGS[cfg],
+                                                      layer=1))(a8, w8, a_scale, w_scale)
+  ref = np.asarray(gemm_fp8.gemm_fp8_reference(a8, w8[1], a_scale, w_scale[1], res), np.float32)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=0.02, atol=0.02 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("m", [2048, 128])
+@pytest.mark.parametrize("num_sms", [132, 96])
+def test_gemm_fp8_silu_mul_gate_up(m, num_sms):
+  from pallas_kernels import gemm_fp8
+  rng = np.random.default_rng(m + num_sms)
+  k, n = 4096, 28672
+  a8 = jnp.asarray(rng.normal(size=(m, k)) * 60, jnp.float32).astype(gemm_fp8.FP8)
+  w8 = jnp.asarray(rng.normal(size=(n, k)) * 60, jnp.float32).astype(gemm_fp8.FP8)
+  a_scale = jnp.asarray(rng.uniform(0.2, 3, size=m) * 1e-3, jnp.float32)
+  w_scale = jnp.asarray(rng.uniform(0.2, 3, size=n) * 1e-4, jnp.float32)
+  out = jax.jit(lambda a, w, s, t: gemm_fp8.gemm_fp8_silu_mul(a, w, s, t, num_sms=num_sms))(a8, w8, a_scale, w_scale)
+  ref = np.asarray(gemm_fp8.gemm_fp8_silu_mul_reference(a8, w8, a_scale, w_scale), np.float32)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=0.02, atol=0.02 * np.abs(ref).max())
+
+
 def _mixed_batch(seed, pages=4096, layers=2, sliding_window=None):
   """60 decodes at ragged contexts and one 300-token prefill chunk continuing a 600-token prefix, in
   layer 1 of the cache, with its reference output."""
