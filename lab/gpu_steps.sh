@@ -35,6 +35,13 @@ step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dt
 step_tests-fp8()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_fp8_gpu.py; }
 step_fp8-gemm()           { $PY lab/fp8_gemm.py --rows=2048,512,128 --mosaic --out="$OUT/fp8-gemm.md"; }
 step_bench-1024-512-w8()  { bench bench-1024-512-w8 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
+# Our fp8 GEMM (issue 26): the step with each fp8 GEMM (kernel time by kind from a trace: also where the
+# activation quantization's passes stand), then the full run with ours.
+step_step-fp8-gemms()     { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \
+                              --nanoflow=false --iters=5 --fp8_gemms=xla,mosaic --trace_dir="$OUT/trace-fp8-gemms" \
+                              --out="$OUT/step-fp8-gemms.md"; }
+step_bench-1024-512-w8-mosaic() { bench bench-1024-512-w8-mosaic 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \
+                              --fp8_gemm=mosaic --power_sample_ms=100; }
 step_bench-1024-512-w16() { bench bench-1024-512-w16 1024-512 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }
 step_bench-1000-1000-w8() { bench bench-1000-1000-w8 1000-1000 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
 step_bench-1000-1000-w16() { bench bench-1000-1000-w16 1000-1000 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }

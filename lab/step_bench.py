@@ -40,6 +40,8 @@ flags.DEFINE_list("kv_cache_dtypes", ["auto"], "KV cache element types (auto, fp
                   "with; the other variants use the last.")
 flags.DEFINE_list("gemms", ["mosaic_fused"], "GEMM choices (mosaic, mosaic_fused, xla: EngineConfig.gemm) to time the sequential "
                   "step with.")
+flags.DEFINE_list("fp8_gemms", [], "Also time the sequential step with these fp8 GEMM choices (xla, mosaic: "
+                  "EngineConfig.fp8_gemm; with --quantization=fp8).")
 flags.DEFINE_list("templates", ["generic-2", "decode-overlap"], "Two-nano-batch templates to time at each "
                   "--attn_shares (runtime/plan.py: generic_default, decode_overlap; decode-overlap-o+gate_up: "
                   "the prefill rows' down after the decode attention, on the whole GPU).")
@@ -93,6 +95,8 @@ def main(argv):
                 {"kv_dtype": kv_dtype, "layer_unroll": int(u)}) for u in FLAGS.layer_unrolls]
   variants += [(f"sequential ({kernels}, layer_loop {v})", None, True, kernels,
                 {"kv_dtype": kv_dtype, "layer_loop": v}) for v in FLAGS.layer_loops]
+  variants += [(f"sequential ({kernels}, fp8 GEMM {g})", None, True, kernels,
+                {"kv_dtype": kv_dtype, "fp8_gemm": g}) for g in FLAGS.fp8_gemms]
   if FLAGS.triton_prefill:
     variants.append((f"sequential, Triton prefill attention ({kernels})", None, True, kernels,
                      {"kv_dtype": kv_dtype, "mosaic_prefill": False}))
