@@ -160,3 +160,20 @@ def test_engine_hands_its_fp8_gemms_to_the_kernel(monkeypatch):
   assert outs["mosaic"].token_ids == outs["xla"].token_ids
   np.testing.assert_allclose([lp.logprob for lp in outs["mosaic"].logprobs],
                              [lp.logprob for lp in outs["xla"].logprobs], atol=0.02)
+
+
+def test_lowers_under_stream_annotation_with_no_nested_jit():
+  """As the nanoflow executor calls it: inside compute_on (a stream), the stacks read at a traced layer; no
+  jitted jnp function inside (one nested in a stream annotation's computation fails on the GPU at run time)."""
+  from nanoflow_jax import compat
+  m, n, k = 256, 512, 512
+  a8, w8 = jnp.zeros((m, k), gemm_fp8.FP8), jnp.zeros((2, n, k), gemm_fp8.FP8)
+  a_scale, w_scale, res = jnp.ones((m, 1), jnp.float32), jnp.ones((2, n), jnp.float32), jnp.zeros((m, n), jnp.bfloat16)
+  call = lambda a, s, w, t, r, i: gemm_fp8.gemm_fp8(a, w, s, t, r, num_sms=66, layer=i)
+  silu = lambda a, s, w, t, i: gemm_fp8.gemm_fp8_silu_mul(a, w, s, t, num_sms=66, layer=i)
+  for f, args in ((call, (a8, a_scale, w8, w_scale, res, jnp.int32(1))), (silu, (a8, a_scale, w8, w_scale, jnp.int32(0)))):
+    jaxpr = jax.make_jaxpr(f)(*args)
+    assert not [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
+    text = jax.jit(lambda *a, f=f: compat.compute_on(f, "gpu_stream:1")(*a)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
