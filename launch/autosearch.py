@@ -38,6 +38,12 @@ flags.DEFINE_string("beside_attention", "", "Changes to the decode attention's c
                     "the whole GPU, e.g. prefetch_pages=1,num_stages=3,programs_per_sm=1: profiled so, and carried "
                     "by the config searched (the executor then runs the attention so on its share).")
 flags.DEFINE_bool("interference", True, "Stage 1 also measures a GEMM and decode attention running together.")
+flags.DEFINE_enum("quantization", None, ["fp8"], "Profile and search the fp8 variant: e4m3 GEMMs on their SM shares "
+                  "(pallas_kernels/gemm_fp8.py, each with its activation quantization, as --fp8_gemm=mosaic runs "
+                  "them) and an fp8 KV cache; stored and shipped as <model>_<device>_fp8, which the engine takes "
+                  "for fp8 weights.")
+flags.DEFINE_integer("power_sample_ms", 100, "Sample the board's power (nvidia-smi) at this interval while stage 1 "
+                     "runs: the median per op (on the whole GPU) and per pair goes into the profile (0: off).")
 
 
 def _time(fn, *args, iters=10) -> float:
@@ -52,19 +58,68 @@ def _decode_config_on(decode_cfg: dict, share: int, num_sms: int) -> dict:
   return decode_cfg if share >= num_sms else {**decode_cfg, **config_changes(FLAGS.beside_attention)}
 
 
-def profile(cfg, shares: list[int], sizes: list[int], context: int):
-  """Stage 1: ms per kernel call, by op, SM share and token count (one layer's shapes)."""
+class PowerWindows:
+  """Stage 1's power: the host-time windows in which each key (an op on the whole GPU, a pair) ran, read
+  against a background nvidia-smi sampler afterwards."""
+
+  def __init__(self, sampler):
+    self.sampler, self.windows = sampler, {}
+
+  def timed(self, key, fn, *args):
+    """fn's median ms (_time); key None: a run whose power is not kept (on an SM share)."""
+    import time
+    if key is None:
+      return _time(fn, *args)
+    start = time.perf_counter()
+    out = _time(fn, *args)
+    self.windows.setdefault(key, []).append((start, time.perf_counter()))
+    return out
+
+  def medians(self) -> dict[str, float]:
+    import statistics
+    from launch import power
+    out = {}
+    for key, windows in self.windows.items():
+      readings = [r["power_w"] for r in power.in_windows(self.sampler.samples, sorted(windows), gpu=0)
+                  if r.get("power_w") is not None]
+      if readings:
+        out[key] = statistics.median(readings)
+    return out
+
+
+def _fp8_gemm_call(op: str, share: int):
+  """The fp8 GEMM as the engine runs it with fp8_gemm=mosaic: the activations quantized per token, then
+  gemm_fp8 (gate_up: gemm_fp8_silu_mul) on `share` SMs."""
+  from nanoflow_jax import quantization as Q
+  from pallas_kernels import gemm_fp8
+
+  def call(a, w8, w_scale, residual):
+    a8, a_scale = Q.quantize_activation(a)
+    if op == "gate_up":
+      return gemm_fp8.gemm_fp8_silu_mul(a8, w8, a_scale, w_scale, num_sms=share)
+    return gemm_fp8.gemm_fp8(a8, w8, a_scale, w_scale, residual, num_sms=share)
+  return call
+
+
+def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = False,
+            powered: PowerWindows | None = None):
+  """Stage 1: ms per kernel call, by op, SM share and token count (one layer's shapes). fp8: the fp8
+  variant's kernels (fp8 GEMMs, fp8 KV cache). powered: where the whole-GPU runs' windows are kept."""
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from nanoflow_jax import quantization as Q
   from nanoflow_jax.models import layers
   from nanoflow_jax.runtime.autosearch import Profile
   from pallas_kernels import gemm
   from pallas_kernels.paged_attention import append_kv, attention_call, configs, default_backend, query_blocks
-  backend = default_backend()       # the attention implementation the engine will run (on a bf16 cache)
+  backend = default_backend()       # the attention implementation the engine will run
+  kv_dtype = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
   h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-  decode_cfg, prefill_cfg = configs(backend, jnp.bfloat16, head_dim=hd, page_size=16,
+  decode_cfg, prefill_cfg = configs(backend, kv_dtype, head_dim=hd, page_size=16,
                                     sliding_window=cfg.sliding_window)
+  num_sms = jax.devices()[0].core_count
+  timed = (lambda key, fn, *args: powered.timed(key, fn, *args)) if powered else (lambda key, fn, *args: _time(fn, *args))
   print("attention kernel:", backend, "prefill:", prefill_cfg.get("kernel", backend), flush=True)
   hq, hkv = cfg.num_heads, cfg.num_kv_heads
   shapes = {"qkv": (h, hkv * (cfg.q_per_kv + 2) * hd), "o": (hq * hd, h), "gate_up": (h, 2 * i), "down": (i, h)}
@@ -73,16 +128,20 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
   key = jax.random.PRNGKey(0)
   for op, (k, n) in shapes.items():
     b = jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02
+    weights = jax.jit(lambda b: Q.quantize_weight(b, 1))(b) if fp8 else (b,)   # (w8 [N, K], scale [N]) or (b,)
     for m in sizes:
       a = jax.random.normal(key, (m, k), jnp.bfloat16)
       res = jnp.zeros((m, n), jnp.bfloat16) if op in ("o", "down") else None
       for s in shares:
-        f = jax.jit(lambda a, b, r, s=s: gemm.gemm(a, b, r, num_sms=s))
-        times[op][str(s)].append([m, _time(f, a, b, res)])
+        if fp8:
+          f = jax.jit(_fp8_gemm_call(op, s))
+        else:
+          f = jax.jit(lambda a, b, r, s=s: gemm.gemm(a, b, r, num_sms=s))
+        times[op][str(s)].append([m, timed(op if s >= num_sms else None, f, a, *weights, res)])
         print(op, m, s, times[op][str(s)][-1][1], flush=True)
   # rope + KV append: an XLA fusion on the whole GPU, the same time at every share
   pages = (max(sizes) * context) // 16 + max(sizes) // 16 + 16
-  cache = [jnp.zeros((1, hkv, pages, 16, hd), jnp.bfloat16), jnp.zeros((1, hkv, pages, 16, hd), jnp.bfloat16)]
+  cache = [jnp.zeros((1, hkv, pages, 16, hd), kv_dtype), jnp.zeros((1, hkv, pages, 16, hd), kv_dtype)]
   inv = layers.rope_inv_freq(cfg.rope, hd)
   # The cache is donated and threaded through, as in the step: an undonated one would be copied.
   f = jax.jit(lambda q, k, kc, vc, pos: (layers.apply_rope(q, pos, inv), *append_kv(
@@ -99,8 +158,8 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
     for s in shares:
       times["rope_append"][str(s)].append([m, t])
   cache.clear()  # free the caches before the attention inputs are made
-  vc = jax.random.normal(key, (1, hkv, pages, 16, hd), jnp.bfloat16)
-  kc = jax.random.normal(jax.random.PRNGKey(1), (1, hkv, pages, 16, hd), jnp.bfloat16)
+  vc = jax.random.normal(key, (1, hkv, pages, 16, hd), jnp.bfloat16).astype(kv_dtype)
+  kc = jax.random.normal(jax.random.PRNGKey(1), (1, hkv, pages, 16, hd), jnp.bfloat16).astype(kv_dtype)
   for m in sizes:
     # decodes: m sequences at `context`
     table = np.random.default_rng(0).permutation(pages)[:m * (context // 16)].reshape(m, -1).astype(np.int32)
@@ -115,36 +174,41 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int):
       dcfg = _decode_config_on(decode_cfg, s, jax.devices()[0].core_count)
       f = jax.jit(lambda q, kc, vc, s=s, dcfg=dcfg: attention_call(backend, q, kc, vc, 0, table, slots, positions,
                                                                    st, ln, jnp.int32(nb), num_sms=s, config=dcfg))
-      times["decode_attention"][str(s)].append([m, _time(f, q, kc, vc)])
+      times["decode_attention"][str(s)].append([m, timed("decode_attention" if s >= num_sms else None, f, q, kc, vc)])
       f = jax.jit(lambda q, kc, vc, s=s: attention_call(backend, q, kc, vc, 0, ptable, pslots, ppos, pst, pln,
                                                         jnp.int32(pnb), num_sms=s, config=prefill_cfg))
-      times["prefill_attention"][str(s)].append([m, _time(f, q, kc, vc)])
+      times["prefill_attention"][str(s)].append([m, timed("prefill_attention" if s >= num_sms else None, f, q, kc, vc)])
       print("attention", m, s, times["decode_attention"][str(s)][-1][1], times["prefill_attention"][str(s)][-1][1],
             flush=True)
-  return Profile(model=cfg.name, device=FLAGS.device_kind, num_sms=jax.devices()[0].core_count, context=context,
-                 times=times)
+  return Profile(model=cfg.name, device=FLAGS.device_kind, num_sms=num_sms, context=context, times=times,
+                 variant="fp8" if fp8 else "")
 
 
-def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int = 1024, decodes: int = 512):
+def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int = 1024, decodes: int = 512,
+                         fp8: bool = False, powered: PowerWindows | None = None):
   """Stage 1, pairs: the gate_up GEMM (`tokens` rows) on each GEMM share and decode attention (`decodes`
   sequences at `context`) on the remaining SMs, each a chain of calls on its own stream in one step
   (stream annotation + command buffers, as the engine runs them). Returns {gemm share: factor}, factor =
-  time together / the longer chain alone."""
+  time together / the longer chain alone. fp8: the fp8 variant (gate_up's fp8 GEMM, an fp8 KV cache)."""
+  import time
   import jax
   import jax.numpy as jnp
   import numpy as np
   from nanoflow_jax import perf
+  from nanoflow_jax import quantization as Q
   from pallas_kernels import gemm
   from pallas_kernels.paged_attention import attention_call, configs, default_backend, query_blocks
   backend = default_backend()
+  kv_dtype = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
   hkv, hd, num_sms = cfg.num_kv_heads, cfg.head_dim, jax.devices()[0].core_count
-  dcfg = _decode_config_on(configs(backend)[0], 0, num_sms)   # always on a share here
+  dcfg = _decode_config_on(configs(backend, kv_dtype)[0], 0, num_sms)   # always on a share here
   key = jax.random.PRNGKey(0)
   a = jax.random.normal(key, (tokens, cfg.hidden_size), jnp.bfloat16)
   b = jax.random.normal(key, (cfg.hidden_size, 2 * cfg.intermediate_size), jnp.bfloat16) * 0.02
+  weights = jax.jit(lambda b: Q.quantize_weight(b, 1))(b) if fp8 else (b,)
   pages = decodes * (context // 16) + 16
-  kc = jax.random.normal(key, (1, hkv, pages, 16, hd), jnp.bfloat16)
-  vc = jax.random.normal(jax.random.PRNGKey(1), (1, hkv, pages, 16, hd), jnp.bfloat16)
+  kc = jax.random.normal(key, (1, hkv, pages, 16, hd), jnp.bfloat16).astype(kv_dtype)
+  vc = jax.random.normal(jax.random.PRNGKey(1), (1, hkv, pages, 16, hd), jnp.bfloat16).astype(kv_dtype)
   q = jax.random.normal(key, (decodes, cfg.num_heads, hd), jnp.bfloat16)
   table = np.random.default_rng(0).permutation(pages)[:decodes * (context // 16)].reshape(decodes, -1).astype(np.int32)
   st, ln, nb = query_blocks([1] * decodes, decodes, dcfg["block_q"])
@@ -154,10 +218,15 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
     asms = num_sms - gs
     if asms <= 0:
       continue
+    gemm_call = ((lambda a, w8, ws, gs=gs: _fp8_gemm_call("gate_up", gs)(a, w8, ws, None)) if fp8
+                 else (lambda a, b, gs=gs: gemm.gemm(a, b, num_sms=gs)))
+    start = time.perf_counter()
     t = perf.concurrent_seconds(
-        lambda a, b: gemm.gemm(a, b, num_sms=gs), (a, b),
+        gemm_call, (a, *weights),
         lambda q, kc, vc: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
                                          jnp.asarray(nb, jnp.int32), num_sms=asms, config=dcfg), (q, kc, vc))
+    if powered is not None:
+      powered.windows.setdefault(f"pair:{gs}", []).append((start, time.perf_counter()))
     out[str(gs)] = t["both"] / max(t["chain_a"], t["chain_b"])
     print(f"interference: GEMM on {gs} SMs x{t['reps_a']} {t['chain_a'] * 1e3:.2f} ms, attention on {asms} "
           f"x{t['reps_b']} {t['chain_b'] * 1e3:.2f} ms, together {t['both'] * 1e3:.2f} ms: factor "
@@ -217,7 +286,10 @@ def main(argv):
   if beside and FLAGS.from_profile:
     raise app.UsageError("--beside_attention is a profiling choice; the stored profile carries its own")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  path = autosearch.profile_path(FLAGS.model, FLAGS.device_kind, FLAGS.tp)
+  variant = "fp8" if FLAGS.quantization == "fp8" else ""
+  if variant and FLAGS.tp > 1:
+    raise app.UsageError("--quantization=fp8 profiles one GPU for now (the fp8 GEMMs under TP are not profiled)")
+  path = autosearch.profile_path(FLAGS.model, FLAGS.device_kind, FLAGS.tp, variant)
   if FLAGS.from_profile:
     if not os.path.exists(path):
       raise app.UsageError(f"no stored profile {path}: run without --from_profile on a GPU first")
@@ -231,21 +303,27 @@ def main(argv):
       if not parallel.manual_tp_supported(cfg, FLAGS.tp):
         raise app.UsageError(f"{FLAGS.model} cannot run its layers per device at TP {FLAGS.tp}")
       full, cfg = cfg, parallel.local_config(cfg, FLAGS.tp)   # one device's shard of each layer
-    prof = profile(cfg, [int(s) for s in FLAGS.shares], [int(s) for s in FLAGS.sizes], FLAGS.context)
-    if FLAGS.tp > 1:
-      prof.model, prof.tp = full.name, FLAGS.tp
-      prof.times.update(profile_collectives(full.hidden_size, [int(s) for s in FLAGS.sizes], FLAGS.tp))
-    prof.beside_attention = beside
-    if FLAGS.interference:
-      prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < prof.num_sms],
-                                               FLAGS.context)
+    from launch import power
+    with power.Sampler(power.smi_command(FLAGS.power_sample_ms) if FLAGS.power_sample_ms else None) as sampler:
+      powered = PowerWindows(sampler)
+      prof = profile(cfg, [int(s) for s in FLAGS.shares], [int(s) for s in FLAGS.sizes], FLAGS.context,
+                     fp8=bool(variant), powered=powered)
+      if FLAGS.tp > 1:
+        prof.model, prof.tp = full.name, FLAGS.tp
+        prof.times.update(profile_collectives(full.hidden_size, [int(s) for s in FLAGS.sizes], FLAGS.tp))
+      prof.beside_attention = beside
+      if FLAGS.interference:
+        prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < prof.num_sms],
+                                                 FLAGS.context, fp8=bool(variant), powered=powered)
+    prof.power_w = powered.medians()
+    print("power (median W):", prof.power_w or "no readings", flush=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for p in (path, os.path.join(FLAGS.out_dir, os.path.basename(path))):
       with open(p, "w") as f:
         f.write(prof.to_json())
   split = autosearch.search_split(prof, FLAGS.dense_batch, FLAGS.decodes)   # the MILPs, solved once
   cfg, ms, seq_ms, schedule = autosearch.search(prof, FLAGS.dense_batch, FLAGS.decodes, split=split)
-  name = autosearch.config_name(FLAGS.model, FLAGS.device_kind, FLAGS.tp)
+  name = autosearch.config_name(FLAGS.model, FLAGS.device_kind, FLAGS.tp, variant)
   out = os.path.join(FLAGS.out_dir, f"pipeline_{name}.json")
   with open(out, "w") as f:
     f.write(cfg.to_json())
@@ -260,21 +338,23 @@ def main(argv):
   print(f"nano-batches {cfg.nano_batches}; predicted layer {ms:.3f} ms, sequential {seq_ms:.3f} ms "
         f"({seq_ms / ms:.2f}x); config {out}")
   if not FLAGS.from_profile and FLAGS.measure and FLAGS.tp == 1:   # (the step bench runs one device)
-    measure(FLAGS.model, split[0], split[1], seq_ms, name)
+    measure(FLAGS.model, split[0], split[1], seq_ms, name, variant)
 
 
-def measure(model_name: str, split, split_ms: float, seq_layer_ms: float, name: str) -> None:
+def measure(model_name: str, split, split_ms: float, seq_layer_ms: float, name: str, variant: str = "") -> None:
   """Times the real step sequentially and with the best split (its predicted layer time split_ms), and
-  draws the split's measured timeline."""
+  draws the split's measured timeline; in the fp8 variant with fp8 weights, our fp8 GEMMs and an fp8 cache."""
+  import jax
+  import jax.numpy as jnp
   from launch.mixed_step import MixedStep
   from nanoflow_jax.model import load_model
-  model = load_model(model_name, dtype="bfloat16", random_weights=True)
+  model = load_model(model_name, dtype="bfloat16", random_weights=True, quantization=variant or None)
   step = MixedStep(model, FLAGS.decodes, FLAGS.context, FLAGS.dense_batch - FLAGS.decodes)
-  import jax
-  seq = step.time(None)
+  options = dict(kv_dtype=jnp.float8_e4m3fn, fp8_gemm="mosaic") if variant else {}
+  seq = step.time(None, **options)
   # A CPU trace has no GPU streams to draw: there the split is only timed (what the CPU test runs).
   png = os.path.join(FLAGS.out_dir, f"timeline_{name}.png") if jax.default_backend() == "gpu" else None
-  ms = step.time(split, trace_dir=png and os.path.join(FLAGS.out_dir, "trace"), timeline_png=png)
+  ms = step.time(split, trace_dir=png and os.path.join(FLAGS.out_dir, "trace"), timeline_png=png, **options)
   predicted = seq_layer_ms / split_ms
   print(f"measured step ({step.describe}): sequential {seq:.1f} ms; best split {split.nano_batches} {ms:.1f} ms "
         f"({seq / ms:.2f}x; predicted {predicted:.2f}x); timeline {png or 'not drawn (no GPU)'}")

@@ -80,7 +80,7 @@ def streams_needed() -> bool:
   from nanoflow_jax import compat
   from nanoflow_jax.runtime import autosearch
   return autosearch.nanoflow_splits(FLAGS.model, FLAGS.dense_batch, FLAGS.tp, FLAGS.pipeline_config,
-                                    compat.gpu_name_before_backend())
+                                    compat.gpu_name_before_backend(), FLAGS.quantization)
 
 
 def engine_kwargs() -> dict:

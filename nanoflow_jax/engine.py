@@ -153,8 +153,9 @@ class Engine:
       num_sms = jax.devices()[0].core_count if on_gpu else 132
       from nanoflow_jax.runtime import autosearch
       generic = c.pipeline_config == GENERIC_CONFIG
-      shipped = None if generic else autosearch.shipped_config(model.config.name, jax.devices()[0], c.dense_batch,
-                                                               c.tensor_parallel)
+      shipped = None if generic else autosearch.shipped_config(
+          model.config.name, jax.devices()[0], c.dense_batch, c.tensor_parallel,
+          autosearch.weights_variant(model.config.quantization is not None))
       if c.pipeline_config and not generic:
         plan = plan_lib.PipelineConfig.load(c.pipeline_config)
       elif shipped is not None:

@@ -41,7 +41,7 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
     # The stream flags only where the plan splits the step (they slow a whole-batch step); they take
     # effect only if the GPU backend is not up yet.
     if autosearch.nanoflow_splits(model, dense_batch, tensor_parallel, pipeline_config,
-                                  compat.gpu_name_before_backend()):
+                                  compat.gpu_name_before_backend(), quantization):
       compat.enable_concurrent_command_buffers(tensor_parallel)
   if num_pages is None and jax.process_count() > 1:
     # Each process would size the cache from its own free memory, and the cache is one array over all of

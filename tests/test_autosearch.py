@@ -267,3 +267,73 @@ def test_nanoflow_splits_is_decided_before_the_backend(tmp_path):
   two.write_text(autosearch.shipped_config_for_kind("tiny", "cpu", 256).to_json())
   assert autosearch.nanoflow_splits("tiny", 256, 1, str(two), None)
   assert autosearch.gpu_kind_key("NVIDIA H200") == "h200" and autosearch.gpu_kind_key("Tesla T4") == "tesla-t4"
+
+
+def test_fp8_variant_names_and_falls_back_to_the_plain_config(tmp_path, monkeypatch, caplog):
+  """The fp8 variant (fp8 GEMMs, fp8 KV cache) has profiles and shipped configs of its own (<name>_fp8); where
+  none is shipped, fp8 weights take the plain config and the log says it was searched with bf16 kernels."""
+  import logging
+  assert autosearch.config_name("llama-3-8b", "h200", 1, "fp8") == "llama-3-8b_h200_fp8"
+  assert autosearch.config_name("llama-2-70b", "h200", 4, "fp8") == "llama-2-70b_h200_tp4_fp8"
+  assert autosearch.profile_path("m", "h200", 1, "fp8").endswith("profiles/m_h200_fp8.json")
+  with pytest.raises(ValueError, match="variant"):
+    autosearch.config_name("m", "h200", 1, "int4")
+  assert autosearch.weights_variant(True) == "fp8" and autosearch.weights_variant(False) == ""
+  with caplog.at_level(logging.INFO, logger=autosearch.__name__):
+    plain = autosearch.shipped_config_for_kind("llama-3-8b", "h200", 2048, 1, "fp8")
+  assert plain is not None and plain.nano_batches == [2048] and "searched with bf16" in caplog.text
+  # an fp8 config of its own wins over the plain one
+  monkeypatch.setattr(autosearch, "SHIPPED_DIR", str(tmp_path))
+  two = synthetic_profile()
+  cfg, *_ = autosearch.search(two, 2048, 512, shares=SHARES)
+  assert len(cfg.nano_batches) == 2
+  (tmp_path / "llama-3-8b_h200_fp8.json").write_text(cfg.to_json())
+  (tmp_path / "llama-3-8b_h200.json").write_text(autosearch.PipelineConfig.load(
+      os.path.join(ROOT, "nanoflow_jax", "runtime", "configs", "llama-3-8b_h200.json")).to_json())
+  assert autosearch.shipped_config_for_kind("llama-3-8b", "h200", 2048, 1, "fp8").nano_batches == cfg.nano_batches
+  assert autosearch.shipped_config_for_kind("llama-3-8b", "h200", 2048).nano_batches == [2048]
+  # read before the backend starts: fp8 weights (the flag) split where their config splits, bf16 ones do not
+  assert autosearch.nanoflow_splits("llama-3-8b", 2048, 1, None, "NVIDIA H200", "fp8")
+  assert not autosearch.nanoflow_splits("llama-3-8b", 2048, 1, None, "NVIDIA H200", None)
+  assert not autosearch.nanoflow_splits("llama-3-8b", 2048, 1, None, "NVIDIA H200", "none")
+
+
+def test_cli_searches_the_fp8_profile(tmp_path):
+  """--quantization=fp8 --from_profile reads the fp8 profile and writes the fp8 config; the plain profile
+  stays unread. Refused under TP before any work."""
+  prof_path = autosearch.profile_path("synthetic", "test", 1, "fp8")
+  prof = synthetic_profile()
+  prof.variant, prof.power_w = "fp8", {"gate_up": 681.0, "pair:99": 690.0}
+  with open(prof_path, "w") as f:
+    f.write(prof.to_json())
+  try:
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "autosearch.py"), "--model=synthetic",
+                        "--device_kind=test", f"--out_dir={tmp_path}", "--from_profile", "--quantization=fp8"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "pipeline_synthetic_test_fp8.json").exists()
+    assert autosearch.Profile.load(prof_path).power_w == prof.power_w   # power round-trips with the table
+  finally:
+    os.remove(prof_path)
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "autosearch.py"), "--model=llama-2-70b",
+                      "--device_kind=test", f"--out_dir={tmp_path / 'tp'}", "--quantization=fp8", "--tp=2"],
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode != 0 and "one GPU" in r.stderr
+
+
+def test_power_windows_keep_the_median_of_each_keys_readings():
+  """Stage 1's power: readings inside a key's windows (GPU 0), their median; runs on a share keep none."""
+  import time as time_mod
+  sys.path.insert(0, ROOT)
+  from launch import autosearch as cli
+
+  class FakeSampler:
+    samples = []
+  powered = cli.PowerWindows(FakeSampler())
+  t0 = time_mod.perf_counter()
+  powered.windows = {"gate_up": [(t0, t0 + 1)], "pair:66": [(t0 + 2, t0 + 3)]}
+  reading = lambda w, gpu=0: {"power_w": w, "gpu": gpu}
+  FakeSampler.samples = [(t0 + 0.1, reading(600.0)), (t0 + 0.5, reading(700.0)), (t0 + 0.9, reading(650.0)),
+                         (t0 + 0.5, reading(100.0, gpu=1)), (t0 + 1.5, reading(50.0)), (t0 + 2.5, reading(690.0))]
+  assert powered.medians() == {"gate_up": 650.0, "pair:66": 690.0}
+  assert powered.timed(None, lambda: 0) >= 0 and set(powered.windows) == {"gate_up", "pair:66"}

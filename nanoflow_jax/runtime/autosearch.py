@@ -46,17 +46,39 @@ def gpu_kind_key(kind: str) -> str:
   return kind.replace(" ", "-")
 
 
-def config_name(model: str, device_kind: str, tp: int = 1) -> str:
-  """How profiles and shipped configs are named: model_device, with _tpN under tensor parallelism."""
-  return f"{model}_{device_kind}" + (f"_tp{tp}" if tp > 1 else "")
+# Kernel variants profiled and searched apart: "" (bf16 weights and KV cache) and "fp8" (e4m3 weights and
+# activations through gemm_fp8 on SM shares, fp8 KV cache): their kernels' times, and so the best split, differ.
+VARIANTS = ("", "fp8")
 
 
-def shipped_config(model_name: str, device, dense_batch: int, tp: int = 1) -> PipelineConfig | None:
-  return shipped_config_for_kind(model_name, device_kind_name(device), dense_batch, tp)
+def weights_variant(quantized: bool) -> str:
+  """The variant a model runs: "fp8" for fp8 weights, "" otherwise."""
+  return "fp8" if quantized else ""
 
 
-def shipped_config_for_kind(model_name: str, kind: str, dense_batch: int, tp: int = 1) -> PipelineConfig | None:
-  path = os.path.join(SHIPPED_DIR, config_name(model_name, kind, tp) + ".json")
+def config_name(model: str, device_kind: str, tp: int = 1, variant: str = "") -> str:
+  """How profiles and shipped configs are named: model_device, with _tpN under tensor parallelism and
+  _<variant> for a kernel variant (fp8)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+  return f"{model}_{device_kind}" + (f"_tp{tp}" if tp > 1 else "") + (f"_{variant}" if variant else "")
+
+
+def shipped_config(model_name: str, device, dense_batch: int, tp: int = 1, variant: str = "") -> PipelineConfig | None:
+  return shipped_config_for_kind(model_name, device_kind_name(device), dense_batch, tp, variant)
+
+
+def shipped_config_for_kind(model_name: str, kind: str, dense_batch: int, tp: int = 1,
+                            variant: str = "") -> PipelineConfig | None:
+  """The shipped config for this model, device kind, TP degree and kernel variant; a variant without one of
+  its own takes the plain one (said in the log: it was searched with the other kernels' times)."""
+  path = os.path.join(SHIPPED_DIR, config_name(model_name, kind, tp, variant) + ".json")
+  if not os.path.exists(path) and variant:
+    plain = os.path.join(SHIPPED_DIR, config_name(model_name, kind, tp) + ".json")
+    if os.path.exists(plain):
+      log.info("no %s pipeline config for %s on %s; using the bf16 one (searched with bf16 kernels' times)",
+               variant, model_name, kind)
+    path = plain
   if not os.path.exists(path):
     return None
   cfg = PipelineConfig.load(path)
@@ -64,12 +86,13 @@ def shipped_config_for_kind(model_name: str, kind: str, dense_batch: int, tp: in
 
 
 def nanoflow_splits(model: str, dense_batch: int | None, tp: int, pipeline_config: str | None,
-                    gpu_name: str | None) -> bool:
+                    gpu_name: str | None, quantization: str | None = None) -> bool:
   """Whether mode nanoflow would run more than one nano-batch, decided before JAX's backend starts (the
   XLA flags that let streams overlap must be set before it, and cost a single-batch step ~10% on small
   steps: docs/history/perf-notes.md, session 10). The engine's own choice, read early: `pipeline_config` "generic"
   or a file, else the shipped config for this GPU (`gpu_name`, nvidia-smi's) and dense batch (None: the
-  GPU default, 2048), else the generic split. True wherever it cannot tell (no GPU name, an unknown model)."""
+  GPU default, 2048), else the generic split. True wherever it cannot tell (no GPU name, an unknown model).
+  `quantization`: the engine's quantization argument ("fp8", "none" or None: the checkpoint's own)."""
   from nanoflow_jax import checkpoint
   from nanoflow_jax.runtime.plan import GENERIC_CONFIG
   if pipeline_config == GENERIC_CONFIG:
@@ -79,10 +102,12 @@ def nanoflow_splits(model: str, dense_batch: int | None, tp: int, pipeline_confi
   if not gpu_name:
     return True
   try:
-    name = checkpoint.resolve_config(model).name
+    cfg = checkpoint.resolve_config(model)
   except Exception:   # a model the engine will refuse with its own message; the flags do not matter then
     return True
-  shipped = shipped_config_for_kind(name, gpu_kind_key(gpu_name), dense_batch or 2048, tp)
+  quantized = quantization == "fp8" or (quantization in (None, "") and cfg.quantization is not None)
+  shipped = shipped_config_for_kind(cfg.name, gpu_kind_key(gpu_name), dense_batch or 2048, tp,
+                                    weights_variant(quantized))
   if shipped is not None and len(shipped.nano_batches) == 1:
     log.info("mode=nanoflow: the shipped config %s for %s is the whole batch; the stream flags stay off",
              shipped.name, gpu_name)
@@ -99,7 +124,10 @@ class Profile:
   interference[gemm share] = how much longer a GEMM on that share and decode attention on the rest of the
   SMs take when they run at the same time than the longer of the two alone (1.0: no interference).
   beside_attention: the changes to the decode attention's configuration it was profiled with on shares
-  below the whole GPU (and pairs); the configs searched from it carry them (PipelineConfig)."""
+  below the whole GPU (and pairs); the configs searched from it carry them (PipelineConfig).
+  variant: the kernels profiled ("" bf16; "fp8": fp8 GEMMs with their activation quantization, fp8 KV cache).
+  power_w[op] = the board's median power (W) while that op was profiled on the whole GPU, and
+  power_w["pair:<gemm share>"] while a pair ran (empty without nvidia-smi)."""
   model: str
   device: str
   num_sms: int
@@ -108,6 +136,8 @@ class Profile:
   interference: dict[str, float] = dataclasses.field(default_factory=dict)
   tp: int = 1
   beside_attention: dict[str, int] = dataclasses.field(default_factory=dict)
+  variant: str = ""
+  power_w: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def slowdown(self, gemm_share: int) -> float:
     """The measured pair factor at the nearest profiled GEMM share (1.0 where none was measured)."""
@@ -137,8 +167,8 @@ class Profile:
       return cls(**json.load(f))
 
 
-def profile_path(model: str, device_kind: str, tp: int = 1) -> str:
-  return os.path.join(PROFILE_DIR, config_name(model, device_kind, tp) + ".json")
+def profile_path(model: str, device_kind: str, tp: int = 1, variant: str = "") -> str:
+  return os.path.join(PROFILE_DIR, config_name(model, device_kind, tp, variant) + ".json")
 
 
 def op_time(prof: Profile, op: str, rows: int, decode_rows: int, share: int) -> float:

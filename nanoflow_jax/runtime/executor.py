@@ -218,6 +218,9 @@ class Executor:
       log.warning("tensor parallelism: nano-batches run in order without stream annotation for now")
       self.annotate = False
     self.gemm = gemm
+    if self.annotate and cfg.quantization is not None and self.fp8_gemm == "xla":
+      log.warning("mode nanoflow with fp8 weights: XLA's fp8 dot takes the whole GPU whatever a nano-op's SM share; "
+                  "fp8_gemm='mosaic' (--fp8_gemm=mosaic) runs the fp8 GEMMs on their shares")
     # Stream-annotated GEMMs take the whole weight stack and the layer index (a slice would reach them as a
     # copy); interpret mode does the same so the CPU tests run that path.
     self.stacked_gemm = (self.annotate or self.kernels == "interpret") and not self.manual_tp
