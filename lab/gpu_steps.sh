@@ -307,6 +307,10 @@ step_autosearch-tp2()     { $PY launch/autosearch.py --model=llama-2-70b --devic
 step_autosearch-pipelined() { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference --measure \
                               --beside_attention=swap_ab=1,prefetch_pages=1,num_stages=3,programs_per_sm=1 \
                               --out_dir="$OUT/autosearch-pipelined"; }
+# Issue 26, item 6: the auto-search's stage 1 and 2 again with the fp8 kernels (our fp8 GEMMs on SM shares, the
+# fp8-cache attention, pairs, power), then the real step both ways.
+step_autosearch-fp8()     { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --quantization=fp8 --interference \
+                              --measure --out_dir="$OUT/autosearch-fp8"; }
 step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference \
                               --measure --out_dir="$OUT/autosearch"; }
 
