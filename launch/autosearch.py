@@ -58,35 +58,6 @@ def _decode_config_on(decode_cfg: dict, share: int, num_sms: int) -> dict:
   return decode_cfg if share >= num_sms else {**decode_cfg, **config_changes(FLAGS.beside_attention)}
 
 
-class PowerWindows:
-  """Stage 1's power: the host-time windows in which each key (an op on the whole GPU, a pair) ran, read
-  against a background nvidia-smi sampler afterwards."""
-
-  def __init__(self, sampler):
-    self.sampler, self.windows = sampler, {}
-
-  def timed(self, key, fn, *args):
-    """fn's median ms (_time); key None: a run whose power is not kept (on an SM share)."""
-    import time
-    if key is None:
-      return _time(fn, *args)
-    start = time.perf_counter()
-    out = _time(fn, *args)
-    self.windows.setdefault(key, []).append((start, time.perf_counter()))
-    return out
-
-  def medians(self) -> dict[str, float]:
-    import statistics
-    from launch import power
-    out = {}
-    for key, windows in self.windows.items():
-      readings = [r["power_w"] for r in power.in_windows(self.sampler.samples, sorted(windows), gpu=0)
-                  if r.get("power_w") is not None]
-      if readings:
-        out[key] = statistics.median(readings)
-    return out
-
-
 def _fp8_gemm_call(op: str, share: int):
   """The fp8 GEMM as the engine runs it with fp8_gemm=mosaic: the activations quantized per token, then
   gemm_fp8 (gate_up: gemm_fp8_silu_mul) on `share` SMs."""
@@ -101,10 +72,9 @@ def _fp8_gemm_call(op: str, share: int):
   return call
 
 
-def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = False,
-            powered: PowerWindows | None = None):
+def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = False, powered=None):
   """Stage 1: ms per kernel call, by op, SM share and token count (one layer's shapes). fp8: the fp8
-  variant's kernels (fp8 GEMMs, fp8 KV cache). powered: where the whole-GPU runs' windows are kept."""
+  variant's kernels (fp8 GEMMs, fp8 KV cache). powered: a power.Windows keeping the whole-GPU runs' windows."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -119,7 +89,7 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = 
   decode_cfg, prefill_cfg = configs(backend, kv_dtype, head_dim=hd, page_size=16,
                                     sliding_window=cfg.sliding_window)
   num_sms = jax.devices()[0].core_count
-  timed = (lambda key, fn, *args: powered.timed(key, fn, *args)) if powered else (lambda key, fn, *args: _time(fn, *args))
+  timed = lambda key, fn, *args: powered.run(key, lambda: _time(fn, *args)) if powered else _time(fn, *args)
   print("attention kernel:", backend, "prefill:", prefill_cfg.get("kernel", backend), flush=True)
   hq, hkv = cfg.num_heads, cfg.num_kv_heads
   shapes = {"qkv": (h, hkv * (cfg.q_per_kv + 2) * hd), "o": (hq * hd, h), "gate_up": (h, 2 * i), "down": (i, h)}
@@ -185,12 +155,11 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = 
 
 
 def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int = 1024, decodes: int = 512,
-                         fp8: bool = False, powered: PowerWindows | None = None):
+                         fp8: bool = False, powered=None):
   """Stage 1, pairs: the gate_up GEMM (`tokens` rows) on each GEMM share and decode attention (`decodes`
   sequences at `context`) on the remaining SMs, each a chain of calls on its own stream in one step
   (stream annotation + command buffers, as the engine runs them). Returns {gemm share: factor}, factor =
   time together / the longer chain alone. fp8: the fp8 variant (gate_up's fp8 GEMM, an fp8 KV cache)."""
-  import time
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -220,13 +189,10 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
       continue
     gemm_call = ((lambda a, w8, ws, gs=gs: _fp8_gemm_call("gate_up", gs)(a, w8, ws, None)) if fp8
                  else (lambda a, b, gs=gs: gemm.gemm(a, b, num_sms=gs)))
-    start = time.perf_counter()
-    t = perf.concurrent_seconds(
-        gemm_call, (a, *weights),
-        lambda q, kc, vc: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
-                                         jnp.asarray(nb, jnp.int32), num_sms=asms, config=dcfg), (q, kc, vc))
-    if powered is not None:
-      powered.windows.setdefault(f"pair:{gs}", []).append((start, time.perf_counter()))
+    attention = (lambda q, kc, vc, asms=asms: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
+                                                             jnp.asarray(nb, jnp.int32), num_sms=asms, config=dcfg))
+    pair = lambda: perf.concurrent_seconds(gemm_call, (a, *weights), attention, (q, kc, vc))
+    t = powered.run(f"pair:{gs}", pair) if powered is not None else pair()
     out[str(gs)] = t["both"] / max(t["chain_a"], t["chain_b"])
     print(f"interference: GEMM on {gs} SMs x{t['reps_a']} {t['chain_a'] * 1e3:.2f} ms, attention on {asms} "
           f"x{t['reps_b']} {t['chain_b'] * 1e3:.2f} ms, together {t['both'] * 1e3:.2f} ms: factor "
@@ -305,7 +271,7 @@ def main(argv):
       full, cfg = cfg, parallel.local_config(cfg, FLAGS.tp)   # one device's shard of each layer
     from launch import power
     with power.Sampler(power.smi_command(FLAGS.power_sample_ms) if FLAGS.power_sample_ms else None) as sampler:
-      powered = PowerWindows(sampler)
+      powered = power.Windows(sampler)
       prof = profile(cfg, [int(s) for s in FLAGS.shares], [int(s) for s in FLAGS.sizes], FLAGS.context,
                      fp8=bool(variant), powered=powered)
       if FLAGS.tp > 1:

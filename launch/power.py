@@ -165,3 +165,29 @@ def speedup_bound(mean_w: float | None, limit_w: float | None) -> float | None:
   if not mean_w or not limit_w:
     return None
   return limit_w / mean_w
+
+
+class Windows:
+  """Host-time windows in which each key's work ran (an op, a pair of kernels), read against a Sampler's
+  readings afterwards: the median power per key (the auto-search's stage 1)."""
+
+  def __init__(self, sampler: Sampler):
+    self.sampler, self.windows = sampler, {}
+
+  def run(self, key, fn):
+    """fn()'s result; its window kept under `key` (None: not kept)."""
+    start = time.perf_counter()
+    out = fn()
+    if key is not None:
+      self.windows.setdefault(key, []).append((start, time.perf_counter()))
+    return out
+
+  def medians(self, gpu: int = 0) -> dict[str, float]:
+    """Each key's median power (W) over GPU `gpu`'s readings inside its windows; keys without readings left out."""
+    out = {}
+    for key, windows in self.windows.items():
+      readings = [r["power_w"] for r in in_windows(self.sampler.samples, sorted(windows), gpu)
+                  if r.get("power_w") is not None]
+      if readings:
+        out[key] = statistics.median(readings)
+    return out

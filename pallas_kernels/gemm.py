@@ -84,23 +84,27 @@ def _weight_shape(b: jax.Array, layer) -> tuple[int, int]:
   return b.shape
 
 
-def _launch(body, a, b, extra, layer, out_type: jax.ShapeDtypeStruct, num_sms: int):
-  """Runs body(a_gmem, b_gmem, *extra_gmem, out_gmem) on a grid of `num_sms` CTAs (three warpgroups: two
-  consumers, one producer). With `layer`, b is a weight stack and the body gets the layer's [K, N] view of
-  it, read in place."""
+def warp_specialized_kernel(kernel_body, out_type: jax.ShapeDtypeStruct, num_sms: int):
+  """pl.kernel on a grid of `num_sms` CTAs of three warpgroups (two consumers, one producer; warpgroup
+  semantics): the launch every persistent GEMM here shares (gemm_fp8.py's too)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
+  return plgpu.kernel(
+      kernel_body, out_type=out_type,
+      grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
+      num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+
+
+def _launch(body, a, b, extra, layer, out_type: jax.ShapeDtypeStruct, num_sms: int):
+  """Runs body(a_gmem, b_gmem, *extra_gmem, out_gmem) on `num_sms` CTAs. With `layer`, b is a weight stack
+  and the body gets the layer's [K, N] view of it, read in place."""
   args = (a, b, *extra)
   kernel_body = body
   if layer is not None:
     def kernel_body(layer_gmem, a_gmem, b_gmem, *rest):
       body(a_gmem, b_gmem.at[layer_gmem[0]], *rest)
     args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
-  f = plgpu.kernel(
-      kernel_body, out_type=out_type,
-      grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
-      num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return f(*args)
+  return warp_specialized_kernel(kernel_body, out_type, num_sms)(*args)
 
 
 def gemm(a: jax.Array, b: jax.Array, residual: jax.Array | None = None, *, num_sms: int,

@@ -120,9 +120,9 @@ def gemm_fp8_silu_mul(a8: jax.Array, w8: jax.Array, a_scale: jax.Array, w_scale:
 
 
 def _launch(body, a8, w8, a_scale, w_scale, residual, layer, out_type, num_sms):
-  """body(a, w, a_scale, w_scale, residual | None, out) on `num_sms` CTAs of three warpgroups; with `layer`
-  the body gets the layer's views of the weight and scale stacks."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
+  """body(a, w, a_scale, w_scale, residual | None, out) on `num_sms` CTAs (gemm.warp_specialized_kernel);
+  with `layer` the body gets the layer's views of the weight and scale stacks."""
+  from pallas_kernels.gemm import warp_specialized_kernel
   extra = () if residual is None else (residual,)
 
   def kernel_body(*refs):
@@ -136,12 +136,7 @@ def _launch(body, a8, w8, a_scale, w_scale, residual, layer, out_type, num_sms):
   args = (a8, w8, a_scale, w_scale, *extra)
   if layer is not None:
     args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
-  f = plgpu.kernel(
-      kernel_body, out_type=out_type,
-      grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",),
-      num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return f(*args)
+  return warp_specialized_kernel(kernel_body, out_type, num_sms)(*args)
 
 
 def _body(a_gmem, w_gmem, as_gmem, ws_gmem, res_gmem, out_gmem, *, cfg: dict, silu_mul: bool):

@@ -322,18 +322,20 @@ def test_cli_searches_the_fp8_profile(tmp_path):
 
 
 def test_power_windows_keep_the_median_of_each_keys_readings():
-  """Stage 1's power: readings inside a key's windows (GPU 0), their median; runs on a share keep none."""
+  """Stage 1's power (launch/power.Windows): GPU 0's readings inside a key's windows, their median; work run
+  under no key keeps no window."""
   import time as time_mod
   sys.path.insert(0, ROOT)
-  from launch import autosearch as cli
+  from launch import power
 
   class FakeSampler:
     samples = []
-  powered = cli.PowerWindows(FakeSampler())
-  t0 = time_mod.perf_counter()
+  powered = power.Windows(FakeSampler())
+  assert powered.run(None, lambda: 7) == 7 and powered.windows == {}
+  assert powered.run("qkv", lambda: 8) == 8 and len(powered.windows["qkv"]) == 1
+  t0 = time_mod.perf_counter() + 10
   powered.windows = {"gate_up": [(t0, t0 + 1)], "pair:66": [(t0 + 2, t0 + 3)]}
   reading = lambda w, gpu=0: {"power_w": w, "gpu": gpu}
   FakeSampler.samples = [(t0 + 0.1, reading(600.0)), (t0 + 0.5, reading(700.0)), (t0 + 0.9, reading(650.0)),
                          (t0 + 0.5, reading(100.0, gpu=1)), (t0 + 1.5, reading(50.0)), (t0 + 2.5, reading(690.0))]
   assert powered.medians() == {"gate_up": 650.0, "pair:66": 690.0}
-  assert powered.timed(None, lambda: 0) >= 0 and set(powered.windows) == {"gate_up", "pair:66"}
