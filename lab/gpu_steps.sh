@@ -20,7 +20,22 @@ run_bench() {  # run_bench MODEL NAME WORKLOAD NUM_REQUESTS [extra flags...]
     --num_requests="$n" --dense_batch=2048 --max_num_seqs=1024 \
     --json_out="$OUT/$name.json" --plot_out="$OUT/$name.png" "$@"
 }
-bench() { run_bench llama-3-8b "$@"; }   # bench NAME WORKLOAD NUM_REQUESTS [extra flags...]
+bench() { run_bench llama-3-8b "$@"; }
+# served NAME "SERVE FLAGS" BENCH FLAGS...: serve.py (SERVE_MODEL, default the 8B shape; random weights) in the
+# background until /health answers, benchmark.py --url against it (JSON to NAME.json), then SIGINT and wait.
+served() {
+  local name=$1 sflags=$2; shift 2
+  local port=8123 model=${SERVE_MODEL:-llama-3-8b}
+  $PY launch/serve.py --model="$model" --random_weights $sflags --port=$port > "$OUT/$name-server.log" 2>&1 &
+  local spid=$! t=0
+  until curl -sf "http://127.0.0.1:$port/health" > /dev/null; do
+    sleep 2; t=$((t + 2))
+    if ! kill -0 $spid 2> /dev/null || (( t > 400 )); then
+      echo "server did not come up"; tail -20 "$OUT/$name-server.log"; kill $spid; return 1; fi
+  done
+  $PY launch/benchmark.py --url="http://127.0.0.1:$port" --model="$model" "$@" --json_out="$OUT/$name.json"
+  local rc=$?; kill -INT $spid; wait $spid; return $rc
+}   # bench NAME WORKLOAD NUM_REQUESTS [extra flags...]
 # bench70 NAME TP WORKLOAD NUM_REQUESTS [extra flags...]: LLaMA-2-70B shape, tensor parallel
 bench70() { local name=$1 tp=$2; shift 2; run_bench llama-2-70b "$name" "$@" --tp="$tp"; }
 
@@ -140,19 +155,17 @@ step_tests-gemm-fp8()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }
 # Issue 27's online latency at low rates through the server (1024/512, fp8 weights and KV): serve.py in the
 # background, benchmark --url against it. SERVE_MODEL/SERVE_FLAGS/RATES/N override (the CPU check: tiny).
-step_online-low-w8()      { local port=8123 model=${SERVE_MODEL:-llama-3-8b}
-                            local sflags=${SERVE_FLAGS:---quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256}
-                            $PY launch/serve.py --model="$model" --random_weights $sflags --port=$port \
-                              > "$OUT/online-low-server.log" 2>&1 &
-                            local spid=$! t=0
-                            until curl -sf "http://127.0.0.1:$port/health" > /dev/null; do
-                              sleep 2; t=$((t + 2))
-                              if ! kill -0 $spid 2> /dev/null || (( t > 400 )); then
-                                echo "server did not come up"; tail -20 "$OUT/online-low-server.log"; kill $spid; return 1; fi
-                            done
-                            $PY launch/benchmark.py --url="http://127.0.0.1:$port" --model="$model" --workload=1024-512 \
-                              --num_requests=${N:-40} --rates=${RATES:-0.5,1,2} --json_out="$OUT/online-low-w8.json"
-                            local rc=$?; kill -INT $spid; wait $spid; return $rc; }
+step_online-low-w8()      { served online-low-w8 "${SERVE_FLAGS:---quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256}" \
+                              --workload=1024-512 --num_requests=${N:-40} --rates=${RATES:-0.5,1,2}; }
+# Issue 28 online: multi-round chats through the server (fp8 weights and KV, a 4096-page pool that evicts live
+# histories), prefix caching off, on, and on with the host tier; one server each.
+MR_FLAGS="--quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256 --num_pages=4096"
+step_online-multiround-w8-off()  { served online-multiround-w8-off "${SERVE_FLAGS:-$MR_FLAGS} --enable_prefix_caching=false" \
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+step_online-multiround-w8-on()   { served online-multiround-w8-on "${SERVE_FLAGS:-$MR_FLAGS}" \
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+step_online-multiround-w8-host() { served online-multiround-w8-host "${SERVE_FLAGS:-$MR_FLAGS} --host_kv_cache_gb=${HOST_GB:-32}" \
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_tests-small-steps()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k small_steps; }
 step_sweep-fp8()          { $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
@@ -372,7 +385,7 @@ for spec in "$@"; do
   if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
   start=$(date +%s)
   # The function runs in a subshell so that `timeout` can stop it and all it started.
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 sweep fp8_sweep nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 served sweep fp8_sweep nanoflow_xla_flags "step_$name"); MR_FLAGS=\"$MR_FLAGS\" PY=$PY OUT=$OUT step_$name" \
     > "$OUT/$name.log" 2>&1
   rc=$?
   printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"
