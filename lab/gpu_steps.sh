@@ -151,7 +151,8 @@ step_sweep-fp8-prefill()  { fp8_sweep prefill sweep-fp8-prefill num_warps=4 num_
                               block_q=16,num_warps=4,programs_per_sm=2 block_q=64 block_n=32 block_n=128 num_stages=2 \
                               num_stages=4 prefetch_pages=1 programs_per_sm=2 dot_f16=1 \
                               dot_f16=1,num_warps=4,programs_per_sm=2; }
-step_tests-gemm-fp8()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "gemm_fp8"; }
+step_tests-gemm-fp8()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "gemm_fp8" && \
+                              NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_fp8_gpu.py -k "our_fp8_gemm"; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }
 # Issue 27's online latency at low rates through the server (1024/512, fp8 weights and KV): serve.py in the
 # background, benchmark --url against it. SERVE_MODEL/SERVE_FLAGS/RATES/N override (the CPU check: tiny).

@@ -12,9 +12,9 @@ from agreement import max_first_logprob_diff, real_disagreements
 pytestmark = pytest.mark.gpu
 
 
-def _firsts(model, kernels, prompts, kv="auto"):
+def _firsts(model, kernels, prompts, kv="auto", fp8_gemm="xla"):
   eng = Engine(model, EngineConfig(dense_batch=1024, num_pages=4096, max_num_seqs=32, kernels=kernels,
-                                   kv_cache_dtype=kv, compilation_cache_dir=None))
+                                   kv_cache_dtype=kv, fp8_gemm=fp8_gemm, compilation_cache_dir=None))
   for i, p in enumerate(prompts):
     eng.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=MAX_LOGPROBS))
   eng.run_until_done()
@@ -43,3 +43,17 @@ def test_fp8_kernel_path_agrees_with_reference_on_llama3_8b_shape():
         f"logprob diff {diff:.3f}; kernel path with an fp8 cache: {bad8}, {diff8:.3f}; the reference with a "
         f"float32 cache (the envelope): {bad_env}, {diff_env:.3f}")
   assert bad <= max(2, 2 * bad_env) and diff < max(0.5, 2 * diff_env)
+
+
+def test_our_fp8_gemm_agrees_with_xlas_on_llama3_8b_shape():
+  """fp8_gemm="mosaic" (pallas_kernels/gemm_fp8.py for the GEMMs of 512 rows and more: the prefill steps here)
+  against XLA's fp8 dot, the same kernel path otherwise: both quantize the activations alike, ours applies the
+  scales in fp32 and rounds once where XLA rounds the unscaled product to bf16 first, so only rounding flips
+  may separate them (the floor test_fp8_kernel_path_agrees_with_reference... allows)."""
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, 128000, size=int(n)).tolist() for n in rng.integers(300, 900, size=16)]
+  fp8 = load_model("llama-3-8b", dtype="bfloat16", random_weights=True, quantization="fp8")
+  xla, ours = _firsts(fp8, "auto", prompts, kv="fp8"), _firsts(fp8, "auto", prompts, kv="fp8", fp8_gemm="mosaic")
+  bad, diff = real_disagreements(xla, ours), max_first_logprob_diff(xla, ours)
+  print(f"our fp8 GEMM against XLA's: first tokens not near ties apart {bad}, max first logprob diff {diff:.3f}")
+  assert bad <= 2 and diff < 0.5
