@@ -21,6 +21,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ["2048", "512", "128"], "Token rows (M).")
 flags.DEFINE_string("out", None, "Write the markdown table here too.")
 flags.DEFINE_bool("mosaic", False, "Also time our Mosaic GPU fp8 GEMM against XLA's scaled fp8 dot.")
+flags.DEFINE_bool("write_configs", False, "With --mosaic: keep each shape's fastest tiling in "
+                  "pallas_kernels/gemm_fp8_configs.json (what the engine's fp8_gemm=mosaic then runs).")
 
 # Our kernel's tilings tried per shape (CTA tiles 128 x 256 two ways, 128 x 128, and 64-byte K steps).
 CONFIGS = [{}, dict(tile_m=64, tile_n=256, wg_dimension="M"), dict(tile_m=64, tile_n=128, wg_dimension="M",
@@ -39,6 +41,9 @@ def main(argv):
   import numpy as np
   from nanoflow_jax import quantization as Q
   from nanoflow_jax.perf import gemm_peak_tflops, median_seconds
+  import json
+  from pallas_kernels import gemm_fp8
+  chosen = {}
   peak = gemm_peak_tflops()
   peak8 = gemm_peak_tflops(dtype="fp8")
   lines = [f"GEMM peak (XLA 8192^3, ones) in this run: bf16 {peak:.0f} TFLOP/s, fp8 {peak8:.0f}", "",
@@ -71,8 +76,15 @@ def main(argv):
                    f"{t_b / t_r:.2f}x | {err:.4f} |")
       print(lines[-1], flush=True)
       if FLAGS.mosaic:
-        ours.append(_ours_against_xla(name, a, w8, ws, flops))
-        print(ours[-1], flush=True)
+        row, best = _ours_against_xla(name, a, w8, ws, flops)
+        ours.append(row)
+        print(row, flush=True)
+        if best is not None:
+          chosen[gemm_fp8.config_key(m, w8.shape[0], k, name == "gate_up")] = best
+  if FLAGS.write_configs and chosen:
+    with open(gemm_fp8.CONFIG_FILE, "w") as f:
+      json.dump({**gemm_fp8._tuned(), **chosen}, f, indent=1, sort_keys=True)
+    ours.append(f"\n{len(chosen)} tilings written to {gemm_fp8.CONFIG_FILE}")
   text = "\n".join(lines + (ours if FLAGS.mosaic else []))
   print(text)
   if FLAGS.out:
@@ -80,8 +92,9 @@ def main(argv):
       f.write(text + "\n")
 
 
-def _ours_against_xla(name, a, w8, ws, flops) -> str:
-  """One table row: XLA's scaled fp8 dot (+ the fused op as XLA runs it) against each of our tilings."""
+def _ours_against_xla(name, a, w8, ws, flops) -> tuple[str, dict | None]:
+  """One table row: XLA's scaled fp8 dot (+ the fused op as XLA runs it) against each of our tilings; and the
+  fastest tiling (None where none takes the shape)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -122,9 +135,9 @@ def _ours_against_xla(name, a, w8, ws, flops) -> str:
       best = (t, cfg, err)
   tf = lambda t: flops / t / 1e12
   if best is None:
-    return f"| {name} | {m} | {tf(t_x):.0f} | - | - | no tiling takes the shape | - |"
+    return f"| {name} | {m} | {tf(t_x):.0f} | - | - | no tiling takes the shape | - |", None
   t, cfg, err = best
-  return f"| {name} | {m} | {tf(t_x):.0f} | {tf(t):.0f} | {t_x / t:.2f}x | {cfg or 'default'} | {err:.5f} |"
+  return f"| {name} | {m} | {tf(t_x):.0f} | {tf(t):.0f} | {t_x / t:.2f}x | {cfg or 'default'} | {err:.5f} |", cfg
 
 
 if __name__ == "__main__":

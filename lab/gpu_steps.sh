@@ -48,7 +48,8 @@ step_bench-1024-512()     { bench bench-1024-512 1024-512 1000; }
 step_bench-1024-512-fp8() { bench bench-1024-512-fp8 1024-512 1000 --kv_cache_dtype=fp8; }
 # Issue 26: fp8 weights and activations (W8A8) against bf16 weights, fp8 KV cache in both, power sampled.
 step_tests-fp8()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_fp8_gpu.py; }
-step_fp8-gemm()           { $PY lab/fp8_gemm.py --rows=2048,512,128 --mosaic --out="$OUT/fp8-gemm.md"; }
+step_fp8-gemm()           { $PY lab/fp8_gemm.py --rows=2048,512,128 --mosaic --write_configs --out="$OUT/fp8-gemm.md" && \
+                              cp pallas_kernels/gemm_fp8_configs.json "$OUT/"; }   # commit it if ours is kept
 step_bench-1024-512-w8()  { bench bench-1024-512-w8 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
 # Our fp8 GEMM (issue 26): the step with each fp8 GEMM (kernel time by kind from a trace: also where the
 # activation quantization's passes stand), then the full run with ours.

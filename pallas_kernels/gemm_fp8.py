@@ -23,6 +23,8 @@ beats XLA's fp8 dot measured in the same run (EngineConfig.fp8_gemm), else XLA's
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,30 @@ DEFAULT = dict(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=3, wg_di
 # gate_up: two fp32 accumulators per consumer (gate, up), so 64-row tiles keep them at 128 registers a thread.
 SILU_MUL_DEFAULT = dict(tile_m=64, tile_n=128, tile_k=128, max_concurrent_steps=3, wg_dimension="M",
                         grid_minor_dim="N", grid_tile_width=8, epi_tile_n=64)
+
+
+CONFIG_FILE = os.path.join(os.path.dirname(__file__), "gemm_fp8_configs.json")
+
+
+@functools.cache
+def _tuned() -> dict[str, dict]:
+  if os.path.exists(CONFIG_FILE):
+    with open(CONFIG_FILE) as f:
+      return json.load(f)
+  return {}
+
+
+def config_key(m: int, n: int, k: int, silu_mul: bool = False) -> str:
+  return ("silu_mul:" if silu_mul else "") + f"{m}x{n}x{k}"
+
+
+def config_for(m: int, n: int, k: int, silu_mul: bool = False, config: dict | None = None) -> dict:
+  """The tiling: `config` over the default where given; else the one lab/fp8_gemm.py --write_configs chose for
+  this shape (gemm_fp8_configs.json, keyed config_key), else the default."""
+  default = SILU_MUL_DEFAULT if silu_mul else DEFAULT
+  if config is not None:
+    return {**default, **config}
+  return {**default, **_tuned().get(config_key(m, n, k, silu_mul), {})}
 
 
 def gemm_fp8_reference(a8: jax.Array, w8: jax.Array, a_scale: jax.Array, w_scale: jax.Array,
@@ -65,7 +91,7 @@ def _cta_tile(cfg: dict) -> tuple[int, int]:
 
 def supported(m: int, n: int, k: int, config: dict | None = None, silu_mul: bool = False) -> bool:
   """n: the weight's rows (output channels; 2I for gate_up). The CTA tile must divide M and N (or I)."""
-  cfg = {**(SILU_MUL_DEFAULT if silu_mul else DEFAULT), **(config or {})}
+  cfg = config_for(m, n, k, silu_mul, config)
   cta_m, cta_n = _cta_tile(cfg)
   n_out = n // 2 if silu_mul else n
   return (not silu_mul or n % 2 == 0) and m % cta_m == 0 and n_out % cta_n == 0 and k % cfg["tile_k"] == 0
@@ -93,7 +119,7 @@ def gemm_fp8(a8: jax.Array, w8: jax.Array, a_scale: jax.Array, w_scale: jax.Arra
   """(a8 [M, K] @ w8 [N, K]^T) * a_scale [M] * w_scale [N] (+ residual [M, N]) on `num_sms` CTAs. With
   `layer`, w8 and w_scale are the stacks [L, N, K] and [L, N] and the kernel reads layer `layer` in place."""
   m, n, k = _check("gemm_fp8", a8, w8, a_scale, w_scale, layer)
-  cfg = {**DEFAULT, **(config or {})}
+  cfg = config_for(m, n, k, config=config)
   if not supported(m, n, k, cfg):
     raise ValueError(f"gemm_fp8: M={m}, N={n}, K={k} do not divide into the tiles of {cfg}")
   if residual is not None:
@@ -111,7 +137,7 @@ def gemm_fp8_silu_mul(a8: jax.Array, w8: jax.Array, a_scale: jax.Array, w_scale:
   """silu(gate) * up [M, I] for w8 = [gate; up] [2I, K] (scales [2I]) on `num_sms` CTAs, without writing the
   [M, 2I] product."""
   m, n, k = _check("gemm_fp8_silu_mul", a8, w8, a_scale, w_scale, layer)
-  cfg = {**SILU_MUL_DEFAULT, **(config or {})}
+  cfg = config_for(m, n, k, True, config)
   if not supported(m, n, k, cfg, silu_mul=True):
     raise ValueError(f"gemm_fp8_silu_mul: M={m}, K={k} and I={n // 2} do not divide into the tiles of {cfg}")
   body = functools.partial(_body, cfg=cfg, silu_mul=True)

@@ -177,3 +177,21 @@ def test_lowers_under_stream_annotation_with_no_nested_jit():
     text = jax.jit(lambda *a, f=f: compat.compute_on(f, "gpu_stream:1")(*a)).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_tuned_tilings_are_taken_per_shape(tmp_path, monkeypatch):
+  """gemm_fp8_configs.json (lab/fp8_gemm.py --write_configs) gives a shape its tiling, gate_up's apart; an
+  explicit config goes over the default, not over the tuned one; supported() judges with the same tiling."""
+  path = tmp_path / "tuned.json"
+  path.write_text('{"256x512x1024": {"tile_m": 64, "tile_n": 256, "wg_dimension": "M"}, '
+                  '"silu_mul:256x512x1024": {"max_concurrent_steps": 2}}')
+  monkeypatch.setattr(gemm_fp8, "CONFIG_FILE", str(path))
+  gemm_fp8._tuned.cache_clear()
+  try:
+    assert gemm_fp8.config_for(256, 512, 1024)["wg_dimension"] == "M"
+    assert gemm_fp8.config_for(256, 512, 1024, silu_mul=True) == {**gemm_fp8.SILU_MUL_DEFAULT, "max_concurrent_steps": 2}
+    assert gemm_fp8.config_for(128, 512, 1024) == gemm_fp8.DEFAULT                       # not tuned: the default
+    assert gemm_fp8.config_for(256, 512, 1024, config={"tile_k": 64}) == {**gemm_fp8.DEFAULT, "tile_k": 64}
+    assert gemm_fp8.supported(256, 512, 1024) and gemm_fp8.config_key(256, 512, 1024, True) == "silu_mul:256x512x1024"
+  finally:
+    gemm_fp8._tuned.cache_clear()
