@@ -161,7 +161,7 @@ step_online-low-w8()      { served online-low-w8 "${SERVE_FLAGS:---quantization=
                               --workload=1024-512 --num_requests=${N:-40} --rates=${RATES:-0.5,1,2}; }
 # Issue 28 online: multi-round chats through the server (fp8 weights and KV, a 4096-page pool that evicts live
 # histories), prefix caching off, on, and on with the host tier; one server each.
-MR_FLAGS="--quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256 --num_pages=4096"
+export MR_FLAGS="--quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256 --num_pages=4096"
 step_online-multiround-w8-off()  { served online-multiround-w8-off "${SERVE_FLAGS:-$MR_FLAGS} --enable_prefix_caching=false" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_online-multiround-w8-on()   { served online-multiround-w8-on "${SERVE_FLAGS:-$MR_FLAGS}" \
@@ -387,7 +387,7 @@ for spec in "$@"; do
   if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
   start=$(date +%s)
   # The function runs in a subshell so that `timeout` can stop it and all it started.
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 served sweep fp8_sweep nanoflow_xla_flags "step_$name"); MR_FLAGS=\"$MR_FLAGS\" PY=$PY OUT=$OUT step_$name" \
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 served sweep fp8_sweep nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
     > "$OUT/$name.log" 2>&1
   rc=$?
   printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"

@@ -72,6 +72,12 @@ def _fp8_gemm_call(op: str, share: int):
   return call
 
 
+def _windows(powered):
+  """The power.Windows to keep run windows in; without one, one whose sampler reads nothing."""
+  from launch import power
+  return powered if powered is not None else power.Windows(power.Sampler(None))
+
+
 def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = False, powered=None):
   """Stage 1: ms per kernel call, by op, SM share and token count (one layer's shapes). fp8: the fp8
   variant's kernels (fp8 GEMMs, fp8 KV cache). powered: a power.Windows keeping the whole-GPU runs' windows."""
@@ -89,7 +95,8 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = 
   decode_cfg, prefill_cfg = configs(backend, kv_dtype, head_dim=hd, page_size=16,
                                     sliding_window=cfg.sliding_window)
   num_sms = jax.devices()[0].core_count
-  timed = lambda key, fn, *args: powered.run(key, lambda: _time(fn, *args)) if powered else _time(fn, *args)
+  powered = _windows(powered)
+  timed = lambda key, fn, *args: powered.run(key, lambda: _time(fn, *args))
   print("attention kernel:", backend, "prefill:", prefill_cfg.get("kernel", backend), flush=True)
   hq, hkv = cfg.num_heads, cfg.num_kv_heads
   shapes = {"qkv": (h, hkv * (cfg.q_per_kv + 2) * hd), "o": (hq * hd, h), "gate_up": (h, 2 * i), "down": (i, h)}
@@ -182,6 +189,7 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
   table = np.random.default_rng(0).permutation(pages)[:decodes * (context // 16)].reshape(decodes, -1).astype(np.int32)
   st, ln, nb = query_blocks([1] * decodes, decodes, dcfg["block_q"])
   slots, positions = np.arange(decodes, dtype=np.int32), np.full(decodes, context - 1, np.int32)
+  powered = _windows(powered)
   out = {}
   for gs in gemm_shares:
     asms = num_sms - gs
@@ -192,7 +200,7 @@ def profile_interference(cfg, gemm_shares: list[int], context: int, tokens: int 
     attention = (lambda q, kc, vc, asms=asms: attention_call(backend, q, kc, vc, 0, table, slots, positions, st, ln,
                                                              jnp.asarray(nb, jnp.int32), num_sms=asms, config=dcfg))
     pair = lambda: perf.concurrent_seconds(gemm_call, (a, *weights), attention, (q, kc, vc))
-    t = powered.run(f"pair:{gs}", pair) if powered is not None else pair()
+    t = powered.run(f"pair:{gs}", pair)
     out[str(gs)] = t["both"] / max(t["chain_a"], t["chain_b"])
     print(f"interference: GEMM on {gs} SMs x{t['reps_a']} {t['chain_a'] * 1e3:.2f} ms, attention on {asms} "
           f"x{t['reps_b']} {t['chain_b'] * 1e3:.2f} ms, together {t['both'] * 1e3:.2f} ms: factor "

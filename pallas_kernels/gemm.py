@@ -51,11 +51,17 @@ def gemm_silu_mul_reference(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def _tuned() -> dict[str, dict]:
-  if os.path.exists(CONFIG_FILE):
-    with open(CONFIG_FILE) as f:
+def tuned_configs(path: str) -> dict[str, dict]:
+  """A tuner's tilings by shape key, read once per file ({} where none was written): gemm_configs.json here,
+  gemm_fp8.py's file too."""
+  if os.path.exists(path):
+    with open(path) as f:
       return json.load(f)
   return {}
+
+
+def _tuned() -> dict[str, dict]:
+  return tuned_configs(CONFIG_FILE)
 
 
 def config_for(m: int, n: int, k: int, num_sms: int) -> dict:
@@ -131,9 +137,9 @@ def gemm(a: jax.Array, b: jax.Array, residual: jax.Array | None = None, *, num_s
   return _launch(body, a, b, (residual,), layer, jax.ShapeDtypeStruct((m, n), out_dtype), num_sms)
 
 
-def _silu_mul_cta_tile(cfg: dict) -> tuple[int, int]:
-  """The CTA's output tile (rows, columns of I): the two consumer warpgroups' tiles side by side along
-  wg_dimension."""
+def cta_tile(cfg: dict) -> tuple[int, int]:
+  """The CTA's output tile (rows, columns): the two consumer warpgroups' tiles side by side along
+  wg_dimension (the kernels written here: gemm_silu_mul, gemm_fp8.py's)."""
   split_m = cfg["wg_dimension"] == "M"
   return cfg["tile_m"] * (1 + split_m), cfg["tile_n"] * (2 - split_m)
 
@@ -141,7 +147,7 @@ def _silu_mul_cta_tile(cfg: dict) -> tuple[int, int]:
 def silu_mul_supported(m: int, n: int, k: int, config: dict | None = None) -> bool:
   """n: the weight's columns, 2I. Each CTA's tile must divide M and I."""
   cfg = {**SILU_MUL_DEFAULT, **(config or {})}
-  cta_m, cta_n = _silu_mul_cta_tile(cfg)
+  cta_m, cta_n = cta_tile(cfg)
   return n % 2 == 0 and m % cta_m == 0 and (n // 2) % cta_n == 0 and k % cfg["tile_k"] == 0
 
 
@@ -168,7 +174,7 @@ def _silu_mul_body(a_gmem, b_gmem, out_gmem, *, cfg: dict):
   inter = out_gmem.shape[1]
   tile_m, tile_n, tile_k = cfg["tile_m"], cfg["tile_n"], cfg["tile_k"]
   split_m = cfg["wg_dimension"] == "M"
-  cta_m, cta_n = _silu_mul_cta_tile(cfg)
+  cta_m, cta_n = cta_tile(cfg)
   m_tiles, n_tiles, k_steps = m // cta_m, inter // cta_n, k // tile_k
   itemsize = jnp.dtype(a_gmem.dtype).itemsize
   swizzle = plgpu.find_swizzle(tile_k * itemsize * 8)

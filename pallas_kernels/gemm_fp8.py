@@ -23,11 +23,12 @@ beats XLA's fp8 dot measured in the same run (EngineConfig.fp8_gemm), else XLA's
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.gemm import cta_tile, tuned_configs, warp_specialized_kernel
 
 FP8 = jnp.float8_e4m3fn
 # One consumer warpgroup's tile is tile_m x tile_n; the CTA's is two of them side by side along
@@ -43,12 +44,8 @@ SILU_MUL_DEFAULT = dict(tile_m=64, tile_n=128, tile_k=128, max_concurrent_steps=
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "gemm_fp8_configs.json")
 
 
-@functools.cache
 def _tuned() -> dict[str, dict]:
-  if os.path.exists(CONFIG_FILE):
-    with open(CONFIG_FILE) as f:
-      return json.load(f)
-  return {}
+  return tuned_configs(CONFIG_FILE)
 
 
 def config_key(m: int, n: int, k: int, silu_mul: bool = False) -> str:
@@ -83,16 +80,10 @@ def gemm_fp8_silu_mul_reference(a8: jax.Array, w8: jax.Array, a_scale: jax.Array
   return (jax.nn.silu(gate) * up).astype(out_dtype)
 
 
-def _cta_tile(cfg: dict) -> tuple[int, int]:
-  """The CTA's output tile (rows, columns): the two consumer warpgroups' tiles side by side."""
-  split_m = cfg["wg_dimension"] == "M"
-  return cfg["tile_m"] * (1 + split_m), cfg["tile_n"] * (2 - split_m)
-
-
 def supported(m: int, n: int, k: int, config: dict | None = None, silu_mul: bool = False) -> bool:
   """n: the weight's rows (output channels; 2I for gate_up). The CTA tile must divide M and N (or I)."""
   cfg = config_for(m, n, k, silu_mul, config)
-  cta_m, cta_n = _cta_tile(cfg)
+  cta_m, cta_n = cta_tile(cfg)
   n_out = n // 2 if silu_mul else n
   return (not silu_mul or n % 2 == 0) and m % cta_m == 0 and n_out % cta_n == 0 and k % cfg["tile_k"] == 0
 
@@ -148,7 +139,6 @@ def gemm_fp8_silu_mul(a8: jax.Array, w8: jax.Array, a_scale: jax.Array, w_scale:
 def _launch(body, a8, w8, a_scale, w_scale, residual, layer, out_type, num_sms):
   """body(a, w, a_scale, w_scale, residual | None, out) on `num_sms` CTAs (gemm.warp_specialized_kernel);
   with `layer` the body gets the layer's views of the weight and scale stacks."""
-  from pallas_kernels.gemm import warp_specialized_kernel
   extra = () if residual is None else (residual,)
 
   def kernel_body(*refs):
@@ -173,7 +163,7 @@ def _body(a_gmem, w_gmem, as_gmem, ws_gmem, res_gmem, out_gmem, *, cfg: dict, si
   n_out = out_gmem.shape[1]          # N, or I for gate_up
   tile_m, tile_n, tile_k = cfg["tile_m"], cfg["tile_n"], cfg["tile_k"]
   split_m = cfg["wg_dimension"] == "M"
-  cta_m, cta_n = _cta_tile(cfg)
+  cta_m, cta_n = cta_tile(cfg)
   m_tiles, n_tiles, k_steps = m // cta_m, n_out // cta_n, k // tile_k
   swizzle = plgpu.find_swizzle(tile_k * 8)          # e4m3: one byte an element
   transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))

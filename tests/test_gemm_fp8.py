@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernel_utils import gpu_interpret
-from pallas_kernels import gemm_fp8
+from pallas_kernels import gemm, gemm_fp8
 
 # CTA tiles of 128 x 128: the consumer warpgroups split along M (64-row tiles) or along N (64 columns each).
 SPLIT_M = dict(tile_m=64, tile_n=128, wg_dimension="M")
@@ -186,7 +186,6 @@ def test_tuned_tilings_are_taken_per_shape(tmp_path, monkeypatch):
   path.write_text('{"256x512x1024": {"tile_m": 64, "tile_n": 256, "wg_dimension": "M"}, '
                   '"silu_mul:256x512x1024": {"max_concurrent_steps": 2}}')
   monkeypatch.setattr(gemm_fp8, "CONFIG_FILE", str(path))
-  gemm_fp8._tuned.cache_clear()
   try:
     assert gemm_fp8.config_for(256, 512, 1024)["wg_dimension"] == "M"
     assert gemm_fp8.config_for(256, 512, 1024, silu_mul=True) == {**gemm_fp8.SILU_MUL_DEFAULT, "max_concurrent_steps": 2}
@@ -194,4 +193,4 @@ def test_tuned_tilings_are_taken_per_shape(tmp_path, monkeypatch):
     assert gemm_fp8.config_for(256, 512, 1024, config={"tile_k": 64}) == {**gemm_fp8.DEFAULT, "tile_k": 64}
     assert gemm_fp8.supported(256, 512, 1024) and gemm_fp8.config_key(256, 512, 1024, True) == "silu_mul:256x512x1024"
   finally:
-    gemm_fp8._tuned.cache_clear()
+    gemm.tuned_configs.cache_clear()
