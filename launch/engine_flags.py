@@ -45,6 +45,10 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_integer("small_step_attention", 0, "Steps of at most this many tokens run their attention as the "
                        "Pallas kernel, which XLA's command buffers record with the rest of the step (the Triton "
                        "kernel's jax-triton calls split them); 0: off (issue 27, being measured).")
+  flags.DEFINE_bool("overlap_dispatch", False, "Dispatch each step on a thread of its own, beside the host's reading "
+                    "of the last step and scheduling of the next: the host's time per step becomes the longer of "
+                    "the two instead of their sum, and tokens reach clients one dispatch sooner (issue 27, being "
+                    "measured).")
   flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"], "The step's decoder layers: scan = one "
                     "loop over the stacked weights (compiled once); unrolled = every layer in the step, each with "
                     "weights of its own (XLA's dot reads them in place, command buffers take the whole step; longer "
@@ -92,7 +96,8 @@ def engine_kwargs() -> dict:
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
               layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization,
               enable_prefix_caching=FLAGS.enable_prefix_caching, host_kv_cache_gb=FLAGS.host_kv_cache_gb,
-              small_step_attention=FLAGS.small_step_attention, fp8_gemm=FLAGS.fp8_gemm)
+              small_step_attention=FLAGS.small_step_attention, fp8_gemm=FLAGS.fp8_gemm,
+              overlap_dispatch=FLAGS.overlap_dispatch)
 
 
 # vLLM's names for our flags (`vllm serve` users' scripts run as they are); values map where vLLM's differ.

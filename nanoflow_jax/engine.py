@@ -7,6 +7,7 @@ A decode whose input token is still on the device takes it from the device-side 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from nanoflow_jax import distributed, gc_policy, kv_cache, sampler, structured
+from nanoflow_jax import dispatch_thread, distributed, gc_policy, kv_cache, sampler, structured
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
 from nanoflow_jax.runtime.plan import GENERIC_CONFIG
@@ -70,6 +71,9 @@ class EngineConfig:
   kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32 or fp8
                                           # (float8_e4m3fn, no scales: half the bytes of bf16)
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
+  overlap_dispatch: bool = False          # each step dispatched on a thread of its own while the host reads the
+                                          # last step and schedules the next (dispatch_thread.py; not yet
+                                          # measured on a GPU: off)
 
   def validate(self):
     if self.mode not in MODES:
@@ -117,11 +121,12 @@ class StepRecord(NamedTuple):
 class EngineStats:
   steps: int = 0
   tokens: int = 0
-  host_seconds: float = 0.0       # scheduling, input building, dispatch, output processing
-  wait_seconds: float = 0.0       # blocked on the device's results
+  host_seconds: float = 0.0       # the engine thread's time: scheduling, input building, dispatch (unless on
+                                  # its own thread: overlap_dispatch), output processing
+  wait_seconds: float = 0.0       # blocked on the device's results (and with overlap_dispatch, on the dispatch)
   schedule_seconds: float = 0.0   # parts of host_seconds
   build_seconds: float = 0.0
-  dispatch_seconds: float = 0.0
+  dispatch_seconds: float = 0.0   # (with overlap_dispatch: the dispatch thread's time, not part of host_seconds)
   process_seconds: float = 0.0
   prompt_tokens: int = 0
   generated_tokens: int = 0
@@ -207,7 +212,9 @@ class Engine:
     self.eos_ids = tuple(self.tokenizer.eos_ids if self.tokenizer else cfg.eos_token_ids)
     self.requests: dict[str, _Request] = {}
     self.stats = EngineStats()
-    self._pending = None           # (device outputs, [(seq, slot)], prompt-logprob rows, their outputs) in flight
+    self._pending = None           # (Pending of (device outputs, prompt-logprob outputs), [(seq, slot)],
+                                   # prompt-logprob rows) in flight
+    self._dispatcher = dispatch_thread.Dispatcher() if c.overlap_dispatch else None
     self._lp_entries: list = []
     self._seq_ids = itertools.count()
     # Seeds of unseeded requests. In a multi-host job every process runs the same step on its share of the
@@ -283,12 +290,19 @@ class Engine:
       self.pop_output(request_id)
 
   def abort_all(self, reason: str = "abort") -> None:
+    failed = self._dispatcher is not None and self._dispatcher.failed
+    self.drain()   # (whatever is in flight ends first; its results are dropped with _pending)
     for rid in list(self.requests):
       self.abort(rid, reason)
     self._pending = None
+    if failed:
+      # A step that failed on the dispatch thread did so after the engine went on: pages registered in the
+      # prefix cache meanwhile (a request aborted in between, say) may not have been written.
+      self.pool.forget_unheld()
 
   def usable(self) -> bool:
     """Whether the device state survives (a step that failed after donating its buffers loses it)."""
+    self.drain()
     ex = self.executor
     state = (ex.kv, ex.last_tokens, ex.counts, ex.prompt_mask)
     return all(x is not None and not x.is_deleted() for x in jax.tree.leaves(state))
@@ -314,9 +328,15 @@ class Engine:
   # --- the loop ---------------------------------------------------------------------------------
   def step(self) -> None:
     t0 = time.perf_counter()
-    compile0 = sum(self.executor.compile_seconds.values())
+    threaded = self._dispatcher is not None
+    # (with a dispatch thread the compiles happen there, beside this thread's work)
+    compile0 = 0.0 if threaded else sum(self.executor.compile_seconds.values())
     st = self.stats
+    self._raise_dispatch_failure()
     batch = self.scheduler.schedule()
+    if threaded and (self.pool.evicted or self.pool.uploads):
+      self._dispatcher.wait_idle()   # the host tier reads and writes the cache the steps in flight write
+      self._raise_dispatch_failure()
     self._move_host_pages()
     t1 = time.perf_counter()
     st.schedule_seconds += t1 - t0
@@ -325,20 +345,24 @@ class Engine:
       inp, sampled = self._build_inputs(batch)
       t2 = time.perf_counter()
       st.build_seconds += t2 - t1
-      # Copies: on the CPU a numpy argument may be aliased, and the host rows change next step.
-      dispatched = (self.executor.run(inp, jax.tree.map(np.copy, self.sp), self._extras(sampled, len(inp.sample_slots))),
-                    sampled, self._lp_entries, self.executor.prompt_logprobs if self._lp_entries else ())
-      st.dispatch_seconds += time.perf_counter() - t2
-      st.steps += 1
-      st.tokens += batch.num_tokens
+      record = None
       if st.step_records is not None:
         decodes = sum(1 for ch in batch.chunks if ch.decode)
-        st.step_records.append(StepRecord(time.perf_counter(), batch.num_tokens, inp.tokens.shape[0], decodes,
-                                          sum(ch.start + ch.length for ch in batch.chunks if ch.decode)))
+        record = (batch.num_tokens, inp.tokens.shape[0], decodes,
+                  sum(ch.start + ch.length for ch in batch.chunks if ch.decode))
+      # Copies: on the CPU a numpy argument may be aliased, and the host rows change next step.
+      job = functools.partial(self._dispatch, inp, jax.tree.map(np.copy, self.sp),
+                              self._extras(sampled, len(inp.sample_slots)), bool(self._lp_entries), record)
+      pending = self._dispatcher.submit(job) if threaded else dispatch_thread.completed(job)
+      dispatched = (pending, sampled, self._lp_entries)
+      st.steps += 1
+      st.tokens += batch.num_tokens
     wait = 0.0
     if self._pending is not None:
-      outs, sampled, lp_entries, prompt_lp = self._pending
+      pending, sampled, lp_entries = self._pending
       tw = time.perf_counter()
+      self._pending = None   # (read once: a failure here is not raised again)
+      outs, prompt_lp = pending.result()
       tokens, lp, top_lp, top_ids = jax.device_get(outs)
       if lp_entries:
         self._prompt_logprobs(lp_entries, *jax.device_get(prompt_lp))
@@ -347,8 +371,35 @@ class Engine:
       st.process_seconds += time.perf_counter() - tw - wait
     self._pending = dispatched
     self.stats.wait_seconds += wait
-    compiling = sum(self.executor.compile_seconds.values()) - compile0
+    compiling = 0.0 if threaded else sum(self.executor.compile_seconds.values()) - compile0
     self.stats.host_seconds += time.perf_counter() - t0 - wait - compiling
+
+  def _dispatch(self, inp: StepInputs, sp, extras: dict, prompt_logprobs: bool, record: tuple | None):
+    """The executor's calls for one step (on the dispatch thread where there is one): (device outputs, prompt
+    log-probability outputs or ())."""
+    t = time.perf_counter()
+    outs = self.executor.run(inp, sp, extras)
+    prompt_lp = self.executor.prompt_logprobs if prompt_logprobs else ()
+    done = time.perf_counter()
+    self.stats.dispatch_seconds += done - t
+    if record is not None:
+      self.stats.step_records.append(StepRecord(done, *record))
+    return outs, prompt_lp
+
+  def _raise_dispatch_failure(self) -> None:
+    """A step that failed on the dispatch thread: its error raised here, before anything else is decided."""
+    if self._dispatcher is None or not self._dispatcher.failed:
+      return
+    if self._pending is not None:
+      pending, self._pending = self._pending[0], None
+      pending.result()
+    raise RuntimeError("a step failed on the dispatch thread (its error was raised before)")
+
+  def drain(self) -> None:
+    """Waits for the steps on the dispatch thread (none without one): the executor's state is then this
+    thread's to read or change."""
+    if self._dispatcher is not None:
+      self._dispatcher.drain()
 
   def _move_host_pages(self) -> None:
     """The host KV tier's moves the schedule asked for, dispatched before the step: the cached pages it evicted
@@ -578,6 +629,9 @@ class Engine:
   def shutdown(self) -> None:
     """Drops the device state (KV cache, sampling state) so another engine can take the memory."""
     self.abort_all()
+    if self._dispatcher is not None:
+      self._dispatcher.close()
+      self._dispatcher = None
     ex = self.executor
     ex.kv = ex.params = ex.last_tokens = ex.counts = ex.prompt_mask = None
     ex._compiled.clear()

@@ -137,6 +137,10 @@ class PagePool:
         del self._evictable[page]
         self._free.append(page)
 
+  def forget_unheld(self) -> None:
+    """Uncaches every cached page no sequence holds (after a step failed while the engine went on)."""
+    self.forget(list(self._evictable))
+
   def check(self) -> None:
     """The pool's invariants (tests): every page exactly one of free / held / cached-unheld."""
     free, evictable = set(self._free), set(self._evictable)

@@ -177,10 +177,10 @@ def test_huge_inputs_are_tokenized_off_the_event_loop(server):
 
 
 # --- the engine thread: one request's failure is that request's; a lost engine exits ------------------------
-@pytest.fixture(scope="module")
-def tiny_engine():
+@pytest.fixture(scope="module", params=[False, True], ids=["inline-dispatch", "overlap-dispatch"])
+def tiny_engine(request):
   from nanoflow_jax.llm import build_engine
-  return build_engine("tiny", dense_batch=64, num_pages=256, max_num_seqs=8)
+  return build_engine("tiny", dense_batch=64, num_pages=256, max_num_seqs=8, overlap_dispatch=request.param)
 
 
 def _run_async(coro):
