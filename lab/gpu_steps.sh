@@ -58,6 +58,10 @@ step_step-fp8-gemms()     { $PY lab/step_bench.py --model=llama-3-8b --kernels=t
                               --out="$OUT/step-fp8-gemms.md"; }
 step_bench-1024-512-w8-mosaic() { bench bench-1024-512-w8-mosaic 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \
                               --fp8_gemm=mosaic --power_sample_ms=100; }
+# Issue 27: each step dispatched on a thread of its own (--overlap_dispatch): the host's time per step becomes the
+# longer of the dispatch and the engine's Python instead of their sum; against bench-1024-512-w8 of the same call.
+step_bench-1024-512-w8-overlap() { bench bench-1024-512-w8-overlap 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \
+                              --overlap_dispatch --power_sample_ms=100; }
 step_bench-1024-512-w16() { bench bench-1024-512-w16 1024-512 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }
 step_bench-1000-1000-w8() { bench bench-1000-1000-w8 1000-1000 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
 step_bench-1000-1000-w16() { bench bench-1000-1000-w16 1000-1000 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }
@@ -158,6 +162,8 @@ step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/t
 # Issue 27's online latency at low rates through the server (1024/512, fp8 weights and KV): serve.py in the
 # background, benchmark --url against it. SERVE_MODEL/SERVE_FLAGS/RATES/N override (the CPU check: tiny).
 step_online-low-w8()      { served online-low-w8 "${SERVE_FLAGS:---quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256}" \
+                              --workload=1024-512 --num_requests=${N:-40} --rates=${RATES:-0.5,1,2}; }
+step_online-low-w8-overlap() { served online-low-w8-overlap "${SERVE_FLAGS:---quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256} --overlap_dispatch" \
                               --workload=1024-512 --num_requests=${N:-40} --rates=${RATES:-0.5,1,2}; }
 # Issue 28 online: multi-round chats through the server (fp8 weights and KV, a 4096-page pool that evicts live
 # histories), prefix caching off, on, and on with the host tier; one server each.
@@ -378,6 +384,14 @@ step_decode-cb()          { for v in default triton-in-cb pallas-small; do
                                 --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
                                 $([[ $v == pallas-small ]] && echo --small_step_attention=64) \
                                 --json_out="$OUT/decode-cb-$v.json" 2>&1 | grep -E "decode batch|Error|error|nknown" | tail -8
+                            done; }
+# Issue 27: the small decode steps with and without a dispatch thread (--overlap_dispatch), fp8 weights and KV.
+step_decode-overlap()     { for v in inline overlap; do
+                              echo "== $v"
+                              $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
+                                --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
+                                $([[ $v == overlap ]] && echo --overlap_dispatch) \
+                                --json_out="$OUT/decode-overlap-$v.json" 2>&1 | grep -E "decode batch|Error|error" | tail -8
                             done; }
 step_decode-sweep-w8-scan() { sweep decode-sweep-w8-scan --quantization=fp8 --layer_loop=scan; }
 

@@ -101,6 +101,12 @@ def check_decoding(engine, batch: int) -> None:
 HOST_PARTS = ("schedule", "build", "dispatch", "process", "wait")   # EngineStats' <part>_seconds
 
 
+def engine_thread_parts(overlap_dispatch: bool) -> tuple:
+  """The HOST_PARTS the engine's own thread spends a step on: all of them, less the dispatch where it runs on a
+  thread of its own (EngineConfig.overlap_dispatch; then it overlaps the others)."""
+  return tuple(p for p in HOST_PARTS if not (overlap_dispatch and p == "dispatch"))
+
+
 def time_decode(engine, batch: int, context: int, steps: int = 32, warmup: int = 4, host: dict | None = None) -> float:
   """Seconds per engine step with `batch` sequences decoding at `context`; the timed steps are checked to hold
   exactly `batch` decodes. `host`, where given, gets the engine loop's ms per step in each of HOST_PARTS (is a
@@ -134,14 +140,15 @@ def sweep(engine, batches: list[int], context: int = 1024, steps: int = 32) -> d
     print(f"decode batch {b:4d}: {1e3 * s:7.2f} ms per step, floor {1e3 * floor:6.2f} ms, {s / floor:5.2f}x the "
           f"floor; host ms " + ", ".join(f"{p} {v:.2f}" for p, v in host.items()), flush=True)
   return {"bandwidth_tb_s": bw, "weight_bytes": wbytes, "kv_bytes_per_token": per_tok, "context": context,
-          "rows": rows}
+          "overlap_dispatch": engine.config.overlap_dispatch, "rows": rows}
 
 
 def table(result: dict, title: str) -> str:
   bw = result["bandwidth_tb_s"]
   lines = [f"{title}: weights {result['weight_bytes'] / 1e9:.2f} GB, KV {result['kv_bytes_per_token']} B/token at "
            f"context {result['context']}; bandwidth {bw['best']:.2f} TB/s (copy {bw['copy']:.2f}, read "
-           f"{bw['read']:.2f})", "",
+           f"{bw['read']:.2f})" + ("; dispatch on a thread of its own (beside the other host parts)"
+                                   if result.get("overlap_dispatch") else ""), "",
            "| batch | step ms | floor ms | step / floor | tokens/s | host ms: " + " / ".join(HOST_PARTS) + " |",
            "|---|---|---|---|---|---|"]
   lines += [f"| {r['batch']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} | "
