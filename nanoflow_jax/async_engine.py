@@ -1,7 +1,9 @@
 """The engine on its own thread, with an asyncio streaming interface (add, iterate, abort).
 
 The HTTP side never blocks on the engine: requests and aborts go through a thread-safe inbox that the
-engine thread drains between steps; deltas come back through each request's asyncio queue.
+engine thread drains between steps; deltas come back through each request's asyncio queue, all of a step's
+at once (one wake-up of the event loop a step: handing each delta over on its own cost the engine thread
+3.9 ms a step at 1,024 streams, 0.19 ms batched; session 19, CPU).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class AsyncEngine:
     self.channel = channel
     self._ops: list = []              # the changes applied since the last message to the followers
     self._inbox: queue.Queue = queue.Queue()
+    self._outbox: list = []           # (event loop, asyncio queue, delta) the engine thread made since its last flush
     self._accepting = True
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name="nanoflow-engine", daemon=True)
@@ -68,7 +71,7 @@ class AsyncEngine:
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue[Delta] = asyncio.Queue()
     added: concurrent.futures.Future = concurrent.futures.Future()
-    on_delta = lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
+    on_delta = lambda d: self._outbox.append((loop, deltas, d))   # (called on the engine thread; _flush sends)
     done: set[int] = set()
     self._inbox.put(("add", (request_id, prompt_ids, params, prompt, on_delta), added))
     try:
@@ -150,6 +153,20 @@ class AsyncEngine:
       return
     fut.set_result(None)
 
+  def _flush(self) -> None:
+    """Engine thread: the deltas made since the last flush, handed to their event loops, one call per loop."""
+    if not self._outbox:
+      return
+    items, self._outbox = self._outbox, []
+    by_loop: dict = {}
+    for loop, q, d in items:
+      by_loop.setdefault(loop, []).append((q, d))
+    for loop, batch in by_loop.items():
+      try:
+        loop.call_soon_threadsafe(_deliver, batch)
+      except RuntimeError:   # its event loop is closed: nobody waits for these any more
+        pass
+
   def _publish(self, step: bool) -> None:
     """Leader: the changes since the last message, before the step they precede (multihost.py)."""
     if self.channel is not None and (self._ops or step):
@@ -168,6 +185,7 @@ class AsyncEngine:
     try:
       self._serve(collector)
     finally:
+      self._flush()   # (the final deltas of requests a failure ended)
       collector.idle()
 
   def _serve(self, collector) -> None:
@@ -183,6 +201,7 @@ class AsyncEngine:
           item = self._inbox.get_nowait()
         except queue.Empty:
           item = None
+      self._flush()   # (an abort's final delta)
       if not eng.has_work():
         collector.idle()
         self._publish(step=False)
@@ -195,6 +214,7 @@ class AsyncEngine:
       # A failed step must not leave requests hanging or pages held: step_and_collect aborts them (each
       # gets finish_reason "error", which the server answers with a 500 naming the request).
       error = multihost.step_and_collect(eng)
+      self._flush()
       if error is not None:
         self.error = error
         self.step_failures += 1
@@ -226,3 +246,9 @@ class AsyncEngine:
              (st.generated_tokens - g) / dt, len(eng.scheduler.running), len(eng.scheduler.waiting),
              100 * pool.num_used / pool.num_pages, pool.num_pages, 100 * pool.hit_tokens / max(pool.queried_tokens, 1))
     self._last_line = (now, st.prompt_tokens, st.generated_tokens)
+
+
+def _deliver(batch: list) -> None:
+  """Event loop: a flush's deltas into their requests' queues, in the order the engine made them."""
+  for q, d in batch:
+    q.put_nowait(d)

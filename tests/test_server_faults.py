@@ -220,6 +220,41 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_engine):
   assert tiny_engine.pool.num_used == 0
 
 
+def test_a_steps_deltas_reach_the_event_loop_in_one_call(tiny_engine):
+  """Eight streams at once: every token of every stream arrives, in order, and the engine thread wakes the event
+  loop about once a step (one call_soon_threadsafe per delta cost it 3.9 ms a step at 1,024 streams)."""
+  import asyncio
+  from nanoflow_jax.async_engine import AsyncEngine
+  from nanoflow_jax.sampling_params import SamplingParams
+  eng = AsyncEngine(tiny_engine).start()
+
+  async def main():
+    loop = asyncio.get_running_loop()
+    calls = {"n": 0}
+    real = loop.call_soon_threadsafe
+
+    def counting(*a, **kw):
+      calls["n"] += 1
+      return real(*a, **kw)
+    loop.call_soon_threadsafe = counting
+
+    async def one(i):
+      return [d async for d in eng.generate(f"s{i}", [3, 4, 5 + i], SamplingParams(max_tokens=12, ignore_eos=True,
+                                                                                  temperature=0))]
+    steps0 = tiny_engine.stats.steps
+    outs = await asyncio.gather(*(one(i) for i in range(8)))
+    return outs, calls["n"], tiny_engine.stats.steps - steps0
+  try:
+    outs, calls, steps = _run_async(main())
+  finally:
+    eng.shutdown()
+  for deltas in outs:
+    assert [len(d.token_ids) for d in deltas] == [1] * 12 and deltas[-1].finish_reason == "length"
+    assert [d.num_output_tokens for d in deltas] == list(range(1, 13))
+  assert calls <= steps + 8 + 4, (calls, steps)   # (+ each request's `added` future, and a few wake-ups)
+  assert calls < 8 * 12 / 2
+
+
 def test_a_lost_device_state_stops_the_engine_and_serve_exits_1(tiny_engine):
   """A step that fails after donating its buffers leaves no usable engine: the thread reports it as fatal,
   /health turns 503, and serve() returns 1 at once (a supervisor restarts the process)."""
