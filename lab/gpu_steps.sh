@@ -393,6 +393,11 @@ step_decode-overlap()     { for v in inline overlap; do
                                 $([[ $v == overlap ]] && echo --overlap_dispatch) \
                                 --json_out="$OUT/decode-overlap-$v.json" 2>&1 | grep -E "decode batch|Error|error" | tail -8
                             done; }
+# Issue 27: where the batch-1 fp8 decode step's 6.24 ms go (floor 1.90 ms): one sequence at context 1024, traced
+# (kernel time by kind, the device's idle time between them, the step's span).
+step_step-fp8-decode1()   { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \
+                              --decodes=1 --context=1024 --prefill=0 --max_num_seqs=64 --dense_batch=2048 --nanoflow=false \
+                              --iters=20 --trace_dir="$OUT/trace-fp8-decode1" --out="$OUT/step-fp8-decode1.md"; }
 step_decode-sweep-w8-scan() { sweep decode-sweep-w8-scan --quantization=fp8 --layer_loop=scan; }
 
 for spec in "$@"; do
