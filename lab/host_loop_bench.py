@@ -1,0 +1,175 @@
+"""The engine's host loop without a device: tokens per second and the host's parts per step, with the
+executor replaced by a stub whose dispatch takes --dispatch_ms with the GIL released (as XLA's kernel launches
+do) and returns the sampled tokens at once. What the loop costs in Python, and what a change to it (a dispatch
+thread: --overlap_dispatch) gains, measured on the CPU before any device time is spent.
+
+  python lab/host_loop_bench.py --seqs=1,64,1024 --dispatch_ms=0,6,10
+  python lab/host_loop_bench.py --seqs=512 --dispatch_ms=20 --server   # through the HTTP server, 512 streams
+
+Every variant runs its sequences to --tokens output tokens each (all admitted, then decoding), one engine per
+variant; --server serves the same engine (launch/serve.py's app) and streams the completions from a
+subprocess, so the event loop's share of the GIL is in the figure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ""):
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("seqs", ["1", "64", "1024"], "Sequences decoding at once.")
+flags.DEFINE_list("dispatch_ms", ["0", "10"], "The stub's dispatch time per step (GIL released).")
+flags.DEFINE_list("overlap", ["false", "true"], "EngineConfig.overlap_dispatch values to run.")
+flags.DEFINE_integer("tokens", 64, "Output tokens per sequence.")
+flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence.")
+flags.DEFINE_bool("detokenize", True, "Detokenize the outputs (the tiny model's byte-level tokenizer).")
+flags.DEFINE_bool("server", False, "Stream the completions through the HTTP server instead of generating offline.")
+flags.DEFINE_string("out", None, "Write the table (markdown) here.")
+
+PARTS = ("schedule", "build", "dispatch", "process", "wait")
+
+
+def stub_executor(engine, dispatch_s: float) -> None:
+  """engine.executor.run replaced: sleeps dispatch_s (the GIL is free meanwhile), then returns random tokens
+  (printable ASCII bytes of the tiny tokenizer: each is a streamed chunk of text)."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+
+  def run(inp, sp, extras=None):
+    if dispatch_s:
+      time.sleep(dispatch_s)
+    s = len(inp.sample_slots)
+    return (rng.integers(32, 127, s).astype(np.int32), np.zeros(s, np.float32), np.zeros((s, 20), np.float32),
+            np.zeros((s, 20), np.int32))
+  engine.executor.run = run
+
+
+def make_engine(seqs: int, overlap: bool, dispatch_s: float):
+  from nanoflow_jax.llm import build_engine
+  per_seq = -(-(FLAGS.prompt + FLAGS.tokens + 1) // 16)
+  engine = build_engine("tiny", dense_batch=2048, max_num_seqs=max(seqs, 1), num_pages=seqs * per_seq + 16,
+                        max_model_len=FLAGS.prompt + FLAGS.tokens + 16, overlap_dispatch=overlap,
+                        enable_prefix_caching=False)
+  stub_executor(engine, dispatch_s)
+  return engine
+
+
+def run_offline(seqs: int, overlap: bool, dispatch_s: float) -> dict:
+  import numpy as np
+  from nanoflow_jax.sampling_params import SamplingParams
+  engine = make_engine(seqs, overlap, dispatch_s)
+  rng = np.random.default_rng(1)
+  params = SamplingParams(max_tokens=FLAGS.tokens, ignore_eos=True, detokenize=FLAGS.detokenize)
+  for i in range(seqs):
+    engine.add_request(f"r{i}", rng.integers(3, 250, FLAGS.prompt).tolist(), params, on_delta=lambda d: None)
+  # timed from when every sequence decodes: the steady decode loop, not the admission
+  while any(not s.output_ids for r in engine.requests.values() for s in r.seqs):
+    engine.step()
+  before, tokens0 = dataclasses.replace(engine.stats), engine.stats.generated_tokens
+  t = time.perf_counter()
+  engine.run_until_done()
+  wall = time.perf_counter() - t
+  st, steps = engine.stats, max(engine.stats.steps - before.steps, 1)
+  engine.shutdown()
+  return {"tokens": st.generated_tokens - tokens0, "tokens_per_s": (st.generated_tokens - tokens0) / wall,
+          "ms_per_step": 1e3 * wall / steps,
+          **{p: 1e3 * (getattr(st, f"{p}_seconds") - getattr(before, f"{p}_seconds")) / steps for p in PARTS}}
+
+
+_CLIENT = r"""
+import asyncio, sys, time, aiohttp
+url, n, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), [7] * int(sys.argv[4])
+async def one(s, counts):
+  body = {"model": "tiny", "prompt": prompt, "max_tokens": tokens, "stream": True, "ignore_eos": True}
+  async with s.post(url + "/v1/completions", json=body) as r:
+    assert r.status == 200, r.status
+    async for line in r.content:
+      if line.startswith(b"data: {"):
+        counts[0] += 1
+async def main():
+  counts = [0]
+  async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                   timeout=aiohttp.ClientTimeout(total=900)) as s:
+    t = time.perf_counter()
+    await asyncio.gather(*(one(s, counts) for _ in range(n)))
+    print(counts[0], time.perf_counter() - t)
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_server(seqs: int, overlap: bool, dispatch_s: float) -> dict:
+  """The engine behind the server's app (create_app) on this process's event loop, `seqs` streams from a client
+  subprocess."""
+  import asyncio
+  from aiohttp import web
+  from nanoflow_jax.async_engine import AsyncEngine
+  from nanoflow_jax.server.app import create_app
+  engine = make_engine(seqs, overlap, dispatch_s)
+  ae = AsyncEngine(engine).start()
+
+  async def serving():
+    runner = web.AppRunner(create_app(ae, "tiny"))
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    before = dataclasses.replace(engine.stats)
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CLIENT, f"http://127.0.0.1:{port}", str(seqs), str(FLAGS.tokens), str(FLAGS.prompt),
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await client.communicate()
+    await runner.cleanup()
+    if client.returncode:
+      raise RuntimeError(f"the streaming client failed ({client.returncode})")
+    return before, out.decode().split()
+  before, (chunks, wall) = asyncio.run(serving())
+  st, steps = engine.stats, max(engine.stats.steps - before.steps, 1)
+  ae.shutdown()
+  engine.shutdown()
+  return {"tokens": int(chunks), "tokens_per_s": int(chunks) / float(wall), "ms_per_step": 1e3 * float(wall) / steps,
+          **{p: 1e3 * (getattr(st, f"{p}_seconds") - getattr(before, f"{p}_seconds")) / steps for p in PARTS}}
+
+
+def table(rows: list[dict]) -> str:
+  lines = [f"host loop on a stub executor ({'server, streaming' if FLAGS.server else 'offline'}; "
+           f"{FLAGS.prompt}-token prompts, {FLAGS.tokens} tokens each; detokenize {FLAGS.detokenize})", "",
+           "| sequences | dispatch ms | overlap | tokens/s | ms per step | " + " / ".join(PARTS) + " ms |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['seqs']} | {r['dispatch_ms']:g} | {r['overlap']} | {r['tokens_per_s']:,.0f} | "
+                 f"{r['ms_per_step']:.2f} | " + " / ".join(f"{r[p]:.2f}" for p in PARTS) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  rows = []
+  for seqs in map(int, FLAGS.seqs):
+    for d in map(float, FLAGS.dispatch_ms):
+      for ov in FLAGS.overlap:
+        overlap = ov.lower() in ("1", "true", "yes")
+        res = (run_server if FLAGS.server else run_offline)(seqs, overlap, d / 1e3)
+        rows.append({"seqs": seqs, "dispatch_ms": d, "overlap": overlap, **res})
+        print(json.dumps(rows[-1]), flush=True)
+  text = table(rows)
+  print(text)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
