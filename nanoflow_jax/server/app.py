@@ -197,8 +197,8 @@ class Handlers:
       yield idx, d
 
   # --- generation core ------------------------------------------------------------------------------
-  async def _run(self, rid: str, ids: list[int], params, prompt: str | None, sink: asyncio.Queue, offset: int):
-    """Feeds (choice index, delta) into `sink`; None when done. Observes latency metrics."""
+  async def _deltas(self, rid: str, ids: list[int], params, prompt: str | None, offset: int):
+    """One engine request's (choice index, delta), its errors as API errors; observes latency metrics."""
     m = self.state["metrics"]
     t0 = time.monotonic()
     first: dict[int, float] = {}
@@ -212,7 +212,7 @@ class Handlers:
           m.e2e.observe(t - t0)
           if d.num_output_tokens > 1 and d.index in first:
             m.tpot.observe((t - first[d.index]) / (d.num_output_tokens - 1))
-        await sink.put((offset + d.index, d))
+        yield offset + d.index, d
     except QueueFullError as e:
       raise P.ApiError(503, str(e), type_="server_overloaded", headers={"Retry-After": "1"}) from None
     except EngineStoppedError as e:
@@ -222,8 +222,18 @@ class Handlers:
     except RequestFailedError as e:
       raise P.ApiError(500, str(e), type_="internal_error") from None
 
+  async def _run(self, rid: str, ids: list[int], params, prompt: str | None, sink: asyncio.Queue, offset: int):
+    """Feeds one engine request's (choice index, delta) into `sink` (several prompts in one request)."""
+    async for item in self._deltas(rid, ids, params, prompt, offset):
+      await sink.put(item)
+
   async def _generate(self, prompts_ids, params, prompts_text, base_id):
-    """Starts one engine request per prompt; yields (choice index, delta) in arrival order."""
+    """Starts one engine request per prompt; yields (choice index, delta) in arrival order. One prompt (the
+    usual request) is passed straight through: the multiplexing below costs a task and a wait per token."""
+    if len(prompts_ids) == 1:
+      async for item in self._deltas(f"{base_id}-0", prompts_ids[0], params, prompts_text[0], 0):
+        yield item
+      return
     sink: asyncio.Queue = asyncio.Queue()
     tasks = [asyncio.create_task(self._run(f"{base_id}-{i}", ids, params, txt, sink, i * params.n))
              for i, (ids, txt) in enumerate(zip(prompts_ids, prompts_text))]
