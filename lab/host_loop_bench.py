@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 if __package__ in (None, ""):
   import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
@@ -24,14 +24,24 @@ if __package__ in (None, ""):
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("seqs", ["1", "64", "1024"], "Sequences decoding at once.")
-flags.DEFINE_list("dispatch_ms", ["0", "10"], "The stub's dispatch time per step (GIL released).")
-flags.DEFINE_list("overlap", ["false", "true"], "EngineConfig.overlap_dispatch values to run.")
-flags.DEFINE_integer("tokens", 64, "Output tokens per sequence.")
-flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence.")
-flags.DEFINE_bool("detokenize", True, "Detokenize the outputs (the tiny model's byte-level tokenizer).")
-flags.DEFINE_bool("server", False, "Stream the completions through the HTTP server instead of generating offline.")
-flags.DEFINE_string("out", None, "Write the table (markdown) here.")
+
+
+def _define_flags() -> None:
+  """(Only when run as a script: the tests import this module beside other lab tools with flags of these names.)"""
+  flags.DEFINE_list("seqs", ["1", "64", "1024"], "Sequences decoding at once.")
+  flags.DEFINE_list("dispatch_ms", ["0", "10"], "The stub's dispatch time per step (GIL released).")
+  flags.DEFINE_list("overlap", ["false", "true"], "EngineConfig.overlap_dispatch values to run.")
+  flags.DEFINE_integer("tokens", 64, "Output tokens per sequence.")
+  flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence.")
+  flags.DEFINE_bool("detokenize", True, "Detokenize the outputs (the tiny model's byte-level tokenizer).")
+  flags.DEFINE_bool("server", False, "Stream the completions through the HTTP server instead of generating offline.")
+  flags.DEFINE_string("out", None, "Write the table (markdown) here.")
+
+
+class Load(NamedTuple):
+  tokens: int = 64        # output tokens per sequence
+  prompt: int = 64        # prompt tokens per sequence
+  detokenize: bool = True
 
 PARTS = ("schedule", "build", "dispatch", "process", "wait")
 
@@ -51,24 +61,24 @@ def stub_executor(engine, dispatch_s: float) -> None:
   engine.executor.run = run
 
 
-def make_engine(seqs: int, overlap: bool, dispatch_s: float):
+def make_engine(seqs: int, overlap: bool, dispatch_s: float, load: Load):
   from nanoflow_jax.llm import build_engine
-  per_seq = -(-(FLAGS.prompt + FLAGS.tokens + 1) // 16)
+  per_seq = -(-(load.prompt + load.tokens + 1) // 16)
   engine = build_engine("tiny", dense_batch=2048, max_num_seqs=max(seqs, 1), num_pages=seqs * per_seq + 16,
-                        max_model_len=FLAGS.prompt + FLAGS.tokens + 16, overlap_dispatch=overlap,
+                        max_model_len=load.prompt + load.tokens + 16, overlap_dispatch=overlap,
                         enable_prefix_caching=False)
   stub_executor(engine, dispatch_s)
   return engine
 
 
-def run_offline(seqs: int, overlap: bool, dispatch_s: float) -> dict:
+def run_offline(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load()) -> dict:
   import numpy as np
   from nanoflow_jax.sampling_params import SamplingParams
-  engine = make_engine(seqs, overlap, dispatch_s)
+  engine = make_engine(seqs, overlap, dispatch_s, load)
   rng = np.random.default_rng(1)
-  params = SamplingParams(max_tokens=FLAGS.tokens, ignore_eos=True, detokenize=FLAGS.detokenize)
+  params = SamplingParams(max_tokens=load.tokens, ignore_eos=True, detokenize=load.detokenize)
   for i in range(seqs):
-    engine.add_request(f"r{i}", rng.integers(3, 250, FLAGS.prompt).tolist(), params, on_delta=lambda d: None)
+    engine.add_request(f"r{i}", rng.integers(3, 250, load.prompt).tolist(), params, on_delta=lambda d: None)
   # timed from when every sequence decodes: the steady decode loop, not the admission
   while any(not s.output_ids for r in engine.requests.values() for s in r.seqs):
     engine.step()
@@ -111,14 +121,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_server(seqs: int, overlap: bool, dispatch_s: float) -> dict:
+def run_server(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load()) -> dict:
   """The engine behind the server's app (create_app) on this process's event loop, `seqs` streams from a client
   subprocess."""
   import asyncio
   from aiohttp import web
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.server.app import create_app
-  engine = make_engine(seqs, overlap, dispatch_s)
+  engine = make_engine(seqs, overlap, dispatch_s, load)
   ae = AsyncEngine(engine).start()
 
   async def serving():
@@ -128,7 +138,7 @@ def run_server(seqs: int, overlap: bool, dispatch_s: float) -> dict:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     before = dataclasses.replace(engine.stats)
     client = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CLIENT, f"http://127.0.0.1:{port}", str(seqs), str(FLAGS.tokens), str(FLAGS.prompt),
+        sys.executable, "-c", _CLIENT, f"http://127.0.0.1:{port}", str(seqs), str(load.tokens), str(load.prompt),
         stdout=asyncio.subprocess.PIPE)
     out, _ = await client.communicate()
     await runner.cleanup()
@@ -143,9 +153,9 @@ def run_server(seqs: int, overlap: bool, dispatch_s: float) -> dict:
           **{p: 1e3 * (getattr(st, f"{p}_seconds") - getattr(before, f"{p}_seconds")) / steps for p in PARTS}}
 
 
-def table(rows: list[dict]) -> str:
-  lines = [f"host loop on a stub executor ({'server, streaming' if FLAGS.server else 'offline'}; "
-           f"{FLAGS.prompt}-token prompts, {FLAGS.tokens} tokens each; detokenize {FLAGS.detokenize})", "",
+def table(rows: list[dict], load: Load, server: bool) -> str:
+  lines = [f"host loop on a stub executor ({'server, streaming' if server else 'offline'}; "
+           f"{load.prompt}-token prompts, {load.tokens} tokens each; detokenize {load.detokenize})", "",
            "| sequences | dispatch ms | overlap | tokens/s | ms per step | " + " / ".join(PARTS) + " ms |",
            "|---|---|---|---|---|---|"]
   for r in rows:
@@ -156,15 +166,15 @@ def table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  rows = []
+  rows, load = [], Load(FLAGS.tokens, FLAGS.prompt, FLAGS.detokenize)
   for seqs in map(int, FLAGS.seqs):
     for d in map(float, FLAGS.dispatch_ms):
       for ov in FLAGS.overlap:
         overlap = ov.lower() in ("1", "true", "yes")
-        res = (run_server if FLAGS.server else run_offline)(seqs, overlap, d / 1e3)
+        res = (run_server if FLAGS.server else run_offline)(seqs, overlap, d / 1e3, load)
         rows.append({"seqs": seqs, "dispatch_ms": d, "overlap": overlap, **res})
         print(json.dumps(rows[-1]), flush=True)
-  text = table(rows)
+  text = table(rows, load, FLAGS.server)
   print(text)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
@@ -172,4 +182,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -517,7 +517,8 @@ def main(argv):
             f"{pc['prefill_tokens_computed']} prefill tokens computed, {pc['evictions']} evictions; TTFT p50 "
             f"{o['ttft_ms'].get('p50', 0):.0f} ms p99 {o['ttft_ms'].get('p99', 0):.0f} ms")
       print(f"{'':>10}  host per step (ms): " + ", ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in
-                                                       o["host_breakdown_ms_per_step"].items()))
+                                                       o["host_breakdown_ms_per_step"].items())
+            + (" (dispatch on a thread of its own, beside the rest)" if FLAGS.overlap_dispatch else ""))
       s = o["step_summary"]
       if "steady_tokens_per_s" in s:
         print(f"{'':>10}  steady state ({s['full_steps']} of {s['steps_timed']} steps full): "
