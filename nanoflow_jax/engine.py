@@ -302,7 +302,8 @@ class Engine:
 
   def usable(self) -> bool:
     """Whether the device state survives (a step that failed after donating its buffers loses it)."""
-    self.drain()
+    if self._dispatcher is not None:   # (waits for the steps in flight; a failure among them stays to be raised)
+      self._dispatcher.wait_idle()
     ex = self.executor
     state = (ex.kv, ex.last_tokens, ex.counts, ex.prompt_mask)
     return all(x is not None and not x.is_deleted() for x in jax.tree.leaves(state))

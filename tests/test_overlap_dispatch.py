@@ -178,3 +178,29 @@ def test_completed_calls_at_once_and_raises_at_once():
   assert dispatch_thread.completed(lambda: 7).result() == 7
   with pytest.raises(ZeroDivisionError):
     dispatch_thread.completed(lambda: 1 / 0)
+
+
+def test_a_failure_not_yet_raised_survives_a_look_at_the_device_state(model):
+  """usable() waits for the steps in flight but leaves their failure to be raised by the next step (the
+  step behind the failed one must not run on what it left)."""
+  eng = _engine(model, True)
+  run, calls = eng.executor.run, {"n": 0}
+
+  def flaky(*args, **kw):
+    calls["n"] += 1
+    if calls["n"] == 2:
+      raise RuntimeError("injected")
+    return run(*args, **kw)
+  eng.executor.run = flaky
+  eng.add_request("a", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+  eng.step()
+  eng.step()   # submits the failing dispatch
+  eng._dispatcher.wait_idle()
+  assert eng.usable()
+  with pytest.raises(RuntimeError, match="injected"):
+    eng.step()
+  eng._dispatcher.wait_idle()
+  assert calls["n"] == 2   # nothing was run after the failure
+  eng.abort_all("error")
+  eng.executor.run = run
+  eng.shutdown()
