@@ -174,6 +174,7 @@ step_online-multiround-w8-on()   { served online-multiround-w8-on "${SERVE_FLAGS
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_online-multiround-w8-host() { served online-multiround-w8-host "${SERVE_FLAGS:-$MR_FLAGS} --host_kv_cache_gb=${HOST_GB:-32}" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+step_tests-overlap()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k dispatched_on_a_thread; }
 step_tests-small-steps()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k small_steps; }
 step_sweep-fp8()          { $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
                               --attention_kv_dtype=fp8 --skip_gemm --out_dir="$OUT/sweep-fp8"; }
