@@ -101,8 +101,10 @@ def engine_kwargs() -> dict:
 
 
 # vLLM's names for our flags (`vllm serve` users' scripts run as they are); values map where vLLM's differ.
+# (vLLM's --async-scheduling schedules the next step while the GPU runs this one; ours already does, and its
+# nearest switch takes the dispatch off the engine's thread as well.)
 VLLM_NAMES = {"tensor-parallel-size": "tp", "tp": "tp", "gpu-memory-utilization": "kv_memory_fraction",
-              "max-num-batched-tokens": "dense_batch", "block-size": "page_size"}
+              "max-num-batched-tokens": "dense_batch", "block-size": "page_size", "async-scheduling": "overlap_dispatch"}
 VLLM_VALUES = {"kv_cache_dtype": {"fp8_e4m3": "fp8"}}
 VLLM_LISTS = ("served-model-name",)   # flags vLLM takes as several values: `--served-model-name a b`
 

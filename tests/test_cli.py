@@ -57,10 +57,10 @@ def test_vllm_flag_spellings_map_to_ours():
   got = vllm_argv(["serve", "/m", "--tensor-parallel-size", "2", "--max-model-len=4096", "--gpu-memory-utilization",
                    "0.8", "--kv-cache-dtype", "fp8_e4m3", "--served-model-name", "a", "b", "--no-enable-prefix-caching",
                    "--max-num-seqs", "32", "--max-num-batched-tokens", "4096", "--quantization", "fp8", "--port",
-                   "8001", "--max_model_len=5", "--no-such-flag", "3"])
+                   "8001", "--max_model_len=5", "--async-scheduling", "--no-such-flag", "3"])
   assert got == ["serve", "/m", "--tp=2", "--max_model_len=4096", "--kv_memory_fraction=0.8", "--kv_cache_dtype=fp8",
                  "--served_model_name=a,b", "--noenable_prefix_caching", "--max_num_seqs=32", "--dense_batch=4096",
-                 "--quantization=fp8", "--port=8001", "--max_model_len=5", "--no-such-flag", "3"]
+                 "--quantization=fp8", "--port=8001", "--max_model_len=5", "--overlap_dispatch", "--no-such-flag", "3"]
 
 
 def test_the_console_script_and_a_vllm_style_server(tmp_path):
