@@ -74,7 +74,7 @@ class LLM:
   # vLLM's keyword names -> ours. gpu_memory_utilization is vLLM's share of the whole GPU for weights and cache;
   # ours is the share of the memory left after the weights that the KV cache takes (the nearest knob).
   VLLM_NAMES = {"tensor_parallel_size": "tensor_parallel", "gpu_memory_utilization": "kv_memory_fraction",
-                "max_num_batched_tokens": "dense_batch"}
+                "max_num_batched_tokens": "dense_batch", "async_scheduling": "overlap_dispatch"}
 
   def __init__(self, model: str = "tiny", **engine_args):
     for theirs, ours in self.VLLM_NAMES.items():

@@ -9,7 +9,7 @@ GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm():
   return LLM("tiny", dense_batch=64, num_pages=128, max_num_seqs=4, gpu_memory_utilization=0.5,
-             tensor_parallel_size=1)
+             tensor_parallel_size=1, async_scheduling=True)
 
 
 def test_vllm_prompt_forms_give_the_same_output(llm):
@@ -25,6 +25,7 @@ def test_vllm_prompt_forms_give_the_same_output(llm):
 
 def test_vllm_keyword_names(llm):
   assert llm.engine.config.kv_memory_fraction == 0.5 and llm.engine.config.tensor_parallel == 1
+  assert llm.engine.config.overlap_dispatch
   with pytest.raises(TypeError, match="same setting"):
     LLM("tiny", tensor_parallel_size=1, tensor_parallel=1)
 
