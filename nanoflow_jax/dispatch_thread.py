@@ -14,7 +14,8 @@ thread: the outputs are the same.
 
 The dispatcher waits for the GIL after each launch returns; Python's default switch interval (5 ms) let the
 engine's Python hold it that long: a dispatch of ~9 ms took 13 ms beside 12 ms of Python (median of 40, this
-module's CPU check), 10.4 ms at 0.5 ms. The interval is lowered to SWITCH_INTERVAL_S while a dispatcher runs.
+module's CPU check), 10.4 ms at 0.5 ms. The interval is lowered to SWITCH_INTERVAL_S while a dispatcher is open
+(until the last one is closed: Engine.shutdown).
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
+_open = 0                      # dispatchers not yet closed
+_saved_interval: float | None = None   # the interpreter's switch interval before the first of them lowered it
+_lock = threading.Lock()
 
 
 class SkippedAfterFailure(RuntimeError):
@@ -71,10 +75,14 @@ class Dispatcher:
     self._failed = False
     self._closed = False
     self._last: Pending | None = None
-    if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-      log.info("dispatching steps on a thread of their own: the interpreter's switch interval lowered from %.1f "
-               "to %.1f ms", 1e3 * sys.getswitchinterval(), 1e3 * SWITCH_INTERVAL_S)
-      sys.setswitchinterval(SWITCH_INTERVAL_S)
+    global _open, _saved_interval
+    with _lock:
+      _open += 1
+      if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+        log.info("dispatching steps on a thread of their own: the interpreter's switch interval lowered from %.1f "
+                 "to %.1f ms", 1e3 * sys.getswitchinterval(), 1e3 * SWITCH_INTERVAL_S)
+        _saved_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
     self._thread.start()
 
@@ -103,13 +111,19 @@ class Dispatcher:
     self._failed = False
 
   def close(self) -> None:
-    """Drains, then ends the thread."""
+    """Drains, then ends the thread; the last dispatcher closed gives the switch interval back."""
+    global _open, _saved_interval
     if self._closed:
       return
     self.drain()
     self._closed = True
     self._jobs.put(None)
     self._thread.join()
+    with _lock:
+      _open -= 1
+      if _open == 0 and _saved_interval is not None:
+        sys.setswitchinterval(_saved_interval)
+        _saved_interval = None
 
   def _loop(self) -> None:
     while True:

@@ -147,7 +147,10 @@ def test_a_failed_dispatch_fails_the_requests_in_flight_and_runs_nothing_after_i
 
 
 def test_the_dispatcher_runs_in_order_skips_after_a_failure_until_drained():
+  import sys
+  before = sys.getswitchinterval()
   d = dispatch_thread.Dispatcher()
+  assert sys.getswitchinterval() <= dispatch_thread.SWITCH_INTERVAL_S
   seen, gate = [], threading.Event()
 
   def job(i, fail=False):
@@ -172,6 +175,8 @@ def test_the_dispatcher_runs_in_order_skips_after_a_failure_until_drained():
   d.close()
   with pytest.raises(RuntimeError, match="closed"):
     d.submit(job(4))
+  if dispatch_thread._open == 0:   # (no other dispatcher open in this process: the interval is given back)
+    assert sys.getswitchinterval() == before
 
 
 def test_completed_calls_at_once_and_raises_at_once():
