@@ -5,6 +5,7 @@ thread: --overlap_dispatch) gains, measured on the CPU before any device time is
 
   python lab/host_loop_bench.py --seqs=1,64,1024 --dispatch_ms=0,6,10
   python lab/host_loop_bench.py --seqs=512 --dispatch_ms=20 --server   # through the HTTP server, 512 streams
+  python lab/host_loop_bench.py --seqs=300 --dispatch_ms=10 --device_ms=8   # with a simulated device
 
 Every variant runs its sequences to --tokens output tokens each (all admitted, then decoding), one engine per
 variant; --server serves the same engine (launch/serve.py's app) and streams the completions from a
@@ -31,6 +32,8 @@ def _define_flags() -> None:
   flags.DEFINE_list("seqs", ["1", "64", "1024"], "Sequences decoding at once.")
   flags.DEFINE_list("dispatch_ms", ["0", "10"], "The stub's dispatch time per step (GIL released).")
   flags.DEFINE_list("overlap", ["false", "true"], "EngineConfig.overlap_dispatch values to run.")
+  flags.DEFINE_float("device_ms", 0.0, "A simulated device's time per step (from its dispatch's end, one step after "
+                     "another): the tokens are readable only then. 0: none (the loop's period is the host's).")
   flags.DEFINE_integer("tokens", 64, "Output tokens per sequence.")
   flags.DEFINE_integer("prompt", 64, "Prompt tokens per sequence.")
   flags.DEFINE_bool("detokenize", True, "Detokenize the outputs (the tiny model's byte-level tokenizer).")
@@ -46,35 +49,56 @@ class Load(NamedTuple):
 PARTS = ("schedule", "build", "dispatch", "process", "wait")
 
 
-def stub_executor(engine, dispatch_s: float) -> None:
+class _OnDevice:
+  """A stub output that a read (np.asarray, as jax.device_get does) returns only once the simulated device has
+  finished the step that made it."""
+
+  def __init__(self, value, ready_at: float):
+    self.value, self.ready_at = value, ready_at
+
+  def __array__(self, dtype=None, copy=None):
+    wait = self.ready_at - time.perf_counter()
+    if wait > 0:
+      time.sleep(wait)
+    return self.value
+
+
+def stub_executor(engine, dispatch_s: float, device_s: float = 0.0) -> None:
   """engine.executor.run replaced: sleeps dispatch_s (the GIL is free meanwhile), then returns random tokens
-  (printable ASCII bytes of the tiny tokenizer: each is a streamed chunk of text)."""
+  (printable ASCII bytes of the tiny tokenizer: each is a streamed chunk of text). With device_s, a simulated
+  device runs the steps one after another, each from when its dispatch ends (or the previous one is done) for
+  device_s, and the tokens can be read only then."""
   import numpy as np
   rng = np.random.default_rng(0)
+  device_free = [0.0]
 
   def run(inp, sp, extras=None):
     if dispatch_s:
       time.sleep(dispatch_s)
     s = len(inp.sample_slots)
-    return (rng.integers(32, 127, s).astype(np.int32), np.zeros(s, np.float32), np.zeros((s, 20), np.float32),
+    outs = (rng.integers(32, 127, s).astype(np.int32), np.zeros(s, np.float32), np.zeros((s, 20), np.float32),
             np.zeros((s, 20), np.int32))
+    if not device_s:
+      return outs
+    device_free[0] = max(device_free[0], time.perf_counter()) + device_s
+    return tuple(_OnDevice(o, device_free[0]) for o in outs)
   engine.executor.run = run
 
 
-def make_engine(seqs: int, overlap: bool, dispatch_s: float, load: Load):
+def make_engine(seqs: int, overlap: bool, dispatch_s: float, load: Load, device_s: float = 0.0):
   from nanoflow_jax.llm import build_engine
   per_seq = -(-(load.prompt + load.tokens + 1) // 16)
   engine = build_engine("tiny", dense_batch=2048, max_num_seqs=max(seqs, 1), num_pages=seqs * per_seq + 16,
                         max_model_len=load.prompt + load.tokens + 16, overlap_dispatch=overlap,
                         enable_prefix_caching=False)
-  stub_executor(engine, dispatch_s)
+  stub_executor(engine, dispatch_s, device_s)
   return engine
 
 
-def run_offline(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load()) -> dict:
+def run_offline(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load(), device_s: float = 0.0) -> dict:
   import numpy as np
   from nanoflow_jax.sampling_params import SamplingParams
-  engine = make_engine(seqs, overlap, dispatch_s, load)
+  engine = make_engine(seqs, overlap, dispatch_s, load, device_s)
   rng = np.random.default_rng(1)
   params = SamplingParams(max_tokens=load.tokens, ignore_eos=True, detokenize=load.detokenize)
   for i in range(seqs):
@@ -121,14 +145,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_server(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load()) -> dict:
+def run_server(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load(), device_s: float = 0.0) -> dict:
   """The engine behind the server's app (create_app) on this process's event loop, `seqs` streams from a client
   subprocess."""
   import asyncio
   from aiohttp import web
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.server.app import create_app
-  engine = make_engine(seqs, overlap, dispatch_s, load)
+  engine = make_engine(seqs, overlap, dispatch_s, load, device_s)
   ae = AsyncEngine(engine).start()
 
   async def serving():
@@ -153,9 +177,10 @@ def run_server(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load())
           **{p: 1e3 * (getattr(st, f"{p}_seconds") - getattr(before, f"{p}_seconds")) / steps for p in PARTS}}
 
 
-def table(rows: list[dict], load: Load, server: bool) -> str:
+def table(rows: list[dict], load: Load, server: bool, device_ms: float = 0.0) -> str:
   lines = [f"host loop on a stub executor ({'server, streaming' if server else 'offline'}; "
-           f"{load.prompt}-token prompts, {load.tokens} tokens each; detokenize {load.detokenize})", "",
+           f"{load.prompt}-token prompts, {load.tokens} tokens each; detokenize {load.detokenize}"
+           f"{f'; a simulated device step of {device_ms:g} ms' if device_ms else ''})", "",
            "| sequences | dispatch ms | overlap | tokens/s | ms per step | " + " / ".join(PARTS) + " ms |",
            "|---|---|---|---|---|---|"]
   for r in rows:
@@ -171,10 +196,10 @@ def main(argv):
     for d in map(float, FLAGS.dispatch_ms):
       for ov in FLAGS.overlap:
         overlap = ov.lower() in ("1", "true", "yes")
-        res = (run_server if FLAGS.server else run_offline)(seqs, overlap, d / 1e3, load)
+        res = (run_server if FLAGS.server else run_offline)(seqs, overlap, d / 1e3, load, FLAGS.device_ms / 1e3)
         rows.append({"seqs": seqs, "dispatch_ms": d, "overlap": overlap, **res})
         print(json.dumps(rows[-1]), flush=True)
-  text = table(rows, load, FLAGS.server)
+  text = table(rows, load, FLAGS.server, FLAGS.device_ms)
   print(text)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

@@ -19,3 +19,9 @@ def test_offline_runs_every_token_and_reports_the_loops_parts(overlap):
 def test_through_the_server_every_streamed_token_is_counted():
   r = hlb.run_server(4, True, 0.001, LOAD)
   assert r["tokens"] == 4 * 6 and r["tokens_per_s"] > 0 and r["dispatch"] >= 1.0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_simulated_device_sets_the_period_where_it_is_the_longest(overlap):
+  r = hlb.run_offline(4, overlap, 0.001, LOAD, device_s=0.02)
+  assert r["tokens"] == 4 * 5 and r["ms_per_step"] >= 20.0 and r["wait"] > 0
