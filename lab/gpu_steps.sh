@@ -59,9 +59,10 @@ step_step-fp8-gemms()     { $PY lab/step_bench.py --model=llama-3-8b --kernels=t
 step_bench-1024-512-w8-mosaic() { bench bench-1024-512-w8-mosaic 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \
                               --fp8_gemm=mosaic --power_sample_ms=100; }
 # Issue 27: each step dispatched on a thread of its own (--overlap_dispatch): the host's time per step becomes the
-# longer of the dispatch and the engine's Python instead of their sum; against bench-1024-512-w8 of the same call.
+# longer of the dispatch and the engine's Python instead of their sum. One process, one fp8 load: inline, then
+# the same workload with the thread (--compare=overlap).
 step_bench-1024-512-w8-overlap() { bench bench-1024-512-w8-overlap 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \
-                              --overlap_dispatch --power_sample_ms=100; }
+                              --compare=overlap --power_sample_ms=100; }
 step_bench-1024-512-w16() { bench bench-1024-512-w16 1024-512 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }
 step_bench-1000-1000-w8() { bench bench-1000-1000-w8 1000-1000 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
 step_bench-1000-1000-w16() { bench bench-1000-1000-w16 1000-1000 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }

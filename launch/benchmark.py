@@ -35,7 +35,8 @@ flags.DEFINE_string("workload_file", None, "CSV with ContextTokens,GeneratedToke
 flags.DEFINE_integer("num_requests", 200, "Requests (first rows of a file, unless --sample).")
 flags.DEFINE_bool("sample", False, "Seeded random sample of the file's rows.")
 flags.DEFINE_integer("seed", 0, "Seed for lengths, prompts and arrivals.")
-flags.DEFINE_enum("compare", None, ["sequential"], "Also run this mode on the same workload and print the ratio.")
+flags.DEFINE_enum("compare", None, ["sequential", "overlap"], "Also run the same workload on the same loaded model and "
+                  "print the ratio: sequential = that mode; overlap = this mode with --overlap_dispatch the other way.")
 flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; empty: offline mode.")
 flags.DEFINE_string("url", None, "Online mode through HTTP: a running server's base URL (e.g. http://127.0.0.1:8000).")
 flags.DEFINE_string("api_key", None, "Bearer key for --url.")
@@ -484,22 +485,31 @@ def main(argv):
     return
   if FLAGS.decode_sweep:
     return run_decode_sweep([int(b) for b in FLAGS.decode_sweep])
-  modes = [FLAGS.mode] + ([FLAGS.compare] if FLAGS.compare and FLAGS.compare != FLAGS.mode else [])
+  # (label, mode, overlap_dispatch) of each run; one model load serves them all
+  runs = [(FLAGS.mode, FLAGS.mode, FLAGS.overlap_dispatch)]
+  if FLAGS.compare == "overlap":
+    runs.append((f"{FLAGS.mode}+{'inline' if FLAGS.overlap_dispatch else 'overlap'}", FLAGS.mode,
+                 not FLAGS.overlap_dispatch))
+  elif FLAGS.compare and FLAGS.compare != FLAGS.mode:
+    runs.append((FLAGS.compare, FLAGS.compare, FLAGS.overlap_dispatch))
+  modes = [label for label, _, _ in runs]
   peak = gemm_peak_tflops()
   peak_random = gemm_peak_tflops(data="random")   # the same GEMM on weight-like data: below, by the power limit
   if FLAGS.quantization == "fp8":
     PEAK_FP8.append(gemm_peak_tflops(dtype="fp8"))
     print(f"fp8 GEMM peak in this run: {PEAK_FP8[0]:.0f} TFLOP/s (bf16: {peak:.0f})")
   results, model = {}, None
-  for mode in modes:
-    engine = build_engine(FLAGS.model, mode=mode, model_obj=model, **engine_flags.engine_kwargs())
+  for label, mode, overlap in runs:
+    engine = build_engine(FLAGS.model, mode=mode, model_obj=model,
+                          **{**engine_flags.engine_kwargs(), "overlap_dispatch": overlap})
     model = engine.model
     engine.num_devices = FLAGS.tp
     make = lambda k: make_requests(engine.max_model_len, engine.model.config.vocab_size, k)
     r = {"environment": environment(mode)}
+    r["environment"]["engine_options"]["overlap_dispatch"] = overlap
     r["online" if FLAGS.rates else "offline"] = run_online(engine, make) if FLAGS.rates else \
         run_offline(engine, make(0), peak, peak_random)
-    results[mode] = r
+    results[label] = r
     engine.shutdown()
     del engine
   print(f"\n{FLAGS.model} on {results[modes[0]]['environment']['device']}, workload "
@@ -518,7 +528,8 @@ def main(argv):
             f"{o['ttft_ms'].get('p50', 0):.0f} ms p99 {o['ttft_ms'].get('p99', 0):.0f} ms")
       print(f"{'':>10}  host per step (ms): " + ", ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in
                                                        o["host_breakdown_ms_per_step"].items())
-            + (" (dispatch on a thread of its own, beside the rest)" if FLAGS.overlap_dispatch else ""))
+            + (" (dispatch on a thread of its own, beside the rest)"
+               if r["environment"]["engine_options"]["overlap_dispatch"] else ""))
       s = o["step_summary"]
       if "steady_tokens_per_s" in s:
         print(f"{'':>10}  steady state ({s['full_steps']} of {s['steps_timed']} steps full): "

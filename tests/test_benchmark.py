@@ -53,6 +53,16 @@ def test_offline_compare_on_cpu(tmp_path):
   assert os.path.getsize(tmp_path / "b_steps_sequential.png") > 1000
 
 
+def test_offline_compare_overlap_runs_the_mode_both_ways_on_one_model(tmp_path):
+  res, stdout = _run(tmp_path, "--workload=512-512", "--num_requests=2", "--max_model_len=1024", "--compare=overlap")
+  assert set(res["results"]) == {"sequential", "sequential+overlap"}
+  opts = {k: r["environment"]["engine_options"]["overlap_dispatch"] for k, r in res["results"].items()}
+  assert opts == {"sequential": False, "sequential+overlap": True}
+  assert all(r["offline"]["total_output_tokens"] == 2 * 512 for r in res["results"].values())
+  assert "sequential / sequential+overlap throughput:" in stdout
+  assert stdout.count("(dispatch on a thread of its own") == 1
+
+
 FAKE_SMI = """#!{python}
 import sys, time
 args = sys.argv[1:]
