@@ -387,14 +387,11 @@ step_decode-cb()          { for v in default triton-in-cb pallas-small; do
                                 $([[ $v == pallas-small ]] && echo --small_step_attention=64) \
                                 --json_out="$OUT/decode-cb-$v.json" 2>&1 | grep -E "decode batch|Error|error|nknown" | tail -8
                             done; }
-# Issue 27: the small decode steps with and without a dispatch thread (--overlap_dispatch), fp8 weights and KV.
-step_decode-overlap()     { for v in inline overlap; do
-                              echo "== $v"
-                              $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
-                                --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
-                                $([[ $v == overlap ]] && echo --overlap_dispatch) \
-                                --json_out="$OUT/decode-overlap-$v.json" 2>&1 | grep -E "decode batch|Error|error" | tail -8
-                            done; }
+# Issue 27: the small decode steps with and without a dispatch thread (--overlap_dispatch), fp8 weights and KV;
+# one process, one load (--compare=overlap).
+step_decode-overlap()     { $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
+                              --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
+                              --compare=overlap --json_out="$OUT/decode-overlap.json" --plot_out="$OUT/decode-overlap.png"; }
 # Issue 27: where the batch-1 fp8 decode step's 6.24 ms go (floor 1.90 ms): one sequence at context 1024, traced
 # (kernel time by kind, the device's idle time between them, the step's span).
 step_step-fp8-decode1()   { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \

@@ -35,8 +35,9 @@ flags.DEFINE_string("workload_file", None, "CSV with ContextTokens,GeneratedToke
 flags.DEFINE_integer("num_requests", 200, "Requests (first rows of a file, unless --sample).")
 flags.DEFINE_bool("sample", False, "Seeded random sample of the file's rows.")
 flags.DEFINE_integer("seed", 0, "Seed for lengths, prompts and arrivals.")
-flags.DEFINE_enum("compare", None, ["sequential", "overlap"], "Also run the same workload on the same loaded model and "
-                  "print the ratio: sequential = that mode; overlap = this mode with --overlap_dispatch the other way.")
+flags.DEFINE_enum("compare", None, ["sequential", "overlap"], "Also run the same workload (or --decode_sweep) on the "
+                  "same loaded model and print the ratio: sequential = that mode; overlap = this mode with "
+                  "--overlap_dispatch the other way.")
 flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; empty: offline mode.")
 flags.DEFINE_string("url", None, "Online mode through HTTP: a running server's base URL (e.g. http://127.0.0.1:8000).")
 flags.DEFINE_string("api_key", None, "Bearer key for --url.")
@@ -442,20 +443,31 @@ def plot(results: dict, path: str) -> None:
 
 
 def run_decode_sweep(batches: list[int]) -> None:
+  """The decode sweep; with --compare=overlap also with --overlap_dispatch the other way, on the same model."""
   from launch import decode_sweep
   from nanoflow_jax.llm import build_engine
-  engine = build_engine(FLAGS.model, mode=FLAGS.mode, **engine_flags.engine_kwargs())
-  res = decode_sweep.sweep(engine, batches, FLAGS.decode_context)
-  res["environment"] = environment(FLAGS.mode)
-  engine.shutdown()
-  title = (f"{FLAGS.model}, {FLAGS.quantization or 'bf16'} weights, KV {FLAGS.kv_cache_dtype}, layer_unroll "
-           f"{FLAGS.layer_unroll}, on {res['environment']['device']}")
-  print(decode_sweep.table(res, title))
+  overlaps = [FLAGS.overlap_dispatch] + ([not FLAGS.overlap_dispatch] if FLAGS.compare == "overlap" else [])
+  results, model = {}, None
+  for overlap in overlaps:
+    engine = build_engine(FLAGS.model, mode=FLAGS.mode, model_obj=model,
+                          **{**engine_flags.engine_kwargs(), "overlap_dispatch": overlap})
+    model = engine.model
+    res = decode_sweep.sweep(engine, batches, FLAGS.decode_context)
+    res["environment"] = environment(FLAGS.mode)
+    res["environment"]["engine_options"]["overlap_dispatch"] = overlap
+    engine.shutdown()
+    del engine
+    title = (f"{FLAGS.model}, {FLAGS.quantization or 'bf16'} weights, KV {FLAGS.kv_cache_dtype}, layer_unroll "
+             f"{FLAGS.layer_unroll}, {'dispatch thread' if overlap else 'inline dispatch'}, on "
+             f"{res['environment']['device']}")
+    print(decode_sweep.table(res, title))
+    results[title] = res
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
-      json.dump({"decode_sweep": res}, f, indent=2)
+      first = next(iter(results.values()))
+      json.dump({"decode_sweep": first, **({"decode_sweeps": results} if len(results) > 1 else {})}, f, indent=2)
   if FLAGS.plot_out:
-    decode_sweep.plot({title: res}, FLAGS.plot_out)
+    decode_sweep.plot(results, FLAGS.plot_out)
 
 
 def main(argv):

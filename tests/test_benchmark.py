@@ -63,6 +63,15 @@ def test_offline_compare_overlap_runs_the_mode_both_ways_on_one_model(tmp_path):
   assert stdout.count("(dispatch on a thread of its own") == 1
 
 
+def test_the_decode_sweep_both_ways_on_one_model(tmp_path):
+  res, stdout = _run(tmp_path, "--decode_sweep=1,2", "--decode_context=32", "--max_model_len=256", "--compare=overlap")
+  sweeps = res["decode_sweeps"]
+  assert [s["overlap_dispatch"] for s in sweeps.values()] == [False, True]
+  assert all([r["batch"] for r in s["rows"]] == [1, 2] for s in sweeps.values())
+  assert res["decode_sweep"] == next(iter(sweeps.values()))
+  assert "inline dispatch" in stdout and "dispatch thread" in stdout
+
+
 FAKE_SMI = """#!{python}
 import sys, time
 args = sys.argv[1:]
