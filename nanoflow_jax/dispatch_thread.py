@@ -23,6 +23,7 @@ import logging
 import queue
 import sys
 import threading
+from concurrent.futures import Future, wait
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -37,33 +38,11 @@ class SkippedAfterFailure(RuntimeError):
   """A step submitted after an earlier one failed: it is not run (the device state may be gone)."""
 
 
-class Pending:
-  """A submitted call's result: `result()` waits for it and returns its value or raises its exception."""
-
-  def __init__(self):
-    self._done = threading.Event()
-    self._value: Any = None
-    self._error: BaseException | None = None
-
-  def _set(self, value=None, error: BaseException | None = None) -> None:
-    self._value, self._error = value, error
-    self._done.set()
-
-  def done(self) -> bool:
-    return self._done.is_set()
-
-  def result(self):
-    self._done.wait()
-    if self._error is not None:
-      raise self._error
-    return self._value
-
-
-def completed(fn: Callable[[], Any]) -> Pending:
+def completed(fn: Callable[[], Any]) -> Future:
   """`fn` called now, on this thread (the engine without a dispatcher); its exception raised here."""
-  p = Pending()
-  p._set(fn())
-  return p
+  f: Future = Future()
+  f.set_result(fn())
+  return f
 
 
 class Dispatcher:
@@ -74,7 +53,7 @@ class Dispatcher:
     self._jobs: queue.SimpleQueue = queue.SimpleQueue()
     self._failed = False
     self._closed = False
-    self._last: Pending | None = None
+    self._last: Future | None = None
     global _open, _saved_interval
     with _lock:
       _open += 1
@@ -86,13 +65,14 @@ class Dispatcher:
     self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
     self._thread.start()
 
-  def submit(self, fn: Callable[[], Any]) -> Pending:
+  def submit(self, fn: Callable[[], Any]) -> Future:
+    """fn's result (or exception) as a Future, once the calls before it have run."""
     if self._closed:
       raise RuntimeError("the dispatcher is closed")
-    p = Pending()
-    self._last = p
-    self._jobs.put((fn, p))
-    return p
+    f: Future = Future()
+    self._last = f
+    self._jobs.put((fn, f))
+    return f
 
   @property
   def failed(self) -> bool:
@@ -102,7 +82,7 @@ class Dispatcher:
   def wait_idle(self) -> None:
     """Waits until every submitted call has ended."""
     if self._last is not None:
-      self._last._done.wait()
+      wait([self._last])
 
   def drain(self) -> None:
     """Waits until every submitted call has ended (their errors are for their callers) and runs calls again
@@ -130,12 +110,12 @@ class Dispatcher:
       item = self._jobs.get()
       if item is None:
         return
-      fn, p = item
+      fn, f = item
       if self._failed:
-        p._set(error=SkippedAfterFailure("not run: an earlier step failed"))
+        f.set_exception(SkippedAfterFailure("not run: an earlier step failed"))
         continue
       try:
-        p._set(fn())
+        f.set_result(fn())
       except BaseException as e:   # handed to the caller; nothing is lost by this thread
-        self._failed = True
-        p._set(error=e)
+        self._failed = True         # (before the caller can see the error)
+        f.set_exception(e)

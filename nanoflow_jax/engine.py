@@ -212,7 +212,7 @@ class Engine:
     self.eos_ids = tuple(self.tokenizer.eos_ids if self.tokenizer else cfg.eos_token_ids)
     self.requests: dict[str, _Request] = {}
     self.stats = EngineStats()
-    self._pending = None           # (Pending of (device outputs, prompt-logprob outputs), [(seq, slot)],
+    self._pending = None           # (Future of (device outputs, prompt-logprob outputs), [(seq, slot)],
                                    # prompt-logprob rows) in flight
     self._dispatcher = dispatch_thread.Dispatcher() if c.overlap_dispatch else None
     self._lp_entries: list = []
