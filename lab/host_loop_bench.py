@@ -24,6 +24,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from launch import decode_sweep
+
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +48,8 @@ class Load(NamedTuple):
   prompt: int = 64        # prompt tokens per sequence
   detokenize: bool = True
 
-PARTS = ("schedule", "build", "dispatch", "process", "wait")
+
+PARTS = decode_sweep.HOST_PARTS   # EngineStats' <part>_seconds
 
 
 class _OnDevice:
@@ -113,8 +116,7 @@ def run_offline(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load()
   st, steps = engine.stats, max(engine.stats.steps - before.steps, 1)
   engine.shutdown()
   return {"tokens": st.generated_tokens - tokens0, "tokens_per_s": (st.generated_tokens - tokens0) / wall,
-          "ms_per_step": 1e3 * wall / steps,
-          **{p: 1e3 * (getattr(st, f"{p}_seconds") - getattr(before, f"{p}_seconds")) / steps for p in PARTS}}
+          "ms_per_step": 1e3 * wall / steps, **decode_sweep.host_ms_per_step(st, before)}
 
 
 _CLIENT = r"""
@@ -138,13 +140,6 @@ asyncio.run(main())
 """
 
 
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def run_server(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load(), device_s: float = 0.0) -> dict:
   """The engine behind the server's app (create_app) on this process's event loop, `seqs` streams from a client
   subprocess."""
@@ -158,8 +153,8 @@ def run_server(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load(),
   async def serving():
     runner = web.AppRunner(create_app(ae, "tiny"))
     await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()   # (a free port, read back below)
+    port = runner.addresses[0][1]
     before = dataclasses.replace(engine.stats)
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _CLIENT, f"http://127.0.0.1:{port}", str(seqs), str(load.tokens), str(load.prompt),
@@ -174,7 +169,7 @@ def run_server(seqs: int, overlap: bool, dispatch_s: float, load: Load = Load(),
   ae.shutdown()
   engine.shutdown()
   return {"tokens": int(chunks), "tokens_per_s": int(chunks) / float(wall), "ms_per_step": 1e3 * float(wall) / steps,
-          **{p: 1e3 * (getattr(st, f"{p}_seconds") - getattr(before, f"{p}_seconds")) / steps for p in PARTS}}
+          **decode_sweep.host_ms_per_step(st, before)}
 
 
 def table(rows: list[dict], load: Load, server: bool, device_ms: float = 0.0) -> str:

@@ -9,6 +9,7 @@ the time between tokens), with b requests decoding at `context`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 
@@ -101,6 +102,12 @@ def check_decoding(engine, batch: int) -> None:
 HOST_PARTS = ("schedule", "build", "dispatch", "process", "wait")   # EngineStats' <part>_seconds
 
 
+def host_ms_per_step(stats, before) -> dict:
+  """Each of HOST_PARTS in ms per step of the engine's stats since `before` (a copy of them taken earlier)."""
+  steps = max(stats.steps - before.steps, 1)
+  return {p: 1e3 * (getattr(stats, f"{p}_seconds") - getattr(before, f"{p}_seconds")) / steps for p in HOST_PARTS}
+
+
 def engine_thread_parts(overlap_dispatch: bool) -> tuple:
   """The HOST_PARTS the engine's own thread spends a step on: all of them, less the dispatch where it runs on a
   thread of its own (EngineConfig.overlap_dispatch; then it overlaps the others)."""
@@ -114,13 +121,13 @@ def time_decode(engine, batch: int, context: int, steps: int = 32, warmup: int =
   with decoding(engine, batch, context, steps + warmup):
     for _ in range(warmup):   # also compiles the bucket, if this batch is the first to use it
       engine.step()
-    before = {p: getattr(engine.stats, f"{p}_seconds") for p in HOST_PARTS}
+    before = dataclasses.replace(engine.stats)
     t = time.perf_counter()
     for _ in range(steps):
       engine.step()
     seconds = (time.perf_counter() - t) / steps
     if host is not None:
-      host.update({p: 1e3 * (getattr(engine.stats, f"{p}_seconds") - before[p]) / steps for p in HOST_PARTS})
+      host.update(host_ms_per_step(engine.stats, before))
     check_decoding(engine, batch)
   return seconds
 
