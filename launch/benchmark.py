@@ -56,7 +56,9 @@ flags.DEFINE_integer("power_sample_ms", 0, "Offline: sample every GPU's power an
                      "bound the power limit sets (perf-notes, session 10); 0: off.")
 
 
-def environment(mode: str) -> dict:
+def environment(mode: str, engine_options: dict | None = None) -> dict:
+  """The run's device, versions, commit and settings; engine_options: build_engine's arguments as run (default:
+  the flags')."""
   import jax
   try:
     r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -69,7 +71,7 @@ def environment(mode: str) -> dict:
           "python": platform.python_version(), "model": FLAGS.model, "mode": mode, "git_commit": commit,
           "workload": FLAGS.workload_file or FLAGS.workload, "dense_batch": FLAGS.dense_batch,
           "max_num_seqs": FLAGS.max_num_seqs, "kernels": FLAGS.kernels,
-          "engine_options": engine_flags.engine_kwargs()}
+          "engine_options": engine_options if engine_options is not None else engine_flags.engine_kwargs()}
 
 
 def make_requests(max_model_len: int, vocab: int, seed_offset: int = 0):
@@ -449,12 +451,11 @@ def run_decode_sweep(batches: list[int]) -> None:
   overlaps = [FLAGS.overlap_dispatch] + ([not FLAGS.overlap_dispatch] if FLAGS.compare == "overlap" else [])
   results, model = {}, None
   for overlap in overlaps:
-    engine = build_engine(FLAGS.model, mode=FLAGS.mode, model_obj=model,
-                          **{**engine_flags.engine_kwargs(), "overlap_dispatch": overlap})
+    options = {**engine_flags.engine_kwargs(), "overlap_dispatch": overlap}
+    engine = build_engine(FLAGS.model, mode=FLAGS.mode, model_obj=model, **options)
     model = engine.model
     res = decode_sweep.sweep(engine, batches, FLAGS.decode_context)
-    res["environment"] = environment(FLAGS.mode)
-    res["environment"]["engine_options"]["overlap_dispatch"] = overlap
+    res["environment"] = environment(FLAGS.mode, options)
     engine.shutdown()
     del engine
     title = (f"{FLAGS.model}, {FLAGS.quantization or 'bf16'} weights, KV {FLAGS.kv_cache_dtype}, layer_unroll "
@@ -512,13 +513,12 @@ def main(argv):
     print(f"fp8 GEMM peak in this run: {PEAK_FP8[0]:.0f} TFLOP/s (bf16: {peak:.0f})")
   results, model = {}, None
   for label, mode, overlap in runs:
-    engine = build_engine(FLAGS.model, mode=mode, model_obj=model,
-                          **{**engine_flags.engine_kwargs(), "overlap_dispatch": overlap})
+    options = {**engine_flags.engine_kwargs(), "overlap_dispatch": overlap}
+    engine = build_engine(FLAGS.model, mode=mode, model_obj=model, **options)
     model = engine.model
     engine.num_devices = FLAGS.tp
     make = lambda k: make_requests(engine.max_model_len, engine.model.config.vocab_size, k)
-    r = {"environment": environment(mode)}
-    r["environment"]["engine_options"]["overlap_dispatch"] = overlap
+    r = {"environment": environment(mode, options)}
     r["online" if FLAGS.rates else "offline"] = run_online(engine, make) if FLAGS.rates else \
         run_offline(engine, make(0), peak, peak_random)
     results[label] = r
