@@ -397,6 +397,8 @@ step_decode-overlap()     { $PY launch/benchmark.py --model=llama-3-8b --random_
 step_step-fp8-decode1()   { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \
                               --decodes=1 --context=1024 --prefill=0 --max_num_seqs=64 --dense_batch=2048 --nanoflow=false \
                               --iters=20 --trace_dir="$OUT/trace-fp8-decode1" --out="$OUT/step-fp8-decode1.md"; }
+# Where the fp8 load's ~60 s go (quantize_stacked at 0.2 GB/s on the H200): quantize_weight's parts timed alone.
+step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --weight=$w --layers=4 | tee -a "$OUT/quantize-probe.md"; done; }
 step_decode-sweep-w8-scan() { sweep decode-sweep-w8-scan --quantization=fp8 --layer_loop=scan; }
 
 for spec in "$@"; do

@@ -1,0 +1,80 @@
+"""Where the fp8 load's time goes: quantization.quantize_stacked took 66 s for the 8B stack on an H200 (gate_up
+30.8 s: 0.24 GB/s of bf16, session 20's log), against 4.5 s for the whole bf16 load. This times the parts of
+quantize_weight on `--layers` layers of one weight kind, each as its own jit on device-resident random bf16:
+the channel amax alone, amax + divide + cast (no layout change), the cast alone, the 1-byte transpose alone,
+the whole quantize_weight, and the same under vmap over the layers as quantize_stacked runs it. One row each:
+ms and GB/s of bf16 read. The parts that do not add up to the whole say where the time is.
+
+  PYTHONPATH=.:.carry python3 lab/quantize_probe.py --weight=gate_up --layers=4
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
+
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("weight", "gate_up", "Which LLaMA-3-8B weight kind: qkv, o, gate_up or down.")
+flags.DEFINE_integer("layers", 4, "Layers stacked (the 8B model has 32).")
+flags.DEFINE_float("scale", 1.0, "Shrink every dimension but the layers' by this (CPU checks).")
+flags.DEFINE_integer("iters", 3, "Timed runs per variant (after one compile-and-run).")
+
+SHAPES = {"qkv": (4096, 8, 6, 128), "o": (32, 128, 4096), "gate_up": (4096, 2, 14336), "down": (14336, 4096)}
+
+
+def variants(nk: int):
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax import quantization as Q
+  axes = tuple(range(1, nk + 1))   # the contracted dims after the leading layer axis
+  def amax(w):
+    return jnp.max(jnp.abs(w), axis=axes).astype(jnp.float32)
+  def scaled_cast(w):
+    s = jnp.maximum(amax(w), Q.MIN_SCALE) / Q.FP8_MAX
+    s = s.reshape(s.shape[:1] + (1,) * nk + s.shape[1:])
+    return (w.astype(jnp.float32) / s).astype(Q.FP8)
+  def transpose8(w8):
+    nd = w8.ndim
+    t = w8.transpose(0, *range(nk + 1, nd), *range(1, nk + 1))
+    return t.reshape(*t.shape[:nd - nk], -1)
+  return {
+      "channel amax": (amax, False),
+      "amax + divide + cast (no layout change)": (scaled_cast, False),
+      "cast to e4m3 alone": (lambda w: w.astype(Q.FP8), False),
+      "transpose of the e4m3 array alone": (transpose8, True),
+      "quantize_weight under vmap (quantize_stacked's)": (jax.vmap(lambda x: Q.quantize_weight(x, nk)), False),
+      "quantize_weight, layer by layer": (lambda w: [Q.quantize_weight(w[i], nk) for i in range(w.shape[0])],
+                                          False),
+  }
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax import quantization as Q
+  nk = Q.QUANTIZED[FLAGS.weight]
+  shape = (FLAGS.layers, *[max(1, int(d * FLAGS.scale)) if d > 8 else d for d in SHAPES[FLAGS.weight]])
+  w = jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16))(
+      jax.random.PRNGKey(0))
+  w8 = jax.block_until_ready(w.astype(Q.FP8))
+  gb = w.size * 2 / 1e9
+  print(f"{FLAGS.weight} {shape} bf16 {gb:.2f} GB on {jax.devices()[0].device_kind}")
+  print("| variant | compile + first run s | ms | GB/s of bf16 |\n|---|---|---|---|")
+  for name, (fn, on_fp8) in variants(nk).items():
+    f, x = jax.jit(fn), (w8 if on_fp8 else w)
+    t = time.perf_counter()
+    jax.block_until_ready(f(x))
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(FLAGS.iters):
+      jax.block_until_ready(f(x))
+    ms = (time.perf_counter() - t) / FLAGS.iters * 1e3
+    print(f"| {name} | {first:.2f} | {ms:.2f} | {gb / ms * 1e3:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
