@@ -58,11 +58,15 @@ def main(argv):
   from nanoflow_jax import quantization as Q
   nk = Q.QUANTIZED[FLAGS.weight]
   shape = (FLAGS.layers, *[max(1, int(d * FLAGS.scale)) if d > 8 else d for d in SHAPES[FLAGS.weight]])
-  w = jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16))(
-      jax.random.PRNGKey(0))
-  w8 = jax.block_until_ready(w.astype(Q.FP8))
+  draw = jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16))
+  jax.block_until_ready(draw(jax.random.PRNGKey(1)))
+  t = time.perf_counter()
+  w = jax.block_until_ready(draw(jax.random.PRNGKey(0)))   # as checkpoint.random_params draws (timed: the
+  drawn_ms = (time.perf_counter() - t) * 1e3                # loader's draws are asynchronous, so the first
+  w8 = jax.block_until_ready(w.astype(Q.FP8))                # quantization waits for them)
   gb = w.size * 2 / 1e9
-  print(f"{FLAGS.weight} {shape} bf16 {gb:.2f} GB on {jax.devices()[0].device_kind}")
+  print(f"{FLAGS.weight} {shape} bf16 {gb:.2f} GB on {jax.devices()[0].device_kind}; "
+        f"the random draw {drawn_ms:.1f} ms ({gb / drawn_ms * 1e3:.1f} GB/s)")
   print("| variant | compile + first run s | ms | GB/s of bf16 |\n|---|---|---|---|")
   for name, (fn, on_fp8) in variants(nk).items():
     f, x = jax.jit(fn), (w8 if on_fp8 else w)
