@@ -392,6 +392,17 @@ step_decode-cb()          { for v in default triton-in-cb pallas-small; do
 step_decode-overlap()     { $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
                               --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
                               --compare=overlap --json_out="$OUT/decode-overlap.json" --plot_out="$OUT/decode-overlap.png"; }
+# Issue 27's bf16 targets (batch 1 <= 1.2x the floor, ~4.2 ms; TPOT <= 5 ms): bf16 loads in seconds, so three
+# small-step variants fit one call: the default (scanned layers), the layers unrolled (command buffers can take runs
+# of kernels), and unrolled with the small steps' attention on the Pallas kernel XLA records (no custom call).
+step_decode-cb-w16()      { for v in scan unrolled unrolled-pallas-small; do
+                              echo "== $v"
+                              $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
+                                --max_num_seqs=64 --kv_cache_dtype=fp8 --decode_sweep=1,8,32 \
+                                --layer_loop=$([[ $v == scan ]] && echo scan || echo unrolled) \
+                                $([[ $v == unrolled-pallas-small ]] && echo --small_step_attention=64) \
+                                --json_out="$OUT/decode-cb-w16-$v.json" 2>&1 | grep -E "decode batch|Error|error" | tail -8
+                            done; }
 # Issue 27: where the batch-1 fp8 decode step's 6.24 ms go (floor 1.90 ms): one sequence at context 1024, traced
 # (kernel time by kind, the device's idle time between them, the step's span).
 step_step-fp8-decode1()   { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \

@@ -1,7 +1,8 @@
 """Where the fp8 load's time goes: quantization.quantize_stacked took 66 s for the 8B stack on an H200 (gate_up
 30.8 s: 0.24 GB/s of bf16, session 20's log), against 4.5 s for the whole bf16 load. This times the parts of
 quantize_weight on `--layers` layers of one weight kind, each as its own jit on device-resident random bf16:
-the channel amax alone, amax + divide + cast (no layout change), the cast alone, the 1-byte transpose alone,
+the channel amax alone, the bf16 transpose alone and followed by a row-wise quantization, amax + divide + cast
+(no layout change), the cast alone, the 1-byte transpose alone,
 the whole quantize_weight, and the same under vmap over the layers as quantize_stacked runs it. One row each:
 ms and GB/s of bf16 read. The parts that do not add up to the whole say where the time is.
 
@@ -40,8 +41,14 @@ def variants(nk: int):
     nd = w8.ndim
     t = w8.transpose(0, *range(nk + 1, nd), *range(1, nk + 1))
     return t.reshape(*t.shape[:nd - nk], -1)
+  def transposed_first(w):   # the bf16 weight moved K-major first (a 2-byte transpose), then a row-wise quantization
+    t = transpose8(w)
+    s = jnp.maximum(jnp.max(jnp.abs(t), axis=-1).astype(jnp.float32), Q.MIN_SCALE) / Q.FP8_MAX
+    return (t.astype(jnp.float32) / s[..., None]).astype(Q.FP8), s
   return {
       "channel amax": (amax, False),
+      "transpose of the bf16 array alone": (transpose8, False),
+      "bf16 transposed first, then quantized row-wise": (transposed_first, False),
       "amax + divide + cast (no layout change)": (scaled_cast, False),
       "cast to e4m3 alone": (lambda w: w.astype(Q.FP8), False),
       "transpose of the e4m3 array alone": (transpose8, True),
@@ -78,6 +85,12 @@ def main(argv):
       jax.block_until_ready(f(x))
     ms = (time.perf_counter() - t) / FLAGS.iters * 1e3
     print(f"| {name} | {first:.2f} | {ms:.2f} | {gb / ms * 1e3:.1f} |", flush=True)
+  # the alternative order must give quantize_weight's values exactly (same amax, same division per element)
+  v = variants(nk)
+  ref8, ref_s = jax.jit(v["quantize_weight under vmap (quantize_stacked's)"][0])(w)
+  alt8, alt_s = jax.jit(v["bf16 transposed first, then quantized row-wise"][0])(w)
+  same = bool(jnp.array_equal(ref8.view(jnp.uint8), alt8.view(jnp.uint8)) & jnp.array_equal(ref_s, alt_s))
+  print(f"bf16 transposed first gives quantize_weight's bytes and scales exactly: {same}")
 
 
 if __name__ == "__main__":
