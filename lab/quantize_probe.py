@@ -2,9 +2,10 @@
 30.8 s: 0.24 GB/s of bf16, session 20's log), against 4.5 s for the whole bf16 load. This times the parts of
 quantize_weight on `--layers` layers of one weight kind, each as its own jit on device-resident random bf16:
 the channel amax alone, the bf16 transpose alone and followed by a row-wise quantization, amax + divide + cast
-(no layout change), the cast alone, the 1-byte transpose alone,
-the whole quantize_weight, and the same under vmap over the layers as quantize_stacked runs it. One row each:
-ms and GB/s of bf16 read. The parts that do not add up to the whole say where the time is.
+(no layout change), the cast alone, the 1-byte transpose alone, the whole quantize_weight layer by layer and under
+vmap over the layers as quantize_stacked runs it, and that last on a stack filled layer by layer through
+layer_stack.LayerStack, as the loaders build it. One row each: ms and GB/s of bf16 read. The parts that do not add
+up to the whole say where the time is.
 
   PYTHONPATH=.:.carry python3 lab/quantize_probe.py --weight=gate_up --layers=4
 """
@@ -37,21 +38,21 @@ def variants(nk: int):
     s = jnp.maximum(amax(w), Q.MIN_SCALE) / Q.FP8_MAX
     s = s.reshape(s.shape[:1] + (1,) * nk + s.shape[1:])
     return (w.astype(jnp.float32) / s).astype(Q.FP8)
-  def transpose8(w8):
+  def k_major(w8):
     nd = w8.ndim
     t = w8.transpose(0, *range(nk + 1, nd), *range(1, nk + 1))
     return t.reshape(*t.shape[:nd - nk], -1)
   def transposed_first(w):   # the bf16 weight moved K-major first (a 2-byte transpose), then a row-wise quantization
-    t = transpose8(w)
+    t = k_major(w)
     s = jnp.maximum(jnp.max(jnp.abs(t), axis=-1).astype(jnp.float32), Q.MIN_SCALE) / Q.FP8_MAX
     return (t.astype(jnp.float32) / s[..., None]).astype(Q.FP8), s
   return {
       "channel amax": (amax, False),
-      "transpose of the bf16 array alone": (transpose8, False),
+      "transpose of the bf16 array alone": (k_major, False),
       "bf16 transposed first, then quantized row-wise": (transposed_first, False),
       "amax + divide + cast (no layout change)": (scaled_cast, False),
       "cast to e4m3 alone": (lambda w: w.astype(Q.FP8), False),
-      "transpose of the e4m3 array alone": (transpose8, True),
+      "transpose of the e4m3 array alone": (k_major, True),
       "quantize_weight under vmap (quantize_stacked's)": (jax.vmap(lambda x: Q.quantize_weight(x, nk)), False),
       "quantize_weight, layer by layer": (lambda w: [Q.quantize_weight(w[i], nk) for i in range(w.shape[0])],
                                           False),
@@ -85,9 +86,22 @@ def main(argv):
       jax.block_until_ready(f(x))
     ms = (time.perf_counter() - t) / FLAGS.iters * 1e3
     print(f"| {name} | {first:.2f} | {ms:.2f} | {gb / ms * 1e3:.1f} |", flush=True)
+  # the loader's stack: each layer written into a donated stack (layer_stack.py), then quantize_stacked's call
+  from nanoflow_jax import layer_stack
+  stack = layer_stack.LayerStack(shape[0])
+  for i in range(shape[0]):
+    stack.put((f"layers_{i}", FLAGS.weight), w[i])
+  stacked = stack.result()[1][FLAGS.weight]
+  v_whole = variants(nk)["quantize_weight under vmap (quantize_stacked's)"][0]
+  f = jax.jit(v_whole)
+  jax.block_until_ready(f(stacked))
+  t = time.perf_counter()
+  jax.block_until_ready(f(stacked))
+  ms = (time.perf_counter() - t) * 1e3
+  print(f"| quantize_weight under vmap, on a LayerStack-built stack | - | {ms:.2f} | {gb / ms * 1e3:.1f} |")
   # the alternative order must give quantize_weight's values exactly (same amax, same division per element)
   v = variants(nk)
-  ref8, ref_s = jax.jit(v["quantize_weight under vmap (quantize_stacked's)"][0])(w)
+  ref8, ref_s = jax.jit(v_whole)(w)
   alt8, alt_s = jax.jit(v["bf16 transposed first, then quantized row-wise"][0])(w)
   same = bool(jnp.array_equal(ref8.view(jnp.uint8), alt8.view(jnp.uint8)) & jnp.array_equal(ref_s, alt_s))
   print(f"bf16 transposed first gives quantize_weight's bytes and scales exactly: {same}")
