@@ -75,9 +75,19 @@ def main(argv):
   gb = w.size * 2 / 1e9
   print(f"{FLAGS.weight} {shape} bf16 {gb:.2f} GB on {jax.devices()[0].device_kind}; "
         f"the random draw {drawn_ms:.1f} ms ({gb / drawn_ms * 1e3:.1f} GB/s)")
+  # the loader's stack: each layer written into a donated stack (layer_stack.py), as quantize_stacked gets it
+  from nanoflow_jax import layer_stack
+  stack = layer_stack.LayerStack(shape[0])
+  for i in range(shape[0]):
+    stack.put((f"layers_{i}", FLAGS.weight), w[i])
+  stacked = stack.result()[1][FLAGS.weight]
+  vs = variants(nk)
+  whole = vs["quantize_weight under vmap (quantize_stacked's)"][0]
+  rows = [(name, fn, w8 if on_fp8 else w) for name, (fn, on_fp8) in vs.items()]
+  rows.append(("quantize_weight under vmap, on a LayerStack-built stack", whole, stacked))
   print("| variant | compile + first run s | ms | GB/s of bf16 |\n|---|---|---|---|")
-  for name, (fn, on_fp8) in variants(nk).items():
-    f, x = jax.jit(fn), (w8 if on_fp8 else w)
+  for name, fn, x in rows:
+    f = jax.jit(fn)
     t = time.perf_counter()
     jax.block_until_ready(f(x))
     first = time.perf_counter() - t
@@ -86,23 +96,9 @@ def main(argv):
       jax.block_until_ready(f(x))
     ms = (time.perf_counter() - t) / FLAGS.iters * 1e3
     print(f"| {name} | {first:.2f} | {ms:.2f} | {gb / ms * 1e3:.1f} |", flush=True)
-  # the loader's stack: each layer written into a donated stack (layer_stack.py), then quantize_stacked's call
-  from nanoflow_jax import layer_stack
-  stack = layer_stack.LayerStack(shape[0])
-  for i in range(shape[0]):
-    stack.put((f"layers_{i}", FLAGS.weight), w[i])
-  stacked = stack.result()[1][FLAGS.weight]
-  v_whole = variants(nk)["quantize_weight under vmap (quantize_stacked's)"][0]
-  f = jax.jit(v_whole)
-  jax.block_until_ready(f(stacked))
-  t = time.perf_counter()
-  jax.block_until_ready(f(stacked))
-  ms = (time.perf_counter() - t) * 1e3
-  print(f"| quantize_weight under vmap, on a LayerStack-built stack | - | {ms:.2f} | {gb / ms * 1e3:.1f} |")
   # the alternative order must give quantize_weight's values exactly (same amax, same division per element)
-  v = variants(nk)
-  ref8, ref_s = jax.jit(v_whole)(w)
-  alt8, alt_s = jax.jit(v["bf16 transposed first, then quantized row-wise"][0])(w)
+  ref8, ref_s = jax.jit(whole)(w)
+  alt8, alt_s = jax.jit(vs["bf16 transposed first, then quantized row-wise"][0])(w)
   same = bool(jnp.array_equal(ref8.view(jnp.uint8), alt8.view(jnp.uint8)) & jnp.array_equal(ref_s, alt_s))
   print(f"bf16 transposed first gives quantize_weight's bytes and scales exactly: {same}")
 
