@@ -14,8 +14,8 @@ thread: the outputs are the same.
 
 The dispatcher waits for the GIL after each launch returns; Python's default switch interval (5 ms) let the
 engine's Python hold it that long: a dispatch of ~9 ms took 13 ms beside 12 ms of Python (median of 40 on the
-CPU; docs/history/perf-notes.md, session 19), 10.4 ms at 0.5 ms. The interval is lowered to SWITCH_INTERVAL_S while a dispatcher is open
-(until the last one is closed: Engine.shutdown).
+CPU; docs/history/perf-notes.md, session 19), 10.4 ms at 0.5 ms. The interval is lowered to SWITCH_INTERVAL_S
+while a dispatcher is open (until the last one is closed: Engine.shutdown).
 """
 from __future__ import annotations
 
