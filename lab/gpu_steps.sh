@@ -410,6 +410,11 @@ step_step-fp8-decode1()   { $PY lab/step_bench.py --model=llama-3-8b --kernels=t
                               --iters=20 --trace_dir="$OUT/trace-fp8-decode1" --out="$OUT/step-fp8-decode1.md"; }
 # Where the fp8 load's ~60 s go (quantize_stacked at 0.2 GB/s on the H200): quantize_weight's parts timed alone.
 step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --weight=$w --layers=4 | tee -a "$OUT/quantize-probe.md"; done; }
+# session 21: the parts were fast at 4 layers (quantize_weight under vmap 677 GB/s) where the load ran at 0.3 GB/s;
+# so 32 layers, the engine's process settings, and the loader's own path on the 8B shape
+step_quantize-ctx()       { { $PY lab/quantize_probe.py --weight=gate_up --layers=32 --iters=1
+                              $PY lab/quantize_probe.py --weight=gate_up --layers=32 --iters=1 --engine_env
+                              $PY lab/quantize_probe.py --full_model --engine_env; } 2>&1 | grep -v "^W\|tpu" | tee -a "$OUT/quantize-ctx.md"; }
 step_decode-sweep-w8-scan() { sweep decode-sweep-w8-scan --quantization=fp8 --layer_loop=scan; }
 
 for spec in "$@"; do

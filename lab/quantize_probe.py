@@ -23,6 +23,12 @@ flags.DEFINE_string("weight", "gate_up", "Which LLaMA-3-8B weight kind: qkv, o, 
 flags.DEFINE_integer("layers", 4, "Layers stacked (the 8B model has 32).")
 flags.DEFINE_float("scale", 1.0, "Shrink every dimension but the layers' by this (CPU checks).")
 flags.DEFINE_integer("iters", 3, "Timed runs per variant (after one compile-and-run).")
+flags.DEFINE_bool("engine_env", False, "Set the process up as step_bench and the engine do before JAX starts "
+                  "(compat.configure_gpu_memory, compat.enable_concurrent_command_buffers): the probe's own "
+                  "rows were fast where the engine's load was not, so the process settings are suspects.")
+flags.DEFINE_string("model", "llama-3-8b", "The named shape --full_model loads (tiny for CPU checks).")
+flags.DEFINE_bool("full_model", False, "Instead of the rows: the loader's own path for a whole named shape, "
+                  "checkpoint.random_params (waited for) then quantization.quantize_stacked, each timed.")
 
 SHAPES = {"qkv": (4096, 8, 6, 128), "o": (32, 128, 4096), "gate_up": (4096, 2, 14336), "down": (14336, 4096)}
 
@@ -59,9 +65,30 @@ def variants(nk: int):
   }
 
 
+def full_model():
+  """The engine's fp8 load path on a named shape, the draws waited for before the quantization starts."""
+  import jax
+  from nanoflow_jax import checkpoint, config as config_lib, quantization as Q
+  cfg = config_lib.named_shape(FLAGS.model)
+  t = time.perf_counter()
+  top, layers = jax.block_until_ready(checkpoint.random_params(cfg, "bfloat16", 0, None, stacked=True))
+  print(f"random_params ({FLAGS.model}, bf16, waited for): {time.perf_counter() - t:.1f} s", flush=True)
+  t = time.perf_counter()
+  jax.block_until_ready(Q.quantize_stacked(layers))
+  print(f"quantize_stacked ({FLAGS.model}): {time.perf_counter() - t:.1f} s (its log gives each weight)", flush=True)
+
+
 def main(argv):
   del argv
+  import logging
+  logging.basicConfig(level=logging.INFO)
+  if FLAGS.engine_env:
+    from nanoflow_jax import compat
+    compat.configure_gpu_memory()
+    compat.enable_concurrent_command_buffers()
   import jax
+  if FLAGS.full_model:
+    return full_model()
   import jax.numpy as jnp
   from nanoflow_jax import quantization as Q
   nk = Q.QUANTIZED[FLAGS.weight]
