@@ -40,7 +40,7 @@ flags.DEFINE_list("kv_cache_dtypes", ["auto"], "KV cache element types (auto, fp
                   "with; the other variants use the last.")
 flags.DEFINE_list("gemms", ["mosaic_fused"], "GEMM choices (mosaic, mosaic_fused, xla: EngineConfig.gemm) to time the sequential "
                   "step with.")
-flags.DEFINE_list("fp8_gemms", [], "Also time the sequential step with these fp8 GEMM choices (xla, mosaic: "
+flags.DEFINE_list("fp8_gemms", [], "Also time the sequential step with these fp8 GEMM choices (xla, xla_fused, mosaic: "
                   "EngineConfig.fp8_gemm; with --quantization=fp8).")
 flags.DEFINE_list("templates", ["generic-2", "decode-overlap"], "Two-nano-batch templates to time at each "
                   "--attn_shares (runtime/plan.py: generic_default, decode_overlap; decode-overlap-o+gate_up: "

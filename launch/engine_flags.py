@@ -26,9 +26,11 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_enum("gemm", "mosaic_fused", ["mosaic_fused", "mosaic", "xla"],
                     "GEMMs on the kernel paths: mosaic_fused (our SM-share kernel, the SiLU-and-multiply fused into "
                     "gate_up's epilogue), mosaic (the same, unfused) or xla (XLA's dot).")
-  flags.DEFINE_enum("fp8_gemm", "xla", ["xla", "mosaic"],
-                    "fp8 weights' GEMMs on the kernel paths: xla (XLA's fp8 dot, cuBLASLt) or mosaic (ours: the scales, "
-                    "the residual and gate_up's SiLU-and-multiply in its epilogue; being measured against XLA's).")
+  flags.DEFINE_enum("fp8_gemm", "xla", ["xla", "xla_fused", "mosaic"],
+                    "fp8 weights' GEMMs on the kernel paths: xla (XLA's fp8 dot, cuBLASLt), xla_fused (the same, with "
+                    "gate_up's scales, SiLU-and-multiply and down's activation quantization as one Triton kernel) "
+                    "or mosaic (ours: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue); "
+                    "the others are being measured against xla.")
   flags.DEFINE_enum("prefill_attention", "auto", ["auto", "triton"],
                     "Prefill attention on the kernel paths: auto = the warp-specialized Mosaic GPU kernel where it "
                     "takes the KV cache (bf16/f16, Hopper; 1.8x the Triton one), else the Triton one; triton = "

@@ -25,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import ops_reference
+
 log = logging.getLogger(__name__)
 
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = 448.0                 # the largest finite e4m3fn
-MIN_SCALE = 1e-12               # an all-zero row or channel still gets a usable scale
+FP8 = ops_reference.E4M3
+FP8_MAX = ops_reference.E4M3_MAX
+MIN_SCALE = ops_reference.MIN_SCALE
 SCHEMES = ("fp8",)
 QUANTIZED = {"qkv": 1, "o": 2, "gate_up": 1, "down": 1}   # weight -> leading (contracted) dims
 
@@ -113,17 +115,10 @@ def quantize_activation(x: jax.Array, input_scale: jax.Array | None = None, scal
                         amax_reduce=None) -> tuple[jax.Array, jax.Array]:
   """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]): per token (row) from its amax, clamped to `scale_ub`
   (fbgemm's activation_scale_ub) where given; or the checkpoint's static per-tensor `input_scale`."""
-  xf = x.astype(jnp.float32)
-  if input_scale is not None:
-    scale = jnp.broadcast_to(jnp.reshape(input_scale, (1, 1)).astype(jnp.float32), (x.shape[0], 1))
-  else:
-    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-    if amax_reduce is not None:   # x is one device's slice of each row (TP): the row's amax across devices
-      amax = amax_reduce(amax)
-    if scale_ub is not None:
-      amax = jnp.minimum(amax, scale_ub)
-    scale = jnp.maximum(amax, MIN_SCALE) / FP8_MAX
-  return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+  if input_scale is None:   # (the math the fused kernels' references share: pallas_kernels/ops_reference.py)
+    return ops_reference.quantize_rows(x, amax_reduce, scale_ub)
+  scale = jnp.broadcast_to(jnp.reshape(input_scale, (1, 1)).astype(jnp.float32), (x.shape[0], 1))
+  return jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
 def fp8_matmul(a: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype, input_scale=None, scale_ub=None,
@@ -137,9 +132,14 @@ def fp8_matmul(a: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype, input
 def scaled_fp8_dot(a8: jax.Array, a_scale: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype) -> jax.Array:
   """XLA's fp8 dot of e4m3 a8 [M, K] and w8 [N, K], then the row scales [M, 1] and the channel scales [N]."""
   # On the GPU cuBLASLt's fp8 GEMM writes bf16 (the measured 1.86-1.94x); elsewhere accumulate in f32.
-  acc = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-  y = jax.lax.dot_general(a8, w8, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+  y = fp8_dot(a8, w8)
   return (y.astype(jnp.float32) * a_scale * w_scale.reshape(1, -1)).astype(out_dtype)
+
+
+def fp8_dot(a8: jax.Array, w8: jax.Array) -> jax.Array:
+  """XLA's fp8 dot of e4m3 a8 [M, K] and w8 [N, K], unscaled."""
+  acc = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  return jax.lax.dot_general(a8, w8, (((1,), (1,)), ((), ())), preferred_element_type=acc)
 
 
 def fp8_matmul_reference(a: np.ndarray, w8: np.ndarray, w_scale: np.ndarray, input_scale=None,

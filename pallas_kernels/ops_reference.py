@@ -23,3 +23,28 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   x1, x2 = jnp.split(xf, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def silu_and_mul(gate_up: jax.Array) -> jax.Array:
+  """[..., 2, I] -> [..., I]: silu(gate) * up, computed in fp32."""
+  g = gate_up[..., 0, :].astype(jnp.float32)
+  u = gate_up[..., 1, :].astype(jnp.float32)
+  return (jax.nn.silu(g) * u).astype(gate_up.dtype)
+
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0                # the largest finite e4m3fn
+MIN_SCALE = 1e-12               # an all-zero row or channel still gets a usable scale
+
+
+def quantize_rows(x: jax.Array, amax_reduce=None, scale_ub: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]): each row (token) scaled from its amax, taken across
+  devices by `amax_reduce` where given and clamped to `scale_ub` where given."""
+  xf = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+  if amax_reduce is not None:
+    amax = amax_reduce(amax)
+  if scale_ub is not None:
+    amax = jnp.minimum(amax, scale_ub)
+  scale = jnp.maximum(amax, MIN_SCALE) / E4M3_MAX
+  return jnp.clip(xf / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3), scale

@@ -16,7 +16,7 @@ import numpy as np
 
 from nanoflow_jax import quantization
 from nanoflow_jax.config import RopeConfig
-from pallas_kernels.ops_reference import apply_rope, rms_norm  # noqa: F401 (the math the kernels' references share)
+from pallas_kernels.ops_reference import apply_rope, rms_norm, silu_and_mul  # noqa: F401 (the math the kernels' references share)
 
 
 # A GEMM kernel the runtime installs while it traces a step: fn(a [M, K], b [K, N], residual [M, N] | None,
@@ -134,15 +134,53 @@ def use_fp8_gemm(fn: Fp8GemmFn | None):
   return _installed(_FP8_GEMM, fn)
 
 
-def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None):
+@jax.tree_util.register_pytree_node_class
+class Fp8Rows:
+  """An activation already quantized per token (e4m3 q [..., K], float32 scale [..., 1], and the model dtype
+  it stands for): what linear_silu_mul gives for the next GEMM where a fused kernel quantized it, and what
+  `linear` takes in place of x (then its own quantization is skipped)."""
+
+  def __init__(self, q: jax.Array, scale: jax.Array, dtype):
+    self.q, self.scale, self.dtype = q, scale, jnp.dtype(dtype)
+
+  shape = property(lambda self: self.q.shape)
+  ndim = property(lambda self: self.q.ndim)
+
+  def tree_flatten(self):
+    return (self.q, self.scale), self.dtype
+
+  @classmethod
+  def tree_unflatten(cls, dtype, children):
+    return cls(*children, dtype)
+
+
+# The fp8 MLP's middle as one kernel, installed by the runtime while it traces a step: fn(acc [M, 2I] (the
+# gate_up fp8 dot's unscaled product), a_scale [M, 1], w_scale [2I], out_dtype) -> (e4m3 [M, I], float32
+# scale [M, 1]): the output scales, silu(gate) * up in the model dtype, then the per-token quantization, as
+# the unfused ops compute them; or None where it does not take the shape.
+SiluMulQuantFn = Callable[..., "tuple[jax.Array, jax.Array] | None"]
+_SILU_MUL_QUANT: contextvars.ContextVar[SiluMulQuantFn | None] = contextvars.ContextVar("silu_mul_quant",
+                                                                                         default=None)
+
+
+def use_silu_mul_quant(fn: SiluMulQuantFn | None):
+  return _installed(_SILU_MUL_QUANT, fn)
+
+
+def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None, quantize_for: Fp8 | None = None):
   """w8 is [*out dims, K] (quantization.py's layout). Activations are quantized here (under TP with the
-  row's amax across devices), then the installed fp8 GEMM or XLA's fp8 dot."""
+  row's amax across devices) unless x is already Fp8Rows, then the installed fp8 GEMM or XLA's fp8 dot.
+  With epilogue "silu_mul" and `quantize_for` (the next GEMM's Fp8), the result may come back as Fp8Rows
+  from the installed silu_mul_quant kernel (then it is never written in the model dtype)."""
   nk = _contracted_dims(spec)
   k = math.prod(x.shape[x.ndim - nk:])
   out_dims = w8.shape[:-1] if epilogue is None else w8.shape[-2:-1]   # silu_mul: [2, I, K] -> [I]
-  axis = _TP_AXIS.get() if fp8.row_parallel else None
-  a8, a_scale = quantization.quantize_activation(x.reshape(-1, k), fp8.input_scale, fp8.scale_ub,
-                                                 amax_reduce=(lambda a: jax.lax.pmax(a, axis)) if axis else None)
+  if isinstance(x, Fp8Rows):
+    a8, a_scale = x.q.reshape(-1, k), x.scale.reshape(-1, 1)
+  else:
+    axis = _TP_AXIS.get() if fp8.row_parallel else None
+    a8, a_scale = quantization.quantize_activation(x.reshape(-1, k), fp8.input_scale, fp8.scale_ub,
+                                                   amax_reduce=(lambda a: jax.lax.pmax(a, axis)) if axis else None)
   w2, s1 = w8.reshape(-1, k), fp8.scale.reshape(-1)
   res2 = None if residual is None else residual.reshape(a8.shape[0], -1)
   fn = _FP8_GEMM.get()
@@ -152,6 +190,14 @@ def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None):
     stacked = (found[id(w8)], found[id(fp8.scale)]) if id(w8) in found and id(fp8.scale) in found else None
     y = fn(a8, a_scale, w2, s1, res2, stacked, epilogue=epilogue)
   if y is None:
+    fused = _SILU_MUL_QUANT.get()
+    if (epilogue == "silu_mul" and fused is not None and quantize_for is not None
+        and quantize_for.input_scale is None and quantize_for.scale_ub is None
+        and not (quantize_for.row_parallel and _TP_AXIS.get())):   # (the kernel's amax is this device's row)
+      out = fused(quantization.fp8_dot(a8, w2), a_scale, s1, x.dtype)
+      if out is not None:
+        lead = x.shape[:x.ndim - nk]
+        return Fp8Rows(out[0].reshape(*lead, *out_dims), out[1].reshape(*lead, 1), x.dtype)
     y = quantization.scaled_fp8_dot(a8, a_scale, w2, s1, x.dtype)
     if epilogue == "silu_mul":
       y = silu_and_mul(y.reshape(y.shape[0], 2, -1))
@@ -160,12 +206,14 @@ def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None):
   return y.reshape(*x.shape[:x.ndim - nk], *out_dims)
 
 
-def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str, fp8: Fp8 | None = None) -> jax.Array:
+def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str, fp8: Fp8 | None = None,
+                    quantize_for: Fp8 | None = None) -> "jax.Array | Fp8Rows":
   """silu(gate) * up of linear(x, w, spec), where w's two trailing dims are [2 (gate, up), I]: one GEMM
   with the activation in its epilogue where the installed kernel fuses it, else the GEMM then
-  silu_and_mul."""
+  silu_and_mul. In fp8 with `quantize_for` (the next GEMM's Fp8), possibly already quantized for it
+  (Fp8Rows: see _fp8_linear)."""
   if fp8 is not None:
-    return _fp8_linear(x, w, spec, None, fp8, epilogue="silu_mul")
+    return _fp8_linear(x, w, spec, None, fp8, epilogue="silu_mul", quantize_for=quantize_for)
   gemm = _GEMM.get()
   if gemm is not None:
     k = math.prod(w.shape[:-2])
@@ -176,11 +224,6 @@ def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str, fp8: Fp8 | None = Non
   return silu_and_mul(linear(x, w, spec))
 
 
-def silu_and_mul(gate_up: jax.Array) -> jax.Array:
-  """[..., 2, I] -> [..., I]: silu(gate) * up, computed in fp32."""
-  g = gate_up[..., 0, :].astype(jnp.float32)
-  u = gate_up[..., 1, :].astype(jnp.float32)
-  return (jax.nn.silu(g) * u).astype(gate_up.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:

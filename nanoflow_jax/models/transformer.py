@@ -95,8 +95,9 @@ class DecoderLayer(nn.Module):
 
   def gate_up_act(self, h):
     """silu(gate) * up [..., intermediate]: the gate_up GEMM and its activation (fused where the installed
-    GEMM kernel fuses it)."""
-    return layers.linear_silu_mul(h, self.gate_up_w, "...h,hti->...ti", fp8=self.fp8.get("gate_up"))
+    GEMM kernel fuses it; in fp8 possibly already quantized for `down`, as layers.Fp8Rows)."""
+    return layers.linear_silu_mul(h, self.gate_up_w, "...h,hti->...ti", fp8=self.fp8.get("gate_up"),
+                                  quantize_for=self.fp8.get("down"))
 
   def down(self, a, residual=None):
     return layers.linear(a, self.down_w, "...i,ih->...h", residual, fp8=self.fp8.get("down"))

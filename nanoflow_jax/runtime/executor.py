@@ -26,6 +26,7 @@ from nanoflow_jax.models.transformer import DecoderLayer
 from nanoflow_jax.runtime.plan import PipelineConfig, check_beside_attention
 from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import gemm_fp8 as gemm_fp8_kernel
+from pallas_kernels import silu_mul_quant_triton as silu_mul_quant_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import hardware
 from pallas_kernels import paged_attention as attention_kernels
@@ -39,7 +40,7 @@ MIN_BUCKET = 16
 # everywhere (the CPU default); interpret: the Pallas kernels in interpret mode (CPU tests).
 KERNEL_CHOICES = ("auto", "reference", "pallas", "triton", "interpret")
 GEMM_CHOICES = ("mosaic", "mosaic_fused", "xla")
-FP8_GEMM_CHOICES = ("xla", "mosaic")
+FP8_GEMM_CHOICES = ("xla", "xla_fused", "mosaic")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 XLA_GEMM_BELOW = 512   # with unrolled layers, GEMMs of fewer rows run on XLA's dot
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
@@ -148,8 +149,11 @@ class Executor:
     on its own (issue 27: a batch-1 fp8 step spends ~6 ms of host time launching; the attention's speed
     hardly matters at that size).
     fp8_gemm: the fp8 weights' GEMMs on the kernel paths: "xla" (XLA's fp8 dot, cuBLASLt, with the scales in a
-    pass of their own) or "mosaic" (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's
-    SiLU-and-multiply in its epilogue); XLA's until ours is measured faster on the GPU.
+    pass of their own), "xla_fused" (XLA's fp8 dot, with the MLP's middle -- gate_up's scales,
+    SiLU-and-multiply and down's activation quantization -- as one Triton kernel:
+    pallas_kernels/silu_mul_quant_triton.py; the jnp reference on the interpret path) or "mosaic"
+    (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue);
+    XLA's until another is measured faster on the GPU.
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
@@ -182,7 +186,8 @@ class Executor:
     gemm, mosaic_prefill, why = hardware.mosaic_kernel_choices(gemm, mosaic_prefill, on_gpu)
     if why:
       log.warning(why)
-      fp8_gemm = "xla"   # no wgmma here either
+      if fp8_gemm == "mosaic":
+        fp8_gemm = "xla"   # no wgmma here either
     self.fp8_gemm = fp8_gemm
     self.num_sms = num_sms or (jax.devices()[0].core_count if on_gpu else 4)
     # The GEMM kernel takes M in multiples of 128: on the kernel path buckets are multiples of 128.
@@ -404,6 +409,14 @@ class Executor:
       return self._run_kernel(lambda a, s, w, ws: call(a, w, s, ws), a8, a_scale, w8, w_scale)
     return self._run_kernel(lambda a, s, w, ws, r: call(a, w, s, ws, r), a8, a_scale, w8, w_scale, residual)
 
+  def _silu_mul_quant(self, acc, a_scale, w_scale, out_dtype):
+    """fp8_gemm="xla_fused": the MLP's middle as one Triton kernel on the nano-op's stream (jax-triton: GPU
+    only); the interpret and reference paths run its jnp reference, which is the unfused ops' math."""
+    if self.kernels != "triton" or jnp.dtype(out_dtype) not in (jnp.bfloat16, jnp.float16):
+      return silu_mul_quant_kernel.silu_mul_quant_reference(acc, a_scale, w_scale, out_dtype)
+    return self._on_stream(functools.partial(silu_mul_quant_kernel.silu_mul_quant, out_dtype=out_dtype,
+                                             num_sms=self._sms()))(acc, a_scale, w_scale)
+
   def _run_kernel(self, fn, *arrays):
     """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
     if self.kernels == "interpret":
@@ -591,6 +604,7 @@ class Executor:
       t = time.perf_counter()
       with layers.use_gemm(None if self.kernels == "reference" else self._gemm), \
            layers.use_fp8_gemm(None if self.kernels == "reference" else self._fp8_gemm), \
+           layers.use_silu_mul_quant(self._silu_mul_quant if self.fp8_gemm == "xla_fused" else None), \
            layers.use_grouped_gemm(None if self.kernels == "reference" else self._grouped_gemm):
         lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
       options = dict(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else {})

@@ -289,6 +289,25 @@ def test_rms_norm_residual_kernel_matches_reference():
 
 
 @needs_triton
+@pytest.mark.parametrize("m,num_sms", [(2048, 132), (1000, 96), (1, 132)])
+def test_silu_mul_quant_kernel_matches_reference(m, num_sms):
+  """The fp8 MLP's middle at the 8B shape (I = 14336), bf16: the row scales to float32 rounding and the e4m3
+  values to one e4m3 step where an input rounds differently (silu's exp), against the unfused ops."""
+  from pallas_kernels import silu_mul_quant_triton as smq
+  keys = jax.random.split(jax.random.PRNGKey(m), 3)
+  acc = (jax.random.normal(keys[0], (m, 2 * 14336), jnp.float32) * 300).astype(jnp.bfloat16)
+  a_scale = jax.random.uniform(keys[1], (m, 1), jnp.float32, 0.002, 0.02)
+  w_scale = jax.random.uniform(keys[2], (2 * 14336,), jnp.float32, 1e-4, 1e-3)
+  ref8, ref_s = jax.jit(lambda *a: smq.silu_mul_quant_reference(*a, jnp.bfloat16))(acc, a_scale, w_scale)
+  q8, s = jax.jit(lambda *a: smq.silu_mul_quant(*a, jnp.bfloat16, num_sms=num_sms))(acc, a_scale, w_scale)
+  np.testing.assert_allclose(np.asarray(s), np.asarray(ref_s), rtol=1e-6)
+  q, r = np.asarray(q8.astype(jnp.float32)), np.asarray(ref8.astype(jnp.float32))
+  np.testing.assert_allclose(q, r, rtol=0.07, atol=2 ** -9)
+  assert np.mean(q == r) > 0.999, np.mean(q == r)
+  assert np.abs(r).max() == 448.0
+
+
+@needs_triton
 def test_triton_attention_fp8_cache():
   """An fp8 (e4m3) cache read by the Triton kernel (K/V tiles upcast to bf16) against the reference."""
   q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(11)

@@ -1,0 +1,83 @@
+"""The fp8 MLP-middle Triton kernel (scales, SiLU-and-multiply, per-token e4m3 quantization; Triton's
+interpreter on the CPU, float32: ROUND=0) against its reference: a width that is no power of two, more rows
+than programs and fewer, an all-zero row."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import ops_reference
+from pallas_kernels import silu_mul_quant_triton as smq
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("num_sms", [1, 4, 32])
+def test_silu_mul_quant_matches_reference(num_sms):
+  rng = np.random.default_rng()
+  m, i = 13, 40
+  acc = rng.normal(size=(m, 2 * i)).astype(np.float32) * 30
+  acc[5] = 0.0
+  a_scale = rng.uniform(0.01, 0.1, size=(m, 1)).astype(np.float32)
+  w_scale = rng.uniform(0.001, 0.01, size=(2 * i,)).astype(np.float32)
+  q, s = smq.interpret_call(acc, a_scale, w_scale, num_sms=num_sms)
+  # the reference in float32 throughout (the interpreter's path: no bf16 or e4m3 rounding), then its e4m3
+  # values and scales as the model computes them
+  y = acc * a_scale * w_scale[None, :]
+  h = np.asarray(ops_reference.silu_and_mul(jnp.asarray(y).reshape(m, 2, i)))
+  amax = np.abs(h).max(axis=-1, keepdims=True)
+  ref_s = np.maximum(amax, ops_reference.MIN_SCALE) / ops_reference.E4M3_MAX
+  np.testing.assert_allclose(s, ref_s, rtol=1e-6)
+  np.testing.assert_allclose(q, h / ref_s, rtol=1e-5, atol=1e-4)
+  assert np.abs(q).max() == pytest.approx(ops_reference.E4M3_MAX, rel=1e-6)   # each row's amax maps to the top
+  assert np.all(q[5] == 0)
+  ref8, ref_s8 = smq.silu_mul_quant_reference(jnp.asarray(acc), jnp.asarray(a_scale), jnp.asarray(w_scale),
+                                              jnp.float32)
+  np.testing.assert_allclose(np.asarray(ref_s8), ref_s, rtol=1e-6)   # the model's path: the same scales
+  np.testing.assert_allclose(np.asarray(ref8.astype(jnp.float32)), np.clip(q, -448, 448), rtol=0.07, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "nanoflow"])
+def test_engine_runs_the_mlp_middle_fused(monkeypatch, mode):
+  """fp8_gemm="xla_fused": every layer's gate_up hands its unscaled fp8 product to the fused kernel (its
+  reference on the interpret path) and down takes the e4m3 rows it returns (layers.Fp8Rows) without
+  quantizing again; the outputs are those of fp8_gemm="xla" (the same math, unfused), also in nanoflow mode
+  with two nano-batches. A choice outside the list is refused."""
+  from nanoflow_jax.engine import Engine, EngineConfig
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.models import layers
+  from nanoflow_jax.sampling_params import SamplingParams
+  with pytest.raises(ValueError, match="fp8_gemm"):
+    EngineConfig(fp8_gemm="xla_fusion").validate()
+  model = load_model("tiny", dtype="bfloat16", random_weights=True, quantization="fp8")
+  calls, down_inputs = [], []
+  reference = smq.silu_mul_quant_reference
+
+  def recording(acc, a_scale, w_scale, out_dtype):
+    calls.append(acc.shape)
+    return reference(acc, a_scale, w_scale, out_dtype)
+  monkeypatch.setattr(smq, "silu_mul_quant_reference", recording)
+  fp8_linear = layers._fp8_linear
+
+  def watching(x, *a, **k):
+    down_inputs.append(type(x).__name__)
+    return fp8_linear(x, *a, **k)
+  monkeypatch.setattr(layers, "_fp8_linear", watching)
+  outs = {}
+  for choice in ("xla", "xla_fused"):
+    calls.clear()
+    down_inputs.clear()
+    engine = Engine(model, EngineConfig(dense_batch=128, page_size=16, num_pages=64, max_num_seqs=2, mode=mode,
+                                        kernels="interpret", fp8_gemm=choice, compilation_cache_dir=None))
+    for r in ("a", "b"):
+      engine.add_request(r, list(range(40 + len(r), 100)), SamplingParams(max_tokens=3, temperature=0, logprobs=1))
+    engine.run_until_done()
+    outs[choice] = [engine.pop_output(r).outputs[0] for r in ("a", "b")]
+    if choice == "xla":
+      assert not calls and "Fp8Rows" not in down_inputs
+    else:
+      # (one call per traced layer body: the layers are scanned, once per compiled step size)
+      assert calls and all(c[1] == 2 * model.config.intermediate_size for c in calls)
+      assert down_inputs.count("Fp8Rows") == len(calls)   # every fused result went straight into down
+  for a, b in zip(outs["xla"], outs["xla_fused"]):
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose([lp.logprob for lp in a.logprobs], [lp.logprob for lp in b.logprobs], atol=1e-6)
