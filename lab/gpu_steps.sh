@@ -417,9 +417,14 @@ step_fused-quant()        { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
 step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --weight=$w --layers=4 | tee -a "$OUT/quantize-probe.md"; done; }
 # session 21: the parts were fast at 4 layers (quantize_weight under vmap 677 GB/s) where the load ran at 0.3 GB/s;
 # so 32 layers, the engine's process settings, and the loader's own path on the 8B shape
-step_quantize-ctx()       { { $PY lab/quantize_probe.py --weight=gate_up --layers=32 --iters=1
-                              $PY lab/quantize_probe.py --weight=gate_up --layers=32 --iters=1 --engine_env
-                              $PY lab/quantize_probe.py --full_model --engine_env; } 2>&1 | grep -v "^W\|tpu" | tee -a "$OUT/quantize-ctx.md"; }
+# Session 21's fix (quantize_stacked layer by layer, compiled without autotuning): the loader's path on the 8B
+# shape, predicted under 10 s (was 55-65 s)
+step_quantize-load()      { $PY lab/quantize_probe.py --full_model 2>&1 | grep --line-buffered -v "^W\|tpu" \
+                              | tee -a "$OUT/quantize-load.md"; }
+step_quantize-ctx()       { { $PY lab/quantize_probe.py --weight=o --layers=4 --iters=1 --engine_env
+                              $PY lab/quantize_probe.py --weight=o --layers=32 --iters=1
+                              $PY lab/quantize_probe.py --weight=o --layers=32 --iters=1 --engine_env; } 2>&1 \
+                              | grep --line-buffered -v "^W\|tpu" | tee -a "$OUT/quantize-ctx.md"; }
 step_decode-sweep-w8-scan() { sweep decode-sweep-w8-scan --quantization=fp8 --layer_loop=scan; }
 
 for spec in "$@"; do

@@ -77,34 +77,47 @@ def quantize_weight(w: jax.Array, contracted: int) -> tuple[jax.Array, jax.Array
   return to_fp8_layout(w8, contracted), scale
 
 
+# XLA's GPU compiler autotunes a new fusion by running candidate kernels on buffers of the real size, so a
+# one-off program over a whole weight stack can compile for seconds per GB (session 21: quantize_stacked took
+# 55-65 s for the 8B stack in a fresh process while the same program, compiled after similar fusions had been
+# seen, ran in ~10 ms; a new fusion's compile took 1.4 s at 4 layers and 8.5-9.3 s at 32). Quantizing runs once
+# per load, so it is compiled without autotuning, at one layer's size.
+QUANTIZE_COMPILE_OPTIONS = {"xla_gpu_autotune_level": 0}
+
+
 def quantize_stacked(layers: dict, sharding_fn=None) -> dict:
-  """The stacked layer params [L, ...] with every QUANTIZED weight as `name_fp8` and its scale beside it;
-  each bf16 weight is dropped as soon as its fp8 copy exists (peak memory: one weight kind twice).
+  """The stacked layer params [L, ...] with every QUANTIZED weight as `name_fp8` and its scale beside it,
+  quantized layer by layer (one executable per weight kind, compiled for one layer) into new stacks; each
+  bf16 stack is dropped as soon as its fp8 copy exists (peak memory: one weight kind twice).
   `sharding_fn(path, shape)` places the new arrays (TP); default: where XLA puts them."""
+  from nanoflow_jax import layer_stack
   out = dict(layers)
   for name, nk in QUANTIZED.items():
     if name not in out:
       continue
     w = out.pop(name)
+    num_layers, shape = w.shape[0], w.shape[1:]
+    on_host = isinstance(w, np.ndarray)   # the converter's stacks: each layer goes to the default device
+    layer_sharding = None if on_host else layer_stack.layer_sharding(w.sharding)
     shardings = None
     if sharding_fn is not None:
-      shardings = tuple(layer_stack_sharding(sharding_fn(("layers_0", n), shape))
-                        for n, shape in ((fp8_name(name), fp8_shape(name, w.shape[1:])),
-                                         (scale_name(name), scale_shape(name, w.shape[1:]))))
-    fn = jax.jit(lambda w: jax.vmap(lambda x: quantize_weight(x, nk))(w), out_shardings=shardings)
+      shardings = (sharding_fn(("layers_0", fp8_name(name)), fp8_shape(name, shape)),
+                   sharding_fn(("layers_0", scale_name(name)), scale_shape(name, shape)))
     t = time.perf_counter()
-    w8, scale = jax.block_until_ready(fn(w))
-    # (timed: on an H200 this runs at ~0.2 GB/s of bf16, 66 s for the 8B stack against a 4.5 s bf16 load;
-    # lab/quantize_probe.py times its parts)
+    take = (lambda s, i: s[int(i)]) if on_host else jax.jit(lambda s, i: s[i], out_shardings=layer_sharding).lower(
+        w, jax.ShapeDtypeStruct((), jnp.int32)).compile(QUANTIZE_COMPILE_OPTIONS)
+    quantize = jax.jit(lambda x: quantize_weight(x, nk), out_shardings=shardings).lower(
+        jax.ShapeDtypeStruct(shape, w.dtype, sharding=layer_sharding)).compile(QUANTIZE_COMPILE_OPTIONS)
+    stack = layer_stack.LayerStack(num_layers)
+    for i in range(num_layers):
+      w8, scale = quantize(take(w, jnp.int32(i)))
+      stack.put((f"layers_{i}", fp8_name(name)), w8)
+      stack.put((f"layers_{i}", scale_name(name)), scale)
+    new = jax.block_until_ready(stack.result()[1])
     log.info("quantized %s %s to fp8 in %.1f s", name, tuple(w.shape), time.perf_counter() - t)
     del w
-    out[fp8_name(name)], out[scale_name(name)] = w8, scale
+    out.update(new)
   return out
-
-
-def layer_stack_sharding(s):
-  from nanoflow_jax import layer_stack
-  return layer_stack.stacked_sharding(s)
 
 
 def is_quantized(layers: dict) -> bool:

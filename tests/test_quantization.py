@@ -52,6 +52,25 @@ def test_quantize_weight_per_output_channel():
   np.testing.assert_array_equal(np.asarray(Q.to_fp8_layout(o, 2)), o.reshape(32, 16).T)
 
 
+def test_quantize_stacked_is_each_layer_quantized():
+  """The loaders' stack quantization (layer by layer, compiled once per weight kind) gives each layer's
+  quantize_weight exactly, as new `_fp8` / `_fp8_scale` stacks; the bf16 stacks are gone and the rest passes
+  through. Device stacks and the converter's host (numpy) stacks alike."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng()
+  layers = {"qkv": rng.normal(size=(3, 32, 2, 3, 8)).astype(np.float32), "o": rng.normal(size=(3, 4, 8, 32)),
+            "attn_norm": np.ones((3, 32), np.float32)}
+  layers = {k: np.asarray(v, np.float32) for k, v in layers.items()}
+  for make in (jnp.asarray, np.asarray):
+    out = Q.quantize_stacked({k: make(v) for k, v in layers.items()})
+    assert sorted(out) == ["attn_norm", "o_fp8", "o_fp8_scale", "qkv_fp8", "qkv_fp8_scale"]
+    for name, nk in (("qkv", 1), ("o", 2)):
+      for i in range(3):
+        w8, scale = Q.quantize_weight(jnp.asarray(layers[name][i]), nk)
+        np.testing.assert_array_equal(np.asarray(out[name + "_fp8"][i]).view(np.uint8), np.asarray(w8).view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(out[name + "_fp8_scale"][i]), np.asarray(scale))
+
+
 # --- the model against its unquantized self ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
