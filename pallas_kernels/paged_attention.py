@@ -163,7 +163,7 @@ def configs(backend: str, kv_dtype=None, *, head_dim: int | None = None, page_si
     from pallas_kernels import paged_attention_triton as pat
     from pallas_kernels import prefill_attention_mgpu as pam
     if kv_dtype is not None and jnp.dtype(kv_dtype).itemsize == 1:
-      return pat.DECODE_CONFIG_FP8, pat.PREFILL_CONFIG
+      return pat.DECODE_CONFIG_FP8, pat.PREFILL_CONFIG_FP8
     mosaic = (kv_dtype is not None and head_dim is not None and page_size is not None and sliding_window is None
               and pam.supported(q_dtype or kv_dtype, kv_dtype, head_dim, page_size, MOSAIC_PREFILL_CONFIG["block_n"]))
     return pat.DECODE_CONFIG, MOSAIC_PREFILL_CONFIG if mosaic else pat.PREFILL_CONFIG

@@ -142,10 +142,11 @@ def test_block_n_must_cover_whole_pages():
 
 
 def test_configs_pick_f16_dots_for_fp8_caches():
-  """The engine's fp8 cache gets the f16-dot decode configuration; bf16 caches keep theirs."""
+  """The engine's fp8 cache gets the f16-dot decode and prefill configurations; bf16 caches keep theirs."""
   from pallas_kernels import paged_attention as pa
   from pallas_kernels import paged_attention_triton as pat
-  assert pa.configs("triton", jnp.float8_e4m3fn)[0] == pat.DECODE_CONFIG_FP8
+  assert pa.configs("triton", jnp.float8_e4m3fn) == (pat.DECODE_CONFIG_FP8, pat.PREFILL_CONFIG_FP8)
+  assert pat.PREFILL_CONFIG_FP8["dot_f16"] and pat.PREFILL_CONFIG_FP8["block_q"] > 1
   assert pa.configs("triton", jnp.bfloat16)[0] == pat.DECODE_CONFIG
   assert pa.configs("triton")[0] == pat.DECODE_CONFIG
   assert "dot_f16" not in pa.configs("pallas", jnp.float8_e4m3fn)[0]
@@ -153,10 +154,11 @@ def test_configs_pick_f16_dots_for_fp8_caches():
 
 def test_configs_pick_the_mosaic_prefill_kernel_where_it_takes_the_cache():
   from pallas_kernels import paged_attention as pa
+  from pallas_kernels import paged_attention_triton as pat
   mosaic = pa.MOSAIC_PREFILL_CONFIG
   assert pa.configs("triton", jnp.bfloat16, head_dim=128, page_size=16)[1] == mosaic
-  for kv, kw in ((jnp.float8_e4m3fn, {}),                         # wgmma takes no e4m3 beside bf16
-                 (jnp.bfloat16, {"sliding_window": 4096}),        # the kernel has no window
+  assert pa.configs("triton", jnp.float8_e4m3fn, head_dim=128, page_size=16)[1] == pat.PREFILL_CONFIG_FP8
+  for kv, kw in ((jnp.bfloat16, {"sliding_window": 4096}),        # (fp8: wgmma takes no e4m3 beside bf16)        # the kernel has no window
                  (jnp.bfloat16, {"head_dim": 96}),                # not a multiple of 64
                  (jnp.bfloat16, {"page_size": 4}),                # TMA copies of whole 8-row tiles
                  (jnp.float16, {"q_dtype": jnp.bfloat16}),        # queries of another type
