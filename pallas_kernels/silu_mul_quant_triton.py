@@ -8,7 +8,8 @@ the fusion past 2%); here the product is read once and only the e4m3 result and 
 
 Reference: `silu_mul_quant_reference`, which the tests compare with in Triton's interpreter. The interpreter's
 bf16 and e4m3 casts are not the GPU's (it truncates), so the CPU tests run with ROUND=0 (float32 throughout,
-the scaled values before their cast); the GPU test compares the rounded result. The grid is `num_sms` persistent programs over the rows.
+the scaled values before their cast); the GPU test compares the rounded result. The grid is `num_sms` persistent programs over the rows, each row taken in chunks of CHUNK
+columns twice (its amax, then its quantization).
 """
 from __future__ import annotations
 
@@ -34,42 +35,61 @@ def silu_mul_quant_reference(acc, a_scale, w_scale, out_dtype):
 if triton is not None:
 
   @triton.jit
+  def _activation(acc_ptr, ws_ptr, row, a_s, cols, m, I: tl.constexpr, ROUND: tl.constexpr, OUT_F16: tl.constexpr):
+    """silu(gate) * up of one row's columns `cols`, scaled and rounded as the reference."""
+    off = row * 2 * I + cols          # M * 2I stays far below 2**31 for the step's rows
+    g = tl.load(acc_ptr + off, mask=m, other=0.0).to(tl.float32) * a_s * tl.load(ws_ptr + cols, mask=m, other=0.0)
+    u = tl.load(acc_ptr + off + I, mask=m, other=0.0).to(tl.float32) * a_s * tl.load(ws_ptr + I + cols, mask=m,
+                                                                                       other=0.0)
+    if ROUND:   # the scaled product in the model dtype, as scaled_fp8_dot returns it
+      if OUT_F16:
+        g, u = g.to(tl.float16).to(tl.float32), u.to(tl.float16).to(tl.float32)
+      else:
+        g, u = g.to(tl.bfloat16).to(tl.float32), u.to(tl.bfloat16).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    if ROUND:   # silu_and_mul's result in the model dtype
+      if OUT_F16:
+        h = h.to(tl.float16).to(tl.float32)
+      else:
+        h = h.to(tl.bfloat16).to(tl.float32)
+    return h
+
+  @triton.jit
   def _silu_mul_quant_kernel(acc_ptr, as_ptr, ws_ptr, q_out, s_out, M: tl.constexpr, I: tl.constexpr,
-                             I_P2: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FP8_MAX: tl.constexpr,
-                             MIN_SCALE: tl.constexpr, ROUND: tl.constexpr, OUT_F16: tl.constexpr):
+                             CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                             FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, ROUND: tl.constexpr,
+                             OUT_F16: tl.constexpr):
+    # A row in chunks of CHUNK columns, twice: the amax, then the quantization, the activation recomputed
+    # (a whole 14336-wide row in registers spills; the second read of the row's 57 KB comes from L2).
     pid = tl.program_id(0)
-    cols = tl.arange(0, I_P2)
-    m = cols < I
-    wg = tl.load(ws_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    wu = tl.load(ws_ptr + I + cols, mask=m, other=0.0).to(tl.float32)
     for row in range(pid, M, NUM_PROGRAMS):
-      off = row * 2 * I + cols          # M * 2I stays far below 2**31 for the step's rows
       a_s = tl.load(as_ptr + row).to(tl.float32)
-      g = tl.load(acc_ptr + off, mask=m, other=0.0).to(tl.float32) * a_s * wg
-      u = tl.load(acc_ptr + off + I, mask=m, other=0.0).to(tl.float32) * a_s * wu
-      if ROUND:   # the scaled product in the model dtype, as scaled_fp8_dot returns it
-        if OUT_F16:
-          g, u = g.to(tl.float16).to(tl.float32), u.to(tl.float16).to(tl.float32)
-        else:
-          g, u = g.to(tl.bfloat16).to(tl.float32), u.to(tl.bfloat16).to(tl.float32)
-      h = g * tl.sigmoid(g) * u
-      if ROUND:   # silu_and_mul's result in the model dtype
-        if OUT_F16:
-          h = h.to(tl.float16).to(tl.float32)
-        else:
-          h = h.to(tl.bfloat16).to(tl.float32)
-      amax = tl.max(tl.where(m, tl.abs(h), 0.0), 0)
+      amax = 0.0
+      for c in range(NUM_CHUNKS):
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        m = cols < I
+        h = _activation(acc_ptr, ws_ptr, row, a_s, cols, m, I, ROUND, OUT_F16)
+        amax = tl.maximum(amax, tl.max(tl.where(m, tl.abs(h), 0.0), 0))
       scale = tl.maximum(amax, MIN_SCALE) / FP8_MAX
-      q = tl.minimum(tl.maximum(h / scale, -FP8_MAX), FP8_MAX)
-      tl.store(q_out + row * I + cols, q.to(q_out.dtype.element_ty), mask=m)
+      for c in range(NUM_CHUNKS):
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        m = cols < I
+        h = _activation(acc_ptr, ws_ptr, row, a_s, cols, m, I, ROUND, OUT_F16)
+        q = tl.minimum(tl.maximum(h / scale, -FP8_MAX), FP8_MAX)
+        tl.store(q_out + row * I + cols, q.to(q_out.dtype.element_ty), mask=m)
       tl.store(s_out + row, scale)
 
 
-def _meta(shape, num_sms: int, round_: bool, out_f16: bool) -> dict:
+CHUNK = 2048   # columns a program holds at once: 8 per thread of 8 warps
+
+
+def _meta(shape, num_sms: int, round_: bool, out_f16: bool, chunk: int = CHUNK) -> dict:
   m, two_i = shape
   i = two_i // 2
-  return dict(M=m, I=i, I_P2=1 << (i - 1).bit_length(), NUM_PROGRAMS=num_sms, FP8_MAX=ops_reference.E4M3_MAX,
-              MIN_SCALE=ops_reference.MIN_SCALE, ROUND=int(round_), OUT_F16=int(out_f16))
+  chunk = min(chunk, 1 << (i - 1).bit_length())
+  return dict(M=m, I=i, CHUNK=chunk, NUM_CHUNKS=-(-i // chunk), NUM_PROGRAMS=num_sms,
+              FP8_MAX=ops_reference.E4M3_MAX, MIN_SCALE=ops_reference.MIN_SCALE, ROUND=int(round_),
+              OUT_F16=int(out_f16))
 
 
 def silu_mul_quant(acc, a_scale, w_scale, out_dtype, *, num_sms: int, num_warps: int = 8):
@@ -85,7 +105,7 @@ def silu_mul_quant(acc, a_scale, w_scale, out_dtype, *, num_sms: int, num_warps:
                         num_warps=num_warps, num_stages=1, name="silu_mul_quant_triton", **meta)
 
 
-def interpret_call(acc, a_scale, w_scale, *, num_sms: int):
+def interpret_call(acc, a_scale, w_scale, *, num_sms: int, chunk: int = CHUNK):
   """The same kernel in Triton's interpreter (float32, no rounding to bf16 or e4m3: ROUND=0; numpy in and out):
   the tests' path. Returns (the scaled values before their e4m3 cast [M, I], scale [M, 1])."""
   import torch
@@ -93,5 +113,5 @@ def interpret_call(acc, a_scale, w_scale, *, num_sms: int):
   m, two_i = np.shape(acc)
   q, s = torch.zeros((m, two_i // 2)), torch.zeros((m, 1))
   interpreted(_silu_mul_quant_kernel)[(num_sms,)](f32(acc), f32(np.reshape(a_scale, -1)), f32(w_scale), q, s,
-                                                  **_meta((m, two_i), num_sms, False, False))
+                                                  **_meta((m, two_i), num_sms, False, False, chunk))
   return q.numpy(), s.numpy()

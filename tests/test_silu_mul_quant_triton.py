@@ -11,15 +11,16 @@ from pallas_kernels import silu_mul_quant_triton as smq
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("num_sms", [1, 4, 32])
-def test_silu_mul_quant_matches_reference(num_sms):
+@pytest.mark.parametrize("num_sms,chunk", [(1, 2048), (4, 16), (32, 16), (4, 64)])
+def test_silu_mul_quant_matches_reference(num_sms, chunk):
+  """One chunk for the row, or several with the last one partial (40 = 16 + 16 + 8)."""
   rng = np.random.default_rng()
   m, i = 13, 40
   acc = rng.normal(size=(m, 2 * i)).astype(np.float32) * 30
   acc[5] = 0.0
   a_scale = rng.uniform(0.01, 0.1, size=(m, 1)).astype(np.float32)
   w_scale = rng.uniform(0.001, 0.01, size=(2 * i,)).astype(np.float32)
-  q, s = smq.interpret_call(acc, a_scale, w_scale, num_sms=num_sms)
+  q, s = smq.interpret_call(acc, a_scale, w_scale, num_sms=num_sms, chunk=chunk)
   # the reference in float32 throughout (the interpreter's path: no bf16 or e4m3 rounding), then its e4m3
   # values and scales as the model computes them
   y = acc * a_scale * w_scale[None, :]
