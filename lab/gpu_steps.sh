@@ -411,7 +411,7 @@ step_step-fp8-decode1()   { $PY lab/step_bench.py --model=llama-3-8b --kernels=t
 # Where the fp8 load's ~60 s go (quantize_stacked at 0.2 GB/s on the H200): quantize_weight's parts timed alone.
 # Session 21: the fp8 MLP's middle as one Triton kernel (fp8_gemm=xla_fused) against XLA's two passes (3.3 ms of
 # the 43.6 ms mix step): the kernel test, then the mix step and batch 1 timed both ways in one process each.
-step_fused-quant()        { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu_mul_quant" && \
+step_fused-quant()        { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu_mul_quant or rms_norm_quant" && \
                             $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \
                               --nanoflow=false --iters=10 --fp8_gemms=xla_fused --out="$OUT/fused-quant.md"; }
 step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --weight=$w --layers=4 | tee -a "$OUT/quantize-probe.md"; done; }

@@ -28,7 +28,8 @@ def define(max_num_seqs: int) -> None:
                     "gate_up's epilogue), mosaic (the same, unfused) or xla (XLA's dot).")
   flags.DEFINE_enum("fp8_gemm", "xla", ["xla", "xla_fused", "mosaic"],
                     "fp8 weights' GEMMs on the kernel paths: xla (XLA's fp8 dot, cuBLASLt), xla_fused (the same, with "
-                    "gate_up's scales, SiLU-and-multiply and down's activation quantization as one Triton kernel) "
+                    "each activation quantization fused into its producer: the RMSNorms, and gate_up's scales with "
+                    "SiLU-and-multiply, as Triton kernels) "
                     "or mosaic (ours: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue); "
                     "the others are being measured against xla.")
   flags.DEFINE_enum("prefill_attention", "auto", ["auto", "triton"],

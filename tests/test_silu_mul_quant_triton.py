@@ -38,47 +38,55 @@ def test_silu_mul_quant_matches_reference(num_sms, chunk):
 
 
 @pytest.mark.parametrize("mode", ["sequential", "nanoflow"])
-def test_engine_runs_the_mlp_middle_fused(monkeypatch, mode):
-  """fp8_gemm="xla_fused": every layer's gate_up hands its unscaled fp8 product to the fused kernel (its
-  reference on the interpret path) and down takes the e4m3 rows it returns (layers.Fp8Rows) without
-  quantizing again; the outputs are those of fp8_gemm="xla" (the same math, unfused), also in nanoflow mode
-  with two nano-batches. A choice outside the list is refused."""
+def test_engine_fuses_the_activation_quantizations(monkeypatch, mode):
+  """fp8_gemm="xla_fused": every layer's two RMSNorms and gate_up's unscaled fp8 product go to the fused
+  kernels (their references on the interpret path), and qkv, gate_up and down take the e4m3 rows they return
+  (layers.Fp8Rows) without quantizing again; o still quantizes its own input. The outputs are those of
+  fp8_gemm="xla" (the same math, unfused), also in nanoflow mode with two nano-batches. A choice outside the
+  list is refused."""
   from nanoflow_jax.engine import Engine, EngineConfig
   from nanoflow_jax.model import load_model
   from nanoflow_jax.models import layers
   from nanoflow_jax.sampling_params import SamplingParams
+  from pallas_kernels import rms_norm_quant_triton as rnq
   with pytest.raises(ValueError, match="fp8_gemm"):
     EngineConfig(fp8_gemm="xla_fusion").validate()
   model = load_model("tiny", dtype="bfloat16", random_weights=True, quantization="fp8")
-  calls, down_inputs = [], []
-  reference = smq.silu_mul_quant_reference
+  calls, gemm_inputs = [], []
 
-  def recording(acc, a_scale, w_scale, out_dtype):
-    calls.append(acc.shape)
-    return reference(acc, a_scale, w_scale, out_dtype)
-  monkeypatch.setattr(smq, "silu_mul_quant_reference", recording)
+  def recording(name, reference):
+    def fn(*args):
+      calls.append((name, args[0].shape))
+      return reference(*args)
+    return fn
+  monkeypatch.setattr(smq, "silu_mul_quant_reference", recording("silu_mul", smq.silu_mul_quant_reference))
+  monkeypatch.setattr(rnq, "rms_norm_quant_reference", recording("rms_norm", rnq.rms_norm_quant_reference))
   fp8_linear = layers._fp8_linear
 
-  def watching(x, *a, **k):
-    down_inputs.append(type(x).__name__)
-    return fp8_linear(x, *a, **k)
+  def watching(x, w8, spec, *a, **k):
+    gemm_inputs.append((spec, type(x).__name__))
+    return fp8_linear(x, w8, spec, *a, **k)
   monkeypatch.setattr(layers, "_fp8_linear", watching)
   outs = {}
   for choice in ("xla", "xla_fused"):
     calls.clear()
-    down_inputs.clear()
+    gemm_inputs.clear()
     engine = Engine(model, EngineConfig(dense_batch=128, page_size=16, num_pages=64, max_num_seqs=2, mode=mode,
                                         kernels="interpret", fp8_gemm=choice, compilation_cache_dir=None))
     for r in ("a", "b"):
       engine.add_request(r, list(range(40 + len(r), 100)), SamplingParams(max_tokens=3, temperature=0, logprobs=1))
     engine.run_until_done()
     outs[choice] = [engine.pop_output(r).outputs[0] for r in ("a", "b")]
+    quantized = {spec for spec, kind in gemm_inputs if kind == "Fp8Rows"}
     if choice == "xla":
-      assert not calls and "Fp8Rows" not in down_inputs
-    else:
-      # (one call per traced layer body: the layers are scanned, once per compiled step size)
-      assert calls and all(c[1] == 2 * model.config.intermediate_size for c in calls)
-      assert down_inputs.count("Fp8Rows") == len(calls)   # every fused result went straight into down
+      assert not calls and not quantized
+      continue
+    # (one call per traced layer body and nano-batch: the layers are scanned, once per compiled step size)
+    silu = [shape for name, shape in calls if name == "silu_mul"]
+    assert silu and all(shape[1] == 2 * model.config.intermediate_size for shape in silu)
+    assert sum(name == "rms_norm" for name, _ in calls) == 2 * len(silu)   # before qkv and before gate_up
+    assert len(quantized) == 3 and not any(spec.startswith("...nd") for spec in quantized)   # o: its own
+    assert sum(kind == "Fp8Rows" for _, kind in gemm_inputs) == len(calls)
   for a, b in zip(outs["xla"], outs["xla_fused"]):
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose([lp.logprob for lp in a.logprobs], [lp.logprob for lp in b.logprobs], atol=1e-6)

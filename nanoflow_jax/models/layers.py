@@ -167,6 +167,36 @@ def use_silu_mul_quant(fn: SiluMulQuantFn | None):
   return _installed(_SILU_MUL_QUANT, fn)
 
 
+# RMSNorm fused with the next fp8 GEMM's per-token quantization, installed by the runtime: fn(x [M, H], scale
+# [H], eps) -> (e4m3 [M, H], float32 scale [M, 1]) as rms_norm then quantize_rows compute them, or None.
+RmsNormQuantFn = Callable[..., "tuple[jax.Array, jax.Array] | None"]
+_RMS_NORM_QUANT: contextvars.ContextVar[RmsNormQuantFn | None] = contextvars.ContextVar("rms_norm_quant",
+                                                                                         default=None)
+
+
+def use_rms_norm_quant(fn: RmsNormQuantFn | None):
+  return _installed(_RMS_NORM_QUANT, fn)
+
+
+def _takes_fused_quantization(fp8: Fp8 | None) -> bool:
+  """Whether the GEMM of `fp8` can take activations a fused kernel quantized: dynamic per-token scales with
+  no upper bound, and not a row-parallel GEMM under TP (the kernels' amax is this device's part of the row)."""
+  return (fp8 is not None and fp8.input_scale is None and fp8.scale_ub is None
+          and not (fp8.row_parallel and _TP_AXIS.get()))
+
+
+def rms_norm_for(x: jax.Array, scale: jax.Array, eps: float, quantize_for: Fp8 | None = None
+                 ) -> "jax.Array | Fp8Rows":
+  """rms_norm(x), or, where the runtime installed the fused kernel and `quantize_for` (the next GEMM's Fp8)
+  takes it, that norm already quantized for the GEMM (Fp8Rows: never written in the model dtype)."""
+  fused = _RMS_NORM_QUANT.get()
+  if fused is not None and _takes_fused_quantization(quantize_for):
+    out = fused(x.reshape(-1, x.shape[-1]), scale, eps)
+    if out is not None:
+      return Fp8Rows(out[0].reshape(x.shape), out[1].reshape(*x.shape[:-1], 1), x.dtype)
+  return rms_norm(x, scale, eps)
+
+
 def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None, quantize_for: Fp8 | None = None):
   """w8 is [*out dims, K] (quantization.py's layout). Activations are quantized here (under TP with the
   row's amax across devices) unless x is already Fp8Rows, then the installed fp8 GEMM or XLA's fp8 dot.
@@ -191,9 +221,7 @@ def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None, qu
     y = fn(a8, a_scale, w2, s1, res2, stacked, epilogue=epilogue)
   if y is None:
     fused = _SILU_MUL_QUANT.get()
-    if (epilogue == "silu_mul" and fused is not None and quantize_for is not None
-        and quantize_for.input_scale is None and quantize_for.scale_ub is None
-        and not (quantize_for.row_parallel and _TP_AXIS.get())):   # (the kernel's amax is this device's row)
+    if epilogue == "silu_mul" and fused is not None and _takes_fused_quantization(quantize_for):
       out = fused(quantization.fp8_dot(a8, w2), a_scale, s1, x.dtype)
       if out is not None:
         lead = x.shape[:x.ndim - nk]

@@ -74,7 +74,8 @@ class DecoderLayer(nn.Module):
 
   # --- attention block -------------------------------------------------------------------------
   def attn_norm(self, x):
-    return layers.rms_norm(x, self.input_norm, self.cfg.rms_norm_eps)
+    """In fp8 possibly already quantized for qkv (layers.Fp8Rows), where the runtime fuses the two."""
+    return layers.rms_norm_for(x, self.input_norm, self.cfg.rms_norm_eps, quantize_for=self.fp8.get("qkv"))
 
   def qkv(self, h):
     """[..., hidden] -> q [..., heads, hd], k, v [..., kv_heads, hd]."""
@@ -91,7 +92,10 @@ class DecoderLayer(nn.Module):
 
   # --- MLP block --------------------------------------------------------------------------------
   def mlp_norm(self, x):
-    return layers.rms_norm(x, self.post_norm, self.cfg.rms_norm_eps)
+    """In fp8 (dense MLP) possibly already quantized for gate_up (layers.Fp8Rows); the experts' router reads
+    the norm itself."""
+    return layers.rms_norm_for(x, self.post_norm, self.cfg.rms_norm_eps,
+                               quantize_for=None if self.cfg.is_moe else self.fp8.get("gate_up"))
 
   def gate_up_act(self, h):
     """silu(gate) * up [..., intermediate]: the gate_up GEMM and its activation (fused where the installed

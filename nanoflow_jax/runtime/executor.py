@@ -26,6 +26,7 @@ from nanoflow_jax.models.transformer import DecoderLayer
 from nanoflow_jax.runtime.plan import PipelineConfig, check_beside_attention
 from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import gemm_fp8 as gemm_fp8_kernel
+from pallas_kernels import rms_norm_quant_triton as rms_norm_quant_kernel
 from pallas_kernels import silu_mul_quant_triton as silu_mul_quant_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import hardware
@@ -149,9 +150,10 @@ class Executor:
     on its own (issue 27: a batch-1 fp8 step spends ~6 ms of host time launching; the attention's speed
     hardly matters at that size).
     fp8_gemm: the fp8 weights' GEMMs on the kernel paths: "xla" (XLA's fp8 dot, cuBLASLt, with the scales in a
-    pass of their own), "xla_fused" (XLA's fp8 dot, with the MLP's middle -- gate_up's scales,
-    SiLU-and-multiply and down's activation quantization -- as one Triton kernel:
-    pallas_kernels/silu_mul_quant_triton.py; the jnp reference on the interpret path) or "mosaic"
+    pass of their own), "xla_fused" (XLA's fp8 dot, each activation quantization fused into its producer as
+    a Triton kernel: the MLP's middle -- gate_up's scales, SiLU-and-multiply and down's quantization --
+    (pallas_kernels/silu_mul_quant_triton.py) and the RMSNorms before qkv and gate_up
+    (rms_norm_quant_triton.py); their jnp references on the interpret path) or "mosaic"
     (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue);
     XLA's until another is measured faster on the GPU.
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
@@ -417,6 +419,14 @@ class Executor:
     return self._on_stream(functools.partial(silu_mul_quant_kernel.silu_mul_quant, out_dtype=out_dtype,
                                              num_sms=self._sms()))(acc, a_scale, w_scale)
 
+  def _rms_norm_quant(self, x, scale, eps):
+    """fp8_gemm="xla_fused": RMSNorm and the next GEMM's activation quantization as one Triton kernel on the
+    nano-op's stream (GPU); the interpret and reference paths run its jnp reference, the unfused ops' math."""
+    if self.kernels != "triton" or x.dtype not in (jnp.bfloat16, jnp.float16):
+      return rms_norm_quant_kernel.rms_norm_quant_reference(x, scale, eps)
+    return self._on_stream(functools.partial(rms_norm_quant_kernel.rms_norm_quant, eps=eps,
+                                             num_sms=self._sms()))(x, scale)
+
   def _run_kernel(self, fn, *arrays):
     """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
     if self.kernels == "interpret":
@@ -605,6 +615,7 @@ class Executor:
       with layers.use_gemm(None if self.kernels == "reference" else self._gemm), \
            layers.use_fp8_gemm(None if self.kernels == "reference" else self._fp8_gemm), \
            layers.use_silu_mul_quant(self._silu_mul_quant if self.fp8_gemm == "xla_fused" else None), \
+           layers.use_rms_norm_quant(self._rms_norm_quant if self.fp8_gemm == "xla_fused" else None), \
            layers.use_grouped_gemm(None if self.kernels == "reference" else self._grouped_gemm):
         lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
       options = dict(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else {})

@@ -310,6 +310,23 @@ def test_silu_mul_quant_kernel_matches_reference(m, num_sms):
 
 
 @needs_triton
+@pytest.mark.parametrize("m,num_sms", [(2048, 132), (1000, 96), (1, 132)])
+def test_rms_norm_quant_kernel_matches_reference(m, num_sms):
+  """RMSNorm + per-token e4m3 at the 8B's hidden size, bf16, against the unfused ops (tolerances as the MLP
+  middle's: XLA's excess precision inside the reference's fusion)."""
+  from pallas_kernels import rms_norm_quant_triton as rnq
+  keys = jax.random.split(jax.random.PRNGKey(m + 1), 2)
+  x = (jax.random.normal(keys[0], (m, 4096), jnp.float32) * 3).astype(jnp.bfloat16)
+  w = (1 + 0.1 * jax.random.normal(keys[1], (4096,), jnp.float32)).astype(jnp.bfloat16)
+  ref8, ref_s = jax.jit(lambda x: rnq.rms_norm_quant_reference(x, w, 1e-5))(x)
+  q8, s = jax.jit(lambda x: rnq.rms_norm_quant(x, w, 1e-5, num_sms=num_sms))(x)
+  np.testing.assert_allclose(np.asarray(s), np.asarray(ref_s), rtol=8e-3)
+  q, r = np.asarray(q8.astype(jnp.float32)), np.asarray(ref8.astype(jnp.float32))
+  np.testing.assert_allclose(q, r, rtol=0.13, atol=2 ** -8)
+  assert np.mean(q == r) > 0.9, np.mean(q == r)
+
+
+@needs_triton
 def test_triton_attention_fp8_cache():
   """An fp8 (e4m3) cache read by the Triton kernel (K/V tiles upcast to bf16) against the reference."""
   q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(11)
