@@ -89,3 +89,16 @@ def host_memory_kind(device) -> str:
     if kind in kinds:
       return kind
   raise ValueError(f"{device} has no host memory kind (it has {kinds}): the host KV tier cannot run on it")
+
+
+def compile_with_options(lowered, options: dict):
+  """lowered.compile(options), or without them where this XLA does not know one of them (a compile option is
+  a DebugOptions field, and those come and go between versions); the options here only tune speed."""
+  import logging
+  try:
+    return lowered.compile(options)
+  except Exception as e:   # (XLA raises its own error types, differing by version, for an unknown option)
+    if not any(name in str(e) for name in options):
+      raise
+    logging.getLogger(__name__).warning("compiling without %s: %s", sorted(options), str(e).splitlines()[0][:200])
+    return lowered.compile()

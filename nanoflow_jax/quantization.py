@@ -90,7 +90,7 @@ def quantize_stacked(layers: dict, sharding_fn=None) -> dict:
   quantized layer by layer (one executable per weight kind, compiled for one layer) into new stacks; each
   bf16 stack is dropped as soon as its fp8 copy exists (peak memory: one weight kind twice).
   `sharding_fn(path, shape)` places the new arrays (TP); default: where XLA puts them."""
-  from nanoflow_jax import layer_stack
+  from nanoflow_jax import compat, layer_stack
   out = dict(layers)
   for name, nk in QUANTIZED.items():
     if name not in out:
@@ -104,10 +104,12 @@ def quantize_stacked(layers: dict, sharding_fn=None) -> dict:
       shardings = (sharding_fn(("layers_0", fp8_name(name)), fp8_shape(name, shape)),
                    sharding_fn(("layers_0", scale_name(name)), scale_shape(name, shape)))
     t = time.perf_counter()
-    take = (lambda s, i: s[int(i)]) if on_host else jax.jit(lambda s, i: s[i], out_shardings=layer_sharding).lower(
-        w, jax.ShapeDtypeStruct((), jnp.int32)).compile(QUANTIZE_COMPILE_OPTIONS)
-    quantize = jax.jit(lambda x: quantize_weight(x, nk), out_shardings=shardings).lower(
-        jax.ShapeDtypeStruct(shape, w.dtype, sharding=layer_sharding)).compile(QUANTIZE_COMPILE_OPTIONS)
+    take = (lambda s, i: s[int(i)]) if on_host else compat.compile_with_options(
+        jax.jit(lambda s, i: s[i], out_shardings=layer_sharding).lower(w, jax.ShapeDtypeStruct((), jnp.int32)),
+        QUANTIZE_COMPILE_OPTIONS)
+    quantize = compat.compile_with_options(
+        jax.jit(lambda x: quantize_weight(x, nk), out_shardings=shardings).lower(
+            jax.ShapeDtypeStruct(shape, w.dtype, sharding=layer_sharding)), QUANTIZE_COMPILE_OPTIONS)
     stack = layer_stack.LayerStack(num_layers)
     for i in range(num_layers):
       w8, scale = quantize(take(w, jnp.int32(i)))

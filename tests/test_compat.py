@@ -32,3 +32,22 @@ def test_gpu_name_before_backend_reads_nvidia_smi(tmp_path, monkeypatch):
   assert compat.gpu_name_before_backend() is None             # nvidia-smi there, no GPU
   monkeypatch.setenv("PATH", str(tmp_path / "empty"))
   assert compat.gpu_name_before_backend() is None             # no nvidia-smi
+
+
+def test_compile_with_options_drops_only_options_this_xla_lacks(caplog):
+  """A speed-only compile option this XLA does not know is dropped with a warning, a known one is kept; any
+  other compile error still raises."""
+  import jax
+  import jax.numpy as jnp
+  import pytest
+  low = jax.jit(lambda x: x * 2).lower(jnp.ones(3))
+  assert compat.compile_with_options(low, {"xla_gpu_autotune_level": 0})(jnp.ones(3)).tolist() == [2, 2, 2]
+  assert not caplog.records
+  assert compat.compile_with_options(low, {"xla_no_such_option_zz": 1})(jnp.ones(3)).tolist() == [2, 2, 2]
+  assert "xla_no_such_option_zz" in caplog.text
+
+  class Failing:
+    def compile(self, options=None):
+      raise RuntimeError("out of memory")
+  with pytest.raises(RuntimeError, match="out of memory"):
+    compat.compile_with_options(Failing(), {"xla_gpu_autotune_level": 0})
