@@ -419,6 +419,15 @@ step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --w
 # so 32 layers, the engine's process settings, and the loader's own path on the 8B shape
 # Session 21's fix (quantize_stacked layer by layer, compiled without autotuning): the loader's path on the 8B
 # shape, predicted under 10 s (was 55-65 s)
+# Session 21: split_decode_keys (flash-decoding for small decode steps) on the bf16 decode sweep with the fp8
+# cache (bf16 loads in seconds), one process each way.
+step_decode-split()       { for v in off on; do
+                              echo "== split_decode_keys $v"
+                              $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
+                                --max_num_seqs=64 --kv_cache_dtype=fp8 --decode_sweep=1,8,32 \
+                                $([[ $v == on ]] && echo --split_decode_keys) \
+                                --json_out="$OUT/decode-split-$v.json" 2>&1 | grep -v "^W" | tail -12
+                            done | tee -a "$OUT/decode-split.md"; }
 step_quantize-load()      { $PY lab/quantize_probe.py --full_model 2>&1 | grep --line-buffered -v "^W\|tpu" \
                               | tee -a "$OUT/quantize-load.md"; }
 step_quantize-ctx()       { { $PY lab/quantize_probe.py --weight=o --layers=4 --iters=1 --engine_env

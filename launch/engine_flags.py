@@ -48,6 +48,9 @@ def define(max_num_seqs: int) -> None:
   flags.DEFINE_integer("small_step_attention", 0, "Steps of at most this many tokens run their attention as the "
                        "Pallas kernel, which XLA's command buffers record with the rest of the step (the Triton "
                        "kernel's jax-triton calls split them); 0: off (issue 27, being measured).")
+  flags.DEFINE_bool("split_decode_keys", False, "Small decode steps share each sequence's keys over several "
+                    "programs of the Triton attention and merge them (flash-decoding: a batch-1 decode otherwise "
+                    "walks its keys on 8 programs); off until measured (issue 27).")
   flags.DEFINE_bool("overlap_dispatch", False, "Dispatch each step on a thread of its own, beside the host's reading "
                     "of the last step and scheduling of the next: the host's time per step becomes the longer of "
                     "the two instead of their sum, and tokens reach clients one dispatch sooner (issue 27; +0.96% on "
@@ -100,7 +103,7 @@ def engine_kwargs() -> dict:
               layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization,
               enable_prefix_caching=FLAGS.enable_prefix_caching, host_kv_cache_gb=FLAGS.host_kv_cache_gb,
               small_step_attention=FLAGS.small_step_attention, fp8_gemm=FLAGS.fp8_gemm,
-              overlap_dispatch=FLAGS.overlap_dispatch)
+              overlap_dispatch=FLAGS.overlap_dispatch, split_decode_keys=FLAGS.split_decode_keys)
 
 
 # vLLM's names for our flags (`vllm serve` users' scripts run as they are); values map where vLLM's differ.

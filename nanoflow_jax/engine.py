@@ -68,6 +68,8 @@ class EngineConfig:
                                           # buffers over the step) or auto (unrolled for fp8 on a GPU)
   small_step_attention: int = 0           # steps of at most this many tokens: the attention as the Pallas
                                           # kernel, which XLA's command buffers record (executor.py); 0: off
+  split_decode_keys: bool = False         # small decode steps share each sequence's keys over several programs
+                                          # (flash-decoding, Triton attention; not yet measured: off)
   kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32 or fp8
                                           # (float8_e4m3fn, no scales: half the bytes of bf16)
   compilation_cache_dir: str | None = os.path.expanduser("~/.cache/nanoflow_jax/jax_cache")
@@ -181,7 +183,8 @@ class Engine:
                              kv_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype], fused_rope_append=c.fused_rope_append,
                              gemm=c.gemm, layer_unroll=c.layer_unroll, layer_loop=c.layer_loop,
                              mosaic_prefill=c.prefill_attention == "auto",
-                             small_step_attention=c.small_step_attention, fp8_gemm=c.fp8_gemm)
+                             small_step_attention=c.small_step_attention, fp8_gemm=c.fp8_gemm,
+                             split_decode_keys=c.split_decode_keys)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size, caching=c.enable_prefix_caching)
     if c.host_kv_cache_gb > 0:

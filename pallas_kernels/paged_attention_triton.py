@@ -106,25 +106,33 @@ if triton is not None:
 
   @triton.jit
   def _paged_attention_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
-                              qs_ptr, k_ptr, v_ptr, out_in_ptr, out_ptr,
+                              qs_ptr, k_ptr, v_ptr, out_in_ptr, out_ptr, part_ptr, ml_ptr,
                               NUM_PROGRAMS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
                               NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
                               NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr,
                               PREFETCH_PAGES: tl.constexpr, KEY_AXIS: tl.constexpr, MASK_ALL: tl.constexpr,
-                              DOT_FP8: tl.constexpr):
+                              DOT_FP8: tl.constexpr, KEY_SPLITS: tl.constexpr, ROWS: tl.constexpr):
+    # KEY_SPLITS > 1 (flash-decoding): each work item's key blocks are shared out over KEY_SPLITS programs,
+    # each writing its unnormalized sum and softmax state (acc to part_ptr, (m, l) to ml_ptr, per split and
+    # query row of the ROWS = tokens x query heads); merge_splits combines them. A small batch's few work items
+    # then run as many short loops instead of one long one (latency, not bytes, bounds a batch-1 decode).
     pid = tl.program_id(0)
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
-    for i in range(pid, total, NUM_PROGRAMS):
+    for i in range(pid, total * KEY_SPLITS, NUM_PROGRAMS):
+      split = i % KEY_SPLITS
       q, q_scale, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
-          i, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, qs_ptr,
-          NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST, DOT_F16,
-          DOT_FP8)
+          i // KEY_SPLITS, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
+          qs_ptr, NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST,
+          DOT_F16, DOT_FP8)
+      per_split = (hi - lo + KEY_SPLITS - 1) // KEY_SPLITS
+      split_lo = lo + split * per_split
+      split_hi = tl.minimum(split_lo + per_split, hi)
       if DOT_FP8:   # the scores' scale per query row; otherwise the one constant, as before dot_fp8 existed
         row_scale = tl.expand_dims(q_scale * QK_SCALE, KEY_AXIS)
       else:
@@ -141,9 +149,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
       if MASK_ALL:   # one key loop, every block masked: the pipeline is filled once per work item, not twice
         full_hi = lo
-      for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones
-        j0 = full_hi if phase == 1 else lo
-        j1 = hi if phase == 1 else full_hi
+      for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones (of this split)
+        j0 = tl.maximum(full_hi if phase == 1 else lo, split_lo)
+        j1 = tl.minimum(hi if phase == 1 else full_hi, split_hi)
         if PREFETCH_PAGES:   # the first block's page ids; each iteration then loads the next block's
           page_next = tl.load(pt_row + (j0 * BLOCK_N + cols) // PAGE_SIZE, mask=cols * 0 + j0 < j1, other=0)
         for j in tl.range(j0, j1, num_stages=NUM_STAGES):
@@ -183,9 +191,15 @@ if triton is not None:
             pv = tl.dot(p.to(v.dtype), v)
           acc = acc * tl.expand_dims(alpha, KEY_AXIS) + pv
           m_i = m_new
-      out = acc / tl.expand_dims(tl.maximum(l_i, 1e-30), KEY_AXIS)
       out_off = tl.expand_dims(q_off, KEY_AXIS) + tl.expand_dims(d, 1 - KEY_AXIS)
-      tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, KEY_AXIS))
+      if KEY_SPLITS > 1:
+        tl.store(part_ptr + split * (ROWS * HEAD_DIM) + out_off, acc, mask=tl.expand_dims(row_ok, KEY_AXIS))
+        ml_off = (split * ROWS + q_off // HEAD_DIM) * 2
+        tl.store(ml_ptr + ml_off, m_i, mask=row_ok)
+        tl.store(ml_ptr + ml_off + 1, l_i, mask=row_ok)
+      else:
+        out = acc / tl.expand_dims(tl.maximum(l_i, 1e-30), KEY_AXIS)
+        tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, KEY_AXIS))
 
   @triton.jit
   def _paged_attention_groups_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr,
@@ -253,6 +267,12 @@ if triton is not None:
       tl.store(out_ptr + q_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+def key_splits_for(max_decodes: int, num_kv_heads: int, programs: int, max_splits: int = 32) -> int:
+  """How many programs to share each decode's keys over (key_splits) so that a step of at most `max_decodes`
+  decodes (its bucket) fills the `programs` the decode configuration launches: 1 for large steps."""
+  return max(1, min(max_splits, programs // max(1, max_decodes * num_kv_heads)))
+
+
 def quantize_queries(q):
   """The queries [T, Hq, D] in e4m3 with a scale per (token, head) row, for `dot_fp8`: q ~= q8 * scale.
   The scale maps each row's largest magnitude to e4m3's largest finite value (448)."""
@@ -264,9 +284,9 @@ def quantize_queries(q):
 
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
                programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False, swap_ab=False,
-               mask_all=False, key_groups=0, dot_fp8=False):
+               mask_all=False, key_groups=0, dot_fp8=False, key_splits=1):
   """(programs, the kernel's compile-time constants, the kernel: the groups kernel when key_groups > 0)."""
-  _, hq, d = q_shape
+  t, hq, d = q_shape
   _, hkv, num_pages, page_size, _ = k_shape
   if block_n % page_size:
     raise ValueError(f"block_n {block_n} must be a multiple of the page size {page_size}")
@@ -277,9 +297,13 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
               BLOCK_M=_rows(block_q, g, swap_ab), BLOCK_N=block_n, WINDOW=sliding_window or 0,
               QK_SCALE=LOG2E / math.sqrt(d), NUM_STAGES=num_stages, HEAVY_FIRST=heavy_first, DOT_F16=dot_f16,
               MASK_ALL=mask_all)
+  if key_splits < 1:
+    raise ValueError(f"key_splits must be >= 1, got {key_splits}")
   if not key_groups:
     return programs, {**meta, "PREFETCH_PAGES": prefetch_pages, "KEY_AXIS": 0 if swap_ab else 1,
-                      "DOT_FP8": bool(dot_fp8)}, _paged_attention_kernel
+                      "DOT_FP8": bool(dot_fp8), "KEY_SPLITS": key_splits, "ROWS": t * hq}, _paged_attention_kernel
+  if key_splits > 1:
+    raise ValueError("key_splits is not written for key_groups")
   if dot_fp8:
     raise ValueError("dot_fp8 is not written for key_groups")
   if swap_ab:
@@ -296,7 +320,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                          num_sms: int, block_q: int = 1, block_n: int = 128, sliding_window: int | None = None,
                          num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
                          dot_f16: bool = False, prefetch_pages: bool = False, swap_ab: bool = False,
-                         mask_all: bool = False, key_groups: int = 0, dot_fp8: bool = False, out=None):
+                         mask_all: bool = False, key_groups: int = 0, dot_fp8: bool = False, key_splits: int = 1,
+                         out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
@@ -308,7 +333,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   second over the rest (each loop fills and drains its own load pipeline). key_groups: each key block in
   this many groups with their own softmax states (_paged_attention_groups_kernel; page ids always ahead).
   dot_fp8 (fp8 caches): the queries quantized per row to e4m3 (quantize_queries) and the scores' dot run on
-  e4m3 operands, K read without conversion; V and P in f16."""
+  e4m3 operands, K read without conversion; V and P in f16. key_splits: each work item's keys shared out over
+  this many programs, their partial results merged after (merge_splits; for small decode batches)."""
   import jax
   import jax.numpy as jnp
   import jax_triton as jt
@@ -316,7 +342,7 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                                       block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                                       programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
                                       prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all,
-                                      key_groups=key_groups, dot_fp8=dot_fp8)
+                                      key_groups=key_groups, dot_fp8=dot_fp8, key_splits=key_splits)
   if dot_fp8:
     q_in, q_scale = quantize_queries(q)
   else:
@@ -329,11 +355,45 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                              [(0, 0, 0), (0, -page_table.shape[1] % per_block, 0)])
     meta["PT_STRIDE"] = page_table.shape[1]
   i32 = lambda x: jnp.asarray(x, jnp.int32)
-  return jt.triton_call(
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  if kernel is _paged_attention_kernel:   # the split partials (a word each where there are no splits)
+    t, hq, d = q.shape
+    parts = (key_splits * t * hq * d, key_splits * t * hq * 2) if key_splits > 1 else (1, 1)
+    out_shape += [jax.ShapeDtypeStruct((n,), jnp.float32) for n in parts]
+  res = jt.triton_call(
       i32(layer).reshape(1), i32(num_blocks).reshape(1), i32(block_start), i32(block_len), i32(slots),
       i32(positions), i32(page_table), q_in, q_scale, k_cache, v_cache, out,
-      kernel=kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(programs,),
+      kernel=kernel, out_shape=out_shape, grid=(programs,),
       input_output_aliases={11: 0}, num_warps=num_warps, num_stages=num_stages, name="paged_attention_triton", **meta)
+  if key_splits == 1:
+    return res[0]
+  return merge_splits(res[0], res[1], res[2], block_start, block_len, num_blocks, key_splits, block_q)
+
+
+def merge_splits(out, part, ml, block_start, block_len, num_blocks, key_splits: int, block_q: int, xp=None):
+  """The split partials (part: unnormalized sums [S * T * Hq * D]; ml: (m, l) per row, m in log2 units
+  [S * T * Hq * 2]) combined into `out` [T, Hq, D] at the rows the query blocks cover (the others kept: a
+  mixed batch's prefill rows are another call's). xp: jax.numpy (default) or numpy (the interpreter's path)."""
+  if xp is None:
+    import jax.numpy as xp
+  t, hq, d = out.shape
+  part = part.reshape(key_splits, t, hq, d)
+  ml = ml.reshape(key_splits, t, hq, 2)
+  m, l = ml[..., 0], ml[..., 1]
+  m_all = m.max(axis=0)
+  w = xp.exp2(m - m_all[None])                      # each split's share, [S, T, Hq]
+  total = (w * l).sum(axis=0)
+  merged = (w[..., None] * part).sum(axis=0) / xp.maximum(total, 1e-30)[..., None]
+  blocks = xp.arange(xp.shape(block_start)[0])
+  offs = xp.arange(block_q)
+  rows = xp.asarray(block_start)[:, None] + offs[None, :]   # [N, block_q]
+  valid = (blocks[:, None] < xp.reshape(xp.asarray(num_blocks), (-1,))[0]) & (offs[None, :] < xp.asarray(block_len)[:, None])
+  covered = xp.zeros((t,), bool)
+  if xp.__name__ == "numpy":
+    covered[rows[valid]] = True
+  else:
+    covered = covered.at[xp.where(valid, rows, t)].set(True, mode="drop")
+  return xp.where(covered[:, None, None], merged.astype(out.dtype), out)
 
 
 def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,
@@ -341,7 +401,7 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
                    num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
                    heavy_first: bool = False, dot_f16: bool = False, prefetch_pages: bool = False,
                    swap_ab: bool = False, mask_all: bool = False, key_groups: int = 0,
-                   dot_fp8: bool = False) -> np.ndarray:
+                   dot_fp8: bool = False, key_splits: int = 1) -> np.ndarray:
   """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path. With dot_fp8
   the queries reach it quantized (as float32 values e4m3 holds exactly: the interpreter's float32 -> e4m3
   conversion mis-rounds where the mantissa carries), and so must the caches."""
@@ -353,9 +413,17 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
                                       block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                                       programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
                                       prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all,
-                                      key_groups=key_groups, dot_fp8=dot_fp8)
+                                      key_groups=key_groups, dot_fp8=dot_fp8, key_splits=key_splits)
   q_in, q_scale = quantize_queries(q) if dot_fp8 else (q, np.ones(1, np.float32))
   out = torch.zeros(q.shape, dtype=torch.float32)
+  extra = ()
+  if kernel is _paged_attention_kernel:
+    t, hq, d = q.shape
+    # (NaN-filled: a partial the kernel fails to write shows in the merged result)
+    extra = (torch.full((key_splits * t * hq * d,), float("nan")), torch.full((key_splits * t * hq * 2,), float("nan")))
   interpreted(kernel)[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
-                      i32(page_table), f32(q_in), f32(q_scale), f32(k_cache), f32(v_cache), out, out, **meta)
-  return out.numpy()
+                      i32(page_table), f32(q_in), f32(q_scale), f32(k_cache), f32(v_cache), out, out, *extra, **meta)
+  if key_splits == 1:
+    return out.numpy()
+  return merge_splits(out.numpy(), extra[0].numpy(), extra[1].numpy(), np.asarray(block_start),
+                      np.asarray(block_len), np.asarray(num_blocks), key_splits, block_q, xp=np)

@@ -192,3 +192,81 @@ def test_attention_call_runs_the_mosaic_prefill_kernel(monkeypatch):
   assert calls and calls[0]["num_sms"] == 5 and calls[0]["block_kv"] == 128
   assert float(jnp.max(jnp.abs(out[:2].astype(jnp.float32) - 3))) == 0
   np.testing.assert_allclose(np.asarray(out[2:], np.float32), np.asarray(ref[2:], np.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize("key_splits", [2, 5])
+@pytest.mark.parametrize("block_q", [1, 8])
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_triton_kernel_with_key_splits(key_splits, block_q, window, swap_ab):
+  """key_splits (flash-decoding): each work item's key blocks shared out over programs and merged after;
+  five splits of at most three blocks leave splits empty (weight 0), windows and masked blocks cut them."""
+  _check(np.random.default_rng(), num_sms=3, block_q=block_q, window=window, swap_ab=swap_ab,
+         key_splits=key_splits)
+
+
+def test_key_splits_merge_only_the_rows_of_the_blocks_run():
+  """With fewer query blocks run than exist (the decode call of a mixed step covers only the decode rows),
+  the merged rows are the reference's and every other row keeps what `out` held; bad counts are refused."""
+  rng = np.random.default_rng()
+  q, (kc, vc, layer), table, slots, positions, lengths, _ = paged_batch(rng, hkv=2, g=2, d=16, page_size=4,
+                                                                          ctx=(5, 17, 1, 40), chunk=(1, 6, 1, 33))
+  ref = np.asarray(paged_attention_reference(q, kc, vc, layer, table, slots, positions, None))
+  start, length, nb = query_blocks(lengths, len(slots), 1)
+  run = int(np.asarray(nb).reshape(-1)[0]) - 20
+  out = pat.interpret_call(q, kc, vc, layer, table, slots, positions, start, length, np.int32(run), num_sms=3,
+                           block_q=1, block_n=16, key_splits=3)
+  rows = np.asarray(start)[:run]
+  np.testing.assert_allclose(out[rows], ref[rows], atol=2e-5, rtol=1e-5)
+  others = np.setdiff1d(np.arange(len(q)), rows)
+  assert len(others) == 20 and np.all(out[others] == 0)
+  with pytest.raises(ValueError, match="key_splits"):
+    pat.interpret_call(q, kc, vc, layer, table, slots, positions, start, length, nb, num_sms=3, block_q=1,
+                       block_n=16, key_splits=0)
+  with pytest.raises(ValueError, match="key_splits"):
+    pat.interpret_call(q, kc, vc, layer, table, slots, positions, start, length, nb, num_sms=3, block_q=1,
+                       block_n=64, key_groups=2, key_splits=2)
+
+
+def test_key_splits_for_fills_the_decode_programs():
+  assert pat.key_splits_for(1, 8, 2112) == 32          # capped
+  assert pat.key_splits_for(16, 8, 2112) == 16         # a batch-1 step's bucket of 16 tokens
+  assert pat.key_splits_for(512, 8, 2112) == 1         # a large step: no split
+  assert pat.key_splits_for(0, 8, 2112, max_splits=4) == 4
+
+
+def test_engine_splits_small_decode_steps_keys(monkeypatch):
+  """split_decode_keys: on the Triton backend each step's decode call gets key_splits for its bucket (the
+  prefill call none), and the outputs are those without (the kernel is replaced by the reference here; the
+  tests above check the kernel's splits against it). Off, no call gets key_splits."""
+  from nanoflow_jax.engine import Engine, EngineConfig
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.runtime import executor as executor_module
+  from nanoflow_jax.sampling_params import SamplingParams
+  model = load_model("tiny", dtype="float32", random_weights=True)
+  seen = []
+
+  def recording(backend, q, k_cache, v_cache, layer, page_table, slots, positions, *blocks, config, out=None, **kw):
+    seen.append((q.shape[0], config.get("block_q"), config.get("key_splits")))
+    return paged_attention_reference(q, k_cache, v_cache, layer, page_table, slots, positions, None)
+  monkeypatch.setattr(executor_module, "attention_call", recording)
+  outs = {}
+  for split in (False, True):
+    seen.clear()
+    engine = Engine(model, EngineConfig(dense_batch=64, page_size=16, num_pages=64, max_num_seqs=2,
+                                        kernels="interpret", split_decode_keys=split, compilation_cache_dir=None))
+    ex = engine.executor
+    ex.attention_backend, ex.split_decode_keys = "triton", split   # as on a GPU (the CPU runs the Pallas path)
+    ex.attention_configs = (pat.DECODE_CONFIG_FP8, pat.PREFILL_CONFIG_FP8)
+    engine.add_request("r", list(range(40, 60)), SamplingParams(max_tokens=4, temperature=0))
+    engine.run_until_done()
+    outs[split] = engine.pop_output("r").outputs[0].token_ids
+    decode_calls = {(t, ks) for t, bq, ks in seen if bq == 1}
+    assert decode_calls
+    if not split:
+      assert all(ks is None for _, _, ks in seen)
+    else:
+      heads = model.config.num_kv_heads
+      assert decode_calls == {(t, pat.key_splits_for(t, heads, ex.num_sms * 16)) for t, _ in decode_calls}
+      assert all(ks is None for _, bq, ks in seen if bq != 1)
+  assert outs[True] == outs[False]

@@ -31,6 +31,7 @@ from pallas_kernels import silu_mul_quant_triton as silu_mul_quant_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import hardware
 from pallas_kernels import paged_attention as attention_kernels
+from pallas_kernels import paged_attention_triton as pat_kernel
 from pallas_kernels.paged_attention import append_kv, attention_call, paged_attention_reference
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Executor:
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
                fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
                layer_unroll: int = 1, mosaic_prefill: bool = True, layer_loop: str = "auto",
-               small_step_attention: int = 0, fp8_gemm: str = "xla"):
+               small_step_attention: int = 0, fp8_gemm: str = "xla", split_decode_keys: bool = False):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/history/perf-notes.md).
@@ -156,6 +157,10 @@ class Executor:
     (rms_norm_quant_triton.py); their jnp references on the interpret path) or "mosaic"
     (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue);
     XLA's until another is measured faster on the GPU.
+    split_decode_keys: on the Triton attention, each decode's keys shared out over several programs and merged
+    (flash-decoding: paged_attention_triton key_splits), as many as fill the decode kernel's programs for the
+    step's bucket (key_splits_for: 1 for large steps). A batch-1 decode otherwise walks its 1024 keys in 16
+    dependent blocks on 8 programs (0.044 ms a layer for 2 MB; session 21's trace). Not yet measured: off.
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
@@ -208,6 +213,7 @@ class Executor:
       raise ValueError(f"small_step_attention must be >= 0 tokens, got {small_step_attention}")
     self.small_step_attention = small_step_attention if self.kernels == "triton" else 0
     self.small_attention_configs = attention_kernels.configs("pallas", self.kv_dtype)
+    self.split_decode_keys = split_decode_keys and self.attention_backend == "triton"
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
     self.beside_attention = dict(beside_attention)
@@ -352,6 +358,11 @@ class Executor:
       backend, configs = self.attention_for(inp.tokens.shape[0])
     else:
       backend, configs = self.attention_backend, self.attention_configs_for(num_sms)
+    if self.split_decode_keys and backend == "triton":
+      decode = configs[0]
+      splits = pat_kernel.key_splits_for(inp.tokens.shape[0], k_cache.shape[1],
+                                         num_sms * decode.get("programs_per_sm", 1))
+      configs = ({**decode, "key_splits": splits}, configs[1])
 
     def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
       # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
