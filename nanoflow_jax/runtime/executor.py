@@ -45,6 +45,9 @@ GEMM_CHOICES = ("mosaic", "mosaic_fused", "xla")
 FP8_GEMM_CHOICES = ("xla", "xla_fused", "mosaic")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 XLA_GEMM_BELOW = 512   # with unrolled layers, GEMMs of fewer rows run on XLA's dot
+# fp8_gemm="xla_fused": steps of fewer rows keep XLA's quantization fusions. A jax-triton call is a custom call
+# XLA's command buffers do not record, so in a small, launch-bound step each would split the step's graph.
+FUSED_QUANT_FROM = 512
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -154,7 +157,8 @@ class Executor:
     pass of their own), "xla_fused" (XLA's fp8 dot, each activation quantization fused into its producer as
     a Triton kernel: the MLP's middle -- gate_up's scales, SiLU-and-multiply and down's quantization --
     (pallas_kernels/silu_mul_quant_triton.py) and the RMSNorms before qkv and gate_up
-    (rms_norm_quant_triton.py); their jnp references on the interpret path) or "mosaic"
+    (rms_norm_quant_triton.py), in steps of FUSED_QUANT_FROM rows or more; their jnp references on the
+    interpret path) or "mosaic"
     (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue);
     XLA's until another is measured faster on the GPU.
     split_decode_keys: on the Triton attention, each decode's keys shared out over several programs and merged
@@ -425,6 +429,8 @@ class Executor:
   def _silu_mul_quant(self, acc, a_scale, w_scale, out_dtype):
     """fp8_gemm="xla_fused": the MLP's middle as one Triton kernel on the nano-op's stream (jax-triton: GPU
     only); the interpret and reference paths run its jnp reference, which is the unfused ops' math."""
+    if self.kernels == "triton" and acc.shape[0] < FUSED_QUANT_FROM:
+      return None
     if self.kernels != "triton" or jnp.dtype(out_dtype) not in (jnp.bfloat16, jnp.float16):
       return silu_mul_quant_kernel.silu_mul_quant_reference(acc, a_scale, w_scale, out_dtype)
     return self._on_stream(functools.partial(silu_mul_quant_kernel.silu_mul_quant, out_dtype=out_dtype,
@@ -433,6 +439,8 @@ class Executor:
   def _rms_norm_quant(self, x, scale, eps):
     """fp8_gemm="xla_fused": RMSNorm and the next GEMM's activation quantization as one Triton kernel on the
     nano-op's stream (GPU); the interpret and reference paths run its jnp reference, the unfused ops' math."""
+    if self.kernels == "triton" and x.shape[0] < FUSED_QUANT_FROM:
+      return None
     if self.kernels != "triton" or x.dtype not in (jnp.bfloat16, jnp.float16):
       return rms_norm_quant_kernel.rms_norm_quant_reference(x, scale, eps)
     return self._on_stream(functools.partial(rms_norm_quant_kernel.rms_norm_quant, eps=eps,
