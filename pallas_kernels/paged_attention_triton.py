@@ -389,11 +389,14 @@ def merge_splits(out, part, ml, block_start, block_len, num_blocks, key_splits: 
   rows = xp.asarray(block_start)[:, None] + offs[None, :]   # [N, block_q]
   valid = (blocks[:, None] < xp.reshape(xp.asarray(num_blocks), (-1,))[0]) & (offs[None, :] < xp.asarray(block_len)[:, None])
   covered = xp.zeros((t,), bool)
+  merged = merged.astype(out.dtype)
   if xp.__name__ == "numpy":
     covered[rows[valid]] = True
-  else:
-    covered = covered.at[xp.where(valid, rows, t)].set(True, mode="drop")
-  return xp.where(covered[:, None, None], merged.astype(out.dtype), out)
+    return np.where(covered[:, None, None], merged, out)
+  # lax.select, not jnp.where (a nested jit, which fails under stream annotation on the GPU)
+  import jax
+  covered = covered.at[jax.lax.select(valid, rows, xp.full_like(rows, t))].set(True, mode="drop")
+  return jax.lax.select(xp.broadcast_to(covered[:, None, None], out.shape), merged, out)
 
 
 def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,

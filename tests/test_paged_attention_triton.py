@@ -270,3 +270,22 @@ def test_engine_splits_small_decode_steps_keys(monkeypatch):
       assert decode_calls == {(t, pat.key_splits_for(t, heads, ex.num_sms * 16)) for t, _ in decode_calls}
       assert all(ks is None for _, bq, ks in seen if bq != 1)
   assert outs[True] == outs[False]
+
+
+def test_merge_splits_under_jax_matches_numpy_with_no_nested_jit():
+  """The engine's merge (jax.numpy, inside the attention's stream-annotated computation: no nested jit, which
+  fails there on the GPU) gives the interpreter path's (numpy) result, and keeps the rows no block covers."""
+  rng = np.random.default_rng()
+  t, hq, d, splits = 8, 4, 16, 3
+  part = rng.normal(size=splits * t * hq * d).astype(np.float32)
+  ml = np.stack([rng.normal(size=(splits, t, hq)) * 4, rng.uniform(0.5, 2, size=(splits, t, hq))], -1)
+  ml = ml.astype(np.float32).reshape(-1)
+  out = rng.normal(size=(t, hq, d)).astype(np.float32)
+  start, length, nb = np.arange(t, dtype=np.int32), np.ones(t, np.int32), np.int32(5)
+  f = lambda *a: pat.merge_splits(*a, splits, 1)
+  jaxpr = jax.make_jaxpr(f)(out, part, ml, start, length, nb)
+  assert not [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
+  got = np.asarray(jax.jit(f)(out, part, ml, start, length, nb))
+  want = pat.merge_splits(out, part, ml, start, length, nb, splits, 1, xp=np)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got[5:], out[5:])

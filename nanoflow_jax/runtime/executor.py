@@ -155,10 +155,9 @@ class Executor:
     hardly matters at that size).
     fp8_gemm: the fp8 weights' GEMMs on the kernel paths: "xla" (XLA's fp8 dot, cuBLASLt, with the scales in a
     pass of their own), "xla_fused" (XLA's fp8 dot, each activation quantization fused into its producer as
-    a Triton kernel: the MLP's middle -- gate_up's scales, SiLU-and-multiply and down's quantization --
-    (pallas_kernels/silu_mul_quant_triton.py) and the RMSNorms before qkv and gate_up
-    (rms_norm_quant_triton.py), in steps of FUSED_QUANT_FROM rows or more; their jnp references on the
-    interpret path) or "mosaic"
+    a Triton kernel in steps of FUSED_QUANT_FROM rows or more: gate_up's scales, SiLU-and-multiply and down's
+    quantization in pallas_kernels/silu_mul_quant_triton.py, the RMSNorms before qkv and gate_up in
+    rms_norm_quant_triton.py; their jnp references on the other kernel paths) or "mosaic"
     (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue);
     XLA's until another is measured faster on the GPU.
     split_decode_keys: on the Triton attention, each decode's keys shared out over several programs and merged
