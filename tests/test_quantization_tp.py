@@ -1,5 +1,6 @@
 """fp8 weights under tensor parallelism (4 CPU devices): the scales sharded with their weights, TP 2 through the
-per-device (shard_map) layer and TP 4 through XLA's partitioner give the single device's greedy tokens; so does TP 2 with the layers unrolled (per-layer arrays, each sharded); a
+per-device (shard_map) layer and TP 4 through XLA's partitioner give the single device's greedy tokens; so do TP 2 with the layers unrolled (per-layer arrays, each sharded) and
+TP 2 with the activation quantizations fused into their producers (fp8_gemm="xla_fused"); a
 repeated prompt hits the prefix cache under TP with the same tokens."""
 import json
 import os
@@ -35,6 +36,14 @@ layer0 = llm.engine.executor.params["layers"][0]
 res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
 out["2u"] = {"tokens": [r.outputs[0].token_ids for r in res], "manual": llm.engine.executor.manual_tp,
              "gate_up_spec": str(getattr(layer0["gate_up_fp8"].sharding, "spec", None))}
+llm.engine.shutdown()
+# TP 2 with the activation quantizations fused into their producers (fp8_gemm="xla_fused"; their references on
+# the CPU): the norms' quantization is fused under the per-device layer, down's (row-parallel, its amax over
+# the devices) is not
+llm = LLM("tiny", dtype="float32", dense_batch=64, num_pages=64, max_num_seqs=4, tensor_parallel=2,
+          quantization="fp8", fp8_gemm="xla_fused")
+res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+out["2f"] = {"tokens": [r.outputs[0].token_ids for r in res], "manual": llm.engine.executor.manual_tp}
 print(json.dumps(out))
 """
 
@@ -50,3 +59,4 @@ def test_fp8_under_tp_gives_the_single_device_tokens():
   for tp in ("1", "2", "4"):   # the repeat hits the prefix cache (32 of the 40-token prompt) with the same tokens
     assert out[tp]["again"] == out[tp]["tokens"] and out[tp]["cached"] == 32
   assert out["2u"]["tokens"] == out["1"]["tokens"] and out["2u"]["manual"] and "tp" in out["2u"]["gate_up_spec"]
+  assert out["2f"]["tokens"] == out["1"]["tokens"] and out["2f"]["manual"]
