@@ -421,7 +421,8 @@ step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --w
 # shape, predicted under 10 s (was 55-65 s)
 # Session 21: split_decode_keys (flash-decoding for small decode steps) on the bf16 decode sweep with the fp8
 # cache (bf16 loads in seconds), one process each way.
-step_decode-split()       { for v in off on; do
+step_decode-split()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "key_splits" || return 1
+                            for v in off on; do
                               echo "== split_decode_keys $v"
                               $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
                                 --max_num_seqs=64 --kv_cache_dtype=fp8 --decode_sweep=1,8,32 \

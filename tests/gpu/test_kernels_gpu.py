@@ -327,6 +327,19 @@ def test_rms_norm_quant_kernel_matches_reference(m, num_sms):
 
 
 @needs_triton
+@pytest.mark.parametrize("key_splits", [4, 16])
+def test_triton_attention_fp8_cache_with_key_splits(key_splits):
+  """split_decode_keys: the fp8 cache's decode configuration with its keys split (the mixed batch's decode
+  call merged, then the prefill call into the same output) against the reference."""
+  q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(13)
+  kc, vc = kc.astype(jnp.float8_e4m3fn), vc.astype(jnp.float8_e4m3fn)
+  ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions)
+  out = _both_configs("triton", q, kc, vc, table, slots, positions, chunk, 132,
+                      decode_changes={"key_splits": key_splits})
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+
+
+@needs_triton
 def test_triton_attention_fp8_cache():
   """An fp8 (e4m3) cache read by the Triton kernel (K/V tiles upcast to bf16) against the reference."""
   q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(11)
