@@ -301,7 +301,10 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
     raise ValueError(f"key_splits must be >= 1, got {key_splits}")
   if not key_groups:
     return programs, {**meta, "PREFETCH_PAGES": prefetch_pages, "KEY_AXIS": 0 if swap_ab else 1,
-                      "DOT_FP8": bool(dot_fp8), "KEY_SPLITS": key_splits, "ROWS": t * hq}, _paged_attention_kernel
+                      "DOT_FP8": bool(dot_fp8), "KEY_SPLITS": key_splits,
+                      # (0 without splits: a constant that follows the step's token count would compile the
+                      # kernel once per bucket)
+                      "ROWS": t * hq if key_splits > 1 else 0}, _paged_attention_kernel
   if key_splits > 1:
     raise ValueError("key_splits is not written for key_groups")
   if dot_fp8:
@@ -387,7 +390,8 @@ def merge_splits(out, part, ml, block_start, block_len, num_blocks, key_splits: 
   blocks = xp.arange(xp.shape(block_start)[0])
   offs = xp.arange(block_q)
   rows = xp.asarray(block_start)[:, None] + offs[None, :]   # [N, block_q]
-  valid = (blocks[:, None] < xp.reshape(xp.asarray(num_blocks), (-1,))[0]) & (offs[None, :] < xp.asarray(block_len)[:, None])
+  run = xp.reshape(xp.asarray(num_blocks), (-1,))[0]
+  valid = (blocks[:, None] < run) & (offs[None, :] < xp.asarray(block_len)[:, None])
   covered = xp.zeros((t,), bool)
   merged = merged.astype(out.dtype)
   if xp.__name__ == "numpy":
@@ -423,7 +427,7 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
   if kernel is _paged_attention_kernel:
     t, hq, d = q.shape
     # (NaN-filled: a partial the kernel fails to write shows in the merged result)
-    extra = (torch.full((key_splits * t * hq * d,), float("nan")), torch.full((key_splits * t * hq * 2,), float("nan")))
+    extra = tuple(torch.full((n,), float("nan")) for n in (key_splits * t * hq * d, key_splits * t * hq * 2))
   interpreted(kernel)[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
                       i32(page_table), f32(q_in), f32(q_scale), f32(k_cache), f32(v_cache), out, out, *extra, **meta)
   if key_splits == 1:

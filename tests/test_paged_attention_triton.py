@@ -228,6 +228,15 @@ def test_key_splits_merge_only_the_rows_of_the_blocks_run():
                        block_n=64, key_groups=2, key_splits=2)
 
 
+def test_kernel_constants_follow_the_token_count_only_with_splits():
+  """Without key_splits the kernel's compile-time constants are the same for every step size (one Triton
+  compile for all buckets); with them the partials' row count is one."""
+  consts = lambda t, ks: pat._constants((t, 4, 16), (1, 2, 8, 4, 16), (2, 4), num_sms=1, block_q=1, block_n=16,
+                                        sliding_window=None, num_stages=2, programs_per_sm=1, key_splits=ks)[1]
+  assert consts(16, 1) == consts(512, 1)
+  assert consts(16, 4)["ROWS"] == 64 and consts(512, 4)["ROWS"] == 2048
+
+
 def test_key_splits_for_fills_the_decode_programs():
   assert pat.key_splits_for(1, 8, 2112) == 32          # capped
   assert pat.key_splits_for(16, 8, 2112) == 16         # a batch-1 step's bucket of 16 tokens
