@@ -19,6 +19,8 @@ try:
   import triton.language as tl
 except ImportError:
   triton = None
+else:
+  from pallas_kernels.silu_mul_quant_triton import in_model_dtype
 
 
 def rms_norm_quant_reference(x, scale, eps: float):
@@ -40,10 +42,7 @@ if triton is not None:
       xf = tl.load(x_ptr + row * H + cols, mask=m, other=0.0).to(tl.float32)
       y = xf / tl.sqrt(tl.sum(xf * xf, 0) / H + EPS)
       if ROUND:   # normalized, cast to the model dtype, times the scale in the model dtype
-        if OUT_F16:
-          y = (y.to(tl.float16).to(tl.float32) * w).to(tl.float16).to(tl.float32)
-        else:
-          y = (y.to(tl.bfloat16).to(tl.float32) * w).to(tl.bfloat16).to(tl.float32)
+        y = in_model_dtype(in_model_dtype(y, OUT_F16) * w, OUT_F16)
       else:
         y = y * w
       amax = tl.max(tl.where(m, tl.abs(y), 0.0), 0)

@@ -8,8 +8,9 @@ the fusion past 2%); here the product is read once and only the e4m3 result and 
 
 Reference: `silu_mul_quant_reference`, which the tests compare with in Triton's interpreter. The interpreter's
 bf16 and e4m3 casts are not the GPU's (it truncates), so the CPU tests run with ROUND=0 (float32 throughout,
-the scaled values before their cast); the GPU test compares the rounded result. The grid is `num_sms` persistent programs over the rows, each row taken in chunks of CHUNK
-columns twice (its amax, then its quantization).
+the scaled values before their cast); the GPU test compares the rounded result. The grid is `num_sms`
+persistent programs over the rows, each row taken in chunks of CHUNK columns twice (its amax, then its
+quantization).
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def silu_mul_quant_reference(acc, a_scale, w_scale, out_dtype):
 if triton is not None:
 
   @triton.jit
+  def in_model_dtype(x, OUT_F16: tl.constexpr):
+    """float32 x rounded to the model dtype (f16 or bf16) and back: the unfused ops write it so."""
+    if OUT_F16:
+      return x.to(tl.float16).to(tl.float32)
+    return x.to(tl.bfloat16).to(tl.float32)
+
+  @triton.jit
   def _activation(acc_ptr, ws_ptr, row, a_s, cols, m, I: tl.constexpr, ROUND: tl.constexpr, OUT_F16: tl.constexpr):
     """silu(gate) * up of one row's columns `cols`, scaled and rounded as the reference."""
     off = row * 2 * I + cols          # M * 2I stays far below 2**31 for the step's rows
@@ -42,16 +50,10 @@ if triton is not None:
     u = tl.load(acc_ptr + off + I, mask=m, other=0.0).to(tl.float32) * a_s * tl.load(ws_ptr + I + cols, mask=m,
                                                                                        other=0.0)
     if ROUND:   # the scaled product in the model dtype, as scaled_fp8_dot returns it
-      if OUT_F16:
-        g, u = g.to(tl.float16).to(tl.float32), u.to(tl.float16).to(tl.float32)
-      else:
-        g, u = g.to(tl.bfloat16).to(tl.float32), u.to(tl.bfloat16).to(tl.float32)
+      g, u = in_model_dtype(g, OUT_F16), in_model_dtype(u, OUT_F16)
     h = g * tl.sigmoid(g) * u
     if ROUND:   # silu_and_mul's result in the model dtype
-      if OUT_F16:
-        h = h.to(tl.float16).to(tl.float32)
-      else:
-        h = h.to(tl.bfloat16).to(tl.float32)
+      h = in_model_dtype(h, OUT_F16)
     return h
 
   @triton.jit
