@@ -37,7 +37,10 @@ def _pages_of(k, v, pages, n: int):
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _scatter(k, v, pages, ks, vs):
-  return k.at[:, :, pages].set(jnp.stack(ks, axis=2)), v.at[:, :, pages].set(jnp.stack(vs, axis=2))
+  """The pages' bytes written in place; a page index out of range (padding) writes nothing. unique_indices:
+  XLA's GPU scatter otherwise writes each byte with an atomic compare-and-swap loop."""
+  put = lambda cache, x: cache.at[:, :, pages].set(jnp.stack(x, axis=2), mode="drop", unique_indices=True)
+  return put(k, ks), put(v, vs)
 
 
 def _padded(n: int) -> int:
@@ -97,7 +100,7 @@ class HostKVTier:
     entries = [self._pages[key[0]] for key in keys]
     n = len(entries)
     entries += [entries[-1]] * (_padded(n) - n)
-    padded = list(pages) + [pages[-1]] * (len(entries) - n)
+    padded = list(pages) + [kv[0].shape[2]] * (len(entries) - n)   # padding: out of range, dropped
     device_kind = next(iter(kv[0].devices())).default_memory().kind
     on_device = jax.device_put([k for _, k, _ in entries] + [v for _, _, v in entries],
                                entries[0][1].sharding.with_memory_kind(device_kind))

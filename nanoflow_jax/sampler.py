@@ -73,7 +73,8 @@ def truncate(scaled, p: SamplingArrays):
   drop |= probs < p.min_p[:, None] * probs[:, :1]
   drop = drop.at[:, 0].set(False)  # the most likely token always survives
   rows = jnp.arange(scaled.shape[0])[:, None]
-  drop = jnp.zeros_like(drop).at[rows, order].set(drop)
+  # each row's order is a permutation: unique indices, so XLA's GPU scatter needs no atomics (byte-wide CAS loops)
+  drop = jnp.zeros_like(drop).at[rows, order].set(drop, unique_indices=True)
   return jnp.where(drop, -jnp.inf, scaled)
 
 

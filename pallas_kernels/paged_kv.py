@@ -11,9 +11,12 @@ import numpy as np
 
 def append_kv(k_cache: jax.Array, v_cache: jax.Array, layer, k: jax.Array, v: jax.Array, pages: jax.Array,
               offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """k_cache, v_cache [L, Hkv, P, S, D]; layer: int32 scalar; k, v [N, Hkv, D]; pages/offsets [N]."""
+  """k_cache, v_cache [L, Hkv, P, S, D]; layer: int32 scalar; k, v [N, Hkv, D]; pages/offsets [N]. A row whose
+  page is out of range (padding) writes nothing; the other rows' (page, offset) must be distinct."""
+  # unique_indices: without it XLA's GPU scatter writes every element with an atomic read-modify-write, a
+  # compare-and-swap loop for 1- and 2-byte elements (docs/history/perf-notes.md, session 22).
   def put(cache, x):
-    return cache.at[layer, :, pages, offsets].set(x.astype(cache.dtype), mode="drop")
+    return cache.at[layer, :, pages, offsets].set(x.astype(cache.dtype), mode="drop", unique_indices=True)
   return put(k_cache, k), put(v_cache, v)
 
 
