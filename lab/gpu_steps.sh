@@ -430,6 +430,9 @@ step_decode-split()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
                                 $([[ $v == on ]] && echo --split_decode_keys) \
                                 --json_out="$OUT/decode-split-$v.json" 2>&1 | grep -v "^W" | tail -12
                             done | tee -a "$OUT/decode-split.md"; }
+# Session 22: XLA's KV-append scatter with and without unique_indices (atomics), bf16 and fp8 caches, and the
+# fused Triton RoPE + append; predicted: the unique scatter several times faster on the fp8 cache.
+step_kv-scatter()         { $PY lab/kernel_bench.py --rope_append --iters=50 --out_dir="$OUT/kv-scatter"; }
 step_quantize-load()      { $PY lab/quantize_probe.py --full_model 2>&1 | grep --line-buffered -v "^W\|tpu" \
                               | tee -a "$OUT/quantize-load.md"; }
 step_quantize-ctx()       { { $PY lab/quantize_probe.py --weight=o --layers=4 --iters=1 --engine_env

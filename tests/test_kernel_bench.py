@@ -1,5 +1,6 @@
-"""lab/kernel_bench.py's --silu_mul and --prefill_ceiling code paths on the CPU: the fused gate_up rows on a
-tiny shape in interpret mode, and the prefill problem built for both kernels from the same tokens."""
+"""lab/kernel_bench.py's --silu_mul, --prefill_ceiling and --rope_append code paths on the CPU: the fused gate_up
+rows on a tiny shape in interpret mode, the prefill problem built for both kernels from the same tokens, and the
+KV-append rows (the Triton kernel stood in for by its reference, which the interpreter tests check)."""
 import os
 import subprocess
 import sys
@@ -39,6 +40,16 @@ ref = np.asarray(jnp.einsum("bqhgk,bkhd->bqhgd", w, v)).reshape(q.shape)
 print("ERR", float(np.abs(ours - ref).max()), "CHUNKS", chunks, "WORK", work)
 """
 
+ROPE_APPEND = """
+from absl import flags
+from lab import kernel_bench
+from pallas_kernels import rope_append_triton
+flags.FLAGS(["kernel_bench"])
+kernel_bench.timeit = lambda fn, *a, iters: (fn(*a), 1e-3)[1]
+rope_append_triton.rope_append = lambda *a, num_sms: rope_append_triton.rope_append_reference(*a)
+print("ROWS", kernel_bench.bench_rope_append(1, copy_tbs=1.0, n=40, pages=8))
+"""
+
 
 def _run(code):
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=ROOT,
@@ -65,3 +76,15 @@ def test_prefill_problem_holds_each_prompt_in_its_own_pages():
   out = _run(PREFILL_PROBLEM).split()
   assert float(out[out.index("ERR") + 1]) < 1e-5
   assert "[48, 48, 48]" in " ".join(out)
+
+
+def test_kv_append_bench_times_the_unique_and_the_atomic_scatter_on_both_caches():
+  import ast
+  rows = ast.literal_eval(_run(ROPE_APPEND).split("ROWS", 1)[1].strip())
+  for cache in ("bfloat16", "float8_e4m3fn"):
+    timed = [r[0] for r in rows if r[0].startswith(f"rope+append {cache} cache,")]
+    assert [t.split(", ", 1)[1] for t in timed] == ["xla (40 tokens)", "xla, atomic scatter (40 tokens)",
+                                                    "triton (40 tokens)"], rows
+    # the scatter without the promise writes what the engine's does, bit for bit
+    diff = [r for r in rows if r[0] == f"rope+append {cache} cache: xla, atomic scatter vs xla, max difference"]
+    assert diff and float(diff[0][2]) == 0.0, rows
