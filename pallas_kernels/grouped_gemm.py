@@ -61,7 +61,10 @@ def pad_groups(lhs, group_sizes, block_m: int = BLOCK_M):
   inside = group < g
   group = jnp.minimum(group, g - 1)
   dest = jnp.where(inside, padded_starts[group] + rows - starts[group], p - 1)
-  padded_lhs = jnp.zeros((p, lhs.shape[1]), lhs.dtype).at[dest].set(jnp.where(inside[:, None], lhs, 0))
+  # The rows are written to distinct rows (dropped rows out of range): unique_indices, or XLA's GPU scatter
+  # writes each element with an atomic compare-and-swap loop.
+  padded_lhs = jnp.zeros((p, lhs.shape[1]), lhs.dtype).at[jnp.where(inside, dest, p)].set(
+      lhs, mode="drop", unique_indices=True)
   tiles = jnp.arange(p // block_m, dtype=jnp.int32) * block_m
   tile_group = jnp.searchsorted(padded_ends, tiles, side="right").astype(jnp.int32)
   tile_group = jnp.where(tiles < padded_ends[-1], tile_group, -1)   # -1: padding past the last group

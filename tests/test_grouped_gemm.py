@@ -51,6 +51,8 @@ def test_padding_puts_each_group_on_its_own_row_tiles():
   np.testing.assert_array_equal(np.asarray(dest[131:136]), np.arange(192, 197))
   np.testing.assert_array_equal(np.asarray(padded[dest[:136]]), np.asarray(lhs[:136]))
   assert not np.any(np.asarray(padded[70:128], np.float32))    # a group's tail rows are zeros
+  unwritten = np.setdiff1d(np.arange(padded.shape[0]), np.asarray(dest[:136]))
+  assert not np.any(np.asarray(padded[unwritten], np.float32))  # the 14 rows past the groups land nowhere
 
 
 def test_a_wrong_tile_group_is_caught_by_the_comparison():

@@ -130,7 +130,10 @@ class DecoderLayer(nn.Module):
     a = layers.grouped_matmul(xs, gu_w, group_sizes, "silu_mul")
     y = layers.grouped_matmul(a, self.experts_down_w, group_sizes)
     y = y * weights.reshape(-1)[order][:, None]
-    out = jnp.zeros_like(x).at[token_of].add(y)
+    # Each token's k rows gathered back (the inverse of the sort) and summed: a scatter-add over token_of
+    # would be an atomic read-modify-write per element on the GPU (a compare-and-swap loop in bf16).
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+    out = jnp.sum(y[rank].reshape(-1, k, c.hidden_size), axis=1, dtype=jnp.float32).astype(x.dtype)
     return out.reshape(*lead, c.hidden_size)
 
   def mlp(self, h, residual=None):
