@@ -13,6 +13,17 @@ export PYTHONPATH=.:.carry
 OUT=${OUT:-/tmp/gpu_steps}
 mkdir -p "$OUT"
 PY=python3
+# Every process gets JAX's persistent compilation cache (step_bench's engines turn theirs off), so later processes
+# of a call reuse earlier ones' compiles, and with it XLA's per-fusion autotuning cache, a folder inside it. That
+# folder alone (small: text protos) travels between calls: read from $AUTOTUNE_IN (.carry/xla_autotune.tgz, where
+# the last call's $OUT/xla_autotune.tgz is copied: WORKSPACE.md), written back at the end.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/nanoflow_jax/jax_cache}
+AUTOTUNE_DIR=$JAX_COMPILATION_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
+AUTOTUNE_IN=${AUTOTUNE_IN:-.carry/xla_autotune.tgz}
+mkdir -p "$AUTOTUNE_DIR"
+if [[ -f $AUTOTUNE_IN ]]; then
+  tar xzf "$AUTOTUNE_IN" -C "$AUTOTUNE_DIR" && echo "autotune cache: $(find "$AUTOTUNE_DIR" -type f | wc -l) results carried in"
+fi
 
 run_bench() {  # run_bench MODEL NAME WORKLOAD NUM_REQUESTS [extra flags...]
   local model=$1 name=$2 workload=$3 n=$4; shift 4
@@ -39,6 +50,8 @@ served() {
 # bench70 NAME TP WORKLOAD NUM_REQUESTS [extra flags...]: LLaMA-2-70B shape, tensor parallel
 bench70() { local name=$1 tp=$2; shift 2; run_bench llama-2-70b "$name" "$@" --tp="$tp"; }
 
+step_env()                { nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv || true
+                            $PY -c "import jax, sys; print(sys.version.split()[0], jax.__version__, jax.devices())"; }
 step_tests()              { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu --ignore=tests/gpu/test_tp_gpu.py; }
 step_tests-hardware()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k hopper_keeps; }
 step_tests-multihost()    { XLA_PYTHON_CLIENT_PREALLOCATE=false NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_multihost_gpu.py; }
@@ -454,6 +467,7 @@ for spec in "$@"; do
   tail -n 25 "$OUT/$name.log"
 done
 mv "$OUT/summary.rows" "$OUT/summary.md"
+tar czf /tmp/xla_autotune.tgz -C "$AUTOTUNE_DIR" . && echo "autotune cache: $(find "$AUTOTUNE_DIR" -type f | wc -l) results, $(du -k /tmp/xla_autotune.tgz | cut -f1) KB packed"
 # The device tool brings back at most 8 files: raw profiler traces stay behind (their summaries are in the
 # logs) and the rest travels as one archive beside the summary.
 if [[ ${PACK:-1} == 1 ]]; then
@@ -461,4 +475,5 @@ if [[ ${PACK:-1} == 1 ]]; then
   tar czf /tmp/gpu_steps_results.tgz -C "$OUT" --exclude=summary.md . && \
     find "$OUT" -mindepth 1 ! -name summary.md -delete && mv /tmp/gpu_steps_results.tgz "$OUT/results.tgz"
 fi
+mv /tmp/xla_autotune.tgz "$OUT/xla_autotune.tgz"
 cat "$OUT/summary.md"
