@@ -170,6 +170,16 @@ step_sweep-fp8-prefill()  { fp8_sweep prefill sweep-fp8-prefill num_warps=4 num_
                               block_q=16,num_warps=4,programs_per_sm=2 block_q=64 block_n=32 block_n=128 num_stages=2 \
                               num_stages=4 prefetch_pages=1 programs_per_sm=2 dot_f16=1 \
                               dot_f16=1,num_warps=4,programs_per_sm=2; }
+# Session 22: the fp8 prefill configuration on the step's own prefill (step_bench's 1536-token chunk; 1024/512's
+# steady steps: a 1024-token prompt and a 512-token one): 384 work items against 264 programs, causal, so balance
+# (heavy_first, key_splits, programs per SM, block_q) may matter more than on the 4096-token prompt swept before.
+step_sweep-fp8-prefill-step() { for chunks in 1536 1024,512; do
+                              $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=prefill --attention_backends=triton \
+                                --attention_kv_dtype=fp8 --skip_gemm --prefill_chunks=$chunks \
+                                --out_dir="$OUT/sweep-fp8-prefill-step-${chunks/,/-}" \
+                                $(printf -- "--sweep_variant=%s " heavy_first=1 programs_per_sm=1 programs_per_sm=3 \
+                                  programs_per_sm=4 block_q=16 block_q=16,programs_per_sm=4 block_q=64 key_splits=2 \
+                                  key_splits=2,heavy_first=1 key_splits=4 num_stages=2 block_n=128); done; }
 step_tests-gemm-fp8()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "gemm_fp8" && \
                               NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_fp8_gpu.py -k "our_fp8_gemm"; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }

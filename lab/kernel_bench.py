@@ -36,6 +36,8 @@ flags.DEFINE_enum("attention_kv_dtype", "bfloat16", ["bfloat16", "fp8"], "The at
                   "(fp8 = float8_e4m3fn, read at half the bytes: decode TB/s count the bytes read).")
 flags.DEFINE_integer("decode_context", 1024, "Context of the decode shape's sequences (512 x 1024 / context of "
                      "them: the same bytes of K and V at any context).")
+flags.DEFINE_list("prefill_chunks", ["4096"], "The prefill shape's prompts (token counts, each from position 0, laid "
+                  "out back to back): one 4096-token prompt by default; 1536 is step_bench's mix step's chunk.")
 flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
 flags.DEFINE_bool("rope_append", False, "Only time the fused RoPE + KV-append Triton kernel against the XLA "
                   "fusions it would replace (2048 tokens, LLaMA-3-8B heads, a 1 GB cache).")
@@ -92,27 +94,34 @@ def _kv_dtype():
 
 
 def _attention_problem(kind: str, hkv: int = 8, g: int = 4):
-  """The decode (512 sequences at context 1024, or --decode_context) or prefill (one 4096-token prompt) shape
-  of the table, with `hkv` KV heads of `g` query heads each (LLaMA-3-8B's by default): (q, cache, table,
-  slots, positions, chunk lengths, work in bytes or FLOPs)."""
+  """The decode (512 sequences at context 1024, or --decode_context) or prefill (--prefill_chunks: prompts from
+  position 0, one 4096-token prompt by default) shape of the table, with `hkv` KV heads of `g` query heads
+  each (LLaMA-3-8B's by default): (q, cache, table, slots, positions, chunk lengths, work in bytes or FLOPs)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   d, ps = 128, 16
-  ctx = FLAGS.decode_context if kind == "decode" else 4096
-  b_ = 512 * 1024 // ctx if kind == "decode" else 1     # decode: the same bytes at any context
-  pages = b_ * -(-ctx // ps)      # whole pages per sequence: a context need not fill its last one
+  prompts = [int(c) for c in FLAGS.prefill_chunks]
+  per_seq = [-(-FLAGS.decode_context // ps)] * (512 * 1024 // FLAGS.decode_context) if kind == "decode" else \
+      [-(-c // ps) for c in prompts]   # whole pages per sequence: a context need not fill its last one
+  pages = sum(per_seq)
   kv_dtype = _kv_dtype()
   cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype),
            jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype))
-  if kind == "decode":
+  if kind == "decode":   # (the same bytes at any context)
+    ctx, b_ = FLAGS.decode_context, len(per_seq)
     table = np.random.default_rng(0).permutation(pages).reshape(b_, -1).astype(np.int32)
     slots, positions, chunks = np.arange(b_, dtype=np.int32), np.full(b_, ctx - 1, np.int32), [1] * b_
     work = 2 * b_ * ctx * hkv * d * jnp.dtype(kv_dtype).itemsize   # bytes of K and V read
   else:
-    table = np.arange(pages, dtype=np.int32)[None]
-    slots, positions, chunks = np.zeros(ctx, np.int32), np.arange(ctx, dtype=np.int32), [ctx]
-    work = 2 * ctx * ctx * hkv * g * d            # causal: half of 4 T^2 Hq D
+    table = np.zeros((len(prompts), max(per_seq)), np.int32)
+    first = np.cumsum([0] + per_seq[:-1])
+    for i, n in enumerate(per_seq):
+      table[i, :n] = first[i] + np.arange(n)
+    slots = np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(prompts)])
+    positions = np.concatenate([np.arange(c, dtype=np.int32) for c in prompts])
+    chunks = prompts
+    work = sum(2 * c * c * hkv * g * d for c in prompts)   # causal: half of 4 T^2 Hq D per prompt
   q = jax.random.normal(jax.random.PRNGKey(4), (len(slots), hkv * g, d), jnp.bfloat16)
   return q, cache, table, slots, positions, chunks, work
 
@@ -136,8 +145,9 @@ def check_attention(backend: str, kind: str, cfg: dict, problem) -> float:
   import numpy as np
   from pallas_kernels.paged_attention import attention_call, paged_attention_reference, query_blocks
   q, cache, table, slots, positions, chunks, _ = problem
-  if kind == "prefill":
-    q, slots, positions, chunks = q[:512], slots[:512], positions[:512], [512]
+  if kind == "prefill":   # the first prompt's first 512 tokens
+    n = min(512, chunks[0])
+    q, slots, positions, chunks = q[:n], slots[:n], positions[:n], [n]
   start, length, nb = query_blocks(chunks, len(slots), cfg["block_q"])
   out = attention_call(backend, q, cache[0], cache[1], 0, table, slots, positions, start, length, jnp.int32(nb),
                        num_sms=132, config=cfg)

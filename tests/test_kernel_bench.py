@@ -50,6 +50,27 @@ rope_append_triton.rope_append = lambda *a, num_sms: rope_append_triton.rope_app
 print("ROWS", kernel_bench.bench_rope_append(1, copy_tbs=1.0, n=40, pages=8))
 """
 
+PREFILL_CHUNKS = """
+import jax, jax.numpy as jnp, numpy as np
+from absl import flags
+from lab import kernel_bench
+from pallas_kernels.paged_attention import paged_attention_reference
+flags.FLAGS(["kernel_bench", "--prefill_chunks=40,24", "--attention_kv_dtype=bfloat16"])
+q, (kc, vc), table, slots, positions, chunks, work = kernel_bench._attention_problem("prefill", hkv=2, g=2)
+ours = np.asarray(paged_attention_reference(q, kc, vc, 0, table, slots, positions), np.float32)
+errs = []
+for i, (first, n) in enumerate([(0, 40), (40, 24)]):   # each prompt's causal attention over its own pages
+  k = np.asarray(kc[0][:, table[i]].reshape(2, -1, 128)[:, :n], np.float32)
+  v = np.asarray(vc[0][:, table[i]].reshape(2, -1, 128)[:, :n], np.float32)
+  qq = np.asarray(q[first:first + n], np.float32).reshape(n, 2, 2, 128) / np.sqrt(128)
+  s = np.einsum("qhgd,hkd->qhgk", qq, k)
+  s = np.where(np.tril(np.ones((n, n), bool))[:, None, None, :], s, -np.inf)
+  w = np.exp(s - s.max(-1, keepdims=True)); w /= w.sum(-1, keepdims=True)
+  ref = np.einsum("qhgk,hkd->qhgd", w, v).reshape(n, 4, 128)
+  errs.append(float(np.abs(ours[first:first + n] - ref).max()))
+print("ERR", max(errs), "CHUNKS", chunks, "WORK", work, "PAGES", kc.shape[2])
+"""
+
 
 def _run(code):
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=ROOT,
@@ -88,3 +109,11 @@ def test_kv_append_bench_times_the_unique_and_the_atomic_scatter_on_both_caches(
     # the scatter without the promise writes what the engine's does, bit for bit
     diff = [r for r in rows if r[0] == f"rope+append {cache} cache: xla, atomic scatter vs xla, max difference"]
     assert diff and float(diff[0][2]) == 0.0, rows
+
+
+def test_prefill_chunks_lay_out_several_prompts_each_in_its_own_pages():
+  out = _run(PREFILL_CHUNKS).split()
+  assert float(out[out.index("ERR") + 1]) < 2e-2   # (bf16 queries and cache)
+  assert "[40, 24]" in " ".join(out)
+  assert int(out[out.index("WORK") + 1]) == 2 * (40 * 40 + 24 * 24) * 4 * 128
+  assert int(out[out.index("PAGES") + 1]) == 3 + 2
