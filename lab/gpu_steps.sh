@@ -393,7 +393,7 @@ step_bench-1024-512-w8-nocache() { bench bench-1024-512-w8-nocache 1024-512 1000
 step_bench-1024-512-nocache() { bench bench-1024-512-nocache 1024-512 1000 --kv_cache_dtype=fp8 --enable_prefix_caching=false; }
 sweep() { local name=$1; shift; $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=2048 \
             --max_num_seqs=1024 --kv_cache_dtype=fp8 --decode_sweep=1,8,32,128,512 --json_out="$OUT/$name.json" \
-            --plot_out="$OUT/$name.png" "$@"; }
+            --plot_out="$OUT/$name.png" --plain_baseline "$@"; }   # (+ the plain JAX step, same run)
 step_decode-sweep-w16()   { sweep decode-sweep-w16; }
 step_decode-sweep-w16-unrolled() { sweep decode-sweep-w16-unrolled --layer_loop=unrolled; }
 step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
@@ -424,7 +424,8 @@ step_decode-cb-w16()      { for v in scan unrolled unrolled-pallas-small; do
                                 --max_num_seqs=64 --kv_cache_dtype=fp8 --decode_sweep=1,8,32 \
                                 --layer_loop=$([[ $v == scan ]] && echo scan || echo unrolled) \
                                 $([[ $v == unrolled-pallas-small ]] && echo --small_step_attention=64) \
-                                --json_out="$OUT/decode-cb-w16-$v.json" 2>&1 | grep -E "decode batch|Error|error" | tail -8
+                                $([[ $v == scan ]] && echo --plain_baseline) \
+                                --json_out="$OUT/decode-cb-w16-$v.json" 2>&1 | grep -E "decode batch|Error|error" | tail -12
                             done; }
 # Issue 27: where the batch-1 fp8 decode step's 6.24 ms go (floor 1.90 ms): one sequence at context 1024, traced
 # (kernel time by kind, the device's idle time between them, the step's span).

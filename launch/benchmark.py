@@ -46,6 +46,9 @@ flags.DEFINE_list("decode_sweep", [], "Decode latency sweep (launch/decode_sweep
                   "1,8,32,128,512: each decode-only step through the engine loop against its bytes floor at the "
                   "copy bandwidth measured in the same run; replaces the workload run.")
 flags.DEFINE_integer("decode_context", 1024, "--decode_sweep: the decoding sequences' context.")
+flags.DEFINE_bool("plain_baseline", False, "--decode_sweep: after the engine's sweep, the same batch sizes through "
+                  "the plain JAX decode step (launch/plain_decode.py: the model's layers unrolled in one jit, XLA's "
+                  "dot and jnp attention over a contiguous bf16 cache), in the same process.")
 flags.DEFINE_string("json_out", None, "Write every figure and the environment here.")
 flags.DEFINE_string("trace_dir", None, "Offline: write a profiler trace (perfetto) of --trace_steps here and print "
                     "the kernel time by kind and the device's idle time per step.")
@@ -463,6 +466,12 @@ def run_decode_sweep(batches: list[int]) -> None:
              f"{res['environment']['device']}")
     print(decode_sweep.table(res, title))
     results[title] = res
+  if FLAGS.plain_baseline:   # the engines are gone (their KV caches with them): the same model, plain
+    from launch import plain_decode
+    plain = plain_decode.sweep(model, batches, FLAGS.decode_context)
+    for title, res in results.items():
+      decode_sweep.add_plain(res, plain)
+      print(decode_sweep.table(res, title))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       first = next(iter(results.values()))

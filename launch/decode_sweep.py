@@ -150,16 +150,29 @@ def sweep(engine, batches: list[int], context: int = 1024, steps: int = 32) -> d
           "overlap_dispatch": engine.config.overlap_dispatch, "rows": rows}
 
 
+def add_plain(result: dict, plain_ms: dict) -> None:
+  """Each row of a sweep() result gets the plain JAX step's ms at its batch size (launch/plain_decode.py, same
+  run) and the engine's step over it."""
+  for r in result["rows"]:
+    if r["batch"] in plain_ms:
+      r["plain_ms"] = plain_ms[r["batch"]]
+      r["ratio_to_plain"] = r["step_ms"] / r["plain_ms"]
+
+
 def table(result: dict, title: str) -> str:
   bw = result["bandwidth_tb_s"]
+  plain = any("plain_ms" in r for r in result["rows"])
   lines = [f"{title}: weights {result['weight_bytes'] / 1e9:.2f} GB, KV {result['kv_bytes_per_token']} B/token at "
            f"context {result['context']}; bandwidth {bw['best']:.2f} TB/s (copy {bw['copy']:.2f}, read "
            f"{bw['read']:.2f})" + ("; dispatch on a thread of its own (beside the other host parts)"
                                    if result.get("overlap_dispatch") else ""), "",
-           "| batch | step ms | floor ms | step / floor | tokens/s | host ms: " + " / ".join(HOST_PARTS) + " |",
-           "|---|---|---|---|---|---|"]
-  lines += [f"| {r['batch']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | " + " / ".join(f"{r.get('host_ms', {}).get(p, float('nan')):.2f}"
+           "| batch | step ms | floor ms | step / floor | " + ("plain JAX ms | step / plain | " if plain else "") +
+           "tokens/s | host ms: " + " / ".join(HOST_PARTS) + " |",
+           "|---|---|---|---|" + ("---|---|" if plain else "") + "---|---|"]
+  nan = float("nan")
+  lines += [f"| {r['batch']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} | " +
+            (f"{r.get('plain_ms', nan):.2f} | {r.get('ratio_to_plain', nan):.2f} | " if plain else "") +
+            f"{r['tokens_per_s']:.0f} | " + " / ".join(f"{r.get('host_ms', {}).get(p, nan):.2f}"
                                                        for p in HOST_PARTS) + " |" for r in result["rows"]]
   return "\n".join(lines)
 
@@ -174,6 +187,10 @@ def plot(results: dict, path: str) -> None:
     b = [r["batch"] for r in res["rows"]]
     ax.plot(b, [r["step_ms"] for r in res["rows"]], "o-", color=f"C{k}", label=f"{label}: step")
     ax.plot(b, [r["floor_ms"] for r in res["rows"]], "--", color=f"C{k}", label=f"{label}: bytes floor")
+    if k == 0 and any("plain_ms" in r for r in res["rows"]):
+      rows = [r for r in res["rows"] if "plain_ms" in r]
+      ax.plot([r["batch"] for r in rows], [r["plain_ms"] for r in rows], "s:", color="gray",
+              label="plain JAX step (same run)")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("sequences decoding")
   ax.set_ylabel("ms per step")

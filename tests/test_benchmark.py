@@ -64,12 +64,17 @@ def test_offline_compare_overlap_runs_the_mode_both_ways_on_one_model(tmp_path):
 
 
 def test_the_decode_sweep_both_ways_on_one_model(tmp_path):
-  res, stdout = _run(tmp_path, "--decode_sweep=1,2", "--decode_context=32", "--max_model_len=256", "--compare=overlap")
+  res, stdout = _run(tmp_path, "--decode_sweep=1,2", "--decode_context=32", "--max_model_len=256", "--compare=overlap",
+                     "--plain_baseline")
   sweeps = res["decode_sweeps"]
   assert [s["overlap_dispatch"] for s in sweeps.values()] == [False, True]
   assert all([r["batch"] for r in s["rows"]] == [1, 2] for s in sweeps.values())
   assert res["decode_sweep"] == next(iter(sweeps.values()))
   assert "inline dispatch" in stdout and "dispatch thread" in stdout
+  # the plain JAX step at the same batch sizes, after the engines, beside each sweep's rows
+  assert all(r["plain_ms"] > 0 and r["ratio_to_plain"] == r["step_ms"] / r["plain_ms"]
+             for s in sweeps.values() for r in s["rows"])
+  assert stdout.count("| plain JAX ms | step / plain |") == 2
 
 
 FAKE_SMI = """#!{python}
