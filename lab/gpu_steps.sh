@@ -180,6 +180,15 @@ step_sweep-fp8-prefill-step() { for chunks in 1536 1024,512; do
                                 $(printf -- "--sweep_variant=%s " heavy_first=1 programs_per_sm=1 programs_per_sm=3 \
                                   programs_per_sm=4 block_q=16 block_q=16,programs_per_sm=4 block_q=64 key_splits=2 \
                                   key_splits=2,heavy_first=1 key_splits=4 num_stages=2 block_n=128); done; }
+# Session 22: larger KV pages for the fp8 cache. A page of one KV head is page_size x 128 bytes in e4m3 (2 KB at
+# the engine's 16), read from scattered places; each 64-key block loads 4 page ids before its K/V. The engine's fp8
+# configurations and a few variants at pages of 16, 32 and 64 tokens (decode: 512 sequences at context 1024;
+# prefill: the 1536-token chunk). Predicted: decode +5-10% at 32, +8-15% at 64.
+step_sweep-fp8-pages()    { for ps in 16 32 64; do
+                              $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode,prefill --attention_backends=triton \
+                                --attention_kv_dtype=fp8 --skip_gemm --attention_page_size=$ps --prefill_chunks=1536 \
+                                --out_dir="$OUT/sweep-fp8-pages-$ps" \
+                                $(printf -- "--sweep_variant=%s " block_n=128 programs_per_sm=8 num_stages=3); done; }
 step_tests-gemm-fp8()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "gemm_fp8" && \
                               NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_fp8_gpu.py -k "our_fp8_gemm"; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }

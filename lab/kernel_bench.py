@@ -36,6 +36,8 @@ flags.DEFINE_enum("attention_kv_dtype", "bfloat16", ["bfloat16", "fp8"], "The at
                   "(fp8 = float8_e4m3fn, read at half the bytes: decode TB/s count the bytes read).")
 flags.DEFINE_integer("decode_context", 1024, "Context of the decode shape's sequences (512 x 1024 / context of "
                      "them: the same bytes of K and V at any context).")
+flags.DEFINE_integer("attention_page_size", 16, "The attention shapes' KV page size (tokens): the engine's default "
+                     "is 16; an fp8 page of one head is then 2 KB of contiguous bytes.")
 flags.DEFINE_list("prefill_chunks", ["4096"], "The prefill shape's prompts (token counts, each from position 0, laid "
                   "out back to back): one 4096-token prompt by default; 1536 is step_bench's mix step's chunk.")
 flags.DEFINE_bool("skip_gemm", False, "Time the attention kernels only.")
@@ -100,7 +102,7 @@ def _attention_problem(kind: str, hkv: int = 8, g: int = 4):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  d, ps = 128, 16
+  d, ps = 128, FLAGS.attention_page_size
   prompts = [int(c) for c in FLAGS.prefill_chunks]
   per_seq = [-(-FLAGS.decode_context // ps)] * (512 * 1024 // FLAGS.decode_context) if kind == "decode" else \
       [-(-c // ps) for c in prompts]   # whole pages per sequence: a context need not fill its last one

@@ -163,13 +163,24 @@ def configs(backend: str, kv_dtype=None, *, head_dim: int | None = None, page_si
     from pallas_kernels import paged_attention_triton as pat
     from pallas_kernels import prefill_attention_mgpu as pam
     if kv_dtype is not None and jnp.dtype(kv_dtype).itemsize == 1:
-      return pat.DECODE_CONFIG_FP8, pat.PREFILL_CONFIG_FP8
+      return _fit_pages(pat.DECODE_CONFIG_FP8, page_size), _fit_pages(pat.PREFILL_CONFIG_FP8, page_size)
     mosaic = (kv_dtype is not None and head_dim is not None and page_size is not None and sliding_window is None
               and pam.supported(q_dtype or kv_dtype, kv_dtype, head_dim, page_size, MOSAIC_PREFILL_CONFIG["block_n"]))
-    return pat.DECODE_CONFIG, MOSAIC_PREFILL_CONFIG if mosaic else pat.PREFILL_CONFIG
+    return (_fit_pages(pat.DECODE_CONFIG, page_size),
+            MOSAIC_PREFILL_CONFIG if mosaic else _fit_pages(pat.PREFILL_CONFIG, page_size))
   if backend == "pallas":
     return DECODE_CONFIG, PREFILL_CONFIG
   raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _fit_pages(config: dict, page_size: int | None) -> dict:
+  """A Triton configuration whose key blocks hold whole pages: block_n grown to the page where a page is larger
+  (vLLM's block sizes go to 128). Its tiles are powers of two, so are the pages it takes."""
+  if page_size is None or config["block_n"] % page_size == 0:
+    return config
+  if page_size & (page_size - 1):
+    raise ValueError(f"the Triton attention takes KV pages of a power-of-two size, got {page_size}")
+  return {**config, "block_n": page_size}
 
 
 def config_changes(spec: str) -> dict:

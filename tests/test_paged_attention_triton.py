@@ -14,8 +14,8 @@ pytest.importorskip("triton")
 
 
 def _check(rng, *, num_sms, block_q, window=None, block_n=16, hkv=2, g=2, d=16, ctx=(5, 17, 1, 40), chunk=(1, 6, 1, 33),
-           tol=(2e-5, 1e-5), **kw):
-  q, (kc, vc, layer), table, slots, positions, lengths, _ = paged_batch(rng, hkv=hkv, g=g, d=d, page_size=4,
+           tol=(2e-5, 1e-5), page_size=4, **kw):
+  q, (kc, vc, layer), table, slots, positions, lengths, _ = paged_batch(rng, hkv=hkv, g=g, d=d, page_size=page_size,
                                                                           ctx=ctx, chunk=chunk)
   ref = paged_attention_reference(q, kc, vc, layer, table, slots, positions, window)
   start, length, nb = query_blocks(lengths, len(slots), block_q)
@@ -30,6 +30,14 @@ def _check(rng, *, num_sms, block_q, window=None, block_n=16, hkv=2, g=2, d=16, 
 @pytest.mark.parametrize("window", [None, 6])
 def test_triton_kernel_matches_reference(num_sms, block_q, window):
   _check(np.random.default_rng(), num_sms=num_sms, block_q=block_q, window=window)
+
+
+@pytest.mark.parametrize("page_size,block_n", [(16, 16), (16, 32), (32, 32)])
+def test_triton_kernel_with_large_pages(page_size, block_n):
+  """Pages as large as a key block (one page id per block) or half of it: the layouts an fp8 cache's larger
+  pages give (kernel_bench --attention_page_size)."""
+  _check(np.random.default_rng(), num_sms=3, block_q=4, block_n=block_n, page_size=page_size,
+         ctx=(5, 70, 1, 40), chunk=(1, 6, 1, 33))
 
 
 def test_triton_kernel_gqa_wide_group_and_blocks_of_many_pages():
@@ -150,6 +158,20 @@ def test_configs_pick_f16_dots_for_fp8_caches():
   assert pa.configs("triton", jnp.bfloat16)[0] == pat.DECODE_CONFIG
   assert pa.configs("triton")[0] == pat.DECODE_CONFIG
   assert "dot_f16" not in pa.configs("pallas", jnp.float8_e4m3fn)[0]
+
+
+def test_configs_take_pages_larger_than_their_key_blocks():
+  """A page larger than a configuration's key block grows the block to the page (vLLM's block sizes go to 128);
+  smaller pages leave it; a page size the power-of-two tiles cannot hold is refused by name."""
+  from pallas_kernels import paged_attention as pa
+  from pallas_kernels import paged_attention_triton as pat
+  decode, prefill = pa.configs("triton", jnp.float8_e4m3fn, head_dim=128, page_size=128)
+  assert decode == {**pat.DECODE_CONFIG_FP8, "block_n": 128} and prefill == {**pat.PREFILL_CONFIG_FP8, "block_n": 128}
+  assert pa.configs("triton", jnp.float8_e4m3fn, head_dim=128, page_size=32) == (pat.DECODE_CONFIG_FP8,
+                                                                                  pat.PREFILL_CONFIG_FP8)
+  assert pa.configs("triton", jnp.bfloat16, head_dim=128, page_size=256)[0]["block_n"] == 256
+  with pytest.raises(ValueError, match="power-of-two size, got 24"):
+    pa.configs("triton", jnp.float8_e4m3fn, head_dim=128, page_size=24)
 
 
 def test_configs_pick_the_mosaic_prefill_kernel_where_it_takes_the_cache():
