@@ -13,15 +13,20 @@ import math
 import time
 
 
-def _attend(q, k, v, pos):
-  """q [B, Hq, D] at position `pos` over k, v [B, S, Hkv, D] (positions after `pos` masked) -> [B, Hq, D]."""
+def _attend(q, k, v, pos, window: int | None = None):
+  """q [B, Hq, D] at position `pos` over k, v [B, S, Hkv, D] (positions after `pos`, and with a sliding `window`
+  those `window` or more before it, masked) -> [B, Hq, D]."""
   import jax
   import jax.numpy as jnp
   b, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   qg = q.reshape(b, hkv, hq // hkv, d)
   s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-  s = jnp.where(jnp.arange(s_len) <= pos, s, -jnp.inf)
+  keys = jnp.arange(s_len)
+  visible = keys <= pos
+  if window:
+    visible &= pos - keys < window
+  s = jnp.where(visible, s, -jnp.inf)
   p = jax.nn.softmax(s, axis=-1)
   out = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, hq, d).astype(q.dtype)
@@ -45,7 +50,7 @@ def make_step(model):
       at = (0, pos, 0, 0)
       ks[i] = jax.lax.dynamic_update_slice(ks[i], k[:, None].astype(ks[i].dtype), at)
       vs[i] = jax.lax.dynamic_update_slice(vs[i], v[:, None].astype(vs[i].dtype), at)
-      x = layer.o(_attend(q, ks[i], vs[i], pos), residual=x)
+      x = layer.o(_attend(q, ks[i], vs[i], pos, model.config.sliding_window), residual=x)
       x = layer.mlp(layer.mlp_norm(x), residual=x)
     return m.logits(x), ks, vs
 

@@ -26,6 +26,20 @@ def test_plain_step_fed_a_prompt_gives_the_forward_pass_logits(quantization):
   assert not np.asarray(ks[0][:, prompts.shape[1]:]).any()   # nothing written past the last position
 
 
+def test_plain_step_keeps_a_sliding_window():
+  import dataclasses
+  from nanoflow_jax.model import Model
+  base = load_model("tiny", dtype="float32", random_weights=True)
+  model = Model(dataclasses.replace(base.config, sliding_window=3), base.params, jnp.float32)
+  prompts = np.random.default_rng().integers(0, model.config.vocab_size, (1, 8)).astype(np.int32)
+  want = np.asarray(model.forward(prompts))
+  step, (top, layers) = plain_decode.make_step(model), model.layer_list()
+  ks, vs = plain_decode.empty_cache(model, 1, 8)
+  for t in range(8):
+    logits, ks, vs = step(top, layers, ks, vs, jnp.asarray(prompts[:, t]), jnp.int32(t))
+  np.testing.assert_allclose(np.asarray(logits), want[:, -1], rtol=2e-3, atol=2e-3)
+
+
 def test_plain_sweep_times_each_batch():
   model = load_model("tiny", dtype="bfloat16", random_weights=True)
   out = plain_decode.sweep(model, [1, 3], context=16, steps=2)
