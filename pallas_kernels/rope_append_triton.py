@@ -4,8 +4,8 @@ rotated keys and the values into their cache pages, instead of XLA's rotation fu
 
 Reference: `rope_append_reference` (the model's apply_rope + paged_attention.append_kv), which the tests
 compare with in Triton's interpreter. Cache layout as paged_attention: [layers, kv_heads, pages,
-page_size, head_dim]; a row whose page is `num_pages` (padding) writes nothing. The grid is `num_sms`
-persistent programs over the step's tokens.
+page_size, head_dim]; a row whose page is `num_pages` (padding) writes nothing. The grid: one program per
+token, up to PROGRAMS_PER_SM per SM (then each walks several tokens).
 
 Not wired into the engine yet: it has not been measured on the GPU against the XLA fusions it would
 replace (lab/kernel_bench.py --rope_append times both).
@@ -65,10 +65,20 @@ if triton is not None:
       v2 = tl.load(v_ptr + ka + HALF, mask=km, other=0.0)
       slot = ((layer * HKV + hk[:, None]) * NUM_PAGES + page) * PAGE_SIZE + tl.load(off_ptr + t)
       ca = slot * (2 * HALF) + d[None, :]
-      tl.store(kc_ptr + ca, (y1 * cos - y2 * sin).to(kc_ptr.dtype.element_ty), mask=km)
-      tl.store(kc_ptr + ca + HALF, (y2 * cos + y1 * sin).to(kc_ptr.dtype.element_ty), mask=km)
+      # the rotated keys rounded to the model dtype first (as the reference's append of apply_rope's output):
+      # an fp8 cache then holds the same bytes
+      k1 = (y1 * cos - y2 * sin).to(k_ptr.dtype.element_ty)
+      k2 = (y2 * cos + y1 * sin).to(k_ptr.dtype.element_ty)
+      tl.store(kc_ptr + ca, k1.to(kc_ptr.dtype.element_ty), mask=km)
+      tl.store(kc_ptr + ca + HALF, k2.to(kc_ptr.dtype.element_ty), mask=km)
       tl.store(vc_ptr + ca, v1.to(vc_ptr.dtype.element_ty), mask=km)
       tl.store(vc_ptr + ca + HALF, v2.to(vc_ptr.dtype.element_ty), mask=km)
+
+
+# Programs per SM: with one program per token (up to this many per SM) each program's loads are in flight at
+# once across the GPU; one persistent program per SM walking ~16 tokens in turn waited on each token's loads
+# (60 us a layer call at 2048 tokens, session 3).
+PROGRAMS_PER_SM = 16
 
 
 def _meta(q_shape, k_shape, cache_shape, num_sms: int) -> tuple[int, dict]:
@@ -78,8 +88,9 @@ def _meta(q_shape, k_shape, cache_shape, num_sms: int) -> tuple[int, dict]:
   if d % 2 or d != d_c or hkv != hkv_c:
     raise ValueError(f"rope_append: q {q_shape}, k {k_shape} and cache {cache_shape} do not match")
   p2 = lambda x: 1 << (x - 1).bit_length()
-  return num_sms, dict(N=n, HQ=hq, HQ_P2=p2(hq), HKV=hkv, HKV_P2=p2(hkv), HALF=d // 2, NUM_PAGES=num_pages,
-                       PAGE_SIZE=page_size, NUM_PROGRAMS=num_sms)
+  programs = max(1, min(n, num_sms * PROGRAMS_PER_SM))
+  return programs, dict(N=n, HQ=hq, HQ_P2=p2(hq), HKV=hkv, HKV_P2=p2(hkv), HALF=d // 2, NUM_PAGES=num_pages,
+                        PAGE_SIZE=page_size, NUM_PROGRAMS=programs)
 
 
 def rope_append(q, k, v, positions, inv_freq, k_cache, v_cache, layer, pages, offsets, *, num_sms: int,

@@ -12,11 +12,11 @@ from pallas_kernels import rope_append_triton as rat
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("num_sms", [1, 3])
+@pytest.mark.parametrize("num_sms,n", [(1, 9), (3, 9), (1, 40)])   # 40 tokens on 1 SM: programs walk several
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4)])
-def test_rope_append_matches_reference(num_sms, hq, hkv):
+def test_rope_append_matches_reference(num_sms, n, hq, hkv):
   rng = np.random.default_rng()
-  n, d, layers, pages, page_size = 9, 16, 3, 12, 4
+  d, layers, pages, page_size = 16, 3, 12, 4
   q = rng.normal(size=(n, hq, d)).astype(np.float32)
   k = rng.normal(size=(n, hkv, d)).astype(np.float32)
   v = rng.normal(size=(n, hkv, d)).astype(np.float32)
@@ -36,6 +36,11 @@ def test_rope_append_matches_reference(num_sms, hq, hkv):
   np.testing.assert_allclose(out_kc, np.asarray(ref_kc), atol=2e-5)
   np.testing.assert_allclose(out_vc, np.asarray(ref_vc), atol=0)
   assert not np.allclose(out_kc, kc)                     # something was written
+
+
+def test_one_program_per_token_up_to_a_bound():
+  assert rat._meta((9, 8, 16), (9, 2, 16), (1, 2, 8, 4, 16), 132)[0] == 9
+  assert rat._meta((4096, 8, 16), (4096, 2, 16), (1, 2, 8, 4, 16), 132)[0] == 132 * rat.PROGRAMS_PER_SM
 
 
 def test_mismatched_shapes_are_refused():
