@@ -45,8 +45,8 @@ GEMM_CHOICES = ("mosaic", "mosaic_fused", "xla")
 FP8_GEMM_CHOICES = ("xla", "xla_fused", "mosaic")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 XLA_GEMM_BELOW = 512   # with unrolled layers, GEMMs of fewer rows run on XLA's dot
-# fp8_gemm="xla_fused": steps of fewer rows keep XLA's quantization fusions. A jax-triton call is a custom call
-# XLA's command buffers do not record, so in a small, launch-bound step each would split the step's graph.
+# fp8_gemm="xla_fused" and fused_rope_append: steps of fewer rows keep XLA's fusions. A jax-triton call is a
+# custom call XLA's command buffers do not record, so in a small, launch-bound step each would split the graph.
 FUSED_QUANT_FROM = 512
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
@@ -377,7 +377,11 @@ class Executor:
     return self._on_stream(kernels)(q, k_cache, v_cache, layer, inp.page_table, slots, positions, blocks)
 
   def _rope_append(self, *args):
+    """fused_rope_append: RoPE and the KV append as one Triton kernel on the nano-op's stream (GPU, steps of
+    FUSED_QUANT_FROM rows or more; None below: XLA's fusions), its reference on the other kernel paths."""
     from pallas_kernels import rope_append_triton
+    if self.kernels == "triton" and args[0].shape[0] < FUSED_QUANT_FROM:
+      return None
     if self.kernels == "triton":
       num_sms = self._sms()
       return self._on_stream(lambda *a: rope_append_triton.rope_append(*a, num_sms=num_sms))(*args)
@@ -511,12 +515,14 @@ class Executor:
         with self._nano_op(op), jax.named_scope(f"nano_{op.op}_{op.nano_batch}"):
           if op.op == "qkv":
             s["q"], s["k"], s["v"] = layer.qkv(layer.attn_norm(s["x"]))
-          elif op.op == "rope_append" and self.fused_rope_append:
-            s["q"], k_cache, v_cache = self._rope_append(s["q"], s["k"], s["v"], inp.positions[r], m.inv_freq,
-                                                         k_cache, v_cache, i, inp.kv_pages[r], inp.kv_offsets[r])
-          elif op.op == "rope_append":   # XLA's fusions: the rotation, then the append's scatter
-            s["q"], k = m.rope(s["q"], s["k"], inp.positions[r])
-            k_cache, v_cache = append_kv(k_cache, v_cache, i, k, s["v"], inp.kv_pages[r], inp.kv_offsets[r])
+          elif op.op == "rope_append":
+            fused = (self._rope_append(s["q"], s["k"], s["v"], inp.positions[r], m.inv_freq, k_cache, v_cache, i,
+                                       inp.kv_pages[r], inp.kv_offsets[r]) if self.fused_rope_append else None)
+            if fused is not None:
+              s["q"], k_cache, v_cache = fused
+            else:   # XLA's fusions: the rotation, then the append's scatter
+              s["q"], k = m.rope(s["q"], s["k"], inp.positions[r])
+              k_cache, v_cache = append_kv(k_cache, v_cache, i, k, s["v"], inp.kv_pages[r], inp.kv_offsets[r])
           elif op.op == "attention":
             s["attn"] = self._attention(s["q"], k_cache, v_cache, i, inp, r, inp.blocks[op.nano_batch])
             if unrolled:

@@ -1,0 +1,38 @@
+"""Below FUSED_QUANT_FROM rows the GPU path keeps XLA's fusions instead of the jax-triton kernels (each a custom
+call that splits a small, launch-bound step's command buffer): the executor's three hooks decline such steps on
+kernels="triton" (the caller then takes XLA's path), and serve them from 512 rows on."""
+import types
+
+import jax.numpy as jnp
+import pytest
+
+from nanoflow_jax.runtime import executor as ex
+
+
+def _gpu_executor():
+  return types.SimpleNamespace(kernels="triton")   # what the hooks read before choosing a kernel
+
+
+@pytest.mark.parametrize("rows", [1, 16, ex.FUSED_QUANT_FROM - 1])
+def test_small_steps_keep_xlas_fusions(rows):
+  self = _gpu_executor()
+  x = jnp.zeros((rows, 8), jnp.bfloat16)
+  assert ex.Executor._rms_norm_quant(self, x, jnp.ones(8, jnp.bfloat16), 1e-6) is None
+  assert ex.Executor._silu_mul_quant(self, jnp.zeros((rows, 16), jnp.bfloat16), jnp.ones((rows, 1)), jnp.ones(16),
+                                     jnp.bfloat16) is None
+  q, k = jnp.zeros((rows, 4, 8), jnp.bfloat16), jnp.zeros((rows, 2, 8), jnp.bfloat16)
+  cache = jnp.zeros((1, 2, 4, 4, 8), jnp.bfloat16)
+  assert ex.Executor._rope_append(self, q, k, k, jnp.zeros(rows, jnp.int32), jnp.ones(4), cache, cache, 0,
+                                  jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32)) is None
+
+
+def test_large_steps_reach_the_kernels(monkeypatch):
+  """From FUSED_QUANT_FROM rows the hook goes on to the kernel (stood in for here: jax-triton needs a GPU)."""
+  from pallas_kernels import rope_append_triton
+  called = []
+  monkeypatch.setattr(rope_append_triton, "rope_append", lambda *a, num_sms: called.append(num_sms) or "kernel")
+  self = types.SimpleNamespace(kernels="triton", _sms=lambda: 132, _on_stream=lambda f: f)
+  rows = ex.FUSED_QUANT_FROM
+  q = jnp.zeros((rows, 4, 8), jnp.bfloat16)
+  assert ex.Executor._rope_append(self, q, None, None, None, None, None, None, 0, None, None) == "kernel"
+  assert called == [132]
