@@ -46,6 +46,8 @@ flags.DEFINE_list("decode_sweep", [], "Decode latency sweep (launch/decode_sweep
                   "1,8,32,128,512: each decode-only step through the engine loop against its bytes floor at the "
                   "copy bandwidth measured in the same run; replaces the workload run.")
 flags.DEFINE_integer("decode_context", 1024, "--decode_sweep: the decoding sequences' context.")
+flags.DEFINE_list("ttft_prompts", ["128", "1024"], "--decode_sweep: after the batches, the TTFT of one prompt of each "
+                  "of these lengths on the idle engine (issue 27: one prefill step plus the host's part).")
 flags.DEFINE_bool("plain_baseline", False, "--decode_sweep: after the engine's sweep, the same batch sizes through "
                   "the plain JAX decode step (launch/plain_decode.py: the model's layers unrolled in one jit, XLA's "
                   "dot and jnp attention over a contiguous bf16 cache), in the same process.")
@@ -457,7 +459,8 @@ def run_decode_sweep(batches: list[int]) -> None:
     options = {**engine_flags.engine_kwargs(), "overlap_dispatch": overlap}
     engine = build_engine(FLAGS.model, mode=FLAGS.mode, model_obj=model, **options)
     model = engine.model
-    res = decode_sweep.sweep(engine, batches, FLAGS.decode_context)
+    res = decode_sweep.sweep(engine, batches, FLAGS.decode_context,
+                             ttft_prompts=tuple(int(n) for n in FLAGS.ttft_prompts))
     res["environment"] = environment(FLAGS.mode, options)
     engine.shutdown()
     del engine

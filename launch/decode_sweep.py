@@ -132,9 +132,40 @@ def time_decode(engine, batch: int, context: int, steps: int = 32, warmup: int =
   return seconds
 
 
-def sweep(engine, batches: list[int], context: int = 1024, steps: int = 32) -> dict:
-  """Per batch size: the step time, its bytes floor and the ratio. The engine must hold `context` tokens
-  for max(batches) sequences."""
+def time_first_token(engine, prompt_tokens: int, repeats: int = 5) -> dict:
+  """Issue 27's TTFT at light load: one prompt of `prompt_tokens` on an idle engine, from add_request to its first
+  token's delta (what a streaming client gets). The median of `repeats` (a first run, which may compile, is
+  dropped), the engine steps that took, and the host's parts of those steps (their "wait" is the device's)."""
+  import numpy as np
+  from nanoflow_jax.sampling_params import SamplingParams
+  if engine.has_work():
+    raise RuntimeError("time_first_token needs an idle engine")
+  ids = np.random.default_rng(prompt_tokens).integers(0, min(1000, engine.model.config.vocab_size),
+                                                      prompt_tokens).tolist()
+  sp = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0, detokenize=False)
+  runs = []
+  for r in range(repeats + 1):
+    rid, first = f"ttft-{prompt_tokens}-{r}", []
+    before = dataclasses.replace(engine.stats)
+    t = time.perf_counter()
+    engine.add_request(rid, ids, sp, on_delta=lambda d: first.append(time.perf_counter()) if d.token_ids else None)
+    steps = 0
+    while not first:
+      engine.step()
+      steps += 1
+    runs.append((1e3 * (first[0] - t), steps, host_ms_per_step(engine.stats, before)))
+    engine.discard(rid)
+    while engine.has_work():
+      engine.step()
+  runs = sorted(runs[1:], key=lambda run: run[0])
+  ms, steps, host = runs[len(runs) // 2]
+  return {"prompt_tokens": prompt_tokens, "ttft_ms": ms, "steps": steps, "host_ms_per_step": host}
+
+
+def sweep(engine, batches: list[int], context: int = 1024, steps: int = 32, ttft_prompts: tuple = ()) -> dict:
+  """Per batch size: the step time, its bytes floor and the ratio; then the TTFT of one prompt of each of
+  `ttft_prompts` tokens on the idle engine (time_first_token). The engine must hold `context` tokens for
+  max(batches) sequences."""
   bw = copy_bandwidth()
   wbytes, per_tok = weight_bytes(engine), kv_bytes_per_token(engine)
   rows = []
@@ -146,8 +177,17 @@ def sweep(engine, batches: list[int], context: int = 1024, steps: int = 32) -> d
                  "tokens_per_s": b / s, "host_ms": host})
     print(f"decode batch {b:4d}: {1e3 * s:7.2f} ms per step, floor {1e3 * floor:6.2f} ms, {s / floor:5.2f}x the "
           f"floor; host ms " + ", ".join(f"{p} {v:.2f}" for p, v in host.items()), flush=True)
+  ttft = []
+  for n in ttft_prompts:
+    if n + 2 > engine.max_model_len:
+      print(f"TTFT of a {n}-token prompt: skipped (max_model_len {engine.max_model_len})", flush=True)
+      continue
+    ttft.append(time_first_token(engine, n))
+    t = ttft[-1]
+    print(f"TTFT, one {n}-token prompt on an idle engine: {t['ttft_ms']:.2f} ms over {t['steps']} steps; host ms "
+          f"per step " + ", ".join(f"{p} {v:.2f}" for p, v in t["host_ms_per_step"].items()), flush=True)
   return {"bandwidth_tb_s": bw, "weight_bytes": wbytes, "kv_bytes_per_token": per_tok, "context": context,
-          "overlap_dispatch": engine.config.overlap_dispatch, "rows": rows}
+          "overlap_dispatch": engine.config.overlap_dispatch, "rows": rows, "ttft": ttft}
 
 
 def add_plain(result: dict, plain_ms: dict) -> None:
@@ -174,6 +214,10 @@ def table(result: dict, title: str) -> str:
             (f"{r.get('plain_ms', nan):.2f} | {r.get('ratio_to_plain', nan):.2f} | " if plain else "") +
             f"{r['tokens_per_s']:.0f} | " + " / ".join(f"{r.get('host_ms', {}).get(p, nan):.2f}"
                                                        for p in HOST_PARTS) + " |" for r in result["rows"]]
+  for t in result.get("ttft", []):
+    lines.append(f"\nTTFT of one {t['prompt_tokens']}-token prompt on the idle engine: {t['ttft_ms']:.2f} ms "
+                 f"({t['steps']} steps; host ms per step: " +
+                 " / ".join(f"{t['host_ms_per_step'][p]:.2f}" for p in HOST_PARTS) + ")")
   return "\n".join(lines)
 
 

@@ -75,6 +75,9 @@ def test_the_decode_sweep_both_ways_on_one_model(tmp_path):
   assert all(r["plain_ms"] > 0 and r["ratio_to_plain"] == r["step_ms"] / r["plain_ms"]
              for s in sweeps.values() for r in s["rows"])
   assert stdout.count("| plain JAX ms | step / plain |") == 2
+  # the TTFT of the default prompts: 128 tokens timed, 1024 past max_model_len 256 and said so
+  assert all([t["prompt_tokens"] for t in s["ttft"]] == [128] for s in sweeps.values())
+  assert "TTFT of a 1024-token prompt: skipped (max_model_len 256)" in stdout
 
 
 FAKE_SMI = """#!{python}

@@ -53,3 +53,15 @@ def test_fitting_batch_is_what_the_pool_holds(engine):
   assert decode_sweep.time_decode(small, n, context=100, steps=4) > 0           # checked: all n decoding
   with pytest.raises(RuntimeError, match="decoding at the end"):
     decode_sweep.time_decode(small, n + 2, context=100, steps=4)
+
+
+def test_ttft_of_a_short_prompt_on_the_idle_engine(engine):
+  """From add_request to the first token's delta: the prefill step, and the step that reads its token back (the
+  loop runs one step ahead), then nothing left behind."""
+  t = decode_sweep.time_first_token(engine, 20, repeats=3)
+  assert t["prompt_tokens"] == 20 and t["ttft_ms"] > 0
+  assert 1 <= t["steps"] <= 3 and set(t["host_ms_per_step"]) == set(decode_sweep.HOST_PARTS)
+  assert not engine.has_work()
+  res = decode_sweep.sweep(engine, [1], context=60, steps=2, ttft_prompts=(20,))
+  assert [x["prompt_tokens"] for x in res["ttft"]] == [20]
+  assert "TTFT of one 20-token prompt on the idle engine" in decode_sweep.table(res, "t")
