@@ -9,6 +9,13 @@ SiLU-and-multiply fused (against XLA's dot + scales + silu_and_mul), for o and d
 of CONFIGS tried, the best reported, checked against the jnp reference.
 
   PYTHONPATH=.:.carry python3 lab/fp8_gemm.py --rows=2048,512,128 --mosaic
+
+Rows of at most SMALL_M (decode steps: memory-bound) also go to a second table in weight bytes per second
+against the copy bandwidth measured in the same run, with a fourth form beside the three: W8A16, the e4m3
+weight converted inside XLA's GEMM fusion and bf16 activations (no activation quantization): how much of a small
+step's GEMM time the quantization passes are (issue 27), and whether a fused small-M kernel could stream faster.
+
+  PYTHONPATH=.:.carry python3 lab/fp8_gemm.py --rows=1,8,32
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ["2048", "512", "128"], "Token rows (M).")
 flags.DEFINE_string("out", None, "Write the markdown table here too.")
+flags.DEFINE_list("shapes", ["qkv", "o", "gate_up", "down"], "Which of the layer's GEMMs (SHAPES).")
 flags.DEFINE_bool("mosaic", False, "Also time our Mosaic GPU fp8 GEMM against XLA's scaled fp8 dot.")
 flags.DEFINE_bool("write_configs", False, "With --mosaic: keep each shape's fastest tiling in "
                   "pallas_kernels/gemm_fp8_configs.json (what the engine's fp8_gemm=mosaic then runs).")
@@ -32,6 +40,7 @@ SILU_CONFIGS = [{}, dict(max_concurrent_steps=4, epi_tile_n=32), dict(tile_n=64,
                 dict(tile_k=64, max_concurrent_steps=6)]
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}   # (K, N)
+SMALL_M = 64
 
 
 def main(argv):
@@ -49,12 +58,20 @@ def main(argv):
   lines = [f"GEMM peak (XLA 8192^3, ones) in this run: bf16 {peak:.0f} TFLOP/s, fp8 {peak8:.0f}", "",
            "| GEMM | M | bf16 TFLOP/s | fp8 engine path | fp8 / bf16 | bare fp8 dot | bare / bf16 | rel. error fp8 |",
            "|---|---|---|---|---|---|---|---|"]
+  small = [int(m) for m in FLAGS.rows if int(m) <= SMALL_M]
+  if small:
+    from launch.decode_sweep import copy_bandwidth
+    bw = copy_bandwidth()
+    decode = ["", f"Small M (weight bytes per second; copy bandwidth in this run {bw['copy']:.2f} TB/s, read "
+              f"{bw['read']:.2f}): W8A16 = the e4m3 weight converted in XLA's GEMM fusion, bf16 activations", "",
+              "| GEMM | M | bf16 TB/s | fp8 engine path TB/s | bare fp8 dot TB/s | W8A16 TB/s | engine / bare | "
+              "rel. error W8A16 |", "|---|---|---|---|---|---|---|---|"]
   key = jax.random.PRNGKey(0)
   ours = ["", "Ours (gemm_fp8) against XLA's fp8 dot with the scales on its output, both from e4m3 operands "
           "(fused: gate_up's SiLU-and-multiply, o's and down's residual; XLA's then runs them as passes):", "",
           "| GEMM | M | XLA scaled fp8 TFLOP/s | ours, best | ours / XLA | best config | rel. error vs reference |",
           "|---|---|---|---|---|---|---|"]
-  for name, (k, n) in SHAPES.items():
+  for name, (k, n) in ((name, SHAPES[name]) for name in FLAGS.shapes):
     w = (0.02 * jax.random.normal(key, (k, n), jnp.float32)).astype(jnp.bfloat16)
     w8, ws = jax.jit(lambda w: Q.quantize_weight(w, 1))(w)
     ws = ws.reshape(-1)
@@ -72,6 +89,18 @@ def main(argv):
       flops = 2 * m * k * n
       t_b, t_f, t_r = (median_seconds(bf16, a, w), median_seconds(fp8, a, w8, ws), median_seconds(bare, a8, w8))
       tf = lambda t: flops / t / 1e12
+      if m <= SMALL_M:
+        w8a16 = jax.jit(lambda a, w8, ws: (jax.lax.dot_general(a, w8.astype(a.dtype), (((1,), (1,)), ((), ())),
+                                                                preferred_element_type=jnp.float32)
+                                           * ws).astype(jnp.bfloat16))
+        got16 = np.asarray(w8a16(a, w8, ws), np.float32)
+        err16 = float(np.linalg.norm(got16 - exact) / np.linalg.norm(exact))
+        assert err16 < 0.08, (name, m, err16)
+        t_16 = median_seconds(w8a16, a, w8, ws)
+        tb = lambda nbytes, t: nbytes / t / 1e12
+        decode.append(f"| {name} {k}x{n} | {m} | {tb(2 * k * n, t_b):.2f} | {tb(k * n, t_f):.2f} | "
+                      f"{tb(k * n, t_r):.2f} | {tb(k * n, t_16):.2f} | {t_f / t_r:.2f}x | {err16:.4f} |")
+        print(decode[-1], flush=True)
       lines.append(f"| {name} {k}x{n} | {m} | {tf(t_b):.0f} | {tf(t_f):.0f} | {t_b / t_f:.2f}x | {tf(t_r):.0f} | "
                    f"{t_b / t_r:.2f}x | {err:.4f} |")
       print(lines[-1], flush=True)
@@ -85,7 +114,7 @@ def main(argv):
     with open(gemm_fp8.CONFIG_FILE, "w") as f:
       json.dump({**gemm_fp8._tuned(), **chosen}, f, indent=1, sort_keys=True)
     ours.append(f"\n{len(chosen)} tilings written to {gemm_fp8.CONFIG_FILE}")
-  text = "\n".join(lines + (ours if FLAGS.mosaic else []))
+  text = "\n".join(lines + (ours if FLAGS.mosaic else []) + (decode if small else []))
   print(text)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
