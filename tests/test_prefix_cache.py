@@ -131,10 +131,11 @@ def model():
 
 
 def _run(model, caching, rounds, num_pages=64, n=1, mode="sequential", kv="auto", temperature=0.0, dense=32,
-         abort=None):
+         abort=None, page_size=16):
   """Two rounds of prompts sharing a 70-token prefix (the second round: each first-round prompt again)."""
   eng = Engine(model, EngineConfig(dense_batch=dense, num_pages=num_pages, max_num_seqs=4, mode=mode,
-                                   kv_cache_dtype=kv, compilation_cache_dir=None, enable_prefix_caching=caching))
+                                   kv_cache_dtype=kv, compilation_cache_dir=None, enable_prefix_caching=caching,
+                                   page_size=page_size))
   rng = np.random.default_rng(0)
   shared = [int(t) for t in rng.integers(1, 250, 70)]
   prompts = [shared + [int(t) for t in rng.integers(1, 250, k)] for k in (5, 17, 40, 3)]
@@ -190,6 +191,16 @@ def test_cache_hits_in_nanoflow_mode_and_with_an_fp8_cache(model, tmp_path, mode
     got, _ = _run(model, True, 2, kv=kv)
   assert [t for t, _ in got] == [t for t, _ in ref]
   assert any(c for _, c in got)
+
+
+def test_pages_of_64_tokens_with_an_fp8_cache(model):
+  """Larger pages (the fp8 cache's candidate, session 22): the same tokens as 16-token pages without caching, and
+  hits in whole 64-token pages (the shared 70-token prefix gives one)."""
+  ref, _ = _run(model, False, 2, kv="fp8")
+  got, eng = _run(model, True, 2, kv="fp8", page_size=64, num_pages=16)
+  assert [t for t, _ in got] == [t for t, _ in ref]
+  cached = [c for _, c in got]
+  assert cached[1:4] == [64, 64, 64] and all(c % 64 == 0 and c >= 64 for c in cached[4:])
 
 
 def test_the_last_prompt_token_is_computed_and_penalties_compute_every_token(model):
