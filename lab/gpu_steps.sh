@@ -449,8 +449,8 @@ step_step-fp8-decode1()   { $PY lab/step_bench.py --model=llama-3-8b --kernels=t
 # the 43.6 ms mix step): the kernel test, then the mix step and batch 1 timed both ways in one process each.
 step_fused-quant()        { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu_mul_quant or rms_norm_quant" && \
                             $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \
-                              --nanoflow=false --iters=10 --fp8_gemms=xla_fused --trace_dir="$OUT/trace-fused-quant" \
-                              --out="$OUT/fused-quant.md"; }
+                              --nanoflow=false --iters=10 --fp8_gemms=xla_fused --fused_rope_append \
+                              --trace_dir="$OUT/trace-fused-quant" --out="$OUT/fused-quant.md"; }
 step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --weight=$w --layers=4 | tee -a "$OUT/quantize-probe.md"; done; }
 # session 21: the parts were fast at 4 layers (quantize_weight under vmap 677 GB/s) where the load ran at 0.3 GB/s;
 # so 32 layers, the engine's process settings, and the loader's own path on the 8B shape
