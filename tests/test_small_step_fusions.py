@@ -10,7 +10,10 @@ from nanoflow_jax.runtime import executor as ex
 
 
 def _gpu_executor():
-  return types.SimpleNamespace(kernels="triton")   # what the hooks read before choosing a kernel
+  # what the hooks read before choosing a kernel
+  self = types.SimpleNamespace(kernels="triton")
+  self._keeps_xla_fusions = lambda rows: ex.Executor._keeps_xla_fusions(self, rows)
+  return self
 
 
 @pytest.mark.parametrize("rows", [1, 16, ex.FUSED_QUANT_FROM - 1])
@@ -31,7 +34,8 @@ def test_large_steps_reach_the_kernels(monkeypatch):
   from pallas_kernels import rope_append_triton
   called = []
   monkeypatch.setattr(rope_append_triton, "rope_append", lambda *a, num_sms: called.append(num_sms) or "kernel")
-  self = types.SimpleNamespace(kernels="triton", _sms=lambda: 132, _on_stream=lambda f: f)
+  self = _gpu_executor()
+  self._sms, self._on_stream = (lambda: 132), (lambda f: f)
   rows = ex.FUSED_QUANT_FROM
   q = jnp.zeros((rows, 4, 8), jnp.bfloat16)
   assert ex.Executor._rope_append(self, q, None, None, None, None, None, None, 0, None, None) == "kernel"

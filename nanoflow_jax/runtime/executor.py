@@ -376,11 +376,15 @@ class Executor:
       return out
     return self._on_stream(kernels)(q, k_cache, v_cache, layer, inp.page_table, slots, positions, blocks)
 
+  def _keeps_xla_fusions(self, rows: int) -> bool:
+    """A GPU step of fewer than FUSED_QUANT_FROM rows keeps XLA's fusions where a jax-triton kernel could stand."""
+    return self.kernels == "triton" and rows < FUSED_QUANT_FROM
+
   def _rope_append(self, *args):
     """fused_rope_append: RoPE and the KV append as one Triton kernel on the nano-op's stream (GPU, steps of
     FUSED_QUANT_FROM rows or more; None below: XLA's fusions), its reference on the other kernel paths."""
     from pallas_kernels import rope_append_triton
-    if self.kernels == "triton" and args[0].shape[0] < FUSED_QUANT_FROM:
+    if self._keeps_xla_fusions(args[0].shape[0]):
       return None
     if self.kernels == "triton":
       num_sms = self._sms()
@@ -432,7 +436,7 @@ class Executor:
   def _silu_mul_quant(self, acc, a_scale, w_scale, out_dtype):
     """fp8_gemm="xla_fused": the MLP's middle as one Triton kernel on the nano-op's stream (jax-triton: GPU
     only); the interpret and reference paths run its jnp reference, which is the unfused ops' math."""
-    if self.kernels == "triton" and acc.shape[0] < FUSED_QUANT_FROM:
+    if self._keeps_xla_fusions(acc.shape[0]):
       return None
     if self.kernels != "triton" or jnp.dtype(out_dtype) not in (jnp.bfloat16, jnp.float16):
       return silu_mul_quant_kernel.silu_mul_quant_reference(acc, a_scale, w_scale, out_dtype)
@@ -442,7 +446,7 @@ class Executor:
   def _rms_norm_quant(self, x, scale, eps):
     """fp8_gemm="xla_fused": RMSNorm and the next GEMM's activation quantization as one Triton kernel on the
     nano-op's stream (GPU); the interpret and reference paths run its jnp reference, the unfused ops' math."""
-    if self.kernels == "triton" and x.shape[0] < FUSED_QUANT_FROM:
+    if self._keeps_xla_fusions(x.shape[0]):
       return None
     if self.kernels != "triton" or x.dtype not in (jnp.bfloat16, jnp.float16):
       return rms_norm_quant_kernel.rms_norm_quant_reference(x, scale, eps)
