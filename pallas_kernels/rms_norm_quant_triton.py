@@ -5,8 +5,8 @@ Before qkv and gate_up in the fp8 model: XLA runs each as a norm pass, an amax p
 (session 21's trace of the 8B fp8 step: with the other small fusions, ~1.3 ms of the 43.6 ms step).
 
 Reference: `rms_norm_quant_reference`, which the tests compare with in Triton's interpreter (float32, ROUND=0:
-the interpreter's bf16 and e4m3 casts are not the GPU's). The grid is `num_sms` persistent programs over the
-rows; a row (the hidden size, 4096 for the 8B) is held whole.
+the interpreter's bf16 and e4m3 casts are not the GPU's). The grid: one program per row up to
+silu_mul_quant_triton.PROGRAMS_PER_SM per SM; a row (the hidden size, 4096 for the 8B) is held whole.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ try:
 except ImportError:
   triton = None
 else:
-  from pallas_kernels.silu_mul_quant_triton import in_model_dtype
+  from pallas_kernels.silu_mul_quant_triton import in_model_dtype, row_programs
 
 
 def rms_norm_quant_reference(x, scale, eps: float):
@@ -52,9 +52,9 @@ if triton is not None:
       tl.store(s_out + row, scale)
 
 
-def _meta(shape, eps: float, num_sms: int, round_: bool, out_f16: bool) -> dict:
+def _meta(shape, eps: float, programs: int, round_: bool, out_f16: bool) -> dict:
   m, h = shape
-  return dict(M=m, H=h, H_P2=1 << (h - 1).bit_length(), EPS=float(eps), NUM_PROGRAMS=num_sms,
+  return dict(M=m, H=h, H_P2=1 << (h - 1).bit_length(), EPS=float(eps), NUM_PROGRAMS=programs,
               FP8_MAX=ops_reference.E4M3_MAX, MIN_SCALE=ops_reference.MIN_SCALE, ROUND=int(round_),
               OUT_F16=int(out_f16))
 
@@ -65,7 +65,7 @@ def rms_norm_quant(x, scale, eps: float, *, num_sms: int, num_warps: int = 8):
   import jax.numpy as jnp
   import jax_triton as jt
   m, h = x.shape
-  meta = _meta(x.shape, eps, min(num_sms, m), True, x.dtype == jnp.float16)
+  meta = _meta(x.shape, eps, row_programs(m, num_sms), True, x.dtype == jnp.float16)
   out = (jax.ShapeDtypeStruct((m, h), ops_reference.E4M3), jax.ShapeDtypeStruct((m, 1), jnp.float32))
   return jt.triton_call(x, scale.astype(x.dtype), kernel=_rms_norm_quant_kernel, out_shape=out,
                         grid=(meta["NUM_PROGRAMS"],), num_warps=num_warps, num_stages=1, name="rms_norm_quant_triton",

@@ -8,9 +8,9 @@ the fusion past 2%); here the product is read once and only the e4m3 result and 
 
 Reference: `silu_mul_quant_reference`, which the tests compare with in Triton's interpreter. The interpreter's
 bf16 and e4m3 casts are not the GPU's (it truncates), so the CPU tests run with ROUND=0 (float32 throughout,
-the scaled values before their cast); the GPU test compares the rounded result. The grid is `num_sms`
-persistent programs over the rows, each row taken in chunks of CHUNK columns twice (its amax, then its
-quantization).
+the scaled values before their cast); the GPU test compares the rounded result. The grid: one program per
+row up to PROGRAMS_PER_SM per SM (then each walks several), each row taken in chunks of CHUNK columns twice
+(its amax, then its quantization).
 """
 from __future__ import annotations
 
@@ -83,13 +83,22 @@ if triton is not None:
 
 
 CHUNK = 2048   # columns a program holds at once: 8 per thread of 8 warps
+# Programs per SM for the row kernels (this one and rms_norm_quant): a program walks its rows one after another
+# and each row's loads wait on the last, so the rows in flight at once are what hides the memory latency. One
+# program per SM kept ~16 rows of a 2048-row step in turn on each: latency-bound. 8 of 8 warps fill an SM.
+PROGRAMS_PER_SM = 8
 
 
-def _meta(shape, num_sms: int, round_: bool, out_f16: bool, chunk: int = CHUNK) -> dict:
+def row_programs(rows: int, num_sms: int) -> int:
+  """Programs of a row kernel: one per row, up to PROGRAMS_PER_SM per SM."""
+  return max(1, min(rows, num_sms * PROGRAMS_PER_SM))
+
+
+def _meta(shape, programs: int, round_: bool, out_f16: bool, chunk: int = CHUNK) -> dict:
   m, two_i = shape
   i = two_i // 2
   chunk = min(chunk, 1 << (i - 1).bit_length())
-  return dict(M=m, I=i, CHUNK=chunk, NUM_CHUNKS=-(-i // chunk), NUM_PROGRAMS=num_sms,
+  return dict(M=m, I=i, CHUNK=chunk, NUM_CHUNKS=-(-i // chunk), NUM_PROGRAMS=programs,
               FP8_MAX=ops_reference.E4M3_MAX, MIN_SCALE=ops_reference.MIN_SCALE, ROUND=int(round_),
               OUT_F16=int(out_f16))
 
@@ -100,7 +109,7 @@ def silu_mul_quant(acc, a_scale, w_scale, out_dtype, *, num_sms: int, num_warps:
   import jax.numpy as jnp
   import jax_triton as jt
   m, two_i = acc.shape
-  meta = _meta(acc.shape, min(num_sms, m), True, jnp.dtype(out_dtype) == jnp.float16)
+  meta = _meta(acc.shape, row_programs(m, num_sms), True, jnp.dtype(out_dtype) == jnp.float16)
   out = (jax.ShapeDtypeStruct((m, two_i // 2), ops_reference.E4M3), jax.ShapeDtypeStruct((m, 1), jnp.float32))
   return jt.triton_call(acc, a_scale.astype(jnp.float32).reshape(m, 1), w_scale.astype(jnp.float32).reshape(-1),
                         kernel=_silu_mul_quant_kernel, out_shape=out, grid=(meta["NUM_PROGRAMS"],),

@@ -90,3 +90,11 @@ def test_engine_fuses_the_activation_quantizations(monkeypatch, mode):
   for a, b in zip(outs["xla"], outs["xla_fused"]):
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose([lp.logprob for lp in a.logprobs], [lp.logprob for lp in b.logprobs], atol=1e-6)
+
+
+def test_row_kernels_take_a_program_per_row_up_to_a_bound():
+  """Both row kernels (this and rms_norm_quant) launch one program per row up to PROGRAMS_PER_SM per SM: rows in
+  flight at once hide the memory latency (one program per SM walked ~16 rows in turn)."""
+  from pallas_kernels import silu_mul_quant_triton as smq
+  assert smq.row_programs(16, 132) == 16 and smq.row_programs(1, 132) == 1
+  assert smq.row_programs(2048, 132) == 132 * smq.PROGRAMS_PER_SM < 2048
