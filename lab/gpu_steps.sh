@@ -177,9 +177,10 @@ step_sweep-fp8-prefill-step() { for chunks in 1536 1024,512; do
                               $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=prefill --attention_backends=triton \
                                 --attention_kv_dtype=fp8 --skip_gemm --prefill_chunks=$chunks \
                                 --out_dir="$OUT/sweep-fp8-prefill-step-${chunks/,/-}" \
-                                $(printf -- "--sweep_variant=%s " heavy_first=1 programs_per_sm=1 programs_per_sm=3 \
-                                  programs_per_sm=4 block_q=16 block_q=16,programs_per_sm=4 block_q=64 key_splits=2 \
-                                  key_splits=2,heavy_first=1 key_splits=4 num_stages=2 block_n=128); done; }
+                                $(printf -- "--sweep_variant=%s " heavy_first=1 dynamic_work=1 dynamic_work=1,heavy_first=1 \
+                                  dynamic_work=1,heavy_first=1,key_splits=2 dynamic_work=1,heavy_first=1,block_q=16 \
+                                  programs_per_sm=1 programs_per_sm=3 programs_per_sm=4 block_q=16 block_q=64 \
+                                  key_splits=2 key_splits=2,heavy_first=1 num_stages=2 block_n=128); done; }
 # Session 22: larger KV pages for the fp8 cache. A page of one KV head is page_size x 128 bytes in e4m3 (2 KB at
 # the engine's 16), read from scattered places; each 64-key block loads 4 page ids before its K/V. The engine's fp8
 # configurations and a few variants at pages of 16, 32 and 64 tokens (decode: 512 sequences at context 1024;

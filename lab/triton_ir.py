@@ -98,8 +98,8 @@ def attention_ttgir(cfg: dict, kv_dtype: str = "bf16", stage: str = "ttgir") -> 
           "qs_ptr", "k_ptr", "v_ptr", "out_in_ptr", "out_ptr"]
   q_type = "*fp8e4nv" if cfg.get("dot_fp8") else "*bf16"   # dot_fp8: the queries arrive quantized, with scales
   types = ["*i32"] * 7 + [q_type, "*fp32", f"*{kv_dtype}", f"*{kv_dtype}", "*bf16", "*bf16"]
-  if kernel is pat._paged_attention_kernel:   # key_splits' partial sums and softmax states
-    args, types = args + ["part_ptr", "ml_ptr"], types + ["*fp32", "*fp32"]
+  if kernel is pat._paged_attention_kernel:   # the work counter, key_splits' partial sums and softmax states
+    args, types = args + ["work_ptr", "part_ptr", "ml_ptr", "work_out_ptr"], types + ["*i32", "*fp32", "*fp32", "*i32"]
   return ttgir(kernel, dict(zip(args, types)), meta, num_warps=num_warps,
                num_stages=num_stages, stage=stage)
 

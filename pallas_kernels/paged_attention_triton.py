@@ -105,101 +105,128 @@ if triton is not None:
     return q, q_scale, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row
 
   @triton.jit
+  def _attend_item(i, total, rows, d, cols, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr, qs_ptr,
+                   k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
+                   NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+                   QK_SCALE: tl.constexpr, NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+                   DOT_F16: tl.constexpr, PREFETCH_PAGES: tl.constexpr, KEY_AXIS: tl.constexpr,
+                   MASK_ALL: tl.constexpr, DOT_FP8: tl.constexpr, KEY_SPLITS: tl.constexpr, ROWS: tl.constexpr):
+    """Program-level work unit i (of total x KEY_SPLITS): one work item's keys, or one split of them."""
+    split = i % KEY_SPLITS
+    q, q_scale, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
+        i // KEY_SPLITS, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
+        qs_ptr, NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST,
+        DOT_F16, DOT_FP8)
+    per_split = (hi - lo + KEY_SPLITS - 1) // KEY_SPLITS
+    split_lo = lo + split * per_split
+    split_hi = tl.minimum(split_lo + per_split, hi)
+    if DOT_FP8:   # the scores' scale per query row; otherwise the one constant, as before dot_fp8 existed
+      row_scale = tl.expand_dims(q_scale * QK_SCALE, KEY_AXIS)
+    else:
+      row_scale = QK_SCALE
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    # Scores s are [BLOCK_M, BLOCK_N] with keys on axis 1, or with swap_ab [BLOCK_N, BLOCK_M] (KEY_AXIS 0):
+    # K q^T and V^T P, so that BLOCK_N keys are the dots' M side (>= 64 rows: Hopper's wgmma, straight
+    # from the K tile in shared memory) and the few query rows pad only the N side. acc is then transposed.
+    if KEY_AXIS == 0:
+      q_t = tl.trans(q)
+      acc = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
+    else:
+      acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if MASK_ALL:   # one key loop, every block masked: the pipeline is filled once per work item, not twice
+      full_hi = lo
+    for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones (of this split)
+      j0 = tl.maximum(full_hi if phase == 1 else lo, split_lo)
+      j1 = tl.minimum(hi if phase == 1 else full_hi, split_hi)
+      if PREFETCH_PAGES:   # the first block's page ids; each iteration then loads the next block's
+        page_next = tl.load(pt_row + (j0 * BLOCK_N + cols) // PAGE_SIZE, mask=cols * 0 + j0 < j1, other=0)
+      for j in tl.range(j0, j1, num_stages=NUM_STAGES):
+        kpos = j * BLOCK_N + cols
+        if PREFETCH_PAGES:
+          # The K/V addresses then hang on a load of the previous iteration, not on one of this one:
+          # Triton pipelines the K/V loads only so (lab/triton_ir.py; docs/history/perf-notes.md, session 8).
+          page = page_next
+          page_next = tl.load(pt_row + (kpos + BLOCK_N) // PAGE_SIZE, mask=cols * 0 + j + 1 < j1, other=0)
+        else:
+          page = tl.load(pt_row + kpos // PAGE_SIZE)
+        row_off = (kv_base + page.to(tl.int64)) * (PAGE_SIZE * HEAD_DIM) + (kpos % PAGE_SIZE) * HEAD_DIM
+        # .to(q.dtype): an fp8 cache is read at half the bytes and computed on in the dot dtype; with DOT_FP8
+        # K stays e4m3 (q is) and only V converts, to f16 as P
+        k = tl.load(k_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
+        v = tl.load(v_ptr + row_off[:, None] + d[None, :]).to(tl.float16 if DOT_FP8 else q.dtype)
+        if KEY_AXIS == 0:
+          s = tl.dot(k, q_t) * row_scale
+        else:
+          s = tl.dot(q, tl.trans(k)) * row_scale
+        if phase == 1:
+          key_at = tl.expand_dims(kpos, 1 - KEY_AXIS)
+          row_at = tl.expand_dims(row_pos, KEY_AXIS)
+          mask = key_at <= row_at
+          if WINDOW > 0:
+            mask &= row_at - key_at < WINDOW
+          s = tl.where(mask, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, KEY_AXIS))
+        p = tl.math.exp2(s - tl.expand_dims(m_new, KEY_AXIS))
+        if phase == 1:
+          p = tl.where(mask, p, 0.0)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, KEY_AXIS)
+        if KEY_AXIS == 0:
+          pv = tl.dot(tl.trans(v), p.to(v.dtype))
+        else:
+          pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * tl.expand_dims(alpha, KEY_AXIS) + pv
+        m_i = m_new
+    out_off = tl.expand_dims(q_off, KEY_AXIS) + tl.expand_dims(d, 1 - KEY_AXIS)
+    if KEY_SPLITS > 1:
+      tl.store(part_ptr + split * (ROWS * HEAD_DIM) + out_off, acc, mask=tl.expand_dims(row_ok, KEY_AXIS))
+      ml_off = (split * ROWS + q_off // HEAD_DIM) * 2
+      tl.store(ml_ptr + ml_off, m_i, mask=row_ok)
+      tl.store(ml_ptr + ml_off + 1, l_i, mask=row_ok)
+    else:
+      out = acc / tl.expand_dims(tl.maximum(l_i, 1e-30), KEY_AXIS)
+      tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, KEY_AXIS))
+
+  @triton.jit
   def _paged_attention_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
-                              qs_ptr, k_ptr, v_ptr, out_in_ptr, out_ptr, part_ptr, ml_ptr,
+                              qs_ptr, k_ptr, v_ptr, out_in_ptr, work_ptr, out_ptr, part_ptr, ml_ptr, work_out_ptr,
                               NUM_PROGRAMS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr,
                               NUM_PAGES: tl.constexpr, PT_STRIDE: tl.constexpr, PAGE_SIZE: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, QK_SCALE: tl.constexpr,
                               NUM_STAGES: tl.constexpr, HEAVY_FIRST: tl.constexpr, DOT_F16: tl.constexpr,
                               PREFETCH_PAGES: tl.constexpr, KEY_AXIS: tl.constexpr, MASK_ALL: tl.constexpr,
-                              DOT_FP8: tl.constexpr, KEY_SPLITS: tl.constexpr, ROWS: tl.constexpr):
+                              DOT_FP8: tl.constexpr, KEY_SPLITS: tl.constexpr, ROWS: tl.constexpr,
+                              DYNAMIC: tl.constexpr):
     # KEY_SPLITS > 1 (flash-decoding): each work item's key blocks are shared out over KEY_SPLITS programs,
     # each writing its unnormalized sum and softmax state (acc to part_ptr, (m, l) to ml_ptr, per split and
     # query row of the ROWS = tokens x query heads); merge_splits combines them. A small batch's few work items
     # then run as many short loops instead of one long one (latency, not bytes, bounds a batch-1 decode).
+    # DYNAMIC: the programs take work units from a counter (work_out_ptr, zero at the start: the aliased
+    # work_ptr) as each finishes its last, instead of every NUM_PROGRAMS-th in turn; with a prefill's causal
+    # items (1 to 48 key blocks) a fixed share leaves some programs twice the average (perf-notes, session 22).
     pid = tl.program_id(0)
     total = tl.load(nblk_ptr) * NUM_KV_HEADS
     layer = tl.load(layer_ptr).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
-    for i in range(pid, total * KEY_SPLITS, NUM_PROGRAMS):
-      split = i % KEY_SPLITS
-      q, q_scale, q_off, row_ok, row_pos, lo, full_hi, hi, kv_base, pt_row = _work_item(
-          i // KEY_SPLITS, total, rows, d, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
-          qs_ptr, NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE, HEAD_DIM, BLOCK_Q, BLOCK_N, WINDOW, HEAVY_FIRST,
-          DOT_F16, DOT_FP8)
-      per_split = (hi - lo + KEY_SPLITS - 1) // KEY_SPLITS
-      split_lo = lo + split * per_split
-      split_hi = tl.minimum(split_lo + per_split, hi)
-      if DOT_FP8:   # the scores' scale per query row; otherwise the one constant, as before dot_fp8 existed
-        row_scale = tl.expand_dims(q_scale * QK_SCALE, KEY_AXIS)
-      else:
-        row_scale = QK_SCALE
-      m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-      l_i = tl.zeros([BLOCK_M], tl.float32)
-      # Scores s are [BLOCK_M, BLOCK_N] with keys on axis 1, or with swap_ab [BLOCK_N, BLOCK_M] (KEY_AXIS 0):
-      # K q^T and V^T P, so that BLOCK_N keys are the dots' M side (>= 64 rows: Hopper's wgmma, straight
-      # from the K tile in shared memory) and the few query rows pad only the N side. acc is then transposed.
-      if KEY_AXIS == 0:
-        q_t = tl.trans(q)
-        acc = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
-      else:
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-      if MASK_ALL:   # one key loop, every block masked: the pipeline is filled once per work item, not twice
-        full_hi = lo
-      for phase in tl.static_range(2):   # key blocks needing no mask, then the masked ones (of this split)
-        j0 = tl.maximum(full_hi if phase == 1 else lo, split_lo)
-        j1 = tl.minimum(hi if phase == 1 else full_hi, split_hi)
-        if PREFETCH_PAGES:   # the first block's page ids; each iteration then loads the next block's
-          page_next = tl.load(pt_row + (j0 * BLOCK_N + cols) // PAGE_SIZE, mask=cols * 0 + j0 < j1, other=0)
-        for j in tl.range(j0, j1, num_stages=NUM_STAGES):
-          kpos = j * BLOCK_N + cols
-          if PREFETCH_PAGES:
-            # The K/V addresses then hang on a load of the previous iteration, not on one of this one:
-            # Triton pipelines the K/V loads only so (lab/triton_ir.py; docs/history/perf-notes.md, session 8).
-            page = page_next
-            page_next = tl.load(pt_row + (kpos + BLOCK_N) // PAGE_SIZE, mask=cols * 0 + j + 1 < j1, other=0)
-          else:
-            page = tl.load(pt_row + kpos // PAGE_SIZE)
-          row_off = (kv_base + page.to(tl.int64)) * (PAGE_SIZE * HEAD_DIM) + (kpos % PAGE_SIZE) * HEAD_DIM
-          # .to(q.dtype): an fp8 cache is read at half the bytes and computed on in the dot dtype; with DOT_FP8
-          # K stays e4m3 (q is) and only V converts, to f16 as P
-          k = tl.load(k_ptr + row_off[:, None] + d[None, :]).to(q.dtype)
-          v = tl.load(v_ptr + row_off[:, None] + d[None, :]).to(tl.float16 if DOT_FP8 else q.dtype)
-          if KEY_AXIS == 0:
-            s = tl.dot(k, q_t) * row_scale
-          else:
-            s = tl.dot(q, tl.trans(k)) * row_scale
-          if phase == 1:
-            key_at = tl.expand_dims(kpos, 1 - KEY_AXIS)
-            row_at = tl.expand_dims(row_pos, KEY_AXIS)
-            mask = key_at <= row_at
-            if WINDOW > 0:
-              mask &= row_at - key_at < WINDOW
-            s = tl.where(mask, s, -1.0e30)
-          m_new = tl.maximum(m_i, tl.max(s, KEY_AXIS))
-          p = tl.math.exp2(s - tl.expand_dims(m_new, KEY_AXIS))
-          if phase == 1:
-            p = tl.where(mask, p, 0.0)
-          alpha = tl.math.exp2(m_i - m_new)
-          l_i = l_i * alpha + tl.sum(p, KEY_AXIS)
-          if KEY_AXIS == 0:
-            pv = tl.dot(tl.trans(v), p.to(v.dtype))
-          else:
-            pv = tl.dot(p.to(v.dtype), v)
-          acc = acc * tl.expand_dims(alpha, KEY_AXIS) + pv
-          m_i = m_new
-      out_off = tl.expand_dims(q_off, KEY_AXIS) + tl.expand_dims(d, 1 - KEY_AXIS)
-      if KEY_SPLITS > 1:
-        tl.store(part_ptr + split * (ROWS * HEAD_DIM) + out_off, acc, mask=tl.expand_dims(row_ok, KEY_AXIS))
-        ml_off = (split * ROWS + q_off // HEAD_DIM) * 2
-        tl.store(ml_ptr + ml_off, m_i, mask=row_ok)
-        tl.store(ml_ptr + ml_off + 1, l_i, mask=row_ok)
-      else:
-        out = acc / tl.expand_dims(tl.maximum(l_i, 1e-30), KEY_AXIS)
-        tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(row_ok, KEY_AXIS))
+    if DYNAMIC:
+      i = tl.atomic_add(work_out_ptr, 1)
+      while i < total * KEY_SPLITS:
+        _attend_item(i, total, rows, d, cols, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
+                     qs_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE,
+                     PAGE_SIZE, HEAD_DIM, BLOCK_Q, BLOCK_M, BLOCK_N, WINDOW, QK_SCALE, NUM_STAGES, HEAVY_FIRST,
+                     DOT_F16, PREFETCH_PAGES, KEY_AXIS, MASK_ALL, DOT_FP8, KEY_SPLITS, ROWS)
+        i = tl.atomic_add(work_out_ptr, 1)
+    else:
+      for i in range(pid, total * KEY_SPLITS, NUM_PROGRAMS):
+        _attend_item(i, total, rows, d, cols, layer, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr, q_ptr,
+                     qs_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, NUM_KV_HEADS, Q_PER_KV, NUM_PAGES, PT_STRIDE,
+                     PAGE_SIZE, HEAD_DIM, BLOCK_Q, BLOCK_M, BLOCK_N, WINDOW, QK_SCALE, NUM_STAGES, HEAVY_FIRST,
+                     DOT_F16, PREFETCH_PAGES, KEY_AXIS, MASK_ALL, DOT_FP8, KEY_SPLITS, ROWS)
 
   @triton.jit
   def _paged_attention_groups_kernel(layer_ptr, nblk_ptr, blk_start_ptr, blk_len_ptr, slots_ptr, pos_ptr, pt_ptr,
@@ -284,7 +311,7 @@ def quantize_queries(q):
 
 def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n, sliding_window, num_stages,
                programs_per_sm, heavy_first=False, dot_f16=False, prefetch_pages=False, swap_ab=False,
-               mask_all=False, key_groups=0, dot_fp8=False, key_splits=1):
+               mask_all=False, key_groups=0, dot_fp8=False, key_splits=1, dynamic_work=False):
   """(programs, the kernel's compile-time constants, the kernel: the groups kernel when key_groups > 0)."""
   t, hq, d = q_shape
   _, hkv, num_pages, page_size, _ = k_shape
@@ -304,9 +331,11 @@ def _constants(q_shape, k_shape, page_table_shape, *, num_sms, block_q, block_n,
                       "DOT_FP8": bool(dot_fp8), "KEY_SPLITS": key_splits,
                       # (0 without splits: a constant that follows the step's token count would compile the
                       # kernel once per bucket)
-                      "ROWS": t * hq if key_splits > 1 else 0}, _paged_attention_kernel
+                      "ROWS": t * hq if key_splits > 1 else 0, "DYNAMIC": bool(dynamic_work)}, _paged_attention_kernel
   if key_splits > 1:
     raise ValueError("key_splits is not written for key_groups")
+  if dynamic_work:
+    raise ValueError("dynamic_work is not written for key_groups")
   if dot_fp8:
     raise ValueError("dot_fp8 is not written for key_groups")
   if swap_ab:
@@ -324,7 +353,7 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                          num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1, heavy_first: bool = False,
                          dot_f16: bool = False, prefetch_pages: bool = False, swap_ab: bool = False,
                          mask_all: bool = False, key_groups: int = 0, dot_fp8: bool = False, key_splits: int = 1,
-                         out=None):
+                         dynamic_work: bool = False, out=None):
   """Arguments as pallas_kernels.paged_attention.paged_attention_call. The page table is read up to the
   end of the last block of keys: its columns are padded here to a multiple of block_n // page_size unless
   they are already (the engine allocates them so, and saves the copy). dot_f16: the dots in f16 (for fp8
@@ -337,7 +366,9 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   this many groups with their own softmax states (_paged_attention_groups_kernel; page ids always ahead).
   dot_fp8 (fp8 caches): the queries quantized per row to e4m3 (quantize_queries) and the scores' dot run on
   e4m3 operands, K read without conversion; V and P in f16. key_splits: each work item's keys shared out over
-  this many programs, their partial results merged after (merge_splits; for small decode batches)."""
+  this many programs, their partial results merged after (merge_splits; for small decode batches).
+  dynamic_work: the programs take work items from a counter as they finish (a prefill's causal items differ
+  in length up to the chunk's key blocks), not a fixed every-NUM_PROGRAMS-th share."""
   import jax
   import jax.numpy as jnp
   import jax_triton as jt
@@ -345,7 +376,8 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                                       block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                                       programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
                                       prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all,
-                                      key_groups=key_groups, dot_fp8=dot_fp8, key_splits=key_splits)
+                                      key_groups=key_groups, dot_fp8=dot_fp8, key_splits=key_splits,
+                                      dynamic_work=dynamic_work)
   if dot_fp8:
     q_in, q_scale = quantize_queries(q)
   else:
@@ -359,15 +391,19 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
     meta["PT_STRIDE"] = page_table.shape[1]
   i32 = lambda x: jnp.asarray(x, jnp.int32)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-  if kernel is _paged_attention_kernel:   # the split partials (a word each where there are no splits)
+  inputs = [i32(layer).reshape(1), i32(num_blocks).reshape(1), i32(block_start), i32(block_len), i32(slots),
+            i32(positions), i32(page_table), q_in, q_scale, k_cache, v_cache, out]
+  aliases = {11: 0}
+  if kernel is _paged_attention_kernel:
     t, hq, d = q.shape
+    # the work counter (zero; written only with dynamic_work), then the split partials (a word each where there
+    # are no splits)
+    inputs.append(jnp.zeros((1,), jnp.int32))
     parts = (key_splits * t * hq * d, key_splits * t * hq * 2) if key_splits > 1 else (1, 1)
-    out_shape += [jax.ShapeDtypeStruct((n,), jnp.float32) for n in parts]
-  res = jt.triton_call(
-      i32(layer).reshape(1), i32(num_blocks).reshape(1), i32(block_start), i32(block_len), i32(slots),
-      i32(positions), i32(page_table), q_in, q_scale, k_cache, v_cache, out,
-      kernel=kernel, out_shape=out_shape, grid=(programs,),
-      input_output_aliases={11: 0}, num_warps=num_warps, num_stages=num_stages, name="paged_attention_triton", **meta)
+    out_shape += [jax.ShapeDtypeStruct((n,), jnp.float32) for n in parts] + [jax.ShapeDtypeStruct((1,), jnp.int32)]
+    aliases[12] = 3
+  res = jt.triton_call(*inputs, kernel=kernel, out_shape=out_shape, grid=(programs,), input_output_aliases=aliases,
+                       num_warps=num_warps, num_stages=num_stages, name="paged_attention_triton", **meta)
   if key_splits == 1:
     return res[0]
   return merge_splits(res[0], res[1], res[2], block_start, block_len, num_blocks, key_splits, block_q)
@@ -408,7 +444,7 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
                    num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 1,
                    heavy_first: bool = False, dot_f16: bool = False, prefetch_pages: bool = False,
                    swap_ab: bool = False, mask_all: bool = False, key_groups: int = 0,
-                   dot_fp8: bool = False, key_splits: int = 1) -> np.ndarray:
+                   dot_fp8: bool = False, key_splits: int = 1, dynamic_work: bool = False) -> np.ndarray:
   """The same kernel in Triton's interpreter on the CPU (numpy in, numpy out): the tests' path. With dot_fp8
   the queries reach it quantized (as float32 values e4m3 holds exactly: the interpreter's float32 -> e4m3
   conversion mis-rounds where the mantissa carries), and so must the caches."""
@@ -420,16 +456,21 @@ def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, blo
                                       block_n=block_n, sliding_window=sliding_window, num_stages=num_stages,
                                       programs_per_sm=programs_per_sm, heavy_first=heavy_first, dot_f16=dot_f16,
                                       prefetch_pages=prefetch_pages, swap_ab=swap_ab, mask_all=mask_all,
-                                      key_groups=key_groups, dot_fp8=dot_fp8, key_splits=key_splits)
+                                      key_groups=key_groups, dot_fp8=dot_fp8, key_splits=key_splits,
+                                      dynamic_work=dynamic_work)
   q_in, q_scale = quantize_queries(q) if dot_fp8 else (q, np.ones(1, np.float32))
   out = torch.zeros(q.shape, dtype=torch.float32)
-  extra = ()
+  work, extra = (), ()
   if kernel is _paged_attention_kernel:
     t, hq, d = q.shape
+    counter = torch.zeros(1, dtype=torch.int32)
+    work = (counter,)
     # (NaN-filled: a partial the kernel fails to write shows in the merged result)
     extra = tuple(torch.full((n,), float("nan")) for n in (key_splits * t * hq * d, key_splits * t * hq * 2))
+    extra += (counter,)
   interpreted(kernel)[(programs,)](i32(layer), i32(num_blocks), i32(block_start), i32(block_len), i32(slots), i32(positions),
-                      i32(page_table), f32(q_in), f32(q_scale), f32(k_cache), f32(v_cache), out, out, *extra, **meta)
+                      i32(page_table), f32(q_in), f32(q_scale), f32(k_cache), f32(v_cache), out, *work, out, *extra,
+                      **meta)
   if key_splits == 1:
     return out.numpy()
   return merge_splits(out.numpy(), extra[0].numpy(), extra[1].numpy(), np.asarray(block_start),

@@ -227,6 +227,22 @@ def test_triton_kernel_with_key_splits(key_splits, block_q, window, swap_ab):
          key_splits=key_splits)
 
 
+@pytest.mark.parametrize("block_q,key_splits,heavy_first", [(8, 1, False), (8, 1, True), (1, 1, False),
+                                                           (8, 3, True), (1, 2, False)])
+def test_triton_kernel_with_dynamic_work(block_q, key_splits, heavy_first):
+  """dynamic_work: programs take work units from a counter as they finish (prefill blocks of causal lengths,
+  decode rows, key splits); every unit is run once: the output equals the reference (a unit run twice or
+  skipped would show: splits' partials start as NaN)."""
+  _check(np.random.default_rng(), num_sms=2, block_q=block_q, block_n=16, key_splits=key_splits,
+         heavy_first=heavy_first, dynamic_work=True)
+
+
+def test_dynamic_work_is_not_written_for_key_groups():
+  with pytest.raises(ValueError, match="dynamic_work is not written for key_groups"):
+    pat._constants((4, 4, 16), (1, 2, 8, 4, 16), (2, 4), num_sms=1, block_q=1, block_n=16, sliding_window=None,
+                   num_stages=2, programs_per_sm=1, key_groups=2, dynamic_work=True)
+
+
 def test_key_splits_merge_only_the_rows_of_the_blocks_run():
   """With fewer query blocks run than exist (the decode call of a mixed step covers only the decode rows),
   the merged rows are the reference's and every other row keeps what `out` held; bad counts are refused."""

@@ -51,3 +51,21 @@ $L__BB0_2:
 """
   assert inner_loop(ptx) == {"loop instr": 4, "loop mma": 1, "loop cp.async": 1, "loop bar": 1}
   assert inner_loop("ret;")["loop instr"] == 0
+
+
+DYNAMIC_PTX = """
+import re
+from lab.triton_ir import attention_ttgir
+from pallas_kernels import paged_attention_triton as pat
+dyn = attention_ttgir({**pat.PREFILL_CONFIG_FP8, "dynamic_work": True}, "fp8e4nv", stage="ptx")
+fixed = attention_ttgir(dict(pat.PREFILL_CONFIG_FP8), "fp8e4nv", stage="ptx")
+print("DYN", len(re.findall(r"atom[.]global[.a-z0-9_]*[.]add", dyn)), "FIXED", len(re.findall(r"\\batom[.]", fixed)))
+"""
+
+
+def test_dynamic_work_compiles_for_sm90_with_an_atomic_counter():
+  """The attention's dynamic_work takes its work units with an atomic add (the fixed share has none)."""
+  env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+  out = subprocess.run([sys.executable, "-c", DYNAMIC_PTX], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=ROOT, check=True).stdout.split()
+  assert int(out[out.index("DYN") + 1]) >= 1 and int(out[out.index("FIXED") + 1]) == 0
