@@ -190,6 +190,15 @@ step_sweep-fp8-pages()    { for ps in 16 32 64; do
                                 --attention_kv_dtype=fp8 --skip_gemm --attention_page_size=$ps --prefill_chunks=1536 \
                                 --out_dir="$OUT/sweep-fp8-pages-$ps" \
                                 $(printf -- "--sweep_variant=%s " block_n=128 programs_per_sm=8 num_stages=3); done; }
+# Session 22: the fp8 decode attention on contexts of unequal length (1000/1000's run: 1000 to 2000; here a mean of
+# 1500, -+33%), the fixed share of work items per program against dynamic_work (items taken from a counter), and
+# the same on equal contexts (what the counter costs when the share was already even).
+step_sweep-fp8-decode-spread() { for spread in 0.33 0; do
+                              $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \
+                                --attention_kv_dtype=fp8 --skip_gemm --decode_context=1500 --decode_spread=$spread \
+                                --out_dir="$OUT/sweep-fp8-decode-spread-$spread" \
+                                $(printf -- "--sweep_variant=%s " dynamic_work=1 dynamic_work=1,programs_per_sm=8 \
+                                  dynamic_work=1,programs_per_sm=24); done; }
 # Session 22 (issue 27): the 8B GEMMs at decode sizes in weight TB/s against the same run's copy bandwidth: bf16,
 # the engine's fp8 path, the bare fp8 dot and W8A16 (the weight converted in XLA's GEMM fusion).
 step_fp8-gemm-small()     { $PY lab/fp8_gemm.py --rows=1,8,32 --out="$OUT/fp8-gemm-small.md"; }

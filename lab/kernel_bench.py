@@ -36,6 +36,9 @@ flags.DEFINE_enum("attention_kv_dtype", "bfloat16", ["bfloat16", "fp8"], "The at
                   "(fp8 = float8_e4m3fn, read at half the bytes: decode TB/s count the bytes read).")
 flags.DEFINE_integer("decode_context", 1024, "Context of the decode shape's sequences (512 x 1024 / context of "
                      "them: the same bytes of K and V at any context).")
+flags.DEFINE_float("decode_spread", 0.0, "The decode shape's contexts drawn uniformly from --decode_context x (1 -+ "
+                   "this) (same mean): real batches' sequences differ in length (1000/1000: 1000 to 2000), and a "
+                   "fixed share of work items per program then leaves programs idle at the end.")
 flags.DEFINE_integer("attention_page_size", 16, "The attention shapes' KV page size (tokens): the engine's default "
                      "is 16; an fp8 page of one head is then 2 KB of contiguous bytes.")
 flags.DEFINE_list("prefill_chunks", ["4096"], "The prefill shape's prompts (token counts, each from position 0, laid "
@@ -104,17 +107,22 @@ def _attention_problem(kind: str, hkv: int = 8, g: int = 4):
   import numpy as np
   d, ps = 128, FLAGS.attention_page_size
   prompts = [int(c) for c in FLAGS.prefill_chunks]
-  per_seq = [-(-FLAGS.decode_context // ps)] * (512 * 1024 // FLAGS.decode_context) if kind == "decode" else \
-      [-(-c // ps) for c in prompts]   # whole pages per sequence: a context need not fill its last one
+  ctx, b_ = FLAGS.decode_context, 512 * 1024 // FLAGS.decode_context   # decode: the same bytes at any context
+  spread = int(ctx * FLAGS.decode_spread)
+  contexts = np.random.default_rng(5).integers(ctx - spread, ctx + spread + 1, b_) if spread else np.full(b_, ctx)
+  per_seq = [-(-int(c) // ps) for c in (contexts if kind == "decode" else prompts)]   # whole pages per sequence
   pages = sum(per_seq)
   kv_dtype = _kv_dtype()
   cache = (jax.random.normal(jax.random.PRNGKey(3), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype),
            jax.random.normal(jax.random.PRNGKey(8), (1, hkv, pages, ps, d), jnp.bfloat16).astype(kv_dtype))
-  if kind == "decode":   # (the same bytes at any context)
-    ctx, b_ = FLAGS.decode_context, len(per_seq)
-    table = np.random.default_rng(0).permutation(pages).reshape(b_, -1).astype(np.int32)
-    slots, positions, chunks = np.arange(b_, dtype=np.int32), np.full(b_, ctx - 1, np.int32), [1] * b_
-    work = 2 * b_ * ctx * hkv * d * jnp.dtype(kv_dtype).itemsize   # bytes of K and V read
+  if kind == "decode":   # each sequence's pages scattered over the cache
+    order = np.random.default_rng(0).permutation(pages).astype(np.int32)
+    table = np.zeros((b_, max(per_seq)), np.int32)
+    first = np.cumsum([0] + per_seq[:-1])
+    for i, n in enumerate(per_seq):
+      table[i, :n] = order[first[i]:first[i] + n]
+    slots, positions, chunks = np.arange(b_, dtype=np.int32), (contexts - 1).astype(np.int32), [1] * b_
+    work = 2 * int(contexts.sum()) * hkv * d * jnp.dtype(kv_dtype).itemsize   # bytes of K and V read
   else:
     table = np.zeros((len(prompts), max(per_seq)), np.int32)
     first = np.cumsum([0] + per_seq[:-1])

@@ -71,6 +71,28 @@ for i, (first, n) in enumerate([(0, 40), (40, 24)]):   # each prompt's causal at
 print("ERR", max(errs), "CHUNKS", chunks, "WORK", work, "PAGES", kc.shape[2])
 """
 
+DECODE_SPREAD = """
+import jax.numpy as jnp, numpy as np
+from absl import flags
+from lab import kernel_bench
+from pallas_kernels.paged_attention import paged_attention_reference
+flags.FLAGS(["kernel_bench", "--decode_context=1024", "--decode_spread=0.5", "--attention_kv_dtype=bfloat16"])
+q, (kc, vc), table, slots, positions, chunks, work = kernel_bench._attention_problem("decode", hkv=1, g=2)
+ctx = positions + 1
+pages_used = np.concatenate([table[i, :-(-c // 16)] for i, c in enumerate(ctx)])
+rows = np.array([0, 7, 300])
+ours = np.asarray(paged_attention_reference(q[rows], kc, vc, 0, table, slots[rows], positions[rows]), np.float32)
+errs = []
+for j, i in enumerate(rows):   # sequence i's attention over its own keys, gathered page by page
+  k = np.asarray(kc[0][0][table[i]].reshape(-1, 128)[:ctx[i]], np.float32)
+  v = np.asarray(vc[0][0][table[i]].reshape(-1, 128)[:ctx[i]], np.float32)
+  s = np.asarray(q[i], np.float32) @ k.T / np.sqrt(128)
+  w = np.exp(s - s.max(-1, keepdims=True)); w /= w.sum(-1, keepdims=True)
+  errs.append(float(np.abs(ours[j] - w @ v).max()))
+print("ERR", max(errs), "MIN", int(ctx.min()), "MAX", int(ctx.max()), "N", len(ctx), "WORK", work, "SUM", int(ctx.sum()),
+      "UNIQUE", len(np.unique(pages_used)) == len(pages_used))
+"""
+
 
 def _run(code):
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=ROOT,
@@ -117,3 +139,11 @@ def test_prefill_chunks_lay_out_several_prompts_each_in_its_own_pages():
   assert "[40, 24]" in " ".join(out)
   assert int(out[out.index("WORK") + 1]) == 2 * (40 * 40 + 24 * 24) * 4 * 128
   assert int(out[out.index("PAGES") + 1]) == 3 + 2
+
+
+def test_decode_spread_gives_each_sequence_its_own_context_and_pages():
+  out = _run(DECODE_SPREAD).split()
+  val = lambda k: out[out.index(k) + 1]
+  assert float(val("ERR")) < 2e-2 and val("UNIQUE") == "True"
+  assert 512 <= int(val("MIN")) < 600 and 1450 < int(val("MAX")) <= 1536 and int(val("N")) == 512
+  assert int(val("WORK")) == 2 * int(val("SUM")) * 1 * 128 * 2   # K and V bytes of every context, bf16
