@@ -396,12 +396,14 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   aliases = {11: 0}
   if kernel is _paged_attention_kernel:
     t, hq, d = q.shape
-    # the work counter (zero; written only with dynamic_work), then the split partials (a word each where there
-    # are no splits)
+    # the work counter, then the split partials (a word each where there are no splits). The counter starts at
+    # zero only with dynamic_work (the output aliased to a zero input: XLA copies the constant in, one tiny op a
+    # call); without it both are unused, and an unaliased output costs nothing.
     inputs.append(jnp.zeros((1,), jnp.int32))
     parts = (key_splits * t * hq * d, key_splits * t * hq * 2) if key_splits > 1 else (1, 1)
     out_shape += [jax.ShapeDtypeStruct((n,), jnp.float32) for n in parts] + [jax.ShapeDtypeStruct((1,), jnp.int32)]
-    aliases[12] = 3
+    if dynamic_work:
+      aliases[12] = 3
   res = jt.triton_call(*inputs, kernel=kernel, out_shape=out_shape, grid=(programs,), input_output_aliases=aliases,
                        num_warps=num_warps, num_stages=num_stages, name="paged_attention_triton", **meta)
   if key_splits == 1:

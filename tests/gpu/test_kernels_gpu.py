@@ -340,6 +340,21 @@ def test_triton_attention_fp8_cache_with_key_splits(key_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("changes", [{"dynamic_work": True}, {"dynamic_work": True, "heavy_first": True},
+                                     {"dynamic_work": True, "key_splits": 3}])
+def test_triton_attention_fp8_cache_with_dynamic_work(changes):
+  """dynamic_work (work items from an atomic counter, zeroed per call) in both calls of the mixed batch, twice in
+  one program (the second call's counter must start at zero again), against the reference."""
+  q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(17)
+  kc, vc = kc.astype(jnp.float8_e4m3fn), vc.astype(jnp.float8_e4m3fn)
+  ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions)
+  for _ in range(2):
+    out = _both_configs("triton", q, kc, vc, table, slots, positions, chunk, 132, decode_changes=changes,
+                        prefill_changes=changes)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+
+
+@needs_triton
 def test_triton_attention_fp8_cache():
   """An fp8 (e4m3) cache read by the Triton kernel (K/V tiles upcast to bf16) against the reference."""
   q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(11)
