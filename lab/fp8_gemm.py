@@ -51,7 +51,7 @@ def main(argv):
   from nanoflow_jax import quantization as Q
   from nanoflow_jax.perf import gemm_peak_tflops, median_seconds
   import json
-  from pallas_kernels import gemm_fp8
+  from pallas_kernels import gemm_fp8, small_gemm_fp8_triton
   chosen = {}
   peak = gemm_peak_tflops()
   peak8 = gemm_peak_tflops(dtype="fp8")
@@ -62,6 +62,11 @@ def main(argv):
   if small:
     from launch.decode_sweep import copy_bandwidth
     bw = copy_bandwidth()
+    fused = ["", "The whole op at small M (the RMSNorm before qkv and gate_up, the per-token quantization, the fp8 "
+             "GEMM, the scales, o's and down's residual, gate_up's SiLU-and-multiply), weight TB/s: XLA's (the "
+             "engine's layers, jitted) against pallas_kernels/small_gemm_fp8_triton.py, its best tiling", "",
+             "| op | M | XLA TB/s | ours TB/s | ours / XLA | best (block_n, block_k) | rel. error vs XLA |",
+             "|---|---|---|---|---|---|---|"]
     decode = ["", f"Small M (weight bytes per second; copy bandwidth in this run {bw['copy']:.2f} TB/s, read "
               f"{bw['read']:.2f}): W8A16 = the e4m3 weight converted in XLA's GEMM fusion, bf16 activations", "",
               "| GEMM | M | bf16 TB/s | fp8 engine path TB/s | bare fp8 dot TB/s | W8A16 TB/s | engine / bare | "
@@ -101,6 +106,9 @@ def main(argv):
         decode.append(f"| {name} {k}x{n} | {m} | {tb(2 * k * n, t_b):.2f} | {tb(k * n, t_f):.2f} | "
                       f"{tb(k * n, t_r):.2f} | {tb(k * n, t_16):.2f} | {t_f / t_r:.2f}x | {err16:.4f} |")
         print(decode[-1], flush=True)
+        if m <= small_gemm_fp8_triton.MAX_ROWS:
+          fused.append(_small_fused_row(name, a, w8, ws, k * n))
+          print(fused[-1], flush=True)
       lines.append(f"| {name} {k}x{n} | {m} | {tf(t_b):.0f} | {tf(t_f):.0f} | {t_b / t_f:.2f}x | {tf(t_r):.0f} | "
                    f"{t_b / t_r:.2f}x | {err:.4f} |")
       print(lines[-1], flush=True)
@@ -114,11 +122,55 @@ def main(argv):
     with open(gemm_fp8.CONFIG_FILE, "w") as f:
       json.dump({**gemm_fp8._tuned(), **chosen}, f, indent=1, sort_keys=True)
     ours.append(f"\n{len(chosen)} tilings written to {gemm_fp8.CONFIG_FILE}")
-  text = "\n".join(lines + (ours if FLAGS.mosaic else []) + (decode if small else []))
+  text = "\n".join(lines + (ours if FLAGS.mosaic else []) + (decode + fused if small else []))
   print(text)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       f.write(text + "\n")
+
+
+SMALL_FUSED_TILES = ((16, 128), (16, 256), (32, 256), (32, 512))
+
+
+def _small_fused_row(name, a, w8, ws, weight_bytes) -> str:
+  """One row: the whole small-M op as XLA runs the engine's layers, against our fused kernel's tilings (where
+  jax-triton runs), each checked against XLA's output."""
+  import functools
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nanoflow_jax.perf import median_seconds
+  from pallas_kernels import paged_attention_triton, small_gemm_fp8_triton
+  m, k = a.shape
+  n = w8.shape[0]
+  key = jax.random.PRNGKey(7)
+  kw = {"qkv": dict(norm_scale=1 + 0.1 * jax.random.normal(key, (k,), jnp.float32)),
+        "o": dict(residual=jax.random.normal(key, (m, n), jnp.float32)),
+        "gate_up": dict(norm_scale=1 + 0.1 * jax.random.normal(key, (k,), jnp.float32), silu_mul=True),
+        "down": dict(residual=jax.random.normal(key, (m, n), jnp.float32))}[name]
+  kw = {kk: (v.astype(a.dtype) if hasattr(v, "astype") else v) for kk, v in kw.items()}
+  xla = jax.jit(functools.partial(small_gemm_fp8_triton.small_gemm_fp8_reference, **kw))
+  want = np.asarray(xla(a, w8, ws), np.float32)
+  t_x = median_seconds(xla, a, w8, ws)
+  tb = lambda t: weight_bytes / t / 1e12
+  if not paged_attention_triton.available():
+    return f"| {name} | {m} | {tb(t_x):.2f} | unavailable (jax-triton) | - | - | - |"
+  best = None
+  for bn, bk in SMALL_FUSED_TILES:
+    f = jax.jit(functools.partial(small_gemm_fp8_triton.small_gemm_fp8, block_n=bn, block_k=bk, **kw))
+    try:
+      got = np.asarray(f(a, w8, ws), np.float32)
+    except Exception as e:   # a tiling the compiler refuses: say so, try the next
+      print(f"  {name} M={m} ({bn}, {bk}): {type(e).__name__}: {str(e)[:200]}", flush=True)
+      continue
+    err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    t = median_seconds(f, a, w8, ws)
+    if best is None or t < best[0]:
+      best = (t, (bn, bk), err)
+  if best is None:
+    return f"| {name} | {m} | {tb(t_x):.2f} | no tiling compiled | - | - | - |"
+  t, tile, err = best
+  return f"| {name} | {m} | {tb(t_x):.2f} | {tb(t):.2f} | {t_x / t:.2f}x | {tile} | {err:.4f} |"
 
 
 def _ours_against_xla(name, a, w8, ws, flops) -> tuple[str, dict | None]:

@@ -201,7 +201,8 @@ step_sweep-fp8-decode-spread() { for spread in 0.33 0; do
                                   dynamic_work=1,programs_per_sm=24); done; }
 # Session 22 (issue 27): the 8B GEMMs at decode sizes in weight TB/s against the same run's copy bandwidth: bf16,
 # the engine's fp8 path, the bare fp8 dot and W8A16 (the weight converted in XLA's GEMM fusion).
-step_fp8-gemm-small()     { $PY lab/fp8_gemm.py --rows=1,8,32 --out="$OUT/fp8-gemm-small.md"; }
+step_fp8-gemm-small()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k small_gemm_fp8
+                            $PY lab/fp8_gemm.py --rows=1,8,32 --out="$OUT/fp8-gemm-small.md"; }
 step_tests-gemm-fp8()     { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "gemm_fp8" && \
                               NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_fp8_gpu.py -k "our_fp8_gemm"; }
 step_tests-fp8-scores()   { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -x tests/gpu/test_kernels_gpu.py -k "fp8_scores or fp8_cache"; }
