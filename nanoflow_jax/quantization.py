@@ -144,17 +144,9 @@ def fp8_matmul(a: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype, input
   return scaled_fp8_dot(a8, a_scale, w8, w_scale, out_dtype)
 
 
-def scaled_fp8_dot(a8: jax.Array, a_scale: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype) -> jax.Array:
-  """XLA's fp8 dot of e4m3 a8 [M, K] and w8 [N, K], then the row scales [M, 1] and the channel scales [N]."""
-  # On the GPU cuBLASLt's fp8 GEMM writes bf16 (the measured 1.86-1.94x); elsewhere accumulate in f32.
-  y = fp8_dot(a8, w8)
-  return (y.astype(jnp.float32) * a_scale * w_scale.reshape(1, -1)).astype(out_dtype)
-
-
-def fp8_dot(a8: jax.Array, w8: jax.Array) -> jax.Array:
-  """XLA's fp8 dot of e4m3 a8 [M, K] and w8 [N, K], unscaled."""
-  acc = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-  return jax.lax.dot_general(a8, w8, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+# XLA's fp8 dot and its scales: pallas_kernels/ops_reference.py (the kernels' references use the same math)
+scaled_fp8_dot = ops_reference.scaled_fp8_dot
+fp8_dot = ops_reference.fp8_dot
 
 
 def fp8_matmul_reference(a: np.ndarray, w8: np.ndarray, w_scale: np.ndarray, input_scale=None,

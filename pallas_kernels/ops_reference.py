@@ -48,3 +48,16 @@ def quantize_rows(x: jax.Array, amax_reduce=None, scale_ub: float | None = None)
     amax = jnp.minimum(amax, scale_ub)
   scale = jnp.maximum(amax, MIN_SCALE) / E4M3_MAX
   return jnp.clip(xf / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3), scale
+
+
+def fp8_dot(a8: jax.Array, w8: jax.Array) -> jax.Array:
+  """XLA's fp8 dot of e4m3 a8 [M, K] and w8 [N, K], unscaled. On the GPU cuBLASLt's fp8 GEMM writes bf16 (the
+  measured 1.86-1.94x of bf16); elsewhere it accumulates to f32."""
+  acc = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  return jax.lax.dot_general(a8, w8, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+
+
+def scaled_fp8_dot(a8: jax.Array, a_scale: jax.Array, w8: jax.Array, w_scale: jax.Array, out_dtype) -> jax.Array:
+  """fp8_dot, then the row scales [M, 1] and the channel scales [N], in out_dtype."""
+  y = fp8_dot(a8, w8)
+  return (y.astype(jnp.float32) * a_scale * w_scale.reshape(1, -1)).astype(out_dtype)

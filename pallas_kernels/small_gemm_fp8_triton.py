@@ -4,8 +4,8 @@ once, the scales, and o's and down's residual or gate_up's SiLU-and-multiply, wh
 (session 21's batch-1 trace: ~17 a layer, 551 a step; issue 27). Not used by the engine yet: lab/fp8_gemm.py
 times it beside XLA's forms (docs/history/perf-notes.md, session 22).
 
-The math is W8A8's, as the engine's path computes it (quantization.scaled_fp8_dot after ops_reference's
-rms_norm and quantize_rows), not W8A16's: a row's tokens come out the same at any batch size. Each program
+The math is W8A8's, as the engine's path computes it (ops_reference's rms_norm, quantize_rows and
+scaled_fp8_dot), not W8A16's: a row's tokens come out the same at any batch size. Each program
 owns BLOCK_N output columns (gate_up: BLOCK_N of gate and the same of up) and reads the few input rows three
 times from L2 (the norm's sum of squares, the normed row's amax, then each K chunk quantized in registers as
 the weight tiles stream past); the e4m3 values go to f16 (exact) for the dot, accumulated in f32.
@@ -36,12 +36,10 @@ def small_gemm_fp8_reference(x, w8, w_scale, *, norm_scale=None, eps: float = 1e
   """x [M, K] (model dtype); w8 [N, K] e4m3 (gate_up: N = 2I, gate rows then up rows); w_scale [N]; norm_scale
   [K] where an RMSNorm comes first; residual [M, N]; silu_mul: silu(gate) * up -> [M, I]. What the engine's
   layers compute without the kernel."""
-  import jax.numpy as jnp
-  from nanoflow_jax import quantization
   out_dtype = out_dtype or x.dtype
   h = ops_reference.rms_norm(x, norm_scale, eps) if norm_scale is not None else x
   a8, a_scale = ops_reference.quantize_rows(h)
-  y = quantization.scaled_fp8_dot(a8, a_scale, w8, w_scale, out_dtype)
+  y = ops_reference.scaled_fp8_dot(a8, a_scale, w8, w_scale, out_dtype)
   if silu_mul:
     return ops_reference.silu_and_mul(y.reshape(y.shape[0], 2, -1))
   return y if residual is None else (y + residual).astype(out_dtype)
