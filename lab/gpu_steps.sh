@@ -477,6 +477,16 @@ step_decode-split()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
                                 $([[ $v == on ]] && echo --split_decode_keys) \
                                 --json_out="$OUT/decode-split-$v.json" 2>&1 | grep -v "^W" | tail -12
                             done | tee -a "$OUT/decode-split.md"; }
+# Session 22 (issue 27): small steps with each fp8 GEMM's whole op as one kernel (--small_fp8_gemm), fp8 weights and
+# KV, batch 1/8/16, off then on; its GPU kernel test first.
+step_decode-small-gemm()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k small_gemm_fp8 || return 1
+                            for v in off on; do
+                              echo "== small_fp8_gemm $v"
+                              $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
+                                --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,16 \
+                                --ttft_prompts=128 $([[ $v == on ]] && echo --small_fp8_gemm) \
+                                --json_out="$OUT/decode-small-gemm-$v.json" 2>&1 | grep -v "^W" | tail -12
+                            done | tee -a "$OUT/decode-small-gemm.md"; }
 # Session 22: XLA's KV-append scatter with and without unique_indices (atomics), bf16 and fp8 caches, and the
 # fused Triton RoPE + append; predicted: the unique scatter several times faster on the fp8 cache.
 step_kv-scatter()         { $PY lab/kernel_bench.py --rope_append --iters=50 --out_dir="$OUT/kv-scatter"; }

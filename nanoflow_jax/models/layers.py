@@ -178,6 +178,41 @@ def use_rms_norm_quant(fn: RmsNormQuantFn | None):
   return _installed(_RMS_NORM_QUANT, fn)
 
 
+# A small step's whole fp8 GEMM op as one kernel (pallas_kernels/small_gemm_fp8_triton.py), installed by the
+# runtime with the most rows it takes: fn(x [M, K] in the model dtype, w8 [N, K], w_scale [N], norm (scale [K],
+# eps) or None, residual [M, N] or None, silu_mul) -> the op's result, or None where it does not take it.
+SmallFp8GemmFn = Callable[..., "jax.Array | None"]
+_SMALL_FP8_GEMM: contextvars.ContextVar["tuple[SmallFp8GemmFn, int] | None"] = contextvars.ContextVar(
+    "small_fp8_gemm", default=None)
+
+
+def use_small_fp8_gemm(fn: SmallFp8GemmFn | None, max_rows: int = 0):
+  return _installed(_SMALL_FP8_GEMM, None if fn is None else (fn, max_rows))
+
+
+class NormedRows(NamedTuple):
+  """rms_norm(x, scale, eps), not yet computed: the next fp8 GEMM's small-step kernel computes it in its prologue
+  (rms_norm_for gives it where the runtime installed that kernel; `linear` takes it in place of x, and computes
+  the norm itself if the kernel declines)."""
+  x: jax.Array
+  scale: jax.Array
+  eps: float
+
+  shape = property(lambda self: self.x.shape)
+  ndim = property(lambda self: self.x.ndim)
+
+  def normed(self) -> jax.Array:
+    return rms_norm(self.x, self.scale, self.eps)
+
+
+def _small_step(rows: int, fp8: Fp8 | None):
+  """The installed small-step kernel where it takes `rows` input rows for the GEMM of `fp8`, else None."""
+  small = _SMALL_FP8_GEMM.get()
+  if small is None or not _takes_fused_quantization(fp8):
+    return None
+  return small[0] if rows <= small[1] else None
+
+
 def _takes_fused_quantization(fp8: Fp8 | None) -> bool:
   """Whether the GEMM of `fp8` can take activations a fused kernel quantized: dynamic per-token scales with
   no upper bound, and not a row-parallel GEMM under TP (the kernels' amax is this device's part of the row)."""
@@ -189,6 +224,8 @@ def rms_norm_for(x: jax.Array, scale: jax.Array, eps: float, quantize_for: Fp8 |
                  ) -> "jax.Array | Fp8Rows":
   """rms_norm(x), or, where the runtime installed the fused kernel and `quantize_for` (the next GEMM's Fp8)
   takes it, that norm already quantized for the GEMM (Fp8Rows: never written in the model dtype)."""
+  if _small_step(math.prod(x.shape[:-1]), quantize_for) is not None:   # the norm goes into the GEMM's prologue
+    return NormedRows(x, scale, eps)
   fused = _RMS_NORM_QUANT.get()
   if fused is not None and _takes_fused_quantization(quantize_for):
     out = fused(x.reshape(-1, x.shape[-1]), scale, eps)
@@ -205,6 +242,16 @@ def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None, qu
   nk = _contracted_dims(spec)
   k = math.prod(x.shape[x.ndim - nk:])
   out_dims = w8.shape[:-1] if epilogue is None else w8.shape[-2:-1]   # silu_mul: [2, I, K] -> [I]
+  small = None if isinstance(x, Fp8Rows) else _small_step(math.prod(x.shape[:x.ndim - nk]), fp8)
+  if small is not None:   # the whole op in one kernel: (the norm,) the quantization, the GEMM, the epilogue
+    rows = x.x if isinstance(x, NormedRows) else x
+    norm = (x.scale, x.eps) if isinstance(x, NormedRows) else None
+    res = None if residual is None else residual.reshape(-1, math.prod(out_dims))
+    y = small(rows.reshape(-1, k), w8.reshape(-1, k), fp8.scale.reshape(-1), norm, res, epilogue == "silu_mul")
+    if y is not None:
+      return y.reshape(*x.shape[:x.ndim - nk], *out_dims)
+  if isinstance(x, NormedRows):   # (the kernel declined: the norm as the unfused layers compute it)
+    x = x.normed()
   if isinstance(x, Fp8Rows):
     a8, a_scale = x.q.reshape(-1, k), x.scale.reshape(-1, 1)
   else:

@@ -28,6 +28,7 @@ from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import gemm_fp8 as gemm_fp8_kernel
 from pallas_kernels import rms_norm_quant_triton as rms_norm_quant_kernel
 from pallas_kernels import silu_mul_quant_triton as silu_mul_quant_kernel
+from pallas_kernels import small_gemm_fp8_triton as small_gemm_fp8_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import hardware
 from pallas_kernels import paged_attention as attention_kernels
@@ -123,7 +124,8 @@ class Executor:
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
                fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
                layer_unroll: int = 1, mosaic_prefill: bool = True, layer_loop: str = "auto",
-               small_step_attention: int = 0, fp8_gemm: str = "xla", split_decode_keys: bool = False):
+               small_step_attention: int = 0, fp8_gemm: str = "xla", split_decode_keys: bool = False,
+               small_fp8_gemm: bool = False):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/history/perf-notes.md).
@@ -160,6 +162,10 @@ class Executor:
     rms_norm_quant_triton.py; their jnp references on the other kernel paths) or "mosaic"
     (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue);
     XLA's until another is measured faster on the GPU.
+    small_fp8_gemm: with fp8 weights, steps of at most small_gemm_fp8_triton.MAX_ROWS rows run each GEMM's whole
+    op (the RMSNorm before qkv and gate_up, the per-token quantization, the GEMM, the scales, the residual or
+    SiLU-and-multiply) as one kernel (pallas_kernels/small_gemm_fp8_triton.py on the GPU; its reference, the
+    unfused ops' math, elsewhere); off until measured (issue 27).
     split_decode_keys: on the Triton attention, each decode's keys shared out over several programs and merged
     (flash-decoding: paged_attention_triton key_splits), as many as fill the decode kernel's programs for the
     step's bucket (key_splits_for: 1 for large steps). A batch-1 decode otherwise walks its 1024 keys in 16
@@ -217,6 +223,7 @@ class Executor:
     self.small_step_attention = small_step_attention if self.kernels == "triton" else 0
     self.small_attention_configs = attention_kernels.configs("pallas", self.kv_dtype)
     self.split_decode_keys = split_decode_keys and self.attention_backend == "triton"
+    self.small_fp8_gemm = small_fp8_gemm
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
     self.beside_attention = dict(beside_attention)
@@ -453,6 +460,22 @@ class Executor:
     return self._on_stream(functools.partial(rms_norm_quant_kernel.rms_norm_quant, eps=eps,
                                              num_sms=self._sms()))(x, scale)
 
+  def _small_fp8_gemm(self, x, w8, w_scale, norm, residual, silu_mul):
+    """small_fp8_gemm: a small step's whole fp8 GEMM op as one Triton kernel on the nano-op's stream (GPU); the
+    other kernel paths run its reference, the unfused ops' math."""
+    kw = dict(norm_scale=None if norm is None else norm[0], eps=1e-5 if norm is None else norm[1],
+              residual=residual, silu_mul=silu_mul)
+    if self.kernels != "triton" or x.dtype not in (jnp.bfloat16, jnp.float16):
+      return small_gemm_fp8_kernel.small_gemm_fp8_reference(x, w8, w_scale, out_dtype=x.dtype, **kw)
+    args = [a for a in (x, w8, w_scale, kw.pop("norm_scale"), kw.pop("residual")) if a is not None]
+    has_norm, has_res = norm is not None, residual is not None
+
+    def call(x, w8, w_scale, *rest):
+      rest = list(rest)
+      return small_gemm_fp8_kernel.small_gemm_fp8(x, w8, w_scale, norm_scale=rest.pop(0) if has_norm else None,
+                                                  residual=rest.pop(0) if has_res else None, **kw)
+    return self._on_stream(call)(*args)
+
   def _run_kernel(self, fn, *arrays):
     """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
     if self.kernels == "interpret":
@@ -644,6 +667,8 @@ class Executor:
            layers.use_fp8_gemm(None if self.kernels == "reference" else self._fp8_gemm), \
            layers.use_silu_mul_quant(self._silu_mul_quant if self.fp8_gemm == "xla_fused" else None), \
            layers.use_rms_norm_quant(self._rms_norm_quant if self.fp8_gemm == "xla_fused" else None), \
+           layers.use_small_fp8_gemm(self._small_fp8_gemm if self.small_fp8_gemm else None,
+                                     small_gemm_fp8_kernel.MAX_ROWS), \
            layers.use_grouped_gemm(None if self.kernels == "reference" else self._grouped_gemm):
         lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
       options = dict(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else {})
