@@ -221,9 +221,10 @@ def _takes_fused_quantization(fp8: Fp8 | None) -> bool:
 
 
 def rms_norm_for(x: jax.Array, scale: jax.Array, eps: float, quantize_for: Fp8 | None = None
-                 ) -> "jax.Array | Fp8Rows":
+                 ) -> "jax.Array | Fp8Rows | NormedRows":
   """rms_norm(x), or, where the runtime installed the fused kernel and `quantize_for` (the next GEMM's Fp8)
-  takes it, that norm already quantized for the GEMM (Fp8Rows: never written in the model dtype)."""
+  takes it, that norm already quantized for the GEMM (Fp8Rows: never written in the model dtype), or, in a
+  step the small-step fp8 kernel takes, the norm left to that kernel (NormedRows)."""
   if _small_step(math.prod(x.shape[:-1]), quantize_for) is not None:   # the norm goes into the GEMM's prologue
     return NormedRows(x, scale, eps)
   fused = _RMS_NORM_QUANT.get()
