@@ -463,18 +463,19 @@ class Executor:
   def _small_fp8_gemm(self, x, w8, w_scale, norm, residual, silu_mul):
     """small_fp8_gemm: a small step's whole fp8 GEMM op as one Triton kernel on the nano-op's stream (GPU); the
     other kernel paths run its reference, the unfused ops' math."""
-    kw = dict(norm_scale=None if norm is None else norm[0], eps=1e-5 if norm is None else norm[1],
-              residual=residual, silu_mul=silu_mul)
+    eps = 1e-5 if norm is None else norm[1]
+    # the optional arrays, by keyword, that are there (the stream-annotated call takes arrays as arguments)
+    extras = {k: v for k, v in (("norm_scale", None if norm is None else norm[0]), ("residual", residual))
+              if v is not None}
     if self.kernels != "triton" or x.dtype not in (jnp.bfloat16, jnp.float16):
-      return small_gemm_fp8_kernel.small_gemm_fp8_reference(x, w8, w_scale, out_dtype=x.dtype, **kw)
-    args = [a for a in (x, w8, w_scale, kw.pop("norm_scale"), kw.pop("residual")) if a is not None]
-    has_norm, has_res = norm is not None, residual is not None
+      return small_gemm_fp8_kernel.small_gemm_fp8_reference(
+          x, w8, w_scale, norm_scale=extras.get("norm_scale"), eps=eps, residual=residual, silu_mul=silu_mul,
+          out_dtype=x.dtype)
 
-    def call(x, w8, w_scale, *rest):
-      rest = list(rest)
-      return small_gemm_fp8_kernel.small_gemm_fp8(x, w8, w_scale, norm_scale=rest.pop(0) if has_norm else None,
-                                                  residual=rest.pop(0) if has_res else None, **kw)
-    return self._on_stream(call)(*args)
+    def call(x, w8, w_scale, *values):
+      return small_gemm_fp8_kernel.small_gemm_fp8(x, w8, w_scale, eps=eps, silu_mul=silu_mul,
+                                                  **dict(zip(extras, values)))
+    return self._on_stream(call)(x, w8, w_scale, *extras.values())
 
   def _run_kernel(self, fn, *arrays):
     """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
