@@ -6,13 +6,14 @@ Before qkv and gate_up in the fp8 model: XLA runs each as a norm pass, an amax p
 
 Reference: `rms_norm_quant_reference`, which the tests compare with in Triton's interpreter (float32, ROUND=0:
 the interpreter's bf16 and e4m3 casts are not the GPU's). The grid: one program per row up to
-silu_mul_quant_triton.PROGRAMS_PER_SM per SM; a row (the hidden size, 4096 for the 8B) is held whole.
+triton_shared.PROGRAMS_PER_SM per SM; a row (the hidden size, 4096 for the 8B) is held whole.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from pallas_kernels import ops_reference
+from pallas_kernels.triton_shared import row_programs
 
 try:
   import triton
@@ -20,7 +21,7 @@ try:
 except ImportError:
   triton = None
 else:
-  from pallas_kernels.silu_mul_quant_triton import in_model_dtype, row_programs
+  from pallas_kernels.triton_shared import in_model_dtype
 
 
 def rms_norm_quant_reference(x, scale, eps: float):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pallas_kernels.triton_shared import row_programs
+
 try:
   import triton
   import triton.language as tl
@@ -88,7 +90,7 @@ def _meta(q_shape, k_shape, cache_shape, num_sms: int) -> tuple[int, dict]:
   if d % 2 or d != d_c or hkv != hkv_c:
     raise ValueError(f"rope_append: q {q_shape}, k {k_shape} and cache {cache_shape} do not match")
   p2 = lambda x: 1 << (x - 1).bit_length()
-  programs = max(1, min(n, num_sms * PROGRAMS_PER_SM))
+  programs = row_programs(n, num_sms, PROGRAMS_PER_SM)
   return programs, dict(N=n, HQ=hq, HQ_P2=p2(hq), HKV=hkv, HKV_P2=p2(hkv), HALF=d // 2, NUM_PAGES=num_pages,
                         PAGE_SIZE=page_size, NUM_PROGRAMS=programs)
 

@@ -9,7 +9,7 @@ the fusion past 2%); here the product is read once and only the e4m3 result and 
 Reference: `silu_mul_quant_reference`, which the tests compare with in Triton's interpreter. The interpreter's
 bf16 and e4m3 casts are not the GPU's (it truncates), so the CPU tests run with ROUND=0 (float32 throughout,
 the scaled values before their cast); the GPU test compares the rounded result. The grid: one program per
-row up to PROGRAMS_PER_SM per SM (then each walks several), each row taken in chunks of CHUNK columns twice
+row up to triton_shared.PROGRAMS_PER_SM per SM (then each walks several), each row taken in chunks of CHUNK columns twice
 (its amax, then its quantization).
 """
 from __future__ import annotations
@@ -18,11 +18,15 @@ import numpy as np
 
 from pallas_kernels import ops_reference
 
+from pallas_kernels.triton_shared import row_programs
+
 try:
   import triton
   import triton.language as tl
 except ImportError:
   triton = None
+else:
+  from pallas_kernels.triton_shared import in_model_dtype
 
 
 def silu_mul_quant_reference(acc, a_scale, w_scale, out_dtype):
@@ -34,13 +38,6 @@ def silu_mul_quant_reference(acc, a_scale, w_scale, out_dtype):
 
 
 if triton is not None:
-
-  @triton.jit
-  def in_model_dtype(x, OUT_F16: tl.constexpr):
-    """float32 x rounded to the model dtype (f16 or bf16) and back: the unfused ops write it so."""
-    if OUT_F16:
-      return x.to(tl.float16).to(tl.float32)
-    return x.to(tl.bfloat16).to(tl.float32)
 
   @triton.jit
   def _activation(acc_ptr, ws_ptr, row, a_s, cols, m, I: tl.constexpr, ROUND: tl.constexpr, OUT_F16: tl.constexpr):
@@ -83,15 +80,6 @@ if triton is not None:
 
 
 CHUNK = 2048   # columns a program holds at once: 8 per thread of 8 warps
-# Programs per SM for the row kernels (this one and rms_norm_quant): a program walks its rows one after another
-# and each row's loads wait on the last, so the rows in flight at once are what hides the memory latency. One
-# program per SM kept ~16 rows of a 2048-row step in turn on each: latency-bound. 8 of 8 warps fill an SM.
-PROGRAMS_PER_SM = 8
-
-
-def row_programs(rows: int, num_sms: int) -> int:
-  """Programs of a row kernel: one per row, up to PROGRAMS_PER_SM per SM."""
-  return max(1, min(rows, num_sms * PROGRAMS_PER_SM))
 
 
 def _meta(shape, programs: int, round_: bool, out_f16: bool, chunk: int = CHUNK) -> dict:

@@ -25,7 +25,7 @@ try:
 except ImportError:
   triton = None
 else:
-  from pallas_kernels.silu_mul_quant_triton import in_model_dtype
+  from pallas_kernels.triton_shared import in_model_dtype
 
 MAX_ROWS = 16          # the dot's smallest M: fewer rows are padded (masked) to it
 BLOCK_N, BLOCK_K = 32, 256

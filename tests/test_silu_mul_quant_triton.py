@@ -95,6 +95,6 @@ def test_engine_fuses_the_activation_quantizations(monkeypatch, mode):
 def test_row_kernels_take_a_program_per_row_up_to_a_bound():
   """Both row kernels (this and rms_norm_quant) launch one program per row up to PROGRAMS_PER_SM per SM: rows in
   flight at once hide the memory latency (one program per SM walked ~16 rows in turn)."""
-  from pallas_kernels import silu_mul_quant_triton as smq
+  from pallas_kernels import triton_shared as smq
   assert smq.row_programs(16, 132) == 16 and smq.row_programs(1, 132) == 1
   assert smq.row_programs(2048, 132) == 132 * smq.PROGRAMS_PER_SM < 2048
