@@ -469,24 +469,22 @@ step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --w
 # shape, predicted under 10 s (was 55-65 s)
 # Session 21: split_decode_keys (flash-decoding for small decode steps) on the bf16 decode sweep with the fp8
 # cache (bf16 loads in seconds), one process each way.
+# decode_off_on NAME FLAG [BENCH FLAGS...]: the small decode steps (512-row dense batch, 64 slots, fp8 KV) through
+# benchmark.py's decode sweep without and then with --FLAG, one process each; the tables to NAME.md.
+decode_off_on() { local name=$1 flag=$2; shift 2
+                  for v in off on; do
+                    echo "== $flag $v"
+                    $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
+                      --kv_cache_dtype=fp8 "$@" $([[ $v == on ]] && echo "--$flag") \
+                      --json_out="$OUT/$name-$v.json" 2>&1 | grep -v "^W" | tail -12
+                  done | tee -a "$OUT/$name.md"; }
 step_decode-split()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "key_splits" || return 1
-                            for v in off on; do
-                              echo "== split_decode_keys $v"
-                              $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
-                                --max_num_seqs=64 --kv_cache_dtype=fp8 --decode_sweep=1,8,32 \
-                                $([[ $v == on ]] && echo --split_decode_keys) \
-                                --json_out="$OUT/decode-split-$v.json" 2>&1 | grep -v "^W" | tail -12
-                            done | tee -a "$OUT/decode-split.md"; }
+                            decode_off_on decode-split split_decode_keys --decode_sweep=1,8,32; }
 # Session 22 (issue 27): small steps with each fp8 GEMM's whole op as one kernel (--small_fp8_gemm), fp8 weights and
 # KV, batch 1/8/16, off then on; its GPU kernel test first.
 step_decode-small-gemm()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k small_gemm_fp8 || return 1
-                            for v in off on; do
-                              echo "== small_fp8_gemm $v"
-                              $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
-                                --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,16 \
-                                --ttft_prompts=128 $([[ $v == on ]] && echo --small_fp8_gemm) \
-                                --json_out="$OUT/decode-small-gemm-$v.json" 2>&1 | grep -v "^W" | tail -12
-                            done | tee -a "$OUT/decode-small-gemm.md"; }
+                            decode_off_on decode-small-gemm small_fp8_gemm --quantization=fp8 --decode_sweep=1,8,16 \
+                              --ttft_prompts=128; }
 # Session 22: XLA's KV-append scatter with and without unique_indices (atomics), bf16 and fp8 caches, and the
 # fused Triton RoPE + append; predicted: the unique scatter several times faster on the fp8 cache.
 step_kv-scatter()         { $PY lab/kernel_bench.py --rope_append --iters=50 --out_dir="$OUT/kv-scatter"; }
@@ -504,7 +502,7 @@ for spec in "$@"; do
   if ! declare -F "step_$name" > /dev/null; then echo "unknown step $name" >&2; exit 2; fi
   start=$(date +%s)
   # The function runs in a subshell so that `timeout` can stop it and all it started.
-  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 served sweep fp8_sweep nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
+  timeout --kill-after=10 "$limit" bash -c "$(declare -f run_bench bench bench70 served sweep fp8_sweep decode_off_on nanoflow_xla_flags "step_$name"); PY=$PY OUT=$OUT step_$name" \
     > "$OUT/$name.log" 2>&1
   rc=$?
   printf '| %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/summary.rows"
