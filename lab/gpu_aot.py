@@ -182,7 +182,8 @@ def abstract_model(name: str, quantization: str | None, dtype: str = "bfloat16",
 
 
 def decode_inputs(ex, batch: int, context: int):
-  """The StepInputs of `batch` sequences decoding at `context` (their values do not matter to the compile)."""
+  """The StepInputs of `batch` sequences decoding at `context` (their values do not matter to the compile), in
+  the bucket's decode-only variant where it has one (Executor.decode_only_variant), as the engine builds them."""
   import types
   import numpy as np
   from nanoflow_jax.engine import _attention_blocks
@@ -194,7 +195,7 @@ def decode_inputs(ex, batch: int, context: int):
   z = lambda k, dt=np.int32: np.zeros(k, dt)
   return StepInputs(z(n), np.ones(n, np.bool_), np.full(n, context, np.int32), z(n), z(n), z(n), z(n),
                     np.zeros((r, ex.page_table_cols), np.int32), z(s), z(s), np.zeros(r, np.bool_), z(s),
-                    _attention_blocks(fake, ex.nano_sizes(n), ex.attention_for(n)[1]))
+                    _attention_blocks(fake, ex.nano_sizes(n), ex.attention_for(n)[1], ex.decode_only_variant(n)))
 
 
 def compile_engine_step(model_name: str, quantization: str | None, batch: int, context: int, device,
@@ -216,7 +217,7 @@ def compile_engine_step(model_name: str, quantization: str | None, batch: int, c
     ex.params, ex.kv = on_device(ex.params, device), on_device(ex.kv, device)
     ex.last_tokens, ex.counts, ex.prompt_mask = on_device((ex.last_tokens, ex.counts, ex.prompt_mask), device)
     inp = on_device(decode_inputs(ex, batch, context), device)
-    forward = ex._compiled_for(len(inp.tokens), inp)
+    forward = ex._compiled_for(ex.step_key(inp), inp)
     s = inp.sample_rows.shape[0]
     logits = jax.ShapeDtypeStruct((s, model.config.vocab_size), np.float32, sharding=inp.tokens.sharding)
     sp = on_device(sampler.SamplingArrays.empty(ex.max_num_seqs), device)

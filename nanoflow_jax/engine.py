@@ -495,9 +495,10 @@ class Engine:
     sample_slots = np.full(min(r, n), r, np.int32)
     sample_rows[:len(s_rows)] = s_rows
     sample_slots[:len(sampled)] = [slot for _, slot in sampled]
+    decode_only = all(ch.decode for ch in batch.chunks) and ex.decode_only_variant(n)
     inp = StepInputs(tokens, from_device, positions, slots, kv_pages, kv_offsets, kinds, self.page_table.copy(),
                      sample_rows, sample_slots, sample_mask, reset,
-                     _attention_blocks(batch, ex.nano_sizes(n), ex.attention_for(n)[1]))
+                     _attention_blocks(batch, ex.nano_sizes(n), ex.attention_for(n)[1], decode_only))
     if lp_rows:   # the bucket's size: one shape per bucket
       inp.lp_rows, inp.lp_targets = np.zeros(n, np.int32), np.zeros(n, np.int32)
       inp.lp_rows[:len(lp_rows)], inp.lp_targets[:len(lp_targets)] = lp_rows, lp_targets
@@ -664,12 +665,40 @@ class Engine:
       self.add_request(f"warm-up-{i}", [2 + i] * min(b, self.max_model_len - 2), params)
       self.run_until_done()
       self.pop_output(f"warm-up-{i}")
+    # The decode-only variants of the small buckets (those the requests above did not decode in): compiled,
+    # not run, from a step of padding rows.
+    for b in self.executor.buckets:
+      if self.executor.decode_only_variant(b):
+        self.executor.compile(self._padding_decode_inputs(b))
+
+  def _padding_decode_inputs(self, n: int) -> StepInputs:
+    """A decode-only step of `n` padding rows (what it writes is dropped): the shapes of bucket n's decode-only
+    variant."""
+    ex, r = self.executor, self.config.max_num_seqs
+    s = min(r, n)
+    decodes = Batch(chunks=[_PADDING_DECODE] * n, num_tokens=n, reset_slots=[])
+    zeros = lambda k: np.zeros(k, np.int32)
+    return StepInputs(zeros(n), np.zeros(n, np.bool_), zeros(n), zeros(n), np.full(n, self.pool.num_pages, np.int32),
+                      zeros(n), zeros(n), np.zeros_like(self.page_table), zeros(s), np.full(s, r, np.int32),
+                      np.zeros(r, np.bool_), np.full(s, r, np.int32),
+                      _attention_blocks(decodes, ex.nano_sizes(n), ex.attention_for(n)[1], decode_only=True))
 
 
-def _attention_blocks(batch: Batch, sizes: list[int], attention_configs: tuple[dict, dict]) -> tuple:
+class _Chunk(NamedTuple):
+  length: int
+  decode: bool
+
+
+_PADDING_DECODE = _Chunk(1, True)   # what _attention_blocks reads of a chunk, for a step of padding rows
+
+
+def _attention_blocks(batch: Batch, sizes: list[int], attention_configs: tuple[dict, dict],
+                      decode_only: bool = False) -> tuple:
   """Query blocks for the attention kernel, per nano-batch (rows relative to it): decodes (laid out
   first) in blocks of the decode config's block_q, prefill chunks in blocks of the prefill config's. A
-  chunk that straddles a nano-batch boundary is cut there."""
+  chunk that straddles a nano-batch boundary is cut there. decode_only (a step of decodes alone, in a bucket
+  with a decode-only variant: Executor.decode_only_variant): the prefill blocks empty, so that the variant
+  compiled for it makes no prefill attention call."""
   decode_cfg, prefill_cfg = attention_configs
   out, chunks = [], [(ch.length, ch.decode) for ch in batch.chunks]
   ci, off = 0, 0   # the chunk being cut and how much of it was taken
@@ -685,6 +714,8 @@ def _attention_blocks(batch: Batch, sizes: list[int], attention_configs: tuple[d
     d = query_blocks([1] * len(dec), size, decode_cfg["block_q"])
     p_start, p_len, p_count = query_blocks([t for _, t in pre], size, prefill_cfg["block_q"])
     p_start[:p_count] += len(dec)  # decodes come first within the nano-batch
+    if decode_only:
+      p_start, p_len = p_start[:0], p_len[:0]
     out.append(((d[0], d[1], np.array([d[2]], np.int32)), (p_start, p_len, np.array([p_count], np.int32))))
   return tuple(out)
 

@@ -104,8 +104,8 @@ def test_small_steps_on_their_own_attention_configuration(tmp_path_factory, monk
   prompts = fx.random_prompts(np.random.default_rng(7), [3, 21, 9])
   built, ran = [], []
   blocks, call = engine_mod._attention_blocks, executor_mod.attention_call
-  monkeypatch.setattr(engine_mod, "_attention_blocks", lambda batch, sizes, configs: built.append(
-      (sizes[0], configs[1]["block_q"], [ch.length for ch in batch.chunks])) or blocks(batch, sizes, configs))
+  monkeypatch.setattr(engine_mod, "_attention_blocks", lambda batch, sizes, configs, *rest: built.append(
+      (sizes[0], configs[1]["block_q"], [ch.length for ch in batch.chunks])) or blocks(batch, sizes, configs, *rest))
   monkeypatch.setattr(executor_mod, "attention_call", lambda backend, q, *a, **kw: ran.append(
       (q.shape[0], kw["config"]["block_q"])) or call(backend, q, *a, **kw))
   outs = {}

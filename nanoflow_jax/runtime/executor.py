@@ -49,6 +49,12 @@ XLA_GEMM_BELOW = 512   # with unrolled layers, GEMMs of fewer rows run on XLA's 
 # fp8_gemm="xla_fused" and fused_rope_append: steps of fewer rows keep XLA's fusions. A jax-triton call is a
 # custom call XLA's command buffers do not record, so in a small, launch-bound step each would split the graph.
 FUSED_QUANT_FROM = 512
+# Decode-only steps of at most this many tokens compile a variant of their bucket with no prefill attention call
+# (StepInputs whose prefill blocks are empty). A step's attention is two calls, decodes then prefill chunks;
+# in a decode-only step the second has no work, yet it is launched on every layer: on the GPU 32 of a batch-1
+# fp8 step's 98 host launches, and it splits XLA's command buffers (lab/gpu_aot.py's census, perf-notes
+# session 23). Larger steps are not launch-bound, and would pay a second compile of a large bucket.
+DECODE_ONLY_UP_TO = 64
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -350,6 +356,28 @@ class Executor:
       return "pallas", self.small_attention_configs
     return self.attention_backend, self.attention_configs
 
+  def decode_only_variant(self, num_tokens: int) -> bool:
+    """Whether a decode-only step of `num_tokens` (its bucket) runs the bucket's decode-only variant: no
+    prefill attention call (DECODE_ONLY_UP_TO). Where the attention is the kernels' (not the jnp reference,
+    which takes no blocks) and the step runs whole."""
+    return (self.kernels != "reference" and num_tokens <= DECODE_ONLY_UP_TO and
+            len(self.nano_sizes(num_tokens)) == 1)
+
+  @staticmethod
+  def step_key(inp: StepInputs):
+    """The compiled step `inp` runs: its bucket, or (bucket, "prompt_logprobs") where it has such rows, or
+    (bucket, "decode") for a decode-only variant (its prefill blocks empty)."""
+    n = len(inp.tokens)
+    if len(inp.lp_rows):
+      return n, "prompt_logprobs"
+    if all(len(b[1][0]) == 0 for b in inp.blocks):
+      return n, "decode"
+    return n
+
+  def compile(self, inp: StepInputs) -> None:
+    """Compiles the step `inp` would run, without running it (warm-up of the decode-only variants)."""
+    self._compiled_for(self.step_key(inp), inp)
+
   def attention_configs_for(self, num_sms: int) -> tuple[dict, dict]:
     """(decode, prefill) attention configurations for a kernel on `num_sms`: beside_attention's changes
     to the decode one where it shares the GPU with other streams."""
@@ -375,9 +403,12 @@ class Executor:
       configs = ({**decode, "key_splits": splits}, configs[1])
 
     def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
-      # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32).
+      # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32); none for
+      # a kind the step's blocks leave empty (a decode-only step's variant: decode_only_variant).
       out = None
       for bl, cfg in zip(blocks, configs):
+        if bl[0].shape[0] == 0:
+          continue
         out = attention_call(backend, q, k_cache, v_cache, layer, page_table, slots, positions, *bl,
                              num_sms=num_sms, config=cfg, sliding_window=window, interpret=interpret, out=out)
       return out
@@ -697,8 +728,7 @@ class Executor:
     """Dispatches the step; returns device arrays (tokens, logprob, top logprobs, top ids) not yet read, one
     row per entry of inp.sample_slots. extras, per sampled row where some row needs them: "bitmask" (int32
     [rows, ceil(V / 32)]: the tokens a grammar allows), "bias_ids" / "bias_values" ([rows, K]: logit_bias)."""
-    key = len(inp.tokens) if not len(inp.lp_rows) else (len(inp.tokens), "prompt_logprobs")
-    fn = self._compiled_for(key, inp)
+    fn = self._compiled_for(self.step_key(inp), inp)
     self.kv, self.counts, self.prompt_mask, logits, self.prompt_logprobs = fn(
         self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
     extras = extras or {}
