@@ -49,8 +49,9 @@ def define(max_num_seqs: int) -> None:
                        "Pallas kernel, which XLA's command buffers record with the rest of the step (the Triton "
                        "kernel's jax-triton calls split them); 0: off (issue 27, being measured).")
   flags.DEFINE_bool("split_decode_keys", False, "Small decode steps share each sequence's keys over several "
-                    "programs of the Triton attention and merge them (flash-decoding: a batch-1 decode otherwise "
-                    "walks its keys on 8 programs); off until measured (issue 27).")
+                    "programs of the attention (Triton, or the Pallas kernel of --small_step_attention) and merge "
+                    "them (flash-decoding: a batch-1 decode otherwise walks its keys on 8 programs); off until "
+                    "measured (issue 27).")
   flags.DEFINE_bool("small_fp8_gemm", False, "With fp8 weights, steps of at most 16 rows run each GEMM's whole op "
                     "(the RMSNorm, the per-token quantization, the GEMM, the scales and epilogue) as one Triton "
                     "kernel; off until measured (issue 27).")

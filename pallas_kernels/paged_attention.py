@@ -26,17 +26,19 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_kv import append_kv, paged_attention_reference, query_blocks  # noqa: F401 (callers)
+from pallas_kernels.paged_kv import append_kv, merge_splits, paged_attention_reference, query_blocks  # noqa: F401
 
 NEG = -1e30
+LOG2E = 1.0 / math.log(2.0)
 # Best variants of the sweep on one H200 (lab/kernel_bench.py --sweep_attention, docs/history/perf-notes.md):
 # decodes as blocks of one token, prefill chunks as blocks of 32.
 DECODE_CONFIG = dict(block_q=1, pages_per_block=8, num_warps=4, num_stages=2, programs_per_sm=2)
 PREFILL_CONFIG = dict(block_q=32, pages_per_block=8, num_warps=8, num_stages=3, programs_per_sm=1)
 
 
-def _kernel(layer_ref, nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *,
-            num_programs, num_kv_heads, num_pages, pages_per_block, block_q, sliding_window, scale):
+def _kernel(layer_ref, nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref, pt_ref, q_ref, k_ref, v_ref, o_ref,
+            *split_refs, num_programs, num_kv_heads, num_pages, pages_per_block, block_q, sliding_window, scale,
+            key_splits=1):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plt
   pid = pl.program_id(0)
@@ -44,13 +46,14 @@ def _kernel(layer_ref, nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref,
   page_size = k_ref.shape[1]
   rows = block_q * g
   bk = pages_per_block * page_size
-  total = nblk_ref[0] * num_kv_heads
+  total = nblk_ref[0] * num_kv_heads * key_splits
   base = layer_ref[0] * num_kv_heads
   ds = pl.ds
 
   def item(i, carry):
     w = pid + i * num_programs
-    b, h = w // num_kv_heads, w % num_kv_heads
+    # work items (query block, KV head, key split): a split walks its share of the block's key blocks
+    b, h, split = w // (num_kv_heads * key_splits), (w // key_splits) % num_kv_heads, w % key_splits
     t0, nt = blk_start_ref[b], blk_len_ref[b]
     slot = slots_ref[t0]
     q = q_ref[ds(t0, block_q), h].reshape(rows, d)
@@ -59,6 +62,10 @@ def _kernel(layer_ref, nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref,
     first, last = pos_ref[t0], pos_ref[t0 + nt - 1]
     lo = 0 if sliding_window is None else jnp.maximum(first - sliding_window + 1, 0) // bk
     hi = last // bk + 1
+    if key_splits > 1:
+      share = (hi - lo + key_splits - 1) // key_splits
+      lo = lo + split * share
+      hi = jnp.minimum(hi, lo + share)   # (an empty share leaves acc 0, m NEG, l 0: no weight in the merge)
 
     def body(j, c):
       acc, m, l = c
@@ -80,9 +87,16 @@ def _kernel(layer_ref, nblk_ref, blk_start_ref, blk_len_ref, slots_ref, pos_ref,
       return acc, m_new, l
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    acc, _, l = jax.lax.fori_loop(lo, hi, body, init)
-    out = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype).reshape(block_q, g, d)
+    acc, m, l = jax.lax.fori_loop(lo, hi, body, init)
     valid = jnp.broadcast_to((jnp.arange(block_q) < nt)[:, None, None], (block_q, g, d))
+    if key_splits > 1:   # this split's unnormalized sums and softmax state, merged after the call
+      part_ref, m_ref, l_ref = split_refs
+      row_ok = jnp.broadcast_to((jnp.arange(block_q) < nt)[:, None], (block_q, g))   # (no slices in Triton)
+      plt.store(part_ref.at[split, ds(t0, block_q), h], acc.reshape(block_q, g, d), mask=valid)
+      plt.store(m_ref.at[split, ds(t0, block_q), h], m.reshape(block_q, g), mask=row_ok)
+      plt.store(l_ref.at[split, ds(t0, block_q), h], l.reshape(block_q, g), mask=row_ok)
+      return carry
+    out = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype).reshape(block_q, g, d)
     plt.store(o_ref.at[ds(t0, block_q), h], out, mask=valid)
     return carry
 
@@ -94,11 +108,15 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                     num_sms: int,
                     block_q: int = 16, pages_per_block: int = 4, sliding_window: int | None = None,
                     interpret: bool = False, num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 1,
-                    out=None):
+                    key_splits: int = 1, out=None):
   """The Pallas kernel; arguments as the reference plus the query blocks of `query_blocks`.
 
   q [N, Hq, D]; k/v_cache [L, Hkv, P, S, D]; layer int32 scalar; page_table [R, max_pages]; slots, positions,
-  block_start, block_len [N]; num_blocks int32 [1]. Runs on `num_sms` programs.
+  block_start, block_len [N]; num_blocks int32 [1]. Runs on `num_sms` programs. key_splits: each (query block,
+  KV head) work item's key blocks shared out over that many work items, whose partial sums are merged after
+  the call (paged_kv.merge_splits; flash-decoding, for small decode steps whose few work items would each walk
+  all their keys one block after another). XLA compiles this kernel itself, so unlike a jax-triton call it
+  stays inside a small step's command buffer (lab/gpu_aot.py).
   """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plt
@@ -116,32 +134,45 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
                    [(0, 0, 0), (0, -cols % pages_per_block + pages_per_block, 0)])
   k = k_cache.reshape(num_layers * hkv * num_pages, page_size, d)  # a bitcast: no copy
   v = v_cache.reshape(num_layers * hkv * num_pages, page_size, d)
+  if key_splits < 1:
+    raise ValueError(f"key_splits must be >= 1, got {key_splits}")
   programs = num_sms * programs_per_sm
   kernel = functools.partial(_kernel, num_programs=programs, num_kv_heads=hkv, num_pages=num_pages,
                              pages_per_block=pages_per_block, block_q=block_q, sliding_window=sliding_window,
-                             scale=1.0 / math.sqrt(d))
+                             scale=1.0 / math.sqrt(d), key_splits=key_splits)
   if out is None:
     out = jnp.zeros(qg.shape, q.dtype)
   else:
     out = jax.lax.pad(out.reshape(n, hkv, g, d), jnp.array(0, q.dtype),
                       [(0, block_q, 0), (0, 0, 0), (0, g_pad - g, 0), (0, 0, 0)])
+  out_shape = [jax.ShapeDtypeStruct(qg.shape, q.dtype)]
+  if key_splits > 1:   # per split: the sums [S, T, Hkv, G, D] and the softmax state m, l [S, T, Hkv, G]
+    out_shape += [jax.ShapeDtypeStruct((key_splits, *qg.shape), jnp.float32)]
+    out_shape += [jax.ShapeDtypeStruct((key_splits, *qg.shape[:3]), jnp.float32)] * 2
+  inputs = 11   # the kernel takes the inputs but the aliased `out`, then the outputs
   res = pl.pallas_call(
-      lambda *refs: kernel(*refs[:-2], refs[-1]), grid=(programs,),
-      out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+      lambda *refs: kernel(*refs[:inputs - 1], *refs[inputs:]), grid=(programs,),
+      out_shape=out_shape,
       input_output_aliases={10: 0},
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="paged_attention",
   )(jnp.asarray(layer, jnp.int32).reshape(1), num_blocks.astype(jnp.int32).reshape(1), block_start.astype(jnp.int32),
     block_len.astype(jnp.int32), slots.astype(jnp.int32), pos, pt, qg, k, v, out)
-  return res[:n, :, :g].reshape(n, hq, d)
+  if key_splits == 1:
+    return res[0][:n, :, :g].reshape(n, hq, d)
+  # the merge takes rows [T, Hq]: this call's first n rows and real query heads, m in log2 units
+  part = res[1][:, :n, :, :g].reshape(key_splits, n, hq, d)
+  ml = jnp.stack([res[2][:, :n, :, :g] * LOG2E, res[3][:, :n, :, :g]], axis=-1).reshape(key_splits, n, hq, 2)
+  return merge_splits(res[0][:n, :, :g].reshape(n, hq, d), part.reshape(-1), ml.reshape(-1), block_start, block_len,
+                      num_blocks, key_splits, block_q)
 
 
 # The jitted entry. Inside a stream-annotated computation call paged_attention_call instead: a nested jit
 # there fails at run time ("No ExecutionStreamId found").
 paged_attention = jax.jit(paged_attention_call, static_argnames=(
     "num_sms", "block_q", "pages_per_block", "sliding_window", "interpret", "num_warps", "num_stages",
-    "programs_per_sm"))
+    "programs_per_sm", "key_splits"))
 
 
 # --- one entry for both implementations ------------------------------------------------------------

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from pallas_kernels.paged_kv import merge_splits  # noqa: F401 (the merge of key_splits; callers)
+
 try:
   import triton
   import triton.language as tl
@@ -409,36 +411,6 @@ def paged_attention_call(q, k_cache, v_cache, layer, page_table, slots, position
   if key_splits == 1:
     return res[0]
   return merge_splits(res[0], res[1], res[2], block_start, block_len, num_blocks, key_splits, block_q)
-
-
-def merge_splits(out, part, ml, block_start, block_len, num_blocks, key_splits: int, block_q: int, xp=None):
-  """The split partials (part: unnormalized sums [S * T * Hq * D]; ml: (m, l) per row, m in log2 units
-  [S * T * Hq * 2]) combined into `out` [T, Hq, D] at the rows the query blocks cover (the others kept: a
-  mixed batch's prefill rows are another call's). xp: jax.numpy (default) or numpy (the interpreter's path)."""
-  if xp is None:
-    import jax.numpy as xp
-  t, hq, d = out.shape
-  part = part.reshape(key_splits, t, hq, d)
-  ml = ml.reshape(key_splits, t, hq, 2)
-  m, l = ml[..., 0], ml[..., 1]
-  m_all = m.max(axis=0)
-  w = xp.exp2(m - m_all[None])                      # each split's share, [S, T, Hq]
-  total = (w * l).sum(axis=0)
-  merged = (w[..., None] * part).sum(axis=0) / xp.maximum(total, 1e-30)[..., None]
-  blocks = xp.arange(xp.shape(block_start)[0])
-  offs = xp.arange(block_q)
-  rows = xp.asarray(block_start)[:, None] + offs[None, :]   # [N, block_q]
-  run = xp.reshape(xp.asarray(num_blocks), (-1,))[0]
-  valid = (blocks[:, None] < run) & (offs[None, :] < xp.asarray(block_len)[:, None])
-  covered = xp.zeros((t,), bool)
-  merged = merged.astype(out.dtype)
-  if xp.__name__ == "numpy":
-    covered[rows[valid]] = True
-    return np.where(covered[:, None, None], merged, out)
-  # lax.select, not jnp.where (a nested jit, which fails under stream annotation on the GPU)
-  import jax
-  covered = covered.at[jax.lax.select(valid, rows, xp.full_like(rows, t))].set(True, mode="drop")
-  return jax.lax.select(xp.broadcast_to(covered[:, None, None], out.shape), merged, out)
 
 
 def interpret_call(q, k_cache, v_cache, layer, page_table, slots, positions, block_start, block_len, num_blocks, *,

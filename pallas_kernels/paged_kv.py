@@ -1,5 +1,6 @@
 """What the paged-attention kernels (Pallas, Triton, Mosaic GPU prefill) share, below all of them: the KV
-append, the jnp reference attention over pages, and the query-block layout of a step."""
+append, the jnp reference attention over pages, the query-block layout of a step, and the merge of a kernel's
+key splits (flash-decoding)."""
 from __future__ import annotations
 
 import math
@@ -69,3 +70,33 @@ def query_blocks(chunk_lengths: list[int], num_tokens: int, block_q: int) -> tup
       b += 1
     cur += n
   return start, length, b
+
+
+def merge_splits(out, part, ml, block_start, block_len, num_blocks, key_splits: int, block_q: int, xp=None):
+  """The split partials of a kernel run with key_splits (each work item's keys shared out over S programs: the
+  Triton and Pallas attention kernels) combined: part, unnormalized sums [S * T * Hq * D]; ml, (m, l) per row, m
+  in log2 units [S * T * Hq * 2]; into `out` [T, Hq, D] at the rows the query blocks cover (the others kept: a
+  mixed batch's prefill rows are another call's). xp: jax.numpy (default) or numpy (the interpreter's path)."""
+  if xp is None:
+    import jax.numpy as xp
+  t, hq, d = out.shape
+  part = part.reshape(key_splits, t, hq, d)
+  ml = ml.reshape(key_splits, t, hq, 2)
+  m, l = ml[..., 0], ml[..., 1]
+  m_all = m.max(axis=0)
+  w = xp.exp2(m - m_all[None])                      # each split's share, [S, T, Hq]
+  total = (w * l).sum(axis=0)
+  merged = (w[..., None] * part).sum(axis=0) / xp.maximum(total, 1e-30)[..., None]
+  blocks = xp.arange(xp.shape(block_start)[0])
+  offs = xp.arange(block_q)
+  rows = xp.asarray(block_start)[:, None] + offs[None, :]   # [N, block_q]
+  run = xp.reshape(xp.asarray(num_blocks), (-1,))[0]
+  valid = (blocks[:, None] < run) & (offs[None, :] < xp.asarray(block_len)[:, None])
+  covered = xp.zeros((t,), bool)
+  merged = merged.astype(out.dtype)
+  if xp.__name__ == "numpy":
+    covered[rows[valid]] = True
+    return np.where(covered[:, None, None], merged, out)
+  # lax.select, not jnp.where (a nested jit, which fails under stream annotation on the GPU)
+  covered = covered.at[jax.lax.select(valid, rows, xp.full_like(rows, t))].set(True, mode="drop")
+  return jax.lax.select(xp.broadcast_to(covered[:, None, None], out.shape), merged, out)

@@ -99,3 +99,33 @@ def test_warm_up_compiles_the_variants_and_leaves_no_trace(model):
   engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, **GREEDY))
   engine.run_until_done()
   assert set(engine.executor._compiled) == keys        # nothing left to compile
+
+
+def test_split_decode_keys_on_the_pallas_kernel_keeps_the_tokens(model, monkeypatch):
+  """split_decode_keys where the decode call is the Pallas kernel (small_step_attention's steps on the GPU; every
+  step here): the small decode steps' calls get key splits, and the tokens and log-probabilities are those
+  without."""
+  monkeypatch.setattr(executor_mod, "SPLIT_ITEMS_PER_SM", 64)   # 4 interpret SMs: enough items to split
+  seen = []
+  real = REAL_CALL
+
+  def recording(backend, q, *a, config, **kw):
+    seen.append((backend, q.shape[0], config.get("key_splits", 1)))
+    return real(backend, q, *a, config=config, **kw)
+  monkeypatch.setattr(executor_mod, "attention_call", recording)
+  outs = {}
+  for split in (False, True):
+    seen.clear()
+    engine = Engine(model, EngineConfig(dense_batch=64, page_size=4, num_pages=96, max_num_seqs=4, kernels="interpret",
+                                        split_decode_keys=split, compilation_cache_dir=None))
+    rng = np.random.default_rng(5)
+    for r in "ab":
+      engine.add_request(r, rng.integers(3, 200, 30).tolist(), SamplingParams(max_tokens=5, logprobs=1, **GREEDY))
+    engine.run_until_done()
+    outs[split] = [engine.pop_output(r).outputs[0] for r in "ab"]
+    splits = {ks for backend, n, ks in seen if backend == "pallas"}
+    # 4 SMs x 64 items / (bucket x 2 KV heads): 8 in the 16-token steps, 2 in the 64-token one; prefill calls 1
+    assert splits == ({1} if not split else {1, 2, 8}), splits
+  for got, want in zip(outs[True], outs[False]):
+    assert got.token_ids == want.token_ids
+    np.testing.assert_allclose([lp.logprob for lp in got.logprobs], [lp.logprob for lp in want.logprobs], atol=1e-5)

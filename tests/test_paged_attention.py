@@ -69,6 +69,36 @@ def test_two_calls_fill_one_output():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
 
 
+@pytest.mark.parametrize("key_splits", [2, 3, 8])
+@pytest.mark.parametrize("window", [None, 6])
+def test_key_splits_match_the_reference(key_splits, window):
+  """Each work item's key blocks shared out over key_splits items and merged after the call (flash-decoding):
+  splits left empty (a short context over 8 splits), windows, decodes and prefill blocks alike."""
+  rng = np.random.default_rng()
+  q, cache, table, slots, positions, lengths, _ = _batch(rng, ctx=(5, 40, 30, 21), chunk=(1, 1, 9, 7))
+  ref = paged_attention_reference(q, *cache, table, slots, positions, window)
+  start, length, nb = query_blocks(lengths, len(slots), 4)
+  out = paged_attention(q, *cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=3, block_q=4,
+                        pages_per_block=1, sliding_window=window, interpret=True, key_splits=key_splits)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
+def test_a_split_call_keeps_the_rows_it_does_not_cover():
+  """The decode call with key splits, then the prefill call into the same output: each writes only its rows."""
+  rng = np.random.default_rng()
+  q, cache, table, slots, positions, lengths, _ = _batch(rng, ctx=(5, 33, 30, 21), chunk=(1, 1, 20, 7))
+  ref = paged_attention_reference(q, *cache, table, slots, positions)
+  n = len(slots)
+  d_start, d_len, d_nb = query_blocks(lengths[:2], n, 1)
+  p_start, p_len, p_nb = query_blocks(lengths[2:], n, 8)
+  p_start[:p_nb] += 2
+  out = paged_attention(q, *cache, table, slots, positions, p_start, p_len, jnp.int32(p_nb), num_sms=3, block_q=8,
+                        interpret=True)
+  out = paged_attention(q, *cache, table, slots, positions, d_start, d_len, jnp.int32(d_nb), num_sms=2, block_q=1,
+                        pages_per_block=1, interpret=True, out=out, key_splits=4)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
 def test_fp8_cache_kernel_matches_reference():
   """An fp8 (e4m3) cache: the kernel upcasts K/V tiles to the query dtype, as the reference does; and the
   fp8 result stays close to the float32 cache's (what the cache's precision costs)."""

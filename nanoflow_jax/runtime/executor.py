@@ -55,6 +55,10 @@ FUSED_QUANT_FROM = 512
 # fp8 step's 98 host launches, and it splits XLA's command buffers (lab/gpu_aot.py's census, perf-notes
 # session 23). Larger steps are not launch-bound, and would pay a second compile of a large bucket.
 DECODE_ONLY_UP_TO = 64
+# split_decode_keys on the Pallas kernel (small_step_attention's steps): work items per SM the splits aim at. Its
+# programs (2 per SM) loop over their items, so more items than programs only queue; at batch 1 (8 KV heads,
+# a 16-token bucket) 8 splits per item, one key block each at context 1024.
+SPLIT_ITEMS_PER_SM = 8
 KIND_PAD, KIND_PROMPT, KIND_REFED_OUTPUT = 0, 1, 2  # how a fed token enters the penalty state
 
 
@@ -172,10 +176,12 @@ class Executor:
     op (the RMSNorm before qkv and gate_up, the per-token quantization, the GEMM, the scales, the residual or
     SiLU-and-multiply) as one kernel (pallas_kernels/small_gemm_fp8_triton.py on the GPU; its reference, the
     unfused ops' math, elsewhere); off until measured (issue 27).
-    split_decode_keys: on the Triton attention, each decode's keys shared out over several programs and merged
-    (flash-decoding: paged_attention_triton key_splits), as many as fill the decode kernel's programs for the
-    step's bucket (key_splits_for: 1 for large steps). A batch-1 decode otherwise walks its 1024 keys in 16
-    dependent blocks on 8 programs (0.044 ms a layer for 2 MB; session 21's trace). Not yet measured: off.
+    split_decode_keys: each decode's keys shared out over several programs and merged (flash-decoding: the
+    attention kernels' key_splits), as many as fill the decode kernel's programs for the step's bucket
+    (key_splits_for: 1 for large steps); on the Triton kernel and on the Pallas one of small_step_attention's
+    steps (there as many as fill SPLIT_ITEMS_PER_SM work items per SM). A batch-1 decode otherwise walks its
+    1024 keys in 16 dependent blocks on 8 programs (0.044 ms a layer for 2 MB; session 21's trace). Not yet
+    measured: off.
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
@@ -228,7 +234,7 @@ class Executor:
       raise ValueError(f"small_step_attention must be >= 0 tokens, got {small_step_attention}")
     self.small_step_attention = small_step_attention if self.kernels == "triton" else 0
     self.small_attention_configs = attention_kernels.configs("pallas", self.kv_dtype)
-    self.split_decode_keys = split_decode_keys and self.attention_backend == "triton"
+    self.split_decode_keys = split_decode_keys and self.kernels != "reference"
     self.small_fp8_gemm = small_fp8_gemm
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
@@ -396,10 +402,11 @@ class Executor:
       backend, configs = self.attention_for(inp.tokens.shape[0])
     else:
       backend, configs = self.attention_backend, self.attention_configs_for(num_sms)
-    if self.split_decode_keys and backend == "triton":
+    if self.split_decode_keys:
       decode = configs[0]
-      splits = pat_kernel.key_splits_for(inp.tokens.shape[0], k_cache.shape[1],
-                                         num_sms * decode.get("programs_per_sm", 1))
+      # the Triton kernel's programs each take one work item; the Pallas kernel's loop over theirs
+      per_sm = decode.get("programs_per_sm", 1) if backend == "triton" else SPLIT_ITEMS_PER_SM
+      splits = pat_kernel.key_splits_for(inp.tokens.shape[0], k_cache.shape[1], num_sms * per_sm)
       configs = ({**decode, "key_splits": splits}, configs[1])
 
     def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
