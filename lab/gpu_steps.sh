@@ -420,36 +420,34 @@ sweep() { local name=$1; shift; $PY launch/benchmark.py --model=llama-3-8b --ran
 step_decode-sweep-w16()   { sweep decode-sweep-w16; }
 step_decode-sweep-w16-unrolled() { sweep decode-sweep-w16-unrolled --layer_loop=unrolled; }
 step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
-# Issue 27: the jax-triton attention calls (legacy custom calls, which XLA's command buffers record only when named
-# in legacy_command_buffer_custom_call_targets) recorded with the rest of the unrolled step, against the default,
-# on the small decode batches; fp8 weights and KV. An XLA that no longer knows the flag stops that variant at once.
-# pallas-small: the small steps' attention on the Pallas kernel, which XLA compiles and records itself.
-step_decode-cb()          { for v in default triton-in-cb pallas-small; do
-                              xf=""
-                              [[ $v == triton-in-cb ]] && xf="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --legacy_command_buffer_custom_call_targets=triton_kernel_call --xla_gpu_graph_min_graph_size=1"
-                              echo "== $v: XLA_FLAGS=$xf"
-                              XLA_FLAGS="$xf" $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
-                                --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
-                                $([[ $v == pallas-small ]] && echo --small_step_attention=64) \
-                                --json_out="$OUT/decode-cb-$v.json" 2>&1 | grep -E "decode batch|Error|error|nknown" | tail -8
-                            done; }
+# Issue 27 (session 23): the small decode steps as one command buffer. lab/gpu_aot.py's census (XLA compiling for an
+# H200 on the CPU) finds each jax-triton call launched alone (XLA records legacy custom calls in no command buffer:
+# its flag for them is gone), so the default fp8 batch-1 step is 66 host launches (34 graphs), and the Pallas
+# small-step attention (which XLA compiles itself) makes it one graph. One process, one load, batch 1/8/32: the
+# default, + flash-decoding (split_decode_keys), the graph (small_step_attention), the graph + flash-decoding; then
+# the plain JAX step. Predictions in docs/history/perf-notes.md (session 23).
+step_decode-cb()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k pallas_attention_with_key_splits \
+                              || return 1
+                            $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
+                              --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 --ttft_prompts=128 \
+                              --decode_variants=split:split_decode_keys=true --decode_variants=graph:small_step_attention=64 \
+                              --decode_variants=graph-split:small_step_attention=64,split_decode_keys=true --plain_baseline \
+                              --json_out="$OUT/decode-cb.json" --plot_out="$OUT/decode-cb.png" 2>&1 \
+                              | grep --line-buffered -v "^W" | tee -a "$OUT/decode-cb.md" | grep --line-buffered -E "^\||decode|Error"; }
 # Issue 27: the small decode steps with and without a dispatch thread (--overlap_dispatch), fp8 weights and KV;
 # one process, one load (--compare=overlap).
 step_decode-overlap()     { $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
                               --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
                               --compare=overlap --json_out="$OUT/decode-overlap.json" --plot_out="$OUT/decode-overlap.png"; }
-# Issue 27's bf16 targets (batch 1 <= 1.2x the floor, ~4.2 ms; TPOT <= 5 ms): bf16 loads in seconds, so three
-# small-step variants fit one call: the default (scanned layers), the layers unrolled (command buffers can take runs
-# of kernels), and unrolled with the small steps' attention on the Pallas kernel XLA records (no custom call).
-step_decode-cb-w16()      { for v in scan unrolled unrolled-pallas-small; do
-                              echo "== $v"
-                              $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
-                                --max_num_seqs=64 --kv_cache_dtype=fp8 --decode_sweep=1,8,32 \
-                                --layer_loop=$([[ $v == scan ]] && echo scan || echo unrolled) \
-                                $([[ $v == unrolled-pallas-small ]] && echo --small_step_attention=64) \
-                                $([[ $v == scan ]] && echo --plain_baseline) \
-                                --json_out="$OUT/decode-cb-w16-$v.json" 2>&1 | grep -E "decode batch|Error|error" | tail -12
-                            done; }
+# Issue 27's bf16 targets (batch 1 <= 1.2x the floor, ~4.2 ms; TPOT <= 5 ms), one process: the default (scanned
+# layers), the layers unrolled, unrolled as one graph with flash-decoding (census: 506 kernels in one command
+# buffer, the plain JAX step 747), then the plain JAX step.
+step_decode-cb-w16()      { $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
+                              --kv_cache_dtype=fp8 --decode_sweep=1,8,32 --ttft_prompts=128 --layer_loop=scan \
+                              --decode_variants=unrolled:layer_loop=unrolled \
+                              --decode_variants=graph-split:layer_loop=unrolled,small_step_attention=64,split_decode_keys=true \
+                              --plain_baseline --json_out="$OUT/decode-cb-w16.json" --plot_out="$OUT/decode-cb-w16.png" 2>&1 \
+                              | grep --line-buffered -v "^W" | tee -a "$OUT/decode-cb-w16.md" | grep --line-buffered -E "^\||decode|Error"; }
 # Issue 27: where the batch-1 fp8 decode step's 6.24 ms go (floor 1.90 ms): one sequence at context 1024, traced
 # (kernel time by kind, the device's idle time between them, the step's span).
 step_step-fp8-decode1()   { $PY lab/step_bench.py --model=llama-3-8b --kernels=triton --quantization=fp8 --kv_cache_dtypes=fp8 \

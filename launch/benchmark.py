@@ -48,6 +48,10 @@ flags.DEFINE_list("decode_sweep", [], "Decode latency sweep (launch/decode_sweep
 flags.DEFINE_integer("decode_context", 1024, "--decode_sweep: the decoding sequences' context.")
 flags.DEFINE_list("ttft_prompts", ["128", "1024"], "--decode_sweep: after the batches, the TTFT of one prompt of each "
                   "of these lengths on the idle engine (issue 27: one prefill step plus the host's part).")
+flags.DEFINE_multi_string("decode_variants", [], "--decode_sweep: after the flags' engine, engines with these changes "
+                          "to its options, each NAME:key=value[,key=value...] (build_engine's arguments, e.g. "
+                          "graph:small_step_attention=64,split_decode_keys=true), swept on the same loaded model in "
+                          "this process (issue 27's small-step variants at one load each).")
 flags.DEFINE_bool("plain_baseline", False, "--decode_sweep: after the engine's sweep, the same batch sizes through "
                   "the plain JAX decode step (launch/plain_decode.py: the model's layers unrolled in one jit, XLA's "
                   "dot and jnp attention over a contiguous bf16 cache), in the same process.")
@@ -449,14 +453,48 @@ def plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def parse_variant(spec: str, options: dict) -> tuple[str, dict]:
+  """--decode_variants' NAME:key=value[,key=value...] -> (NAME, the changes), each key one of `options` (build_engine's
+  arguments), each value parsed as the option's type (bool: true/false)."""
+  name, sep, body = spec.partition(":")
+  if not sep or not name or not body:
+    raise app.UsageError(f"--decode_variants takes NAME:key=value[,key=value...], got {spec!r}")
+  changes = {}
+  for item in body.split(","):
+    key, eq, value = item.partition("=")
+    if not eq or key not in options:
+      raise app.UsageError(f"--decode_variants {name!r}: {item!r} is not key=value with an engine option as key "
+                           f"({', '.join(sorted(options))})")
+    kind = type(options[key])
+    if options[key] is None:   # an option off by default (num_pages, quantization): an integer, or a word
+      changes[key] = int(value) if value.lstrip("-").isdigit() else None if value.lower() == "none" else value
+    elif kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise app.UsageError(f"--decode_variants {name!r}: {key} takes true or false, got {value!r}")
+      changes[key] = value.lower() in ("true", "1")
+    elif kind is int:
+      try:
+        changes[key] = int(value)
+      except ValueError:
+        raise app.UsageError(f"--decode_variants {name!r}: {key} takes an integer, got {value!r}") from None
+    else:
+      changes[key] = value
+  return name, changes
+
+
 def run_decode_sweep(batches: list[int]) -> None:
-  """The decode sweep; with --compare=overlap also with --overlap_dispatch the other way, on the same model."""
+  """The decode sweep; with --compare=overlap also with --overlap_dispatch the other way, and each
+  --decode_variants engine, on the same model."""
   from launch import decode_sweep
   from nanoflow_jax.llm import build_engine
-  overlaps = [FLAGS.overlap_dispatch] + ([not FLAGS.overlap_dispatch] if FLAGS.compare == "overlap" else [])
+  base = engine_flags.engine_kwargs()
+  runs = [("", {"overlap_dispatch": FLAGS.overlap_dispatch})]
+  if FLAGS.compare == "overlap":
+    runs.append(("", {"overlap_dispatch": not FLAGS.overlap_dispatch}))
+  runs += [parse_variant(v, base) for v in FLAGS.decode_variants]   # (all parsed before the model loads)
   results, model = {}, None
-  for overlap in overlaps:
-    options = {**engine_flags.engine_kwargs(), "overlap_dispatch": overlap}
+  for variant, changes in runs:
+    options = {**base, **changes}
     engine = build_engine(FLAGS.model, mode=FLAGS.mode, model_obj=model, **options)
     model = engine.model
     res = decode_sweep.sweep(engine, batches, FLAGS.decode_context,
@@ -464,9 +502,12 @@ def run_decode_sweep(batches: list[int]) -> None:
     res["environment"] = environment(FLAGS.mode, options)
     engine.shutdown()
     del engine
+    overlap = options["overlap_dispatch"]
     title = (f"{FLAGS.model}, {FLAGS.quantization or 'bf16'} weights, KV {FLAGS.kv_cache_dtype}, layer_unroll "
              f"{FLAGS.layer_unroll}, {'dispatch thread' if overlap else 'inline dispatch'}, on "
              f"{res['environment']['device']}")
+    if variant:
+      title = f"{variant} ({', '.join(f'{k}={v}' for k, v in changes.items())}): {title}"
     print(decode_sweep.table(res, title))
     results[title] = res
   if FLAGS.plain_baseline:   # the engines are gone (their KV caches with them): the same model, plain

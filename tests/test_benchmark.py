@@ -80,6 +80,31 @@ def test_the_decode_sweep_both_ways_on_one_model(tmp_path):
   assert "TTFT of a 1024-token prompt: skipped (max_model_len 256)" in stdout
 
 
+def test_decode_variants_sweep_on_the_same_model(tmp_path):
+  """--decode_variants: each NAME:changes engine swept after the flags' one, its options as changed."""
+  res, stdout = _run(tmp_path, "--decode_sweep=1", "--decode_context=32", "--max_model_len=256", "--ttft_prompts=",
+                     "--decode_variants=graph:split_decode_keys=true,small_step_attention=16",
+                     "--decode_variants=pages:num_pages=512")
+  sweeps = list(res["decode_sweeps"].items())
+  assert len(sweeps) == 3 and sweeps[1][0].startswith("graph (split_decode_keys=True, small_step_attention=16): ")
+  options = [s["environment"]["engine_options"] for _, s in sweeps]
+  assert [(o["split_decode_keys"], o["small_step_attention"], o["num_pages"]) for o in options] == [
+      (False, 0, 1024), (True, 16, 1024), (False, 0, 512)]
+  assert all(s["rows"][0]["step_ms"] > 0 for _, s in sweeps)
+
+
+@pytest.mark.parametrize("variant, says", [
+    ("graph", "takes NAME:key=value"), ("g:nonsense=1", "'nonsense=1' is not key=value with an engine option"),
+    ("g:split_decode_keys=maybe", "split_decode_keys takes true or false"),
+    ("g:small_step_attention=x", "small_step_attention takes an integer")])
+def test_a_bad_decode_variant_is_refused_by_name_before_the_load(tmp_path, variant, says):
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "benchmark.py"), "--model=tiny", "--random_weights",
+         "--decode_sweep=1", f"--decode_variants={variant}"]
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode != 0 and says in r.stderr, r.stderr[-2000:]
+  assert "decode batch" not in r.stdout
+
+
 FAKE_SMI = """#!{python}
 import sys, time
 args = sys.argv[1:]

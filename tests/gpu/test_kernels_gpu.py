@@ -363,6 +363,19 @@ def test_triton_attention_fp8_cache_with_key_splits(key_splits):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
 
 
+@pytest.mark.parametrize("key_splits", [2, 8])
+@pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_pallas_attention_with_key_splits(key_splits, kv_dtype):
+  """small_step_attention + split_decode_keys: the Pallas kernel's decode call with its keys split and merged,
+  then the prefill call into the same output, compiled by XLA (issue 27's one-graph small step)."""
+  q, kc, vc, table, slots, positions, chunk, _ = _mixed_batch(17)
+  kc, vc = kc.astype(kv_dtype), vc.astype(kv_dtype)
+  ref = paged_attention_reference(q, kc, vc, 1, table, slots, positions)
+  out = _both_configs("pallas", q, kc, vc, table, slots, positions, chunk, 132,
+                      decode_changes={"key_splits": key_splits})
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+
+
 @needs_triton
 @pytest.mark.parametrize("changes", [{"dynamic_work": True}, {"dynamic_work": True, "heavy_first": True},
                                      {"dynamic_work": True, "key_splits": 3}])
