@@ -64,9 +64,11 @@ def main(argv):
     bw = copy_bandwidth()
     fused = ["", "The whole op at small M (the RMSNorm before qkv and gate_up, the per-token quantization, the fp8 "
              "GEMM, the scales, o's and down's residual, gate_up's SiLU-and-multiply), weight TB/s: XLA's (the "
-             "engine's layers, jitted) against pallas_kernels/small_gemm_fp8_triton.py, its best tiling", "",
-             "| op | M | XLA TB/s | ours TB/s | ours / XLA | best (block_n, block_k) | rel. error vs XLA |",
-             "|---|---|---|---|---|---|---|"]
+             "engine's layers, jitted) against pallas_kernels/small_gemm_fp8_triton.py (jax-triton), its best "
+             "tiling, and the engine's pallas_kernels/small_gemm_fp8.py (Pallas: recorded in command buffers)", "",
+             "| op | M | XLA TB/s | ours TB/s | ours / XLA | best (block_n, block_k) | rel. error vs XLA | "
+             "Pallas TB/s | Pallas / XLA | Pallas rel. error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     decode = ["", f"Small M (weight bytes per second; copy bandwidth in this run {bw['copy']:.2f} TB/s, read "
               f"{bw['read']:.2f}): W8A16 = the e4m3 weight converted in XLA's GEMM fusion, bf16 activations", "",
               "| GEMM | M | bf16 TB/s | fp8 engine path TB/s | bare fp8 dot TB/s | W8A16 TB/s | engine / bare | "
@@ -140,7 +142,7 @@ def _small_fused_row(name, a, w8, ws, weight_bytes) -> str:
   import jax.numpy as jnp
   import numpy as np
   from nanoflow_jax.perf import median_seconds
-  from pallas_kernels import paged_attention_triton, small_gemm_fp8_triton
+  from pallas_kernels import paged_attention_triton, small_gemm_fp8, small_gemm_fp8_triton
   m, k = a.shape
   n = w8.shape[0]
   key = jax.random.PRNGKey(7)
@@ -153,8 +155,17 @@ def _small_fused_row(name, a, w8, ws, weight_bytes) -> str:
   want = np.asarray(xla(a, w8, ws), np.float32)
   t_x = median_seconds(xla, a, w8, ws)
   tb = lambda t: weight_bytes / t / 1e12
+  rel = lambda got: float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+  on_gpu = jax.default_backend() == "gpu"
+  pallas = jax.jit(functools.partial(small_gemm_fp8.small_gemm_fp8, interpret=not on_gpu, **kw))
+  err_p = rel(np.asarray(pallas(a, w8, ws), np.float32))
+  if on_gpu:
+    t_p = median_seconds(pallas, a, w8, ws)
+    tail = f" {tb(t_p):.2f} | {t_x / t_p:.2f}x | {err_p:.4f} |"
+  else:   # interpreted: its error only
+    tail = f" interpreted | - | {err_p:.4f} |"
   if not paged_attention_triton.available():
-    return f"| {name} | {m} | {tb(t_x):.2f} | unavailable (jax-triton) | - | - | - |"
+    return f"| {name} | {m} | {tb(t_x):.2f} | unavailable (jax-triton) | - | - | - |" + tail
   best = None
   for bn, bk in SMALL_FUSED_TILES:
     f = jax.jit(functools.partial(small_gemm_fp8_triton.small_gemm_fp8, block_n=bn, block_k=bk, **kw))
@@ -163,14 +174,14 @@ def _small_fused_row(name, a, w8, ws, weight_bytes) -> str:
     except Exception as e:   # a tiling the compiler refuses: say so, try the next
       print(f"  {name} M={m} ({bn}, {bk}): {type(e).__name__}: {str(e)[:200]}", flush=True)
       continue
-    err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    err = rel(got)
     t = median_seconds(f, a, w8, ws)
     if best is None or t < best[0]:
       best = (t, (bn, bk), err)
   if best is None:
-    return f"| {name} | {m} | {tb(t_x):.2f} | no tiling compiled | - | - | - |"
+    return f"| {name} | {m} | {tb(t_x):.2f} | no tiling compiled | - | - | - |" + tail
   t, tile, err = best
-  return f"| {name} | {m} | {tb(t_x):.2f} | {tb(t):.2f} | {t_x / t:.2f}x | {tile} | {err:.4f} |"
+  return f"| {name} | {m} | {tb(t_x):.2f} | {tb(t):.2f} | {t_x / t:.2f}x | {tile} | {err:.4f} |" + tail
 
 
 def _ours_against_xla(name, a, w8, ws, flops) -> tuple[str, dict | None]:

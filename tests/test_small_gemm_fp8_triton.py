@@ -65,13 +65,14 @@ def test_engine_runs_small_steps_through_the_kernel_and_gives_the_same_tokens(mo
   from nanoflow_jax.engine import Engine, EngineConfig
   from nanoflow_jax.model import load_model
   from nanoflow_jax.sampling_params import SamplingParams
+  from pallas_kernels import small_gemm_fp8 as engine_kernel   # the engine's (Pallas) kernel and its reference
   model = load_model("tiny", dtype="float32", random_weights=True, quantization="fp8")
-  real, seen = sg.small_gemm_fp8_reference, []
+  real, seen = engine_kernel.small_gemm_fp8_reference, []
 
   def counting(x, w8, w_scale, **kw):
     seen.append((x.shape[0], kw["norm_scale"] is not None, kw["residual"] is not None, kw["silu_mul"]))
     return real(x, w8, w_scale, **kw)
-  monkeypatch.setattr(sg, "small_gemm_fp8_reference", counting)
+  monkeypatch.setattr(engine_kernel, "small_gemm_fp8_reference", counting)
   prompts = [list(range(5, 45)), [7, 8, 9, 10, 11] * 7]
   out = {}
   for small in (False, True):

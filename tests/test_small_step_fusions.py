@@ -46,15 +46,16 @@ def test_large_steps_reach_the_kernels(monkeypatch):
 def test_small_fp8_gemm_hook_hands_the_kernel_what_the_op_has(monkeypatch, norm, residual):
   """On the GPU path the small-step hook passes the norm's scale and eps, the residual, and silu_mul to the
   kernel by keyword, the arrays through the stream-annotated call (stood in for here)."""
-  from pallas_kernels import small_gemm_fp8_triton
+  from pallas_kernels import small_gemm_fp8
   got = {}
-  monkeypatch.setattr(small_gemm_fp8_triton, "small_gemm_fp8", lambda x, w8, ws, **kw: got.update(kw) or "kernel")
+  monkeypatch.setattr(small_gemm_fp8, "small_gemm_fp8", lambda x, w8, ws, **kw: got.update(kw) or "kernel")
   self = _gpu_executor()
-  self._on_stream = lambda f: f
-  x, w8, ws = jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((6, 8), jnp.float8_e4m3fn), jnp.ones(6)
-  g, r = jnp.full((8,), 2.0, jnp.bfloat16), jnp.full((4, 6), 3.0, jnp.bfloat16)
+  self._on_stream, self.on_kernels = (lambda f: f), True
+  x, w8, ws = jnp.zeros((4, 64), jnp.bfloat16), jnp.zeros((48, 64), jnp.float8_e4m3fn), jnp.ones(48)
+  g, r = jnp.full((64,), 2.0, jnp.bfloat16), jnp.full((4, 48), 3.0, jnp.bfloat16)
   out = ex.Executor._small_fp8_gemm(self, x, w8, ws, (g, 1e-6) if norm else None, r if residual else None, False)
   assert out == "kernel" and got["silu_mul"] is False and got["eps"] == (1e-6 if norm else 1e-5)
+  assert (got["block_n"], got["block_k"]) == (16, 64)      # the largest tiles that divide 48 columns and K 64
   assert ("norm_scale" in got) == norm and ("residual" in got) == residual
   if norm:
     assert got["norm_scale"] is g

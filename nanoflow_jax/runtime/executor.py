@@ -28,7 +28,7 @@ from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import gemm_fp8 as gemm_fp8_kernel
 from pallas_kernels import rms_norm_quant_triton as rms_norm_quant_kernel
 from pallas_kernels import silu_mul_quant_triton as silu_mul_quant_kernel
-from pallas_kernels import small_gemm_fp8_triton as small_gemm_fp8_kernel
+from pallas_kernels import small_gemm_fp8 as small_gemm_fp8_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import hardware
 from pallas_kernels import paged_attention as attention_kernels
@@ -172,9 +172,10 @@ class Executor:
     rms_norm_quant_triton.py; their jnp references on the other kernel paths) or "mosaic"
     (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue);
     XLA's until another is measured faster on the GPU.
-    small_fp8_gemm: with fp8 weights, steps of at most small_gemm_fp8_triton.MAX_ROWS rows run each GEMM's whole
-    op (the RMSNorm before qkv and gate_up, the per-token quantization, the GEMM, the scales, the residual or
-    SiLU-and-multiply) as one kernel (pallas_kernels/small_gemm_fp8_triton.py on the GPU; its reference, the
+    small_fp8_gemm: with fp8 weights, steps of at most small_gemm_fp8.MAX_ROWS rows run each GEMM's whole op (the
+    RMSNorm before qkv and gate_up, the per-token quantization, the GEMM, the scales, the residual or
+    SiLU-and-multiply) as one kernel (pallas_kernels/small_gemm_fp8.py on the GPU: a Pallas kernel, recorded in
+    the step's command buffer, unlike its jax-triton sibling small_gemm_fp8_triton.py; its reference, the
     unfused ops' math, elsewhere); off until measured (issue 27).
     split_decode_keys: each decode's keys shared out over several programs and merged (flash-decoding: the
     attention kernels' key_splits), as many as fill the decode kernel's programs for the step's bucket
@@ -499,20 +500,22 @@ class Executor:
                                              num_sms=self._sms()))(x, scale)
 
   def _small_fp8_gemm(self, x, w8, w_scale, norm, residual, silu_mul):
-    """small_fp8_gemm: a small step's whole fp8 GEMM op as one Triton kernel on the nano-op's stream (GPU); the
-    other kernel paths run its reference, the unfused ops' math."""
+    """small_fp8_gemm: a small step's whole fp8 GEMM op as one kernel on the nano-op's stream (the GPU's kernel
+    paths: the Pallas kernel, which XLA compiles itself and so keeps in the step's command buffer); the other
+    paths, and shapes its tiles do not divide, run its reference, the unfused ops' math."""
     eps = 1e-5 if norm is None else norm[1]
     # the optional arrays, by keyword, that are there (the stream-annotated call takes arrays as arguments)
     extras = {k: v for k, v in (("norm_scale", None if norm is None else norm[0]), ("residual", residual))
               if v is not None}
-    if self.kernels != "triton" or x.dtype not in (jnp.bfloat16, jnp.float16):
+    tiles = small_gemm_fp8_kernel.tiles_for(w8.shape[0] // 2 if silu_mul else w8.shape[0], x.shape[1])
+    if not self.on_kernels or x.dtype not in (jnp.bfloat16, jnp.float16) or tiles is None:
       return small_gemm_fp8_kernel.small_gemm_fp8_reference(
           x, w8, w_scale, norm_scale=extras.get("norm_scale"), eps=eps, residual=residual, silu_mul=silu_mul,
           out_dtype=x.dtype)
 
     def call(x, w8, w_scale, *values):
-      return small_gemm_fp8_kernel.small_gemm_fp8(x, w8, w_scale, eps=eps, silu_mul=silu_mul,
-                                                  **dict(zip(extras, values)))
+      return small_gemm_fp8_kernel.small_gemm_fp8(x, w8, w_scale, eps=eps, silu_mul=silu_mul, block_n=tiles[0],
+                                                  block_k=tiles[1], **dict(zip(extras, values)))
     return self._on_stream(call)(x, w8, w_scale, *extras.values())
 
   def _run_kernel(self, fn, *arrays):

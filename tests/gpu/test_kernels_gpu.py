@@ -316,8 +316,21 @@ def test_small_gemm_fp8_kernel_matches_reference(kind, m):
   """The small-step fp8 GEMM (norm, per-token e4m3, the GEMM, the scales, residual or SiLU-and-multiply) at the
   8B's shapes against the engine's ops under XLA: an input rounding differently near an e4m3 step moves a row by
   that step's share, so the whole to ~1% and most outputs closer."""
-  from nanoflow_jax import quantization
   from pallas_kernels import small_gemm_fp8_triton as sg
+  _small_gemm_case(sg, kind, m)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("kind", ["qkv", "o", "gate_up", "down"])
+def test_small_gemm_fp8_pallas_kernel_matches_reference(kind, m):
+  """The same op as the Pallas kernel the engine runs with --small_fp8_gemm (XLA compiles it: it stays in the
+  step's command buffer), the same bounds."""
+  from pallas_kernels import small_gemm_fp8 as sg
+  _small_gemm_case(sg, kind, m)
+
+
+def _small_gemm_case(sg, kind, m):
+  from nanoflow_jax import quantization
   k, n = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 2 * 14336), "down": (14336, 4096)}[kind]
   keys = jax.random.split(jax.random.PRNGKey(m), 4)
   x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
@@ -329,8 +342,12 @@ def test_small_gemm_fp8_kernel_matches_reference(kind, m):
   want = np.asarray(jax.jit(lambda x: sg.small_gemm_fp8_reference(x, w8, ws.reshape(-1), **kw))(x), np.float32)
   got = np.asarray(jax.jit(lambda x: sg.small_gemm_fp8(x, w8, ws.reshape(-1), **kw))(x), np.float32)
   assert got.shape == want.shape
-  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
-  assert np.mean(np.isclose(got, want, rtol=2e-2, atol=1e-3)) > 0.95
+  # The norm's bf16 casts are kept by the kernel and may be dropped by XLA in the reference's fusion (excess
+  # precision): a normed input a bf16 step apart flips its e4m3 rounding. On the CPU that put the two 1.2-2.6%
+  # apart, and 0 with --xla_allow_excess_precision=false (tests/test_small_gemm_fp8.py).
+  bound = 3e-2 if "norm_scale" in kw else 1e-2
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound
+  assert np.mean(np.isclose(got, want, rtol=2e-2, atol=1e-3)) > (0.9 if "norm_scale" in kw else 0.95)
 
 
 @needs_triton
