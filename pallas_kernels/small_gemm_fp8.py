@@ -25,7 +25,11 @@ import jax.numpy as jnp
 from pallas_kernels import ops_reference
 from pallas_kernels.small_gemm_fp8_triton import MAX_ROWS, small_gemm_fp8_reference  # noqa: F401 (callers)
 
-BLOCK_N, BLOCK_K = 32, 256
+# Each program streams its BLOCK_N weight rows through num_stages K tiles in flight. o and down have fewer
+# programs (128) than the H200 has SMs, so an SM's bytes in flight are one program's: 3 x 32 x 512 = 48 KB, about
+# what ~4 TB/s needs at ~1.5 us of latency over 132 SMs (Little's law; 256-wide tiles keep half that). A guess
+# until lab/fp8_gemm.py's tiling sweep on the GPU.
+BLOCK_N, BLOCK_K = 32, 512
 
 
 def _kernel(x_ref, g_ref, w_ref, wu_ref, ws_ref, wsu_ref, r_ref, o_ref, *, k: int, block_k: int, norm: bool,
@@ -80,7 +84,7 @@ def tiles_for(n_out: int, k: int, block_n: int = BLOCK_N, block_k: int = BLOCK_K
   """(block_n, block_k) no larger than the given ones that divide the output columns and K (powers of two from
   16), or None where none does (the caller then runs the reference)."""
   bn = next((b for b in (block_n, 16) if b <= block_n and n_out % b == 0), None)
-  bk = next((b for b in (block_k, 128, 64, 32, 16) if b <= block_k and k % b == 0), None)
+  bk = next((b for b in (block_k, 256, 128, 64, 32, 16) if b <= block_k and k % b == 0), None)
   return None if bn is None or bk is None else (bn, bk)
 
 
