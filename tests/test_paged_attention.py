@@ -53,19 +53,22 @@ def test_query_blocks_cover_chunks():
   assert list(start[:nb]) == [0, 1, 9, 17, 21] and list(length[:nb]) == [1, 8, 8, 4, 3]
 
 
-def test_two_calls_fill_one_output():
-  """Decode blocks with a small block_q, prefill blocks with a large one, written into one output."""
+@pytest.mark.parametrize("decode_first, decode_splits", [(True, 1), (False, 4)])
+def test_two_calls_fill_one_output(decode_first, decode_splits):
+  """Decode blocks with a small block_q, prefill blocks with a large one, written into one output in either order;
+  a decode call with key splits merges into its own rows only, keeping the other call's."""
   rng = np.random.default_rng()
-  q, cache, table, slots, positions, lengths, _ = _batch(rng, ctx=(5, 9, 30, 21), chunk=(1, 1, 20, 7))
+  q, cache, table, slots, positions, lengths, _ = _batch(rng, ctx=(5, 33, 30, 21), chunk=(1, 1, 20, 7))
   ref = paged_attention_reference(q, *cache, table, slots, positions)
   n = len(slots)
   d_start, d_len, d_nb = query_blocks(lengths[:2], n, 1)
   p_start, p_len, p_nb = query_blocks(lengths[2:], n, 8)
   p_start[:p_nb] += 2
-  out = paged_attention(q, *cache, table, slots, positions, d_start, d_len, jnp.int32(d_nb), num_sms=2, block_q=1,
-                        interpret=True)
-  out = paged_attention(q, *cache, table, slots, positions, p_start, p_len, jnp.int32(p_nb), num_sms=3, block_q=8,
-                        interpret=True, out=out, programs_per_sm=2)
+  decode = lambda out: paged_attention(q, *cache, table, slots, positions, d_start, d_len, jnp.int32(d_nb), num_sms=2,
+                                       block_q=1, pages_per_block=1, interpret=True, out=out, key_splits=decode_splits)
+  prefill = lambda out: paged_attention(q, *cache, table, slots, positions, p_start, p_len, jnp.int32(p_nb), num_sms=3,
+                                        block_q=8, interpret=True, out=out, programs_per_sm=2)
+  out = prefill(decode(None)) if decode_first else decode(prefill(None))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
 
 
@@ -80,22 +83,6 @@ def test_key_splits_match_the_reference(key_splits, window):
   start, length, nb = query_blocks(lengths, len(slots), 4)
   out = paged_attention(q, *cache, table, slots, positions, start, length, jnp.int32(nb), num_sms=3, block_q=4,
                         pages_per_block=1, sliding_window=window, interpret=True, key_splits=key_splits)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
-
-
-def test_a_split_call_keeps_the_rows_it_does_not_cover():
-  """The decode call with key splits, then the prefill call into the same output: each writes only its rows."""
-  rng = np.random.default_rng()
-  q, cache, table, slots, positions, lengths, _ = _batch(rng, ctx=(5, 33, 30, 21), chunk=(1, 1, 20, 7))
-  ref = paged_attention_reference(q, *cache, table, slots, positions)
-  n = len(slots)
-  d_start, d_len, d_nb = query_blocks(lengths[:2], n, 1)
-  p_start, p_len, p_nb = query_blocks(lengths[2:], n, 8)
-  p_start[:p_nb] += 2
-  out = paged_attention(q, *cache, table, slots, positions, p_start, p_len, jnp.int32(p_nb), num_sms=3, block_q=8,
-                        interpret=True)
-  out = paged_attention(q, *cache, table, slots, positions, d_start, d_len, jnp.int32(d_nb), num_sms=2, block_q=1,
-                        pages_per_block=1, interpret=True, out=out, key_splits=4)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
 
 
