@@ -411,10 +411,12 @@ class Executor:
       configs = ({**decode, "key_splits": splits}, configs[1])
 
     def kernels(q, k_cache, v_cache, layer, page_table, slots, positions, blocks):
-      # Two calls into one output: decodes (blocks of one token), then prefill chunks (blocks of 32); none for
-      # a kind the step's blocks leave empty (a decode-only step's variant: decode_only_variant).
+      # Two calls into one output: prefill chunks (blocks of 32), then decodes (blocks of one token); none for a
+      # kind the step's blocks leave empty (a decode-only step's variant: decode_only_variant). The decode call
+      # goes last so that its key splits' merge (XLA fusions) joins the command buffer after it; between the two
+      # jax-triton calls it was launched alone (lab/gpu_aot.py: 66 more host launches at 100 decodes).
       out = None
-      for bl, cfg in zip(blocks, configs):
+      for bl, cfg in reversed(list(zip(blocks, configs))):
         if bl[0].shape[0] == 0:
           continue
         out = attention_call(backend, q, k_cache, v_cache, layer, page_table, slots, positions, *bl,
