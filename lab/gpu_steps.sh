@@ -426,12 +426,13 @@ step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
 # small-step attention (which XLA compiles itself) makes it one graph. One process, one load, batch 1/8/32: the
 # default, + flash-decoding (split_decode_keys), the graph (small_step_attention), the graph + flash-decoding, and
 # that with each GEMM op as one Pallas kernel (small_fp8_gemm: 349 graph nodes instead of 666); then the plain JAX
-# step. Predictions in docs/history/perf-notes.md (session 23).
+# step. No TTFT here: each variant would compile the 128-token bucket once more (~15 s cold). ~450 s. Predictions in
+# docs/history/perf-notes.md (session 23).
 step_decode-cb()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py \
                               -k "pallas_attention_with_key_splits or small_gemm_fp8_pallas" \
                               || return 1
                             $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
-                              --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 --ttft_prompts=128 \
+                              --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 --ttft_prompts= \
                               --decode_variants=split:split_decode_keys=true --decode_variants=graph:small_step_attention=64 \
                               --decode_variants=graph-split:small_step_attention=64,split_decode_keys=true \
                               --decode_variants=graph-split-gemm:small_step_attention=64,split_decode_keys=true,small_fp8_gemm=true \
