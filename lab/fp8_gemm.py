@@ -69,6 +69,10 @@ def main(argv):
              "| op | M | XLA TB/s | ours TB/s | ours / XLA | best (block_n, block_k) | rel. error vs XLA | "
              "Pallas TB/s (best tiling) | Pallas / XLA | Pallas rel. error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    fused16 = ["", "The same whole op on bf16 weights, weight TB/s: XLA's (the engine's layers, jitted) against "
+               "pallas_kernels/small_gemm.py at its best tiling (--small_gemm with bf16 weights)", "",
+               "| op | M | XLA TB/s | Pallas TB/s (best tiling) | Pallas / XLA | Pallas rel. error |",
+               "|---|---|---|---|---|---|"]
     decode = ["", f"Small M (weight bytes per second; copy bandwidth in this run {bw['copy']:.2f} TB/s, read "
               f"{bw['read']:.2f}): W8A16 = the e4m3 weight converted in XLA's GEMM fusion, bf16 activations", "",
               "| GEMM | M | bf16 TB/s | fp8 engine path TB/s | bare fp8 dot TB/s | W8A16 TB/s | engine / bare | "
@@ -111,6 +115,8 @@ def main(argv):
         if m <= small_gemm_fp8_triton.MAX_ROWS:
           fused.append(_small_fused_row(name, a, w8, ws, k * n))
           print(fused[-1], flush=True)
+          fused16.append(_small_bf16_row(name, a, w))
+          print(fused16[-1], flush=True)
       lines.append(f"| {name} {k}x{n} | {m} | {tf(t_b):.0f} | {tf(t_f):.0f} | {t_b / t_f:.2f}x | {tf(t_r):.0f} | "
                    f"{t_b / t_r:.2f}x | {err:.4f} |")
       print(lines[-1], flush=True)
@@ -124,7 +130,7 @@ def main(argv):
     with open(gemm_fp8.CONFIG_FILE, "w") as f:
       json.dump({**gemm_fp8._tuned(), **chosen}, f, indent=1, sort_keys=True)
     ours.append(f"\n{len(chosen)} tilings written to {gemm_fp8.CONFIG_FILE}")
-  text = "\n".join(lines + (ours if FLAGS.mosaic else []) + (decode + fused if small else []))
+  text = "\n".join(lines + (ours if FLAGS.mosaic else []) + (decode + fused + fused16 if small else []))
   print(text)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
@@ -190,6 +196,46 @@ def _small_fused_row(name, a, w8, ws, weight_bytes) -> str:
     return f"| {name} | {m} | {tb(t_x):.2f} | no tiling compiled | - | - | - |" + tail
   t, tile, err = best
   return f"| {name} | {m} | {tb(t_x):.2f} | {tb(t):.2f} | {t_x / t:.2f}x | {tile} | {err:.4f} |" + tail
+
+
+def _small_bf16_row(name, a, w) -> str:
+  """One row: the whole small-M op on the bf16 weight w [K, N] as XLA runs the engine's layers, against the Pallas
+  small_gemm at each tiling (on the GPU; its error alone where interpreted)."""
+  import functools
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nanoflow_jax.perf import median_seconds
+  from pallas_kernels import small_gemm
+  m, k = a.shape
+  n = w.shape[1]
+  key = jax.random.PRNGKey(11)
+  kw = {"qkv": dict(norm_scale=(1 + 0.1 * jax.random.normal(key, (k,))).astype(a.dtype)),
+        "o": dict(residual=jax.random.normal(key, (m, n), a.dtype)),
+        "gate_up": dict(norm_scale=(1 + 0.1 * jax.random.normal(key, (k,))).astype(a.dtype), silu_mul=True),
+        "down": dict(residual=jax.random.normal(key, (m, n), a.dtype))}[name]
+  xla = jax.jit(functools.partial(small_gemm.small_gemm_reference, **kw))
+  want = np.asarray(xla(a, w), np.float32)
+  rel = lambda got: float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+  nbytes = 2 * k * n
+  tb = lambda t: nbytes / t / 1e12
+  if jax.default_backend() != "gpu":
+    got = np.asarray(small_gemm.small_gemm(a, w, interpret=True, **kw), np.float32)
+    return f"| {name} | {m} | - | interpreted | - | {rel(got):.4f} |"
+  t_x = median_seconds(xla, a, w)
+  timed = []
+  for bn, bk in SMALL_FUSED_TILES:
+    f = jax.jit(functools.partial(small_gemm.small_gemm, block_n=bn, block_k=bk, **kw))
+    try:
+      err = rel(np.asarray(f(a, w), np.float32))
+    except Exception as e:   # a tiling the compiler refuses: say so, try the next
+      print(f"  {name} M={m} bf16 Pallas ({bn}, {bk}): {type(e).__name__}: {str(e)[:200]}", flush=True)
+      continue
+    timed.append((median_seconds(f, a, w), (bn, bk), err))
+  if not timed:
+    return f"| {name} | {m} | {tb(t_x):.2f} | no tiling compiled | - | - |"
+  t, tile, err = min(timed)
+  return f"| {name} | {m} | {tb(t_x):.2f} | {tb(t):.2f} {tile} | {t_x / t:.2f}x | {err:.4f} |"
 
 
 def _ours_against_xla(name, a, w8, ws, flops) -> tuple[str, dict | None]:

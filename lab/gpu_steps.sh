@@ -425,7 +425,7 @@ step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
 # its flag for them is gone), so the default fp8 batch-1 step is 66 host launches (34 graphs), and the Pallas
 # small-step attention (which XLA compiles itself) makes it one graph. One process, one load, batch 1/8/32: the
 # default, + flash-decoding (split_decode_keys), the graph (small_step_attention), the graph + flash-decoding, and
-# that with each GEMM op as one Pallas kernel (small_fp8_gemm: 349 graph nodes instead of 666); then the plain JAX
+# that with each GEMM op as one Pallas kernel (small_gemm: 349 graph nodes instead of 666); then the plain JAX
 # step. No TTFT here: each variant would compile the 128-token bucket once more (~15 s cold). ~450 s. Predictions in
 # docs/history/perf-notes.md (session 23).
 step_decode-cb()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py \
@@ -435,7 +435,7 @@ step_decode-cb()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
                               --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 --ttft_prompts= \
                               --decode_variants=split:split_decode_keys=true --decode_variants=graph:small_step_attention=64 \
                               --decode_variants=graph-split:small_step_attention=64,split_decode_keys=true \
-                              --decode_variants=graph-split-gemm:small_step_attention=64,split_decode_keys=true,small_fp8_gemm=true \
+                              --decode_variants=graph-split-gemm:small_step_attention=64,split_decode_keys=true,small_gemm=true \
                               --plain_baseline \
                               --json_out="$OUT/decode-cb.json" --plot_out="$OUT/decode-cb.png" 2>&1 \
                               | grep --line-buffered -v "^W" | tee -a "$OUT/decode-cb.md" | grep --line-buffered -E "^\||decode|Error"; }
@@ -447,10 +447,12 @@ step_decode-overlap()     { $PY launch/benchmark.py --model=llama-3-8b --random_
 # Issue 27's bf16 targets (batch 1 <= 1.2x the floor, ~4.2 ms; TPOT <= 5 ms), one process: the default (scanned
 # layers), the layers unrolled, unrolled as one graph with flash-decoding (census: 506 kernels in one command
 # buffer, the plain JAX step 747), then the plain JAX step.
-step_decode-cb-w16()      { $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
+step_decode-cb-w16()      { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k small_gemm_bf16 || return 1
+                            $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
                               --kv_cache_dtype=fp8 --decode_sweep=1,8,32 --ttft_prompts=128 --layer_loop=scan \
                               --decode_variants=unrolled:layer_loop=unrolled \
                               --decode_variants=graph-split:layer_loop=unrolled,small_step_attention=64,split_decode_keys=true \
+                              --decode_variants=graph-split-gemm:layer_loop=unrolled,small_step_attention=64,split_decode_keys=true,small_gemm=true \
                               --plain_baseline --json_out="$OUT/decode-cb-w16.json" --plot_out="$OUT/decode-cb-w16.png" 2>&1 \
                               | grep --line-buffered -v "^W" | tee -a "$OUT/decode-cb-w16.md" | grep --line-buffered -E "^\||decode|Error"; }
 # Issue 27: where the batch-1 fp8 decode step's 6.24 ms go (floor 1.90 ms): one sequence at context 1024, traced
@@ -483,10 +485,10 @@ decode_off_on() { local name=$1 flag=$2; shift 2
                   done | tee -a "$OUT/$name.md"; }
 step_decode-split()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "key_splits" || return 1
                             decode_off_on decode-split split_decode_keys --decode_sweep=1,8,32; }
-# Session 22 (issue 27): small steps with each fp8 GEMM's whole op as one kernel (--small_fp8_gemm), fp8 weights and
+# Session 22 (issue 27): small steps with each fp8 GEMM's whole op as one kernel (--small_gemm), fp8 weights and
 # KV, batch 1/8/16, off then on; its GPU kernel test first.
 step_decode-small-gemm()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k small_gemm_fp8 || return 1
-                            decode_off_on decode-small-gemm small_fp8_gemm --quantization=fp8 --decode_sweep=1,8,16 \
+                            decode_off_on decode-small-gemm small_gemm --quantization=fp8 --decode_sweep=1,8,16 \
                               --ttft_prompts=128; }
 # Session 22: XLA's KV-append scatter with and without unique_indices (atomics), bf16 and fp8 caches, and the
 # fused Triton RoPE + append; predicted: the unique scatter several times faster on the fp8 cache.

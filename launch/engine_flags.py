@@ -52,9 +52,9 @@ def define(max_num_seqs: int) -> None:
                     "programs of the attention (Triton, or the Pallas kernel of --small_step_attention) and merge "
                     "them (flash-decoding: a batch-1 decode otherwise walks its keys on 8 programs); off until "
                     "measured (issue 27).")
-  flags.DEFINE_bool("small_fp8_gemm", False, "With fp8 weights, steps of at most 16 rows run each GEMM's whole op "
-                    "(the RMSNorm, the per-token quantization, the GEMM, the scales and epilogue) as one Triton "
-                    "kernel; off until measured (issue 27).")
+  flags.DEFINE_bool("small_gemm", False, "Steps of at most 16 rows run each GEMM's whole op (the RMSNorm, with fp8 "
+                    "weights the per-token quantization and the scales, the GEMM, the residual or SiLU-and-multiply) "
+                    "as one Pallas kernel, which XLA's command buffers record; off until measured (issue 27).")
   flags.DEFINE_bool("overlap_dispatch", False, "Dispatch each step on a thread of its own, beside the host's reading "
                     "of the last step and scheduling of the next: the host's time per step becomes the longer of "
                     "the two instead of their sum, and tokens reach clients one dispatch sooner (issue 27; +0.96% on "
@@ -108,7 +108,7 @@ def engine_kwargs() -> dict:
               enable_prefix_caching=FLAGS.enable_prefix_caching, host_kv_cache_gb=FLAGS.host_kv_cache_gb,
               small_step_attention=FLAGS.small_step_attention, fp8_gemm=FLAGS.fp8_gemm,
               overlap_dispatch=FLAGS.overlap_dispatch, split_decode_keys=FLAGS.split_decode_keys,
-              small_fp8_gemm=FLAGS.small_fp8_gemm)
+              small_gemm=FLAGS.small_gemm)
 
 
 # vLLM's names for our flags (`vllm serve` users' scripts run as they are); values map where vLLM's differ.

@@ -70,7 +70,7 @@ class EngineConfig:
                                           # kernel, which XLA's command buffers record (executor.py); 0: off
   split_decode_keys: bool = False         # small decode steps share each sequence's keys over several programs
                                           # (flash-decoding, Triton attention; not yet measured: off)
-  small_fp8_gemm: bool = False            # fp8 weights: steps of <= 16 rows run each GEMM's whole op (norm,
+  small_gemm: bool = False                # steps of <= 16 rows run each GEMM's whole op (norm, the fp8 weights'
                                           # quantization, GEMM, epilogue) as one kernel (not yet measured: off)
   kv_cache_dtype: str = "auto"            # auto (the model's dtype), bfloat16, float16, float32 or fp8
                                           # (float8_e4m3fn, no scales: half the bytes of bf16)
@@ -186,7 +186,7 @@ class Engine:
                              gemm=c.gemm, layer_unroll=c.layer_unroll, layer_loop=c.layer_loop,
                              mosaic_prefill=c.prefill_attention == "auto",
                              small_step_attention=c.small_step_attention, fp8_gemm=c.fp8_gemm,
-                             split_decode_keys=c.split_decode_keys, small_fp8_gemm=c.small_fp8_gemm)
+                             split_decode_keys=c.split_decode_keys, small_gemm=c.small_gemm)
     num_pages = self.executor.num_pages
     self.pool = kv_cache.PagePool(num_pages, c.page_size, caching=c.enable_prefix_caching)
     if c.host_kv_cache_gb > 0:

@@ -34,7 +34,7 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                  layer_loop: str = "auto", prefill_attention: str = "auto", quantization: str | None = None,
                  enable_prefix_caching: bool = True, host_kv_cache_gb: float = 0.0,
                  small_step_attention: int = 0, fp8_gemm: str = "xla", overlap_dispatch: bool = False,
-                 split_decode_keys: bool = False, small_fp8_gemm: bool = False) -> Engine:
+                 split_decode_keys: bool = False, small_gemm: bool = False) -> Engine:
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
   if mode == "nanoflow":
     from nanoflow_jax import compat
@@ -62,7 +62,7 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                      enable_prefix_caching=enable_prefix_caching, host_kv_cache_gb=host_kv_cache_gb,
                      small_step_attention=small_step_attention, fp8_gemm=fp8_gemm,
                      overlap_dispatch=overlap_dispatch, split_decode_keys=split_decode_keys,
-                     small_fp8_gemm=small_fp8_gemm)
+                     small_gemm=small_gemm)
   cfg.validate()   # before the model loads: a bad option costs nothing
   m = model_obj or load_model(model, dtype=dtype or default_dtype(), random_weights=random_weights, seed=seed,
                               sharding_fn=sharding_fn, quantization=quantization)

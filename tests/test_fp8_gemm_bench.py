@@ -22,3 +22,5 @@ def test_small_m_table_has_every_form(tmp_path):
   fused = next(line for line in text.splitlines() if line.startswith("| o | 1 |"))
   assert "unavailable (jax-triton)" in fused
   assert float(fused.split("|")[-2]) < 1e-2
+  fused16 = [line for line in text.splitlines() if line.startswith("| o | 1 |")][1]   # the bf16 whole op's row
+  assert "interpreted" in fused16 and float(fused16.split("|")[-2]) < 1e-2

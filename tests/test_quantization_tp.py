@@ -1,7 +1,7 @@
 """fp8 weights under tensor parallelism (4 CPU devices): the scales sharded with their weights, TP 2 through the
 per-device (shard_map) layer and TP 4 through XLA's partitioner give the single device's greedy tokens; so do TP 2 with the layers unrolled (per-layer arrays, each sharded) and
 TP 2 with the activation quantizations fused into their producers (fp8_gemm="xla_fused") and with the small
-steps' GEMM ops as one kernel (small_fp8_gemm); a repeated prompt hits the prefix cache under TP with the same
+steps' GEMM ops as one kernel (small_gemm); a repeated prompt hits the prefix cache under TP with the same
 tokens."""
 import json
 import os
@@ -46,10 +46,10 @@ llm = LLM("tiny", dtype="float32", dense_batch=64, num_pages=64, max_num_seqs=4,
 res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
 out["2f"] = {"tokens": [r.outputs[0].token_ids for r in res], "manual": llm.engine.executor.manual_tp}
 llm.engine.shutdown()
-# TP 2 with the small steps' whole GEMM ops as one kernel (small_fp8_gemm; its reference on the CPU): qkv and
+# TP 2 with the small steps' whole GEMM ops as one kernel (small_gemm; its reference on the CPU): qkv and
 # gate_up (column-parallel) take it with their norms, o and down (row-parallel) do not
 llm = LLM("tiny", dtype="float32", dense_batch=64, num_pages=64, max_num_seqs=4, tensor_parallel=2,
-          quantization="fp8", small_fp8_gemm=True)
+          quantization="fp8", small_gemm=True)
 res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
 out["2s"] = {"tokens": [r.outputs[0].token_ids for r in res], "manual": llm.engine.executor.manual_tp}
 print(json.dumps(out))

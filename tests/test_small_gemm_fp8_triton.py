@@ -56,33 +56,3 @@ def test_shapes_it_does_not_take_are_refused():
     sg._meta(17, 64, 64, norm=False, eps=1e-5, residual=False, silu_mul=False, round_=False, out_f16=False)
   with pytest.raises(ValueError, match="silu_mul"):
     sg._meta(1, 64, 63, norm=False, eps=1e-5, residual=False, silu_mul=True, round_=False, out_f16=False)
-
-
-def test_engine_runs_small_steps_through_the_kernel_and_gives_the_same_tokens(monkeypatch):
-  """small_fp8_gemm: steps of <= 16 rows run each fp8 GEMM's whole op through the hook (here its reference, the
-  unfused ops' math, so the tokens are the same as without), the norm carried into qkv and gate_up, the residual
-  into o and down, SiLU-and-multiply into gate_up; larger steps never reach it."""
-  from nanoflow_jax.engine import Engine, EngineConfig
-  from nanoflow_jax.model import load_model
-  from nanoflow_jax.sampling_params import SamplingParams
-  from pallas_kernels import small_gemm_fp8 as engine_kernel   # the engine's (Pallas) kernel and its reference
-  model = load_model("tiny", dtype="float32", random_weights=True, quantization="fp8")
-  real, seen = engine_kernel.small_gemm_fp8_reference, []
-
-  def counting(x, w8, w_scale, **kw):
-    seen.append((x.shape[0], kw["norm_scale"] is not None, kw["residual"] is not None, kw["silu_mul"]))
-    return real(x, w8, w_scale, **kw)
-  monkeypatch.setattr(engine_kernel, "small_gemm_fp8_reference", counting)
-  prompts = [list(range(5, 45)), [7, 8, 9, 10, 11] * 7]
-  out = {}
-  for small in (False, True):
-    eng = Engine(model, EngineConfig(dense_batch=64, num_pages=64, max_num_seqs=4, small_fp8_gemm=small,
-                                     compilation_cache_dir=None))
-    for i, p in enumerate(prompts):
-      eng.add_request(f"r{i}", p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-    eng.run_until_done()
-    out[small] = [eng.pop_output(f"r{i}").outputs[0].token_ids for i in range(len(prompts))]
-  assert out[True] == out[False]
-  assert seen and all(rows <= sg.MAX_ROWS for rows, *_ in seen)
-  kinds = {tuple(flags) for _, *flags in seen}
-  assert kinds == {(True, False, False), (False, True, False), (True, False, True)}   # qkv, o/down, gate_up

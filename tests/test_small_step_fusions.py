@@ -61,3 +61,24 @@ def test_small_fp8_gemm_hook_hands_the_kernel_what_the_op_has(monkeypatch, norm,
     assert got["norm_scale"] is g
   if residual:
     assert got["residual"] is r
+
+
+@pytest.mark.parametrize("norm,residual,silu_mul", [(True, False, False), (False, True, False), (True, False, True)])
+def test_small_gemm_hook_hands_the_unquantized_kernel_what_the_op_has(monkeypatch, norm, residual, silu_mul):
+  """The same for bf16 weights ([K, N]; gate_up's N = 2I): the kernel gets the tiles that divide, and a weight
+  in another dtype than the rows goes to the reference instead."""
+  from pallas_kernels import small_gemm
+  got = {}
+  monkeypatch.setattr(small_gemm, "small_gemm", lambda x, w, **kw: got.update(kw) or "kernel")
+  self = _gpu_executor()
+  self._on_stream, self.on_kernels = (lambda f: f), True
+  x, w = jnp.zeros((4, 64), jnp.bfloat16), jnp.zeros((64, 96), jnp.bfloat16)
+  g, r = jnp.full((64,), 2.0, jnp.bfloat16), jnp.full((4, 96), 3.0, jnp.bfloat16)
+  args = ((g, 1e-6) if norm else None, r if residual else None, silu_mul)
+  assert ex.Executor._small_gemm(self, x, w, *args) == "kernel"
+  assert got["silu_mul"] is silu_mul and got["eps"] == (1e-6 if norm else 1e-5)
+  assert ("norm_scale" in got) == norm and ("residual" in got) == residual
+  assert (got["block_n"], got["block_k"]) == ((16 if silu_mul else 32), 64)   # 48 or 96 columns, K 64
+  got.clear()
+  out = ex.Executor._small_gemm(self, x, w.astype(jnp.float32), *args)
+  assert not got and out.shape == (4, 48 if silu_mul else 96)

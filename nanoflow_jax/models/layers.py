@@ -81,6 +81,11 @@ def linear(x: jax.Array, w: jax.Array, spec: str, residual: jax.Array | None = N
   when a kernel is installed). With `fp8` (w is e4m3): the fp8 GEMM, activations quantized per token."""
   if fp8 is not None:
     return _fp8_linear(x, w, spec, residual, fp8)
+  y = _small_linear(x, w, _contracted_dims(spec), residual, silu_mul=False)
+  if y is not None:
+    return y
+  if isinstance(x, NormedRows):   # (the small-step kernel declined: the norm as the unfused layers compute it)
+    x = x.normed()
   gemm = _GEMM.get()
   if gemm is not None:
     nk = _contracted_dims(spec)
@@ -190,8 +195,41 @@ def use_small_fp8_gemm(fn: SmallFp8GemmFn | None, max_rows: int = 0):
   return _installed(_SMALL_FP8_GEMM, None if fn is None else (fn, max_rows))
 
 
+# The same for unquantized (bf16/f16) weights (pallas_kernels/small_gemm.py): fn(x [M, K], w [K, N], norm (scale
+# [K], eps) or None, residual [M, N] or None, silu_mul) -> the op's result, or None where it does not take it.
+SmallGemmFn = Callable[..., "jax.Array | None"]
+_SMALL_GEMM: contextvars.ContextVar["tuple[SmallGemmFn, int] | None"] = contextvars.ContextVar(
+    "small_gemm", default=None)
+
+
+def use_small_gemm(fn: SmallGemmFn | None, max_rows: int = 0):
+  return _installed(_SMALL_GEMM, None if fn is None else (fn, max_rows))
+
+
+def _small_unquantized_step(rows: int):
+  """The installed small-step kernel for unquantized weights where it takes `rows` input rows, else None."""
+  small = _SMALL_GEMM.get()
+  return small[0] if small is not None and rows <= small[1] else None
+
+
+def _small_linear(x, w, nk: int, residual, silu_mul: bool):
+  """linear / linear_silu_mul of unquantized w through the installed small-step kernel, or None where there is
+  none for the step or it declines. x may be NormedRows (the norm goes into the kernel's prologue)."""
+  lead = x.shape[:x.ndim - nk]
+  small = _small_unquantized_step(math.prod(lead))
+  if small is None:
+    return None
+  rows = x.x if isinstance(x, NormedRows) else x
+  norm = (x.scale, x.eps) if isinstance(x, NormedRows) else None
+  k = math.prod(x.shape[x.ndim - nk:])
+  out_dims = w.shape[-1:] if silu_mul else w.shape[nk:]   # silu_mul: [K.., 2, I] -> [I]
+  res = None if residual is None else residual.reshape(-1, math.prod(out_dims))
+  y = small(rows.reshape(-1, k), w.reshape(k, -1), norm, res, silu_mul)
+  return None if y is None else y.reshape(*lead, *out_dims)
+
+
 class NormedRows(NamedTuple):
-  """rms_norm(x, scale, eps), not yet computed: the next fp8 GEMM's small-step kernel computes it in its prologue
+  """rms_norm(x, scale, eps), not yet computed: the next GEMM's small-step kernel computes it in its prologue
   (rms_norm_for gives it where the runtime installed that kernel; `linear` takes it in place of x, and computes
   the norm itself if the kernel declines)."""
   x: jax.Array
@@ -225,7 +263,10 @@ def rms_norm_for(x: jax.Array, scale: jax.Array, eps: float, quantize_for: Fp8 |
   """rms_norm(x), or, where the runtime installed the fused kernel and `quantize_for` (the next GEMM's Fp8)
   takes it, that norm already quantized for the GEMM (Fp8Rows: never written in the model dtype), or, in a
   step the small-step fp8 kernel takes, the norm left to that kernel (NormedRows)."""
-  if _small_step(math.prod(x.shape[:-1]), quantize_for) is not None:   # the norm goes into the GEMM's prologue
+  rows = math.prod(x.shape[:-1])
+  if _small_step(rows, quantize_for) is not None:   # the norm goes into the fp8 GEMM's prologue
+    return NormedRows(x, scale, eps)
+  if quantize_for is None and _small_unquantized_step(rows) is not None:   # or the unquantized GEMM's
     return NormedRows(x, scale, eps)
   fused = _RMS_NORM_QUANT.get()
   if fused is not None and _takes_fused_quantization(quantize_for):
@@ -290,6 +331,11 @@ def linear_silu_mul(x: jax.Array, w: jax.Array, spec: str, fp8: Fp8 | None = Non
   (Fp8Rows: see _fp8_linear)."""
   if fp8 is not None:
     return _fp8_linear(x, w, spec, None, fp8, epilogue="silu_mul", quantize_for=quantize_for)
+  y = _small_linear(x, w, w.ndim - 2, None, silu_mul=True)
+  if y is not None:
+    return y
+  if isinstance(x, NormedRows):
+    x = x.normed()
   gemm = _GEMM.get()
   if gemm is not None:
     k = math.prod(w.shape[:-2])

@@ -28,6 +28,7 @@ from pallas_kernels import gemm as gemm_kernel
 from pallas_kernels import gemm_fp8 as gemm_fp8_kernel
 from pallas_kernels import rms_norm_quant_triton as rms_norm_quant_kernel
 from pallas_kernels import silu_mul_quant_triton as silu_mul_quant_kernel
+from pallas_kernels import small_gemm as small_gemm_kernel
 from pallas_kernels import small_gemm_fp8 as small_gemm_fp8_kernel
 from pallas_kernels import grouped_gemm as grouped_gemm_kernel
 from pallas_kernels import hardware
@@ -135,7 +136,7 @@ class Executor:
                fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
                layer_unroll: int = 1, mosaic_prefill: bool = True, layer_loop: str = "auto",
                small_step_attention: int = 0, fp8_gemm: str = "xla", split_decode_keys: bool = False,
-               small_fp8_gemm: bool = False):
+               small_gemm: bool = False):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
     jnp reference elsewhere); off by default until measured on the GPU (docs/history/perf-notes.md).
@@ -172,11 +173,11 @@ class Executor:
     rms_norm_quant_triton.py; their jnp references on the other kernel paths) or "mosaic"
     (pallas_kernels/gemm_fp8.py: the scales, the residual and gate_up's SiLU-and-multiply in its epilogue);
     XLA's until another is measured faster on the GPU.
-    small_fp8_gemm: with fp8 weights, steps of at most small_gemm_fp8.MAX_ROWS rows run each GEMM's whole op (the
-    RMSNorm before qkv and gate_up, the per-token quantization, the GEMM, the scales, the residual or
-    SiLU-and-multiply) as one kernel (pallas_kernels/small_gemm_fp8.py on the GPU: a Pallas kernel, recorded in
-    the step's command buffer, unlike its jax-triton sibling small_gemm_fp8_triton.py; its reference, the
-    unfused ops' math, elsewhere); off until measured (issue 27).
+    small_gemm: steps of at most 16 rows run each GEMM's whole op (the RMSNorm before qkv and gate_up, with fp8
+    weights the per-token quantization and the scales, the GEMM, the residual or SiLU-and-multiply) as one kernel
+    (on the GPU Pallas kernels, recorded in the step's command buffer: pallas_kernels/small_gemm_fp8.py, unlike
+    its jax-triton sibling small_gemm_fp8_triton.py, and small_gemm.py for bf16/f16 weights; their references,
+    the unfused ops' math, elsewhere); dense models only; off until measured (issue 27).
     split_decode_keys: each decode's keys shared out over several programs and merged (flash-decoding: the
     attention kernels' key_splits), as many as fill the decode kernel's programs for the step's bucket
     (key_splits_for: 1 for large steps); on the Triton kernel and on the Pallas one of small_step_attention's
@@ -236,7 +237,8 @@ class Executor:
     self.small_step_attention = small_step_attention if self.kernels == "triton" else 0
     self.small_attention_configs = attention_kernels.configs("pallas", self.kv_dtype)
     self.split_decode_keys = split_decode_keys and self.kernels != "reference"
-    self.small_fp8_gemm = small_fp8_gemm
+    # (not for MoE: the experts' grouped GEMM takes the MLP norm's output as an array)
+    self.small_gemm = small_gemm and not cfg.is_moe
     if beside_attention is None:   # the plan's variant, unless the caller (a bench) gives its own
       beside_attention = plan.beside_attention if plan is not None else {}
     self.beside_attention = dict(beside_attention)
@@ -502,7 +504,7 @@ class Executor:
                                              num_sms=self._sms()))(x, scale)
 
   def _small_fp8_gemm(self, x, w8, w_scale, norm, residual, silu_mul):
-    """small_fp8_gemm: a small step's whole fp8 GEMM op as one kernel on the nano-op's stream (the GPU's kernel
+    """small_gemm: a small step's whole fp8 GEMM op as one kernel on the nano-op's stream (the GPU's kernel
     paths: the Pallas kernel, which XLA compiles itself and so keeps in the step's command buffer); the other
     paths, and shapes its tiles do not divide, run its reference, the unfused ops' math."""
     eps = 1e-5 if norm is None else norm[1]
@@ -519,6 +521,24 @@ class Executor:
       return small_gemm_fp8_kernel.small_gemm_fp8(x, w8, w_scale, eps=eps, silu_mul=silu_mul, block_n=tiles[0],
                                                   block_k=tiles[1], **dict(zip(extras, values)))
     return self._on_stream(call)(x, w8, w_scale, *extras.values())
+
+  def _small_gemm(self, x, w, norm, residual, silu_mul):
+    """small_gemm with unquantized weights: a small step's whole GEMM op (the norm, the GEMM, the residual or
+    SiLU-and-multiply) as one Pallas kernel on the nano-op's stream (the GPU's kernel paths); the other paths,
+    and shapes or dtypes it does not take, run its reference, the unfused ops' math."""
+    eps = 1e-5 if norm is None else norm[1]
+    extras = {k: v for k, v in (("norm_scale", None if norm is None else norm[0]), ("residual", residual))
+              if v is not None}
+    tiles = small_gemm_kernel.tiles_for(w.shape[1] // 2 if silu_mul else w.shape[1], x.shape[1])
+    if (not self.on_kernels or x.dtype not in (jnp.bfloat16, jnp.float16) or w.dtype != x.dtype
+        or tiles is None):
+      return small_gemm_kernel.small_gemm_reference(x, w, norm_scale=extras.get("norm_scale"), eps=eps,
+                                                    residual=residual, silu_mul=silu_mul)
+
+    def call(x, w, *values):
+      return small_gemm_kernel.small_gemm(x, w, eps=eps, silu_mul=silu_mul, block_n=tiles[0], block_k=tiles[1],
+                                          **dict(zip(extras, values)))
+    return self._on_stream(call)(x, w, *extras.values())
 
   def _run_kernel(self, fn, *arrays):
     """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
@@ -711,8 +731,9 @@ class Executor:
            layers.use_fp8_gemm(None if self.kernels == "reference" else self._fp8_gemm), \
            layers.use_silu_mul_quant(self._silu_mul_quant if self.fp8_gemm == "xla_fused" else None), \
            layers.use_rms_norm_quant(self._rms_norm_quant if self.fp8_gemm == "xla_fused" else None), \
-           layers.use_small_fp8_gemm(self._small_fp8_gemm if self.small_fp8_gemm else None,
+           layers.use_small_fp8_gemm(self._small_fp8_gemm if self.small_gemm else None,
                                      small_gemm_fp8_kernel.MAX_ROWS), \
+           layers.use_small_gemm(self._small_gemm if self.small_gemm else None, small_gemm_kernel.MAX_ROWS), \
            layers.use_grouped_gemm(None if self.kernels == "reference" else self._grouped_gemm):
         lowered = self._jitted.lower(self.params, self.kv, self.last_tokens, self.counts, self.prompt_mask, inp)
       options = dict(compat.STREAM_ANNOTATION_OPTIONS if self.annotate else {})

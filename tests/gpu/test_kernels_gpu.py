@@ -323,10 +323,31 @@ def test_small_gemm_fp8_kernel_matches_reference(kind, m):
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("kind", ["qkv", "o", "gate_up", "down"])
 def test_small_gemm_fp8_pallas_kernel_matches_reference(kind, m):
-  """The same op as the Pallas kernel the engine runs with --small_fp8_gemm (XLA compiles it: it stays in the
+  """The same op as the Pallas kernel the engine runs with --small_gemm (XLA compiles it: it stays in the
   step's command buffer), the same bounds."""
   from pallas_kernels import small_gemm_fp8 as sg
   _small_gemm_case(sg, kind, m)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("kind", ["qkv", "o", "gate_up", "down"])
+def test_small_gemm_bf16_pallas_kernel_matches_reference(kind, m):
+  """--small_gemm with bf16 weights: the Pallas kernel (norm, GEMM, residual or SiLU-and-multiply) at the 8B's
+  shapes against the engine's ops under XLA (which may keep the norm in f32 across its bf16 cast: a bf16 step
+  apart at most, so the whole to 1%)."""
+  from pallas_kernels import small_gemm as sg
+  k, n = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 2 * 14336), "down": (14336, 4096)}[kind]
+  keys = jax.random.split(jax.random.PRNGKey(m + 100), 4)
+  x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+  w = (0.02 * jax.random.normal(keys[1], (k, n), jnp.float32)).astype(jnp.bfloat16)
+  kw = {"qkv": dict(norm_scale=(1 + 0.1 * jax.random.normal(keys[2], (k,))).astype(jnp.bfloat16)),
+        "o": dict(residual=jax.random.normal(keys[3], (m, n), jnp.bfloat16)),
+        "gate_up": dict(norm_scale=(1 + 0.1 * jax.random.normal(keys[2], (k,))).astype(jnp.bfloat16), silu_mul=True),
+        "down": dict(residual=jax.random.normal(keys[3], (m, n), jnp.bfloat16))}[kind]
+  want = np.asarray(jax.jit(lambda x: sg.small_gemm_reference(x, w, **kw))(x), np.float32)
+  got = np.asarray(jax.jit(lambda x: sg.small_gemm(x, w, **kw))(x), np.float32)
+  assert got.shape == want.shape
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
 def _small_gemm_case(sg, kind, m):
