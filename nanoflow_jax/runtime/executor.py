@@ -177,13 +177,14 @@ class Executor:
     weights the per-token quantization and the scales, the GEMM, the residual or SiLU-and-multiply) as one kernel
     (on the GPU Pallas kernels, recorded in the step's command buffer: pallas_kernels/small_gemm_fp8.py, unlike
     its jax-triton sibling small_gemm_fp8_triton.py, and small_gemm.py for bf16/f16 weights; their references,
-    the unfused ops' math, elsewhere); dense models only; off until measured (issue 27).
+    the unfused ops' math, elsewhere); dense models only; off: measured slower than XLA's GEMMs in the step on an
+    H100 (docs/history/perf-notes.md, session 23).
     split_decode_keys: each decode's keys shared out over several programs and merged (flash-decoding: the
     attention kernels' key_splits), as many as fill the decode kernel's programs for the step's bucket
     (key_splits_for: 1 for large steps); on the Triton kernel and on the Pallas one of small_step_attention's
     steps (there as many as fill SPLIT_ITEMS_PER_SM work items per SM). A batch-1 decode otherwise walks its
-    1024 keys in 16 dependent blocks on 8 programs (0.044 ms a layer for 2 MB; session 21's trace). Not yet
-    measured: off.
+    1024 keys in 16 dependent blocks on 8 programs (0.044 ms a layer for 2 MB; session 21's trace). Measured on
+    an H100: -10% / -14% / -4% a step at batch 1 / 8 / 32; off until its GPU test has run.
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
