@@ -439,10 +439,11 @@ step_decode-cb()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
                               --plain_baseline \
                               --json_out="$OUT/decode-cb.json" --plot_out="$OUT/decode-cb.png" 2>&1 \
                               | grep --line-buffered -v "^W" | tee -a "$OUT/decode-cb.md" | grep --line-buffered -E "^\||decode|Error"; }
-# Issue 27: the small decode steps with and without a dispatch thread (--overlap_dispatch), fp8 weights and KV;
-# one process, one load (--compare=overlap).
+# Issue 27: the small decode steps with and without a dispatch thread (--overlap_dispatch), fp8 weights and KV,
+# with flash-decoding (session 23: the faster small step on an H100; its host dispatch, 2.5-3.5 ms, is what the
+# thread would hide); one process, one load (--compare=overlap).
 step_decode-overlap()     { $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 \
-                              --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 \
+                              --max_num_seqs=64 --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 --split_decode_keys \
                               --compare=overlap --json_out="$OUT/decode-overlap.json" --plot_out="$OUT/decode-overlap.png"; }
 # Issue 27's bf16 targets (batch 1 <= 1.2x the floor, ~4.2 ms; TPOT <= 5 ms), one process: the default (scanned
 # layers), the layers unrolled, unrolled as one graph with flash-decoding (census: 506 kernels in one command
