@@ -77,10 +77,28 @@ def _kernel(x_ref, g_ref, w_ref, wu_ref, r_ref, o_ref, *, k: int, block_k: int, 
 
 def tiles_for(n_out: int, k: int, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> tuple[int, int] | None:
   """(block_n, block_k) no larger than the given ones that divide the output columns and K (powers of two from
-  16), or None where none does (the caller then runs the reference)."""
+  16), or None where none does (the caller then runs the reference). Both small-step kernels' choice."""
   bn = next((b for b in (block_n, 16) if b <= block_n and n_out % b == 0), None)
-  bk = next((b for b in (block_k, 128, 64, 32, 16) if b <= block_k and k % b == 0), None)
+  bk = next((b for b in (block_k, 256, 128, 64, 32, 16) if b <= block_k and k % b == 0), None)
   return None if bn is None or bk is None else (bn, bk)
+
+
+def operands(name: str, x, n: int, norm_scale, residual, silu_mul: bool, block_n: int, block_k: int):
+  """What both small-step kernels check and pad before their call: x [M, K] with M <= MAX_ROWS, N weight columns
+  (gate_up: gate then up), tiles that divide. Returns (n_out, x, norm scale, residual), the rows padded to
+  MAX_ROWS and the absent operands as small placeholders the kernel does not read."""
+  m, k = x.shape
+  if m > MAX_ROWS:
+    raise ValueError(f"{name} takes at most {MAX_ROWS} rows, got {m}")
+  if silu_mul and (n % 2 or residual is not None):
+    raise ValueError(f"{name}'s silu_mul takes gate and up halves (an even N) and no residual")
+  n_out = n // 2 if silu_mul else n
+  if n_out % block_n or k % block_k:
+    raise ValueError(f"{name} tiles N {n_out} by {block_n} and K {k} by {block_k}: they must divide")
+  pad = lambda a: jnp.pad(a, ((0, MAX_ROWS - m), (0, 0))) if m < MAX_ROWS else a
+  g = norm_scale.astype(x.dtype) if norm_scale is not None else jnp.zeros((block_k,), x.dtype)
+  res = pad(residual) if residual is not None else jnp.zeros((MAX_ROWS, block_n), x.dtype)
+  return n_out, pad(x), g, res
 
 
 def small_gemm(x, w, *, norm_scale=None, eps: float = 1e-5, residual=None, silu_mul: bool = False,
@@ -91,20 +109,10 @@ def small_gemm(x, w, *, norm_scale=None, eps: float = 1e-5, residual=None, silu_
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plt
   m, k = x.shape
-  n = w.shape[1]
-  if m > MAX_ROWS:
-    raise ValueError(f"small_gemm takes at most {MAX_ROWS} rows, got {m}")
-  if silu_mul and (n % 2 or residual is not None):
-    raise ValueError("small_gemm's silu_mul takes gate and up columns (an even N) and no residual")
   if w.shape[0] != k or w.dtype != x.dtype:
     raise ValueError(f"small_gemm takes w [K={k}, N] in x's dtype {x.dtype}, got {w.shape} {w.dtype}")
-  n_out = n // 2 if silu_mul else n
-  if n_out % block_n or k % block_k:
-    raise ValueError(f"small_gemm tiles N {n_out} by {block_n} and K {k} by {block_k}: they must divide")
+  n_out, xp, g, res = operands("small_gemm", x, w.shape[1], norm_scale, residual, silu_mul, block_n, block_k)
   rows = MAX_ROWS
-  pad = lambda a: jnp.pad(a, ((0, rows - m), (0, 0))) if m < rows else a
-  g = norm_scale.astype(x.dtype) if norm_scale is not None else jnp.zeros((block_k,), x.dtype)
-  res = pad(residual) if residual is not None else jnp.zeros((rows, block_n), x.dtype)
   up = n_out // block_n if silu_mul else 0   # the up half's column blocks start there
   whole = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   kernel = functools.partial(_kernel, k=k, block_k=block_k, norm=norm_scale is not None, eps=eps,
@@ -119,5 +127,5 @@ def small_gemm(x, w, *, norm_scale=None, eps: float = 1e-5, residual=None, silu_
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="small_gemm",
-  )(pad(x), g, w, w, res)
+  )(xp, g, w, w, res)
   return out[:m] if m < rows else out

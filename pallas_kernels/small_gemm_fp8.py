@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ops_reference
+from pallas_kernels.small_gemm import operands
 from pallas_kernels.small_gemm_fp8_triton import MAX_ROWS, small_gemm_fp8_reference  # noqa: F401 (callers)
 
 # Each program streams its BLOCK_N weight rows through num_stages K tiles in flight. o and down have fewer
@@ -80,14 +81,6 @@ def _kernel(x_ref, g_ref, w_ref, wu_ref, ws_ref, wsu_ref, r_ref, o_ref, *, k: in
   o_ref[...] = y.astype(o_ref.dtype)
 
 
-def tiles_for(n_out: int, k: int, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> tuple[int, int] | None:
-  """(block_n, block_k) no larger than the given ones that divide the output columns and K (powers of two from
-  16), or None where none does (the caller then runs the reference)."""
-  bn = next((b for b in (block_n, 16) if b <= block_n and n_out % b == 0), None)
-  bk = next((b for b in (block_k, 256, 128, 64, 32, 16) if b <= block_k and k % b == 0), None)
-  return None if bn is None or bk is None else (bn, bk)
-
-
 def pl_ds(start, size):
   from jax.experimental import pallas as pl
   return pl.ds(start, size)
@@ -101,22 +94,11 @@ def small_gemm_fp8(x, w8, w_scale, *, norm_scale=None, eps: float = 1e-5, residu
   the reference on this backend (rounded on a GPU). Unjitted (legal inside a stream-annotated computation)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plt
-  m, k = x.shape
-  n = w8.shape[0]
-  if m > MAX_ROWS:
-    raise ValueError(f"small_gemm_fp8 takes at most {MAX_ROWS} rows, got {m}")
-  if silu_mul and (n % 2 or residual is not None):
-    raise ValueError("small_gemm_fp8's silu_mul takes gate and up rows (an even N) and no residual")
-  n_out = n // 2 if silu_mul else n
-  if n_out % block_n or k % block_k:
-    raise ValueError(f"small_gemm_fp8 tiles N {n_out} by {block_n} and K {k} by {block_k}: they must divide")
+  m = x.shape[0]
+  n_out, xp, g, res = operands("small_gemm_fp8", x, w8.shape[0], norm_scale, residual, silu_mul, block_n, block_k)
   if round_product is None:
     round_product = jax.default_backend() == "gpu"
-  rows = MAX_ROWS
-  xp = jnp.pad(x, ((0, rows - m), (0, 0))) if m < rows else x
-  g = norm_scale.astype(x.dtype) if norm_scale is not None else jnp.zeros((block_k,), x.dtype)
-  res = (jnp.pad(residual, ((0, rows - m), (0, 0))) if m < rows else residual) if residual is not None else \
-      jnp.zeros((rows, block_n), x.dtype)
+  k, rows = x.shape[1], MAX_ROWS
   ws = w_scale.astype(jnp.float32).reshape(-1)
   up = n_out // block_n if silu_mul else 0   # the up half's column blocks start there
   whole = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))

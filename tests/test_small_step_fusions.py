@@ -13,6 +13,7 @@ def _gpu_executor():
   # what the hooks read before choosing a kernel
   self = types.SimpleNamespace(kernels="triton")
   self._keeps_xla_fusions = lambda rows: ex.Executor._keeps_xla_fusions(self, rows)
+  self._small_op = lambda *a, **kw: ex.Executor._small_op(self, *a, **kw)   # the small-step hooks' common path
   return self
 
 

@@ -214,18 +214,24 @@ def _small_unquantized_step(rows: int):
 
 def _small_linear(x, w, nk: int, residual, silu_mul: bool):
   """linear / linear_silu_mul of unquantized w through the installed small-step kernel, or None where there is
-  none for the step or it declines. x may be NormedRows (the norm goes into the kernel's prologue)."""
-  lead = x.shape[:x.ndim - nk]
-  small = _small_unquantized_step(math.prod(lead))
+  none for the step or it declines."""
+  small = _small_unquantized_step(math.prod(x.shape[:x.ndim - nk]))
   if small is None:
     return None
+  out_dims = w.shape[-1:] if silu_mul else w.shape[nk:]   # silu_mul: [K.., 2, I] -> [I]
+  k = math.prod(x.shape[x.ndim - nk:])
+  return _small_op(small, x, nk, out_dims, (w.reshape(k, -1),), residual, silu_mul)
+
+
+def _small_op(small, x, nk: int, out_dims, weights, residual, silu_mul: bool):
+  """The whole op through a small-step kernel (either weight kind: `weights` as the kernel takes them), reshaped
+  as the layer's; None where the kernel declines. x may be NormedRows (the norm goes into the kernel's
+  prologue)."""
   rows = x.x if isinstance(x, NormedRows) else x
   norm = (x.scale, x.eps) if isinstance(x, NormedRows) else None
-  k = math.prod(x.shape[x.ndim - nk:])
-  out_dims = w.shape[-1:] if silu_mul else w.shape[nk:]   # silu_mul: [K.., 2, I] -> [I]
   res = None if residual is None else residual.reshape(-1, math.prod(out_dims))
-  y = small(rows.reshape(-1, k), w.reshape(k, -1), norm, res, silu_mul)
-  return None if y is None else y.reshape(*lead, *out_dims)
+  y = small(rows.reshape(-1, math.prod(x.shape[x.ndim - nk:])), *weights, norm, res, silu_mul)
+  return None if y is None else y.reshape(*x.shape[:x.ndim - nk], *out_dims)
 
 
 class NormedRows(NamedTuple):
@@ -286,12 +292,9 @@ def _fp8_linear(x, w8, spec, residual, fp8: Fp8, epilogue: str | None = None, qu
   out_dims = w8.shape[:-1] if epilogue is None else w8.shape[-2:-1]   # silu_mul: [2, I, K] -> [I]
   small = None if isinstance(x, Fp8Rows) else _small_step(math.prod(x.shape[:x.ndim - nk]), fp8)
   if small is not None:   # the whole op in one kernel: (the norm,) the quantization, the GEMM, the epilogue
-    rows = x.x if isinstance(x, NormedRows) else x
-    norm = (x.scale, x.eps) if isinstance(x, NormedRows) else None
-    res = None if residual is None else residual.reshape(-1, math.prod(out_dims))
-    y = small(rows.reshape(-1, k), w8.reshape(-1, k), fp8.scale.reshape(-1), norm, res, epilogue == "silu_mul")
+    y = _small_op(small, x, nk, out_dims, (w8.reshape(-1, k), fp8.scale.reshape(-1)), residual, epilogue == "silu_mul")
     if y is not None:
-      return y.reshape(*x.shape[:x.ndim - nk], *out_dims)
+      return y
   if isinstance(x, NormedRows):   # (the kernel declined: the norm as the unfused layers compute it)
     x = x.normed()
   if isinstance(x, Fp8Rows):

@@ -505,41 +505,36 @@ class Executor:
                                              num_sms=self._sms()))(x, scale)
 
   def _small_fp8_gemm(self, x, w8, w_scale, norm, residual, silu_mul):
-    """small_gemm: a small step's whole fp8 GEMM op as one kernel on the nano-op's stream (the GPU's kernel
-    paths: the Pallas kernel, which XLA compiles itself and so keeps in the step's command buffer); the other
-    paths, and shapes its tiles do not divide, run its reference, the unfused ops' math."""
+    """small_gemm with fp8 weights: a small step's whole fp8 GEMM op as one Pallas kernel (small_gemm_fp8.py, which
+    XLA compiles itself and so keeps in the step's command buffer); see _small_op."""
+    k = small_gemm_fp8_kernel
+    return self._small_op(k.small_gemm_fp8, k.small_gemm_fp8_reference, k, x, (w8, w_scale), w8.shape[0], norm,
+                          residual, silu_mul)
+
+  def _small_gemm(self, x, w, norm, residual, silu_mul):
+    """small_gemm with unquantized weights: the norm, the GEMM, the residual or SiLU-and-multiply as one Pallas
+    kernel (small_gemm.py; a weight in another dtype than the rows goes to the reference); see _small_op."""
+    k = small_gemm_kernel
+    return self._small_op(k.small_gemm, k.small_gemm_reference, k, x, (w,), w.shape[1], norm, residual, silu_mul,
+                          takes=w.dtype == x.dtype)
+
+  def _small_op(self, kernel, reference, module, x, weights, n, norm, residual, silu_mul, takes=True):
+    """Both small-step hooks: `kernel` on the nano-op's stream on the GPU's kernel paths, at the largest tiles up to
+    `module`'s defaults that divide its n weight columns (gate_up: halves) and K; `reference` (the unfused ops'
+    math) elsewhere, and for shapes no tile divides, rows in neither bf16 nor f16, or where not `takes`."""
     eps = 1e-5 if norm is None else norm[1]
     # the optional arrays, by keyword, that are there (the stream-annotated call takes arrays as arguments)
     extras = {k: v for k, v in (("norm_scale", None if norm is None else norm[0]), ("residual", residual))
               if v is not None}
-    tiles = small_gemm_fp8_kernel.tiles_for(w8.shape[0] // 2 if silu_mul else w8.shape[0], x.shape[1])
-    if not self.on_kernels or x.dtype not in (jnp.bfloat16, jnp.float16) or tiles is None:
-      return small_gemm_fp8_kernel.small_gemm_fp8_reference(
-          x, w8, w_scale, norm_scale=extras.get("norm_scale"), eps=eps, residual=residual, silu_mul=silu_mul,
-          out_dtype=x.dtype)
+    tiles = small_gemm_kernel.tiles_for(n // 2 if silu_mul else n, x.shape[1], module.BLOCK_N, module.BLOCK_K)
+    if not self.on_kernels or x.dtype not in (jnp.bfloat16, jnp.float16) or not takes or tiles is None:
+      return reference(x, *weights, norm_scale=extras.get("norm_scale"), eps=eps, residual=residual,
+                       silu_mul=silu_mul)
 
-    def call(x, w8, w_scale, *values):
-      return small_gemm_fp8_kernel.small_gemm_fp8(x, w8, w_scale, eps=eps, silu_mul=silu_mul, block_n=tiles[0],
-                                                  block_k=tiles[1], **dict(zip(extras, values)))
-    return self._on_stream(call)(x, w8, w_scale, *extras.values())
-
-  def _small_gemm(self, x, w, norm, residual, silu_mul):
-    """small_gemm with unquantized weights: a small step's whole GEMM op (the norm, the GEMM, the residual or
-    SiLU-and-multiply) as one Pallas kernel on the nano-op's stream (the GPU's kernel paths); the other paths,
-    and shapes or dtypes it does not take, run its reference, the unfused ops' math."""
-    eps = 1e-5 if norm is None else norm[1]
-    extras = {k: v for k, v in (("norm_scale", None if norm is None else norm[0]), ("residual", residual))
-              if v is not None}
-    tiles = small_gemm_kernel.tiles_for(w.shape[1] // 2 if silu_mul else w.shape[1], x.shape[1])
-    if (not self.on_kernels or x.dtype not in (jnp.bfloat16, jnp.float16) or w.dtype != x.dtype
-        or tiles is None):
-      return small_gemm_kernel.small_gemm_reference(x, w, norm_scale=extras.get("norm_scale"), eps=eps,
-                                                    residual=residual, silu_mul=silu_mul)
-
-    def call(x, w, *values):
-      return small_gemm_kernel.small_gemm(x, w, eps=eps, silu_mul=silu_mul, block_n=tiles[0], block_k=tiles[1],
-                                          **dict(zip(extras, values)))
-    return self._on_stream(call)(x, w, *extras.values())
+    def call(x, *arrays):
+      return kernel(x, *arrays[:len(weights)], eps=eps, silu_mul=silu_mul, block_n=tiles[0], block_k=tiles[1],
+                    **dict(zip(extras, arrays[len(weights):])))
+    return self._on_stream(call)(x, *weights, *extras.values())
 
   def _run_kernel(self, fn, *arrays):
     """A Mosaic GPU kernel call: in interpret mode on the CPU, else on the nano-op's stream."""
