@@ -403,6 +403,16 @@ def conversations_line(s: dict) -> str:
           f"{s['hit_rate']:.1%} of {s['prompt_tokens']} prompt tokens cached")
 
 
+def served_max_model_len(url: str) -> int | None:
+  """The server's own max_model_len (/v1/models, as vLLM reports it): a server may hold less than the model's
+  positions (a KV pool too small lowers it), and a workload sized past it would be refused."""
+  import urllib.request
+  headers = {"Authorization": f"Bearer {FLAGS.api_key}"} if FLAGS.api_key else {}
+  with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers=headers), timeout=30) as r:
+    cards = json.load(r).get("data") or []
+  return min((c["max_model_len"] for c in cards if c.get("max_model_len")), default=None)
+
+
 def run_online_http(make) -> dict:
   """make(k): the requests of the k-th rate."""
   sweep = [_online_any(None, make(k), float(r), FLAGS.seed + k, FLAGS.url) for k, r in enumerate(FLAGS.rates)]
@@ -537,7 +547,8 @@ def main(argv):
       raise app.UsageError("--url measures online latency: give --rates")
     from nanoflow_jax import checkpoint
     cfg = checkpoint.resolve_config(FLAGS.model)
-    make = lambda k: make_requests(FLAGS.max_model_len or cfg.max_position_embeddings, cfg.vocab_size, k)
+    max_len = FLAGS.max_model_len or served_max_model_len(FLAGS.url) or cfg.max_position_embeddings
+    make = lambda k: make_requests(max_len, cfg.vocab_size, k)
     res = {"http": {"environment": {"url": FLAGS.url, "model": FLAGS.model}, "online": run_online_http(make)}}
     for s in res["http"]["online"]["sweep"]:
       print(f"http @ {s['rate']:g} req/s: TTFT p50 {s['ttft_ms'].get('p50', 0):.0f} ms | TPOT p50 "

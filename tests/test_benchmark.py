@@ -169,7 +169,7 @@ def test_workload_lengths():
 
 def test_online_through_http_against_a_live_server(tmp_path):
   from server_process import ServerProcess
-  server = ServerProcess("--dense_batch=128", "--num_pages=1024", "--max_num_seqs=16")
+  server = ServerProcess("--dense_batch=128", "--num_pages=1024", "--max_num_seqs=16", "--max_model_len=1024")
   try:
     out = tmp_path / "h.json"
     cmd = [sys.executable, os.path.join(ROOT, "launch", "benchmark.py"), "--model=tiny", f"--url={server.url}",
@@ -180,9 +180,9 @@ def test_online_through_http_against_a_live_server(tmp_path):
     assert sweep[0]["rate"] == 20.0 and sweep[0]["ttft_ms"]["p50"] > 0 and sweep[0]["normalized_latency_ms"]["p99"] > 0
     assert "highest rate within" in r.stdout
     # multi-round conversations through the server: each round's prompt is the history as returned
-    # (return_token_ids), so every round after the first finds its history cached
-    cmd = cmd[:-5] + ["--workload=multiround", "--num_requests=3", "--max_model_len=1024", "--rates=50",
-                      f"--json_out={out}"]
+    # (return_token_ids), so every round after the first finds its history cached; the conversations are sized
+    # to the server's max_model_len (/v1/models), below the model's, or their late rounds would be refused
+    cmd = cmd[:-5] + ["--workload=multiround", "--num_requests=3", "--rates=50", f"--json_out={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     point = json.loads(out.read_text())["results"]["http"]["online"]["sweep"][0]
