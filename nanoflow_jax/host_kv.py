@@ -3,19 +3,26 @@ HiCache): cached full pages that the GPU pool evicts are copied to host memory, 
 there gets those pages copied back instead of recomputed.
 
 The pool (kv_cache.PagePool) decides; this tier moves bytes:
-- `save(kv, pages, keys)`: the evicted pages' K and V gathered on the device, one array per page, and put in
-  pinned host memory (a JAX memory kind) with one asynchronous device_put. Nothing waits: the gather is
-  dispatched before the step that overwrites those pages (the step's donation of the cache waits for its
-  read), and the copies run on the copy engines beside the step.
+- `save(kv, pages, keys)`: the evicted pages' K and V gathered on the device into blocks of up to BLOCK_PAGES
+  pages (one array each), and the blocks put in pinned host memory (a JAX memory kind) with one asynchronous
+  device_put. Nothing waits: the gather is dispatched before the step that overwrites those pages (the step's
+  donation of the cache waits for its read), and the copies run on the copy engines beside the step.
 - `lookup(keys)`: the longest run of keys the tier holds.
-- `load(kv, pages, keys)`: those pages put back on the device (one device_put) and written into the given GPU
-  pages (one scatter, the cache donated).
-Page counts are padded to a power of two (the last page repeated) so that few sizes compile. Session 16's first
-version copied through numpy (pageable memory) and waited for the previous copy at each save: 1.8-2.0 GB/s,
-and a 64-sequence decode step with 64 pages saved before it took 7.1x as long.
-Its own LRU bound: `capacity_pages`. A cache sharded over devices (tensor parallelism, several hosts) is saved
-as it lies: each page array keeps the cache's sharding, in host memory, so every device's shard goes to its own
-host's memory and comes back to the same device; the pool's decisions are the same in every process.
+- `load(kv, pages, keys)`: the blocks holding those pages put back on the device (one device_put) and the pages
+  written into the given GPU pages (one scatter per block, the cache donated).
+Why blocks: session 24 (one H100) measured one array per page: 6.6 GB/s out, 8.8 back, a decode step 2.28x as
+long with 64 pages saved before it, and the multi-round run with the tier 0.64x as fast as without it: every
+transfer of a host-memory array seems to pay a fixed cost (1,024 arrays of 0.5 MB at 6.6 GB/s is ~80 us
+each), so a page's two arrays cost more than their bytes. A block is one transfer each way; a load moves whole
+blocks (at most BLOCK_PAGES - 1 pages more than it needs).
+Block sizes are powers of two (the last page repeated) so that few shapes compile. Session 16's first version
+copied through numpy (pageable memory) and waited for the previous copy at each save: 1.8-2.0 GB/s, and a
+64-sequence decode step with 64 pages saved before it took 7.1x as long.
+Its own LRU bound, `capacity_pages`, counted in the blocks' pages: the least recently used block goes whole
+(its pages left the GPU together; a lookup that finds a page renews its block). A cache sharded over devices
+(tensor parallelism, several hosts) is saved as it lies: each block keeps the cache's sharding, in host
+memory, so every device's shard goes to its own host's memory and comes back to the same device; the pool's
+decisions are the same in every process.
 """
 from __future__ import annotations
 
@@ -28,23 +35,37 @@ import jax.numpy as jnp
 from nanoflow_jax import compat, prefix_cache
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _pages_of(k, v, pages, n: int):
-  """Pages `pages` of the cache as n arrays each of K and V ([layers, kv heads, page size, head dim])."""
-  kk, vv = k[:, :, pages], v[:, :, pages]
-  return [kk[:, :, i] for i in range(n)], [vv[:, :, i] for i in range(n)]
+BLOCK_PAGES = 16   # pages per host array at most: 16 MB at the 8B shape's fp8 pages, ~1 ms of bytes a transfer
+
+
+@jax.jit
+def _block_of(k, v, pages):
+  """Pages `pages` of the cache as one array [2 (K, V), layers, kv heads, len(pages), page size, head dim]."""
+  return jnp.stack([k[:, :, pages], v[:, :, pages]])
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def _scatter(k, v, pages, ks, vs):
-  """The pages' bytes written in place; a page index out of range (padding) writes nothing. unique_indices:
-  XLA's GPU scatter otherwise writes each byte with an atomic compare-and-swap loop."""
-  put = lambda cache, x: cache.at[:, :, pages].set(jnp.stack(x, axis=2), mode="drop", unique_indices=True)
-  return put(k, ks), put(v, vs)
+def _scatter(k, v, pages, block, rows):
+  """block[:, :, :, rows] written into the cache's `pages` in place; a page index out of range (padding) writes
+  nothing. unique_indices: XLA's GPU scatter otherwise writes each byte with an atomic compare-and-swap loop."""
+  put = lambda cache, x: cache.at[:, :, pages].set(x[:, :, rows], mode="drop", unique_indices=True)
+  return put(k, block[0]), put(v, block[1])
 
 
 def _padded(n: int) -> int:
   return 1 << (n - 1).bit_length()
+
+
+class _Block:
+  """One host array of saved pages and the keys it holds (a key saved again later points elsewhere)."""
+  __slots__ = ("array", "keys")
+
+  def __init__(self, array, keys: list[int]):
+    self.array, self.keys = array, keys
+
+  @property
+  def pages(self) -> int:
+    return self.array.shape[3]
 
 
 class HostKVTier:
@@ -52,57 +73,82 @@ class HostKVTier:
     if capacity_pages < 1:
       raise ValueError(f"the host KV tier needs at least one page, got {capacity_pages}")
     self.capacity_pages = capacity_pages
-    # key hash -> (key, K, V): one page's arrays in host memory; LRU first.
-    self._pages: collections.OrderedDict[int, tuple] = collections.OrderedDict()
-    self._host_kind = None   # the host memory kind (pinned where there is one), from the cache's devices
+    self.block_pages = min(BLOCK_PAGES, 1 << (capacity_pages.bit_length() - 1))   # a block fits the bound
+    self._blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()   # LRU first
+    self._where: dict[int, tuple] = {}   # key hash -> (key, block id, row in the block)
+    self._next_block = 0
+    self.held_pages = 0       # pages of the held blocks (padding included): what capacity_pages bounds
+    self._host_kind = None    # the host memory kind (pinned where there is one), from the cache's devices
     self.saved = 0
     self.loaded = 0
     self.dropped = 0
 
   def __len__(self) -> int:
-    return len(self._pages)
+    return len(self._where)
+
+  def host_arrays(self) -> list:
+    return [b.array for b in self._blocks.values()]
 
   def save(self, kv, pages: list[int], keys: list[tuple]) -> None:
     if not pages:
       return
     if self._host_kind is None:
       self._host_kind = compat.host_memory_kind(next(iter(kv[0].devices())))
-    n = len(pages)
-    padded = list(pages) + [pages[-1]] * (_padded(n) - n)
-    ks, vs = _pages_of(*kv, jnp.asarray(padded, jnp.int32), len(padded))
-    host = jax.device_put(ks[:n] + vs[:n], ks[0].sharding.with_memory_kind(self._host_kind))
-    for i, key in enumerate(keys):
-      self._pages.pop(key[0], None)
-      self._pages[key[0]] = (key, host[i], host[n + i])
-      self.saved += 1
-    while len(self._pages) > self.capacity_pages:
-      self._pages.popitem(last=False)
-      self.dropped += 1
+    b = self.block_pages
+    chunks = [(pages[i:i + b], keys[i:i + b]) for i in range(0, len(pages), b)]
+    on_device = [_block_of(*kv, jnp.asarray(p + [p[-1]] * (_padded(len(p)) - len(p)), jnp.int32))
+                 for p, _ in chunks]
+    host = jax.device_put(on_device, [b.sharding.with_memory_kind(self._host_kind) for b in on_device])
+    for array, (_, chunk_keys) in zip(host, chunks):
+      bid, self._next_block = self._next_block, self._next_block + 1
+      self._blocks[bid] = _Block(array, [key[0] for key in chunk_keys])
+      self.held_pages += array.shape[3]
+      for row, key in enumerate(chunk_keys):
+        self._where[key[0]] = (key, bid, row)
+        self.saved += 1
+    while self.held_pages > self.capacity_pages:
+      self._drop(next(iter(self._blocks)))
+
+  def _drop(self, bid: int) -> None:
+    block = self._blocks.pop(bid)
+    self.held_pages -= block.pages
+    for h in block.keys:
+      if self._where.get(h, (None, None))[1] == bid:
+        del self._where[h]
+        self.dropped += 1
 
   def land(self) -> None:
     """Waits until every page saved so far is in host memory (the engine never needs to: a load's device_put
     waits for what it reads)."""
-    jax.block_until_ready([a for _, k, v in self._pages.values() for a in (k, v)])
+    jax.block_until_ready(self.host_arrays())
 
   def lookup(self, keys: list[tuple]) -> list[tuple]:
     """The longest leading run of `keys` held here (each checked against the stored key, as the pool does)."""
     run = []
     for key in keys:
-      entry = self._pages.get(key[0])
+      entry = self._where.get(key[0])
       if entry is None or not prefix_cache.same_page(entry[0], key):
         break
-      self._pages.move_to_end(key[0])
+      self._blocks.move_to_end(entry[1])
       run.append(key)
     return run
 
   def load(self, kv, pages: list[int], keys: list[tuple]):
     """kv with `keys`' saved bytes written into `pages` (the cache donated); returns the new (k, v)."""
-    entries = [self._pages[key[0]] for key in keys]
-    n = len(entries)
-    entries += [entries[-1]] * (_padded(n) - n)
-    padded = list(pages) + [kv[0].shape[2]] * (len(entries) - n)   # padding: out of range, dropped
+    by_block: dict[int, tuple[list[int], list[int]]] = {}
+    for page, key in zip(pages, keys):
+      _, bid, row = self._where[key[0]]
+      dst, rows = by_block.setdefault(bid, ([], []))
+      dst.append(page)
+      rows.append(row)
+    blocks = [self._blocks[bid].array for bid in by_block]
     device_kind = next(iter(kv[0].devices())).default_memory().kind
-    on_device = jax.device_put([k for _, k, _ in entries] + [v for _, _, v in entries],
-                               entries[0][1].sharding.with_memory_kind(device_kind))
-    self.loaded += n
-    return _scatter(*kv, jnp.asarray(padded, jnp.int32), on_device[:len(entries)], on_device[len(entries):])
+    on_device = jax.device_put(blocks, [b.sharding.with_memory_kind(device_kind) for b in blocks])
+    out_of_range = kv[0].shape[2]
+    for block, (dst, rows) in zip(on_device, by_block.values()):
+      n = block.shape[3]   # indices padded to the block's size: one compile per block size
+      dst = jnp.asarray(dst + [out_of_range] * (n - len(dst)), jnp.int32)
+      rows = jnp.asarray(rows + [0] * (n - len(rows)), jnp.int32)
+      kv = _scatter(*kv, dst, block, rows)
+    self.loaded += len(pages)
+    return kv

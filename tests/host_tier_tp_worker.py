@@ -30,8 +30,8 @@ def run(caching: bool, host_gb: float):
     cached.append(o.num_cached_tokens)
   eng.pool.check()
   host = eng.pool.host
-  shards = sorted({len(a.sharding.device_set) for _, k, v in host._pages.values() for a in (k, v)}) if host else []
-  kinds = sorted({a.sharding.memory_kind for _, k, v in host._pages.values() for a in (k, v)}) if host else []
+  shards = sorted({len(a.sharding.device_set) for a in host.host_arrays()}) if host else []
+  kinds = sorted({a.sharding.memory_kind for a in host.host_arrays()}) if host else []
   return {"tokens": tokens, "cached": cached, "kv_devices": len(eng.executor.kv[0].sharding.device_set),
           "host_loaded": host.loaded if host else 0, "host_hit_tokens": eng.pool.host_hit_tokens,
           "host_page_devices": shards, "host_kinds": kinds}

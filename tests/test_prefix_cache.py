@@ -284,19 +284,19 @@ def test_the_host_tier_needs_prefix_caching(model):
 
 
 def test_host_tier_pages_round_trip_through_host_memory():
-  """Three pages saved (padded to four inside), kept in a JAX host memory kind, the cache then cleared, and the
-  pages written back elsewhere: byte for byte, the other pages untouched; the LRU bound drops the oldest."""
+  """Three pages saved (one block, padded to four inside), kept in a JAX host memory kind, the cache then cleared,
+  and the pages written back elsewhere: byte for byte, the other pages untouched."""
   import jax
   import jax.numpy as jnp
   from nanoflow_jax import host_kv
   rng = np.random.default_rng(3)
   shape = (2, 2, 10, 16, 8)   # layers, KV heads, pages, page size, head dim
   k0, v0 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-  tier = host_kv.HostKVTier(capacity_pages=3)
+  tier = host_kv.HostKVTier(capacity_pages=16)
   keys = [(h, 0, (h,)) for h in (11, 12, 13)]
   tier.save((jnp.asarray(k0), jnp.asarray(v0)), [3, 5, 7], keys)
-  assert {a.sharding.memory_kind for _, k, v in tier._pages.values() for a in (k, v)} <= {"pinned_host",
-                                                                                           "unpinned_host"}
+  assert len(tier.host_arrays()) == 1 and tier.held_pages == 4
+  assert {a.sharding.memory_kind for a in tier.host_arrays()} <= {"pinned_host", "unpinned_host"}
   tier.land()
   kv = (jnp.zeros(shape), jnp.zeros(shape))
   assert tier.lookup(keys) == keys
@@ -305,5 +305,36 @@ def test_host_tier_pages_round_trip_through_host_memory():
   np.testing.assert_array_equal(np.asarray(v1)[:, :, :3], v0[:, :, [3, 5, 7]])
   assert not np.asarray(k1)[:, :, 3:].any() and not np.asarray(v1)[:, :, 3:].any()
   assert jax.tree.leaves(k1)[0].dtype == jnp.float32 and tier.loaded == 3
-  tier.save((k1, v1), [9], [(14, 0, (14,))])   # a fourth page: the least recently used one goes
-  assert tier.dropped == 1 and len(tier) == 3
+
+
+def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru():
+  """Pages go to the host in blocks of at most block_pages; a load takes pages from several blocks, in any order,
+  each to its own GPU page; a page saved again is read from its newest block; the bound counts the blocks'
+  pages and drops the least recently used block whole (a lookup renews a block)."""
+  import jax.numpy as jnp
+  from nanoflow_jax import host_kv
+  rng = np.random.default_rng(4)
+  shape = (2, 2, 24, 4, 8)
+  k0, v0 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+  kv0 = (jnp.asarray(k0), jnp.asarray(v0))
+  tier = host_kv.HostKVTier(capacity_pages=12)
+  assert tier.block_pages == 8
+  key = lambda h: (h, 0, (h,))
+  tier.save(kv0, list(range(10)), [key(h) for h in range(10)])   # blocks of 8 and 2 pages
+  assert [a.shape[3] for a in tier.host_arrays()] == [8, 2] and tier.held_pages == 10
+  tier.save(kv0, [20], [key(3)])   # key 3 again, other bytes: the newest copy counts
+  want = [9, 3, 0, 7]
+  k1, v1 = tier.load((jnp.zeros(shape), jnp.zeros(shape)), [23, 22, 21, 20], [key(h) for h in want])
+  src = [9, 20, 0, 7]
+  np.testing.assert_array_equal(np.asarray(k1)[:, :, [23, 22, 21, 20]], k0[:, :, src])
+  np.testing.assert_array_equal(np.asarray(v1)[:, :, [23, 22, 21, 20]], v0[:, :, src])
+  assert not np.asarray(k1)[:, :, :20].any() and tier.loaded == 4
+  assert tier.lookup([key(0)]) == [key(0)]   # renews the first block: the 2-page one is now the oldest
+  tier.save(kv0, [11], [key(50)])          # 8 + 2 + 1 + 1 = 12 pages: within the bound
+  assert tier.dropped == 0 and tier.held_pages == 12
+  tier.save(kv0, [12], [key(51)])          # 13: the least recently used block (pages 8, 9) goes
+  assert tier.dropped == 2 and tier.held_pages == 11 and len(tier) == 10
+  assert tier.lookup([key(9)]) == []
+  tier.save(kv0, list(range(13, 21)), [key(h) for h in range(60, 68)])   # 8 more: key 3's block, then the 8 go
+  assert [tier.lookup([key(h)]) == [] for h in (3, 0, 50, 51, 60)] == [True, True, False, False, False]
+  assert tier.held_pages == 10 and tier.dropped == 2 + 1 + 7 and len(tier) == 10   # key 3 had left the 8

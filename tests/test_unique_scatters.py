@@ -56,12 +56,13 @@ def test_host_tier_put_back_pads_out_of_range_and_promises_unique_pages():
   shape = (2, 2, 5, 4, 8)
   k = jnp.zeros(shape)
   pages = jnp.asarray([1, 3, shape[2], shape[2]], jnp.int32)   # two pages and two padding entries
-  ks = [jnp.full(shape[:2] + shape[3:], i + 1.0) for i in range(4)]
-  text = jax.jit(host_kv._scatter).lower(k, k, pages, ks, ks).as_text()
+  rows = jnp.asarray([2, 0, 0, 0], jnp.int32)                  # from the block's rows 2 and 0
+  block = jnp.stack([jnp.stack([jnp.full(shape[:2] + shape[3:], i + 1.0) for i in range(4)], axis=2)] * 2)
+  text = jax.jit(host_kv._scatter).lower(k, k, pages, block, rows).as_text()
   assert _scatter_flags(text) == [True, True]
-  got, _ = host_kv._scatter(k, jnp.zeros(shape), pages, ks, ks)
+  got, _ = host_kv._scatter(k, jnp.zeros(shape), pages, block, rows)
   got = np.asarray(got)
-  assert (got[:, :, 1] == 1).all() and (got[:, :, 3] == 2).all()
+  assert (got[:, :, 1] == 3).all() and (got[:, :, 3] == 1).all()
   assert not got[:, :, [0, 2, 4]].any()   # the padding wrote nothing anywhere
 
 
