@@ -424,7 +424,7 @@ step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
 # H200 on the CPU) finds each jax-triton call launched alone (XLA records legacy custom calls in no command buffer:
 # its flag for them is gone), so the default fp8 batch-1 step is 66 host launches (34 graphs), and the Pallas
 # small-step attention (which XLA compiles itself) makes it one graph. One process, one load, batch 1/8/32: the
-# default, + flash-decoding (split_decode_keys), the graph (small_step_attention), the graph + flash-decoding, and
+# default (flash-decoding on since session 24; session 23 ran it as a variant), without it, the graph (small_step_attention), the graph + flash-decoding, and
 # that with each GEMM op as one Pallas kernel (small_gemm: 349 graph nodes instead of 666); then the plain JAX
 # step. No TTFT here: each variant would compile the 128-token bucket once more (~15 s cold). ~450 s. Predictions in
 # docs/history/perf-notes.md (session 23).
@@ -433,7 +433,7 @@ step_decode-cb()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
                               || return 1
                             $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
                               --kv_cache_dtype=fp8 --quantization=fp8 --decode_sweep=1,8,32 --ttft_prompts= \
-                              --decode_variants=split:split_decode_keys=true --decode_variants=graph:small_step_attention=64 \
+                              --decode_variants=nosplit:split_decode_keys=false --decode_variants=graph:small_step_attention=64 \
                               --decode_variants=graph-split:small_step_attention=64,split_decode_keys=true \
                               --decode_variants=graph-split-gemm:small_step_attention=64,split_decode_keys=true,small_gemm=true \
                               --plain_baseline \
@@ -473,8 +473,6 @@ step_quantize-probe()     { for w in gate_up o; do $PY lab/quantize_probe.py --w
 # so 32 layers, the engine's process settings, and the loader's own path on the 8B shape
 # Session 21's fix (quantize_stacked layer by layer, compiled without autotuning): the loader's path on the 8B
 # shape, predicted under 10 s (was 55-65 s)
-# Session 21: split_decode_keys (flash-decoding for small decode steps) on the bf16 decode sweep with the fp8
-# cache (bf16 loads in seconds), one process each way.
 # decode_off_on NAME FLAG [BENCH FLAGS...]: the small decode steps (512-row dense batch, 64 slots, fp8 KV) through
 # benchmark.py's decode sweep without and then with --FLAG, one process each; the tables to NAME.md.
 decode_off_on() { local name=$1 flag=$2; shift 2
@@ -484,8 +482,13 @@ decode_off_on() { local name=$1 flag=$2; shift 2
                       --kv_cache_dtype=fp8 "$@" $([[ $v == on ]] && echo "--$flag") \
                       --json_out="$OUT/$name-$v.json" 2>&1 | grep -v "^W" | tail -12
                   done | tee -a "$OUT/$name.md"; }
+# Session 24: split_decode_keys (flash-decoding, now the default) on bf16 weights, layers unrolled (the scanned
+# bf16 step is host-bound: its layer loop is a while loop the host drives), one process: split, then not.
 step_decode-split()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k "key_splits" || return 1
-                            decode_off_on decode-split split_decode_keys --decode_sweep=1,8,32; }
+                            $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
+                              --kv_cache_dtype=fp8 --decode_sweep=1,8,32 --layer_loop=unrolled \
+                              --decode_variants=nosplit:split_decode_keys=false --json_out="$OUT/decode-split.json" 2>&1 \
+                              | grep -v "^W" | tee -a "$OUT/decode-split.md" | grep -E "^\||decode|Error"; }
 # Session 22 (issue 27): small steps with each fp8 GEMM's whole op as one kernel (--small_gemm), fp8 weights and
 # KV, batch 1/8/16, off then on; its GPU kernel test first.
 step_decode-small-gemm()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k small_gemm_fp8 || return 1

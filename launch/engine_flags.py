@@ -49,10 +49,10 @@ def define(max_num_seqs: int) -> None:
                        "Pallas kernel, which XLA's command buffers record with the rest of the step (the Triton "
                        "kernel's jax-triton calls split them); 0: off (measured slower on an H100: the host's "
                        "dispatch of one large graph costs more; issue 27).")
-  flags.DEFINE_bool("split_decode_keys", False, "Small decode steps share each sequence's keys over several "
+  flags.DEFINE_bool("split_decode_keys", True, "Small decode steps share each sequence's keys over several "
                     "programs of the attention (Triton, or the Pallas kernel of --small_step_attention) and merge "
                     "them (flash-decoding: a batch-1 decode otherwise walks its keys on 8 programs); measured -4 to "
-                    "-14% a step at batch 1-32 on an H100, off until its GPU test has run (issue 27).")
+                    "-14% a step at batch 1-32 on an H100 (issue 27).")
   flags.DEFINE_bool("small_gemm", False, "Steps of at most 16 rows run each GEMM's whole op (the RMSNorm, with fp8 "
                     "weights the per-token quantization and the scales, the GEMM, the residual or SiLU-and-multiply) "
                     "as one Pallas kernel, which XLA's command buffers record; off (measured slower than XLA's GEMMs "

@@ -68,7 +68,7 @@ class EngineConfig:
                                           # buffers over the step) or auto (unrolled for fp8 on a GPU)
   small_step_attention: int = 0           # steps of at most this many tokens: the attention as the Pallas
                                           # kernel, which XLA's command buffers record (executor.py); 0: off
-  split_decode_keys: bool = False         # small decode steps share each sequence's keys over several programs
+  split_decode_keys: bool = True          # small decode steps share each sequence's keys over several programs
                                           # (flash-decoding, Triton attention; not yet measured: off)
   small_gemm: bool = False                # steps of <= 16 rows run each GEMM's whole op (norm, the fp8 weights'
                                           # quantization, GEMM, epilogue) as one kernel (not yet measured: off)

@@ -34,7 +34,7 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                  layer_loop: str = "auto", prefill_attention: str = "auto", quantization: str | None = None,
                  enable_prefix_caching: bool = True, host_kv_cache_gb: float = 0.0,
                  small_step_attention: int = 0, fp8_gemm: str = "xla", overlap_dispatch: bool = False,
-                 split_decode_keys: bool = False, small_gemm: bool = False) -> Engine:
+                 split_decode_keys: bool = True, small_gemm: bool = False) -> Engine:
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
   if mode == "nanoflow":
     from nanoflow_jax import compat

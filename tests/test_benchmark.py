@@ -84,12 +84,12 @@ def test_decode_variants_sweep_on_the_same_model(tmp_path):
   """--decode_variants: each NAME:changes engine swept after the flags' one, its options as changed."""
   res, stdout = _run(tmp_path, "--decode_sweep=1", "--decode_context=32", "--max_model_len=256", "--ttft_prompts=",
                      "--decode_variants=graph:split_decode_keys=true,small_step_attention=16",
-                     "--decode_variants=pages:num_pages=512")
+                     "--decode_variants=pages:num_pages=512,split_decode_keys=false")
   sweeps = list(res["decode_sweeps"].items())
   assert len(sweeps) == 3 and sweeps[1][0].startswith("graph (split_decode_keys=True, small_step_attention=16): ")
   options = [s["environment"]["engine_options"] for _, s in sweeps]
   assert [(o["split_decode_keys"], o["small_step_attention"], o["num_pages"]) for o in options] == [
-      (False, 0, 1024), (True, 16, 1024), (False, 0, 512)]
+      (True, 0, 1024), (True, 16, 1024), (False, 0, 512)]
   assert all(s["rows"][0]["step_ms"] > 0 for _, s in sweeps)
 
 

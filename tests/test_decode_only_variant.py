@@ -35,7 +35,8 @@ def _run(model, monkeypatch, up_to):
       tracing.pop()
 
   def recording(backend, q, *a, config, **kw):
-    kind = "decode" if config is engine.executor.attention_configs[0] else "prefill"
+    decode = engine.executor.attention_configs[0]   # (with split_decode_keys: key_splits added)
+    kind = "decode" if {k: v for k, v in config.items() if k != "key_splits"} == decode else "prefill"
     traced.setdefault(tracing[-1], set()).add(kind)
     return real_call(backend, q, *a, config=config, **kw)
   monkeypatch.setattr(executor_mod, "attention_call", recording)

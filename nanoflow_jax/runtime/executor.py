@@ -135,7 +135,7 @@ class Executor:
                kv_memory_fraction: float = 0.9, plan: PipelineConfig | None = None, mesh=None,
                fused_rope_append: bool = False, gemm: str = "mosaic_fused", beside_attention: dict | None = None,
                layer_unroll: int = 1, mosaic_prefill: bool = True, layer_loop: str = "auto",
-               small_step_attention: int = 0, fp8_gemm: str = "xla", split_decode_keys: bool = False,
+               small_step_attention: int = 0, fp8_gemm: str = "xla", split_decode_keys: bool = True,
                small_gemm: bool = False):
     """num_pages None: as many as fit in kv_memory_fraction of the memory left after the weights.
     fused_rope_append: RoPE and the KV append as one kernel (the Triton one with kernels="triton", its
@@ -184,7 +184,8 @@ class Executor:
     (key_splits_for: 1 for large steps); on the Triton kernel and on the Pallas one of small_step_attention's
     steps (there as many as fill SPLIT_ITEMS_PER_SM work items per SM). A batch-1 decode otherwise walks its
     1024 keys in 16 dependent blocks on 8 programs (0.044 ms a layer for 2 MB; session 21's trace). Measured on
-    an H100: -10% / -14% / -4% a step at batch 1 / 8 / 32; off until its GPU test has run.
+    an H100: -10% / -14% / -4% a step at batch 1 / 8 / 32 (session 23); on by default since its GPU test passed
+    (session 24).
     mosaic_prefill: prefill attention on the Mosaic GPU kernel where it takes the cache (bf16/f16; 1.8x the
     Triton kernel, docs/history/perf-notes.md, session 12); False: the Triton kernel (benches compare the two)."""
     cfg = model.config
