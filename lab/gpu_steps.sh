@@ -413,6 +413,8 @@ step_multiround-on()      { bench multiround-on multiround 1000 --kv_cache_dtype
 step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --out="$OUT/prefix-bench-w8.md" \
                               --plot_out="$OUT/prefix-bench-w8.png"; }
 # The same on a pool small enough that live conversations' pages are evicted (the host tier then gives them back).
+# Session 24 (issue 28): the host tier's copies without a model, 1 page a host array against blocks (seconds).
+step_host-copies()        { $PY lab/host_copy_bench.py 2>&1 | grep -v "^W" | tee "$OUT/host-copies.md" | grep -E "^\||Error"; }
 step_prefix-bench-w8-4k() { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --num_pages=4096 --configs=${CONFIGS:-off,on,host} --parts=${PARTS:-copies,step,ttft,multiround} \
                               --out="$OUT/prefix-bench-w8-4k.md" --plot_out="$OUT/prefix-bench-w8-4k.png"; }
 step_bench-1024-512-w8-nocache() { bench bench-1024-512-w8-nocache 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \

@@ -1,0 +1,114 @@
+"""The host KV tier's copies without a model (issue 28): one process, a few seconds on a GPU.
+
+A KV cache of the 8B shape (32 layers, 8 KV heads, pages of 16 x 128, e4m3) and host_kv.HostKVTier at two block
+sizes: 1 page a host array (session 24's first H100 run: 6.6 GB/s out, 8.8 back, a decode step 2.28x as long
+with 64 pages saved before it) and the default BLOCK_PAGES. For each: GB/s out (save + land) and back (load,
+landed), the host's own time in save, and a stand-in step (bf16 GEMMs of ~`--step_ms`, no model) alone and with
+`--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its way.
+
+  python lab/host_copy_bench.py --pages=4096 --copy_pages=512
+"""
+from __future__ import annotations
+
+import time
+
+if __package__ in (None, ""):
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
+
+from absl import app, flags
+
+flags.DEFINE_integer("pages", 4096, "Pages of the cache.")
+flags.DEFINE_integer("layers", 32, "Layers (the 8B shape's).")
+flags.DEFINE_integer("kv_heads", 8, "KV heads.")
+flags.DEFINE_integer("head_dim", 128, "Head dimension.")
+flags.DEFINE_integer("page_size", 16, "Tokens a page.")
+flags.DEFINE_string("dtype", "float8_e4m3fn", "The cache's element type.")
+flags.DEFINE_integer("copy_pages", 512, "Pages a copy when timing GB/s.")
+flags.DEFINE_integer("pages_per_step", 64, "Pages saved before each stand-in step.")
+flags.DEFINE_integer("gemm", 4096, "The stand-in step: GEMMs of this square size, in bf16 ...")
+flags.DEFINE_integer("gemms", 40, "... this many a step (~8 ms on an H100).")
+flags.DEFINE_integer("steps", 16, "Steps timed each way.")
+flags.DEFINE_list("block_pages", ["1", "default"], "Block sizes to compare ('default': host_kv.BLOCK_PAGES).")
+FLAGS = flags.FLAGS
+
+
+def _keys(n: int, salt: int) -> list[tuple]:
+  return [(salt * 1_000_003 + i, 0, (salt, i)) for i in range(n)]
+
+
+def one_block_size(kv, block: int) -> tuple[dict, tuple]:
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax import host_kv
+
+  host_kv.BLOCK_PAGES = block
+  page_bytes = sum(a[:, :, 0].nbytes for a in kv)
+  n = FLAGS.copy_pages
+  tier = host_kv.HostKVTier(8 * n + FLAGS.pages_per_step * (FLAGS.steps + 2))
+  pages = list(range(n))
+  out, back = [], []
+  for r in range(4):   # the first round compiles
+    keys = _keys(n, r)
+    jax.block_until_ready(kv)
+    t = time.perf_counter()
+    tier.save(kv, pages, keys)
+    tier.land()
+    out.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    kv = jax.block_until_ready(tier.load(kv, pages, keys))
+    back.append(time.perf_counter() - t)
+  gb = n * page_bytes / 1e9
+
+  @jax.jit
+  def step(x):
+    for _ in range(FLAGS.gemms):
+      x = jnp.tanh(x @ x) * 0.5
+    return x
+  x = jax.block_until_ready(step(jnp.full((FLAGS.gemm, FLAGS.gemm), 0.01, jnp.bfloat16)))
+  few = list(range(FLAGS.pages_per_step))
+  tier.save(kv, few, _keys(len(few), 99))   # compiles this block size's gather
+  tier.land()
+  t = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    x = step(x)
+  jax.block_until_ready(x)
+  alone = (time.perf_counter() - t) / FLAGS.steps
+  t, in_save = time.perf_counter(), 0.0
+  for i in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    tier.save(kv, few, _keys(len(few), 100 + i))
+    in_save += time.perf_counter() - t0
+    x = step(x)
+  jax.block_until_ready(x)
+  tier.land()
+  with_copies = (time.perf_counter() - t) / FLAGS.steps
+  return {"block_pages": tier.block_pages, "gb": gb, "out_gb_s": gb / min(out[1:]), "back_gb_s": gb / min(back[1:]),
+          "step_ms": 1e3 * alone, "step_with_copies_ms": 1e3 * with_copies, "ratio": with_copies / alone,
+          "save_host_ms": 1e3 * in_save / FLAGS.steps}, kv
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax import host_kv
+  shape = (FLAGS.layers, FLAGS.kv_heads, FLAGS.pages, FLAGS.page_size, FLAGS.head_dim)
+  kv = tuple(jnp.full(shape, 0.5, jnp.dtype(FLAGS.dtype)) for _ in range(2))
+  print(f"{jax.devices()[0].device_kind}: cache {shape} {FLAGS.dtype}, {FLAGS.copy_pages} pages a copy, "
+        f"{FLAGS.pages_per_step} saved before each stand-in step", flush=True)
+  rows = []
+  default = host_kv.BLOCK_PAGES
+  for b in FLAGS.block_pages:
+    r, kv = one_block_size(kv, default if b == "default" else int(b))
+    rows.append(r)
+    print(r, flush=True)
+  host_kv.BLOCK_PAGES = default
+  print("\n| pages a host array | out GB/s | back GB/s | step ms | with copies | ratio | host in save, ms a step |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['block_pages']} | {r['out_gb_s']:.1f} | {r['back_gb_s']:.1f} | {r['step_ms']:.2f} | "
+          f"{r['step_with_copies_ms']:.2f} | {r['ratio']:.3f}x | {r['save_host_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
