@@ -148,7 +148,8 @@ def multiround(engine, conversations: int) -> dict:
           "hit_rate": hits / max(pool.queried_tokens - q0, 1), "host_hit_tokens": pool.host_hit_tokens - hh0,
           "prefill_tokens_computed": conv.prompt_tokens - hits, "evictions": pool.evictions - e0,
           "ttft_p50_ms": ttft[len(ttft) // 2], "ttft_p99_ms": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
-          "host_saved": getattr(pool.host, "saved", 0), "host_loaded": getattr(pool.host, "loaded", 0)}
+          "host_saved": getattr(pool.host, "saved", 0), "host_loaded": getattr(pool.host, "loaded", 0),
+          "host_moved_back": getattr(pool.host, "moved_back", 0)}
 
 
 def tables(res: dict) -> str:

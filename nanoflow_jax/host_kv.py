@@ -81,6 +81,7 @@ class HostKVTier:
     self._host_kind = None    # the host memory kind (pinned where there is one), from the cache's devices
     self.saved = 0
     self.loaded = 0
+    self.moved_back = 0       # pages copied back, the loaded ones and the rest of their blocks
     self.dropped = 0
 
   def __len__(self) -> int:
@@ -151,4 +152,5 @@ class HostKVTier:
       rows = jnp.asarray(rows + [0] * (n - len(rows)), jnp.int32)
       kv = _scatter(*kv, dst, block, rows)
     self.loaded += len(pages)
+    self.moved_back += sum(b.shape[3] for b in blocks)
     return kv

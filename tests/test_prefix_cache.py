@@ -329,6 +329,7 @@ def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru():
   np.testing.assert_array_equal(np.asarray(k1)[:, :, [23, 22, 21, 20]], k0[:, :, src])
   np.testing.assert_array_equal(np.asarray(v1)[:, :, [23, 22, 21, 20]], v0[:, :, src])
   assert not np.asarray(k1)[:, :, :20].any() and tier.loaded == 4
+  assert tier.moved_back == 2 + 1 + 8   # whole blocks: keys 8-9's, key 3's newest, keys 0-7's
   assert tier.lookup([key(0)]) == [key(0)]   # renews the first block: the 2-page one is now the oldest
   tier.save(kv0, [11], [key(50)])          # 8 + 2 + 1 + 1 = 12 pages: within the bound
   assert tier.dropped == 0 and tier.held_pages == 12
