@@ -11,7 +11,7 @@ The pool (kv_cache.PagePool) decides; this tier moves bytes:
 - `load(kv, pages, keys)`: the blocks holding those pages put back on the device (one device_put) and the pages
   written into the given GPU pages (one scatter per block, the cache donated).
 Why blocks: session 24 (one H100) measured one array per page: 6.6 GB/s out, 8.8 back, a decode step 2.28x as
-long with 64 pages saved before it, and the multi-round run with the tier 0.64x as fast as without it: every
+long with 64 pages saved before it, and the multi-round run with the tier 0.64x as fast as caching alone: every
 transfer of a host-memory array seems to pay a fixed cost (1,024 arrays of 0.5 MB at 6.6 GB/s is ~80 us
 each), so a page's two arrays cost more than their bytes. A block is one transfer each way; a load moves whole
 blocks (at most BLOCK_PAGES - 1 pages more than it needs).
@@ -95,15 +95,15 @@ class HostKVTier:
       return
     if self._host_kind is None:
       self._host_kind = compat.host_memory_kind(next(iter(kv[0].devices())))
-    b = self.block_pages
-    chunks = [(pages[i:i + b], keys[i:i + b]) for i in range(0, len(pages), b)]
+    size = self.block_pages
+    chunks = [(pages[i:i + size], keys[i:i + size]) for i in range(0, len(pages), size)]
     on_device = [_block_of(*kv, jnp.asarray(p + [p[-1]] * (_padded(len(p)) - len(p)), jnp.int32))
                  for p, _ in chunks]
-    host = jax.device_put(on_device, [b.sharding.with_memory_kind(self._host_kind) for b in on_device])
+    host = jax.device_put(on_device, [a.sharding.with_memory_kind(self._host_kind) for a in on_device])
     for array, (_, chunk_keys) in zip(host, chunks):
       bid, self._next_block = self._next_block, self._next_block + 1
-      self._blocks[bid] = _Block(array, [key[0] for key in chunk_keys])
-      self.held_pages += array.shape[3]
+      block = self._blocks[bid] = _Block(array, [key[0] for key in chunk_keys])
+      self.held_pages += block.pages
       for row, key in enumerate(chunk_keys):
         self._where[key[0]] = (key, bid, row)
         self.saved += 1
@@ -144,7 +144,7 @@ class HostKVTier:
       rows.append(row)
     blocks = [self._blocks[bid].array for bid in by_block]
     device_kind = next(iter(kv[0].devices())).default_memory().kind
-    on_device = jax.device_put(blocks, [b.sharding.with_memory_kind(device_kind) for b in blocks])
+    on_device = jax.device_put(blocks, [a.sharding.with_memory_kind(device_kind) for a in blocks])
     out_of_range = kv[0].shape[2]
     for block, (dst, rows) in zip(on_device, by_block.values()):
       n = block.shape[3]   # indices padded to the block's size: one compile per block size
@@ -152,5 +152,5 @@ class HostKVTier:
       rows = jnp.asarray(rows + [0] * (n - len(rows)), jnp.int32)
       kv = _scatter(*kv, dst, block, rows)
     self.loaded += len(pages)
-    self.moved_back += sum(b.shape[3] for b in blocks)
+    self.moved_back += sum(a.shape[3] for a in blocks)
     return kv
