@@ -37,6 +37,8 @@ flags.DEFINE_float("host_kv_cache_gb", 32.0, "The host tier's size in the third 
 flags.DEFINE_list("parts", ["copies", "step", "ttft", "multiround"], "Which measurements to run.")
 flags.DEFINE_list("configs", ["off", "on", "host"], "The multi-round runs' configurations: prefix caching off, on, "
                   "on with the host tier (an earlier run's figure for one left out is the same workload).")
+flags.register_validator("configs", lambda v: set(v) <= {"off", "on", "host"},
+                         "--configs takes off, on and host (comma-separated)")
 flags.DEFINE_string("out", None, "Write the tables (markdown) here, the results beside them (.json).")
 flags.DEFINE_string("plot_out", None, "Plot the multi-round runs here (PNG).")
 flags.DEFINE_string("from_json", None, "Plot and tabulate an earlier run's results (its .json) instead of running.")
@@ -216,7 +218,7 @@ def main(argv):
   kw = dict(random_weights=True, dense_batch=FLAGS.dense_batch, max_num_seqs=FLAGS.max_num_seqs,
             num_pages=FLAGS.num_pages, max_model_len=FLAGS.max_model_len, kv_cache_dtype=FLAGS.kv_cache_dtype,
             quantization=FLAGS.quantization)
-  res, model = {}, None
+  res, model, engine_parts_done = {}, None, False
   configs = [("on", True, 0.0)]
   if "multiround" in FLAGS.parts:
     every = {"off": ("off", False, 0.0), "on": ("on", True, 0.0),
@@ -230,7 +232,8 @@ def main(argv):
     if "multiround" in FLAGS.parts:   # first, on a cache holding only the warm-up's pages
       res.setdefault("multiround", {})[name] = multiround(engine, FLAGS.conversations)
       print(name, json.dumps(res["multiround"][name]), flush=True)
-    if caching and "copies" not in res and "step" not in res and "ttft" not in res:   # the engine-level parts, once
+    if caching and not engine_parts_done:   # the engine-level parts, once, on the first engine with caching on
+      engine_parts_done = True
       if "copies" in FLAGS.parts:
         res["copies"] = copy_rates(engine, FLAGS.copy_pages)
         print(tables({"copies": res["copies"]}), flush=True)
