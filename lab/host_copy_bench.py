@@ -1,8 +1,8 @@
 """The host KV tier's copies without a model (issue 28): one process, a few seconds on a GPU.
 
 A KV cache of the 8B shape (32 layers, 8 KV heads, pages of 16 x 128, e4m3) and host_kv.HostKVTier at two block
-sizes: 1 page a host array (session 24's first H100 run: 6.6 GB/s out, 8.8 back, a decode step 2.28x as long
-with 64 pages saved before it) and the default BLOCK_PAGES. For each: GB/s out (save + land) and back (load,
+sizes: 1 page a host array (K and V in one: half the arrays of session 24's first H100 run, which had two a page:
+6.6 GB/s out, 8.8 back, a decode step 2.28x as long with 64 pages saved before it) and the default BLOCK_PAGES. For each: GB/s out (save + land) and back (load,
 landed), the host's own time in save, and a stand-in step (bf16 GEMMs of ~`--step_ms`, no model) alone and with
 `--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its way.
 
