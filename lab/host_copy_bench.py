@@ -28,7 +28,9 @@ flags.DEFINE_integer("pages_per_step", 64, "Pages saved before each stand-in ste
 flags.DEFINE_integer("gemm", 4096, "The stand-in step: GEMMs of this square size, in bf16 ...")
 flags.DEFINE_integer("gemms", 40, "... this many a step (~8 ms on an H100).")
 flags.DEFINE_integer("steps", 16, "Steps timed each way.")
-flags.DEFINE_list("block_pages", ["1", "default"], "Block sizes to compare ('default': host_kv.BLOCK_PAGES).")
+flags.DEFINE_list("block_pages", ["1", "default", "default+thread"],
+                  "Block sizes to compare ('default': host_kv.BLOCK_PAGES; '+thread': the copies put on a thread "
+                  "of their own, HostKVTier's copy_thread).")
 FLAGS = flags.FLAGS
 
 
@@ -36,7 +38,7 @@ def _keys(n: int, salt: int) -> list[tuple]:
   return [(salt * 1_000_003 + i, 0, (salt, i)) for i in range(n)]
 
 
-def one_block_size(kv, block: int) -> tuple[dict, tuple]:
+def one_block_size(kv, block: int, copy_thread: bool) -> tuple[dict, tuple]:
   import jax
   import jax.numpy as jnp
   from nanoflow_jax import host_kv
@@ -44,7 +46,7 @@ def one_block_size(kv, block: int) -> tuple[dict, tuple]:
   host_kv.BLOCK_PAGES = block
   page_bytes = sum(a[:, :, 0].nbytes for a in kv)
   n = FLAGS.copy_pages
-  tier = host_kv.HostKVTier(8 * n + FLAGS.pages_per_step * (FLAGS.steps + 2))
+  tier = host_kv.HostKVTier(8 * n + FLAGS.pages_per_step * (FLAGS.steps + 2), copy_thread=copy_thread)
   pages = list(range(n))
   out, back = [], []
   for r in range(4):   # the first round compiles
@@ -82,7 +84,7 @@ def one_block_size(kv, block: int) -> tuple[dict, tuple]:
   jax.block_until_ready(x)
   tier.land()
   with_copies = (time.perf_counter() - t) / FLAGS.steps
-  return {"block_pages": tier.block_pages, "gb": gb, "out_gb_s": gb / min(out[1:]), "back_gb_s": gb / min(back[1:]),
+  return {"block_pages": tier.block_pages, "copy_thread": copy_thread, "gb": gb, "out_gb_s": gb / min(out[1:]), "back_gb_s": gb / min(back[1:]),
           "step_ms": 1e3 * alone, "step_with_copies_ms": 1e3 * with_copies, "ratio": with_copies / alone,
           "save_host_ms": 1e3 * in_save / FLAGS.steps}, kv
 
@@ -99,14 +101,15 @@ def main(argv):
   rows = []
   default = host_kv.BLOCK_PAGES
   for b in FLAGS.block_pages:
-    r, kv = one_block_size(kv, default if b == "default" else int(b))
+    size, _, thread = b.partition("+")
+    r, kv = one_block_size(kv, default if size == "default" else int(size), thread == "thread")
     rows.append(r)
     print(r, flush=True)
   host_kv.BLOCK_PAGES = default
   print("\n| pages a host array | out GB/s | back GB/s | step ms | with copies | ratio | host in save, ms a step |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['block_pages']} | {r['out_gb_s']:.1f} | {r['back_gb_s']:.1f} | {r['step_ms']:.2f} | "
+    print(f"| {r['block_pages']}{' (copy thread)' if r['copy_thread'] else ''} | {r['out_gb_s']:.1f} | {r['back_gb_s']:.1f} | {r['step_ms']:.2f} | "
           f"{r['step_with_copies_ms']:.2f} | {r['ratio']:.3f}x | {r['save_host_ms']:.2f} |")
 
 

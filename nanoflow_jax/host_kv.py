@@ -27,6 +27,7 @@ decisions are the same in every process.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 
 import jax
@@ -57,19 +58,24 @@ def _padded(n: int) -> int:
 
 
 class _Block:
-  """One host array of saved pages and the keys it holds (a key saved again later points elsewhere)."""
-  __slots__ = ("array", "keys")
+  """One host array of saved pages (or the future of it, while a copy thread puts it there) and the keys it holds
+  (a key saved again later points elsewhere)."""
+  __slots__ = ("_array", "pages", "keys")
 
-  def __init__(self, array, keys: list[int]):
-    self.array, self.keys = array, keys
+  def __init__(self, array, pages: int, keys: list[int]):
+    self._array, self.pages, self.keys = array, pages, keys
 
   @property
-  def pages(self) -> int:
-    return self.array.shape[3]
+  def array(self):
+    if isinstance(self._array, concurrent.futures.Future):
+      self._array = self._array.result()
+    return self._array
 
 
 class HostKVTier:
-  def __init__(self, capacity_pages: int):
+  def __init__(self, capacity_pages: int, copy_thread: bool = False):
+    """copy_thread: each save's device_put runs on a thread of its own instead of the caller's (the engine's),
+    for a runtime whose copy to host memory holds the calling thread (lab/host_copy_bench.py measures both)."""
     if capacity_pages < 1:
       raise ValueError(f"the host KV tier needs at least one page, got {capacity_pages}")
     self.capacity_pages = capacity_pages
@@ -83,6 +89,7 @@ class HostKVTier:
     self.loaded = 0
     self.moved_back = 0       # pages copied back, the loaded ones and the rest of their blocks
     self.dropped = 0
+    self._copier = concurrent.futures.ThreadPoolExecutor(1, "host-kv-copy") if copy_thread else None
 
   def __len__(self) -> int:
     return len(self._where)
@@ -99,10 +106,15 @@ class HostKVTier:
     chunks = [(pages[i:i + size], keys[i:i + size]) for i in range(0, len(pages), size)]
     on_device = [_block_of(*kv, jnp.asarray(p + [p[-1]] * (_padded(len(p)) - len(p)), jnp.int32))
                  for p, _ in chunks]
-    host = jax.device_put(on_device, [a.sharding.with_memory_kind(self._host_kind) for a in on_device])
-    for array, (_, chunk_keys) in zip(host, chunks):
+    shardings = [a.sharding.with_memory_kind(self._host_kind) for a in on_device]
+    if self._copier is None:
+      host = jax.device_put(on_device, shardings)
+    else:   # one future for the save, one per block from it
+      put = self._copier.submit(jax.device_put, on_device, shardings)
+      host = [self._copier.submit(lambda i=i: put.result()[i]) for i in range(len(on_device))]
+    for array, device_array, (_, chunk_keys) in zip(host, on_device, chunks):
       bid, self._next_block = self._next_block, self._next_block + 1
-      block = self._blocks[bid] = _Block(array, [key[0] for key in chunk_keys])
+      block = self._blocks[bid] = _Block(array, device_array.shape[3], [key[0] for key in chunk_keys])
       self.held_pages += block.pages
       for row, key in enumerate(chunk_keys):
         self._where[key[0]] = (key, bid, row)

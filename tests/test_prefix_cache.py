@@ -283,16 +283,18 @@ def test_the_host_tier_needs_prefix_caching(model):
     _three_prompt_engine(model, False, 1.0)
 
 
-def test_host_tier_pages_round_trip_through_host_memory():
+@pytest.mark.parametrize("copy_thread", [False, True], ids=["inline", "copy-thread"])
+def test_host_tier_pages_round_trip_through_host_memory(copy_thread):
   """Three pages saved (one block, padded to four inside), kept in a JAX host memory kind, the cache then cleared,
-  and the pages written back elsewhere: byte for byte, the other pages untouched."""
+  and the pages written back elsewhere: byte for byte, the other pages untouched; the same with the copies put
+  on a thread of their own."""
   import jax
   import jax.numpy as jnp
   from nanoflow_jax import host_kv
   rng = np.random.default_rng(3)
   shape = (2, 2, 10, 16, 8)   # layers, KV heads, pages, page size, head dim
   k0, v0 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-  tier = host_kv.HostKVTier(capacity_pages=16)
+  tier = host_kv.HostKVTier(capacity_pages=16, copy_thread=copy_thread)
   keys = [(h, 0, (h,)) for h in (11, 12, 13)]
   tier.save((jnp.asarray(k0), jnp.asarray(v0)), [3, 5, 7], keys)
   assert len(tier.host_arrays()) == 1 and tier.held_pages == 4
@@ -307,7 +309,8 @@ def test_host_tier_pages_round_trip_through_host_memory():
   assert jax.tree.leaves(k1)[0].dtype == jnp.float32 and tier.loaded == 3
 
 
-def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru():
+@pytest.mark.parametrize("copy_thread", [False, True], ids=["inline", "copy-thread"])
+def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru(copy_thread):
   """Pages go to the host in blocks of at most block_pages; a load takes pages from several blocks, in any order,
   each to its own GPU page; a page saved again is read from its newest block; the bound counts the blocks'
   pages and drops the least recently used block whole (a lookup renews a block)."""
@@ -317,7 +320,7 @@ def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru():
   shape = (2, 2, 24, 4, 8)
   k0, v0 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
   kv0 = (jnp.asarray(k0), jnp.asarray(v0))
-  tier = host_kv.HostKVTier(capacity_pages=12)
+  tier = host_kv.HostKVTier(capacity_pages=12, copy_thread=copy_thread)
   assert tier.block_pages == 8
   key = lambda h: (h, 0, (h,))
   tier.save(kv0, list(range(10)), [key(h) for h in range(10)])   # blocks of 8 and 2 pages
