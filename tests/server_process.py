@@ -64,16 +64,25 @@ KEY = "test-key"
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 
 
+def _reply(r) -> dict:
+  """A response's JSON body, or for a stream (server-sent events) {"stream": [each event's JSON]}."""
+  body = r.read()
+  if (r.headers.get("Content-Type") or "").startswith("text/event-stream"):
+    lines = [ln[6:] for ln in body.decode().splitlines() if ln.startswith("data: ")]
+    return {"stream": [json.loads(ln) for ln in lines if ln != "[DONE]"]}
+  return json.loads(body)
+
+
 def post(server, path, data: bytes, key=KEY, headers=None, timeout=60):
-  """(status, JSON body, headers) of a POST."""
+  """(status, JSON body, headers) of a POST; a stream's body as {"stream": [events]}."""
   req = urllib.request.Request(server.url + path, data=data, method="POST",
                                headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"}
                                                                               if key else {}), **(headers or {})})
   try:
     with urllib.request.urlopen(req, timeout=timeout) as r:
-      return r.status, json.loads(r.read()), dict(r.headers)
+      return r.status, _reply(r), dict(r.headers)
   except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read()), dict(e.headers)
+    return e.code, _reply(e), dict(e.headers)
 
 
 def get(server, path, timeout=30):

@@ -114,6 +114,8 @@ def test_random_values_in_every_field_never_give_a_500(server, chat, data):
   assert status in (200, 400, 404), (status, reply, body)
   if status != 200:
     assert reply["error"]["message"]
+  else:   # a stream ("stream": true drawn) has no error event either: a failure after the 200 goes in the stream
+    assert not any("error" in event for event in reply.get("stream", [])), (reply, body)
   assert get(server, "/health")[0] == 200
 
 
