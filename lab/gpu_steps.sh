@@ -430,9 +430,9 @@ step_decode-sweep-w8()    { sweep decode-sweep-w8 --quantization=fp8; }
 # H200 on the CPU) finds each jax-triton call launched alone (XLA records legacy custom calls in no command buffer:
 # its flag for them is gone), so the default fp8 batch-1 step is 66 host launches (34 graphs), and the Pallas
 # small-step attention (which XLA compiles itself) makes it one graph. One process, one load, batch 1/8/32: the
-# default (flash-decoding on since session 24; session 23 ran it as a variant), without it, the graph (small_step_attention), the graph + flash-decoding, and
-# that with each GEMM op as one Pallas kernel (small_gemm: 349 graph nodes instead of 666); then the plain JAX
-# step. No TTFT here: each variant would compile the 128-token bucket once more (~15 s cold). ~450 s. Predictions in
+# default (flash-decoding on since session 24; session 23 ran it as a variant), without it, the graph
+# (small_step_attention), the graph + flash-decoding, and that with each GEMM op as one Pallas kernel (small_gemm:
+# 349 graph nodes instead of 666); then the plain JAX step. No TTFT here: each variant would compile the 128-token bucket once more (~15 s cold). ~450 s. Predictions in
 # docs/history/perf-notes.md (session 23).
 step_decode-cb()          { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py \
                               -k "pallas_attention_with_key_splits or small_gemm_fp8_pallas" \

@@ -1,10 +1,12 @@
 """The host KV tier's copies without a model (issue 28): one process, a few seconds on a GPU.
 
-A KV cache of the 8B shape (32 layers, 8 KV heads, pages of 16 x 128, e4m3) and host_kv.HostKVTier at two block
-sizes: 1 page a host array (K and V in one: half the arrays of session 24's first H100 run, which had two a page:
-6.6 GB/s out, 8.8 back, a decode step 2.28x as long with 64 pages saved before it) and the default BLOCK_PAGES. For each: GB/s out (save + land) and back (load,
-landed), the host's own time in save, and a stand-in step (bf16 GEMMs of ~`--step_ms`, no model) alone and with
-`--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its way.
+A KV cache of the 8B shape (32 layers, 8 KV heads, pages of 16 x 128, e4m3) and host_kv.HostKVTier at several
+block sizes (--block_pages): 1 page a host array (K and V in one: half the arrays of session 24's first H100 run,
+which had two a page: 6.6 GB/s out, 8.8 back, a decode step 2.28x as long with 64 pages saved before it), the
+default BLOCK_PAGES, and that with the copies on a thread of their own. For each: GB/s out (save + land) and back
+(load, landed), the host's own time in save, and a stand-in step (--gemms bf16 GEMMs of --gemm, no model) alone
+and with `--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its
+way.
 
   python lab/host_copy_bench.py --pages=4096 --copy_pages=512
 """
@@ -43,10 +45,9 @@ def one_block_size(kv, block: int, copy_thread: bool) -> tuple[dict, tuple]:
   import jax.numpy as jnp
   from nanoflow_jax import host_kv
 
-  host_kv.BLOCK_PAGES = block
   page_bytes = sum(a[:, :, 0].nbytes for a in kv)
   n = FLAGS.copy_pages
-  tier = host_kv.HostKVTier(8 * n + FLAGS.pages_per_step * (FLAGS.steps + 2), copy_thread=copy_thread)
+  tier = host_kv.HostKVTier(8 * n + FLAGS.pages_per_step * (FLAGS.steps + 2), copy_thread, block)
   pages = list(range(n))
   out, back = [], []
   for r in range(4):   # the first round compiles
@@ -84,9 +85,9 @@ def one_block_size(kv, block: int, copy_thread: bool) -> tuple[dict, tuple]:
   jax.block_until_ready(x)
   tier.land()
   with_copies = (time.perf_counter() - t) / FLAGS.steps
-  return {"block_pages": tier.block_pages, "copy_thread": copy_thread, "gb": gb, "out_gb_s": gb / min(out[1:]), "back_gb_s": gb / min(back[1:]),
-          "step_ms": 1e3 * alone, "step_with_copies_ms": 1e3 * with_copies, "ratio": with_copies / alone,
-          "save_host_ms": 1e3 * in_save / FLAGS.steps}, kv
+  return {"block_pages": tier.block_pages, "copy_thread": copy_thread, "gb": gb, "out_gb_s": gb / min(out[1:]),
+          "back_gb_s": gb / min(back[1:]), "step_ms": 1e3 * alone, "step_with_copies_ms": 1e3 * with_copies,
+          "ratio": with_copies / alone, "save_host_ms": 1e3 * in_save / FLAGS.steps}, kv
 
 
 def main(argv):
@@ -99,17 +100,16 @@ def main(argv):
   print(f"{jax.devices()[0].device_kind}: cache {shape} {FLAGS.dtype}, {FLAGS.copy_pages} pages a copy, "
         f"{FLAGS.pages_per_step} saved before each stand-in step", flush=True)
   rows = []
-  default = host_kv.BLOCK_PAGES
   for b in FLAGS.block_pages:
     size, _, thread = b.partition("+")
-    r, kv = one_block_size(kv, default if size == "default" else int(size), thread == "thread")
+    r, kv = one_block_size(kv, host_kv.BLOCK_PAGES if size == "default" else int(size), thread == "thread")
     rows.append(r)
     print(r, flush=True)
-  host_kv.BLOCK_PAGES = default
   print("\n| pages a host array | out GB/s | back GB/s | step ms | with copies | ratio | host in save, ms a step |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['block_pages']}{' (copy thread)' if r['copy_thread'] else ''} | {r['out_gb_s']:.1f} | {r['back_gb_s']:.1f} | {r['step_ms']:.2f} | "
+    name = f"{r['block_pages']}{' (copy thread)' if r['copy_thread'] else ''}"
+    print(f"| {name} | {r['out_gb_s']:.1f} | {r['back_gb_s']:.1f} | {r['step_ms']:.2f} | "
           f"{r['step_with_copies_ms']:.2f} | {r['ratio']:.3f}x | {r['save_host_ms']:.2f} |")
 
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from nanoflow_jax import compat, prefix_cache
 
 
-BLOCK_PAGES = 16   # pages per host array at most: 16 MB at the 8B shape's fp8 pages, ~1 ms of bytes a transfer
+BLOCK_PAGES = 16   # pages a host array at most: 16 MB at the 8B shape's fp8 pages, ~1 ms of bytes a transfer
 
 
 @jax.jit
@@ -73,13 +73,14 @@ class _Block:
 
 
 class HostKVTier:
-  def __init__(self, capacity_pages: int, copy_thread: bool = False):
+  def __init__(self, capacity_pages: int, copy_thread: bool = False, block_pages: int = BLOCK_PAGES):
     """copy_thread: each save's device_put runs on a thread of its own instead of the caller's (the engine's),
-    for a runtime whose copy to host memory holds the calling thread (lab/host_copy_bench.py measures both)."""
+    for a runtime whose copy to host memory holds the calling thread (lab/host_copy_bench.py measures both).
+    block_pages: pages a host array at most (benches compare sizes)."""
     if capacity_pages < 1:
       raise ValueError(f"the host KV tier needs at least one page, got {capacity_pages}")
     self.capacity_pages = capacity_pages
-    self.block_pages = min(BLOCK_PAGES, 1 << (capacity_pages.bit_length() - 1))   # a block fits the bound
+    self.block_pages = min(block_pages, 1 << (capacity_pages.bit_length() - 1))   # a block fits the bound
     self._blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()   # LRU first
     self._where: dict[int, tuple] = {}   # key hash -> (key, block id, row in the block)
     self._next_block = 0
@@ -109,9 +110,8 @@ class HostKVTier:
     shardings = [a.sharding.with_memory_kind(self._host_kind) for a in on_device]
     if self._copier is None:
       host = jax.device_put(on_device, shardings)
-    else:   # one future for the save, one per block from it
-      put = self._copier.submit(jax.device_put, on_device, shardings)
-      host = [self._copier.submit(lambda i=i: put.result()[i]) for i in range(len(on_device))]
+    else:   # a future per block, its array once the thread has put it
+      host = [self._copier.submit(jax.device_put, a, s) for a, s in zip(on_device, shardings)]
     for array, device_array, (_, chunk_keys) in zip(host, on_device, chunks):
       bid, self._next_block = self._next_block, self._next_block + 1
       block = self._blocks[bid] = _Block(array, device_array.shape[3], [key[0] for key in chunk_keys])
