@@ -3,10 +3,12 @@
 A KV cache of the 8B shape (32 layers, 8 KV heads, pages of 16 x 128, e4m3) and host_kv.HostKVTier at several
 block sizes (--block_pages): 1 page a host array (K and V in one: half the arrays of session 24's first H100 run,
 which had two a page: 6.6 GB/s out, 8.8 back, a decode step 2.28x as long with 64 pages saved before it), the
-default BLOCK_PAGES, and that with the copies on a thread of their own. For each: GB/s out (save + land) and back
-(load, landed), the host's own time in save, and a stand-in step (--gemms bf16 GEMMs of --gemm, no model) alone
-and with `--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its
-way.
+default BLOCK_PAGES, and that with each other copy mode (host_kv.COPY_MODES: device_put on a thread of its own,
+or the copies inside the gather's and scatter's executables). For each: GB/s out (save + land) and back (load,
+landed), the host's own time in save, and a stand-in step (--gemms bf16 GEMMs of --gemm, no model) alone and
+with `--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its way.
+--choice_out gets the copy mode whose stand-in step the copies slowed least (at the default block size), for
+the next process of the same device call (lab/gpu_steps.sh's prefix-bench steps read it).
 
   python lab/host_copy_bench.py --pages=4096 --copy_pages=512
 """
@@ -30,9 +32,11 @@ flags.DEFINE_integer("pages_per_step", 64, "Pages saved before each stand-in ste
 flags.DEFINE_integer("gemm", 4096, "The stand-in step: GEMMs of this square size, in bf16 ...")
 flags.DEFINE_integer("gemms", 40, "... this many a step (~8 ms on an H100).")
 flags.DEFINE_integer("steps", 16, "Steps timed each way.")
-flags.DEFINE_list("block_pages", ["1", "default", "default+thread"],
-                  "Block sizes to compare ('default': host_kv.BLOCK_PAGES; '+thread': the copies put on a thread "
-                  "of their own, HostKVTier's copy_thread).")
+flags.DEFINE_list("block_pages", ["1", "default", "default+thread", "default+jit"],
+                  "Block sizes to compare, each SIZE[+COPY MODE] ('default': host_kv.BLOCK_PAGES; the mode one of "
+                  "host_kv.COPY_MODES, put when left out).")
+flags.DEFINE_string("choice_out", None, "Write the copy mode whose step ratio was lowest at the default block "
+                    "size here.")
 FLAGS = flags.FLAGS
 
 
@@ -40,14 +44,14 @@ def _keys(n: int, salt: int) -> list[tuple]:
   return [(salt * 1_000_003 + i, 0, (salt, i)) for i in range(n)]
 
 
-def one_block_size(kv, block: int, copy_thread: bool) -> tuple[dict, tuple]:
+def one_block_size(kv, block: int, copy: str) -> tuple[dict, tuple]:
   import jax
   import jax.numpy as jnp
   from nanoflow_jax import host_kv
 
   page_bytes = sum(a[:, :, 0].nbytes for a in kv)
   n = FLAGS.copy_pages
-  tier = host_kv.HostKVTier(8 * n + FLAGS.pages_per_step * (FLAGS.steps + 2), copy_thread, block)
+  tier = host_kv.HostKVTier(8 * n + FLAGS.pages_per_step * (FLAGS.steps + 2), copy, block)
   pages = list(range(n))
   out, back = [], []
   for r in range(4):   # the first round compiles
@@ -85,7 +89,7 @@ def one_block_size(kv, block: int, copy_thread: bool) -> tuple[dict, tuple]:
   jax.block_until_ready(x)
   tier.land()
   with_copies = (time.perf_counter() - t) / FLAGS.steps
-  return {"block_pages": tier.block_pages, "copy_thread": copy_thread, "gb": gb, "out_gb_s": gb / min(out[1:]),
+  return {"block_pages": tier.block_pages, "copy": copy, "gb": gb, "out_gb_s": gb / min(out[1:]),
           "back_gb_s": gb / min(back[1:]), "step_ms": 1e3 * alone, "step_with_copies_ms": 1e3 * with_copies,
           "ratio": with_copies / alone, "save_host_ms": 1e3 * in_save / FLAGS.steps}, kv
 
@@ -101,16 +105,23 @@ def main(argv):
         f"{FLAGS.pages_per_step} saved before each stand-in step", flush=True)
   rows = []
   for b in FLAGS.block_pages:
-    size, _, thread = b.partition("+")
-    r, kv = one_block_size(kv, host_kv.BLOCK_PAGES if size == "default" else int(size), thread == "thread")
+    size, _, copy = b.partition("+")
+    r, kv = one_block_size(kv, host_kv.BLOCK_PAGES if size == "default" else int(size), copy or "put")
+    r["default_size"] = size == "default"
     rows.append(r)
     print(r, flush=True)
   print("\n| pages a host array | out GB/s | back GB/s | step ms | with copies | ratio | host in save, ms a step |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    name = f"{r['block_pages']}{' (copy thread)' if r['copy_thread'] else ''}"
+    name = f"{r['block_pages']} ({r['copy']})"
     print(f"| {name} | {r['out_gb_s']:.1f} | {r['back_gb_s']:.1f} | {r['step_ms']:.2f} | "
           f"{r['step_with_copies_ms']:.2f} | {r['ratio']:.3f}x | {r['save_host_ms']:.2f} |")
+  candidates = [r for r in rows if r["default_size"]]
+  if FLAGS.choice_out and candidates:
+    best = min(candidates, key=lambda r: r["ratio"])["copy"]
+    with open(FLAGS.choice_out, "w") as f:
+      f.write(best + "\n")
+    print(f"\ncopy mode chosen (the step slowed least): {best}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ flags.DEFINE_integer("pages_per_step", 64, "Pages saved to the host before each 
 flags.DEFINE_integer("prefix_tokens", 4096, "The shared prefix of the TTFT measurement.")
 flags.DEFINE_integer("conversations", 300, "Conversations of the multi-round workload.")
 flags.DEFINE_float("host_kv_cache_gb", 32.0, "The host tier's size in the third multi-round run.")
+flags.DEFINE_enum("host_kv_copy", "put", ["put", "thread", "jit"], "The host tier's copy mode (host_kv.COPY_MODES) "
+                  "in the copies' GB/s and the multi-round run.")
+flags.DEFINE_list("step_copies", ["put", "thread", "jit"], "Copy modes of the step-with-copies measurement.")
 flags.DEFINE_list("parts", ["copies", "step", "ttft", "multiround"], "Which measurements to run.")
 flags.DEFINE_list("configs", ["off", "on", "host"], "The multi-round runs' configurations: prefix caching off, on, "
                   "on with the host tier (an earlier run's figure for one left out is the same workload).")
@@ -54,7 +57,7 @@ def copy_rates(engine, n: int, repeats: int = 3) -> dict:
   import jax
   from nanoflow_jax import host_kv, kv_cache
   ex = engine.executor
-  tier = host_kv.HostKVTier(4 * n)
+  tier = host_kv.HostKVTier(4 * n, FLAGS.host_kv_copy)
   pages = list(range(n))
   page_bytes = kv_cache.page_bytes(engine.model.config, engine.config.page_size, ex.kv_dtype)
   save, load = [], []
@@ -70,18 +73,18 @@ def copy_rates(engine, n: int, repeats: int = 3) -> dict:
     jax.block_until_ready(ex.kv)
     load.append(time.perf_counter() - t)
   gb = n * page_bytes / 1e9
-  return {"pages": n, "page_bytes": page_bytes, "gb": gb, "save_gb_s": gb / min(save[1:]),
+  return {"pages": n, "copy": FLAGS.host_kv_copy, "page_bytes": page_bytes, "gb": gb, "save_gb_s": gb / min(save[1:]),
           "load_gb_s": gb / min(load[1:])}
 
 
-def step_with_copies(engine, batch: int, pages_per_step: int, steps: int = 16) -> dict:
+def step_with_copies(engine, batch: int, pages_per_step: int, copy: str, steps: int = 16) -> dict:
   """ms per decode step of `batch` sequences at --context, alone and with `pages_per_step` pages saved to the
-  host tier before each step (the engine's order: the gather dispatched before the step, the copy in flight
-  during it)."""
+  host tier (copy mode `copy`) before each step (the engine's order: the gather dispatched before the step, the
+  copy in flight during it)."""
   from launch import decode_sweep
   from nanoflow_jax import host_kv
   ex = engine.executor
-  tier = host_kv.HostKVTier(pages_per_step * (steps + 2))
+  tier = host_kv.HostKVTier(pages_per_step * (steps + 2), copy)
   pages = list(range(pages_per_step))
   # on a small pool (--num_pages 4096: session 17's run held 5 of 64) fewer sequences, all of them decoding
   batch = decode_sweep.fitting_batch(engine, batch, FLAGS.context, 2 * steps + 8)
@@ -102,7 +105,7 @@ def step_with_copies(engine, batch: int, pages_per_step: int, steps: int = 16) -
     tier.land()
     with_copies = (time.perf_counter() - t) / steps
     decode_sweep.check_decoding(engine, batch)
-  return {"decodes": batch, "pages_per_step": pages_per_step, "alone_ms": 1e3 * alone,
+  return {"decodes": batch, "pages_per_step": pages_per_step, "copy": copy, "alone_ms": 1e3 * alone,
           "with_copies_ms": 1e3 * with_copies, "ratio": with_copies / alone, "save_host_ms": 1e3 * in_save / steps}
 
 
@@ -158,13 +161,16 @@ def tables(res: dict) -> str:
   out = []
   if "copies" in res:
     c = res["copies"]
-    out += [f"Host tier copies, {c['pages']} pages ({c['gb']:.2f} GB): device -> host {c['save_gb_s']:.1f} GB/s, "
-            f"host -> device {c['load_gb_s']:.1f} GB/s", ""]
-  if "step" in res:
-    s = res["step"]
+    out += [f"Host tier copies ({c.get('copy', 'put')}), {c['pages']} pages ({c['gb']:.2f} GB): device -> host "
+            f"{c['save_gb_s']:.1f} GB/s, host -> device {c['load_gb_s']:.1f} GB/s", ""]
+  steps = res.get("step", [])
+  for s in [steps] if isinstance(steps, dict) else steps:   # one dict: a run from before the copy modes
     out += [f"Decode step, {s['decodes']} sequences at context {FLAGS.context}: {s['alone_ms']:.2f} ms alone, "
-            f"{s['with_copies_ms']:.2f} ms with {s['pages_per_step']} pages saved before each step "
-            f"({s['ratio']:.3f}x; the host in save {s.get('save_host_ms', float('nan')):.2f} ms a step)", ""]
+            f"{s['with_copies_ms']:.2f} ms with {s['pages_per_step']} pages saved before each step, copy "
+            f"{s.get('copy', 'put')} ({s['ratio']:.3f}x; the host in save {s.get('save_host_ms', float('nan')):.2f} "
+            "ms a step)"]
+  if steps:
+    out.append("")
   if "ttft" in res:
     t = res["ttft"]
     out += [f"TTFT after a {t['prefix_tokens']}-token prefix: miss {t['miss_ms']:.1f} ms, hit {t['hit_ms']:.1f} ms "
@@ -222,11 +228,11 @@ def main(argv):
   configs = [("on", True, 0.0)]
   if "multiround" in FLAGS.parts:
     every = {"off": ("off", False, 0.0), "on": ("on", True, 0.0),
-             "host": ("on + host tier", True, FLAGS.host_kv_cache_gb)}
+             "host": (f"on + host tier ({FLAGS.host_kv_copy})", True, FLAGS.host_kv_cache_gb)}
     configs = [every[c] for c in FLAGS.configs]
   for name, caching, host_gb in configs:
     engine = build_engine(FLAGS.model, model_obj=model, enable_prefix_caching=caching, host_kv_cache_gb=host_gb,
-                          **kw)
+                          host_kv_copy=FLAGS.host_kv_copy, **kw)
     model = engine.model
     engine.warm_up()
     if "multiround" in FLAGS.parts:   # first, on a cache holding only the warm-up's pages
@@ -238,7 +244,8 @@ def main(argv):
         res["copies"] = copy_rates(engine, FLAGS.copy_pages)
         print(tables({"copies": res["copies"]}), flush=True)
       if "step" in FLAGS.parts:
-        res["step"] = step_with_copies(engine, FLAGS.decodes, FLAGS.pages_per_step)
+        res["step"] = [step_with_copies(engine, FLAGS.decodes, FLAGS.pages_per_step, copy)
+                       for copy in FLAGS.step_copies]
         print(tables({"step": res["step"]}), flush=True)
       if "ttft" in FLAGS.parts:
         res["ttft"] = prefix_ttft(engine, FLAGS.prefix_tokens)

@@ -45,6 +45,10 @@ def define(max_num_seqs: int) -> None:
                     "(--noenable_prefix_caching or --enable_prefix_caching=false turns it off).")
   flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GB) for the KV pages the GPU's prefix cache evicts: a "
                      "prompt whose prefix is there gets it copied back instead of recomputed (0: off).")
+  flags.DEFINE_enum("host_kv_copy", "put", ["put", "thread", "jit"], "How the host tier's bytes move: put "
+                    "(device_put from the engine's thread), thread (device_put on a thread of its own) or jit "
+                    "(the copy inside the gather's and scatter's own executables); lab/host_copy_bench.py times "
+                    "each.")
   flags.DEFINE_integer("small_step_attention", 0, "Steps of at most this many tokens run their attention as the "
                        "Pallas kernel, which XLA's command buffers record with the rest of the step (the Triton "
                        "kernel's jax-triton calls split them); 0: off (measured slower on an H100: the host's "
@@ -108,7 +112,8 @@ def engine_kwargs() -> dict:
               pipeline_config=FLAGS.pipeline_config, tensor_parallel=FLAGS.tp, kv_cache_dtype=FLAGS.kv_cache_dtype,
               layer_unroll=FLAGS.layer_unroll, layer_loop=FLAGS.layer_loop, quantization=FLAGS.quantization,
               enable_prefix_caching=FLAGS.enable_prefix_caching, host_kv_cache_gb=FLAGS.host_kv_cache_gb,
-              small_step_attention=FLAGS.small_step_attention, fp8_gemm=FLAGS.fp8_gemm,
+              host_kv_copy=FLAGS.host_kv_copy, small_step_attention=FLAGS.small_step_attention,
+              fp8_gemm=FLAGS.fp8_gemm,
               overlap_dispatch=FLAGS.overlap_dispatch, split_decode_keys=FLAGS.split_decode_keys,
               small_gemm=FLAGS.small_gemm)
 

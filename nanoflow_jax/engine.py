@@ -63,6 +63,7 @@ class EngineConfig:
                                           # layer's tail and the next one's head are in one computation
   enable_prefix_caching: bool = True      # full KV pages found again by their prefix (prefix_cache.py)
   host_kv_cache_gb: float = 0.0           # > 0: pages the GPU evicts kept in host memory (host_kv.py)
+  host_kv_copy: str = "put"               # how the host tier's bytes move: put, thread or jit (host_kv.py)
   layer_loop: str = "auto"                # scan (stacked weights, compiled once), unrolled (every layer in the
                                           # step with weights of its own: no copies for XLA's dot, command
                                           # buffers over the step) or auto (unrolled for fp8 on a GPU)
@@ -98,6 +99,9 @@ class EngineConfig:
       raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTION_CHOICES}, got {self.prefill_attention!r}")
     if self.kv_cache_dtype not in KV_CACHE_DTYPES:
       raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+    from nanoflow_jax.host_kv import COPY_MODES
+    if self.host_kv_copy not in COPY_MODES:
+      raise ValueError(f"host_kv_copy must be one of {COPY_MODES}, got {self.host_kv_copy!r}")
 
 
 class RequestError(ValueError):
@@ -194,7 +198,7 @@ class Engine:
         raise ValueError("host_kv_cache_gb keeps evicted prefix-cache pages: it needs enable_prefix_caching")
       from nanoflow_jax import host_kv
       per_page = kv_cache.page_bytes(cfg, c.page_size, self.executor.kv_dtype)
-      self.pool.host = host_kv.HostKVTier(max(1, int(c.host_kv_cache_gb * 2**30 // per_page)))
+      self.pool.host = host_kv.HostKVTier(max(1, int(c.host_kv_cache_gb * 2**30 // per_page)), c.host_kv_copy)
       log.info("host KV tier: %d pages (%.1f GB)", self.pool.host.capacity_pages, c.host_kv_cache_gb)
     tokens_fit = num_pages * c.page_size
     if tokens_fit < self.max_model_len:

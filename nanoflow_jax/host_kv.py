@@ -15,6 +15,12 @@ long with 64 pages saved before it, and the multi-round run with the tier 0.64x 
 transfer of a host-memory array seems to pay a fixed cost (1,024 arrays of 0.5 MB at 6.6 GB/s is ~80 us
 each), so a page's two arrays cost more than their bytes. A block is one transfer each way; a load moves whole
 blocks (at most BLOCK_PAGES - 1 pages more than it needs).
+How the bytes move (`copy`, lab/host_copy_bench.py times each on the GPU; EngineConfig.host_kv_copy):
+- "put": the gather's output put in host memory with jax.device_put, from the engine's thread;
+- "thread": the same device_put on a thread of its own (for a runtime whose copy holds the calling thread);
+- "jit": the copy is inside the gather's own executable (device_put to jax.memory.Space.Host under jit: XLA's
+  copy-start/copy-done on a copy queue), and a load's copy back inside the scatter's, so there is no separate
+  PJRT transfer (and its per-transfer cost) either way.
 Block sizes are powers of two (the last page repeated) so that few shapes compile. Session 16's first version
 copied through numpy (pageable memory) and waited for the previous copy at each save: 1.8-2.0 GB/s, and a
 64-sequence decode step with 64 pages saved before it took 7.1x as long.
@@ -45,12 +51,29 @@ def _block_of(k, v, pages):
   return jnp.stack([k[:, :, pages], v[:, :, pages]])
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def _scatter(k, v, pages, block, rows):
+@jax.jit
+def _block_to_host(k, v, pages):
+  """_block_of with its copy to pinned host memory in the same executable (copy mode "jit")."""
+  return jax.device_put(jnp.stack([k[:, :, pages], v[:, :, pages]]), jax.memory.Space.Host)
+
+
+def _write_rows(k, v, pages, block, rows):
   """block[:, :, :, rows] written into the cache's `pages` in place; a page index out of range (padding) writes
   nothing. unique_indices: XLA's GPU scatter otherwise writes each byte with an atomic compare-and-swap loop."""
   put = lambda cache, x: cache.at[:, :, pages].set(x[:, :, rows], mode="drop", unique_indices=True)
   return put(k, block[0]), put(v, block[1])
+
+
+_scatter = jax.jit(_write_rows, donate_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _scatter_from_host(k, v, pages, block, rows):
+  """_scatter of a block still in host memory: its copy to the device inside this executable (copy mode "jit")."""
+  return _write_rows(k, v, pages, jax.device_put(block, jax.memory.Space.Device), rows)
+
+
+COPY_MODES = ("put", "thread", "jit")
 
 
 def _padded(n: int) -> int:
@@ -73,12 +96,14 @@ class _Block:
 
 
 class HostKVTier:
-  def __init__(self, capacity_pages: int, copy_thread: bool = False, block_pages: int = BLOCK_PAGES):
-    """copy_thread: each save's device_put runs on a thread of its own instead of the caller's (the engine's),
-    for a runtime whose copy to host memory holds the calling thread (lab/host_copy_bench.py measures both).
-    block_pages: pages a host array at most (benches compare sizes)."""
+  def __init__(self, capacity_pages: int, copy: str = "put", block_pages: int = BLOCK_PAGES):
+    """copy: how the bytes move, one of COPY_MODES (the module's docstring). block_pages: pages a host array at
+    most (benches compare sizes)."""
     if capacity_pages < 1:
       raise ValueError(f"the host KV tier needs at least one page, got {capacity_pages}")
+    if copy not in COPY_MODES:
+      raise ValueError(f"host KV copy mode {copy!r}: expected one of {', '.join(COPY_MODES)}")
+    self.copy = copy
     self.capacity_pages = capacity_pages
     self.block_pages = min(block_pages, 1 << (capacity_pages.bit_length() - 1))   # a block fits the bound
     self._blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()   # LRU first
@@ -90,7 +115,7 @@ class HostKVTier:
     self.loaded = 0
     self.moved_back = 0       # pages copied back, the loaded ones and the rest of their blocks
     self.dropped = 0
-    self._copier = concurrent.futures.ThreadPoolExecutor(1, "host-kv-copy") if copy_thread else None
+    self._copier = concurrent.futures.ThreadPoolExecutor(1, "host-kv-copy") if copy == "thread" else None
 
   def __len__(self) -> int:
     return len(self._where)
@@ -103,18 +128,24 @@ class HostKVTier:
       return
     if self._host_kind is None:
       self._host_kind = compat.host_memory_kind(next(iter(kv[0].devices())))
+      if self.copy == "jit" and self._host_kind != "pinned_host":
+        raise ValueError(f"host KV copy mode 'jit' needs pinned host memory; {kv[0].devices()} have "
+                         f"{self._host_kind}")
     size = self.block_pages
     chunks = [(pages[i:i + size], keys[i:i + size]) for i in range(0, len(pages), size)]
-    on_device = [_block_of(*kv, jnp.asarray(p + [p[-1]] * (_padded(len(p)) - len(p)), jnp.int32))
-                 for p, _ in chunks]
-    shardings = [a.sharding.with_memory_kind(self._host_kind) for a in on_device]
-    if self._copier is None:
-      host = jax.device_put(on_device, shardings)
-    else:   # a future per block, its array once the thread has put it
-      host = [self._copier.submit(jax.device_put, a, s) for a, s in zip(on_device, shardings)]
-    for array, device_array, (_, chunk_keys) in zip(host, on_device, chunks):
+    indices = [jnp.asarray(p + [p[-1]] * (_padded(len(p)) - len(p)), jnp.int32) for p, _ in chunks]
+    if self.copy == "jit":
+      host = [_block_to_host(*kv, i) for i in indices]
+    else:
+      on_device = [_block_of(*kv, i) for i in indices]
+      shardings = [a.sharding.with_memory_kind(self._host_kind) for a in on_device]
+      if self._copier is None:
+        host = jax.device_put(on_device, shardings)
+      else:   # a future per block, its array once the thread has put it
+        host = [self._copier.submit(jax.device_put, a, s) for a, s in zip(on_device, shardings)]
+    for array, index, (_, chunk_keys) in zip(host, indices, chunks):
       bid, self._next_block = self._next_block, self._next_block + 1
-      block = self._blocks[bid] = _Block(array, device_array.shape[3], [key[0] for key in chunk_keys])
+      block = self._blocks[bid] = _Block(array, index.shape[0], [key[0] for key in chunk_keys])
       self.held_pages += block.pages
       for row, key in enumerate(chunk_keys):
         self._where[key[0]] = (key, bid, row)
@@ -155,14 +186,18 @@ class HostKVTier:
       dst.append(page)
       rows.append(row)
     blocks = [self._blocks[bid].array for bid in by_block]
-    device_kind = next(iter(kv[0].devices())).default_memory().kind
-    on_device = jax.device_put(blocks, [a.sharding.with_memory_kind(device_kind) for a in blocks])
+    if self.copy == "jit":
+      scatter, sources = _scatter_from_host, blocks
+    else:
+      device_kind = next(iter(kv[0].devices())).default_memory().kind
+      scatter = _scatter
+      sources = jax.device_put(blocks, [a.sharding.with_memory_kind(device_kind) for a in blocks])
     out_of_range = kv[0].shape[2]
-    for block, (dst, rows) in zip(on_device, by_block.values()):
+    for block, (dst, rows) in zip(sources, by_block.values()):
       n = block.shape[3]   # indices padded to the block's size: one compile per block size
       dst = jnp.asarray(dst + [out_of_range] * (n - len(dst)), jnp.int32)
       rows = jnp.asarray(rows + [0] * (n - len(rows)), jnp.int32)
-      kv = _scatter(*kv, dst, block, rows)
+      kv = scatter(*kv, dst, block, rows)
     self.loaded += len(pages)
     self.moved_back += sum(a.shape[3] for a in blocks)
     return kv

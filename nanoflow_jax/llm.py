@@ -32,7 +32,7 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                  pipeline_config: str | None = None, tensor_parallel: int = 1,
                  kv_cache_dtype: str = "auto", gemm: str = "mosaic_fused", layer_unroll: int = 1,
                  layer_loop: str = "auto", prefill_attention: str = "auto", quantization: str | None = None,
-                 enable_prefix_caching: bool = True, host_kv_cache_gb: float = 0.0,
+                 enable_prefix_caching: bool = True, host_kv_cache_gb: float = 0.0, host_kv_copy: str = "put",
                  small_step_attention: int = 0, fp8_gemm: str = "xla", overlap_dispatch: bool = False,
                  split_decode_keys: bool = True, small_gemm: bool = False) -> Engine:
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
@@ -60,6 +60,7 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                      tensor_parallel=tensor_parallel, kv_cache_dtype=kv_cache_dtype, gemm=gemm,
                      layer_unroll=layer_unroll, layer_loop=layer_loop, prefill_attention=prefill_attention,
                      enable_prefix_caching=enable_prefix_caching, host_kv_cache_gb=host_kv_cache_gb,
+                     host_kv_copy=host_kv_copy,
                      small_step_attention=small_step_attention, fp8_gemm=fp8_gemm,
                      overlap_dispatch=overlap_dispatch, split_decode_keys=split_decode_keys,
                      small_gemm=small_gemm)

@@ -220,12 +220,13 @@ def test_prefix_caching_can_be_turned_off(model):
   assert eng.pool.num_cached == 0 and eng.pool.hit_tokens == 0
 
 
-def _three_prompt_engine(model, caching, host_gb):
+def _three_prompt_engine(model, caching, host_gb, copy="put"):
   return Engine(model, EngineConfig(dense_batch=32, num_pages=10, max_num_seqs=1, compilation_cache_dir=None,
-                                    enable_prefix_caching=caching, host_kv_cache_gb=host_gb))
+                                    enable_prefix_caching=caching, host_kv_cache_gb=host_gb, host_kv_copy=copy))
 
 
-def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model):
+@pytest.mark.parametrize("copy", ["put", "thread", "jit"])
+def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model, copy):
   """10 GPU pages, three 70-token prompts taking turns: each evicts the others' cached pages, which go to the host
   tier; when a prompt comes again its pages come back from the host, byte for byte, and its tokens are those of a
   run without any cache (seeded sampling)."""
@@ -248,7 +249,8 @@ def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model):
     return out
   ref = run(_three_prompt_engine(model, False, 0))
   seen: dict = {}
-  eng = _three_prompt_engine(model, True, 0.01)
+  eng = _three_prompt_engine(model, True, 0.01, copy)
+  assert eng.pool.host.copy == copy
   got = run(eng, seen)
   assert [t for t, _ in got] == [t for t, _ in ref]
   assert [c for _, c in got][:3] == [0, 0, 0] and all(c > 0 for _, c in got[3:])
@@ -271,11 +273,13 @@ def test_the_host_tier_under_tensor_parallelism():
   r = subprocess.run([sys.executable, worker], capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-4000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
-  ref, host = out["ref"], out["host"]
-  assert host["kv_devices"] == 2 and host["tokens"] == ref["tokens"]
-  assert host["cached"][:3] == [0, 0, 0] and all(c > 0 for c in host["cached"][3:])
-  assert host["host_loaded"] > 0 and host["host_hit_tokens"] > 0
-  assert host["host_page_devices"] == [2] and set(host["host_kinds"]) <= {"pinned_host", "unpinned_host"}
+  ref = out["ref"]
+  for copy in ("put", "jit"):   # the jit copy mode moves the sharded block inside the gather's executable
+    host = out[f"host-{copy}"]
+    assert host["kv_devices"] == 2 and host["tokens"] == ref["tokens"]
+    assert host["cached"][:3] == [0, 0, 0] and all(c > 0 for c in host["cached"][3:])
+    assert host["host_loaded"] > 0 and host["host_hit_tokens"] > 0
+    assert host["host_page_devices"] == [2] and set(host["host_kinds"]) <= {"pinned_host", "unpinned_host"}
 
 
 def test_the_host_tier_needs_prefix_caching(model):
@@ -283,23 +287,33 @@ def test_the_host_tier_needs_prefix_caching(model):
     _three_prompt_engine(model, False, 1.0)
 
 
-@pytest.mark.parametrize("copy_thread", [False, True], ids=["inline", "copy-thread"])
-def test_host_tier_pages_round_trip_through_host_memory(copy_thread):
+def test_host_tier_refuses_an_unknown_copy_mode():
+  from nanoflow_jax import host_kv
+  with pytest.raises(ValueError, match="'dma'.*put, thread, jit"):
+    host_kv.HostKVTier(8, copy="dma")
+  with pytest.raises(ValueError, match="host_kv_copy.*'dma'"):   # before any model loads
+    EngineConfig(host_kv_copy="dma").validate()
+
+
+@pytest.mark.parametrize("copy", ["put", "thread", "jit"])
+def test_host_tier_pages_round_trip_through_host_memory(copy):
   """Three pages saved (one block, padded to four inside), kept in a JAX host memory kind, the cache then cleared,
-  and the pages written back elsewhere: byte for byte, the other pages untouched; the same with the copies put
-  on a thread of their own."""
+  and the pages written back elsewhere: byte for byte, the other pages untouched; the same with each copy mode
+  (device_put inline, on a thread of its own, inside the gather's and scatter's executables)."""
   import jax
   import jax.numpy as jnp
   from nanoflow_jax import host_kv
   rng = np.random.default_rng(3)
   shape = (2, 2, 10, 16, 8)   # layers, KV heads, pages, page size, head dim
   k0, v0 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-  tier = host_kv.HostKVTier(capacity_pages=16, copy_thread=copy_thread)
+  tier = host_kv.HostKVTier(capacity_pages=16, copy=copy)
   keys = [(h, 0, (h,)) for h in (11, 12, 13)]
   tier.save((jnp.asarray(k0), jnp.asarray(v0)), [3, 5, 7], keys)
   assert len(tier.host_arrays()) == 1 and tier.held_pages == 4
   assert {a.sharding.memory_kind for a in tier.host_arrays()} <= {"pinned_host", "unpinned_host"}
   tier.land()
+  if copy == "jit":   # the copy was inside the gather's executable: nothing of the block stays on the device
+    assert tier.host_arrays()[0].sharding.memory_kind == "pinned_host"
   kv = (jnp.zeros(shape), jnp.zeros(shape))
   assert tier.lookup(keys) == keys
   k1, v1 = tier.load(kv, [0, 1, 2], keys)
@@ -309,8 +323,8 @@ def test_host_tier_pages_round_trip_through_host_memory(copy_thread):
   assert jax.tree.leaves(k1)[0].dtype == jnp.float32 and tier.loaded == 3
 
 
-@pytest.mark.parametrize("copy_thread", [False, True], ids=["inline", "copy-thread"])
-def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru(copy_thread):
+@pytest.mark.parametrize("copy", ["put", "thread", "jit"])
+def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru(copy):
   """Pages go to the host in blocks of at most block_pages; a load takes pages from several blocks, in any order,
   each to its own GPU page; a page saved again is read from its newest block; the bound counts the blocks'
   pages and drops the least recently used block whole (a lookup renews a block)."""
@@ -320,7 +334,7 @@ def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru(copy_thread):
   shape = (2, 2, 24, 4, 8)
   k0, v0 = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
   kv0 = (jnp.asarray(k0), jnp.asarray(v0))
-  tier = host_kv.HostKVTier(capacity_pages=12, copy_thread=copy_thread)
+  tier = host_kv.HostKVTier(capacity_pages=12, copy=copy)
   assert tier.block_pages == 8
   key = lambda h: (h, 0, (h,))
   tier.save(kv0, list(range(10)), [key(h) for h in range(10)])   # blocks of 8 and 2 pages
