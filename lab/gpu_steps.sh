@@ -223,7 +223,7 @@ step_online-multiround-w8-off()  { served online-multiround-w8-off "${SERVE_FLAG
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_online-multiround-w8-on()   { served online-multiround-w8-on "${SERVE_FLAGS:-$MR_FLAGS}" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
-step_online-multiround-w8-host() { served online-multiround-w8-host "${SERVE_FLAGS:-$MR_FLAGS} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=$(host_kv_copy)" \
+step_online-multiround-w8-host() { served online-multiround-w8-host "${SERVE_FLAGS:-$MR_FLAGS} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_tests-overlap()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k dispatched_on_a_thread; }
 step_tests-small-steps()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k small_steps; }
@@ -417,9 +417,8 @@ step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantiz
 # modes (seconds). It writes the mode that slowed its stand-in step least to $OUT/host-copy-choice, which the
 # host-tier steps after it in the same call take (HOST_KV_COPY overrides; put where neither is there).
 step_host-copies()        { $PY lab/host_copy_bench.py --choice_out="$OUT/host-copy-choice" 2>&1 | grep -v "^W" | tee "$OUT/host-copies.md" | grep -E "^\||Error|chosen"; }
-host_kv_copy() { echo "${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}"; }
 step_prefix-bench-w8-4k() { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --num_pages=4096 --configs=${CONFIGS:-off,on,host} --parts=${PARTS:-copies,step,ttft,multiround} \
-                              --host_kv_copy="$(host_kv_copy)" --out="$OUT/prefix-bench-w8-4k.md" --plot_out="$OUT/prefix-bench-w8-4k.png"; }
+                              --host_kv_copy="${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}" --out="$OUT/prefix-bench-w8-4k.md" --plot_out="$OUT/prefix-bench-w8-4k.png"; }
 step_bench-1024-512-w8-nocache() { bench bench-1024-512-w8-nocache 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \
                               --enable_prefix_caching=false; }
 step_bench-1024-512-nocache() { bench bench-1024-512-nocache 1024-512 1000 --kv_cache_dtype=fp8 --enable_prefix_caching=false; }

@@ -674,6 +674,8 @@ class Engine:
     for b in self.executor.buckets:
       if self.executor.decode_only_variant(b):
         self.executor.compile(self._padding_decode_inputs(b))
+    if self.pool.host is not None:   # the host tier's gathers and scatters, one of each per block size
+      self.executor.kv = self.pool.host.warm_up(self.executor.kv)
 
   def _padding_decode_inputs(self, n: int) -> StepInputs:
     """A decode-only step of `n` padding rows (what it writes is dropped): the shapes of bucket n's decode-only

@@ -123,26 +123,56 @@ class HostKVTier:
   def host_arrays(self) -> list:
     return [b.array for b in self._blocks.values()]
 
-  def save(self, kv, pages: list[int], keys: list[tuple]) -> None:
-    if not pages:
-      return
+  def _to_host(self, kv, indices: list) -> list:
+    """Each index array's pages gathered into one block and put in host memory (a future per block in copy mode
+    "thread")."""
     if self._host_kind is None:
       self._host_kind = compat.host_memory_kind(next(iter(kv[0].devices())))
       if self.copy == "jit" and self._host_kind != "pinned_host":
         raise ValueError(f"host KV copy mode 'jit' needs pinned host memory; {kv[0].devices()} have "
                          f"{self._host_kind}")
+    if self.copy == "jit":
+      return [_block_to_host(*kv, i) for i in indices]
+    on_device = [_block_of(*kv, i) for i in indices]
+    shardings = [a.sharding.with_memory_kind(self._host_kind) for a in on_device]
+    if self._copier is None:
+      return jax.device_put(on_device, shardings)
+    return [self._copier.submit(jax.device_put, a, s) for a, s in zip(on_device, shardings)]
+
+  def _from_host(self, kv, blocks: list, pages: list[list[int]], rows: list[list[int]]):
+    """kv with each host block's `rows` written into its `pages` (padded to the block's size with pages out of
+    range, which write nothing)."""
+    if self.copy == "jit":
+      scatter, sources = _scatter_from_host, blocks
+    else:
+      device_kind = next(iter(kv[0].devices())).default_memory().kind
+      scatter = _scatter
+      sources = jax.device_put(blocks, [a.sharding.with_memory_kind(device_kind) for a in blocks])
+    out_of_range = kv[0].shape[2]
+    for block, dst, src in zip(sources, pages, rows):
+      n = block.shape[3]   # indices padded to the block's size: one compile per block size
+      dst = jnp.asarray(dst + [out_of_range] * (n - len(dst)), jnp.int32)
+      src = jnp.asarray(src + [0] * (n - len(src)), jnp.int32)
+      kv = scatter(*kv, dst, block, src)
+    return kv
+
+  def warm_up(self, kv):
+    """Compiles the gather and the scatter of every block size (the powers of two up to the largest block), so
+    that none compiles while the engine serves: session 25's H200 multi-round run compiled ten of them inside
+    its timed run (TTFT p99 9.4 s against 1.8 without the tier). Returns kv, unchanged (the scatters write only
+    pages out of range)."""
+    sizes = [1 << i for i in range(_padded(self.block_pages).bit_length())]
+    blocks = [b.result() if isinstance(b, concurrent.futures.Future) else b
+              for b in self._to_host(kv, [jnp.zeros(n, jnp.int32) for n in sizes])]
+    return self._from_host(kv, blocks, [[] for _ in sizes], [[] for _ in sizes])
+
+  def save(self, kv, pages: list[int], keys: list[tuple]) -> None:
+    if not pages:
+      return
     size = self.block_pages
     chunks = [(pages[i:i + size], keys[i:i + size]) for i in range(0, len(pages), size)]
     indices = [jnp.asarray(p + [p[-1]] * (_padded(len(p)) - len(p)), jnp.int32) for p, _ in chunks]
-    if self.copy == "jit":
-      host = [_block_to_host(*kv, i) for i in indices]
-    else:
-      on_device = [_block_of(*kv, i) for i in indices]
-      shardings = [a.sharding.with_memory_kind(self._host_kind) for a in on_device]
-      if self._copier is None:
-        host = jax.device_put(on_device, shardings)
-      else:   # a future per block, its array once the thread has put it
-        host = [self._copier.submit(jax.device_put, a, s) for a, s in zip(on_device, shardings)]
+    host = self._to_host(kv, indices)
     for array, index, (_, chunk_keys) in zip(host, indices, chunks):
       bid, self._next_block = self._next_block, self._next_block + 1
       block = self._blocks[bid] = _Block(array, index.shape[0], [key[0] for key in chunk_keys])
@@ -186,18 +216,7 @@ class HostKVTier:
       dst.append(page)
       rows.append(row)
     blocks = [self._blocks[bid].array for bid in by_block]
-    if self.copy == "jit":
-      scatter, sources = _scatter_from_host, blocks
-    else:
-      device_kind = next(iter(kv[0].devices())).default_memory().kind
-      scatter = _scatter
-      sources = jax.device_put(blocks, [a.sharding.with_memory_kind(device_kind) for a in blocks])
-    out_of_range = kv[0].shape[2]
-    for block, (dst, rows) in zip(sources, by_block.values()):
-      n = block.shape[3]   # indices padded to the block's size: one compile per block size
-      dst = jnp.asarray(dst + [out_of_range] * (n - len(dst)), jnp.int32)
-      rows = jnp.asarray(rows + [0] * (n - len(rows)), jnp.int32)
-      kv = scatter(*kv, dst, block, rows)
+    kv = self._from_host(kv, blocks, [d for d, _ in by_block.values()], [r for _, r in by_block.values()])
     self.loaded += len(pages)
     self.moved_back += sum(a.shape[3] for a in blocks)
     return kv

@@ -262,6 +262,33 @@ def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model, copy):
   assert any(len({page for _, _, page in c}) > 1 for c in seen.values())   # some went to the host and came back
 
 
+@pytest.mark.parametrize("copy", ["put", "jit"])
+def test_warm_up_compiles_the_host_tiers_copies_and_leaves_the_cache_alone(model, copy):
+  """After Engine.warm_up nothing of the host tier compiles while serving (session 25's H200 run compiled a gather
+  and a scatter per block size inside its timed run), and the tier's warm-up wrote nothing into the cache. 12
+  pages: a cache shape no other test compiles for."""
+  import jax.numpy as jnp
+  from nanoflow_jax import host_kv
+  rng = np.random.default_rng(5)
+  k0, v0 = (rng.standard_normal((2, 2, 14, 4, 8)).astype(np.float32) for _ in range(2))
+  kv = host_kv.HostKVTier(16, copy).warm_up((jnp.asarray(k0), jnp.asarray(v0)))
+  np.testing.assert_array_equal(np.asarray(kv[0]), k0)
+  np.testing.assert_array_equal(np.asarray(kv[1]), v0)
+  eng = Engine(model, EngineConfig(dense_batch=32, num_pages=12, max_num_seqs=1, compilation_cache_dir=None,
+                                   host_kv_cache_gb=0.01, host_kv_copy=copy))
+  eng.warm_up()
+  fns = (host_kv._block_to_host, host_kv._scatter_from_host) if copy == "jit" else (host_kv._block_of,
+                                                                                    host_kv._scatter)
+  compiled = [f._cache_size() for f in fns]
+  prompts = [[int(t) for t in rng.integers(1, 250, 90)] for _ in range(3)]
+  for j, i in enumerate([0, 1, 2, 0, 1, 2]):
+    eng.add_request(f"r{j}", prompts[i], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    eng.run_until_done()
+    eng.pop_output(f"r{j}")
+  assert eng.pool.host.saved > 0 and eng.pool.host.loaded > 0
+  assert [f._cache_size() for f in fns] == compiled
+
+
 def test_the_host_tier_under_tensor_parallelism():
   """TP 2 on CPU devices (tests/host_tier_tp_worker.py): pages sharded over the devices' KV heads go to host memory
   with the same sharding and come back; greedy tokens equal the same TP engine's without any cache."""
