@@ -239,6 +239,31 @@ def _pcts(xs):
   return {"mean": statistics.fmean(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
 
 
+# Servers close a keep-alive connection left idle for a few seconds (uvicorn and vLLM after 5 s, ours after
+# --header_timeout, 10 s). aiohttp's client keeps idle ones 15 s, so it can send a request on a connection the
+# server is closing that moment: "Connection reset by peer" ended both of session 25's H200 online multi-round
+# runs. Kept 4 s, ours close first; and a request whose connection fails before any response comes is sent once
+# more (the server never began it).
+CLIENT_KEEPALIVE_S = 4.0
+
+
+def _http_session():
+  """The online runs' HTTP client. No cap on connections: aiohttp's default (100) would queue the requests past
+  100 in flight inside the client, and their wait would be counted as the server's latency."""
+  import aiohttp
+  return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
+                               connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=CLIENT_KEEPALIVE_S))
+
+
+async def _post_once_more_on_reset(session, url: str, body: dict, headers: dict):
+  """session.post's response (headers read), sent a second time if the connection failed before any of them."""
+  import aiohttp
+  try:
+    return await session.post(url, json=body, headers=headers)
+  except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+    return await session.post(url, json=body, headers=headers)
+
+
 async def _http_stream(session, url: str, prompt, out_len: int, ids_out: list | None = None,
                        usage_out: dict | None = None):
   """Yields the number of tokens in each streamed chunk of one /v1/completions request. ids_out: the generated
@@ -250,7 +275,7 @@ async def _http_stream(session, url: str, prompt, out_len: int, ids_out: list | 
   if usage_out is not None:
     body["stream_options"] = {"include_usage": True}
   headers = {"Authorization": f"Bearer {FLAGS.api_key}"} if FLAGS.api_key else {}
-  async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
+  async with await _post_once_more_on_reset(session, url + "/v1/completions", body, headers) as resp:
     if resp.status != 200:
       raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
     async for line in resp.content:
@@ -301,8 +326,7 @@ async def _online(async_engine, requests, rate: float, seed: int, url: str | Non
 
   session = None
   if url:
-    import aiohttp
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    session = _http_session()
 
   async def counts(i, prompt, out_len):
     if session is not None:
@@ -348,8 +372,7 @@ async def _online_conversations(async_engine, conv, rate: float, seed: int, url:
   totals = {"prompt": 0, "output": 0, "cached": 0}
   session = None
   if url:
-    import aiohttp
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    session = _http_session()
 
   async def one_round(rid: str, prompt: list[int], out_len: int) -> list[int]:
     t0, first, toks, usage = time.perf_counter(), None, [], {}

@@ -190,3 +190,43 @@ def test_online_through_http_against_a_live_server(tmp_path):
     assert "prompt tokens cached" in r.stdout
   finally:
     assert server.stop() == 0
+
+
+def test_the_http_client_sends_a_request_again_when_its_connection_is_reset_before_any_response():
+  """A server that resets the first connection after reading its request (as one closing an idle keep-alive
+  connection does when a request arrives that moment: session 25's online runs died of it), then answers: the
+  client's stream comes through, sent twice; and the client lets idle connections go before our server would."""
+  import asyncio
+  from absl import flags
+  from launch import benchmark
+  from nanoflow_jax.server.app import ServerLimits
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  assert benchmark.CLIENT_KEEPALIVE_S < min(5.0, ServerLimits().header_timeout)   # 5: uvicorn's (vLLM's)
+  sse = (b'data: {"choices": [{"text": "a", "logprobs": {"tokens": ["a", "b"]}}]}\n\n'
+         b'data: {"choices": [{"text": "c", "logprobs": {"tokens": ["c"]}}]}\n\ndata: [DONE]\n\n')
+  requests = []
+
+  async def handle(reader, writer):
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+    requests.append(await reader.readexactly(length))
+    if len(requests) == 1:
+      writer.transport.abort()   # RST, no response
+      return
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + sse)
+    await writer.drain()
+    writer.close()
+
+  async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    session = benchmark._http_session()
+    try:
+      return [k async for k in benchmark._http_stream(session, f"http://127.0.0.1:{port}", [1, 2, 3], 3)]
+    finally:
+      await session.close()
+      server.close()
+
+  assert asyncio.run(main()) == [2, 1]
+  assert len(requests) == 2 and requests[0] == requests[1]
