@@ -244,8 +244,12 @@ def main(argv):
         res["copies"] = copy_rates(engine, FLAGS.copy_pages)
         print(tables({"copies": res["copies"]}), flush=True)
       if "step" in FLAGS.parts:
-        res["step"] = [step_with_copies(engine, FLAGS.decodes, FLAGS.pages_per_step, copy)
-                       for copy in FLAGS.step_copies]
+        res["step"] = []
+        for copy in FLAGS.step_copies:   # one mode's failure keeps the others' figures (session 25: a sweep
+          try:                           # preempted after the multi-round run stopped the whole bench)
+            res["step"].append(step_with_copies(engine, FLAGS.decodes, FLAGS.pages_per_step, copy))
+          except RuntimeError as e:
+            print(f"step with copies ({copy}): {e}", flush=True)
         print(tables({"step": res["step"]}), flush=True)
       if "ttft" in FLAGS.parts:
         res["ttft"] = prefix_ttft(engine, FLAGS.prefix_tokens)

@@ -17,7 +17,7 @@ def server():
   """The tiny model's server, shared by the server test files (one start-up for all of them)."""
   from server_process import KEY, ServerProcess
   s = ServerProcess("--api_key=" + KEY, "--max_num_seqs=16", "--dense_batch=128", "--num_pages=2048",
-                    "--served_model_name=tiny-test")
+                    "--served_model_name=tiny-test", "--warm_up")
   yield s
   assert s.stop() == 0, s.output()
 

@@ -23,6 +23,8 @@ class ServerProcess:
   def __init__(self, *flags, env=None, start_timeout=120):
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
+    if not any("warm_up" in f for f in flags):   # (the warm-up's compiles: seconds on CPU; one test keeps it)
+      flags = ("--nowarm_up", *flags)
     cmd = [sys.executable, os.path.join(ROOT, "launch", "serve.py"), f"--port={self.port}", *flags]
     self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve-{self.port}.log"), "w+")
     self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

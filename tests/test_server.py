@@ -28,6 +28,19 @@ def test_completion_equals_offline_greedy(client, reference):
   assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(reference.tokenizer.encode("Hello world"))
 
 
+def test_the_server_compiled_every_step_size_before_listening(server, client):
+  """--warm_up (the default): requests of every size find their step compiled; no step compiles after the server
+  began listening (the sampler's variants may: they take well under a second)."""
+  for n in (5, 40, 100):
+    client.completions.create(model="tiny-test", prompt=[7] * n, max_tokens=3, temperature=0)
+  server.log.flush()
+  server.log.seek(0)
+  log = server.log.read()
+  assert "warmed up in" in log and log.index("warmed up in") < log.index("serving ")
+  assert "compiled the step" in log[:log.index("serving ")]
+  assert "compiled the step" not in log[log.index("serving "):]
+
+
 def test_a_repeated_prompt_reports_its_cached_tokens(server, client):
   """Prefix caching is on by default: the second time a long prompt comes, its full pages are cached, as
   usage.prompt_tokens_details.cached_tokens and the metrics say; the text is the same."""
