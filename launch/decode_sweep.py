@@ -53,11 +53,14 @@ def _tokens_to_decode(engine, batch: int, context: int, steps: int) -> int:
 
 def fitting_batch(engine, batch: int, context: int, steps: int) -> int:
   """The most sequences, up to `batch`, that `decoding(engine, n, context, steps)` can hold at once: sequence
-  slots, and KV pages for each one's prompt and max_tokens (what admission reserves)."""
+  slots, and KV pages for each one's prompt and max_tokens as admission projects them (the scheduler's
+  _peak_pages: all their tokens in pages, plus a partial page each). Counting whole pages a sequence instead
+  admitted one too many on a pool they filled (session 25: the last one waited for the others to finish, and
+  the sweep found 1 sequence decoding of 59)."""
   page = engine.config.page_size
   for n in range(min(batch, engine.config.max_num_seqs), 0, -1):
-    pages = -(-(context - 1 + _tokens_to_decode(engine, n, context, steps)) // page)
-    if n * pages <= engine.executor.num_pages:
+    tokens = context - 1 + _tokens_to_decode(engine, n, context, steps)
+    if n * tokens // page + n <= engine.executor.num_pages:
       return n
   raise ValueError(f"the KV pool ({engine.executor.num_pages} pages) holds no sequence at context {context}")
 

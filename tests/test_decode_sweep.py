@@ -55,6 +55,16 @@ def test_fitting_batch_is_what_the_pool_holds(engine):
     decode_sweep.time_decode(small, n + 2, context=100, steps=4)
 
 
+def test_fitting_batch_decodes_all_at_once_on_a_pool_it_fills():
+  """256 pages, sequences of 121 tokens (8 pages each): 32 would fill the pool exactly, but admission projects a
+  partial page more per sequence, so the fitting batch is what it admits at once, and all of it decodes."""
+  eng = build_engine("tiny", random_weights=True, dense_batch=256, num_pages=256, max_num_seqs=64,
+                     max_model_len=1024)
+  n = decode_sweep.fitting_batch(eng, 64, context=64, steps=40)
+  assert 24 <= n < 32
+  assert decode_sweep.time_decode(eng, n, context=64, steps=40) > 0   # checked: all n decoding at the end
+
+
 def test_ttft_of_a_short_prompt_on_the_idle_engine(engine):
   """From add_request to the first token's delta: the prefill step, and the step that reads its token back (the
   loop runs one step ahead), then nothing left behind."""
