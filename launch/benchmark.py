@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
-from launch import engine_flags, step_records, workloads
+from launch import engine_flags, http_client, step_records, workloads
 from nanoflow_jax.perf import gemm_peak_tflops
 
 FLAGS = flags.FLAGS
@@ -239,62 +239,6 @@ def _pcts(xs):
   return {"mean": statistics.fmean(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
 
 
-# Servers close a keep-alive connection left idle for a few seconds (uvicorn and vLLM after 5 s, ours after
-# --header_timeout, 10 s). aiohttp's client keeps idle ones 15 s, so it can send a request on a connection the
-# server is closing that moment: "Connection reset by peer" ended both of session 25's H200 online multi-round
-# runs. Kept 4 s, ours close first; and a request whose connection fails before any response comes is sent once
-# more (the server never began it).
-CLIENT_KEEPALIVE_S = 4.0
-
-
-def _http_session():
-  """The online runs' HTTP client. No cap on connections: aiohttp's default (100) would queue the requests past
-  100 in flight inside the client, and their wait would be counted as the server's latency."""
-  import aiohttp
-  return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
-                               connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=CLIENT_KEEPALIVE_S))
-
-
-async def _post_once_more_on_reset(session, url: str, body: dict, headers: dict):
-  """session.post's response (headers read), sent a second time if the connection failed before any of them."""
-  import aiohttp
-  try:
-    return await session.post(url, json=body, headers=headers)
-  except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-    return await session.post(url, json=body, headers=headers)
-
-
-async def _http_stream(session, url: str, prompt, out_len: int, ids_out: list | None = None,
-                       usage_out: dict | None = None):
-  """Yields the number of tokens in each streamed chunk of one /v1/completions request. ids_out: the generated
-  token ids are appended to it (return_token_ids); usage_out: filled with the final usage."""
-  body = {"prompt": prompt, "max_tokens": out_len, "ignore_eos": True, "temperature": 0.0, "stream": True,
-          "logprobs": 0}
-  if ids_out is not None:
-    body["return_token_ids"] = True
-  if usage_out is not None:
-    body["stream_options"] = {"include_usage": True}
-  headers = {"Authorization": f"Bearer {FLAGS.api_key}"} if FLAGS.api_key else {}
-  async with await _post_once_more_on_reset(session, url + "/v1/completions", body, headers) as resp:
-    if resp.status != 200:
-      raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-    async for line in resp.content:
-      line = line.strip()
-      if not line.startswith(b"data: ") or line == b"data: [DONE]":
-        continue
-      msg = json.loads(line[6:])
-      if msg.get("usage") and usage_out is not None:
-        usage_out.update(msg["usage"])
-      if not msg.get("choices"):
-        continue
-      choice = msg["choices"][0]
-      if ids_out is not None:
-        ids_out.extend(choice.get("token_ids") or [])
-      n = len((choice.get("logprobs") or {}).get("tokens") or [])
-      if n:
-        yield n
-
-
 class _Latencies:
   """An online run's per-request latencies: TTFT, TPOT, end-to-end per output token, and (with_itl) the gaps
   between streamed tokens."""
@@ -326,11 +270,11 @@ async def _online(async_engine, requests, rate: float, seed: int, url: str | Non
 
   session = None
   if url:
-    session = _http_session()
+    session = http_client.new_session()
 
   async def counts(i, prompt, out_len):
     if session is not None:
-      async for k in _http_stream(session, url, prompt, out_len):
+      async for k in http_client.stream_completion(session, url, prompt, out_len, FLAGS.api_key):
         yield k
     else:
       async for d in async_engine.generate(f"o{seed}-{i}", prompt, params(out_len)):
@@ -372,12 +316,12 @@ async def _online_conversations(async_engine, conv, rate: float, seed: int, url:
   totals = {"prompt": 0, "output": 0, "cached": 0}
   session = None
   if url:
-    session = _http_session()
+    session = http_client.new_session()
 
   async def one_round(rid: str, prompt: list[int], out_len: int) -> list[int]:
     t0, first, toks, usage = time.perf_counter(), None, [], {}
     if session is not None:
-      async for _ in _http_stream(session, url, prompt, out_len, toks, usage):
+      async for _ in http_client.stream_completion(session, url, prompt, out_len, FLAGS.api_key, toks, usage):
         first = first or time.perf_counter()
       totals["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     else:

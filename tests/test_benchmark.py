@@ -197,12 +197,9 @@ def test_the_http_client_sends_a_request_again_when_its_connection_is_reset_befo
   connection does when a request arrives that moment: session 25's online runs died of it), then answers: the
   client's stream comes through, sent twice; and the client lets idle connections go before our server would."""
   import asyncio
-  from absl import flags
-  from launch import benchmark
+  from launch import http_client
   from nanoflow_jax.server.app import ServerLimits
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["test"])
-  assert benchmark.CLIENT_KEEPALIVE_S < min(5.0, ServerLimits().header_timeout)   # 5: uvicorn's (vLLM's)
+  assert http_client.CLIENT_KEEPALIVE_S < min(5.0, ServerLimits().header_timeout)   # 5: uvicorn's (vLLM's)
   sse = (b'data: {"choices": [{"text": "a", "logprobs": {"tokens": ["a", "b"]}}]}\n\n'
          b'data: {"choices": [{"text": "c", "logprobs": {"tokens": ["c"]}}]}\n\ndata: [DONE]\n\n')
   requests = []
@@ -221,9 +218,9 @@ def test_the_http_client_sends_a_request_again_when_its_connection_is_reset_befo
   async def main():
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    session = benchmark._http_session()
+    session = http_client.new_session()
     try:
-      return [k async for k in benchmark._http_stream(session, f"http://127.0.0.1:{port}", [1, 2, 3], 3)]
+      return [k async for k in http_client.stream_completion(session, f"http://127.0.0.1:{port}", [1, 2, 3], 3)]
     finally:
       await session.close()
       server.close()
