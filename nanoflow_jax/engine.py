@@ -663,7 +663,11 @@ class Engine:
     """Compiles every bucket: a request of each bucket's size, alone, so that its prompt fills exactly that
     bucket (its decode steps use the smallest). Each prompt repeats a token of its own: with prefix caching, a
     prompt that began like the one before would compute only its new tail, and its bucket would compile later
-    (session 16: 41 s of the 2048 bucket's compile fell inside a timed run)."""
+    (session 16: 41 s of the 2048 bucket's compile fell inside a timed run). The counters that /metrics reports
+    are left as they were: a warmed-up server has served nothing yet."""
+    stats, pool = dataclasses.replace(self.stats), self.pool
+    counters = (pool.queried_tokens, pool.hit_tokens, pool.host_hit_tokens, pool.evictions,
+                self.scheduler.num_preemptions)
     params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0, detokenize=False)
     for i, b in enumerate(self.executor.buckets):
       self.add_request(f"warm-up-{i}", [2 + i] * min(b, self.max_model_len - 2), params)
@@ -676,6 +680,9 @@ class Engine:
         self.executor.compile(self._padding_decode_inputs(b))
     if self.pool.host is not None:   # the host tier's gathers and scatters, one of each per block size
       self.executor.kv = self.pool.host.warm_up(self.executor.kv)
+    self.stats = stats
+    (pool.queried_tokens, pool.hit_tokens, pool.host_hit_tokens, pool.evictions,
+     self.scheduler.num_preemptions) = counters
 
   def _padding_decode_inputs(self, n: int) -> StepInputs:
     """A decode-only step of `n` padding rows (what it writes is dropped): the shapes of bucket n's decode-only

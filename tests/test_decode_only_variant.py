@@ -97,6 +97,9 @@ def test_warm_up_compiles_the_variants_and_leaves_no_trace(model):
   keys = set(engine.executor._compiled)
   assert {(16, "decode"), (32, "decode"), (64, "decode"), 16, 32, 64} <= keys
   assert engine.pool.num_free == engine.pool.num_pages
+  # what /metrics counts is as before: a warmed-up server has served nothing
+  assert engine.stats.steps == engine.stats.prompt_tokens == engine.stats.generated_tokens == 0
+  assert engine.pool.queried_tokens == engine.pool.hit_tokens == 0
   engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, **GREEDY))
   engine.run_until_done()
   assert set(engine.executor._compiled) == keys        # nothing left to compile
