@@ -53,14 +53,16 @@ def _tokens_to_decode(engine, batch: int, context: int, steps: int) -> int:
 
 def fitting_batch(engine, batch: int, context: int, steps: int) -> int:
   """The most sequences, up to `batch`, that `decoding(engine, n, context, steps)` can hold at once: sequence
-  slots, and KV pages for each one's prompt and max_tokens as admission projects them (the scheduler's
-  _peak_pages: all their tokens in pages, plus a partial page each). Counting whole pages a sequence instead
-  admitted one too many on a pool they filled (session 25: the last one waited for the others to finish, and
-  the sweep found 1 sequence decoding of 59)."""
-  page = engine.config.page_size
+  slots, and KV pages for each one's prompt and max_tokens as admission projects them (the scheduler's own
+  projection, which counts a partial page more per sequence). Counting whole pages a sequence instead asked for
+  one too many on a pool they filled (session 25: the last one waited for the others to finish, and the sweep
+  found 1 sequence decoding of 59)."""
+  import numpy as np
+  from nanoflow_jax import scheduler
   for n in range(min(batch, engine.config.max_num_seqs), 0, -1):
-    tokens = context - 1 + _tokens_to_decode(engine, n, context, steps)
-    if n * tokens // page + n <= engine.executor.num_pages:
+    prompt = np.full(n, context - 1)
+    peak = prompt + _tokens_to_decode(engine, n, context, steps)
+    if scheduler._peak_pages(prompt, peak, np.zeros(n, np.int64), engine.config.page_size) <= engine.executor.num_pages:
       return n
   raise ValueError(f"the KV pool ({engine.executor.num_pages} pages) holds no sequence at context {context}")
 

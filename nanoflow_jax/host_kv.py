@@ -54,7 +54,7 @@ def _block_of(k, v, pages):
 @jax.jit
 def _block_to_host(k, v, pages):
   """_block_of with its copy to pinned host memory in the same executable (copy mode "jit")."""
-  return jax.device_put(jnp.stack([k[:, :, pages], v[:, :, pages]]), jax.memory.Space.Host)
+  return jax.device_put(_block_of(k, v, pages), jax.memory.Space.Host)
 
 
 def _write_rows(k, v, pages, block, rows):
