@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 from absl import app, flags
 
 from launch import engine_flags, http_client, step_records, workloads
+from nanoflow_jax import gc_policy
 from nanoflow_jax.perf import gemm_peak_tflops
 
 FLAGS = flags.FLAGS
@@ -107,6 +108,7 @@ def run_offline(engine, requests, peak: float, peak_random: float) -> dict:
   import contextlib
   from launch import power
   engine.warm_up()   # before the sampler: compiling is not the run
+  gc_policy.freeze_startup_heap()
   with contextlib.ExitStack() as stack:
     sampler = None
     if FLAGS.power_sample_ms:
@@ -392,6 +394,7 @@ def run_online(engine, make) -> dict:
   """make(k): the requests of the k-th rate."""
   from nanoflow_jax.async_engine import AsyncEngine
   engine.warm_up()
+  gc_policy.freeze_startup_heap()
   first = make(0)
   n = len(first) if isinstance(first, list) else first.num_requests
   ae = AsyncEngine(engine, max_waiting=n + 1).start()

@@ -99,7 +99,9 @@ def main(argv):
     return 2
   # Across hosts, process 0 serves HTTP and the others run the same steps on their devices (multihost.py).
   channel = multihost.StepChannel(compat.coordination_store()) if multi_host else None
+  from nanoflow_jax import gc_policy
   if multi_host and FLAGS.process_id != 0:
+    gc_policy.freeze_startup_heap()
     multihost.follow(engine, channel)
     return
   if FLAGS.warm_up and not multi_host:   # across hosts every process must run the same steps: not yet
@@ -114,6 +116,7 @@ def main(argv):
       with open(template) as f:
         template = f.read()
     engine.tokenizer.chat_template = template
+  gc_policy.freeze_startup_heap()   # full collections while serving walk only what requests make
   names = FLAGS.served_model_name or [os.path.basename(os.path.normpath(FLAGS.model))]
   api_key = FLAGS.api_key or os.environ.get("NANOFLOW_API_KEY")
   limits = ServerLimits(max_connections=FLAGS.max_connections, header_timeout=FLAGS.header_timeout,

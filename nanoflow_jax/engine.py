@@ -31,6 +31,13 @@ from pallas_kernels.paged_attention import query_blocks
 
 log = logging.getLogger(__name__)
 
+# The sampler kinds Engine.warm_up compiles beside the greedy one its requests use: greedy with log-probabilities,
+# temperature sampling, and top-k/p sampling with and without log-probabilities (penalties, grammars and
+# logit_bias compile at their first use).
+WARM_SAMPLER_MODES = [sampler.Modes(penalized=False, all_greedy=g, truncation=t, logprobs=lp)
+                      for g, t, lp in ((True, False, True), (False, False, False), (False, True, False),
+                                       (False, True, True))]
+
 MODES = ("sequential", "nanoflow")
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
                    "fp8": "float8_e4m3fn"}
@@ -678,6 +685,9 @@ class Engine:
     for b in self.executor.buckets:
       if self.executor.decode_only_variant(b):
         self.executor.compile(self._padding_decode_inputs(b))
+    # The sampler's common kinds beside the warm-up's greedy one (chat clients sample with top-p, benchmark
+    # clients and evaluations ask log-probabilities): session 26's server compiled them at its first requests.
+    self.executor.compile_samplers(WARM_SAMPLER_MODES, self.sp)
     if self.pool.host is not None:   # the host tier's gathers and scatters, one of each per block size
       self.executor.kv = self.pool.host.warm_up(self.executor.kv)
     self.stats = stats

@@ -12,6 +12,14 @@ on cycles kept while a server never goes idle); when no loop is busy the collect
 own garbage is freed by reference counting either way. Only loops that run until idle or stop in a `finally`
 use this (Engine.run_until_done, which the benchmark drives too; the server's engine thread; multi-host
 followers), so a caller stepping an engine by hand never leaves the process without its collector.
+
+What a full collection walks is mostly what start-up made: modules, JAX's and the model's Python objects, the
+compiled programs (~200k objects with the tiny model). The server's full collections took ~250 ms each on the
+GPU machine (session 26: one every ~27 s at 5.4 ms steps, the TTFT and TPOT p99s of its online runs). So a
+process that has started (model loaded, programs compiled) calls `freeze_startup_heap()`: the start-up's
+garbage collected once, and everything alive then moved to the collector's permanent generation, which later
+collections skip (gc.freeze; 112 ms -> under 1 ms on the CPU with the tiny model). Frozen objects that die later
+are freed by reference counting as usual; only cycles among them stay.
 """
 from __future__ import annotations
 
@@ -69,3 +77,13 @@ class BusyCollector:
       _busy_loops -= 1
       if _busy_loops == 0 and _was_enabled:
         gc.enable()
+
+
+def freeze_startup_heap() -> int:
+  """Collects start-up's garbage, then freezes every object alive now (the module docstring); returns how many are
+  frozen. Called once a process has loaded its model and compiled its programs, before it serves."""
+  gc.collect()
+  gc.freeze()
+  frozen = gc.get_freeze_count()
+  log.info("froze %d start-up objects: full garbage collections skip them", frozen)
+  return frozen

@@ -100,9 +100,18 @@ def test_warm_up_compiles_the_variants_and_leaves_no_trace(model):
   # what /metrics counts is as before: a warmed-up server has served nothing
   assert engine.stats.steps == engine.stats.prompt_tokens == engine.stats.generated_tokens == 0
   assert engine.pool.queried_tokens == engine.pool.hit_tokens == 0
+  samplers = set(engine.executor._samplers)
   engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, **GREEDY))
+  # the sampler's common kinds too: greedy with log-probabilities (benchmark clients), temperature and top-p
+  # sampling (chat clients), with log-probabilities; alone in a step and mixed
+  engine.add_request("lp", [5, 6, 8], SamplingParams(max_tokens=3, logprobs=0, **GREEDY))
   engine.run_until_done()
+  for i, kind in enumerate([dict(temperature=0.8), dict(temperature=0.8, top_p=0.9),
+                            dict(temperature=0.8, top_k=5, logprobs=2)]):
+    engine.add_request(f"s{i}", [5, 6, 9 + i], SamplingParams(max_tokens=3, seed=i, **kind))
+    engine.run_until_done()
   assert set(engine.executor._compiled) == keys        # nothing left to compile
+  assert set(engine.executor._samplers) == samplers
 
 
 def test_split_decode_keys_on_the_pallas_kernel_keeps_the_tokens(model, monkeypatch):

@@ -111,3 +111,30 @@ def test_the_server_thread_holds_the_collector_off_only_while_busy(collections):
     ae.shutdown()
   assert len(during) >= 40 and not any(during)
   assert gc.isenabled()
+
+
+def test_freeze_startup_heap_collects_startup_garbage_then_full_collections_skip_the_rest():
+  """A started process's full collections walk only what it made since (the server's took ~250 ms each on the GPU
+  machine, walking start-up's objects)."""
+  import weakref
+
+  class Node:
+    pass
+  dead = Node()
+  dead.self = dead            # start-up garbage: a cycle already unreachable
+  dead_ref = weakref.ref(dead)
+  del dead
+  alive = Node()
+  alive.self = alive          # alive at start-up, unreachable later
+  alive_ref = weakref.ref(alive)
+  try:
+    frozen = gc_policy.freeze_startup_heap()
+    assert dead_ref() is None                       # collected before the freeze, not kept
+    assert frozen == gc.get_freeze_count() > 1000   # the test process's modules and objects
+    del alive
+    gc.collect()
+    assert alive_ref() is not None                  # frozen: a full collection does not walk it
+  finally:
+    gc.unfreeze()
+  gc.collect()
+  assert alive_ref() is None

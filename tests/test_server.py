@@ -30,7 +30,7 @@ def test_completion_equals_offline_greedy(client, reference):
 
 def test_the_server_compiled_every_step_size_before_listening(server, client):
   """--warm_up (the default): requests of every size find their step compiled; no step compiles after the server
-  began listening (the sampler's variants may: they take well under a second)."""
+  began listening, nor the sampler's common kinds; start-up's objects are frozen out of full collections."""
   for n in (5, 40, 100):
     client.completions.create(model="tiny-test", prompt=[7] * n, max_tokens=3, temperature=0)
   server.log.flush()
@@ -39,6 +39,8 @@ def test_the_server_compiled_every_step_size_before_listening(server, client):
   assert "warmed up in" in log and log.index("warmed up in") < log.index("serving ")
   assert "compiled the step" in log[:log.index("serving ")]
   assert "compiled the step" not in log[log.index("serving "):]
+  assert "compiled the sampler" not in log[log.index("serving "):]   # greedy requests' sampler
+  assert "start-up objects" in log[:log.index("serving ")]   # frozen: full collections skip them (gc_policy)
 
 
 def test_a_repeated_prompt_reports_its_cached_tokens(server, client):

@@ -325,6 +325,7 @@ class Executor:
     # conditional and a step's dispatch never waits for the device.
     self._jitted = jax.jit(self._forward_step, donate_argnums=(1, 3, 4))
     self._samplers: dict[sampler.Modes, object] = {}
+    self._sampler_inputs: dict[int, tuple] = {}   # rows -> (logits, sample_slots) shapes of a compiled sampler
 
   def bucket(self, num_tokens: int) -> int:
     for b in self.buckets:
@@ -746,6 +747,8 @@ class Executor:
   def _sampler_for(self, modes: sampler.Modes, logits, sample_slots, sp: sampler.SamplingArrays, extras: dict):
     key = (modes, logits.shape[0], tuple((k, v.shape) for k, v in sorted(extras.items())))
     if key not in self._samplers:
+      self._sampler_inputs.setdefault(logits.shape[0], tuple(
+          jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)) for x in (logits, sample_slots)))
       t = time.perf_counter()
       fn = jax.jit(functools.partial(self._sample_step, modes=modes), donate_argnums=(1, 2))
       self._samplers[key] = fn.lower(logits, self.last_tokens, self.counts, self.prompt_mask, sample_slots,
@@ -753,6 +756,13 @@ class Executor:
       self.compile_seconds[key] = time.perf_counter() - t
       log.info("compiled the sampler for %s, %d rows in %.1f s", modes, logits.shape[0], self.compile_seconds[key])
     return self._samplers[key]
+
+  def compile_samplers(self, modes: list[sampler.Modes], sp: sampler.SamplingArrays) -> None:
+    """The sampler of each of `modes` compiled, not run, for every row count a sampler was compiled for so far
+    (Engine.warm_up: requests that sample or ask log-probabilities then find theirs ready)."""
+    for logits, sample_slots in list(self._sampler_inputs.values()):
+      for m in modes:
+        self._sampler_for(m, logits, sample_slots, sp, {})
 
   def run(self, inp: StepInputs, sp: sampler.SamplingArrays, extras: dict | None = None):
     """Dispatches the step; returns device arrays (tokens, logprob, top logprobs, top ids) not yet read, one
