@@ -80,7 +80,8 @@ def copy_rates(engine, n: int, repeats: int = 3) -> dict:
 def step_with_copies(engine, batch: int, pages_per_step: int, copy: str, steps: int = 16) -> dict:
   """ms per decode step of `batch` sequences at --context, alone and with `pages_per_step` pages saved to the
   host tier (copy mode `copy`) before each step (the engine's order: the gather dispatched before the step, the
-  copy in flight during it)."""
+  blocks put in host memory after the next read, `HostKVTier.settle`); save_host_ms: the host's time in save and
+  settle."""
   from launch import decode_sweep
   from nanoflow_jax import host_kv
   ex = engine.executor
@@ -101,7 +102,10 @@ def step_with_copies(engine, batch: int, pages_per_step: int, copy: str, steps: 
       t_save = time.perf_counter()
       tier.save(ex.kv, pages, _fake_keys(pages_per_step, i))
       in_save += time.perf_counter() - t_save   # the host's own time in save: blocking copies show here
-      engine.step()
+      engine.step()   # (it reads the previous step's results)
+      t_save = time.perf_counter()
+      tier.settle()   # as the engine does for its own tier after that read
+      in_save += time.perf_counter() - t_save
     tier.land()
     with_copies = (time.perf_counter() - t) / steps
     decode_sweep.check_decoding(engine, batch)
@@ -142,6 +146,10 @@ def multiround(engine, conversations: int) -> dict:
   conv = Conversations(conversations, 0, engine.model.config.vocab_size, engine.max_model_len,
                        lambda n: SamplingParams(max_tokens=n, ignore_eos=True, temperature=0, detokenize=False))
   q0, h0, hh0, e0 = pool.queried_tokens, pool.hit_tokens, pool.host_hit_tokens, pool.evictions
+  st = engine.stats
+  s0 = (st.steps, st.host_seconds, st.wait_seconds, st.schedule_seconds)
+  tier = pool.host
+  h_0 = (tier.save_seconds, tier.load_seconds, tier.settle_seconds) if tier is not None else (0.0, 0.0, 0.0)
   t = time.perf_counter()
   conv.start(engine)
   engine.run_until_done(progress=lambda: conv.advance(engine))   # rounds added as their predecessors finish
@@ -154,7 +162,13 @@ def multiround(engine, conversations: int) -> dict:
           "prefill_tokens_computed": conv.prompt_tokens - hits, "evictions": pool.evictions - e0,
           "ttft_p50_ms": ttft[len(ttft) // 2], "ttft_p99_ms": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
           "host_saved": getattr(pool.host, "saved", 0), "host_loaded": getattr(pool.host, "loaded", 0),
-          "host_moved_back": getattr(pool.host, "moved_back", 0)}
+          "host_moved_back": getattr(pool.host, "moved_back", 0),
+          # where the time went: the engine thread's own time (the tier's calls included) and its waits for the
+          # device, and the tier's calls alone
+          "steps": st.steps - s0[0], "host_s": st.host_seconds - s0[1], "wait_s": st.wait_seconds - s0[2],
+          "schedule_s": st.schedule_seconds - s0[3],
+          **({f"tier_{k}_s": getattr(tier, f"{k}_seconds") - v for k, v in zip(("save", "load", "settle"), h_0)}
+             if tier is not None else {})}
 
 
 def tables(res: dict) -> str:
@@ -168,7 +182,7 @@ def tables(res: dict) -> str:
     out += [f"Decode step, {s['decodes']} sequences at context {FLAGS.context}: {s['alone_ms']:.2f} ms alone, "
             f"{s['with_copies_ms']:.2f} ms with {s['pages_per_step']} pages saved before each step, copy "
             f"{s.get('copy', 'put')} ({s['ratio']:.3f}x; the host in save {s.get('save_host_ms', float('nan')):.2f} "
-            "ms a step)"]
+            "ms a step in save and settle)"]
   if steps:
     out.append("")
   if "ttft" in res:
@@ -184,6 +198,12 @@ def tables(res: dict) -> str:
       out.append(f"| {name} | {r['requests']} | {r['total_tok_s']:,.0f} | {vs} | "
                  f"{r['hit_rate']:.1%} | {r['host_hit_tokens']} | {r['prefill_tokens_computed']:,} | "
                  f"{r['evictions']} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} |")
+    out += ["", "| multi-round | steps | host s (of which schedule + tier moves) | waiting for the device s | "
+            "tier save / load / settle s |", "|---|---|---|---|---|"]
+    for name, r in res["multiround"].items():
+      if "steps" in r:   # (runs from before these fields)
+        tier = " / ".join(f"{r[f'tier_{k}_s']:.2f}" for k in ("save", "load", "settle")) if "tier_save_s" in r else "-"
+        out.append(f"| {name} | {r['steps']} | {r['host_s']:.2f} ({r['schedule_s']:.2f}) | {r['wait_s']:.2f} | {tier} |")
   return "\n".join(out)
 
 

@@ -387,6 +387,8 @@ class Engine:
       self._process(sampled, tokens, lp, top_lp, top_ids)
       st.process_seconds += time.perf_counter() - tw - wait
     self._pending = dispatched
+    if self.pool.host is not None:   # blocks gathered before the step just read go to host memory (host_kv.py)
+      self.pool.host.settle(everything=dispatched is None)
     self.stats.wait_seconds += wait
     compiling = 0.0 if threaded else sum(self.executor.compile_seconds.values()) - compile0
     self.stats.host_seconds += time.perf_counter() - t0 - wait - compiling

@@ -4,9 +4,13 @@ there gets those pages copied back instead of recomputed.
 
 The pool (kv_cache.PagePool) decides; this tier moves bytes:
 - `save(kv, pages, keys)`: the evicted pages' K and V gathered on the device into blocks of up to BLOCK_PAGES
-  pages (one array each), and the blocks put in pinned host memory (a JAX memory kind) with one asynchronous
-  device_put. Nothing waits: the gather is dispatched before the step that overwrites those pages (the step's
-  donation of the cache waits for its read), and the copies run on the copy engines beside the step.
+  pages (one array each), dispatched before the step that overwrites those pages (the step's donation of the
+  cache waits for their read). The blocks stay on the device until `settle()` puts them in pinned host memory
+  (a JAX memory kind): the engine calls it after reading a step's results, and it moves the blocks gathered
+  before that step, whose gathers are then done. Why not at once: a device_put to host memory returns only when
+  its copy is done (session 25's H200 stand-in: 0.44 ms for each 1 MB array, the copy's own rate), so a put
+  issued at save waited for the step in flight before the gather, and with it the engine lost its host/device
+  overlap at every step that evicted (session 26: the multi-round run with the tier 0.80x caching alone).
 - `lookup(keys)`: the longest run of keys the tier holds.
 - `load(kv, pages, keys)`: the blocks holding those pages put back on the device (one device_put) and the pages
   written into the given GPU pages (one scatter per block, the cache donated).
@@ -16,11 +20,12 @@ transfer of a host-memory array seems to pay a fixed cost (1,024 arrays of 0.5 M
 each), so a page's two arrays cost more than their bytes. A block is one transfer each way; a load moves whole
 blocks (at most BLOCK_PAGES - 1 pages more than it needs).
 How the bytes move (`copy`, lab/host_copy_bench.py times each on the GPU; EngineConfig.host_kv_copy):
-- "put": the gather's output put in host memory with jax.device_put, from the engine's thread;
-- "thread": the same device_put on a thread of its own (for a runtime whose copy holds the calling thread);
+- "put": the gathered blocks put in host memory with jax.device_put at `settle()`, from the engine's thread;
+- "thread": the same device_put on a thread of its own;
 - "jit": the copy is inside the gather's own executable (device_put to jax.memory.Space.Host under jit: XLA's
   copy-start/copy-done on a copy queue), and a load's copy back inside the scatter's, so there is no separate
-  PJRT transfer (and its per-transfer cost) either way.
+  PJRT transfer (and its per-transfer cost) either way; nothing waits for `settle()`.
+A block not yet settled is loaded from the device, where it still is.
 Block sizes are powers of two (the last page repeated) so that few shapes compile. Session 16's first version
 copied through numpy (pageable memory) and waited for the previous copy at each save: 1.8-2.0 GB/s, and a
 64-sequence decode step with 64 pages saved before it took 7.1x as long.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -81,12 +87,12 @@ def _padded(n: int) -> int:
 
 
 class _Block:
-  """One host array of saved pages (or the future of it, while a copy thread puts it there) and the keys it holds
-  (a key saved again later points elsewhere)."""
-  __slots__ = ("_array", "pages", "keys")
+  """One array of saved pages: on the device until settled, then in host memory (or the future of it, while a
+  copy thread puts it there); and the keys it holds (a key saved again later points elsewhere)."""
+  __slots__ = ("_array", "pages", "keys", "on_device")
 
-  def __init__(self, array, pages: int, keys: list[int]):
-    self._array, self.pages, self.keys = array, pages, keys
+  def __init__(self, array, pages: int, keys: list[int], on_device: bool):
+    self._array, self.pages, self.keys, self.on_device = array, pages, keys, on_device
 
   @property
   def array(self):
@@ -116,16 +122,20 @@ class HostKVTier:
     self.moved_back = 0       # pages copied back, the loaded ones and the rest of their blocks
     self.dropped = 0
     self._copier = concurrent.futures.ThreadPoolExecutor(1, "host-kv-copy") if copy == "thread" else None
+    self._gathered: list[int] = []   # blocks gathered before the step now being dispatched (still on the device)
+    self._settling: list[int] = []   # blocks gathered before the step whose results the engine reads next
+    self.save_seconds = self.load_seconds = self.settle_seconds = 0.0   # the calling thread's time in each
 
   def __len__(self) -> int:
     return len(self._where)
 
   def host_arrays(self) -> list:
+    """Every block's host array (blocks not yet settled are put there first)."""
+    self.settle(everything=True)
     return [b.array for b in self._blocks.values()]
 
-  def _to_host(self, kv, indices: list) -> list:
-    """Each index array's pages gathered into one block and put in host memory (a future per block in copy mode
-    "thread")."""
+  def _gather(self, kv, indices: list) -> list:
+    """Each index array's pages gathered into one block: on the device, or in host memory in copy mode "jit"."""
     if self._host_kind is None:
       self._host_kind = compat.host_memory_kind(next(iter(kv[0].devices())))
       if self.copy == "jit" and self._host_kind != "pinned_host":
@@ -133,21 +143,50 @@ class HostKVTier:
                          f"{self._host_kind}")
     if self.copy == "jit":
       return [_block_to_host(*kv, i) for i in indices]
-    on_device = [_block_of(*kv, i) for i in indices]
-    shardings = [a.sharding.with_memory_kind(self._host_kind) for a in on_device]
+    return [_block_of(*kv, i) for i in indices]
+
+  def _held(self, bids: list[int]) -> list[_Block]:
+    return [self._blocks[b] for b in bids if b in self._blocks]
+
+  def _put(self, blocks: list[_Block]) -> None:
+    """`blocks` still on the device put in host memory (a future each in copy mode "thread")."""
+    blocks = [b for b in blocks if b.on_device]
+    if not blocks:
+      return
+    arrays = [b.array for b in blocks]
+    shardings = [a.sharding.with_memory_kind(self._host_kind) for a in arrays]
     if self._copier is None:
-      return jax.device_put(on_device, shardings)
-    return [self._copier.submit(jax.device_put, a, s) for a, s in zip(on_device, shardings)]
+      hosted = jax.device_put(arrays, shardings)
+    else:
+      hosted = [self._copier.submit(jax.device_put, a, s) for a, s in zip(arrays, shardings)]
+    for block, array in zip(blocks, hosted):
+      block._array, block.on_device = array, False
+
+  def settle(self, everything: bool = False) -> None:
+    """Called after the engine read a step's results: the blocks gathered before that step (their gathers done)
+    are put in host memory; those gathered since wait for the next call. everything: all of them (the engine
+    has nothing in flight: nothing is waited for that would not be waited for anyway)."""
+    t = time.perf_counter()
+    if everything:
+      self._put(self._held(self._settling + self._gathered))
+      self._settling, self._gathered = [], []
+    else:
+      self._put(self._held(self._settling))
+      self._settling, self._gathered = self._gathered, []
+    self.settle_seconds += time.perf_counter() - t
 
   def _from_host(self, kv, blocks: list, pages: list[list[int]], rows: list[list[int]]):
-    """kv with each host block's `rows` written into its `pages` (padded to the block's size with pages out of
-    range, which write nothing)."""
+    """kv with each block's `rows` written into its `pages` (padded to the block's size with pages out of range,
+    which write nothing). A block still on the device is read where it is."""
     if self.copy == "jit":
-      scatter, sources = _scatter_from_host, blocks
+      scatter, sources = _scatter_from_host, [b.array for b in blocks]
     else:
       device_kind = next(iter(kv[0].devices())).default_memory().kind
       scatter = _scatter
-      sources = jax.device_put(blocks, [a.sharding.with_memory_kind(device_kind) for a in blocks])
+      hosted = [b.array for b in blocks if not b.on_device]
+      moved = iter(jax.device_put(hosted, [a.sharding.with_memory_kind(device_kind) for a in hosted])
+                   if hosted else [])
+      sources = [b.array if b.on_device else next(moved) for b in blocks]
     out_of_range = kv[0].shape[2]
     for block, dst, src in zip(sources, pages, rows):
       n = block.shape[3]   # indices padded to the block's size: one compile per block size
@@ -162,26 +201,34 @@ class HostKVTier:
     its timed run (TTFT p99 9.4 s against 1.8 without the tier). Returns kv, unchanged (the scatters write only
     pages out of range)."""
     sizes = [1 << i for i in range(_padded(self.block_pages).bit_length())]
-    blocks = [b.result() if isinstance(b, concurrent.futures.Future) else b
-              for b in self._to_host(kv, [jnp.zeros(n, jnp.int32) for n in sizes])]
-    return self._from_host(kv, blocks, [[] for _ in sizes], [[] for _ in sizes])
+    gathered = self._gather(kv, [jnp.zeros(n, jnp.int32) for n in sizes])
+    blocks = [_Block(a, n, [], self.copy != "jit") for a, n in zip(gathered, sizes)]
+    kv = self._from_host(kv, blocks, [[] for _ in sizes], [[] for _ in sizes])   # from the device
+    if self.copy != "jit":   # and from host memory
+      self._put(blocks)
+      kv = self._from_host(kv, blocks, [[] for _ in sizes], [[] for _ in sizes])
+    return kv
 
   def save(self, kv, pages: list[int], keys: list[tuple]) -> None:
     if not pages:
       return
+    t = time.perf_counter()
     size = self.block_pages
     chunks = [(pages[i:i + size], keys[i:i + size]) for i in range(0, len(pages), size)]
     indices = [jnp.asarray(p + [p[-1]] * (_padded(len(p)) - len(p)), jnp.int32) for p, _ in chunks]
-    host = self._to_host(kv, indices)
-    for array, index, (_, chunk_keys) in zip(host, indices, chunks):
+    gathered = self._gather(kv, indices)
+    for array, index, (_, chunk_keys) in zip(gathered, indices, chunks):
       bid, self._next_block = self._next_block, self._next_block + 1
-      block = self._blocks[bid] = _Block(array, index.shape[0], [key[0] for key in chunk_keys])
+      block = self._blocks[bid] = _Block(array, index.shape[0], [key[0] for key in chunk_keys], self.copy != "jit")
+      if block.on_device:
+        self._gathered.append(bid)
       self.held_pages += block.pages
       for row, key in enumerate(chunk_keys):
         self._where[key[0]] = (key, bid, row)
         self.saved += 1
     while self.held_pages > self.capacity_pages:
       self._drop(next(iter(self._blocks)))
+    self.save_seconds += time.perf_counter() - t
 
   def _drop(self, bid: int) -> None:
     block = self._blocks.pop(bid)
@@ -192,8 +239,8 @@ class HostKVTier:
         self.dropped += 1
 
   def land(self) -> None:
-    """Waits until every page saved so far is in host memory (the engine never needs to: a load's device_put
-    waits for what it reads)."""
+    """Puts every block still on the device in host memory and waits until all are there (the engine never needs
+    to: a load reads a block where it is)."""
     jax.block_until_ready(self.host_arrays())
 
   def lookup(self, keys: list[tuple]) -> list[tuple]:
@@ -209,14 +256,16 @@ class HostKVTier:
 
   def load(self, kv, pages: list[int], keys: list[tuple]):
     """kv with `keys`' saved bytes written into `pages` (the cache donated); returns the new (k, v)."""
+    t = time.perf_counter()
     by_block: dict[int, tuple[list[int], list[int]]] = {}
     for page, key in zip(pages, keys):
       _, bid, row = self._where[key[0]]
       dst, rows = by_block.setdefault(bid, ([], []))
       dst.append(page)
       rows.append(row)
-    blocks = [self._blocks[bid].array for bid in by_block]
+    blocks = [self._blocks[bid] for bid in by_block]
     kv = self._from_host(kv, blocks, [d for d, _ in by_block.values()], [r for _, r in by_block.values()])
     self.loaded += len(pages)
-    self.moved_back += sum(a.shape[3] for a in blocks)
+    self.moved_back += sum(b.pages for b in blocks if not b.on_device)
+    self.load_seconds += time.perf_counter() - t
     return kv

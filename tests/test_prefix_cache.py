@@ -260,6 +260,7 @@ def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model, copy):
       np.testing.assert_array_equal(k, copies[0][0])
       np.testing.assert_array_equal(v, copies[0][1])
   assert any(len({page for _, _, page in c}) > 1 for c in seen.values())   # some went to the host and came back
+  assert not any(b.on_device for b in eng.pool.host._blocks.values())   # idle: every block in host memory
 
 
 @pytest.mark.parametrize("copy", ["put", "jit"])
@@ -350,6 +351,33 @@ def test_host_tier_pages_round_trip_through_host_memory(copy):
   assert jax.tree.leaves(k1)[0].dtype == jnp.float32 and tier.loaded == 3
 
 
+@pytest.mark.parametrize("copy", ["put", "thread"])
+def test_saved_blocks_go_to_host_memory_one_step_later(copy):
+  """A put to host memory returns when its copy is done, so a block is put there only once the step dispatched
+  after its gather has been read (the engine calls settle() after each read): put at save, it would wait for the
+  step in flight. Blocks not yet settled are loaded from the device, and settle(everything=True) (nothing in
+  flight) puts them all."""
+  import jax.numpy as jnp
+  from nanoflow_jax import host_kv
+  shape = (2, 2, 8, 4, 8)
+  kv = (jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape), jnp.ones(shape))
+  tier = host_kv.HostKVTier(capacity_pages=32, copy=copy)
+  key = lambda h: (h, 0, (h,))
+  device_kind = next(iter(kv[0].devices())).default_memory().kind
+  kinds = lambda: [b._array.sharding.memory_kind if b.on_device else "host" for b in tier._blocks.values()]
+  tier.save(kv, [0, 1], [key(0), key(1)])       # before step 1
+  tier.settle()                                  # step 0's results read: nothing gathered before step 0
+  assert kinds() == [device_kind]
+  tier.save(kv, [2], [key(2)])                   # before step 2
+  tier.settle()                                  # step 1's results read: the first block's gather is done
+  assert kinds() == ["host", device_kind]
+  k1, _ = tier.load((jnp.zeros(shape), jnp.zeros(shape)), [5, 6], [key(2), key(0)])
+  np.testing.assert_array_equal(np.asarray(k1)[:, :, [5, 6]], np.asarray(kv[0])[:, :, [2, 0]])
+  assert tier.moved_back == 2                    # the first block came back; the second was read on the device
+  tier.settle(everything=True)
+  assert kinds() == ["host", "host"] and tier.save_seconds > 0 and tier.load_seconds > 0
+
+
 @pytest.mark.parametrize("copy", ["put", "thread", "jit"])
 def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru(copy):
   """Pages go to the host in blocks of at most block_pages; a load takes pages from several blocks, in any order,
@@ -366,14 +394,15 @@ def test_host_tier_blocks_split_load_across_blocks_and_go_by_lru(copy):
   key = lambda h: (h, 0, (h,))
   tier.save(kv0, list(range(10)), [key(h) for h in range(10)])   # blocks of 8 and 2 pages
   assert [a.shape[3] for a in tier.host_arrays()] == [8, 2] and tier.held_pages == 10
-  tier.save(kv0, [20], [key(3)])   # key 3 again, other bytes: the newest copy counts
-  want = [9, 3, 0, 7]
+  tier.save(kv0, [20], [key(3)])   # key 3 again, other bytes: the newest copy counts (not settled yet: its
+  want = [9, 3, 0, 7]              # block is read on the device, where it still is, in copy modes put and thread)
   k1, v1 = tier.load((jnp.zeros(shape), jnp.zeros(shape)), [23, 22, 21, 20], [key(h) for h in want])
   src = [9, 20, 0, 7]
   np.testing.assert_array_equal(np.asarray(k1)[:, :, [23, 22, 21, 20]], k0[:, :, src])
   np.testing.assert_array_equal(np.asarray(v1)[:, :, [23, 22, 21, 20]], v0[:, :, src])
   assert not np.asarray(k1)[:, :, :20].any() and tier.loaded == 4
-  assert tier.moved_back == 2 + 1 + 8   # whole blocks: keys 8-9's, key 3's newest, keys 0-7's
+  # whole blocks copied back: keys 8-9's, keys 0-7's, and key 3's newest in copy mode jit (its gather put it there)
+  assert tier.moved_back == 2 + 8 + (copy == "jit")
   assert tier.lookup([key(0)]) == [key(0)]   # renews the first block: the 2-page one is now the oldest
   tier.save(kv0, [11], [key(50)])          # 8 + 2 + 1 + 1 = 12 pages: within the bound
   assert tier.dropped == 0 and tier.held_pages == 12
