@@ -85,6 +85,7 @@ def prepare_process(nanoflow: bool) -> bool:
   its plan splits the step. Returns whether this process joined a multi-host job."""
   from nanoflow_jax import compat, distributed
   compat.configure_gpu_memory()
+  compat.configure_host_memory(FLAGS.host_kv_cache_gb)
   try:
     multi = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:

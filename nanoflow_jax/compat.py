@@ -13,6 +13,40 @@ def configure_gpu_memory(fraction: float = 0.95) -> None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(fraction))
 
 
+# JAX's GPU client allocates host memory arrays (the host KV tier's pinned blocks) from a pool of pinned memory
+# bounded by this variable, read when the client starts (XLA's gpu_helpers.cc; 64 GB when unset).
+PINNED_HOST_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_HOST_DEFAULT_GB = 64
+PINNED_HOST_HEADROOM_GB = 8   # beyond the host tier: the client's own staging buffers
+
+
+def configure_host_memory(host_kv_cache_gb: float) -> None:
+  """Lets JAX's GPU client pin enough host memory for a host KV tier of `host_kv_cache_gb` (and its own
+  staging). No effect once a backend is up, on the CPU, or where the variable is already set."""
+  need = host_kv_cache_gb + PINNED_HOST_HEADROOM_GB
+  if host_kv_cache_gb > 0 and need > PINNED_HOST_DEFAULT_GB:
+    os.environ.setdefault(PINNED_HOST_LIMIT_VAR, str(int(-(-need // 1))))
+
+
+def check_pinned_host_fits(platform: str, host_kv_cache_gb: float) -> None:
+  """Raises ValueError where a GPU client's pinned host memory (what configure_host_memory set, or XLA's default,
+  less its own headroom) cannot hold a host KV tier of `host_kv_cache_gb`: at start, not at the save that would
+  fail while serving."""
+  limit = float(os.environ.get(PINNED_HOST_LIMIT_VAR, PINNED_HOST_DEFAULT_GB)) - PINNED_HOST_HEADROOM_GB
+  if platform == "gpu" and host_kv_cache_gb > limit:
+    raise ValueError(f"host_kv_cache_gb={host_kv_cache_gb:g} is more than the {limit:g} GB of pinned host memory "
+                     f"JAX's GPU client allows here: set {PINNED_HOST_LIMIT_VAR} before JAX starts (serve.py and "
+                     f"benchmark.py set it from --host_kv_cache_gb)")
+
+
+def physical_memory_gb() -> float | None:
+  """This machine's memory in GB (None where the OS does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
 def nvidia_smi_query(fields: list[str]) -> list[str] | None:
   """GPU 0's values of nvidia-smi's `--query-gpu` fields (no units), read without starting JAX's backend;
   None without nvidia-smi or a GPU, or where nvidia-smi refuses a field."""

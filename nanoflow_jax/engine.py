@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from nanoflow_jax import dispatch_thread, distributed, gc_policy, kv_cache, sampler, structured
+from nanoflow_jax import compat, dispatch_thread, distributed, gc_policy, kv_cache, sampler, structured
 from nanoflow_jax.model import Model
 from nanoflow_jax.outputs import CompletionOutput, Delta, Logprob, RequestMetrics, RequestOutput
 from nanoflow_jax.runtime.plan import GENERIC_CONFIG
@@ -109,6 +109,15 @@ class EngineConfig:
     from nanoflow_jax.host_kv import COPY_MODES
     if self.host_kv_copy not in COPY_MODES:
       raise ValueError(f"host_kv_copy must be one of {COPY_MODES}, got {self.host_kv_copy!r}")
+    if self.host_kv_cache_gb < 0:
+      raise ValueError(f"host_kv_cache_gb must be >= 0, got {self.host_kv_cache_gb}")
+    physical = compat.physical_memory_gb()
+    if physical and self.host_kv_cache_gb > HOST_KV_MAX_SHARE * physical:
+      raise ValueError(f"host_kv_cache_gb={self.host_kv_cache_gb:g} is more than {HOST_KV_MAX_SHARE:.0%} of this "
+                       f"machine's {physical:.0f} GB of memory (pinned pages cannot be swapped out)")
+
+
+HOST_KV_MAX_SHARE = 0.8   # of the machine's memory, at most, for the host KV tier: the process needs the rest
 
 
 class RequestError(ValueError):
@@ -204,6 +213,7 @@ class Engine:
       if not c.enable_prefix_caching:
         raise ValueError("host_kv_cache_gb keeps evicted prefix-cache pages: it needs enable_prefix_caching")
       from nanoflow_jax import host_kv
+      compat.check_pinned_host_fits(next(iter(self.executor.kv[0].devices())).platform, c.host_kv_cache_gb)
       per_page = kv_cache.page_bytes(cfg, c.page_size, self.executor.kv_dtype)
       self.pool.host = host_kv.HostKVTier(max(1, int(c.host_kv_cache_gb * 2**30 // per_page)), c.host_kv_copy)
       log.info("host KV tier: %d pages (%.1f GB)", self.pool.host.capacity_pages, c.host_kv_cache_gb)

@@ -21,6 +21,28 @@ def test_concurrent_command_buffer_flags(monkeypatch):
   assert "=false" not in compat.os.environ["XLA_FLAGS"]
 
 
+def test_the_gpu_clients_pinned_host_memory_follows_the_host_tier(monkeypatch):
+  """JAX's GPU client pins at most XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (64 GB unset) for host memory arrays: a host
+  KV tier larger than that is given room before the backend starts, and one that cannot fit is refused at start."""
+  import pytest
+  var = compat.PINNED_HOST_LIMIT_VAR
+  monkeypatch.delenv(var, raising=False)
+  compat.configure_host_memory(32)                     # fits XLA's default: left alone
+  assert var not in compat.os.environ
+  compat.check_pinned_host_fits("gpu", 32)
+  with pytest.raises(ValueError, match=f"host_kv_cache_gb=100 .*56 GB.*{var}"):
+    compat.check_pinned_host_fits("gpu", 100)
+  compat.check_pinned_host_fits("cpu", 100)            # the CPU's host memory has no such pool
+  compat.configure_host_memory(100)
+  assert compat.os.environ[var] == "108"
+  compat.check_pinned_host_fits("gpu", 100)
+  monkeypatch.setenv(var, "40")                        # a user's own setting wins, and is checked
+  compat.configure_host_memory(100)
+  assert compat.os.environ[var] == "40"
+  with pytest.raises(ValueError, match="32 GB"):
+    compat.check_pinned_host_fits("gpu", 33)
+
+
 def test_gpu_name_before_backend_reads_nvidia_smi(tmp_path, monkeypatch):
   import sys
   smi = tmp_path / "nvidia-smi"

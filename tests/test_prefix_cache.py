@@ -321,6 +321,10 @@ def test_host_tier_refuses_an_unknown_copy_mode():
     host_kv.HostKVTier(8, copy="dma")
   with pytest.raises(ValueError, match="host_kv_copy.*'dma'"):   # before any model loads
     EngineConfig(host_kv_copy="dma").validate()
+  with pytest.raises(ValueError, match="host_kv_cache_gb=1e\\+06 is more than 80% of this machine's"):
+    EngineConfig(host_kv_cache_gb=1e6).validate()
+  with pytest.raises(ValueError, match="host_kv_cache_gb must be >= 0"):
+    EngineConfig(host_kv_cache_gb=-1).validate()
 
 
 @pytest.mark.parametrize("copy", ["put", "thread", "jit"])
