@@ -88,7 +88,7 @@ def main(argv):
     logging.error("%s (nothing was loaded)", busy)
     return 2
   multi_host = engine_flags.prepare_process(FLAGS.mode == "nanoflow") and FLAGS.num_processes > 1
-  from nanoflow_jax import compat, multihost
+  from nanoflow_jax import compat, gc_policy, multihost
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.llm import build_engine
   from nanoflow_jax.server.app import ServerLimits, serve
@@ -99,7 +99,6 @@ def main(argv):
     return 2
   # Across hosts, process 0 serves HTTP and the others run the same steps on their devices (multihost.py).
   channel = multihost.StepChannel(compat.coordination_store()) if multi_host else None
-  from nanoflow_jax import gc_policy
   if multi_host and FLAGS.process_id != 0:
     gc_policy.freeze_startup_heap()
     multihost.follow(engine, channel)
