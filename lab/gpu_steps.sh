@@ -416,7 +416,7 @@ step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantiz
 # Session 24 (issue 28): the host tier's copies without a model, 1 page a host array against blocks and the copy
 # modes (seconds). It writes the mode that slowed its stand-in step least to $OUT/host-copy-choice, which the
 # host-tier steps after it in the same call take (HOST_KV_COPY overrides; put where neither is there).
-step_host-copies()        { $PY lab/host_copy_bench.py --choice_out="$OUT/host-copy-choice" 2>&1 | grep -v "^W" | tee "$OUT/host-copies.md" | grep -E "^\||Error|chosen"; }
+step_host-copies()        { $PY lab/host_copy_bench.py --choice_out="$OUT/host-copy-choice" 2>&1 | grep -v "^W" | tee "$OUT/host-copies.md" | grep -E "^\||Error|chosen|One block"; }
 step_prefix-bench-w8-4k() { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --num_pages=4096 --configs=${CONFIGS:-off,on,host} --parts=${PARTS:-copies,step,ttft,multiround} \
                               --host_kv_copy="${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}" --out="$OUT/prefix-bench-w8-4k.md" --plot_out="$OUT/prefix-bench-w8-4k.png"; }
 step_bench-1024-512-w8-nocache() { bench bench-1024-512-w8-nocache 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \

@@ -7,6 +7,8 @@ default BLOCK_PAGES, and that with each other copy mode (host_kv.COPY_MODES: dev
 or the copies inside the gather's and scatter's executables). For each: GB/s out (save + land) and back (load,
 landed), the host's own time in save and settle, and a stand-in step (--gemms bf16 GEMMs of --gemm, no model) alone and
 with `--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its way.
+--put_probe (on by default) times what one block's put holds its caller for, its source ready or behind a step
+in flight, and whether a put on a thread holds the GIL: the premise of HostKVTier.settle.
 --choice_out gets the copy mode whose stand-in step the copies slowed least (at the default block size), for
 the next process of the same device call (lab/gpu_steps.sh's prefix-bench steps read it).
 
@@ -35,6 +37,7 @@ flags.DEFINE_integer("steps", 16, "Steps timed each way.")
 flags.DEFINE_list("block_pages", ["1", "default", "default+thread", "default+jit"],
                   "Block sizes to compare, each SIZE[+COPY MODE] ('default': host_kv.BLOCK_PAGES; the mode one of "
                   "host_kv.COPY_MODES, put when left out).")
+flags.DEFINE_bool("put_probe", True, "Also time what one block's device_put to host memory holds the caller for.")
 flags.DEFINE_string("choice_out", None, "Write the copy mode whose step ratio was lowest at the default block "
                     "size here.")
 FLAGS = flags.FLAGS
@@ -101,6 +104,53 @@ def one_block_size(kv, block: int, copy: str) -> tuple[dict, tuple]:
           "ratio": with_copies / alone, "save_host_ms": 1e3 * in_save / FLAGS.steps}, kv
 
 
+def put_probe(kv, step, x, block: int) -> dict:
+  """What a device_put of one gathered block to host memory holds its calling thread for (ms, medians of
+  --steps): its source ready (`ready`), its source the gather behind a stand-in step still running
+  (`behind_step`; the step's own time beside it), and, on a copy thread, how long the calling thread then takes
+  for a fixed bit of Python (`python_beside`, against `python_alone`: whether the put holds the GIL while it
+  waits). The premise of HostKVTier.settle: a put returns when its copy is done."""
+  import statistics
+  import threading
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax import compat, host_kv
+  kind = compat.host_memory_kind(next(iter(kv[0].devices())))
+  pages = jnp.arange(block, dtype=jnp.int32)
+  sharding = host_kv._block_of(*kv, pages).sharding.with_memory_kind(kind)
+
+  def python_bit():
+    t = time.perf_counter()
+    sum(i * i for i in range(20_000))
+    return time.perf_counter() - t
+  ready, behind, step_ms, alone, beside = [], [], [], [], []
+  for _ in range(FLAGS.steps):
+    b = jax.block_until_ready(host_kv._block_of(*kv, pages))
+    t = time.perf_counter()
+    jax.block_until_ready(jax.device_put(b, sharding))
+    ready.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    jax.block_until_ready(step(x))
+    step_ms.append(time.perf_counter() - t)
+    y = step(x)                                   # in flight
+    b = host_kv._block_of(*kv, pages)             # behind it
+    t = time.perf_counter()
+    h = jax.device_put(b, sharding)               # returns when?
+    behind.append(time.perf_counter() - t)
+    jax.block_until_ready((y, h))
+    alone.append(python_bit())
+    y = step(x)
+    b = host_kv._block_of(*kv, pages)
+    th = threading.Thread(target=lambda: jax.block_until_ready(jax.device_put(b, sharding)))
+    th.start()
+    beside.append(python_bit())
+    th.join()
+    jax.block_until_ready(y)
+  ms = lambda v: 1e3 * statistics.median(v)
+  return {"block_pages": block, "ready_ms": ms(ready), "behind_step_ms": ms(behind), "step_ms": ms(step_ms),
+          "python_alone_ms": ms(alone), "python_beside_ms": ms(beside)}
+
+
 def main(argv):
   del argv
   import jax
@@ -123,6 +173,18 @@ def main(argv):
     name = f"{r['block_pages']} ({r['copy']})"
     print(f"| {name} | {r['out_gb_s']:.1f} | {r['back_gb_s']:.1f} | {r['step_ms']:.2f} | "
           f"{r['step_with_copies_ms']:.2f} | {r['ratio']:.3f}x | {r['save_host_ms']:.2f} |")
+  if FLAGS.put_probe:
+    @jax.jit
+    def step(x):
+      for _ in range(FLAGS.gemms):
+        x = jnp.tanh(x @ x) * 0.5
+      return x
+    x = jax.block_until_ready(step(jnp.full((FLAGS.gemm, FLAGS.gemm), 0.01, jnp.bfloat16)))
+    p = put_probe(kv, step, x, host_kv.BLOCK_PAGES)
+    print(f"\nOne block of {p['block_pages']} pages put in host memory, the caller's time: source ready "
+          f"{p['ready_ms']:.2f} ms; source behind a {p['step_ms']:.2f} ms step in flight {p['behind_step_ms']:.2f} ms "
+          f"(near the step's time if the put waits for its source); {p['python_alone_ms']:.2f} ms of Python alone, "
+          f"{p['python_beside_ms']:.2f} ms beside a put on a thread (longer if the put holds the GIL)", flush=True)
   candidates = [r for r in rows if r["default_size"]]
   if FLAGS.choice_out and candidates:
     best = min(candidates, key=lambda r: r["ratio"])["copy"]
