@@ -223,6 +223,12 @@ step_online-multiround-w8-off()  { served online-multiround-w8-off "${SERVE_FLAG
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_online-multiround-w8-on()   { served online-multiround-w8-on "${SERVE_FLAGS:-$MR_FLAGS}" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+# The same on a pool the live conversations nearly fill (at 2 a second on 4096 pages at most ~25% was in use, so
+# nothing was evicted and the host tier idled; session 26): cached histories are then evicted between rounds.
+step_online-multiround-w8-on-small()   { served online-multiround-w8-on-small "$MR_FLAGS --num_pages=${SMALL_PAGES:-1536}" \
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+step_online-multiround-w8-host-small() { served online-multiround-w8-host-small "$MR_FLAGS --num_pages=${SMALL_PAGES:-1536} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}" \
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_online-multiround-w8-host() { served online-multiround-w8-host "${SERVE_FLAGS:-$MR_FLAGS} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_tests-overlap()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k dispatched_on_a_thread; }
