@@ -18,6 +18,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from launch import engine_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-3-8b", "Named shape (random weights).")
 flags.DEFINE_enum("quantization", None, ["fp8"], "Weights and activations (default: the model's dtype).")
@@ -34,9 +36,9 @@ flags.DEFINE_integer("pages_per_step", 64, "Pages saved to the host before each 
 flags.DEFINE_integer("prefix_tokens", 4096, "The shared prefix of the TTFT measurement.")
 flags.DEFINE_integer("conversations", 300, "Conversations of the multi-round workload.")
 flags.DEFINE_float("host_kv_cache_gb", 32.0, "The host tier's size in the third multi-round run.")
-flags.DEFINE_enum("host_kv_copy", "put", ["put", "thread", "jit"], "The host tier's copy mode (host_kv.COPY_MODES) "
+flags.DEFINE_enum("host_kv_copy", "put", list(engine_flags.HOST_KV_COPY_MODES), "The host tier's copy mode (host_kv.COPY_MODES) "
                   "in the copies' GB/s and the multi-round run.")
-flags.DEFINE_list("step_copies", ["put", "thread", "jit"], "Copy modes of the step-with-copies measurement.")
+flags.DEFINE_list("step_copies", list(engine_flags.HOST_KV_COPY_MODES), "Copy modes of the step-with-copies measurement.")
 flags.DEFINE_list("parts", ["copies", "step", "ttft", "multiround"], "Which measurements to run.")
 flags.DEFINE_list("configs", ["off", "on", "host"], "The multi-round runs' configurations: prefix caching off, on, "
                   "on with the host tier (an earlier run's figure for one left out is the same workload).")

@@ -4,6 +4,9 @@ from __future__ import annotations
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+# host_kv.COPY_MODES, spelled here because this module is imported before JAX may start (tests/test_cli.py checks
+# that the two agree).
+HOST_KV_COPY_MODES = ("put", "thread", "jit")
 
 
 def define(max_num_seqs: int) -> None:
@@ -45,8 +48,9 @@ def define(max_num_seqs: int) -> None:
                     "(--noenable_prefix_caching or --enable_prefix_caching=false turns it off).")
   flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GB) for the KV pages the GPU's prefix cache evicts: a "
                      "prompt whose prefix is there gets it copied back instead of recomputed (0: off).")
-  flags.DEFINE_enum("host_kv_copy", "put", ["put", "thread", "jit"], "How the host tier's bytes move: put "
-                    "(device_put from the engine's thread), thread (device_put on a thread of its own) or jit "
+  flags.DEFINE_enum("host_kv_copy", "put", list(HOST_KV_COPY_MODES), "How the host tier's bytes move: put "
+                    "(device_put at the step after the gather, from the engine's thread), thread (that device_put on "
+                    "a thread of its own) or jit "
                     "(the copy inside the gather's and scatter's own executables); lab/host_copy_bench.py times "
                     "each.")
   flags.DEFINE_integer("small_step_attention", 0, "Steps of at most this many tokens run their attention as the "

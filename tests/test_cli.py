@@ -132,3 +132,10 @@ def test_the_console_script_and_a_vllm_style_server(tmp_path):
   assert any("POST /v1/completions 200 id=cmpl-" in line and "prompt_tokens=3 output_tokens=2 ttft_ms=" in line
              for line in lines), lines
   assert any("POST /tokenize 200" in line for line in lines) and not any("/ping" in line for line in lines)
+
+
+def test_the_host_tier_copy_flag_offers_the_tiers_copy_modes():
+  """engine_flags spells host_kv.COPY_MODES itself (it is imported before JAX may start): the two must agree."""
+  from launch import engine_flags
+  from nanoflow_jax import host_kv
+  assert engine_flags.HOST_KV_COPY_MODES == host_kv.COPY_MODES
