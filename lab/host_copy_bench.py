@@ -47,9 +47,21 @@ def _keys(n: int, salt: int) -> list[tuple]:
   return [(salt * 1_000_003 + i, 0, (salt, i)) for i in range(n)]
 
 
-def one_block_size(kv, block: int, copy: str) -> tuple[dict, tuple]:
+def stand_in_step():
+  """The stand-in step (--gemms bf16 GEMMs of --gemm, no model), compiled, and its input: (step, x)."""
   import jax
   import jax.numpy as jnp
+
+  @jax.jit
+  def step(x):
+    for _ in range(FLAGS.gemms):
+      x = jnp.tanh(x @ x) * 0.5
+    return x
+  return step, jax.block_until_ready(step(jnp.full((FLAGS.gemm, FLAGS.gemm), 0.01, jnp.bfloat16)))
+
+
+def one_block_size(kv, block: int, copy: str) -> tuple[dict, tuple]:
+  import jax
   from nanoflow_jax import host_kv
 
   page_bytes = sum(a[:, :, 0].nbytes for a in kv)
@@ -69,12 +81,7 @@ def one_block_size(kv, block: int, copy: str) -> tuple[dict, tuple]:
     back.append(time.perf_counter() - t)
   gb = n * page_bytes / 1e9
 
-  @jax.jit
-  def step(x):
-    for _ in range(FLAGS.gemms):
-      x = jnp.tanh(x @ x) * 0.5
-    return x
-  x = jax.block_until_ready(step(jnp.full((FLAGS.gemm, FLAGS.gemm), 0.01, jnp.bfloat16)))
+  step, x = stand_in_step()
   few = list(range(FLAGS.pages_per_step))
   tier.save(kv, few, _keys(len(few), 99))   # compiles this block size's gather
   tier.land()
@@ -174,13 +181,7 @@ def main(argv):
     print(f"| {name} | {r['out_gb_s']:.1f} | {r['back_gb_s']:.1f} | {r['step_ms']:.2f} | "
           f"{r['step_with_copies_ms']:.2f} | {r['ratio']:.3f}x | {r['save_host_ms']:.2f} |")
   if FLAGS.put_probe:
-    @jax.jit
-    def step(x):
-      for _ in range(FLAGS.gemms):
-        x = jnp.tanh(x @ x) * 0.5
-      return x
-    x = jax.block_until_ready(step(jnp.full((FLAGS.gemm, FLAGS.gemm), 0.01, jnp.bfloat16)))
-    p = put_probe(kv, step, x, host_kv.BLOCK_PAGES)
+    p = put_probe(kv, *stand_in_step(), host_kv.BLOCK_PAGES)
     print(f"\nOne block of {p['block_pages']} pages put in host memory, the caller's time: source ready "
           f"{p['ready_ms']:.2f} ms; source behind a {p['step_ms']:.2f} ms step in flight {p['behind_step_ms']:.2f} ms "
           f"(near the step's time if the put waits for its source); {p['python_alone_ms']:.2f} ms of Python alone, "
