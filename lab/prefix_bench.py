@@ -40,10 +40,12 @@ flags.DEFINE_enum("host_kv_copy", "put", list(engine_flags.HOST_KV_COPY_MODES), 
                   "in the copies' GB/s and the multi-round run.")
 flags.DEFINE_list("step_copies", list(engine_flags.HOST_KV_COPY_MODES), "Copy modes of the step-with-copies measurement.")
 flags.DEFINE_list("parts", ["copies", "step", "ttft", "multiround"], "Which measurements to run.")
+HOST_CONFIGS = {f"host-{m}": m for m in engine_flags.HOST_KV_COPY_MODES}
 flags.DEFINE_list("configs", ["off", "on", "host"], "The multi-round runs' configurations: prefix caching off, on, "
-                  "on with the host tier (an earlier run's figure for one left out is the same workload).")
-flags.register_validator("configs", lambda v: set(v) <= {"off", "on", "host"},
-                         "--configs takes off, on and host (comma-separated)")
+                  "on with the host tier in --host_kv_copy's mode (host) or in a mode named (host-put, host-thread, "
+                  "host-jit); an earlier run's figure for one left out is the same workload.")
+flags.register_validator("configs", lambda v: set(v) <= {"off", "on", "host", *HOST_CONFIGS},
+                         f"--configs takes off, on, host and {', '.join(HOST_CONFIGS)} (comma-separated)")
 flags.DEFINE_string("out", None, "Write the tables (markdown) here, the results beside them (.json).")
 flags.DEFINE_string("plot_out", None, "Plot the multi-round runs here (PNG).")
 flags.DEFINE_string("from_json", None, "Plot and tabulate an earlier run's results (its .json) instead of running.")
@@ -192,11 +194,11 @@ def tables(res: dict) -> str:
     out += [f"TTFT after a {t['prefix_tokens']}-token prefix: miss {t['miss_ms']:.1f} ms, hit {t['hit_ms']:.1f} ms "
             f"({t['hit_over_miss']:.2f}x; {t['cached_tokens']:.0f} tokens cached)", ""]
   if "multiround" in res:
-    out += ["| multi-round | requests | total tok/s | vs off | hit rate | from host | prefill tokens computed | "
-            "evictions | TTFT p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
-    off = res["multiround"].get("off", {}).get("total_tok_s")
+    out += ["| multi-round | requests | total tok/s | vs off | vs on | hit rate | from host | prefill tokens computed | "
+            "evictions | TTFT p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {b: res["multiround"].get(b, {}).get("total_tok_s") for b in ("off", "on")}
     for name, r in res["multiround"].items():
-      vs = f"{r['total_tok_s'] / off:.2f}x" if off else "-"
+      vs = " | ".join(f"{r['total_tok_s'] / base[b]:.2f}x" if base[b] else "-" for b in ("off", "on"))
       out.append(f"| {name} | {r['requests']} | {r['total_tok_s']:,.0f} | {vs} | "
                  f"{r['hit_rate']:.1%} | {r['host_hit_tokens']} | {r['prefill_tokens_computed']:,} | "
                  f"{r['evictions']} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} |")
@@ -247,14 +249,15 @@ def main(argv):
             num_pages=FLAGS.num_pages, max_model_len=FLAGS.max_model_len, kv_cache_dtype=FLAGS.kv_cache_dtype,
             quantization=FLAGS.quantization)
   res, model, engine_parts_done = {}, None, False
-  configs = [("on", True, 0.0)]
+  configs = [("on", True, 0.0, FLAGS.host_kv_copy)]
   if "multiround" in FLAGS.parts:
-    every = {"off": ("off", False, 0.0), "on": ("on", True, 0.0),
-             "host": (f"on + host tier ({FLAGS.host_kv_copy})", True, FLAGS.host_kv_cache_gb)}
-    configs = [every[c] for c in FLAGS.configs]
-  for name, caching, host_gb in configs:
+    every = {"off": ("off", False, 0.0, FLAGS.host_kv_copy), "on": ("on", True, 0.0, FLAGS.host_kv_copy),
+             **{c: (f"on + host tier ({m})", True, FLAGS.host_kv_cache_gb, m)
+                for c, m in {"host": FLAGS.host_kv_copy, **HOST_CONFIGS}.items()}}
+    configs = list({every[c][0]: every[c] for c in FLAGS.configs}.values())   # (host and host-put may be one)
+  for name, caching, host_gb, copy in configs:
     engine = build_engine(FLAGS.model, model_obj=model, enable_prefix_caching=caching, host_kv_cache_gb=host_gb,
-                          host_kv_copy=FLAGS.host_kv_copy, **kw)
+                          host_kv_copy=copy, **kw)
     model = engine.model
     engine.warm_up()
     if "multiround" in FLAGS.parts:   # first, on a cache holding only the warm-up's pages
