@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 # temperature sampling, and top-k/p sampling with and without log-probabilities (penalties, grammars and
 # logit_bias compile at their first use).
 WARM_SAMPLER_MODES = [sampler.Modes(penalized=False, all_greedy=g, truncation=t, logprobs=lp)
-                      for g, t, lp in ((True, False, True), (False, False, False), (False, True, False),
-                                       (False, True, True))]
+                      for g, t, lp in ((True, False, True), (False, False, False), (False, False, True),
+                                       (False, True, False), (False, True, True))]
 
 MODES = ("sequential", "nanoflow")
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
