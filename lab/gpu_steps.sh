@@ -227,9 +227,9 @@ step_online-multiround-w8-on()   { served online-multiround-w8-on "${SERVE_FLAGS
 # nothing was evicted and the host tier idled; session 26): cached histories are then evicted between rounds.
 step_online-multiround-w8-on-small()   { served online-multiround-w8-on-small "$MR_FLAGS --num_pages=${SMALL_PAGES:-1536}" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
-step_online-multiround-w8-host-small() { served online-multiround-w8-host-small "$MR_FLAGS --num_pages=${SMALL_PAGES:-1536} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}" \
+step_online-multiround-w8-host-small() { served online-multiround-w8-host-small "$MR_FLAGS --num_pages=${SMALL_PAGES:-1536} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-thread}" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
-step_online-multiround-w8-host() { served online-multiround-w8-host "${SERVE_FLAGS:-$MR_FLAGS} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}" \
+step_online-multiround-w8-host() { served online-multiround-w8-host "${SERVE_FLAGS:-$MR_FLAGS} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-thread}" \
                                      --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
 step_tests-overlap()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k dispatched_on_a_thread; }
 step_tests-small-steps()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k small_steps; }
@@ -420,11 +420,12 @@ step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantiz
                               --plot_out="$OUT/prefix-bench-w8.png"; }
 # The same on a pool small enough that live conversations' pages are evicted (the host tier then gives them back).
 # Session 24 (issue 28): the host tier's copies without a model, 1 page a host array against blocks and the copy
-# modes (seconds). It writes the mode that slowed its stand-in step least to $OUT/host-copy-choice, which the
-# host-tier steps after it in the same call take (HOST_KV_COPY overrides; put where neither is there).
+# modes (seconds); the mode that slowed its stand-in step least goes to $OUT/host-copy-choice. The host-tier steps
+# no longer take it: the stand-in found put and thread alike (1.05x) where the engine did not (session 27:
+# multi-round 0.75x against 1.09x caching alone), so they run the engine's default, thread (HOST_KV_COPY overrides).
 step_host-copies()        { $PY lab/host_copy_bench.py --choice_out="$OUT/host-copy-choice" 2>&1 | grep -v "^W" | tee "$OUT/host-copies.md" | grep -E "^\||Error|chosen|One block"; }
 step_prefix-bench-w8-4k() { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --num_pages=4096 --configs=${CONFIGS:-off,on,host} --parts=${PARTS:-copies,step,ttft,multiround} \
-                              --host_kv_copy="${HOST_KV_COPY:-$(cat "$OUT/host-copy-choice" 2> /dev/null || echo put)}" --out="$OUT/prefix-bench-w8-4k.md" --plot_out="$OUT/prefix-bench-w8-4k.png"; }
+                              --host_kv_copy="${HOST_KV_COPY:-thread}" --out="$OUT/prefix-bench-w8-4k.md" --plot_out="$OUT/prefix-bench-w8-4k.png"; }
 step_bench-1024-512-w8-nocache() { bench bench-1024-512-w8-nocache 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \
                               --enable_prefix_caching=false; }
 step_bench-1024-512-nocache() { bench bench-1024-512-nocache 1024-512 1000 --kv_cache_dtype=fp8 --enable_prefix_caching=false; }

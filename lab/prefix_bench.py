@@ -36,7 +36,7 @@ flags.DEFINE_integer("pages_per_step", 64, "Pages saved to the host before each 
 flags.DEFINE_integer("prefix_tokens", 4096, "The shared prefix of the TTFT measurement.")
 flags.DEFINE_integer("conversations", 300, "Conversations of the multi-round workload.")
 flags.DEFINE_float("host_kv_cache_gb", 32.0, "The host tier's size in the third multi-round run.")
-flags.DEFINE_enum("host_kv_copy", "put", list(engine_flags.HOST_KV_COPY_MODES), "The host tier's copy mode (host_kv.COPY_MODES) "
+flags.DEFINE_enum("host_kv_copy", "thread", list(engine_flags.HOST_KV_COPY_MODES), "The host tier's copy mode (host_kv.COPY_MODES) "
                   "in the copies' GB/s and the multi-round run.")
 flags.DEFINE_list("step_copies", list(engine_flags.HOST_KV_COPY_MODES), "Copy modes of the step-with-copies measurement.")
 flags.DEFINE_list("parts", ["copies", "step", "ttft", "multiround"], "Which measurements to run.")
@@ -244,6 +244,8 @@ def main(argv):
     if FLAGS.plot_out:
       plot(res, FLAGS.plot_out)
     return
+  from nanoflow_jax import compat
+  compat.configure_host_memory(FLAGS.host_kv_cache_gb)   # before JAX starts, as serve.py and benchmark.py do
   from nanoflow_jax.llm import build_engine
   kw = dict(random_weights=True, dense_batch=FLAGS.dense_batch, max_num_seqs=FLAGS.max_num_seqs,
             num_pages=FLAGS.num_pages, max_model_len=FLAGS.max_model_len, kv_cache_dtype=FLAGS.kv_cache_dtype,

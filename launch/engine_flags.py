@@ -48,11 +48,10 @@ def define(max_num_seqs: int) -> None:
                     "(--noenable_prefix_caching or --enable_prefix_caching=false turns it off).")
   flags.DEFINE_float("host_kv_cache_gb", 0.0, "Host memory (GB) for the KV pages the GPU's prefix cache evicts: a "
                      "prompt whose prefix is there gets it copied back instead of recomputed (0: off).")
-  flags.DEFINE_enum("host_kv_copy", "put", list(HOST_KV_COPY_MODES), "How the host tier's bytes move: put "
-                    "(device_put at the step after the gather, from the engine's thread), thread (that device_put on "
-                    "a thread of its own) or jit "
-                    "(the copy inside the gather's and scatter's own executables); lab/host_copy_bench.py times "
-                    "each.")
+  flags.DEFINE_enum("host_kv_copy", "thread", list(HOST_KV_COPY_MODES), "How the host tier's bytes move: "
+                    "thread (device_put on a thread of its own, the step after the gather), put (that device_put "
+                    "from the engine's thread) or jit (the copy inside the gather's and scatter's own executables); "
+                    "lab/prefix_bench.py compares them in the engine (host_kv.py).")
   flags.DEFINE_integer("small_step_attention", 0, "Steps of at most this many tokens run their attention as the "
                        "Pallas kernel, which XLA's command buffers record with the rest of the step (the Triton "
                        "kernel's jax-triton calls split them); 0: off (measured slower on an H100: the host's "

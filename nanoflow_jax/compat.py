@@ -14,25 +14,45 @@ def configure_gpu_memory(fraction: float = 0.95) -> None:
 
 
 # JAX's GPU client allocates host memory arrays (the host KV tier's pinned blocks) from a pool of pinned memory
-# bounded by this variable, read when the client starts (XLA's gpu_helpers.cc; 64 GB when unset).
+# bounded by this variable, read when the client starts (XLA's gpu_helpers.cc; 64 GB when unset, 16 GB when the
+# pool is preallocated). Unless preallocated, the pool grows on demand in regions of doubling size, each pinned by
+# the CUDA driver when first needed (seconds for the GB-sized ones).
 PINNED_HOST_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_HOST_PREALLOCATE_VAR = "XLA_PJRT_GPU_HOST_MEMORY_PREALLOCATE"
 PINNED_HOST_DEFAULT_GB = 64
+PINNED_HOST_PREALLOCATED_DEFAULT_GB = 16
 PINNED_HOST_HEADROOM_GB = 8   # beyond the host tier: the client's own staging buffers
 
 
+def _env_true(name: str) -> bool:
+  return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def configure_host_memory(host_kv_cache_gb: float) -> None:
-  """Lets JAX's GPU client pin enough host memory for a host KV tier of `host_kv_cache_gb` (and its own
-  staging). No effect once a backend is up, on the CPU, or where the variable is already set."""
-  need = host_kv_cache_gb + PINNED_HOST_HEADROOM_GB
-  if host_kv_cache_gb > 0 and need > PINNED_HOST_DEFAULT_GB:
-    os.environ.setdefault(PINNED_HOST_LIMIT_VAR, str(int(-(-need // 1))))
+  """JAX's GPU client pins host memory for a host KV tier of `host_kv_cache_gb` (and its own staging) when it
+  starts, all of it: the tier's pool does not grow while serving. Why: session 27's online run with the tier
+  stalled the engine 0.5 and 2.5 s at two points (every request in flight then had its first token late), the
+  pattern of the pool's doubling regions being pinned as the tier filled. No effect once a backend is up, on the
+  CPU, or where the user set the pool's size or preallocation."""
+  if (host_kv_cache_gb <= 0 or PINNED_HOST_LIMIT_VAR in os.environ or PINNED_HOST_PREALLOCATE_VAR in os.environ
+      or backends_started()):   # (set now, the variables would describe a pool the client does not have)
+    return
+  os.environ[PINNED_HOST_LIMIT_VAR] = str(int(-(-(host_kv_cache_gb + PINNED_HOST_HEADROOM_GB) // 1)))
+  os.environ[PINNED_HOST_PREALLOCATE_VAR] = "true"
+
+
+def backends_started() -> bool:
+  """Whether JAX's backends are up (environment variables read at their start no longer matter)."""
+  from jax._src import xla_bridge   # (no public API says this; present in 0.10 and 0.11)
+  return xla_bridge.backends_are_initialized()
 
 
 def check_pinned_host_fits(platform: str, host_kv_cache_gb: float) -> None:
   """Raises ValueError where a GPU client's pinned host memory (what configure_host_memory set, or XLA's default,
   less its own headroom) cannot hold a host KV tier of `host_kv_cache_gb`: at start, not at the save that would
   fail while serving."""
-  limit = float(os.environ.get(PINNED_HOST_LIMIT_VAR, PINNED_HOST_DEFAULT_GB)) - PINNED_HOST_HEADROOM_GB
+  default = PINNED_HOST_PREALLOCATED_DEFAULT_GB if _env_true(PINNED_HOST_PREALLOCATE_VAR) else PINNED_HOST_DEFAULT_GB
+  limit = float(os.environ.get(PINNED_HOST_LIMIT_VAR, default)) - PINNED_HOST_HEADROOM_GB
   if platform == "gpu" and host_kv_cache_gb > limit:
     raise ValueError(f"host_kv_cache_gb={host_kv_cache_gb:g} is more than the {limit:g} GB of pinned host memory "
                      f"JAX's GPU client allows here: set {PINNED_HOST_LIMIT_VAR} before JAX starts (serve.py and "

@@ -70,7 +70,7 @@ class EngineConfig:
                                           # layer's tail and the next one's head are in one computation
   enable_prefix_caching: bool = True      # full KV pages found again by their prefix (prefix_cache.py)
   host_kv_cache_gb: float = 0.0           # > 0: pages the GPU evicts kept in host memory (host_kv.py)
-  host_kv_copy: str = "put"               # how the host tier's bytes move: put, thread or jit (host_kv.py)
+  host_kv_copy: str = "thread"            # how the host tier's bytes move: thread, put or jit (host_kv.py)
   layer_loop: str = "auto"                # scan (stacked weights, compiled once), unrolled (every layer in the
                                           # step with weights of its own: no copies for XLA's dot, command
                                           # buffers over the step) or auto (unrolled for fp8 on a GPU)

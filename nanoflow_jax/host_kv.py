@@ -7,10 +7,7 @@ The pool (kv_cache.PagePool) decides; this tier moves bytes:
   pages (one array each), dispatched before the step that overwrites those pages (the step's donation of the
   cache waits for their read). The blocks stay on the device until `settle()` puts them in pinned host memory
   (a JAX memory kind): the engine calls it after reading a step's results, and it moves the blocks gathered
-  before that step, whose gathers are then done. Why not at once: a device_put to host memory returns only when
-  its copy is done (session 25's H200 stand-in: 0.44 ms for each 1 MB array, the copy's own rate), so a put
-  issued at save waited for the step in flight before the gather, and with it the engine lost its host/device
-  overlap at every step that evicted (session 26: the multi-round run with the tier 0.80x caching alone).
+  before that step, whose gathers are then done.
 - `lookup(keys)`: the longest run of keys the tier holds.
 - `load(kv, pages, keys)`: the blocks holding those pages put back on the device (one device_put) and the pages
   written into the given GPU pages (one scatter per block, the cache donated).
@@ -19,12 +16,23 @@ long with 64 pages saved before it, and the multi-round run with the tier 0.64x 
 transfer of a host-memory array seems to pay a fixed cost (1,024 arrays of 0.5 MB at 6.6 GB/s is ~80 us
 each), so a page's two arrays cost more than their bytes. A block is one transfer each way; a load moves whole
 blocks (at most BLOCK_PAGES - 1 pages more than it needs).
-How the bytes move (`copy`, lab/host_copy_bench.py times each on the GPU; EngineConfig.host_kv_copy):
-- "put": the gathered blocks put in host memory with jax.device_put at `settle()`, from the engine's thread;
-- "thread": the same device_put on a thread of its own;
+How the bytes move (`copy`; lab/prefix_bench.py compares them in the engine, lab/host_copy_bench.py without it):
+- "thread" (the default): the gathered blocks put in host memory with jax.device_put at `settle()`, on a thread
+  of its own;
+- "put": the same device_put from the engine's thread;
 - "jit": the copy is inside the gather's own executable (device_put to jax.memory.Space.Host under jit: XLA's
   copy-start/copy-done on a copy queue), and a load's copy back inside the scatter's, so there is no separate
   PJRT transfer (and its per-transfer cost) either way; nothing waits for `settle()`.
+Session 27 (one H100, the 8B shape's fp8 pages): the multi-round run with the tier at 1.09x caching alone with
+"thread" against 0.75x with "put"; a 58-sequence decode step with 64 pages saved before each 1.16x as long with
+"thread", 7.1x with "put" (the engine's thread held ~21 ms a step in settle), 1.27x with "jit". But "put" ran
+first in that process, and the likely cause is the pinned pool's growth, which the modes after it found done:
+XLA's host allocator pins regions of doubling size as it fills (~1 GB over those 16 steps, ~25 GB over the
+multi-round run, where settle held the thread 12.5 s), and one block's put otherwise returned in 0.2-0.7 ms
+whether its source was ready or behind a step in flight (lab/host_copy_bench.py, where put and thread slowed
+the stand-in step alike, 1.05x). So the pool is now pinned whole when the process starts
+(compat.configure_host_memory), and "thread" is the default: never slower, and any pinning off the engine's
+thread.
 A block not yet settled is loaded from the device, where it still is.
 Block sizes are powers of two (the last page repeated) so that few shapes compile. Session 16's first version
 copied through numpy (pageable memory) and waited for the previous copy at each save: 1.8-2.0 GB/s, and a
@@ -102,7 +110,7 @@ class _Block:
 
 
 class HostKVTier:
-  def __init__(self, capacity_pages: int, copy: str = "put", block_pages: int = BLOCK_PAGES):
+  def __init__(self, capacity_pages: int, copy: str = "thread", block_pages: int = BLOCK_PAGES):
     """copy: how the bytes move, one of COPY_MODES (the module's docstring). block_pages: pages a host array at
     most (benches compare sizes)."""
     if capacity_pages < 1:

@@ -32,12 +32,13 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                  pipeline_config: str | None = None, tensor_parallel: int = 1,
                  kv_cache_dtype: str = "auto", gemm: str = "mosaic_fused", layer_unroll: int = 1,
                  layer_loop: str = "auto", prefill_attention: str = "auto", quantization: str | None = None,
-                 enable_prefix_caching: bool = True, host_kv_cache_gb: float = 0.0, host_kv_copy: str = "put",
+                 enable_prefix_caching: bool = True, host_kv_cache_gb: float = 0.0, host_kv_copy: str = "thread",
                  small_step_attention: int = 0, fp8_gemm: str = "xla", overlap_dispatch: bool = False,
                  split_decode_keys: bool = True, small_gemm: bool = False) -> Engine:
   """`model_obj`: an already loaded Model to reuse (a benchmark comparing modes loads it once)."""
+  from nanoflow_jax import compat
+  compat.configure_host_memory(host_kv_cache_gb)   # the tier's pinned pool, where JAX's backend is not up yet
   if mode == "nanoflow":
-    from nanoflow_jax import compat
     from nanoflow_jax.runtime import autosearch
     # The stream flags only where the plan splits the step (they slow a whole-batch step); they take
     # effect only if the GPU backend is not up yet.

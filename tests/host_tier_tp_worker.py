@@ -16,7 +16,7 @@ from nanoflow_jax.llm import build_engine  # noqa: E402
 from nanoflow_jax.sampling_params import SamplingParams  # noqa: E402
 
 
-def run(caching: bool, host_gb: float, copy: str = "put"):
+def run(caching: bool, host_gb: float, copy: str = "thread"):
   eng = build_engine("tiny", random_weights=True, dense_batch=32, num_pages=10, max_num_seqs=1,
                      tensor_parallel=2, enable_prefix_caching=caching, host_kv_cache_gb=host_gb, host_kv_copy=copy)
   rng = np.random.default_rng(1)
@@ -37,4 +37,4 @@ def run(caching: bool, host_gb: float, copy: str = "put"):
           "host_page_devices": shards, "host_kinds": kinds}
 
 
-print(json.dumps({"ref": run(False, 0.0), "host-put": run(True, 0.01), "host-jit": run(True, 0.01, "jit")}))
+print(json.dumps({"ref": run(False, 0.0), **{f"host-{c}": run(True, 0.01, c) for c in ("thread", "put", "jit")}}))

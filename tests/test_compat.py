@@ -22,25 +22,40 @@ def test_concurrent_command_buffer_flags(monkeypatch):
 
 
 def test_the_gpu_clients_pinned_host_memory_follows_the_host_tier(monkeypatch):
-  """JAX's GPU client pins at most XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (64 GB unset) for host memory arrays: a host
-  KV tier larger than that is given room before the backend starts, and one that cannot fit is refused at start."""
+  """JAX's GPU client pins at most XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (64 GB unset, 16 GB preallocated) for host
+  memory arrays: a host tier gets its room pinned when the client starts, a user's own setting is kept, and a tier
+  that cannot fit is refused at start."""
   import pytest
-  var = compat.PINNED_HOST_LIMIT_VAR
+  var, pre = compat.PINNED_HOST_LIMIT_VAR, compat.PINNED_HOST_PREALLOCATE_VAR
   monkeypatch.delenv(var, raising=False)
-  compat.configure_host_memory(32)                     # fits XLA's default: left alone
-  assert var not in compat.os.environ
-  compat.check_pinned_host_fits("gpu", 32)
+  monkeypatch.delenv(pre, raising=False)
+  monkeypatch.setattr(compat, "backends_started", lambda: True)
+  compat.configure_host_memory(32)                     # too late: the client has its pool
+  assert var not in compat.os.environ and pre not in compat.os.environ
+  monkeypatch.setattr(compat, "backends_started", lambda: False)
+  compat.configure_host_memory(0)                      # no tier: XLA's defaults
+  assert var not in compat.os.environ and pre not in compat.os.environ
+  compat.check_pinned_host_fits("gpu", 32)             # the 64 GB default less the headroom
   with pytest.raises(ValueError, match=f"host_kv_cache_gb=100 .*56 GB.*{var}"):
     compat.check_pinned_host_fits("gpu", 100)
   compat.check_pinned_host_fits("cpu", 100)            # the CPU's host memory has no such pool
-  compat.configure_host_memory(100)
-  assert compat.os.environ[var] == "108"
-  compat.check_pinned_host_fits("gpu", 100)
-  monkeypatch.setenv(var, "40")                        # a user's own setting wins, and is checked
-  compat.configure_host_memory(100)
-  assert compat.os.environ[var] == "40"
+  compat.configure_host_memory(31.5)
+  assert compat.os.environ[var] == "40" and compat.os.environ[pre] == "true"
+  compat.check_pinned_host_fits("gpu", 31.5)
   with pytest.raises(ValueError, match="32 GB"):
     compat.check_pinned_host_fits("gpu", 33)
+  monkeypatch.setenv(var, "100")                       # a user's own setting wins, and is checked
+  monkeypatch.delenv(pre)
+  compat.configure_host_memory(200)
+  assert compat.os.environ[var] == "100" and pre not in compat.os.environ
+  with pytest.raises(ValueError, match="92 GB"):
+    compat.check_pinned_host_fits("gpu", 93)
+  monkeypatch.delenv(var)
+  monkeypatch.setenv(pre, "1")                         # preallocated at XLA's default size: 16 GB
+  compat.configure_host_memory(32)
+  assert var not in compat.os.environ
+  with pytest.raises(ValueError, match="8 GB"):
+    compat.check_pinned_host_fits("gpu", 9)
 
 
 def test_gpu_name_before_backend_reads_nvidia_smi(tmp_path, monkeypatch):

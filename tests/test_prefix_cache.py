@@ -263,7 +263,7 @@ def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model, copy):
   assert not any(b.on_device for b in eng.pool.host._blocks.values())   # idle: every block in host memory
 
 
-@pytest.mark.parametrize("copy", ["put", "jit"])
+@pytest.mark.parametrize("copy", ["put", "thread", "jit"])
 def test_warm_up_compiles_the_host_tiers_copies_and_leaves_the_cache_alone(model, copy):
   """After Engine.warm_up nothing of the host tier compiles while serving (session 25's H200 run compiled a gather
   and a scatter per block size inside its timed run), and the tier's warm-up wrote nothing into the cache. 12
@@ -302,7 +302,7 @@ def test_the_host_tier_under_tensor_parallelism():
   assert r.returncode == 0, r.stderr[-4000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   ref = out["ref"]
-  for copy in ("put", "jit"):   # the jit copy mode moves the sharded block inside the gather's executable
+  for copy in ("thread", "put", "jit"):   # the jit copy mode moves the sharded block inside the gather's executable
     host = out[f"host-{copy}"]
     assert host["kv_devices"] == 2 and host["tokens"] == ref["tokens"]
     assert host["cached"][:3] == [0, 0, 0] and all(c > 0 for c in host["cached"][3:])
