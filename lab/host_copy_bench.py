@@ -9,8 +9,9 @@ landed), the host's own time in save and settle, and a stand-in step (--gemms bf
 with `--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its way.
 --put_probe (on by default) times what one block's put holds its caller for, its source ready or behind a step
 in flight, and whether a put on a thread holds the GIL: the premise of HostKVTier.settle.
---choice_out gets the copy mode whose stand-in step the copies slowed least (at the default block size), for
-the next process of the same device call (lab/gpu_steps.sh's prefix-bench steps read it).
+--choice_out gets the copy mode whose stand-in step the copies slowed least (at the default block size).
+JAX's pinned host pool is reserved whole at start (--host_pool_gb, as the engine's processes do for their tier):
+growing it while timing would charge its pinning to whichever mode runs first (session 27).
 
   python lab/host_copy_bench.py --pages=4096 --copy_pages=512
 """
@@ -37,6 +38,7 @@ flags.DEFINE_integer("steps", 16, "Steps timed each way.")
 flags.DEFINE_list("block_pages", ["1", "default", "default+thread", "default+jit"],
                   "Block sizes to compare, each SIZE[+COPY MODE] ('default': host_kv.BLOCK_PAGES; the mode one of "
                   "host_kv.COPY_MODES, put when left out).")
+flags.DEFINE_float("host_pool_gb", 16.0, "Pinned host memory reserved at start (compat.configure_host_memory).")
 flags.DEFINE_bool("put_probe", True, "Also time what one block's device_put to host memory holds the caller for.")
 flags.DEFINE_string("choice_out", None, "Write the copy mode whose step ratio was lowest at the default block "
                     "size here.")
@@ -160,6 +162,8 @@ def put_probe(kv, step, x, block: int) -> dict:
 
 def main(argv):
   del argv
+  from nanoflow_jax import compat
+  compat.configure_host_memory(FLAGS.host_pool_gb)   # before JAX starts
   import jax
   import jax.numpy as jnp
   from nanoflow_jax import host_kv
