@@ -229,7 +229,8 @@ def plot(res: dict, path: str, extra: dict | None = None) -> None:
     ax.set_xlabel(label)
     ax.invert_yaxis()
   axes[1].set_yticks([])
-  fig.suptitle("Multi-round conversations, prefix caching off / on (LLaMA-3-8B shape, fp8, one H200)")
+  fig.suptitle(f"Multi-round conversations, prefix caching off / on ({FLAGS.model}, "
+               f"{res.get('device', 'device not recorded')})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -250,7 +251,8 @@ def main(argv):
   kw = dict(random_weights=True, dense_batch=FLAGS.dense_batch, max_num_seqs=FLAGS.max_num_seqs,
             num_pages=FLAGS.num_pages, max_model_len=FLAGS.max_model_len, kv_cache_dtype=FLAGS.kv_cache_dtype,
             quantization=FLAGS.quantization)
-  res, model, engine_parts_done = {}, None, False
+  import jax
+  res, model, engine_parts_done = {"device": jax.devices()[0].device_kind}, None, False
   configs = [("on", True, 0.0, FLAGS.host_kv_copy)]
   if "multiround" in FLAGS.parts:
     every = {"off": ("off", False, 0.0, FLAGS.host_kv_copy), "on": ("on", True, 0.0, FLAGS.host_kv_copy),
