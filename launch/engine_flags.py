@@ -1,7 +1,9 @@
 """The engine's command-line flags and process set-up, shared by serve.py and benchmark.py."""
 from __future__ import annotations
 
-from absl import app, flags
+import os
+
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 # host_kv.COPY_MODES, spelled here because this module is imported before JAX may start (tests/test_cli.py checks
@@ -88,7 +90,12 @@ def prepare_process(nanoflow: bool) -> bool:
   its plan splits the step. Returns whether this process joined a multi-host job."""
   from nanoflow_jax import compat, distributed
   compat.configure_gpu_memory()
-  compat.configure_host_memory(FLAGS.host_kv_cache_gb)
+  if compat.configure_host_memory(FLAGS.host_kv_cache_gb):
+    logging.info("host KV tier: JAX's pinned host pool (%s GB) reserved when its backend starts",
+                 os.environ[compat.PINNED_HOST_LIMIT_VAR])
+  elif FLAGS.host_kv_cache_gb > 0 and compat.gpu_count_before_backend():
+    logging.info("host KV tier: JAX's pinned host pool grows as the tier fills (not reserved at start: set %s "
+                 "to reserve it)", compat.PINNED_HOST_PREALLOCATE_VAR)
   try:
     multi = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:

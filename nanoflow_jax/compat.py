@@ -28,17 +28,28 @@ def _env_true(name: str) -> bool:
   return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def configure_host_memory(host_kv_cache_gb: float) -> None:
+def configure_host_memory(host_kv_cache_gb: float, gpus: int | None = None, memory_gb: float | None = None) -> bool:
   """JAX's GPU client pins host memory for a host KV tier of `host_kv_cache_gb` (and its own staging) when it
-  starts, all of it: the tier's pool does not grow while serving. Why: session 27's online run with the tier
-  stalled the engine 0.5 and 2.5 s at two points (every request in flight then had its first token late), the
-  pattern of the pool's doubling regions being pinned as the tier filled. No effect once a backend is up, on the
-  CPU, or where the user set the pool's size or preallocation."""
+  starts, all of it, so that the tier's pool does not grow while serving. Why: session 27's online run with the
+  tier stalled the engine 0.5 and 2.5 s at two points (every request in flight then had its first token late),
+  the pattern of the pool's doubling regions being pinned as the tier filled. Recent XLA preallocates one such
+  pool per GPU and one for staging (se_gpu_pjrt_client.cc), so this happens only where (GPUs + 1) pools fit in
+  80% of the machine's memory (`gpus`, `memory_gb`: nvidia-smi's count and physical memory unless given); else
+  the limit alone is raised where the default is too small, and the pool grows as before. No effect once a
+  backend is up, or where the user set the pool's size or preallocation. Returns whether it preallocates."""
   if (host_kv_cache_gb <= 0 or PINNED_HOST_LIMIT_VAR in os.environ or PINNED_HOST_PREALLOCATE_VAR in os.environ
       or backends_started()):   # (set now, the variables would describe a pool the client does not have)
-    return
-  os.environ[PINNED_HOST_LIMIT_VAR] = str(int(-(-(host_kv_cache_gb + PINNED_HOST_HEADROOM_GB) // 1)))
-  os.environ[PINNED_HOST_PREALLOCATE_VAR] = "true"
+    return False
+  pool = int(-(-(host_kv_cache_gb + PINNED_HOST_HEADROOM_GB) // 1))
+  gpus = gpu_count_before_backend() if gpus is None else gpus
+  memory_gb = physical_memory_gb() if memory_gb is None else memory_gb
+  if gpus and memory_gb and (gpus + 1) * pool <= 0.8 * memory_gb:
+    os.environ[PINNED_HOST_LIMIT_VAR] = str(pool)
+    os.environ[PINNED_HOST_PREALLOCATE_VAR] = "true"
+    return True
+  if pool > PINNED_HOST_DEFAULT_GB:
+    os.environ[PINNED_HOST_LIMIT_VAR] = str(pool)
+  return False
 
 
 def backends_started() -> bool:
@@ -81,6 +92,24 @@ def nvidia_smi_query(fields: list[str]) -> list[str] | None:
     return None
   line = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
   return [v.strip() for v in line.split(",")] if line else None
+
+
+def gpu_count_before_backend() -> int:
+  """GPUs this process will see (nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES), read without starting JAX's
+  backend; 0 without nvidia-smi or a GPU."""
+  import shutil
+  import subprocess
+  if not shutil.which("nvidia-smi"):
+    return 0
+  try:
+    r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return 0
+  listed = sum(1 for line in r.stdout.splitlines() if line.startswith("GPU ")) if r.returncode == 0 else 0
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None and listed:
+    return min(listed, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
+  return listed
 
 
 def gpu_name_before_backend() -> str | None:

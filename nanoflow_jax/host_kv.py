@@ -30,9 +30,9 @@ first in that process, and the likely cause is the pinned pool's growth, which t
 XLA's host allocator pins regions of doubling size as it fills (~1 GB over those 16 steps, ~25 GB over the
 multi-round run, where settle held the thread 12.5 s), and one block's put otherwise returned in 0.2-0.7 ms
 whether its source was ready or behind a step in flight (lab/host_copy_bench.py, where put and thread slowed
-the stand-in step alike, 1.05x). So the pool is now pinned whole when the process starts
-(compat.configure_host_memory), and "thread" is the default: never slower, and any pinning off the engine's
-thread.
+the stand-in step alike, 1.05x). So the pool is now pinned whole when the process starts where the machine has
+the memory (compat.configure_host_memory), and "thread" is the default: never slower, and any pinning off the
+engine's thread.
 A block not yet settled is loaded from the device, where it still is.
 Block sizes are powers of two (the last page repeated) so that few shapes compile. Session 16's first version
 copied through numpy (pageable memory) and waited for the previous copy at each save: 1.8-2.0 GB/s, and a

@@ -30,32 +30,51 @@ def test_the_gpu_clients_pinned_host_memory_follows_the_host_tier(monkeypatch):
   monkeypatch.delenv(var, raising=False)
   monkeypatch.delenv(pre, raising=False)
   monkeypatch.setattr(compat, "backends_started", lambda: True)
-  compat.configure_host_memory(32)                     # too late: the client has its pool
+  compat.configure_host_memory(32, gpus=1, memory_gb=2000)   # too late: the client has its pool
   assert var not in compat.os.environ and pre not in compat.os.environ
   monkeypatch.setattr(compat, "backends_started", lambda: False)
-  compat.configure_host_memory(0)                      # no tier: XLA's defaults
+  compat.configure_host_memory(0, gpus=1, memory_gb=2000)   # no tier: XLA's defaults
   assert var not in compat.os.environ and pre not in compat.os.environ
   compat.check_pinned_host_fits("gpu", 32)             # the 64 GB default less the headroom
   with pytest.raises(ValueError, match=f"host_kv_cache_gb=100 .*56 GB.*{var}"):
     compat.check_pinned_host_fits("gpu", 100)
   compat.check_pinned_host_fits("cpu", 100)            # the CPU's host memory has no such pool
-  compat.configure_host_memory(31.5)
+  assert not compat.configure_host_memory(31.5, gpus=2, memory_gb=140)   # 3 pools of 40 GB > 80% of 140 GB
+  assert pre not in compat.os.environ and var not in compat.os.environ    # (the default 64 GB holds the tier)
+  assert not compat.configure_host_memory(60, gpus=0, memory_gb=1000)     # no GPU: nothing to preallocate ...
+  assert compat.os.environ[var] == "68" and pre not in compat.os.environ  # ... the limit alone where it is short
+  monkeypatch.delenv(var)
+  assert compat.configure_host_memory(31.5, gpus=1, memory_gb=128)        # one GPU: 2 x 40 GB of 128
   assert compat.os.environ[var] == "40" and compat.os.environ[pre] == "true"
   compat.check_pinned_host_fits("gpu", 31.5)
   with pytest.raises(ValueError, match="32 GB"):
     compat.check_pinned_host_fits("gpu", 33)
   monkeypatch.setenv(var, "100")                       # a user's own setting wins, and is checked
   monkeypatch.delenv(pre)
-  compat.configure_host_memory(200)
+  compat.configure_host_memory(200, gpus=1, memory_gb=2000)
   assert compat.os.environ[var] == "100" and pre not in compat.os.environ
   with pytest.raises(ValueError, match="92 GB"):
     compat.check_pinned_host_fits("gpu", 93)
   monkeypatch.delenv(var)
   monkeypatch.setenv(pre, "1")                         # preallocated at XLA's default size: 16 GB
-  compat.configure_host_memory(32)
+  compat.configure_host_memory(32, gpus=1, memory_gb=2000)
   assert var not in compat.os.environ
   with pytest.raises(ValueError, match="8 GB"):
     compat.check_pinned_host_fits("gpu", 9)
+
+
+def test_gpu_count_before_backend_reads_nvidia_smi_and_visible_devices(tmp_path, monkeypatch):
+  import sys
+  smi = tmp_path / "nvidia-smi"
+  smi.write_text(f"#!{sys.executable}\nfor i in range(4): print(f'GPU {{i}}: NVIDIA H200 (UUID: GPU-{{i}})')\n")
+  smi.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{tmp_path}:{compat.os.environ['PATH']}")
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  assert compat.gpu_count_before_backend() == 4
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+  assert compat.gpu_count_before_backend() == 2
+  monkeypatch.setenv("PATH", str(tmp_path / "none"))
+  assert compat.gpu_count_before_backend() == 0
 
 
 def test_gpu_name_before_backend_reads_nvidia_smi(tmp_path, monkeypatch):
