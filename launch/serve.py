@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -92,11 +93,15 @@ def main(argv):
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.llm import build_engine
   from nanoflow_jax.server.app import ServerLimits, serve
+  t = time.perf_counter()
   try:
     engine = build_engine(FLAGS.model, mode=FLAGS.mode, **engine_flags.engine_kwargs())
   except ValueError as e:   # a setting the engine refuses (e.g. a max_model_len the KV cache cannot hold)
     logging.error("cannot start: %s", e)
     return 2
+  # (the process's peak memory: a host KV tier's pool reserved at start shows here, and so does its start time)
+  logging.info("engine built in %.1f s; process peak memory %.1f GB", time.perf_counter() - t,
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
   # Across hosts, process 0 serves HTTP and the others run the same steps on their devices (multihost.py).
   channel = multihost.StepChannel(compat.coordination_store()) if multi_host else None
   if multi_host and FLAGS.process_id != 0:

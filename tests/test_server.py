@@ -44,6 +44,7 @@ def test_the_server_compiled_every_step_size_before_listening(server, client):
   server.log.seek(0)
   log = server.log.read()
   assert "warmed up in" in log and log.index("warmed up in") < log.index("serving ")
+  assert re.search(r"engine built in [0-9.]+ s; process peak memory [0-9.]+ GB", log[:log.index("serving ")])
   assert "compiled the step" in log[:log.index("serving ")]
   assert "compiled the step" not in log[log.index("serving "):]
   assert "compiled the sampler" not in log[before:], log[before:]
