@@ -220,17 +220,18 @@ step_online-low-w8-overlap() { served online-low-w8-overlap "${SERVE_FLAGS:---qu
 # histories), prefix caching off, on, and on with the host tier; one server each.
 export MR_FLAGS="--quantization=fp8 --kv_cache_dtype=fp8 --dense_batch=2048 --max_num_seqs=256 --num_pages=4096"
 step_online-multiround-w8-off()  { served online-multiround-w8-off "${SERVE_FLAGS:-$MR_FLAGS} --enable_prefix_caching=false" \
-                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2} --think_time_s=${THINK:-0}; }
 step_online-multiround-w8-on()   { served online-multiround-w8-on "${SERVE_FLAGS:-$MR_FLAGS}" \
-                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2} --think_time_s=${THINK:-0}; }
 # The same on a pool the live conversations nearly fill (at 2 a second on 4096 pages at most ~25% was in use, so
-# nothing was evicted and the host tier idled; session 26): cached histories are then evicted between rounds.
+# nothing was evicted and the host tier idled; session 26; on 1,536 pages still <= ~35%, session 27: rounds came
+# at once). THINK=10 (the users' mean pause between rounds, s) keeps ~30 conversations' histories idle at once.
 step_online-multiround-w8-on-small()   { served online-multiround-w8-on-small "$MR_FLAGS --num_pages=${SMALL_PAGES:-1536}" \
-                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2} --think_time_s=${THINK:-0}; }
 step_online-multiround-w8-host-small() { served online-multiround-w8-host-small "$MR_FLAGS --num_pages=${SMALL_PAGES:-1536} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-thread}" \
-                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2} --think_time_s=${THINK:-0}; }
 step_online-multiround-w8-host() { served online-multiround-w8-host "${SERVE_FLAGS:-$MR_FLAGS} --host_kv_cache_gb=${HOST_GB:-32} --host_kv_copy=${HOST_KV_COPY:-thread}" \
-                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2}; }
+                                     --workload=multiround --num_requests=${N:-200} --rates=${RATES:-2} --think_time_s=${THINK:-0}; }
 step_tests-overlap()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k dispatched_on_a_thread; }
 step_tests-small-steps()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q -s tests/gpu/test_engine_gpu.py -k small_steps; }
 step_sweep-fp8()          { $PY lab/kernel_bench.py --sweep_attention --sweep_kinds=decode --attention_backends=triton \

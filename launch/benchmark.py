@@ -40,6 +40,10 @@ flags.DEFINE_enum("compare", None, ["sequential", "overlap"], "Also run the same
                   "same loaded model and print the ratio: sequential = that mode; overlap = this mode with "
                   "--overlap_dispatch the other way.")
 flags.DEFINE_list("rates", [], "Online mode: request rates (req/s) to sweep; empty: offline mode.")
+flags.DEFINE_float("think_time_s", 0.0, "Online multi-round: the user's mean pause (exponential, seconds) between a "
+                   "round's answer and the next round; 0: at once. Pauses keep many conversations' histories "
+                   "idle at the same time, as chat users do, so the KV pool must hold (or evict) them.")
+flags.register_validator("think_time_s", lambda v: v >= 0, "--think_time_s must be >= 0")
 flags.DEFINE_string("url", None, "Online mode through HTTP: a running server's base URL (e.g. http://127.0.0.1:8000).")
 flags.DEFINE_string("api_key", None, "Bearer key for --url.")
 flags.DEFINE_float("slo_ms", 200.0, "Online: p99 normalized latency bound (ms per output token).")
@@ -309,11 +313,15 @@ async def _online(async_engine, requests, rate: float, seed: int, url: str | Non
 
 async def _online_conversations(async_engine, conv, rate: float, seed: int, url: str | None = None) -> dict:
   """Multi-round conversations online: conversations start at `rate` per second (Poisson), each round is sent
-  when its predecessor has finished, its prompt the history as generated (return_token_ids over HTTP) plus a
-  new user turn. Cached prompt tokens come from the responses' usage (HTTP) or the engine's counters."""
+  when its predecessor has finished and the user has thought (--think_time_s, exponential), its prompt the
+  history as generated (return_token_ids over HTTP) plus a new user turn. Cached prompt tokens come from the
+  responses' usage (HTTP) or the engine's counters."""
   import numpy as np
   rng = np.random.default_rng(seed)
   starts = np.cumsum(rng.exponential(1.0 / rate, size=len(conv.rounds)))
+  # drawn up front, per conversation and round, so that a run's pauses do not depend on completion order
+  thinks = [rng.exponential(FLAGS.think_time_s, size=len(r)) if FLAGS.think_time_s > 0 else np.zeros(len(r))
+            for r in conv.rounds]
   lat = _Latencies(with_itl=False)
   totals = {"prompt": 0, "output": 0, "cached": 0}
   session = None
@@ -340,6 +348,8 @@ async def _online_conversations(async_engine, conv, rate: float, seed: int, url:
     await asyncio.sleep(delay)
     history = list(conv.system)
     for k, (_, out_len) in enumerate(conv.rounds[c]):
+      if k:
+        await asyncio.sleep(float(thinks[c][k]))
       prompt = history + conv.users[c][k]
       history = prompt + await one_round(f"m{seed}-{c}-{k}", prompt, out_len)
 
@@ -354,7 +364,10 @@ async def _online_conversations(async_engine, conv, rate: float, seed: int, url:
   wall = time.perf_counter() - t0
   if pool is not None:
     totals["cached"] = pool.hit_tokens - hits0
-  return {"rate": rate, "wall_seconds": wall, **lat.summary(), "requests": len(lat.ttft), "prompt_tokens": totals["prompt"],
+  return {"rate": rate, "think_time_s": FLAGS.think_time_s,
+          "longest_thinking_s": max((float(np.sum(t[1:])) for t in thinks), default=0.0),   # one conversation's
+          "wall_seconds": wall, **lat.summary(),
+          "requests": len(lat.ttft), "prompt_tokens": totals["prompt"],
           "cached_prompt_tokens": totals["cached"], "hit_rate": totals["cached"] / max(totals["prompt"], 1),
           "output_tokens_per_s": totals["output"] / wall,
           "total_tokens_per_s": (totals["prompt"] + totals["output"]) / wall}
@@ -508,6 +521,9 @@ def main(argv):
   del argv
   import logging
   logging.basicConfig(level=logging.WARNING)
+  if FLAGS.think_time_s > 0 and not (FLAGS.rates and FLAGS.workload == "multiround"):
+    raise app.UsageError("--think_time_s is the pause between rounds of online multi-round conversations: give "
+                         "--workload=multiround and --rates")
   # Multi-host: every process runs the same workload (same seed) on its share of the mesh. Both modes run
   # under the same XLA flags when nanoflow is one of them.
   engine_flags.prepare_process("nanoflow" in (FLAGS.mode, FLAGS.compare))

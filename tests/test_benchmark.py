@@ -154,6 +154,20 @@ def test_online_multiround_in_process(tmp_path):
   assert "prompt tokens cached" in stdout
 
 
+def test_online_multiround_users_think_between_rounds(tmp_path):
+  """--think_time_s: each round after the first waits the user's pause (drawn per conversation and round), so the
+  run lasts at least its longest conversation's pauses; outside online multi-round the flag is refused."""
+  res, _ = _run(tmp_path, "--workload=multiround", "--num_requests=3", "--max_model_len=1024", "--rates=50",
+                "--think_time_s=8")
+  point = res["results"]["sequential"]["online"]["sweep"][0]
+  assert point["think_time_s"] == 8 and point["requests"] > 3
+  assert point["longest_thinking_s"] > 2 and point["wall_seconds"] >= point["longest_thinking_s"]
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "benchmark.py"), "--model=tiny", "--random_weights",
+                      "--workload=1024-512", "--num_requests=2", "--think_time_s=1"],
+                     capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert r.returncode != 0 and "--think_time_s is the pause between rounds" in r.stderr
+
+
 def test_workload_lengths():
   split = workloads.lengths("splitwise", 100)
   assert len(split) == 100 and split[0] == (374, 44)
