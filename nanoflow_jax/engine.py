@@ -662,6 +662,8 @@ class Engine:
     if self._dispatcher is not None:
       self._dispatcher.close()
       self._dispatcher = None
+    if self.pool.host is not None:   # its blocks' pinned memory, and its copy thread
+      self.pool.host.close()
     ex = self.executor
     ex.kv = ex.params = ex.last_tokens = ex.counts = ex.prompt_mask = None
     ex._compiled.clear()

@@ -137,6 +137,17 @@ class HostKVTier:
   def __len__(self) -> int:
     return len(self._where)
 
+  def close(self) -> None:
+    """Drops every block (their host memory goes back to JAX's pool) and stops the copy thread, after the puts
+    it was given."""
+    if self._copier is not None:
+      self._copier.shutdown(wait=True)
+      self._copier = None
+    self._blocks.clear()
+    self._where.clear()
+    self._gathered, self._settling = [], []
+    self.held_pages = 0
+
   def host_arrays(self) -> list:
     """Every block's host array (blocks not yet settled are put there first)."""
     self.settle(everything=True)
@@ -163,7 +174,7 @@ class HostKVTier:
       return
     arrays = [b.array for b in blocks]
     shardings = [a.sharding.with_memory_kind(self._host_kind) for a in arrays]
-    if self._copier is None:
+    if self._copier is None:   # (copy mode "put"; "thread" after close(): what is left goes inline)
       hosted = jax.device_put(arrays, shardings)
     else:
       hosted = [self._copier.submit(jax.device_put, a, s) for a, s in zip(arrays, shardings)]

@@ -261,6 +261,12 @@ def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model, copy):
       np.testing.assert_array_equal(v, copies[0][1])
   assert any(len({page for _, _, page in c}) > 1 for c in seen.values())   # some went to the host and came back
   assert not any(b.on_device for b in eng.pool.host._blocks.values())   # idle: every block in host memory
+  tier = eng.pool.host
+  copier = set(tier._copier._threads) if tier._copier is not None else set()   # (ThreadPoolExecutor's own)
+  assert bool(copier) == (copy == "thread")
+  eng.shutdown()   # the tier lets its blocks go and its copy thread stop
+  assert len(tier) == 0 and tier.held_pages == 0 and not tier.host_arrays()
+  assert not any(t.is_alive() for t in copier)
 
 
 @pytest.mark.parametrize("copy", ["put", "thread", "jit"])
