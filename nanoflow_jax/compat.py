@@ -55,7 +55,8 @@ def configure_host_memory(host_kv_cache_gb: float, gpus: int | None = None, memo
 def backends_started() -> bool:
   """Whether JAX's backends are up (environment variables read at their start no longer matter)."""
   from jax._src import xla_bridge   # (no public API says this; present in 0.10 and 0.11)
-  return xla_bridge.backends_are_initialized()
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return started() if started is not None else True   # (unknown: leave the client's settings alone)
 
 
 def check_pinned_host_fits(platform: str, host_kv_cache_gb: float) -> None:
