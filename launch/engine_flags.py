@@ -90,10 +90,11 @@ def prepare_process(nanoflow: bool) -> bool:
   its plan splits the step. Returns whether this process joined a multi-host job."""
   from nanoflow_jax import compat, distributed
   compat.configure_gpu_memory()
-  if compat.configure_host_memory(FLAGS.host_kv_cache_gb):
+  gpus = compat.gpu_count_before_backend() if FLAGS.host_kv_cache_gb > 0 else 0   # (nvidia-smi once)
+  if compat.configure_host_memory(FLAGS.host_kv_cache_gb, gpus=gpus):
     logging.info("host KV tier: JAX's pinned host pool (%s GB) reserved when its backend starts",
                  os.environ[compat.PINNED_HOST_LIMIT_VAR])
-  elif FLAGS.host_kv_cache_gb > 0 and compat.gpu_count_before_backend():
+  elif gpus:
     logging.info("host KV tier: JAX's pinned host pool grows as the tier fills (not reserved at start: set %s "
                  "to reserve it)", compat.PINNED_HOST_PREALLOCATE_VAR)
   try:

@@ -79,34 +79,31 @@ def physical_memory_gb() -> float | None:
     return None
 
 
-def nvidia_smi_query(fields: list[str]) -> list[str] | None:
-  """GPU 0's values of nvidia-smi's `--query-gpu` fields (no units), read without starting JAX's backend;
-  None without nvidia-smi or a GPU, or where nvidia-smi refuses a field."""
+def _nvidia_smi(args: list[str]) -> str:
+  """nvidia-smi's output for `args`, without starting JAX's backend; "" without nvidia-smi, or where it fails."""
   import shutil
   import subprocess
   if not shutil.which("nvidia-smi"):
-    return None
+    return ""
   try:
-    r = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", "0"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30)
   except (OSError, subprocess.TimeoutExpired):
-    return None
-  line = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+    return ""
+  return r.stdout if r.returncode == 0 else ""
+
+
+def nvidia_smi_query(fields: list[str]) -> list[str] | None:
+  """GPU 0's values of nvidia-smi's `--query-gpu` fields (no units), read without starting JAX's backend;
+  None without nvidia-smi or a GPU, or where nvidia-smi refuses a field."""
+  out = _nvidia_smi([f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", "0"]).strip()
+  line = out.splitlines()[0] if out else ""
   return [v.strip() for v in line.split(",")] if line else None
 
 
 def gpu_count_before_backend() -> int:
   """GPUs this process will see (nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES), read without starting JAX's
   backend; 0 without nvidia-smi or a GPU."""
-  import shutil
-  import subprocess
-  if not shutil.which("nvidia-smi"):
-    return 0
-  try:
-    r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-  except (OSError, subprocess.TimeoutExpired):
-    return 0
-  listed = sum(1 for line in r.stdout.splitlines() if line.startswith("GPU ")) if r.returncode == 0 else 0
+  listed = sum(1 for line in _nvidia_smi(["-L"]).splitlines() if line.startswith("GPU "))
   visible = os.environ.get("CUDA_VISIBLE_DEVICES")
   if visible is not None and listed:
     return min(listed, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
