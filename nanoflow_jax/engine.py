@@ -326,6 +326,13 @@ class Engine:
       # prefix cache meanwhile (a request aborted in between, say) may not have been written.
       self.pool.forget_unheld()
 
+  def reset_prefix_cache(self) -> None:
+    """Forgets every cached prefix no request holds, on the GPU and in the host tier (as vLLM's
+    reset_prefix_cache; pages that running requests hold stay theirs, and cached)."""
+    self.pool.forget_unheld()
+    if self.pool.host is not None:
+      self.pool.host.clear()
+
   def usable(self) -> bool:
     """Whether the device state survives (a step that failed after donating its buffers loses it)."""
     if self._dispatcher is not None:   # (waits for the steps in flight; a failure among them stays to be raised)
@@ -685,7 +692,7 @@ class Engine:
     bucket (its decode steps use the smallest). Each prompt repeats a token of its own: with prefix caching, a
     prompt that began like the one before would compute only its new tail, and its bucket would compile later
     (session 16: 41 s of the 2048 bucket's compile fell inside a timed run). The counters that /metrics reports
-    are left as they were: a warmed-up server has served nothing yet."""
+    are left as they were: a warmed-up server has served nothing yet, and its prefix cache holds nothing."""
     stats, pool = dataclasses.replace(self.stats), self.pool
     counters = (pool.queried_tokens, pool.hit_tokens, pool.host_hit_tokens, pool.evictions,
                 self.scheduler.num_preemptions)
@@ -704,6 +711,7 @@ class Engine:
     self.executor.compile_samplers(WARM_SAMPLER_MODES, self.sp)
     if self.pool.host is not None:   # the host tier's gathers and scatters, one of each per block size
       self.executor.kv = self.pool.host.warm_up(self.executor.kv)
+    self.reset_prefix_cache()   # the warm-up's prompts are nobody's prefix
     self.stats = stats
     (pool.queried_tokens, pool.hit_tokens, pool.host_hit_tokens, pool.evictions,
      self.scheduler.num_preemptions) = counters

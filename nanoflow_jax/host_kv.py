@@ -143,6 +143,11 @@ class HostKVTier:
     if self._copier is not None:
       self._copier.shutdown(wait=True)
       self._copier = None
+    self.clear()
+
+  def clear(self) -> None:
+    """Forgets every block (Engine.reset_prefix_cache); the copy thread stays, and what it is putting lands
+    unused. Not counted as dropped: nothing was evicted."""
     self._blocks.clear()
     self._where.clear()
     self._gathered, self._settling = [], []

@@ -92,6 +92,10 @@ class LLM:
     self.tokenizer = self.engine.tokenizer
     self._ids = itertools.count()
 
+  def reset_prefix_cache(self) -> None:
+    """Forgets the cached prefixes (GPU and host tier): the next prompts compute everything, as on a fresh engine."""
+    self.engine.reset_prefix_cache()
+
   def get_tokenizer(self):
     return self.tokenizer
 

@@ -118,3 +118,14 @@ def test_llm_seed_makes_unseeded_sampling_repeat():
   runs = [[o.outputs[0].token_ids for o in LLM("tiny", seed=9, dense_batch=64, num_pages=128, max_num_seqs=4)
            .generate(["a", "b"], sp, use_tqdm=False)] for _ in range(2)]
   assert runs[0] == runs[1]
+
+
+def test_reset_prefix_cache_makes_the_next_prompt_a_miss(llm):
+  """vLLM's LLM.reset_prefix_cache: the prompt cached a moment ago computes everything again, with the same text."""
+  prompt = list(range(3, 70))
+  sp = SamplingParams(max_tokens=3, temperature=0)
+  first, hit = (llm.generate([prompt], sp, use_tqdm=False)[0] for _ in range(2))
+  llm.reset_prefix_cache()
+  again = llm.generate([prompt], sp, use_tqdm=False)[0]
+  assert hit.num_cached_tokens > 0 and again.num_cached_tokens == 0
+  assert first.outputs[0].token_ids == hit.outputs[0].token_ids == again.outputs[0].token_ids

@@ -215,6 +215,26 @@ def test_the_last_prompt_token_is_computed_and_penalties_compute_every_token(mod
   assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
+def test_reset_prefix_cache_forgets_the_gpu_and_host_pages(model):
+  """Three 70-token prompts on 10 GPU pages: the third evicts the first's pages to the host tier. After
+  Engine.reset_prefix_cache the first computes everything again (no GPU or host hit), with the same tokens."""
+  eng = _three_prompt_engine(model, True, 0.01, "thread")
+  rng = np.random.default_rng(3)
+  prompts = [[int(t) for t in rng.integers(1, 250, 70)] for _ in range(3)]
+  out = []
+  for rid, i in (("a", 0), ("b", 1), ("c", 2), ("d", 0)):
+    if rid == "d":
+      assert eng.pool.num_cached > 0 and len(eng.pool.host) > 0
+      eng.reset_prefix_cache()
+      assert eng.pool.num_cached == 0 and len(eng.pool.host) == 0
+    eng.add_request(rid, prompts[i], SamplingParams(max_tokens=3, temperature=0))
+    eng.run_until_done()
+    out.append(eng.pop_output(rid))
+  eng.pool.check()
+  assert out[3].num_cached_tokens == 0 and eng.pool.host_hit_tokens == 0
+  assert out[0].outputs[0].token_ids == out[3].outputs[0].token_ids
+
+
 def test_prefix_caching_can_be_turned_off(model):
   got, eng = _run(model, False, 2)
   assert eng.pool.num_cached == 0 and eng.pool.hit_tokens == 0
@@ -284,6 +304,7 @@ def test_warm_up_compiles_the_host_tiers_copies_and_leaves_the_cache_alone(model
   eng = Engine(model, EngineConfig(dense_batch=32, num_pages=12, max_num_seqs=1, compilation_cache_dir=None,
                                    host_kv_cache_gb=0.01, host_kv_copy=copy))
   eng.warm_up()
+  assert eng.pool.num_cached == 0 and len(eng.pool.host) == 0   # the warm-up's prompts are nobody's prefix
   fns = (host_kv._block_to_host, host_kv._scatter_from_host) if copy == "jit" else (host_kv._block_of,
                                                                                     host_kv._scatter)
   compiled = [f._cache_size() for f in fns]
