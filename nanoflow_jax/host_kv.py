@@ -31,8 +31,8 @@ XLA's host allocator pins regions of doubling size as it fills (~1 GB over those
 multi-round run, where settle held the thread 12.5 s), and one block's put otherwise returned in 0.2-0.7 ms
 whether its source was ready or behind a step in flight (lab/host_copy_bench.py, where put and thread slowed
 the stand-in step alike, 1.05x). So the pool is now pinned whole when the process starts where the machine has
-the memory (compat.configure_host_memory), and "thread" is the default: never slower, and any pinning off the
-engine's thread.
+the memory (compat.configure_host_memory), warm_up takes the tier's whole size once and lets it go (the
+allocator keeps what it pinned, wherever XLA did not reserve it), and "thread" is the default: never slower.
 A block not yet settled is loaded from the device, where it still is.
 Block sizes are powers of two (the last page repeated) so that few shapes compile. Session 16's first version
 copied through numpy (pageable memory) and waited for the previous copy at each save: 1.8-2.0 GB/s, and a
@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import logging
 import time
 
 import jax
@@ -55,6 +56,7 @@ import jax.numpy as jnp
 
 from nanoflow_jax import compat, prefix_cache
 
+log = logging.getLogger(__name__)
 
 BLOCK_PAGES = 16   # pages a host array at most: 16 MB at the 8B shape's fp8 pages, ~1 ms of bytes a transfer
 
@@ -133,6 +135,7 @@ class HostKVTier:
     self._gathered: list[int] = []   # blocks gathered before the step now being dispatched (still on the device)
     self._settling: list[int] = []   # blocks gathered before the step whose results the engine reads next
     self.save_seconds = self.load_seconds = self.settle_seconds = 0.0   # the calling thread's time in each
+    self.pool_fill_bytes, self.pool_fill_seconds = 0, 0.0   # warm_up's fill of the host pool
 
   def __len__(self) -> int:
     return len(self._where)
@@ -231,7 +234,26 @@ class HostKVTier:
     if self.copy != "jit":   # and from host memory
       self._put(blocks)
       kv = self._from_host(kv, blocks, [[] for _ in sizes], [[] for _ in sizes])
+    self._fill_host_pool(_block_of(*kv, jnp.zeros(sizes[-1], jnp.int32)))   # (on the device in every mode)
     return kv
+
+  def _fill_host_pool(self, block) -> None:
+    """Takes the tier's whole size in host memory once, in copies of `block` (a device array), and lets it go: XLA's host
+    allocator keeps the regions it pinned for them, so serving never waits for more to be pinned. Pinning is
+    slow (a few GB/s) and holds up the engine's launches wherever it happens: session 27's online run with the
+    tier stalled ~0.5 s and ~2.5 s as the pool grew. compat.configure_host_memory asks XLA to reserve the pool at
+    start, where it may; this covers where it may not (the user's own settings, a backend already started, an
+    XLA that ignores them). Records the bytes and the seconds it took (logged: far above the bytes' copy time,
+    the pool was growing)."""
+    count = self.capacity_pages // block.shape[3]
+    host = block.sharding.with_memory_kind(self._host_kind)
+    t = time.perf_counter()
+    filled = jax.block_until_ready([jax.device_put(block, host) for _ in range(count)])
+    self.pool_fill_bytes = sum(a.nbytes for a in filled)
+    del filled
+    self.pool_fill_seconds = time.perf_counter() - t
+    log.info("host KV tier: %.1f GB of %s memory taken and let go in %.2f s (XLA's allocator keeps it)",
+             self.pool_fill_bytes / 1e9, self._host_kind, self.pool_fill_seconds)
 
   def save(self, kv, pages: list[int], keys: list[tuple]) -> None:
     if not pages:

@@ -292,13 +292,16 @@ def test_the_host_tier_gives_back_evicted_prefixes_bit_exact(model, copy):
 @pytest.mark.parametrize("copy", ["put", "thread", "jit"])
 def test_warm_up_compiles_the_host_tiers_copies_and_leaves_the_cache_alone(model, copy):
   """After Engine.warm_up nothing of the host tier compiles while serving (session 25's H200 run compiled a gather
-  and a scatter per block size inside its timed run), and the tier's warm-up wrote nothing into the cache. 12
+  and a scatter per block size inside its timed run), and the tier's warm-up wrote nothing into the cache and took
+  (and let go) the tier's whole size in host memory, so that serving does not wait for its pinning. 12
   pages: a cache shape no other test compiles for."""
   import jax.numpy as jnp
   from nanoflow_jax import host_kv
   rng = np.random.default_rng(5)
   k0, v0 = (rng.standard_normal((2, 2, 14, 4, 8)).astype(np.float32) for _ in range(2))
-  kv = host_kv.HostKVTier(16, copy).warm_up((jnp.asarray(k0), jnp.asarray(v0)))
+  tier = host_kv.HostKVTier(16, copy, block_pages=4)
+  kv = tier.warm_up((jnp.asarray(k0), jnp.asarray(v0)))
+  assert tier.pool_fill_bytes == 16 * 2 * k0[:, :, 0].nbytes and len(tier) == 0   # the tier's size, let go
   np.testing.assert_array_equal(np.asarray(kv[0]), k0)
   np.testing.assert_array_equal(np.asarray(kv[1]), v0)
   eng = Engine(model, EngineConfig(dense_batch=32, num_pages=12, max_num_seqs=1, compilation_cache_dir=None,
