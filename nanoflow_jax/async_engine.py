@@ -94,6 +94,15 @@ class AsyncEngine:
     """Ends every request (the drain's time is up): each caller gets its final delta."""
     self._inbox.put(("abort_all", None, None))
 
+  async def reset_prefix_cache(self) -> None:
+    """Engine.reset_prefix_cache on the engine thread, between steps (and on every follower of a multi-host
+    job, in the same place among the requests' changes)."""
+    if not self.alive:
+      raise EngineStoppedError("the engine has stopped")
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    self._inbox.put(("reset_prefix_cache", None, done))
+    await asyncio.wrap_future(done)
+
   @property
   def alive(self) -> bool:
     """The engine thread runs and can take requests (what /health reports)."""
@@ -134,6 +143,16 @@ class AsyncEngine:
       return
     if not fut.set_running_or_notify_cancel():
       return   # the client left before the engine saw the request: nothing to add, nothing to abort
+    if kind == "reset_prefix_cache":
+      try:
+        eng.reset_prefix_cache()
+        self._ops.append(("reset_prefix_cache",))
+      except Exception as e:
+        log.exception("resetting the prefix cache failed")
+        fut.set_exception(RequestFailedError(f"the prefix cache could not be reset: {e}"))
+        return
+      fut.set_result(None)
+      return
     rid, prompt_ids, params, prompt, on_delta = payload
     try:
       if len(eng.scheduler.waiting) >= self.max_waiting:

@@ -66,6 +66,8 @@ def apply(engine: Engine, ops: list) -> None:
       engine.add_request(rid, prompt_ids, SamplingParams(**params), prompt=prompt)
     elif op[0] == "abort":
       engine.discard(op[1])
+    elif op[0] == "reset_prefix_cache":
+      engine.reset_prefix_cache()
     else:
       raise ValueError(f"unknown op {op[0]!r} from the leader")
 

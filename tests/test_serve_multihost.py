@@ -38,6 +38,10 @@ def test_two_hosts_serve_what_one_device_serves():
       prompts = ["hello world", "the quick brown fox"]
       texts = [_complete(leader.url, p) for p in prompts]
       seeded = [_complete(leader.url, "a", temperature=1.0, seed=s) for s in (1, 1, 2)]
+      # the reset goes to the follower too (its pool must decide as the leader's): the job still answers alike
+      req = urllib.request.Request(leader.url + "/reset_prefix_cache", data=b"", method="POST")
+      assert urllib.request.urlopen(req, timeout=60).status == 200
+      assert _complete(leader.url, prompts[0]) == texts[0]
       assert "process 0 of 2; 4 devices in the job" in leader.output()
     finally:
       assert leader.stop() == 0, leader.output()

@@ -74,6 +74,20 @@ def test_a_repeated_prompt_reports_its_cached_tokens(server, client):
     assert name in text, name
 
 
+def test_reset_prefix_cache_makes_a_cached_prompt_compute_again(server, client):
+  """vLLM's POST /reset_prefix_cache: after it, the prompt cached a moment ago reports no cached tokens (and the
+  same text); it needs the API key like every other route that is not a health check."""
+  prompt = "A prompt that the reset must forget, word after word, " * 6
+  first, hit = (client.completions.create(model="tiny-test", prompt=prompt, max_tokens=4, **GREEDY) for _ in range(2))
+  assert hit.usage.prompt_tokens_details.cached_tokens > 0
+  assert _post(server, "/reset_prefix_cache", b"", key=None)[0] == 401
+  status, body, _ = _post(server, "/reset_prefix_cache", b"")
+  assert (status, body) == (200, {"status": "ok"})
+  again = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=4, **GREEDY)
+  assert again.usage.prompt_tokens_details.cached_tokens == 0
+  assert again.choices[0].text == hit.choices[0].text == first.choices[0].text
+
+
 SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}, "sunny": {"type": "boolean"},
                                           "deg": {"type": "integer", "minimum": -20, "maximum": 40}},
           "required": ["city", "sunny", "deg"], "additionalProperties": False}

@@ -464,6 +464,12 @@ class Handlers:
       return web.json_response({"status": "unhealthy", "error": "the engine has stopped"}, status=503)
     return web.json_response({"status": "ok", "step_failures": e.step_failures})
 
+  async def reset_prefix_cache(self, request):
+    """vLLM's POST /reset_prefix_cache (SGLang's /flush_cache): the cached prefixes no request holds are
+    forgotten, on the GPU and the host tier (a benchmark's runs then start alike)."""
+    await self.engine.reset_prefix_cache()
+    return web.json_response({"status": "ok"})
+
   async def metrics(self, request):
     return web.Response(body=generate_latest(self.state["metrics"].registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -519,6 +525,7 @@ def create_app(engine: AsyncEngine, model_name: str | list[str], api_key: str | 
   app.router.add_get("/metrics", h.metrics)
   app.router.add_post("/tokenize", h.tokenize)
   app.router.add_post("/detokenize", h.detokenize)
+  app.router.add_post("/reset_prefix_cache", h.reset_prefix_cache)
   return app
 
 
