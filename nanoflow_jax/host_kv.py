@@ -238,8 +238,8 @@ class HostKVTier:
     return kv
 
   def _fill_host_pool(self, block) -> None:
-    """Takes the tier's whole size in host memory once, in copies of `block` (a device array), and lets it go: XLA's host
-    allocator keeps the regions it pinned for them, so serving never waits for more to be pinned. Pinning is
+    """Takes the tier's whole size in host memory once, in copies of `block` (a device array), and lets it go:
+    XLA's host allocator keeps the regions it pinned for them, so serving never waits for more to be pinned. Pinning is
     slow (a few GB/s) and holds up the engine's launches wherever it happens: session 27's online run with the
     tier stalled ~0.5 s and ~2.5 s as the pool grew. compat.configure_host_memory asks XLA to reserve the pool at
     start, where it may; this covers where it may not (the user's own settings, a backend already started, an

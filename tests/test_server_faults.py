@@ -314,6 +314,40 @@ def test_an_add_failure_is_that_requests_500(tiny_engine):
     eng.shutdown()
 
 
+def test_a_failed_prefix_cache_reset_is_a_500_and_the_engine_goes_on(tiny_engine):
+  """POST /reset_prefix_cache whose reset raises on the engine thread: a 500 naming it, and the engine serves on;
+  once the engine has stopped, a 503."""
+  from aiohttp.test_utils import TestClient, TestServer
+  from nanoflow_jax.async_engine import AsyncEngine
+  from nanoflow_jax.sampling_params import SamplingParams
+  from nanoflow_jax.server.app import create_app
+  eng = AsyncEngine(tiny_engine).start()
+
+  def broken():
+    raise KeyError("injected")
+
+  async def scenario():
+    async with TestClient(TestServer(create_app(eng, "tiny"))) as client:
+      tiny_engine.reset_prefix_cache = broken
+      try:
+        r = await client.post("/reset_prefix_cache")
+        failed = (r.status, (await r.json())["error"]["message"])
+      finally:
+        del tiny_engine.reset_prefix_cache
+      ok = (await client.post("/reset_prefix_cache")).status
+      tail = [d async for d in eng.generate("after", [1, 2], SamplingParams(max_tokens=3, ignore_eos=True))][-1]
+      eng.shutdown()
+      eng.fatal = RuntimeError("stopped")   # (what a dead engine thread leaves: alive turns false)
+      stopped = (await client.post("/reset_prefix_cache")).status
+      return failed, ok, tail.finish_reason, stopped
+  try:
+    failed, ok, finish, stopped = _run_async(scenario())
+  finally:
+    eng.shutdown()
+  assert failed[0] == 500 and "prefix cache could not be reset" in failed[1]
+  assert (ok, finish, stopped) == (200, "length", 503)
+
+
 # --- the KV cache: a request that can never fit is refused, not preempted forever ---------------------------
 def test_the_cache_bounds_max_model_len_and_nothing_livelocks():
   """16 pages of 16 tokens: max_model_len is lowered to 256 (the model's 8192 cannot fit); a request for 400

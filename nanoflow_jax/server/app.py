@@ -467,7 +467,12 @@ class Handlers:
   async def reset_prefix_cache(self, request):
     """vLLM's POST /reset_prefix_cache (SGLang's /flush_cache): the cached prefixes no request holds are
     forgotten, on the GPU and the host tier (a benchmark's runs then start alike)."""
-    await self.engine.reset_prefix_cache()
+    try:
+      await self.engine.reset_prefix_cache()
+    except EngineStoppedError as e:
+      raise P.ApiError(503, str(e), type_="server_shutting_down", headers={"Retry-After": "5"}) from None
+    except RequestFailedError as e:
+      raise P.ApiError(500, str(e), type_="internal_error") from None
     return web.json_response({"status": "ok"})
 
   async def metrics(self, request):
