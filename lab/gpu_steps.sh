@@ -425,6 +425,12 @@ step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantiz
 # no longer take it: the stand-in found put and thread alike (1.05x) where the engine did not (session 27:
 # multi-round 0.75x against 1.09x caching alone), so they run the engine's default, thread (HOST_KV_COPY overrides).
 step_host-copies()        { $PY lab/host_copy_bench.py --choice_out="$OUT/host-copy-choice" 2>&1 | grep -v "^W" | tee "$OUT/host-copies.md" | grep -E "^\||Error|chosen|One block"; }
+# Session 28: the tier's warm-up fill of its pinned pool (24 GB), twice, in a process that reserved the pool at start
+# and in one that did not. Predicted: reserved ~1 s both times (the copies alone); not reserved 4-10 s the first
+# time (pinning: session 27's online stalls) and ~1 s the second (XLA's allocator kept the regions). The RSS line
+# says whether jax 0.11.2's XLA reserved it (~+40 GB before the fill).
+step_fill-probe()         { for gb in 32 0; do $PY lab/host_copy_bench.py --block_pages= --put_probe=false --fill_probe_gb=${FILL_GB:-24} \
+                              --host_pool_gb=$gb 2>&1 | grep -v "^W" | tee -a "$OUT/fill-probe.md" | grep -E "Host pool|RSS|Error"; done; }
 step_prefix-bench-w8-4k() { $PY lab/prefix_bench.py --model=llama-3-8b --quantization=fp8 --num_pages=4096 --configs=${CONFIGS:-off,on,host} --parts=${PARTS:-copies,step,ttft,multiround} \
                               --host_kv_copy="${HOST_KV_COPY:-thread}" --out="$OUT/prefix-bench-w8-4k.md" --plot_out="$OUT/prefix-bench-w8-4k.png"; }
 step_bench-1024-512-w8-nocache() { bench bench-1024-512-w8-nocache 1024-512 1000 --kv_cache_dtype=fp8 --quantization=fp8 \

@@ -9,6 +9,7 @@ landed), the host's own time in save and settle, and a stand-in step (--gemms bf
 with `--pages_per_step` pages saved before each: whether the copies run beside the device's work or in its way.
 --put_probe (on by default) times what one block's put holds its caller for, its source ready or behind a step
 in flight, and whether a put on a thread holds the GIL: the premise of HostKVTier.settle.
+--fill_probe_gb times the tier's warm-up fill of its pinned pool twice (reserved at start or not: --host_pool_gb).
 --choice_out gets the copy mode whose stand-in step the copies slowed least (at the default block size).
 JAX's pinned host pool is reserved whole at start (--host_pool_gb, as the engine's processes do for their tier):
 growing it while timing would charge its pinning to whichever mode runs first (session 27).
@@ -40,6 +41,9 @@ flags.DEFINE_list("block_pages", ["1", "default", "default+thread", "default+jit
                   "host_kv.COPY_MODES, put when left out).")
 flags.DEFINE_float("host_pool_gb", 16.0, "Pinned host memory reserved at start (compat.configure_host_memory).")
 flags.DEFINE_bool("put_probe", True, "Also time what one block's device_put to host memory holds the caller for.")
+flags.DEFINE_float("fill_probe_gb", 0.0, "Also time the tier's warm-up fill (HostKVTier._fill_host_pool) of this many "
+                   "GB, twice: the first pays for pinning where the pool was not reserved at start (--host_pool_gb=0), "
+                   "the second shows whether XLA's allocator kept what it pinned.")
 flags.DEFINE_string("choice_out", None, "Write the copy mode whose step ratio was lowest at the default block "
                     "size here.")
 FLAGS = flags.FLAGS
@@ -191,6 +195,18 @@ def main(argv):
           f"{p['ready_ms']:.2f} ms; source behind a {p['step_ms']:.2f} ms step in flight {p['behind_step_ms']:.2f} ms "
           f"(near the step's time if the put waits for its source); {p['python_alone_ms']:.2f} ms of Python alone, "
           f"{p['python_beside_ms']:.2f} ms beside a put on a thread (longer if the put holds the GIL)", flush=True)
+  if FLAGS.fill_probe_gb > 0:
+    import resource
+    print(f"\nProcess peak RSS before the fill: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB "
+          f"(a pool reserved at start shows here)", flush=True)
+    page_bytes = sum(a[:, :, 0].nbytes for a in kv)
+    tier = host_kv.HostKVTier(max(int(FLAGS.fill_probe_gb * 1e9) // page_bytes, 1), "thread")
+    for i in ("first", "second"):
+      kv = tier.warm_up(kv)
+      print(f"\nHost pool fill, {i}: {tier.pool_fill_bytes / 1e9:.3f} GB in {tier.pool_fill_seconds:.2f} s "
+            f"({tier.pool_fill_bytes / 1e9 / tier.pool_fill_seconds:.1f} GB/s); the pool "
+            f"{'reserved' if FLAGS.host_pool_gb > 0 else 'not reserved'} at start", flush=True)
+    tier.close()
   candidates = [r for r in rows if r["default_size"]]
   if FLAGS.choice_out and candidates:
     best = min(candidates, key=lambda r: r["ratio"])["copy"]

@@ -247,6 +247,7 @@ class HostKVTier:
     the pool was growing)."""
     count = self.capacity_pages // block.shape[3]
     host = block.sharding.with_memory_kind(self._host_kind)
+    jax.block_until_ready(block)   # (the warm-up's work before it is not the fill's time)
     t = time.perf_counter()
     filled = jax.block_until_ready([jax.device_put(block, host) for _ in range(count)])
     self.pool_fill_bytes = sum(a.nbytes for a in filled)
