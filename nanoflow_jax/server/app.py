@@ -99,6 +99,20 @@ def _access_line(request: web.Request, status: int, seconds: float) -> None:
   access_log.info("%s %s %d%s total_ms=%.0f", request.method, request.path, status, detail, 1e3 * seconds)
 
 
+ENGINE_ERRORS = (QueueFullError, EngineStoppedError, RequestError, RequestFailedError)
+
+
+def _api_error(e: Exception) -> P.ApiError:
+  """The API error a client gets for one of ENGINE_ERRORS that the engine thread raised."""
+  if isinstance(e, QueueFullError):
+    return P.ApiError(503, str(e), type_="server_overloaded", headers={"Retry-After": "1"})
+  if isinstance(e, EngineStoppedError):
+    return P.ApiError(503, str(e), type_="server_shutting_down", headers={"Retry-After": "5"})
+  if isinstance(e, RequestError):
+    return P.ApiError(400, str(e))
+  return P.ApiError(500, str(e), type_="internal_error")
+
+
 def _reject_constant(name: str):
   raise ValueError(f"{name} is not valid JSON")
 
@@ -213,14 +227,8 @@ class Handlers:
           if d.num_output_tokens > 1 and d.index in first:
             m.tpot.observe((t - first[d.index]) / (d.num_output_tokens - 1))
         yield offset + d.index, d
-    except QueueFullError as e:
-      raise P.ApiError(503, str(e), type_="server_overloaded", headers={"Retry-After": "1"}) from None
-    except EngineStoppedError as e:
-      raise P.ApiError(503, str(e), type_="server_shutting_down", headers={"Retry-After": "5"}) from None
-    except RequestError as e:
-      raise P.ApiError(400, str(e)) from None
-    except RequestFailedError as e:
-      raise P.ApiError(500, str(e), type_="internal_error") from None
+    except ENGINE_ERRORS as e:
+      raise _api_error(e) from None
 
   async def _run(self, rid: str, ids: list[int], params, prompt: str | None, sink: asyncio.Queue, offset: int):
     """Feeds one engine request's (choice index, delta) into `sink` (several prompts in one request)."""
@@ -469,10 +477,8 @@ class Handlers:
     forgotten, on the GPU and the host tier (a benchmark's runs then start alike)."""
     try:
       await self.engine.reset_prefix_cache()
-    except EngineStoppedError as e:
-      raise P.ApiError(503, str(e), type_="server_shutting_down", headers={"Retry-After": "5"}) from None
-    except RequestFailedError as e:
-      raise P.ApiError(500, str(e), type_="internal_error") from None
+    except ENGINE_ERRORS as e:
+      raise _api_error(e) from None
     return web.json_response({"status": "ok"})
 
   async def metrics(self, request):
