@@ -81,6 +81,12 @@ def test_reset_prefix_cache_makes_a_cached_prompt_compute_again(server, client):
   first, hit = (client.completions.create(model="tiny-test", prompt=prompt, max_tokens=4, **GREEDY) for _ in range(2))
   assert hit.usage.prompt_tokens_details.cached_tokens > 0
   assert _post(server, "/reset_prefix_cache", b"", key=None)[0] == 401
+  for path, data in (("/reset_prefix_cache?device=gpu", b""), ("/reset_prefix_cache", b'{"device": "cpu"}')):
+    status, body, _ = _post(server, path, data)   # a parameter we do not implement: refused, named, nothing reset
+    assert status == 400 and "device" in body["error"]["message"] and body["error"]["param"] == "device"
+  assert _post(server, "/reset_prefix_cache", b"[1]")[0] == 400
+  assert client.completions.create(model="tiny-test", prompt=prompt, max_tokens=4,
+                                   **GREEDY).usage.prompt_tokens_details.cached_tokens > 0
   status, body, _ = _post(server, "/reset_prefix_cache", b"")
   assert (status, body) == (200, {"status": "ok"})
   again = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=4, **GREEDY)

@@ -474,7 +474,11 @@ class Handlers:
 
   async def reset_prefix_cache(self, request):
     """vLLM's POST /reset_prefix_cache (SGLang's /flush_cache): the cached prefixes no request holds are
-    forgotten, on the GPU and the host tier (a benchmark's runs then start alike)."""
+    forgotten, on the GPU and the host tier (a benchmark's runs then start alike). It takes no parameters:
+    any named (vLLM's `device`, say) is refused, not ignored."""
+    given = sorted(request.query) + (sorted(await _json_body(request)) if request.content_length else [])
+    if given:
+      raise P.ApiError(400, f"/reset_prefix_cache takes no parameters; got {', '.join(given)}", param=given[0])
     try:
       await self.engine.reset_prefix_cache()
     except ENGINE_ERRORS as e:
