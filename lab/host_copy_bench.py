@@ -53,6 +53,11 @@ def _keys(n: int, salt: int) -> list[tuple]:
   return [(salt * 1_000_003 + i, 0, (salt, i)) for i in range(n)]
 
 
+def _page_bytes(kv) -> int:
+  """One page's K and V bytes, over every layer and head."""
+  return sum(a[:, :, 0].nbytes for a in kv)
+
+
 def stand_in_step():
   """The stand-in step (--gemms bf16 GEMMs of --gemm, no model), compiled, and its input: (step, x)."""
   import jax
@@ -71,7 +76,7 @@ def one_block_size(kv, block: int, copy: str, step, x) -> tuple[dict, tuple]:
   import jax
   from nanoflow_jax import host_kv
 
-  page_bytes = sum(a[:, :, 0].nbytes for a in kv)
+  page_bytes = _page_bytes(kv)
   n = FLAGS.copy_pages
   tier = host_kv.HostKVTier(8 * n + FLAGS.pages_per_step * (FLAGS.steps + 2), copy, block)
   pages = list(range(n))
@@ -199,8 +204,7 @@ def main(argv):
     import resource
     print(f"\nProcess peak RSS before the fill: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB "
           f"(a pool reserved at start shows here)", flush=True)
-    page_bytes = sum(a[:, :, 0].nbytes for a in kv)
-    tier = host_kv.HostKVTier(max(int(FLAGS.fill_probe_gb * 1e9) // page_bytes, 1), "thread")
+    tier = host_kv.HostKVTier(max(int(FLAGS.fill_probe_gb * 1e9) // _page_bytes(kv), 1), "thread")
     for i in ("first", "second"):
       kv = tier.warm_up(kv)
       print(f"\nHost pool fill, {i}: {tier.pool_fill_bytes / 1e9:.3f} GB in {tier.pool_fill_seconds:.2f} s "
