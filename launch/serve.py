@@ -89,6 +89,7 @@ def main(argv):
     logging.error("%s (nothing was loaded)", busy)
     return 2
   multi_host = engine_flags.prepare_process(FLAGS.mode == "nanoflow") and FLAGS.num_processes > 1
+  import jax
   from nanoflow_jax import compat, gc_policy, multihost
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.llm import build_engine
@@ -104,6 +105,12 @@ def main(argv):
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
   # Across hosts, process 0 serves HTTP and the others run the same steps on their devices (multihost.py).
   channel = multihost.StepChannel(compat.coordination_store()) if multi_host else None
+  if multi_host:
+    try:   # every process must run the same ops, model and settings, or a later step hangs the job
+      channel.agree(multihost.job_signature(engine), jax.process_index(), jax.process_count())
+    except RuntimeError as e:
+      logging.error("cannot start: %s", e)
+      return 2
   if multi_host and FLAGS.process_id != 0:
     gc_policy.freeze_startup_heap()
     multihost.follow(engine, channel)

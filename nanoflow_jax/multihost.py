@@ -20,6 +20,10 @@ from nanoflow_jax.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 PREFIX = "nanoflow/steps/"
+SIGNATURE_KEY = "nanoflow/signature"   # the leader's job_signature
+HELLO_PREFIX = "nanoflow/hello/"       # + a follower's process index: "ok", or how its signature differs
+KNOWN_OPS = ("add", "abort", "reset_prefix_cache")
+AGREE_TIMEOUT_S = 600   # how long either side waits for the other to build its engine and answer
 # Messages kept in the store. A follower is never this far behind: every message but the last few comes
 # with a step, and a step's collectives hold the leader to within a step or two of the slowest process.
 HORIZON = 1000
@@ -44,14 +48,76 @@ class StepChannel:
 
   def receive(self, timeout_ms: int = POLL_MS) -> dict | None:
     """Follower: the next message, or None where none came within `timeout_ms`."""
+    value = self._get(f"{PREFIX}{self.count}", timeout_ms)
+    if value is None:
+      return None
+    self.count += 1
+    return json.loads(value)
+
+  def agree(self, signature: dict, process_id: int, num_processes: int,
+            timeout_s: float = AGREE_TIMEOUT_S) -> None:
+    """Before the first step, every process checks that it runs what the leader runs (job_signature): the
+    same ops, model and engine settings. Without this a follower started with other flags, or from other
+    code, would fail or diverge at some later step while the leader waited on it in a collective: a hang.
+    The leader publishes its signature; each follower compares, answers, and raises where it differs; the
+    leader raises naming every follower that differs or did not answer, after telling the rest to leave."""
+    if process_id != 0:
+      theirs = self._get(SIGNATURE_KEY, int(timeout_s * 1000))
+      if theirs is None:
+        raise RuntimeError(f"the leader (process 0) published no job signature within {timeout_s:.0f} s")
+      differences = signature_differences(json.loads(theirs), signature)
+      self.store.key_value_set(f"{HELLO_PREFIX}{process_id}", "; ".join(differences) or "ok")
+      if differences:
+        raise RuntimeError("this process does not run what the leader runs (leader's, then this one's): "
+                           + "; ".join(differences))
+      return
+    self.store.key_value_set(SIGNATURE_KEY, json.dumps(signature, sort_keys=True, default=str))
+    problems = []
+    for pid in range(1, num_processes):
+      answer = self._get(f"{HELLO_PREFIX}{pid}", int(timeout_s * 1000))
+      if answer is None:
+        problems.append(f"process {pid} did not answer within {timeout_s:.0f} s")
+      elif answer != "ok":
+        problems.append(f"process {pid} differs (leader's, then its): {answer}")
+    if problems:
+      self.publish([], step=False, stop=True)   # the followers that agreed leave too
+      raise RuntimeError("the job's processes do not run the same thing: " + "; ".join(problems))
+
+  def _get(self, key: str, timeout_ms: int) -> str | None:
     try:
-      value = self.store.blocking_key_value_get(f"{PREFIX}{self.count}", timeout_ms)
+      return self.store.blocking_key_value_get(key, timeout_ms)
     except Exception as e:   # the store's timeout (an XLA runtime error); anything else is raised
       if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
         return None
       raise
-    self.count += 1
-    return json.loads(value)
+
+
+def job_signature(engine: Engine) -> dict:
+  """What must be equal in every process of a job for their engines to decide alike: the ops this code
+  knows, its version, the model's configuration and the engine's settings (less the process-local ones)."""
+  from importlib import metadata
+  settings = dataclasses.asdict(engine.config)
+  for local in ("compilation_cache_dir", "overlap_dispatch"):   # where a process caches; how it dispatches
+    settings.pop(local, None)
+  try:
+    version = metadata.version("nanoflow-jax")
+  except metadata.PackageNotFoundError:   # run from a checkout that was not installed
+    version = None
+  signature = {"ops": list(KNOWN_OPS), "version": version, "model": dataclasses.asdict(engine.model.config),
+               "engine": settings, "num_pages": engine.pool.num_pages, "max_model_len": engine.max_model_len}
+  return json.loads(json.dumps(signature, sort_keys=True, default=str))   # as it reads back from the store
+
+
+def signature_differences(leader: dict, mine: dict, path: str = "") -> list[str]:
+  """Each field where two job signatures differ, as "path: leader's value != this one's"."""
+  out = []
+  for key in sorted(set(leader) | set(mine), key=str):
+    a, b, where = leader.get(key), mine.get(key), f"{path}{key}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += signature_differences(a, b, where + ".")
+    elif a != b:
+      out.append(f"{where}: {a!r} != {b!r}")
+  return out
 
 
 def add_op(request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None) -> tuple:
@@ -68,7 +134,7 @@ def apply(engine: Engine, ops: list) -> None:
       engine.discard(op[1])
     elif op[0] == "reset_prefix_cache":
       engine.reset_prefix_cache()
-    else:
+    else:   # (agree() compared KNOWN_OPS at start, so only a leader's bug reaches this)
       raise ValueError(f"unknown op {op[0]!r} from the leader")
 
 

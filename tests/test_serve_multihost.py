@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.request
 
 from nanoflow_jax import multihost
@@ -92,3 +93,111 @@ def test_step_channel_in_order_and_bounded(monkeypatch):
   assert len(store.kv) == 3                              # the oldest messages go
   leader.publish([], step=False, stop=True)
   assert store.kv[f"{multihost.PREFIX}7"] == json.dumps({"ops": [], "step": False, "stop": True})
+
+
+class _BlockingStore(_Store):
+  """The store's blocking get as the coordination service has it: waits for the key or the timeout."""
+  def __init__(self):
+    super().__init__()
+    self.cond = threading.Condition()
+
+  def key_value_set(self, k, v):
+    with self.cond:
+      super().key_value_set(k, v)
+      self.cond.notify_all()
+
+  def blocking_key_value_get(self, k, timeout_ms):
+    with self.cond:
+      if not self.cond.wait_for(lambda: k in self.kv, timeout_ms / 1000):
+        raise RuntimeError("DEADLINE_EXCEEDED: timed out")
+      return self.kv[k]
+
+
+def _agree_all(store, signatures, timeout_s=5.0):
+  """Each process's agree() on a thread of its own; the error each raised (None where it passed)."""
+  errors = [None] * len(signatures)
+
+  def one(pid):
+    try:
+      multihost.StepChannel(store).agree(signatures[pid], pid, len(signatures), timeout_s=timeout_s)
+    except RuntimeError as e:
+      errors[pid] = str(e)
+  threads = [threading.Thread(target=one, args=(pid,)) for pid in range(len(signatures))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return errors
+
+
+def _signature(**engine):
+  return {"ops": list(multihost.KNOWN_OPS), "version": "0.1.0", "model": {"name": "tiny", "num_layers": 2},
+          "engine": {"dense_batch": 64, "max_num_seqs": 8, **engine}, "num_pages": 256, "max_model_len": 512}
+
+
+def test_processes_that_run_the_same_thing_agree():
+  store = _BlockingStore()
+  assert _agree_all(store, [_signature(), _signature(), _signature()]) == [None, None, None]
+  assert f"{multihost.PREFIX}0" not in store.kv   # nothing published: the followers go on to follow
+
+
+def test_a_follower_with_other_settings_stops_the_job_with_an_error_naming_them():
+  store = _BlockingStore()
+  errors = _agree_all(store, [_signature(), _signature(), _signature(dense_batch=128)])
+  assert errors[1] is None   # the one that agreed is told to leave
+  assert "engine.dense_batch: 64 != 128" in errors[2]
+  assert "process 2 differs" in errors[0] and "engine.dense_batch: 64 != 128" in errors[0]
+  assert "process 1" not in errors[0]
+  assert json.loads(store.kv[f"{multihost.PREFIX}0"])["stop"] is True
+  follower = multihost.StepChannel(store)
+  assert follower.receive()["stop"]
+
+
+def test_a_follower_from_other_code_or_silent_is_named():
+  store = _BlockingStore()
+  other = _signature()
+  other["ops"] = other["ops"] + ["pause"]   # a newer follower: an op the leader's code does not know
+  errors = _agree_all(store, [_signature(), other, _signature()], timeout_s=1.0)
+  assert "ops:" in errors[1] and "'pause'" in errors[1] and "process 1 differs" in errors[0]
+  # a follower that never answers (it died while loading): the leader says which, after its timeout
+  store = _BlockingStore()
+  err = None
+  try:
+    multihost.StepChannel(store).agree(_signature(), 0, 2, timeout_s=0.2)
+  except RuntimeError as e:
+    err = str(e)
+  assert err and "process 1 did not answer within 0 s" in err
+
+
+def test_the_signature_covers_the_model_and_the_settings_but_not_local_ones():
+  from nanoflow_jax import LLM
+  engine = LLM("tiny", dense_batch=64, num_pages=64, max_num_seqs=4).engine
+  sig = multihost.job_signature(engine)
+  assert sig == json.loads(json.dumps(sig))   # what the other side reads back from the store
+  assert sig["engine"]["dense_batch"] == 64 and sig["num_pages"] == 64 and sig["model"]["num_layers"] >= 1
+  assert "compilation_cache_dir" not in sig["engine"] and "overlap_dispatch" not in sig["engine"]
+  assert sig["ops"] == ["add", "abort", "reset_prefix_cache"]
+  other = json.loads(json.dumps(sig))
+  other["model"]["hidden_size"] += 1
+  assert multihost.signature_differences(sig, other) == [
+      f"model.hidden_size: {sig['model']['hidden_size']} != {sig['model']['hidden_size'] + 1}"]
+
+
+def test_two_hosts_started_with_other_settings_both_stop_with_an_error_not_a_hang():
+  addr = f"127.0.0.1:{free_port()}"
+  job = [f"--coordinator_address={addr}", "--num_processes=2"]
+
+  def start(pid, flags):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "serve.py"), *flags, *job,
+                             f"--process_id={pid}", f"--port={free_port()}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV})
+  procs = [start(0, FLAGS), start(1, [f for f in FLAGS if not f.startswith("--dense_batch")] + ["--dense_batch=32"])]
+  try:
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [2, 2], outs
+  assert "process 1 differs" in outs[0] and "engine.dense_batch: 64 != 32" in outs[0], outs[0][-3000:]
+  assert "does not run what the leader runs" in outs[1] and "engine.dense_batch: 64 != 32" in outs[1]
