@@ -389,8 +389,13 @@ step_autosearch-pipelined() { $PY launch/autosearch.py --model=llama-3-8b --devi
                               --out_dir="$OUT/autosearch-pipelined"; }
 # Issue 26, item 6: the auto-search's stage 1 and 2 again with the fp8 kernels (our fp8 GEMMs on SM shares, the
 # fp8-cache attention, pairs, power), then the real step both ways.
+# Stage 1 compiles its ~100 kernels on threads before timing them and prints where its seconds went; its tables
+# come back as *_stage1_tables.json even if the call's limit cuts the pairs or the measured step (then
+# autosearch-fp8-nomeasure: the profile and the search alone).
 step_autosearch-fp8()     { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --quantization=fp8 --interference \
                               --measure --out_dir="$OUT/autosearch-fp8"; }
+step_autosearch-fp8-nomeasure() { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --quantization=fp8 \
+                              --interference --nomeasure --out_dir="$OUT/autosearch-fp8"; }
 step_autosearch()         { $PY launch/autosearch.py --model=llama-3-8b --device_kind=h200 --interference \
                               --measure --out_dir="$OUT/autosearch"; }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,6 +43,8 @@ flags.DEFINE_enum("quantization", None, ["fp8"], "Profile and search the fp8 var
                   "(pallas_kernels/gemm_fp8.py, each with its activation quantization, as --fp8_gemm=mosaic runs "
                   "them) and an fp8 KV cache; stored and shipped as <model>_<device>_fp8, which the engine takes "
                   "for fp8 weights.")
+flags.DEFINE_integer("compile_workers", min(8, os.cpu_count() or 1), "Threads compiling stage 1's kernels (all "
+                     "compiled before any is timed).")
 flags.DEFINE_integer("power_sample_ms", 100, "Sample the board's power (nvidia-smi) at this interval while stage 1 "
                      "runs: the median per op (on the whole GPU) and per pair goes into the profile (0: off).")
 
@@ -78,6 +81,30 @@ def _windows(powered):
   return powered if powered is not None else power.Windows(power.Sampler(None))
 
 
+def _write(path: str, text: str) -> None:
+  """Whole or not at all: a process killed mid-write (a device call's time limit) leaves no half file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _time_cases(cases: list, what: str, times: dict, timed, num_sms: int) -> None:
+  """Stage 1's cases [(op, share, rows, fn, args)]: all compiled first (perf.compile_all, on --compile_workers
+  threads), then each timed into times[op][share]; prints where the seconds went (a kernel's first call may
+  still finish its compile on the device: it is in the timing's seconds)."""
+  from nanoflow_jax.perf import compile_all
+  t = time.perf_counter()
+  compiled = compile_all([(f"{op} {m} rows on {s} SMs", fn, args) for op, s, m, fn, args in cases],
+                         workers=FLAGS.compile_workers, desc=f"compiling {what}")
+  t_compile = time.perf_counter() - t
+  for (op, s, m, _, args), f in zip(cases, compiled):
+    times[op][str(s)].append([m, timed(op if s >= num_sms else None, f, *args)])
+    print(op, m, s, times[op][str(s)][-1][1], flush=True)
+  print(f"stage 1: {len(cases)} {what} kernels compiled in {t_compile:.1f} s ({FLAGS.compile_workers} threads), "
+        f"timed in {time.perf_counter() - t - t_compile:.1f} s", flush=True)
+
+
 def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = False, powered=None):
   """Stage 1: ms per kernel call, by op, SM share and token count (one layer's shapes). fp8: the fp8
   variant's kernels (fp8 GEMMs, fp8 KV cache). powered: a power.Windows keeping the whole-GPU runs' windows."""
@@ -94,7 +121,8 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = 
   h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
   decode_cfg, prefill_cfg = configs(backend, kv_dtype, head_dim=hd, page_size=16,
                                     sliding_window=cfg.sliding_window)
-  num_sms = jax.devices()[0].core_count
+  # (a CPU has no SMs: in the CPU test the largest share stands for the whole device)
+  num_sms = getattr(jax.devices()[0], "core_count", max(shares))
   powered = _windows(powered)
   timed = lambda key, fn, *args: powered.run(key, lambda: _time(fn, *args))
   print("attention kernel:", backend, "prefill:", prefill_cfg.get("kernel", backend), flush=True)
@@ -103,6 +131,7 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = 
   times: dict = {op: {str(s): [] for s in shares} for op in (*shapes, "rope_append", "decode_attention",
                                                               "prefill_attention")}
   key = jax.random.PRNGKey(0)
+  cases = []   # (op, share, rows, the fn, its args): every GEMM compiled at once (compile_all), then timed
   for op, (k, n) in shapes.items():
     b = jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02
     weights = jax.jit(lambda b: Q.quantize_weight(b, 1))(b) if fp8 else (b,)   # (w8 [N, K], scale [N]) or (b,)
@@ -110,12 +139,10 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = 
       a = jax.random.normal(key, (m, k), jnp.bfloat16)
       res = jnp.zeros((m, n), jnp.bfloat16) if op in ("o", "down") else None
       for s in shares:
-        if fp8:
-          f = jax.jit(_fp8_gemm_call(op, s))
-        else:
-          f = jax.jit(lambda a, b, r, s=s: gemm.gemm(a, b, r, num_sms=s))
-        times[op][str(s)].append([m, timed(op if s >= num_sms else None, f, a, *weights, res)])
-        print(op, m, s, times[op][str(s)][-1][1], flush=True)
+        f = _fp8_gemm_call(op, s) if fp8 else (lambda a, b, r, s=s: gemm.gemm(a, b, r, num_sms=s))
+        cases.append((op, s, m, f, (a, *weights, res)))
+  _time_cases(cases, "GEMMs", times, timed, num_sms)
+  cases.clear()
   # rope + KV append: an XLA fusion on the whole GPU, the same time at every share
   pages = (max(sizes) * context) // 16 + max(sizes) // 16 + 16
   cache = [jnp.zeros((1, hkv, pages, 16, hd), kv_dtype), jnp.zeros((1, hkv, pages, 16, hd), kv_dtype)]
@@ -148,15 +175,16 @@ def profile(cfg, shares: list[int], sizes: list[int], context: int, fp8: bool = 
     pst, pln, pnb = query_blocks([m], m, prefill_cfg["block_q"])
     pslots, ppos = np.zeros(m, np.int32), np.arange(m, dtype=np.int32)
     for s in shares:
-      dcfg = _decode_config_on(decode_cfg, s, jax.devices()[0].core_count)
-      f = jax.jit(lambda q, kc, vc, s=s, dcfg=dcfg: attention_call(backend, q, kc, vc, 0, table, slots, positions,
-                                                                   st, ln, jnp.int32(nb), num_sms=s, config=dcfg))
-      times["decode_attention"][str(s)].append([m, timed("decode_attention" if s >= num_sms else None, f, q, kc, vc)])
-      f = jax.jit(lambda q, kc, vc, s=s: attention_call(backend, q, kc, vc, 0, ptable, pslots, ppos, pst, pln,
-                                                        jnp.int32(pnb), num_sms=s, config=prefill_cfg))
-      times["prefill_attention"][str(s)].append([m, timed("prefill_attention" if s >= num_sms else None, f, q, kc, vc)])
-      print("attention", m, s, times["decode_attention"][str(s)][-1][1], times["prefill_attention"][str(s)][-1][1],
-            flush=True)
+      dcfg = _decode_config_on(decode_cfg, s, num_sms)
+      cases.append(("decode_attention", s, m, lambda q, kc, vc, s=s, dcfg=dcfg, table=table, st=st, ln=ln, nb=nb,
+                    slots=slots, positions=positions: attention_call(
+                        backend, q, kc, vc, 0, table, slots, positions, st, ln, jnp.int32(nb), num_sms=s,
+                        config=dcfg), (q, kc, vc)))
+      cases.append(("prefill_attention", s, m, lambda q, kc, vc, s=s, ptable=ptable, pst=pst, pln=pln, pnb=pnb,
+                    pslots=pslots, ppos=ppos: attention_call(
+                        backend, q, kc, vc, 0, ptable, pslots, ppos, pst, pln, jnp.int32(pnb), num_sms=s,
+                        config=prefill_cfg), (q, kc, vc)))
+  _time_cases(cases, "attention", times, timed, num_sms)
   return Profile(model=cfg.name, device=FLAGS.device_kind, num_sms=num_sms, context=context, times=times,
                  variant="fp8" if fp8 else "")
 
@@ -286,6 +314,10 @@ def main(argv):
         prof.model, prof.tp = full.name, FLAGS.tp
         prof.times.update(profile_collectives(full.hidden_size, [int(s) for s in FLAGS.sizes], FLAGS.tp))
       prof.beside_attention = beside
+      # The tables so far, kept apart from the profile's name (without the pairs a search would take no
+      # interference): a call cut short by its time limit still brings them back.
+      _write(os.path.join(FLAGS.out_dir, os.path.basename(path).replace(".json", "_stage1_tables.json")),
+             prof.to_json())
       if FLAGS.interference:
         prof.interference = profile_interference(cfg, [s for s in map(int, FLAGS.shares) if s < prof.num_sms],
                                                  FLAGS.context, fp8=bool(variant), powered=powered)
@@ -293,19 +325,16 @@ def main(argv):
     print("power (median W):", prof.power_w or "no readings", flush=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for p in (path, os.path.join(FLAGS.out_dir, os.path.basename(path))):
-      with open(p, "w") as f:
-        f.write(prof.to_json())
+      _write(p, prof.to_json())
   split = autosearch.search_split(prof, FLAGS.dense_batch, FLAGS.decodes)   # the MILPs, solved once
   cfg, ms, seq_ms, schedule = autosearch.search(prof, FLAGS.dense_batch, FLAGS.decodes, split=split)
   name = autosearch.config_name(FLAGS.model, FLAGS.device_kind, FLAGS.tp, variant)
   out = os.path.join(FLAGS.out_dir, f"pipeline_{name}.json")
-  with open(out, "w") as f:
-    f.write(cfg.to_json())
+  _write(out, cfg.to_json())
   if FLAGS.ship:
     ship = os.path.join(autosearch.SHIPPED_DIR, f"{name}.json")
     os.makedirs(os.path.dirname(ship), exist_ok=True)
-    with open(ship, "w") as f:
-      f.write(cfg.to_json())
+    _write(ship, cfg.to_json())
   autosearch.gantt(schedule, os.path.join(FLAGS.out_dir, f"gantt_{name}.png"),
                    f"{FLAGS.model} on {FLAGS.device_kind}: nano-batches {cfg.nano_batches}, predicted layer "
                    f"{ms:.2f} ms vs sequential {seq_ms:.2f} ms")

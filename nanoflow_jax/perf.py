@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 def gemm_peak_tflops(samples: int = 5, data: str = "ones", dtype: str = "bf16") -> float:
@@ -34,6 +35,34 @@ def gemm_peak_tflops(samples: int = 5, data: str = "ones", dtype: str = "bf16") 
     jax.block_until_ready(r)
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 * reps / best / 1e12
+
+
+def compile_all(cases: list, workers: int = 8, desc: str = "compiling") -> list:
+  """[(name, fn, args)] -> fn compiled for args, for each case in order, ready to call as fn(*args).
+
+  A profile times ~100 kernels, each compiled once: one after another that was most of stage 1 (a Mosaic GEMM
+  takes seconds). Tracing and lowering hold the GIL and run here, one by one; XLA's compile (its passes, the
+  kernels' own pipelines and ptxas) releases it and runs on `workers` threads, beside the lowering of the
+  next cases. A failed compile raises naming its case."""
+  import jax
+  from tqdm import tqdm
+  with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(cases), desc=desc, unit="kernel") as bar:
+    futures = []
+    for name, fn, args in cases:
+      try:
+        lowered = jax.jit(fn).lower(*args)
+      except Exception as e:
+        raise RuntimeError(f"lowering {name}: {e}") from e
+      future = pool.submit(lowered.compile)
+      future.add_done_callback(lambda _: bar.update())
+      futures.append((name, future))
+    out = []
+    for name, future in futures:
+      try:
+        out.append(future.result())
+      except Exception as e:
+        raise RuntimeError(f"compiling {name}: {e}") from e
+  return out
 
 
 def median_seconds(fn, *args, iters: int = 20, samples: int = 5) -> float:

@@ -40,3 +40,19 @@ def test_gemm_peak_on_ones_or_random_data():
   assert perf.gemm_peak_tflops(samples=1, data="random") > 0
   with pytest.raises(ValueError, match="ones' or 'random"):
     perf.gemm_peak_tflops(data="zeros")
+
+
+def test_compile_all_gives_each_case_compiled_for_its_args_in_order():
+  import jax
+  import jax.numpy as jnp
+  from nanoflow_jax.perf import compile_all
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 16))
+  w = jax.random.normal(jax.random.PRNGKey(2), (16, 4))
+  cases = [(f"scaled {k}", lambda x, w, k=k: (x @ w) * k, (x, w)) for k in range(5)]
+  cases.append(("a residual of None", lambda x, w, r: x @ w if r is None else x @ w + r, (x, w, None)))
+  compiled = compile_all(cases, workers=3)
+  assert len(compiled) == len(cases)
+  for (name, fn, args), exe in zip(cases, compiled):
+    np.testing.assert_allclose(np.asarray(exe(*args)), np.asarray(fn(*args)), rtol=1e-6, err_msg=name)
+  with pytest.raises(RuntimeError, match="lowering bad shapes"):   # the failing case is named
+    compile_all([("fine", lambda x: x + 1, (x,)), ("bad shapes", lambda x, w: x @ w.T, (x, w))], workers=2)
