@@ -430,6 +430,10 @@ step_prefix-bench-w8()    { $PY lab/prefix_bench.py --model=llama-3-8b --quantiz
 # no longer take it: the stand-in found put and thread alike (1.05x) where the engine did not (session 27:
 # multi-round 0.75x against 1.09x caching alone), so they run the engine's default, thread (HOST_KV_COPY overrides).
 step_host-copies()        { $PY lab/host_copy_bench.py --choice_out="$OUT/host-copy-choice" 2>&1 | grep -v "^W" | tee "$OUT/host-copies.md" | grep -E "^\||Error|chosen|One block"; }
+# Session 29: the sampler's modes by rows sampled (greedy, a draw, top_p and top_k's vocabulary sort, logprobs,
+# penalties) against the logits' read floor; no model. Whether the sort (every step with one top_p row) costs enough
+# to replace.
+step_sampler-cost()       { $PY lab/sampler_bench.py --rows=1,64,512,1024 --out="$OUT/sampler-cost.md" 2>&1 | grep -v "^W"; }
 # Session 28: the tier's warm-up fill of its pinned pool (24 GB), twice, in a process that reserved the pool at start
 # and in one that did not. Predicted: reserved ~1 s both times (the copies alone); not reserved 4-10 s the first
 # time (pinning: session 27's online stalls) and ~1 s the second (XLA's allocator kept the regions). The RSS line

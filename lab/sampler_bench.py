@@ -1,0 +1,79 @@
+"""What each of the sampler's costly parts adds to a step, by rows sampled (nanoflow_jax/sampler.py).
+
+  python lab/sampler_bench.py --rows=1,64,512,1024 --vocab=128256 [--out=FILE.md]
+
+The engine compiles the sampler per sampler.Modes, so a batch pays only for what its rows ask: greedy rows an
+argmax, sampling rows a draw, top_k / top_p / min_p one sort of the whole vocabulary per row, logprobs a
+top-K, penalties two passes over [rows, vocab]. Each mode is timed alone, on logits like a model's (fp32,
+normal), and printed against the greedy sampler of the same rows and against the floor of reading the logits
+once at the copy bandwidth measured in the same run. Whether the vocabulary sort is worth replacing (it runs in
+every step that has one top_p row) is what this answers first.
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):
+  import _root  # noqa: F401  (the repository root on sys.path: lab/_root.py)
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("rows", ["1", "64", "512", "1024"], "Rows sampled in one step.")
+flags.DEFINE_integer("vocab", 128256, "Vocabulary size (LLaMA-3: 128256).")
+flags.DEFINE_string("out", "", "Also write the table to this markdown file.")
+
+# (name, the Modes it compiles, the parameters every row gets)
+MODES = [
+    ("greedy", dict(all_greedy=True), dict(temperature=0.0)),
+    ("sample", dict(all_greedy=False), dict(temperature=0.8)),
+    ("top_p", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_p=0.9)),
+    ("top_k", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_k=50)),
+    ("logprobs", dict(all_greedy=True, logprobs=True), dict(temperature=0.0, want_logprobs=True)),
+    ("penalties", dict(all_greedy=True, penalized=True), dict(temperature=0.0, repetition_penalty=1.1)),
+]
+
+
+def time_modes(rows: int, vocab: int, iters: int = 20) -> dict[str, float]:
+  """ms per call of sampler.sample for each of MODES, `rows` rows of fp32 logits over `vocab`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nanoflow_jax import sampler
+  from nanoflow_jax.perf import median_seconds
+  logits = jax.random.normal(jax.random.PRNGKey(rows), (rows, vocab), jnp.float32) * 3
+  counts = jnp.zeros((rows, vocab), jnp.int32)
+  prompt_mask = jnp.zeros((rows, vocab), jnp.bool_)
+  out = {}
+  for name, modes, params in MODES:
+    p = sampler.SamplingArrays.empty(rows)
+    for key, value in params.items():
+      getattr(p, key)[:] = value
+    m = sampler.Modes(**{"penalized": False, "all_greedy": False, "truncation": False, "logprobs": False, **modes})
+    f = jax.jit(lambda logits, counts, mask, p, m=m: sampler.sample(logits, counts, mask, p, m))
+    p = jax.tree.map(jnp.asarray, p)
+    out[name] = 1e3 * median_seconds(f, logits, counts, prompt_mask, p, iters=iters, samples=3)
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+  from launch.decode_sweep import copy_bandwidth
+  bw = copy_bandwidth()["best"]   # TB/s, measured now
+  lines = [f"sampler by mode on {jax.devices()[0].device_kind}, vocab {FLAGS.vocab}; copy bandwidth {bw:.2f} TB/s",
+           "", "| rows | " + " | ".join(f"{name} ms" for name, _, _ in MODES) + " | read floor ms | top_p / greedy |",
+           "|---|" + "---|" * (len(MODES) + 2)]
+  for rows in map(int, FLAGS.rows):
+    t = time_modes(rows, FLAGS.vocab)
+    floor = rows * FLAGS.vocab * 4 / (bw * 1e12) * 1e3   # the logits read once
+    lines.append(f"| {rows} | " + " | ".join(f"{t[name]:.3f}" for name, _, _ in MODES) +
+                 f" | {floor:.3f} | {t['top_p'] / t['greedy']:.1f}x |")
+    print(lines[-1], flush=True)
+  text = "\n".join(lines)
+  print(text)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
