@@ -239,13 +239,13 @@ class HostKVTier:
 
   def _fill_host_pool(self, block) -> None:
     """Takes the tier's whole size in host memory once, in copies of `block` (a device array), and lets it go:
-    XLA's host allocator keeps the regions it pinned for them, so serving never waits for more to be pinned. Pinning is
-    slow and holds up the engine's launches wherever it happens: session 27's online run with the tier stalled
-    ~0.5 s and ~2.5 s as the pool grew. Measured (session 29, H100): a growing pool takes 24 GB at 2.3 GB/s (10.6 s),
-    the same again 0.45 s later (kept), and 0.45 s where the pool was reserved at start; with the pool reserved and
-    filled the online tier's TTFT p99 was 0.88x caching alone's. compat.configure_host_memory asks XLA to reserve the pool at
-    start, where it may; this covers where it may not (the user's own settings, a backend already started, an
-    XLA that ignores them). Records the bytes and the seconds it took (logged: far above the bytes' copy time,
+    XLA's host allocator keeps the regions it pinned for them, so serving never waits for more to be pinned.
+    Pinning is slow and holds up the engine's launches wherever it happens: session 27's online run with the
+    tier stalled ~0.5 s and ~2.5 s as the pool grew. Measured (session 29, H100): a growing pool takes 24 GB at
+    2.3 GB/s (10.6 s), the same again 0.45 s later (kept), and 0.45 s where the pool was reserved at start; with
+    the pool reserved and filled, the online tier's TTFT p99 was 0.88x caching alone's.
+    compat.configure_host_memory asks XLA to reserve the pool at start, where it may; this covers where it may
+    not (the user's own settings, a backend already started, an XLA that ignores them). Records the bytes and the seconds it took (logged: far above the bytes' copy time,
     the pool was growing)."""
     count = self.capacity_pages // block.shape[3]
     host = block.sharding.with_memory_kind(self._host_kind)
