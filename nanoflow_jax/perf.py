@@ -43,8 +43,8 @@ def compile_all(cases: list, workers: int = 8, desc: str = "compiling") -> list:
   A profile times ~100 kernels, each compiled once; they used to compile one after another between timings
   (what share of the auto-search's time that is on a GPU is not yet measured: it now prints it). Tracing and
   lowering hold the GIL and run here, one by one; XLA's compile releases it and runs on `workers` threads,
-  beside the lowering of the next cases (deviceless for an H200 on 2 cores: 8 fp8 GEMMs in 2.2 s against 6.4 s
-  one by one). A failed lowering or compile raises naming its case."""
+  beside the lowering of the next cases (8 fp8 GEMMs compiled deviceless for an H200 on 2 busy cores: 6.5-7.9 s
+  on 2 threads against 9.7-10.0 s on one). A failed lowering or compile raises naming its case."""
   import jax
   from tqdm import tqdm
   with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(cases), desc=desc, unit="kernel") as bar:
