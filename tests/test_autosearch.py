@@ -341,59 +341,70 @@ def test_power_windows_keep_the_median_of_each_keys_readings():
   assert powered.medians() == {"gate_up": 650.0, "pair:66": 690.0}
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_stage1_profile_times_each_case_with_its_own_inputs(monkeypatch, fp8):
+
+# Run in a process of its own: launch/autosearch.py defines absl flags that other modules in a test worker define too.
+STAGE1 = r"""
+import os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+from absl import flags
+from launch import autosearch as cli
+from nanoflow_jax import config as config_lib
+from pallas_kernels import gemm, gemm_fp8, paged_attention
+flags.FLAGS(["autosearch", "--compile_workers=3"])
+fp8 = sys.argv[1] == "fp8"
+seen, gemm_shares = [], []
+
+def fake_attention(backend, q, kc, vc, layer, table, slots, positions, *rest, num_sms, config, **kw):
+  seen.append(("decode" if table.shape[0] == q.shape[0] else "prefill", q.shape[0], table.shape, num_sms))
+  return q * 2
+
+def on_share(ref):
+  def call(*args, num_sms, **kw):
+    gemm_shares.append((args[0].shape[0], num_sms))
+    return ref(*args)
+  return call
+
+paged_attention.attention_call = fake_attention
+gemm.gemm = on_share(gemm.gemm_reference)
+gemm_fp8.gemm_fp8 = on_share(gemm_fp8.gemm_fp8_reference)
+gemm_fp8.gemm_fp8_silu_mul = on_share(gemm_fp8.gemm_fp8_silu_mul_reference)
+prof = cli.profile(config_lib.named_shape("tiny"), [4, 2], [16, 32], 32, fp8=fp8)
+for op in ("qkv", "o", "gate_up", "down", "rope_append", "decode_attention", "prefill_attention"):
+  for share in ("4", "2"):
+    rows = prof.times[op][share]
+    assert [m for m, _ in rows] == [16, 32], (op, share, rows)
+    assert all(t > 0 for _, t in rows), (op, share, rows)
+assert sorted(gemm_shares) == sorted((m, s) for _ in range(4) for m in (16, 32) for s in (4, 2)), gemm_shares
+# each attention case traced once, with its own rows' table: decode m sequences, prefill one prompt of m
+assert sorted(seen) == sorted([("decode", m, (m, 2), s) for m in (16, 32) for s in (4, 2)] +
+                              [("prefill", m, (1, m // 16 + 1), s) for m in (16, 32) for s in (4, 2)]), seen
+assert prof.variant == ("fp8" if fp8 else "")
+
+# outputs are written whole: killed before the rename, the old file stands, not half of the new
+target = os.path.join(sys.argv[2], "pipeline.json")
+open(target, "w").write("old")
+real_replace = os.replace
+def killed(*a):
+  raise KeyboardInterrupt
+os.replace = killed
+try:
+  cli._write(target, "new")
+except KeyboardInterrupt:
+  pass
+assert open(target).read() == "old"
+os.replace = real_replace
+cli._write(target, "new")
+assert open(target).read() == "new" and not [p for p in os.listdir(sys.argv[2]) if ".tmp" in p]
+print("stage 1 ok")
+"""
+
+
+@pytest.mark.parametrize("variant", ["bf16", "fp8"])
+def test_stage1_profile_times_each_case_with_its_own_inputs(tmp_path, variant):
   """Stage 1 compiles every kernel case first (on threads), then times each: each table row must come from its
   own op, share and inputs (a case built in a loop and compiled later must not take the loop's last values).
-  The GPU kernels are stood in for by their references; the fakes record what each case was built with."""
-  import jax.numpy as jnp
-  from absl import flags
-  from launch import autosearch as cli
-  from nanoflow_jax import config as config_lib
-  from pallas_kernels import gemm, gemm_fp8, paged_attention
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["autosearch"])
-  monkeypatch.setattr(cli.FLAGS, "compile_workers", 3)
-  seen = []
-
-  def fake_attention(backend, q, kc, vc, layer, table, slots, positions, *rest, num_sms, config, **kw):
-    seen.append(("decode" if table.shape[0] == q.shape[0] else "prefill", q.shape[0], table.shape, num_sms))
-    return q * 2
-  monkeypatch.setattr(paged_attention, "attention_call", fake_attention)
-  gemm_shares = []
-
-  def on_share(ref):
-    def call(*args, num_sms, **kw):
-      gemm_shares.append((args[0].shape[0], num_sms))
-      return ref(*args)
-    return call
-  monkeypatch.setattr(gemm, "gemm", on_share(gemm.gemm_reference))
-  monkeypatch.setattr(gemm_fp8, "gemm_fp8", on_share(gemm_fp8.gemm_fp8_reference))
-  monkeypatch.setattr(gemm_fp8, "gemm_fp8_silu_mul", on_share(gemm_fp8.gemm_fp8_silu_mul_reference))
-  cfg = config_lib.named_shape("tiny")
-  prof = cli.profile(cfg, [4, 2], [16, 32], 32, fp8=fp8)
-  for op in ("qkv", "o", "gate_up", "down", "rope_append", "decode_attention", "prefill_attention"):
-    for share in ("4", "2"):
-      rows = prof.times[op][share]
-      assert [m for m, _ in rows] == [16, 32], (op, share, rows)
-      assert all(t > 0 for _, t in rows)
-  assert sorted(gemm_shares) == sorted((m, s) for _ in range(4) for m in (16, 32) for s in (4, 2))
-  # each attention case traced once, with its own rows' table: decode m sequences, prefill one prompt of m
-  assert sorted(seen) == sorted([("decode", m, (m, 2), s) for m in (16, 32) for s in (4, 2)] +
-                                [("prefill", m, (1, m // 16 + 1), s) for m in (16, 32) for s in (4, 2)])
-  assert prof.variant == ("fp8" if fp8 else "")
-
-
-def test_outputs_are_written_whole(tmp_path, monkeypatch):
-  """A device call's time limit may kill the search mid-write: a file is replaced whole or not at all."""
-  from launch import autosearch as cli
-  target = tmp_path / "pipeline.json"
-  target.write_text("old")
-  real_replace = os.replace
-  monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-  with pytest.raises(KeyboardInterrupt):
-    cli._write(str(target), "new")
-  assert target.read_text() == "old"   # killed before the rename: the old file stands, not half of the new
-  monkeypatch.setattr(os, "replace", real_replace)
-  cli._write(str(target), "new")
-  assert target.read_text() == "new" and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+  The GPU kernels are stood in for by their references; the fakes record what each case was built with. Also:
+  a device call's time limit may kill the search mid-write, so every output is replaced whole or not at all."""
+  r = subprocess.run([sys.executable, "-c", STAGE1, variant, str(tmp_path)], capture_output=True, text=True,
+                     timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+  assert r.returncode == 0 and "stage 1 ok" in r.stdout, r.stderr[-3000:]
