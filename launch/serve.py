@@ -89,7 +89,6 @@ def main(argv):
     logging.error("%s (nothing was loaded)", busy)
     return 2
   multi_host = engine_flags.prepare_process(FLAGS.mode == "nanoflow") and FLAGS.num_processes > 1
-  import jax
   from nanoflow_jax import compat, gc_policy, multihost
   from nanoflow_jax.async_engine import AsyncEngine
   from nanoflow_jax.llm import build_engine
@@ -97,7 +96,8 @@ def main(argv):
   t = time.perf_counter()
   try:
     engine = build_engine(FLAGS.model, mode=FLAGS.mode, **engine_flags.engine_kwargs())
-  except ValueError as e:   # a setting the engine refuses (e.g. a max_model_len the KV cache cannot hold)
+  except ValueError as e:   # a setting the engine refuses (e.g. a max_model_len the KV cache cannot hold), or
+    # across hosts a process that runs other settings than process 0 (multihost.agree)
     logging.error("cannot start: %s", e)
     return 2
   # (the process's peak memory: a host KV tier's pool reserved at start shows here, and so does its start time)
@@ -105,12 +105,6 @@ def main(argv):
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
   # Across hosts, process 0 serves HTTP and the others run the same steps on their devices (multihost.py).
   channel = multihost.StepChannel(compat.coordination_store()) if multi_host else None
-  if multi_host:
-    try:   # every process must run the same ops, model and settings, or a later step hangs the job
-      channel.agree(multihost.job_signature(engine), jax.process_index(), jax.process_count())
-    except RuntimeError as e:
-      logging.error("cannot start: %s", e)
-      return 2
   if multi_host and FLAGS.process_id != 0:
     gc_policy.freeze_startup_heap()
     multihost.follow(engine, channel)

@@ -68,7 +68,16 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
   cfg.validate()   # before the model loads: a bad option costs nothing
   m = model_obj or load_model(model, dtype=dtype or default_dtype(), random_weights=random_weights, seed=seed,
                               sharding_fn=sharding_fn, quantization=quantization)
-  return Engine(m, cfg)
+  engine = Engine(m, cfg)
+  if jax.process_count() > 1:   # every process must run the same settings, or a later step hangs the job
+    from nanoflow_jax import multihost
+    try:
+      multihost.agree(compat.coordination_store(), multihost.job_signature(engine), jax.process_index(),
+                      jax.process_count())
+    except multihost.JobMismatch:
+      engine.shutdown()
+      raise
+  return engine
 
 
 class LLM:

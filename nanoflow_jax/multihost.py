@@ -10,6 +10,7 @@ identical, so each process builds the same inputs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 
@@ -20,8 +21,7 @@ from nanoflow_jax.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 PREFIX = "nanoflow/steps/"
-SIGNATURE_KEY = "nanoflow/signature"   # the leader's job_signature
-HELLO_PREFIX = "nanoflow/hello/"       # + a follower's process index: "ok", or how its signature differs
+AGREE_PREFIX = "nanoflow/agree/"   # + n/: process 0's signature, each other process's answer, the verdict
 KNOWN_OPS = ("add", "abort", "reset_prefix_cache")
 AGREE_TIMEOUT_S = 600   # how long either side waits for the other to build its engine and answer
 # Messages kept in the store. A follower is never this far behind: every message but the last few comes
@@ -54,42 +54,61 @@ class StepChannel:
     self.count += 1
     return json.loads(value)
 
-  def agree(self, signature: dict, process_id: int, num_processes: int,
-            timeout_s: float = AGREE_TIMEOUT_S) -> None:
-    """Before the first step, every process checks that it runs what the leader runs (job_signature): the
-    same ops, model and engine settings. Without this a follower started with other flags, or from other
-    code, would fail or diverge at some later step while the leader waited on it in a collective: a hang.
-    The leader publishes its signature; each follower compares, answers, and raises where it differs; the
-    leader raises naming every follower that differs or did not answer, after telling the rest to leave."""
-    if process_id != 0:
-      theirs = self._get(SIGNATURE_KEY, int(timeout_s * 1000))
-      if theirs is None:
-        raise RuntimeError(f"the leader (process 0) published no job signature within {timeout_s:.0f} s")
-      differences = signature_differences(json.loads(theirs), signature)
-      self.store.key_value_set(f"{HELLO_PREFIX}{process_id}", "; ".join(differences) or "ok")
-      if differences:
-        raise RuntimeError("this process does not run what the leader runs (leader's, then this one's): "
-                           + "; ".join(differences))
-      return
-    self.store.key_value_set(SIGNATURE_KEY, json.dumps(signature, sort_keys=True, default=str))
-    problems = []
-    for pid in range(1, num_processes):
-      answer = self._get(f"{HELLO_PREFIX}{pid}", int(timeout_s * 1000))
-      if answer is None:
-        problems.append(f"process {pid} did not answer within {timeout_s:.0f} s")
-      elif answer != "ok":
-        problems.append(f"process {pid} differs (leader's, then its): {answer}")
-    if problems:
-      self.publish([], step=False, stop=True)   # the followers that agreed leave too
-      raise RuntimeError("the job's processes do not run the same thing: " + "; ".join(problems))
-
   def _get(self, key: str, timeout_ms: int) -> str | None:
-    try:
-      return self.store.blocking_key_value_get(key, timeout_ms)
-    except Exception as e:   # the store's timeout (an XLA runtime error); anything else is raised
-      if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
-        return None
-      raise
+    return _get(self.store, key, timeout_ms)
+
+
+def _get(store, key: str, timeout_ms: int) -> str | None:
+  """The store's value for `key`, waiting up to `timeout_ms`; None where none came."""
+  try:
+    return store.blocking_key_value_get(key, timeout_ms)
+  except Exception as e:   # the store's timeout (an XLA runtime error); anything else is raised
+    if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
+      return None
+    raise
+
+
+class JobMismatch(ValueError):
+  """The job's processes do not run the same thing (agree)."""
+
+
+_agreements = itertools.count()   # every process builds its engines in the same order: the n-th agrees with the n-th
+
+
+def agree(store, signature: dict, process_id: int, num_processes: int, timeout_s: float = AGREE_TIMEOUT_S,
+          name: str | None = None) -> None:
+  """Before an engine's first step, every process of a multi-host job checks that it runs what process 0 runs
+  (job_signature: the same ops, model and engine settings). Without this a process started with other flags, or
+  from other code, fails or diverges at some later step while the others wait on it in a collective: a hang.
+  Process 0 publishes its signature; each other process compares and answers; process 0 then publishes its
+  verdict. Every process raises JobMismatch, naming what differs, if any differed or did not answer: the whole
+  job stops at start. `name`: this agreement's keys (default: a count of the agreements this process made)."""
+  base = f"{AGREE_PREFIX}{next(_agreements) if name is None else name}/"
+  timeout_ms = int(timeout_s * 1000)
+  if process_id != 0:
+    theirs = _get(store, base + "signature", timeout_ms)
+    if theirs is None:
+      raise JobMismatch(f"process 0 published no job signature within {timeout_s:.0f} s")
+    differences = signature_differences(json.loads(theirs), signature)
+    store.key_value_set(f"{base}hello/{process_id}", "; ".join(differences) or "ok")
+    if differences:
+      raise JobMismatch("this process does not run what process 0 runs (process 0's, then this one's): "
+                        + "; ".join(differences))
+    verdict = _get(store, base + "verdict", timeout_ms)
+    if verdict != "ok":
+      raise JobMismatch("process 0 stopped the job at start: " + (verdict or f"no verdict within {timeout_s:.0f} s"))
+    return
+  store.key_value_set(base + "signature", json.dumps(signature, sort_keys=True, default=str))
+  problems = []
+  for pid in range(1, num_processes):
+    answer = _get(store, f"{base}hello/{pid}", timeout_ms)
+    if answer is None:
+      problems.append(f"process {pid} did not answer within {timeout_s:.0f} s")
+    elif answer != "ok":
+      problems.append(f"process {pid} differs (process 0's, then its): {answer}")
+  store.key_value_set(base + "verdict", "; ".join(problems) or "ok")
+  if problems:
+    raise JobMismatch("the job's processes do not run the same thing: " + "; ".join(problems))
 
 
 def job_signature(engine: Engine) -> dict:
@@ -134,7 +153,7 @@ def apply(engine: Engine, ops: list) -> None:
       engine.discard(op[1])
     elif op[0] == "reset_prefix_cache":
       engine.reset_prefix_cache()
-    else:   # (agree() compared KNOWN_OPS at start, so only a leader's bug reaches this)
+    else:   # (agree() compared KNOWN_OPS when the engines were built, so only a leader's bug reaches this)
       raise ValueError(f"unknown op {op[0]!r} from the leader")
 
 

@@ -85,3 +85,39 @@ def test_a_multi_host_engine_needs_num_pages(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(ValueError, match="num_pages"):
     build_engine("no-such-model-dir")   # refused before the (missing) model is looked at
+
+
+MISMATCHED = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from nanoflow_jax import distributed
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+from nanoflow_jax import LLM, multihost
+try:
+  LLM("tiny", random_weights=True, dense_batch=int(sys.argv[3]), num_pages=256, max_num_seqs=8,
+      tensor_parallel=jax.device_count())
+except multihost.JobMismatch as e:
+  print("mismatch:", e)
+  sys.exit(3)
+print("built")
+"""
+
+
+def test_offline_processes_built_with_other_settings_stop_at_start_not_later():
+  """The offline API across hosts (every process its own LLM): a process given another dense batch makes every
+  process's LLM(...) raise at start, naming the setting, instead of hanging the job at a later step."""
+  addr = f"127.0.0.1:{free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-c", MISMATCHED, addr, str(i), dense], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(HERE))
+           for i, dense in enumerate(("64", "32"))]
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [3, 3], [err[-2000:] for _, err in outs]
+  assert "process 1 differs" in outs[0][0] and "engine.dense_batch: 64 != 32" in outs[0][0]
+  assert "does not run what process 0 runs" in outs[1][0] and "engine.dense_batch: 64 != 32" in outs[1][0]

@@ -8,6 +8,8 @@ import sys
 import threading
 import urllib.request
 
+import pytest
+
 from nanoflow_jax import multihost
 from server_process import ROOT, ServerProcess, free_port
 
@@ -119,8 +121,8 @@ def _agree_all(store, signatures, timeout_s=5.0):
 
   def one(pid):
     try:
-      multihost.StepChannel(store).agree(signatures[pid], pid, len(signatures), timeout_s=timeout_s)
-    except RuntimeError as e:
+      multihost.agree(store, signatures[pid], pid, len(signatures), timeout_s=timeout_s, name="t")
+    except multihost.JobMismatch as e:
       errors[pid] = str(e)
   threads = [threading.Thread(target=one, args=(pid,)) for pid in range(len(signatures))]
   for t in threads:
@@ -138,35 +140,32 @@ def _signature(**engine):
 def test_processes_that_run_the_same_thing_agree():
   store = _BlockingStore()
   assert _agree_all(store, [_signature(), _signature(), _signature()]) == [None, None, None]
-  assert f"{multihost.PREFIX}0" not in store.kv   # nothing published: the followers go on to follow
+  assert store.kv["nanoflow/agree/t/verdict"] == "ok"
 
 
-def test_a_follower_with_other_settings_stops_the_job_with_an_error_naming_them():
+def test_a_process_with_other_settings_stops_the_whole_job_with_an_error_naming_them():
   store = _BlockingStore()
   errors = _agree_all(store, [_signature(), _signature(), _signature(dense_batch=128)])
-  assert errors[1] is None   # the one that agreed is told to leave
-  assert "engine.dense_batch: 64 != 128" in errors[2]
+  assert "engine.dense_batch: 64 != 128" in errors[2] and "does not run what process 0 runs" in errors[2]
   assert "process 2 differs" in errors[0] and "engine.dense_batch: 64 != 128" in errors[0]
   assert "process 1" not in errors[0]
-  assert json.loads(store.kv[f"{multihost.PREFIX}0"])["stop"] is True
-  follower = multihost.StepChannel(store)
-  assert follower.receive()["stop"]
+  # the process that agreed stops too, with process 0's reason: no process is left waiting on the others
+  assert "process 0 stopped the job at start" in errors[1] and "process 2 differs" in errors[1]
 
 
-def test_a_follower_from_other_code_or_silent_is_named():
+def test_a_process_from_other_code_or_silent_is_named():
   store = _BlockingStore()
   other = _signature()
-  other["ops"] = other["ops"] + ["pause"]   # a newer follower: an op the leader's code does not know
+  other["ops"] = other["ops"] + ["pause"]   # newer code: an op process 0's code does not know
   errors = _agree_all(store, [_signature(), other, _signature()], timeout_s=1.0)
   assert "ops:" in errors[1] and "'pause'" in errors[1] and "process 1 differs" in errors[0]
-  # a follower that never answers (it died while loading): the leader says which, after its timeout
+  # a process that never answers (it died while loading): process 0 says which, after its timeout
   store = _BlockingStore()
-  err = None
-  try:
-    multihost.StepChannel(store).agree(_signature(), 0, 2, timeout_s=0.2)
-  except RuntimeError as e:
-    err = str(e)
-  assert err and "process 1 did not answer within 0 s" in err
+  with pytest.raises(multihost.JobMismatch, match="process 1 did not answer within 0 s"):
+    multihost.agree(store, _signature(), 0, 2, timeout_s=0.2, name="t")
+  # and a process whose process 0 never publishes says so
+  with pytest.raises(multihost.JobMismatch, match="process 0 published no job signature"):
+    multihost.agree(_BlockingStore(), _signature(), 1, 2, timeout_s=0.2, name="t")
 
 
 def test_the_signature_covers_the_model_and_the_settings_but_not_local_ones():
@@ -200,4 +199,4 @@ def test_two_hosts_started_with_other_settings_both_stop_with_an_error_not_a_han
         p.kill()
   assert [p.returncode for p in procs] == [2, 2], outs
   assert "process 1 differs" in outs[0] and "engine.dense_batch: 64 != 32" in outs[0], outs[0][-3000:]
-  assert "does not run what the leader runs" in outs[1] and "engine.dense_batch: 64 != 32" in outs[1]
+  assert "does not run what process 0 runs" in outs[1] and "engine.dense_batch: 64 != 32" in outs[1]
