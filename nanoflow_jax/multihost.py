@@ -118,6 +118,9 @@ def job_signature(engine: Engine) -> dict:
   settings = dataclasses.asdict(engine.config)
   for local in ("compilation_cache_dir", "overlap_dispatch"):   # where a process caches; how it dispatches
     settings.pop(local, None)
+  # the plan itself, not the path it came from (a file may lie at another path on each host)
+  plan = getattr(engine.executor, "plan", None)
+  settings["pipeline_config"] = json.loads(plan.to_json()) if plan is not None else None
   try:
     version = metadata.version("nanoflow-jax")
   except metadata.PackageNotFoundError:   # run from a checkout that was not installed

@@ -168,7 +168,7 @@ def test_a_process_from_other_code_or_silent_is_named():
     multihost.agree(_BlockingStore(), _signature(), 1, 2, timeout_s=0.2, name="t")
 
 
-def test_the_signature_covers_the_model_and_the_settings_but_not_local_ones():
+def test_the_signature_covers_the_model_and_the_settings_but_not_local_ones(tmp_path):
   from nanoflow_jax import LLM
   engine = LLM("tiny", dense_batch=64, num_pages=64, max_num_seqs=4).engine
   sig = multihost.job_signature(engine)
@@ -176,6 +176,17 @@ def test_the_signature_covers_the_model_and_the_settings_but_not_local_ones():
   assert sig["engine"]["dense_batch"] == 64 and sig["num_pages"] == 64 and sig["model"]["num_layers"] >= 1
   assert "compilation_cache_dir" not in sig["engine"] and "overlap_dispatch" not in sig["engine"]
   assert sig["ops"] == ["add", "abort", "reset_prefix_cache"]
+  # nanoflow mode: the plan compared by its contents, so the same file at another path on each host agrees
+  plan_path = tmp_path / "plan.json"
+  plan_path.write_text(open(os.path.join(ROOT, "nanoflow_jax", "runtime", "configs", "tiny_cpu.json")).read())
+  a = multihost.job_signature(LLM("tiny", dense_batch=256, num_pages=64, max_num_seqs=4, mode="nanoflow",
+                                  pipeline_config=str(plan_path)).engine)
+  plan_path.rename(tmp_path / "elsewhere.json")
+  b = multihost.job_signature(LLM("tiny", dense_batch=256, num_pages=64, max_num_seqs=4, mode="nanoflow",
+                                  pipeline_config=str(tmp_path / "elsewhere.json")).engine)
+  assert a == b and a["engine"]["pipeline_config"]["nano_batches"]
+  assert multihost.job_signature(LLM("tiny", dense_batch=256, num_pages=64, max_num_seqs=4, mode="nanoflow",
+                                     pipeline_config="generic").engine) != a
   other = json.loads(json.dumps(sig))
   other["model"]["hidden_size"] += 1
   assert multihost.signature_differences(sig, other) == [
