@@ -5,7 +5,8 @@ the same step with the same inputs. The HTTP server runs on process 0 (the leade
 publishes what changed since the last one (the requests it took and the aborts, in order) and whether it
 steps, through the job's coordination store (host to host, nothing on the devices). The other processes
 (followers) apply the same changes to their own engine and step with it. The engines' state then stays
-identical, so each process builds the same inputs.
+identical, so each process builds the same inputs. That needs the same settings everywhere: when an engine is
+built, `agree` checks them across the job (the server, the benchmark and the offline API alike).
 """
 from __future__ import annotations
 
