@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "nanoflow/steps/"
 AGREE_PREFIX = "nanoflow/agree/"   # + n/: process 0's signature, each other process's answer, the verdict
-KNOWN_OPS = ("add", "abort", "reset_prefix_cache")
 AGREE_TIMEOUT_S = 600   # how long either side waits for the other to build its engine and answer
 # Messages kept in the store. A follower is never this far behind: every message but the last few comes
 # with a step, and a step's collectives hold the leader to within a step or two of the slowest process.
@@ -49,14 +48,11 @@ class StepChannel:
 
   def receive(self, timeout_ms: int = POLL_MS) -> dict | None:
     """Follower: the next message, or None where none came within `timeout_ms`."""
-    value = self._get(f"{PREFIX}{self.count}", timeout_ms)
+    value = _get(self.store, f"{PREFIX}{self.count}", timeout_ms)
     if value is None:
       return None
     self.count += 1
     return json.loads(value)
-
-  def _get(self, key: str, timeout_ms: int) -> str | None:
-    return _get(self.store, key, timeout_ms)
 
 
 def _get(store, key: str, timeout_ms: int) -> str | None:
@@ -147,18 +143,26 @@ def add_op(request_id: str, prompt_ids: list[int], params: SamplingParams, promp
   return ("add", request_id, list(prompt_ids), dataclasses.asdict(params), prompt)
 
 
+def _apply_add(engine: Engine, op: list) -> None:
+  _, rid, prompt_ids, params, prompt = op
+  engine.add_request(rid, prompt_ids, SamplingParams(**params), prompt=prompt)
+
+
+# What a follower does for each op the leader publishes; its keys are the ops this code knows (job_signature).
+_APPLY = {
+    "add": _apply_add,
+    "abort": lambda engine, op: engine.discard(op[1]),
+    "reset_prefix_cache": lambda engine, op: engine.reset_prefix_cache(),
+}
+KNOWN_OPS = tuple(_APPLY)
+
+
 def apply(engine: Engine, ops: list) -> None:
   """A follower applies the leader's ops, as the leader's engine thread did (async_engine._handle)."""
   for op in ops:
-    if op[0] == "add":
-      _, rid, prompt_ids, params, prompt = op
-      engine.add_request(rid, prompt_ids, SamplingParams(**params), prompt=prompt)
-    elif op[0] == "abort":
-      engine.discard(op[1])
-    elif op[0] == "reset_prefix_cache":
-      engine.reset_prefix_cache()
-    else:   # (agree() compared KNOWN_OPS when the engines were built, so only a leader's bug reaches this)
+    if op[0] not in _APPLY:   # (agree() compared KNOWN_OPS when the engines were built: only a leader's bug)
       raise ValueError(f"unknown op {op[0]!r} from the leader")
+    _APPLY[op[0]](engine, op)
 
 
 def step_and_collect(engine: Engine) -> BaseException | None:

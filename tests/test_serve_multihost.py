@@ -211,3 +211,13 @@ def test_two_hosts_started_with_other_settings_both_stop_with_an_error_not_a_han
   assert [p.returncode for p in procs] == [2, 2], outs
   assert "process 1 differs" in outs[0] and "engine.dense_batch: 64 != 32" in outs[0], outs[0][-3000:]
   assert "does not run what process 0 runs" in outs[1] and "engine.dense_batch: 64 != 32" in outs[1]
+
+
+def test_a_follower_refuses_an_op_its_code_does_not_know():
+  """The ops a follower applies are the ops its signature names (KNOWN_OPS): one outside them is an error naming
+  it, not skipped (skipping would let the engines' states part)."""
+  from nanoflow_jax import LLM
+  engine = LLM("tiny", dense_batch=64, num_pages=64, max_num_seqs=4).engine
+  multihost.apply(engine, [["reset_prefix_cache"], ["abort", "no-such-request"]])   # known ops apply
+  with pytest.raises(ValueError, match="unknown op 'pause'"):
+    multihost.apply(engine, [["pause"]])
