@@ -202,3 +202,18 @@ def test_executor_hands_the_gemm_the_weight_stack(choice):
   assert {c[0] for c in calls} == ({"gemm", "silu_mul"} if choice == "mosaic_fused" else {"gemm"})
   assert all(c[1:] == (3, True) for c in calls)
   assert outs["interpret"] == outs["reference"]
+
+
+@pytest.mark.parametrize("layer_loop,stacked", [("scan", True), ("unrolled", False)])
+def test_gpu_layer_scan_hands_the_gemms_the_weight_stack(layer_loop, stacked):
+  """On a GPU's kernel path the scanned layers' GEMMs read the weight stack at the layer index, stream-annotated
+  or not: a slice reaches a custom call as a copy (session 30's deviceless census: every layer's weights copied
+  each step, 14 GB for the bf16 8B). Unrolled layers have arrays of their own. (The executor built as on a GPU,
+  lab/gpu_aot's target; nothing compiled.)"""
+  from lab import gpu_aot
+  from nanoflow_jax.model import load_model
+  from nanoflow_jax.runtime.executor import Executor
+  model = load_model("tiny", dtype="bfloat16", random_weights=True)
+  with gpu_aot.gpu_target():
+    ex = Executor(model, 64, 16, 4, 256, 128, kernels="auto", num_sms=132, layer_loop=layer_loop)
+  assert ex.on_kernels and ex.stacked_gemm == stacked   # (triton where jax-triton is installed, else pallas)

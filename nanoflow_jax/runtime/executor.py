@@ -261,9 +261,11 @@ class Executor:
     if self.annotate and cfg.quantization is not None and self.fp8_gemm == "xla":
       log.warning("mode nanoflow with fp8 weights: XLA's fp8 dot takes the whole GPU whatever a nano-op's SM share; "
                   "fp8_gemm='mosaic' (--fp8_gemm=mosaic) runs the fp8 GEMMs on their shares")
-    # Stream-annotated GEMMs take the whole weight stack and the layer index (a slice would reach them as a
-    # copy); interpret mode does the same so the CPU tests run that path.
-    self.stacked_gemm = (self.annotate or self.kernels == "interpret") and not self.manual_tp
+    # Our GEMM kernels in the layer scan take the whole weight stack and the layer index: a slice reaches a
+    # custom call as a copy, stream-annotated or not (session 30's deviceless census of the bf16 scanned step:
+    # every layer's qkv, o, gate_up and down copied, 14 GB read and written a step). Interpret mode does the
+    # same, so the CPU tests run that path.
+    self.stacked_gemm = self.kernels in ("pallas", "triton", "interpret") and not self.manual_tp
     self._op = None  # the nano-op being traced: its stream and SM share reach the kernel calls
     self.fused_rope_append = fused_rope_append
     if layer_unroll < 1:
@@ -669,8 +671,8 @@ class Executor:
         carry, _ = body(carry, (jnp.int32(i), layer_params))
       x, k_cache, v_cache = carry
       return self._head(m, x, inp), (k_cache, v_cache)
-    # A stream-annotated GEMM would get its layer's weight slice as a copy (~7 ms per 8B step); with
-    # stacked_gemm it reads the scanned stack at the layer index instead (docs/history/perf-notes.md).
+    # Our GEMMs would get their layer's weight slice as a copy (7-9 ms per 8B step); with stacked_gemm they
+    # read the scanned stack at the layer index instead (docs/history/perf-notes.md, sessions 2 and 30).
     (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, *kv),
                                             (jnp.arange(cfg.num_layers, dtype=jnp.int32), params["layers"]),
                                             unroll=self.layer_unroll)
