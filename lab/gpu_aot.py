@@ -207,7 +207,9 @@ def compile_engine_step(model_name: str, quantization: str | None, batch: int, c
   from nanoflow_jax import sampler
   from nanoflow_jax.runtime.executor import Executor
   layer_loop = executor_options.pop("layer_loop", "auto")
-  unrolled = layer_loop == "unrolled" or (layer_loop == "auto" and quantization)
+  # the weights' form the executor takes: per layer where every step unrolls, else the stacks
+  unrolled = layer_loop == "unrolled" or (layer_loop == "auto" and quantization and
+                                          executor_options.get("fp8_gemm", "xla") != "mosaic")
   model = abstract_model(model_name, quantization, unrolled=bool(unrolled))
   pages_per_seq = -(-(context + 64) // 16)
   with gpu_target():

@@ -70,10 +70,11 @@ def define(max_num_seqs: int) -> None:
                     "of the last step and scheduling of the next: the host's time per step becomes the longer of "
                     "the two instead of their sum, and tokens reach clients one dispatch sooner (issue 27; +0.96% on "
                     "a loaded H200, light load being measured).")
-  flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"], "The step's decoder layers: scan = one "
-                    "loop over the stacked weights (compiled once); unrolled = every layer in the step, each with "
-                    "weights of its own (XLA's dot reads them in place, command buffers take the whole step; longer "
-                    "compiles); auto = unrolled for fp8 weights on a GPU, else scan.")
+  flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled", "hybrid"], "The step's decoder layers: "
+                    "scan = one loop over the stacked weights (compiled once); unrolled = every layer in the step, "
+                    "each with weights of its own (XLA's dot reads them in place, command buffers take the whole "
+                    "step; longer compiles); hybrid = steps below 512 tokens unrolled, larger ones scanned; auto = "
+                    "on a GPU unrolled for fp8 weights on XLA's fp8 dot, else hybrid; scan on the CPU.")
   flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "bfloat16", "float16", "float32", "fp8"],
                     "KV cache element type: auto = the model's; fp8 (e4m3, no scales) halves the cache's bytes: "
                     "twice the tokens fit and decode attention reads half as much.")

@@ -45,8 +45,12 @@ MIN_BUCKET = 16
 KERNEL_CHOICES = ("auto", "reference", "pallas", "triton", "interpret")
 GEMM_CHOICES = ("mosaic", "mosaic_fused", "xla")
 FP8_GEMM_CHOICES = ("xla", "xla_fused", "mosaic")
-LAYER_LOOPS = ("auto", "scan", "unrolled")
+LAYER_LOOPS = ("auto", "scan", "unrolled", "hybrid")
 XLA_GEMM_BELOW = 512   # with unrolled layers, GEMMs of fewer rows run on XLA's dot
+# layer_loop "hybrid": steps of fewer tokens unroll their layers (launch-bound: XLA's command buffers take the
+# whole step), larger ones scan (our GEMMs read the stacks in place; an unrolled step of Mosaic GEMMs compiles
+# each one: 104-150 s for the 8B's 512-token step, session 30). The same bound as XLA's dot's.
+UNROLL_BELOW = XLA_GEMM_BELOW
 # fp8_gemm="xla_fused" and fused_rope_append: steps of fewer rows keep XLA's fusions. A jax-triton call is a
 # custom call XLA's command buffers do not record, so in a small, launch-bound step each would split the graph.
 FUSED_QUANT_FROM = 512
@@ -157,9 +161,11 @@ class Executor:
     layer boundary, at about twice the compile time.
     layer_loop: "scan" (one lax.scan over the stacked layer weights: compiled once, not once per layer),
     "unrolled" (every layer in the step, each with weight arrays of its own: no slice of a stack reaches XLA's
-    dot as a copy, and XLA's command buffers can take the whole step; longer compiles) or "auto" (unrolled
-    where XLA's dot would read the weights, the fp8 GEMMs on a GPU: their copies cost 4.3 ms of a 51 ms 8B
-    step, docs/history/perf-notes.md, session 15; else scan).
+    dot as a copy, and XLA's command buffers can take the whole step; longer compiles), "hybrid" (steps below
+    UNROLL_BELOW tokens unrolled over static slices of the stacks, larger ones scanned) or "auto": on a GPU's
+    kernel path, unrolled where XLA's fp8 dot reads every step's weights (fp8_gemm "xla"/"xla_fused": in a
+    scan their copies cost 4.3 ms of a 51 ms 8B step, docs/history/perf-notes.md, session 15), else hybrid
+    (small steps 1.6x faster unrolled, session 29); scan elsewhere.
     small_step_attention: steps of at most this many tokens (buckets) run their attention, decode and prefill
     blocks alike, as the Pallas kernel instead of the Triton one (kernels "triton" only; 0: never). Pallas's
     Triton lowering is compiled by XLA into its own kernels, which its command buffers record; jax-triton's
@@ -274,7 +280,8 @@ class Executor:
     if layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
     if layer_loop == "auto":
-      layer_loop = "unrolled" if cfg.quantization is not None and self.on_kernels else "scan"
+      layer_loop = ("scan" if not self.on_kernels else
+                    "unrolled" if cfg.quantization is not None and self.fp8_gemm != "mosaic" else "hybrid")
     self.layer_loop = layer_loop
     # The weights take the loop's form before the KV cache is sized (the model keeps one copy of them), so
     # the cache takes the rest.
@@ -288,6 +295,9 @@ class Executor:
       self.xla_gemm_below = XLA_GEMM_BELOW
     else:
       top, stacked = model.stacked_params()
+      if layer_loop == "hybrid":   # the small steps as unrolled's: buckets below 128 rows, XLA's dot
+        self.buckets = buckets_for(dense_batch)
+        self.xla_gemm_below = XLA_GEMM_BELOW
     # The all-gather form of o (plan.AG_OPS) multiplies the whole heads by each device's slice of o's
     # output columns: o's stack once more, split by its last axis (1/TP of o per device).
     self.allgather_o = plan is not None and any(op.op == "attn_allgather" for op in plan.ops)
@@ -575,7 +585,8 @@ class Executor:
     explicit_allreduce = manual and any(op.op == "down_allreduce" for op in ops)
     gathered = {op.nano_batch for op in ops if op.op == "attn_allgather"}   # nano-batches in AG form
 
-    unrolled = isinstance(params["layers"], list)
+    unrolled = self.unrolls(tokens.shape[0])
+    per_layer = isinstance(params["layers"], list)   # weights of their own per layer (else stacks)
 
     def row_parallel(partial, residual):
       # o and down: on one device the residual is fused into the GEMM; under manual TP each device holds a
@@ -654,7 +665,7 @@ class Executor:
 
     if manual:
       from jax.sharding import PartitionSpec as P
-      shapes = ({n: w.shape for n, w in params["layers"][0].items()} if unrolled else
+      shapes = ({n: w.shape for n, w in params["layers"][0].items()} if per_layer else
                 {n: w.shape[1:] for n, w in params["layers"].items()})
       layer_specs = {name: parallel.param_spec(cfg, (name,), shape, self.tp) for name, shape in shapes.items()}
       kv_spec = parallel.kv_sharding(cfg, self.mesh).spec
@@ -665,9 +676,11 @@ class Executor:
       body = lambda carry, xs: (step_local(carry, xs, inp), None)
     else:
       body = lambda carry, xs: (layer_step(carry, xs, inp), None)
-    if unrolled:   # every layer in the computation, each with its own weight arrays
+    if unrolled:   # every layer in the computation: its own weight arrays, or static slices of the stacks
       carry = (x, *kv)
-      for i, layer_params in enumerate(params["layers"]):
+      for i in range(cfg.num_layers):
+        layer_params = (params["layers"][i] if per_layer else
+                        {name: stack[i] for name, stack in params["layers"].items()})
         carry, _ = body(carry, (jnp.int32(i), layer_params))
       x, k_cache, v_cache = carry
       return self._head(m, x, inp), (k_cache, v_cache)
@@ -679,6 +692,10 @@ class Executor:
     # The head and the sampler run on the sampled rows only: S = min(R, N), not all R slots (at 2048 slots
     # the head over every slot cost 2.3 ms a step even when two sequences sampled; perf-notes, session 9).
     return self._head(m, x, inp), (k_cache, v_cache)
+
+  def unrolls(self, n: int) -> bool:
+    """Whether the step for bucket `n` unrolls its layers (layer_loop "unrolled", or "hybrid" below UNROLL_BELOW)."""
+    return self.layer_loop == "unrolled" or (self.layer_loop == "hybrid" and n < UNROLL_BELOW)
 
   @staticmethod
   def _head(m, x, inp: StepInputs):
@@ -743,7 +760,8 @@ class Executor:
       self.compile_seconds[n] = time.perf_counter() - t
       mem = self._compiled[n].memory_analysis()
       log.info("compiled the step for %s tokens in %.1f s (%s temporaries: %.2f GB)", n, self.compile_seconds[n],
-               self.layer_loop, getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem is not None else float("nan"))
+               "unrolled" if self.unrolls(inp.tokens.shape[0]) else "scan",
+               getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem is not None else float("nan"))
     return self._compiled[n]
 
   def _sampler_for(self, modes: sampler.Modes, logits, sample_slots, sp: sampler.SamplingArrays, extras: dict):
