@@ -112,6 +112,15 @@ def _order_after(op, state: dict, outs: dict) -> dict:
   return held
 
 
+def _layer_slice(stack: jax.Array, i: int) -> jax.Array:
+  """Layer i of a weight stack [L, ..., N] as a static slice of the stack seen as [L, K, N], shaped back: XLA
+  (jaxlib 0.10.2's, deviceless census) hands a slice of the 4-D o stack [L, heads, head_dim, hidden] to cuBLASLt
+  through a copy, launched outside the step's command buffers; sliced as [L, K, N] it stays a GEMM fusion."""
+  if stack.ndim < 4:
+    return stack[i]
+  return stack.reshape(stack.shape[0], -1, stack.shape[-1])[i].reshape(stack.shape[1:])
+
+
 def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
   out, b = [], min_bucket
   while b < dense_batch:
@@ -679,8 +688,8 @@ class Executor:
     if unrolled:   # every layer in the computation: its own weight arrays, or static slices of the stacks
       carry = (x, *kv)
       for i in range(cfg.num_layers):
-        layer_params = (params["layers"][i] if per_layer else
-                        {name: stack[i] for name, stack in params["layers"].items()})
+        layer_params = params["layers"][i] if per_layer else {
+            name: _layer_slice(stack, i) for name, stack in params["layers"].items()}
         carry, _ = body(carry, (jnp.int32(i), layer_params))
       x, k_cache, v_cache = carry
       return self._head(m, x, inp), (k_cache, v_cache)
