@@ -81,6 +81,9 @@ step_bench-1024-512-w16() { bench bench-1024-512-w16 1024-512 1000 --kv_cache_dt
 # default above: issue 27 asks the large step no slower (within 1%). Cold compiles of the unrolled buckets ~3-4 min.
 step_bench-1024-512-w16-unrolled() { bench bench-1024-512-w16-unrolled 1024-512 1000 --kv_cache_dtype=fp8 --layer_loop=unrolled \
                               --power_sample_ms=100; }
+# Session 30: bf16 scanned throughout, the control for the hybrid default above (small steps unrolled, large scanned).
+step_bench-1024-512-w16-scan() { bench bench-1024-512-w16-scan 1024-512 1000 --kv_cache_dtype=fp8 --layer_loop=scan \
+                              --power_sample_ms=100; }
 step_bench-1000-1000-w8() { bench bench-1000-1000-w8 1000-1000 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
 step_bench-1000-1000-w16() { bench bench-1000-1000-w16 1000-1000 1000 --kv_cache_dtype=fp8 --power_sample_ms=100; }
 step_bench-1000-1000-w8-3k() { bench bench-1000-1000-w8-3k 1000-1000 3000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }
