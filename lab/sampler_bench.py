@@ -3,8 +3,9 @@
   python lab/sampler_bench.py --rows=1,64,512,1024 --vocab=128256 [--out=FILE.md]
 
 The engine compiles the sampler per sampler.Modes, so a batch pays only for what its rows ask: greedy rows an
-argmax, sampling rows a draw, top_k / top_p / min_p one sort of the whole vocabulary per row, logprobs a
-top-K, penalties two passes over [rows, vocab]. Each mode is timed alone, on logits like a model's (fp32,
+argmax, sampling rows a draw, top_k / top_p / min_p a threshold search over the vocabulary (8 passes; "top_p
+sort" is the one-sort reference it replaced, sampler.truncate), logprobs a top-K, penalties two passes over
+[rows, vocab]. Each mode is timed alone, on logits like a model's (fp32,
 normal), and printed against the greedy sampler of the same rows and against the floor of reading the logits
 once at the copy bandwidth measured in the same run. Whether the vocabulary sort is worth replacing (it runs in
 every step that has one top_p row) is what this answers first.
@@ -27,6 +28,7 @@ MODES = [
     ("sample", dict(all_greedy=False), dict(temperature=0.8)),
     ("top_p", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_p=0.9)),
     ("top_k", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_k=50)),
+    ("top_p sort", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_p=0.9)),
     ("logprobs", dict(all_greedy=True, logprobs=True), dict(temperature=0.0, want_logprobs=True)),
     ("penalties", dict(all_greedy=True, penalized=True), dict(temperature=0.0, repetition_penalty=1.1)),
 ]
@@ -50,7 +52,13 @@ def time_modes(rows: int, vocab: int, iters: int = 20) -> dict[str, float]:
     m = sampler.Modes(**{"penalized": False, "all_greedy": False, "truncation": False, "logprobs": False, **modes})
     f = jax.jit(lambda logits, counts, mask, p, m=m: sampler.sample(logits, counts, mask, p, m))
     p = jax.tree.map(jnp.asarray, p)
-    out[name] = 1e3 * median_seconds(f, logits, counts, prompt_mask, p, iters=iters, samples=3)
+    threshold = sampler.truncate_by_threshold
+    if name.endswith(" sort"):   # traced with the sort in the search's place
+      sampler.truncate_by_threshold = sampler.truncate
+    try:
+      out[name] = 1e3 * median_seconds(f, logits, counts, prompt_mask, p, iters=iters, samples=3)
+    finally:
+      sampler.truncate_by_threshold = threshold
   return out
 
 
@@ -60,13 +68,13 @@ def main(argv):
   from launch.decode_sweep import copy_bandwidth
   bw = copy_bandwidth()["best"]   # TB/s, measured now
   lines = [f"sampler by mode on {jax.devices()[0].device_kind}, vocab {FLAGS.vocab}; copy bandwidth {bw:.2f} TB/s",
-           "", "| rows | " + " | ".join(f"{name} ms" for name, _, _ in MODES) + " | read floor ms | top_p / greedy |",
-           "|---|" + "---|" * (len(MODES) + 2)]
+           "", "| rows | " + " | ".join(f"{name} ms" for name, _, _ in MODES) + " | read floor ms | top_p / greedy | sort / search |",
+           "|---|" + "---|" * (len(MODES) + 3)]
   for rows in map(int, FLAGS.rows):
     t = time_modes(rows, FLAGS.vocab)
     floor = rows * FLAGS.vocab * 4 / (bw * 1e12) * 1e3   # the logits read once
     lines.append(f"| {rows} | " + " | ".join(f"{t[name]:.3f}" for name, _, _ in MODES) +
-                 f" | {floor:.3f} | {t['top_p'] / t['greedy']:.1f}x |")
+                 f" | {floor:.3f} | {t['top_p'] / t['greedy']:.1f}x | {t['top_p sort'] / t['top_p']:.1f}x |")
     print(lines[-1], flush=True)
   text = "\n".join(lines)
   print(text)

@@ -2,9 +2,9 @@
 
 Order as vLLM applies it: penalties (repetition over prompt+output, presence and frequency over the
 output), min_tokens (EOS/stop ids banned), temperature, then top_k, top_p and min_p on the sorted
-probabilities, then a draw with the row's own key: fold_in(PRNGKey(seed), tokens generated so far), so
-a seeded request gives the same tokens whatever else is in the batch. Logprobs are of the raw model
-distribution.
+probabilities (the kept sets found without a sort: truncate_by_threshold), then a draw with the row's own
+key: fold_in(PRNGKey(seed), tokens generated so far), so a seeded request gives the same tokens whatever
+else is in the batch. Logprobs are of the raw model distribution.
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def apply_penalties(logits, counts, prompt_mask, p: SamplingArrays):
 
 
 def truncate(scaled, p: SamplingArrays):
-  """top_k, top_p and min_p: -inf outside each row's kept set (one sort over the vocabulary)."""
+  """top_k, top_p and min_p: -inf outside each row's kept set (one sort over the vocabulary). The reference
+  truncate_by_threshold, which the sampler runs, is tested against."""
   vocab = scaled.shape[-1]
   order = jnp.argsort(-scaled, axis=-1)
   sorted_l = jnp.take_along_axis(scaled, order, axis=-1)
@@ -76,6 +77,51 @@ def truncate(scaled, p: SamplingArrays):
   # each row's order is a permutation: unique indices, so XLA's GPU scatter needs no atomics (byte-wide CAS loops)
   drop = jnp.zeros_like(drop).at[rows, order].set(drop, unique_indices=True)
   return jnp.where(drop, -jnp.inf, scaled)
+
+
+# truncate_by_threshold finds each row's cut-off key SEARCH_BITS bits a pass over the vocabulary.
+SEARCH_BITS = 4
+
+
+def _order_keys(x):
+  """fp32 -> uint32 keys in the same order (a float's bits, the negatives' flipped)."""
+  u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where((u >> 31) == 1, ~u, u | jnp.uint32(0x80000000))
+
+
+def truncate_by_threshold(scaled, p: SamplingArrays):
+  """`truncate` without the sort: each condition keeps the tokens at or above a threshold, found by a search
+  over the logits' order-preserving keys, SEARCH_BITS bits a pass (8 passes, each reading the rows once where
+  the sort's argsort, gather and scatter run over every row; H100, 512 rows: the sort costs 8.6 ms, session 30).
+  top_p keeps the tokens whose more-likely tokens' mass is at most top_p (the sort's exclusive cumulative sum),
+  top_k those with fewer than k more-likely tokens, min_p those at least min_p times the likeliest. The same
+  kept sets as `truncate`, except that tokens tied at a cut-off are kept together (the sort keeps them in its
+  own order) and a token whose more-likely mass is within rounding of top_p may fall either way."""
+  keys = _order_keys(scaled)
+  vmax = jnp.max(scaled, axis=-1, keepdims=True)
+  e = jnp.exp(scaled - vmax)                  # unnormalized probabilities, the likeliest 1
+  # top_p >= 1 and top_k <= 0 bound nothing (the bounds are then above any mass and any count)
+  mass_bound = jnp.where(p.top_p >= 1, jnp.inf, p.top_p * jnp.sum(e, axis=-1))[:, None]
+  ranks_bound = jnp.where(p.top_k <= 0, jnp.iinfo(jnp.int32).max, p.top_k - 1)[:, None]
+  # The cut-off: the least key c with mass(keys > c) <= top_p and count(keys > c) <= k - 1 (both hold from some
+  # key on, so together too: the larger of the two cut-offs); it is a token's key. Each pass splits the range
+  # left into 2^SEARCH_BITS blocks and tests each block's last key.
+  lo = jnp.zeros(scaled.shape[:1], jnp.uint32)
+  j = jnp.arange(1, 2 ** SEARCH_BITS, dtype=jnp.uint32)[None, :]
+  for level in range(32 // SEARCH_BITS):
+    shift = 32 - SEARCH_BITS * (level + 1)
+    ends = lo[:, None] + (j << shift) - 1            # [R, blocks - 1]: no overflow, lo's low bits are zero
+    k3, ends3 = keys[:, None, :], ends[:, :, None]     # [R, blocks - 1, V] below, fused into one reduction
+    # `above` written twice (> and <) on purpose: one compare shared by both sums would have XLA write it out
+    # (985 MB at 512 rows, deviceless census)
+    mass_terms, count_terms = jnp.where(k3 > ends3, e[:, None, :], 0.0), (ends3 < k3).astype(jnp.int32)
+    mass, count = jax.lax.reduce((mass_terms, count_terms),
+                                 (jnp.float32(0), jnp.int32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
+    fails = (mass > mass_bound) | (count > ranks_bound)
+    lo = lo + (jnp.sum(fails, axis=-1).astype(jnp.uint32) << shift)
+  # the likeliest token always survives: nothing is above it (mass 0, count 0) and its e is 1 >= min_p
+  keep = (keys >= lo[:, None]) & ~(e < p.min_p[:, None])
+  return jnp.where(keep, scaled, -jnp.inf)
 
 
 class Modes(NamedTuple):
@@ -128,7 +174,7 @@ def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: Samp
   def sampled(logits):
     scaled = logits / jnp.maximum(p.temperature, 1e-5)[:, None]
     needs_truncation = jnp.any(~greedy & ((p.top_k > 0) | (p.top_p < 1) | (p.min_p > 0)))
-    masked = _branch(m.truncation, needs_truncation, lambda s: truncate(s, p), lambda s: s, scaled)
+    masked = _branch(m.truncation, needs_truncation, lambda s: truncate_by_threshold(s, p), lambda s: s, scaled)
 
     def draw(seed, step, row):
       return jax.random.categorical(jax.random.fold_in(jax.random.PRNGKey(seed), step), row)

@@ -133,3 +133,42 @@ def test_host_modes_give_the_device_conditionals_tokens(inputs, case):
   dynamic = sample(logits, counts, pm, sp)
   for s, d in zip(static, dynamic):
     np.testing.assert_allclose(np.asarray(s)[rows], np.asarray(d)[rows], rtol=1e-6)
+
+
+def _random_truncation(rng, rows, vocab):
+  p = sampler.SamplingArrays.empty(rows)
+  p.top_k = rng.choice([0, 1, 2, 7, 50, vocab - 1, vocab + 5], rows).astype(np.int32)
+  p.top_p = rng.choice([1.0, 0.999, 0.9, 0.5, 0.1, 0.01], rows).astype(np.float32)
+  p.min_p = rng.choice([0.0, 0.0, 0.01, 0.2, 0.9], rows).astype(np.float32)
+  # rows from flat to peaked, with negatives, and banned tokens (-inf)
+  logits = rng.normal(size=(rows, vocab)) * rng.uniform(0.3, 8, size=(rows, 1)) + rng.normal(size=(rows, 1)) * 5
+  logits[rng.random((rows, vocab)) < 0.02] = -np.inf
+  return jax.numpy.asarray(logits, jax.numpy.float32), p
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_threshold_truncation_keeps_the_sorts_sets(seed):
+  """truncate_by_threshold (the sampler's: no sort) keeps exactly the tokens truncate (one sort) keeps, on fresh
+  random rows with every mix of top_k, top_p and min_p, except where the sort's exclusive cumulative mass sits
+  within rounding of top_p (either side is right there; those rows are checked on the other tokens)."""
+  rng = np.random.default_rng(seed + 100)
+  logits, p = _random_truncation(rng, 96, 3001)
+  want = np.asarray(sampler.truncate(logits, p)) > -np.inf
+  got = np.asarray(jax.jit(sampler.truncate_by_threshold)(logits, p)) > -np.inf
+  x = np.asarray(logits, np.float64)
+  probs = np.exp(x - x.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  before = np.array([[probs[r][x[r] > x[r, t]].sum() for t in range(x.shape[1])] for r in range(x.shape[0])])
+  near = np.abs(before - p.top_p[:, None]) < 1e-5
+  assert want.sum() > 0 and (~want).sum() > 0
+  np.testing.assert_array_equal(got[~near], want[~near])
+
+
+def test_threshold_truncation_keeps_ties_at_the_cut_together():
+  """Tokens tied at a cut-off are kept together (the sort keeps k of them in its own order): top_k=2 over three
+  equal likeliest tokens keeps all three; a cut between distinct values is exact."""
+  p = sampler.SamplingArrays.empty(2)
+  p.top_k[:] = 2
+  logits = jax.numpy.asarray([[3.0, 1.0, 3.0, 3.0, 0.0], [3.0, 2.0, 1.0, 0.5, 0.0]], jax.numpy.float32)
+  got = np.asarray(sampler.truncate_by_threshold(logits, p)) > -np.inf
+  np.testing.assert_array_equal(got, [[True, False, True, True, False], [True, True, False, False, False]])

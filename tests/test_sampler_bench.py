@@ -15,6 +15,6 @@ def test_every_mode_is_timed_for_each_row_count(tmp_path):
   rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "ms" not in line]
   assert [int(row[0]) for row in rows] == [1, 4]
   for row in rows:
-    times = [float(x) for x in row[1:7]]          # greedy, sample, top_p, top_k, logprobs, penalties
+    times = [float(x) for x in row[1:8]]    # greedy, sample, top_p, top_k, top_p sort, logprobs, penalties
     assert all(t > 0 for t in times), row
     assert row[-1].strip().endswith("x")
