@@ -130,7 +130,9 @@ def test_freeze_startup_heap_collects_startup_garbage_then_full_collections_skip
   try:
     frozen = gc_policy.freeze_startup_heap()
     assert dead_ref() is None                       # collected before the freeze, not kept
-    assert frozen == gc.get_freeze_count() > 1000   # the test process's modules and objects
+    # the test process's modules and objects; a frozen object may still be freed by its count (a thread left by
+    # an earlier test in this worker dropped two once), so the count after may be a little lower
+    assert frozen >= gc.get_freeze_count() > max(1000, frozen - 100)
     del alive
     gc.collect()
     assert alive_ref() is not None                  # frozen: a full collection does not walk it
