@@ -74,7 +74,7 @@ def define(max_num_seqs: int) -> None:
                     "scan = one loop over the stacked weights (compiled once); unrolled = every layer in the step, "
                     "each with weights of its own (XLA's dot reads them in place, command buffers take the whole "
                     "step; longer compiles); hybrid = steps below 512 tokens unrolled, larger ones scanned; auto = "
-                    "on a GPU unrolled for fp8 weights on XLA's fp8 dot, else hybrid; scan on the CPU.")
+                    "for fp8 weights on a GPU unrolled (XLA's fp8 dot) or hybrid (--fp8_gemm=mosaic), else scan.")
   flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "bfloat16", "float16", "float32", "fp8"],
                     "KV cache element type: auto = the model's; fp8 (e4m3, no scales) halves the cache's bytes: "
                     "twice the tokens fit and decode attention reads half as much.")

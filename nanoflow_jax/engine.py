@@ -74,8 +74,8 @@ class EngineConfig:
   layer_loop: str = "auto"                # scan (stacked weights, compiled once), unrolled (every layer in the
                                           # step with weights of its own: no copies for XLA's dot, command
                                           # buffers over the step), hybrid (steps below 512 tokens unrolled,
-                                          # larger ones scanned) or auto (on a GPU: unrolled for fp8 weights on
-                                          # XLA's fp8 dot, else hybrid; executor.py)
+                                          # larger ones scanned) or auto (on a GPU, fp8 weights: unrolled on
+                                          # XLA's fp8 dot, hybrid on ours; else scan; executor.py)
   small_step_attention: int = 0           # steps of at most this many tokens: the attention as the Pallas
                                           # kernel, which XLA's command buffers record (executor.py); 0: off
   split_decode_keys: bool = True          # small decode steps share each sequence's keys over several programs

@@ -84,8 +84,9 @@ def test_hybrid_layer_loop_unrolls_the_small_steps_only(model, tmp_path, mode, m
 
 
 def test_auto_layer_loop_on_a_gpu():
-  """auto on a GPU's kernel path: unrolled where XLA's fp8 dot reads the weights (in a scan they would be copied),
-  else hybrid; scan elsewhere. (Executors built as on a GPU, lab/gpu_aot's target; nothing compiled.)"""
+  """auto on a GPU's kernel path: fp8 weights unrolled where XLA's fp8 dot reads them (in a scan they would be
+  copied), hybrid with our fp8 GEMM; bf16 scans (until the hybrid is measured); scan elsewhere. (Executors built
+  as on a GPU, lab/gpu_aot's target; nothing compiled.)"""
   from lab import gpu_aot
   from nanoflow_jax.runtime.executor import Executor
   bf16 = load_model("tiny", dtype="bfloat16", random_weights=True)
@@ -93,7 +94,7 @@ def test_auto_layer_loop_on_a_gpu():
   def loop(m, **kw):
     with gpu_aot.gpu_target():
       return Executor(m, 64, 16, 4, 256, 128, kernels="auto", num_sms=132, **kw).layer_loop
-  assert loop(bf16) == "hybrid" and loop(fp8) == "unrolled" and loop(fp8, fp8_gemm="mosaic") == "hybrid"
+  assert loop(bf16) == "scan" and loop(fp8) == "unrolled" and loop(fp8, fp8_gemm="mosaic") == "hybrid"
   assert Executor(bf16, 64, 16, 4, 256, 128, kernels="reference").layer_loop == "scan"
 
 

@@ -171,10 +171,12 @@ class Executor:
     layer_loop: "scan" (one lax.scan over the stacked layer weights: compiled once, not once per layer),
     "unrolled" (every layer in the step, each with weight arrays of its own: no slice of a stack reaches XLA's
     dot as a copy, and XLA's command buffers can take the whole step; longer compiles), "hybrid" (steps below
-    UNROLL_BELOW tokens unrolled over static slices of the stacks, larger ones scanned) or "auto": on a GPU's
-    kernel path, unrolled where XLA's fp8 dot reads every step's weights (fp8_gemm "xla"/"xla_fused": in a
-    scan their copies cost 4.3 ms of a 51 ms 8B step, docs/history/perf-notes.md, session 15), else hybrid
-    (small steps 1.6x faster unrolled, session 29); scan elsewhere.
+    UNROLL_BELOW tokens unrolled over static slices of the stacks, larger ones scanned) or "auto": for fp8
+    weights on a GPU's kernel path unrolled where XLA's fp8 dot reads them (fp8_gemm "xla"/"xla_fused": in a
+    scan their copies cost 4.3 ms of a 51 ms 8B step, docs/history/perf-notes.md, session 15), hybrid with
+    our fp8 GEMM (compiled once a large step size); scan otherwise. (bf16 scans until hybrid is measured: its
+    small steps compiled in 35-43 s each on an H100, cold, where per-layer arrays took 5-9 s: each layer's
+    slice makes its GEMM fusions distinct, each autotuned; session 30.)
     small_step_attention: steps of at most this many tokens (buckets) run their attention, decode and prefill
     blocks alike, as the Pallas kernel instead of the Triton one (kernels "triton" only; 0: never). Pallas's
     Triton lowering is compiled by XLA into its own kernels, which its command buffers record; jax-triton's
@@ -288,9 +290,9 @@ class Executor:
     self.layer_unroll = layer_unroll
     if layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
-    if layer_loop == "auto":
-      layer_loop = ("scan" if not self.on_kernels else
-                    "unrolled" if cfg.quantization is not None and self.fp8_gemm != "mosaic" else "hybrid")
+    if layer_loop == "auto":   # bf16 scans until the hybrid's cold compiles and small steps are measured
+      layer_loop = ("scan" if not self.on_kernels or cfg.quantization is None else
+                    "hybrid" if self.fp8_gemm == "mosaic" else "unrolled")
     self.layer_loop = layer_loop
     # The weights take the loop's form before the KV cache is sized (the model keeps one copy of them), so
     # the cache takes the rest.
