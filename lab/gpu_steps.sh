@@ -441,7 +441,7 @@ step_host-copies()        { $PY lab/host_copy_bench.py --choice_out="$OUT/host-c
 # Session 29: the sampler's modes by rows sampled (greedy, a draw, top_p and top_k's vocabulary sort, logprobs,
 # penalties) against the logits' read floor; no model. Whether the sort (every step with one top_p row) costs enough
 # to replace.
-step_sampler-cost()       { $PY lab/sampler_bench.py --rows=1,64,512,1024 --out="$OUT/sampler-cost.md" 2>&1 | grep -v "^W"; }
+step_sampler-cost()       { $PY lab/sampler_bench.py --rows=1,64,512,1024 --search_bits=2,8 --out="$OUT/sampler-cost.md" 2>&1 | grep -v "^W"; }
 # Session 28: the tier's warm-up fill of its pinned pool (24 GB), twice, in a process that reserved the pool at start
 # and in one that did not. Predicted: reserved ~1 s both times (the copies alone); not reserved 4-10 s the first
 # time (pinning: session 27's online stalls) and ~1 s the second (XLA's allocator kept the regions). The RSS line

@@ -21,6 +21,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ["1", "64", "512", "1024"], "Rows sampled in one step.")
 flags.DEFINE_integer("vocab", 128256, "Vocabulary size (LLaMA-3: 128256).")
 flags.DEFINE_string("out", "", "Also write the table to this markdown file.")
+flags.DEFINE_list("search_bits", [], "Also time top_p with the cut-off search at these bits a pass (sampler.SEARCH_BITS: "
+                  "1, 2, 4 or 8; fewer bits: less work a pass, more passes).")
 
 # (name, the Modes it compiles, the parameters every row gets)
 MODES = [
@@ -34,8 +36,14 @@ MODES = [
 ]
 
 
-def time_modes(rows: int, vocab: int, iters: int = 20) -> dict[str, float]:
-  """ms per call of sampler.sample for each of MODES, `rows` rows of fp32 logits over `vocab`."""
+def modes(search_bits=()) -> list:
+  """MODES, and top_p again at each of `search_bits` ("top_p 2b": the search at 2 bits a pass)."""
+  top_p = next(m for m in MODES if m[0] == "top_p")
+  return MODES + [(f"top_p {b}b", top_p[1], top_p[2]) for b in search_bits]
+
+
+def time_modes(rows: int, vocab: int, iters: int = 20, search_bits=()) -> dict[str, float]:
+  """ms per call of sampler.sample for each of modes(search_bits), `rows` rows of fp32 logits over `vocab`."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -45,20 +53,22 @@ def time_modes(rows: int, vocab: int, iters: int = 20) -> dict[str, float]:
   counts = jnp.zeros((rows, vocab), jnp.int32)
   prompt_mask = jnp.zeros((rows, vocab), jnp.bool_)
   out = {}
-  for name, modes, params in MODES:
+  for name, m_fields, params in modes(search_bits):
     p = sampler.SamplingArrays.empty(rows)
     for key, value in params.items():
       getattr(p, key)[:] = value
-    m = sampler.Modes(**{"penalized": False, "all_greedy": False, "truncation": False, "logprobs": False, **modes})
+    m = sampler.Modes(**{"penalized": False, "all_greedy": False, "truncation": False, "logprobs": False, **m_fields})
     f = jax.jit(lambda logits, counts, mask, p, m=m: sampler.sample(logits, counts, mask, p, m))
     p = jax.tree.map(jnp.asarray, p)
-    threshold = sampler.truncate_by_threshold
+    threshold, bits = sampler.truncate_by_threshold, sampler.SEARCH_BITS
     if name.endswith(" sort"):   # traced with the sort in the search's place
       sampler.truncate_by_threshold = sampler.truncate
+    elif name.endswith("b"):     # "top_p 2b": the search at that many bits a pass
+      sampler.SEARCH_BITS = int(name.split()[-1][:-1])
     try:
       out[name] = 1e3 * median_seconds(f, logits, counts, prompt_mask, p, iters=iters, samples=3)
     finally:
-      sampler.truncate_by_threshold = threshold
+      sampler.truncate_by_threshold, sampler.SEARCH_BITS = threshold, bits
   return out
 
 
@@ -66,14 +76,17 @@ def main(argv):
   del argv
   import jax
   from launch.decode_sweep import copy_bandwidth
+  bits = [int(b) for b in FLAGS.search_bits]
+  if any(32 % b for b in bits):
+    raise app.UsageError(f"--search_bits must divide 32 (1, 2, 4, 8, ...), got {FLAGS.search_bits}")
   bw = copy_bandwidth()["best"]   # TB/s, measured now
   lines = [f"sampler by mode on {jax.devices()[0].device_kind}, vocab {FLAGS.vocab}; copy bandwidth {bw:.2f} TB/s",
-           "", "| rows | " + " | ".join(f"{name} ms" for name, _, _ in MODES) + " | read floor ms | top_p / greedy | sort / search |",
-           "|---|" + "---|" * (len(MODES) + 3)]
+           "", "| rows | " + " | ".join(f"{name} ms" for name, _, _ in modes(bits)) +
+           " | read floor ms | top_p / greedy | sort / search |", "|---|" + "---|" * (len(modes(bits)) + 3)]
   for rows in map(int, FLAGS.rows):
-    t = time_modes(rows, FLAGS.vocab)
+    t = time_modes(rows, FLAGS.vocab, search_bits=bits)
     floor = rows * FLAGS.vocab * 4 / (bw * 1e12) * 1e3   # the logits read once
-    lines.append(f"| {rows} | " + " | ".join(f"{t[name]:.3f}" for name, _, _ in MODES) +
+    lines.append(f"| {rows} | " + " | ".join(f"{t[name]:.3f}" for name, _, _ in modes(bits)) +
                  f" | {floor:.3f} | {t['top_p'] / t['greedy']:.1f}x | {t['top_p sort'] / t['top_p']:.1f}x |")
     print(lines[-1], flush=True)
   text = "\n".join(lines)

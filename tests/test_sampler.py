@@ -146,11 +146,13 @@ def _random_truncation(rng, rows, vocab):
   return jax.numpy.asarray(logits, jax.numpy.float32), p
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_threshold_truncation_keeps_the_sorts_sets(seed):
+@pytest.mark.parametrize("seed,bits", [(0, 4), (1, 4), (2, 4), (3, 4), (4, 1), (5, 2), (6, 8)])
+def test_threshold_truncation_keeps_the_sorts_sets(seed, bits, monkeypatch):
   """truncate_by_threshold (the sampler's: no sort) keeps exactly the tokens truncate (one sort) keeps, on fresh
   random rows with every mix of top_k, top_p and min_p, except where the sort's exclusive cumulative mass sits
-  within rounding of top_p (either side is right there; those rows are checked on the other tokens)."""
+  within rounding of top_p (either side is right there; those rows are checked on the other tokens). At each
+  search width the bench can time (bits a pass)."""
+  monkeypatch.setattr(sampler, "SEARCH_BITS", bits)
   rng = np.random.default_rng(seed + 100)
   logits, p = _random_truncation(rng, 96, 3001)
   want = np.asarray(sampler.truncate(logits, p)) > -np.inf
