@@ -82,7 +82,8 @@ step_bench-1024-512-w16() { bench bench-1024-512-w16 1024-512 1000 --kv_cache_dt
 step_bench-1024-512-w16-unrolled() { bench bench-1024-512-w16-unrolled 1024-512 1000 --kv_cache_dtype=fp8 --layer_loop=unrolled \
                               --power_sample_ms=100; }
 # Session 30: bf16 with the hybrid layer loop (steps below 512 tokens unrolled over the stacks, larger ones scanned)
-# against the scanned default above. Cold, each small bucket compiled in 35-43 s on an H100: give it 300 s.
+# against the scanned default above. With static slices each small bucket compiled in 35-43 s, cold, on an H100;
+# with the traced layer index predicted 5-10 s.
 step_bench-1024-512-w16-hybrid() { bench bench-1024-512-w16-hybrid 1024-512 1000 --kv_cache_dtype=fp8 --layer_loop=hybrid \
                               --power_sample_ms=100; }
 step_bench-1000-1000-w8() { bench bench-1000-1000-w8 1000-1000 1000 --kv_cache_dtype=fp8 --quantization=fp8 --power_sample_ms=100; }

@@ -112,13 +112,15 @@ def _order_after(op, state: dict, outs: dict) -> dict:
   return held
 
 
-def _layer_slice(stack: jax.Array, i: int) -> jax.Array:
-  """Layer i of a weight stack [L, ..., N] as a static slice of the stack seen as [L, K, N], shaped back: XLA
-  (jaxlib 0.10.2's, deviceless census) hands a slice of the 4-D o stack [L, heads, head_dim, hidden] to cuBLASLt
-  through a copy, launched outside the step's command buffers; sliced as [L, K, N] it stays a GEMM fusion."""
-  if stack.ndim < 4:
-    return stack[i]
-  return stack.reshape(stack.shape[0], -1, stack.shape[-1])[i].reshape(stack.shape[1:])
+def _layer_slice(stack: jax.Array, i: jax.Array) -> jax.Array:
+  """Layer i of a weight stack [L, ..., N], i a traced index: a static slice would make each layer's GEMM
+  fusions distinct programs, which XLA autotunes one by one (the hybrid's small steps compiled in 35-43 s each
+  on an H100, session 30); at a traced index the 32 layers' fusions are one program (deviceless census: 2
+  distinct GEMM fusions instead of 16 in an 8-layer MLP, and no copies either way). A stack of 4 or more
+  dimensions is indexed as [L, K, N] and shaped back: XLA (jaxlib 0.10.2's, deviceless) handed a slice of the
+  4-D o stack [L, heads, head_dim, hidden] to cuBLASLt through a copy, outside the step's command buffers."""
+  flat = stack if stack.ndim < 4 else stack.reshape(stack.shape[0], -1, stack.shape[-1])
+  return jax.lax.dynamic_index_in_dim(flat, i, keepdims=False).reshape(stack.shape[1:])
 
 
 def buckets_for(dense_batch: int, min_bucket: int = MIN_BUCKET) -> list[int]:
@@ -171,12 +173,12 @@ class Executor:
     layer_loop: "scan" (one lax.scan over the stacked layer weights: compiled once, not once per layer),
     "unrolled" (every layer in the step, each with weight arrays of its own: no slice of a stack reaches XLA's
     dot as a copy, and XLA's command buffers can take the whole step; longer compiles), "hybrid" (steps below
-    UNROLL_BELOW tokens unrolled over static slices of the stacks, larger ones scanned) or "auto": for fp8
+    UNROLL_BELOW tokens unrolled over slices of the stacks, larger ones scanned) or "auto": for fp8
     weights on a GPU's kernel path unrolled where XLA's fp8 dot reads them (fp8_gemm "xla"/"xla_fused": in a
     scan their copies cost 4.3 ms of a 51 ms 8B step, docs/history/perf-notes.md, session 15), hybrid with
     our fp8 GEMM (compiled once a large step size); scan otherwise. (bf16 scans until hybrid is measured: its
-    small steps compiled in 35-43 s each on an H100, cold, where per-layer arrays took 5-9 s: each layer's
-    slice makes its GEMM fusions distinct, each autotuned; session 30.)
+    small steps compiled in 35-43 s each on an H100, cold, where per-layer arrays took 5-9 s, while the
+    slices were static; see _layer_slice.)
     small_step_attention: steps of at most this many tokens (buckets) run their attention, decode and prefill
     blocks alike, as the Pallas kernel instead of the Triton one (kernels "triton" only; 0: never). Pallas's
     Triton lowering is compiled by XLA into its own kernels, which its command buffers record; jax-triton's
@@ -687,11 +689,13 @@ class Executor:
       body = lambda carry, xs: (step_local(carry, xs, inp), None)
     else:
       body = lambda carry, xs: (layer_step(carry, xs, inp), None)
-    if unrolled:   # every layer in the computation: its own weight arrays, or static slices of the stacks
+    if unrolled:   # every layer in the computation: its own weight arrays, or slices of the stacks
       carry = (x, *kv)
+      # the layer indices as values XLA cannot fold into constants (see _layer_slice)
+      index = jax.lax.optimization_barrier(jnp.arange(cfg.num_layers, dtype=jnp.int32))
       for i in range(cfg.num_layers):
         layer_params = params["layers"][i] if per_layer else {
-            name: _layer_slice(stack, i) for name, stack in params["layers"].items()}
+            name: _layer_slice(stack, index[i]) for name, stack in params["layers"].items()}
         carry, _ = body(carry, (jnp.int32(i), layer_params))
       x, k_cache, v_cache = carry
       return self._head(m, x, inp), (k_cache, v_cache)
