@@ -1,7 +1,7 @@
 """fp8 weights under tensor parallelism (4 CPU devices): the scales sharded with their weights, TP 2 through the
 per-device (shard_map) layer and TP 4 through XLA's partitioner give the single device's greedy tokens; so do TP 2 with the layers unrolled (per-layer arrays, each sharded) and
 TP 2 with the activation quantizations fused into their producers (fp8_gemm="xla_fused") and with the small
-steps' GEMM ops as one kernel (small_gemm); a repeated prompt hits the prefix cache under TP with the same
+steps' GEMM ops as one kernel (small_gemm) and with the hybrid layer loop; a repeated prompt hits the prefix cache under TP with the same
 tokens."""
 import json
 import os
@@ -52,6 +52,16 @@ llm = LLM("tiny", dtype="float32", dense_batch=64, num_pages=64, max_num_seqs=4,
           quantization="fp8", small_gemm=True)
 res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
 out["2s"] = {"tokens": [r.outputs[0].token_ids for r in res], "manual": llm.engine.executor.manual_tp}
+# TP 2 with the hybrid layer loop: the 40-token prompt's step scans, the others unroll over slices of the stacks
+from nanoflow_jax.runtime import executor
+executor.UNROLL_BELOW = 32
+llm = LLM("tiny", dtype="float32", dense_batch=64, num_pages=64, max_num_seqs=4, tensor_parallel=2,
+          quantization="fp8", layer_loop="hybrid")
+res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+ex = llm.engine.executor
+out["2h"] = {"tokens": [r.outputs[0].token_ids for r in res], "manual": ex.manual_tp,
+             "unrolls": sorted({ex.unrolls(k if isinstance(k, int) else k[0]) for k in ex._compiled})}
+llm.engine.shutdown()
 print(json.dumps(out))
 """
 
@@ -69,3 +79,4 @@ def test_fp8_under_tp_gives_the_single_device_tokens():
   assert out["2u"]["tokens"] == out["1"]["tokens"] and out["2u"]["manual"] and "tp" in out["2u"]["gate_up_spec"]
   assert out["2f"]["tokens"] == out["1"]["tokens"] and out["2f"]["manual"]
   assert out["2s"]["tokens"] == out["1"]["tokens"] and out["2s"]["manual"]
+  assert out["2h"]["tokens"] == out["1"]["tokens"] and out["2h"]["manual"] and out["2h"]["unrolls"] == [False, True]
