@@ -31,7 +31,7 @@ class SamplingArrays:
   seed: np.ndarray          # uint32
   step: np.ndarray          # int32: tokens generated so far
   banned: np.ndarray        # [R, MAX_BANNED_IDS] ids masked out (min_tokens), -1 = none
-  want_logprobs: np.ndarray  # bool
+  want_logprobs: np.ndarray  # bool: top log-probabilities asked (logprobs > 0)
 
   @classmethod
   def empty(cls, rows: int) -> "SamplingArrays":

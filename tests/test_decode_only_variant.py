@@ -102,9 +102,9 @@ def test_warm_up_compiles_the_variants_and_leaves_no_trace(model):
   assert engine.pool.queried_tokens == engine.pool.hit_tokens == 0
   samplers = set(engine.executor._samplers)
   engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, **GREEDY))
-  # the sampler's common kinds too: greedy with log-probabilities (benchmark clients), temperature and top-p
+  # the sampler's common kinds too: greedy with top log-probabilities, temperature and top-p
   # sampling (chat clients), with log-probabilities; alone in a step and mixed
-  engine.add_request("lp", [5, 6, 8], SamplingParams(max_tokens=3, logprobs=0, **GREEDY))
+  engine.add_request("lp", [5, 6, 8], SamplingParams(max_tokens=3, logprobs=1, **GREEDY))
   engine.run_until_done()
   for i, kind in enumerate([dict(temperature=0.8), dict(temperature=0.8, top_p=0.9),
                             dict(temperature=0.8, top_k=5, logprobs=2)]):
