@@ -32,11 +32,13 @@ from pallas_kernels.paged_attention import query_blocks
 log = logging.getLogger(__name__)
 
 # The sampler kinds Engine.warm_up compiles beside the greedy one its requests use: greedy with log-probabilities,
-# temperature sampling, and top-k/p sampling with and without log-probabilities (penalties, grammars and
-# logit_bias compile at their first use).
-WARM_SAMPLER_MODES = [sampler.Modes(penalized=False, all_greedy=g, truncation=t, logprobs=lp)
-                      for g, t, lp in ((True, False, True), (False, False, False), (False, False, True),
-                                       (False, True, False), (False, True, True))]
+# temperature sampling, and top_p or top_k sampling, each with and without log-probabilities (penalties, grammars,
+# logit_bias and top_k with top_p in one step compile at their first use).
+WARM_SAMPLER_MODES = (
+    [sampler.Modes(penalized=False, all_greedy=g, truncation=False, logprobs=lp)
+     for g, lp in ((True, True), (False, False), (False, True))] +
+    [sampler.Modes(penalized=False, all_greedy=False, truncation=True, logprobs=lp, by_rank=k, by_mass=not k)
+     for k in (False, True) for lp in (False, True)])
 
 MODES = ("sequential", "nanoflow")
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32",

@@ -9,6 +9,7 @@ else is in the batch. Logprobs are of the raw model distribution.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -89,7 +90,7 @@ def _order_keys(x):
   return jnp.where((u >> 31) == 1, ~u, u | jnp.uint32(0x80000000))
 
 
-def truncate_by_threshold(scaled, p: SamplingArrays):
+def truncate_by_threshold(scaled, p: SamplingArrays, by_rank: bool = True, by_mass: bool = True):
   """`truncate` without the sort: each condition keeps the tokens at or above a threshold, found by a search
   over the logits' order-preserving keys, SEARCH_BITS bits a pass (32 / SEARCH_BITS passes over the rows, each
   testing 2^SEARCH_BITS - 1 cut-offs an element; H100, session 30: 7.2 against the sort's 8.5 ms at 512 rows,
@@ -97,7 +98,8 @@ def truncate_by_threshold(scaled, p: SamplingArrays):
   top_p keeps the tokens whose more-likely tokens' mass is at most top_p (the sort's exclusive cumulative sum),
   top_k those with fewer than k more-likely tokens, min_p those at least min_p times the likeliest. The same
   kept sets as `truncate`, except that tokens tied at a cut-off are kept together (the sort keeps them in its
-  own order) and a token whose more-likely mass is within rounding of top_p may fall either way."""
+  own order) and a token whose more-likely mass is within rounding of top_p may fall either way. by_rank /
+  by_mass False: no row has top_k / top_p, and that half of the search is left out."""
   keys = _order_keys(scaled)
   vmax = jnp.max(scaled, axis=-1, keepdims=True)
   e = jnp.exp(scaled - vmax)                  # unnormalized probabilities, the likeliest 1
@@ -109,16 +111,25 @@ def truncate_by_threshold(scaled, p: SamplingArrays):
   # left into 2^SEARCH_BITS blocks and tests each block's last key.
   lo = jnp.zeros(scaled.shape[:1], jnp.uint32)
   j = jnp.arange(1, 2 ** SEARCH_BITS, dtype=jnp.uint32)[None, :]
-  for level in range(32 // SEARCH_BITS):
+  for level in range(32 // SEARCH_BITS if by_rank or by_mass else 0):
     shift = 32 - SEARCH_BITS * (level + 1)
     ends = lo[:, None] + (j << shift) - 1            # [R, blocks - 1]: no overflow, lo's low bits are zero
     k3, ends3 = keys[:, None, :], ends[:, :, None]     # [R, blocks - 1, V] below, fused into one reduction
     # `above` written twice (> and <) on purpose: one compare shared by both sums would have XLA write it out
     # (985 MB at 512 rows, deviceless census)
-    mass_terms, count_terms = jnp.where(k3 > ends3, e[:, None, :], 0.0), (ends3 < k3).astype(jnp.int32)
-    mass, count = jax.lax.reduce((mass_terms, count_terms),
-                                 (jnp.float32(0), jnp.int32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
-    fails = (mass > mass_bound) | (count > ranks_bound)
+    terms, zeros = [], []
+    if by_mass:
+      terms.append(jnp.where(k3 > ends3, e[:, None, :], 0.0))
+      zeros.append(jnp.float32(0))
+    if by_rank:
+      terms.append((ends3 < k3).astype(jnp.int32))
+      zeros.append(jnp.int32(0))
+    sums = jax.lax.reduce(tuple(terms), tuple(zeros), lambda a, b: tuple(x + y for x, y in zip(a, b)), (2,))
+    fails = jnp.zeros(ends.shape, jnp.bool_)
+    if by_mass:
+      fails |= sums[0] > mass_bound
+    if by_rank:
+      fails |= sums[-1] > ranks_bound
     lo = lo + (jnp.sum(fails, axis=-1).astype(jnp.uint32) << shift)
   # the likeliest token always survives: nothing is above it (mass 0, count 0) and its e is 1 >= min_p
   keep = (keys >= lo[:, None]) & ~(e < p.min_p[:, None])
@@ -135,18 +146,25 @@ class Modes(NamedTuple):
   logprobs: bool       # some row wants top logprobs
   structured: bool = False   # some row's tokens are masked by a grammar (structured output)
   biased: bool = False       # some row has a logit_bias
+  # which halves of truncation's search a step needs (each is half its work): some sampling row has top_k
+  # (by_rank), top_p (by_mass); None where not known or there is no truncation (then both where it runs)
+  by_rank: bool | None = None
+  by_mass: bool | None = None
 
 
 def modes_for(p: SamplingArrays, rows: np.ndarray) -> Modes:
   """The Modes of the rows in the bool mask `rows` (numpy, on the host; other rows' tokens are unused)."""
   greedy = p.temperature[rows] < 1e-5
   sampling = ~greedy
+  truncation = bool(np.any(sampling & ((p.top_k[rows] > 0) | (p.top_p[rows] < 1) | (p.min_p[rows] > 0))))
   return Modes(
       penalized=bool(np.any((p.repetition_penalty[rows] != 1) | (p.presence_penalty[rows] != 0) |
                             (p.frequency_penalty[rows] != 0))),
       all_greedy=bool(np.all(greedy)),
-      truncation=bool(np.any(sampling & ((p.top_k[rows] > 0) | (p.top_p[rows] < 1) | (p.min_p[rows] > 0)))),
-      logprobs=bool(np.any(p.want_logprobs[rows])))
+      truncation=truncation,
+      logprobs=bool(np.any(p.want_logprobs[rows])),
+      by_rank=bool(np.any(sampling & (p.top_k[rows] > 0))) if truncation else None,
+      by_mass=bool(np.any(sampling & (p.top_p[rows] < 1))) if truncation else None)
 
 
 def _branch(static: bool | None, dynamic, true_fn, false_fn, x):
@@ -175,7 +193,9 @@ def sample(logits: jax.Array, counts: jax.Array, prompt_mask: jax.Array, p: Samp
   def sampled(logits):
     scaled = logits / jnp.maximum(p.temperature, 1e-5)[:, None]
     needs_truncation = jnp.any(~greedy & ((p.top_k > 0) | (p.top_p < 1) | (p.min_p > 0)))
-    masked = _branch(m.truncation, needs_truncation, lambda s: truncate_by_threshold(s, p), lambda s: s, scaled)
+    cut = functools.partial(truncate_by_threshold, p=p, by_rank=m.by_rank is not False,
+                            by_mass=m.by_mass is not False)
+    masked = _branch(m.truncation, needs_truncation, cut, lambda s: s, scaled)
 
     def draw(seed, step, row):
       return jax.random.categorical(jax.random.fold_in(jax.random.PRNGKey(seed), step), row)

@@ -146,6 +146,16 @@ def _random_truncation(rng, rows, vocab):
   return jax.numpy.asarray(logits, jax.numpy.float32), p
 
 
+def _near_top_p(logits, p):
+  """Where a token's more-likely mass is within rounding of its row's top_p: either side of the cut is right
+  there (the sort's float32 cumulative sum even passes 1.0 in a long tail, so at top_p=1 it drops tokens)."""
+  x = np.asarray(logits, np.float64)
+  probs = np.exp(x - x.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  before = np.array([[probs[r][x[r] > x[r, t]].sum() for t in range(x.shape[1])] for r in range(x.shape[0])])
+  return np.abs(before - p.top_p[:, None]) < 1e-5
+
+
 @pytest.mark.parametrize("seed,bits", [(0, 4), (1, 4), (2, 4), (3, 4), (4, 1), (5, 2), (6, 8)])
 def test_threshold_truncation_keeps_the_sorts_sets(seed, bits, monkeypatch):
   """truncate_by_threshold (the sampler's: no sort) keeps exactly the tokens truncate (one sort) keeps, on fresh
@@ -157,11 +167,7 @@ def test_threshold_truncation_keeps_the_sorts_sets(seed, bits, monkeypatch):
   logits, p = _random_truncation(rng, 96, 3001)
   want = np.asarray(sampler.truncate(logits, p)) > -np.inf
   got = np.asarray(jax.jit(sampler.truncate_by_threshold)(logits, p)) > -np.inf
-  x = np.asarray(logits, np.float64)
-  probs = np.exp(x - x.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  before = np.array([[probs[r][x[r] > x[r, t]].sum() for t in range(x.shape[1])] for r in range(x.shape[0])])
-  near = np.abs(before - p.top_p[:, None]) < 1e-5
+  near = _near_top_p(logits, p)
   assert want.sum() > 0 and (~want).sum() > 0
   np.testing.assert_array_equal(got[~near], want[~near])
 
@@ -174,3 +180,25 @@ def test_threshold_truncation_keeps_ties_at_the_cut_together():
   logits = jax.numpy.asarray([[3.0, 1.0, 3.0, 3.0, 0.0], [3.0, 2.0, 1.0, 0.5, 0.0]], jax.numpy.float32)
   got = np.asarray(sampler.truncate_by_threshold(logits, p)) > -np.inf
   np.testing.assert_array_equal(got, [[True, False, True, True, False], [True, True, False, False, False]])
+
+
+@pytest.mark.parametrize("kind", ["top_p", "top_k", "min_p"])
+def test_threshold_truncation_leaves_out_the_search_no_row_needs(kind):
+  """Modes.by_rank / by_mass False (no sampling row has top_k / top_p): that half of the search is left out and
+  the kept sets are still the sort's; modes_for says which halves the sampled rows need."""
+  rng = np.random.default_rng(7)
+  logits, p = _random_truncation(rng, 64, 2001)
+  if kind != "top_k":
+    p.top_k[:] = 0
+  if kind != "top_p":
+    p.top_p[:] = 1.0
+  if kind != "min_p":
+    p.min_p[:] = 0.0
+  p.temperature[:] = 0.8
+  modes = sampler.modes_for(p, np.ones(64, np.bool_))
+  assert (modes.by_rank, modes.by_mass, modes.truncation) == (kind == "top_k", kind == "top_p", True)
+  want = np.asarray(sampler.truncate(logits, p)) > -np.inf
+  got = np.asarray(jax.jit(lambda x: sampler.truncate_by_threshold(x, p, modes.by_rank, modes.by_mass))(logits))
+  near = _near_top_p(logits, p)
+  np.testing.assert_array_equal((got > -np.inf)[~near], want[~near])
+  assert ((np.asarray(logits) > -np.inf) & ~want)[~near].sum() > 0   # it does cut finite tokens
