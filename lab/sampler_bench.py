@@ -28,8 +28,9 @@ flags.DEFINE_list("search_bits", [], "Also time top_p with the cut-off search at
 MODES = [
     ("greedy", dict(all_greedy=True), dict(temperature=0.0)),
     ("sample", dict(all_greedy=False), dict(temperature=0.8)),
-    ("top_p", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_p=0.9)),
-    ("top_k", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_k=50)),
+    # (the Modes sampler.modes_for gives such rows: top_p alone needs the masses only, top_k the counts)
+    ("top_p", dict(all_greedy=False, truncation=True, by_rank=False, by_mass=True), dict(temperature=0.8, top_p=0.9)),
+    ("top_k", dict(all_greedy=False, truncation=True, by_rank=True, by_mass=False), dict(temperature=0.8, top_k=50)),
     ("top_p sort", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_p=0.9)),
     ("logprobs", dict(all_greedy=True, logprobs=True), dict(temperature=0.0, want_logprobs=True)),
     ("penalties", dict(all_greedy=True, penalized=True), dict(temperature=0.0, repetition_penalty=1.1)),
