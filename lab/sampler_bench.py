@@ -63,7 +63,7 @@ def time_modes(rows: int, vocab: int, iters: int = 20, search_bits=()) -> dict[s
     p = jax.tree.map(jnp.asarray, p)
     threshold, bits = sampler.truncate_by_threshold, sampler.SEARCH_BITS
     if name.endswith(" sort"):   # traced with the sort in the search's place
-      sampler.truncate_by_threshold = sampler.truncate
+      sampler.truncate_by_threshold = lambda scaled, p, by_rank=True, by_mass=True: sampler.truncate(scaled, p)
     elif name.endswith("b"):     # "top_p 2b": the search at that many bits a pass
       sampler.SEARCH_BITS = int(name.split()[-1][:-1])
     try:
