@@ -529,6 +529,14 @@ step_decode-split()       { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test
                               --kv_cache_dtype=fp8 --decode_sweep=1,8,32 --layer_loop=unrolled \
                               --decode_variants=nosplit:split_decode_keys=false --json_out="$OUT/decode-split.json" 2>&1 \
                               | grep -v "^W" | tee -a "$OUT/decode-split.md" | grep -E "^\||decode|Error"; }
+# Session 30 (issue 27): bf16 small steps with the hybrid layer loop (unrolled over traced slices of the stacks),
+# scanned as the control, then the plain JAX step, one process: batch 1 / 8 / 32. Predicted hybrid within 3% of
+# session 29's unrolled 6.31 / 6.51 / 7.54 ms (H100); scanned ~10 ms.
+step_decode-hybrid-w16()  { $PY launch/benchmark.py --model=llama-3-8b --random_weights --dense_batch=512 --max_num_seqs=64 \
+                              --kv_cache_dtype=fp8 --decode_sweep=1,8,32 --layer_loop=hybrid \
+                              --decode_variants=scan:layer_loop=scan --plain_baseline \
+                              --json_out="$OUT/decode-hybrid-w16.json" 2>&1 \
+                              | grep -v "^W" | tee -a "$OUT/decode-hybrid-w16.md" | grep -E "^\||decode|Error"; }
 # Session 22 (issue 27): small steps with each fp8 GEMM's whole op as one kernel (--small_gemm), fp8 weights and
 # KV, batch 1/8/16, off then on; its GPU kernel test first.
 step_decode-small-gemm()  { NANOFLOW_GPU_TESTS=1 $PY -m pytest -q tests/gpu/test_kernels_gpu.py -k small_gemm_fp8 || return 1
