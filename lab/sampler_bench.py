@@ -32,7 +32,8 @@ MODES = [
     ("top_p", dict(all_greedy=False, truncation=True, by_rank=False, by_mass=True), dict(temperature=0.8, top_p=0.9)),
     ("top_k", dict(all_greedy=False, truncation=True, by_rank=True, by_mass=False), dict(temperature=0.8, top_k=50)),
     ("top_p sort", dict(all_greedy=False, truncation=True), dict(temperature=0.8, top_p=0.9)),
-    ("logprobs", dict(all_greedy=True, logprobs=True), dict(temperature=0.0, want_logprobs=True)),
+    ("logprobs", dict(all_greedy=True, logprobs=True, many_logprobs=True), dict(temperature=0.0, num_logprobs=20)),
+    ("logprobs 16", dict(all_greedy=True, logprobs=True, many_logprobs=False), dict(temperature=0.0, num_logprobs=16)),
     ("penalties", dict(all_greedy=True, penalized=True), dict(temperature=0.0, repetition_penalty=1.1)),
 ]
 

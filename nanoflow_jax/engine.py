@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 # The sampler kinds Engine.warm_up compiles beside the greedy one its requests use: greedy with log-probabilities,
 # temperature sampling, and top_p or top_k sampling, each with and without log-probabilities (penalties, grammars,
 # logit_bias and top_k with top_p in one step compile at their first use).
+# With log-probabilities: up to sampler.TOPK_KERNEL_MAX_K of them (more compile at their first use).
 WARM_SAMPLER_MODES = (
-    [sampler.Modes(penalized=False, all_greedy=g, truncation=False, logprobs=lp)
+    [sampler.Modes(penalized=False, all_greedy=g, truncation=False, logprobs=lp, many_logprobs=False if lp else None)
      for g, lp in ((True, True), (False, False), (False, True))] +
-    [sampler.Modes(penalized=False, all_greedy=False, truncation=True, logprobs=lp, by_rank=k, by_mass=not k)
+    [sampler.Modes(penalized=False, all_greedy=False, truncation=True, logprobs=lp, by_rank=k, by_mass=not k,
+                   many_logprobs=False if lp else None)
      for k in (False, True) for lp in (False, True)])
 
 MODES = ("sequential", "nanoflow")
@@ -571,7 +573,7 @@ class Engine:
     sp.seed[row] = seq.seed
     # top alternatives only where asked: logprobs=0 (the sampled token's own log-probability, which every row
     # gets; what benchmark clients ask) would otherwise pay the vocabulary's top-K, 5.1 ms at 512 rows (H100)
-    sp.want_logprobs[row] = bool(p.logprobs)
+    sp.num_logprobs[row] = p.logprobs or 0
 
   def _set_step_rows(self, sampled: list[tuple[Sequence, int]]) -> None:
     """Per sampled row: which output token it draws, and the ids banned while min_tokens is not reached."""

@@ -133,17 +133,20 @@ def test_reset_prefix_cache_makes_the_next_prompt_a_miss(llm):
 
 def test_logprobs_zero_skips_the_top_k(llm):
   """logprobs=0 (the sampled token's log-probability alone: what benchmark clients ask) compiles and runs the
-  sampler without the vocabulary's top-K (5.1 ms at 512 rows on an H100); logprobs=2 runs it. The log-
-  probabilities of the sampled tokens are the same either way."""
+  sampler without the vocabulary's top-K (5.1 ms at 512 rows on an H100); logprobs=2 runs it for 16 (XLA's TopK
+  kernel), logprobs=20 for 20 (a sort). The log-probabilities of the sampled tokens are the same either way."""
   import numpy as np
   ex = llm.engine.executor
   outs, modes = {}, {}
-  for k in (0, 2):
+  for k in (0, 2, 20):
     ex._samplers.clear()   # what this request's steps compile is what they run
     outs[k] = llm.generate("hi", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=k),
                            use_tqdm=False)[0].outputs[0]
-    modes[k] = {key[0].logprobs for key in ex._samplers}
-  assert modes == {0: {False}, 2: {True}}
-  assert [lp.top for lp in outs[0].logprobs] == [{}] * 4 and all(len(lp.top) >= 2 for lp in outs[2].logprobs)
+    modes[k] = {(key[0].logprobs, key[0].many_logprobs) for key in ex._samplers}
+  # up to 16 top log-probabilities through XLA's TopK kernel, more through the sort
+  assert modes == {0: {(False, None)}, 2: {(True, False)}, 20: {(True, True)}}
+  assert [lp.top for lp in outs[0].logprobs] == [{}] * 4 and all(len(lp.top) == 2 for lp in outs[2].logprobs)
+  assert all(len(lp.top) == 20 for lp in outs[20].logprobs)
+  assert [list(lp.top.items())[:2] for lp in outs[20].logprobs] == [list(lp.top.items()) for lp in outs[2].logprobs]
   np.testing.assert_allclose([lp.logprob for lp in outs[0].logprobs], [lp.logprob for lp in outs[2].logprobs],
                              atol=1e-5)

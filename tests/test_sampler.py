@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nanoflow_jax import sampler
-from nanoflow_jax.sampling_params import MAX_BANNED_IDS
+from nanoflow_jax.sampling_params import MAX_BANNED_IDS, MAX_LOGPROBS
 
 R, V = 6, 50
 sample = jax.jit(sampler.sample)  # as the engine runs it: inside a compiled step
@@ -42,7 +42,7 @@ def test_penalties_match_reference(inputs):
 
 def test_greedy_is_argmax_of_penalized(inputs):
   logits, counts, pm = inputs
-  sp = _arrays(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, want_logprobs=True)
+  sp = _arrays(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, num_logprobs=20)
   tok, lp, top_lp, top_ids = map(np.asarray, sample(logits, counts, pm, sp))
   np.testing.assert_array_equal(tok, np.argmax(_ref_penalize(logits, counts, pm, 2.0, 0, 0.5), axis=-1))
   ref_lp = jax.nn.log_softmax(logits, axis=-1)  # logprobs are of the raw distribution
@@ -123,7 +123,7 @@ def test_host_modes_give_the_device_conditionals_tokens(inputs, case):
     sp.top_p[1] = 0.7
     sp.top_k[3] = 5
   if case == "logprobs":
-    sp.want_logprobs[5] = True
+    sp.num_logprobs[5] = 3
   sp.temperature[2] = 1.0        # a row not sampled this step: must not turn the sampling branch on
   sp.repetition_penalty[4] = 2.0
   modes = sampler.modes_for(sp, rows)
@@ -131,8 +131,10 @@ def test_host_modes_give_the_device_conditionals_tokens(inputs, case):
   assert modes.truncation == (case == "truncated") and modes.logprobs == (case == "logprobs")
   static = jax.jit(lambda *a: sampler.sample(*a, modes=modes))(logits, counts, pm, sp)
   dynamic = sample(logits, counts, pm, sp)
-  for s, d in zip(static, dynamic):
-    np.testing.assert_allclose(np.asarray(s)[rows], np.asarray(d)[rows], rtol=1e-6)
+  for s, d in zip(static, dynamic):   # (the top log-probabilities: the host's modes ask only as many as rows do)
+    s, d = np.asarray(s), np.asarray(d)
+    np.testing.assert_allclose(s[rows], d[rows][..., :s.shape[-1]] if s.ndim == 2 else d[rows], rtol=1e-6)
+  assert static[2].shape[-1] == (sampler.TOPK_KERNEL_MAX_K if case == "logprobs" else MAX_LOGPROBS)
 
 
 def _random_truncation(rng, rows, vocab):
