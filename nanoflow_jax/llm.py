@@ -66,6 +66,13 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
                      overlap_dispatch=overlap_dispatch, split_decode_keys=split_decode_keys,
                      small_gemm=small_gemm)
   cfg.validate()   # before the model loads: a bad option costs nothing
+  if jax.process_count() > 1:   # every process loads the same model the same way, or the load hangs the job
+    from nanoflow_jax import model as model_lib, multihost
+    model_config = model_obj.config if model_obj is not None else model_lib.resolve_config(model, quantization)
+    load = {"dtype": dtype or default_dtype(), "random_weights": random_weights, "seed": seed,
+            "given": model_obj is not None}
+    multihost.agree(compat.coordination_store(), multihost.start_signature(model_config, cfg, load),
+                    jax.process_index(), jax.process_count())
   m = model_obj or load_model(model, dtype=dtype or default_dtype(), random_weights=random_weights, seed=seed,
                               sharding_fn=sharding_fn, quantization=quantization)
   engine = Engine(m, cfg)

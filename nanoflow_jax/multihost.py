@@ -108,23 +108,44 @@ def agree(store, signature: dict, process_id: int, num_processes: int, timeout_s
     raise JobMismatch("the job's processes do not run the same thing: " + "; ".join(problems))
 
 
-def job_signature(engine: Engine) -> dict:
-  """What must be equal in every process of a job for their engines to decide alike: the ops this code
-  knows, its version, the model's configuration and the engine's settings (less the process-local ones)."""
+def _common_signature(model_config, engine_config) -> dict:
+  """The ops this code knows, its version, the model's configuration and the engine's settings (less the
+  process-local ones)."""
   from importlib import metadata
-  settings = dataclasses.asdict(engine.config)
+  settings = dataclasses.asdict(engine_config)
   for local in ("compilation_cache_dir", "overlap_dispatch"):   # where a process caches; how it dispatches
     settings.pop(local, None)
-  # the plan itself, not the path it came from (a file may lie at another path on each host)
-  plan = getattr(engine.executor, "plan", None)
-  settings["pipeline_config"] = json.loads(plan.to_json()) if plan is not None else None
   try:
     version = metadata.version("nanoflow-jax")
   except metadata.PackageNotFoundError:   # run from a checkout that was not installed
     version = None
-  signature = {"ops": list(KNOWN_OPS), "version": version, "model": dataclasses.asdict(engine.model.config),
-               "engine": settings, "num_pages": engine.pool.num_pages, "max_model_len": engine.max_model_len}
+  return {"ops": list(KNOWN_OPS), "version": version, "model": dataclasses.asdict(model_config), "engine": settings}
+
+
+def _as_stored(signature: dict) -> dict:
   return json.loads(json.dumps(signature, sort_keys=True, default=str))   # as it reads back from the store
+
+
+def start_signature(model_config, engine_config, load: dict) -> dict:
+  """What must be equal before any process loads its weights: a process loading another model, or the same
+  one another way (`load`: dtype, random weights and their seed), would otherwise hang the job in the load's
+  first collective, before job_signature is compared. The pipeline config is compared by its plan later (a
+  file may lie at another path on each host)."""
+  signature = _common_signature(model_config, engine_config)
+  signature["engine"].pop("pipeline_config", None)
+  signature["load"] = load
+  return _as_stored(signature)
+
+
+def job_signature(engine: Engine) -> dict:
+  """What must be equal in every process of a job for their engines to decide alike: the ops this code
+  knows, its version, the model's configuration and the engine's settings (less the process-local ones)."""
+  signature = _common_signature(engine.model.config, engine.config)
+  # the plan itself, not the path it came from (a file may lie at another path on each host)
+  plan = getattr(engine.executor, "plan", None)
+  signature["engine"]["pipeline_config"] = json.loads(plan.to_json()) if plan is not None else None
+  signature.update(num_pages=engine.pool.num_pages, max_model_len=engine.max_model_len)
+  return _as_stored(signature)
 
 
 def signature_differences(leader: dict, mine: dict, path: str = "") -> list[str]:

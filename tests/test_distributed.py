@@ -94,10 +94,15 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 from nanoflow_jax import distributed
 distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 import jax
-from nanoflow_jax import LLM, multihost
+from nanoflow_jax import LLM, llm, multihost
+real_load = llm.load_model
+def loading(*a, **kw):
+  print("loading", flush=True)
+  return real_load(*a, **kw)
+llm.load_model = loading
 try:
   LLM("tiny", random_weights=True, dense_batch=int(sys.argv[3]), num_pages=256, max_num_seqs=8,
-      tensor_parallel=jax.device_count())
+      tensor_parallel=jax.device_count(), quantization=None if sys.argv[4] == "none" else sys.argv[4])
 except multihost.JobMismatch as e:
   print("mismatch:", e)
   sys.exit(3)
@@ -108,10 +113,28 @@ print("built")
 def test_offline_processes_built_with_other_settings_stop_at_start_not_later():
   """The offline API across hosts (every process its own LLM): a process given another dense batch makes every
   process's LLM(...) raise at start, naming the setting, instead of hanging the job at a later step."""
+  outs = _two_processes(MISMATCHED, [("64", "none"), ("32", "none")])
+  assert "process 1 differs" in outs[0] and "engine.dense_batch: 64 != 32" in outs[0]
+  assert "does not run what process 0 runs" in outs[1] and "engine.dense_batch: 64 != 32" in outs[1]
+  assert "loading" not in outs[0] + outs[1]   # stopped before either loaded its weights
+
+
+def test_processes_loading_other_models_stop_before_the_load():
+  """A process that would load another model (here fp8 weights where process 0 has bf16) stops every process
+  before any loads its weights: the load's first collective would otherwise hang the job before the engines'
+  settings are compared."""
+  outs = _two_processes(MISMATCHED, [("64", "none"), ("64", "fp8")])
+  assert "model.quantization: None != " in outs[0] and "model.quantization: None != " in outs[1]
+  assert "loading" not in outs[0] + outs[1]
+
+
+def _two_processes(script, args):
+  """Runs `script` as processes 0 and 1 of one job (each with its args); both must exit 3 (JobMismatch):
+  their stdouts."""
   addr = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen([sys.executable, "-c", MISMATCHED, addr, str(i), dense], stdout=subprocess.PIPE,
+  procs = [subprocess.Popen([sys.executable, "-c", script, addr, str(i), *a], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(HERE))
-           for i, dense in enumerate(("64", "32"))]
+           for i, a in enumerate(args)]
   try:
     outs = [p.communicate(timeout=300) for p in procs]
   finally:
@@ -119,5 +142,4 @@ def test_offline_processes_built_with_other_settings_stop_at_start_not_later():
       if p.poll() is None:
         p.kill()
   assert [p.returncode for p in procs] == [3, 3], [err[-2000:] for _, err in outs]
-  assert "process 1 differs" in outs[0][0] and "engine.dense_batch: 64 != 32" in outs[0][0]
-  assert "does not run what process 0 runs" in outs[1][0] and "engine.dense_batch: 64 != 32" in outs[1][0]
+  return [out for out, _ in outs]
