@@ -51,10 +51,6 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
     # devices but hung on two GPUs, session 13; not yet understood.)
     raise ValueError("a multi-host job needs num_pages (--num_pages): the KV cache is one array over every "
                      "process, so its size cannot come from each process's own free memory")
-  sharding_fn = None
-  if tensor_parallel > 1:
-    from nanoflow_jax import checkpoint, parallel
-    sharding_fn = parallel.sharding_fn(checkpoint.resolve_config(model), parallel.make_mesh(tensor_parallel))
   cfg = EngineConfig(dense_batch=dense_batch or default_dense_batch(), page_size=page_size, num_pages=num_pages,
                      kv_memory_fraction=kv_memory_fraction, max_num_seqs=max_num_seqs,
                      max_model_len=max_model_len, mode=mode, kernels=kernels, pipeline_config=pipeline_config,
@@ -68,11 +64,21 @@ def build_engine(model: str = "tiny", dtype: str | None = None, random_weights: 
   cfg.validate()   # before the model loads: a bad option costs nothing
   if jax.process_count() > 1:   # every process loads the same model the same way, or the load hangs the job
     from nanoflow_jax import model as model_lib, multihost
-    model_config = model_obj.config if model_obj is not None else model_lib.resolve_config(model, quantization)
-    load = {"dtype": dtype or default_dtype(), "random_weights": random_weights, "seed": seed,
-            "given": model_obj is not None}
-    multihost.agree(compat.coordination_store(), multihost.start_signature(model_config, cfg, load),
-                    jax.process_index(), jax.process_count())
+    failed = None
+    try:
+      model_config = model_obj.config if model_obj is not None else model_lib.resolve_config(model, quantization)
+      load = {"dtype": dtype or default_dtype(), "random_weights": random_weights, "seed": seed,
+              "given": model_obj is not None}
+      signature = multihost.start_signature(model_config, cfg, load)
+    except Exception as e:   # (a model that does not resolve) told to the others, not left for them to time out
+      failed, signature = e, {"error": f"{type(e).__name__}: {e}"}
+    multihost.agree(compat.coordination_store(), signature, jax.process_index(), jax.process_count())
+    if failed is not None:   # every process failed alike
+      raise failed
+  sharding_fn = None
+  if tensor_parallel > 1:
+    from nanoflow_jax import checkpoint, parallel
+    sharding_fn = parallel.sharding_fn(checkpoint.resolve_config(model), parallel.make_mesh(tensor_parallel))
   m = model_obj or load_model(model, dtype=dtype or default_dtype(), random_weights=random_weights, seed=seed,
                               sharding_fn=sharding_fn, quantization=quantization)
   engine = Engine(m, cfg)

@@ -101,7 +101,8 @@ def loading(*a, **kw):
   return real_load(*a, **kw)
 llm.load_model = loading
 try:
-  LLM("tiny", random_weights=True, dense_batch=int(sys.argv[3]), num_pages=256, max_num_seqs=8,
+  LLM(sys.argv[5] if len(sys.argv) > 5 else "tiny", random_weights=True, dense_batch=int(sys.argv[3]),
+      num_pages=256, max_num_seqs=8,
       tensor_parallel=jax.device_count(), quantization=None if sys.argv[4] == "none" else sys.argv[4])
 except multihost.JobMismatch as e:
   print("mismatch:", e)
@@ -125,6 +126,14 @@ def test_processes_loading_other_models_stop_before_the_load():
   settings are compared."""
   outs = _two_processes(MISMATCHED, [("64", "none"), ("64", "fp8")])
   assert "model.quantization: None != " in outs[0] and "model.quantization: None != " in outs[1]
+  assert "loading" not in outs[0] + outs[1]
+
+
+def test_a_process_whose_model_does_not_resolve_stops_every_process_at_once():
+  """A process whose model is not there tells the others (its error is its signature), so every process stops
+  at once naming it, instead of the others waiting out the agreement's timeout (600 s)."""
+  outs = _two_processes(MISMATCHED, [("64", "none"), ("64", "none", "/no/such/model")])
+  assert "error: None != " in outs[0] and "/no/such/model" in outs[0]
   assert "loading" not in outs[0] + outs[1]
 
 
