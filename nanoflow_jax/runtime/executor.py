@@ -298,19 +298,17 @@ class Executor:
     self.layer_loop = layer_loop
     # The weights take the loop's form before the KV cache is sized (the model keeps one copy of them), so
     # the cache takes the rest.
+    if layer_loop in ("unrolled", "hybrid"):
+      # In unrolled steps XLA's dot reads the weights in place, so steps below our GEMM's 128 rows get buckets of
+      # their own, and the GEMMs of small buckets go to XLA's dot (cuBLAS streams weights at small M faster than
+      # our kernel's tiles, tuned at 2048 rows: 4.4 against 9.1 ms at 128 rows, perf-notes session 5)
+      self.buckets = buckets_for(dense_batch)
+      self.xla_gemm_below = XLA_GEMM_BELOW
     if layer_loop == "unrolled":
       top, stacked = model.layer_list()
       self.stacked_gemm = False   # each layer's weights are arrays of their own: nothing to slice
-      # XLA's dot reads them in place, so steps below our GEMM's 128 rows get buckets of their own, and the
-      # GEMMs of small buckets go to XLA's dot (cuBLAS streams weights at small M faster than our kernel's
-      # tiles, tuned at 2048 rows: 4.4 against 9.1 ms at 128 rows, perf-notes session 5)
-      self.buckets = buckets_for(dense_batch)
-      self.xla_gemm_below = XLA_GEMM_BELOW
     else:
       top, stacked = model.stacked_params()
-      if layer_loop == "hybrid":   # the small steps as unrolled's: buckets below 128 rows, XLA's dot
-        self.buckets = buckets_for(dense_batch)
-        self.xla_gemm_below = XLA_GEMM_BELOW
     # The all-gather form of o (plan.AG_OPS) multiplies the whole heads by each device's slice of o's
     # output columns: o's stack once more, split by its last axis (1/TP of o per device).
     self.allgather_o = plan is not None and any(op.op == "attn_allgather" for op in plan.ops)
