@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 
@@ -35,6 +34,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from lab._report import report
 from launch.power import (FIELDS, REASONS, SKIP_S, Sampler, _smi_query, in_windows, parse_sample, power_limit_w,  # noqa: F401
                           smi_command, speedup_bound, summarize, summarize_readings, windows_power)
 
@@ -154,11 +154,7 @@ def main(argv):
   text = table(rows, _smi_query(["power.limit", "enforced.power.limit", "clocks.max.sm"]))
   if not any(s["samples"] for _, _, s in rows):
     text += "\n\nnvidia-smi gave no readings: timings only."
-  print(text)
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+  report(text, FLAGS.out)
 
 
 def step_phases(share: int, decodes: int, context: int, prefill: int, kv_cache_dtype: str,

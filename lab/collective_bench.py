@@ -25,6 +25,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from lab._report import report
+
 FLAGS = flags.FLAGS
 
 
@@ -154,11 +156,7 @@ def main(argv):
   # the device count from a child: this process never starts a backend (it would hold GPU memory)
   tp = next((r["tp"] for _, r in results if isinstance(r, dict)), FLAGS.tp)
   text = table([(spec, r["ms"] if isinstance(r, dict) else r) for spec, r in results], FLAGS.hidden, tp)
-  print(text)
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+  report(text, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from lab._report import report
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ["2048", "512", "128"], "Token rows (M).")
 flags.DEFINE_string("out", None, "Write the markdown table here too.")
@@ -131,10 +133,7 @@ def main(argv):
       json.dump({**gemm_fp8._tuned(), **chosen}, f, indent=1, sort_keys=True)
     ours.append(f"\n{len(chosen)} tilings written to {gemm_fp8.CONFIG_FILE}")
   text = "\n".join(lines + (ours if FLAGS.mosaic else []) + (decode + fused + fused16 if small else []))
-  print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+  report(text, FLAGS.out)
 
 
 SMALL_FUSED_TILES = ((16, 128), (16, 256), (32, 256), (32, 512))

@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from lab._report import report
 from launch import decode_sweep
 
 FLAGS = flags.FLAGS
@@ -195,10 +196,7 @@ def main(argv):
         rows.append({"seqs": seqs, "dispatch_ms": d, "overlap": overlap, **res})
         print(json.dumps(rows[-1]), flush=True)
   text = table(rows, load, FLAGS.server, FLAGS.device_ms)
-  print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+  report(text, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from lab._report import report
 from launch import engine_flags
 
 FLAGS = flags.FLAGS
@@ -286,10 +287,8 @@ def main(argv):
     engine.shutdown()
     del engine
   text = tables(res)
-  print(text)
+  report(text, FLAGS.out)
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
     with open(FLAGS.out.rsplit(".", 1)[0] + ".json", "w") as f:
       json.dump(res, f, indent=2)
   if FLAGS.plot_out and "multiround" in res:

@@ -17,6 +17,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from lab._report import report
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ["1", "64", "512", "1024"], "Rows sampled in one step.")
 flags.DEFINE_integer("vocab", 128256, "Vocabulary size (LLaMA-3: 128256).")
@@ -92,10 +94,7 @@ def main(argv):
                  f" | {floor:.3f} | {t['top_p'] / t['greedy']:.1f}x | {t['top_p sort'] / t['top_p']:.1f}x |")
     print(lines[-1], flush=True)
   text = "\n".join(lines)
-  print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+  report(text, FLAGS.out)
 
 
 if __name__ == "__main__":

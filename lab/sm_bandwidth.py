@@ -15,6 +15,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from lab._report import report
+
 try:
   import triton
   import triton.language as tl
@@ -111,10 +113,7 @@ def main(argv):
                        f"{read / seconds / share / 1e9:.1f} | {read / seconds / 1e12:.2f} | {err:.1e} |")
           print(lines[-1], flush=True)
   table_md = "\n".join(lines)
-  print(table_md)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(table_md + "\n")
+  report(table_md, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from lab._report import report
 from launch.mixed_step import MixedStep
 
 FLAGS = flags.FLAGS
@@ -140,10 +141,7 @@ def main(argv):
   table = "\n".join([f"{FLAGS.model}{' ' + FLAGS.quantization if FLAGS.quantization else ''}, {step.describe}, KV cache {FLAGS.kv_cache_dtypes[-1]} unless named, GEMM peak "
                      f"{peak:.0f} TFLOP/s, optimal step {optimal_ms:.1f} ms",
                      "", "| variant | step ms | % of optimal | speed-up vs sequential |", "|---|---|---|---|", *rows])
-  print(table)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(table + "\n")
+  report(table, FLAGS.out)
 
 
 if __name__ == "__main__":
