@@ -3,12 +3,12 @@
   python lab/sampler_bench.py --rows=1,64,512,1024 --vocab=128256 [--out=FILE.md]
 
 The engine compiles the sampler per sampler.Modes, so a batch pays only for what its rows ask: greedy rows an
-argmax, sampling rows a draw, top_k / top_p / min_p a threshold search over the vocabulary (8 passes; "top_p
-sort" is the one-sort reference it replaced, sampler.truncate), logprobs a top-K, penalties two passes over
-[rows, vocab]. Each mode is timed alone, on logits like a model's (fp32,
-normal), and printed against the greedy sampler of the same rows and against the floor of reading the logits
-once at the copy bandwidth measured in the same run. Whether the vocabulary sort is worth replacing (it runs in
-every step that has one top_p row) is what this answers first.
+argmax, sampling rows a draw, top_k / top_p / min_p a search for each row's cut-off (32 / SEARCH_BITS passes
+over the vocabulary; top_p or top_k rows alone run half of it; "top_p sort" is the one-sort reference it
+replaced, sampler.truncate), logprobs a top-K (16 wide, or 20 where a row asks more), penalties two passes over
+[rows, vocab]. Each mode is timed alone, on logits like a model's (fp32, normal), and printed against the greedy
+sampler of the same rows and against the floor of reading the logits once at the copy bandwidth measured in the
+same run.
 """
 from __future__ import annotations
 

@@ -245,7 +245,8 @@ class HostKVTier:
     2.3 GB/s (10.6 s), the same again 0.45 s later (kept), and 0.45 s where the pool was reserved at start; with
     the pool reserved and filled, the online tier's TTFT p99 was 0.88x caching alone's.
     compat.configure_host_memory asks XLA to reserve the pool at start, where it may; this covers where it may
-    not (the user's own settings, a backend already started, an XLA that ignores them). Records the bytes and the seconds it took (logged: far above the bytes' copy time,
+    not (the user's own settings, a backend already started, an XLA that ignores them). Records the bytes and
+    the seconds it took (logged: far above the bytes' copy time,
     the pool was growing)."""
     count = self.capacity_pages // block.shape[3]
     host = block.sharding.with_memory_kind(self._host_kind)
